@@ -1,0 +1,226 @@
+//! `sd-rbee generate`: one prompt in, PNG files out, with a progress bar on a terminal and a one-line
+//! summary (or a JSON object with `--json`).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+
+use super::{load_model, ModelArgs};
+use crate::diffusion::image::tensor_to_rgb8;
+use crate::diffusion::{GenerationRequest, ModelFamily, SchedulerKind, TimestepSpacing};
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to draw.
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// What to steer away from.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels (a multiple of 8); default: the model's.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (a multiple of 8); default: the model's.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Denoising steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (guidance is applied only when > 1).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras or unipc; default: the model's.
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    /// leading, linspace or trailing; default: the scheduler config's.
+    #[arg(long)]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// Random seed (image i of a batch uses seed + i); default: random, reported.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Start from these latents instead of seeded noise: FILE.safetensors[:TENSOR] (default tensor
+    /// `initial_latents`, shape [1,4,H/8,W/8]).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    pub initial_latents: Option<String>,
+    /// Also write the decoded images before 8-bit rounding (f32 tensor `image`, [N,3,H,W] in [0,1]).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub save_tensor: Option<PathBuf>,
+    /// Output file; with several images, `out.png`, `out-1.png`, ...
+    #[arg(long, short = 'o', default_value = "out.png")]
+    pub out: PathBuf,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `out.png` for image 0, `out-1.png`, `out-2.png`, ... after it.
+pub fn output_path(out: &Path, index: usize) -> PathBuf {
+    if index == 0 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = match out.extension() {
+        Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{index}"),
+    };
+    out.with_file_name(name)
+}
+
+/// Reads `FILE[:TENSOR]` from a safetensors file.
+pub fn load_tensor_arg(spec: &str, default_name: &str) -> anyhow::Result<Tensor> {
+    let (path, name) = if Path::new(spec).is_file() {
+        (spec, default_name)
+    } else {
+        match spec.rsplit_once(':') {
+            Some((p, n)) if Path::new(p).is_file() && !n.is_empty() => (p, n),
+            _ => bail!("{spec}: no such file"),
+        }
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{path} is not a readable safetensors file"))?;
+    match tensors.get(name) {
+        Some(t) => Ok(t.to_dtype(DType::F32)?),
+        None => {
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            bail!(
+                "{path} has no tensor `{name}` (it has: {})",
+                names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        }
+    }
+}
+
+fn check_size(field: &str, value: Option<usize>) -> anyhow::Result<()> {
+    if let Some(v) = value {
+        if v == 0 || v % 8 != 0 {
+            bail!("invalid request: `{field}` must be a positive multiple of 8, got {v}");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    // Cheap checks before the (possibly slow) model load.
+    check_size("width", args.width)?;
+    check_size("height", args.height)?;
+    let initial_latents = args
+        .initial_latents
+        .as_deref()
+        .map(|s| load_tensor_arg(s, "initial_latents"))
+        .transpose()
+        .context("--initial-latents")?;
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!("--out {}: directory {} does not exist", args.out.display(), parent.display());
+        }
+    }
+
+    let loaded = load_model(&args.model)?;
+    let sd = &loaded.pipeline;
+    let entry = loaded.entry;
+    let xl = sd.family() == ModelFamily::StableDiffusionXl;
+    let native = sd.unet().config().sample_size_px(sd.vae_scale_factor());
+    let mut req = GenerationRequest::new(args.prompt.clone());
+    req.negative_prompt = args.negative_prompt.clone();
+    req.width = args.width.or(entry.map(|e| e.width as usize)).unwrap_or(native);
+    req.height = args.height.or(entry.map(|e| e.height as usize)).unwrap_or(native);
+    req.steps = args.steps.or(entry.map(|e| e.steps)).unwrap_or(30);
+    req.guidance_scale = args.guidance.or(entry.map(|e| e.guidance)).unwrap_or(if xl { 5.0 } else { 7.5 });
+    req.scheduler = match args.scheduler {
+        Some(s) => Some(s),
+        None => entry.map(|e| e.scheduler.parse::<SchedulerKind>()).transpose().map_err(anyhow::Error::msg)?,
+    };
+    req.timestep_spacing = match args.timestep_spacing {
+        Some(s) => Some(s),
+        None => entry
+            .and_then(|e| e.timestep_spacing)
+            .map(|s| s.parse::<TimestepSpacing>())
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    };
+    req.seed = args.seed;
+    req.num_images = args.num_images;
+    req.initial_latents = initial_latents;
+
+    let bar = progress_bar(req.steps, args.json);
+    let mut on_step = |info: &crate::diffusion::StepInfo| {
+        if let Some(bar) = &bar {
+            bar.set_length(info.total as u64);
+            bar.set_position(info.step as u64);
+        }
+    };
+    let output = sd.generate(&req, &mut on_step, None)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    for w in &output.warnings {
+        eprintln!("warning: {w}");
+    }
+
+    let mut written = Vec::with_capacity(output.images.len());
+    for (i, img) in output.images.iter().enumerate() {
+        let path = output_path(&args.out, i);
+        let rgb = tensor_to_rgb8(&img.pixels)?;
+        rgb.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        written.push((path, img.seed));
+    }
+    if let Some(path) = &args.save_tensor {
+        let stacked = Tensor::stack(&output.images.iter().map(|i| i.pixels.clone()).collect::<Vec<_>>(), 0)?;
+        let map: HashMap<String, Tensor> = [("image".to_string(), stacked)].into();
+        candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+
+    let t = &output.timings;
+    if args.json {
+        let images: Vec<serde_json::Value> =
+            written.iter().map(|(p, s)| serde_json::json!({"path": p.display().to_string(), "seed": s})).collect();
+        let summary = serde_json::json!({
+            "model": loaded.display,
+            "width": req.width, "height": req.height, "steps": t.step_ms.len(),
+            "guidance": req.guidance_scale, "scheduler": output.scheduler.name(),
+            "images": images, "warnings": output.warnings,
+            "timings": {"load_ms": loaded.load_ms, "text_encoding_ms": t.text_encoding_ms,
+                        "median_step_ms": t.median_step_ms(), "denoising_ms": t.denoising_ms,
+                        "decoding_ms": t.decoding_ms, "total_ms": t.total_ms},
+        });
+        println!("{summary}");
+    } else {
+        let files: Vec<String> = written.iter().map(|(p, s)| format!("{} (seed {s})", p.display())).collect();
+        println!(
+            "wrote {} · {}x{} · {} {} steps, guidance {} · {:.1} ms/step · {:.2} s total (load {:.2} s)",
+            files.join(", "),
+            req.width,
+            req.height,
+            output.scheduler,
+            t.step_ms.len(),
+            req.guidance_scale,
+            t.median_step_ms(),
+            t.total_ms / 1000.0,
+            loaded.load_ms / 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(steps: usize, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    Some(bar)
+}

@@ -1,0 +1,131 @@
+//! Choosing where and in what precision models run: `--device cpu|cuda[:N]|metal[:N]` and
+//! `--dtype f32|f16|bf16`, with errors that say which cargo feature a build lacks.
+
+use std::str::FromStr;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+
+/// A device named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        let (kind, ordinal) = match s.split_once(':') {
+            Some((k, n)) => {
+                let n = n.parse::<usize>().map_err(|_| format!("invalid device ordinal in '{s}'"))?;
+                (k.to_string(), n)
+            }
+            None => (s.clone(), 0),
+        };
+        match kind.as_str() {
+            "cpu" if ordinal == 0 => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(ordinal)),
+            "metal" | "mps" => Ok(DeviceSpec::Metal(ordinal)),
+            _ => Err(format!("unknown device '{s}' (expected cpu, cuda, cuda:N, metal or metal:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device, explaining a missing cargo feature.
+    pub fn open(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    bail!(
+                        "--device {self}: this sd-rbee was built without CUDA support (rebuild with `--features cuda`)"
+                    );
+                }
+                Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+            }
+            DeviceSpec::Metal(n) => {
+                if !cfg!(feature = "metal") {
+                    bail!("--device {self}: this sd-rbee was built without Metal support (rebuild with `--features metal`)");
+                }
+                Device::new_metal(n).with_context(|| format!("cannot open Metal device {n}"))
+            }
+        }
+    }
+}
+
+/// Pins Candle's CPU thread count for the life of the process.
+///
+/// Candle asks for its thread count on every matrix multiply, and when `RAYON_NUM_THREADS` is unset it
+/// recomputes it by reading `/proc/cpuinfo` each time, which costs more than a small matmul. Setting the
+/// variable once, to the value Candle would compute, keeps the same parallelism without the re-reads.
+/// Call it at start-up, before other threads exist.
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY (edition 2021 API): called from `main` before any other thread is started.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => Err(format!("unknown dtype '{other}' (expected f32, f16 or bf16)")),
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("CUDA:2".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(2)));
+        assert_eq!("metal".parse::<DeviceSpec>(), Ok(DeviceSpec::Metal(0)));
+        assert!("tpu".parse::<DeviceSpec>().unwrap_err().contains("unknown device"));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_dtypes() {
+        assert_eq!(parse_dtype("f16"), Ok(DType::F16));
+        assert_eq!(parse_dtype("bf16"), Ok(DType::BF16));
+        assert!(parse_dtype("int8").unwrap_err().contains("int8"));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_names_it() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Attention layers shared by the UNet and the VAE, as diffusers defines them: scaled dot-product attention
+//! (computed in query chunks so the full attention matrix of a large image never sits in memory at once),
+//! diffusers' `Attention` module, the GEGLU feed-forward, `BasicTransformerBlock` and `Transformer2DModel`.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use super::group_norm::{group_norm, GroupNorm};
+use super::layer_norm::{layer_norm, LayerNorm};
+
+/// Largest attention-score block (elements) computed at once; bounds peak memory for big images.
+const MAX_SCORE_ELEMENTS: usize = 1 << 25;
+
+/// Softmax(q kᵀ · scale) v for `q: [N, Lq, D]`, `k, v: [N, Lk, D]`.
+///
+/// Half-precision inputs are computed in f32 (so diffusers' `upcast_attention` / `upcast_softmax` are
+/// always honoured), and scores are computed in blocks of query rows so that at most
+/// [`MAX_SCORE_ELEMENTS`] scores exist at a time.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let in_dtype = q.dtype();
+    let work_dtype = if matches!(in_dtype, DType::F16 | DType::BF16) { DType::F32 } else { in_dtype };
+    let (n, lq, _) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let q = (q.to_dtype(work_dtype)? * scale)?;
+    let k_t = k.to_dtype(work_dtype)?.t()?;
+    let v = v.to_dtype(work_dtype)?;
+    let rows = (MAX_SCORE_ELEMENTS / (n * lk).max(1)).clamp(1, lq);
+    let mut outputs = Vec::with_capacity(lq.div_ceil(rows));
+    let mut start = 0;
+    while start < lq {
+        let len = rows.min(lq - start);
+        let q_chunk = if len == lq { q.clone() } else { q.narrow(1, start, len)? };
+        let scores = q_chunk.contiguous()?.matmul(&k_t)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outputs.push(probs.matmul(&v)?);
+        start += len;
+    }
+    let out = if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 1)? };
+    out.to_dtype(in_dtype)
+}
+
+/// diffusers' `Attention` (AttnProcessor2_0) without a spatial norm: q from `hidden`, k/v from `context`
+/// (or `hidden` for self-attention), `heads` heads, then `to_out.0`.
+#[derive(Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `bias` applies to q/k/v (the output projection always has one).
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let proj = |name: &str, input: usize| candle_nn::linear_b(input, inner, bias, vb.pp(name));
+        Ok(Self {
+            to_q: proj("to_q", query_dim)?,
+            to_k: proj("to_k", context_dim)?,
+            to_v: proj("to_v", context_dim)?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// `[B, L, C] -> [B*H, L, C/H]`
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        x.reshape((b, l, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, l, c / self.heads))?
+            .contiguous()
+    }
+
+    pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(hidden);
+        let (b, l, _) = hidden.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(hidden)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        let d = out.dim(2)?;
+        let out = out.reshape((b, self.heads, l, d))?.transpose(1, 2)?.reshape((b, l, self.heads * d))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`): `proj(x) = [h, gate]`, `out = W(h * gelu(gate))`,
+/// with the exact (erf) GELU that PyTorch's `F.gelu` computes.
+#[derive(Debug)]
+pub struct GegluFeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl GegluFeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let projected = self.proj.forward(x)?;
+        let half = projected.dim(D::Minus1)? / 2;
+        let hidden = projected.narrow(D::Minus1, 0, half)?;
+        let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        self.out.forward(&(hidden * gate)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` with layer norms: self-attention, cross-attention, GEGLU feed-forward,
+/// each pre-normed and residual.
+#[derive(Debug)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: GegluFeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> Result<Self> {
+        let ln = |name: &str| layer_norm(dim, 1e-5, vb.pp(name));
+        Ok(Self {
+            norm1: ln("norm1")?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false)?,
+            norm2: ln("norm2")?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, false)?,
+            norm3: ln("norm3")?,
+            ff: GegluFeedForward::new(vb.pp("ff"), dim, 4)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+/// Input/output projection of a [`Transformer2D`]: a 1×1 convolution on the feature map, or (SD 2.x, SDXL)
+/// a linear layer on the flattened tokens.
+#[derive(Debug)]
+enum Projection {
+    Conv(candle_nn::Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` for continuous (latent) inputs.
+#[derive(Debug)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// Shape of a [`Transformer2D`].
+#[derive(Clone, Copy, Debug)]
+pub struct Transformer2DConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl Transformer2D {
+    pub fn new(vb: VarBuilder, cfg: Transformer2DConfig) -> Result<Self> {
+        let c = cfg.channels;
+        let head_dim = c / cfg.heads;
+        let projection = |name: &str| -> Result<Projection> {
+            if cfg.linear_projection {
+                Ok(Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?))
+            } else {
+                Ok(Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?))
+            }
+        };
+        let blocks = (0..cfg.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    c,
+                    cfg.heads,
+                    head_dim,
+                    cfg.context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let x = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&x)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&x)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
+        };
+        out + residual
+    }
+}
+
+/// The single-head self-attention of the VAE's mid block (diffusers `Attention` with `group_norm`,
+/// `residual_connection=True`, `upcast_softmax=True`). Accepts both the current tensor names
+/// (`to_q`, `to_k`, `to_v`, `to_out.0`) and the deprecated ones (`query`, `key`, `value`, `proj_attn`).
+#[derive(Debug)]
+pub struct SpatialSelfAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    scale: f64,
+}
+
+impl SpatialSelfAttention {
+    pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let proj = |new: &str, old: &str| -> Result<Linear> {
+            let p = vb.pp(if legacy { old } else { new });
+            let w = p.get((channels, channels), "weight").or_else(|_| {
+                // Very old checkpoints stored these as 1×1 convolutions.
+                p.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))
+            })?;
+            Ok(Linear::new(w, Some(p.get(channels, "bias")?)))
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, eps, vb.pp("group_norm"))?,
+            to_q: proj("to_q", "query")?,
+            to_k: proj("to_k", "key")?,
+            to_v: proj("to_v", "value")?,
+            to_out: proj("to_out.0", "proj_attn")?,
+            scale: 1.0 / (channels as f64).sqrt(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + x
+    }
+}

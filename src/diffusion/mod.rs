@@ -1,0 +1,25 @@
+//! Stable Diffusion in Candle, faithful to diffusers: model components built from their config files
+//! (`clip`, `unet_2d`, `vae` and their building blocks), the noise schedulers, PyTorch-compatible seeded
+//! noise, and the pipeline that ties them together. No I/O here beyond reading weights and configs.
+
+pub mod attention;
+pub mod clip;
+pub mod embeddings;
+pub mod group_norm;
+pub mod image;
+pub mod layer_norm;
+pub mod pipeline;
+pub mod resnet;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+pub mod vae;
+pub mod weights;
+
+pub use pipeline::{
+    CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily,
+    StableDiffusion, StepInfo, Timings,
+};
+pub use schedulers::{SchedulerKind, TimestepSpacing};

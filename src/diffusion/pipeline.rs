@@ -1,0 +1,650 @@
+//! The text-to-image pipeline: loads a diffusers-format pipeline folder once (tokenizers, text encoders,
+//! UNet, VAE, scheduler config), then turns [`GenerationRequest`]s into images with diffusers' exact
+//! sequence of operations — prompt encoding (SD 1.x/2.x last layer; SDXL penultimate layers of both
+//! encoders plus the pooled projection and size/crop time ids), seeded PyTorch-compatible noise,
+//! classifier-free guidance, the scheduler loop, and VAE decoding. Reports progress per step and stops
+//! between steps when cancelled.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::rng::BatchNoise;
+use super::schedulers::{self, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use super::tokenizer::ClipTokenizer;
+use super::unet_2d::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
+use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+use super::weights::find_weights;
+
+/// Which conditioning scheme a pipeline uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// One CLIP encoder, last hidden state (SD 1.x and 2.x).
+    StableDiffusion,
+    /// Two CLIP encoders, penultimate states, pooled embedding and time ids.
+    StableDiffusionXl,
+}
+
+/// `model_index.json`: which components the pipeline has.
+#[derive(Clone, Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    class_name: String,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
+    #[serde(default)]
+    requires_aesthetics_score: Option<bool>,
+    #[serde(flatten)]
+    components: std::collections::HashMap<String, serde_json::Value>,
+}
+
+impl ModelIndex {
+    fn has(&self, component: &str) -> bool {
+        match self.components.get(component) {
+            Some(serde_json::Value::Array(v)) => v.iter().any(|x| !x.is_null()),
+            _ => false,
+        }
+    }
+}
+
+/// How weights are loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
+    for f in files {
+        if !f.is_file() {
+            bail!("weights file {} is missing", f.display());
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only; sd-rbee never writes to them while they are mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .with_context(|| format!("cannot read weights {}", files[0].display()))?;
+    Ok(vb)
+}
+
+/// A text encoder and the tokenizer that feeds it.
+struct TextTower {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextModel,
+}
+
+impl std::fmt::Debug for TextTower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTower").field("encoder", &self.encoder.config()).finish_non_exhaustive()
+    }
+}
+
+impl TextTower {
+    fn load(root: &Path, tokenizer: &str, encoder: &str, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let tok = ClipTokenizer::from_dir(&root.join(tokenizer))?;
+        let dir = root.join(encoder);
+        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
+        let files = find_weights(&dir, "model", opts.dtype == DType::F16)?;
+        let vb = var_builder(&files, opts.dtype, &opts.device)?;
+        let encoder = ClipTextModel::new(vb, config)
+            .with_context(|| format!("cannot build the text encoder in {}", dir.display()))?;
+        Ok(Self { tokenizer: tok, encoder })
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    /// `None` and `Some("")` differ for SDXL: with no negative prompt, SDXL pipelines use zero embeddings.
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// `None`: the model's own scheduler when it is one of ours, else DPM++ 2M.
+    pub scheduler: Option<SchedulerKind>,
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// `None`: a random seed, reported in the result.
+    pub seed: Option<u64>,
+    pub num_images: usize,
+    /// Replaces the seeded starting noise: `[1, C, H/8, W/8]` (used for every image) or `[N, ...]`.
+    pub initial_latents: Option<Tensor>,
+}
+
+impl GenerationRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: 512,
+            height: 512,
+            steps: 30,
+            guidance_scale: 7.5,
+            scheduler: None,
+            timestep_spacing: None,
+            seed: None,
+            num_images: 1,
+            initial_latents: None,
+        }
+    }
+}
+
+/// Limits a request is checked against.
+pub const MAX_SIDE: usize = 4096;
+pub const MAX_IMAGES: usize = 64;
+
+/// Why generation did not produce images.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("invalid request: `{field}` {message}")]
+    InvalidRequest { field: &'static str, message: String },
+    #[error("generation cancelled after {completed} of {total} steps")]
+    Cancelled { completed: usize, total: usize },
+    #[error("the model produced NaN or infinite values in the {stage} (try --dtype f32)")]
+    NonFinite { stage: &'static str },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> GenerateError {
+    GenerateError::InvalidRequest { field, message: message.into() }
+}
+
+/// A cancellation flag shared between the generator and whoever may cancel it.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Reported after each denoising step.
+pub struct StepInfo<'a> {
+    /// Steps completed so far (1-based).
+    pub step: usize,
+    pub total: usize,
+    /// Time since the denoising loop started.
+    pub elapsed: Duration,
+    /// Duration of this step.
+    pub step_time: Duration,
+    pub timestep: f64,
+    latents: &'a Tensor,
+    sdxl: bool,
+}
+
+impl StepInfo<'_> {
+    /// The latents after this step, `[N, C, h, w]`.
+    pub fn latents(&self) -> &Tensor {
+        self.latents
+    }
+
+    /// A cheap RGB preview of image `index` at latent resolution (no VAE decode).
+    pub fn preview(&self, index: usize) -> anyhow::Result<image::RgbImage> {
+        super::image::latent_preview(&self.latents.get(index)?, self.sdxl)
+    }
+}
+
+/// One generated image.
+#[derive(Debug)]
+pub struct GeneratedImage {
+    pub seed: u64,
+    /// `[3, H, W]` f32 in [0, 1], on the CPU.
+    pub pixels: Tensor,
+}
+
+/// Where the time went.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub text_encoding_ms: f64,
+    pub denoising_ms: f64,
+    pub step_ms: Vec<f64>,
+    pub decoding_ms: f64,
+    pub total_ms: f64,
+}
+
+impl Timings {
+    pub fn median_step_ms(&self) -> f64 {
+        median(&self.step_ms)
+    }
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The images and what happened making them.
+#[derive(Debug)]
+pub struct GenerationOutput {
+    pub images: Vec<GeneratedImage>,
+    pub scheduler: SchedulerKind,
+    /// Things the caller should show the user (e.g. a truncated prompt).
+    pub warnings: Vec<String>,
+    pub timings: Timings,
+}
+
+/// Text conditioning for a batch, ready for the UNet (unconditional half first when guidance is on).
+struct Conditioning {
+    context: Tensor,
+    added: Option<AddedConditions>,
+}
+
+/// A loaded Stable Diffusion pipeline.
+#[derive(Debug)]
+pub struct StableDiffusion {
+    root: PathBuf,
+    family: ModelFamily,
+    text: TextTower,
+    text_2: Option<TextTower>,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    vae_dtype: DType,
+    scheduler_config: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    device: Device,
+    dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Loads the pipeline folder `root` (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/,
+    /// scheduler/).
+    pub fn load(root: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
+        if opts.dtype == DType::BF16 && opts.device.is_cpu() {
+            bail!(
+                "--dtype bf16 is not supported on the CPU (Candle has no bf16 matrix multiply there); use f32 or f16"
+            );
+        }
+        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            bail!("unsupported dtype {:?}: use f32, f16 or bf16", opts.dtype);
+        }
+        let index_path = root.join("model_index.json");
+        let index_text = std::fs::read_to_string(&index_path).with_context(|| {
+            format!("{} is not a diffusers pipeline folder (cannot read model_index.json)", root.display())
+        })?;
+        let index: ModelIndex =
+            serde_json::from_str(&index_text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+        for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !index.has(needed) {
+                bail!("{} lists no `{needed}` component (pipeline class {:?})", index_path.display(), index.class_name);
+            }
+        }
+        if index.requires_aesthetics_score == Some(true) {
+            bail!("{}: SDXL refiner pipelines (requires_aesthetics_score) are not supported", index_path.display());
+        }
+        let sdxl = index.has("text_encoder_2");
+        let family = if sdxl { ModelFamily::StableDiffusionXl } else { ModelFamily::StableDiffusion };
+        let half = opts.dtype == DType::F16;
+
+        let text = TextTower::load(root, "tokenizer", "text_encoder", opts)?;
+        let text_2 = if sdxl {
+            if !index.has("tokenizer_2") {
+                bail!("{} has text_encoder_2 but no tokenizer_2", index_path.display());
+            }
+            Some(TextTower::load(root, "tokenizer_2", "text_encoder_2", opts)?)
+        } else {
+            None
+        };
+
+        let unet_dir = root.join("unet");
+        let unet_config = UNet2DConditionConfig::from_file(&unet_dir.join("config.json"))?;
+        let unet_vb =
+            var_builder(&find_weights(&unet_dir, "diffusion_pytorch_model", half)?, opts.dtype, &opts.device)?;
+        let unet = UNet2DConditionModel::new(unet_vb, unet_config)
+            .with_context(|| format!("cannot build the UNet in {}", unet_dir.display()))?;
+
+        let vae_dir = root.join("vae");
+        let vae_config = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
+        let vae_dtype = if vae_config.force_upcast && opts.dtype == DType::F16 { DType::F32 } else { opts.dtype };
+        let vae_vb = var_builder(&find_weights(&vae_dir, "diffusion_pytorch_model", half)?, vae_dtype, &opts.device)?;
+        let vae = AutoencoderKL::new(vae_vb, vae_config)
+            .with_context(|| format!("cannot build the VAE in {}", vae_dir.display()))?;
+
+        let scheduler_config = SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
+        scheduler_config.prediction()?;
+
+        let pipeline = Self {
+            root: root.to_path_buf(),
+            family,
+            text,
+            text_2,
+            unet,
+            vae,
+            vae_dtype,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(sdxl),
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+        };
+        pipeline.check_dimensions()?;
+        Ok(pipeline)
+    }
+
+    /// Cross-checks the components' widths so a mismatched folder fails at load, not mid-generation.
+    fn check_dimensions(&self) -> anyhow::Result<()> {
+        let ucfg = self.unet.config();
+        let text_width = self.text.encoder.config().hidden_size
+            + self.text_2.as_ref().map(|t| t.encoder.config().hidden_size).unwrap_or(0);
+        if ucfg.context_dim() != text_width {
+            bail!(
+                "unet `cross_attention_dim` is {} but the text encoder(s) produce {text_width}-wide embeddings",
+                ucfg.context_dim()
+            );
+        }
+        if let (Some(t2), Some(time_dim), Some(proj)) =
+            (&self.text_2, ucfg.addition_time_embed_dim, ucfg.projection_class_embeddings_input_dim)
+        {
+            let pooled = t2.encoder.config().projection_dim.unwrap_or(t2.encoder.config().hidden_size);
+            if pooled + 6 * time_dim != proj {
+                bail!("unet `projection_class_embeddings_input_dim` is {proj}, expected pooled {pooled} + 6 time ids × {time_dim}");
+            }
+        }
+        if self.family == ModelFamily::StableDiffusionXl && !self.unet.needs_added_conditions() {
+            bail!("this pipeline has two text encoders but its UNet has no `text_time` add-embedding");
+        }
+        let vae_latents = self.vae.config().latent_channels;
+        if ucfg.out_channels != vae_latents {
+            bail!("unet `out_channels` {} differs from the VAE's `latent_channels` {vae_latents}", ucfg.out_channels);
+        }
+        if ucfg.in_channels != vae_latents {
+            bail!(
+                "this UNet takes {} input channels (an inpainting UNet); text-to-image needs {vae_latents}",
+                ucfg.in_channels
+            );
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn family(&self) -> ModelFamily {
+        self.family
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// The scheduler the model ships with, when it is one we implement.
+    pub fn default_scheduler(&self) -> Option<SchedulerKind> {
+        self.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name)
+    }
+
+    /// Latents and scheduler arithmetic stay in f32 for half-precision models (f64 for f64 models).
+    fn latent_dtype(&self) -> DType {
+        if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// Token ids of the first tokenizer for `text` (with the truncation warning, if any).
+    pub fn tokenize(&self, text: &str) -> anyhow::Result<super::tokenizer::TokenizedPrompt> {
+        self.text.tokenizer.encode(text)
+    }
+
+    fn ids_tensor(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        Tensor::new(ids, &self.device)?.unsqueeze(0)
+    }
+
+    /// Encodes one prompt: `(embeddings [1, 77, D], pooled [1, P] for SDXL, warning)`.
+    pub fn encode_prompt(&self, text: &str) -> anyhow::Result<(Tensor, Option<Tensor>, Option<String>)> {
+        let tokens = self.text.tokenizer.encode(text)?;
+        let warning = tokens.truncated_text.as_ref().map(|cut| {
+            format!(
+                "the prompt is longer than {} tokens; this part was dropped: {cut:?}",
+                self.text.tokenizer.max_length()
+            )
+        });
+        let out = self.text.encoder.forward(&self.ids_tensor(&tokens.ids)?)?;
+        match &self.text_2 {
+            None => Ok((out.last_hidden_state, None, warning)),
+            Some(t2) => {
+                let tokens_2 = t2.tokenizer.encode(text)?;
+                let out_2 = t2.encoder.forward(&self.ids_tensor(&tokens_2.ids)?)?;
+                let embeds = Tensor::cat(&[&out.penultimate_hidden_state, &out_2.penultimate_hidden_state], 2)?;
+                Ok((embeds, Some(out_2.pooled), warning))
+            }
+        }
+    }
+
+    fn conditioning(
+        &self,
+        req: &GenerationRequest,
+        guidance: bool,
+        warnings: &mut Vec<String>,
+    ) -> anyhow::Result<Conditioning> {
+        let n = req.num_images;
+        let (pos, pos_pooled, warning) = self.encode_prompt(&req.prompt)?;
+        warnings.extend(warning);
+        let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; n], 0) };
+        let mut context = repeat(&pos)?;
+        let mut pooled = pos_pooled.as_ref().map(repeat).transpose()?;
+        if guidance {
+            let zero_negative = self.family == ModelFamily::StableDiffusionXl
+                && req.negative_prompt.is_none()
+                && self.force_zeros_for_empty_prompt;
+            let (neg, neg_pooled) = if zero_negative {
+                (pos.zeros_like()?, pos_pooled.as_ref().map(|p| p.zeros_like()).transpose()?)
+            } else {
+                let (neg, neg_pooled, warning) = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""))?;
+                warnings.extend(warning.map(|w| w.replacen("the prompt", "the negative prompt", 1)));
+                (neg, neg_pooled)
+            };
+            context = Tensor::cat(&[repeat(&neg)?, context], 0)?;
+            pooled = match (neg_pooled, pooled) {
+                (Some(np), Some(p)) => Some(Tensor::cat(&[repeat(&np)?, p], 0)?),
+                (_, p) => p,
+            };
+        }
+        let added = match pooled {
+            Some(text_embeds) => {
+                let (h, w) = (req.height as f64, req.width as f64);
+                let rows = text_embeds.dim(0)?;
+                Some(AddedConditions { text_embeds, time_ids: vec![vec![h, w, 0.0, 0.0, h, w]; rows] })
+            }
+            None => None,
+        };
+        Ok(Conditioning { context, added })
+    }
+
+    fn validate(&self, req: &GenerationRequest) -> Result<(), GenerateError> {
+        let f = self.vae_scale_factor();
+        for (field, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(invalid(field, format!("must be a positive multiple of {f}, got {v}")));
+            }
+            if v > MAX_SIDE {
+                return Err(invalid(field, format!("must be at most {MAX_SIDE}, got {v}")));
+            }
+        }
+        let train_steps = self.scheduler_config.num_train_timesteps.unwrap_or(1000);
+        if req.steps == 0 || req.steps > train_steps {
+            return Err(invalid("steps", format!("must be between 1 and {train_steps}, got {}", req.steps)));
+        }
+        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
+            return Err(invalid("guidance", format!("must be a finite number ≥ 0, got {}", req.guidance_scale)));
+        }
+        if req.num_images == 0 || req.num_images > MAX_IMAGES {
+            return Err(invalid("num_images", format!("must be between 1 and {MAX_IMAGES}, got {}", req.num_images)));
+        }
+        if let Some(l) = &req.initial_latents {
+            let want = [self.vae.config().latent_channels, req.height / f, req.width / f];
+            let dims = l.dims();
+            if dims.len() != 4 || dims[1..] != want || (dims[0] != 1 && dims[0] != req.num_images) {
+                return Err(invalid(
+                    "initial_latents",
+                    format!(
+                        "must have shape [1, {}, {}, {}] (or N images first), got {dims:?}",
+                        want[0], want[1], want[2]
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Generates `req.num_images` images. `on_step` runs after every denoising step; `cancel` is checked
+    /// before each step.
+    pub fn generate(
+        &self,
+        req: &GenerationRequest,
+        on_step: &mut dyn FnMut(&StepInfo),
+        cancel: Option<&CancelFlag>,
+    ) -> Result<GenerationOutput, GenerateError> {
+        let start = Instant::now();
+        self.validate(req)?;
+        let mut warnings = Vec::new();
+        let kind = match req.scheduler.or_else(|| self.default_scheduler()) {
+            Some(k) => k,
+            None => {
+                warnings.push(format!(
+                    "the model's scheduler {:?} is not implemented; using dpmpp_2m",
+                    self.scheduler_config.class_name.as_deref().unwrap_or("(none)")
+                ));
+                SchedulerKind::DpmPp2m
+            }
+        };
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config, req.steps, req.timestep_spacing)
+            .map_err(|e| invalid("scheduler", e.to_string()))?;
+
+        let base_seed = req.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+        let seeds: Vec<u64> = (0..req.num_images as u64).map(|i| base_seed.wrapping_add(i)).collect();
+        let guidance = req.guidance_scale > 1.0;
+
+        let t0 = Instant::now();
+        let cond = self.conditioning(req, guidance, &mut warnings)?;
+        let text_encoding_ms = ms(t0.elapsed());
+
+        let f = self.vae_scale_factor();
+        let channels = self.vae.config().latent_channels;
+        let latent_shape = [1, channels, req.height / f, req.width / f];
+        let mut noise = BatchNoise::new(&seeds);
+        let initial = match &req.initial_latents {
+            Some(l) if l.dim(0)? == 1 => Tensor::cat(&vec![l; req.num_images], 0)?,
+            Some(l) => l.clone(),
+            None => noise.randn(&latent_shape, &self.device)?,
+        };
+        let mut latents =
+            (initial.to_device(&self.device)?.to_dtype(self.latent_dtype())? * scheduler.init_noise_sigma())?;
+
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let loop_start = Instant::now();
+        let mut step_ms = Vec::with_capacity(total);
+        for (i, &t) in timesteps.iter().enumerate() {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(GenerateError::Cancelled { completed: i, total });
+            }
+            let step_start = Instant::now();
+            let model_in = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_in = scheduler.scale_model_input(&model_in, i)?.to_dtype(self.dtype)?;
+            let pred =
+                self.unet.forward(&model_in, t, &cond.context, cond.added.as_ref())?.to_dtype(self.latent_dtype())?;
+            let pred = if guidance {
+                let n = req.num_images;
+                let uncond = pred.narrow(0, 0, n)?;
+                let text = pred.narrow(0, n, n)?;
+                (&uncond + ((text - &uncond)? * req.guidance_scale)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, &mut noise)?;
+            let step_time = step_start.elapsed();
+            step_ms.push(ms(step_time));
+            on_step(&StepInfo {
+                step: i + 1,
+                total,
+                elapsed: loop_start.elapsed(),
+                step_time,
+                timestep: t,
+                latents: &latents,
+                sdxl: self.family == ModelFamily::StableDiffusionXl,
+            });
+        }
+        let denoising_ms = ms(loop_start.elapsed());
+        if !all_finite(&latents)? {
+            return Err(GenerateError::NonFinite { stage: "denoising loop" });
+        }
+
+        let t0 = Instant::now();
+        let mut images = Vec::with_capacity(req.num_images);
+        for (i, &seed) in seeds.iter().enumerate() {
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                return Err(GenerateError::Cancelled { completed: total, total });
+            }
+            let z = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
+            let pixels = self.vae.decode_to_image(&z)?.to_device(&Device::Cpu)?.squeeze(0)?;
+            if !all_finite(&pixels)? {
+                return Err(GenerateError::NonFinite { stage: "VAE decoder" });
+            }
+            images.push(GeneratedImage { seed, pixels: pixels.to_dtype(DType::F32)? });
+        }
+        let decoding_ms = ms(t0.elapsed());
+        Ok(GenerationOutput {
+            images,
+            scheduler: kind,
+            warnings,
+            timings: Timings { text_encoding_ms, denoising_ms, step_ms, decoding_ms, total_ms: ms(start.elapsed()) },
+        })
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    // A sum propagates NaN and inf, which a max may skip.
+    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    Ok(s.is_finite())
+}

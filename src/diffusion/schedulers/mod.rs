@@ -1,0 +1,557 @@
+//! Noise schedulers with diffusers' semantics.
+//!
+//! Each scheduler is built from a model's `scheduler/scheduler_config.json` the way diffusers'
+//! `SchedulerClass.from_config(pipe.scheduler.config)` builds it: keys the class knows are taken from the
+//! file, every other setting keeps that class's own default. The pipeline drives them by step index:
+//! `timesteps()[i]` is what the UNet receives at step `i`, `scale_model_input(x, i)` prepares its input,
+//! and `step(eps, i, x, noise)` returns the next sample.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::Context;
+use candle_core::{Result, Tensor};
+
+pub mod ddim;
+pub mod dpm_solver;
+pub mod euler;
+pub mod euler_ancestral;
+mod schedule;
+pub mod unipc;
+
+#[cfg(test)]
+mod test_support;
+
+/// Draws standard-normal noise for ancestral samplers (one draw per image, from that image's own generator).
+pub trait NoiseSource {
+    /// A tensor of N(0, 1) noise with the shape, dtype and device of `like`.
+    fn randn_like(&mut self, like: &Tensor) -> Result<Tensor>;
+}
+
+/// The schedulers that can be named on the command line and in job messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmPp2m,
+    DpmPp2mKarras,
+    UniPc,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 6] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::UniPc,
+    ];
+
+    /// The name used on the command line and on the bus.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler_a",
+            SchedulerKind::DpmPp2m => "dpmpp_2m",
+            SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::UniPc => "unipc",
+        }
+    }
+
+    /// The scheduler a pipeline folder names in `scheduler_config.json` / `model_index.json`
+    /// (`_class_name`), when it is one of ours.
+    pub fn from_class_name(class: &str) -> Option<SchedulerKind> {
+        match class {
+            "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
+            "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
+            "UniPCMultistepScheduler" => Some(SchedulerKind::UniPc),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        SchedulerKind::ALL.into_iter().find(|k| k.name() == lower).ok_or_else(|| {
+            let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown scheduler '{s}' (expected one of: {})", names.join(", "))
+        })
+    }
+}
+
+/// How inference timesteps are spread over the training timesteps (diffusers' `timestep_spacing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Linspace,
+    Trailing,
+}
+
+impl FromStr for TimestepSpacing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "leading" => Ok(TimestepSpacing::Leading),
+            "linspace" => Ok(TimestepSpacing::Linspace),
+            "trailing" => Ok(TimestepSpacing::Trailing),
+            _ => Err(format!("unknown timestep spacing '{s}' (expected leading, linspace or trailing)")),
+        }
+    }
+}
+
+/// What the UNet predicts (diffusers' `prediction_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+/// A configured noise scheduler, driven by step index (`0..timesteps().len()`, in run order).
+///
+/// Like diffusers, the multistep schedulers (DPM-Solver++, UniPC) keep the previous model outputs between
+/// calls to `step` for consecutive indices; a call with any other index (a new run from 0, or an img2img run
+/// starting at `k`) starts a fresh history. An img2img run that starts at index `k` calls
+/// `add_noise(x, noise, k)` and then steps `k, k + 1, ...` (what diffusers does after `set_begin_index(k)`).
+pub trait Scheduler: Send {
+    /// Timesteps as the UNet receives them, in run order (DDIM/DPM/UniPC integers as f64, Euler floats).
+    fn timesteps(&self) -> &[f64];
+    /// Std of the initial noise (diffusers' init_noise_sigma).
+    fn init_noise_sigma(&self) -> f64;
+    /// diffusers' scale_model_input for step index `step`.
+    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    /// One denoising step at step index `step`; returns prev_sample. Ancestral samplers draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
+    /// diffusers' add_noise(original, noise, timesteps()[step]) (used by img2img / inpainting).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor>;
+    /// diffusers' `order` attribute (1 for all of these).
+    fn order(&self) -> usize {
+        1
+    }
+}
+
+/// `scheduler_config.json` as diffusers stores it; every key optional, unknown keys ignored.
+///
+/// Each scheduler reads only the keys its diffusers class accepts (as `Class.from_config` does) and uses that
+/// class's default for every key that is missing or `null`.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: Option<String>,
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<usize>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: Option<f64>,
+    pub set_alpha_to_one: Option<bool>,
+    pub thresholding: Option<bool>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub use_karras_sigmas: Option<bool>,
+    pub interpolation_type: Option<String>,
+    pub final_sigmas_type: Option<String>,
+    pub timestep_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub lower_order_final: Option<bool>,
+    pub euler_at_final: Option<bool>,
+    pub algorithm_type: Option<String>,
+    pub solver_type: Option<String>,
+    /// Karras sigma range overrides (Euler and UniPC take them as arguments; DPM-Solver reads them from a
+    /// config written by another class too, as diffusers keeps such "hidden" keys in `scheduler.config`).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub shift_terminal: Option<f64>,
+    /// DPM-Solver: clip lambda(t) from below (diffusers writes the default -inf as `-Infinity`, read as unset).
+    pub lambda_min_clipped: Option<f64>,
+    pub variance_type: Option<String>,
+    /// UniPC: predict x0 (true) or the noise (false).
+    pub predict_x0: Option<bool>,
+    /// UniPC: step indices after which the corrector is skipped.
+    pub disable_corrector: Option<Vec<usize>>,
+}
+
+impl SchedulerConfig {
+    /// Parses a `scheduler_config.json` text. Python's non-standard `Infinity`/`-Infinity`/`NaN` literals (which
+    /// diffusers writes, e.g. for `lambda_min_clipped`) are read as `null`, and keys listed in
+    /// `_use_default_values` are dropped, as diffusers' `from_config` does.
+    pub fn from_json_str(s: &str) -> anyhow::Result<Self> {
+        let cleaned = replace_non_finite_literals(s);
+        let mut value: serde_json::Value =
+            serde_json::from_str(&cleaned).context("scheduler config is not valid JSON")?;
+        let map = value.as_object_mut().context("scheduler config must be a JSON object")?;
+        if let Some(defaults) = map.remove("_use_default_values") {
+            if let Some(keys) = defaults.as_array() {
+                for key in keys.iter().filter_map(|k| k.as_str()) {
+                    map.remove(key);
+                }
+            }
+        }
+        match serde_json::from_value::<SchedulerConfig>(value.clone()) {
+            Ok(config) => Ok(config),
+            Err(err) => {
+                // Name the offending key: retry each key on its own.
+                if let Some(map) = value.as_object() {
+                    for (key, val) in map {
+                        let single = serde_json::Value::Object([(key.clone(), val.clone())].into_iter().collect());
+                        if let Err(e) = serde_json::from_value::<SchedulerConfig>(single) {
+                            anyhow::bail!("scheduler config: bad value for {key} = {val}: {e}");
+                        }
+                    }
+                }
+                Err(anyhow::Error::new(err).context("scheduler config"))
+            }
+        }
+    }
+
+    /// Reads and parses `scheduler_config.json`.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading scheduler config {}", path.display()))?;
+        Self::from_json_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))
+    }
+
+    /// `prediction_type`, defaulting to epsilon.
+    pub fn prediction(&self) -> anyhow::Result<PredictionType> {
+        match self.prediction_type.as_deref() {
+            None | Some("epsilon") => Ok(PredictionType::Epsilon),
+            Some("v_prediction") => Ok(PredictionType::VPrediction),
+            Some("sample") => Ok(PredictionType::Sample),
+            Some(other) => anyhow::bail!(
+                "scheduler config: prediction_type = \"{other}\" is not supported \
+                 (expected epsilon, v_prediction or sample)"
+            ),
+        }
+    }
+}
+
+/// Replaces the bare `Infinity`, `-Infinity` and `NaN` tokens Python's json module writes with `null`
+/// (string contents are left alone).
+fn replace_non_finite_literals(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Build `kind` the way `Class.from_config(config)` would in diffusers, for `num_inference_steps` steps;
+/// `spacing` (from the CLI) overrides timestep_spacing when given.
+///
+/// `dpmpp_2m` is `DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+/// solver_type="midpoint", use_karras_sigmas=False)`; `dpmpp_2m_karras` the same with Karras sigmas.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    spacing: Option<TimestepSpacing>,
+) -> anyhow::Result<Box<dyn Scheduler>> {
+    let n = num_inference_steps;
+    let scheduler: Box<dyn Scheduler> = match kind {
+        SchedulerKind::Ddim => Box::new(ddim::DdimScheduler::new(config, n, spacing)?),
+        SchedulerKind::Euler => Box::new(euler::EulerScheduler::new(config, n, spacing)?),
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestralScheduler::new(config, n, spacing)?),
+        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolverScheduler::new(config, n, spacing, false)?),
+        SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolverScheduler::new(config, n, spacing, true)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPcScheduler::new(config, n, spacing)?),
+    };
+    Ok(scheduler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{fake_model, NoNoise};
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn cfg(json: &str) -> SchedulerConfig {
+        SchedulerConfig::from_json_str(json).unwrap()
+    }
+
+    fn build_err(kind: SchedulerKind, json: &str, steps: usize) -> String {
+        match build(kind, &cfg(json), steps, None) {
+            Ok(_) => panic!("{kind} with {json} and {steps} steps should fail"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    const SD15: &str = r#"{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": false,
+        "clip_sample": false, "timestep_spacing": "leading"}"#;
+
+    #[test]
+    fn scheduler_names_parse_and_reject_unknown() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(kind.name().parse::<SchedulerKind>().unwrap(), kind);
+            assert_eq!(kind.to_string(), kind.name());
+        }
+        assert_eq!(" Euler_A ".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
+        let err = "dpm++".parse::<SchedulerKind>().unwrap_err();
+        assert!(err.contains("unknown scheduler 'dpm++'"), "{err}");
+        assert!(err.contains("dpmpp_2m_karras"), "{err}");
+        let err = "sideways".parse::<TimestepSpacing>().unwrap_err();
+        assert!(err.contains("sideways"), "{err}");
+        assert_eq!(SchedulerKind::from_class_name("PNDMScheduler"), None);
+    }
+
+    #[test]
+    fn config_reads_python_json() {
+        // diffusers writes -Infinity / NaN; strings keep their text; _use_default_values keys are dropped.
+        let c = cfg(r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+            "variance_type": null, "algorithm_type": "dpmsolver++", "note": "NaN and -Infinity \" stay",
+            "_use_default_values": ["steps_offset"], "steps_offset": 1, "unknown_key": [1, 2]}"#);
+        assert_eq!(c.class_name.as_deref(), Some("DPMSolverMultistepScheduler"));
+        assert_eq!(c.lambda_min_clipped, None);
+        assert_eq!(c.steps_offset, None);
+        assert_eq!(c.algorithm_type.as_deref(), Some("dpmsolver++"));
+        assert_eq!(c.prediction().unwrap(), PredictionType::Epsilon);
+        assert_eq!(cfg(r#"{"prediction_type": "v_prediction"}"#).prediction().unwrap(), PredictionType::VPrediction);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers/reference.json");
+        assert!(fixture.exists());
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let err = format!("{:#}", SchedulerConfig::from_json_str(r#"{"steps_offset": "one"}"#).unwrap_err());
+        assert!(err.contains("steps_offset"), "{err}");
+        let err = format!("{:#}", SchedulerConfig::from_json_str("[1, 2]").unwrap_err());
+        assert!(err.contains("JSON object"), "{err}");
+        let err = format!("{:#}", cfg(r#"{"prediction_type": "flow_prediction"}"#).prediction().unwrap_err());
+        assert!(err.contains("prediction_type") && err.contains("flow_prediction"), "{err}");
+    }
+
+    #[test]
+    fn from_file_names_the_file() {
+        let missing = std::env::temp_dir().join("sd-rbee-no-such-dir/scheduler_config.json");
+        let err = format!("{:#}", SchedulerConfig::from_file(&missing).unwrap_err());
+        assert!(err.contains("sd-rbee-no-such-dir"), "{err}");
+        let bad = std::env::temp_dir().join(format!("sd-rbee-bad-scheduler-{}.json", std::process::id()));
+        std::fs::write(&bad, "{ not json").unwrap();
+        let err = format!("{:#}", SchedulerConfig::from_file(&bad).unwrap_err());
+        std::fs::remove_file(&bad).ok();
+        assert!(err.contains(&bad.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn unsupported_config_values_name_the_key() {
+        use SchedulerKind::*;
+        let cases: &[(SchedulerKind, &str, &str)] = &[
+            (Ddim, r#"{"beta_schedule": "cubic"}"#, "beta_schedule"),
+            (Euler, r#"{"beta_schedule": "cubic"}"#, "beta_schedule"),
+            (Ddim, r#"{"prediction_type": "flow_prediction"}"#, "prediction_type"),
+            (UniPc, r#"{"prediction_type": "x0"}"#, "prediction_type"),
+            (EulerAncestral, r#"{"prediction_type": "sample"}"#, "prediction_type"),
+            (Ddim, r#"{"timestep_spacing": "sideways"}"#, "timestep_spacing"),
+            (Ddim, r#"{"thresholding": true}"#, "thresholding"),
+            (DpmPp2m, r#"{"thresholding": true}"#, "thresholding"),
+            (UniPc, r#"{"thresholding": true}"#, "thresholding"),
+            (DpmPp2m, r#"{"algorithm_type": "sde-dpmsolver++"}"#, "algorithm_type"),
+            (DpmPp2mKarras, r#"{"algorithm_type": "dpmsolver"}"#, "algorithm_type"),
+            (DpmPp2m, r#"{"final_sigmas_type": "one"}"#, "final_sigmas_type"),
+            (DpmPp2m, r#"{"use_lu_lambdas": true}"#, "use_lu_lambdas"),
+            (DpmPp2m, r#"{"variance_type": "learned_range"}"#, "variance_type"),
+            (Euler, r#"{"interpolation_type": "log_linear"}"#, "interpolation_type"),
+            (Euler, r#"{"timestep_type": "fractional"}"#, "timestep_type"),
+            (Euler, r#"{"use_exponential_sigmas": true}"#, "use_exponential_sigmas"),
+            (UniPc, r#"{"solver_type": "rk4"}"#, "solver_type"),
+            (UniPc, r#"{"solver_order": 7}"#, "solver_order"),
+            (UniPc, r#"{"use_flow_sigmas": true}"#, "use_flow_sigmas"),
+            (Ddim, r#"{"trained_betas": [0.1, 0.2]}"#, "trained_betas"),
+            (Ddim, r#"{"num_train_timesteps": 1}"#, "num_train_timesteps"),
+        ];
+        for (kind, json, key) in cases {
+            let err = build_err(*kind, json, 10);
+            assert!(err.contains(key), "{kind} {json}: {err}");
+        }
+        // Keys the class does not take are ignored, as in diffusers (Euler has no thresholding/clip_sample).
+        build(Euler, &cfg(r#"{"thresholding": true, "clip_sample": true}"#), 10, None).unwrap();
+        // "leading" + steps_offset 1 reaches timestep 1000 at 1000 DDIM steps (an IndexError in diffusers),
+        // and "trailing" gives timestep -1 for some step counts.
+        assert!(build_err(Ddim, SD15, 1000).contains("timestep 1000"));
+        let err = format!("{:#}", build(Ddim, &cfg(SD15), 61, Some(TimestepSpacing::Trailing)).err().unwrap());
+        assert!(err.contains("timestep -1") && err.contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn step_counts_are_checked() {
+        for kind in SchedulerKind::ALL {
+            let err = build_err(kind, SD15, 0);
+            assert!(err.contains("num_inference_steps"), "{kind}: {err}");
+            let err = build_err(kind, SD15, 1001);
+            assert!(err.contains("num_inference_steps") && err.contains("1000"), "{kind}: {err}");
+            let max = if kind == SchedulerKind::Ddim { 999 } else { 1000 };
+            let s = build(kind, &cfg(SD15), max, None).unwrap();
+            assert!(!s.timesteps().is_empty());
+        }
+    }
+
+    #[test]
+    fn out_of_range_step_index_is_an_error() {
+        let x = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        for kind in SchedulerKind::ALL {
+            let mut s = build(kind, &cfg(SD15), 3, None).unwrap();
+            let n = s.timesteps().len();
+            assert!(s.add_noise(&x, &x, n).is_err(), "{kind}");
+            assert!(s.step(&x, n, &x, &mut NoNoise).is_err(), "{kind}");
+            if matches!(kind, SchedulerKind::Euler | SchedulerKind::EulerAncestral) {
+                assert!(s.scale_model_input(&x, n).is_err(), "{kind}");
+            }
+        }
+    }
+
+    struct ConstNoise;
+    impl NoiseSource for ConstNoise {
+        fn randn_like(&mut self, like: &Tensor) -> Result<Tensor> {
+            like.ones_like()?.affine(0.5, 0.0)
+        }
+    }
+
+    fn run(s: &mut dyn Scheduler, x_init: &Tensor) -> Tensor {
+        let mut x = x_init.affine(s.init_noise_sigma(), 0.0).unwrap();
+        let ts = s.timesteps().to_vec();
+        for (i, t) in ts.into_iter().enumerate() {
+            let scaled = s.scale_model_input(&x, i).unwrap();
+            let m = fake_model(&scaled, t).unwrap();
+            x = s.step(&m, i, &x, &mut ConstNoise).unwrap();
+        }
+        x
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The last step lands on sigma 0, where DPM/UniPC lambdas are +inf; every variant must stay finite,
+    /// including the ones where diffusers produces NaN (UniPC bh1, predict_x0 = false, lower_order_final = false).
+    #[test]
+    fn final_step_to_sigma_zero_is_finite() {
+        let x = Tensor::randn(0f32, 1., (1, 4, 3, 3), &Device::Cpu).unwrap();
+        let extra = [
+            "",
+            r#", "use_karras_sigmas": true"#,
+            r#", "solver_type": "bh1""#,
+            r#", "predict_x0": false"#,
+            r#", "lower_order_final": false"#,
+            r#", "lower_order_final": false, "solver_order": 3, "solver_type": "bh1""#,
+            r#", "euler_at_final": true, "prediction_type": "v_prediction""#,
+        ];
+        for kind in SchedulerKind::ALL {
+            for more in extra {
+                let json =
+                    format!(r#"{{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012{more}}}"#);
+                for steps in [1, 2, 3, 20] {
+                    for spacing in [None, Some(TimestepSpacing::Trailing)] {
+                        let mut s = build(kind, &cfg(&json), steps, spacing).unwrap();
+                        let out = run(s.as_mut(), &x);
+                        assert!(max_abs(&out).is_finite(), "{kind} {json} {steps} {spacing:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_follows_f32() {
+        let x = Tensor::randn(0f32, 1., (1, 4, 3, 3), &Device::Cpu).unwrap();
+        for kind in SchedulerKind::ALL {
+            let reference = run(build(kind, &cfg(SD15), 8, None).unwrap().as_mut(), &x);
+            for dtype in [DType::F16, DType::BF16, DType::F64] {
+                let mut s = build(kind, &cfg(SD15), 8, None).unwrap();
+                let out = run(s.as_mut(), &x.to_dtype(dtype).unwrap());
+                assert_eq!(out.dtype(), dtype, "{kind}");
+                let noised = s.add_noise(&x.to_dtype(dtype).unwrap(), &x.to_dtype(dtype).unwrap(), 2).unwrap();
+                assert_eq!(noised.dtype(), dtype, "{kind}");
+                let err = max_abs(&(out.to_dtype(DType::F32).unwrap() - &reference).unwrap());
+                let tol = if dtype == DType::F64 { 1e-4 } else { 0.1 } * max_abs(&reference).max(1.0);
+                assert!(err <= tol, "{kind} {dtype:?}: {err} > {tol}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_scheduler_can_be_run_twice() {
+        let x = Tensor::randn(0f32, 1., (1, 4, 3, 3), &Device::Cpu).unwrap();
+        for kind in SchedulerKind::ALL {
+            let mut s = build(kind, &cfg(SD15), 6, None).unwrap();
+            let first = run(s.as_mut(), &x);
+            let second = run(s.as_mut(), &x);
+            let err = max_abs(&(first - second).unwrap());
+            assert!(err == 0.0, "{kind}: {err}");
+        }
+    }
+
+    /// img2img: add noise at step k, then step k.. on the same instance (a fresh history).
+    #[test]
+    fn img2img_start_in_the_middle() {
+        let x = Tensor::randn(0f32, 1., (1, 4, 3, 3), &Device::Cpu).unwrap();
+        for kind in SchedulerKind::ALL {
+            let mut s = build(kind, &cfg(SD15), 10, None).unwrap();
+            let ts = s.timesteps().to_vec();
+            let mut latents = s.add_noise(&x, &x, 4).unwrap();
+            for (i, &t) in ts.iter().enumerate().skip(4) {
+                let scaled = s.scale_model_input(&latents, i).unwrap();
+                let m = fake_model(&scaled, t).unwrap();
+                latents = s.step(&m, i, &latents, &mut ConstNoise).unwrap();
+            }
+            assert!(max_abs(&latents).is_finite(), "{kind}");
+        }
+    }
+
+    #[test]
+    fn multistep_kinds_keep_order_one() {
+        for kind in SchedulerKind::ALL {
+            assert_eq!(build(kind, &cfg(SD15), 4, None).unwrap().order(), 1);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Where a component's safetensors weights are in a pipeline folder: one file or a sharded index, the
+//! `.fp16.` variant preferred when running in half precision. Shared by the loader and the Hub download,
+//! so both agree on what counts as a component's weights.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// The ways a component's weights can be stored, best first: for each variant (`.fp16.` first
+/// when preferred), the single file, then the shard indexes naming it (diffusers writes
+/// `stem.safetensors.index.fp16.json` for the fp16 variant; `stem.fp16.safetensors.index.json`
+/// is accepted too).
+pub fn weight_layouts(stem: &str, prefer_fp16: bool) -> Vec<WeightLayout> {
+    let plain = [
+        WeightLayout::Single(format!("{stem}.safetensors")),
+        WeightLayout::Sharded(format!("{stem}.safetensors.index.json")),
+    ];
+    let fp16 = [
+        WeightLayout::Single(format!("{stem}.fp16.safetensors")),
+        WeightLayout::Sharded(format!("{stem}.safetensors.index.fp16.json")),
+        WeightLayout::Sharded(format!("{stem}.fp16.safetensors.index.json")),
+    ];
+    if prefer_fp16 {
+        fp16.into_iter().chain(plain).collect()
+    } else {
+        plain.into_iter().chain(fp16).collect()
+    }
+}
+
+/// One way of storing weights: a file, or an index whose `weight_map` names the shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightLayout {
+    Single(String),
+    Sharded(String),
+}
+
+/// The shard file names a safetensors index lists, in order, without repeats.
+pub fn shard_names(index_path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
+    let index: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("{} has no weight_map", index_path.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    for value in map.values() {
+        let name = value
+            .as_str()
+            .filter(|n| !n.is_empty() && !n.contains('/') && !n.contains('\\') && *n != "..")
+            .ok_or_else(|| anyhow!("{}: bad shard name {value}", index_path.display()))?;
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The weight files of the component in `dir` (`stem` is `diffusion_pytorch_model` or `model`).
+pub fn find_weights(dir: &Path, stem: &str, prefer_fp16: bool) -> Result<Vec<PathBuf>> {
+    for layout in weight_layouts(stem, prefer_fp16) {
+        match layout {
+            WeightLayout::Single(name) if dir.join(&name).is_file() => return Ok(vec![dir.join(name)]),
+            WeightLayout::Sharded(index) if dir.join(&index).is_file() => {
+                return Ok(shard_names(&dir.join(index))?.into_iter().map(|n| dir.join(n)).collect());
+            }
+            _ => {}
+        }
+    }
+    if dir.join(format!("{stem}.bin")).is_file() {
+        bail!(
+            "{} has only PyTorch .bin weights; sd-rbee loads safetensors (convert them, or use a repo that ships .safetensors)",
+            dir.display()
+        );
+    }
+    bail!("no weights in {} (expected {stem}.safetensors or {stem}.fp16.safetensors)", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefers_the_variant_asked_for_and_reads_shard_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("model.safetensors"), b"").unwrap();
+        std::fs::write(d.join("model.fp16.safetensors"), b"").unwrap();
+        assert_eq!(find_weights(d, "model", false).unwrap(), vec![d.join("model.safetensors")]);
+        assert_eq!(find_weights(d, "model", true).unwrap(), vec![d.join("model.fp16.safetensors")]);
+
+        let index =
+            r#"{"weight_map": {"a": "unet-2.safetensors", "b": "unet-1.safetensors", "c": "unet-1.safetensors"}}"#;
+        std::fs::write(d.join("unet.safetensors.index.fp16.json"), index).unwrap();
+        assert_eq!(
+            find_weights(d, "unet", true).unwrap(),
+            vec![d.join("unet-1.safetensors"), d.join("unet-2.safetensors")]
+        );
+    }
+
+    #[test]
+    fn bin_only_and_empty_folders_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find_weights(dir.path(), "model", false).unwrap_err().to_string();
+        assert!(err.contains("no weights in"), "{err}");
+        std::fs::write(dir.path().join("model.bin"), b"").unwrap();
+        let err = find_weights(dir.path(), "model", false).unwrap_err().to_string();
+        assert!(err.contains(".bin"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! sd-rbee: Stable Diffusion as a service. The generation core lives in [`diffusion`]; [`hub`] finds model
+//! folders (local, Hugging Face Hub, or built-in short names); [`device`] picks where models run; [`cli`]
+//! is the `sd-rbee` command line.
+
+pub mod cli;
+pub mod device;
+pub mod diffusion;
+pub mod hub;
