@@ -1,0 +1,375 @@
+//! `sd-rbee generate` end to end, as a user runs it: parity through the binary (`--initial-latents`,
+//! `--save-tensor`, PNGs as diffusers writes them), determinism, batches, and one-line errors for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use common::{assert_close, expected, fixture, png_diff, read_png, reference};
+
+fn sd_rbee(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sd-rbee")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("sd-rbee runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_fails_cleanly(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    assert!(err.contains(needle), "error should mention {needle:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "error should be one line: {err}");
+}
+
+fn model(name: &str) -> String {
+    fixture(name).display().to_string()
+}
+
+fn generate_fixture(model_name: &str, scheduler: &str, guidance: &str, out: &Path, extra: &[&str]) -> Output {
+    let latents = fixture(model_name).join("expected.safetensors");
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        &model(model_name),
+        "--prompt",
+        "a photograph of an astronaut riding a horse",
+        "--negative-prompt",
+        "blurry, low quality",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--steps",
+        "10",
+        "--guidance",
+        guidance,
+        "--scheduler",
+        scheduler,
+        "--initial-latents",
+        latents.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    sd_rbee(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn generate_matches_diffusers_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model_name, scheduler, guidance, case) in [
+        ("tiny-sd15", "ddim", "7.5", "ddim"),
+        ("tiny-sd15", "dpmpp_2m", "7.5", "dpmpp_2m"),
+        ("tiny-sdxl", "euler", "5.0", "euler"),
+    ] {
+        let out = dir.path().join(format!("{model_name}-{case}.png"));
+        let tensor = dir.path().join(format!("{model_name}-{case}.safetensors"));
+        let o = generate_fixture(model_name, scheduler, guidance, &out, &["--save-tensor", tensor.to_str().unwrap()]);
+        assert!(o.status.success(), "generate failed: {}", stderr(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("seed") && stdout.contains("ms/step"), "summary line: {stdout}");
+
+        let saved = candle_core::safetensors::load(&tensor, &Device::Cpu).unwrap();
+        let image = &saved["image"];
+        assert_eq!(image.dims(), &[1, 3, 64, 96]);
+        let exp = expected(model_name);
+        assert_close(
+            &format!("{model_name} {case} (cli)"),
+            image,
+            &reference(&exp, &format!("txt2img_{case}_image")),
+            1e-4,
+            1e-5,
+        );
+
+        // The PNG is diffusers' round(x * 255): it equals our saved tensor rounded, and wherever it differs
+        // from diffusers' PNG, diffusers' value sits within our float error of a rounding boundary.
+        let ours = read_png(&out);
+        let ours_tensor: Vec<f32> =
+            image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (byte, v) in ours.as_raw().iter().zip(&ours_tensor) {
+            assert_eq!(*byte, (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8, "PNG is not round(x * 255)");
+        }
+        let theirs = read_png(&fixture(model_name).join(format!("expected_{case}.png")));
+        let reference_values: Vec<f32> = reference(&exp, &format!("txt2img_{case}_image"))
+            .squeeze(0)
+            .unwrap()
+            .permute((1, 2, 0))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut differing = 0;
+        for ((a, b), r) in ours.as_raw().iter().zip(theirs.as_raw()).zip(&reference_values) {
+            if a != b {
+                differing += 1;
+                let scaled = r * 255.0;
+                let to_boundary = (scaled - scaled.floor() - 0.5).abs();
+                assert!(a.abs_diff(*b) == 1 && to_boundary <= 255.0 * 1e-4, "{case}: byte {a} vs {b} for value {r}");
+            }
+        }
+        eprintln!("{case}: {differing} of {} PNG values differ by one at a rounding boundary", ours_tensor.len());
+    }
+}
+
+#[test]
+fn same_seed_same_bytes_different_seed_different_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd15");
+    let run = |seed: &str, name: &str| {
+        let out = dir.path().join(name);
+        let o = sd_rbee(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "a red house",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let a = run("7", "a.png");
+    let b = run("7", "b.png");
+    let c = run("8", "c.png");
+    assert_eq!(a, b, "same seed must give identical bytes");
+    assert_ne!(a, c, "different seeds must give different images");
+}
+
+#[test]
+fn batch_images_get_their_own_seeds_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd15");
+    let out = dir.path().join("batch.png");
+    let o = sd_rbee(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "a red house",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "100",
+        "--num-images",
+        "3",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints one JSON object");
+    let seeds: Vec<u64> = summary["images"].as_array().unwrap().iter().map(|i| i["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, vec![100, 101, 102]);
+    for name in ["batch.png", "batch-1.png", "batch-2.png"] {
+        assert!(dir.path().join(name).is_file(), "{name} written");
+    }
+    // Image 1 of the batch is the image a single run with its seed gives.
+    let single = dir.path().join("single.png");
+    let o = sd_rbee(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "a red house",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "101",
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (max, _) = png_diff(&read_png(&single), &read_png(&dir.path().join("batch-1.png")));
+    assert!(max <= 1, "batch image 1 differs from the single run with seed 101 by {max}");
+}
+
+#[test]
+fn no_seed_means_a_random_reported_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.png");
+    let o = sd_rbee(&[
+        "generate",
+        "--model",
+        &model("tiny-sd15"),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(summary["images"][0]["seed"].is_u64());
+}
+
+#[test]
+fn long_prompts_are_truncated_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("long.png");
+    let prompt = "a very detailed painting of a lighthouse on a cliff ".repeat(12);
+    let o = sd_rbee(&[
+        "generate",
+        "--model",
+        &model("tiny-sd15"),
+        "--prompt",
+        &prompt,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let warnings = summary["warnings"].as_array().unwrap();
+    assert!(warnings.iter().any(|w| w.as_str().unwrap().contains("77 tokens")), "{warnings:?}");
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let m = model("tiny-sd15");
+    let base = ["generate", "--prompt", "x", "--out", out];
+
+    let missing = dir.path().join("no-such-model");
+    let o = sd_rbee(&[&base[..], &["--model", missing.to_str().unwrap()]].concat());
+    assert_fails_cleanly(&o, "no-such-model");
+
+    let o = sd_rbee(&[&base[..], &["--model", &m, "--scheduler", "plms"]].concat());
+    assert!(!o.status.success() && stderr(&o).contains("unknown scheduler 'plms'"), "{}", stderr(&o));
+
+    let o = sd_rbee(&[&base[..], &["--model", &m, "--width", "100"]].concat());
+    assert_fails_cleanly(&o, "`width` must be a positive multiple of 8");
+
+    let o = sd_rbee(&[&base[..], &["--model", &m, "--steps", "0"]].concat());
+    assert_fails_cleanly(&o, "`steps`");
+
+    let o = sd_rbee(&[&base[..], &["--model", &m, "--initial-latents", "nope.safetensors"]].concat());
+    assert_fails_cleanly(&o, "nope.safetensors");
+
+    let latents = fixture("tiny-sd15").join("expected.safetensors");
+    let spec = format!("{}:prompt_embeds", latents.display());
+    let o =
+        sd_rbee(&[&base[..], &["--model", &m, "--width", "96", "--height", "64", "--initial-latents", &spec]].concat());
+    assert_fails_cleanly(&o, "`initial_latents` must have shape [1, 4, 8, 12]");
+
+    let o = sd_rbee(&[&base[..], &["--model", &m, "--device", "cuda"]].concat());
+    if !cfg!(feature = "cuda") {
+        assert_fails_cleanly(&o, "--features cuda");
+    }
+    assert!(!Path::new(out).exists(), "nothing written on error");
+}
+
+#[test]
+fn a_config_the_code_cannot_express_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("model");
+    copy_dir(&fixture("tiny-sd15"), &copy);
+    let cfg_path = copy.join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["time_embedding_type"] = "fourier".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = dir.path().join("x.png");
+    let o = sd_rbee(&["generate", "--model", copy.to_str().unwrap(), "--prompt", "x", "--out", out.to_str().unwrap()]);
+    assert_fails_cleanly(&o, "`time_embedding_type`");
+}
+
+#[test]
+fn nan_weights_are_reported_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("model");
+    copy_dir(&fixture("tiny-sd15"), &copy);
+    // Poison the VAE's last convolution.
+    let vae = copy.join("vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&vae, &Device::Cpu).unwrap();
+    let w = tensors["decoder.conv_out.bias"].clone();
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert("decoder.conv_out.bias".into(), nan);
+    candle_core::safetensors::save(&tensors, &vae).unwrap();
+    let out = dir.path().join("nan.png");
+    let o = sd_rbee(&[
+        "generate",
+        "--model",
+        copy.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_cleanly(&o, "NaN");
+    assert!(!out.exists());
+}
+
+#[test]
+fn models_lists_the_registry() {
+    let o = sd_rbee(&["models"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for name in ["v1-5", "v1-5-inpaint", "v2-1", "v2-inpaint", "xl", "xl-inpaint", "turbo", "sd-turbo"] {
+        assert!(text.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name} missing:\n{text}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            let mut perm = std::fs::metadata(&target).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(&target, perm).unwrap();
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Shared test harness: fixture paths, reference tensors and the comparison every parity test uses.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
+}
+
+/// The reference tensors diffusers computed for a fixture model, as f32.
+pub fn expected(model: &str) -> HashMap<String, Tensor> {
+    let path = fixture(model).join("expected.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+pub fn reference(map: &HashMap<String, Tensor>, name: &str) -> Tensor {
+    map.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing")).to_dtype(DType::F32).unwrap()
+}
+
+/// (max abs, mean abs) difference of two tensors of the same shape.
+pub fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap();
+    let max = d.max_all().unwrap().to_scalar::<f32>().unwrap();
+    let mean = d.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    (max, mean)
+}
+
+/// Asserts `a` is within `max_tol` (max abs) and `mean_tol` (mean abs) of `b`.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, max_tol: f32, mean_tol: f32) {
+    let (max, mean) = diff(a, b);
+    eprintln!("{what}: max abs {max:.3e}, mean abs {mean:.3e}");
+    assert!(max.is_finite() && max <= max_tol, "{what}: max abs diff {max:e} > {max_tol:e}");
+    assert!(mean <= mean_tol, "{what}: mean abs diff {mean:e} > {mean_tol:e}");
+}
+
+/// Reads an 8-bit RGB PNG.
+pub fn read_png(path: &std::path::Path) -> image::RgbImage {
+    image::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display())).to_rgb8()
+}
+
+/// Largest per-channel difference between two 8-bit images, and how many channel values differ.
+pub fn png_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut max = 0u8;
+    let mut count = 0;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        if d > 0 {
+            count += 1;
+        }
+        max = max.max(d);
+    }
+    (max, count)
+}

@@ -1,0 +1,222 @@
+//! Parity with diffusers 0.42.1 on the tiny fixture models, in f32 on the CPU: token ids, text
+//! embeddings, the VAE, one UNet call and full text-to-image runs for each scheduler with a reference.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, expected, fixture, reference};
+use sd_rbee::diffusion::rng::TorchRng;
+use sd_rbee::diffusion::{GenerationRequest, LoadOptions, SchedulerKind, StableDiffusion, TimestepSpacing};
+use std::collections::HashMap;
+
+const PROMPT: &str = "a photograph of an astronaut riding a horse";
+const NEGATIVE: &str = "blurry, low quality";
+
+fn load(name: &str, dtype: DType) -> StableDiffusion {
+    let opts = LoadOptions { device: Device::Cpu, dtype };
+    StableDiffusion::load(&fixture(name), &opts).unwrap()
+}
+
+fn sd15() -> &'static StableDiffusion {
+    static MODEL: OnceLock<StableDiffusion> = OnceLock::new();
+    MODEL.get_or_init(|| load("tiny-sd15", DType::F32))
+}
+
+fn sdxl() -> &'static StableDiffusion {
+    static MODEL: OnceLock<StableDiffusion> = OnceLock::new();
+    MODEL.get_or_init(|| load("tiny-sdxl", DType::F32))
+}
+
+fn request(scheduler: SchedulerKind, guidance: f64, latents: &Tensor) -> GenerationRequest {
+    let mut req = GenerationRequest::new(PROMPT);
+    req.negative_prompt = Some(NEGATIVE.into());
+    req.width = 96;
+    req.height = 64;
+    req.steps = 10;
+    req.guidance_scale = guidance;
+    req.scheduler = Some(scheduler);
+    req.seed = Some(0);
+    req.initial_latents = Some(latents.clone());
+    req
+}
+
+fn txt2img(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
+    let out = sd.generate(req, &mut |_| {}, None).unwrap();
+    out.images[0].pixels.unsqueeze(0).unwrap()
+}
+
+#[test]
+fn token_ids_equal_diffusers() {
+    let exp = expected("tiny-sd15");
+    for (text, name) in [(PROMPT, "prompt_input_ids"), (NEGATIVE, "negative_input_ids")] {
+        let want: Vec<i64> = exp[name].flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<i64> = sd15().tokenize(text).unwrap().ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn sd15_text_embeddings_match() {
+    let exp = expected("tiny-sd15");
+    for (text, name) in [(PROMPT, "prompt_embeds"), (NEGATIVE, "negative_embeds")] {
+        let (embeds, pooled, warning) = sd15().encode_prompt(text).unwrap();
+        assert!(pooled.is_none() && warning.is_none());
+        assert_close(name, &embeds, &reference(&exp, name), 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn sdxl_text_embeddings_match() {
+    let exp = expected("tiny-sdxl");
+    for (text, embeds_name, pooled_name) in
+        [(PROMPT, "prompt_embeds", "pooled_prompt_embeds"), (NEGATIVE, "negative_embeds", "negative_pooled_embeds")]
+    {
+        let (embeds, pooled, _) = sdxl().encode_prompt(text).unwrap();
+        assert_close(embeds_name, &embeds, &reference(&exp, embeds_name), 1e-5, 1e-6);
+        assert_close(pooled_name, &pooled.unwrap(), &reference(&exp, pooled_name), 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn vae_decode_and_encode_match() {
+    let exp = expected("tiny-sd15");
+    let decoded = sd15().vae().decode_to_image(&reference(&exp, "initial_latents")).unwrap();
+    assert_close("vae_decoded", &decoded, &reference(&exp, "vae_decoded"), 1e-5, 1e-6);
+
+    let init = image::open(fixture("tiny-sd15").join("init_image.png")).unwrap().to_rgb8();
+    let pixels = sd_rbee::diffusion::image::rgb8_to_tensor(&init, &Device::Cpu).unwrap();
+    let mean = sd15().vae().encode_image(&pixels).unwrap();
+    assert_close("vae_encoded_mean", &mean, &reference(&exp, "vae_encoded_mean"), 1e-5, 1e-6);
+}
+
+#[test]
+fn one_unet_call_matches() {
+    let exp = expected("tiny-sd15");
+    let t: Vec<i64> = exp["unet_in_timestep"].to_vec1().unwrap();
+    let out = sd15()
+        .unet()
+        .forward(&reference(&exp, "initial_latents"), t[0] as f64, &reference(&exp, "prompt_embeds"), None)
+        .unwrap();
+    assert_close("unet_out", &out, &reference(&exp, "unet_out"), 1e-4, 1e-5);
+}
+
+#[test]
+fn torch_compatible_noise_reproduces_the_reference_latents() {
+    let exp = expected("tiny-sd15");
+    let noise = TorchRng::new(42).randn((1, 4, 8, 12), &Device::Cpu).unwrap();
+    assert_close("randn(seed 42)", &noise, &reference(&exp, "initial_latents"), 1e-5, 1e-6);
+}
+
+fn check_sd15(kind: SchedulerKind, name: &str) {
+    let exp = expected("tiny-sd15");
+    let img = txt2img(sd15(), &request(kind, 7.5, &reference(&exp, "initial_latents")));
+    assert_close(name, &img, &reference(&exp, name), 1e-4, 1e-5);
+}
+
+#[test]
+fn sd15_ddim_matches() {
+    check_sd15(SchedulerKind::Ddim, "txt2img_ddim_image");
+}
+
+#[test]
+fn sd15_euler_matches() {
+    check_sd15(SchedulerKind::Euler, "txt2img_euler_image");
+}
+
+#[test]
+fn sd15_dpmpp_2m_matches() {
+    check_sd15(SchedulerKind::DpmPp2m, "txt2img_dpmpp_2m_image");
+}
+
+#[test]
+fn sd15_unipc_matches() {
+    check_sd15(SchedulerKind::UniPc, "txt2img_unipc_image");
+}
+
+#[test]
+fn seed_42_reproduces_diffusers_without_given_latents() {
+    // diffusers drew the reference latents with torch.Generator().manual_seed(42).
+    let exp = expected("tiny-sd15");
+    let mut req = request(SchedulerKind::Ddim, 7.5, &reference(&exp, "initial_latents"));
+    req.initial_latents = None;
+    req.seed = Some(42);
+    let img = txt2img(sd15(), &req);
+    assert_close("seed 42 ddim", &img, &reference(&exp, "txt2img_ddim_image"), 1e-4, 1e-5);
+}
+
+fn check_sdxl(kind: SchedulerKind, name: &str) {
+    let exp = expected("tiny-sdxl");
+    let img = txt2img(sdxl(), &request(kind, 5.0, &reference(&exp, "initial_latents")));
+    assert_close(name, &img, &reference(&exp, name), 1e-4, 1e-5);
+}
+
+#[test]
+fn sdxl_euler_matches() {
+    check_sdxl(SchedulerKind::Euler, "txt2img_euler_image");
+}
+
+/// SDXL with DDIM built from the Euler config is ill-conditioned in float32: DDIM's own defaults turn on
+/// `clip_sample`, which clamps most of the predicted x0 at the first steps and so passes guidance-amplified
+/// (×9) UNet rounding straight into the latents. diffusers' float32 result itself moves by 3.0e-4 (max) when
+/// PyTorch runs it on 1 thread instead of 2, and lies 2.5e-4 / 3.0e-5 (max / mean) from its own float64 result;
+/// no float32 implementation can promise 1e-4 / 1e-5 here. So this case is checked two ways: exactly, in
+/// float64 against diffusers' float64 result (`sdxl_ddim_f64_matches_closely`), and in float32 within that
+/// measured envelope of float32 rounding, with margin.
+#[test]
+fn sdxl_ddim_matches_within_float32_conditioning() {
+    let exp = expected("tiny-sdxl");
+    let img = txt2img(sdxl(), &request(SchedulerKind::Ddim, 5.0, &reference(&exp, "initial_latents")));
+    assert_close("txt2img_ddim_image (sdxl, f32)", &img, &reference(&exp, "txt2img_ddim_image"), 1e-3, 1e-4);
+}
+
+fn check_f64(model: &str, kind: SchedulerKind, case: &str, guidance: f64, tolerance: (f32, f32)) {
+    let sd = load(model, DType::F64);
+    let exp = expected(model);
+    let f64_refs: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture(model).join("expected_f64.safetensors"), &Device::Cpu).unwrap();
+    let mut req = request(kind, guidance, &reference(&exp, "initial_latents").to_dtype(DType::F64).unwrap());
+    if case == "turbo_1step" {
+        req.negative_prompt = None;
+        req.steps = 1;
+        req.guidance_scale = 0.0;
+        req.timestep_spacing = Some(TimestepSpacing::Trailing);
+    }
+    let img = txt2img(&sd, &req);
+    let want = f64_refs[&format!("txt2img_{case}_image")].to_dtype(DType::F32).unwrap();
+    assert_close(&format!("{model} {case} (f64)"), &img, &want, tolerance.0, tolerance.1);
+}
+
+/// Even in float64 both implementations compute the timestep embedding in float32 (as diffusers does), and
+/// PyTorch's vectorised sin/cos differ from the C library's by an ulp; this case amplifies that to ~2e-6, still
+/// 100× inside the float32 tolerance.
+#[test]
+fn sdxl_ddim_f64_matches_closely() {
+    check_f64("tiny-sdxl", SchedulerKind::Ddim, "ddim", 5.0, (1e-5, 1e-6));
+}
+
+#[test]
+fn every_case_matches_diffusers_float64_tightly() {
+    for (kind, case) in [
+        (SchedulerKind::Ddim, "ddim"),
+        (SchedulerKind::Euler, "euler"),
+        (SchedulerKind::DpmPp2m, "dpmpp_2m"),
+        (SchedulerKind::UniPc, "unipc"),
+    ] {
+        check_f64("tiny-sd15", kind, case, 7.5, (1e-6, 1e-7));
+    }
+    check_f64("tiny-sdxl", SchedulerKind::Euler, "euler", 5.0, (1e-6, 1e-7));
+    check_f64("tiny-sdxl", SchedulerKind::EulerAncestral, "turbo_1step", 5.0, (1e-6, 1e-7));
+}
+
+#[test]
+fn sdxl_turbo_one_step_matches() {
+    let exp = expected("tiny-sdxl");
+    let mut req = request(SchedulerKind::EulerAncestral, 0.0, &reference(&exp, "initial_latents"));
+    req.negative_prompt = None;
+    req.steps = 1;
+    req.timestep_spacing = Some(TimestepSpacing::Trailing);
+    let img = txt2img(sdxl(), &req);
+    assert_close("txt2img_turbo_1step_image", &img, &reference(&exp, "txt2img_turbo_1step_image"), 1e-4, 1e-5);
+}
