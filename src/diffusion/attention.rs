@@ -5,6 +5,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
+use super::conv::{conv2d, Conv2d};
 use super::group_norm::{group_norm, GroupNorm};
 use super::layer_norm::{layer_norm, LayerNorm};
 
@@ -17,6 +18,9 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 25;
 /// always honoured), and scores are computed in blocks of query rows so that at most
 /// [`MAX_SCORE_ELEMENTS`] scores exist at a time.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if let Some(out) = super::cpu_attention::attention(q, k, v, scale)? {
+        return Ok(out);
+    }
     let in_dtype = q.dtype();
     let work_dtype = if matches!(in_dtype, DType::F16 | DType::BF16) { DType::F32 } else { in_dtype };
     let (n, lq, _) = q.dims3()?;
@@ -157,7 +161,7 @@ impl BasicTransformerBlock {
 /// a linear layer on the flattened tokens.
 #[derive(Debug)]
 enum Projection {
-    Conv(candle_nn::Conv2d),
+    Conv(Conv2d),
     Linear(Linear),
 }
 
@@ -189,7 +193,7 @@ impl Transformer2D {
             if cfg.linear_projection {
                 Ok(Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?))
             } else {
-                Ok(Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?))
+                Ok(Projection::Conv(conv2d(c, c, 1, Default::default(), vb.pp(name))?))
             }
         };
         let blocks = (0..cfg.layers)

@@ -4,6 +4,9 @@
 
 pub mod attention;
 pub mod clip;
+pub mod conv;
+pub mod cpu_attention;
+pub mod cpu_data;
 pub mod embeddings;
 pub mod group_norm;
 pub mod image;

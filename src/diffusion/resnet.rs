@@ -2,13 +2,15 @@
 //! `Downsample2D` and `Upsample2D`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+
+use super::conv::{conv2d, Conv2d};
 
 use super::group_norm::{group_norm, GroupNorm};
 
 pub fn conv3x3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding: 1, ..Default::default() };
-    candle_nn::conv2d(c_in, c_out, 3, cfg, vb)
+    conv2d(c_in, c_out, 3, cfg, vb)
 }
 
 /// How a ResNet block injects the time embedding (diffusers' `resnet_time_scale_shift`).
@@ -60,7 +62,7 @@ impl ResnetBlock2D {
             None => None,
         };
         let conv_shortcut = if c_in != c_out {
-            Some(candle_nn::conv2d(c_in, c_out, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(c_in, c_out, 1, Default::default(), vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -116,7 +118,7 @@ pub struct Downsample2D {
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
         let cfg = Conv2dConfig { padding, stride: 2, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, asymmetric_pad: padding == 0 })
+        Ok(Self { conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?, asymmetric_pad: padding == 0 })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -4,9 +4,10 @@
 
 use anyhow::{bail, Context};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::conv::Conv2d;
 use super::embeddings::{sinusoidal_embedding, to_model_dtype, TimestepEmbedding};
 use super::group_norm::{group_norm, GroupNorm};
 use super::resnet::{conv3x3, TimeInjection};

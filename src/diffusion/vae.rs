@@ -4,10 +4,11 @@
 
 use anyhow::{bail, Context};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::attention::SpatialSelfAttention;
+use super::conv::{conv2d, Conv2d};
 use super::group_norm::{group_norm, GroupNorm};
 use super::resnet::{conv3x3, Downsample2D, ResnetBlock2D, ResnetConfig, TimeInjection, Upsample2D};
 
@@ -296,12 +297,12 @@ impl AutoencoderKL {
         config.validate()?;
         let lc = config.latent_channels;
         let quant_conv = if config.use_quant_conv {
-            Some(candle_nn::conv2d(2 * lc, 2 * lc, 1, Default::default(), vb.pp("quant_conv"))?)
+            Some(conv2d(2 * lc, 2 * lc, 1, Default::default(), vb.pp("quant_conv"))?)
         } else {
             None
         };
         let post_quant_conv = if config.use_post_quant_conv {
-            Some(candle_nn::conv2d(lc, lc, 1, Default::default(), vb.pp("post_quant_conv"))?)
+            Some(conv2d(lc, lc, 1, Default::default(), vb.pp("post_quant_conv"))?)
         } else {
             None
         };
