@@ -14,6 +14,9 @@ fn sd15() -> &'static StableDiffusion {
     MODEL.get_or_init(|| StableDiffusion::load(&fixture("tiny-sd15"), &LoadOptions::default()).unwrap())
 }
 
+/// A change to a valid request that makes it invalid.
+type Breakage = Box<dyn Fn(&mut GenerationRequest)>;
+
 fn small_request(steps: usize) -> GenerationRequest {
     let mut req = GenerationRequest::new("a lighthouse at dusk");
     req.width = 64;
@@ -89,7 +92,7 @@ fn ancestral_batches_reproduce_single_runs_with_each_seed() {
 
 #[test]
 fn invalid_requests_name_the_field() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut GenerationRequest)>)> = vec![
+    let cases: Vec<(&str, Breakage)> = vec![
         ("width", Box::new(|r| r.width = 100)),
         ("height", Box::new(|r| r.height = 0)),
         ("steps", Box::new(|r| r.steps = 0)),
