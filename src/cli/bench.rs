@@ -118,8 +118,7 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
     let device = b.device.open()?;
     let config = UNet2DConditionConfig::from_file(&b.unet_dir.join("config.json"))?;
     let files = find_weights(&b.unet_dir, "diffusion_pytorch_model", b.dtype == DType::F16)?;
-    // SAFETY: read-only memory map of weights nobody writes while we run.
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&files, b.dtype, &device)? };
+    let vb = crate::diffusion::weights::var_builder(&files, b.dtype, &device)?;
     let context_dim = config.context_dim();
     let in_channels = config.in_channels;
     let model = UNet2DConditionModel::new(vb, config).context("cannot build the UNet")?;

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::clip::{ClipTextConfig, ClipTextModel};
@@ -21,7 +20,7 @@ use super::schedulers::{self, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
 use super::unet_2d::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
-use super::weights::find_weights;
+use super::weights::{find_weights, var_builder};
 
 /// Which conditioning scheme a pipeline uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,18 +64,6 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self { device: Device::Cpu, dtype: DType::F32 }
     }
-}
-
-fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
-    for f in files {
-        if !f.is_file() {
-            bail!("weights file {} is missing", f.display());
-        }
-    }
-    // SAFETY: the files are memory-mapped read-only; sd-rbee never writes to them while they are mapped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .with_context(|| format!("cannot read weights {}", files[0].display()))?;
-    Ok(vb)
 }
 
 /// A text encoder and the tokenizer that feeds it.

@@ -1,11 +1,75 @@
-//! Where a component's safetensors weights are in a pipeline folder: one file or a sharded index, the
-//! `.fp16.` variant preferred when running in half precision. Shared by the loader and the Hub download,
-//! so both agree on what counts as a component's weights.
+//! Where a component's safetensors weights are in a pipeline folder (one file or a sharded index, the
+//! `.fp16.` variant preferred when running in half precision; shared with the Hub download so both agree on
+//! what a component's weights are), and how they are read: memory-mapped, each tensor copied out once and
+//! its pages handed back to the kernel right away, so loading a model never holds the file and the loaded
+//! copy in memory together.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 use serde_json::Value;
+
+/// Memory-mapped safetensors that release each tensor's file pages once it has been read.
+struct ReleasingSafetensors(MmapedSafetensors);
+
+impl ReleasingSafetensors {
+    /// Tells the kernel this tensor's mapped pages are no longer needed (they are clean file pages: a later
+    /// read simply maps them again). On other systems this does nothing.
+    fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Ok(view) = self.0.get(name) {
+            let data = view.data();
+            if data.is_empty() {
+                return;
+            }
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+            let start = data.as_ptr() as usize & !(page - 1);
+            let end = data.as_ptr() as usize + data.len();
+            // SAFETY: [start, end) lies within the read-only private file mapping that `self.0` owns (page
+            // aligned outward, still inside the mapping); MADV_DONTNEED on it only drops clean pages that the
+            // kernel re-reads from the file if they are touched again.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
+impl SimpleBackend for ReleasingSafetensors {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = SimpleBackend::get(&self.0, s, name, h, dtype, dev)?;
+        self.release(name);
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = SimpleBackend::get_unchecked(&self.0, name, dtype, dev)?;
+        self.release(name);
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
+}
+
+/// A `VarBuilder` over safetensors `files`, converting to `dtype` on `device`.
+pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for f in files {
+        if !f.is_file() {
+            bail!("weights file {} is missing", f.display());
+        }
+    }
+    // SAFETY: the files are mapped read-only and sd-rbee never writes to them while they are mapped.
+    let mapped = unsafe { MmapedSafetensors::multi(files) }
+        .with_context(|| format!("cannot read weights {}", files[0].display()))?;
+    Ok(VarBuilder::from_backend(Box::new(ReleasingSafetensors(mapped)), dtype, device.clone()))
+}
 
 /// The ways a component's weights can be stored, best first: for each variant (`.fp16.` first
 /// when preferred), the single file, then the shard indexes naming it (diffusers writes
