@@ -6,3 +6,4 @@ pub mod cli;
 pub mod device;
 pub mod diffusion;
 pub mod hub;
+pub mod protocol;
