@@ -63,6 +63,7 @@ fn init_tracing(level: &str) {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     crate::device::pin_cpu_threads();
+    crate::device::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(&cli.log_level);
     let result = match cli.command {
