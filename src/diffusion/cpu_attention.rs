@@ -28,7 +28,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
+    // max/min return the other operand for NaN, so x ends up in [-87, 0] whatever came in.
+    let x = x.max(-87.0).min(0.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
@@ -38,7 +39,10 @@ fn exp_nonpositive(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // SAFETY: n is an integer in [-126, 0], so the conversion is exact (and, unlike `as`, needs no
+    // saturation or NaN checks, which would keep this loop from vectorising).
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    e * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// Lanes of the independent accumulators below: wide enough for AVX-512, so reductions vectorise without
