@@ -29,6 +29,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // max/min return the other operand for NaN, so x ends up in [-87, 0] whatever came in.
+    #[allow(clippy::manual_clamp)] // `clamp` would keep NaN, which the conversion below must never see
     let x = x.max(-87.0).min(0.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
