@@ -227,6 +227,7 @@ mod tests {
         assert!(worst < 3e-7, "relative error {worst}");
         assert!(exp_nonpositive(-1000.0) < 1e-37);
         assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN) < 1e-37 && exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
     }
 
     #[test]
