@@ -586,6 +586,8 @@ impl StableDiffusion {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, &mut noise)?;
+            // GPU work is asynchronous: wait for it so per-step times and progress are real.
+            self.device.synchronize()?;
             let step_time = step_start.elapsed();
             step_ms.push(ms(step_time));
             on_step(&StepInfo {
