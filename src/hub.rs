@@ -633,8 +633,8 @@ impl CachedRepo {
         path.exists().then_some(path)
     }
 
-    /// The error for a file that offline mode needs but the cache lacks.
-    fn offline_missing(&self, file: &str) -> anyhow::Error {
+    /// What the cache lacks, for an error message.
+    fn missing(&self, file: &str) -> String {
         let where_ = if !self.repo_dir().is_dir() {
             format!("{} is not in the Hugging Face cache", self.repo)
         } else if self.commit().is_none() {
@@ -642,15 +642,25 @@ impl CachedRepo {
         } else {
             format!("{file} of {} (revision {}) is not in the Hugging Face cache", self.repo, self.revision)
         };
+        format!("{where_} at {} (needed: {file})", self.cache_root.display())
+    }
+
+    /// The error for a file that offline mode needs but the cache lacks.
+    fn offline_missing(&self, file: &str) -> anyhow::Error {
         anyhow!(
-            "offline mode: {where_} at {} (needed: {file}); run once without --offline / HF_HUB_OFFLINE to download it, or pass a local folder",
-            self.cache_root.display()
+            "offline mode: {}; run once without --offline / HF_HUB_OFFLINE to download it, or pass a local folder",
+            self.missing(file)
         )
     }
 
     /// Resolves the pipeline from the cache alone.
     fn resolve(&self, prefer_fp16: bool) -> Result<PathBuf> {
         resolve_pipeline(&mut |file| Ok(self.get(file)), &|file| self.offline_missing(file), prefer_fp16)
+    }
+
+    /// Resolves the pipeline from the cache alone, standing in for an unreachable Hub.
+    fn resolve_unreachable(&self, prefer_fp16: bool) -> Result<PathBuf> {
+        resolve_pipeline(&mut |file| Ok(self.get(file)), &|file| anyhow!("{}", self.missing(file)), prefer_fp16)
     }
 }
 
@@ -710,9 +720,9 @@ fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>)
         Err(RepoInfoError::Other(err)) => {
             // Like huggingface_hub: when the Hub cannot be reached, use the cache if it has
             // everything.
-            let dir = cache.resolve(opts.prefer_fp16).map_err(|offline_err| {
+            let dir = cache.resolve_unreachable(opts.prefer_fp16).map_err(|missing| {
                 anyhow!(
-                    "cannot reach the Hugging Face Hub for {repo} (revision {revision}): {err}; and the cache cannot stand in: {offline_err}"
+                    "cannot reach the Hugging Face Hub for {repo} (revision {revision}): {err}; and the cache cannot stand in: {missing}. Check the network (HTTPS_PROXY, HF_ENDPOINT), or pass a local folder"
                 )
             })?;
             tracing::warn!("cannot reach the Hugging Face Hub ({err}); using the cached copy of {repo}");
