@@ -29,6 +29,26 @@ fn model(name: &str) -> String {
     fixture(name).display().to_string()
 }
 
+/// `sd-rbee generate` on `model_dir` at 64×64 with `steps` steps into `out`, plus `extra` flags.
+fn generate_small(model_dir: &str, prompt: &str, steps: &str, out: &Path, extra: &[&str]) -> Output {
+    let base = [
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        prompt,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        steps,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    sd_rbee(&[&base[..], extra].concat())
+}
+
 fn generate_fixture(model_name: &str, scheduler: &str, guidance: &str, out: &Path, extra: &[&str]) -> Output {
     let latents = fixture(model_name).join("expected.safetensors");
     let mut args: Vec<String> = [
@@ -125,23 +145,7 @@ fn same_seed_same_bytes_different_seed_different_image() {
     let m = model("tiny-sd15");
     let run = |seed: &str, name: &str| {
         let out = dir.path().join(name);
-        let o = sd_rbee(&[
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "a red house",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
-            "4",
-            "--seed",
-            seed,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = generate_small(&m, "a red house", "4", &out, &["--seed", seed]);
         assert!(o.status.success(), "{}", stderr(&o));
         std::fs::read(out).unwrap()
     };
@@ -157,26 +161,7 @@ fn batch_images_get_their_own_seeds_and_files() {
     let dir = tempfile::tempdir().unwrap();
     let m = model("tiny-sd15");
     let out = dir.path().join("batch.png");
-    let o = sd_rbee(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "a red house",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "3",
-        "--seed",
-        "100",
-        "--num-images",
-        "3",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = generate_small(&m, "a red house", "3", &out, &["--seed", "100", "--num-images", "3", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints one JSON object");
     let seeds: Vec<u64> = summary["images"].as_array().unwrap().iter().map(|i| i["seed"].as_u64().unwrap()).collect();
@@ -186,23 +171,7 @@ fn batch_images_get_their_own_seeds_and_files() {
     }
     // Image 1 of the batch is the image a single run with its seed gives.
     let single = dir.path().join("single.png");
-    let o = sd_rbee(&[
-        "generate",
-        "--model",
-        &m,
-        "--prompt",
-        "a red house",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "3",
-        "--seed",
-        "101",
-        "--out",
-        single.to_str().unwrap(),
-    ]);
+    let o = generate_small(&m, "a red house", "3", &single, &["--seed", "101"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (max, _) = png_diff(&read_png(&single), &read_png(&dir.path().join("batch-1.png")));
     assert!(max <= 1, "batch image 1 differs from the single run with seed 101 by {max}");
@@ -212,22 +181,7 @@ fn batch_images_get_their_own_seeds_and_files() {
 fn no_seed_means_a_random_reported_seed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.png");
-    let o = sd_rbee(&[
-        "generate",
-        "--model",
-        &model("tiny-sd15"),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = generate_small(&model("tiny-sd15"), "x", "2", &out, &["--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(summary["images"][0]["seed"].is_u64());
@@ -238,24 +192,7 @@ fn long_prompts_are_truncated_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("long.png");
     let prompt = "a very detailed painting of a lighthouse on a cliff ".repeat(12);
-    let o = sd_rbee(&[
-        "generate",
-        "--model",
-        &model("tiny-sd15"),
-        "--prompt",
-        &prompt,
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "1",
-        "--json",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = generate_small(&model("tiny-sd15"), &prompt, "2", &out, &["--seed", "1", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let warnings = summary["warnings"].as_array().unwrap();
@@ -326,23 +263,7 @@ fn nan_weights_are_reported_not_written() {
     tensors.insert("decoder.conv_out.bias".into(), nan);
     candle_core::safetensors::save(&tensors, &vae).unwrap();
     let out = dir.path().join("nan.png");
-    let o = sd_rbee(&[
-        "generate",
-        "--model",
-        copy.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = generate_small(copy.to_str().unwrap(), "x", "2", &out, &["--seed", "1"]);
     assert_fails_cleanly(&o, "NaN");
     assert!(!out.exists());
 }
