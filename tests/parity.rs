@@ -220,3 +220,46 @@ fn sdxl_turbo_one_step_matches() {
     let img = txt2img(sdxl(), &req);
     assert_close("txt2img_turbo_1step_image", &img, &reference(&exp, "txt2img_turbo_1step_image"), 1e-4, 1e-5);
 }
+
+fn init_image(mask: bool, strength: f64) -> sd_rbee::diffusion::InitImage {
+    let dir = fixture("tiny-sd15");
+    let rgb = image::open(dir.join("init_image.png")).unwrap().to_rgb8();
+    let pixels = sd_rbee::diffusion::image::rgb8_to_tensor(&rgb, &Device::Cpu).unwrap();
+    let mask = mask.then(|| {
+        let luma = image::open(dir.join("mask.png")).unwrap().to_luma8();
+        let (w, h) = luma.dimensions();
+        let values: Vec<f32> = luma.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+        Tensor::from_vec(values, (1, 1, h as usize, w as usize), &Device::Cpu).unwrap()
+    });
+    let noise = Some(reference(&expected("tiny-sd15"), "img2img_noise"));
+    sd_rbee::diffusion::InitImage { pixels, strength, mask, noise }
+}
+
+#[test]
+fn img2img_ddim_matches() {
+    let exp = expected("tiny-sd15");
+    let mut req = request(SchedulerKind::Ddim, 7.5, &reference(&exp, "initial_latents"));
+    req.initial_latents = None;
+    req.init = Some(init_image(false, 0.6));
+    let mut steps = 0;
+    let out = sd15().generate(&req, &mut |i| steps = i.total, None).unwrap();
+    assert_eq!(steps, 6, "strength 0.6 of 10 steps runs 6");
+    let img = out.images[0].pixels.unsqueeze(0).unwrap();
+    assert_close("img2img_ddim_s0.6_image", &img, &reference(&exp, "img2img_ddim_s0.6_image"), 1e-4, 1e-5);
+}
+
+#[test]
+fn inpaint_blend_ddim_matches() {
+    let exp = expected("tiny-sd15");
+    let mut req = request(SchedulerKind::Ddim, 7.5, &reference(&exp, "initial_latents"));
+    req.initial_latents = None;
+    req.init = Some(init_image(true, 0.75));
+    let img = txt2img(sd15(), &req);
+    assert_close(
+        "inpaint_blend_ddim_s0.75_image",
+        &img,
+        &reference(&exp, "inpaint_blend_ddim_s0.75_image"),
+        1e-4,
+        1e-5,
+    );
+}

@@ -100,6 +100,20 @@ fn invalid_requests_name_the_field() {
         ("guidance", Box::new(|r| r.guidance_scale = f64::NAN)),
         ("num_images", Box::new(|r| r.num_images = 0)),
         (
+            "strength",
+            Box::new(|r| {
+                let pixels = candle_core::Tensor::zeros((1, 3, 48, 64), DType::F32, &Device::Cpu).unwrap();
+                r.init = Some(sd_rbee::diffusion::InitImage { pixels, strength: 0.0, mask: None, noise: None });
+            }),
+        ),
+        (
+            "init_image",
+            Box::new(|r| {
+                let pixels = candle_core::Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+                r.init = Some(sd_rbee::diffusion::InitImage { pixels, strength: 0.5, mask: None, noise: None });
+            }),
+        ),
+        (
             "initial_latents",
             Box::new(|r| {
                 r.initial_latents = Some(candle_core::Tensor::zeros((1, 4, 3, 3), DType::F32, &Device::Cpu).unwrap())

@@ -22,7 +22,7 @@ pub mod vae;
 pub mod weights;
 
 pub use pipeline::{
-    CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, LoadOptions, ModelFamily,
-    StableDiffusion, StepInfo, Timings,
+    CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, InitImage, LoadOptions,
+    ModelFamily, StableDiffusion, StepInfo, Timings,
 };
 pub use schedulers::{SchedulerKind, TimestepSpacing};

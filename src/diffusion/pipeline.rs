@@ -109,6 +109,22 @@ pub struct GenerationRequest {
     pub num_images: usize,
     /// Replaces the seeded starting noise: `[1, C, H/8, W/8]` (used for every image) or `[N, ...]`.
     pub initial_latents: Option<Tensor>,
+    /// Image-to-image (and, with a mask, inpainting by re-blending) instead of text-to-image.
+    pub init: Option<InitImage>,
+}
+
+/// The image an img2img or inpainting run starts from.
+#[derive(Clone, Debug)]
+pub struct InitImage {
+    /// `[1, 3, H, W]` in [0, 1], already at the request's width and height.
+    pub pixels: Tensor,
+    /// How much of the schedule to run, in (0, 1]: 1 repaints from pure noise.
+    pub strength: f64,
+    /// `[1, 1, H, W]` in [0, 1], white = repaint (binarised at 0.5). With a regular UNet the unmasked region
+    /// is re-blended with the re-noised original latents after every step.
+    pub mask: Option<Tensor>,
+    /// Replaces the seeded noise added to the encoded image: `[1, C, H/8, W/8]`.
+    pub noise: Option<Tensor>,
 }
 
 impl GenerationRequest {
@@ -125,6 +141,7 @@ impl GenerationRequest {
             seed: None,
             num_images: 1,
             initial_latents: None,
+            init: None,
         }
     }
 }
@@ -504,6 +521,27 @@ impl StableDiffusion {
         if req.num_images == 0 || req.num_images > MAX_IMAGES {
             return Err(invalid("num_images", format!("must be between 1 and {MAX_IMAGES}, got {}", req.num_images)));
         }
+        if let Some(init) = &req.init {
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return Err(invalid("strength", format!("must be in (0, 1], got {}", init.strength)));
+            }
+            let want = [1, 3, req.height, req.width];
+            if init.pixels.dims() != want {
+                return Err(invalid("init_image", format!("must be {want:?} pixels, got {:?}", init.pixels.dims())));
+            }
+            if let Some(mask) = &init.mask {
+                let want = [1, 1, req.height, req.width];
+                if mask.dims() != want {
+                    return Err(invalid("mask", format!("must be {want:?}, got {:?}", mask.dims())));
+                }
+            }
+            if let Some(noise) = &init.noise {
+                let want = [1, self.vae.config().latent_channels, req.height / f, req.width / f];
+                if noise.dims() != want {
+                    return Err(invalid("noise", format!("must have shape {want:?}, got {:?}", noise.dims())));
+                }
+            }
+        }
         if let Some(l) = &req.initial_latents {
             let want = [self.vae.config().latent_channels, req.height / f, req.width / f];
             let dims = l.dims();
@@ -556,21 +594,58 @@ impl StableDiffusion {
         let channels = self.vae.config().latent_channels;
         let latent_shape = [1, channels, req.height / f, req.width / f];
         let mut noise = BatchNoise::new(&seeds);
-        let initial = match &req.initial_latents {
-            Some(l) if l.dim(0)? == 1 => Tensor::cat(&vec![l; req.num_images], 0)?,
-            Some(l) => l.clone(),
-            None => noise.randn(&latent_shape, &self.device)?,
+        let all_timesteps = scheduler.timesteps().to_vec();
+        let repeat = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t.to_device(&self.device)?.to_dtype(self.latent_dtype())?;
+            if t.dim(0)? == 1 {
+                Tensor::cat(&vec![&t; req.num_images], 0)
+            } else {
+                Ok(t)
+            }
         };
-        let mut latents =
-            (initial.to_device(&self.device)?.to_dtype(self.latent_dtype())? * scheduler.init_noise_sigma())?;
+        // Where the schedule starts (img2img skips the first steps), and what inpainting blends back in.
+        let mut first_step = 0;
+        let mut blend: Option<Blend> = None;
+        let mut latents = match &req.init {
+            None => {
+                let initial = match &req.initial_latents {
+                    Some(l) => repeat(l)?,
+                    None => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
+                };
+                (initial * scheduler.init_noise_sigma())?
+            }
+            Some(init) => {
+                // diffusers' get_timesteps: run the last int(steps · strength) steps.
+                let n = all_timesteps.len();
+                let run = ((req.steps as f64 * init.strength) as usize).min(req.steps);
+                first_step = (n.saturating_sub(run) * scheduler.order()).min(n);
+                let pixels = init.pixels.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+                let image_latents = repeat(&self.vae.encode_image(&pixels)?)?;
+                let added = match &init.noise {
+                    Some(given) => repeat(given)?,
+                    None => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
+                };
+                let latents = if first_step < n {
+                    scheduler.add_noise(&image_latents, &added, first_step)?
+                } else {
+                    image_latents.clone()
+                };
+                if let Some(mask) = &init.mask {
+                    let mask = latent_mask(mask, f)?.to_device(&self.device)?.to_dtype(self.latent_dtype())?;
+                    blend = Some(Blend { mask: repeat(&mask)?, image_latents, noise: added });
+                }
+                latents
+            }
+        };
 
-        let timesteps = scheduler.timesteps().to_vec();
+        let timesteps = all_timesteps[first_step..].to_vec();
         let total = timesteps.len();
         let loop_start = Instant::now();
         let mut step_ms = Vec::with_capacity(total);
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (j, &t) in timesteps.iter().enumerate() {
+            let i = first_step + j;
             if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(GenerateError::Cancelled { completed: i, total });
+                return Err(GenerateError::Cancelled { completed: j, total });
             }
             let step_start = Instant::now();
             let model_in = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
@@ -586,12 +661,21 @@ impl StableDiffusion {
                 pred
             };
             latents = scheduler.step(&pred, i, &latents, &mut noise)?;
+            if let Some(b) = &blend {
+                // Keep the unmasked region on the original image, noised to the next step's level.
+                let original = if i + 1 < all_timesteps.len() {
+                    scheduler.add_noise(&b.image_latents, &b.noise, i + 1)?
+                } else {
+                    b.image_latents.clone()
+                };
+                latents = (b.mask.broadcast_mul(&latents)? + b.mask.affine(-1.0, 1.0)?.broadcast_mul(&original)?)?;
+            }
             // GPU work is asynchronous: wait for it so per-step times and progress are real.
             self.device.synchronize()?;
             let step_time = step_start.elapsed();
             step_ms.push(ms(step_time));
             on_step(&StepInfo {
-                step: i + 1,
+                step: j + 1,
                 total,
                 elapsed: loop_start.elapsed(),
                 step_time,
@@ -626,6 +710,24 @@ impl StableDiffusion {
             timings: Timings { text_encoding_ms, denoising_ms, step_ms, decoding_ms, total_ms: ms(start.elapsed()) },
         })
     }
+}
+
+/// The inpainting blend: binary mask at latent size (1 = repaint), the clean image latents and the noise.
+struct Blend {
+    mask: Tensor,
+    image_latents: Tensor,
+    noise: Tensor,
+}
+
+/// diffusers' mask preparation: binarise at 0.5, then nearest-neighbour to latent size (`[1, 1, H/f, W/f]`).
+fn latent_mask(mask: &Tensor, f: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = mask.dims4()?;
+    let binary = mask.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
+    // Nearest with an integer factor picks pixel (f·y, f·x), as PyTorch's `interpolate(mode="nearest")`.
+    let rows: Vec<u32> = (0..h / f).map(|y| (y * f) as u32).collect();
+    let cols: Vec<u32> = (0..w / f).map(|x| (x * f) as u32).collect();
+    let device = binary.device();
+    binary.index_select(&Tensor::new(rows, device)?, 2)?.index_select(&Tensor::new(cols, device)?, 3)
 }
 
 fn ms(d: Duration) -> f64 {
