@@ -381,10 +381,11 @@ impl StableDiffusion {
         if ucfg.out_channels != vae_latents {
             bail!("unet `out_channels` {} differs from the VAE's `latent_channels` {vae_latents}", ucfg.out_channels);
         }
-        if ucfg.in_channels != vae_latents {
+        if ucfg.in_channels != vae_latents && ucfg.in_channels != 2 * vae_latents + 1 {
             bail!(
-                "this UNet takes {} input channels (an inpainting UNet); text-to-image needs {vae_latents}",
-                ucfg.in_channels
+                "unet `in_channels` is {}: expected {vae_latents} (the VAE's latents) or {} (an inpainting UNet)",
+                ucfg.in_channels,
+                2 * vae_latents + 1
             );
         }
         Ok(())
@@ -415,6 +416,11 @@ impl StableDiffusion {
     /// The scheduler the model ships with, when it is one we implement.
     pub fn default_scheduler(&self) -> Option<SchedulerKind> {
         self.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name)
+    }
+
+    /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents in, 9 channels for SD).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
     }
 
     /// Latents and scheduler arithmetic stay in f32 for half-precision models (f64 for f64 models).
@@ -521,6 +527,9 @@ impl StableDiffusion {
         if req.num_images == 0 || req.num_images > MAX_IMAGES {
             return Err(invalid("num_images", format!("must be between 1 and {MAX_IMAGES}, got {}", req.num_images)));
         }
+        if self.is_inpainting() && req.init.as_ref().and_then(|i| i.mask.as_ref()).is_none() {
+            return Err(invalid("mask", "is required: this is an inpainting model (give an init image and a mask)"));
+        }
         if let Some(init) = &req.init {
             if !(init.strength > 0.0 && init.strength <= 1.0) {
                 return Err(invalid("strength", format!("must be in (0, 1], got {}", init.strength)));
@@ -606,6 +615,7 @@ impl StableDiffusion {
         // Where the schedule starts (img2img skips the first steps), and what inpainting blends back in.
         let mut first_step = 0;
         let mut blend: Option<Blend> = None;
+        let mut extra_input: Option<Tensor> = None;
         let mut latents = match &req.init {
             None => {
                 let initial = match &req.initial_latents {
@@ -621,18 +631,33 @@ impl StableDiffusion {
                 first_step = (n.saturating_sub(run) * scheduler.order()).min(n);
                 let pixels = init.pixels.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
                 let image_latents = repeat(&self.vae.encode_image(&pixels)?)?;
-                let added = match &init.noise {
-                    Some(given) => repeat(given)?,
-                    None => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
+                let added = match (&init.noise, &req.initial_latents) {
+                    (Some(given), _) | (None, Some(given)) => repeat(given)?,
+                    (None, None) => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
                 };
-                let latents = if first_step < n {
+                let latents = if init.mask.is_some() && init.strength >= 1.0 {
+                    // The inpainting pipelines start from pure noise at full strength.
+                    (&added * scheduler.init_noise_sigma())?
+                } else if first_step < n {
                     scheduler.add_noise(&image_latents, &added, first_step)?
                 } else {
                     image_latents.clone()
                 };
                 if let Some(mask) = &init.mask {
-                    let mask = latent_mask(mask, f)?.to_device(&self.device)?.to_dtype(self.latent_dtype())?;
-                    blend = Some(Blend { mask: repeat(&mask)?, image_latents, noise: added });
+                    let binary = mask.to_device(&self.device)?.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
+                    let small = repeat(&latent_mask(&binary, f)?)?;
+                    if self.is_inpainting() {
+                        // The UNet sees the mask and the latents of the image with the masked region blanked
+                        // (to 0 in [-1, 1], i.e. mid-grey: diffusers masks after normalising).
+                        let keep = binary.affine(-1.0, 1.0)?.to_dtype(self.vae_dtype)?;
+                        let grey = keep.affine(-0.5, 0.5)?;
+                        let masked_pixels = pixels.broadcast_mul(&keep)?.broadcast_add(&grey)?;
+                        let masked = repeat(&self.vae.encode_image(&masked_pixels)?)?;
+                        let extra = Tensor::cat(&[&small, &masked], 1)?;
+                        extra_input = Some(if guidance { Tensor::cat(&[&extra, &extra], 0)? } else { extra });
+                    } else {
+                        blend = Some(Blend { mask: small, image_latents, noise: added });
+                    }
                 }
                 latents
             }
@@ -649,7 +674,12 @@ impl StableDiffusion {
             }
             let step_start = Instant::now();
             let model_in = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_in = scheduler.scale_model_input(&model_in, i)?.to_dtype(self.dtype)?;
+            let model_in = scheduler.scale_model_input(&model_in, i)?;
+            let model_in = match &extra_input {
+                Some(extra) => Tensor::cat(&[&model_in, extra], 1)?,
+                None => model_in,
+            }
+            .to_dtype(self.dtype)?;
             let pred =
                 self.unet.forward(&model_in, t, &cond.context, cond.added.as_ref())?.to_dtype(self.latent_dtype())?;
             let pred = if guidance {
@@ -719,10 +749,9 @@ struct Blend {
     noise: Tensor,
 }
 
-/// diffusers' mask preparation: binarise at 0.5, then nearest-neighbour to latent size (`[1, 1, H/f, W/f]`).
-fn latent_mask(mask: &Tensor, f: usize) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = mask.dims4()?;
-    let binary = mask.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
+/// A binary pixel mask brought to latent size (`[1, 1, H/f, W/f]`) as diffusers does it.
+fn latent_mask(binary: &Tensor, f: usize) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = binary.dims4()?;
     // Nearest with an integer factor picks pixel (f·y, f·x), as PyTorch's `interpolate(mode="nearest")`.
     let rows: Vec<u32> = (0..h / f).map(|y| (y * f) as u32).collect();
     let cols: Vec<u32> = (0..w / f).map(|x| (x * f) as u32).collect();
