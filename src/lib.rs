@@ -6,4 +6,5 @@ pub mod cli;
 pub mod device;
 pub mod diffusion;
 pub mod hub;
+pub mod image_input;
 pub mod protocol;

@@ -294,3 +294,94 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn img2img_and_inpainting_match_diffusers_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd15 = fixture("tiny-sd15");
+    let noise = format!("{}:img2img_noise", sd15.join("expected.safetensors").display());
+    let init = sd15.join("init_image.png");
+    let mask = sd15.join("mask.png");
+    let inpaint_model = fixture("tiny-sd15-inpaint");
+    let inpaint_latents = inpaint_model.join("expected.safetensors");
+    let cases: [(&Path, &str, Vec<&str>); 3] = [
+        (
+            &sd15,
+            "img2img_ddim_s0.6_image",
+            vec!["--init-image", init.to_str().unwrap(), "--strength", "0.6", "--noise", &noise],
+        ),
+        (
+            &sd15,
+            "inpaint_blend_ddim_s0.75_image",
+            vec![
+                "--init-image",
+                init.to_str().unwrap(),
+                "--mask",
+                mask.to_str().unwrap(),
+                "--strength",
+                "0.75",
+                "--noise",
+                &noise,
+            ],
+        ),
+        (
+            &inpaint_model,
+            "txt2img_ddim_image",
+            vec![
+                "--init-image",
+                init.to_str().unwrap(),
+                "--mask",
+                mask.to_str().unwrap(),
+                "--initial-latents",
+                inpaint_latents.to_str().unwrap(),
+            ],
+        ),
+    ];
+    for (model_dir, case, extra) in cases {
+        let out = dir.path().join(format!("{case}.png"));
+        let tensor = dir.path().join(format!("{case}.safetensors"));
+        let base = [
+            "generate",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--prompt",
+            "a photograph of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry, low quality",
+            "--steps",
+            "10",
+            "--guidance",
+            "7.5",
+            "--scheduler",
+            "ddim",
+            "--out",
+            out.to_str().unwrap(),
+            "--save-tensor",
+            tensor.to_str().unwrap(),
+        ];
+        let o = sd_rbee(&[&base[..], &extra[..]].concat());
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let saved = candle_core::safetensors::load(&tensor, &Device::Cpu).unwrap();
+        let exp = expected(model_dir.file_name().unwrap().to_str().unwrap());
+        assert_close(&format!("{case} (cli)"), &saved["image"], &reference(&exp, case), 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn bad_init_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let m = model("tiny-sd15");
+    let init = fixture("tiny-sd15").join("init_image.png");
+    let garbage = dir.path().join("garbage.png");
+    std::fs::write(&garbage, b"not an image at all").unwrap();
+    let o = generate_small(&m, "x", "2", &out, &["--init-image", garbage.to_str().unwrap()]);
+    assert_fails_cleanly(&o, "init image");
+    let o = generate_small(&m, "x", "2", &out, &["--init-image", init.to_str().unwrap(), "--strength", "1.5"]);
+    assert_fails_cleanly(&o, "`strength`");
+    let o = generate_small(&m, "x", "2", &out, &["--mask", init.to_str().unwrap()]);
+    assert_fails_cleanly(&o, "--mask needs --init-image");
+    let o = generate_small(&fixture("tiny-sd15-inpaint").display().to_string(), "x", "2", &out, &[]);
+    assert_fails_cleanly(&o, "`mask`");
+    assert!(!out.exists());
+}

@@ -10,8 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 use super::{load_model, ModelArgs};
+use crate::diffusion::image::rgb8_to_tensor;
 use crate::diffusion::image::tensor_to_rgb8;
-use crate::diffusion::{GenerationRequest, ModelFamily, SchedulerKind, TimestepSpacing};
+use crate::diffusion::{GenerationRequest, InitImage, ModelFamily, SchedulerKind, TimestepSpacing};
+use crate::image_input::{self, ResizeMode};
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
@@ -54,6 +56,25 @@ pub struct GenerateArgs {
     /// Also write the decoded images before 8-bit rounding (f32 tensor `image`, [N,3,H,W] in [0,1]).
     #[arg(long, value_name = "FILE.safetensors")]
     pub save_tensor: Option<PathBuf>,
+    /// Image-to-image: start from this picture (PNG, JPEG or WebP).
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    /// How much of the schedule to run from the init image, in (0, 1]; default 0.8, or 1.0 with a mask.
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Inpainting: white = repaint (needs --init-image). Inpainting models use it as input; other models
+    /// re-blend the unmasked region after every step.
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// Repaint the black region of the mask instead of the white one.
+    #[arg(long)]
+    pub invert_mask: bool,
+    /// How the init image and mask are brought to --width x --height.
+    #[arg(long, value_enum, default_value_t = ResizeMode::Fit)]
+    pub resize: ResizeMode,
+    /// Replaces the seeded noise added to the init image: FILE.safetensors[:TENSOR] (default tensor `noise`).
+    #[arg(long, value_name = "FILE[:TENSOR]")]
+    pub noise: Option<String>,
     /// Output file; with several images, `out.png`, `out-1.png`, ...
     #[arg(long, short = 'o', default_value = "out.png")]
     pub out: PathBuf,
@@ -119,6 +140,24 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|s| load_tensor_arg(s, "initial_latents"))
         .transpose()
         .context("--initial-latents")?;
+    if args.mask.is_some() && args.init_image.is_none() {
+        bail!("--mask needs --init-image (the picture to inpaint)");
+    }
+    let init_picture = match &args.init_image {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("--init-image {}", path.display()))?;
+            Some(image_input::decode(&bytes, "init image")?)
+        }
+        None => None,
+    };
+    let mask_picture = match &args.mask {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("--mask {}", path.display()))?;
+            Some(image_input::decode(&bytes, "mask")?)
+        }
+        None => None,
+    };
+    let noise = args.noise.as_deref().map(|s| load_tensor_arg(s, "noise")).transpose().context("--noise")?;
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             bail!("--out {}: directory {} does not exist", args.out.display(), parent.display());
@@ -132,8 +171,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let native = sd.unet().config().sample_size_px(sd.vae_scale_factor());
     let mut req = GenerationRequest::new(args.prompt.clone());
     req.negative_prompt = args.negative_prompt.clone();
-    req.width = args.width.or(entry.map(|e| e.width as usize)).unwrap_or(native);
-    req.height = args.height.or(entry.map(|e| e.height as usize)).unwrap_or(native);
+    // An init image sets the size when none is asked for: its own, rounded down to a multiple of 8.
+    let own = init_picture.as_ref().map(image_input::default_size).transpose()?;
+    req.width = args.width.or(own.map(|s| s.0 as usize)).or(entry.map(|e| e.width as usize)).unwrap_or(native);
+    req.height = args.height.or(own.map(|s| s.1 as usize)).or(entry.map(|e| e.height as usize)).unwrap_or(native);
     req.steps = args.steps.or(entry.map(|e| e.steps)).unwrap_or(30);
     req.guidance_scale = args.guidance.or(entry.map(|e| e.guidance)).unwrap_or(if xl { 5.0 } else { 7.5 });
     req.scheduler = match args.scheduler {
@@ -151,6 +192,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     req.seed = args.seed;
     req.num_images = args.num_images;
     req.initial_latents = initial_latents;
+    let mut input_warnings = Vec::new();
+    if let Some(picture) = &init_picture {
+        let (w, h) = (req.width as u32, req.height as u32);
+        let white = image::Rgba([255, 255, 255, 255]);
+        let sized = image_input::resize(
+            &image::DynamicImage::ImageRgb8(image_input::flatten_rgb(picture)),
+            w,
+            h,
+            args.resize,
+            white,
+        );
+        let pixels = rgb8_to_tensor(&sized.to_rgb8(), &candle_core::Device::Cpu)?;
+        let mask = match &mask_picture {
+            Some(m) => {
+                let (values, warning) = image_input::mask_values(m, w, h, args.invert_mask);
+                input_warnings.extend(warning);
+                Some(Tensor::from_vec(values, (1, 1, h as usize, w as usize), &candle_core::Device::Cpu)?)
+            }
+            None => None,
+        };
+        let strength = args.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        req.init = Some(InitImage { pixels, strength, mask, noise });
+    } else if args.strength.is_some() || noise.is_some() {
+        bail!("--strength and --noise need --init-image");
+    }
 
     let bar = progress_bar(req.steps, args.json);
     let mut on_step = |info: &crate::diffusion::StepInfo| {
@@ -163,7 +229,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    for w in &output.warnings {
+    let warnings: Vec<String> = input_warnings.iter().chain(&output.warnings).cloned().collect();
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
 
@@ -188,7 +255,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "model": loaded.display,
             "width": req.width, "height": req.height, "steps": t.step_ms.len(),
             "guidance": req.guidance_scale, "scheduler": output.scheduler.name(),
-            "images": images, "warnings": output.warnings,
+            "images": images, "warnings": warnings,
             "timings": {"load_ms": loaded.load_ms, "text_encoding_ms": t.text_encoding_ms,
                         "median_step_ms": t.median_step_ms(), "denoising_ms": t.denoising_ms,
                         "decoding_ms": t.decoding_ms, "total_ms": t.total_ms},

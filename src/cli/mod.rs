@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images from a text prompt.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Time denoising steps and whole images (pipeline), or one UNet call (unet).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -67,7 +67,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_level);
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Models => models::run(),
     };

@@ -1,0 +1,186 @@
+//! Untrusted input images (init images and masks) made ready for the pipeline: decoded with size limits
+//! (a decompression bomb is an error, not an allocation), EXIF orientation applied, alpha flattened on
+//! white, and brought to the requested size by one of three resize modes. Shared by the CLI and the
+//! worker; the tensor conversions themselves live in `diffusion::image`.
+
+use std::io::Cursor;
+
+use anyhow::{bail, Context, Result};
+use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader, RgbImage, Rgba};
+
+/// Largest encoded input accepted, in bytes.
+pub const MAX_ENCODED_BYTES: usize = 32 * 1024 * 1024;
+/// Largest decoded input accepted, in pixels (and each side at most [`MAX_SIDE`]).
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+pub const MAX_SIDE: u32 = 16384;
+
+/// How an input image is brought to the requested size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Scale to cover the target, then centre-crop (nothing is distorted).
+    #[default]
+    Fit,
+    /// Scale each side independently.
+    Stretch,
+    /// Scale to fit inside the target and pad the rest with `fill`.
+    Pad,
+}
+
+/// Decodes `bytes` (PNG, JPEG or WebP, by content) with limits, applying EXIF orientation; `what` names the
+/// input in errors (`init image`, `mask`).
+pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
+    if bytes.is_empty() {
+        bail!("{what}: the file is empty");
+    }
+    if bytes.len() > MAX_ENCODED_BYTES {
+        bail!("{what}: {} bytes is more than the {} MiB limit", bytes.len(), MAX_ENCODED_BYTES >> 20);
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .with_context(|| format!("{what}: cannot read the image"))?;
+    if reader.format().is_none() {
+        bail!("{what}: not a PNG, JPEG or WebP image");
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_PIXELS * 4);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().with_context(|| format!("{what}: not a readable image"))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        bail!("{what}: the image is {w}x{h}");
+    }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        bail!("{what}: {w}x{h} is more than the {MAX_PIXELS}-pixel limit");
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("{what}: the image data is corrupt"))?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// RGB with any alpha flattened onto white.
+pub fn flatten_rgb(img: &DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let Rgba([r, g, b, a]) = *rgba.get_pixel(x, y);
+        let blend = |c: u8| ((c as u32 * a as u32 + 255 * (255 - a as u32) + 127) / 255) as u8;
+        image::Rgb([blend(r), blend(g), blend(b)])
+    })
+}
+
+/// `img` at exactly `width`×`height` (Lanczos resampling, as diffusers' image processor).
+pub fn resize(img: &DynamicImage, width: u32, height: u32, mode: ResizeMode, fill: Rgba<u8>) -> DynamicImage {
+    let (w, h) = img.dimensions();
+    if (w, h) == (width, height) {
+        return img.clone();
+    }
+    let filter = image::imageops::FilterType::Lanczos3;
+    match mode {
+        ResizeMode::Stretch => img.resize_exact(width, height, filter),
+        ResizeMode::Fit => img.resize_to_fill(width, height, filter),
+        ResizeMode::Pad => {
+            let inner = img.resize(width, height, filter);
+            let mut canvas = image::RgbaImage::from_pixel(width, height, fill);
+            let (x, y) = ((width - inner.width()) / 2, (height - inner.height()) / 2);
+            image::imageops::overlay(&mut canvas, &inner.to_rgba8(), x as i64, y as i64);
+            DynamicImage::ImageRgba8(canvas)
+        }
+    }
+}
+
+/// The size to use when the request gives none: the image's own, rounded down to a multiple of 8.
+pub fn default_size(img: &DynamicImage) -> Result<(u32, u32)> {
+    let (w, h) = img.dimensions();
+    let (w8, h8) = (w / 8 * 8, h / 8 * 8);
+    if w8 == 0 || h8 == 0 {
+        bail!("the image is {w}x{h}: each side must be at least 8 pixels");
+    }
+    Ok((w8, h8))
+}
+
+/// A mask as `[H·W]` values in [0, 1] (white = repaint), at `width`×`height`; `invert` swaps the regions.
+/// A mask of another size is resized (with a warning returned) and a colour mask is read as luminance.
+pub fn mask_values(img: &DynamicImage, width: u32, height: u32, invert: bool) -> (Vec<f32>, Option<String>) {
+    let mut warning = None;
+    let img = if img.dimensions() != (width, height) {
+        let (w, h) = img.dimensions();
+        warning = Some(format!("the mask is {w}x{h}; resized to {width}x{height}"));
+        img.resize_exact(width, height, image::imageops::FilterType::Lanczos3)
+    } else {
+        img.clone()
+    };
+    let luma = img.to_luma8();
+    let values = luma.as_raw().iter().map(|&v| v as f32 / 255.0).map(|v| if invert { 1.0 - v } else { v }).collect();
+    (values, warning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(img: &DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_png_jpeg_and_webp() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 5])));
+        for format in [image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::WebP] {
+            let mut bytes = Vec::new();
+            img.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+            let back = decode(&bytes, "init image").unwrap();
+            assert_eq!(back.dimensions(), (16, 8), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_inputs_are_clear_errors() {
+        assert!(decode(b"", "init image").unwrap_err().to_string().contains("empty"));
+        assert!(decode(b"definitely not an image", "mask").unwrap_err().to_string().starts_with("mask:"));
+        let good = png(&DynamicImage::ImageRgb8(RgbImage::new(32, 32)));
+        let truncated = &good[..good.len() / 2];
+        assert!(decode(truncated, "init image").is_err());
+        // A PNG header declaring 100000×100000 pixels: refused before any allocation.
+        let mut huge = good.clone();
+        huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        huge[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let err = format!("{:#}", decode(&huge, "init image").unwrap_err());
+        assert!(err.contains("init image"), "{err}");
+        // 1×100000 is over the side limit; 1×1000 decodes but fits no multiple-of-8 size.
+        let err = format!(
+            "{:#}",
+            decode(&png(&DynamicImage::ImageLuma8(image::GrayImage::new(1, 100_000))), "init image").unwrap_err()
+        );
+        assert!(err.contains("init image") && err.contains("limit"), "{err}");
+        let thin = decode(&png(&DynamicImage::ImageLuma8(image::GrayImage::new(1, 1000))), "init image").unwrap();
+        assert!(default_size(&thin).unwrap_err().to_string().contains("at least 8"));
+    }
+
+    #[test]
+    fn alpha_is_flattened_on_white_and_sizes_follow_the_mode() {
+        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(4, 2, Rgba([0, 0, 0, 0])));
+        assert_eq!(flatten_rgb(&rgba).get_pixel(0, 0).0, [255, 255, 255]);
+        let img = DynamicImage::ImageRgb8(RgbImage::new(100, 50));
+        for mode in [ResizeMode::Fit, ResizeMode::Stretch, ResizeMode::Pad] {
+            assert_eq!(resize(&img, 64, 64, mode, Rgba([0, 0, 0, 255])).dimensions(), (64, 64), "{mode:?}");
+        }
+        assert_eq!(default_size(&img).unwrap(), (96, 48));
+    }
+
+    #[test]
+    fn masks_are_resized_with_a_warning_and_can_be_inverted() {
+        let mask = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(8, 8, image::Luma([255])));
+        let (v, w) = mask_values(&mask, 8, 8, false);
+        assert!(w.is_none() && v.iter().all(|&x| x == 1.0));
+        let (v, w) = mask_values(&mask, 16, 8, true);
+        assert!(w.unwrap().contains("resized") && v.len() == 128 && v.iter().all(|&x| x < 0.01));
+    }
+}
