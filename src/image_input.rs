@@ -27,6 +27,39 @@ pub enum ResizeMode {
     Pad,
 }
 
+/// The bytes of a base64-encoded image, with or without a `data:image/...;base64,` prefix (as the HTTP
+/// API receives them); whitespace is ignored. The encoded text is bounded like a file.
+pub fn decode_base64(text: &str, what: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let text = text.trim();
+    let payload = match text.strip_prefix("data:") {
+        Some(rest) => match rest.split_once(',') {
+            Some((meta, data)) if meta.ends_with(";base64") => data,
+            _ => bail!("{what}: a data: URL must be of the form data:<type>;base64,<data>"),
+        },
+        None => text,
+    };
+    if payload.len() > MAX_ENCODED_BYTES / 3 * 4 + 4 {
+        bail!("{what}: more than the {} MiB limit once decoded", MAX_ENCODED_BYTES >> 20);
+    }
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.as_bytes()))
+        .with_context(|| format!("{what}: not valid base64"))
+}
+
+/// A soft copy of a mask (`[H·W]` in [0, 1]): Gaussian-blurred with standard deviation `radius` pixels,
+/// for compositing with soft edges. `radius` 0 returns the mask unchanged.
+pub fn blur_mask(values: &[f32], width: u32, height: u32, radius: f32) -> Vec<f32> {
+    if radius <= 0.0 {
+        return values.to_vec();
+    }
+    let img: image::ImageBuffer<image::Luma<f32>, Vec<f32>> =
+        image::ImageBuffer::from_raw(width, height, values.to_vec()).expect("mask size matches its values");
+    image::imageops::blur(&img, radius).into_raw()
+}
+
 /// Decodes `bytes` (PNG, JPEG or WebP, by content) with limits, applying EXIF orientation; `what` names the
 /// input in errors (`init image`, `mask`).
 pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
@@ -173,6 +206,32 @@ mod tests {
             assert_eq!(resize(&img, 64, 64, mode, Rgba([0, 0, 0, 255])).dimensions(), (64, 64), "{mode:?}");
         }
         assert_eq!(default_size(&img).unwrap(), (96, 48));
+    }
+
+    #[test]
+    fn base64_with_and_without_data_prefix() {
+        let bytes = png(&DynamicImage::ImageRgb8(RgbImage::new(8, 8)));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        assert_eq!(decode_base64(&b64, "init image").unwrap(), bytes);
+        let url = format!("data:image/png;base64,{}\n", &b64);
+        assert_eq!(decode_base64(&url, "init image").unwrap(), bytes);
+        assert!(decode_base64("data:image/png,abc", "mask").unwrap_err().to_string().starts_with("mask:"));
+        assert!(decode_base64("%%%", "init image").unwrap_err().to_string().contains("base64"));
+    }
+
+    #[test]
+    fn blurred_masks_soften_edges_only() {
+        let mut values = vec![0f32; 16 * 16];
+        for y in 4..12 {
+            for x in 4..12 {
+                values[y * 16 + x] = 1.0;
+            }
+        }
+        assert_eq!(blur_mask(&values, 16, 16, 0.0), values);
+        let soft = blur_mask(&values, 16, 16, 1.5);
+        assert!(soft[8 * 16 + 8] > 0.9 && soft[0] < 0.01);
+        assert!(soft[8 * 16 + 4] > 0.2 && soft[8 * 16 + 4] < 0.8, "edge {}", soft[8 * 16 + 4]);
     }
 
     #[test]

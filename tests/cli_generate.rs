@@ -322,6 +322,7 @@ fn img2img_and_inpainting_match_diffusers_through_the_cli() {
                 "0.75",
                 "--noise",
                 &noise,
+                "--no-paste-back",
             ],
         ),
         (
@@ -384,4 +385,36 @@ fn bad_init_inputs_are_named() {
     let o = generate_small(&fixture("tiny-sd15-inpaint").display().to_string(), "x", "2", &out, &[]);
     assert_fails_cleanly(&o, "`mask`");
     assert!(!out.exists());
+}
+
+#[test]
+fn paste_back_keeps_the_original_outside_the_mask_and_formats_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd15 = fixture("tiny-sd15");
+    let (init, mask) = (sd15.join("init_image.png"), sd15.join("mask.png"));
+    let out = dir.path().join("pasted.png");
+    let args =
+        ["--init-image", init.to_str().unwrap(), "--mask", mask.to_str().unwrap(), "--mask-blur", "0", "--seed", "3"];
+    let o = generate_small(&model("tiny-sd15"), "a red door", "4", &out, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (pasted, original, m) = (read_png(&out), read_png(&init), read_png(&mask));
+    // (--width/--height 64 crops the 96x64 init image to its centre 64x64.)
+    let crop = image::imageops::crop_imm(&original, 16, 0, 64, 64).to_image();
+    let mask_crop = image::imageops::crop_imm(&m, 16, 0, 64, 64).to_image();
+    let mut inside_changed = 0;
+    for ((p, o), k) in pasted.pixels().zip(crop.pixels()).zip(mask_crop.pixels()) {
+        if k[0] < 128 {
+            assert_eq!(p, o, "outside the mask the original is kept");
+        } else if p != o {
+            inside_changed += 1;
+        }
+    }
+    assert!(inside_changed > 100, "the masked region is repainted ({inside_changed} pixels changed)");
+
+    for (format, magic) in [("jpeg", &b"\xff\xd8"[..]), ("webp", &b"RIFF"[..])] {
+        let path = dir.path().join(format!("x.{format}"));
+        let o = generate_small(&model("tiny-sd15"), "x", "2", &path, &["--seed", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(std::fs::read(&path).unwrap().starts_with(magic), "{format} written");
+    }
 }

@@ -69,6 +69,22 @@ pub struct GenerateArgs {
     /// Repaint the black region of the mask instead of the white one.
     #[arg(long)]
     pub invert_mask: bool,
+    /// Soften the mask's edge by this many pixels (Gaussian) where the original is pasted back.
+    #[arg(long, default_value_t = 4.0, value_name = "PX")]
+    pub mask_blur: f32,
+    /// Composite the untouched original pixels over the result outside the mask (default for models that
+    /// are not inpainting models).
+    #[arg(long, overrides_with = "no_paste_back")]
+    pub paste_back: bool,
+    /// Keep the generated pixels everywhere.
+    #[arg(long, overrides_with = "paste_back")]
+    pub no_paste_back: bool,
+    /// png, jpeg or webp (lossless); default: from --out's extension, else png.
+    #[arg(long, value_enum)]
+    pub format: Option<OutputFormat>,
+    /// JPEG quality, 1-100.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: u8,
     /// How the init image and mask are brought to --width x --height.
     #[arg(long, value_enum, default_value_t = ResizeMode::Fit)]
     pub resize: ResizeMode,
@@ -81,6 +97,42 @@ pub struct GenerateArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Output image encodings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    /// From a file name's extension; PNG when it names none of ours.
+    pub fn from_path(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("jpg" | "jpeg") => OutputFormat::Jpeg,
+            Some("webp") => OutputFormat::Webp,
+            _ => OutputFormat::Png,
+        }
+    }
+}
+
+/// Encodes `rgb` to `path`.
+pub fn write_image(rgb: &image::RgbImage, path: &Path, format: OutputFormat, quality: u8) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let result = match format {
+        OutputFormat::Png => rgb.write_to(&mut w, image::ImageFormat::Png),
+        OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, quality).encode_image(rgb),
+        OutputFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut w).encode(
+            rgb.as_raw(),
+            rgb.width(),
+            rgb.height(),
+            image::ExtendedColorType::Rgb8,
+        ),
+    };
+    result.with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `out.png` for image 0, `out-1.png`, `out-2.png`, ... after it.
@@ -193,6 +245,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     req.num_images = args.num_images;
     req.initial_latents = initial_latents;
     let mut input_warnings = Vec::new();
+    let (mut original, mut soft_mask) = (None, None);
     if let Some(picture) = &init_picture {
         let (w, h) = (req.width as u32, req.height as u32);
         let white = image::Rgba([255, 255, 255, 255]);
@@ -208,10 +261,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             Some(m) => {
                 let (values, warning) = image_input::mask_values(m, w, h, args.invert_mask);
                 input_warnings.extend(warning);
-                Some(Tensor::from_vec(values, (1, 1, h as usize, w as usize), &candle_core::Device::Cpu)?)
+                let soft = image_input::blur_mask(&values, w, h, args.mask_blur);
+                let cpu = &candle_core::Device::Cpu;
+                soft_mask = Some(Tensor::from_vec(soft, (1, 1, h as usize, w as usize), cpu)?);
+                Some(Tensor::from_vec(values, (1, 1, h as usize, w as usize), cpu)?)
             }
             None => None,
         };
+        original = Some(pixels.clone());
         let strength = args.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
         req.init = Some(InitImage { pixels, strength, mask, noise });
     } else if args.strength.is_some() || noise.is_some() {
@@ -234,15 +291,25 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
 
-    let mut written = Vec::with_capacity(output.images.len());
-    for (i, img) in output.images.iter().enumerate() {
+    // Paste the original back outside the mask: the default for models that are not inpainting models.
+    let paste = args.paste_back || (!args.no_paste_back && soft_mask.is_some() && !sd.is_inpainting());
+    let finals: Vec<Tensor> = match (&original, &soft_mask) {
+        (Some(orig), Some(mask)) if paste => output
+            .images
+            .iter()
+            .map(|i| crate::diffusion::image::paste_back(&i.pixels, orig, mask))
+            .collect::<candle_core::Result<_>>()?,
+        _ => output.images.iter().map(|i| i.pixels.clone()).collect(),
+    };
+    let format = args.format.unwrap_or_else(|| OutputFormat::from_path(&args.out));
+    let mut written = Vec::with_capacity(finals.len());
+    for (i, (pixels, img)) in finals.iter().zip(&output.images).enumerate() {
         let path = output_path(&args.out, i);
-        let rgb = tensor_to_rgb8(&img.pixels)?;
-        rgb.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        write_image(&tensor_to_rgb8(pixels)?, &path, format, args.quality)?;
         written.push((path, img.seed));
     }
     if let Some(path) = &args.save_tensor {
-        let stacked = Tensor::stack(&output.images.iter().map(|i| i.pixels.clone()).collect::<Vec<_>>(), 0)?;
+        let stacked = Tensor::stack(&finals, 0)?;
         let map: HashMap<String, Tensor> = [("image".to_string(), stacked)].into();
         candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))?;
     }

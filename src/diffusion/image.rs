@@ -25,6 +25,14 @@ pub fn rgb8_to_tensor(image: &RgbImage, device: &Device) -> anyhow::Result<Tenso
     Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
 }
 
+/// `paste_back`: the original pixels where `mask` is 0, the generated ones where it is 1, blended in between
+/// (`generated` `[3, H, W]`, `original` `[1, 3, H, W]`, `mask` `[1, 1, H, W]`, all in [0, 1]).
+pub fn paste_back(generated: &Tensor, original: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let original = original.squeeze(0)?.to_dtype(DType::F32)?;
+    let mask = mask.squeeze(0)?.to_dtype(DType::F32)?;
+    original.broadcast_mul(&mask.affine(-1.0, 1.0)?)? + generated.to_dtype(DType::F32)?.broadcast_mul(&mask)?
+}
+
 /// Approximate latent → RGB factors for a fast preview without the VAE (4-channel SD latents).
 const SD_LATENT_RGB: [[f32; 3]; 4] =
     [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
@@ -66,6 +74,16 @@ mod tests {
         let reds: Vec<u8> = (0..4).map(|x| img.get_pixel(x, 0)[0]).collect();
         assert_eq!(reds, vec![128, 126, 0, 255]);
         assert_eq!(img.get_pixel(3, 0)[1], 191);
+    }
+
+    #[test]
+    fn paste_back_keeps_the_original_outside_the_mask() {
+        let generated = Tensor::ones((3, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        let original = Tensor::zeros((1, 3, 1, 3), DType::F32, &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[[[0f32, 0.5, 1.0]]]], &Device::Cpu).unwrap();
+        let out: Vec<f32> =
+            paste_back(&generated, &original, &mask).unwrap().get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(out, vec![0.0, 0.5, 1.0]);
     }
 
     #[test]
