@@ -181,6 +181,10 @@ mod tests {
         let good = png(&DynamicImage::ImageRgb8(RgbImage::new(32, 32)));
         let truncated = &good[..good.len() / 2];
         assert!(decode(truncated, "init image").is_err());
+        // A PNG header declaring a zero-size image.
+        let mut zero = good.clone();
+        zero[16..20].copy_from_slice(&0u32.to_be_bytes());
+        assert!(decode(&zero, "init image").is_err());
         // A PNG header declaring 100000×100000 pixels: refused before any allocation.
         let mut huge = good.clone();
         huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());

@@ -416,5 +416,10 @@ fn paste_back_keeps_the_original_outside_the_mask_and_formats_are_written() {
         let o = generate_small(&model("tiny-sd15"), "x", "2", &path, &["--seed", "1"]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(std::fs::read(&path).unwrap().starts_with(magic), "{format} written");
+        let low = dir.path().join(format!("low.{format}"));
+        let o = generate_small(&model("tiny-sd15"), "x", "2", &low, &["--seed", "1", "--quality", "10"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let (big, small) = (std::fs::metadata(&path).unwrap().len(), std::fs::metadata(&low).unwrap().len());
+        assert!(small < big, "{format}: quality 10 gives {small} bytes, quality 90 {big}");
     }
 }

@@ -79,10 +79,10 @@ pub struct GenerateArgs {
     /// Keep the generated pixels everywhere.
     #[arg(long, overrides_with = "paste_back")]
     pub no_paste_back: bool,
-    /// png, jpeg or webp (lossless); default: from --out's extension, else png.
+    /// png, jpeg or webp; default: from --out's extension, else png.
     #[arg(long, value_enum)]
     pub format: Option<OutputFormat>,
-    /// JPEG quality, 1-100.
+    /// JPEG and WebP quality, 1-100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: u8,
     /// How the init image and mask are brought to --width x --height.
@@ -125,12 +125,10 @@ pub fn write_image(rgb: &image::RgbImage, path: &Path, format: OutputFormat, qua
     let result = match format {
         OutputFormat::Png => rgb.write_to(&mut w, image::ImageFormat::Png),
         OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, quality).encode_image(rgb),
-        OutputFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut w).encode(
-            rgb.as_raw(),
-            rgb.width(),
-            rgb.height(),
-            image::ExtendedColorType::Rgb8,
-        ),
+        OutputFormat::Webp => {
+            let encoded = webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height()).encode(quality as f32);
+            std::io::Write::write_all(&mut w, &encoded).map_err(image::ImageError::IoError)
+        }
     };
     result.with_context(|| format!("cannot write {}", path.display()))
 }
