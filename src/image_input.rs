@@ -175,6 +175,34 @@ mod tests {
     }
 
     #[test]
+    fn exif_orientation_is_applied() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(16, 8, |x, _| image::Rgb([x as u8 * 15, 0, 0])));
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+        // An APP1 Exif segment right after SOI: little-endian TIFF, one IFD entry, Orientation (0x0112) = 6
+        // ("rotate 90° clockwise to display").
+        let tiff: Vec<u8> = [
+            &b"II*\0"[..],
+            &8u32.to_le_bytes(),
+            &1u16.to_le_bytes(),
+            &0x0112u16.to_le_bytes(),
+            &3u16.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &6u16.to_le_bytes(),
+            &[0, 0],
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        let payload = [&b"Exif\0\0"[..], &tiff].concat();
+        let mut with_exif = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        with_exif.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        with_exif.extend_from_slice(&payload);
+        with_exif.extend_from_slice(&jpeg[2..]);
+        let decoded = decode(&with_exif, "init image").unwrap();
+        assert_eq!(decoded.dimensions(), (8, 16), "a 16x8 picture tagged 'rotate 90' is 8x16 upright");
+    }
+
+    #[test]
     fn hostile_inputs_are_clear_errors() {
         assert!(decode(b"", "init image").unwrap_err().to_string().contains("empty"));
         assert!(decode(b"definitely not an image", "mask").unwrap_err().to_string().starts_with("mask:"));
