@@ -107,6 +107,14 @@ fn invalid_requests_name_the_field() {
             }),
         ),
         (
+            "strength",
+            Box::new(|r| {
+                let pixels = candle_core::Tensor::zeros((1, 3, 48, 64), DType::F32, &Device::Cpu).unwrap();
+                r.steps = 2;
+                r.init = Some(sd_rbee::diffusion::InitImage { pixels, strength: 0.4, mask: None, noise: None });
+            }),
+        ),
+        (
             "init_image",
             Box::new(|r| {
                 let pixels = candle_core::Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();

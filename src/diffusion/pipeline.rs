@@ -534,6 +534,15 @@ impl StableDiffusion {
             if !(init.strength > 0.0 && init.strength <= 1.0) {
                 return Err(invalid("strength", format!("must be in (0, 1], got {}", init.strength)));
             }
+            if (req.steps as f64 * init.strength) < 1.0 {
+                return Err(invalid(
+                    "strength",
+                    format!(
+                        "{} × {} steps leaves no step to run; raise the strength or the steps",
+                        init.strength, req.steps
+                    ),
+                ));
+            }
             let want = [1, 3, req.height, req.width];
             if init.pixels.dims() != want {
                 return Err(invalid("init_image", format!("must be {want:?} pixels, got {:?}", init.pixels.dims())));
