@@ -130,10 +130,15 @@ pub enum PredictionType {
 pub trait Scheduler: Send {
     /// Timesteps as the UNet receives them, in run order (DDIM/DPM/UniPC integers as f64, Euler floats).
     fn timesteps(&self) -> &[f64];
-    /// Std of the initial noise (diffusers' init_noise_sigma).
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' scale_model_input for step index `step`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    /// Std of the initial noise (diffusers' init_noise_sigma): 1 unless the scheduler works in sigma space.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' scale_model_input for step index `step`: the identity unless the scheduler works in sigma
+    /// space.
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step at step index `step`; returns prev_sample. Ancestral samplers draw from `noise`.
     fn step(
         &mut self,
