@@ -14,11 +14,45 @@ use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpa
 /// Euler with diffusers' `EulerDiscreteScheduler` semantics (`s_churn = 0`, so deterministic).
 #[derive(Clone, Debug)]
 pub struct EulerScheduler {
-    timesteps: Vec<f64>,
-    /// One more than the timesteps; the last is the final sigma.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f64,
+    schedule: SigmaSchedule,
     prediction: PredictionType,
+}
+
+/// What Euler and Euler ancestral share: timesteps, one sigma per timestep plus the final one, and the
+/// sigma-space input scaling, initial noise and `add_noise` that follow from them.
+#[derive(Debug, Clone)]
+pub(crate) struct SigmaSchedule {
+    pub timesteps: Vec<f64>,
+    /// One more than the timesteps; the last is the final sigma.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f64,
+    /// The scheduler's name, for errors.
+    pub name: &'static str,
+}
+
+impl SigmaSchedule {
+    /// `(sigma, next sigma)` at step index `step`.
+    pub fn sigma(&self, step: usize) -> Result<(f64, f64)> {
+        if step + 1 >= self.sigmas.len() {
+            candle_core::bail!("{}: step index {step} out of range ({} steps)", self.name, self.timesteps.len());
+        }
+        Ok((self.sigmas[step] as f64, self.sigmas[step + 1] as f64))
+    }
+
+    /// `sample / sqrt(sigma² + 1)`.
+    pub fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
+        let (sigma, _) = self.sigma(step)?;
+        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+    }
+
+    /// `original + sigma · noise`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
+        let (sigma, _) = self.sigma(step)?;
+        let dtype = original.dtype();
+        let x = upcast(original, dtype)?;
+        let n = upcast(noise, dtype)?;
+        lin2(&x, 1.0, &n, sigma)?.to_dtype(dtype)
+    }
 }
 
 /// The float32 timesteps Euler and Euler ancestral both use for `timestep_spacing` (before any Karras
@@ -108,34 +142,25 @@ impl EulerScheduler {
         } else {
             timesteps.into_iter().map(|t| t as f32 as f64).collect()
         };
+        let init_noise_sigma = euler_init_noise_sigma(&sigmas, sched.spacing);
         Ok(EulerScheduler {
-            init_noise_sigma: euler_init_noise_sigma(&sigmas, sched.spacing),
-            timesteps,
-            sigmas,
+            schedule: SigmaSchedule { timesteps, sigmas, init_noise_sigma, name: "Euler" },
             prediction: sched.prediction,
         })
-    }
-
-    fn sigma(&self, step: usize) -> Result<(f64, f64)> {
-        if step + 1 >= self.sigmas.len() {
-            candle_core::bail!("Euler: step index {step} out of range ({} steps)", self.timesteps.len());
-        }
-        Ok((self.sigmas[step] as f64, self.sigmas[step + 1] as f64))
     }
 }
 
 impl Scheduler for EulerScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
+        self.schedule.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
-        let (sigma, _) = self.sigma(step)?;
-        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+        self.schedule.scale_model_input(sample, step)
     }
 
     fn step(
@@ -145,7 +170,7 @@ impl Scheduler for EulerScheduler {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let (sigma, sigma_next) = self.sigma(step)?;
+        let (sigma, sigma_next) = self.schedule.sigma(step)?;
         let dtype = sample.dtype();
         let x = upcast(sample, dtype)?;
         let m = upcast(model_output, dtype)?;
@@ -157,11 +182,7 @@ impl Scheduler for EulerScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        let (sigma, _) = self.sigma(step)?;
-        let dtype = original.dtype();
-        let x = upcast(original, dtype)?;
-        let n = upcast(noise, dtype)?;
-        lin2(&x, 1.0, &n, sigma)?.to_dtype(dtype)
+        self.schedule.add_noise(original, noise, step)
     }
 }
 

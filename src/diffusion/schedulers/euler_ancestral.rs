@@ -5,17 +5,15 @@
 use anyhow::bail;
 use candle_core::{Result, Tensor};
 
-use super::euler::{euler_init_noise_sigma, euler_pred_x0, euler_timesteps};
-use super::schedule::{lin2, np_interp, train_sigmas, upcast, TrainSchedule};
+use super::euler::{euler_init_noise_sigma, euler_pred_x0, euler_timesteps, SigmaSchedule};
+use super::schedule::{np_interp, train_sigmas, upcast, TrainSchedule};
 use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
 
 /// Euler ancestral with diffusers' `EulerAncestralDiscreteScheduler` semantics.
 #[derive(Clone, Debug)]
 pub struct EulerAncestralScheduler {
-    timesteps: Vec<f64>,
-    /// One more than the timesteps; the last is 0.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f64,
+    /// The final sigma is 0.
+    schedule: SigmaSchedule,
     prediction: PredictionType,
 }
 
@@ -38,34 +36,26 @@ impl EulerAncestralScheduler {
         let timesteps = euler_timesteps(&sched, num_inference_steps);
         let sigmas: Vec<f32> =
             timesteps.iter().map(|&t| np_interp(t as f64, &train) as f32).chain(std::iter::once(0.0)).collect();
+        let init_noise_sigma = euler_init_noise_sigma(&sigmas, sched.spacing);
+        let timesteps = timesteps.into_iter().map(|t| t as f64).collect();
         Ok(EulerAncestralScheduler {
-            init_noise_sigma: euler_init_noise_sigma(&sigmas, sched.spacing),
-            timesteps: timesteps.into_iter().map(|t| t as f64).collect(),
-            sigmas,
+            schedule: SigmaSchedule { timesteps, sigmas, init_noise_sigma, name: "Euler ancestral" },
             prediction: sched.prediction,
         })
-    }
-
-    fn sigma(&self, step: usize) -> Result<(f64, f64)> {
-        if step + 1 >= self.sigmas.len() {
-            candle_core::bail!("Euler ancestral: step index {step} out of range ({} steps)", self.timesteps.len());
-        }
-        Ok((self.sigmas[step] as f64, self.sigmas[step + 1] as f64))
     }
 }
 
 impl Scheduler for EulerAncestralScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
+        self.schedule.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
-        let (sigma, _) = self.sigma(step)?;
-        sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
+        self.schedule.scale_model_input(sample, step)
     }
 
     fn step(
@@ -75,7 +65,7 @@ impl Scheduler for EulerAncestralScheduler {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let (sigma_from, sigma_to) = self.sigma(step)?;
+        let (sigma_from, sigma_to) = self.schedule.sigma(step)?;
         let sigma_up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
             / (sigma_from * sigma_from))
             .max(0.0)
@@ -95,11 +85,7 @@ impl Scheduler for EulerAncestralScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {
-        let (sigma, _) = self.sigma(step)?;
-        let dtype = original.dtype();
-        let x = upcast(original, dtype)?;
-        let n = upcast(noise, dtype)?;
-        lin2(&x, 1.0, &n, sigma)?.to_dtype(dtype)
+        self.schedule.add_noise(original, noise, step)
     }
 }
 
