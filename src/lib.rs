@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod device;
 pub mod diffusion;
+pub mod generation;
 pub mod hub;
 pub mod image_input;
 pub mod protocol;
+pub mod storage;

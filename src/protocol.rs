@@ -282,21 +282,12 @@ fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// How an init image (and mask) of another size is brought to the job's width × height.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResizeMode {
-    /// Keep the aspect ratio, scale to cover the target, centre-crop the overflow.
-    #[default]
-    Fit,
-    /// Scale to exactly the target size, ignoring the aspect ratio.
-    Stretch,
-    /// Keep the aspect ratio, scale to fit inside the target, pad the rest (edge pixels extended).
-    Pad,
-}
+/// How an init image (and mask) of another size is brought to the job's width × height (`fit`, `stretch`,
+/// `pad`; the CLI's `--resize` uses the same type).
+pub use crate::image_input::ResizeMode;
 
 /// An encoded image format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     #[default]
@@ -306,6 +297,15 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
+    /// From a file name's extension; PNG when it names none of these.
+    pub fn from_path(path: &std::path::Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+            Some("jpg" | "jpeg") => ImageFormat::Jpeg,
+            Some("webp") => ImageFormat::Webp,
+            _ => ImageFormat::Png,
+        }
+    }
+
     /// The file extension of results: `png`, `jpg`, `webp`.
     pub fn extension(self) -> &'static str {
         match self {
@@ -983,7 +983,7 @@ pub fn validate_worker_id(worker_id: &str) -> Result<(), ProtocolError> {
 /// | events | `sd.events.<job_id>` | `SD_EVENTS` (limits, max age) |
 /// | dead letters | `sd.dlq.<model>` | `SD_DLQ` (limits, max age) |
 /// | cancel requests | `sd.cancel.<job_id>` | none (core NATS) |
-/// | heartbeats | `sd.heartbeat.<worker_id>` | none (core NATS) |
+/// | heartbeats | `sd.workers.<worker_id>` | none (core NATS) |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subjects {
     prefix: String,
@@ -1050,15 +1050,15 @@ impl Subjects {
         format!("{}.cancel.>", self.prefix)
     }
 
-    /// `sd.heartbeat.<worker_id>`: the worker's heartbeats.
+    /// `sd.workers.<worker_id>`: the worker's heartbeats.
     pub fn heartbeat(&self, worker_id: &str) -> Result<String, ProtocolError> {
         validate_worker_id(worker_id)?;
-        Ok(format!("{}.heartbeat.{worker_id}", self.prefix))
+        Ok(format!("{}.workers.{worker_id}", self.prefix))
     }
 
-    /// `sd.heartbeat.>`: every worker's heartbeats.
+    /// `sd.workers.>`: every worker's heartbeats.
     pub fn heartbeats_wildcard(&self) -> String {
-        format!("{}.heartbeat.>", self.prefix)
+        format!("{}.workers.>", self.prefix)
     }
 
     /// `sd.dlq.<model>`: jobs for `model` that were given up on.
@@ -1598,8 +1598,8 @@ mod tests {
         assert_eq!(s.events_wildcard(), "sd.events.>");
         assert_eq!(s.cancel(id()), format!("sd.cancel.{}", id()));
         assert_eq!(s.cancel_wildcard(), "sd.cancel.>");
-        assert_eq!(s.heartbeat("gpu-7").unwrap(), "sd.heartbeat.gpu-7");
-        assert_eq!(s.heartbeats_wildcard(), "sd.heartbeat.>");
+        assert_eq!(s.heartbeat("gpu-7").unwrap(), "sd.workers.gpu-7");
+        assert_eq!(s.heartbeats_wildcard(), "sd.workers.>");
         assert_eq!(s.dead_letter("xl").unwrap(), "sd.dlq.xl");
         assert_eq!(s.dead_letter_wildcard(), "sd.dlq.>");
         assert_eq!(

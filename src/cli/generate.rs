@@ -10,10 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 use super::{load_model, ModelArgs};
-use crate::diffusion::image::rgb8_to_tensor;
 use crate::diffusion::image::tensor_to_rgb8;
-use crate::diffusion::{GenerationRequest, InitImage, ModelFamily, SchedulerKind, TimestepSpacing};
+use crate::diffusion::{SchedulerKind, TimestepSpacing};
+use crate::generation::{self, encode_image, Params};
 use crate::image_input::{self, ResizeMode};
+use crate::protocol::ImageFormat;
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
@@ -81,7 +82,7 @@ pub struct GenerateArgs {
     pub no_paste_back: bool,
     /// png, jpeg or webp; default: from --out's extension, else png.
     #[arg(long, value_enum)]
-    pub format: Option<OutputFormat>,
+    pub format: Option<ImageFormat>,
     /// JPEG and WebP quality, 1-100.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: u8,
@@ -100,40 +101,12 @@ pub struct GenerateArgs {
 }
 
 /// Output image encodings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    Png,
-    Jpeg,
-    Webp,
+/// Writes one image file in `format`.
+pub fn write_image(rgb: &image::RgbImage, path: &Path, format: ImageFormat, quality: u8) -> anyhow::Result<()> {
+    let bytes = encode_image(rgb, format, quality).with_context(|| format!("cannot encode {}", path.display()))?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-impl OutputFormat {
-    /// From a file name's extension; PNG when it names none of ours.
-    pub fn from_path(path: &Path) -> Self {
-        match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
-            Some("jpg" | "jpeg") => OutputFormat::Jpeg,
-            Some("webp") => OutputFormat::Webp,
-            _ => OutputFormat::Png,
-        }
-    }
-}
-
-/// Encodes `rgb` to `path`.
-pub fn write_image(rgb: &image::RgbImage, path: &Path, format: OutputFormat, quality: u8) -> anyhow::Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    let result = match format {
-        OutputFormat::Png => rgb.write_to(&mut w, image::ImageFormat::Png),
-        OutputFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, quality).encode_image(rgb),
-        OutputFormat::Webp => {
-            let encoded = webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height()).encode(quality as f32);
-            std::io::Write::write_all(&mut w, &encoded).map_err(image::ImageError::IoError)
-        }
-    };
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// `out.png` for image 0, `out-1.png`, `out-2.png`, ... after it.
 pub fn output_path(out: &Path, index: usize) -> PathBuf {
     if index == 0 {
         return out.to_path_buf();
@@ -216,62 +189,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let loaded = load_model(&args.model)?;
     let sd = &loaded.pipeline;
-    let entry = loaded.entry;
-    let xl = sd.family() == ModelFamily::StableDiffusionXl;
-    let native = sd.unet().config().sample_size_px(sd.vae_scale_factor());
-    let mut req = GenerationRequest::new(args.prompt.clone());
-    req.negative_prompt = args.negative_prompt.clone();
-    // An init image sets the size when none is asked for: its own, rounded down to a multiple of 8.
-    let own = init_picture.as_ref().map(image_input::default_size).transpose()?;
-    req.width = args.width.or(own.map(|s| s.0 as usize)).or(entry.map(|e| e.width as usize)).unwrap_or(native);
-    req.height = args.height.or(own.map(|s| s.1 as usize)).or(entry.map(|e| e.height as usize)).unwrap_or(native);
-    req.steps = args.steps.or(entry.map(|e| e.steps)).unwrap_or(30);
-    req.guidance_scale = args.guidance.or(entry.map(|e| e.guidance)).unwrap_or(if xl { 5.0 } else { 7.5 });
-    req.scheduler = match args.scheduler {
-        Some(s) => Some(s),
-        None => entry.map(|e| e.scheduler.parse::<SchedulerKind>()).transpose().map_err(anyhow::Error::msg)?,
+    let mut params = Params::new(args.prompt.clone());
+    params.negative_prompt = args.negative_prompt.clone();
+    params.width = args.width;
+    params.height = args.height;
+    params.steps = args.steps;
+    params.guidance = args.guidance;
+    params.scheduler = args.scheduler;
+    params.timestep_spacing = args.timestep_spacing;
+    params.seed = args.seed;
+    params.num_images = args.num_images;
+    params.initial_latents = initial_latents;
+    params.init_image = init_picture;
+    params.mask = mask_picture;
+    params.strength = args.strength;
+    params.mask_blur = args.mask_blur;
+    params.invert_mask = args.invert_mask;
+    params.paste_back = match (args.paste_back, args.no_paste_back) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
     };
-    req.timestep_spacing = match args.timestep_spacing {
-        Some(s) => Some(s),
-        None => entry
-            .and_then(|e| e.timestep_spacing)
-            .map(|s| s.parse::<TimestepSpacing>())
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-    };
-    req.seed = args.seed;
-    req.num_images = args.num_images;
-    req.initial_latents = initial_latents;
-    let mut input_warnings = Vec::new();
-    let (mut original, mut soft_mask) = (None, None);
-    if let Some(picture) = &init_picture {
-        let (w, h) = (req.width as u32, req.height as u32);
-        let white = image::Rgba([255, 255, 255, 255]);
-        let sized = image_input::resize(
-            &image::DynamicImage::ImageRgb8(image_input::flatten_rgb(picture)),
-            w,
-            h,
-            args.resize,
-            white,
-        );
-        let pixels = rgb8_to_tensor(&sized.to_rgb8(), &candle_core::Device::Cpu)?;
-        let mask = match &mask_picture {
-            Some(m) => {
-                let (values, warning) = image_input::mask_values(m, w, h, args.invert_mask);
-                input_warnings.extend(warning);
-                let soft = image_input::blur_mask(&values, w, h, args.mask_blur);
-                let cpu = &candle_core::Device::Cpu;
-                soft_mask = Some(Tensor::from_vec(soft, (1, 1, h as usize, w as usize), cpu)?);
-                Some(Tensor::from_vec(values, (1, 1, h as usize, w as usize), cpu)?)
-            }
-            None => None,
-        };
-        original = Some(pixels.clone());
-        let strength = args.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
-        req.init = Some(InitImage { pixels, strength, mask, noise });
-    } else if args.strength.is_some() || noise.is_some() {
-        bail!("--strength and --noise need --init-image");
-    }
+    params.resize = args.resize;
+    params.noise = noise;
+    let prepared = generation::prepare(sd, loaded.entry, params)?;
+    let req = &prepared.request;
 
     let bar = progress_bar(req.steps, args.json);
     let mut on_step = |info: &crate::diffusion::StepInfo| {
@@ -280,26 +222,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             bar.set_position(info.step as u64);
         }
     };
-    let output = sd.generate(&req, &mut on_step, None)?;
+    let output = sd.generate(req, &mut on_step, None)?;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let warnings: Vec<String> = input_warnings.iter().chain(&output.warnings).cloned().collect();
+    let warnings: Vec<String> = prepared.warnings.iter().chain(&output.warnings).cloned().collect();
     for w in &warnings {
         eprintln!("warning: {w}");
     }
 
-    // Paste the original back outside the mask: the default for models that are not inpainting models.
-    let paste = args.paste_back || (!args.no_paste_back && soft_mask.is_some() && !sd.is_inpainting());
-    let finals: Vec<Tensor> = match (&original, &soft_mask) {
-        (Some(orig), Some(mask)) if paste => output
-            .images
-            .iter()
-            .map(|i| crate::diffusion::image::paste_back(&i.pixels, orig, mask))
-            .collect::<candle_core::Result<_>>()?,
-        _ => output.images.iter().map(|i| i.pixels.clone()).collect(),
-    };
-    let format = args.format.unwrap_or_else(|| OutputFormat::from_path(&args.out));
+    let finals = prepared.finish(&output)?;
+    let format = args.format.unwrap_or_else(|| ImageFormat::from_path(&args.out));
     let mut written = Vec::with_capacity(finals.len());
     for (i, (pixels, img)) in finals.iter().zip(&output.images).enumerate() {
         let path = output_path(&args.out, i);

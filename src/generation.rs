@@ -1,0 +1,194 @@
+//! From what a user asks for to files: the layer between a caller's parameters (the CLI's flags, a bus
+//! job) and the diffusion core. It fills the model's defaults, brings init images and masks to the
+//! requested size, pastes originals back after inpainting and encodes the results as PNG, JPEG or WebP.
+//! `sd-rbee generate` and the worker both go through here, so one job gives the same bytes either way.
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, RgbImage};
+
+use crate::diffusion::image::{paste_back, rgb8_to_tensor, tensor_to_rgb8};
+use crate::diffusion::{
+    GenerateError, GenerationOutput, GenerationRequest, InitImage, ModelFamily, SchedulerKind, StableDiffusion,
+    TimestepSpacing,
+};
+use crate::hub::RegistryEntry;
+use crate::image_input::{self, ResizeMode};
+use crate::protocol::ImageFormat;
+
+/// What the caller asks for; `None` means the model's default.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub scheduler: Option<SchedulerKind>,
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub seed: Option<u64>,
+    pub num_images: usize,
+    /// Starting latents instead of seeded noise (txt2img).
+    pub initial_latents: Option<Tensor>,
+    /// img2img / inpainting: the starting picture, and the mask (white = repaint).
+    pub init_image: Option<DynamicImage>,
+    pub mask: Option<DynamicImage>,
+    /// `None`: 0.8, or 1.0 with a mask.
+    pub strength: Option<f64>,
+    pub mask_blur: f32,
+    pub invert_mask: bool,
+    /// `None`: paste back for models that are not inpainting models.
+    pub paste_back: Option<bool>,
+    pub resize: ResizeMode,
+    /// Replaces the seeded noise added to the init image.
+    pub noise: Option<Tensor>,
+}
+
+impl Params {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            scheduler: None,
+            timestep_spacing: None,
+            seed: None,
+            num_images: 1,
+            initial_latents: None,
+            init_image: None,
+            mask: None,
+            strength: None,
+            mask_blur: 4.0,
+            invert_mask: false,
+            paste_back: None,
+            resize: ResizeMode::Fit,
+            noise: None,
+        }
+    }
+}
+
+/// A request ready for [`StableDiffusion::generate`], and what [`Prepared::finish`] needs afterwards.
+pub struct Prepared {
+    pub request: GenerationRequest,
+    /// Things the user should see (e.g. a mask of another size was resized).
+    pub warnings: Vec<String>,
+    original: Option<Tensor>,
+    soft_mask: Option<Tensor>,
+    paste: bool,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> GenerateError {
+    GenerateError::InvalidRequest { field, message: message.into() }
+}
+
+/// Fills `params`' gaps with the registry entry's defaults (when the model was named by a short name), else
+/// the model's own, and prepares the init image and mask.
+pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Params) -> Result<Prepared, GenerateError> {
+    if params.mask.is_some() && params.init_image.is_none() {
+        return Err(invalid("mask", "needs an init image (the picture to inpaint)"));
+    }
+    if params.init_image.is_none() && (params.strength.is_some() || params.noise.is_some()) {
+        let field = if params.strength.is_some() { "strength" } else { "noise" };
+        return Err(invalid(field, "needs an init image"));
+    }
+    let xl = sd.family() == ModelFamily::StableDiffusionXl;
+    let native = sd.unet().config().sample_size_px(sd.vae_scale_factor());
+    let mut req = GenerationRequest::new(params.prompt);
+    req.negative_prompt = params.negative_prompt;
+    // An init image sets the size when none is asked for: its own, rounded down to a multiple of 8.
+    let own = match &params.init_image {
+        Some(img) => Some(image_input::default_size(img).map_err(|e| invalid("init_image", format!("{e:#}")))?),
+        None => None,
+    };
+    req.width = params.width.or(own.map(|s| s.0 as usize)).or(entry.map(|e| e.width as usize)).unwrap_or(native);
+    req.height = params.height.or(own.map(|s| s.1 as usize)).or(entry.map(|e| e.height as usize)).unwrap_or(native);
+    req.steps = params.steps.or(entry.map(|e| e.steps)).unwrap_or(30);
+    req.guidance_scale = params.guidance.or(entry.map(|e| e.guidance)).unwrap_or(if xl { 5.0 } else { 7.5 });
+    req.scheduler = match params.scheduler {
+        Some(s) => Some(s),
+        None => entry
+            .map(|e| e.scheduler.parse::<SchedulerKind>())
+            .transpose()
+            .map_err(|e| invalid("scheduler", e.to_string()))?,
+    };
+    req.timestep_spacing = match params.timestep_spacing {
+        Some(s) => Some(s),
+        None => entry
+            .and_then(|e| e.timestep_spacing)
+            .map(|s| s.parse::<TimestepSpacing>())
+            .transpose()
+            .map_err(|e| invalid("timestep_spacing", e.to_string()))?,
+    };
+    req.seed = params.seed;
+    req.num_images = params.num_images;
+    req.initial_latents = params.initial_latents;
+    for (field, value) in [("width", req.width), ("height", req.height)] {
+        if value == 0 || value % 8 != 0 {
+            return Err(invalid(field, format!("must be a positive multiple of 8, got {value}")));
+        }
+    }
+
+    let mut warnings = Vec::new();
+    let (mut original, mut soft_mask) = (None, None);
+    if let Some(picture) = &params.init_image {
+        let (w, h) = (req.width as u32, req.height as u32);
+        let white = image::Rgba([255, 255, 255, 255]);
+        let flat = DynamicImage::ImageRgb8(image_input::flatten_rgb(picture));
+        let sized = image_input::resize(&flat, w, h, params.resize, white);
+        let cpu = &Device::Cpu;
+        let pixels = rgb8_to_tensor(&sized.to_rgb8(), cpu)?;
+        let mask = match &params.mask {
+            Some(m) => {
+                let (values, warning) = image_input::mask_values(m, w, h, params.invert_mask);
+                warnings.extend(warning);
+                let soft = image_input::blur_mask(&values, w, h, params.mask_blur);
+                soft_mask = Some(Tensor::from_vec(soft, (1, 1, h as usize, w as usize), cpu)?);
+                Some(Tensor::from_vec(values, (1, 1, h as usize, w as usize), cpu)?)
+            }
+            None => None,
+        };
+        original = Some(pixels.clone());
+        let strength = params.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        req.init = Some(InitImage { pixels, strength, mask, noise: params.noise });
+    }
+    // Paste the original back outside the mask: the default for models that are not inpainting models.
+    let paste = soft_mask.is_some() && params.paste_back.unwrap_or(!sd.is_inpainting());
+    Ok(Prepared { request: req, warnings, original, soft_mask, paste })
+}
+
+impl Prepared {
+    /// The final images (`[3, H, W]` in [0, 1]): the generated pixels, with the original pasted back
+    /// outside the (blurred) mask when that applies.
+    pub fn finish(&self, output: &GenerationOutput) -> candle_core::Result<Vec<Tensor>> {
+        match (&self.original, &self.soft_mask) {
+            (Some(orig), Some(mask)) if self.paste => {
+                output.images.iter().map(|i| paste_back(&i.pixels, orig, mask)).collect()
+            }
+            _ => Ok(output.images.iter().map(|i| i.pixels.clone()).collect()),
+        }
+    }
+}
+
+/// Encodes an RGB image. `quality` (1–100) applies to JPEG and WebP (lossy, through libwebp).
+pub fn encode_image(rgb: &RgbImage, format: ImageFormat, quality: u8) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match format {
+        ImageFormat::Png => rgb.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?,
+        ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(rgb)?,
+        ImageFormat::Webp => {
+            out = webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height()).encode(quality as f32).to_vec()
+        }
+    }
+    Ok(out)
+}
+
+/// Rounds a final image to 8 bits (as diffusers does) and encodes it.
+pub fn encode_tensor(pixels: &Tensor, format: ImageFormat, quality: u8) -> anyhow::Result<Vec<u8>> {
+    encode_image(&tensor_to_rgb8(pixels)?, format, quality)
+}
+
+/// The default JPEG/WebP quality.
+pub const DEFAULT_QUALITY: u8 = 90;

@@ -1,0 +1,267 @@
+//! Where results (and uploaded inputs) live: one object store named by a URL, through the `object_store`
+//! crate.
+//!
+//! | URL | store | configuration |
+//! | --- | --- | --- |
+//! | `file:///var/lib/sd-rbee` or a plain path | a local folder (the embedded default) | none |
+//! | `s3://bucket[/prefix]` | S3, MinIO, any S3-compatible server | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT`), `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint |
+//! | `gs://bucket[/prefix]` | Google Cloud Storage | `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_APPLICATION_CREDENTIALS` |
+//! | `az://container[/prefix]` | Azure Blob Storage | `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, ... |
+//! | `memory://` | in process memory (tests) | none |
+//!
+//! Keys are the protocol's (`jobs/<job_id>/<n>.png`), relative to the URL's prefix. Transient errors
+//! (connection refused, 5xx, timeouts) are retried with backoff for up to [`StoreOptions::retry_timeout`]
+//! before an operation fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// How a [`Store`] behaves.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long one operation keeps retrying transient errors.
+    pub retry_timeout: Duration,
+    /// Lifetime of presigned GET URLs (S3, GCS, Azure); `None`: no URLs.
+    pub presign_ttl: Option<Duration>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { retry_timeout: Duration::from_secs(30), presign_ttl: Some(Duration::from_secs(24 * 60 * 60)) }
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found in {store}")]
+    NotFound { key: String, store: String },
+    #[error("{op} {key} in {store} failed: {source}")]
+    Failed {
+        op: &'static str,
+        key: String,
+        store: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// An object store and the key prefix inside it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    signer: Option<Arc<dyn Signer>>,
+    prefix: String,
+    url: String,
+    presign_ttl: Option<Duration>,
+    /// Whether objects carry a content type (the local file system keeps none).
+    content_types: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("url", &self.url).finish()
+    }
+}
+
+fn retry_config(timeout: Duration) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: usize::MAX,
+        retry_timeout: timeout,
+    }
+}
+
+impl Store {
+    /// Opens the store named by `url` (see the module documentation).
+    pub fn open(url: &str, opts: &StoreOptions) -> anyhow::Result<Self> {
+        let url_text = url.trim();
+        if url_text.is_empty() {
+            bail!("the store URL is empty (use file:///path, s3://bucket, gs://bucket, az://container or memory://)");
+        }
+        if !url_text.contains("://") {
+            return Self::local(std::path::Path::new(url_text), url_text, opts);
+        }
+        let parsed = url::Url::parse(url_text).with_context(|| format!("store URL {url_text:?} is not a URL"))?;
+        let prefix = parsed.path().trim_matches('/').to_string();
+        let retry = retry_config(opts.retry_timeout);
+        let (inner, signer): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>) = match parsed.scheme() {
+            "file" => {
+                let path =
+                    parsed.to_file_path().map_err(|_| anyhow::anyhow!("store URL {url_text:?} is not a local path"))?;
+                return Self::local(&path, url_text, opts);
+            }
+            "memory" => (Arc::new(object_store::memory::InMemory::new()), None),
+            "s3" | "s3a" => {
+                let bucket = parsed.host_str().filter(|b| !b.is_empty()).context("s3:// URL without a bucket")?;
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .build()
+                    .with_context(|| format!("cannot configure S3 store {url_text}"))?;
+                let s3 = Arc::new(s3);
+                (s3.clone(), Some(s3))
+            }
+            "gs" => {
+                let bucket = parsed.host_str().context("gs:// URL without a bucket")?;
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .build()
+                    .with_context(|| format!("cannot configure GCS store {url_text}"))?;
+                let gcs = Arc::new(gcs);
+                (gcs.clone(), Some(gcs))
+            }
+            "az" | "azure" | "abfs" => {
+                let container = parsed.host_str().context("az:// URL without a container")?;
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_retry(retry)
+                    .build()
+                    .with_context(|| format!("cannot configure Azure store {url_text}"))?;
+                let az = Arc::new(az);
+                (az.clone(), Some(az))
+            }
+            other => bail!("store URL scheme {other:?} is not supported (use file, s3, gs, az or memory)"),
+        };
+        let content_types = true;
+        Ok(Self { inner, signer, prefix, url: url_text.to_string(), presign_ttl: opts.presign_ttl, content_types })
+    }
+
+    fn local(path: &std::path::Path, url: &str, opts: &StoreOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path).with_context(|| format!("cannot create store folder {}", path.display()))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
+            .with_context(|| format!("cannot open store folder {}", path.display()))?
+            .with_automatic_cleanup(true);
+        let _ = opts;
+        Ok(Self {
+            inner: Arc::new(fs),
+            signer: None,
+            prefix: String::new(),
+            url: url.to_string(),
+            presign_ttl: None,
+            content_types: false,
+        })
+    }
+
+    /// The URL it was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn failed(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.into(), store: self.url.clone() },
+            source => StoreError::Failed { op, key: key.into(), store: self.url.clone(), source },
+        }
+    }
+
+    /// Writes `bytes` at `key` (replacing what was there: writes are idempotent).
+    pub async fn put(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
+        let mut attrs = object_store::Attributes::new();
+        if self.content_types {
+            attrs.insert(object_store::Attribute::ContentType, content_type.to_string().into());
+        }
+        let opts = object_store::PutOptions { attributes: attrs, ..Default::default() };
+        self.inner
+            .put_opts(&self.path(key), PutPayload::from_bytes(bytes), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.failed("put", key, e))
+    }
+
+    /// Reads the whole object at `key`.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let result = self.inner.get(&self.path(key)).await.map_err(|e| self.failed("get", key, e))?;
+        result.bytes().await.map_err(|e| self.failed("get", key, e))
+    }
+
+    /// The size of the object at `key`, `None` if there is none.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.failed("head", key, e)),
+        }
+    }
+
+    /// A presigned GET URL for `key`, when the store can make one and URLs are enabled.
+    pub async fn presigned_get(&self, key: &str) -> Option<String> {
+        let (signer, ttl) = (self.signer.as_ref()?, self.presign_ttl?);
+        match signer.signed_url(object_store::signer::Method::GET, &self.path(key), ttl).await {
+            Ok(url) => Some(url.to_string()),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "cannot presign a URL");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_store_round_trip_and_missing_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Store::open(&url, &StoreOptions::default()).unwrap();
+        assert_eq!(store.size("jobs/a/0.png").await.unwrap(), None);
+        store.put("jobs/a/0.png", Bytes::from_static(b"png!"), "image/png").await.unwrap();
+        assert_eq!(store.size("jobs/a/0.png").await.unwrap(), Some(4));
+        assert_eq!(&store.get("jobs/a/0.png").await.unwrap()[..], b"png!");
+        assert!(dir.path().join("jobs/a/0.png").is_file());
+        assert!(store.presigned_get("jobs/a/0.png").await.is_none());
+        let missing = store.get("jobs/b/0.png").await.unwrap_err();
+        assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
+        assert!(missing.to_string().contains("jobs/b/0.png"));
+    }
+
+    #[tokio::test]
+    async fn plain_paths_are_local_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("results");
+        let store = Store::open(sub.to_str().unwrap(), &StoreOptions::default()).unwrap();
+        store.put("k", Bytes::from_static(b"x"), "text/plain").await.unwrap();
+        assert!(sub.join("k").is_file());
+    }
+
+    #[test]
+    fn bad_urls_are_named() {
+        let opts = StoreOptions::default();
+        let err = Store::open("ftp://host/x", &opts).unwrap_err().to_string();
+        assert!(err.contains("\"ftp\""), "{err}");
+        let err = Store::open("", &opts).unwrap_err().to_string();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn s3_urls_presign_with_the_prefix() {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        let store = Store::open("s3://results-bucket/fleet-a", &StoreOptions::default()).unwrap();
+        let url = store.presigned_get("jobs/x/0.png").await.expect("S3 stores presign");
+        assert!(url.contains("results-bucket") && url.contains("fleet-a/jobs/x/0.png"), "{url}");
+        assert!(url.contains("X-Amz-Signature="), "{url}");
+    }
+}
