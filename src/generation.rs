@@ -3,9 +3,10 @@
 //! requested size, pastes originals back after inpainting and encodes the results as PNG, JPEG or WebP.
 //! `sd-rbee generate` and the worker both go through here, so one job gives the same bytes either way.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, RgbImage};
 
+use crate::device::DeviceSpec;
 use crate::diffusion::image::{paste_back, rgb8_to_tensor, tensor_to_rgb8};
 use crate::diffusion::{
     GenerateError, GenerationOutput, GenerationRequest, InitImage, ModelFamily, SchedulerKind, StableDiffusion,
@@ -14,6 +15,35 @@ use crate::diffusion::{
 use crate::hub::RegistryEntry;
 use crate::image_input::{self, ResizeMode};
 use crate::protocol::ImageFormat;
+
+/// A loaded pipeline and the registry entry it came from, if it was named by a short name.
+pub struct LoadedModel {
+    pub pipeline: StableDiffusion,
+    pub entry: Option<&'static RegistryEntry>,
+    /// How the model was named, for people (folder, repo id or short name).
+    pub display: String,
+    pub load_ms: f64,
+}
+
+/// Resolves `spec` (a local folder, a Hub repo id or a short name) and loads it on `device` in `dtype`.
+/// `offline`: use only the Hugging Face cache (also HF_HUB_OFFLINE=1).
+pub fn load_model(spec: &str, device: DeviceSpec, dtype: DType, offline: bool) -> anyhow::Result<LoadedModel> {
+    use anyhow::Context;
+    let start = std::time::Instant::now();
+    let mut hub_opts = crate::hub::HubOptions::from_env();
+    hub_opts.offline |= offline;
+    hub_opts.prefer_fp16 = dtype == DType::F16;
+    let resolved = crate::hub::resolve(spec, &hub_opts)?;
+    let opts = crate::diffusion::LoadOptions { device: device.open()?, dtype };
+    let pipeline = StableDiffusion::load(&resolved.dir, &opts)
+        .with_context(|| format!("cannot load model {}", resolved.display))?;
+    Ok(LoadedModel {
+        pipeline,
+        entry: resolved.entry,
+        display: resolved.display,
+        load_ms: start.elapsed().as_secs_f64() * 1000.0,
+    })
+}
 
 /// What the caller asks for; `None` means the model's default.
 #[derive(Clone, Debug)]

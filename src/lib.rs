@@ -2,7 +2,9 @@
 //! folders (local, Hugging Face Hub, or built-in short names); [`device`] picks where models run; [`cli`]
 //! is the `sd-rbee` command line.
 
+pub mod bus;
 pub mod cli;
+pub mod client;
 pub mod device;
 pub mod diffusion;
 pub mod generation;
@@ -10,3 +12,4 @@ pub mod hub;
 pub mod image_input;
 pub mod protocol;
 pub mod storage;
+pub mod worker;

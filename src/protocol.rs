@@ -467,7 +467,7 @@ impl JobRequest {
         if self.id.is_nil() {
             return Err(E::invalid("id", "must not be the nil UUID"));
         }
-        validate_subject_token("model", &self.model)?;
+        validate_model_name(&self.model)?;
         if self.prompt.trim().is_empty() {
             return Err(E::invalid("prompt", "must not be empty"));
         }
@@ -965,9 +965,16 @@ pub fn validate_subject_token(field: &str, value: &str) -> Result<(), ProtocolEr
     Ok(())
 }
 
-/// Checks a model name (a subject token).
+/// Checks a model name: a subject token that can also name a JetStream consumer (no `/` or `\\`).
 pub fn validate_model_name(model: &str) -> Result<(), ProtocolError> {
-    validate_subject_token("model", model)
+    validate_subject_token("model", model)?;
+    if let Some(c) = model.chars().find(|&c| matches!(c, '/' | '\\')) {
+        return Err(ProtocolError::invalid(
+            "model",
+            format!("{model:?} contains {c:?}; a model name has no '/' or '\\'"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a worker id (a subject token).

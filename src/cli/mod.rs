@@ -10,6 +10,8 @@ use crate::device::{parse_dtype, DeviceSpec};
 pub mod bench;
 pub mod generate;
 pub mod models;
+pub mod submit;
+pub mod worker;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +36,10 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// List the built-in model short names and their defaults.
     Models,
+    /// Serve models to the fleet: pull jobs from NATS JetStream, store results in object storage.
+    Worker(Box<worker::WorkerArgs>),
+    /// Publish a job on the bus; with --wait, follow it to the end.
+    Submit(Box<submit::SubmitArgs>),
 }
 
 /// Where a model comes from and how it runs; shared by every subcommand that loads one.
@@ -54,10 +60,34 @@ pub struct ModelArgs {
     pub offline: bool,
 }
 
-fn init_tracing(level: &str) {
+fn init_tracing(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// A duration such as `30s`, `500ms`, `2m`, `1h` or a plain number of seconds (`1.5`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// Entry point of the binary.
@@ -65,14 +95,23 @@ pub fn main() -> ExitCode {
     crate::device::pin_cpu_threads();
     crate::device::keep_freed_memory();
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    let json_logs = matches!(&cli.command, Command::Worker(w) if w.log_json);
+    // Long-running services log what they do by default.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Worker(_), "warn") => "info",
+        (_, level) => level,
+    };
+    init_tracing(level, json_logs);
     let result = match cli.command {
-        Command::Generate(args) => generate::run(*args),
-        Command::Bench(cmd) => bench::run(cmd),
-        Command::Models => models::run(),
+        Command::Generate(args) => generate::run(*args).map(|()| true),
+        Command::Bench(cmd) => bench::run(cmd).map(|()| true),
+        Command::Models => models::run().map(|()| true),
+        Command::Worker(args) => worker::run(*args).map(|()| true),
+        Command::Submit(args) => submit::run(*args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
@@ -96,30 +135,9 @@ pub fn one_line(err: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
-/// A loaded pipeline and the registry entry it came from, if it was named by a short name.
-pub struct LoadedModel {
-    pub pipeline: crate::diffusion::StableDiffusion,
-    pub entry: Option<&'static crate::hub::RegistryEntry>,
-    pub display: String,
-    pub load_ms: f64,
-}
+pub use crate::generation::LoadedModel;
 
 /// Resolves `--model` (local folder, Hub repo or short name) and loads it on `--device` in `--dtype`.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
-    use anyhow::Context;
-    let start = std::time::Instant::now();
-    let mut hub_opts = crate::hub::HubOptions::from_env();
-    hub_opts.offline |= args.offline;
-    hub_opts.prefer_fp16 = args.dtype == candle_core::DType::F16;
-    let resolved = crate::hub::resolve(&args.model, &hub_opts)?;
-    let device = args.device.open()?;
-    let opts = crate::diffusion::LoadOptions { device, dtype: args.dtype };
-    let pipeline = crate::diffusion::StableDiffusion::load(&resolved.dir, &opts)
-        .with_context(|| format!("cannot load model {}", resolved.display))?;
-    Ok(LoadedModel {
-        pipeline,
-        entry: resolved.entry,
-        display: resolved.display,
-        load_ms: start.elapsed().as_secs_f64() * 1000.0,
-    })
+    crate::generation::load_model(&args.model, args.device, args.dtype, args.offline)
 }

@@ -101,6 +101,17 @@ pub enum TimestepSpacing {
     Trailing,
 }
 
+impl TimestepSpacing {
+    /// The name diffusers (and the CLI) use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Linspace => "linspace",
+            TimestepSpacing::Trailing => "trailing",
+        }
+    }
+}
+
 impl FromStr for TimestepSpacing {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {

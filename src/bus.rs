@@ -1,0 +1,213 @@
+//! The NATS side shared by the worker, the queen and the client: connecting (reconnecting for ever once
+//! connected), the JetStream streams of `docs/PROTOCOL.md`, the per-model job consumers, and publishing
+//! with the headers the protocol asks for.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::protocol::{self, Subjects, MSG_ID_HEADER};
+
+/// Connects to `url` as `name`. The first connection must succeed within `timeout` (an error names the
+/// URL); afterwards the client reconnects on its own for as long as the process runs.
+pub async fn connect(url: &str, name: &str, timeout: Duration) -> anyhow::Result<async_nats::Client> {
+    let opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .max_reconnects(None)
+        .connection_timeout(timeout.min(Duration::from_secs(10)))
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(|attempts| Duration::from_millis((100 * attempts as u64).min(2000)))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    let started = std::time::Instant::now();
+    loop {
+        match opts.clone().connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e) if started.elapsed() < timeout => {
+                tracing::debug!(url, error = %e, "NATS not reachable yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot connect to NATS at {url}")),
+        }
+    }
+}
+
+/// Retention of the streams (defaults: the protocol's).
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    pub duplicate_window: Duration,
+    pub events_max_age: Duration,
+    pub dlq_max_age: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            duplicate_window: Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS),
+            events_max_age: Duration::from_secs(protocol::EVENTS_MAX_AGE_SECS),
+            dlq_max_age: Duration::from_secs(protocol::DLQ_MAX_AGE_SECS),
+        }
+    }
+}
+
+/// Creates the jobs, events and dead-letter streams, or binds them when they exist (an operator's changes
+/// to an existing stream are kept).
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
+    let configs = [
+        stream::Config {
+            name: subjects.jobs_stream(),
+            subjects: vec![subjects.jobs_wildcard()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: settings.duplicate_window,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.events_stream(),
+            subjects: vec![subjects.events_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.events_max_age,
+            duplicate_window: settings.duplicate_window,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.dlq_stream(),
+            subjects: vec![subjects.dead_letter_wildcard()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.dlq_max_age,
+            duplicate_window: settings.duplicate_window,
+            ..Default::default()
+        },
+    ];
+    for config in configs {
+        let name = config.name.clone();
+        js.get_or_create_stream(config).await.with_context(|| format!("cannot create or bind stream {name}"))?;
+    }
+    Ok(())
+}
+
+/// How a model's job consumer redelivers.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    /// A job not acked (or progress-acked) within this is redelivered to another worker.
+    pub ack_wait: Duration,
+    /// Deliveries before a job is given up on (dead-lettered).
+    pub max_deliver: i64,
+    /// Jobs of this model in flight across the fleet.
+    pub max_ack_pending: i64,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: protocol::JOBS_MAX_DELIVER as i64,
+            max_ack_pending: 1024,
+        }
+    }
+}
+
+/// The durable name of `model`'s job consumer, shared by every worker that serves the model.
+pub fn consumer_name(model: &str) -> String {
+    format!("workers-{model}")
+}
+
+/// Creates (or updates to `settings`) the durable pull consumer of `model`'s jobs.
+pub async fn jobs_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    model: &str,
+    settings: &ConsumerSettings,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
+    let config = consumer::pull::Config {
+        durable_name: Some(consumer_name(model)),
+        description: Some(format!("sd-rbee workers serving {model}")),
+        filter_subject: subjects.jobs(model)?,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: settings.ack_wait,
+        max_deliver: settings.max_deliver,
+        max_ack_pending: settings.max_ack_pending,
+        ..Default::default()
+    };
+    stream.create_consumer(config).await.with_context(|| format!("cannot create the job consumer of model {model}"))
+}
+
+/// Headers with `Nats-Msg-Id`.
+pub fn msg_id_headers(msg_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID_HEADER, msg_id);
+    headers
+}
+
+/// Publishes to a stream and waits for the server's acknowledgement, retrying for up to `patience` (the
+/// server may be restarting); `msg_id` makes retries safe.
+pub async fn publish_persistent(
+    js: &jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?.await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() < patience => {
+                tracing::warn!(subject, error = %e, "publish failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot publish to {subject}: {e}")),
+        }
+    }
+}
+
+/// Publishes a job on `sd.jobs.<model>` with `Nats-Msg-Id` = its id (a retried publish is not a second
+/// job), after validating it.
+pub async fn publish_job(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    job: &protocol::JobRequest,
+    limits: &protocol::Limits,
+) -> anyhow::Result<()> {
+    job.validate(limits)?;
+    let subject = subjects.jobs(&job.model)?;
+    let ack = js
+        .publish_with_headers(subject.clone(), msg_id_headers(&job.msg_id()), protocol::encode(job).into())
+        .await
+        .with_context(|| format!("cannot publish job {} to {subject}", job.id))?
+        .await
+        .with_context(|| {
+            format!("job {} was not stored (no stream for {subject}? a worker creates the streams)", job.id)
+        })?;
+    tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
+    Ok(())
+}
+
+/// A job's id from a message that may not decode: the payload's `id`, else its `Nats-Msg-Id` header.
+pub fn job_id_of(payload: &[u8], headers: Option<&HeaderMap>) -> Option<Uuid> {
+    protocol::peek_job_id(payload)
+        .or_else(|| headers.and_then(|h| h.get(MSG_ID_HEADER)).and_then(|v| Uuid::parse_str(v.as_str()).ok()))
+}

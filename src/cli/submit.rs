@@ -1,0 +1,208 @@
+//! `sd-rbee submit`: publish one job on the bus; with `--wait`, follow its events to the end (a progress
+//! bar on stderr) and print the result, as one JSON object with `--json`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::parse_duration;
+use crate::client::BusClient;
+use crate::diffusion::{SchedulerKind, TimestepSpacing};
+use crate::image_input::ResizeMode;
+use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest};
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// NATS server URL.
+    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Subject prefix of the fleet.
+    #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
+    pub prefix: String,
+    /// The short name of a model the fleet serves (a worker's --model NAME).
+    #[arg(long, short = 'm')]
+    pub model: String,
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 512)]
+    pub width: u32,
+    #[arg(long, default_value_t = 512)]
+    pub height: u32,
+    #[arg(long)]
+    pub steps: Option<u32>,
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    #[arg(long)]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    pub num_images: u32,
+    /// img2img (or inpaint with --mask): the starting picture, sent inline.
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    #[arg(long)]
+    pub strength: Option<f64>,
+    #[arg(long, default_value_t = protocol::DEFAULT_MASK_BLUR)]
+    pub mask_blur: u32,
+    #[arg(long)]
+    pub invert_mask: bool,
+    #[arg(long)]
+    pub no_paste_back: bool,
+    #[arg(long, value_enum, default_value_t = ResizeMode::Fit)]
+    pub resize: ResizeMode,
+    #[arg(long, value_enum, default_value_t = ImageFormat::Png)]
+    pub format: ImageFormat,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: Option<u8>,
+    /// The job is worthless after this long (it fails with TIMEOUT).
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Your key for this request; the queen maps a retried request to the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Use this job id (a UUID) instead of a fresh one: publishing the same id twice is one job.
+    #[arg(long)]
+    pub job_id: Option<uuid::Uuid>,
+    /// Follow the job to its end; exit non-zero unless it completes.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
+    let kind = match (&args.init_image, &args.mask) {
+        (None, None) => JobKind::Txt2Img,
+        (Some(_), None) => JobKind::Img2Img,
+        (Some(_), Some(_)) => JobKind::Inpaint,
+        (None, Some(_)) => anyhow::bail!("--mask needs --init-image (the picture to inpaint)"),
+    };
+    let mut job = JobRequest::new(kind, args.model.clone(), args.prompt.clone());
+    if let Some(id) = args.job_id {
+        job.id = id;
+    }
+    job.negative_prompt = args.negative_prompt.clone();
+    job.width = args.width;
+    job.height = args.height;
+    job.steps = args.steps;
+    job.guidance = args.guidance;
+    job.scheduler = args.scheduler.map(|s| s.name().to_string());
+    job.timestep_spacing = args.timestep_spacing.map(|s| s.name().to_string());
+    job.seed = args.seed;
+    job.num_images = args.num_images;
+    let read = |p: &PathBuf, flag: &str| -> anyhow::Result<ImageSource> {
+        Ok(ImageSource::Inline(std::fs::read(p).with_context(|| format!("{flag} {}", p.display()))?))
+    };
+    job.init_image = args.init_image.as_ref().map(|p| read(p, "--init-image")).transpose()?;
+    job.mask = args.mask.as_ref().map(|p| read(p, "--mask")).transpose()?;
+    job.strength = args.strength;
+    job.mask_blur = args.mask_blur;
+    job.invert_mask = args.invert_mask;
+    job.paste_back = !args.no_paste_back;
+    job.resize_mode = args.resize;
+    job.output.format = args.format;
+    job.output.quality = args.quality;
+    job.deadline = args.deadline.map(|d| job.created_at + d.as_millis() as u64);
+    job.idempotency_key = args.idempotency_key.clone();
+    Ok(job)
+}
+
+pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
+    let job = job_of(&args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let client = BusClient::connect(&args.nats, &args.prefix).await.context("--nats")?;
+        client.submit(&job).await?;
+        if !args.wait {
+            if args.json {
+                println!("{}", serde_json::json!({"job_id": job.id, "status": "queued"}));
+            } else {
+                println!("{}", job.id);
+            }
+            return Ok(true);
+        }
+        let bar = (!args.json || std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(job.steps.unwrap_or(0) as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} step {pos}/{len} [{bar:30}] {elapsed}") {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            if !std::io::stderr().is_terminal() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.set_message("queued");
+            bar
+        });
+        let last = client
+            .wait(job.id, args.timeout, |event| {
+                if let Some(bar) = &bar {
+                    match event {
+                        Event::Accepted(a) => bar.set_message(format!("running on {}", a.worker_id)),
+                        Event::Progress(p) => {
+                            bar.set_length(p.total as u64);
+                            bar.set_position(p.step as u64);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .await?;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        report(&job, &last, args.json)
+    })
+}
+
+/// Prints the final status; true when the job completed.
+fn report(job: &JobRequest, last: &Event, json: bool) -> anyhow::Result<bool> {
+    let ok = matches!(last, Event::Completed(_));
+    if json {
+        let mut value = serde_json::json!({"job_id": job.id, "model": job.model, "status": last.type_name()});
+        match last {
+            Event::Completed(c) => {
+                value["images"] = serde_json::to_value(&c.images)?;
+                value["timings"] = serde_json::to_value(c.timings)?;
+            }
+            Event::Failed(f) => {
+                value["error"] = serde_json::json!({"code": f.code, "message": f.message, "field": f.field});
+            }
+            Event::Cancelled(c) => value["at_step"] = serde_json::json!(c.at_step),
+            _ => {}
+        }
+        println!("{value}");
+    } else {
+        match last {
+            Event::Completed(c) => {
+                for i in &c.images {
+                    println!(
+                        "{} (seed {}, {}x{}, {} bytes){}",
+                        i.key,
+                        i.seed,
+                        i.width,
+                        i.height,
+                        i.bytes,
+                        i.url.as_deref().map(|u| format!(" {u}")).unwrap_or_default()
+                    );
+                }
+            }
+            Event::Failed(f) => eprintln!("error: job {} failed: {} {}", job.id, f.code, f.message),
+            Event::Cancelled(_) => eprintln!("job {} was cancelled", job.id),
+            _ => {}
+        }
+    }
+    Ok(ok)
+}

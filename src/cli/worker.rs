@@ -1,0 +1,95 @@
+//! `sd-rbee worker`: flags and environment to a [`WorkerConfig`], then serve until SIGINT/SIGTERM.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::parse_duration;
+use crate::device::{parse_dtype, DeviceSpec};
+use crate::worker::{ModelSpec, Worker, WorkerConfig};
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// NATS server URL.
+    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Where results go: file:///path (default ./sd-rbee-store), s3://bucket[/prefix], gs://..., az://...
+    /// S3 reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP.
+    #[arg(long, env = "SD_RBEE_STORE_URL", default_value = "sd-rbee-store")]
+    pub store: String,
+    /// A model to serve: NAME=PATH_OR_REPO (or a short name alone); repeat for several.
+    #[arg(long = "model", short = 'm', required = true, value_name = "NAME=PATH_OR_REPO")]
+    pub models: Vec<ModelSpec>,
+    /// cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: candle_core::DType,
+    /// Never download models; use only the Hugging Face cache.
+    #[arg(long)]
+    pub offline: bool,
+    /// This worker's id (a subject token); default: host name plus a random suffix.
+    #[arg(long, env = "SD_RBEE_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Subject prefix of the fleet.
+    #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
+    pub prefix: String,
+    /// Jobs run at the same time.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// A job not acked within this is redelivered (the worker sends in-progress acks at a third of it).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Deliveries of a job before it is dead-lettered.
+    #[arg(long, default_value_t = 3)]
+    pub max_deliver: i64,
+    /// Nak delays after transient failures, by delivery, comma-separated (the last repeats).
+    #[arg(long, default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_duration)]
+    pub retry_backoff: Vec<Duration>,
+    /// Longest a job may run when it has no earlier deadline.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub job_timeout: Duration,
+    /// After SIGTERM, how long running jobs may finish before they are handed to other workers.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A preview JPEG in progress events every N steps; 0: none.
+    #[arg(long, default_value_t = 5)]
+    pub preview_every: u32,
+    /// How long one storage operation retries transient errors before the job is retried later.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub store_retry: Duration,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Pause after every denoising step (simulates a slow device; for tests and demos).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, hide = true)]
+    pub step_delay: Duration,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let mut config = WorkerConfig::new(args.nats, args.store, args.models);
+    config.device = args.device;
+    config.dtype = args.dtype;
+    config.offline = args.offline;
+    config.worker_id = args.worker_id;
+    config.prefix = args.prefix;
+    config.concurrency = args.jobs;
+    config.consumer.ack_wait = args.ack_wait;
+    config.consumer.max_deliver = args.max_deliver;
+    config.retry_backoff = args.retry_backoff;
+    config.job_timeout = args.job_timeout;
+    config.grace = args.grace;
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.preview_every = args.preview_every;
+    config.store.retry_timeout = args.store_retry;
+    config.step_delay = args.step_delay;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let worker = Worker::start(config).await?;
+        eprintln!("sd-rbee worker {} ready", worker.id());
+        worker.serve(crate::worker::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,110 @@
+//! The client side of the bus, used by `sd-rbee submit` and the tests: publish a job, follow its events
+//! (replayed from the events stream, so a late follower misses nothing), cancel it, fetch its images.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer};
+use futures::{Stream, StreamExt};
+use uuid::Uuid;
+
+use crate::bus::{self, StreamSettings};
+use crate::protocol::{self, CancelRequest, Event, JobRequest, Limits, Subjects, PROTOCOL_VERSION};
+
+/// A connection to a fleet's bus.
+#[derive(Clone)]
+pub struct BusClient {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    limits: Limits,
+}
+
+impl BusClient {
+    /// Connects to NATS at `url`, for the fleet under `prefix` (`sd` by default), and makes sure the streams
+    /// exist so a job published before any worker starts is kept.
+    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let subjects = Subjects::new(prefix).map_err(|e| anyhow::anyhow!("--prefix {e}"))?;
+        let client = bus::connect(url, "sd-rbee client", Duration::from_secs(5)).await?;
+        let js = jetstream::new(client.clone());
+        bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        Ok(Self { client, js, subjects, limits: Limits::default() })
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Validates and publishes `job` (a retried publish of the same id is not a second job).
+    pub async fn submit(&self, job: &JobRequest) -> anyhow::Result<()> {
+        bus::publish_job(&self.js, &self.subjects, job, &self.limits).await
+    }
+
+    /// The job's events in order, from its first one, then live; ends after the terminal event.
+    pub async fn events(&self, job_id: Uuid) -> anyhow::Result<impl Stream<Item = anyhow::Result<Event>>> {
+        let stream =
+            self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.events(job_id),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .context("cannot follow the job's events")?;
+        let messages = consumer.messages().await.context("cannot follow the job's events")?;
+        let events = messages
+            .map(|m| {
+                let m = m.map_err(|e| anyhow::anyhow!("event stream: {e}"))?;
+                protocol::decode_event(&m.payload).map_err(anyhow::Error::from)
+            })
+            .scan(false, |done, e| {
+                if *done {
+                    return futures::future::ready(None);
+                }
+                *done = matches!(&e, Ok(ev) if ev.is_terminal());
+                futures::future::ready(Some(e))
+            });
+        Ok(events)
+    }
+
+    /// Follows the job until its terminal event, calling `on_event` for each; `timeout` bounds the wait.
+    pub async fn wait(
+        &self,
+        job_id: Uuid,
+        timeout: Duration,
+        mut on_event: impl FnMut(&Event),
+    ) -> anyhow::Result<Event> {
+        let events = self.events(job_id).await?;
+        tokio::pin!(events);
+        let follow = async {
+            while let Some(event) = events.next().await {
+                let event = event?;
+                on_event(&event);
+                if event.is_terminal() {
+                    return Ok(event);
+                }
+            }
+            anyhow::bail!("the event stream of job {job_id} ended before the job did")
+        };
+        tokio::time::timeout(timeout, follow)
+            .await
+            .with_context(|| format!("job {job_id} did not finish within {} s", timeout.as_secs()))?
+    }
+
+    /// Asks whoever runs the job to stop.
+    pub async fn cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
+        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
+        self.client.publish(self.subjects.cancel(job_id), protocol::encode(&req).into()).await?;
+        self.client.flush().await?;
+        Ok(())
+    }
+}

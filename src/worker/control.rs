@@ -1,0 +1,147 @@
+//! What the worker knows about the jobs it runs: a stop handle per running job (for cancel requests,
+//! timeouts and shutdown), cancel requests that arrived before their job did, and the counters and state
+//! that heartbeats report.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::diffusion::CancelFlag;
+use crate::protocol::WorkerState;
+
+/// Why a running job was stopped; the first reason set wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A cancel request: report `cancelled`.
+    Cancelled = 1,
+    /// The job's deadline or the worker's timeout: report `failed` with `TIMEOUT`.
+    Timeout = 2,
+    /// The worker is shutting down and the grace period is over: hand the job to another worker.
+    Shutdown = 3,
+}
+
+/// Stops one running job between two denoising steps.
+#[derive(Clone, Debug, Default)]
+pub struct StopHandle {
+    flag: CancelFlag,
+    reason: Arc<AtomicU8>,
+}
+
+impl StopHandle {
+    /// Asks the job to stop; returns false if it was already asked (the first reason stays).
+    pub fn stop(&self, reason: StopReason) -> bool {
+        let won = self.reason.compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        self.flag.cancel();
+        won
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.reason.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::Timeout),
+            3 => Some(StopReason::Shutdown),
+            _ => None,
+        }
+    }
+
+    /// The flag the generator checks between steps.
+    pub fn flag(&self) -> &CancelFlag {
+        &self.flag
+    }
+}
+
+/// How long a cancel request for a job this worker has not seen is remembered.
+const EARLY_CANCEL_TTL: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Default)]
+struct Jobs {
+    running: HashMap<Uuid, StopHandle>,
+    early_cancels: HashMap<Uuid, Instant>,
+}
+
+/// The worker's running jobs and its counters.
+#[derive(Default)]
+pub struct Control {
+    jobs: Mutex<Jobs>,
+    pub jobs_done: AtomicU64,
+    pub jobs_failed: AtomicU64,
+}
+
+impl Control {
+    /// Registers a job that starts running. `None` if a cancel request for it arrived earlier.
+    pub fn start(&self, job_id: Uuid) -> Option<StopHandle> {
+        let mut jobs = self.jobs.lock().unwrap();
+        if jobs.early_cancels.remove(&job_id).is_some() {
+            return None;
+        }
+        let handle = StopHandle::default();
+        jobs.running.insert(job_id, handle.clone());
+        Some(handle)
+    }
+
+    /// The job ended (in any way).
+    pub fn finish(&self, job_id: Uuid) {
+        self.jobs.lock().unwrap().running.remove(&job_id);
+    }
+
+    /// A cancel request: stops the job if it runs here, else remembers it for a while in case the job is
+    /// delivered later. Returns whether a running job was stopped.
+    pub fn cancel(&self, job_id: Uuid) -> bool {
+        let mut jobs = self.jobs.lock().unwrap();
+        if let Some(handle) = jobs.running.get(&job_id) {
+            handle.stop(StopReason::Cancelled);
+            return true;
+        }
+        let now = Instant::now();
+        jobs.early_cancels.retain(|_, at| now.duration_since(*at) < EARLY_CANCEL_TTL);
+        jobs.early_cancels.insert(job_id, now);
+        false
+    }
+
+    /// Stops every running job for `reason` (shutdown).
+    pub fn stop_all(&self, reason: StopReason) {
+        for handle in self.jobs.lock().unwrap().running.values() {
+            handle.stop(reason);
+        }
+    }
+
+    /// Idle, or busy with (one of) its jobs.
+    pub fn state(&self) -> WorkerState {
+        match self.jobs.lock().unwrap().running.keys().next() {
+            Some(&job_id) => WorkerState::Busy { job_id },
+            None => WorkerState::Idle,
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.jobs.lock().unwrap().running.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_stops_running_jobs_and_remembers_early_ones() {
+        let control = Control::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let handle = control.start(a).unwrap();
+        assert_eq!(control.state(), WorkerState::Busy { job_id: a });
+        assert!(control.cancel(a));
+        assert!(handle.flag().is_cancelled());
+        assert_eq!(handle.reason(), Some(StopReason::Cancelled));
+        // A later reason does not replace the first.
+        assert!(!handle.stop(StopReason::Shutdown));
+        assert_eq!(handle.reason(), Some(StopReason::Cancelled));
+        control.finish(a);
+        assert_eq!(control.state(), WorkerState::Idle);
+
+        assert!(!control.cancel(b));
+        assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");
+        assert!(control.start(b).is_some(), "the early cancel is used once");
+    }
+}

@@ -1,0 +1,433 @@
+//! `sd-rbee worker`: a generation node. It loads its models once, binds the streams and one durable pull
+//! consumer per model, then pulls only as many jobs as it runs at a time. While a job runs it publishes
+//! progress, sends in-progress acks and listens for cancel requests; results go to the object store before
+//! `completed` is published and the job is acked. Heartbeats say who it is and what it does.
+//!
+//! Shutdown (SIGINT/SIGTERM, or the future given to [`Worker::serve`]): stop pulling, let running jobs
+//! finish within the grace period, else stop them between two steps and nak them so another worker takes
+//! them, publish a last heartbeat, drain the connection.
+
+pub mod control;
+pub mod job;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::bus::{self, ConsumerSettings, StreamSettings};
+use crate::device::DeviceSpec;
+use crate::generation::LoadedModel;
+use crate::protocol::{self, Heartbeat, Limits, Subjects, PROTOCOL_VERSION};
+use crate::storage::{Store, StoreOptions};
+use control::{Control, StopReason};
+
+/// A model the worker serves: the short name jobs use (a subject token), and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub source: String,
+}
+
+impl std::str::FromStr for ModelSpec {
+    type Err = String;
+
+    /// `NAME=PATH_OR_REPO`, or a short name alone (`v1-5`) that is both.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, source) = match s.split_once('=') {
+            Some((n, src)) => (n.trim(), src.trim()),
+            None => (s.trim(), s.trim()),
+        };
+        if source.is_empty() {
+            return Err(format!("{s:?}: expected NAME=PATH_OR_REPO"));
+        }
+        protocol::validate_model_name(name).map_err(|e| {
+            format!("{s:?}: the model name {} (use NAME=PATH_OR_REPO to name a folder or repo)", e.message)
+        })?;
+        Ok(ModelSpec { name: name.to_string(), source: source.to_string() })
+    }
+}
+
+/// Everything a worker is configured with.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub nats_url: String,
+    pub store_url: String,
+    pub models: Vec<ModelSpec>,
+    pub device: DeviceSpec,
+    pub dtype: candle_core::DType,
+    pub offline: bool,
+    /// `None`: `<hostname>-<random>`.
+    pub worker_id: Option<String>,
+    pub prefix: String,
+    /// Jobs run at the same time (one per device is right for GPUs).
+    pub concurrency: usize,
+    pub consumer: ConsumerSettings,
+    pub streams: StreamSettings,
+    /// Nak delays for transient failures, by delivery (the last one repeats).
+    pub retry_backoff: Vec<Duration>,
+    /// Longest a job may run when it has no earlier deadline.
+    pub job_timeout: Duration,
+    /// How long running jobs may finish after a shutdown signal.
+    pub grace: Duration,
+    pub heartbeat_interval: Duration,
+    /// A preview JPEG every N steps (and at the last); 0: none.
+    pub preview_every: u32,
+    /// How long terminal events and dead letters are retried while NATS is away.
+    pub publish_patience: Duration,
+    pub store: StoreOptions,
+    pub limits: Limits,
+    /// A pause after every step: simulates a slow device (for tests and demos).
+    pub step_delay: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(nats_url: impl Into<String>, store_url: impl Into<String>, models: Vec<ModelSpec>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            store_url: store_url.into(),
+            models,
+            device: DeviceSpec::Cpu,
+            dtype: candle_core::DType::F32,
+            offline: false,
+            worker_id: None,
+            prefix: protocol::DEFAULT_PREFIX.to_string(),
+            concurrency: 1,
+            consumer: ConsumerSettings::default(),
+            streams: StreamSettings::default(),
+            retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)],
+            job_timeout: Duration::from_secs(15 * 60),
+            grace: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(protocol::HEARTBEAT_INTERVAL_SECS),
+            preview_every: 5,
+            publish_patience: Duration::from_secs(60),
+            store: StoreOptions::default(),
+            limits: Limits::default(),
+            step_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// State shared by the worker's tasks.
+pub struct Shared {
+    pub config: WorkerConfig,
+    pub worker_id: String,
+    pub hostname: String,
+    pub device: String,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub store: Store,
+    pub models: HashMap<String, Arc<LoadedModel>>,
+    pub control: Control,
+    pub started: Instant,
+}
+
+/// A worker with its models loaded and its consumers bound, ready to serve.
+pub struct Worker {
+    shared: Arc<Shared>,
+    consumers: Vec<(String, jetstream::consumer::PullConsumer)>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A worker id from the host name: subject-token safe, with a random suffix so two workers on one host
+/// differ.
+fn default_worker_id(host: &str) -> String {
+    let clean: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(64)
+        .collect();
+    format!("{clean}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
+}
+
+impl Worker {
+    /// Loads the models, opens the store, connects to NATS and binds the streams and consumers. Errors
+    /// here are configuration errors: the worker never reports ready.
+    pub async fn start(config: WorkerConfig) -> anyhow::Result<Self> {
+        if config.models.is_empty() {
+            bail!("no --model given: a worker serves at least one model (--model NAME=PATH_OR_REPO)");
+        }
+        if config.concurrency == 0 {
+            bail!("--jobs must be at least 1");
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &config.models {
+            if !names.insert(m.name.as_str()) {
+                bail!("--model {} is given twice", m.name);
+            }
+        }
+        let subjects = Subjects::new(config.prefix.clone()).map_err(|e| anyhow::anyhow!("--prefix {e}"))?;
+        let hostname = hostname();
+        let worker_id = match &config.worker_id {
+            Some(id) => {
+                protocol::validate_worker_id(id).map_err(|e| anyhow::anyhow!("--worker-id {e}"))?;
+                id.clone()
+            }
+            None => default_worker_id(&hostname),
+        };
+        let store = Store::open(&config.store_url, &config.store).context("--store")?;
+
+        let mut models = HashMap::new();
+        for spec in &config.models {
+            let (source, device, dtype, offline) = (spec.source.clone(), config.device, config.dtype, config.offline);
+            let loaded =
+                tokio::task::spawn_blocking(move || crate::generation::load_model(&source, device, dtype, offline))
+                    .await?
+                    .with_context(|| format!("model {}", spec.name))?;
+            tracing::info!(model = %spec.name, from = %loaded.display, load_ms = loaded.load_ms, "model loaded");
+            models.insert(spec.name.clone(), Arc::new(loaded));
+        }
+
+        let client = bus::connect(&config.nats_url, &format!("sd-rbee worker {worker_id}"), Duration::from_secs(10))
+            .await
+            .context("--nats")?;
+        let js = jetstream::new(client.clone());
+        bus::ensure_streams(&js, &subjects, &config.streams).await?;
+        let mut consumers = Vec::new();
+        for spec in &config.models {
+            consumers
+                .push((spec.name.clone(), bus::jobs_consumer(&js, &subjects, &spec.name, &config.consumer).await?));
+        }
+        let device = match config.device {
+            DeviceSpec::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            other => other.to_string(),
+        };
+        let shared = Arc::new(Shared {
+            config,
+            worker_id,
+            hostname,
+            device,
+            client,
+            js,
+            subjects,
+            store,
+            models,
+            control: Control::default(),
+            started: Instant::now(),
+        });
+        Ok(Self { shared, consumers })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.worker_id
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = JoinSet::new();
+        background.spawn(heartbeats(shared.clone(), stop_rx.clone()));
+        background.spawn(cancel_listener(shared.clone(), stop_rx.clone()));
+        let slots = Arc::new(Semaphore::new(shared.config.concurrency));
+        let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let mut pullers = JoinSet::new();
+        for (model, consumer) in self.consumers {
+            pullers.spawn(pull(shared.clone(), model, consumer, slots.clone(), jobs.clone(), stop_rx.clone()));
+        }
+        send_heartbeat(&shared).await;
+        tracing::info!(worker_id = %shared.worker_id, models = ?shared.models.keys().collect::<Vec<_>>(), "ready");
+
+        shutdown.await;
+        tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
+        let _ = stop_tx.send(true);
+        while pullers.join_next().await.is_some() {}
+        let mut jobs = std::mem::take(&mut *jobs.lock().await);
+        let drained =
+            tokio::time::timeout(shared.config.grace, async { while jobs.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("grace period over: handing running jobs to other workers");
+            shared.control.stop_all(StopReason::Shutdown);
+            while jobs.join_next().await.is_some() {}
+        }
+        send_heartbeat(&shared).await;
+        background.abort_all();
+        if let Err(e) = shared.client.drain().await {
+            tracing::warn!(error = %e, "draining the NATS connection failed");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Pulls `model`'s jobs, one per free slot.
+async fn pull(
+    shared: Arc<Shared>,
+    model: String,
+    consumer: jetstream::consumer::PullConsumer,
+    slots: Arc<Semaphore>,
+    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Short pull requests, so that several models share the slots fairly and shutdown is quick.
+    let expires = if shared.models.len() > 1 { Duration::from_millis(500) } else { Duration::from_secs(2) };
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stop.changed() => return,
+        };
+        let batch = consumer.fetch().max_messages(1).expires(expires).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(model, error = %e, "cannot pull jobs; retrying");
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let next = tokio::select! {
+            m = batch.next() => m,
+            _ = stop.changed() => return,
+        };
+        match next {
+            Some(Ok(msg)) => {
+                if *stop.borrow() {
+                    let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                    return;
+                }
+                let shared = shared.clone();
+                let model = model.clone();
+                jobs.lock().await.spawn(async move {
+                    job::handle(shared, model, msg).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(model, error = %e, "pull request failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None => {}
+        }
+        // Reap finished jobs so the set does not grow.
+        let mut set = jobs.lock().await;
+        while set.try_join_next().is_some() {}
+    }
+}
+
+async fn send_heartbeat(shared: &Shared) {
+    let mut models: Vec<String> = shared.models.keys().cloned().collect();
+    models.sort();
+    let hb = Heartbeat {
+        v: PROTOCOL_VERSION,
+        at: protocol::now_millis(),
+        worker_id: shared.worker_id.clone(),
+        hostname: shared.hostname.clone(),
+        device: shared.device.clone(),
+        models,
+        state: shared.control.state(),
+        jobs_done: shared.control.jobs_done.load(std::sync::atomic::Ordering::Relaxed),
+        jobs_failed: shared.control.jobs_failed.load(std::sync::atomic::Ordering::Relaxed),
+        uptime_s: shared.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let Ok(subject) = shared.subjects.heartbeat(&shared.worker_id) else { return };
+    if let Err(e) = shared.client.publish(subject, protocol::encode(&hb).into()).await {
+        tracing::debug!(error = %e, "heartbeat not sent");
+    }
+}
+
+async fn heartbeats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => send_heartbeat(&shared).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Cancel requests for any job (core NATS: only running workers need them).
+async fn cancel_listener(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut sub = match shared.client.subscribe(shared.subjects.cancel_wildcard()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to cancel requests");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m { Some(m) => m, None => return },
+            _ = stop.changed() => {
+                // Keep listening while running jobs finish.
+                if shared.control.running() == 0 { return }
+                continue;
+            }
+        };
+        match protocol::decode_cancel(&msg.payload) {
+            Ok(req) => {
+                let running = shared.control.cancel(req.job_id);
+                tracing::info!(job_id = %req.job_id, running, "cancel request");
+            }
+            Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable cancel request"),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT"),
+        _ = term => tracing::info!("SIGTERM"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs() {
+        let m: ModelSpec = "tiny=tests/fixtures/tiny-sd15".parse().unwrap();
+        assert_eq!(m, ModelSpec { name: "tiny".into(), source: "tests/fixtures/tiny-sd15".into() });
+        let m: ModelSpec = "v1-5".parse().unwrap();
+        assert_eq!(m.name, "v1-5");
+        let err = "runwayml/stable-diffusion-v1-5".parse::<ModelSpec>().unwrap_err();
+        assert!(err.contains("NAME=PATH_OR_REPO"), "{err}");
+        let err = "a.b=x".parse::<ModelSpec>().unwrap_err();
+        assert!(err.contains("'.'"), "{err}");
+        assert!("x=".parse::<ModelSpec>().is_err());
+    }
+
+    #[test]
+    fn worker_ids_are_subject_tokens() {
+        let id = default_worker_id("gpu-node.example.com");
+        protocol::validate_worker_id(&id).unwrap();
+        assert!(id.starts_with("gpu-node-example-com-"));
+        assert_ne!(default_worker_id("h"), default_worker_id("h"));
+    }
+}
