@@ -1629,8 +1629,12 @@ mod tests {
     #[test]
     fn subject_tokens_are_validated() {
         let s = Subjects::default();
-        for ok in ["xl", "v1-5", "sd_turbo", "owner/name", "ü", &"m".repeat(128)] {
+        for ok in ["xl", "v1-5", "sd_turbo", "ü", &"m".repeat(128)] {
             validate_model_name(ok).unwrap();
+        }
+        // A model name also names a JetStream consumer, which cannot hold a path separator.
+        for bad in ["owner/name", "a\\b"] {
+            assert_eq!(validate_model_name(bad).unwrap_err().field.as_deref(), Some("model"), "{bad:?}");
         }
         for bad in ["", "a.b", "a*", "a>", "a b", "a\tb", "a\nb", "\u{7}", &"m".repeat(129)] {
             let err = s.jobs(bad).unwrap_err();

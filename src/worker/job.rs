@@ -124,9 +124,10 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         settle(&msg, AckKind::Term).await;
         return;
     }
-    // A redelivered job whose images are already stored: report them again, do not regenerate.
-    match previous_result(&shared, job_id).await {
-        Ok(Some(mut completed)) => {
+    // A redelivered job whose images are already stored: report them again, do not regenerate. The check
+    // is bounded: with the store unreachable, generating (the same images: the seed is fixed) beats waiting.
+    match tokio::time::timeout(Duration::from_secs(3), previous_result(&shared, job_id)).await {
+        Ok(Ok(Some(mut completed))) => {
             tracing::info!(%job_id, "already completed by an earlier delivery; republishing");
             completed.at = now_millis();
             for image in &mut completed.images {
@@ -137,10 +138,9 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
             }
             return;
         }
-        Ok(None) => {}
-        Err(e) => {
-            return transient(&shared, &model, &msg, &job, delivered, ErrorCode::Storage, &e.to_string()).await;
-        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::warn!(%job_id, error = %e, "cannot look for earlier results; generating"),
+        Err(_) => tracing::warn!(%job_id, "the store is slow to answer; generating without checking earlier results"),
     }
     let Some(stop) = shared.control.start(job_id) else {
         let cancelled = Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id, at: now_millis(), at_step: None });

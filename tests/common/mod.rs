@@ -58,3 +58,5 @@ pub fn png_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
     }
     (max, count)
 }
+
+pub mod servers;

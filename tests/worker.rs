@@ -1,0 +1,396 @@
+//! The worker against real servers: a nats-server with JetStream and an S3-compatible server (moto), both
+//! started by the tests on free loopback ports, and `sd-rbee worker` child processes on the tiny SD 1.5
+//! fixture. Covers the happy path (events in order, the stored PNG equal to `sd-rbee generate`), invalid
+//! jobs (failed + dead letter), cancel, a worker killed mid-job, SIGTERM, a NATS restart and an S3 outage.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::servers::{NatsServer, S3Server, WorkerProcess};
+use futures::StreamExt;
+use sd_rbee::client::BusClient;
+use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest};
+use uuid::Uuid;
+
+fn tiny_job(steps: u32, seed: u64) -> JobRequest {
+    let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a watercolor fox in the snow");
+    job.width = 64;
+    job.height = 64;
+    job.steps = Some(steps);
+    job.seed = Some(seed);
+    job
+}
+
+async fn events_of(client: &BusClient, job_id: Uuid, timeout: Duration) -> Vec<Event> {
+    let mut seen = Vec::new();
+    client.wait(job_id, timeout, |e| seen.push(e.clone())).await.unwrap_or_else(|e| panic!("{e:#}: {seen:?}"));
+    seen
+}
+
+/// Every event of a job stored so far (does not wait for more).
+async fn stored_events(client: &BusClient, job_id: Uuid) -> Vec<Event> {
+    let stream = client.jetstream().get_stream(client.subjects().events_stream()).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: client.subjects().events(job_id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(pending);
+    let mut out = Vec::new();
+    while let Some(m) = messages.next().await {
+        out.push(protocol::decode_event(&m.unwrap().payload).unwrap());
+    }
+    out
+}
+
+/// The dead-letter stream's messages: (reason header, payload).
+async fn dead_letters(client: &BusClient) -> Vec<(String, Vec<u8>)> {
+    let stream = client.jetstream().get_stream(client.subjects().dlq_stream()).await.unwrap();
+    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(pending);
+    let mut out = Vec::new();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        let reason = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(protocol::DLQ_REASON_HEADER))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        out.push((reason, m.payload.to_vec()));
+    }
+    out
+}
+
+fn completed(events: &[Event]) -> Vec<&protocol::Completed> {
+    events.iter().filter_map(|e| if let Event::Completed(c) = e { Some(c) } else { None }).collect()
+}
+
+fn accepted_by(events: &[Event]) -> Vec<String> {
+    events.iter().filter_map(|e| if let Event::Accepted(a) = e { Some(a.worker_id.clone()) } else { None }).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_job_events_and_stored_png_match_generate() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-e2e", &nats.url(), &s3.store_url(), &s3.env(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    let job = tiny_job(4, 7);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+
+    // accepted → progress 1..=4 → completed, nothing else.
+    let kinds: Vec<&str> = events.iter().map(|e| e.type_name()).collect();
+    assert_eq!(kinds, ["accepted", "progress", "progress", "progress", "progress", "completed"], "{events:?}");
+    let steps: Vec<(u32, u32)> =
+        events.iter().filter_map(|e| if let Event::Progress(p) = e { Some((p.step, p.total)) } else { None }).collect();
+    assert_eq!(steps, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert!(events.iter().all(|e| e.job_id() == job.id));
+    assert_eq!(accepted_by(&events), ["w-e2e"]);
+    let has_preview = events.iter().any(|e| matches!(e, Event::Progress(p) if p.preview_jpeg.is_some()));
+    assert!(has_preview, "previews every 2 steps were asked for");
+
+    let done = completed(&events)[0];
+    assert_eq!(done.images.len(), 1);
+    let image = &done.images[0];
+    assert_eq!(image.key, format!("jobs/{}/0.png", job.id));
+    assert_eq!((image.width, image.height, image.seed), (64, 64, 7));
+    let url = image.url.as_deref().expect("S3 results have presigned URLs");
+    assert!(url.contains(&image.key) && url.contains("X-Amz-Signature="), "{url}");
+
+    let stored = s3.get(&image.key).expect("the PNG is in the bucket");
+    assert_eq!(s3.get_url(url), (200, stored.clone()), "the presigned URL serves the image");
+    assert_eq!(stored.len() as u64, image.bytes);
+    let decoded = image::load_from_memory(&stored).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (64, 64));
+
+    // The same request through `sd-rbee generate` gives the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("direct.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(["generate", "--model"])
+        .arg(common::fixture("tiny-sd15"))
+        .args(["--prompt", &job.prompt, "--width", "64", "--height", "64", "--steps", "4", "--seed", "7", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&out).unwrap() == stored, "the worker's PNG differs from sd-rbee generate's");
+
+    // Publishing the same job again inside the duplicate window is not a second job.
+    client.submit(&job).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = stored_events(&client, job.id).await;
+    assert_eq!(completed(&again).len(), 1, "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-invalid", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let js = client.jetstream();
+    let subject = client.subjects().jobs("tiny").unwrap();
+    let publish_raw = |id: Uuid, payload: Vec<u8>| {
+        let subject = subject.clone();
+        async move {
+            js.publish_with_headers(subject, sd_rbee::bus::msg_id_headers(&id.to_string()), payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    // 1. Garbage bytes: the id comes from the Nats-Msg-Id header.
+    let garbage_id = Uuid::new_v4();
+    publish_raw(garbage_id, b"\x00\x01 definitely not msgpack".to_vec()).await;
+    // 2. A well-formed job with a width the protocol rejects (bypassing the client's validation).
+    let mut bad_width = tiny_job(2, 1);
+    bad_width.width = 100;
+    publish_raw(bad_width.id, protocol::encode(&bad_width)).await;
+    // 3. A job only the model can reject: img2img whose strength leaves no step to run.
+    let mut no_steps = tiny_job(2, 1);
+    no_steps.kind = JobKind::Img2Img;
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 30]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    no_steps.init_image = Some(protocol::ImageSource::Inline(png));
+    no_steps.strength = Some(0.1);
+    publish_raw(no_steps.id, protocol::encode(&no_steps)).await;
+    // 4. A job of a newer protocol version.
+    let mut future = tiny_job(2, 1);
+    future.v = 99;
+    publish_raw(future.id, protocol::encode(&future)).await;
+
+    let cases =
+        [(garbage_id, None), (bad_width.id, Some("width")), (no_steps.id, Some("strength")), (future.id, Some("v"))];
+    for (id, field) in cases {
+        let events = events_of(&client, id, Duration::from_secs(30)).await;
+        match events.last() {
+            Some(Event::Failed(f)) => {
+                assert_eq!(f.code, ErrorCode::InvalidRequest, "{f:?}");
+                assert_eq!(f.field.as_deref(), field, "{f:?}");
+            }
+            other => panic!("job {id}: expected failed, got {other:?}"),
+        }
+    }
+
+    // Each was copied, bytes unchanged, to the dead-letter stream with its reason.
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 4, "{:?}", letters.iter().map(|l| &l.0).collect::<Vec<_>>());
+    assert_eq!(letters[0].1, b"\x00\x01 definitely not msgpack");
+    assert!(letters[1].0.contains("width"), "{}", letters[1].0);
+    assert_eq!(letters[1].1, protocol::encode(&bad_width));
+    assert!(letters[2].0.contains("strength"), "{}", letters[2].0);
+    assert!(letters[3].0.contains("version 99"), "{}", letters[3].0);
+
+    // None of it is left in the work queue, and the worker still serves.
+    let good = tiny_job(2, 3);
+    client.submit(&good).await.unwrap();
+    let events = events_of(&client, good.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "every job was settled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_job_stops_within_one_step() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-cancel", &nats.url(), &store_url, &[], &["--step-delay", "250ms"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    let job = tiny_job(40, 5);
+    client.submit(&job).await.unwrap();
+    let mut seen_step = 0;
+    let mut sent = false;
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    let mut last = None;
+    let mut steps_after_cancel = 0;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), events.next()).await.unwrap() {
+        let e = e.unwrap();
+        if let Event::Progress(p) = &e {
+            if sent {
+                steps_after_cancel += 1;
+            }
+            seen_step = p.step;
+            if p.step == 3 && !sent {
+                client.cancel(job.id, Some("test".into())).await.unwrap();
+                sent = true;
+            }
+        }
+        if e.is_terminal() {
+            last = Some(e);
+            break;
+        }
+    }
+    match last {
+        Some(Event::Cancelled(c)) => {
+            let at = c.at_step.expect("a running job reports where it stopped");
+            assert!((3..=4).contains(&at), "stopped at step {at}, cancel sent after step 3");
+            assert_eq!(at, seen_step);
+            assert!(steps_after_cancel <= 1, "{steps_after_cancel} steps ran after the cancel");
+        }
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    assert!(!store.path().join(format!("jobs/{}", job.id)).exists(), "a cancelled job stores nothing");
+
+    // A cancel that arrives before the job is delivered also stops it.
+    let early = tiny_job(2, 6);
+    client.cancel(early.id, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.submit(&early).await.unwrap();
+    let events = events_of(&client, early.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(c)) if c.at_step.is_none()), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_hands_its_job_to_another() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let flags = ["--ack-wait", "2s", "--step-delay", "150ms"];
+    let mut workers = vec![
+        WorkerProcess::start("w-a", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+        WorkerProcess::start("w-b", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+    ];
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(20, 11);
+    client.submit(&job).await.unwrap();
+
+    // Wait until some worker is a few steps in, then SIGKILL it.
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    let mut first = None;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap() {
+        match e.unwrap() {
+            Event::Accepted(a) => first = Some(a.worker_id),
+            Event::Progress(p) if p.step >= 3 => break,
+            _ => {}
+        }
+    }
+    let first = first.expect("a worker accepted the job");
+    let victim = workers.iter().position(|w| w.id == first).unwrap();
+    workers[victim].kill();
+
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let takers = accepted_by(&events);
+    assert_eq!(takers.len(), 2, "{events:?}");
+    assert_eq!(takers[0], first);
+    assert_ne!(takers[1], first, "the other worker took the job over");
+    assert_eq!(completed(&events).len(), 1, "completed once: only the second delivery finished");
+    assert_eq!(
+        s3.list(&format!("jobs/{}/", job.id)),
+        [format!("jobs/{}/0.png", job.id), format!("jobs/{}/completed.msgpack", job.id)],
+        "exactly one set of outputs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_running_job_or_hands_it_over() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    // A grace period long enough: the job finishes on the worker that got SIGTERM, which then exits 0.
+    let mut patient = WorkerProcess::start("w-patient", &nats.url(), &store_url, &[], &["--step-delay", "100ms"]);
+    let job = tiny_job(10, 21);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    patient.terminate();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-patient"]);
+    assert_eq!(completed(&events).len(), 1);
+    assert!(patient.wait(Duration::from_secs(30)).success(), "{}", patient.log_text());
+
+    // A short grace period: the job is handed to another worker.
+    let flags = ["--step-delay", "150ms", "--grace", "500ms"];
+    let mut leaving = WorkerProcess::start("w-leaving", &nats.url(), &store_url, &[], &flags);
+    let job = tiny_job(30, 22);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    let _stays = WorkerProcess::start("w-stays", &nats.url(), &store_url, &[], &[]);
+    leaving.terminate();
+    assert!(leaving.wait(Duration::from_secs(30)).success(), "{}", leaving.log_text());
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-leaving", "w-stays"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    assert!(store.path().join(format!("jobs/{}/0.png", job.id)).is_file());
+}
+
+async fn wait_for_step(client: &BusClient, job_id: Uuid, step: u32) {
+    let events = client.events(job_id).await.unwrap();
+    tokio::pin!(events);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap() {
+        if matches!(e.unwrap(), Event::Progress(p) if p.step >= step) {
+            return;
+        }
+    }
+    panic!("job {job_id} ended before step {step}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_run_loses_no_job() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-restart", &nats.url(), &store_url, &[], &["--step-delay", "50ms"]);
+    let jobs: Vec<JobRequest> = (0..5).map(|i| tiny_job(6, 100 + i)).collect();
+    {
+        let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+        for job in &jobs {
+            client.submit(job).await.unwrap();
+        }
+        wait_for_step(&client, jobs[0].id, 3).await;
+    }
+    nats.restart();
+
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut ok = HashSet::new();
+    for job in &jobs {
+        let events = events_of(&client, job.id, Duration::from_secs(90)).await;
+        assert!(matches!(events.last(), Some(Event::Completed(_))), "job {}: {events:?}", job.id);
+        assert!(store.path().join(format!("jobs/{}/0.png", job.id)).is_file());
+        ok.insert(job.id);
+    }
+    assert_eq!(ok.len(), jobs.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_during_upload_completes_once_s3_is_back() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-s3", &nats.url(), &s3.store_url(), &s3.env(), &["--store-retry", "60s"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    s3.kill();
+    let job = tiny_job(3, 31);
+    client.submit(&job).await.unwrap();
+    // Generation finishes; the upload cannot.
+    wait_for_step(&client, job.id, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(completed(&stored_events(&client, job.id).await).is_empty());
+    s3.restart();
+
+    let events = events_of(&client, job.id, Duration::from_secs(90)).await;
+    let done = completed(&events);
+    assert_eq!(done.len(), 1, "{events:?}");
+    let stored = s3.get(&done[0].images[0].key).expect("stored once S3 was back");
+    assert_eq!(stored.len() as u64, done[0].images[0].bytes);
+}
