@@ -265,7 +265,7 @@ async fn killed_worker_hands_its_job_to_another() {
     let nats = NatsServer::start();
     let s3 = S3Server::start();
     let flags = ["--ack-wait", "2s", "--step-delay", "150ms"];
-    let mut workers = vec![
+    let mut workers = [
         WorkerProcess::start("w-a", &nats.url(), &s3.store_url(), &s3.env(), &flags),
         WorkerProcess::start("w-b", &nats.url(), &s3.store_url(), &s3.env(), &flags),
     ];
