@@ -394,3 +394,139 @@ async fn s3_outage_during_upload_completes_once_s3_is_back() {
     let stored = s3.get(&done[0].images[0].key).expect("stored once S3 was back");
     assert_eq!(stored.len() as u64, done[0].images[0].bytes);
 }
+
+fn failure(events: &[Event]) -> &protocol::Failed {
+    match events.last() {
+        Some(Event::Failed(f)) => f,
+        other => panic!("expected failed, got {other:?} in {events:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_then_dead_letter_after_max_deliver() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let flags = ["--store-retry", "300ms", "--max-deliver", "2", "--retry-backoff", "200ms"];
+    let _worker = WorkerProcess::start("w-flaky", &nats.url(), &s3.store_url(), &s3.env(), &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    s3.kill();
+    let job = tiny_job(2, 41);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Storage, "{failed:?}");
+    assert!(failed.message.contains("after 2 deliveries"), "{}", failed.message);
+    assert_eq!(accepted_by(&events), ["w-flaky", "w-flaky"], "retried once, then given up");
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, protocol::encode(&job));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_workers_all_crashed_is_failed_not_lost() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    // One delivery only: when its worker dies, JetStream gives up on the job and says so in an advisory.
+    let flags = ["--max-deliver", "1", "--ack-wait", "1s", "--step-delay", "200ms"];
+    let mut workers = [
+        WorkerProcess::start("w-x", &nats.url(), &store_url, &[], &flags),
+        WorkerProcess::start("w-y", &nats.url(), &store_url, &[], &flags),
+    ];
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(30, 51);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 1).await;
+    let taker = accepted_by(&stored_events(&client, job.id).await)[0].clone();
+    workers.iter_mut().find(|w| w.id == taker).unwrap().kill();
+
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Internal);
+    assert!(failed.message.contains("delivered 1 times"), "{}", failed.message);
+    assert_eq!(dead_letters(&client).await.len(), 1);
+    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "the job left the work queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "200ms", "--job-timeout", "2s"];
+    let _worker = WorkerProcess::start("w-slow", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    // The job's own deadline, mid-run.
+    let mut job = tiny_job(30, 61);
+    job.deadline = Some(job.created_at + 1000);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Timeout);
+    assert!(failed.message.contains("deadline"), "{}", failed.message);
+    let ran = events.iter().filter(|e| matches!(e, Event::Progress(_))).count();
+    assert!((1..15).contains(&ran), "{ran} steps ran before the 1 s deadline");
+
+    // The worker's own limit.
+    let job = tiny_job(30, 62);
+    client.submit(&job).await.unwrap();
+    let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
+    assert_eq!(failed.code, ErrorCode::Timeout);
+    assert!(failed.message.contains("time limit"), "{}", failed.message);
+
+    // A job whose deadline passed while it waited in the queue never starts.
+    let mut stale = tiny_job(2, 63);
+    stale.created_at -= 60_000;
+    stale.deadline = Some(stale.created_at + 1000);
+    client.submit(&stale).await.unwrap();
+    let events = events_of(&client, stale.id, Duration::from_secs(30)).await;
+    assert_eq!(failure(&events).code, ErrorCode::Timeout);
+    assert!(accepted_by(&events).is_empty());
+}
+
+async fn next_heartbeat(beats: &mut async_nats::Subscriber) -> protocol::Heartbeat {
+    let msg = tokio::time::timeout(Duration::from_secs(10), beats.next()).await.unwrap().unwrap();
+    assert_eq!(msg.subject.as_str(), "sd.workers.w-beat");
+    protocol::decode_heartbeat(&msg.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_say_who_the_worker_is_and_what_it_does() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut beats = client.nats().subscribe(client.subjects().heartbeats_wildcard()).await.unwrap();
+    let _worker = WorkerProcess::start("w-beat", &nats.url(), &store_url, &[], &["--step-delay", "300ms"]);
+    let hb = next_heartbeat(&mut beats).await;
+    assert_eq!(hb.worker_id, "w-beat");
+    assert_eq!(hb.models, ["tiny"]);
+    assert!(hb.device.starts_with("cpu"), "{}", hb.device);
+    assert_eq!(hb.version, env!("CARGO_PKG_VERSION"));
+    assert!(!hb.hostname.is_empty());
+    assert_eq!(hb.state, protocol::WorkerState::Idle);
+
+    let job = tiny_job(12, 71);
+    client.submit(&job).await.unwrap();
+    let mut busy = false;
+    for _ in 0..10 {
+        if next_heartbeat(&mut beats).await.state == (protocol::WorkerState::Busy { job_id: job.id }) {
+            busy = true;
+            break;
+        }
+    }
+    assert!(busy, "a heartbeat during the job says busy with it");
+    events_of(&client, job.id, Duration::from_secs(30)).await;
+    let mut done = None;
+    for _ in 0..5 {
+        let hb = next_heartbeat(&mut beats).await;
+        if hb.state == protocol::WorkerState::Idle {
+            done = Some(hb);
+            break;
+        }
+    }
+    let done = done.expect("idle again after the job");
+    assert_eq!((done.jobs_done, done.jobs_failed), (1, 0));
+}

@@ -516,9 +516,22 @@ async fn dead_letter(
     job_id: Option<Uuid>,
     reason: &str,
     delivered: i64,
-) {
-    let Ok(subject) = shared.subjects.dead_letter(model) else { return };
+) -> bool {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    dead_letter_payload(shared, model, msg.payload.clone(), seq, job_id, reason, delivered).await
+}
+
+/// Publishes `payload` (a job message, maybe undecodable) to `sd.dlq.<model>`; returns whether it was stored.
+async fn dead_letter_payload(
+    shared: &Shared,
+    model: &str,
+    payload: Bytes,
+    seq: u64,
+    job_id: Option<Uuid>,
+    reason: &str,
+    delivered: i64,
+) -> bool {
+    let Ok(subject) = shared.subjects.dead_letter(model) else { return false };
     let msg_id = job_id.map_or_else(|| format!("seq-{seq}"), |id| id.to_string());
     let mut headers = crate::bus::msg_id_headers(&msg_id);
     // Header values are one line.
@@ -527,16 +540,39 @@ async fn dead_letter(
     headers.insert("Sd-Dlq-Deliveries", delivered.to_string().as_str());
     headers.insert("Sd-Dlq-Worker", shared.worker_id.as_str());
     headers.insert("Sd-Dlq-Stream-Seq", seq.to_string().as_str());
-    if let Err(e) = crate::bus::publish_persistent(
-        &shared.js,
-        subject,
-        headers,
-        msg.payload.clone(),
-        shared.config.publish_patience,
-    )
-    .await
-    {
-        tracing::error!(?job_id, error = %e, "cannot dead-letter the job; leaving it for redelivery");
+    match crate::bus::publish_persistent(&shared.js, subject, headers, payload, shared.config.publish_patience).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(?job_id, error = %e, "cannot dead-letter the job");
+            false
+        }
+    }
+}
+
+/// A job JetStream stopped delivering after `max_deliver` deliveries that never settled (workers that
+/// crashed or hung on it): report it `failed`, dead-letter it and remove it from the work queue, so it is
+/// not silently stuck. Every worker of the model hears the advisory; the message ids make their reports one.
+pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64) {
+    let stream = match shared.js.get_stream(shared.subjects.jobs_stream()).await {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "cannot bind the jobs stream"),
+    };
+    let raw = match stream.get_raw_message(seq).await {
+        Ok(m) => m,
+        // Another worker got there first.
+        Err(_) => return,
+    };
+    let job_id = crate::bus::job_id_of(&raw.payload, Some(&raw.headers));
+    let reason = format!(
+        "delivered {deliveries} times without finishing (the workers running it crashed or stalled); giving up"
+    );
+    tracing::error!(?job_id, seq, "{reason}");
+    if let Some(job_id) = job_id {
+        publish_event(shared, &failed(job_id, ErrorCode::Internal, &reason, None), deliveries).await;
+    }
+    if dead_letter_payload(shared, model, raw.payload, seq, job_id, &reason, deliveries).await {
+        shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = stream.delete_message(seq).await;
     }
 }
 

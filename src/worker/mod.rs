@@ -234,6 +234,7 @@ impl Worker {
         let mut background = JoinSet::new();
         background.spawn(heartbeats(shared.clone(), stop_rx.clone()));
         background.spawn(cancel_listener(shared.clone(), stop_rx.clone()));
+        background.spawn(undeliverable_listener(shared.clone()));
         let slots = Arc::new(Semaphore::new(shared.config.concurrency));
         let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         let mut pullers = JoinSet::new();
@@ -380,6 +381,28 @@ async fn cancel_listener(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 tracing::info!(job_id = %req.job_id, running, "cancel request");
             }
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable cancel request"),
+        }
+    }
+}
+
+/// JetStream's advisories for jobs of this worker's models that reached `max_deliver` without settling.
+async fn undeliverable_listener(shared: Arc<Shared>) {
+    #[derive(serde::Deserialize)]
+    struct MaxDeliveries {
+        consumer: String,
+        stream_seq: u64,
+        deliveries: i64,
+    }
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*", shared.subjects.jobs_stream());
+    let mut sub = match shared.client.subscribe(subject).await {
+        Ok(s) => s,
+        Err(e) => return tracing::error!(error = %e, "cannot subscribe to max-deliveries advisories"),
+    };
+    while let Some(msg) = sub.next().await {
+        let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else { continue };
+        let model = shared.models.keys().find(|m| bus::consumer_name(m) == advisory.consumer).cloned();
+        if let Some(model) = model {
+            job::give_up_undeliverable(&shared, &model, advisory.stream_seq, advisory.deliveries).await;
         }
     }
 }
