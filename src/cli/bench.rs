@@ -146,7 +146,7 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "bench: sd-rbee unet latent {0}x{0} batch 2 threads={1} median_s={med:.2} peak_rss_gb={peak:.2}",
+            "bench: sd-rbee unet latent {0}x{0} batch 2 threads={1} median_s={med:.3} peak_rss_gb={peak:.2}",
             b.latent,
             candle_core::utils::get_num_threads()
         );

@@ -264,9 +264,16 @@ impl WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let model = format!("tiny={}", super::fixture("tiny-sd15").display());
+        // Test defaults, unless `extra` sets them.
+        let mut defaults = Vec::new();
+        for (flag, value) in [("--heartbeat-interval", "1s"), ("--preview-every", "2")] {
+            if !extra.contains(&flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
             .args(["worker", "--nats", nats, "--store", store, "--model", &model, "--worker-id", id])
-            .args(["--heartbeat-interval", "1s", "--preview-every", "2"])
+            .args(&defaults)
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RAYON_NUM_THREADS", "1")
