@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# sd-rbee GPU check, one script: library discovery, CUDA parity with diffusers (f32, then timings, then f16/bf16
+# errors), sd-rbee benches, a full-size SD 1.5 UNet with random weights, and a PyTorch/diffusers baseline.
+#   on the device:  bash .gpu/run.sh                    (writes $OUT/log.txt and $OUT/summary.txt)
+#   fake run here:  DEVICE=cpu LATENT=8 EXTRA_LD=... OUT=/tmp/o bash .gpu/run.sh
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KIT=$ROOT/.gpu
+cd "$ROOT"
+DEVICE=${DEVICE:-cuda}            # cuda, or cpu for a dry run
+LATENT=${LATENT:-64}              # full-size UNet latent side
+UNET_RUNS=${UNET_RUNS:-10}
+BUDGET=${BUDGET:-300}             # seconds; sections (and parity runs) starting later are skipped
+OUT=${OUT:-/tmp/sdr-out}
+W=${WORK:-/tmp/sdr-gpu}
+FIX=$ROOT/tests/fixtures
+mkdir -p "$OUT" "$W/t"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT_USER_ACTION=ignore
+export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# the driver JIT-compiles Candle's sm_90a PTX once per module; keep that cache for the later processes
+export CUDA_CACHE_PATH=$W/nvcache CUDA_CACHE_MAXSIZE=2147483648
+summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|make_unet|FAIL|section|gpu|lib|generate|bench-unet|bench-pipeline):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
+trap summary EXIT
+section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
+over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
+
+section "environment"
+date -u; uname -r
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/gpu: /'
+else echo "nvidia-smi: not found"; fi
+PY=python3
+[ -x /opt/torch/.venv/bin/python3 ] && PY=/opt/torch/.venv/bin/python3
+echo "python: $PY ($($PY --version 2>&1))"
+
+section "CUDA libraries"
+# Directories holding the CUDA libraries the binary needs: the driver's (libcuda.so.1), then the pip
+# nvidia-* wheels of the Python that holds torch (nvidia/cu13/lib, nvidia/*/lib), torch/lib, the toolkit's.
+LIBDIRS=$($PY - <<'PYEOF'
+import glob, importlib.util, os, site, sys
+dirs = []
+def add(d):
+    if d and os.path.isdir(d) and glob.glob(os.path.join(d, "lib*.so*")) and d not in dirs:
+        dirs.append(d)
+for d in os.environ.get("EXTRA_LD", "").split(":"):
+    add(d)
+for d in ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"]:
+    if glob.glob(os.path.join(d, "libcuda.so*")):
+        add(d)
+bases = []
+try:
+    import nvidia
+    bases += list(nvidia.__path__)
+except Exception as e:
+    print("no 'nvidia' package:", e, file=sys.stderr)
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    bases.append(os.path.join(sp, "nvidia"))
+for b in bases:
+    for d in sorted(glob.glob(os.path.join(b, "cu1*", "lib"))) + sorted(glob.glob(os.path.join(b, "*", "lib"))):
+        add(d)
+spec = importlib.util.find_spec("torch")
+if spec and spec.submodule_search_locations:
+    add(os.path.join(list(spec.submodule_search_locations)[0], "lib"))
+for d in ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]:
+    add(d)
+print(":".join(dirs))
+PYEOF
+)
+export LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+IFS=: read -ra DIRS <<< "$LIBDIRS"
+for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+  hit=""
+  for d in "${DIRS[@]}"; do [ -e "$d/$so" ] && { hit="$d/$so -> $(readlink -f "$d/$so")"; break; }; done
+  [ -z "$hit" ] && hit=$(ldconfig -p 2>/dev/null | grep -m1 " $so " | sed 's/.*=> /ldconfig: /')
+  echo "lib: $so: ${hit:-NOT FOUND}"
+done
+
+section "binary"
+BIN=$W/sd-rbee
+if command -v xz >/dev/null; then xz -dc "$KIT/sd-rbee.xz" > "$BIN"
+else $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$KIT/sd-rbee.xz" "$BIN"; fi
+chmod +x "$BIN"
+ls -la "$BIN"
+ldd "$BIN"
+ldd "$BIN" | grep -q "not found" && echo "FAIL: ldd: some libraries not found"
+"$BIN" --version
+
+# generate MODEL CASE DTYPE: one reference case of tests/parity.rs through the CLI (as tests/cli_generate.rs)
+generate() {
+  local model=$1 case=$2 dtype=$3 sched guidance extra=()
+  case "$model" in tiny-sd15) guidance=7.5 ;; *) guidance=5.0 ;; esac
+  sched=$case
+  if [ "$case" = turbo_1step ]; then
+    args=(--steps 1 --guidance 0 --scheduler euler_a --timestep-spacing trailing)
+  else
+    args=(--negative-prompt "blurry, low quality" --steps 10 --guidance "$guidance" --scheduler "$sched")
+  fi
+  local t="$W/t/${model}__${case}__${dtype}.safetensors"
+  rm -f "$t"
+  if [ -n "${GEN_HUNG:-}" ]; then echo "generate: $model $case $dtype SKIPPED (an earlier run timed out)"; return; fi
+  over "generate $model $case $dtype" && return
+  local line
+  line=$(timeout 60 "$BIN" generate --model "$FIX/$model" --prompt "a photograph of an astronaut riding a horse" \
+      "${args[@]}" --width 96 --height 64 --seed 0 --initial-latents "$FIX/$model/expected.safetensors" \
+      --out "$W/${model}_${case}_${dtype}.png" --save-tensor "$t" --offline --device "$DEVICE" --dtype "$dtype" 2>&1)
+  local rc=$?
+  echo "generate: $model $case $dtype rc=$rc: $line"
+  [ $rc -ne 0 ] && echo "FAIL: generate $model $case $dtype rc=$rc"
+  [ $rc -eq 124 ] && GEN_HUNG=1
+  return 0
+}
+parity() {   # DTYPE...
+  local dt
+  rm -f "$W"/t/*.safetensors
+  for dt in "$@"; do
+    for c in ddim euler dpmpp_2m unipc; do generate tiny-sd15 $c $dt; done
+    for c in euler ddim turbo_1step; do generate tiny-sdxl $c $dt; done
+  done
+  timeout 60 $PY "$KIT/parity.py" "$W/t" "$FIX" || echo "FAIL: parity.py"
+}
+
+section "parity f32 (diffusers 0.42.1 references; CPU f32 gives <=5.3e-6 max, sdxl ddim 3.8e-4)"
+parity f32
+
+section "sd-rbee bench pipeline"
+for m in tiny-sd15 tiny-sdxl; do for dt in f32 f16; do
+  over "bench pipeline $m $dt" && continue
+  echo "bench-pipeline: $m $dt"
+  timeout 90 "$BIN" bench pipeline --model "$FIX/$m" --offline --device "$DEVICE" --dtype $dt \
+    || echo "FAIL: bench pipeline $m $dt"
+done; done
+
+section "full-size SD 1.5 UNet, seeded random weights"
+UNET=$W/sd15-unet
+if ! over "make_unet"; then
+  TDEV=$DEVICE; [ "$DEVICE" = cuda ] || TDEV=cpu
+  timeout 120 $PY "$KIT/make_unet.py" "$KIT/sd15_unet_manifest.json" "$KIT/sd15_unet_config.json" "$UNET" $TDEV \
+    || echo "FAIL: make_unet"
+  ls -la "$UNET"
+fi
+for dt in f32 f16 bf16; do
+  over "bench unet $dt" && continue
+  [ -f "$UNET/diffusion_pytorch_model.fp16.safetensors" ] || break
+  echo "bench-unet: $dt"
+  timeout 90 "$BIN" bench unet "$UNET" --latent "$LATENT" --runs "$UNET_RUNS" --device "$DEVICE" --dtype $dt \
+    || echo "FAIL: bench unet $dt"
+done
+
+section "PyTorch baseline (diffusers 0.42.1 carried as a wheel)"
+if ! over "baseline"; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$KIT"/whl/*.whl \
+    || echo "FAIL: pip install diffusers wheel"
+  export PYTHONPATH=$W/site${PYTHONPATH:+:$PYTHONPATH}
+  [ -f "$UNET/diffusion_pytorch_model.fp16.safetensors" ] && { timeout 150 $PY "$KIT/torch_bench.py" unet "$UNET" \
+    --device "$DEVICE" --latent "$LATENT" --runs "$UNET_RUNS" --dtypes f32,f32-notf32,f16,bf16 || echo "FAIL: baseline unet"; }
+  for m in tiny-sd15 tiny-sdxl; do
+    over "baseline pipeline $m" && continue
+    timeout 90 $PY "$KIT/torch_bench.py" pipeline "$FIX/$m" --device "$DEVICE" --dtypes f32,f16 \
+      || echo "FAIL: baseline pipeline $m"
+  done
+fi
+
+section "parity f16 / bf16 (errors only, no pass/fail)"
+over "parity f16/bf16" || parity f16 bf16
+
+section "done"
+sleep 1; echo "==== results (also in \$OUT/summary.txt)"
+grep -E '^(gpu|parity|bench|bench-pipeline|bench-unet|baseline|make_unet|FAIL):' "$OUT/log.txt" | sed 's/^/= /'
+if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv; fi
+exit 0
