@@ -530,3 +530,172 @@ async fn heartbeats_say_who_the_worker_is_and_what_it_does() {
     let done = done.expect("idle again after the job");
     assert_eq!((done.jobs_done, done.jobs_failed), (1, 0));
 }
+
+fn png_of(img: &image::RgbImage) -> Vec<u8> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    png
+}
+
+/// `sd-rbee generate` on the tiny fixture with `args`; the PNG it wrote.
+fn generate_png(args: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(["generate", "--model"])
+        .arg(common::fixture("tiny-sd15"))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    std::fs::read(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn img2img_from_an_object_key_and_inline_inpainting_match_generate() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-img", &nats.url(), &s3.store_url(), &s3.env(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A picture of another size than the job's: the worker resizes it as generate does.
+    let picture = image::RgbImage::from_fn(80, 72, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 120]));
+    let mask = image::RgbImage::from_fn(64, 64, |x, _| if x < 32 { image::Rgb([255; 3]) } else { image::Rgb([0; 3]) });
+    let (picture_png, mask_png) = (png_of(&picture), png_of(&mask));
+    std::fs::write(dir.path().join("init.png"), &picture_png).unwrap();
+    std::fs::write(dir.path().join("mask.png"), &mask_png).unwrap();
+    s3.put("uploads/init.png", &picture_png);
+
+    let mut img2img = tiny_job(5, 9);
+    img2img.kind = JobKind::Img2Img;
+    img2img.init_image = Some(protocol::ImageSource::ObjectKey("uploads/init.png".into()));
+    img2img.strength = Some(0.6);
+    let mut inpaint = tiny_job(4, 10);
+    inpaint.kind = JobKind::Inpaint;
+    inpaint.init_image = Some(protocol::ImageSource::Inline(picture_png.clone()));
+    inpaint.mask = Some(protocol::ImageSource::Inline(mask_png.clone()));
+    inpaint.strength = Some(0.75);
+    let mut missing = tiny_job(2, 11);
+    missing.kind = JobKind::Img2Img;
+    missing.init_image = Some(protocol::ImageSource::ObjectKey("uploads/nope.png".into()));
+    for job in [&img2img, &inpaint, &missing] {
+        client.submit(job).await.unwrap();
+    }
+
+    let init = dir.path().join("init.png");
+    let init = init.to_str().unwrap();
+    let mask_path = dir.path().join("mask.png");
+    let expected = [
+        generate_png(&[
+            "--prompt",
+            &img2img.prompt,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "5",
+            "--seed",
+            "9",
+            "--init-image",
+            init,
+            "--strength",
+            "0.6",
+        ]),
+        generate_png(&[
+            "--prompt",
+            &inpaint.prompt,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--seed",
+            "10",
+            "--init-image",
+            init,
+            "--mask",
+            mask_path.to_str().unwrap(),
+            "--strength",
+            "0.75",
+        ]),
+    ];
+    for (job, expected) in [&img2img, &inpaint].into_iter().zip(expected) {
+        let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+        let done = completed(&events);
+        assert_eq!(done.len(), 1, "{events:?}");
+        let stored = s3.get(&done[0].images[0].key).unwrap();
+        assert!(stored == expected, "job {:?}: the worker's PNG differs from sd-rbee generate's", job.kind);
+    }
+    let failed = failure(&events_of(&client, missing.id, Duration::from_secs(30)).await).clone();
+    assert_eq!((failed.code, failed.field.as_deref()), (ErrorCode::InvalidRequest, Some("init_image")));
+    assert!(failed.message.contains("uploads/nope.png"), "{}", failed.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_pull_only_the_models_they_serve() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _tiny = WorkerProcess::start("w-tiny", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut xl_job = tiny_job(2, 81);
+    xl_job.model = "tiny-xl".into();
+    client.submit(&xl_job).await.unwrap();
+    let tiny_job_ = tiny_job(2, 82);
+    client.submit(&tiny_job_).await.unwrap();
+    events_of(&client, tiny_job_.id, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(stored_events(&client, xl_job.id).await.is_empty(), "nobody serves tiny-xl yet: the job waits");
+
+    // A worker for both models (the second one the tiny SDXL fixture) takes it.
+    let xl = format!("tiny-xl={}", common::fixture("tiny-sdxl").display());
+    let _both = WorkerProcess::start("w-both", &nats.url(), &store_url, &[], &["--model", &xl]);
+    let events = events_of(&client, xl_job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-both"]);
+    assert_eq!(completed(&events).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_waits_and_prints_the_result_as_json() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-submit", &nats.url(), &store_url, &[], &[]);
+    let submit = |extra: &[&str]| {
+        let nats = nats.url();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+                .args(["submit", "--nats", &nats, "--model", "tiny", "--prompt", "a blue door"])
+                .args(["--height", "64", "--steps", "3"])
+                .args(&extra)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = submit(&["--width", "64", "--seed", "5", "--wait", "--json"]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "completed", "{result}");
+    let job_id = result["job_id"].as_str().unwrap();
+    assert_eq!(result["images"][0]["key"], format!("jobs/{job_id}/0.png"));
+    assert_eq!(result["images"][0]["seed"], 5);
+    assert!(store.path().join(format!("jobs/{job_id}/0.png")).is_file());
+
+    // A job the worker rejects: exit status 1 and the error in the JSON.
+    let out = submit(&["--width", "64", "--init-image", "Cargo.toml", "--wait", "--json"]).await.unwrap();
+    assert!(!out.status.success());
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"]["field"], "init_image", "{result}");
+
+    // Bad parameters never reach the bus: the error names the field.
+    let out = submit(&["--width", "100"]).await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("width") && stderr.contains("multiple of 8"), "{stderr}");
+}

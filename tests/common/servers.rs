@@ -152,6 +152,10 @@ impl Drop for NatsServer {
     }
 }
 
+/// A well-formed AWS authorization header; moto does not check the signature.
+const MOTO_AUTH: &str = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
+                         SignedHeaders=host, Signature=0";
+
 /// An S3-compatible server (moto, in memory, no signature checks) with one bucket.
 pub struct S3Server {
     child: Option<Child>,
@@ -212,13 +216,18 @@ impl S3Server {
     /// The object at `key`, `None` if there is none (moto checks no signatures, but anonymous reads of
     /// private objects are refused: the request carries a well-formed, unchecked authorization).
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let auth = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
-                    SignedHeaders=host, Signature=0";
-        match http_with("GET", self.port, &format!("/{}/{key}", self.bucket), &[auth], b"").unwrap() {
+        match http_with("GET", self.port, &format!("/{}/{key}", self.bucket), &[MOTO_AUTH], b"").unwrap() {
             (200, body) => Some(body),
             (404, _) => None,
             (status, body) => panic!("GET {key}: {status} {}", String::from_utf8_lossy(&body)),
         }
+    }
+
+    /// Stores `bytes` at `key`.
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let (status, body) =
+            http_with("PUT", self.port, &format!("/{}/{key}", self.bucket), &[MOTO_AUTH], bytes).unwrap();
+        assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
     }
 
     /// Fetches a (presigned) URL that points at this server.
