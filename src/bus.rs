@@ -73,6 +73,8 @@ pub async fn ensure_streams(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: settings.duplicate_window,
+            // Queue positions are counted with direct gets.
+            allow_direct: true,
             ..Default::default()
         },
         stream::Config {
@@ -191,7 +193,7 @@ pub async fn publish_job(
     subjects: &Subjects,
     job: &protocol::JobRequest,
     limits: &protocol::Limits,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     job.validate(limits)?;
     let subject = subjects.jobs(&job.model)?;
     let ack = js
@@ -203,7 +205,7 @@ pub async fn publish_job(
             format!("job {} was not stored (no stream for {subject}? a worker creates the streams)", job.id)
         })?;
     tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
-    Ok(())
+    Ok(ack.sequence)
 }
 
 /// A job's id from a message that may not decode: the payload's `id`, else its `Nats-Msg-Id` header.

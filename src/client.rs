@@ -31,6 +31,12 @@ impl BusClient {
         Ok(Self { client, js, subjects, limits: Limits::default() })
     }
 
+    /// A client on an existing connection (the streams must exist).
+    pub fn from_parts(client: async_nats::Client, subjects: Subjects) -> Self {
+        let js = jetstream::new(client.clone());
+        Self { client, js, subjects, limits: Limits::default() }
+    }
+
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
     }
@@ -45,6 +51,11 @@ impl BusClient {
 
     /// Validates and publishes `job` (a retried publish of the same id is not a second job).
     pub async fn submit(&self, job: &JobRequest) -> anyhow::Result<()> {
+        self.submit_with_seq(job).await.map(|_| ())
+    }
+
+    /// [`submit`](Self::submit), returning the job's sequence in the jobs stream.
+    pub async fn submit_with_seq(&self, job: &JobRequest) -> anyhow::Result<u64> {
         bus::publish_job(&self.js, &self.subjects, job, &self.limits).await
     }
 

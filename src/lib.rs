@@ -11,5 +11,6 @@ pub mod generation;
 pub mod hub;
 pub mod image_input;
 pub mod protocol;
+pub mod queen;
 pub mod storage;
 pub mod worker;

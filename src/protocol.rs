@@ -1095,6 +1095,11 @@ impl Subjects {
         self.stream_name("EVENTS")
     }
 
+    /// `SD_STATUS`: the queens' KV bucket of job status.
+    pub fn status_bucket(&self) -> String {
+        self.stream_name("STATUS")
+    }
+
     /// `SD_DLQ`: the dead-letter stream.
     pub fn dlq_stream(&self) -> String {
         self.stream_name("DLQ")

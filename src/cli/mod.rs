@@ -10,6 +10,7 @@ use crate::device::{parse_dtype, DeviceSpec};
 pub mod bench;
 pub mod generate;
 pub mod models;
+pub mod queen;
 pub mod submit;
 pub mod worker;
 
@@ -40,6 +41,8 @@ pub enum Command {
     Worker(Box<worker::WorkerArgs>),
     /// Publish a job on the bus; with --wait, follow it to the end.
     Submit(Box<submit::SubmitArgs>),
+    /// The control plane: HTTP API, job status and the fleet's view.
+    Queen(Box<queen::QueenArgs>),
 }
 
 /// Where a model comes from and how it runs; shared by every subcommand that loads one.
@@ -82,6 +85,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "ms" => value / 1000.0,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m or h)")),
     };
     if !seconds.is_finite() || seconds < 0.0 {
@@ -95,10 +99,14 @@ pub fn main() -> ExitCode {
     crate::device::pin_cpu_threads();
     crate::device::keep_freed_memory();
     let cli = Cli::parse();
-    let json_logs = matches!(&cli.command, Command::Worker(w) if w.log_json);
+    let json_logs = match &cli.command {
+        Command::Worker(w) => w.log_json,
+        Command::Queen(q) => q.log_json,
+        _ => false,
+    };
     // Long-running services log what they do by default.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Worker(_), "warn") => "info",
+        (Command::Worker(_) | Command::Queen(_), "warn") => "info",
         (_, level) => level,
     };
     init_tracing(level, json_logs);
@@ -108,6 +116,7 @@ pub fn main() -> ExitCode {
         Command::Models => models::run().map(|()| true),
         Command::Worker(args) => worker::run(*args).map(|()| true),
         Command::Submit(args) => submit::run(*args),
+        Command::Queen(args) => queen::run(*args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,91 @@
+//! `sd-rbee queen`: flags and environment to a [`QueenConfig`], then serve until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use super::parse_duration;
+use crate::queen::{Queen, QueenConfig};
+
+#[derive(Debug, Clone, Args)]
+pub struct QueenArgs {
+    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// The fleet's object store (the workers' --store).
+    #[arg(long, env = "SD_RBEE_STORE_URL", default_value = "sd-rbee-store")]
+    pub store: String,
+    /// Address to serve the HTTP API on.
+    #[arg(long, env = "SD_RBEE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
+    pub prefix: String,
+    /// A file of bearer tokens, one per line (blank lines and # comments ignored). Also SD_RBEE_API_TOKENS
+    /// (comma-separated); both may be given.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without authentication (only for a trusted network).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Largest request body, in bytes (JSON with inline images, or an upload).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Accept jobs for models no live worker serves (they wait in the queue).
+    #[arg(long)]
+    pub accept_unserved_models: bool,
+    /// Origins allowed to call the API from a browser (CORS); repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// A worker silent this long is shown as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub worker_lost_after: Duration,
+    /// How long job status is kept.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub keep_status: Duration,
+    /// Validation limits as JSON, e.g. '{"max_steps": 80, "max_pixels": 1048576}' (see docs/PROTOCOL.md).
+    #[arg(long)]
+    pub limits: Option<String>,
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`.
+pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+        tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+    }
+    if let Some(list) = env {
+        tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from));
+    }
+    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        bail!("API token {}... is {} characters; use at least 16", &short[..short.len().min(3)], short.len());
+    }
+    Ok(tokens)
+}
+
+pub fn run(args: QueenArgs) -> anyhow::Result<()> {
+    let mut config = QueenConfig::new(args.nats, args.store, args.listen);
+    config.prefix = args.prefix;
+    config.api.tokens = load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())?;
+    if config.api.tokens.is_empty() && !args.no_auth {
+        bail!("no API tokens: give --token-file FILE or SD_RBEE_API_TOKENS, or --no-auth for a trusted network");
+    }
+    config.api.max_body_bytes = args.max_body_bytes;
+    config.api.require_served_model = !args.accept_unserved_models;
+    config.api.cors_origins = args.cors_origin;
+    if let Some(json) = args.limits {
+        config.api.limits = serde_json::from_str(&json).context("--limits")?;
+    }
+    config.worker_lost_after = args.worker_lost_after;
+    config.status_max_age = args.keep_status;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let queen = Queen::start(config).await?;
+        eprintln!("sd-rbee queen listening on http://{}", queen.addr);
+        queen.serve(crate::worker::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,140 @@
+//! Folds every worker event into the job status bucket. The queens share one durable consumer on the
+//! events stream, so each event is applied once (by whichever queen pulls it); a queen that was down catches
+//! up where the consumer stopped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+
+use super::status::{JobStatus, StatusStore};
+use crate::protocol::{self, Event, Subjects};
+
+/// The queens' shared consumer of the events stream.
+pub const AGGREGATOR_CONSUMER: &str = "queen-aggregator";
+
+/// Recent per-model figures, for ETAs and metrics (this queen's share of the events).
+#[derive(Clone, Default)]
+pub struct ModelStats {
+    inner: Arc<Mutex<HashMap<String, Stat>>>,
+    /// Each running job's last progress (at, step), for step times.
+    last_progress: Arc<Mutex<HashMap<uuid::Uuid, (u64, u32)>>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stat {
+    /// Exponential moving average of a job's generation time.
+    job_ms: f64,
+    completed: u64,
+    generation_ms_sum: u64,
+    steps: u64,
+    step_ms_sum: u64,
+}
+
+impl ModelStats {
+    pub fn record_completed(&self, model: &str, generation_ms: u64) {
+        let mut map = self.inner.lock().unwrap();
+        let s = map.entry(model.to_string()).or_default();
+        s.job_ms = if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
+        s.completed += 1;
+        s.generation_ms_sum += generation_ms;
+    }
+
+    /// A progress event of a job of `model`: the time since the previous step's, per step.
+    pub fn record_progress(&self, model: &str, job_id: uuid::Uuid, at: u64, step: u32) {
+        let previous = self.last_progress.lock().unwrap().insert(job_id, (at, step));
+        if let Some((prev_at, prev_step)) = previous {
+            if step > prev_step && at >= prev_at {
+                let mut map = self.inner.lock().unwrap();
+                let s = map.entry(model.to_string()).or_default();
+                s.steps += u64::from(step - prev_step);
+                s.step_ms_sum += at - prev_at;
+            }
+        }
+    }
+
+    /// The job ended: forget its progress.
+    pub fn forget(&self, job_id: uuid::Uuid) {
+        self.last_progress.lock().unwrap().remove(&job_id);
+    }
+
+    /// (model, steps, sum of step ms) for the metrics.
+    pub fn step_totals(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> =
+            self.inner.lock().unwrap().iter().map(|(m, s)| (m.clone(), s.steps, s.step_ms_sum)).collect();
+        v.sort();
+        v
+    }
+
+    /// Typical generation time of one job of `model`, if any completed.
+    pub fn job_ms(&self, model: &str) -> Option<f64> {
+        self.inner.lock().unwrap().get(model).filter(|s| s.completed > 0).map(|s| s.job_ms)
+    }
+
+    /// (model, completed jobs, sum of generation ms) for the metrics.
+    pub fn totals(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> =
+            self.inner.lock().unwrap().iter().map(|(m, s)| (m.clone(), s.completed, s.generation_ms_sum)).collect();
+        v.sort();
+        v
+    }
+}
+
+/// Pulls events and applies them until the process ends; reconnects and retries on errors.
+pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, stats: ModelStats) {
+    loop {
+        if let Err(e) = pull(&js, &subjects, &store, &stats).await {
+            tracing::warn!(error = %e, "event aggregation interrupted; resuming");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn pull(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    store: &StatusStore,
+    stats: &ModelStats,
+) -> anyhow::Result<()> {
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            AGGREGATOR_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(AGGREGATOR_CONSUMER.into()),
+                description: Some("sd-rbee queens: job status aggregation".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    while let Some(msg) = messages.next().await {
+        let msg = msg?;
+        match protocol::decode_event(&msg.payload) {
+            Ok(event) => apply(store, stats, &event).await?,
+            Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
+        }
+        msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+    anyhow::bail!("the events consumer ended")
+}
+
+async fn apply(store: &StatusStore, stats: &ModelStats, event: &Event) -> anyhow::Result<()> {
+    let job_id = event.job_id();
+    let at = event.at();
+    let updated = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
+    match (&updated, event) {
+        (Some(status), Event::Completed(c)) => stats.record_completed(&status.model, c.timings.generation_ms),
+        (Some(status), Event::Progress(p)) => stats.record_progress(&status.model, job_id, p.at, p.step),
+        _ => {}
+    }
+    if event.is_terminal() {
+        stats.forget(job_id);
+    }
+    Ok(())
+}

@@ -1,0 +1,859 @@
+//! The queen's HTTP API (axum), versioned under `/v1`: submit, status, Server-Sent Events, cancel, list,
+//! images, uploads, models, workers; `/health`, `/ready` and `/metrics` beside it. [`app`] builds the
+//! router from an [`AppState`] so tests serve it on a free port. Every error is one JSON shape,
+//! `{"error": {"code", "message", "field"}}`, from [`AppError`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::aggregator::ModelStats;
+use super::fleet::Fleet;
+use super::status::{idempotency_entry, JobState, JobStatus, StatusStore};
+use crate::client::BusClient;
+use crate::image_input::ResizeMode;
+use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest, Limits, ProtocolError};
+use crate::storage::Store;
+
+/// What the API needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub bus: BusClient,
+    pub status: StatusStore,
+    pub store: Store,
+    pub fleet: Fleet,
+    pub stats: ModelStats,
+    pub config: Arc<ApiConfig>,
+}
+
+/// The API's policy.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Bearer tokens; empty: no authentication (only with `--no-auth`).
+    pub tokens: Vec<String>,
+    pub limits: Limits,
+    /// Largest request body (JSON with inline images, or an upload).
+    pub max_body_bytes: usize,
+    /// Refuse jobs for models no live worker serves.
+    pub require_served_model: bool,
+    /// Origins allowed by CORS; empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            limits: Limits::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+            require_served_model: true,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------
+
+/// An API error: status, code, message and the offending field.
+#[derive(Debug)]
+pub struct AppError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl AppError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), field: None }
+    }
+    fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", message).field(field)
+    }
+    fn not_found(job_id: Uuid) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no job {job_id}"))
+    }
+    fn internal(err: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", err.to_string())
+    }
+    fn unavailable(err: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", err.to_string())
+    }
+}
+
+impl From<ProtocolError> for AppError {
+    fn from(e: ProtocolError) -> Self {
+        let status = if e.code == protocol::ErrorCode::InvalidRequest {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Self { status, code: e.code.as_str(), message: e.message, field: e.field }
+    }
+}
+
+impl From<anyhow::Error> for AppError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(format!("{e:#}"))
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, "{}", self.message);
+        }
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code, message: &self.message, field: self.field.as_deref() } };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, AppError>;
+
+// ---------------------------------------------------------------------------------------------------------
+// Router
+// ---------------------------------------------------------------------------------------------------------
+
+/// The whole HTTP API.
+pub fn app(state: AppState) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    let v1 = Router::new()
+        .route("/jobs", post(submit).get(list_jobs))
+        .route("/jobs/{id}", get(job_status).delete(cancel_job))
+        .route("/jobs/{id}/events", get(job_events))
+        .route("/jobs/{id}/images/{n}", get(job_image))
+        .route("/uploads", post(upload))
+        .route("/models", get(models))
+        .route("/workers", get(workers))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut router = Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics).route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint") })
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+    if !state.config.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        router = router.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, "idempotency-key".parse().unwrap()]),
+        );
+    }
+    router
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// The caller's identity for idempotency keys: a digest of its token.
+#[derive(Clone)]
+struct Caller(String);
+
+fn digest(text: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(text).into()
+}
+
+async fn authenticate(
+    State(state): State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    if state.config.tokens.is_empty() {
+        req.extensions_mut().insert(Caller("anonymous".into()));
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "missing bearer token (Authorization: Bearer <token>)",
+        )
+        .into_response();
+    };
+    // Compare digests, every token, in constant time: neither the match nor the lengths leak.
+    let wanted = digest(presented.as_bytes());
+    let mut matched = subtle::Choice::from(0);
+    for token in &state.config.tokens {
+        matched |= digest(token.as_bytes()).ct_eq(&wanted);
+    }
+    if !bool::from(matched) {
+        return AppError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "invalid bearer token").into_response();
+    }
+    req.extensions_mut().insert(Caller(hex::encode(&wanted[..12])));
+    next.run(req).await
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Submissions
+// ---------------------------------------------------------------------------------------------------------
+
+/// An input image: base64 (optionally a `data:` URL), or a key returned by `POST /v1/uploads`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ImageInput {
+    Base64(String),
+    Upload { object_key: String },
+}
+
+fn default_size() -> u32 {
+    512
+}
+fn default_one() -> u32 {
+    1
+}
+
+/// The body of `POST /v1/jobs`: txt2img, img2img (with `init_image`) and inpaint (with `mask`) in one
+/// schema. Unknown fields are an error.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSubmission {
+    /// Inferred from the images when absent.
+    #[serde(default)]
+    pub kind: Option<JobKind>,
+    pub model: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default = "default_size")]
+    pub width: u32,
+    #[serde(default = "default_size")]
+    pub height: u32,
+    #[serde(default)]
+    pub steps: Option<u32>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default = "default_one")]
+    pub num_images: u32,
+    #[serde(default)]
+    pub init_image: Option<ImageInput>,
+    #[serde(default)]
+    pub mask: Option<ImageInput>,
+    #[serde(default)]
+    pub strength: Option<f64>,
+    #[serde(default)]
+    pub mask_blur: Option<u32>,
+    #[serde(default)]
+    pub invert_mask: bool,
+    #[serde(default)]
+    pub paste_back: Option<bool>,
+    #[serde(default)]
+    pub resize_mode: Option<ResizeMode>,
+    #[serde(default)]
+    pub output_format: Option<ImageFormat>,
+    #[serde(default)]
+    pub quality: Option<u8>,
+    /// Seconds after which the job is worthless (it fails with TIMEOUT).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+impl JobSubmission {
+    pub fn new(model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        serde_json::from_value(serde_json::json!({"model": model.into(), "prompt": prompt.into()}))
+            .expect("a minimal submission deserializes")
+    }
+}
+
+/// `202 Accepted` to a submission.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub job_id: Uuid,
+    pub status_url: String,
+    pub events_url: String,
+    /// False when an idempotency key mapped the request to an earlier job.
+    pub created: bool,
+}
+
+async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiResult<ImageSource> {
+    match input {
+        ImageInput::Base64(text) => {
+            let bytes = crate::image_input::decode_base64(text, field)
+                .map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
+            if bytes.len() > state.config.limits.max_inline_image_bytes {
+                return Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    format!(
+                        "{field} is {} bytes, over the {} byte limit for inline images (upload it instead)",
+                        bytes.len(),
+                        state.config.limits.max_inline_image_bytes
+                    ),
+                )
+                .field(field));
+            }
+            crate::image_input::decode(&bytes, field).map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
+            Ok(ImageSource::Inline(bytes))
+        }
+        ImageInput::Upload { object_key } => {
+            match state.store.size(object_key).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(AppError::invalid(field, format!("upload {object_key:?} does not exist"))),
+                Err(e) => return Err(AppError::unavailable(e)),
+            }
+            Ok(ImageSource::ObjectKey(object_key.clone()))
+        }
+    }
+}
+
+/// Builds and checks the job: the protocol's rules, the images, and a model the fleet serves.
+async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
+    let kind = match (sub.kind, &sub.init_image, &sub.mask) {
+        (Some(k), _, _) => k,
+        (None, None, _) => JobKind::Txt2Img,
+        (None, Some(_), None) => JobKind::Img2Img,
+        (None, Some(_), Some(_)) => JobKind::Inpaint,
+    };
+    let mut job = JobRequest::new(kind, sub.model, sub.prompt);
+    job.negative_prompt = sub.negative_prompt;
+    job.width = sub.width;
+    job.height = sub.height;
+    job.steps = sub.steps;
+    job.guidance = sub.guidance;
+    job.scheduler = sub.scheduler;
+    job.timestep_spacing = sub.timestep_spacing;
+    job.seed = sub.seed;
+    job.num_images = sub.num_images;
+    job.strength = sub.strength;
+    if let Some(blur) = sub.mask_blur {
+        job.mask_blur = blur;
+    }
+    job.invert_mask = sub.invert_mask;
+    if let Some(p) = sub.paste_back {
+        job.paste_back = p;
+    }
+    job.resize_mode = sub.resize_mode.unwrap_or_default();
+    job.output.format = sub.output_format.unwrap_or_default();
+    job.output.quality = sub.quality;
+    job.deadline = sub.timeout_s.map(|s| job.created_at + s.saturating_mul(1000));
+    // The cheap rules first, then the images (placeholders keep the kind rules checkable).
+    let placeholder = |i: &Option<ImageInput>| i.as_ref().map(|_| ImageSource::Inline(vec![0]));
+    job.init_image = placeholder(&sub.init_image);
+    job.mask = placeholder(&sub.mask);
+    job.validate(&state.config.limits)?;
+    if let Some(input) = &sub.init_image {
+        job.init_image = Some(image_source(state, input, "init_image").await?);
+    }
+    if let Some(input) = &sub.mask {
+        job.mask = Some(image_source(state, input, "mask").await?);
+    }
+    job.validate(&state.config.limits)?;
+    if state.config.require_served_model && state.fleet.serving(&job.model, protocol::now_millis()) == 0 {
+        let served: Vec<String> = state.fleet.models(protocol::now_millis()).into_iter().map(|(m, _)| m).collect();
+        return Err(AppError::invalid(
+            "model",
+            format!(
+                "no live worker serves model {:?} (served now: {})",
+                job.model,
+                if served.is_empty() { "none".to_string() } else { served.join(", ") }
+            ),
+        ));
+    }
+    Ok(job)
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> ApiResult<T> {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|t| t.starts_with("application/json"));
+    if !json_type {
+        return Err(AppError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send application/json",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." { None } else { Some(path) };
+        let status = if inner.is_syntax() || inner.is_eof() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        AppError { status, code: "INVALID_REQUEST", message: format!("invalid JSON body: {inner}"), field }
+    })
+}
+
+fn urls(job_id: Uuid) -> (String, String) {
+    (format!("/v1/jobs/{job_id}"), format!("/v1/jobs/{job_id}/events"))
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let sub: JobSubmission = parse_body(&headers, &body)?;
+    let mut job = job_of(&state, sub).await?;
+    let idem = match headers.get("idempotency-key") {
+        Some(v) => {
+            let key =
+                v.to_str().map_err(|_| AppError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string();
+            job.idempotency_key = Some(key.clone());
+            job.validate(&state.config.limits)?;
+            Some(idempotency_entry(&caller.0, &key))
+        }
+        None => None,
+    };
+    if let Some(entry) = &idem {
+        let owner = state.status.claim_idempotency(entry, job.id).await?;
+        if owner != job.id {
+            let (status_url, events_url) = urls(owner);
+            let body = SubmitResponse { job_id: owner, status_url, events_url, created: false };
+            return Ok((StatusCode::OK, Json(body)).into_response());
+        }
+    }
+    let published = state.bus.submit_with_seq(&job).await;
+    let seq = match published {
+        Ok(seq) => seq,
+        Err(e) => {
+            if let Some(entry) = &idem {
+                state.status.release_idempotency(entry).await;
+            }
+            return Err(AppError::unavailable(format!("cannot queue the job: {e:#}")));
+        }
+    };
+    state.status.create(&JobStatus::queued(&job, Some(seq))).await?;
+    tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
+    let (status_url, events_url) = urls(job.id);
+    let body = SubmitResponse { job_id: job.id, status_url: status_url.clone(), events_url, created: true };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&status_url).expect("a path is a header"));
+    Ok(response)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct UploadResponse {
+    pub object_key: String,
+    pub bytes: usize,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// `POST /v1/uploads`: an image (PNG, JPEG or WebP bytes) to use as `init_image` or `mask` by key.
+async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
+    let img = crate::image_input::decode(&body, "upload").map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
+    let format = image::guess_format(&body).map_err(|e| AppError::invalid("body", e.to_string()))?;
+    let ext = format.extensions_str().first().copied().unwrap_or("img");
+    let key = format!("uploads/{}.{ext}", Uuid::new_v4());
+    state.store.put(&key, body.clone(), format.to_mime_type()).await.map_err(AppError::unavailable)?;
+    let body = UploadResponse { object_key: key, bytes: body.len(), width: img.width(), height: img.height() };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Status, list, cancel, images
+// ---------------------------------------------------------------------------------------------------------
+
+/// A job's status with what the queen knows beside the record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub status: JobStatus,
+    /// Jobs ahead of it in its model's queue (queued jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// Estimated time to completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// The worker holding it stopped sending heartbeats: the job waits for redelivery.
+    #[serde(default)]
+    pub waiting_for_redelivery: bool,
+    /// Where to fetch each image: a presigned URL, else this API's image endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_urls: Vec<String>,
+}
+
+async fn view(state: &AppState, status: JobStatus) -> StatusView {
+    let now = protocol::now_millis();
+    let mut v = StatusView {
+        status,
+        queue_position: None,
+        eta_ms: None,
+        waiting_for_redelivery: false,
+        image_urls: Vec::new(),
+    };
+    let s = &v.status;
+    match s.state {
+        JobState::Queued => {
+            if let Some(seq) = s.stream_seq {
+                v.queue_position = queue_position(state, &s.model, seq).await;
+            }
+            let workers = state.fleet.serving(&s.model, now).max(1) as f64;
+            if let (Some(pos), Some(job_ms)) = (v.queue_position, state.stats.job_ms(&s.model)) {
+                v.eta_ms = Some(((pos as f64 + 1.0) * job_ms / workers) as u64);
+            }
+        }
+        JobState::Running => {
+            v.eta_ms = s.progress.as_ref().and_then(|p| p.eta_ms);
+            v.waiting_for_redelivery = s.worker_id.as_deref().is_some_and(|w| state.fleet.is_lost(w, now));
+        }
+        _ => {}
+    }
+    v.image_urls = s
+        .images
+        .iter()
+        .map(|i| i.url.clone().unwrap_or_else(|| format!("/v1/jobs/{}/images/{}", s.job_id, i.index)))
+        .collect();
+    v
+}
+
+/// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
+async fn queue_position(state: &AppState, model: &str, seq: u64) -> Option<u64> {
+    let subject = state.bus.subjects().jobs(model).ok()?;
+    let stream = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await.ok()?;
+    let mut position = 0;
+    let mut next = 1;
+    for _ in 0..1000 {
+        match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
+            Ok(msg) if msg.sequence < seq => {
+                position += 1;
+                next = msg.sequence + 1;
+            }
+            Ok(msg) if msg.sequence == seq => return Some(position),
+            _ => return None,
+        }
+    }
+    None
+}
+
+async fn job_status(State(state): State<AppState>, Path(id): Path<Uuid>) -> ApiResult<Json<StatusView>> {
+    let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
+    Ok(Json(view(&state, status).await))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    model: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobStatus>,
+    pub total: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+}
+
+async fn list_jobs(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<JobList>> {
+    let wanted: Option<JobState> =
+        q.state.as_deref().map(str::parse).transpose().map_err(|e: String| AppError::invalid("state", e))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(AppError::invalid("limit", "must be 1 to 500"));
+    }
+    let mut jobs: Vec<JobStatus> = state
+        .status
+        .all()
+        .await?
+        .into_iter()
+        .filter(|s| wanted.is_none_or(|w| s.state == w))
+        .filter(|s| q.model.as_deref().is_none_or(|m| s.model == m))
+        .collect();
+    jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.job_id.cmp(&b.job_id)));
+    let total = jobs.len();
+    let offset = q.offset.unwrap_or(0).min(total);
+    let page: Vec<JobStatus> = jobs.into_iter().skip(offset).take(limit).collect();
+    let next_offset = (offset + page.len() < total).then_some(offset + page.len());
+    Ok(Json(JobList { jobs: page, total, next_offset }))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct CancelResponse {
+    pub job_id: Uuid,
+    /// `cancelled` (it never started: removed from the queue) or `cancelling` (a worker stops it within
+    /// a step).
+    pub state: String,
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> ApiResult<(StatusCode, Json<CancelResponse>)> {
+    let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
+    if status.state.is_terminal() {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "ALREADY_FINISHED",
+            format!("job {id} is already {}", status.state.name()),
+        ));
+    }
+    // Tell the workers in any case: one may be taking it right now.
+    state.bus.cancel(id, Some("cancelled through the API".into())).await.map_err(AppError::unavailable)?;
+    if status.state == JobState::Queued {
+        if let Some(seq) = status.stream_seq {
+            let stream = state
+                .bus
+                .jetstream()
+                .get_stream(state.bus.subjects().jobs_stream())
+                .await
+                .map_err(AppError::unavailable)?;
+            if matches!(stream.delete_message(seq).await, Ok(true)) {
+                let event = Event::Cancelled(protocol::Cancelled {
+                    v: protocol::PROTOCOL_VERSION,
+                    job_id: id,
+                    at: protocol::now_millis(),
+                    at_step: None,
+                });
+                crate::bus::publish_persistent(
+                    state.bus.jetstream(),
+                    state.bus.subjects().events(id),
+                    crate::bus::msg_id_headers(&format!("{id}:0:cancelled")),
+                    protocol::encode(&event).into(),
+                    Duration::from_secs(10),
+                )
+                .await?;
+                let _ = state.status.update(id, || status.clone(), |s| s.apply(&event)).await;
+                return Ok((StatusCode::OK, Json(CancelResponse { job_id: id, state: "cancelled".into() })));
+            }
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(CancelResponse { job_id: id, state: "cancelling".into() })))
+}
+
+async fn job_image(State(state): State<AppState>, Path((id, n)): Path<(Uuid, u32)>) -> ApiResult<Response> {
+    let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
+    if status.state != JobState::Completed {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "NOT_COMPLETED",
+            format!("job {id} is {}", status.state.name()),
+        ));
+    }
+    let image = status
+        .images
+        .iter()
+        .find(|i| i.index == n)
+        .ok_or_else(|| AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("job {id} has no image {n}")))?;
+    let bytes = state.store.get(&image.key).await.map_err(AppError::unavailable)?;
+    let content_type =
+        HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Server-Sent Events
+// ---------------------------------------------------------------------------------------------------------
+
+fn sse_of(event: &Event) -> Vec<SseEvent> {
+    let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
+    match event {
+        Event::Accepted(a) => {
+            vec![data(serde_json::json!({"job_id": a.job_id, "at": a.at, "worker_id": a.worker_id})).event("started")]
+        }
+        Event::Progress(p) => {
+            let mut out = vec![data(serde_json::json!({
+                "job_id": p.job_id, "at": p.at, "step": p.step, "total": p.total, "percent": p.percent, "eta_ms": p.eta_ms
+            }))
+            .event("progress")];
+            if let Some(jpeg) = &p.preview_jpeg {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(jpeg);
+                out.push(data(serde_json::json!({"job_id": p.job_id, "step": p.step, "image": format!("data:image/jpeg;base64,{b64}")})).event("preview"));
+            }
+            out
+        }
+        Event::Completed(c) => vec![data(serde_json::to_value(c).unwrap_or_default()).event("completed")],
+        Event::Failed(f) => vec![data(serde_json::to_value(f).unwrap_or_default()).event("failed")],
+        Event::Cancelled(c) => vec![data(serde_json::to_value(c).unwrap_or_default()).event("cancelled")],
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: everything that happened (replayed from the events stream), then live,
+/// ending after the terminal event.
+async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
+    let events = state.bus.events(id).await.map_err(AppError::unavailable)?;
+    let queued = SseEvent::default()
+        .event("queued")
+        .data(serde_json::json!({"job_id": id, "at": status.created_at, "model": status.model}).to_string());
+    let stream = futures::stream::once(async move { vec![queued] })
+        .chain(events.filter_map(|e| async move {
+            match e {
+                Ok(event) => Some(sse_of(&event)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "event stream error");
+                    None
+                }
+            }
+        }))
+        .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fleet, health, metrics
+// ---------------------------------------------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub workers: usize,
+    /// The defaults of a built-in short name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<serde_json::Value>,
+}
+
+async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
+    let models = state
+        .fleet
+        .models(protocol::now_millis())
+        .into_iter()
+        .map(|(name, workers)| {
+            let defaults = crate::hub::registry_entry(&name).map(|e| {
+                serde_json::json!({"repo": e.repo, "width": e.width, "height": e.height, "steps": e.steps,
+                                   "guidance": e.guidance, "scheduler": e.scheduler})
+            });
+            ModelInfo { name, workers, defaults }
+        })
+        .collect();
+    Json(models)
+}
+
+async fn workers(State(state): State<AppState>) -> Json<Vec<super::fleet::WorkerInfo>> {
+    Json(state.fleet.workers(protocol::now_millis()))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let connected = state.bus.nats().connection_state() == async_nats::connection::State::Connected;
+    let mut problems = Vec::new();
+    if !connected {
+        problems.push("not connected to NATS".to_string());
+    } else {
+        let subjects = state.bus.subjects();
+        for stream in [subjects.jobs_stream(), subjects.events_stream(), subjects.dlq_stream()] {
+            let check = tokio::time::timeout(Duration::from_secs(2), state.bus.jetstream().get_stream(&stream)).await;
+            if !matches!(check, Ok(Ok(_))) {
+                problems.push(format!("stream {stream} unavailable"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "problems": problems})))
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+    use std::fmt::Write;
+    let now = protocol::now_millis();
+    let mut out = String::new();
+    let statuses = state.status.all().await?;
+    let _ = writeln!(out, "# HELP sd_rbee_jobs Jobs in the status bucket, by state.\n# TYPE sd_rbee_jobs gauge");
+    for st in JobState::ALL {
+        let n = statuses.iter().filter(|s| s.state == st).count();
+        let _ = writeln!(out, "sd_rbee_jobs{{state=\"{}\"}} {n}", st.name());
+    }
+    let _ = writeln!(out, "# HELP sd_rbee_queue_depth Jobs in the work queue (waiting or running), by model.\n# TYPE sd_rbee_queue_depth gauge");
+    if let Ok(mut stream) = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await {
+        if let Ok(mut info) = stream.info_with_subjects(state.bus.subjects().jobs_wildcard()).await {
+            let mut subjects: Vec<(String, usize)> = Vec::new();
+            while let Some(Ok((subject, count))) = info.next().await {
+                subjects.push((subject, count));
+            }
+            subjects.sort();
+            for (subject, count) in subjects {
+                if let Some(model) = state.bus.subjects().model_of_jobs_subject(&subject) {
+                    let _ = writeln!(out, "sd_rbee_queue_depth{{model=\"{model}\"}} {count}");
+                }
+            }
+        }
+        let _ = &mut stream;
+    }
+    let workers = state.fleet.workers(now);
+    let _ = writeln!(out, "# HELP sd_rbee_workers Workers by liveness.\n# TYPE sd_rbee_workers gauge");
+    let lost = workers.iter().filter(|w| w.lost).count();
+    let busy = workers.iter().filter(|w| !w.lost && w.heartbeat.state != protocol::WorkerState::Idle).count();
+    let _ = writeln!(out, "sd_rbee_workers{{state=\"busy\"}} {busy}");
+    let _ = writeln!(out, "sd_rbee_workers{{state=\"idle\"}} {}", workers.len() - lost - busy);
+    let _ = writeln!(out, "sd_rbee_workers{{state=\"lost\"}} {lost}");
+    let _ = writeln!(
+        out,
+        "# HELP sd_rbee_generation_seconds Generation time of completed jobs (this queen's share of events).\n# TYPE sd_rbee_generation_seconds summary"
+    );
+    for (model, count, sum_ms) in state.stats.totals() {
+        let _ = writeln!(out, "sd_rbee_generation_seconds_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
+        let _ = writeln!(out, "sd_rbee_generation_seconds_count{{model=\"{model}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sd_rbee_step_seconds Denoising step time, by model.\n# TYPE sd_rbee_step_seconds summary"
+    );
+    for (model, count, sum_ms) in state.stats.step_totals() {
+        let _ = writeln!(out, "sd_rbee_step_seconds_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
+        let _ = writeln!(out, "sd_rbee_step_seconds_count{{model=\"{model}\"}} {count}");
+    }
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], out).into_response())
+}

@@ -1,0 +1,105 @@
+//! `sd-rbee queen`: the control plane. It publishes jobs onto the bus, folds the workers' events into a
+//! status bucket, follows the fleet's heartbeats and serves the HTTP API ([`api::app`]). It keeps no state
+//! of its own beyond NATS, so several queens can run side by side behind a load balancer.
+
+pub mod aggregator;
+pub mod api;
+pub mod fleet;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::bus::{self, StreamSettings};
+use crate::client::BusClient;
+use crate::protocol::Subjects;
+use crate::storage::{Store, StoreOptions};
+use api::{ApiConfig, AppState};
+
+/// Everything a queen is configured with.
+#[derive(Clone, Debug)]
+pub struct QueenConfig {
+    pub nats_url: String,
+    /// The fleet's object store (uploads, and images proxied for stores without presigned URLs).
+    pub store_url: String,
+    pub listen: SocketAddr,
+    pub prefix: String,
+    pub api: ApiConfig,
+    /// How long job status is kept.
+    pub status_max_age: Duration,
+    /// A worker silent this long is lost (three heartbeat intervals).
+    pub worker_lost_after: Duration,
+    pub store: StoreOptions,
+}
+
+impl QueenConfig {
+    pub fn new(nats_url: impl Into<String>, store_url: impl Into<String>, listen: SocketAddr) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            store_url: store_url.into(),
+            listen,
+            prefix: crate::protocol::DEFAULT_PREFIX.into(),
+            api: ApiConfig::default(),
+            status_max_age: Duration::from_secs(7 * 24 * 3600),
+            worker_lost_after: Duration::from_secs(3 * crate::protocol::HEARTBEAT_INTERVAL_SECS),
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+/// A queen serving on its listener.
+pub struct Queen {
+    pub addr: SocketAddr,
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Queen {
+    /// Connects, binds the streams, the status bucket and the listener, and starts following events and
+    /// heartbeats.
+    pub async fn start(config: QueenConfig) -> anyhow::Result<Self> {
+        let subjects = Subjects::new(config.prefix.clone()).map_err(|e| anyhow::anyhow!("--prefix {e}"))?;
+        let store = Store::open(&config.store_url, &config.store).context("--store")?;
+        let client =
+            bus::connect(&config.nats_url, "sd-rbee queen", Duration::from_secs(10)).await.context("--nats")?;
+        let js = async_nats::jetstream::new(client.clone());
+        bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        let status = status::StatusStore::open(&js, &subjects.status_bucket(), config.status_max_age).await?;
+        let fleet = fleet::Fleet::new(config.worker_lost_after);
+        let stats = aggregator::ModelStats::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(fleet.clone().listen(client.clone(), subjects.clone()));
+        tasks.spawn(aggregator::run(js.clone(), subjects.clone(), status.clone(), stats.clone()));
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let state = AppState {
+            bus: BusClient::from_parts(client, subjects),
+            status,
+            store,
+            fleet,
+            stats,
+            config: Arc::new(config.api),
+        };
+        Ok(Self { addr, state, listener, tasks })
+    }
+
+    /// Serves the API until `shutdown` resolves, then finishes the requests in flight and drains NATS.
+    pub async fn serve(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let app = api::app(self.state.clone());
+        tracing::info!(addr = %self.addr, "queen listening");
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        self.tasks.abort_all();
+        let _ = self.state.bus.nats().drain().await;
+        tracing::info!("queen stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! Each job's status, as the queen serves it: a record in a JetStream KV bucket (`SD_STATUS`), created when
+//! the job is submitted and moved along by the workers' events. Several queens share the bucket; every
+//! update is a compare-and-set on the entry's revision, and the rules in [`JobStatus::apply`] make the
+//! order of concurrent updates irrelevant (a terminal state is final; older events never overwrite newer).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::protocol::{ErrorCode, Event, ImageResult, JobKind, JobRequest, Timings};
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Completed, JobState::Failed, JobState::Cancelled];
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| format!("unknown state {s:?} (queued, running, completed, failed, cancelled)"))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressInfo {
+    pub step: u32,
+    pub total: u32,
+    pub percent: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// What was asked for (the parts worth showing; inputs are not kept).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestSummary {
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    pub num_images: u32,
+}
+
+/// One job's status record (JSON in the KV bucket, and the body of `GET /v1/jobs/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: Uuid,
+    /// Empty for a job published on the bus without the queen.
+    #[serde(default)]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobKind>,
+    pub state: JobState,
+    pub created_at: u64,
+    pub updated_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// How many times a worker took the job (more than one: a redelivery).
+    #[serde(default)]
+    pub deliveries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Steps done when it was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at_step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestSummary>,
+    /// The job's sequence in the jobs stream (for its queue position and for removing it when cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
+    /// `at` of the newest event applied.
+    #[serde(default)]
+    pub last_event_at: u64,
+}
+
+impl JobStatus {
+    /// A job just submitted.
+    pub fn queued(job: &JobRequest, stream_seq: Option<u64>) -> Self {
+        Self {
+            job_id: job.id,
+            model: job.model.clone(),
+            kind: Some(job.kind),
+            state: JobState::Queued,
+            created_at: job.created_at,
+            updated_at: job.created_at,
+            started_at: None,
+            finished_at: None,
+            worker_id: None,
+            deliveries: 0,
+            progress: None,
+            images: Vec::new(),
+            timings: None,
+            error: None,
+            cancelled_at_step: None,
+            request: Some(RequestSummary {
+                prompt: job.prompt.clone(),
+                width: job.width,
+                height: job.height,
+                steps: job.steps,
+                seed: job.seed,
+                num_images: job.num_images,
+            }),
+            stream_seq,
+            last_event_at: 0,
+        }
+    }
+
+    /// A job first heard of through an event (published on the bus without the queen).
+    pub fn unknown(job_id: Uuid, at: u64) -> Self {
+        let mut s = Self::queued(&JobRequest::new(JobKind::Txt2Img, "", ""), None);
+        s.job_id = job_id;
+        s.kind = None;
+        s.request = None;
+        s.created_at = at;
+        s.updated_at = at;
+        s
+    }
+
+    /// Moves the status along by `event`. Returns false when the event changes nothing (a terminal state
+    /// is final; an event older than the newest applied is ignored, except a terminal one).
+    pub fn apply(&mut self, event: &Event) -> bool {
+        if self.state.is_terminal() {
+            return false;
+        }
+        let at = event.at();
+        if !event.is_terminal() && at < self.last_event_at {
+            return false;
+        }
+        match event {
+            Event::Accepted(a) => {
+                self.state = JobState::Running;
+                self.worker_id = Some(a.worker_id.clone());
+                self.started_at.get_or_insert(a.at);
+                self.deliveries += 1;
+                self.progress = None;
+            }
+            Event::Progress(p) => {
+                self.state = JobState::Running;
+                self.progress =
+                    Some(ProgressInfo { step: p.step, total: p.total, percent: p.percent, eta_ms: p.eta_ms });
+            }
+            Event::Completed(c) => {
+                self.state = JobState::Completed;
+                self.images = c.images.clone();
+                self.timings = Some(c.timings);
+                self.finished_at = Some(c.at);
+                if let Some(p) = &mut self.progress {
+                    p.step = p.total;
+                    p.percent = 100.0;
+                    p.eta_ms = Some(0);
+                }
+            }
+            Event::Failed(f) => {
+                self.state = JobState::Failed;
+                self.error = Some(ErrorInfo { code: f.code, message: f.message.clone(), field: f.field.clone() });
+                self.finished_at = Some(f.at);
+            }
+            Event::Cancelled(c) => {
+                self.state = JobState::Cancelled;
+                self.cancelled_at_step = c.at_step;
+                self.finished_at = Some(c.at);
+            }
+        }
+        self.last_event_at = self.last_event_at.max(at);
+        self.updated_at = self.updated_at.max(at);
+        true
+    }
+}
+
+/// The status bucket.
+#[derive(Clone)]
+pub struct StatusStore {
+    kv: kv::Store,
+}
+
+/// The KV key of an idempotency key (hashed with the caller's identity, so keys of different callers
+/// never meet).
+pub fn idempotency_entry(caller: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{caller}\n{key}").as_bytes());
+    format!("idem-{}", hex::encode(&digest[..16]))
+}
+
+impl StatusStore {
+    /// Creates or binds the bucket `name`; entries live for `max_age`.
+    pub async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> anyhow::Result<Self> {
+        let kv = match js.get_key_value(name).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: name.to_string(),
+                    description: "sd-rbee job status".into(),
+                    history: 1,
+                    max_age,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("cannot create the KV bucket {name}"))?,
+        };
+        Ok(Self { kv })
+    }
+
+    pub async fn get(&self, job_id: Uuid) -> anyhow::Result<Option<JobStatus>> {
+        Ok(self.entry(job_id).await?.map(|(s, _)| s))
+    }
+
+    async fn entry(&self, job_id: Uuid) -> anyhow::Result<Option<(JobStatus, u64)>> {
+        match self.kv.entry(job_id.to_string()).await? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let status = serde_json::from_slice(&e.value).context("unreadable job status")?;
+                Ok(Some((status, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores a new job's status (replaces nothing: a job id is created once).
+    pub async fn create(&self, status: &JobStatus) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(status)?;
+        match self.kv.create(status.job_id.to_string(), bytes.into()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies `change` to the job's status with compare-and-set, retrying on conflicts; creates the record
+    /// from `missing` when there is none. Returns the stored status, or `None` when `change` declined.
+    pub async fn update(
+        &self,
+        job_id: Uuid,
+        missing: impl Fn() -> JobStatus,
+        change: impl Fn(&mut JobStatus) -> bool,
+    ) -> anyhow::Result<Option<JobStatus>> {
+        for _ in 0..20 {
+            let key = job_id.to_string();
+            match self.entry(job_id).await? {
+                Some((mut status, revision)) => {
+                    if !change(&mut status) {
+                        return Ok(None);
+                    }
+                    match self.kv.update(&key, serde_json::to_vec(&status)?.into(), revision).await {
+                        Ok(_) => return Ok(Some(status)),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => {
+                    let mut status = missing();
+                    change(&mut status);
+                    match self.kv.create(&key, serde_json::to_vec(&status)?.into()).await {
+                        Ok(_) => return Ok(Some(status)),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        anyhow::bail!("job {job_id}: too many concurrent status updates")
+    }
+
+    /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to.
+    pub async fn claim_idempotency(&self, entry: &str, job_id: Uuid) -> anyhow::Result<Uuid> {
+        match self.kv.create(entry, job_id.to_string().into()).await {
+            Ok(_) => Ok(job_id),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let existing = self.kv.get(entry).await?.context("idempotency entry vanished")?;
+                Uuid::parse_str(std::str::from_utf8(&existing)?).context("unreadable idempotency entry")
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn release_idempotency(&self, entry: &str) {
+        let _ = self.kv.delete(entry).await;
+    }
+
+    /// Every job status (the bucket keeps them for its max age).
+    pub async fn all(&self) -> anyhow::Result<Vec<JobStatus>> {
+        use futures::StreamExt;
+        let mut keys = self.kv.keys().await?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            let Ok(id) = Uuid::parse_str(&key) else { continue };
+            if let Some(s) = self.get(id).await? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Accepted, Cancelled, Completed, Failed, Progress, PROTOCOL_VERSION};
+
+    fn accepted(id: Uuid, at: u64, w: &str) -> Event {
+        Event::Accepted(Accepted { v: PROTOCOL_VERSION, job_id: id, at, worker_id: w.into() })
+    }
+
+    #[test]
+    fn events_move_the_status_and_terminal_states_are_final() {
+        let job = JobRequest::new(JobKind::Txt2Img, "tiny", "x");
+        let mut s = JobStatus::queued(&job, Some(4));
+        assert!(s.apply(&accepted(job.id, job.created_at + 10, "w1")));
+        assert_eq!((s.state, s.worker_id.as_deref(), s.deliveries), (JobState::Running, Some("w1"), 1));
+        assert!(s.apply(&Event::Progress(Progress::new(job.id, 2, 4, job.created_at + 20))));
+        assert_eq!(s.progress.as_ref().unwrap().step, 2);
+        // An older progress event arriving late changes nothing.
+        assert!(!s.apply(&Event::Progress(Progress::new(job.id, 1, 4, job.created_at + 15))));
+        assert_eq!(s.progress.as_ref().unwrap().step, 2);
+        let done = Completed {
+            v: PROTOCOL_VERSION,
+            job_id: job.id,
+            at: job.created_at + 30,
+            images: vec![],
+            timings: Timings::default(),
+        };
+        assert!(s.apply(&Event::Completed(done)));
+        assert_eq!(s.state, JobState::Completed);
+        let failed = Failed {
+            v: PROTOCOL_VERSION,
+            job_id: job.id,
+            at: job.created_at + 40,
+            code: ErrorCode::Internal,
+            message: "late".into(),
+            field: None,
+        };
+        assert!(!s.apply(&Event::Failed(failed)));
+        assert!(!s.apply(&Event::Cancelled(Cancelled { v: 1, job_id: job.id, at: 1, at_step: None })));
+        assert_eq!(s.state, JobState::Completed);
+    }
+
+    #[test]
+    fn a_redelivery_counts_and_resets_progress() {
+        let job = JobRequest::new(JobKind::Txt2Img, "tiny", "x");
+        let mut s = JobStatus::queued(&job, None);
+        s.apply(&accepted(job.id, 10, "w1"));
+        s.apply(&Event::Progress(Progress::new(job.id, 3, 10, 20)));
+        s.apply(&accepted(job.id, 30, "w2"));
+        assert_eq!((s.deliveries, s.worker_id.as_deref(), s.progress.is_none()), (2, Some("w2"), true));
+    }
+
+    #[test]
+    fn idempotency_entries_depend_on_the_caller_and_are_kv_keys() {
+        let a = idempotency_entry("token-a", "order-1");
+        assert_eq!(a, idempotency_entry("token-a", "order-1"));
+        assert_ne!(a, idempotency_entry("token-b", "order-1"));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    }
+}
