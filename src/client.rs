@@ -119,3 +119,180 @@ impl BusClient {
         Ok(())
     }
 }
+
+/// One Server-Sent Event from the queen: its name and JSON data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SseMessage {
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+impl SseMessage {
+    /// `completed`, `failed` or `cancelled`.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.event.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+/// Parses SSE frames out of a byte buffer; returns the complete ones and leaves the rest.
+pub fn parse_sse(buffer: &mut String) -> Vec<SseMessage> {
+    let mut out = Vec::new();
+    while let Some(end) = buffer.find("\n\n") {
+        let frame: String = buffer.drain(..end + 2).collect();
+        let (mut event, mut data) = (String::from("message"), String::new());
+        for line in frame.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if data.is_empty() {
+            continue; // a keep-alive comment
+        }
+        let data = serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+        out.push(SseMessage { event, data });
+    }
+    out
+}
+
+/// The queen's HTTP API, as the CLI and the tests use it.
+#[derive(Clone)]
+pub struct QueenClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// An API error: the HTTP status and the `{error: {code, message, field}}` body.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status}: {code}: {message}{}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl QueenClient {
+    /// `base` like `http://127.0.0.1:8080`; `token` for `Authorization: Bearer`.
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
+        Ok(Self { base: base.trim_end_matches('/').to_string(), token, http })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let e = &body["error"];
+        Err(ApiError {
+            status,
+            code: e["code"].as_str().unwrap_or("HTTP").to_string(),
+            message: e["message"].as_str().unwrap_or("request failed").to_string(),
+            field: e["field"].as_str().map(String::from),
+        }
+        .into())
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, method: reqwest::Method, path: &str) -> anyhow::Result<T> {
+        let response =
+            self.request(method, path).send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        Ok(Self::check(response).await?.json().await?)
+    }
+
+    /// `POST /v1/jobs`.
+    pub async fn submit(
+        &self,
+        job: &crate::queen::api::JobSubmission,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<crate::queen::api::SubmitResponse> {
+        let mut r = self.request(reqwest::Method::POST, "/v1/jobs").json(job);
+        if let Some(k) = idempotency_key {
+            r = r.header("Idempotency-Key", k);
+        }
+        let response = r.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        Ok(Self::check(response).await?.json().await?)
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub async fn status(&self, job_id: Uuid) -> anyhow::Result<crate::queen::api::StatusView> {
+        self.json(reqwest::Method::GET, &format!("/v1/jobs/{job_id}")).await
+    }
+
+    /// `DELETE /v1/jobs/{id}`.
+    pub async fn cancel(&self, job_id: Uuid) -> anyhow::Result<crate::queen::api::CancelResponse> {
+        self.json(reqwest::Method::DELETE, &format!("/v1/jobs/{job_id}")).await
+    }
+
+    /// `GET /v1/jobs?...`.
+    pub async fn jobs(&self, query: &str) -> anyhow::Result<crate::queen::api::JobList> {
+        self.json(reqwest::Method::GET, &format!("/v1/jobs{query}")).await
+    }
+
+    /// `GET /v1/workers`.
+    pub async fn workers(&self) -> anyhow::Result<serde_json::Value> {
+        self.json(reqwest::Method::GET, "/v1/workers").await
+    }
+
+    /// Image `n` of a completed job: through its URL when it is absolute (presigned), else the queen.
+    pub async fn image(&self, job_id: Uuid, n: u32) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/v1/jobs/{job_id}/images/{n}"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        Ok(Self::check(response).await?.bytes().await?.to_vec())
+    }
+
+    /// Follows `GET /v1/jobs/{id}/events`, calling `on_event` for each, until the terminal event.
+    pub async fn follow(&self, job_id: Uuid, mut on_event: impl FnMut(&SseMessage)) -> anyhow::Result<SseMessage> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/v1/jobs/{job_id}/events"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let mut body = Self::check(response).await?.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(chunk) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk?));
+            for message in parse_sse(&mut buffer) {
+                on_event(&message);
+                if message.is_terminal() {
+                    return Ok(message);
+                }
+            }
+        }
+        anyhow::bail!("the event stream of job {job_id} ended before the job did")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_frames_are_parsed_across_chunks() {
+        let mut buf = String::from("event: queued\ndata: {\"a\":1}\n\n: keep-alive\n\nevent: progress\ndata: {\"st");
+        let got = parse_sse(&mut buf);
+        assert_eq!(got, [SseMessage { event: "queued".into(), data: serde_json::json!({"a": 1}) }]);
+        buf.push_str("ep\":2}\n\n");
+        let got = parse_sse(&mut buf);
+        assert_eq!(got[0].event, "progress");
+        assert_eq!(got[0].data["step"], 2);
+        assert!(buf.is_empty());
+    }
+}

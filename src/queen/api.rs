@@ -482,7 +482,7 @@ async fn submit(
     Ok(response)
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct UploadResponse {
     pub object_key: String,
     pub bytes: usize,
@@ -561,9 +561,13 @@ async fn view(state: &AppState, status: JobStatus) -> StatusView {
 /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
 async fn queue_position(state: &AppState, model: &str, seq: u64) -> Option<u64> {
     let subject = state.bus.subjects().jobs(model).ok()?;
-    let stream = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await.ok()?;
+    let mut stream = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await.ok()?;
+    // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+        stream.get_consumer(&crate::bus::consumer_name(model)).await;
+    let mut next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
+    let _ = &mut stream;
     let mut position = 0;
-    let mut next = 1;
     for _ in 0..1000 {
         match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
             Ok(msg) if msg.sequence < seq => {
@@ -590,7 +594,7 @@ struct ListQuery {
     offset: Option<usize>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobStatus>,
     pub total: usize,
@@ -621,7 +625,7 @@ async fn list_jobs(State(state): State<AppState>, Query(q): Query<ListQuery>) ->
     Ok(Json(JobList { jobs: page, total, next_offset }))
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CancelResponse {
     pub job_id: Uuid,
     /// `cancelled` (it never started: removed from the queue) or `cancelling` (a worker stops it within
@@ -751,7 +755,7 @@ async fn job_events(
 // Fleet, health, metrics
 // ---------------------------------------------------------------------------------------------------------
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub name: String,
     pub workers: usize,

@@ -1,0 +1,479 @@
+//! The queen through real HTTP, with a real nats-server, an S3-compatible server (moto) and `sd-rbee worker`
+//! child processes on the tiny SD 1.5 fixture: submit → SSE → completed → fetch, replay for a late
+//! subscriber, cancel, idempotency, authentication, validation, two queens at once, a lost worker, and a
+//! bounded load test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::servers::{NatsServer, S3Server, WorkerProcess};
+use sd_rbee::client::{ApiError, QueenClient, SseMessage};
+use sd_rbee::queen::api::JobSubmission;
+use sd_rbee::queen::{Queen, QueenConfig};
+use uuid::Uuid;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const OTHER_TOKEN: &str = "second-token-0123456789abcdef";
+
+/// A queen served in-process on a free port; stops when dropped.
+struct QueenProcess {
+    base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_queen(
+    nats: &str,
+    store: &str,
+    env: &[(String, String)],
+    tweak: impl FnOnce(&mut QueenConfig),
+) -> QueenProcess {
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    let mut config = QueenConfig::new(nats, store, "127.0.0.1:0".parse().unwrap());
+    config.api.tokens = vec![TOKEN.into(), OTHER_TOKEN.into()];
+    config.worker_lost_after = Duration::from_secs(3);
+    tweak(&mut config);
+    let queen = Queen::start(config).await.unwrap();
+    let base = format!("http://{}", queen.addr);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(queen.serve(async move {
+        let _ = rx.await;
+    }));
+    QueenProcess { base, _stop: tx }
+}
+
+fn client(q: &QueenProcess) -> QueenClient {
+    QueenClient::new(&q.base, Some(TOKEN.into())).unwrap()
+}
+
+fn tiny(steps: u32, seed: u64) -> JobSubmission {
+    let mut job = JobSubmission::new("tiny", "a paper boat on a pond");
+    job.width = 64;
+    job.height = 64;
+    job.steps = Some(steps);
+    job.seed = Some(seed);
+    job
+}
+
+/// Waits until the queen has seen a heartbeat from a worker serving `tiny`.
+async fn wait_for_fleet(c: &QueenClient) {
+    let start = Instant::now();
+    loop {
+        let workers = c.workers().await.unwrap();
+        if workers.as_array().is_some_and(|w| w.iter().any(|w| w["lost"] == false)) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no worker showed up: {workers}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn follow(c: &QueenClient, id: Uuid) -> Vec<SseMessage> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), c.follow(id, |m| seen.push(m.clone())))
+        .await
+        .expect("the job did not end in time")
+        .unwrap();
+    seen
+}
+
+/// Waits until the status record (folded from events, a moment after them) reaches `state`.
+async fn wait_state(c: &QueenClient, id: Uuid, state: &str) -> sd_rbee::queen::api::StatusView {
+    let start = Instant::now();
+    loop {
+        let s = c.status(id).await.unwrap();
+        if s.status.state.name() == state {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "job {id} is {:?}, not {state}", s.status.state);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn names(events: &[SseMessage]) -> Vec<&str> {
+    events.iter().map(|e| e.event.as_str()).collect()
+}
+
+fn api_error(e: anyhow::Error) -> ApiError {
+    e.downcast::<ApiError>().expect("an API error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follow_fetch_and_replay() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-q1", &nats.url(), &s3.store_url(), &s3.env(), &[]);
+    let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |_| {}).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+
+    let accepted = c.submit(&tiny(4, 12), None).await.unwrap();
+    assert!(accepted.created);
+    assert_eq!(accepted.status_url, format!("/v1/jobs/{}", accepted.job_id));
+    let events = follow(&c, accepted.job_id).await;
+    let kinds = names(&events);
+    assert_eq!(kinds.first(), Some(&"queued"));
+    assert_eq!(kinds.get(1), Some(&"started"));
+    assert_eq!(kinds.last(), Some(&"completed"));
+    let steps: Vec<u64> =
+        events.iter().filter(|e| e.event == "progress").map(|e| e.data["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert!(kinds.contains(&"preview"), "{kinds:?}");
+    assert_eq!(events[1].data["worker_id"], "w-q1");
+
+    // Status: completed, with URLs; the bytes through the queen equal the object in S3.
+    let status = wait_state(&c, accepted.job_id, "completed").await;
+    assert_eq!(status.status.worker_id.as_deref(), Some("w-q1"));
+    let key = &status.status.images[0].key;
+    assert_eq!(key, &format!("jobs/{}/0.png", accepted.job_id));
+    assert!(status.image_urls[0].contains("X-Amz-Signature="), "{:?}", status.image_urls);
+    let through_queen = c.image(accepted.job_id, 0).await.unwrap();
+    assert_eq!(Some(through_queen.clone()), s3.get(key));
+    assert_eq!(s3.get_url(&status.image_urls[0]).1, through_queen);
+    assert_eq!(events.last().unwrap().data["images"][0]["key"], key.as_str());
+
+    // A subscriber who comes after the end gets the whole story, in order.
+    let replay = follow(&c, accepted.job_id).await;
+    assert_eq!(names(&replay), kinds);
+
+    // Metrics (authenticated) count it.
+    let metrics =
+        reqwest::Client::new().get(format!("{}/metrics", queen.base)).bearer_auth(TOKEN).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("sd_rbee_jobs{state=\"completed\"} 1"), "{text}");
+    assert!(text.contains("sd_rbee_workers{state=\"lost\"} 0"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_everything_but_health_and_ready() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let queen = start_queen(&nats.url(), &format!("file://{}", store.path().display()), &[], |_| {}).await;
+    let http = reqwest::Client::new();
+    let job_path = format!("/v1/jobs/{}", Uuid::new_v4());
+    for path in ["/v1/jobs", "/v1/workers", "/v1/models", "/metrics", job_path.as_str()] {
+        let r = http.get(format!("{}{path}", queen.base)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without a token");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+        let r = http.get(format!("{}{path}", queen.base)).bearer_auth("wrong-token-0123456789").send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} with a wrong token");
+    }
+    let r = http.post(format!("{}/v1/jobs", queen.base)).json(&tiny(2, 1)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    for token in [TOKEN, OTHER_TOKEN] {
+        let r = http.get(format!("{}/v1/workers", queen.base)).bearer_auth(token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for path in ["/health", "/ready"] {
+        let r = http.get(format!("{}{path}", queen.base)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // Request ids: echoed when given, made when not.
+    let r = http.get(format!("{}/health", queen.base)).header("x-request-id", "abc-123").send().await.unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    let r = http.get(format!("{}/health", queen.base)).send().await.unwrap();
+    assert!(Uuid::parse_str(r.headers()["x-request-id"].to_str().unwrap()).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_validation_error_names_its_field() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-val", &nats.url(), &store_url, &[], &[]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        c.api.max_body_bytes = 256 * 1024;
+        c.api.limits.max_inline_image_bytes = 64 * 1024;
+    })
+    .await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        let http = http.clone();
+        let url = format!("{}/v1/jobs", queen.base);
+        async move {
+            let r = http.post(url).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_string(),
+                body["error"]["field"].as_str().map(String::from),
+            )
+        }
+    };
+    let base = serde_json::json!({"model": "tiny", "prompt": "a cat", "width": 64, "height": 64, "steps": 2});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mut png = Vec::new();
+    image::RgbImage::new(64, 64).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let noisy: Vec<u8> = (0..300 * 120 * 3u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let mut big_png = Vec::new();
+    image::RgbImage::from_raw(300, 120, noisy)
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut big_png), image::ImageFormat::Png)
+        .unwrap();
+    assert!(big_png.len() > 64 * 1024 && big_png.len() < 150 * 1024);
+
+    let cases: Vec<(serde_json::Value, u16, &str, Option<&str>)> = vec![
+        (with("width", 100.into()), 422, "INVALID_REQUEST", Some("width")),
+        (with("height", 0.into()), 422, "INVALID_REQUEST", Some("height")),
+        (with("width", 8192.into()), 422, "INVALID_REQUEST", Some("width")),
+        (with("prompt", "   ".into()), 422, "INVALID_REQUEST", Some("prompt")),
+        (with("prompt", "x".repeat(5000).into()), 422, "INVALID_REQUEST", Some("prompt")),
+        (with("steps", 0.into()), 422, "INVALID_REQUEST", Some("steps")),
+        (with("steps", 1000.into()), 422, "INVALID_REQUEST", Some("steps")),
+        (with("guidance", 99.0.into()), 422, "INVALID_REQUEST", Some("guidance")),
+        (with("num_images", 50.into()), 422, "INVALID_REQUEST", Some("num_images")),
+        (with("scheduler", "plms".into()), 422, "INVALID_REQUEST", Some("scheduler")),
+        (with("strength", 0.5.into()), 422, "INVALID_REQUEST", Some("strength")),
+        (with("model", "nobody-serves-this".into()), 422, "INVALID_REQUEST", Some("model")),
+        (with("model", "a.b".into()), 422, "INVALID_REQUEST", Some("model")),
+        (with("quality", 0.into()), 422, "INVALID_REQUEST", Some("output.quality")),
+        (with("init_image", "not base64 !!".into()), 422, "INVALID_REQUEST", Some("init_image")),
+        (with("init_image", b64(b"GIF89a garbage").into()), 422, "INVALID_REQUEST", Some("init_image")),
+        (with("init_image", b64(&big_png).into()), 413, "PAYLOAD_TOO_LARGE", Some("init_image")),
+        (
+            with("init_image", serde_json::json!({"object_key": "uploads/missing.png"})),
+            422,
+            "INVALID_REQUEST",
+            Some("init_image"),
+        ),
+        (with("mask", b64(&png).into()), 422, "INVALID_REQUEST", Some("mask")),
+        (with("unknown_knob", 1.into()), 422, "INVALID_REQUEST", Some("unknown_knob")),
+        (with("width", "wide".into()), 422, "INVALID_REQUEST", Some("width")),
+        (serde_json::json!({"prompt": "no model"}), 422, "INVALID_REQUEST", None),
+    ];
+    for (body, status, code, field) in cases {
+        let got = post(body.clone()).await;
+        assert_eq!(
+            (got.0, got.1.as_str(), got.2.as_deref()),
+            (status, code, field),
+            "{}",
+            &body.to_string()[..body.to_string().len().min(200)]
+        );
+    }
+    // Not JSON, the wrong media type, a body over the limit.
+    let r = http
+        .post(format!("{}/v1/jobs", queen.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(format!("{}/v1/jobs", queen.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let huge = with("prompt", "y".repeat(300 * 1024).into());
+    let r = http.post(format!("{}/v1/jobs", queen.base)).bearer_auth(TOKEN).json(&huge).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    // Nothing invalid reached the queue.
+    assert_eq!(c.jobs("").await.unwrap().total, 0);
+
+    // A valid img2img through an upload reference.
+    let r = http.post(format!("{}/v1/uploads", queen.base)).bearer_auth(TOKEN).body(png.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let upload: serde_json::Value = r.json().await.unwrap();
+    let key = upload["object_key"].as_str().unwrap();
+    let (status, ..) = post(with("init_image", serde_json::json!({"object_key": key}))).await;
+    assert_eq!(status, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-cx", &nats.url(), &store_url, &[], &["--step-delay", "200ms"]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+
+    let running = c.submit(&tiny(40, 1), None).await.unwrap();
+    let queued = c.submit(&tiny(40, 2), None).await.unwrap();
+    // Wait until the first one runs; the second waits behind it.
+    let start = Instant::now();
+    while c.status(running.job_id).await.unwrap().status.state.name() != "running" {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let q = c.status(queued.job_id).await.unwrap();
+    assert_eq!(q.status.state.name(), "queued");
+    assert_eq!(q.queue_position, Some(0), "nothing waits ahead of it (the running job is not waiting)");
+
+    let r = c.cancel(queued.job_id).await.unwrap();
+    assert_eq!(r.state, "cancelled", "a queued job is removed at once");
+    let r = c.cancel(running.job_id).await.unwrap();
+    assert_eq!(r.state, "cancelling");
+    let events = follow(&c, running.job_id).await;
+    assert_eq!(events.last().unwrap().event, "cancelled");
+    let events = follow(&c, queued.job_id).await;
+    assert_eq!(names(&events), ["queued", "cancelled"], "the queued job never started");
+    let err = api_error(c.cancel(running.job_id).await.unwrap_err());
+    assert_eq!((err.status, err.code.as_str()), (409, "ALREADY_FINISHED"));
+    let err = api_error(c.status(Uuid::new_v4()).await.unwrap_err());
+    assert_eq!(err.status, 404);
+
+    // The same idempotency key maps a retry to the same job; another caller's key does not collide.
+    let first = c.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
+    let again = c.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(first.job_id, again.job_id);
+    let other = QueenClient::new(&queen.base, Some(OTHER_TOKEN.into())).unwrap();
+    let theirs = other.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
+    assert_ne!(theirs.job_id, first.job_id);
+    follow(&c, first.job_id).await;
+    wait_state(&c, first.job_id, "completed").await;
+    let list = c.jobs("?state=completed").await.unwrap();
+    assert_eq!(list.jobs.iter().filter(|j| j.job_id == first.job_id).count(), 1);
+    let all = c.jobs("?limit=2").await.unwrap();
+    assert_eq!(all.total, 4);
+    assert_eq!(all.jobs.len(), 2);
+    assert_eq!(all.next_offset, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_queens_give_the_same_answers_and_a_killed_worker_shows_as_lost() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "150ms", "--ack-wait", "30s"];
+    let mut worker = WorkerProcess::start("w-lost", &nats.url(), &store_url, &[], &flags);
+    let a = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let b = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let (ca, cb) = (client(&a), client(&b));
+    wait_for_fleet(&ca).await;
+    wait_for_fleet(&cb).await;
+
+    let done = ca.submit(&tiny(3, 7), None).await.unwrap();
+    let via_b = follow(&cb, done.job_id).await;
+    assert_eq!(via_b.last().unwrap().event, "completed");
+    let start = Instant::now();
+    loop {
+        let (sa, sb) = (ca.status(done.job_id).await.unwrap(), cb.status(done.job_id).await.unwrap());
+        if sa.status.state.name() == "completed" && sb.status.state.name() == "completed" {
+            assert_eq!(sa.status, sb.status);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ca.jobs("").await.unwrap().jobs, cb.jobs("").await.unwrap().jobs);
+
+    // Kill the worker mid-job: both queens show it lost and the job waiting for redelivery.
+    let held = ca.submit(&tiny(40, 8), None).await.unwrap();
+    let start = Instant::now();
+    while ca.status(held.job_id).await.unwrap().status.progress.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill();
+    let start = Instant::now();
+    for c in [&ca, &cb] {
+        loop {
+            let workers = c.workers().await.unwrap();
+            let w = workers.as_array().unwrap().iter().find(|w| w["worker_id"] == "w-lost").cloned().unwrap();
+            if w["lost"] == true {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "{w}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let s = c.status(held.job_id).await.unwrap();
+        assert_eq!(s.status.state.name(), "running");
+        assert!(s.waiting_for_redelivery, "{s:?}");
+    }
+}
+
+/// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_test_hundreds_of_jobs_complete_exactly_once() {
+    let jobs: usize = std::env::var("SD_RBEE_LOAD_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let quiet = ["--preview-every", "0"];
+    let _workers: Vec<WorkerProcess> =
+        (0..3).map(|i| WorkerProcess::start(&format!("w-load-{i}"), &nats.url(), &store_url, &[], &quiet)).collect();
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(jobs);
+    let mut ids = Vec::with_capacity(jobs);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    use futures::StreamExt;
+    while next < jobs || !pending.is_empty() {
+        while next < jobs && pending.len() < 16 {
+            let c = c.clone();
+            let mut job = tiny(1, next as u64);
+            job.width = 32;
+            job.height = 32;
+            pending.push(async move {
+                let t = Instant::now();
+                let r = c.submit(&job, None).await;
+                (t.elapsed(), r)
+            });
+            next += 1;
+        }
+        if let Some((latency, r)) = pending.next().await {
+            latencies.push(latency.as_secs_f64() * 1000.0);
+            ids.push(r.unwrap().job_id);
+        }
+    }
+    let submitted = started.elapsed();
+    // Every job completes, and exactly once: one `completed` in each job's event history.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let states: HashMap<Uuid, String> = loop {
+        let list = c.jobs("?limit=500").await.unwrap();
+        let states: HashMap<Uuid, String> = list.jobs.iter().map(|j| (j.job_id, j.state.name().to_string())).collect();
+        if states.values().filter(|s| *s == "completed").count() == jobs {
+            break states;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all jobs completed: {:?}",
+            states.values().filter(|s| *s != "completed").count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let all_done = started.elapsed();
+    assert_eq!(states.len(), jobs);
+    for id in ids.iter().take(50) {
+        let events = follow(&c, *id).await;
+        assert_eq!(events.iter().filter(|e| e.event == "completed").count(), 1, "{id}");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "load: {jobs} jobs via HTTP (16 in flight), 3 workers: submit latency p50 {:.1} ms p99 {:.1} ms; \
+         submitted in {:.2} s ({:.0} submissions/s); all completed in {:.2} s ({:.1} jobs/s)",
+        pct(0.5),
+        pct(0.99),
+        submitted.as_secs_f64(),
+        jobs as f64 / submitted.as_secs_f64(),
+        all_done.as_secs_f64(),
+        jobs as f64 / all_done.as_secs_f64()
+    );
+}
