@@ -9,6 +9,7 @@ use crate::device::{parse_dtype, DeviceSpec};
 
 pub mod bench;
 pub mod generate;
+pub mod jobs;
 pub mod models;
 pub mod queen;
 pub mod submit;
@@ -43,6 +44,16 @@ pub enum Command {
     Submit(Box<submit::SubmitArgs>),
     /// The control plane: HTTP API, job status and the fleet's view.
     Queen(Box<queen::QueenArgs>),
+    /// Follow a job's events through the queen (progress bar; --json for JSON lines).
+    Watch(jobs::WatchArgs),
+    /// Cancel a job through the queen.
+    Cancel(jobs::CancelArgs),
+    /// Download a job's images (through the queen, or from the object store with --store).
+    Fetch(jobs::FetchArgs),
+    /// List jobs known to the queen.
+    Jobs(jobs::JobsArgs),
+    /// List the workers the queen has heard from.
+    Workers(jobs::WorkersArgs),
 }
 
 /// Where a model comes from and how it runs; shared by every subcommand that loads one.
@@ -117,6 +128,11 @@ pub fn main() -> ExitCode {
         Command::Worker(args) => worker::run(*args).map(|()| true),
         Command::Submit(args) => submit::run(*args),
         Command::Queen(args) => queen::run(*args).map(|()| true),
+        Command::Watch(args) => jobs::watch(args),
+        Command::Cancel(args) => jobs::cancel(args),
+        Command::Fetch(args) => jobs::fetch(args),
+        Command::Jobs(args) => jobs::jobs(args),
+        Command::Workers(args) => jobs::workers(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -82,6 +82,102 @@ pub struct SubmitArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Submit through a queen's HTTP API (e.g. http://127.0.0.1:8080) instead of straight onto NATS.
+    #[arg(long, env = "SD_RBEE_QUEEN_URL")]
+    pub via: Option<String>,
+    /// A bearer token of the queen's API (with --via).
+    #[arg(long, env = "SD_RBEE_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The same job as an HTTP submission (images inline, base64).
+fn submission_of(job: &JobRequest, args: &SubmitArgs) -> crate::queen::api::JobSubmission {
+    use crate::queen::api::ImageInput;
+    use base64::Engine;
+    let b64 = |s: &Option<ImageSource>| match s {
+        Some(ImageSource::Inline(bytes)) => {
+            Some(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }
+        Some(ImageSource::ObjectKey(k)) => Some(ImageInput::Upload { object_key: k.clone() }),
+        None => None,
+    };
+    let mut sub = crate::queen::api::JobSubmission::new(job.model.clone(), job.prompt.clone());
+    sub.kind = Some(job.kind);
+    sub.negative_prompt = job.negative_prompt.clone();
+    sub.width = job.width;
+    sub.height = job.height;
+    sub.steps = job.steps;
+    sub.guidance = job.guidance;
+    sub.scheduler = job.scheduler.clone();
+    sub.timestep_spacing = job.timestep_spacing.clone();
+    sub.seed = job.seed;
+    sub.num_images = job.num_images;
+    sub.init_image = b64(&job.init_image);
+    sub.mask = b64(&job.mask);
+    sub.strength = job.strength;
+    sub.mask_blur = Some(job.mask_blur);
+    sub.invert_mask = job.invert_mask;
+    sub.paste_back = Some(job.paste_back);
+    sub.resize_mode = Some(job.resize_mode);
+    sub.output_format = Some(job.output.format);
+    sub.quality = job.output.quality;
+    sub.timeout_s = args.deadline.map(|d| d.as_secs().max(1));
+    sub
+}
+
+/// `submit --via`: through the queen; the final status as JSON with each image's key and URL.
+fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bool> {
+    let client = crate::client::QueenClient::new(base, args.token.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let accepted = client.submit(&submission_of(job, args), args.idempotency_key.as_deref()).await?;
+        let id = accepted.job_id;
+        if !args.wait {
+            if args.json {
+                println!("{}", serde_json::to_string(&accepted)?);
+            } else {
+                println!("{id}");
+            }
+            return Ok(true);
+        }
+        let bar = super::jobs::progress_bar();
+        let last = tokio::time::timeout(args.timeout, client.follow(id, |m| super::jobs::show_on_bar(&bar, m)))
+            .await
+            .with_context(|| format!("job {id} did not finish within {} s", args.timeout.as_secs()))??;
+        bar.finish_and_clear();
+        // The status record follows the events by a moment.
+        let mut status = client.status(id).await?;
+        for _ in 0..50 {
+            if status.status.state.is_terminal() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            status = client.status(id).await?;
+        }
+        let ok = last.event == "completed";
+        if args.json {
+            let images: Vec<serde_json::Value> = status
+                .status
+                .images
+                .iter()
+                .zip(&status.image_urls)
+                .map(|(i, url)| serde_json::json!({"index": i.index, "key": i.key, "url": url, "width": i.width,
+                    "height": i.height, "seed": i.seed, "bytes": i.bytes, "content_type": i.content_type}))
+                .collect();
+            let mut value = serde_json::json!({"job_id": id, "model": job.model, "status": last.event, "images": images});
+            if last.event == "failed" {
+                value["error"] = serde_json::json!({"code": last.data["code"], "message": last.data["message"], "field": last.data["field"]});
+            }
+            println!("{value}");
+        } else if ok {
+            for (i, url) in status.status.images.iter().zip(&status.image_urls) {
+                println!("{} (seed {}) {url}", i.key, i.seed);
+            }
+        } else {
+            eprintln!("error: job {id} {}: {}", last.event, last.data["message"].as_str().unwrap_or(""));
+        }
+        Ok(ok)
+    })
 }
 
 fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
@@ -123,6 +219,9 @@ fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
     let job = job_of(&args)?;
+    if let Some(base) = &args.via {
+        return run_via(base, &job, &args);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let client = BusClient::connect(&args.nats, &args.prefix).await.context("--nats")?;
