@@ -565,3 +565,45 @@ async fn the_cli_submits_watches_fetches_and_lists_through_the_queen() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queen_process_shuts_down_on_sigterm_with_an_event_stream_open() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-term", &nats.url(), &store_url, &[], &["--step-delay", "300ms"]);
+    let port = common::servers::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut queen = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(["queen", "--nats", &nats.url(), "--store", &store_url, "--listen", &format!("127.0.0.1:{port}")])
+        .env("SD_RBEE_API_TOKENS", format!("{TOKEN},{OTHER_TOKEN}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = QueenClient::new(&base, Some(TOKEN.into())).unwrap();
+    let start = Instant::now();
+    while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the queen did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_fleet(&c).await;
+    let job = c.submit(&tiny(40, 3), None).await.unwrap();
+    let follower = tokio::spawn({
+        let c = c.clone();
+        async move { c.follow(job.job_id, |_| {}).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    unsafe { libc::kill(queen.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = queen.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the queen did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    // The open stream ended (before the job did), it was not left hanging.
+    let ended = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("the event stream was closed");
+    assert!(ended.unwrap().is_err());
+}

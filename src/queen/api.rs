@@ -35,6 +35,8 @@ pub struct AppState {
     pub fleet: Fleet,
     pub stats: ModelStats,
     pub config: Arc<ApiConfig>,
+    /// Becomes true when the queen shuts down: open event streams end so the server can stop.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The API's policy.
@@ -748,6 +750,10 @@ async fn job_events(
             }
         }))
         .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)));
+    let mut shutdown = state.shutdown.clone();
+    let stream = stream.take_until(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

@@ -56,6 +56,7 @@ pub struct Queen {
     state: AppState,
     listener: tokio::net::TcpListener,
     tasks: tokio::task::JoinSet<()>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Queen {
@@ -78,6 +79,7 @@ impl Queen {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
             bus: BusClient::from_parts(client, subjects),
             status,
@@ -85,8 +87,9 @@ impl Queen {
             fleet,
             stats,
             config: Arc::new(config.api),
+            shutdown,
         };
-        Ok(Self { addr, state, listener, tasks })
+        Ok(Self { addr, state, listener, tasks, stop })
     }
 
     /// Serves the API until `shutdown` resolves, then finishes the requests in flight and drains NATS.
@@ -96,7 +99,13 @@ impl Queen {
     ) -> anyhow::Result<()> {
         let app = api::app(self.state.clone());
         tracing::info!(addr = %self.addr, "queen listening");
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        let stop = self.stop.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing requests in flight, ending event streams");
+            let _ = stop.send(true);
+        };
+        axum::serve(self.listener, app).with_graceful_shutdown(signal).await?;
         self.tasks.abort_all();
         let _ = self.state.bus.nats().drain().await;
         tracing::info!("queen stopped");
