@@ -15,7 +15,9 @@ pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub const MAX_SIDE: u32 = 16384;
 
 /// How an input image is brought to the requested size.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ResizeMode {
     /// Scale to cover the target, then centre-crop (nothing is distorted).

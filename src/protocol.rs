@@ -90,7 +90,7 @@ pub fn now_millis() -> u64 {
 
 /// Why a job failed; on the wire in SCREAMING_SNAKE_CASE. A code this build does not know decodes as
 /// [`ErrorCode::Internal`], so new codes can be added without a version bump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// The job (or a message) is malformed or breaks a limit; retrying it unchanged will fail again.
@@ -215,7 +215,7 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 // ---------------------------------------------------------------------------------------------------------
 
 /// What a job makes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Txt2Img,
@@ -287,7 +287,9 @@ fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> {
 pub use crate::image_input::ResizeMode;
 
 /// An encoded image format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     #[default]
@@ -735,7 +737,7 @@ impl fmt::Debug for Progress {
 }
 
 /// One stored result image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageResult {
     /// 0-based, in seed order.
     pub index: u32,
@@ -753,7 +755,7 @@ pub struct ImageResult {
 }
 
 /// Where the time went, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     /// From `created_at` to the worker taking the job.
     pub queue_ms: u64,
@@ -807,7 +809,7 @@ pub struct Cancelled {
 }
 
 /// What a worker is doing. On the wire `{"status": "idle"}` or `{"status": "busy", "job_id": "..."}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum WorkerState {
     Idle,
@@ -818,7 +820,7 @@ pub enum WorkerState {
 }
 
 /// A worker's periodic sign of life, on [`Subjects::heartbeat`] every [`HEARTBEAT_INTERVAL_SECS`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     pub v: u32,
     pub at: u64,

@@ -169,7 +169,7 @@ async fn tokens_guard_everything_but_health_and_ready() {
         let r = http.get(format!("{}/v1/workers", queen.base)).bearer_auth(token).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
-    for path in ["/health", "/ready"] {
+    for path in ["/health", "/ready", "/openapi.json"] {
         let r = http.get(format!("{}{path}", queen.base)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }

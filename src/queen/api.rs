@@ -117,6 +117,21 @@ impl From<anyhow::Error> for AppError {
     }
 }
 
+/// The shape of every error response (for the OpenAPI document).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    pub error: ApiErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ApiErrorDetail {
+    /// E.g. INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, PAYLOAD_TOO_LARGE.
+    pub code: String,
+    pub message: String,
+    /// The offending field, when there is one (`width`, `init_image`, `output.quality`).
+    pub field: Option<String>,
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
@@ -151,6 +166,35 @@ type ApiResult<T> = Result<T, AppError>;
 // Router
 // ---------------------------------------------------------------------------------------------------------
 
+/// The OpenAPI document of this API, generated from the handlers' and types' definitions.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "sd-rbee queen", description = "Stable Diffusion jobs on a worker fleet"),
+    paths(submit, upload, job_status, list_jobs, cancel_job, job_image, job_events, models, workers, health, ready, metrics),
+    components(schemas(ApiErrorBody, ApiErrorDetail, JobSubmission, ImageInput, SubmitResponse, StatusView, JobList,
+        CancelResponse, UploadResponse, ModelInfo)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
+}
+
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -167,6 +211,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1", v1)
         .route("/metrics", get(metrics).route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)))
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
         .route("/ready", get(ready))
         .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint") })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
@@ -240,7 +285,7 @@ async fn authenticate(
 // ---------------------------------------------------------------------------------------------------------
 
 /// An input image: base64 (optionally a `data:` URL), or a key returned by `POST /v1/uploads`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ImageInput {
     Base64(String),
@@ -256,7 +301,7 @@ fn default_one() -> u32 {
 
 /// The body of `POST /v1/jobs`: txt2img, img2img (with `init_image`) and inpaint (with `mask`) in one
 /// schema. Unknown fields are an error.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSubmission {
     /// Inferred from the images when absent.
@@ -313,7 +358,7 @@ impl JobSubmission {
 }
 
 /// `202 Accepted` to a submission.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SubmitResponse {
     pub job_id: Uuid,
     pub status_url: String,
@@ -439,6 +484,13 @@ fn urls(job_id: Uuid) -> (String, String) {
     (format!("/v1/jobs/{job_id}"), format!("/v1/jobs/{job_id}/events"))
 }
 
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission,
+    params(("Idempotency-Key" = Option<String>, Header, description = "maps a retried request to the same job")),
+    responses((status = 202, description = "queued", body = SubmitResponse),
+        (status = 200, description = "an earlier job with this idempotency key", body = SubmitResponse),
+        (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 422, body = ApiErrorBody)),
+    security(("bearer" = [])))]
 async fn submit(
     State(state): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -484,7 +536,7 @@ async fn submit(
     Ok(response)
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UploadResponse {
     pub object_key: String,
     pub bytes: usize,
@@ -493,6 +545,8 @@ pub struct UploadResponse {
 }
 
 /// `POST /v1/uploads`: an image (PNG, JPEG or WebP bytes) to use as `init_image` or `mask` by key.
+#[utoipa::path(post, path = "/v1/uploads", tag = "jobs", request_body(content = Vec<u8>, content_type = "image/png"),
+    responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
     let img = crate::image_input::decode(&body, "upload").map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
     let format = image::guess_format(&body).map_err(|e| AppError::invalid("body", e.to_string()))?;
@@ -508,7 +562,7 @@ async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(Status
 // ---------------------------------------------------------------------------------------------------------
 
 /// A job's status with what the queen knows beside the record.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusView {
     #[serde(flatten)]
     pub status: JobStatus,
@@ -583,6 +637,8 @@ async fn queue_position(state: &AppState, model: &str, seq: u64) -> Option<u64> 
     None
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn job_status(State(state): State<AppState>, Path(id): Path<Uuid>) -> ApiResult<Json<StatusView>> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     Ok(Json(view(&state, status).await))
@@ -596,7 +652,7 @@ struct ListQuery {
     offset: Option<usize>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobStatus>,
     pub total: usize,
@@ -604,6 +660,10 @@ pub struct JobList {
     pub next_offset: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(("state" = Option<String>, Query), ("model" = Option<String>, Query), ("limit" = Option<usize>, Query),
+        ("offset" = Option<usize>, Query)),
+    responses((status = 200, body = JobList), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn list_jobs(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<JobList>> {
     let wanted: Option<JobState> =
         q.state.as_deref().map(str::parse).transpose().map_err(|e: String| AppError::invalid("state", e))?;
@@ -627,7 +687,7 @@ async fn list_jobs(State(state): State<AppState>, Query(q): Query<ListQuery>) ->
     Ok(Json(JobList { jobs: page, total, next_offset }))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CancelResponse {
     pub job_id: Uuid,
     /// `cancelled` (it never started: removed from the queue) or `cancelling` (a worker stops it within
@@ -635,6 +695,10 @@ pub struct CancelResponse {
     pub state: String,
 }
 
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, description = "removed from the queue", body = CancelResponse),
+        (status = 202, description = "the worker stops it within a step", body = CancelResponse),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -680,6 +744,9 @@ async fn cancel_job(
     Ok((StatusCode::ACCEPTED, Json(CancelResponse { job_id: id, state: "cancelling".into() })))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/images/{n}", tag = "jobs", params(("id" = Uuid, Path), ("n" = u32, Path)),
+    responses((status = 200, description = "the image", content_type = "image/png"), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn job_image(State(state): State<AppState>, Path((id, n)): Path<(Uuid, u32)>) -> ApiResult<Response> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     if status.state != JobState::Completed {
@@ -730,6 +797,9 @@ fn sse_of(event: &Event) -> Vec<SseEvent> {
 
 /// `GET /v1/jobs/{id}/events`: everything that happened (replayed from the events stream), then live,
 /// ending after the terminal event.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, description = "Server-Sent Events: queued, started, progress, preview, completed, failed, cancelled",
+        content_type = "text/event-stream"), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -761,15 +831,18 @@ async fn job_events(
 // Fleet, health, metrics
 // ---------------------------------------------------------------------------------------------------------
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub workers: usize,
     /// The defaults of a built-in short name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub defaults: Option<serde_json::Value>,
 }
 
+#[utoipa::path(get, path = "/v1/models", tag = "fleet", responses((status = 200, body = Vec<ModelInfo>)),
+    security(("bearer" = [])))]
 async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
     let models = state
         .fleet
@@ -786,14 +859,19 @@ async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
     Json(models)
 }
 
+#[utoipa::path(get, path = "/v1/workers", tag = "fleet", responses((status = 200, body = Vec<super::fleet::WorkerInfo>)),
+    security(("bearer" = [])))]
 async fn workers(State(state): State<AppState>) -> Json<Vec<super::fleet::WorkerInfo>> {
     Json(state.fleet.workers(protocol::now_millis()))
 }
 
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "the process is up")))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, description = "NATS reachable, streams present"), (status = 503, description = "not ready")))]
 async fn ready(State(state): State<AppState>) -> Response {
     let connected = state.bus.nats().connection_state() == async_nats::connection::State::Connected;
     let mut problems = Vec::new();
@@ -816,6 +894,8 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), security(("bearer" = [])))]
 async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     use std::fmt::Write;
     let now = protocol::now_millis();
@@ -866,4 +946,42 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         let _ = writeln!(out, "sd_rbee_step_seconds_count{{model=\"{model}\"}} {count}");
     }
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_the_endpoints_and_types() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for path in [
+            "/v1/jobs",
+            "/v1/jobs/{id}",
+            "/v1/jobs/{id}/events",
+            "/v1/jobs/{id}/images/{n}",
+            "/v1/uploads",
+            "/v1/models",
+            "/v1/workers",
+            "/health",
+            "/ready",
+            "/metrics",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        assert!(doc["paths"]["/v1/jobs"]["post"]["requestBody"].is_object());
+        let schemas = &doc["components"]["schemas"];
+        let submission = &schemas["JobSubmission"]["properties"];
+        for field in ["model", "prompt", "width", "height", "steps", "init_image", "mask", "strength", "timeout_s"] {
+            assert!(submission[field].is_object(), "JobSubmission.{field}");
+        }
+        let required: Vec<&str> =
+            schemas["JobSubmission"]["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(required.contains(&"model") && required.contains(&"prompt"));
+        assert!(
+            schemas["JobState"].is_object() && schemas["ErrorCode"].is_object() && schemas["StatusView"].is_object()
+        );
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::protocol::{self, Heartbeat, Subjects};
 
 /// A worker and when it was last heard of.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
     #[serde(flatten)]
     pub heartbeat: Heartbeat,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::protocol::{ErrorCode, Event, ImageResult, JobKind, JobRequest, Timings};
 
 /// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -52,7 +52,7 @@ impl std::str::FromStr for JobState {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgressInfo {
     pub step: u32,
     pub total: u32,
@@ -61,7 +61,7 @@ pub struct ProgressInfo {
     pub eta_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorInfo {
     pub code: ErrorCode,
     pub message: String,
@@ -70,7 +70,7 @@ pub struct ErrorInfo {
 }
 
 /// What was asked for (the parts worth showing; inputs are not kept).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RequestSummary {
     pub prompt: String,
     pub width: u32,
@@ -83,7 +83,7 @@ pub struct RequestSummary {
 }
 
 /// One job's status record (JSON in the KV bucket, and the body of `GET /v1/jobs/{id}`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     pub job_id: Uuid,
     /// Empty for a job published on the bus without the queen.
