@@ -96,10 +96,9 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
             return;
         }
     };
+    use tracing::Instrument;
     let span = tracing::info_span!("job", job_id = %job.id, model = %model, delivery = delivered);
-    let _enter = span.enter();
-    drop(_enter);
-    run(shared, model, msg, job, delivered).await;
+    run(shared, model, msg, job, delivered).instrument(span).await;
 }
 
 fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, ProtocolError> {
@@ -419,7 +418,7 @@ async fn generate_and_store(
         }
         Err(join) => return Err(Failure::transient(ErrorCode::Internal, format!("generation thread failed: {join}"))),
     };
-    let _ = last_step;
+    let step_ms = last_step.filter(|&n| n > 0).map(|n| generation_ms as f64 / f64::from(n));
 
     // Upload every image, then the manifest that marks the job done.
     let upload_started = Instant::now();
@@ -465,7 +464,7 @@ async fn generate_and_store(
         .put(&manifest_key(job.id), Bytes::from(manifest), "application/msgpack")
         .await
         .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
-    tracing::info!(job_id = %job.id, generation_ms, upload_ms, "job completed");
+    tracing::info!(job_id = %job.id, generation_ms, upload_ms, generation_ms_per_step = step_ms.unwrap_or(0.0), "job completed");
     Ok(completed)
 }
 
