@@ -234,17 +234,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
             }
             return Ok(true);
         }
-        let bar = (!args.json || std::io::stderr().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(job.steps.unwrap_or(0) as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} step {pos}/{len} [{bar:30}] {elapsed}") {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            if !std::io::stderr().is_terminal() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            bar.set_message("queued");
-            bar
-        });
+        let bar = (!args.json || std::io::stderr().is_terminal()).then(super::jobs::progress_bar);
         let last = client
             .wait(job.id, args.timeout, |event| {
                 if let Some(bar) = &bar {
