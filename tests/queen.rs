@@ -460,10 +460,22 @@ async fn load_test_hundreds_of_jobs_complete_exactly_once() {
     };
     let all_done = started.elapsed();
     assert_eq!(states.len(), jobs);
-    for id in ids.iter().take(50) {
-        let events = follow(&c, *id).await;
-        assert_eq!(events.iter().filter(|e| e.event == "completed").count(), 1, "{id}");
+    // Exactly once: one `completed` event per job in the events stream (a second delivery that finished
+    // would have published its own).
+    let bus = sd_rbee::client::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let stream = bus.jetstream().get_stream(bus.subjects().events_stream()).await.unwrap();
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let stored = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(stored);
+    let mut completions: HashMap<Uuid, usize> = HashMap::new();
+    while let Some(m) = messages.next().await {
+        if let sd_rbee::protocol::Event::Completed(c) = sd_rbee::protocol::decode_event(&m.unwrap().payload).unwrap() {
+            *completions.entry(c.job_id).or_default() += 1;
+        }
     }
+    assert_eq!(completions.len(), jobs);
+    assert!(ids.iter().all(|id| completions.get(id) == Some(&1)), "a job completed twice or never");
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     println!(
