@@ -97,12 +97,30 @@ pub async fn ensure_streams(
             ..Default::default()
         },
     ];
-    for config in configs {
+    // JetStream's notices of jobs that ran out of deliveries, kept until a worker has dealt with them (a
+    // core-NATS advisory nobody hears would leave such a job stuck).
+    let advisories = stream::Config {
+        name: subjects.advisories_stream(),
+        subjects: vec![max_deliveries_subject(subjects)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        max_age: settings.dlq_max_age,
+        ..Default::default()
+    };
+    for config in configs.into_iter().chain([advisories]) {
         let name = config.name.clone();
         js.get_or_create_stream(config).await.with_context(|| format!("cannot create or bind stream {name}"))?;
     }
     Ok(())
 }
+
+/// The advisories JetStream publishes when a job of any model reaches `max_deliver`.
+pub fn max_deliveries_subject(subjects: &Subjects) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*", subjects.jobs_stream())
+}
+
+/// The workers' shared consumer of those advisories.
+pub const ADVISORY_CONSUMER: &str = "workers-advisories";
 
 /// How a model's job consumer redelivers.
 #[derive(Clone, Debug)]
@@ -196,16 +214,32 @@ pub async fn publish_job(
 ) -> anyhow::Result<u64> {
     job.validate(limits)?;
     let subject = subjects.jobs(&job.model)?;
-    let ack = js
-        .publish_with_headers(subject.clone(), msg_id_headers(&job.msg_id()), protocol::encode(job).into())
-        .await
-        .with_context(|| format!("cannot publish job {} to {subject}", job.id))?
-        .await
-        .with_context(|| {
-            format!("job {} was not stored (no stream for {subject}? a worker creates the streams)", job.id)
-        })?;
-    tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
-    Ok(ack.sequence)
+    let payload: Bytes = protocol::encode(job).into();
+    // Retried for a few seconds (a server restarting, a lost ack): the message id makes a retry that
+    // reaches the server twice one job.
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = async {
+            let ack = js.publish_with_headers(subject.clone(), msg_id_headers(&job.msg_id()), payload.clone()).await?;
+            Ok::<_, async_nats::Error>(ack.await?)
+        };
+        match attempt.await {
+            Ok(ack) => {
+                tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
+                return Ok(ack.sequence);
+            }
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                tracing::warn!(job_id = %job.id, error = %e, "publishing the job failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "job {} was not stored on {subject} (is a worker or queen running to create the streams?): {e}",
+                    job.id
+                ))
+            }
+        }
+    }
 }
 
 /// A job's id from a message that may not decode: the payload's `id`, else its `Nats-Msg-Id` header.

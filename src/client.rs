@@ -37,6 +37,12 @@ impl BusClient {
         Self { client, js, subjects, limits: Limits::default() }
     }
 
+    /// Validates jobs against `limits` instead of the defaults (a queen with raised limits).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     pub fn subjects(&self) -> &Subjects {
         &self.subjects
     }
@@ -87,6 +93,28 @@ impl BusClient {
         Ok(events)
     }
 
+    /// The job's events stored so far (does not wait for more).
+    pub async fn stored_events(&self, job_id: Uuid) -> anyhow::Result<Vec<Event>> {
+        let stream =
+            self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.events(job_id),
+                ..Default::default()
+            })
+            .await
+            .context("cannot read the job's events")?;
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut messages = consumer.messages().await.context("cannot read the job's events")?.take(pending);
+        let mut out = Vec::with_capacity(pending);
+        while let Some(m) = messages.next().await {
+            if let Ok(event) = protocol::decode_event(&m.map_err(|e| anyhow::anyhow!("event stream: {e}"))?.payload) {
+                out.push(event);
+            }
+        }
+        Ok(out)
+    }
+
     /// Follows the job until its terminal event, calling `on_event` for each; `timeout` bounds the wait.
     pub async fn wait(
         &self,
@@ -98,7 +126,14 @@ impl BusClient {
         tokio::pin!(events);
         let follow = async {
             while let Some(event) = events.next().await {
-                let event = event?;
+                // An event this build cannot read (a newer type) is skipped, as the protocol says.
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping an unreadable event");
+                        continue;
+                    }
+                };
                 on_event(&event);
                 if event.is_terminal() {
                     return Ok(event);
@@ -266,9 +301,14 @@ impl QueenClient {
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         let mut body = Self::check(response).await?.bytes_stream();
-        let mut buffer = String::new();
+        let (mut raw, mut buffer) = (Vec::new(), String::new());
         while let Some(chunk) = body.next().await {
-            buffer.push_str(&String::from_utf8_lossy(&chunk?));
+            // Only whole frames are decoded, so a character split across chunks stays whole.
+            raw.extend_from_slice(&chunk?);
+            if let Some(end) = raw.windows(2).rposition(|w| w == b"\n\n") {
+                let complete: Vec<u8> = raw.drain(..end + 2).collect();
+                buffer.push_str(&String::from_utf8_lossy(&complete));
+            }
             for message in parse_sse(&mut buffer) {
                 on_event(&message);
                 if message.is_terminal() {

@@ -1097,6 +1097,11 @@ impl Subjects {
         self.stream_name("EVENTS")
     }
 
+    /// `SD_ADVISORIES`: JetStream's max-deliveries advisories for the jobs stream.
+    pub fn advisories_stream(&self) -> String {
+        self.stream_name("ADVISORIES")
+    }
+
     /// `SD_STATUS`: the queens' KV bucket of job status.
     pub fn status_bucket(&self) -> String {
         self.stream_name("STATUS")

@@ -139,6 +139,14 @@ async fn submit_follow_fetch_and_replay() {
     let replay = follow(&c, accepted.job_id).await;
     assert_eq!(names(&replay), kinds);
 
+    // Once the events stream no longer holds the job (it keeps a day), the status record ends the replay.
+    let bus = sd_rbee::client::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let events_stream = bus.jetstream().get_stream(bus.subjects().events_stream()).await.unwrap();
+    events_stream.purge().filter(bus.subjects().events(accepted.job_id)).await.unwrap();
+    let after_expiry = follow(&c, accepted.job_id).await;
+    assert_eq!(names(&after_expiry), ["queued", "completed"]);
+    assert_eq!(after_expiry[1].data["images"][0]["key"], key.as_str());
+
     // Metrics (authenticated) count it.
     let metrics =
         reqwest::Client::new().get(format!("{}/metrics", queen.base)).bearer_auth(TOKEN).send().await.unwrap();

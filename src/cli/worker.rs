@@ -61,6 +61,10 @@ pub struct WorkerArgs {
     /// How long one storage operation retries transient errors before the job is retried later.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub store_retry: Duration,
+    /// Validation limits as JSON, e.g. '{"max_steps": 80}' (defaults in docs/PROTOCOL.md; keep them equal to
+    /// the queen's).
+    #[arg(long)]
+    pub limits: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -86,6 +90,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.preview_every = args.preview_every;
     config.store.retry_timeout = args.store_retry;
     config.step_delay = args.step_delay;
+    if let Some(json) = &args.limits {
+        config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let worker = Worker::start(config).await?;

@@ -37,6 +37,10 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Becomes true when the queen shuts down: open event streams end so the server can stop.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub started: std::time::Instant,
+    /// Until the queen has been up this long it has not heard every worker yet: it does not refuse
+    /// models as unserved.
+    pub fleet_warmup: Duration,
 }
 
 /// The API's policy.
@@ -384,7 +388,12 @@ async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiR
                 )
                 .field(field));
             }
-            crate::image_input::decode(&bytes, field).map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
+            let check = bytes.clone();
+            let what = field.to_string();
+            tokio::task::spawn_blocking(move || crate::image_input::decode(&check, &what).map(|_| ()))
+                .await
+                .map_err(AppError::internal)?
+                .map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
             Ok(ImageSource::Inline(bytes))
         }
         ImageInput::Upload { object_key } => {
@@ -440,7 +449,7 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
         job.mask = Some(image_source(state, input, "mask").await?);
     }
     job.validate(&state.config.limits)?;
-    if state.config.require_served_model && state.fleet.serving(&job.model, protocol::now_millis()) == 0 {
+    if state.config.require_served_model && !model_is_served(state, &job.model).await {
         let served: Vec<String> = state.fleet.models(protocol::now_millis()).into_iter().map(|(m, _)| m).collect();
         return Err(AppError::invalid(
             "model",
@@ -452,6 +461,21 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
         ));
     }
     Ok(job)
+}
+
+/// Whether a live worker serves `model`. Until the queen has been up long enough to have heard every
+/// worker's heartbeat, a model whose job consumer exists (some worker served it) counts as served.
+async fn model_is_served(state: &AppState, model: &str) -> bool {
+    if state.fleet.serving(model, protocol::now_millis()) > 0 {
+        return true;
+    }
+    if state.started.elapsed() >= state.fleet_warmup {
+        return false;
+    }
+    let Ok(stream) = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await else {
+        return false;
+    };
+    stream.consumer_info(crate::bus::consumer_name(model)).await.is_ok()
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> ApiResult<T> {
@@ -517,17 +541,46 @@ async fn submit(
             return Ok((StatusCode::OK, Json(body)).into_response());
         }
     }
+    // NATS refuses messages over its max_payload (1 MiB by default): say so, instead of failing later.
+    let max_payload = state.bus.nats().server_info().max_payload;
+    let size = protocol::encode(&job).len();
+    if size > max_payload {
+        if let Some(entry) = &idem {
+            state.status.release_idempotency(entry).await;
+        }
+        return Err(AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "the job is {size} bytes with its inline images, over the bus's {max_payload} byte message limit: \
+                 upload the images (POST /v1/uploads) and send their object keys"
+            ),
+        ));
+    }
+    // The record exists before any worker can report on the job.
+    state.status.create(&JobStatus::queued(&job, None)).await?;
     let published = state.bus.submit_with_seq(&job).await;
     let seq = match published {
         Ok(seq) => seq,
         Err(e) => {
+            state.status.remove(job.id).await;
             if let Some(entry) = &idem {
                 state.status.release_idempotency(entry).await;
             }
             return Err(AppError::unavailable(format!("cannot queue the job: {e:#}")));
         }
     };
-    state.status.create(&JobStatus::queued(&job, Some(seq))).await?;
+    let _ = state
+        .status
+        .update(
+            job.id,
+            || JobStatus::queued(&job, Some(seq)),
+            |s| {
+                s.stream_seq = Some(seq);
+                true
+            },
+        )
+        .await;
     tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
     let (status_url, events_url) = urls(job.id);
     let body = SubmitResponse { job_id: job.id, status_url: status_url.clone(), events_url, created: true };
@@ -548,7 +601,11 @@ pub struct UploadResponse {
 #[utoipa::path(post, path = "/v1/uploads", tag = "jobs", request_body(content = Vec<u8>, content_type = "image/png"),
     responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
-    let img = crate::image_input::decode(&body, "upload").map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
+    let check = body.clone();
+    let img = tokio::task::spawn_blocking(move || crate::image_input::decode(&check, "upload"))
+        .await
+        .map_err(AppError::internal)?
+        .map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
     let format = image::guess_format(&body).map_err(|e| AppError::invalid("body", e.to_string()))?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
     let key = format!("uploads/{}.{ext}", Uuid::new_v4());
@@ -761,7 +818,13 @@ async fn job_image(State(state): State<AppState>, Path((id, n)): Path<(Uuid, u32
         .iter()
         .find(|i| i.index == n)
         .ok_or_else(|| AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("job {id} has no image {n}")))?;
-    let bytes = state.store.get(&image.key).await.map_err(AppError::unavailable)?;
+    let bytes = match state.store.get(&image.key).await {
+        Ok(b) => b,
+        Err(e @ crate::storage::StoreError::NotFound { .. }) => {
+            return Err(AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.to_string()))
+        }
+        Err(e) => return Err(AppError::unavailable(e)),
+    };
     let content_type =
         HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
     Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
@@ -795,6 +858,26 @@ fn sse_of(event: &Event) -> Vec<SseEvent> {
     }
 }
 
+/// The terminal SSE event of a finished job, from its status record.
+fn final_event(s: &JobStatus) -> SseEvent {
+    let at = s.finished_at.unwrap_or(s.updated_at);
+    let (name, data) = match s.state {
+        JobState::Completed => {
+            ("completed", serde_json::json!({"job_id": s.job_id, "at": at, "images": s.images, "timings": s.timings}))
+        }
+        JobState::Failed => {
+            let e = s.error.clone();
+            (
+                "failed",
+                serde_json::json!({"job_id": s.job_id, "at": at, "code": e.as_ref().map(|e| e.code),
+                "message": e.as_ref().map(|e| e.message.clone()), "field": e.and_then(|e| e.field)}),
+            )
+        }
+        _ => ("cancelled", serde_json::json!({"job_id": s.job_id, "at": at, "at_step": s.cancelled_at_step})),
+    };
+    SseEvent::default().event(name).data(data.to_string())
+}
+
 /// `GET /v1/jobs/{id}/events`: everything that happened (replayed from the events stream), then live,
 /// ending after the terminal event.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path)),
@@ -805,21 +888,34 @@ async fn job_events(
     Path(id): Path<Uuid>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
-    let events = state.bus.events(id).await.map_err(AppError::unavailable)?;
     let queued = SseEvent::default()
         .event("queued")
         .data(serde_json::json!({"job_id": id, "at": status.created_at, "model": status.model}).to_string());
-    let stream = futures::stream::once(async move { vec![queued] })
-        .chain(events.filter_map(|e| async move {
-            match e {
-                Ok(event) => Some(sse_of(&event)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "event stream error");
-                    None
+    let stream: futures::stream::BoxStream<'static, Result<SseEvent, Infallible>> = if status.state.is_terminal() {
+        // A finished job: replay what the events stream still holds (it keeps a day), and end with the
+        // final state from the status record when its event is gone.
+        let stored = state.bus.stored_events(id).await.map_err(AppError::unavailable)?;
+        let mut out = vec![queued];
+        out.extend(stored.iter().flat_map(sse_of));
+        if !stored.iter().any(Event::is_terminal) {
+            out.push(final_event(&status));
+        }
+        futures::stream::iter(out.into_iter().map(Ok)).boxed()
+    } else {
+        let events = state.bus.events(id).await.map_err(AppError::unavailable)?;
+        futures::stream::once(async move { vec![queued] })
+            .chain(events.filter_map(|e| async move {
+                match e {
+                    Ok(event) => Some(sse_of(&event)),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "event stream error");
+                        None
+                    }
                 }
-            }
-        }))
-        .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)));
+            }))
+            .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)))
+            .boxed()
+    };
     let mut shutdown = state.shutdown.clone();
     let stream = stream.take_until(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;

@@ -81,13 +81,15 @@ impl Queen {
         let addr = listener.local_addr()?;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let state = AppState {
-            bus: BusClient::from_parts(client, subjects),
+            bus: BusClient::from_parts(client, subjects).with_limits(config.api.limits.clone()),
             status,
             store,
             fleet,
             stats,
             config: Arc::new(config.api),
             shutdown,
+            started: std::time::Instant::now(),
+            fleet_warmup: config.worker_lost_after,
         };
         Ok(Self { addr, state, listener, tasks, stop })
     }

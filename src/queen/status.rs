@@ -323,6 +323,11 @@ impl StatusStore {
         }
     }
 
+    /// Forgets a job (one that could not be queued).
+    pub async fn remove(&self, job_id: Uuid) {
+        let _ = self.kv.purge(job_id.to_string()).await;
+    }
+
     pub async fn release_idempotency(&self, entry: &str) {
         let _ = self.kv.delete(entry).await;
     }

@@ -60,6 +60,8 @@ const EARLY_CANCEL_TTL: Duration = Duration::from_secs(15 * 60);
 struct Jobs {
     running: HashMap<Uuid, StopHandle>,
     early_cancels: HashMap<Uuid, Instant>,
+    /// Set when the grace period ends: a job starting now is stopped at once.
+    stopping: Option<StopReason>,
 }
 
 /// The worker's running jobs and its counters.
@@ -78,6 +80,9 @@ impl Control {
             return None;
         }
         let handle = StopHandle::default();
+        if let Some(reason) = jobs.stopping {
+            handle.stop(reason);
+        }
         jobs.running.insert(job_id, handle.clone());
         Some(handle)
     }
@@ -103,7 +108,9 @@ impl Control {
 
     /// Stops every running job for `reason` (shutdown).
     pub fn stop_all(&self, reason: StopReason) {
-        for handle in self.jobs.lock().unwrap().running.values() {
+        let mut jobs = self.jobs.lock().unwrap();
+        jobs.stopping = Some(reason);
+        for handle in jobs.running.values() {
             handle.stop(reason);
         }
     }

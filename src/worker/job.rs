@@ -91,8 +91,8 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
                 publish_event(&shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
             }
             shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await;
-            settle(&msg, AckKind::Term).await;
+            let kept = dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await;
+            settle(&msg, if kept { AckKind::Term } else { retry_later() }).await;
             return;
         }
     };
@@ -116,13 +116,6 @@ fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, Pr
 async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: JobRequest, delivered: i64) {
     let received_at = now_millis();
     let job_id = job.id;
-    if job.is_expired(received_at) {
-        let failed = failed(job_id, ErrorCode::Timeout, "the job's deadline passed before a worker took it", None);
-        publish_event(&shared, &failed, delivered).await;
-        shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        settle(&msg, AckKind::Term).await;
-        return;
-    }
     // A redelivered job whose images are already stored: report them again, do not regenerate. The check
     // is bounded: with the store unreachable, generating (the same images: the seed is fixed) beats waiting.
     match tokio::time::timeout(Duration::from_secs(3), previous_result(&shared, job_id)).await {
@@ -140,6 +133,13 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         Ok(Ok(None)) => {}
         Ok(Err(e)) => tracing::warn!(%job_id, error = %e, "cannot look for earlier results; generating"),
         Err(_) => tracing::warn!(%job_id, "the store is slow to answer; generating without checking earlier results"),
+    }
+    if job.is_expired(received_at) {
+        let failed = failed(job_id, ErrorCode::Timeout, "the job's deadline passed before a worker took it", None);
+        publish_event(&shared, &failed, delivered).await;
+        shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        settle(&msg, AckKind::Term).await;
+        return;
     }
     let Some(stop) = shared.control.start(job_id) else {
         let cancelled = Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id, at: now_millis(), at_step: None });
@@ -169,8 +169,8 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
             tracing::warn!(%job_id, error = %err, "job rejected");
             publish_event(&shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
             shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            dead_letter(&shared, &model, &msg, Some(job_id), &err.to_string(), delivered).await;
-            settle(&msg, AckKind::Term).await;
+            let kept = dead_letter(&shared, &model, &msg, Some(job_id), &err.to_string(), delivered).await;
+            settle(&msg, if kept { AckKind::Term } else { retry_later() }).await;
         }
         Err(Failure::Stopped { reason: StopReason::Cancelled, at_step }) => {
             tracing::info!(%job_id, ?at_step, "job cancelled");
@@ -215,8 +215,8 @@ async fn transient(
         tracing::error!(job_id = %job.id, "{reason}");
         publish_event(shared, &failed(job.id, code, &reason, None), delivered).await;
         shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await;
-        settle(msg, AckKind::Term).await;
+        let kept = dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await;
+        settle(msg, if kept { AckKind::Term } else { retry_later() }).await;
     } else {
         let backoff = &shared.config.retry_backoff;
         let delay = backoff.get((delivered.max(1) - 1) as usize).or(backoff.last()).copied();
@@ -551,17 +551,33 @@ async fn dead_letter_payload(
 /// A job JetStream stopped delivering after `max_deliver` deliveries that never settled (workers that
 /// crashed or hung on it): report it `failed`, dead-letter it and remove it from the work queue, so it is
 /// not silently stuck. Every worker of the model hears the advisory; the message ids make their reports one.
-pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64) {
+pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64) -> bool {
     let stream = match shared.js.get_stream(shared.subjects.jobs_stream()).await {
         Ok(s) => s,
-        Err(e) => return tracing::warn!(error = %e, "cannot bind the jobs stream"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bind the jobs stream");
+            return false;
+        }
     };
     let raw = match stream.get_raw_message(seq).await {
         Ok(m) => m,
-        // Another worker got there first.
-        Err(_) => return,
+        // Already dealt with (by another worker, or an earlier try).
+        Err(_) => return true,
     };
     let job_id = crate::bus::job_id_of(&raw.payload, Some(&raw.headers));
+    // The job may have finished after all, with only its report or ack lost: report it again.
+    if let Some(id) = job_id {
+        if let Ok(Ok(Some(mut completed))) =
+            tokio::time::timeout(Duration::from_secs(3), previous_result(shared, id)).await
+        {
+            completed.at = now_millis();
+            if publish_event(shared, &Event::Completed(completed), deliveries).await {
+                let _ = stream.delete_message(seq).await;
+                return true;
+            }
+            return false;
+        }
+    }
     let reason = format!(
         "delivered {deliveries} times without finishing (the workers running it crashed or stalled); giving up"
     );
@@ -572,7 +588,14 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
     if dead_letter_payload(shared, model, raw.payload, seq, job_id, &reason, deliveries).await {
         shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.delete_message(seq).await;
+        return true;
     }
+    false
+}
+
+/// When a job could not be dead-lettered (NATS away): leave it to a later delivery rather than lose it.
+fn retry_later() -> AckKind {
+    AckKind::Nak(Some(Duration::from_secs(5)))
 }
 
 async fn settle(msg: &jetstream::Message, kind: AckKind) {

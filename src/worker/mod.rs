@@ -231,8 +231,10 @@ impl Worker {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (beats_stop_tx, beats_stop_rx) = watch::channel(false);
         let mut background = JoinSet::new();
-        background.spawn(heartbeats(shared.clone(), stop_rx.clone()));
+        // Heartbeats go on through the grace period: the worker is still there, finishing its jobs.
+        background.spawn(heartbeats(shared.clone(), beats_stop_rx));
         background.spawn(cancel_listener(shared.clone(), stop_rx.clone()));
         background.spawn(undeliverable_listener(shared.clone()));
         let slots = Arc::new(Semaphore::new(shared.config.concurrency));
@@ -256,6 +258,7 @@ impl Worker {
             shared.control.stop_all(StopReason::Shutdown);
             while jobs.join_next().await.is_some() {}
         }
+        let _ = beats_stop_tx.send(true);
         send_heartbeat(&shared).await;
         background.abort_all();
         if let Err(e) = shared.client.drain().await {
@@ -385,7 +388,8 @@ async fn cancel_listener(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// JetStream's advisories for jobs of this worker's models that reached `max_deliver` without settling.
+/// JetStream's advisories for jobs that reached `max_deliver` without settling, from the stream that keeps
+/// them (so one sent while no worker ran is handled when one starts). Any worker can handle any model's.
 async fn undeliverable_listener(shared: Arc<Shared>) {
     #[derive(serde::Deserialize)]
     struct MaxDeliveries {
@@ -393,17 +397,46 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
         stream_seq: u64,
         deliveries: i64,
     }
-    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*", shared.subjects.jobs_stream());
-    let mut sub = match shared.client.subscribe(subject).await {
-        Ok(s) => s,
-        Err(e) => return tracing::error!(error = %e, "cannot subscribe to max-deliveries advisories"),
-    };
-    while let Some(msg) = sub.next().await {
-        let Ok(advisory) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else { continue };
-        let model = shared.models.keys().find(|m| bus::consumer_name(m) == advisory.consumer).cloned();
-        if let Some(model) = model {
-            job::give_up_undeliverable(&shared, &model, advisory.stream_seq, advisory.deliveries).await;
+    loop {
+        let result = async {
+            let stream = shared.js.get_stream(shared.subjects.advisories_stream()).await?;
+            let consumer: jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    bus::ADVISORY_CONSUMER,
+                    jetstream::consumer::pull::Config {
+                        durable_name: Some(bus::ADVISORY_CONSUMER.into()),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ack_wait: Duration::from_secs(60),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let mut messages = consumer.messages().await?;
+            while let Some(msg) = messages.next().await {
+                let msg = msg?;
+                let handled = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
+                    Ok(a) => {
+                        match a.consumer.strip_prefix("workers-").filter(|m| protocol::validate_model_name(m).is_ok()) {
+                            Some(model) => job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries).await,
+                            None => true,
+                        }
+                    }
+                    Err(_) => true,
+                };
+                let kind = if handled {
+                    jetstream::AckKind::Ack
+                } else {
+                    jetstream::AckKind::Nak(Some(Duration::from_secs(5)))
+                };
+                let _ = msg.ack_with(kind).await;
+            }
+            Ok::<_, async_nats::Error>(())
         }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "max-deliveries advisories interrupted; resuming");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
