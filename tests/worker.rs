@@ -69,6 +69,20 @@ async fn dead_letters(client: &BusClient) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Waits (briefly) until the work queue holds no job: every job was settled.
+async fn wait_for_empty_queue(client: &BusClient) {
+    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let left = jobs.info().await.unwrap().state.messages;
+        if left == 0 {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{left} jobs are still in the work queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn completed(events: &[Event]) -> Vec<&protocol::Completed> {
     events.iter().filter_map(|e| if let Event::Completed(c) = e { Some(c) } else { None }).collect()
 }
@@ -202,9 +216,7 @@ async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving(
     client.submit(&good).await.unwrap();
     let events = events_of(&client, good.id, Duration::from_secs(60)).await;
     assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
-    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "every job was settled");
+    wait_for_empty_queue(&client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,8 +457,7 @@ async fn a_job_whose_workers_all_crashed_is_failed_not_lost() {
     assert_eq!(failed.code, ErrorCode::Internal);
     assert!(failed.message.contains("delivered 1 times"), "{}", failed.message);
     assert_eq!(dead_letters(&client).await.len(), 1);
-    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
-    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "the job left the work queue");
+    wait_for_empty_queue(&client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,12 +87,15 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
         Err(err) => {
             let job_id = crate::bus::job_id_of(&msg.payload, msg.headers.as_ref());
             tracing::warn!(?job_id, stream_seq, error = %err, "invalid job message");
+            // The dead letter first: whoever sees `failed` finds the copy.
+            if !dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await {
+                return settle(&msg, retry_later()).await;
+            }
             if let Some(job_id) = job_id {
                 publish_event(&shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
             }
             shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let kept = dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await;
-            settle(&msg, if kept { AckKind::Term } else { retry_later() }).await;
+            settle(&msg, AckKind::Term).await;
             return;
         }
     };
@@ -156,27 +159,42 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
     publish_event(&shared, &accepted, delivered).await;
 
     let outcome = generate_and_store(&shared, &model, &job, &stop, delivered, received_at).await;
+    settle_outcome(&shared, &model, &msg, &job, delivered, outcome).await;
+    // Busy until the outcome is reported and counted (heartbeats read both).
     shared.control.finish(job_id);
+}
+
+async fn settle_outcome(
+    shared: &Arc<Shared>,
+    model: &str,
+    msg: &jetstream::Message,
+    job: &JobRequest,
+    delivered: i64,
+    outcome: Result<Completed, Failure>,
+) {
+    let job_id = job.id;
     match outcome {
         Ok(completed) => {
-            if publish_event(&shared, &Event::Completed(completed), delivered).await {
+            if publish_event(shared, &Event::Completed(completed), delivered).await {
                 shared.control.jobs_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                settle(&msg, AckKind::Ack).await;
+                settle(msg, AckKind::Ack).await;
             }
             // Else the images are stored but nobody was told: the redelivery republishes.
         }
         Err(Failure::Invalid(err)) => {
             tracing::warn!(%job_id, error = %err, "job rejected");
-            publish_event(&shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
+            if !dead_letter(shared, model, msg, Some(job_id), &err.to_string(), delivered).await {
+                return settle(msg, retry_later()).await;
+            }
+            publish_event(shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
             shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let kept = dead_letter(&shared, &model, &msg, Some(job_id), &err.to_string(), delivered).await;
-            settle(&msg, if kept { AckKind::Term } else { retry_later() }).await;
+            settle(msg, AckKind::Term).await;
         }
         Err(Failure::Stopped { reason: StopReason::Cancelled, at_step }) => {
             tracing::info!(%job_id, ?at_step, "job cancelled");
             let event = Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id, at: now_millis(), at_step });
-            publish_event(&shared, &event, delivered).await;
-            settle(&msg, AckKind::Term).await;
+            publish_event(shared, &event, delivered).await;
+            settle(msg, AckKind::Term).await;
         }
         Err(Failure::Stopped { reason: StopReason::Timeout, at_step }) => {
             let message = format!(
@@ -185,16 +203,16 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
                 at_step.unwrap_or(0)
             );
             tracing::warn!(%job_id, "{message}");
-            publish_event(&shared, &failed(job_id, ErrorCode::Timeout, &message, None), delivered).await;
+            publish_event(shared, &failed(job_id, ErrorCode::Timeout, &message, None), delivered).await;
             shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            settle(&msg, AckKind::Term).await;
+            settle(msg, AckKind::Term).await;
         }
         Err(Failure::Stopped { reason: StopReason::Shutdown, at_step }) => {
             tracing::warn!(%job_id, ?at_step, "shutting down: handing the job to another worker");
-            settle(&msg, AckKind::Nak(None)).await;
+            settle(msg, AckKind::Nak(None)).await;
         }
         Err(Failure::Transient { code, message }) => {
-            transient(&shared, &model, &msg, &job, delivered, code, &message).await;
+            transient(shared, model, msg, job, delivered, code, &message).await;
         }
     }
 }
@@ -213,10 +231,12 @@ async fn transient(
     if max > 0 && delivered >= max {
         let reason = format!("gave up after {delivered} deliveries: {message}");
         tracing::error!(job_id = %job.id, "{reason}");
+        if !dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await {
+            return settle(msg, retry_later()).await;
+        }
         publish_event(shared, &failed(job.id, code, &reason, None), delivered).await;
         shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let kept = dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await;
-        settle(msg, if kept { AckKind::Term } else { retry_later() }).await;
+        settle(msg, AckKind::Term).await;
     } else {
         let backoff = &shared.config.retry_backoff;
         let delay = backoff.get((delivered.max(1) - 1) as usize).or(backoff.last()).copied();
@@ -582,15 +602,15 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
         "delivered {deliveries} times without finishing (the workers running it crashed or stalled); giving up"
     );
     tracing::error!(?job_id, seq, "{reason}");
+    if !dead_letter_payload(shared, model, raw.payload, seq, job_id, &reason, deliveries).await {
+        return false;
+    }
     if let Some(job_id) = job_id {
         publish_event(shared, &failed(job_id, ErrorCode::Internal, &reason, None), deliveries).await;
     }
-    if dead_letter_payload(shared, model, raw.payload, seq, job_id, &reason, deliveries).await {
-        shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _ = stream.delete_message(seq).await;
-        return true;
-    }
-    false
+    shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = stream.delete_message(seq).await;
+    true
 }
 
 /// When a job could not be dead-lettered (NATS away): leave it to a later delivery rather than lose it.
