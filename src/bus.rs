@@ -184,16 +184,16 @@ pub async fn publish_persistent(
     headers: HeaderMap,
     payload: Bytes,
     patience: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<jetstream::publish::PublishAck> {
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
-            js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?.await?;
-            Ok::<_, async_nats::Error>(())
+            let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?;
+            Ok::<_, async_nats::Error>(ack.await?)
         };
         match attempt.await {
-            Ok(()) => return Ok(()),
+            Ok(ack) => return Ok(ack),
             Err(e) if started.elapsed() < patience => {
                 tracing::warn!(subject, error = %e, "publish failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -214,32 +214,16 @@ pub async fn publish_job(
 ) -> anyhow::Result<u64> {
     job.validate(limits)?;
     let subject = subjects.jobs(&job.model)?;
-    let payload: Bytes = protocol::encode(job).into();
     // Retried for a few seconds (a server restarting, a lost ack): the message id makes a retry that
     // reaches the server twice one job.
-    let started = std::time::Instant::now();
-    loop {
-        let attempt = async {
-            let ack = js.publish_with_headers(subject.clone(), msg_id_headers(&job.msg_id()), payload.clone()).await?;
-            Ok::<_, async_nats::Error>(ack.await?)
-        };
-        match attempt.await {
-            Ok(ack) => {
-                tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
-                return Ok(ack.sequence);
-            }
-            Err(e) if started.elapsed() < Duration::from_secs(10) => {
-                tracing::warn!(job_id = %job.id, error = %e, "publishing the job failed; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => {
-                return Err(anyhow::anyhow!(
-                    "job {} was not stored on {subject} (is a worker or queen running to create the streams?): {e}",
-                    job.id
-                ))
-            }
-        }
-    }
+    let headers = msg_id_headers(&job.msg_id());
+    let ack = publish_persistent(js, subject.clone(), headers, protocol::encode(job).into(), Duration::from_secs(10))
+        .await
+        .with_context(|| {
+            format!("job {} was not stored on {subject} (is a worker or queen running to create the streams?)", job.id)
+        })?;
+    tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
+    Ok(ack.sequence)
 }
 
 /// A job's id from a message that may not decode: the payload's `id`, else its `Nats-Msg-Id` header.

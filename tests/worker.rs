@@ -32,21 +32,7 @@ async fn events_of(client: &BusClient, job_id: Uuid, timeout: Duration) -> Vec<E
 
 /// Every event of a job stored so far (does not wait for more).
 async fn stored_events(client: &BusClient, job_id: Uuid) -> Vec<Event> {
-    let stream = client.jetstream().get_stream(client.subjects().events_stream()).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: client.subjects().events(job_id),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut messages = consumer.messages().await.unwrap().take(pending);
-    let mut out = Vec::new();
-    while let Some(m) = messages.next().await {
-        out.push(protocol::decode_event(&m.unwrap().payload).unwrap());
-    }
-    out
+    client.stored_events(job_id).await.unwrap()
 }
 
 /// The dead-letter stream's messages: (reason header, payload).

@@ -63,6 +63,13 @@ pub struct ModelArgs {
     /// (`sd-rbee models` lists them).
     #[arg(long, short = 'm', env = "SD_RBEE_MODEL")]
     pub model: String,
+    #[command(flatten)]
+    pub run_on: RunOn,
+}
+
+/// Where models run and whether they may be downloaded; shared by `generate`, `bench` and `worker`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RunOn {
     /// cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
@@ -164,5 +171,6 @@ pub use crate::generation::LoadedModel;
 
 /// Resolves `--model` (local folder, Hub repo or short name) and loads it on `--device` in `--dtype`.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
-    crate::generation::load_model(&args.model, args.device, args.dtype, args.offline)
+    let r = args.run_on;
+    crate::generation::load_model(&args.model, r.device, r.dtype, r.offline)
 }

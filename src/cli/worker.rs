@@ -5,7 +5,6 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse_duration;
-use crate::device::{parse_dtype, DeviceSpec};
 use crate::worker::{ModelSpec, Worker, WorkerConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -20,15 +19,8 @@ pub struct WorkerArgs {
     /// A model to serve: NAME=PATH_OR_REPO (or a short name alone); repeat for several.
     #[arg(long = "model", short = 'm', required = true, value_name = "NAME=PATH_OR_REPO")]
     pub models: Vec<ModelSpec>,
-    /// cpu, cuda, cuda:N, metal.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    pub dtype: candle_core::DType,
-    /// Never download models; use only the Hugging Face cache.
-    #[arg(long)]
-    pub offline: bool,
+    #[command(flatten)]
+    pub run_on: super::RunOn,
     /// This worker's id (a subject token); default: host name plus a random suffix.
     #[arg(long, env = "SD_RBEE_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -75,9 +67,9 @@ pub struct WorkerArgs {
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut config = WorkerConfig::new(args.nats, args.store, args.models);
-    config.device = args.device;
-    config.dtype = args.dtype;
-    config.offline = args.offline;
+    config.device = args.run_on.device;
+    config.dtype = args.run_on.dtype;
+    config.offline = args.run_on.offline;
     config.worker_id = args.worker_id;
     config.prefix = args.prefix;
     config.concurrency = args.jobs;

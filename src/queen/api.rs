@@ -674,12 +674,11 @@ async fn view(state: &AppState, status: JobStatus) -> StatusView {
 /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
 async fn queue_position(state: &AppState, model: &str, seq: u64) -> Option<u64> {
     let subject = state.bus.subjects().jobs(model).ok()?;
-    let mut stream = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await.ok()?;
+    let stream = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await.ok()?;
     // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
     let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
         stream.get_consumer(&crate::bus::consumer_name(model)).await;
     let mut next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
-    let _ = &mut stream;
     let mut position = 0;
     for _ in 0..1000 {
         match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
@@ -1003,7 +1002,7 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         let _ = writeln!(out, "sd_rbee_jobs{{state=\"{}\"}} {n}", st.name());
     }
     let _ = writeln!(out, "# HELP sd_rbee_queue_depth Jobs in the work queue (waiting or running), by model.\n# TYPE sd_rbee_queue_depth gauge");
-    if let Ok(mut stream) = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await {
+    if let Ok(stream) = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await {
         if let Ok(mut info) = stream.info_with_subjects(state.bus.subjects().jobs_wildcard()).await {
             let mut subjects: Vec<(String, usize)> = Vec::new();
             while let Some(Ok((subject, count))) = info.next().await {
@@ -1016,7 +1015,6 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
                 }
             }
         }
-        let _ = &mut stream;
     }
     let workers = state.fleet.workers(now);
     let _ = writeln!(out, "# HELP sd_rbee_workers Workers by liveness.\n# TYPE sd_rbee_workers gauge");

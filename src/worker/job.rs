@@ -519,7 +519,7 @@ async fn publish_event(shared: &Shared, event: &Event, delivered: i64) -> bool {
     )
     .await
     {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             tracing::error!(%job_id, event = event.type_name(), error = %e, "cannot publish event");
             false
@@ -560,7 +560,7 @@ async fn dead_letter_payload(
     headers.insert("Sd-Dlq-Worker", shared.worker_id.as_str());
     headers.insert("Sd-Dlq-Stream-Seq", seq.to_string().as_str());
     match crate::bus::publish_persistent(&shared.js, subject, headers, payload, shared.config.publish_patience).await {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             tracing::error!(?job_id, error = %e, "cannot dead-letter the job");
             false
