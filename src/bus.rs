@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::protocol::{self, Subjects, MSG_ID_HEADER};
@@ -167,6 +168,25 @@ pub async fn jobs_consumer(
         ..Default::default()
     };
     stream.create_consumer(config).await.with_context(|| format!("cannot create the job consumer of model {model}"))
+}
+
+/// The next message of an endless `messages()` stream. Such a stream can go quiet instead of failing when its
+/// consumer is deleted or the server comes back without its store, so after `quiet` without a message this
+/// asks the server whether the consumer still exists, and fails if it does not (the caller binds it again).
+pub async fn next_message(
+    consumer: &mut consumer::PullConsumer,
+    messages: &mut consumer::pull::Stream,
+    quiet: Duration,
+) -> anyhow::Result<jetstream::Message> {
+    loop {
+        match tokio::time::timeout(quiet, messages.next()).await {
+            Ok(Some(message)) => return message.map_err(|e| anyhow::anyhow!("{e}")),
+            Ok(None) => anyhow::bail!("the consumer's message stream ended"),
+            Err(_) => {
+                consumer.info().await.context("the consumer is gone")?;
+            }
+        }
+    }
 }
 
 /// Headers with `Nats-Msg-Id`.

@@ -413,6 +413,42 @@ async fn two_queens_give_the_same_answers_and_a_killed_worker_shows_as_lost() {
 }
 
 /// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.
+/// The server comes back with an empty store (its volume lost): the queen creates the streams and its status
+/// bucket again, the worker its consumer, and new jobs go through, with neither restarted. Submissions made
+/// while that happens may be refused with 503 (and nothing published); a client retries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_server_lost_its_store_new_jobs_go_through() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-q-empty", &nats.url(), &store_url, &[], &[]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+    let first = c.submit(&tiny(2, 1), None).await.unwrap();
+    wait_state(&c, first.job_id, "completed").await;
+
+    nats.restart_empty();
+    let start = Instant::now();
+    let second = loop {
+        match c.submit(&tiny(2, 2), None).await {
+            Ok(accepted) => break accepted,
+            Err(e) => {
+                let e = api_error(e);
+                assert_eq!(e.status, 503, "a refusal while NATS recovers is 503: {e:?}");
+                assert!(start.elapsed() < Duration::from_secs(20), "the queen never recovered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+
+    let status = wait_state(&c, second.job_id, "completed").await;
+
+    assert!(store.path().join(&status.status.images[0].key).is_file());
+    let events = follow(&c, second.job_id).await;
+    assert_eq!(names(&events).last(), Some(&"completed"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_test_hundreds_of_jobs_complete_exactly_once() {
     let jobs: usize = std::env::var("SD_RBEE_LOAD_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);

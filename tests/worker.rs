@@ -370,6 +370,32 @@ async fn nats_restart_mid_run_loses_no_job() {
     assert_eq!(ok.len(), jobs.len());
 }
 
+/// An operator deletes the job consumer, then the server comes back with an empty store (its volume lost):
+/// each time the worker binds or creates what it needs again and goes on serving, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_or_a_lost_server_store_is_recreated() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-rebind", &nats.url(), &store_url, &[], &[]);
+    async fn run(client: &BusClient, job: JobRequest, store: &std::path::Path) {
+        client.submit(&job).await.unwrap();
+        let events = events_of(client, job.id, Duration::from_secs(60)).await;
+        assert!(matches!(events.last(), Some(Event::Completed(_))), "job {}: {events:?}", job.id);
+        assert!(store.join(format!("jobs/{}/0.png", job.id)).is_file());
+    }
+
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    run(&client, tiny_job(2, 1), store.path()).await;
+    let jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    jobs.delete_consumer(&sd_rbee::bus::consumer_name("tiny")).await.unwrap();
+    run(&client, tiny_job(2, 2), store.path()).await;
+
+    nats.restart_empty();
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    run(&client, tiny_job(2, 3), store.path()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_during_upload_completes_once_s3_is_back() {
     let nats = NatsServer::start();

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
 
 use super::status::{JobStatus, StatusStore};
+use crate::bus::{self, StreamSettings};
 use crate::protocol::{self, Event, Subjects};
 
 /// The queens' shared consumer of the events stream.
@@ -82,12 +82,19 @@ impl ModelStats {
     }
 }
 
-/// Pulls events and applies them until the process ends; reconnects and retries on errors.
+/// Pulls events and applies them until the process ends; reconnects and retries on errors. When the streams
+/// or the status bucket are gone (deleted, or a server that lost its store) it creates them again.
 pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, stats: ModelStats) {
     loop {
         if let Err(e) = pull(&js, &subjects, &store, &stats).await {
             tracing::warn!(error = %e, "event aggregation interrupted; resuming");
             tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Err(e) = bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await {
+                tracing::debug!(error = %e, "cannot bind the streams yet");
+            }
+            if let Err(e) = store.recreate(&js).await {
+                tracing::debug!(error = %e, "cannot bind the status bucket yet");
+            }
         }
     }
 }
@@ -99,7 +106,7 @@ async fn pull(
     stats: &ModelStats,
 ) -> anyhow::Result<()> {
     let stream = js.get_stream(subjects.events_stream()).await?;
-    let consumer: consumer::PullConsumer = stream
+    let mut consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
             AGGREGATOR_CONSUMER,
             consumer::pull::Config {
@@ -113,15 +120,14 @@ async fn pull(
         )
         .await?;
     let mut messages = consumer.messages().await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
+    loop {
+        let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         match protocol::decode_event(&msg.payload) {
             Ok(event) => apply(store, stats, &event).await?,
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
         }
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
-    anyhow::bail!("the events consumer ended")
 }
 
 async fn apply(store: &StatusStore, stats: &ModelStats, event: &Event) -> anyhow::Result<()> {

@@ -115,9 +115,11 @@ impl From<ProtocolError> for AppError {
     }
 }
 
+/// Every error that reaches a handler as `anyhow::Error` comes from a backend (NATS, its streams and bucket, the
+/// object store): the request may succeed when retried, so it is a 503, not a 500.
 impl From<anyhow::Error> for AppError {
     fn from(e: anyhow::Error) -> Self {
-        Self::internal(format!("{e:#}"))
+        Self::unavailable(format!("{e:#}"))
     }
 }
 
@@ -159,6 +161,9 @@ impl IntoResponse for AppError {
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

@@ -222,6 +222,7 @@ impl JobStatus {
 #[derive(Clone)]
 pub struct StatusStore {
     kv: kv::Store,
+    max_age: Duration,
 }
 
 /// The KV key of an idempotency key (hashed with the caller's identity, so keys of different callers
@@ -249,7 +250,12 @@ impl StatusStore {
                 .await
                 .with_context(|| format!("cannot create the KV bucket {name}"))?,
         };
-        Ok(Self { kv })
+        Ok(Self { kv, max_age })
+    }
+
+    /// Creates the bucket again if it is gone (this handle, and its clones, then work with the new one).
+    pub async fn recreate(&self, js: &jetstream::Context) -> anyhow::Result<()> {
+        Self::open(js, &self.kv.name, self.max_age).await.map(drop)
     }
 
     pub async fn get(&self, job_id: Uuid) -> anyhow::Result<Option<JobStatus>> {

@@ -273,7 +273,7 @@ impl Worker {
 async fn pull(
     shared: Arc<Shared>,
     model: String,
-    consumer: jetstream::consumer::PullConsumer,
+    mut consumer: jetstream::consumer::PullConsumer,
     slots: Arc<Semaphore>,
     jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
     mut stop: watch::Receiver<bool>,
@@ -295,6 +295,7 @@ async fn pull(
                 tracing::warn!(model, error = %e, "cannot pull jobs; retrying");
                 drop(permit);
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                rebind(&shared, &model, &mut consumer).await;
                 continue;
             }
         };
@@ -318,12 +319,30 @@ async fn pull(
             Some(Err(e)) => {
                 tracing::warn!(model, error = %e, "pull request failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                rebind(&shared, &model, &mut consumer).await;
             }
             None => {}
         }
         // Reap finished jobs so the set does not grow.
         let mut set = jobs.lock().await;
         while set.try_join_next().is_some() {}
+    }
+}
+
+/// After a failed pull, binds `model`'s consumer again, creating it (and the streams) when they are gone: an
+/// operator deleted them, or the server lost its store. Leaves `consumer` as it was while NATS is unreachable.
+async fn rebind(shared: &Shared, model: &str, consumer: &mut jetstream::consumer::PullConsumer) {
+    let bind = || bus::jobs_consumer(&shared.js, &shared.subjects, model, &shared.config.consumer);
+    let result = match bind().await {
+        Ok(c) => Ok(c),
+        Err(_) => match bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams).await {
+            Ok(()) => bind().await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(c) => *consumer = c,
+        Err(e) => tracing::debug!(model, error = %e, "cannot bind the job consumer yet"),
     }
 }
 
@@ -398,9 +417,9 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
         deliveries: i64,
     }
     loop {
-        let result = async {
+        let result: anyhow::Result<()> = async {
             let stream = shared.js.get_stream(shared.subjects.advisories_stream()).await?;
-            let consumer: jetstream::consumer::PullConsumer = stream
+            let mut consumer: jetstream::consumer::PullConsumer = stream
                 .get_or_create_consumer(
                     bus::ADVISORY_CONSUMER,
                     jetstream::consumer::pull::Config {
@@ -412,8 +431,8 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                 )
                 .await?;
             let mut messages = consumer.messages().await?;
-            while let Some(msg) = messages.next().await {
-                let msg = msg?;
+            loop {
+                let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(30)).await?;
                 let handled = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
                     Ok(a) => {
                         match a.consumer.strip_prefix("workers-").filter(|m| protocol::validate_model_name(m).is_ok()) {
@@ -430,7 +449,6 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                 };
                 let _ = msg.ack_with(kind).await;
             }
-            Ok::<_, async_nats::Error>(())
         }
         .await;
         if let Err(e) = result {

@@ -144,6 +144,13 @@ impl NatsServer {
         self.kill();
         self.spawn();
     }
+
+    /// Starts it again on the same ports with an empty store: every stream, consumer and message is gone.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.store = tempfile::tempdir().unwrap();
+        self.spawn();
+    }
 }
 
 impl Drop for NatsServer {
