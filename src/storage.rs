@@ -203,6 +203,45 @@ impl Store {
         }
     }
 
+    /// Asks the store about an object that need not exist, so that a wrong key, a missing bucket or an
+    /// unreachable endpoint is found when a process starts rather than at its first job. Transient errors are
+    /// retried for [`StoreOptions::retry_timeout`] first, like every operation.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        let probe = ".sd-rbee-probe";
+        match self.inner.head(&self.path(probe)).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) if !self.missing_bucket().await => Ok(()),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                bail!("{}: the bucket or container does not exist", self.url)
+            }
+            Err(e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })) => {
+                bail!("{}: access denied; check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION): {e}", self.url)
+            }
+            Err(e) => bail!("{}: {e}", self.url),
+        }
+    }
+
+    /// Whether listing says the bucket itself is missing (a HEAD of a key cannot tell a missing key from a
+    /// missing bucket).
+    async fn missing_bucket(&self) -> bool {
+        use futures::StreamExt;
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        match self.inner.list(prefix.as_ref()).next().await {
+            Some(Err(object_store::Error::NotFound { .. })) => true,
+            // object_store reports a listing's 404 as a generic error; the services name the case.
+            Some(Err(e))
+                if ["NoSuchBucket", "ContainerNotFound", "404 Not Found"].iter().any(|c| e.to_string().contains(c)) =>
+            {
+                true
+            }
+            Some(Err(e)) => {
+                // Listing may be forbidden to a key that can read and write: that is no reason to refuse it.
+                tracing::debug!(store = %self.url, error = %e, "cannot list the store");
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// A presigned GET URL for `key`, when the store can make one and URLs are enabled.
     pub async fn presigned_get(&self, key: &str) -> Option<String> {
         let (signer, ttl) = (self.signer.as_ref()?, self.presign_ttl?);

@@ -104,7 +104,7 @@ fn api_error(e: anyhow::Error) -> ApiError {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follow_fetch_and_replay() {
     let nats = NatsServer::start();
-    let s3 = S3Server::start();
+    let s3 = S3Server::start_signed();
     let _worker = WorkerProcess::start("w-q1", &nats.url(), &s3.store_url(), &s3.env(), &[]);
     let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |_| {}).await;
     let c = client(&queen);

@@ -133,6 +133,76 @@ async fn end_to_end_job_events_and_stored_png_match_generate() {
     assert_eq!(completed(&again).len(), 1, "{again:?}");
 }
 
+/// Runs `sd-rbee worker` that is expected to refuse to start: (exit status, stderr).
+fn worker_refusing_to_start(nats: &str, store: &str, env: &[(String, String)]) -> (std::process::ExitStatus, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(["worker", "--nats", nats, "--store", store, "--model"])
+        .arg(format!("tiny={}", common::fixture("tiny-sd15").display()))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the worker started although it should not have");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    (output.status, String::from_utf8_lossy(&output.stderr).to_string())
+}
+
+/// Against s3s-fs, which checks the SigV4 signature of every request: the worker's signed uploads are
+/// accepted, the completed event's presigned URL serves the PNG, and the same URL with its signature changed,
+/// its expiry stretched or pointed at another key is refused, as is an unsigned GET. A worker with a wrong
+/// secret, or a bucket that does not exist, refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_s3_checks_uploads_and_presigned_urls_and_a_wrong_key_stops_the_worker_at_start() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start_signed();
+
+    let mut wrong_secret = s3.env();
+    wrong_secret.retain(|(k, _)| k != "AWS_SECRET_ACCESS_KEY");
+    wrong_secret.push(("AWS_SECRET_ACCESS_KEY".into(), "not-the-secret".into()));
+    let (status, stderr) = worker_refusing_to_start(&nats.url(), &s3.store_url(), &wrong_secret);
+    assert!(!status.success());
+    assert!(stderr.contains("--store") && stderr.contains("access denied"), "{stderr}");
+    let (status, stderr) = worker_refusing_to_start(&nats.url(), "s3://no-such-bucket", &s3.env());
+    assert!(!status.success());
+    assert!(stderr.contains("s3://no-such-bucket") && stderr.contains("does not exist"), "{stderr}");
+
+    let _worker = WorkerProcess::start("w-signed", &nats.url(), &s3.store_url(), &s3.env(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(2, 11);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let done = completed(&events);
+    assert_eq!(done.len(), 1, "{events:?}");
+    let image = &done[0].images[0];
+    let stored = s3.get(&image.key).expect("the PNG is in the bucket");
+    assert_eq!(stored.len() as u64, image.bytes);
+    assert!(s3.get(&format!("jobs/{}/completed.msgpack", job.id)).is_some(), "the manifest is stored too");
+
+    let url = image.url.as_deref().expect("S3 results have presigned URLs");
+    assert_eq!(s3.get_url(url), (200, stored), "the presigned URL serves the image");
+    let signature = url.split("X-Amz-Signature=").nth(1).unwrap().split('&').next().unwrap();
+    let flipped = format!("{}{}", if signature.starts_with('0') { "1" } else { "0" }, &signature[1..]);
+    let forged = [
+        url.replace(signature, &flipped),
+        url.replace("X-Amz-Expires=", "X-Amz-Expires=9"),
+        url.replace(&image.key, &format!("jobs/{}/completed.msgpack", job.id)),
+        url.split('?').next().unwrap().to_string(),
+    ];
+    for forged in forged {
+        let (status, _) = s3.get_url(&forged);
+        assert!(status == 403 || status == 400, "{forged} was answered {status}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving() {
     let nats = NatsServer::start();

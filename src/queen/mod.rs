@@ -65,6 +65,7 @@ impl Queen {
     pub async fn start(config: QueenConfig) -> anyhow::Result<Self> {
         let subjects = Subjects::new(config.prefix.clone()).map_err(|e| anyhow::anyhow!("--prefix {e}"))?;
         let store = Store::open(&config.store_url, &config.store).context("--store")?;
+        store.check().await.context("--store")?;
         let client =
             bus::connect(&config.nats_url, "sd-rbee queen", Duration::from_secs(10)).await.context("--nats")?;
         let js = async_nats::jetstream::new(client.clone());

@@ -181,6 +181,7 @@ impl Worker {
             None => default_worker_id(&hostname),
         };
         let store = Store::open(&config.store_url, &config.store).context("--store")?;
+        store.check().await.context("--store")?;
 
         let mut models = HashMap::new();
         for spec in &config.models {

