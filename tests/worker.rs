@@ -402,6 +402,40 @@ async fn sigterm_finishes_the_running_job_or_hands_it_over() {
     assert!(store.path().join(format!("jobs/{}/0.png", job.id)).is_file());
 }
 
+/// With `--max-deliver 1` every delivery is the last: a worker that stops mid-job cannot hand the job back
+/// with a nak (JetStream would give it up), so it queues the job again; another worker completes it, and
+/// nothing is failed or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_last_delivery_queues_the_job_again() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let flags = ["--step-delay", "150ms", "--grace", "300ms", "--max-deliver", "1"];
+    let mut leaving = WorkerProcess::start("w-last-leaving", &nats.url(), &store_url, &[], &flags);
+    let job = tiny_job(30, 23);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    leaving.terminate();
+    assert!(leaving.wait(Duration::from_secs(30)).success(), "{}", leaving.log_text());
+    assert!(leaving.log_text().contains("queued again"), "{}", leaving.log_text());
+
+    let _stays = WorkerProcess::start("w-last-stays", &nats.url(), &store_url, &[], &["--max-deliver", "1"]);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-last-leaving", "w-last-stays"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    assert!(!events.iter().any(|e| matches!(e, Event::Failed(_))), "{events:?}");
+    // The second delivery's progress events were all stored: none taken for a duplicate of the first's.
+    let second_run: Vec<u32> = events
+        .iter()
+        .skip_while(|e| !matches!(e, Event::Accepted(a) if a.worker_id == "w-last-stays"))
+        .filter_map(|e| if let Event::Progress(p) = e { Some(p.step) } else { None })
+        .collect();
+    assert_eq!(second_run, (1..=30).collect::<Vec<u32>>());
+    assert!(dead_letters(&client).await.is_empty());
+    wait_for_empty_queue(&client).await;
+}
+
 async fn wait_for_step(client: &BusClient, job_id: Uuid, step: u32) {
     let events = client.events(job_id).await.unwrap();
     tokio::pin!(events);

@@ -62,11 +62,27 @@ struct Step {
     preview: Option<Vec<u8>>,
 }
 
+/// Which delivery of which job message is handled. A job queued again (see [`requeue`]) is a new message
+/// whose deliveries count from 1 again; the stream sequence keeps its events apart from the first message's.
+#[derive(Clone, Copy, Debug)]
+struct Delivery {
+    /// The message's sequence in the jobs stream.
+    seq: u64,
+    /// Its delivery count, from 1.
+    n: i64,
+}
+
+impl Delivery {
+    fn of(msg: &jetstream::Message) -> Self {
+        msg.info().map_or(Self { seq: 0, n: 1 }, |i| Self { seq: i.stream_sequence, n: i.delivered })
+    }
+}
+
 /// Handles one delivered message of `model`'s consumer; never fails (every outcome is reported on the bus
 /// and settles the message).
 pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message) {
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let delivered = Delivery::of(&msg);
+    let stream_seq = delivered.seq;
     // In-progress acks, well inside ack_wait, for as long as the delivery is handled.
     let keepalive = {
         let msg = msg.clone();
@@ -100,7 +116,7 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
         }
     };
     use tracing::Instrument;
-    let span = tracing::info_span!("job", job_id = %job.id, model = %model, delivery = delivered);
+    let span = tracing::info_span!("job", job_id = %job.id, model = %model, delivery = delivered.n);
     run(shared, model, msg, job, delivered).instrument(span).await;
 }
 
@@ -116,7 +132,7 @@ fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, Pr
     Ok(job)
 }
 
-async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: JobRequest, delivered: i64) {
+async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: JobRequest, delivered: Delivery) {
     let received_at = now_millis();
     let job_id = job.id;
     // A redelivered job whose images are already stored: report them again, do not regenerate. The check
@@ -169,7 +185,7 @@ async fn settle_outcome(
     model: &str,
     msg: &jetstream::Message,
     job: &JobRequest,
-    delivered: i64,
+    delivered: Delivery,
     outcome: Result<Completed, Failure>,
 ) {
     let job_id = job.id;
@@ -208,8 +224,23 @@ async fn settle_outcome(
             settle(msg, AckKind::Term).await;
         }
         Err(Failure::Stopped { reason: StopReason::Shutdown, at_step }) => {
-            tracing::warn!(%job_id, ?at_step, "shutting down: handing the job to another worker");
-            settle(msg, AckKind::Nak(None)).await;
+            let max = shared.config.consumer.max_deliver;
+            if max > 0 && delivered.n >= max {
+                // A nak would leave the job no delivery, and JetStream would give it up though nothing failed.
+                match requeue(shared, msg, job_id, delivered).await {
+                    Ok(seq) => {
+                        tracing::warn!(%job_id, ?at_step, seq, "shutting down on the job's last delivery: queued again");
+                        settle(msg, AckKind::Term).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(%job_id, error = %e, "cannot queue the job again; handing it back");
+                        settle(msg, AckKind::Nak(None)).await;
+                    }
+                }
+            } else {
+                tracing::warn!(%job_id, ?at_step, "shutting down: handing the job to another worker");
+                settle(msg, AckKind::Nak(None)).await;
+            }
         }
         Err(Failure::Transient { code, message }) => {
             transient(shared, model, msg, job, delivered, code, &message).await;
@@ -223,13 +254,13 @@ async fn transient(
     model: &str,
     msg: &jetstream::Message,
     job: &JobRequest,
-    delivered: i64,
+    delivered: Delivery,
     code: ErrorCode,
     message: &str,
 ) {
     let max = shared.config.consumer.max_deliver;
-    if max > 0 && delivered >= max {
-        let reason = format!("gave up after {delivered} deliveries: {message}");
+    if max > 0 && delivered.n >= max {
+        let reason = format!("gave up after {} deliveries: {message}", delivered.n);
         tracing::error!(job_id = %job.id, "{reason}");
         if !dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await {
             return settle(msg, retry_later()).await;
@@ -239,7 +270,7 @@ async fn transient(
         settle(msg, AckKind::Term).await;
     } else {
         let backoff = &shared.config.retry_backoff;
-        let delay = backoff.get((delivered.max(1) - 1) as usize).or(backoff.last()).copied();
+        let delay = backoff.get((delivered.n.max(1) - 1) as usize).or(backoff.last()).copied();
         tracing::warn!(job_id = %job.id, ?delay, "{code}: {message}; will retry");
         settle(msg, AckKind::Nak(delay)).await;
     }
@@ -327,7 +358,7 @@ async fn generate_and_store(
     model: &str,
     job: &JobRequest,
     stop: &super::control::StopHandle,
-    delivered: i64,
+    delivered: Delivery,
     received_at: u64,
 ) -> Result<Completed, Failure> {
     let loaded: Arc<LoadedModel> =
@@ -488,7 +519,7 @@ async fn generate_and_store(
     Ok(completed)
 }
 
-async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered: i64) {
+async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered: Delivery) {
     let mut progress = Progress::new(job_id, step.step, step.total, now_millis());
     if step.step > 0 {
         let per_step = step.elapsed / step.step;
@@ -500,11 +531,11 @@ async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered:
 
 /// Publishes an event on the job's subject (persisted in the events stream), retrying while the server is
 /// away. Returns whether it was stored. The message id makes a retried publish a single event.
-async fn publish_event(shared: &Shared, event: &Event, delivered: i64) -> bool {
+async fn publish_event(shared: &Shared, event: &Event, delivered: Delivery) -> bool {
     let job_id = event.job_id();
     let msg_id = match event {
-        Event::Progress(p) => format!("{job_id}:{delivered}:progress:{}", p.step),
-        other => format!("{job_id}:{delivered}:{}", other.type_name()),
+        Event::Progress(p) => format!("{job_id}:{}.{}:progress:{}", delivered.seq, delivered.n, p.step),
+        other => format!("{job_id}:{}.{}:{}", delivered.seq, delivered.n, other.type_name()),
     };
     // Progress is worth little once late; the terminal events are worth waiting for.
     let patience =
@@ -527,6 +558,22 @@ async fn publish_event(shared: &Shared, event: &Event, delivered: i64) -> bool {
     }
 }
 
+/// Publishes the job's message again, bytes unchanged, as a new message of the work queue (at its end, with
+/// fresh deliveries), for a job handed back on its last delivery. Returns the new message's sequence.
+async fn requeue(shared: &Shared, msg: &jetstream::Message, job_id: Uuid, delivered: Delivery) -> anyhow::Result<u64> {
+    let headers = crate::bus::msg_id_headers(&format!("{job_id}:requeue:{}", delivered.seq));
+    let subject = msg.subject.to_string();
+    let ack = crate::bus::publish_persistent(
+        &shared.js,
+        subject,
+        headers,
+        msg.payload.clone(),
+        shared.config.publish_patience,
+    )
+    .await?;
+    Ok(ack.sequence)
+}
+
 /// Copies the message, bytes unchanged, to the dead-letter stream with the reason in a header.
 async fn dead_letter(
     shared: &Shared,
@@ -534,10 +581,9 @@ async fn dead_letter(
     msg: &jetstream::Message,
     job_id: Option<Uuid>,
     reason: &str,
-    delivered: i64,
+    delivered: Delivery,
 ) -> bool {
-    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    dead_letter_payload(shared, model, msg.payload.clone(), seq, job_id, reason, delivered).await
+    dead_letter_payload(shared, model, msg.payload.clone(), job_id, reason, delivered).await
 }
 
 /// Publishes `payload` (a job message, maybe undecodable) to `sd.dlq.<model>`; returns whether it was stored.
@@ -545,18 +591,18 @@ async fn dead_letter_payload(
     shared: &Shared,
     model: &str,
     payload: Bytes,
-    seq: u64,
     job_id: Option<Uuid>,
     reason: &str,
-    delivered: i64,
+    delivered: Delivery,
 ) -> bool {
     let Ok(subject) = shared.subjects.dead_letter(model) else { return false };
+    let seq = delivered.seq;
     let msg_id = job_id.map_or_else(|| format!("seq-{seq}"), |id| id.to_string());
     let mut headers = crate::bus::msg_id_headers(&msg_id);
     // Header values are one line.
     let reason_line: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1000).collect();
     headers.insert(protocol::DLQ_REASON_HEADER, reason_line.as_str());
-    headers.insert("Sd-Dlq-Deliveries", delivered.to_string().as_str());
+    headers.insert("Sd-Dlq-Deliveries", delivered.n.to_string().as_str());
     headers.insert("Sd-Dlq-Worker", shared.worker_id.as_str());
     headers.insert("Sd-Dlq-Stream-Seq", seq.to_string().as_str());
     match crate::bus::publish_persistent(&shared.js, subject, headers, payload, shared.config.publish_patience).await {
@@ -572,6 +618,7 @@ async fn dead_letter_payload(
 /// crashed or hung on it): report it `failed`, dead-letter it and remove it from the work queue, so it is
 /// not silently stuck. Every worker of the model hears the advisory; the message ids make their reports one.
 pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64) -> bool {
+    let delivered = Delivery { seq, n: deliveries };
     let stream = match shared.js.get_stream(shared.subjects.jobs_stream()).await {
         Ok(s) => s,
         Err(e) => {
@@ -591,7 +638,7 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
             tokio::time::timeout(Duration::from_secs(3), previous_result(shared, id)).await
         {
             completed.at = now_millis();
-            if publish_event(shared, &Event::Completed(completed), deliveries).await {
+            if publish_event(shared, &Event::Completed(completed), delivered).await {
                 let _ = stream.delete_message(seq).await;
                 return true;
             }
@@ -602,11 +649,11 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
         "delivered {deliveries} times without finishing (the workers running it crashed or stalled); giving up"
     );
     tracing::error!(?job_id, seq, "{reason}");
-    if !dead_letter_payload(shared, model, raw.payload, seq, job_id, &reason, deliveries).await {
+    if !dead_letter_payload(shared, model, raw.payload, job_id, &reason, delivered).await {
         return false;
     }
     if let Some(job_id) = job_id {
-        publish_event(shared, &failed(job_id, ErrorCode::Internal, &reason, None), deliveries).await;
+        publish_event(shared, &failed(job_id, ErrorCode::Internal, &reason, None), delivered).await;
     }
     shared.control.jobs_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let _ = stream.delete_message(seq).await;
@@ -620,8 +667,10 @@ fn retry_later() -> AckKind {
 
 async fn settle(msg: &jetstream::Message, kind: AckKind) {
     let what = format!("{kind:?}");
+    // Acks and terms that end a job are confirmed by the server; a nak may as well be lost (the message
+    // comes back after ack_wait either way).
     let result = match kind {
-        AckKind::Ack => msg.double_ack().await,
+        AckKind::Ack | AckKind::Term => msg.double_ack_with(kind).await,
         other => msg.ack_with(other).await,
     };
     if let Err(e) = result {
