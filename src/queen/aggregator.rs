@@ -82,6 +82,35 @@ impl ModelStats {
     }
 }
 
+/// How often a running job's status record takes a progress event. The events themselves all reach SSE
+/// followers; the record (for `GET /v1/jobs/{id}`) need not be rewritten for each step of a fast GPU.
+pub const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Which progress events are written to the status bucket: a job's first, its last step, and otherwise at
+/// most one per [`PROGRESS_WRITE_INTERVAL`].
+#[derive(Default)]
+struct ProgressThrottle {
+    /// Per running job: when its record last took progress, and its model (for the step statistics of
+    /// events that are not written).
+    written: HashMap<uuid::Uuid, (std::time::Instant, String)>,
+}
+
+impl ProgressThrottle {
+    /// The model of a job whose progress event `p` need not be written now; `None`: write it.
+    fn skip(&self, p: &protocol::Progress, now: std::time::Instant) -> Option<&str> {
+        let (at, model) = self.written.get(&p.job_id)?;
+        (p.step < p.total && now.duration_since(*at) < PROGRESS_WRITE_INTERVAL).then_some(model.as_str())
+    }
+
+    fn wrote(&mut self, job_id: uuid::Uuid, model: &str, now: std::time::Instant) {
+        self.written.insert(job_id, (now, model.to_string()));
+    }
+
+    fn forget(&mut self, job_id: uuid::Uuid) {
+        self.written.remove(&job_id);
+    }
+}
+
 /// Pulls events and applies them until the process ends; reconnects and retries on errors. When the streams
 /// or the status bucket are gone (deleted, or a server that lost its store) it creates them again.
 pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, stats: ModelStats) {
@@ -120,27 +149,64 @@ async fn pull(
         )
         .await?;
     let mut messages = consumer.messages().await?;
+    let mut throttle = ProgressThrottle::default();
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         match protocol::decode_event(&msg.payload) {
-            Ok(event) => apply(store, stats, &event).await?,
+            Ok(event) => apply(store, stats, &mut throttle, &event).await?,
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
         }
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
 }
 
-async fn apply(store: &StatusStore, stats: &ModelStats, event: &Event) -> anyhow::Result<()> {
+async fn apply(
+    store: &StatusStore,
+    stats: &ModelStats,
+    throttle: &mut ProgressThrottle,
+    event: &Event,
+) -> anyhow::Result<()> {
     let job_id = event.job_id();
     let at = event.at();
+    let now = std::time::Instant::now();
+    if let Event::Progress(p) = event {
+        if let Some(model) = throttle.skip(p, now) {
+            stats.record_progress(model, job_id, p.at, p.step);
+            return Ok(());
+        }
+    }
     let updated = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
     match (&updated, event) {
         (Some(status), Event::Completed(c)) => stats.record_completed(&status.model, c.timings.generation_ms),
-        (Some(status), Event::Progress(p)) => stats.record_progress(&status.model, job_id, p.at, p.step),
+        (Some(status), Event::Progress(p)) => {
+            stats.record_progress(&status.model, job_id, p.at, p.step);
+            throttle.wrote(job_id, &status.model, now);
+        }
         _ => {}
     }
     if event.is_terminal() {
         stats.forget(job_id);
+        throttle.forget(job_id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_written_first_last_and_at_most_once_per_interval() {
+        let job = uuid::Uuid::new_v4();
+        let step = |n| protocol::Progress::new(job, n, 10, 0);
+        let mut throttle = ProgressThrottle::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(throttle.skip(&step(1), t0), None, "a job's first progress is written");
+        throttle.wrote(job, "tiny", t0);
+        assert_eq!(throttle.skip(&step(2), t0 + Duration::from_millis(10)), Some("tiny"));
+        assert_eq!(throttle.skip(&step(10), t0 + Duration::from_millis(10)), None, "the last step is written");
+        assert_eq!(throttle.skip(&step(3), t0 + PROGRESS_WRITE_INTERVAL), None);
+        throttle.forget(job);
+        assert_eq!(throttle.skip(&step(4), t0), None);
+    }
 }
