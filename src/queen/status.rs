@@ -341,13 +341,35 @@ impl StatusStore {
     /// Every job status (the bucket keeps them for its max age).
     pub async fn all(&self) -> anyhow::Result<Vec<JobStatus>> {
         use futures::StreamExt;
-        let mut keys = self.kv.keys().await?;
-        let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key?;
-            let Ok(id) = Uuid::parse_str(&key) else { continue };
-            if let Some(s) = self.get(id).await? {
-                out.push(s);
+        // One pass over the bucket's stream, the last value of each key, rather than a request per key.
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("{}>", self.kv.prefix),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .context("cannot read the status bucket")?;
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut messages = consumer.messages().await.context("cannot read the status bucket")?.take(pending);
+        let mut out = Vec::with_capacity(pending);
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("cannot read the status bucket: {e}"))?;
+            // Deleted and purged keys leave a marker without a value.
+            let removed = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let key = message.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or_default();
+            if removed || message.payload.is_empty() || Uuid::parse_str(key).is_err() {
+                continue;
+            }
+            match serde_json::from_slice::<JobStatus>(&message.payload) {
+                Ok(status) => out.push(status),
+                Err(e) => tracing::warn!(key, error = %e, "unreadable job status skipped"),
             }
         }
         Ok(out)
