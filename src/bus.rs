@@ -189,6 +189,26 @@ pub async fn next_message(
     }
 }
 
+/// The messages of `stream` that `filter_subject` and `deliver_policy` select, as stored now (does not wait
+/// for more), through an ordered consumer.
+pub async fn stored_messages(
+    stream: &stream::Stream,
+    filter_subject: String,
+    deliver_policy: consumer::DeliverPolicy,
+) -> anyhow::Result<Vec<jetstream::Message>> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig { filter_subject, deliver_policy, ..Default::default() })
+        .await
+        .with_context(|| format!("cannot read stream {}", stream.cached_info().config.name))?;
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await?.take(pending);
+    let mut out = Vec::with_capacity(pending);
+    while let Some(message) = messages.next().await {
+        out.push(message.map_err(|e| anyhow::anyhow!("cannot read stream {}: {e}", stream.cached_info().config.name))?);
+    }
+    Ok(out)
+}
+
 /// Headers with `Nats-Msg-Id`.
 pub fn msg_id_headers(msg_id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();

@@ -97,21 +97,11 @@ impl BusClient {
     pub async fn stored_events(&self, job_id: Uuid) -> anyhow::Result<Vec<Event>> {
         let stream =
             self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.subjects.events(job_id),
-                ..Default::default()
-            })
+        let messages = bus::stored_messages(&stream, self.subjects.events(job_id), consumer::DeliverPolicy::All)
             .await
             .context("cannot read the job's events")?;
-        let pending = consumer.cached_info().num_pending as usize;
-        let mut messages = consumer.messages().await.context("cannot read the job's events")?.take(pending);
-        let mut out = Vec::with_capacity(pending);
-        while let Some(m) = messages.next().await {
-            if let Ok(event) = protocol::decode_event(&m.map_err(|e| anyhow::anyhow!("event stream: {e}"))?.payload) {
-                out.push(event);
-            }
-        }
+        // An event this version cannot read is skipped, as when following live.
+        let out = messages.iter().filter_map(|m| protocol::decode_event(&m.payload).ok()).collect();
         Ok(out)
     }
 

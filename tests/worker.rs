@@ -38,12 +38,10 @@ async fn stored_events(client: &BusClient, job_id: Uuid) -> Vec<Event> {
 /// The dead-letter stream's messages: (reason header, payload).
 async fn dead_letters(client: &BusClient) -> Vec<(String, Vec<u8>)> {
     let stream = client.jetstream().get_stream(client.subjects().dlq_stream()).await.unwrap();
-    let consumer = stream.create_consumer(jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut messages = consumer.messages().await.unwrap().take(pending);
+    let all = client.subjects().dead_letter_wildcard();
+    let messages = sd_rbee::bus::stored_messages(&stream, all, jetstream::consumer::DeliverPolicy::All).await.unwrap();
     let mut out = Vec::new();
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
+    for m in messages {
         let reason = m
             .headers
             .as_ref()

@@ -340,23 +340,16 @@ impl StatusStore {
 
     /// Every job status (the bucket keeps them for its max age).
     pub async fn all(&self) -> anyhow::Result<Vec<JobStatus>> {
-        use futures::StreamExt;
         // One pass over the bucket's stream, the last value of each key, rather than a request per key.
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: format!("{}>", self.kv.prefix),
-                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .context("cannot read the status bucket")?;
-        let pending = consumer.cached_info().num_pending as usize;
-        let mut messages = consumer.messages().await.context("cannot read the status bucket")?.take(pending);
-        let mut out = Vec::with_capacity(pending);
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow::anyhow!("cannot read the status bucket: {e}"))?;
+        let messages = crate::bus::stored_messages(
+            &self.kv.stream,
+            format!("{}>", self.kv.prefix),
+            jetstream::consumer::DeliverPolicy::LastPerSubject,
+        )
+        .await
+        .context("cannot read the status bucket")?;
+        let mut out = Vec::with_capacity(messages.len());
+        for message in messages {
             // Deleted and purged keys leave a marker without a value.
             let removed = message
                 .headers
