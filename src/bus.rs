@@ -190,24 +190,41 @@ pub async fn next_message(
 }
 
 /// The messages of `stream` that `filter_subject` and `deliver_policy` select, as stored now (does not wait
-/// for more), through an ordered consumer.
+/// for more), through an ordered consumer. It reads until a message says none is pending after it, so
+/// messages added or replaced while it reads (a KV update moves a key to the stream's end) are included
+/// rather than counted in place of others; a read that stalls for `STORED_READ_STALL` is an error.
 pub async fn stored_messages(
     stream: &stream::Stream,
     filter_subject: String,
     deliver_policy: consumer::DeliverPolicy,
 ) -> anyhow::Result<Vec<jetstream::Message>> {
+    let name = stream.cached_info().config.name.clone();
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig { filter_subject, deliver_policy, ..Default::default() })
         .await
-        .with_context(|| format!("cannot read stream {}", stream.cached_info().config.name))?;
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut messages = consumer.messages().await?.take(pending);
-    let mut out = Vec::with_capacity(pending);
-    while let Some(message) = messages.next().await {
-        out.push(message.map_err(|e| anyhow::anyhow!("cannot read stream {}: {e}", stream.cached_info().config.name))?);
+        .with_context(|| format!("cannot read stream {name}"))?;
+    let mut out = Vec::with_capacity(consumer.cached_info().num_pending as usize);
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
     }
-    Ok(out)
+    let mut messages = consumer.messages().await?;
+    loop {
+        let message = match tokio::time::timeout(STORED_READ_STALL, messages.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => anyhow::bail!("cannot read stream {name}: {e}"),
+            Ok(None) => anyhow::bail!("cannot read stream {name}: the consumer ended"),
+            Err(_) => anyhow::bail!("reading stream {name} stalled (messages expired or removed while read)"),
+        };
+        let last = message.info().map(|i| i.pending == 0).unwrap_or(true);
+        out.push(message);
+        if last {
+            return Ok(out);
+        }
+    }
 }
+
+/// How long [`stored_messages`] waits for the next message it was told of.
+pub const STORED_READ_STALL: Duration = Duration::from_secs(5);
 
 /// Headers with `Nats-Msg-Id`.
 pub fn msg_id_headers(msg_id: &str) -> HeaderMap {

@@ -22,6 +22,20 @@ use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+/// What the services answer (in the error's text) for a bucket or container that does not exist.
+const MISSING_BUCKET: &[&str] = &["NoSuchBucket", "ContainerNotFound", "bucket does not exist"];
+/// ... and for credentials they do not accept (as opposed to a permission the credentials lack).
+const BAD_CREDENTIALS: &[&str] = &[
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "AuthenticationFailed",
+];
+const ACCESS_DENIED: &str =
+    "access denied; check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)";
+
 /// How a [`Store`] behaves.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -203,41 +217,54 @@ impl Store {
         }
     }
 
-    /// Asks the store about an object that need not exist, so that a wrong key, a missing bucket or an
-    /// unreachable endpoint is found when a process starts rather than at its first job. Transient errors are
-    /// retried for [`StoreOptions::retry_timeout`] first, like every operation.
+    /// Reads an object that need not exist, so that a wrong key, a missing bucket or an unreachable endpoint
+    /// is found when a process starts rather than at its first job. Transient errors are retried for
+    /// [`StoreOptions::retry_timeout`] first, like every operation.
     pub async fn check(&self) -> anyhow::Result<()> {
         let probe = ".sd-rbee-probe";
-        match self.inner.head(&self.path(probe)).await {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) if !self.missing_bucket().await => Ok(()),
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+        let error = match self.inner.get(&self.path(probe)).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        // The service's answer (its error code) is down the chain of sources.
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !text.contains(&cause_text) {
+                text = format!("{text}: {cause_text}");
+            }
+            source = cause.source();
+        }
+        let names = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
+        match error {
+            object_store::Error::NotFound { .. } if names(MISSING_BUCKET) || self.missing_bucket().await => {
                 bail!("{}: the bucket or container does not exist", self.url)
             }
-            Err(e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })) => {
-                bail!("{}: access denied; check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION): {e}", self.url)
+            object_store::Error::NotFound { .. } => Ok(()),
+            object_store::Error::Unauthenticated { .. } => bail!("{}: {ACCESS_DENIED}: {text}", self.url),
+            object_store::Error::PermissionDenied { .. } if names(BAD_CREDENTIALS) => {
+                bail!("{}: {ACCESS_DENIED}: {text}", self.url)
             }
-            Err(e) => bail!("{}: {e}", self.url),
+            object_store::Error::PermissionDenied { .. } => {
+                // S3 answers 403 for a missing object to a key that may not list the bucket; such a key may
+                // still read and write objects, which is all sd-rbee needs.
+                tracing::warn!(store = %self.url, "the store refused to say whether {probe} exists: {text}");
+                Ok(())
+            }
+            _ => bail!("{}: {text}", self.url),
         }
     }
 
-    /// Whether listing says the bucket itself is missing (a HEAD of a key cannot tell a missing key from a
-    /// missing bucket).
+    /// Whether listing says the bucket is missing (some servers answer a missing bucket's objects with
+    /// NoSuchKey). A key that may not list is no reason to refuse the store.
     async fn missing_bucket(&self) -> bool {
         use futures::StreamExt;
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         match self.inner.list(prefix.as_ref()).next().await {
             Some(Err(object_store::Error::NotFound { .. })) => true,
             // object_store reports a listing's 404 as a generic error; the services name the case.
-            Some(Err(e))
-                if ["NoSuchBucket", "ContainerNotFound", "404 Not Found"].iter().any(|c| e.to_string().contains(c)) =>
-            {
-                true
-            }
-            Some(Err(e)) => {
-                // Listing may be forbidden to a key that can read and write: that is no reason to refuse it.
-                tracing::debug!(store = %self.url, error = %e, "cannot list the store");
-                false
-            }
+            Some(Err(e)) => MISSING_BUCKET.iter().any(|c| e.to_string().contains(c)),
             _ => false,
         }
     }

@@ -412,7 +412,6 @@ async fn two_queens_give_the_same_answers_and_a_killed_worker_shows_as_lost() {
     }
 }
 
-/// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.
 /// The server comes back with an empty store (its volume lost): the queen creates the streams and its status
 /// bucket again, the worker its consumer, and new jobs go through, with neither restarted. Submissions made
 /// while that happens may be refused with 503 (and nothing published); a client retries them.
@@ -427,6 +426,12 @@ async fn after_the_server_lost_its_store_new_jobs_go_through() {
     wait_for_fleet(&c).await;
     let first = c.submit(&tiny(2, 1), None).await.unwrap();
     wait_state(&c, first.job_id, "completed").await;
+
+    // Only the status bucket deleted: the next submission creates it again, and nothing is refused.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_key_value(sd_rbee::protocol::Subjects::new("sd").unwrap().status_bucket()).await.unwrap();
+    let after_bucket = c.submit(&tiny(2, 4), Some("after-the-bucket")).await.unwrap();
+    wait_state(&c, after_bucket.job_id, "completed").await;
 
     nats.restart_empty();
     let start = Instant::now();
@@ -449,6 +454,7 @@ async fn after_the_server_lost_its_store_new_jobs_go_through() {
     assert_eq!(names(&events).last(), Some(&"completed"));
 }
 
+/// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_test_hundreds_of_jobs_complete_exactly_once() {
     let jobs: usize = std::env::var("SD_RBEE_LOAD_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);

@@ -44,7 +44,15 @@ impl ModelStats {
 
     /// A progress event of a job of `model`: the time since the previous step's, per step.
     pub fn record_progress(&self, model: &str, job_id: uuid::Uuid, at: u64, step: u32) {
-        let previous = self.last_progress.lock().unwrap().insert(job_id, (at, step));
+        let previous = {
+            let mut last = self.last_progress.lock().unwrap();
+            let previous = last.insert(job_id, (at, step));
+            if last.len() > TRACKED_JOBS {
+                let quiet_ms = FORGET_QUIET_JOBS.as_millis() as u64;
+                last.retain(|_, (seen, _)| at.saturating_sub(*seen) < quiet_ms);
+            }
+            previous
+        };
         if let Some((prev_at, prev_step)) = previous {
             if step > prev_step && at >= prev_at {
                 let mut map = self.inner.lock().unwrap();
@@ -82,6 +90,11 @@ impl ModelStats {
     }
 }
 
+/// Running jobs tracked per queen before those quiet for [`FORGET_QUIET_JOBS`] are dropped (queens share the
+/// events, so the one that saw a job's progress may not see its end).
+const TRACKED_JOBS: usize = 4096;
+const FORGET_QUIET_JOBS: Duration = Duration::from_secs(600);
+
 /// How often a running job's status record takes a progress event. The events themselves all reach SSE
 /// followers; the record (for `GET /v1/jobs/{id}`) need not be rewritten for each step of a fast GPU.
 pub const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_millis(250);
@@ -104,6 +117,10 @@ impl ProgressThrottle {
 
     fn wrote(&mut self, job_id: uuid::Uuid, model: &str, now: std::time::Instant) {
         self.written.insert(job_id, (now, model.to_string()));
+        // Another queen may apply a job's terminal event: forget jobs quiet for a while.
+        if self.written.len() > TRACKED_JOBS {
+            self.written.retain(|_, (at, _)| now.duration_since(*at) < FORGET_QUIET_JOBS);
+        }
     }
 
     fn forget(&mut self, job_id: uuid::Uuid) {
@@ -121,7 +138,7 @@ pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore,
             if let Err(e) = bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await {
                 tracing::debug!(error = %e, "cannot bind the streams yet");
             }
-            if let Err(e) = store.recreate(&js).await {
+            if let Err(e) = store.recreate().await {
                 tracing::debug!(error = %e, "cannot bind the status bucket yet");
             }
         }
@@ -208,5 +225,12 @@ mod tests {
         assert_eq!(throttle.skip(&step(3), t0 + PROGRESS_WRITE_INTERVAL), None);
         throttle.forget(job);
         assert_eq!(throttle.skip(&step(4), t0), None);
+
+        // Jobs whose end another queen applied are forgotten once quiet for long.
+        for _ in 0..TRACKED_JOBS {
+            throttle.wrote(uuid::Uuid::new_v4(), "tiny", t0);
+        }
+        throttle.wrote(job, "tiny", t0 + FORGET_QUIET_JOBS);
+        assert_eq!(throttle.written.len(), 1);
     }
 }

@@ -563,7 +563,12 @@ async fn submit(
         ));
     }
     // The record exists before any worker can report on the job.
-    state.status.create(&JobStatus::queued(&job, None)).await?;
+    if let Err(e) = state.status.create(&JobStatus::queued(&job, None)).await {
+        if let Some(entry) = &idem {
+            state.status.release_idempotency(entry).await;
+        }
+        return Err(e.into());
+    }
     let published = state.bus.submit_with_seq(&job).await;
     let seq = match published {
         Ok(seq) => seq,

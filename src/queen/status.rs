@@ -221,6 +221,7 @@ impl JobStatus {
 /// The status bucket.
 #[derive(Clone)]
 pub struct StatusStore {
+    js: jetstream::Context,
     kv: kv::Store,
     max_age: Duration,
 }
@@ -250,12 +251,30 @@ impl StatusStore {
                 .await
                 .with_context(|| format!("cannot create the KV bucket {name}"))?,
         };
-        Ok(Self { kv, max_age })
+        Ok(Self { js: js.clone(), kv, max_age })
     }
 
     /// Creates the bucket again if it is gone (this handle, and its clones, then work with the new one).
-    pub async fn recreate(&self, js: &jetstream::Context) -> anyhow::Result<()> {
-        Self::open(js, &self.kv.name, self.max_age).await.map(drop)
+    pub async fn recreate(&self) -> anyhow::Result<()> {
+        Self::open(&self.js, &self.kv.name, self.max_age).await.map(drop)
+    }
+
+    /// `kv.create(key, value)`, once more after creating the bucket again if that failed (it may have been
+    /// deleted, or lost with the server's store). Ok(false): the key exists.
+    async fn create_key(&self, key: &str, value: bytes::Bytes) -> anyhow::Result<bool> {
+        let mut retried = false;
+        loop {
+            match self.kv.create(key, value.clone()).await {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+                Err(e) if !retried => {
+                    tracing::warn!(error = %e, "cannot write to the status bucket; binding it again");
+                    self.recreate().await?;
+                    retried = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub async fn get(&self, job_id: Uuid) -> anyhow::Result<Option<JobStatus>> {
@@ -275,11 +294,7 @@ impl StatusStore {
     /// Stores a new job's status (replaces nothing: a job id is created once).
     pub async fn create(&self, status: &JobStatus) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(status)?;
-        match self.kv.create(status.job_id.to_string(), bytes.into()).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.create_key(&status.job_id.to_string(), bytes.into()).await.map(drop)
     }
 
     /// Applies `change` to the job's status with compare-and-set, retrying on conflicts; creates the record
@@ -319,14 +334,11 @@ impl StatusStore {
 
     /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to.
     pub async fn claim_idempotency(&self, entry: &str, job_id: Uuid) -> anyhow::Result<Uuid> {
-        match self.kv.create(entry, job_id.to_string().into()).await {
-            Ok(_) => Ok(job_id),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let existing = self.kv.get(entry).await?.context("idempotency entry vanished")?;
-                Uuid::parse_str(std::str::from_utf8(&existing)?).context("unreadable idempotency entry")
-            }
-            Err(e) => Err(e.into()),
+        if self.create_key(entry, job_id.to_string().into()).await? {
+            return Ok(job_id);
         }
+        let existing = self.kv.get(entry).await?.context("idempotency entry vanished")?;
+        Uuid::parse_str(std::str::from_utf8(&existing)?).context("unreadable idempotency entry")
     }
 
     /// Forgets a job (one that could not be queued).
@@ -348,7 +360,8 @@ impl StatusStore {
         )
         .await
         .context("cannot read the status bucket")?;
-        let mut out = Vec::with_capacity(messages.len());
+        // A key updated while it was read comes twice: the later value wins.
+        let mut latest = std::collections::HashMap::with_capacity(messages.len());
         for message in messages {
             // Deleted and purged keys leave a marker without a value.
             let removed = message
@@ -357,15 +370,20 @@ impl StatusStore {
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
             let key = message.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or_default();
-            if removed || message.payload.is_empty() || Uuid::parse_str(key).is_err() {
+            // Idempotency entries are not jobs.
+            let Ok(job_id) = Uuid::parse_str(key) else { continue };
+            if removed || message.payload.is_empty() {
+                latest.remove(&job_id);
                 continue;
             }
             match serde_json::from_slice::<JobStatus>(&message.payload) {
-                Ok(status) => out.push(status),
+                Ok(status) => {
+                    latest.insert(job_id, status);
+                }
                 Err(e) => tracing::warn!(key, error = %e, "unreadable job status skipped"),
             }
         }
-        Ok(out)
+        Ok(latest.into_values().collect())
     }
 }
 

@@ -230,7 +230,17 @@ async fn settle_outcome(
                 match requeue(shared, msg, job_id, delivered).await {
                     Ok(seq) => {
                         tracing::warn!(%job_id, ?at_step, seq, "shutting down on the job's last delivery: queued again");
-                        settle(msg, AckKind::Term).await;
+                        // A lost term would let this message run out of deliveries and be given up (failed)
+                        // while its copy runs: insist.
+                        for attempt in 1..=3 {
+                            match msg.double_ack_with(AckKind::Term).await {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    tracing::warn!(%job_id, attempt, error = %e, "cannot term the old message");
+                                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                                }
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::error!(%job_id, error = %e, "cannot queue the job again; handing it back");

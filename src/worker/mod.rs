@@ -456,6 +456,10 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
             tracing::warn!(error = %e, "max-deliveries advisories interrupted; resuming");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // The stream may be gone (deleted, or lost with the server's store): create it again.
+        if let Err(e) = bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams).await {
+            tracing::debug!(error = %e, "cannot bind the streams yet");
+        }
     }
 }
 
