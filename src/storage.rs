@@ -226,16 +226,8 @@ impl Store {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        // The service's answer (its error code) is down the chain of sources.
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text = format!("{text}: {cause_text}");
-            }
-            source = cause.source();
-        }
+        // object_store's message carries the service's answer (its error code).
+        let text = error.to_string();
         let names = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
         match error {
             object_store::Error::NotFound { .. } if names(MISSING_BUCKET) || self.missing_bucket().await => {

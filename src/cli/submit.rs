@@ -13,6 +13,7 @@ use crate::client::BusClient;
 use crate::diffusion::{SchedulerKind, TimestepSpacing};
 use crate::image_input::ResizeMode;
 use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest};
+use crate::queen::api::JobSubmission;
 
 #[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
@@ -90,47 +91,12 @@ pub struct SubmitArgs {
     pub token: Option<String>,
 }
 
-/// The same job as an HTTP submission (images inline, base64).
-fn submission_of(job: &JobRequest, args: &SubmitArgs) -> crate::queen::api::JobSubmission {
-    use crate::queen::api::ImageInput;
-    use base64::Engine;
-    let b64 = |s: &Option<ImageSource>| match s {
-        Some(ImageSource::Inline(bytes)) => {
-            Some(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)))
-        }
-        Some(ImageSource::ObjectKey(k)) => Some(ImageInput::Upload { object_key: k.clone() }),
-        None => None,
-    };
-    let mut sub = crate::queen::api::JobSubmission::new(job.model.clone(), job.prompt.clone());
-    sub.kind = Some(job.kind);
-    sub.negative_prompt = job.negative_prompt.clone();
-    sub.width = job.width;
-    sub.height = job.height;
-    sub.steps = job.steps;
-    sub.guidance = job.guidance;
-    sub.scheduler = job.scheduler.clone();
-    sub.timestep_spacing = job.timestep_spacing.clone();
-    sub.seed = job.seed;
-    sub.num_images = job.num_images;
-    sub.init_image = b64(&job.init_image);
-    sub.mask = b64(&job.mask);
-    sub.strength = job.strength;
-    sub.mask_blur = Some(job.mask_blur);
-    sub.invert_mask = job.invert_mask;
-    sub.paste_back = Some(job.paste_back);
-    sub.resize_mode = Some(job.resize_mode);
-    sub.output_format = Some(job.output.format);
-    sub.quality = job.output.quality;
-    sub.timeout_s = args.deadline.map(|d| d.as_secs().max(1));
-    sub
-}
-
 /// `submit --via`: through the queen; the final status as JSON with each image's key and URL.
 fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bool> {
     let client = crate::client::QueenClient::new(base, args.token.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let accepted = client.submit(&submission_of(job, args), args.idempotency_key.as_deref()).await?;
+        let accepted = client.submit(&JobSubmission::of_job(job, args.deadline), args.idempotency_key.as_deref()).await?;
         let id = accepted.job_id;
         if !args.wait {
             if args.json {

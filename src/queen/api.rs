@@ -364,6 +364,41 @@ impl JobSubmission {
         serde_json::from_value(serde_json::json!({"model": model.into(), "prompt": prompt.into()}))
             .expect("a minimal submission deserializes")
     }
+
+    /// The same job as an HTTP submission (inline images as base64), the converse of `job_of` below: a field
+    /// added to one is added to both here. `timeout` becomes `timeout_s`.
+    pub fn of_job(job: &JobRequest, timeout: Option<Duration>) -> Self {
+        use base64::Engine;
+        let image = |s: &Option<ImageSource>| match s {
+            Some(ImageSource::Inline(bytes)) => {
+                Some(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)))
+            }
+            Some(ImageSource::ObjectKey(k)) => Some(ImageInput::Upload { object_key: k.clone() }),
+            None => None,
+        };
+        let mut sub = Self::new(job.model.clone(), job.prompt.clone());
+        sub.kind = Some(job.kind);
+        sub.negative_prompt = job.negative_prompt.clone();
+        sub.width = job.width;
+        sub.height = job.height;
+        sub.steps = job.steps;
+        sub.guidance = job.guidance;
+        sub.scheduler = job.scheduler.clone();
+        sub.timestep_spacing = job.timestep_spacing.clone();
+        sub.seed = job.seed;
+        sub.num_images = job.num_images;
+        sub.init_image = image(&job.init_image);
+        sub.mask = image(&job.mask);
+        sub.strength = job.strength;
+        sub.mask_blur = Some(job.mask_blur);
+        sub.invert_mask = job.invert_mask;
+        sub.paste_back = Some(job.paste_back);
+        sub.resize_mode = Some(job.resize_mode);
+        sub.output_format = Some(job.output.format);
+        sub.quality = job.output.quality;
+        sub.timeout_s = timeout.map(|d| d.as_secs().max(1));
+        sub
+    }
 }
 
 /// `202 Accepted` to a submission.
@@ -1033,22 +1068,20 @@ async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let _ = writeln!(out, "sd_rbee_workers{{state=\"busy\"}} {busy}");
     let _ = writeln!(out, "sd_rbee_workers{{state=\"idle\"}} {}", workers.len() - lost - busy);
     let _ = writeln!(out, "sd_rbee_workers{{state=\"lost\"}} {lost}");
-    let _ = writeln!(
-        out,
-        "# HELP sd_rbee_generation_seconds Generation time of completed jobs (this queen's share of events).\n# TYPE sd_rbee_generation_seconds summary"
+    let summary = |out: &mut String, name: &str, help: &str, rows: Vec<(String, u64, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        for (model, count, sum_ms) in rows {
+            let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
+            let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {count}");
+        }
+    };
+    summary(
+        &mut out,
+        "sd_rbee_generation_seconds",
+        "Generation time of completed jobs (this queen's share of events).",
+        state.stats.totals(),
     );
-    for (model, count, sum_ms) in state.stats.totals() {
-        let _ = writeln!(out, "sd_rbee_generation_seconds_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
-        let _ = writeln!(out, "sd_rbee_generation_seconds_count{{model=\"{model}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP sd_rbee_step_seconds Denoising step time, by model.\n# TYPE sd_rbee_step_seconds summary"
-    );
-    for (model, count, sum_ms) in state.stats.step_totals() {
-        let _ = writeln!(out, "sd_rbee_step_seconds_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
-        let _ = writeln!(out, "sd_rbee_step_seconds_count{{model=\"{model}\"}} {count}");
-    }
+    summary(&mut out, "sd_rbee_step_seconds", "Denoising step time, by model.", state.stats.step_totals());
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], out).into_response())
 }
 

@@ -82,7 +82,6 @@ impl Delivery {
 /// and settles the message).
 pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message) {
     let delivered = Delivery::of(&msg);
-    let stream_seq = delivered.seq;
     // In-progress acks, well inside ack_wait, for as long as the delivery is handled.
     let keepalive = {
         let msg = msg.clone();
@@ -102,7 +101,7 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
         Ok(job) => job,
         Err(err) => {
             let job_id = crate::bus::job_id_of(&msg.payload, msg.headers.as_ref());
-            tracing::warn!(?job_id, stream_seq, error = %err, "invalid job message");
+            tracing::warn!(?job_id, stream_seq = delivered.seq, error = %err, "invalid job message");
             // The dead letter first: whoever sees `failed` finds the copy.
             if !dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await {
                 return settle(&msg, retry_later()).await;
@@ -230,17 +229,7 @@ async fn settle_outcome(
                 match requeue(shared, msg, job_id, delivered).await {
                     Ok(seq) => {
                         tracing::warn!(%job_id, ?at_step, seq, "shutting down on the job's last delivery: queued again");
-                        // A lost term would let this message run out of deliveries and be given up (failed)
-                        // while its copy runs: insist.
-                        for attempt in 1..=3 {
-                            match msg.double_ack_with(AckKind::Term).await {
-                                Ok(()) => break,
-                                Err(e) => {
-                                    tracing::warn!(%job_id, attempt, error = %e, "cannot term the old message");
-                                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                                }
-                            }
-                        }
+                        settle(msg, AckKind::Term).await;
                     }
                     Err(e) => {
                         tracing::error!(%job_id, error = %e, "cannot queue the job again; handing it back");
@@ -677,14 +666,24 @@ fn retry_later() -> AckKind {
 
 async fn settle(msg: &jetstream::Message, kind: AckKind) {
     let what = format!("{kind:?}");
-    // Acks and terms that end a job are confirmed by the server; a nak may as well be lost (the message
-    // comes back after ack_wait either way).
-    let result = match kind {
-        AckKind::Ack | AckKind::Term => msg.double_ack_with(kind).await,
-        other => msg.ack_with(other).await,
-    };
-    if let Err(e) = result {
-        tracing::warn!(ack = what, error = %e, "cannot settle the message; it will be redelivered");
+    // A nak may as well be lost: the message comes back after ack_wait either way.
+    if !matches!(kind, AckKind::Ack | AckKind::Term) {
+        if let Err(e) = msg.ack_with(kind).await {
+            tracing::warn!(ack = what, error = %e, "cannot settle the message; it will be redelivered");
+        }
+        return;
+    }
+    // Acks and terms that end a job are confirmed by the server, and retried: a lost one sends the job round
+    // again (a lost term after a requeue would even see the old message given up while its copy runs).
+    for attempt in 1..=3u32 {
+        match msg.double_ack_with(kind).await {
+            Ok(()) => return,
+            Err(e) if attempt < 3 => {
+                tracing::warn!(ack = what, attempt, error = %e, "cannot settle the message; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            Err(e) => tracing::warn!(ack = what, error = %e, "cannot settle the message; it will be redelivered"),
+        }
     }
 }
 
