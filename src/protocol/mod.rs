@@ -19,6 +19,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod strict;
+use strict::WireNames;
+
 /// The protocol version this build speaks and writes.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -32,6 +35,9 @@ pub const MAX_TOKEN_CHARS: usize = 128;
 
 /// The most bytes in an object key given as an image source (S3's own limit).
 pub const MAX_OBJECT_KEY_BYTES: usize = 1024;
+
+/// The most bytes in one `/`-separated segment of such a key (a file name on a file store).
+pub const MAX_KEY_SEGMENT_BYTES: usize = 255;
 
 /// The most bytes in a client-supplied idempotency key.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
@@ -50,6 +56,16 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The header a message copied to the dead-letter stream carries: why it was given up on.
 pub const DLQ_REASON_HEADER: &str = "Sd-Dlq-Reason";
+
+/// On a dead-letter copy whose job was too large to copy whole: the job's size in bytes (the body is then
+/// its first bytes only).
+pub const DLQ_ORIGINAL_BYTES_HEADER: &str = "Sd-Dlq-Original-Bytes";
+
+/// ... and the object key where the whole job was kept, when the store took it.
+pub const DLQ_BODY_KEY_HEADER: &str = "Sd-Dlq-Body-Key";
+
+/// The object-store prefix of whole jobs too large for their dead-letter copy.
+pub const DEAD_LETTERS_PREFIX: &str = "dead-letters/";
 
 /// The default JetStream duplicate window of the jobs stream, in seconds.
 pub const JOBS_DUPLICATE_WINDOW_SECS: u64 = 120;
@@ -143,19 +159,54 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
-    /// An `INVALID_REQUEST` error about `field`; the message is prefixed with the field name.
+    /// An `INVALID_REQUEST` error about `field`; the message is prefixed with the field name. Both are cut
+    /// to [`MAX_ERROR_MESSAGE_BYTES`]: the message travels in a `failed` event.
     pub fn invalid(field: &str, message: impl fmt::Display) -> Self {
-        Self {
-            code: ErrorCode::InvalidRequest,
-            field: Some(field.to_string()),
-            message: format!("`{field}` {message}"),
-        }
+        let field = truncate(field, MAX_FIELD_NAME_BYTES);
+        let mut message = format!("`{field}` {message}");
+        message.truncate(truncate(&message, MAX_ERROR_MESSAGE_BYTES).len());
+        Self { code: ErrorCode::InvalidRequest, field: Some(field.to_string()), message }
     }
 
-    /// An `INVALID_REQUEST` error about a whole message (it cannot be decoded).
+    /// An `INVALID_REQUEST` error about a whole message (it cannot be decoded); cut like [`Self::invalid`].
     pub fn malformed(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::InvalidRequest, field: None, message: message.into() }
+        let mut message = message.into();
+        message.truncate(truncate(&message, MAX_ERROR_MESSAGE_BYTES).len());
+        Self { code: ErrorCode::InvalidRequest, field: None, message }
     }
+}
+
+/// The most bytes of an error message ([`ProtocolError`], the `failed` event): a decoder's message can
+/// quote what it could not read, and a hostile value must not make the report itself too big to publish.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// The most bytes of a field name in an error (field names come from decoders too).
+const MAX_FIELD_NAME_BYTES: usize = 128;
+
+/// The most characters of a value quoted back in an error ([`quoted`]).
+pub const MAX_ECHO_CHARS: usize = 48;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A value quoted back in an error message: `"..."` (Rust escapes), its first [`MAX_ECHO_CHARS`]
+/// characters only, and its length when it was cut. Whatever a client sent, the message stays short.
+pub fn quoted(value: &str) -> String {
+    let count = value.chars().count();
+    if count <= MAX_ECHO_CHARS {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(MAX_ECHO_CHARS).collect();
+    format!("{head:?}… ({} bytes)", value.len())
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -181,7 +232,7 @@ mod uuid_str {
                 f.write_str("a UUID string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Uuid, E> {
-                Uuid::parse_str(v).map_err(|e| E::custom(format!("invalid UUID {v:?}: {e}")))
+                Uuid::parse_str(v).map_err(|e| E::custom(format!("invalid UUID {}: {e}", super::quoted(v))))
             }
             fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Uuid, E> {
                 match std::str::from_utf8(v) {
@@ -232,7 +283,7 @@ impl JobKind {
 
 /// An input image: inline bytes (an encoded PNG/JPEG/WebP, at most [`Limits::max_inline_image_bytes`]) or
 /// the key of an object in the fleet's bucket. On the wire: `{"inline": <bin>}` or `{"object_key": "..."}`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageSource {
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -266,20 +317,52 @@ impl ImageSource {
     }
 }
 
-fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> {
+/// Checks an object key given as an image source, before any store sees it: 1 to [`MAX_OBJECT_KEY_BYTES`]
+/// bytes of `/`-separated segments, none of them empty, `.` or `..`, none over [`MAX_KEY_SEGMENT_BYTES`] (a
+/// file store keeps each as a file name), no control characters.
+pub fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> {
     if key.is_empty() {
         return Err(ProtocolError::invalid(field, "has an empty object key"));
     }
     if key.len() > MAX_OBJECT_KEY_BYTES {
-        return Err(ProtocolError::invalid(field, format!("has an object key over {MAX_OBJECT_KEY_BYTES} bytes")));
-    }
-    if key.starts_with('/') || key.split('/').any(|s| s == "..") || key.chars().any(char::is_control) {
         return Err(ProtocolError::invalid(
             field,
-            format!("has an invalid object key {key:?} (no leading '/', no '..' segment, no control characters)"),
+            format!("has an object key of {} bytes, over {MAX_OBJECT_KEY_BYTES}", key.len()),
         ));
     }
-    Ok(())
+    let problem = if key.chars().any(char::is_control) {
+        Some("control characters")
+    } else if key.starts_with('/') {
+        Some("a leading '/'")
+    } else if key.ends_with('/') {
+        Some("a trailing '/'")
+    } else if key.split('/').any(str::is_empty) {
+        Some("an empty segment ('//')")
+    } else if key.split('/').any(|s| s == "." || s == "..") {
+        Some("a '.' or '..' segment")
+    } else if key.split('/').any(|s| s.len() > MAX_KEY_SEGMENT_BYTES) {
+        Some("a segment over 255 bytes")
+    } else {
+        None
+    };
+    match problem {
+        Some(what) => {
+            Err(ProtocolError::invalid(field, format!("has an invalid object key {}: it has {what}", quoted(key))))
+        }
+        None => Ok(()),
+    }
+}
+
+impl WireNames for JobKind {
+    const NAMES: &'static [&'static str] = &["txt2img", "img2img", "inpaint"];
+}
+
+impl WireNames for ResizeMode {
+    const NAMES: &'static [&'static str] = &["fit", "stretch", "pad"];
+}
+
+impl WireNames for ImageFormat {
+    const NAMES: &'static [&'static str] = &["png", "jpeg", "webp"];
 }
 
 /// How an init image (and mask) of another size is brought to the job's width × height (`fit`, `stretch`,
@@ -330,7 +413,7 @@ impl ImageFormat {
 /// How results are encoded. `quality` (1–100) is for JPEG and WebP only; `None`: the encoder's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputFormat {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::by_name")]
     pub format: ImageFormat,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<u8>,
@@ -347,6 +430,7 @@ pub struct JobRequest {
     /// The job id: the de-duplication id, the events subject and the results prefix.
     #[serde(with = "uuid_str")]
     pub id: Uuid,
+    #[serde(deserialize_with = "strict::by_name")]
     pub kind: JobKind,
     /// The short name of a model the fleet serves (a subject token).
     pub model: String,
@@ -393,9 +477,9 @@ pub struct JobRequest {
     #[serde(default = "default_true")]
     pub paste_back: bool,
     /// img2img and inpaint: how an input of another size is resized.
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "is_default", deserialize_with = "strict::by_name")]
     pub resize_mode: ResizeMode,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict::map_only")]
     pub output: OutputFormat,
     /// Unix milliseconds after which the job is worthless; a worker fails it with `TIMEOUT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,14 +601,17 @@ impl JobRequest {
         }
         if let Some(s) = &self.scheduler {
             if !SCHEDULERS.contains(&s.as_str()) {
-                return Err(E::invalid("scheduler", format!("is {s:?}, expected one of: {}", SCHEDULERS.join(", "))));
+                return Err(E::invalid(
+                    "scheduler",
+                    format!("is {}, expected one of: {}", quoted(s), SCHEDULERS.join(", ")),
+                ));
             }
         }
         if let Some(s) = &self.timestep_spacing {
             if !TIMESTEP_SPACINGS.contains(&s.as_str()) {
                 return Err(E::invalid(
                     "timestep_spacing",
-                    format!("is {s:?}, expected one of: {}", TIMESTEP_SPACINGS.join(", ")),
+                    format!("is {}, expected one of: {}", quoted(s), TIMESTEP_SPACINGS.join(", ")),
                 ));
             }
         }
@@ -961,7 +1048,10 @@ pub fn validate_subject_token(field: &str, value: &str) -> Result<(), ProtocolEr
     if let Some(c) = value.chars().find(|&c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control()) {
         return Err(ProtocolError::invalid(
             field,
-            format!("{value:?} contains {c:?}; a subject token has no '.', '*', '>', whitespace or control characters"),
+            format!(
+                "{} contains {c:?}; a subject token has no '.', '*', '>', whitespace or control characters",
+                quoted(value)
+            ),
         ));
     }
     Ok(())
@@ -973,7 +1063,7 @@ pub fn validate_model_name(model: &str) -> Result<(), ProtocolError> {
     if let Some(c) = model.chars().find(|&c| matches!(c, '/' | '\\')) {
         return Err(ProtocolError::invalid(
             "model",
-            format!("{model:?} contains {c:?}; a model name has no '/' or '\\'"),
+            format!("{} contains {c:?}; a model name has no '/' or '\\'", quoted(model)),
         ));
     }
     Ok(())
@@ -1138,8 +1228,12 @@ pub struct ResultKey {
 /// Parses a key made by [`result_key`]; anything else (another layout, a non-canonical UUID or index, an
 /// extension that is not 1–8 ASCII letters or digits) is an error naming the key.
 pub fn parse_result_key(key: &str) -> Result<ResultKey, ProtocolError> {
-    let bad =
-        || ProtocolError::invalid("key", format!("{key:?} is not a result key (expected jobs/<job_id>/<index>.<ext>)"));
+    let bad = || {
+        ProtocolError::invalid(
+            "key",
+            format!("{} is not a result key (expected jobs/<job_id>/<index>.<ext>)", quoted(key)),
+        )
+    };
     let rest = key.strip_prefix(RESULTS_PREFIX).ok_or_else(bad)?;
     let (id, file) = rest.split_once('/').ok_or_else(bad)?;
     let (index, ext) = file.split_once('.').ok_or_else(bad)?;
@@ -1163,6 +1257,80 @@ pub fn parse_result_key(key: &str) -> Result<ResultKey, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enums_by_name_and_maps_as_maps_only() {
+        let base = serde_json::to_value(job()).unwrap();
+        let encode_with = |field: &str, value: serde_json::Value| {
+            let mut v = base.clone();
+            v[field] = value;
+            rmp_serde::to_vec_named(&v).unwrap()
+        };
+        for (field, value) in [
+            ("kind", serde_json::json!(0)),
+            ("resize_mode", serde_json::json!(2)),
+            ("output", serde_json::json!(["png"])),
+            ("output", serde_json::json!({"format": 1})),
+            ("output", serde_json::json!([0, 80])),
+        ] {
+            let err = decode_job(&encode_with(field, value.clone())).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{field} = {value}");
+        }
+        let ok = decode_job(&encode_with("resize_mode", "pad".into())).unwrap();
+        assert_eq!(ok.resize_mode, ResizeMode::Pad);
+        let ok = decode_job(&encode_with("output", serde_json::json!({"format": "webp", "quality": 80}))).unwrap();
+        assert_eq!(ok.output, OutputFormat { format: ImageFormat::Webp, quality: Some(80) });
+        // An unknown name is quoted short, whatever its length.
+        let err = decode_job(&encode_with("kind", "k".repeat(100_000).into())).unwrap_err();
+        assert!(err.message.len() < 300 && err.message.contains("100000 bytes"), "{}", err.message);
+        // Image sources: one key, inline as bin only.
+        let mut img = serde_json::to_value(img2img()).unwrap();
+        for bad in [
+            serde_json::json!({"inline": [1, 2, 3]}),
+            serde_json::json!({"object_key": "a.png", "inline": "x"}),
+            serde_json::json!({"url": "http://example.com/a.png"}),
+            serde_json::json!({}),
+            serde_json::json!(["a.png"]),
+            serde_json::json!({"0": "a.png"}),
+        ] {
+            img["init_image"] = bad.clone();
+            assert!(decode_job(&rmp_serde::to_vec_named(&img).unwrap()).is_err(), "{bad}");
+        }
+        img["init_image"] = serde_json::json!({"object_key": "uploads/a.png"});
+        let ok = decode_job(&rmp_serde::to_vec_named(&img).unwrap()).unwrap();
+        assert_eq!(ok.init_image, Some(ImageSource::ObjectKey("uploads/a.png".into())));
+        for names in [JobKind::NAMES, ResizeMode::NAMES, ImageFormat::NAMES] {
+            for name in names {
+                assert!(rmp_serde::to_vec_named(name).is_ok());
+            }
+        }
+        assert_eq!(encode(&ResizeMode::Stretch), encode("stretch"));
+        assert_eq!(encode(&ImageFormat::Jpeg), encode("jpeg"));
+        assert_eq!(encode(&JobKind::Inpaint), encode("inpaint"));
+    }
+
+    #[test]
+    fn echoed_values_and_messages_are_short() {
+        assert_eq!(quoted("ddim"), "\"ddim\"");
+        let long = quoted(&"\"".repeat(1_000_000));
+        assert!(long.len() < 150 && long.ends_with("(1000000 bytes)"), "{long}");
+        assert_eq!(truncate("ééé", 3), "é");
+        let err = ProtocolError::invalid("x", "y".repeat(10_000));
+        assert!(err.message.len() <= MAX_ERROR_MESSAGE_BYTES);
+        let err = ProtocolError::malformed("€".repeat(10_000));
+        assert!(err.message.len() <= MAX_ERROR_MESSAGE_BYTES && err.message.ends_with('€'));
+        let mut j = job();
+        j.scheduler = Some("\"".repeat(1_000_000));
+        let err = j.validate(&Limits::default()).unwrap_err();
+        assert!(err.message.len() < 300, "{}", err.message);
+        for bad in ["", "a//b", "a/", "./a", "a/./b", "a/../b", "/a", "a\u{0}b"] {
+            assert!(validate_object_key("k", bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_object_key("k", &format!("a/{}", "x".repeat(256))).is_err());
+        assert!(validate_object_key("k", &"k".repeat(5000)).unwrap_err().message.len() < 200);
+        validate_object_key("k", "uploads/1f0e.png").unwrap();
+        validate_object_key("k", "a b/ü€.png").unwrap();
+    }
 
     #[test]
     fn scheduler_and_spacing_names_are_the_cores() {
