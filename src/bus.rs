@@ -233,32 +233,78 @@ pub fn msg_id_headers(msg_id: &str) -> HeaderMap {
     headers
 }
 
+/// How many bytes a message takes against the server's `max_payload`: the payload and the header block
+/// (`NATS/1.0\r\n`, a `name: value\r\n` line per value, `\r\n`), as the server counts them.
+pub fn wire_size(headers: &HeaderMap, payload_len: usize) -> usize {
+    let mut size = payload_len;
+    if headers.iter().next().is_some() {
+        size += b"NATS/1.0\r\n\r\n".len();
+        for (name, values) in headers.iter() {
+            for value in values {
+                size += AsRef::<str>::as_ref(name).len() + b": \r\n".len() + value.as_str().len();
+            }
+        }
+    }
+    size
+}
+
+/// Why a publish to a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The message can never be stored as it is (over the server's `max_payload` or the stream's message
+    /// size limit): not retried; the caller sends less.
+    #[error("cannot publish to {subject}: the message is {size} bytes with its headers, over the server's limit of {max} bytes")]
+    TooLarge { subject: String, size: usize, max: usize },
+    /// The server did not store it within the patience given (away, restarting, no stream).
+    #[error("cannot publish to {subject}: {reason}")]
+    Unavailable { subject: String, reason: String },
+}
+
 /// Publishes to a stream and waits for the server's acknowledgement, retrying for up to `patience` (the
-/// server may be restarting); `msg_id` makes retries safe.
+/// server may be restarting); `msg_id` makes retries safe. A message over the server's `max_payload` is
+/// refused at once ([`PublishError::TooLarge`]), never retried.
 pub async fn publish_persistent(
     js: &jetstream::Context,
     subject: String,
     headers: HeaderMap,
     payload: Bytes,
     patience: Duration,
-) -> anyhow::Result<jetstream::publish::PublishAck> {
+) -> Result<jetstream::publish::PublishAck, PublishError> {
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
+        let size = wire_size(&headers, payload.len());
+        let max = js.client().max_payload();
+        // max_payload is 0 until the first connection's INFO (never, after connect): then let the server judge.
+        if max > 0 && size > max {
+            return Err(PublishError::TooLarge { subject, size, max });
+        }
         let attempt = async {
             let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?;
-            Ok::<_, async_nats::Error>(ack.await?)
+            ack.await
         };
         match attempt.await {
             Ok(ack) => return Ok(ack),
+            Err(e) if is_too_large(&e) => return Err(PublishError::TooLarge { subject, size, max }),
             Err(e) if started.elapsed() < patience => {
                 tracing::warn!(subject, error = %e, "publish failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(anyhow::anyhow!("cannot publish to {subject}: {e}")),
+            Err(e) => return Err(PublishError::Unavailable { subject, reason: e.to_string() }),
         }
     }
+}
+
+/// Whether a publish failed for the message's size: the client's `max_payload` check, or a stream's
+/// `max_msg_size` (JetStream error 10054).
+fn is_too_large(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+        return true;
+    }
+    let source = std::error::Error::source(e).and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
+    source.is_some_and(|s| s.code() == 10054)
 }
 
 /// Publishes a job on `sd.jobs.<model>` with `Nats-Msg-Id` = its id (a retried publish is not a second
@@ -271,16 +317,36 @@ pub async fn publish_job(
 ) -> anyhow::Result<u64> {
     job.validate(limits)?;
     let subject = subjects.jobs(&job.model)?;
+    let bytes = protocol::encode(job);
+    let (size, max) = (job_message_size(job.id, bytes.len()), js.client().max_payload());
+    if max > 0 && size > max {
+        anyhow::bail!(
+            "job {} is {size} bytes as a bus message, over the server's {max} byte limit (max_payload): \
+             send large images by object key",
+            job.id
+        );
+    }
     // Retried for a few seconds (a server restarting, a lost ack): the message id makes a retry that
     // reaches the server twice one job.
     let headers = msg_id_headers(&job.msg_id());
-    let ack = publish_persistent(js, subject.clone(), headers, protocol::encode(job).into(), Duration::from_secs(10))
+    let ack = publish_persistent(js, subject.clone(), headers, bytes.into(), Duration::from_secs(10))
         .await
         .with_context(|| {
             format!("job {} was not stored on {subject} (is a worker or queen running to create the streams?)", job.id)
         })?;
     tracing::debug!(job_id = %job.id, seq = ack.sequence, duplicate = ack.duplicate, "job published");
     Ok(ack.sequence)
+}
+
+/// The `Nats-Msg-Id` of a job published again as a new message (see the worker's requeue).
+pub fn requeue_msg_id(job_id: Uuid, stream_seq: u64) -> String {
+    format!("{job_id}:requeue:{stream_seq}")
+}
+
+/// The most bytes a job message of `payload_len` bytes takes on the jobs stream: with the longest headers it
+/// travels with there (a requeued copy's), so a job that is accepted can also be queued again.
+pub fn job_message_size(job_id: Uuid, payload_len: usize) -> usize {
+    wire_size(&msg_id_headers(&requeue_msg_id(job_id, u64::MAX)), payload_len)
 }
 
 /// A job's id from a message that may not decode: the payload's `id`, else its `Nats-Msg-Id` header.

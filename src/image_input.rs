@@ -13,6 +13,12 @@ pub const MAX_ENCODED_BYTES: usize = 32 * 1024 * 1024;
 /// Largest decoded input accepted, in pixels (and each side at most [`MAX_SIDE`]).
 pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub const MAX_SIDE: u32 = 16384;
+/// The most memory one decode may take: the decoded buffer (whatever its bit depth) times what its
+/// decoder keeps beside it ([`decode_cost`]), plus a rotated copy when EXIF asks for one.
+pub const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
+/// Decodes running at once in one process ([`decode_bounded`]): with [`MAX_DECODE_BYTES`], what hostile
+/// inputs can make a queen or worker allocate at a time.
+pub const MAX_CONCURRENT_DECODES: usize = 2;
 
 /// How an input image is brought to the requested size.
 #[derive(
@@ -82,6 +88,7 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_PIXELS * 4);
     reader.limits(limits);
+    let format = reader.format();
     let mut decoder = reader.into_decoder().with_context(|| format!("{what}: not a readable image"))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
@@ -91,9 +98,52 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
         bail!("{what}: {w}x{h} is more than the {MAX_PIXELS}-pixel limit");
     }
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    // `ImageReader::decode` would reserve the buffer against max_alloc, but it cannot give the orientation;
+    // `from_decoder` reserves nothing, so the budget is checked here, for every format and bit depth.
+    let buffer = decoder.total_bytes();
+    let rotated = if orientation == image::metadata::Orientation::NoTransforms { 0 } else { buffer };
+    let cost = buffer.saturating_mul(decode_cost(format)).saturating_add(rotated);
+    if cost > MAX_DECODE_BYTES {
+        bail!(
+            "{what}: decoding this {w}x{h} {:?} image takes about {} MiB, over the {} MiB limit",
+            decoder.color_type(),
+            cost >> 20,
+            MAX_DECODE_BYTES >> 20
+        );
+    }
+    let mut left = image::Limits::default();
+    left.max_alloc = Some(MAX_DECODE_BYTES - buffer.min(MAX_DECODE_BYTES));
+    decoder.set_limits(left).with_context(|| format!("{what}: over the decoding limits"))?;
     let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("{what}: the image data is corrupt"))?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// How many times its output buffer a decoder of `format` may hold at its peak: a progressive JPEG keeps
+/// every DCT coefficient (2 bytes per sample) besides the pixels, a lossy WebP its YUV planes, an animated
+/// one a canvas and a frame; PNG (interlaced or not) decodes into the buffer with a few rows beside it.
+fn decode_cost(format: Option<image::ImageFormat>) -> u64 {
+    match format {
+        Some(image::ImageFormat::Png) => 1,
+        Some(image::ImageFormat::WebP) => 2,
+        _ => 3,
+    }
+}
+
+/// [`decode`] on a blocking thread, at most [`MAX_CONCURRENT_DECODES`] at a time in the process: what the
+/// queen and the workers use for images from the network.
+pub async fn decode_bounded(bytes: bytes::Bytes, what: &str) -> Result<DynamicImage> {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_DECODES);
+    let slot = SLOTS.acquire().await.expect("the decode semaphore is never closed");
+    let what_owned = what.to_string();
+    // The slot goes with the thread: a caller that gives up (a client that hangs up) does not free it
+    // while the decode still runs.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        decode(&bytes, &what_owned)
+    })
+    .await
+    .with_context(|| format!("{what}: the decoding thread failed"))?
 }
 
 /// RGB with any alpha flattened onto white.

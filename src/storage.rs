@@ -56,6 +56,10 @@ impl Default for StoreOptions {
 pub enum StoreError {
     #[error("object {key} not found in {store}")]
     NotFound { key: String, store: String },
+    /// The store cannot hold such a key (a file store: a segment too long for a file name, a segment that
+    /// is a file where a folder is needed). Retrying does not help; it is the caller's error.
+    #[error("{store} cannot hold the key {}: {reason}", crate::protocol::quoted(key))]
+    InvalidKey { key: String, store: String, reason: String },
     #[error("{op} {key} in {store} failed: {source}")]
     Failed {
         op: &'static str,
@@ -184,7 +188,13 @@ impl Store {
     fn failed(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.into(), store: self.url.clone() },
-            source => StoreError::Failed { op, key: key.into(), store: self.url.clone(), source },
+            object_store::Error::InvalidPath { source } => {
+                StoreError::InvalidKey { key: key.into(), store: self.url.clone(), reason: source.to_string() }
+            }
+            source => match key_refused_by_file_system(&source) {
+                Some(reason) => StoreError::InvalidKey { key: key.into(), store: self.url.clone(), reason },
+                None => StoreError::Failed { op, key: key.into(), store: self.url.clone(), source },
+            },
         }
     }
 
@@ -274,6 +284,23 @@ impl Store {
     }
 }
 
+/// What a local file system says of a key it cannot hold as a path (as opposed to a disk or permission
+/// problem), found in the error's causes.
+fn key_refused_by_file_system(error: &object_store::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            let refused = matches!(
+                io.raw_os_error(),
+                Some(libc::ENAMETOOLONG | libc::EINVAL | libc::EILSEQ | libc::ENOTDIR | libc::EISDIR)
+            );
+            return refused.then(|| io.to_string());
+        }
+        cause = e.source();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +319,16 @@ mod tests {
         let missing = store.get("jobs/b/0.png").await.unwrap_err();
         assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
         assert!(missing.to_string().contains("jobs/b/0.png"));
+        // Keys the file system cannot hold are the caller's error, not an unreachable store.
+        let long = format!("uploads/{}.png", "x".repeat(300));
+        let size = store.size(&long).await;
+        assert!(matches!(size, Ok(None) | Err(StoreError::InvalidKey { .. })), "{size:?}");
+        let err = store.get(&long).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. } | StoreError::InvalidKey { .. }), "{err}");
+        let err = store.put(&long, Bytes::from_static(b"x"), "image/png").await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidKey { .. }), "{err}");
+        let under_a_file = store.size("jobs/a/0.png/x").await;
+        assert!(matches!(under_a_file, Ok(None) | Err(StoreError::InvalidKey { .. })), "{under_a_file:?}");
     }
 
     #[tokio::test]

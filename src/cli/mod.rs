@@ -106,10 +106,8 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "d" => value * 86400.0,
         other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m or h)")),
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("{text:?} is not a duration"));
-    }
-    Ok(std::time::Duration::from_secs_f64(seconds))
+    // try_from: a number of days past u64 seconds is an error, not a panic.
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a duration we can wait for"))
 }
 
 /// Entry point of the binary.

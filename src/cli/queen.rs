@@ -51,6 +51,9 @@ pub struct QueenArgs {
     pub log_json: bool,
 }
 
+/// The shortest API token accepted, in bytes.
+const MIN_TOKEN_BYTES: usize = 16;
+
 /// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`.
 pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<String>> {
     let mut tokens = Vec::new();
@@ -61,8 +64,16 @@ pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyho
     if let Some(list) = env {
         tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from));
     }
-    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
-        bail!("API token {}... is {} characters; use at least 16", &short[..short.len().min(3)], short.len());
+    // Counted in bytes (what an attacker guesses); the hint shows whole characters, never a split one.
+    if let Some(short) = tokens.iter().find(|t| t.len() < MIN_TOKEN_BYTES) {
+        let hint: String = short.chars().take(3).collect();
+        bail!("API token {hint}... is {} bytes; use at least {MIN_TOKEN_BYTES}", short.len());
+    }
+    if let Some(odd) = tokens.iter().find(|t| t.chars().any(|c| !c.is_ascii_graphic())) {
+        let hint: String = odd.chars().take(3).collect();
+        bail!(
+            "API token {hint}... has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
+        );
     }
     Ok(tokens)
 }

@@ -103,7 +103,9 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
             let job_id = crate::bus::job_id_of(&msg.payload, msg.headers.as_ref());
             tracing::warn!(?job_id, stream_seq = delivered.seq, error = %err, "invalid job message");
             // The dead letter first: whoever sees `failed` finds the copy.
-            if !dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await {
+            if let Err(DeadLetterError::Unavailable) =
+                dead_letter(&shared, &model, &msg, job_id, &err.to_string(), delivered).await
+            {
                 return settle(&msg, retry_later()).await;
             }
             if let Some(job_id) = job_id {
@@ -198,7 +200,9 @@ async fn settle_outcome(
         }
         Err(Failure::Invalid(err)) => {
             tracing::warn!(%job_id, error = %err, "job rejected");
-            if !dead_letter(shared, model, msg, Some(job_id), &err.to_string(), delivered).await {
+            if let Err(DeadLetterError::Unavailable) =
+                dead_letter(shared, model, msg, Some(job_id), &err.to_string(), delivered).await
+            {
                 return settle(msg, retry_later()).await;
             }
             publish_event(shared, &Event::Failed(Failed::from_error(job_id, &err, now_millis())), delivered).await;
@@ -261,7 +265,9 @@ async fn transient(
     if max > 0 && delivered.n >= max {
         let reason = format!("gave up after {} deliveries: {message}", delivered.n);
         tracing::error!(job_id = %job.id, "{reason}");
-        if !dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await {
+        if let Err(DeadLetterError::Unavailable) =
+            dead_letter(shared, model, msg, Some(job.id), &reason, delivered).await
+        {
             return settle(msg, retry_later()).await;
         }
         publish_event(shared, &failed(job.id, code, &reason, None), delivered).await;
@@ -276,7 +282,8 @@ async fn transient(
 }
 
 fn failed(job_id: Uuid, code: ErrorCode, message: &str, field: Option<String>) -> Event {
-    Event::Failed(Failed { v: PROTOCOL_VERSION, job_id, at: now_millis(), code, message: message.into(), field })
+    let message = protocol::truncate(message, protocol::MAX_ERROR_MESSAGE_BYTES).to_string();
+    Event::Failed(Failed { v: PROTOCOL_VERSION, job_id, at: now_millis(), code, message, field })
 }
 
 async fn previous_result(shared: &Shared, job_id: Uuid) -> anyhow::Result<Option<Completed>> {
@@ -301,10 +308,11 @@ async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Res
         ImageSource::ObjectKey(key) => match shared.store.get(key).await {
             Ok(b) => b,
             Err(e @ crate::storage::StoreError::NotFound { .. }) => return Err(Failure::invalid(field, e)),
+            Err(e @ crate::storage::StoreError::InvalidKey { .. }) => return Err(Failure::invalid(field, e)),
             Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
         },
     };
-    crate::image_input::decode(&bytes, field).map_err(|e| Failure::invalid(field, format!("{e:#}")))
+    crate::image_input::decode_bounded(bytes, field).await.map_err(|e| Failure::invalid(field, format!("{e:#}")))
 }
 
 /// The seed of a job that names none: derived from its id, so a redelivered job makes the same images.
@@ -529,7 +537,9 @@ async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered:
 }
 
 /// Publishes an event on the job's subject (persisted in the events stream), retrying while the server is
-/// away. Returns whether it was stored. The message id makes a retried publish a single event.
+/// away. Returns whether it was stored. The message id makes a retried publish a single event. An event too
+/// big for the server is sent smaller (a progress event without its preview, a failure with a shorter
+/// message), never retried as it is.
 async fn publish_event(shared: &Shared, event: &Event, delivered: Delivery) -> bool {
     let job_id = event.job_id();
     let msg_id = match event {
@@ -540,27 +550,52 @@ async fn publish_event(shared: &Shared, event: &Event, delivered: Delivery) -> b
     let patience =
         if matches!(event, Event::Progress(_)) { Duration::from_secs(2) } else { shared.config.publish_patience };
     let subject = shared.subjects.events(job_id);
-    match crate::bus::publish_persistent(
-        &shared.js,
-        subject,
-        crate::bus::msg_id_headers(&msg_id),
-        protocol::encode(event).into(),
-        patience,
-    )
-    .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!(%job_id, event = event.type_name(), error = %e, "cannot publish event");
-            false
+    let mut event = std::borrow::Cow::Borrowed(event);
+    loop {
+        let headers = crate::bus::msg_id_headers(&msg_id);
+        let payload = protocol::encode(event.as_ref()).into();
+        match crate::bus::publish_persistent(&shared.js, subject.clone(), headers, payload, patience).await {
+            Ok(_) => return true,
+            Err(e @ crate::bus::PublishError::TooLarge { .. }) => match smaller_event(&event) {
+                Some(smaller) => {
+                    tracing::warn!(%job_id, event = event.type_name(), error = %e, "event too large; sending it smaller");
+                    event = std::borrow::Cow::Owned(smaller);
+                }
+                None => {
+                    tracing::error!(%job_id, event = event.type_name(), error = %e, "cannot publish event");
+                    return false;
+                }
+            },
+            Err(e) => {
+                tracing::error!(%job_id, event = event.type_name(), error = %e, "cannot publish event");
+                return false;
+            }
         }
+    }
+}
+
+/// The same event with less in it, when there is less to send: a progress event without its preview, a
+/// failure with a short message. `None` when nothing more can go.
+fn smaller_event(event: &Event) -> Option<Event> {
+    const SHORT: usize = 200;
+    match event {
+        Event::Progress(p) if p.preview_jpeg.is_some() => {
+            Some(Event::Progress(protocol::Progress { preview_jpeg: None, ..p.clone() }))
+        }
+        Event::Failed(f) if f.message.len() > SHORT || f.field.as_ref().is_some_and(|x| x.len() > SHORT) => {
+            let mut f = f.clone();
+            f.message = protocol::truncate(&f.message, SHORT).to_string();
+            f.field = f.field.map(|x| protocol::truncate(&x, SHORT).to_string());
+            Some(Event::Failed(f))
+        }
+        _ => None,
     }
 }
 
 /// Publishes the job's message again, bytes unchanged, as a new message of the work queue (at its end, with
 /// fresh deliveries), for a job handed back on its last delivery. Returns the new message's sequence.
 async fn requeue(shared: &Shared, msg: &jetstream::Message, job_id: Uuid, delivered: Delivery) -> anyhow::Result<u64> {
-    let headers = crate::bus::msg_id_headers(&format!("{job_id}:requeue:{}", delivered.seq));
+    let headers = crate::bus::msg_id_headers(&crate::bus::requeue_msg_id(job_id, delivered.seq));
     let subject = msg.subject.to_string();
     let ack = crate::bus::publish_persistent(
         &shared.js,
@@ -573,7 +608,16 @@ async fn requeue(shared: &Shared, msg: &jetstream::Message, job_id: Uuid, delive
     Ok(ack.sequence)
 }
 
-/// Copies the message, bytes unchanged, to the dead-letter stream with the reason in a header.
+/// Why a job could not be dead-lettered.
+enum DeadLetterError {
+    /// NATS is away: try again later (the job stays queued).
+    Unavailable,
+    /// The server refuses even the reduced copy (or the model is no subject token): retrying cannot help, so
+    /// the job is reported and removed all the same.
+    Refused,
+}
+
+/// Copies the message to the dead-letter stream with the reason in a header (see [`dead_letter_payload`]).
 async fn dead_letter(
     shared: &Shared,
     model: &str,
@@ -581,11 +625,14 @@ async fn dead_letter(
     job_id: Option<Uuid>,
     reason: &str,
     delivered: Delivery,
-) -> bool {
+) -> Result<(), DeadLetterError> {
     dead_letter_payload(shared, model, msg.payload.clone(), job_id, reason, delivered).await
 }
 
-/// Publishes `payload` (a job message, maybe undecodable) to `sd.dlq.<model>`; returns whether it was stored.
+/// Publishes `payload` (a job message, maybe undecodable) to `sd.dlq.<model>`, bytes unchanged when it fits
+/// the server's `max_payload` with its headers. When it does not, the full bytes go to the object store
+/// ([`dead_letter_key`]) and the copy carries a truncated body, with `Sd-Dlq-Original-Bytes` and, when the
+/// store took them, `Sd-Dlq-Body-Key` (docs/PROTOCOL.md).
 async fn dead_letter_payload(
     shared: &Shared,
     model: &str,
@@ -593,8 +640,9 @@ async fn dead_letter_payload(
     job_id: Option<Uuid>,
     reason: &str,
     delivered: Delivery,
-) -> bool {
-    let Ok(subject) = shared.subjects.dead_letter(model) else { return false };
+) -> Result<(), DeadLetterError> {
+    // A model name that is not a subject token never reached a consumer: it cannot be dead-lettered.
+    let Ok(subject) = shared.subjects.dead_letter(model) else { return Err(DeadLetterError::Refused) };
     let seq = delivered.seq;
     let msg_id = job_id.map_or_else(|| format!("seq-{seq}"), |id| id.to_string());
     let mut headers = crate::bus::msg_id_headers(&msg_id);
@@ -604,12 +652,43 @@ async fn dead_letter_payload(
     headers.insert("Sd-Dlq-Deliveries", delivered.n.to_string().as_str());
     headers.insert("Sd-Dlq-Worker", shared.worker_id.as_str());
     headers.insert("Sd-Dlq-Stream-Seq", seq.to_string().as_str());
-    match crate::bus::publish_persistent(&shared.js, subject, headers, payload, shared.config.publish_patience).await {
-        Ok(_) => true,
+    let max = shared.js.client().max_payload();
+    let mut body = payload.clone();
+    if max > 0 && crate::bus::wire_size(&headers, payload.len()) > max {
+        let key = dead_letter_key(job_id, seq);
+        let stored = tokio::time::timeout(
+            Duration::from_secs(10),
+            shared.store.put(&key, payload.clone(), "application/msgpack"),
+        )
+        .await;
+        match stored {
+            Ok(Ok(())) => headers.insert(protocol::DLQ_BODY_KEY_HEADER, key.as_str()),
+            Ok(Err(e)) => tracing::warn!(?job_id, error = %e, "cannot keep the oversized job in the store"),
+            Err(_) => tracing::warn!(?job_id, "the store is slow; the oversized job is kept truncated only"),
+        }
+        headers.insert(protocol::DLQ_ORIGINAL_BYTES_HEADER, payload.len().to_string().as_str());
+        let room = max.saturating_sub(crate::bus::wire_size(&headers, 0));
+        body = payload.slice(..room.min(payload.len()));
+    }
+    let patience = shared.config.publish_patience;
+    match crate::bus::publish_persistent(&shared.js, subject, headers, body, patience).await {
+        Ok(_) => Ok(()),
+        Err(e @ crate::bus::PublishError::TooLarge { .. }) => {
+            tracing::error!(?job_id, error = %e, "cannot dead-letter the job");
+            Err(DeadLetterError::Refused)
+        }
         Err(e) => {
             tracing::error!(?job_id, error = %e, "cannot dead-letter the job");
-            false
+            Err(DeadLetterError::Unavailable)
         }
+    }
+}
+
+/// Where the full bytes of a job too large for a dead-letter copy are kept.
+pub fn dead_letter_key(job_id: Option<Uuid>, stream_seq: u64) -> String {
+    match job_id {
+        Some(id) => format!("{}{id}-{stream_seq}.msgpack", protocol::DEAD_LETTERS_PREFIX),
+        None => format!("{}seq-{stream_seq}.msgpack", protocol::DEAD_LETTERS_PREFIX),
     }
 }
 
@@ -648,7 +727,9 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
         "delivered {deliveries} times without finishing (the workers running it crashed or stalled); giving up"
     );
     tracing::error!(?job_id, seq, "{reason}");
-    if !dead_letter_payload(shared, model, raw.payload, job_id, &reason, delivered).await {
+    if let Err(DeadLetterError::Unavailable) =
+        dead_letter_payload(shared, model, raw.payload, job_id, &reason, delivered).await
+    {
         return false;
     }
     if let Some(job_id) = job_id {

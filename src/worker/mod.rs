@@ -165,6 +165,16 @@ impl Worker {
         if config.concurrency == 0 {
             bail!("--jobs must be at least 1");
         }
+        // Zero periods would spin (in-progress acks) or panic (the heartbeat timer).
+        for (flag, period, least) in [
+            ("--ack-wait", config.consumer.ack_wait, Duration::from_secs(1)),
+            ("--heartbeat-interval", config.heartbeat_interval, Duration::from_millis(100)),
+            ("--job-timeout", config.job_timeout, Duration::from_millis(1)),
+        ] {
+            if period < least {
+                bail!("{flag} must be at least {least:?}, got {period:?}");
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for m in &config.models {
             if !names.insert(m.name.as_str()) {
