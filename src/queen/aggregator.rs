@@ -170,7 +170,14 @@ async fn pull(
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         match protocol::decode_event(&msg.payload) {
-            Ok(event) => apply(store, stats, &mut throttle, &event).await?,
+            Ok(event) => match apply(store, stats, &mut throttle, &event).await {
+                Ok(()) => {}
+                // A poison event (too much in it) is skipped, or it would stop every status from updating.
+                Err(e) if e.downcast_ref::<super::status::StatusTooLarge>().is_some() => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "event skipped")
+                }
+                Err(e) => return Err(e),
+            },
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
         }
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;

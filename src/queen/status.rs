@@ -203,7 +203,10 @@ impl JobStatus {
             }
             Event::Failed(f) => {
                 self.state = JobState::Failed;
-                self.error = Some(ErrorInfo { code: f.code, message: f.message.clone(), field: f.field.clone() });
+                // Anyone on the bus can publish events: what the record keeps of one is bounded.
+                let message = crate::protocol::truncate(&f.message, crate::protocol::MAX_ERROR_MESSAGE_BYTES);
+                let field = f.field.as_deref().map(|x| crate::protocol::truncate(x, 128).to_string());
+                self.error = Some(ErrorInfo { code: f.code, message: message.to_string(), field });
                 self.finished_at = Some(f.at);
             }
             Event::Cancelled(c) => {
@@ -216,6 +219,14 @@ impl JobStatus {
         self.updated_at = self.updated_at.max(at);
         true
     }
+}
+
+/// A status record that would not fit in a NATS message (an event from the bus made it so).
+#[derive(Debug, thiserror::Error)]
+#[error("the status of job {job_id} would be {bytes} bytes, too large for the bus")]
+pub struct StatusTooLarge {
+    pub job_id: Uuid,
+    pub bytes: usize,
 }
 
 /// The status bucket.
@@ -312,7 +323,7 @@ impl StatusStore {
                     if !change(&mut status) {
                         return Ok(None);
                     }
-                    match self.kv.update(&key, serde_json::to_vec(&status)?.into(), revision).await {
+                    match self.kv.update(&key, self.record(&status)?.into(), revision).await {
                         Ok(_) => return Ok(Some(status)),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(e.into()),
@@ -321,7 +332,7 @@ impl StatusStore {
                 None => {
                     let mut status = missing();
                     change(&mut status);
-                    match self.kv.create(&key, serde_json::to_vec(&status)?.into()).await {
+                    match self.kv.create(&key, self.record(&status)?.into()).await {
                         Ok(_) => return Ok(Some(status)),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                         Err(e) => return Err(e.into()),
@@ -330,6 +341,17 @@ impl StatusStore {
             }
         }
         anyhow::bail!("job {job_id}: too many concurrent status updates")
+    }
+
+    /// The stored form of a status: JSON that fits the server's `max_payload` with the KV headers, else
+    /// [`StatusTooLarge`] (never retried: the same event would make the same record).
+    fn record(&self, status: &JobStatus) -> anyhow::Result<Vec<u8>> {
+        let bytes = serde_json::to_vec(status)?;
+        let max = self.js.client().max_payload();
+        if max > 0 && bytes.len() + 512 > max {
+            return Err(StatusTooLarge { job_id: status.job_id, bytes: bytes.len() }.into());
+        }
+        Ok(bytes)
     }
 
     /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to.

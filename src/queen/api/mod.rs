@@ -1,14 +1,17 @@
 //! The queen's HTTP API (axum), versioned under `/v1`: submit, status, Server-Sent Events, cancel, list,
 //! images, uploads, models, workers; `/health`, `/ready` and `/metrics` beside it. [`app`] builds the
 //! router from an [`AppState`] so tests serve it on a free port. Every error is one JSON shape,
-//! `{"error": {"code", "message", "field"}}`, from [`AppError`].
+//! `{"error": {"code", "message", "field"}}`, from [`AppError`] (`error.rs`); `metrics.rs` writes `/metrics`.
+
+mod error;
+mod metrics;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,8 +26,10 @@ use super::fleet::Fleet;
 use super::status::{idempotency_entry, JobState, JobStatus, StatusStore};
 use crate::client::BusClient;
 use crate::image_input::ResizeMode;
-use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest, Limits, ProtocolError};
+use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest, Limits};
 use crate::storage::Store;
+pub use error::{ApiErrorBody, ApiErrorDetail, AppError};
+use error::{ApiPath, ApiQuery, ApiResult};
 
 /// What the API needs; cheap to clone.
 #[derive(Clone)]
@@ -70,108 +75,6 @@ impl Default for ApiConfig {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------------------------
-
-/// An API error: status, code, message and the offending field.
-#[derive(Debug)]
-pub struct AppError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub field: Option<String>,
-}
-
-impl AppError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
-    }
-    fn field(mut self, field: impl Into<String>) -> Self {
-        self.field = Some(field.into());
-        self
-    }
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", message).field(field)
-    }
-    fn not_found(job_id: Uuid) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no job {job_id}"))
-    }
-    fn internal(err: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", err.to_string())
-    }
-    fn unavailable(err: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", err.to_string())
-    }
-}
-
-impl From<ProtocolError> for AppError {
-    fn from(e: ProtocolError) -> Self {
-        let status = if e.code == protocol::ErrorCode::InvalidRequest {
-            StatusCode::UNPROCESSABLE_ENTITY
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        Self { status, code: e.code.as_str(), message: e.message, field: e.field }
-    }
-}
-
-/// Every error that reaches a handler as `anyhow::Error` comes from a backend (NATS, its streams and bucket, the
-/// object store): the request may succeed when retried, so it is a 503, not a 500.
-impl From<anyhow::Error> for AppError {
-    fn from(e: anyhow::Error) -> Self {
-        Self::unavailable(format!("{e:#}"))
-    }
-}
-
-/// The shape of every error response (for the OpenAPI document).
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ApiErrorBody {
-    pub error: ApiErrorDetail,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ApiErrorDetail {
-    /// E.g. INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, PAYLOAD_TOO_LARGE.
-    pub code: String,
-    pub message: String,
-    /// The offending field, when there is one (`width`, `init_image`, `output.quality`).
-    pub field: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(code = self.code, "{}", self.message);
-        }
-        let body =
-            ErrorBody { error: ErrorDetail { code: self.code, message: &self.message, field: self.field.as_deref() } };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
-    }
-}
-
-type ApiResult<T> = Result<T, AppError>;
-
-// ---------------------------------------------------------------------------------------------------------
 // Router
 // ---------------------------------------------------------------------------------------------------------
 
@@ -179,7 +82,7 @@ type ApiResult<T> = Result<T, AppError>;
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "sd-rbee queen", description = "Stable Diffusion jobs on a worker fleet"),
-    paths(submit, upload, job_status, list_jobs, cancel_job, job_image, job_events, models, workers, health, ready, metrics),
+    paths(submit, upload, job_status, list_jobs, cancel_job, job_image, job_events, models, workers, health, ready, metrics::metrics),
     components(schemas(ApiErrorBody, ApiErrorDetail, JobSubmission, ImageInput, SubmitResponse, StatusView, JobList,
         CancelResponse, UploadResponse, ModelInfo)),
     modifiers(&BearerAuth)
@@ -218,12 +121,16 @@ pub fn app(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate));
     let mut router = Router::new()
         .nest("/v1", v1)
-        .route("/metrics", get(metrics).route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)))
+        .route(
+            "/metrics",
+            get(metrics::metrics).route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate)),
+        )
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/ready", get(ready))
         .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint") })
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors));
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
         router = router.layer(
@@ -234,6 +141,7 @@ pub fn app(state: AppState) -> Router {
         );
     }
     router
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
@@ -428,18 +336,27 @@ async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiR
                 )
                 .field(field));
             }
-            let check = bytes.clone();
-            let what = field.to_string();
-            tokio::task::spawn_blocking(move || crate::image_input::decode(&check, &what).map(|_| ()))
+            let bytes = Bytes::from(bytes);
+            crate::image_input::decode_bounded(bytes.clone(), field)
                 .await
-                .map_err(AppError::internal)?
                 .map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
-            Ok(ImageSource::Inline(bytes))
+            Ok(ImageSource::Inline(bytes.into()))
         }
         ImageInput::Upload { object_key } => {
+            // The key is checked before any store sees it; what the store then refuses as a key is the
+            // client's error too, and only an unreachable store is ours.
+            protocol::validate_object_key(field, object_key)?;
             match state.store.size(object_key).await {
                 Ok(Some(_)) => {}
-                Ok(None) => return Err(AppError::invalid(field, format!("upload {object_key:?} does not exist"))),
+                Ok(None) => {
+                    return Err(AppError::invalid(
+                        field,
+                        format!("upload {} does not exist", protocol::quoted(object_key)),
+                    ))
+                }
+                Err(e @ crate::storage::StoreError::InvalidKey { .. }) => {
+                    return Err(AppError::invalid(field, e.to_string()))
+                }
                 Err(e) => return Err(AppError::unavailable(e)),
             }
             Ok(ImageSource::ObjectKey(object_key.clone()))
@@ -476,7 +393,7 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
     job.resize_mode = sub.resize_mode.unwrap_or_default();
     job.output.format = sub.output_format.unwrap_or_default();
     job.output.quality = sub.quality;
-    job.deadline = sub.timeout_s.map(|s| job.created_at + s.saturating_mul(1000));
+    job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
     // The cheap rules first, then the images (placeholders keep the kind rules checkable).
     let placeholder = |i: &Option<ImageInput>| i.as_ref().map(|_| ImageSource::Inline(vec![0]));
     job.init_image = placeholder(&sub.init_image);
@@ -581,9 +498,10 @@ async fn submit(
             return Ok((StatusCode::OK, Json(body)).into_response());
         }
     }
-    // NATS refuses messages over its max_payload (1 MiB by default): say so, instead of failing later.
-    let max_payload = state.bus.nats().server_info().max_payload;
-    let size = protocol::encode(&job).len();
+    // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will be
+    // sent (the headers too, as long as a requeued copy's), instead of failing later.
+    let max_payload = state.bus.nats().max_payload();
+    let size = crate::bus::job_message_size(job.id, protocol::encode(&job).len());
     if size > max_payload {
         if let Some(entry) = &idem {
             state.status.release_idempotency(entry).await;
@@ -592,8 +510,8 @@ async fn submit(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
             format!(
-                "the job is {size} bytes with its inline images, over the bus's {max_payload} byte message limit: \
-                 upload the images (POST /v1/uploads) and send their object keys"
+                "the job is {size} bytes as a bus message (with its inline images and headers), over the bus's \
+                 {max_payload} byte message limit: upload the images (POST /v1/uploads) and send their object keys"
             ),
         ));
     }
@@ -646,10 +564,8 @@ pub struct UploadResponse {
 #[utoipa::path(post, path = "/v1/uploads", tag = "jobs", request_body(content = Vec<u8>, content_type = "image/png"),
     responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
-    let check = body.clone();
-    let img = tokio::task::spawn_blocking(move || crate::image_input::decode(&check, "upload"))
+    let img = crate::image_input::decode_bounded(body.clone(), "upload")
         .await
-        .map_err(AppError::internal)?
         .map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
     let format = image::guess_format(&body).map_err(|e| AppError::invalid("body", e.to_string()))?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
@@ -740,7 +656,7 @@ async fn queue_position(state: &AppState, model: &str, seq: u64) -> Option<u64> 
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
-async fn job_status(State(state): State<AppState>, Path(id): Path<Uuid>) -> ApiResult<Json<StatusView>> {
+async fn job_status(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<StatusView>> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     Ok(Json(view(&state, status).await))
 }
@@ -765,7 +681,7 @@ pub struct JobList {
     params(("state" = Option<String>, Query), ("model" = Option<String>, Query), ("limit" = Option<usize>, Query),
         ("offset" = Option<usize>, Query)),
     responses((status = 200, body = JobList), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
-async fn list_jobs(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<JobList>> {
+async fn list_jobs(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<JobList>> {
     let wanted: Option<JobState> =
         q.state.as_deref().map(str::parse).transpose().map_err(|e: String| AppError::invalid("state", e))?;
     let limit = q.limit.unwrap_or(50);
@@ -802,7 +718,7 @@ pub struct CancelResponse {
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<(StatusCode, Json<CancelResponse>)> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     if status.state.is_terminal() {
@@ -836,7 +752,8 @@ async fn cancel_job(
                     protocol::encode(&event).into(),
                     Duration::from_secs(10),
                 )
-                .await?;
+                .await
+                .map_err(AppError::unavailable)?;
                 let _ = state.status.update(id, || status.clone(), |s| s.apply(&event)).await;
                 return Ok((StatusCode::OK, Json(CancelResponse { job_id: id, state: "cancelled".into() })));
             }
@@ -848,7 +765,7 @@ async fn cancel_job(
 #[utoipa::path(get, path = "/v1/jobs/{id}/images/{n}", tag = "jobs", params(("id" = Uuid, Path), ("n" = u32, Path)),
     responses((status = 200, description = "the image", content_type = "image/png"), (status = 404, body = ApiErrorBody),
         (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
-async fn job_image(State(state): State<AppState>, Path((id, n)): Path<(Uuid, u32)>) -> ApiResult<Response> {
+async fn job_image(State(state): State<AppState>, ApiPath((id, n)): ApiPath<(Uuid, u32)>) -> ApiResult<Response> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     if status.state != JobState::Completed {
         return Err(AppError::new(
@@ -929,7 +846,7 @@ fn final_event(s: &JobStatus) -> SseEvent {
         content_type = "text/event-stream"), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn job_events(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     let status = state.status.get(id).await?.ok_or_else(|| AppError::not_found(id))?;
     let queued = SseEvent::default()
@@ -1032,57 +949,6 @@ async fn ready(State(state): State<AppState>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "problems": problems})))
             .into_response()
     }
-}
-
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), security(("bearer" = [])))]
-async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
-    use std::fmt::Write;
-    let now = protocol::now_millis();
-    let mut out = String::new();
-    let statuses = state.status.all().await?;
-    let _ = writeln!(out, "# HELP sd_rbee_jobs Jobs in the status bucket, by state.\n# TYPE sd_rbee_jobs gauge");
-    for st in JobState::ALL {
-        let n = statuses.iter().filter(|s| s.state == st).count();
-        let _ = writeln!(out, "sd_rbee_jobs{{state=\"{}\"}} {n}", st.name());
-    }
-    let _ = writeln!(out, "# HELP sd_rbee_queue_depth Jobs in the work queue (waiting or running), by model.\n# TYPE sd_rbee_queue_depth gauge");
-    if let Ok(stream) = state.bus.jetstream().get_stream(state.bus.subjects().jobs_stream()).await {
-        if let Ok(mut info) = stream.info_with_subjects(state.bus.subjects().jobs_wildcard()).await {
-            let mut subjects: Vec<(String, usize)> = Vec::new();
-            while let Some(Ok((subject, count))) = info.next().await {
-                subjects.push((subject, count));
-            }
-            subjects.sort();
-            for (subject, count) in subjects {
-                if let Some(model) = state.bus.subjects().model_of_jobs_subject(&subject) {
-                    let _ = writeln!(out, "sd_rbee_queue_depth{{model=\"{model}\"}} {count}");
-                }
-            }
-        }
-    }
-    let workers = state.fleet.workers(now);
-    let _ = writeln!(out, "# HELP sd_rbee_workers Workers by liveness.\n# TYPE sd_rbee_workers gauge");
-    let lost = workers.iter().filter(|w| w.lost).count();
-    let busy = workers.iter().filter(|w| !w.lost && w.heartbeat.state != protocol::WorkerState::Idle).count();
-    let _ = writeln!(out, "sd_rbee_workers{{state=\"busy\"}} {busy}");
-    let _ = writeln!(out, "sd_rbee_workers{{state=\"idle\"}} {}", workers.len() - lost - busy);
-    let _ = writeln!(out, "sd_rbee_workers{{state=\"lost\"}} {lost}");
-    let summary = |out: &mut String, name: &str, help: &str, rows: Vec<(String, u64, u64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-        for (model, count, sum_ms) in rows {
-            let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", sum_ms as f64 / 1000.0);
-            let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {count}");
-        }
-    };
-    summary(
-        &mut out,
-        "sd_rbee_generation_seconds",
-        "Generation time of completed jobs (this queen's share of events).",
-        state.stats.totals(),
-    );
-    summary(&mut out, "sd_rbee_step_seconds", "Denoising step time, by model.", state.stats.step_totals());
-    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], out).into_response())
 }
 
 #[cfg(test)]
