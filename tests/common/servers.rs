@@ -395,6 +395,11 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the worker dies without a word.
     pub fn kill(&mut self) {
         kill(&mut self.child);
@@ -431,4 +436,18 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         kill(&mut self.child);
     }
+}
+
+/// A process's memory from /proc: (resident now, peak resident), in MiB.
+pub fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is running");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map_or(0, |kib| kib / 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }

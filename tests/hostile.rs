@@ -1,0 +1,851 @@
+//! Hostile input against real servers (nats-server, moto, file stores) and `sd-rbee` processes: jobs at the
+//! bus's size limit, values that would make reports too big to publish, object keys a store cannot hold,
+//! a 16-bit PNG bomb with the processes' memory measured, a model name that breaks /metrics, a token that
+//! crashed the queen, and a seeded fuzz of the job subject and the HTTP API.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::servers::{free_port, http_with, memory_mib, NatsServer, S3Server, WorkerProcess};
+use rand::{Rng, SeedableRng};
+use sd_rbee::client::BusClient;
+use sd_rbee::protocol::{self, Event, ImageSource, JobKind, JobRequest};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------------------
+
+fn tiny_job(steps: u32, seed: u64) -> JobRequest {
+    let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a lighthouse in fog");
+    job.width = 64;
+    job.height = 64;
+    job.steps = Some(steps);
+    job.seed = Some(seed);
+    job
+}
+
+/// Publishes raw bytes on `sd.jobs.<model>` as any client could, with a fresh `Nats-Msg-Id`.
+async fn publish_raw(client: &BusClient, model: &str, payload: Vec<u8>, msg_id: &str) {
+    let headers = sd_rbee::bus::msg_id_headers(msg_id);
+    let subject = format!("sd.jobs.{model}");
+    let ack = client.jetstream().publish_with_headers(subject, headers, payload.into()).await.unwrap();
+    ack.await.unwrap();
+}
+
+/// A valid PNG of exactly `size` bytes (a small image, padded with a private ancillary chunk).
+fn png_of_size(size: usize) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
+    let mut base = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut base), image::ImageFormat::Png).unwrap();
+    // IEND is the last 12 bytes; a chunk is length (4) + type (4) + data + CRC (4).
+    let data_len = size.checked_sub(base.len() + 12).expect("size is larger than the base image");
+    let (head, iend) = base.split_at(base.len() - 12);
+    let mut chunk = Vec::with_capacity(data_len + 12);
+    chunk.extend_from_slice(&(data_len as u32).to_be_bytes());
+    chunk.extend_from_slice(b"prVt");
+    chunk.extend(std::iter::repeat_n(b'x', data_len));
+    let crc = crc32(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    let out = [head, &chunk, iend].concat();
+    assert_eq!(out.len(), size);
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A 16-bit RGBA PNG of `side`×`side` zeros, written row by row: about 8 bytes per pixel once decoded, a
+/// few hundred KB encoded.
+fn png_bomb(side: u32) -> Vec<u8> {
+    // The stream writer needs a 'static sink: a shared buffer, read back when it is done.
+    #[derive(Clone, Default)]
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let mut encoder = png::Encoder::new(sink.clone(), side, side);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_depth(png::BitDepth::Sixteen);
+    encoder.set_compression(png::Compression::High);
+    let mut writer = encoder.write_header().unwrap().into_stream_writer().unwrap();
+    let row = vec![0u8; side as usize * 8];
+    for _ in 0..side {
+        std::io::Write::write_all(&mut writer, &row).unwrap();
+    }
+    writer.finish().unwrap();
+    let bytes = sink.0.lock().unwrap().clone();
+    bytes
+}
+
+/// Waits until the work queue is empty; returns how long that took.
+async fn wait_for_empty_queue(client: &BusClient, limit: Duration) -> Duration {
+    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let left = jobs.info().await.unwrap().state.messages;
+        if left == 0 {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "{left} jobs are still in the work queue after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The dead-letter stream's messages.
+async fn dead_letters(client: &BusClient) -> Vec<jetstream::Message> {
+    let stream = client.jetstream().get_stream(client.subjects().dlq_stream()).await.unwrap();
+    let all = client.subjects().dead_letter_wildcard();
+    sd_rbee::bus::stored_messages(&stream, all, jetstream::consumer::DeliverPolicy::All).await.unwrap()
+}
+
+fn header(m: &jetstream::Message, name: &str) -> Option<String> {
+    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string())
+}
+
+/// Every event in the events stream, by job.
+async fn all_events(client: &BusClient) -> HashMap<Uuid, Vec<Event>> {
+    let stream = client.jetstream().get_stream(client.subjects().events_stream()).await.unwrap();
+    let all = client.subjects().events_wildcard();
+    let messages = sd_rbee::bus::stored_messages(&stream, all, jetstream::consumer::DeliverPolicy::All).await.unwrap();
+    let mut out: HashMap<Uuid, Vec<Event>> = HashMap::new();
+    for m in messages {
+        let event = protocol::decode_event(&m.payload).expect("workers publish readable events");
+        out.entry(event.job_id()).or_default().push(event);
+    }
+    out
+}
+
+fn failure(events: &[Event]) -> Option<&protocol::Failed> {
+    events.iter().find_map(|e| if let Event::Failed(f) = e { Some(f) } else { None })
+}
+
+async fn wait_for_terminal(client: &BusClient, job_id: Uuid, limit: Duration) -> Vec<Event> {
+    let mut seen = Vec::new();
+    client
+        .wait(job_id, limit, |e| seen.push(e.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("job {job_id} did not end within {limit:?}: {e:#}: {seen:?}"));
+    seen
+}
+
+/// An `sd-rbee queen` child process without authentication (memory is measured on it).
+struct QueenChild {
+    child: Child,
+    port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl QueenChild {
+    fn start(nats: &str, store: &str, env: &[(String, String)]) -> Self {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(["queen", "--nats", nats, "--store", store, "--no-auth", "--accept-unserved-models"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_LOG")
+            .env_remove("SD_RBEE_API_TOKENS")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let queen = Self { child, port, log };
+        let start = Instant::now();
+        while !matches!(http_with("GET", port, "/health", &[], b""), Ok((200, _))) {
+            assert!(start.elapsed() < Duration::from_secs(30), "queen not up:\n{}", queen.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        queen
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value, Vec<u8>) {
+        let (status, bytes) = http_with(method, self.port, path, &["Content-Type: application/json"], body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log_text()));
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null), bytes)
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for QueenChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An error answer carries the documented JSON body.
+fn assert_error_body(status: u16, json: &serde_json::Value, raw: &[u8], what: &str) {
+    let code = json["error"]["code"].as_str();
+    let message = json["error"]["message"].as_str();
+    assert!(
+        code.is_some_and(|c| !c.is_empty()) && message.is_some_and(|m| !m.is_empty()),
+        "{what}: {status} without the JSON error body: {}",
+        String::from_utf8_lossy(&raw[..raw.len().min(300)])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Size limits
+// ---------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_at_the_size_limit_are_accepted_refused_or_dead_lettered_never_stuck() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-size", &nats.url(), &s3.store_url(), &s3.env(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let max = client.nats().max_payload();
+    assert_eq!(max, 1024 * 1024, "the test assumes NATS' default max_payload");
+
+    // An invalid job (strength out of range) whose message just fits with its own header, but whose
+    // dead-letter copy (the same bytes plus the reason and bookkeeping headers) does not.
+    let mut bad = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour at night");
+    (bad.width, bad.height, bad.strength) = (64, 64, Some(1.5));
+    let headers = sd_rbee::bus::msg_id_headers(&bad.msg_id());
+    bad.init_image = Some(ImageSource::Inline(vec![0]));
+    let overhead = protocol::encode(&bad).len() - 1;
+    let room = max - sd_rbee::bus::wire_size(&headers, 0) - overhead;
+    // Inline bytes of n > 255 take a 3- or 5-byte bin header instead of 2: find n that fills the message.
+    let n = (room - 8..=room).rev().find(|&n| {
+        bad.init_image = Some(ImageSource::Inline(vec![7; n]));
+        sd_rbee::bus::wire_size(&headers, protocol::encode(&bad).len()) <= max
+    });
+    bad.init_image = Some(ImageSource::Inline(vec![7; n.unwrap()]));
+    let bytes = protocol::encode(&bad);
+    assert!(max - sd_rbee::bus::wire_size(&headers, bytes.len()) < 8, "the job fills the message");
+    let started = Instant::now();
+    publish_raw(&client, "tiny", bytes.clone(), &bad.msg_id()).await;
+    let events = wait_for_terminal(&client, bad.id, Duration::from_secs(20)).await;
+    let failed = failure(&events).expect("the oversized invalid job is reported failed");
+    assert_eq!(failed.field.as_deref(), Some("strength"), "{failed:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    wait_for_empty_queue(&client, Duration::from_secs(10)).await;
+    let letters = dead_letters(&client).await;
+    let copy = letters.iter().find(|m| header(m, "Nats-Msg-Id").as_deref() == Some(&bad.msg_id()[..])).unwrap();
+    assert_eq!(header(copy, protocol::DLQ_ORIGINAL_BYTES_HEADER), Some(bytes.len().to_string()));
+    assert!(copy.payload.len() < bytes.len() && bytes.starts_with(&copy.payload), "a truncated copy");
+    let key = header(copy, protocol::DLQ_BODY_KEY_HEADER).expect("the whole job is kept in the store");
+    assert_eq!(s3.get(&key).expect("the kept job"), bytes, "the store keeps the job's bytes unchanged");
+    assert!(header(copy, protocol::DLQ_REASON_HEADER).is_some_and(|r| r.contains("strength")));
+
+    // A valid img2img job at the limit (with the headroom a requeued copy needs) is taken and completes;
+    // one more byte is refused before it is sent.
+    let mut good = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour at dawn");
+    (good.width, good.height, good.steps, good.seed) = (64, 64, Some(2), Some(3));
+    good.init_image = Some(ImageSource::Inline(vec![0]));
+    let overhead = protocol::encode(&good).len() - 1;
+    let limit_for = |job: &JobRequest| sd_rbee::bus::job_message_size(job.id, protocol::encode(job).len());
+    let mut size = max - overhead - (limit_for(&good) - protocol::encode(&good).len()) - 4;
+    loop {
+        good.init_image = Some(ImageSource::Inline(png_of_size(size + 1)));
+        if limit_for(&good) > max {
+            break;
+        }
+        size += 1;
+    }
+    good.init_image = Some(ImageSource::Inline(png_of_size(size)));
+    assert_eq!(limit_for(&good), max, "the job is exactly at the limit");
+    client.submit(&good).await.expect("a job at the limit is accepted");
+    let events = wait_for_terminal(&client, good.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    let mut over = good.clone();
+    over.id = Uuid::new_v4();
+    over.init_image = Some(ImageSource::Inline(png_of_size(size + 1)));
+    let started = Instant::now();
+    let err = client.submit(&over).await.unwrap_err().to_string();
+    assert!(err.contains("max_payload") && started.elapsed() < Duration::from_secs(1), "{err}");
+
+    // The queen counts the same: 413 at once for a job whose payload alone is under the limit.
+    let store = tempfile::tempdir().unwrap();
+    let queen = QueenChild::start(&nats.url(), store.path().to_str().unwrap(), &[]);
+    let mut sub = sd_rbee::queen::api::JobSubmission::of_job(&over, None);
+    sub.seed = Some(4);
+    let payload_alone = protocol::encode(&over).len();
+    assert!(payload_alone < max, "{payload_alone}");
+    let started = Instant::now();
+    let (status, json, raw) = queen.request("POST", "/v1/jobs", &serde_json::to_vec(&sub).unwrap());
+    assert_eq!(status, 413, "{json}");
+    assert_error_body(status, &json, &raw, "oversized job");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_field_fails_fast_with_a_short_message_and_the_worker_moves_on() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-echo", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    let mut cases: Vec<(JobRequest, &str)> = Vec::new();
+    let mut job = tiny_job(2, 1);
+    job.scheduler = Some("\"".repeat(1_000_000));
+    cases.push((job, "scheduler"));
+    let mut job = tiny_job(2, 1);
+    job.timestep_spacing = Some("é".repeat(400_000));
+    cases.push((job, "timestep_spacing"));
+    // An unknown enum name is quoted by the decoder itself.
+    let mut raw = serde_json::to_value(tiny_job(2, 1)).unwrap();
+    let decoder_id = Uuid::new_v4();
+    raw["id"] = decoder_id.to_string().into();
+    raw["kind"] = "k".repeat(900_000).into();
+    let started = Instant::now();
+    for (job, _) in &cases {
+        publish_raw(&client, "tiny", protocol::encode(job), &job.msg_id()).await;
+    }
+    publish_raw(&client, "tiny", rmp_serde::to_vec_named(&raw).unwrap(), &decoder_id.to_string()).await;
+    let valid = tiny_job(2, 9);
+    client.submit(&valid).await.unwrap();
+
+    for (job, field) in &cases {
+        let events = wait_for_terminal(&client, job.id, Duration::from_secs(15)).await;
+        let f = failure(&events).unwrap_or_else(|| panic!("{field}: {events:?}"));
+        assert_eq!(f.field.as_deref(), Some(*field));
+        assert!(f.message.len() <= 300, "{field}: a {} byte message", f.message.len());
+    }
+    let events = wait_for_terminal(&client, decoder_id, Duration::from_secs(15)).await;
+    let f = failure(&events).unwrap();
+    assert!(f.message.len() <= protocol::MAX_ERROR_MESSAGE_BYTES, "a {} byte message", f.message.len());
+    let events = wait_for_terminal(&client, valid.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "the bad jobs held the queue for {:?}", started.elapsed());
+    assert_eq!(dead_letters(&client).await.len(), 3, "each bad job is dead-lettered");
+    wait_for_empty_queue(&client, Duration::from_secs(10)).await;
+
+    // Through the queen: 422 with the same short message.
+    let queen = QueenChild::start(&nats.url(), &store_url, &[]);
+    let mut sub = sd_rbee::queen::api::JobSubmission::new("tiny", "x");
+    sub.scheduler = Some("\"".repeat(1_000_000));
+    let (status, json, raw) = queen.request("POST", "/v1/jobs", &serde_json::to_vec(&sub).unwrap());
+    assert_eq!(status, 422);
+    assert_error_body(status, &json, &raw, "long scheduler");
+    assert!(raw.len() < 1000, "a {} byte answer", raw.len());
+    assert_eq!(json["error"]["field"], "scheduler");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Object keys, decoding, metrics, configuration
+// ---------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_object_keys_are_422_on_a_file_store_and_reach_no_worker() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(store.path().join("uploads")).unwrap();
+    std::fs::write(store.path().join("uploads/a.png"), png_of_size(2000)).unwrap();
+    let queen = QueenChild::start(&nats.url(), &format!("file://{}", store.path().display()), &[]);
+    let long_segment = format!("uploads/{}.png", "x".repeat(300));
+    let keys = [
+        String::new(),
+        "k".repeat(5000),
+        long_segment,
+        "uploads//a.png".into(),
+        "uploads/a.png/".into(),
+        "/uploads/a.png".into(),
+        "uploads/../a.png".into(),
+        "uploads/./a.png".into(),
+        "uploads/a\u{7}.png".into(),
+        "uploads/a.png/inner.png".into(),
+        "uploads".into(),
+        "missing/nothing.png".into(),
+    ];
+    for key in &keys {
+        let body = serde_json::json!({"model": "tiny", "prompt": "p", "width": 64, "height": 64,
+                                      "init_image": {"object_key": key}});
+        let started = Instant::now();
+        let (status, json, raw) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
+        let shown: String = key.chars().take(40).collect();
+        assert_eq!(status, 422, "key {shown:?}: {json}");
+        assert_error_body(status, &json, &raw, "object key");
+        assert_eq!(json["error"]["field"], "init_image", "key {shown:?}: {json}");
+        assert!(raw.len() < 1000 && started.elapsed() < Duration::from_secs(2), "key {shown:?}");
+    }
+    // The key that exists is accepted.
+    let body = serde_json::json!({"model": "tiny", "prompt": "p", "width": 64, "height": 64,
+                                  "init_image": {"object_key": "uploads/a.png"}});
+    let (status, json, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
+    assert_eq!(status, 202, "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_bit_png_bomb_is_refused_within_the_memory_limit_by_the_queen_and_the_worker() {
+    let bomb = png_bomb(8192);
+    assert!(bomb.len() < 1024 * 1024, "{} bytes", bomb.len());
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let mut queen = QueenChild::start(&nats.url(), &store_url, &[]);
+    let pid = queen.child.id();
+
+    // Four at once, as uploads and as inline images.
+    use base64::Engine;
+    let inline = serde_json::json!({"model": "tiny", "prompt": "p", "width": 64, "height": 64,
+        "init_image": base64::engine::general_purpose::STANDARD.encode(&bomb)})
+    .to_string();
+    let (_, before) = memory_mib(pid);
+    let port = queen.port;
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let (path, body) = if i % 2 == 0 { ("/v1/uploads", bomb.clone()) } else { ("/v1/jobs", inline.clone().into()) };
+        handles.push(std::thread::spawn(move || {
+            http_with("POST", port, path, &["Content-Type: application/json"], &body).unwrap()
+        }));
+    }
+    for h in handles {
+        let (status, body) = h.join().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 422, "{json}");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("MiB limit"), "{message}");
+    }
+    let (_, after) = memory_mib(pid);
+    assert!(queen.alive());
+    assert!(after - before < 96, "the queen's peak memory grew by {} MiB (from {before} MiB)", after - before);
+
+    // A worker given the bomb inline: failed with the field, its memory bounded, and it keeps serving.
+    let worker = WorkerProcess::start("w-bomb", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let warm = tiny_job(2, 5);
+    client.submit(&warm).await.unwrap();
+    wait_for_terminal(&client, warm.id, Duration::from_secs(60)).await;
+    let (_, before) = memory_mib(worker.pid().unwrap());
+    let mut job = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour");
+    (job.width, job.height, job.steps) = (64, 64, Some(2));
+    job.init_image = Some(ImageSource::Inline(bomb));
+    client.submit(&job).await.unwrap();
+    let events = wait_for_terminal(&client, job.id, Duration::from_secs(30)).await;
+    let f = failure(&events).expect("the bomb fails the job");
+    assert_eq!(f.field.as_deref(), Some("init_image"), "{f:?}");
+    let (_, after) = memory_mib(worker.pid().unwrap());
+    assert!(after - before < 96, "the worker's peak memory grew by {} MiB (from {before} MiB)", after - before);
+    let again = tiny_job(2, 6);
+    client.submit(&again).await.unwrap();
+    let events = wait_for_terminal(&client, again.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quoted_model_name_leaves_metrics_parseable() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let queen = QueenChild::start(&nats.url(), store.path().to_str().unwrap(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    // A quote is allowed in a model name (a backslash is not); it must not break the exposition.
+    let model = r#"q"uote"#;
+    protocol::validate_model_name(model).unwrap();
+    protocol::validate_model_name(r#"q\uote"#).unwrap_err();
+    let mut job = tiny_job(2, 1);
+    job.model = model.into();
+    client.submit(&job).await.unwrap();
+    // A heartbeat claiming it, too.
+    let beat = protocol::Heartbeat {
+        v: protocol::PROTOCOL_VERSION,
+        at: protocol::now_millis(),
+        worker_id: "w\"x".into(),
+        hostname: "h\"".into(),
+        device: "cpu".into(),
+        models: vec![model.into()],
+        state: protocol::WorkerState::Idle,
+        jobs_done: 0,
+        jobs_failed: 0,
+        uptime_s: 1,
+        version: "0".into(),
+    };
+    client.nats().publish("sd.workers.w\"x", protocol::encode(&beat).into()).await.unwrap();
+    client.nats().flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (status, text) = http_with("GET", queen.port, "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    let parsed = openmetrics_parser::prometheus::parse_prometheus(&text)
+        .unwrap_or_else(|e| panic!("unparsable exposition: {e:?}\n{text}"));
+    let depth = &parsed.families["sd_rbee_queue_depth"];
+    let models: Vec<String> = depth
+        .iter_samples()
+        .filter_map(|s| s.get_labelset().ok()?.get_label_value("model").map(str::to_string))
+        .collect();
+    assert_eq!(models, [model.to_string()], "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_does_not_stop_the_status_updates() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let queen = QueenChild::start(&nats.url(), store.path().to_str().unwrap(), &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let publish = |event: Event| {
+        let js = client.jetstream().clone();
+        let subject = client.subjects().events(event.job_id());
+        async move { js.publish(subject, protocol::encode(&event).into()).await.unwrap().await.unwrap() }
+    };
+    // A completed event that fits a NATS message as MessagePack, but not as the JSON status record (each
+    // control character takes six bytes there), and a failure with a megabyte of message.
+    let poison = Uuid::new_v4();
+    let image = protocol::ImageResult {
+        index: 0,
+        key: "\u{1}".repeat(300_000),
+        url: None,
+        width: 64,
+        height: 64,
+        seed: 1,
+        bytes: 1,
+        content_type: "image/png".into(),
+    };
+    let timings = protocol::Timings { queue_ms: 0, generation_ms: 0, upload_ms: 0, total_ms: 0 };
+    let at = protocol::now_millis();
+    let v = protocol::PROTOCOL_VERSION;
+    publish(Event::Completed(protocol::Completed { v, job_id: poison, at, images: vec![image], timings })).await;
+    let long = protocol::Failed {
+        v,
+        job_id: Uuid::new_v4(),
+        at,
+        code: protocol::ErrorCode::Internal,
+        message: "m".repeat(1_000_000),
+        field: None,
+    };
+    publish(Event::Failed(long.clone())).await;
+
+    // A job submitted after them still has its status followed.
+    let body = serde_json::json!({"model": "nobody", "prompt": "p", "width": 64, "height": 64});
+    let (status, json, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
+    assert_eq!(status, 202, "{json}");
+    let job_id: Uuid = json["job_id"].as_str().unwrap().parse().unwrap();
+    let worker_id = "w-poison".to_string();
+    publish(Event::Accepted(protocol::Accepted { v, job_id, at: protocol::now_millis(), worker_id })).await;
+    let start = Instant::now();
+    loop {
+        let (_, json, _) = queen.request("GET", &format!("/v1/jobs/{job_id}"), b"");
+        if json["state"] == "running" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the status stopped following events: {json}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and the poison is settled, not redelivered to the aggregator for ever.
+    let events = client.jetstream().get_stream(client.subjects().events_stream()).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            events.get_consumer(sd_rbee::queen::aggregator::AGGREGATOR_CONSUMER).await.unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "events left unsettled: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, json, _) = queen.request("GET", &format!("/v1/jobs/{}", long.job_id), b"");
+    let kept = json["error"]["message"].as_str().unwrap_or_default().len();
+    assert!(kept <= protocol::MAX_ERROR_MESSAGE_BYTES, "the record keeps {kept} bytes of the message");
+}
+
+#[test]
+fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
+    for (tokens, expected) in [
+        ("é", "use at least 16"),
+        ("ab€", "use at least 16"),
+        ("🦀🦀🦀", "use at least 16"),
+        ("🦀🦀🦀🦀🦀", "visible ASCII"),
+        ("ééééééééééééééééééé", "visible ASCII"),
+        ("a-token-with a space-inside", "visible ASCII"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(["queen", "--nats", "nats://127.0.0.1:1", "--store", "memory://"])
+            .env("SD_RBEE_API_TOKENS", tokens)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{tokens:?}: {stderr}");
+        assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{tokens:?}: {stderr}");
+    }
+    // Other configuration that used to panic or spin.
+    for args in [
+        &["worker", "--model", "tiny=x", "--heartbeat-interval", "0s"][..],
+        &["worker", "--model", "tiny=x", "--ack-wait", "0s"][..],
+        &["worker", "--model", "tiny=x", "--job-timeout", "99999999999999999999999d"][..],
+        &["queen", "--no-auth", "--keep-status", "1e999"][..],
+        &["queen", "--no-auth", "--limits", "{\"max_side\": -1}"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(args)
+            .args(["--nats", "nats://127.0.0.1:1", "--store", "memory://"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Fuzz
+// ---------------------------------------------------------------------------------------------------------
+
+/// A hostile job message: random bytes, a truncated job, a field of the wrong type, an extreme value, a
+/// deep nest. Returns the bytes and the job id a worker can read from them, if any.
+fn hostile_message(rng: &mut rand::rngs::StdRng, base: &JobRequest) -> (Vec<u8>, Option<Uuid>) {
+    let id = Uuid::new_v4();
+    let mut job = serde_json::to_value(base).unwrap();
+    job["id"] = id.to_string().into();
+    let fields = [
+        "v",
+        "kind",
+        "model",
+        "prompt",
+        "width",
+        "height",
+        "steps",
+        "guidance",
+        "scheduler",
+        "seed",
+        "num_images",
+        "strength",
+        "mask_blur",
+        "resize_mode",
+        "output",
+        "deadline",
+        "created_at",
+        "invert_mask",
+        "init_image",
+        "mask",
+        "idempotency_key",
+        "timestep_spacing",
+        "negative_prompt",
+        "paste_back",
+    ];
+    let field = fields[rng.random_range(0..fields.len())];
+    let values: Vec<serde_json::Value> = vec![
+        serde_json::json!(u64::MAX),
+        serde_json::json!(-1),
+        serde_json::json!(0),
+        serde_json::json!(1e308),
+        serde_json::json!(-0.0),
+        serde_json::json!("x".repeat(rng.random_range(0..20_000))),
+        serde_json::json!(""),
+        serde_json::json!(["png"]),
+        serde_json::json!({"format": 1}),
+        serde_json::json!({"inline": "not bytes"}),
+        serde_json::json!({"object_key": "../../etc/passwd"}),
+        serde_json::json!({"object_key": "a", "inline": "b"}),
+        serde_json::json!(2),
+        serde_json::json!(null),
+        serde_json::json!(true),
+        serde_json::json!([1, 2, 3]),
+    ];
+    let case = rng.random_range(0..6);
+    let bytes = match case {
+        // Random bytes, sometimes starting like a map.
+        0 => {
+            let mut b: Vec<u8> = (0..rng.random_range(0..600)).map(|_| rng.random()).collect();
+            if rng.random_bool(0.5) && !b.is_empty() {
+                b[0] = 0x80 | rng.random_range(0..16u8);
+            }
+            return (b, None);
+        }
+        // A valid job cut short.
+        1 => {
+            let full = rmp_serde::to_vec_named(&job).unwrap();
+            let cut = rng.random_range(0..full.len());
+            return (full[..cut].to_vec(), None);
+        }
+        // A deep nest in an unknown field.
+        2 => {
+            job["junk"] = serde_json::Value::Null;
+            let mut b = rmp_serde::to_vec_named(&job).unwrap();
+            let at = b.windows(5).position(|w| w == b"\xa4junk").unwrap() + 5;
+            let depth = rng.random_range(100..100_000);
+            b.splice(at..at + 1, std::iter::repeat_n(0x91u8, depth).chain([0xc0]));
+            b
+        }
+        // Wrong types and extreme values, one or several fields.
+        _ => {
+            for _ in 0..rng.random_range(1..4) {
+                let f = if rng.random_bool(0.7) { field } else { fields[rng.random_range(0..fields.len())] };
+                job[f] = values[rng.random_range(0..values.len())].clone();
+            }
+            rmp_serde::to_vec_named(&job).unwrap()
+        }
+    };
+    let readable = protocol::peek_job_id(&bytes);
+    (bytes, readable)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzz_the_job_subject_and_the_http_api() {
+    const MESSAGES: usize = 1500;
+    const REQUESTS: usize = 1500;
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let worker = WorkerProcess::start("w-fuzz", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5d_4bee);
+
+    // The bus: every message with a readable id ends failed (or, if a mutation left it valid, completed),
+    // every bad message is dead-lettered, the queue drains, and a valid job then completes at once.
+    let base = tiny_job(1, 1);
+    let mut ids = Vec::new();
+    let started = Instant::now();
+    for n in 0..MESSAGES {
+        let (bytes, id) = hostile_message(&mut rng, &base);
+        publish_raw(&client, "tiny", bytes, &format!("fuzz-{n}")).await;
+        ids.extend(id);
+    }
+    wait_for_empty_queue(&client, Duration::from_secs(240)).await;
+    let drained = started.elapsed();
+    let per_message = drained / MESSAGES as u32;
+    eprintln!("{MESSAGES} hostile messages drained in {drained:?} ({per_message:?} each)");
+    assert!(per_message < Duration::from_millis(100), "{per_message:?} per bad message");
+    let valid = tiny_job(2, 77);
+    let started = Instant::now();
+    client.submit(&valid).await.unwrap();
+    let events = wait_for_terminal(&client, valid.id, Duration::from_secs(20)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the valid job took {:?}", started.elapsed());
+
+    let events = all_events(&client).await;
+    let letters = dead_letters(&client).await;
+    let lettered: HashSet<String> = letters.iter().filter_map(|m| header(m, "Nats-Msg-Id")).collect();
+    let mut completed = 0;
+    for id in &ids {
+        let terminal = events.get(id).and_then(|e| e.iter().find(|e| e.is_terminal()));
+        match terminal {
+            Some(Event::Completed(_)) => completed += 1,
+            Some(Event::Failed(f)) => {
+                assert!(f.message.len() <= protocol::MAX_ERROR_MESSAGE_BYTES);
+                assert!(lettered.contains(&id.to_string()), "job {id} failed without a dead letter");
+            }
+            other => panic!("job {id} ended {other:?}"),
+        }
+    }
+    assert_eq!(letters.len() + completed, MESSAGES, "every bad message has one dead letter");
+    let (rss, peak) = memory_mib(worker.pid().unwrap());
+    eprintln!("worker memory after the fuzz: {rss} MiB, peak {peak} MiB; {completed} mutated jobs were valid");
+    assert!(peak < 1024, "the worker peaked at {peak} MiB");
+
+    // The HTTP API: no crash, no 5xx, every error with the JSON body, memory bounded.
+    let mut queen = QueenChild::start(&nats.url(), &store_url, &[]);
+    let submission = serde_json::to_value(sd_rbee::queen::api::JobSubmission::new("fuzz", "p")).unwrap();
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..REQUESTS {
+        let (method, path, body): (&str, String, Vec<u8>) = match rng.random_range(0..8) {
+            0 => ("GET", format!("/v1/jobs/{}", random_text(&mut rng, 40)), vec![]),
+            1 => (
+                "GET",
+                format!("/v1/jobs?limit={}&state={}", random_text(&mut rng, 8), random_text(&mut rng, 8)),
+                vec![],
+            ),
+            2 => (
+                "DELETE",
+                format!("/v1/jobs/{}/images/{}", random_text(&mut rng, 10), random_text(&mut rng, 4)),
+                vec![],
+            ),
+            3 => ("POST", "/v1/uploads".into(), (0..rng.random_range(0..3000)).map(|_| rng.random()).collect()),
+            4 => ("PUT", "/v1/jobs".into(), b"{}".to_vec()),
+            5 => ("POST", "/v1/jobs".into(), (0..rng.random_range(0..300)).map(|_| rng.random()).collect()),
+            _ => {
+                let mut sub = submission.clone();
+                let fields = [
+                    "model",
+                    "prompt",
+                    "width",
+                    "height",
+                    "steps",
+                    "guidance",
+                    "scheduler",
+                    "seed",
+                    "num_images",
+                    "init_image",
+                    "mask",
+                    "strength",
+                    "resize_mode",
+                    "output_format",
+                    "quality",
+                    "timeout_s",
+                    "kind",
+                    "extra",
+                ];
+                for _ in 0..rng.random_range(1..4) {
+                    let f = fields[rng.random_range(0..fields.len())];
+                    sub[f] = match rng.random_range(0..9) {
+                        0 => serde_json::json!(u64::MAX),
+                        1 => serde_json::json!(-1),
+                        2 => serde_json::json!(1e308),
+                        3 => serde_json::json!(random_text(&mut rng, 2000)),
+                        4 => serde_json::json!({"object_key": random_text(&mut rng, 300)}),
+                        5 => serde_json::json!([]),
+                        6 => serde_json::json!(null),
+                        7 => serde_json::json!("data:image/png;base64,AAAA"),
+                        _ => serde_json::json!(0),
+                    };
+                }
+                let mut body = sub.to_string().into_bytes();
+                if rng.random_bool(0.1) {
+                    body = format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes();
+                }
+                ("POST", "/v1/jobs".into(), body)
+            }
+        };
+        let (status, json, raw) = queen.request(method, &path, &body);
+        *statuses.entry(status).or_default() += 1;
+        assert!(status < 500, "{method} {path}: {status} {json}");
+        if status >= 400 {
+            assert_error_body(status, &json, &raw, &format!("{method} {path}"));
+        }
+    }
+    eprintln!("HTTP answers: {statuses:?}");
+    assert!(queen.alive(), "the queen died:\n{}", queen.log_text());
+    let (rss, peak) = memory_mib(queen.child.id());
+    eprintln!("queen memory after the fuzz: {rss} MiB, peak {peak} MiB");
+    assert!(peak < 512, "the queen peaked at {peak} MiB");
+    let (status, _, _) = queen.request("GET", "/health", b"");
+    assert_eq!(status, 200);
+}
+
+fn random_text(rng: &mut rand::rngs::StdRng, max: usize) -> String {
+    const CHARS: &[char] = &['a', 'Z', '0', '9', '-', '%', '/', '.', '"', '\\', 'é', '€', '\u{0}', ' ', '?', '&', '='];
+    let n = rng.random_range(0..=max);
+    let text: String = (0..n).map(|_| CHARS[rng.random_range(0..CHARS.len())]).collect();
+    // Only what a request line can carry.
+    url_safe(&text)
+}
+
+fn url_safe(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
