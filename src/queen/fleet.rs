@@ -30,8 +30,18 @@ impl Fleet {
         Self { workers: Arc::default(), lost_after_ms: lost_after.as_millis() as u64 }
     }
 
+    /// Records a heartbeat. Anyone on the bus can send one, so what is kept is bounded: at most
+    /// [`MAX_WORKERS`] workers (a new one past that replaces the one silent longest), each with what
+    /// [`check_heartbeat`] lets through.
     pub fn record(&self, hb: Heartbeat, now: u64) {
-        self.workers.lock().unwrap().insert(hb.worker_id.clone(), (hb, now));
+        let mut workers = self.workers.lock().unwrap();
+        if !workers.contains_key(&hb.worker_id) && workers.len() >= MAX_WORKERS {
+            let stalest = workers.iter().min_by_key(|(_, (_, seen))| *seen).map(|(id, _)| id.clone());
+            if let Some(id) = stalest {
+                workers.remove(&id);
+            }
+        }
+        workers.insert(hb.worker_id.clone(), (hb, now));
     }
 
     /// Every worker heard of, lost ones included, sorted by id.
@@ -86,10 +96,85 @@ impl Fleet {
             Err(e) => return tracing::error!(error = %e, "cannot subscribe to heartbeats"),
         };
         while let Some(msg) = sub.next().await {
-            match protocol::decode_heartbeat(&msg.payload) {
+            match protocol::decode_heartbeat(&msg.payload).and_then(|hb| check_heartbeat(hb, &msg.subject)) {
                 Ok(hb) => self.record(hb, protocol::now_millis()),
                 Err(e) => tracing::debug!(error = %e, "unreadable heartbeat"),
             }
         }
+    }
+}
+
+/// The most workers a queen keeps track of.
+pub const MAX_WORKERS: usize = 4096;
+
+/// The most models one heartbeat may claim.
+const MAX_MODELS_PER_WORKER: usize = 256;
+
+/// The most bytes kept of a heartbeat's free-text fields (host, device, version).
+const MAX_TEXT_BYTES: usize = 256;
+
+/// A heartbeat as the fleet keeps it: from the worker its subject names, claiming valid model names only,
+/// free text cut short. Anything else is refused.
+fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protocol::ProtocolError> {
+    protocol::validate_worker_id(&hb.worker_id)?;
+    if !subject.ends_with(&format!(".{}", hb.worker_id)) {
+        return Err(protocol::ProtocolError::invalid("worker_id", "is not the worker its subject names"));
+    }
+    if hb.models.len() > MAX_MODELS_PER_WORKER {
+        return Err(protocol::ProtocolError::invalid(
+            "models",
+            format!("lists {} models, over {MAX_MODELS_PER_WORKER}", hb.models.len()),
+        ));
+    }
+    for model in &hb.models {
+        protocol::validate_model_name(model)?;
+    }
+    for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
+        text.truncate(protocol::truncate(text, MAX_TEXT_BYTES).len());
+    }
+    Ok(hb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat(id: &str) -> Heartbeat {
+        Heartbeat {
+            v: protocol::PROTOCOL_VERSION,
+            at: 0,
+            worker_id: id.into(),
+            hostname: "h".repeat(10_000),
+            device: "cpu".into(),
+            models: vec!["tiny".into()],
+            state: protocol::WorkerState::Idle,
+            jobs_done: 0,
+            jobs_failed: 0,
+            uptime_s: 0,
+            version: "0".into(),
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_checked_and_the_fleet_is_bounded() {
+        let hb = check_heartbeat(heartbeat("w1"), "sd.workers.w1").unwrap();
+        assert_eq!(hb.hostname.len(), MAX_TEXT_BYTES);
+        assert!(check_heartbeat(heartbeat("w1"), "sd.workers.w2").is_err());
+        let mut bad = heartbeat("w1");
+        bad.models = vec!["a/b".into()];
+        assert!(check_heartbeat(bad, "sd.workers.w1").is_err());
+        let mut many = heartbeat("w1");
+        many.models = (0..1000).map(|i| format!("m{i}")).collect();
+        assert!(check_heartbeat(many, "sd.workers.w1").is_err());
+
+        let fleet = Fleet::new(Duration::from_secs(30));
+        fleet.record(heartbeat("real"), 1_000_000);
+        for i in 0..MAX_WORKERS + 10 {
+            fleet.record(heartbeat(&format!("flood-{i}")), 2_000_000 + i as u64);
+        }
+        let workers = fleet.workers(3_000_000);
+        assert_eq!(workers.len(), MAX_WORKERS);
+        assert!(workers.iter().all(|w| w.heartbeat.worker_id != "real"), "the stalest worker made room");
+        assert!(workers.iter().any(|w| w.heartbeat.worker_id == format!("flood-{}", MAX_WORKERS + 9)));
     }
 }

@@ -56,6 +56,9 @@ impl StopHandle {
 /// How long a cancel request for a job this worker has not seen is remembered.
 const EARLY_CANCEL_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// The most such requests remembered.
+const MAX_EARLY_CANCELS: usize = 10_000;
+
 #[derive(Default)]
 struct Jobs {
     running: HashMap<Uuid, StopHandle>,
@@ -102,6 +105,14 @@ impl Control {
         }
         let now = Instant::now();
         jobs.early_cancels.retain(|_, at| now.duration_since(*at) < EARLY_CANCEL_TTL);
+        // Anyone on the bus can send cancel requests: a flood of them for random ids must not grow the
+        // worker's memory. Past the cap, the oldest request is forgotten.
+        if jobs.early_cancels.len() >= MAX_EARLY_CANCELS {
+            let oldest = jobs.early_cancels.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                jobs.early_cancels.remove(&id);
+            }
+        }
         jobs.early_cancels.insert(job_id, now);
         false
     }
@@ -150,5 +161,16 @@ mod tests {
         assert!(!control.cancel(b));
         assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");
         assert!(control.start(b).is_some(), "the early cancel is used once");
+
+        // A flood of cancels for jobs never seen stays bounded, the newest remembered.
+        let first = Uuid::new_v4();
+        control.cancel(first);
+        let flood: Vec<Uuid> = (0..MAX_EARLY_CANCELS + 5).map(|_| Uuid::new_v4()).collect();
+        for id in &flood {
+            control.cancel(*id);
+        }
+        assert_eq!(control.jobs.lock().unwrap().early_cancels.len(), MAX_EARLY_CANCELS);
+        assert!(control.start(first).is_some(), "the oldest request was forgotten");
+        assert!(control.start(*flood.last().unwrap()).is_none());
     }
 }
