@@ -6,11 +6,15 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use common::servers::{free_port, http_with, memory_mib, NatsServer, S3Server, WorkerProcess};
+use common::hostile::{
+    all_events, assert_error_body, dead_letters, failure, header, png_bomb, png_of_size, publish_raw,
+    wait_for_empty_queue, wait_for_terminal, QueenChild,
+};
+use common::servers::{http_with, memory_mib, NatsServer, S3Server, WorkerProcess};
 use rand::{Rng, SeedableRng};
 use sd_rbee::client::BusClient;
 use sd_rbee::protocol::{self, Event, ImageSource, JobKind, JobRequest};
@@ -27,188 +31,6 @@ fn tiny_job(steps: u32, seed: u64) -> JobRequest {
     job.steps = Some(steps);
     job.seed = Some(seed);
     job
-}
-
-/// Publishes raw bytes on `sd.jobs.<model>` as any client could, with a fresh `Nats-Msg-Id`.
-async fn publish_raw(client: &BusClient, model: &str, payload: Vec<u8>, msg_id: &str) {
-    let headers = sd_rbee::bus::msg_id_headers(msg_id);
-    let subject = format!("sd.jobs.{model}");
-    let ack = client.jetstream().publish_with_headers(subject, headers, payload.into()).await.unwrap();
-    ack.await.unwrap();
-}
-
-/// A valid PNG of exactly `size` bytes (a small image, padded with a private ancillary chunk).
-fn png_of_size(size: usize) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128]));
-    let mut base = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut base), image::ImageFormat::Png).unwrap();
-    // IEND is the last 12 bytes; a chunk is length (4) + type (4) + data + CRC (4).
-    let data_len = size.checked_sub(base.len() + 12).expect("size is larger than the base image");
-    let (head, iend) = base.split_at(base.len() - 12);
-    let mut chunk = Vec::with_capacity(data_len + 12);
-    chunk.extend_from_slice(&(data_len as u32).to_be_bytes());
-    chunk.extend_from_slice(b"prVt");
-    chunk.extend(std::iter::repeat_n(b'x', data_len));
-    let crc = crc32(&chunk[4..]);
-    chunk.extend_from_slice(&crc.to_be_bytes());
-    let out = [head, &chunk, iend].concat();
-    assert_eq!(out.len(), size);
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-/// A 16-bit RGBA PNG of `side`×`side` zeros, written row by row: about 8 bytes per pixel once decoded, a
-/// few hundred KB encoded.
-fn png_bomb(side: u32) -> Vec<u8> {
-    // The stream writer needs a 'static sink: a shared buffer, read back when it is done.
-    #[derive(Clone, Default)]
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let sink = Sink::default();
-    let mut encoder = png::Encoder::new(sink.clone(), side, side);
-    encoder.set_color(png::ColorType::Rgba);
-    encoder.set_depth(png::BitDepth::Sixteen);
-    encoder.set_compression(png::Compression::High);
-    let mut writer = encoder.write_header().unwrap().into_stream_writer().unwrap();
-    let row = vec![0u8; side as usize * 8];
-    for _ in 0..side {
-        std::io::Write::write_all(&mut writer, &row).unwrap();
-    }
-    writer.finish().unwrap();
-    let bytes = sink.0.lock().unwrap().clone();
-    bytes
-}
-
-/// Waits until the work queue is empty; returns how long that took.
-async fn wait_for_empty_queue(client: &BusClient, limit: Duration) -> Duration {
-    let mut jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
-    let start = Instant::now();
-    loop {
-        let left = jobs.info().await.unwrap().state.messages;
-        if left == 0 {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "{left} jobs are still in the work queue after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The dead-letter stream's messages.
-async fn dead_letters(client: &BusClient) -> Vec<jetstream::Message> {
-    let stream = client.jetstream().get_stream(client.subjects().dlq_stream()).await.unwrap();
-    let all = client.subjects().dead_letter_wildcard();
-    sd_rbee::bus::stored_messages(&stream, all, jetstream::consumer::DeliverPolicy::All).await.unwrap()
-}
-
-fn header(m: &jetstream::Message, name: &str) -> Option<String> {
-    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.to_string())
-}
-
-/// Every event in the events stream, by job.
-async fn all_events(client: &BusClient) -> HashMap<Uuid, Vec<Event>> {
-    let stream = client.jetstream().get_stream(client.subjects().events_stream()).await.unwrap();
-    let all = client.subjects().events_wildcard();
-    let messages = sd_rbee::bus::stored_messages(&stream, all, jetstream::consumer::DeliverPolicy::All).await.unwrap();
-    let mut out: HashMap<Uuid, Vec<Event>> = HashMap::new();
-    for m in messages {
-        let event = protocol::decode_event(&m.payload).expect("workers publish readable events");
-        out.entry(event.job_id()).or_default().push(event);
-    }
-    out
-}
-
-fn failure(events: &[Event]) -> Option<&protocol::Failed> {
-    events.iter().find_map(|e| if let Event::Failed(f) = e { Some(f) } else { None })
-}
-
-async fn wait_for_terminal(client: &BusClient, job_id: Uuid, limit: Duration) -> Vec<Event> {
-    let mut seen = Vec::new();
-    client
-        .wait(job_id, limit, |e| seen.push(e.clone()))
-        .await
-        .unwrap_or_else(|e| panic!("job {job_id} did not end within {limit:?}: {e:#}: {seen:?}"));
-    seen
-}
-
-/// An `sd-rbee queen` child process without authentication (memory is measured on it).
-struct QueenChild {
-    child: Child,
-    port: u16,
-    log: tempfile::NamedTempFile,
-}
-
-impl QueenChild {
-    fn start(nats: &str, store: &str, env: &[(String, String)]) -> Self {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
-            .args(["queen", "--nats", nats, "--store", store, "--no-auth", "--accept-unserved-models"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env_remove("RUST_LOG")
-            .env_remove("SD_RBEE_API_TOKENS")
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let queen = Self { child, port, log };
-        let start = Instant::now();
-        while !matches!(http_with("GET", port, "/health", &[], b""), Ok((200, _))) {
-            assert!(start.elapsed() < Duration::from_secs(30), "queen not up:\n{}", queen.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        queen
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value, Vec<u8>) {
-        let (status, bytes) = http_with(method, self.port, path, &["Content-Type: application/json"], body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log_text()));
-        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null), bytes)
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for QueenChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An error answer carries the documented JSON body.
-fn assert_error_body(status: u16, json: &serde_json::Value, raw: &[u8], what: &str) {
-    let code = json["error"]["code"].as_str();
-    let message = json["error"]["message"].as_str();
-    assert!(
-        code.is_some_and(|c| !c.is_empty()) && message.is_some_and(|m| !m.is_empty()),
-        "{what}: {status} without the JSON error body: {}",
-        String::from_utf8_lossy(&raw[..raw.len().min(300)])
-    );
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -615,32 +437,12 @@ fn hostile_message(rng: &mut rand::rngs::StdRng, base: &JobRequest) -> (Vec<u8>,
     let id = Uuid::new_v4();
     let mut job = serde_json::to_value(base).unwrap();
     job["id"] = id.to_string().into();
-    let fields = [
-        "v",
-        "kind",
-        "model",
-        "prompt",
-        "width",
-        "height",
-        "steps",
-        "guidance",
-        "scheduler",
-        "seed",
-        "num_images",
-        "strength",
-        "mask_blur",
-        "resize_mode",
-        "output",
-        "deadline",
-        "created_at",
-        "invert_mask",
-        "init_image",
-        "mask",
-        "idempotency_key",
-        "timestep_spacing",
-        "negative_prompt",
-        "paste_back",
-    ];
+    // Every field of the job, optional ones too.
+    let fields: Vec<&str> = "v kind model prompt width height steps guidance scheduler seed num_images strength \
+        mask_blur resize_mode output deadline created_at invert_mask init_image mask idempotency_key \
+        timestep_spacing negative_prompt paste_back"
+        .split_whitespace()
+        .collect();
     let field = fields[rng.random_range(0..fields.len())];
     let values: Vec<serde_json::Value> = vec![
         serde_json::json!(u64::MAX),
@@ -773,26 +575,10 @@ async fn fuzz_the_job_subject_and_the_http_api() {
             5 => ("POST", "/v1/jobs".into(), (0..rng.random_range(0..300)).map(|_| rng.random()).collect()),
             _ => {
                 let mut sub = submission.clone();
-                let fields = [
-                    "model",
-                    "prompt",
-                    "width",
-                    "height",
-                    "steps",
-                    "guidance",
-                    "scheduler",
-                    "seed",
-                    "num_images",
-                    "init_image",
-                    "mask",
-                    "strength",
-                    "resize_mode",
-                    "output_format",
-                    "quality",
-                    "timeout_s",
-                    "kind",
-                    "extra",
-                ];
+                let fields: Vec<&str> = "model prompt width height steps guidance scheduler seed num_images \
+                    init_image mask strength resize_mode output_format quality timeout_s kind extra"
+                    .split_whitespace()
+                    .collect();
                 for _ in 0..rng.random_range(1..4) {
                     let f = fields[rng.random_range(0..fields.len())];
                     sub[f] = match rng.random_range(0..9) {

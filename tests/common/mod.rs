@@ -59,4 +59,5 @@ pub fn png_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
     (max, count)
 }
 
+pub mod hostile;
 pub mod servers;
