@@ -60,6 +60,9 @@ pub enum StoreError {
     /// is a file where a folder is needed). Retrying does not help; it is the caller's error.
     #[error("{store} cannot hold the key {}: {reason}", crate::protocol::quoted(key))]
     InvalidKey { key: String, store: String, reason: String },
+    /// The object is larger than the reader accepts.
+    #[error("object {} is {size} bytes, over the limit of {max}", crate::protocol::quoted(key))]
+    TooLarge { key: String, size: u64, max: u64 },
     #[error("{op} {key} in {store} failed: {source}")]
     Failed {
         op: &'static str,
@@ -218,6 +221,23 @@ impl Store {
         result.bytes().await.map_err(|e| self.failed("get", key, e))
     }
 
+    /// Reads the object at `key` if it is at most `max` bytes; a larger one is [`StoreError::TooLarge`]
+    /// without being read (an input image key may name any object in the bucket).
+    pub async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
+        match self.size(key).await? {
+            None => Err(StoreError::NotFound { key: key.into(), store: self.url.clone() }),
+            Some(size) if size > max => Err(StoreError::TooLarge { key: key.into(), size, max }),
+            Some(_) => {
+                let bytes = self.get(key).await?;
+                // It may have been replaced in between.
+                match bytes.len() as u64 {
+                    size if size > max => Err(StoreError::TooLarge { key: key.into(), size, max }),
+                    _ => Ok(bytes),
+                }
+            }
+        }
+    }
+
     /// The size of the object at `key`, `None` if there is none.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         match self.inner.head(&self.path(key)).await {
@@ -327,6 +347,11 @@ mod tests {
         assert!(matches!(err, StoreError::NotFound { .. } | StoreError::InvalidKey { .. }), "{err}");
         let err = store.put(&long, Bytes::from_static(b"x"), "image/png").await.unwrap_err();
         assert!(matches!(err, StoreError::InvalidKey { .. }), "{err}");
+        // Bounded reads refuse a larger object without reading it.
+        assert_eq!(&store.get_at_most("jobs/a/0.png", 4).await.unwrap()[..], b"png!");
+        let err = store.get_at_most("jobs/a/0.png", 3).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { size: 4, max: 3, .. }), "{err}");
+        assert!(matches!(store.get_at_most("jobs/b/0.png", 3).await, Err(StoreError::NotFound { .. })));
         let under_a_file = store.size("jobs/a/0.png/x").await;
         assert!(matches!(under_a_file, Ok(None) | Err(StoreError::InvalidKey { .. })), "{under_a_file:?}");
     }

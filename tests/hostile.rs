@@ -197,7 +197,11 @@ async fn invalid_object_keys_are_422_on_a_file_store_and_reach_no_worker() {
         "uploads/a.png/inner.png".into(),
         "uploads".into(),
         "missing/nothing.png".into(),
+        // Exists, but is larger than any input image may be (a sparse file: nothing is written).
+        "uploads/huge.png".into(),
     ];
+    let huge = std::fs::File::create(store.path().join("uploads/huge.png")).unwrap();
+    huge.set_len(1 << 30).unwrap();
     for key in &keys {
         let body = serde_json::json!({"model": "tiny", "prompt": "p", "width": 64, "height": 64,
                                       "init_image": {"object_key": key}});

@@ -305,12 +305,16 @@ async fn previous_result(shared: &Shared, job_id: Uuid) -> anyhow::Result<Option
 async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Result<image::DynamicImage, Failure> {
     let bytes: Bytes = match source {
         ImageSource::Inline(b) => Bytes::copy_from_slice(b),
-        ImageSource::ObjectKey(key) => match shared.store.get(key).await {
-            Ok(b) => b,
-            Err(e @ crate::storage::StoreError::NotFound { .. }) => return Err(Failure::invalid(field, e)),
-            Err(e @ crate::storage::StoreError::InvalidKey { .. }) => return Err(Failure::invalid(field, e)),
-            Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
-        },
+        ImageSource::ObjectKey(key) => {
+            use crate::storage::StoreError;
+            match shared.store.get_at_most(key, crate::image_input::MAX_ENCODED_BYTES as u64).await {
+                Ok(b) => b,
+                Err(
+                    e @ (StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::TooLarge { .. }),
+                ) => return Err(Failure::invalid(field, e)),
+                Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
+            }
+        }
     };
     crate::image_input::decode_bounded(bytes, field).await.map_err(|e| Failure::invalid(field, format!("{e:#}")))
 }

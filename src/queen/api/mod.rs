@@ -347,6 +347,16 @@ async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiR
             // client's error too, and only an unreachable store is ours.
             protocol::validate_object_key(field, object_key)?;
             match state.store.size(object_key).await {
+                Ok(Some(size)) if size > crate::image_input::MAX_ENCODED_BYTES as u64 => {
+                    return Err(AppError::invalid(
+                        field,
+                        format!(
+                            "upload {} is {size} bytes, over the {} MiB limit for input images",
+                            protocol::quoted(object_key),
+                            crate::image_input::MAX_ENCODED_BYTES >> 20
+                        ),
+                    ))
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     return Err(AppError::invalid(
