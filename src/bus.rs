@@ -297,14 +297,17 @@ pub async fn publish_persistent(
 }
 
 /// Whether a publish failed for the message's size: the client's `max_payload` check, or a stream's
-/// `max_msg_size` (JetStream error 10054).
+/// `max_msg_size` or header limit (JetStream errors 10054 and 10097).
 fn is_too_large(e: &async_nats::jetstream::context::PublishError) -> bool {
     use async_nats::jetstream::context::PublishErrorKind;
+    use async_nats::jetstream::ErrorCode;
     if e.kind() == PublishErrorKind::MaxPayloadExceeded {
         return true;
     }
     let source = std::error::Error::source(e).and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
-    source.is_some_and(|s| s.code() == 10054)
+    source.is_some_and(|s| {
+        matches!(s.error_code(), ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM)
+    })
 }
 
 /// Publishes a job on `sd.jobs.<model>` with `Nats-Msg-Id` = its id (a retried publish is not a second

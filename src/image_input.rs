@@ -102,7 +102,10 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     // `from_decoder` reserves nothing, so the budget is checked here, for every format and bit depth.
     let buffer = decoder.total_bytes();
     let rotated = if orientation == image::metadata::Orientation::NoTransforms { 0 } else { buffer };
-    let cost = buffer.saturating_mul(decode_cost(format)).saturating_add(rotated);
+    let cost = buffer.saturating_mul(decode_cost(format)).saturating_add(rotated).saturating_add(bytes.len() as u64);
+    if format == Some(image::ImageFormat::WebP) {
+        webp_frames_within_canvas(bytes, w, h).with_context(|| format!("{what}: not a WebP image we can decode"))?;
+    }
     if cost > MAX_DECODE_BYTES {
         bail!(
             "{what}: decoding this {w}x{h} {:?} image takes about {} MiB, over the {} MiB limit",
@@ -111,30 +114,79 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
             MAX_DECODE_BYTES >> 20
         );
     }
-    let mut left = image::Limits::default();
-    left.max_alloc = Some(MAX_DECODE_BYTES - buffer.min(MAX_DECODE_BYTES));
-    decoder.set_limits(left).with_context(|| format!("{what}: over the decoding limits"))?;
     let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("{what}: the image data is corrupt"))?;
     img.apply_orientation(orientation);
     Ok(img)
 }
 
-/// How many times its output buffer a decoder of `format` may hold at its peak: a progressive JPEG keeps
-/// every DCT coefficient (2 bytes per sample) besides the pixels, a lossy WebP its YUV planes, an animated
-/// one a canvas and a frame; PNG (interlaced or not) decodes into the buffer with a few rows beside it.
+/// How many times its output buffer a decoder of `format` may hold at its peak (the image crate's decoders
+/// take no allocation limit of their own): a progressive JPEG keeps every DCT coefficient, 2 bytes per
+/// sample of up to four components (CMYK), beside the RGB pixels; a WebP its YUV planes and alpha, an
+/// animated one a canvas and a frame; PNG (interlaced or not) decodes into the buffer row by row.
 fn decode_cost(format: Option<image::ImageFormat>) -> u64 {
     match format {
         Some(image::ImageFormat::Png) => 1,
-        Some(image::ImageFormat::WebP) => 2,
-        _ => 3,
+        _ => 4,
     }
+}
+
+/// A WebP's frames (the still image, or each animation frame) are no larger than its canvas: a decoder
+/// sizes its work by the frame, found only after decoding, while the budget counts the canvas.
+fn webp_frames_within_canvas(bytes: &[u8], width: u32, height: u32) -> Result<()> {
+    fn le(b: &[u8]) -> u32 {
+        b.iter().rev().fold(0, |n, &x| (n << 8) | u32::from(x))
+    }
+    /// (fourcc, data) of each chunk in `b`.
+    fn chunks(mut b: &[u8]) -> Result<Vec<(&[u8], &[u8])>> {
+        let mut out = Vec::new();
+        while b.len() >= 8 {
+            let size = le(&b[4..8]) as usize;
+            let data = b.get(8..8 + size).context("a chunk runs past the end of the file")?;
+            out.push((&b[..4], data));
+            b = b.get(8 + size + (size & 1)..).unwrap_or_default();
+        }
+        Ok(out)
+    }
+    /// The size of a VP8 or VP8L bitstream's frame.
+    fn frame_size(fourcc: &[u8], data: &[u8]) -> Result<Option<(u32, u32)>> {
+        Ok(match fourcc {
+            b"VP8 " => {
+                let d = data.get(6..10).context("a VP8 frame header is cut short")?;
+                Some((le(&d[0..2]) & 0x3fff, le(&d[2..4]) & 0x3fff))
+            }
+            b"VP8L" => {
+                let bits = le(data.get(1..5).context("a VP8L header is cut short")?);
+                Some(((bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1))
+            }
+            _ => None,
+        })
+    }
+    let body = bytes.get(12..).context("no RIFF body")?;
+    let mut frames = Vec::new();
+    for (fourcc, data) in chunks(body)? {
+        if fourcc == b"ANMF" {
+            for (inner, frame) in chunks(data.get(16..).unwrap_or_default())? {
+                frames.extend(frame_size(inner, frame)?);
+            }
+        } else {
+            frames.extend(frame_size(fourcc, data)?);
+        }
+    }
+    if let Some((fw, fh)) = frames.into_iter().find(|&(fw, fh)| fw > width || fh > height) {
+        bail!("a {fw}x{fh} frame is larger than the {width}x{height} canvas");
+    }
+    Ok(())
 }
 
 /// [`decode`] on a blocking thread, at most [`MAX_CONCURRENT_DECODES`] at a time in the process: what the
 /// queen and the workers use for images from the network.
 pub async fn decode_bounded(bytes: bytes::Bytes, what: &str) -> Result<DynamicImage> {
     static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_DECODES);
-    let slot = SLOTS.acquire().await.expect("the decode semaphore is never closed");
+    // Waiting callers hold their request bodies: past a while, say so rather than pile up.
+    let slot = match tokio::time::timeout(DECODE_WAIT, SLOTS.acquire()).await {
+        Ok(slot) => slot.expect("the decode semaphore is never closed"),
+        Err(_) => return Err(DecodeBusy.into()),
+    };
     let what_owned = what.to_string();
     // The slot goes with the thread: a caller that gives up (a client that hangs up) does not free it
     // while the decode still runs.
@@ -145,6 +197,14 @@ pub async fn decode_bounded(bytes: bytes::Bytes, what: &str) -> Result<DynamicIm
     .await
     .with_context(|| format!("{what}: the decoding thread failed"))?
 }
+
+/// How long [`decode_bounded`] waits for a free decoding slot.
+pub const DECODE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Every decoding slot stayed busy for [`DECODE_WAIT`]: try again later (not the image's fault).
+#[derive(Debug, thiserror::Error)]
+#[error("too many images are being decoded at once; try again shortly")]
+pub struct DecodeBusy;
 
 /// RGB with any alpha flattened onto white.
 pub fn flatten_rgb(img: &DynamicImage) -> RgbImage {
@@ -279,6 +339,37 @@ mod tests {
         assert!(err.contains("init image") && err.contains("limit"), "{err}");
         let thin = decode(&png(&DynamicImage::ImageLuma8(image::GrayImage::new(1, 1000))), "init image").unwrap();
         assert!(default_size(&thin).unwrap_err().to_string().contains("at least 8"));
+    }
+
+    /// A WebP of a `canvas`-sized VP8X header and a VP8L frame of `frame` pixels (no image data).
+    fn webp_with_frame(canvas: (u32, u32), frame: (u32, u32)) -> Vec<u8> {
+        let mut vp8x = vec![0u8; 10];
+        vp8x[4..7].copy_from_slice(&(canvas.0 - 1).to_le_bytes()[..3]);
+        vp8x[7..10].copy_from_slice(&(canvas.1 - 1).to_le_bytes()[..3]);
+        let bits = (frame.0 - 1) | ((frame.1 - 1) << 14);
+        let mut vp8l = vec![0x2f];
+        vp8l.extend_from_slice(&bits.to_le_bytes());
+        vp8l.extend_from_slice(&[0; 11]);
+        let mut body = b"WEBP".to_vec();
+        for (fourcc, data) in [(b"VP8X", vp8x), (b"VP8L", vp8l)] {
+            body.extend_from_slice(fourcc);
+            body.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            body.extend_from_slice(&data);
+        }
+        let mut out = b"RIFF".to_vec();
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn webp_frames_larger_than_their_canvas_are_refused() {
+        let bomb = webp_with_frame((16, 16), (16383, 16383));
+        let err = format!("{:#}", webp_frames_within_canvas(&bomb, 16, 16).unwrap_err());
+        assert!(err.contains("16383x16383 frame is larger than the 16x16 canvas"), "{err}");
+        assert!(decode(&bomb, "init image").is_err());
+        webp_frames_within_canvas(&webp_with_frame((64, 32), (64, 32)), 64, 32).unwrap();
+        assert!(webp_frames_within_canvas(b"RIFF\x10\0\0\0WEBPVP8L\xff\0\0\0", 1, 1).is_err(), "a cut chunk");
     }
 
     #[test]

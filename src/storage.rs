@@ -227,14 +227,8 @@ impl Store {
         match self.size(key).await? {
             None => Err(StoreError::NotFound { key: key.into(), store: self.url.clone() }),
             Some(size) if size > max => Err(StoreError::TooLarge { key: key.into(), size, max }),
-            Some(_) => {
-                let bytes = self.get(key).await?;
-                // It may have been replaced in between.
-                match bytes.len() as u64 {
-                    size if size > max => Err(StoreError::TooLarge { key: key.into(), size, max }),
-                    _ => Ok(bytes),
-                }
-            }
+            // A ranged read: an object replaced by a larger one in between is still read only this far.
+            Some(size) => self.inner.get_range(&self.path(key), 0..size).await.map_err(|e| self.failed("get", key, e)),
         }
     }
 

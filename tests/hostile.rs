@@ -388,9 +388,35 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
         assert!(start.elapsed() < Duration::from_secs(10), "events left unsettled: {info:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, json, _) = queen.request("GET", &format!("/v1/jobs/{}", long.job_id), b"");
+    // The long failure is kept, its message cut to the limit.
+    let (status, json, _) = queen.request("GET", &format!("/v1/jobs/{}", long.job_id), b"");
+    assert_eq!((status, json["state"].as_str()), (200, Some("failed")), "{json}");
     let kept = json["error"]["message"].as_str().unwrap_or_default().len();
-    assert!(kept <= protocol::MAX_ERROR_MESSAGE_BYTES, "the record keeps {kept} bytes of the message");
+    assert_eq!(kept, protocol::MAX_ERROR_MESSAGE_BYTES, "the record keeps {kept} bytes of the message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_message_size_limit_is_a_refusal_not_a_retry() {
+    // An operator's dead-letter stream that takes messages of at most 64 KiB: a 200 KB invalid job cannot be
+    // copied there, which is permanent, so the job is still failed and removed at once.
+    let nats = NatsServer::start();
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut dlq = client.jetstream().get_stream(client.subjects().dlq_stream()).await.unwrap();
+    let mut config = dlq.info().await.unwrap().config.clone();
+    config.max_message_size = 64 * 1024;
+    client.jetstream().update_stream(config).await.unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-limit", &nats.url(), &store_url, &[], &["--max-deliver", "2"]);
+    let mut bad = tiny_job(2, 1);
+    bad.prompt = "p".repeat(200_000);
+    let started = Instant::now();
+    publish_raw(&client, "tiny", protocol::encode(&bad), &bad.msg_id()).await;
+    let events = wait_for_terminal(&client, bad.id, Duration::from_secs(30)).await;
+    assert_eq!(failure(&events).and_then(|f| f.field.as_deref()), Some("prompt"), "{events:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    wait_for_empty_queue(&client, Duration::from_secs(10)).await;
+    assert!(dead_letters(&client).await.is_empty());
 }
 
 #[test]

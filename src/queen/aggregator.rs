@@ -15,6 +15,9 @@ use crate::protocol::{self, Event, Subjects};
 /// The queens' shared consumer of the events stream.
 pub const AGGREGATOR_CONSUMER: &str = "queen-aggregator";
 
+/// Deliveries of one event before the aggregator gives up applying it.
+const MAX_EVENT_DELIVERIES: i64 = 5;
+
 /// Recent per-model figures, for ETAs and metrics (this queen's share of the events).
 #[derive(Clone, Default)]
 pub struct ModelStats {
@@ -38,8 +41,9 @@ impl ModelStats {
         let mut map = self.inner.lock().unwrap();
         let s = map.entry(model.to_string()).or_default();
         s.job_ms = if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
-        s.completed += 1;
-        s.generation_ms_sum += generation_ms;
+        // Events come from the bus: sums saturate rather than overflow.
+        s.completed = s.completed.saturating_add(1);
+        s.generation_ms_sum = s.generation_ms_sum.saturating_add(generation_ms);
     }
 
     /// A progress event of a job of `model`: the time since the previous step's, per step.
@@ -57,8 +61,8 @@ impl ModelStats {
             if step > prev_step && at >= prev_at {
                 let mut map = self.inner.lock().unwrap();
                 let s = map.entry(model.to_string()).or_default();
-                s.steps += u64::from(step - prev_step);
-                s.step_ms_sum += at - prev_at;
+                s.steps = s.steps.saturating_add(u64::from(step - prev_step));
+                s.step_ms_sum = s.step_ms_sum.saturating_add(at - prev_at);
             }
         }
     }
@@ -172,9 +176,13 @@ async fn pull(
         match protocol::decode_event(&msg.payload) {
             Ok(event) => match apply(store, stats, &mut throttle, &event).await {
                 Ok(()) => {}
-                // A poison event (too much in it) is skipped, or it would stop every status from updating.
+                // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once when
+                // it can never apply, after a few tries otherwise, or it would come back every ack_wait.
                 Err(e) if e.downcast_ref::<super::status::StatusTooLarge>().is_some() => {
                     tracing::warn!(subject = %msg.subject, error = %e, "event skipped")
+                }
+                Err(e) if msg.info().is_ok_and(|i| i.delivered >= MAX_EVENT_DELIVERIES) => {
+                    tracing::error!(subject = %msg.subject, error = %e, "event skipped after {MAX_EVENT_DELIVERIES} tries")
                 }
                 Err(e) => return Err(e),
             },

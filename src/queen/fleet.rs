@@ -36,10 +36,17 @@ impl Fleet {
     pub fn record(&self, hb: Heartbeat, now: u64) {
         let mut workers = self.workers.lock().unwrap();
         if !workers.contains_key(&hb.worker_id) && workers.len() >= MAX_WORKERS {
-            let stalest = workers.iter().min_by_key(|(_, (_, seen))| *seen).map(|(id, _)| id.clone());
-            if let Some(id) = stalest {
-                workers.remove(&id);
-            }
+            // Room is made from lost workers only: a flood of new ids cannot push out live ones.
+            let lost_after = self.lost_after_ms;
+            let stalest = workers
+                .iter()
+                .filter(|(_, (_, seen))| now.saturating_sub(*seen) > lost_after)
+                .min_by_key(|(_, (_, seen))| *seen)
+                .map(|(id, _)| id.clone());
+            match stalest {
+                Some(id) => workers.remove(&id),
+                None => return tracing::debug!(worker_id = %hb.worker_id, "fleet full of live workers; ignored"),
+            };
         }
         workers.insert(hb.worker_id.clone(), (hb, now));
     }
@@ -73,7 +80,9 @@ impl Fleet {
 
     /// Live workers serving `model`.
     pub fn serving(&self, model: &str, now: u64) -> usize {
-        self.workers(now).iter().filter(|w| !w.lost && w.heartbeat.models.iter().any(|m| m == model)).count()
+        let workers = self.workers.lock().unwrap();
+        let live = |seen: u64| now.saturating_sub(seen) <= self.lost_after_ms;
+        workers.values().filter(|(hb, seen)| live(*seen) && hb.models.iter().any(|m| m == model)).count()
     }
 
     /// The models live workers serve, with how many serve each.
@@ -108,7 +117,7 @@ impl Fleet {
 pub const MAX_WORKERS: usize = 4096;
 
 /// The most models one heartbeat may claim.
-const MAX_MODELS_PER_WORKER: usize = 256;
+const MAX_MODELS_PER_WORKER: usize = 64;
 
 /// The most bytes kept of a heartbeat's free-text fields (host, device, version).
 const MAX_TEXT_BYTES: usize = 256;
@@ -129,6 +138,8 @@ fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protoc
     for model in &hb.models {
         protocol::validate_model_name(model)?;
     }
+    hb.models.sort();
+    hb.models.dedup();
     for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
         text.truncate(protocol::truncate(text, MAX_TEXT_BYTES).len());
     }
@@ -167,14 +178,17 @@ mod tests {
         many.models = (0..1000).map(|i| format!("m{i}")).collect();
         assert!(check_heartbeat(many, "sd.workers.w1").is_err());
 
+        // A flood of ids makes room from lost workers only, never from live ones.
         let fleet = Fleet::new(Duration::from_secs(30));
-        fleet.record(heartbeat("real"), 1_000_000);
+        fleet.record(heartbeat("gone"), 1_000_000);
+        fleet.record(heartbeat("real"), 2_000_000);
         for i in 0..MAX_WORKERS + 10 {
-            fleet.record(heartbeat(&format!("flood-{i}")), 2_000_000 + i as u64);
+            fleet.record(heartbeat(&format!("flood-{i}")), 2_000_000);
         }
-        let workers = fleet.workers(3_000_000);
+        let workers = fleet.workers(2_000_000);
         assert_eq!(workers.len(), MAX_WORKERS);
-        assert!(workers.iter().all(|w| w.heartbeat.worker_id != "real"), "the stalest worker made room");
-        assert!(workers.iter().any(|w| w.heartbeat.worker_id == format!("flood-{}", MAX_WORKERS + 9)));
+        assert!(workers.iter().all(|w| w.heartbeat.worker_id != "gone"), "the lost worker made room");
+        assert!(workers.iter().any(|w| w.heartbeat.worker_id == "real"), "a live worker stays");
+        assert_eq!(fleet.serving("tiny", 2_000_000), MAX_WORKERS);
     }
 }

@@ -45,10 +45,9 @@ impl JobState {
 impl std::str::FromStr for JobState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL
-            .into_iter()
-            .find(|st| st.name() == s)
-            .ok_or_else(|| format!("unknown state {s:?} (queued, running, completed, failed, cancelled)"))
+        JobState::ALL.into_iter().find(|st| st.name() == s).ok_or_else(|| {
+            format!("unknown state {} (queued, running, completed, failed, cancelled)", crate::protocol::quoted(s))
+        })
     }
 }
 
@@ -178,6 +177,8 @@ impl JobStatus {
             return false;
         }
         match event {
+            // Anyone on the bus can publish events: a worker id that is no subject token is not kept.
+            Event::Accepted(a) if crate::protocol::validate_worker_id(&a.worker_id).is_err() => return false,
             Event::Accepted(a) => {
                 self.state = JobState::Running;
                 self.worker_id = Some(a.worker_id.clone());
@@ -220,6 +221,9 @@ impl JobStatus {
         true
     }
 }
+
+/// The most bytes of one job's status record.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// A status record that would not fit in a NATS message (an event from the bus made it so).
 #[derive(Debug, thiserror::Error)]
@@ -343,12 +347,13 @@ impl StatusStore {
         anyhow::bail!("job {job_id}: too many concurrent status updates")
     }
 
-    /// The stored form of a status: JSON that fits the server's `max_payload` with the KV headers, else
-    /// [`StatusTooLarge`] (never retried: the same event would make the same record).
+    /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
+    /// prompts, up to eight images with their URLs, an error), else [`StatusTooLarge`] (never retried: the
+    /// same event would make the same record). Listing jobs reads every record, so each stays small.
     fn record(&self, status: &JobStatus) -> anyhow::Result<Vec<u8>> {
         let bytes = serde_json::to_vec(status)?;
-        let max = self.js.client().max_payload();
-        if max > 0 && bytes.len() + 512 > max {
+        let max = self.js.client().max_payload().saturating_sub(512);
+        if bytes.len() > MAX_RECORD_BYTES.min(max) {
             return Err(StatusTooLarge { job_id: status.job_id, bytes: bytes.len() }.into());
         }
         Ok(bytes)

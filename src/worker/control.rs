@@ -2,7 +2,7 @@
 //! timeouts and shutdown), cancel requests that arrived before their job did, and the counters and state
 //! that heartbeats report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,6 +63,9 @@ const MAX_EARLY_CANCELS: usize = 10_000;
 struct Jobs {
     running: HashMap<Uuid, StopHandle>,
     early_cancels: HashMap<Uuid, Instant>,
+    /// The same requests in arrival order, to forget the oldest first in O(1); an entry whose job has
+    /// started since is skipped when it comes up.
+    early_order: VecDeque<(Uuid, Instant)>,
     /// Set when the grace period ends: a job starting now is stopped at once.
     stopping: Option<StopReason>,
 }
@@ -103,17 +106,25 @@ impl Control {
             handle.stop(StopReason::Cancelled);
             return true;
         }
+        if jobs.early_cancels.contains_key(&job_id) {
+            return false;
+        }
         let now = Instant::now();
-        jobs.early_cancels.retain(|_, at| now.duration_since(*at) < EARLY_CANCEL_TTL);
         // Anyone on the bus can send cancel requests: a flood of them for random ids must not grow the
-        // worker's memory. Past the cap, the oldest request is forgotten.
-        if jobs.early_cancels.len() >= MAX_EARLY_CANCELS {
-            let oldest = jobs.early_cancels.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id);
-            if let Some(id) = oldest {
+        // worker's memory, nor cost it more than a little work each. Expired requests go, and past the cap the
+        // oldest one.
+        while let Some(&(id, at)) = jobs.early_order.front() {
+            let expired = now.duration_since(at) >= EARLY_CANCEL_TTL;
+            if !expired && jobs.early_cancels.len() < MAX_EARLY_CANCELS {
+                break;
+            }
+            jobs.early_order.pop_front();
+            if jobs.early_cancels.get(&id) == Some(&at) {
                 jobs.early_cancels.remove(&id);
             }
         }
         jobs.early_cancels.insert(job_id, now);
+        jobs.early_order.push_back((job_id, now));
         false
     }
 
@@ -169,7 +180,13 @@ mod tests {
         for id in &flood {
             control.cancel(*id);
         }
-        assert_eq!(control.jobs.lock().unwrap().early_cancels.len(), MAX_EARLY_CANCELS);
+        for id in &flood[flood.len() - 10..] {
+            control.cancel(*id);
+        }
+        let jobs = control.jobs.lock().unwrap();
+        assert_eq!(jobs.early_cancels.len(), MAX_EARLY_CANCELS);
+        assert!(jobs.early_order.len() <= MAX_EARLY_CANCELS + 1, "repeats are not queued twice");
+        drop(jobs);
         assert!(control.start(first).is_some(), "the oldest request was forgotten");
         assert!(control.start(*flood.last().unwrap()).is_none());
     }

@@ -316,7 +316,10 @@ async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Res
             }
         }
     };
-    crate::image_input::decode_bounded(bytes, field).await.map_err(|e| Failure::invalid(field, format!("{e:#}")))
+    crate::image_input::decode_bounded(bytes, field).await.map_err(|e| match e.is::<crate::image_input::DecodeBusy>() {
+        true => Failure::transient(ErrorCode::Internal, e),
+        false => Failure::invalid(field, format!("{e:#}")),
+    })
 }
 
 /// The seed of a job that names none: derived from its id, so a redelivered job makes the same images.

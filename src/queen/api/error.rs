@@ -181,6 +181,7 @@ pub(super) async fn json_errors(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let method = req.method().clone();
     let response = next.run(req).await;
     let status = response.status();
     let is_json = response
@@ -198,7 +199,7 @@ pub(super) async fn json_errors(
         StatusCode::PAYLOAD_TOO_LARGE => {
             ("PAYLOAD_TOO_LARGE", format!("the request body is over the {} byte limit", state.config.max_body_bytes))
         }
-        StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", format!("{} is not allowed here", parts.status)),
+        StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", format!("{method} is not allowed here")),
         StatusCode::NOT_FOUND => ("NOT_FOUND", "no such endpoint".to_string()),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", text),
         StatusCode::UNAUTHORIZED => ("UNAUTHORIZED", text),
@@ -223,5 +224,7 @@ pub(super) fn panic_answer(panic: Box<dyn std::any::Any + Send + 'static>) -> Re
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("a panic");
-    AppError::internal(format!("the request failed inside the queen: {what}")).into_response()
+    // The details are for the log, not for whoever sent the request.
+    tracing::error!(panic = protocol::truncate(what, 2000), "a request handler panicked");
+    AppError::internal("the request failed inside the queen (a bug: see its log)").into_response()
 }

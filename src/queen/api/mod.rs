@@ -143,8 +143,10 @@ pub fn app(state: AppState) -> Router {
     router
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            // Both come from the client: logged short.
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            let (id, path) = (protocol::truncate(id, 128), protocol::truncate(req.uri().path(), 256));
+            tracing::info_span!("http", method = %req.method(), path = %path, request_id = %id)
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -337,9 +339,7 @@ async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiR
                 .field(field));
             }
             let bytes = Bytes::from(bytes);
-            crate::image_input::decode_bounded(bytes.clone(), field)
-                .await
-                .map_err(|e| AppError::invalid(field, format!("{e:#}")))?;
+            crate::image_input::decode_bounded(bytes.clone(), field).await.map_err(|e| decode_error(field, e))?;
             Ok(ImageSource::Inline(bytes.into()))
         }
         ImageInput::Upload { object_key } => {
@@ -372,6 +372,14 @@ async fn image_source(state: &AppState, input: &ImageInput, field: &str) -> ApiR
             Ok(ImageSource::ObjectKey(object_key.clone()))
         }
     }
+}
+
+/// An image that does not decode is the client's error (422); decoders all busy is the queen's (503).
+fn decode_error(field: &str, e: anyhow::Error) -> AppError {
+    if e.is::<crate::image_input::DecodeBusy>() {
+        return AppError::unavailable(e);
+    }
+    AppError::invalid(field, format!("{e:#}"))
 }
 
 /// Builds and checks the job: the protocol's rules, the images, and a model the fleet serves.
@@ -418,13 +426,14 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
     job.validate(&state.config.limits)?;
     if state.config.require_served_model && !model_is_served(state, &job.model).await {
         let served: Vec<String> = state.fleet.models(protocol::now_millis()).into_iter().map(|(m, _)| m).collect();
+        let listed = match served.len() {
+            0 => "none".to_string(),
+            n if n <= 10 => served.join(", "),
+            n => format!("{}, and {} more", served[..10].join(", "), n - 10),
+        };
         return Err(AppError::invalid(
             "model",
-            format!(
-                "no live worker serves model {:?} (served now: {})",
-                job.model,
-                if served.is_empty() { "none".to_string() } else { served.join(", ") }
-            ),
+            format!("no live worker serves model {} (served now: {listed})", protocol::quoted(&job.model)),
         ));
     }
     Ok(job)
@@ -467,7 +476,11 @@ fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         } else {
             StatusCode::UNPROCESSABLE_ENTITY
         };
-        AppError { status, code: "INVALID_REQUEST", message: format!("invalid JSON body: {inner}"), field }
+        // serde_json quotes what it could not read: keep the message short whatever the body held.
+        let mut message = format!("invalid JSON body: {inner}");
+        message.truncate(protocol::truncate(&message, protocol::MAX_ERROR_MESSAGE_BYTES).len());
+        let field = field.map(|f| protocol::truncate(&f, 128).to_string());
+        AppError { status, code: "INVALID_REQUEST", message, field }
     })
 }
 
@@ -574,9 +587,7 @@ pub struct UploadResponse {
 #[utoipa::path(post, path = "/v1/uploads", tag = "jobs", request_body(content = Vec<u8>, content_type = "image/png"),
     responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn upload(State(state): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
-    let img = crate::image_input::decode_bounded(body.clone(), "upload")
-        .await
-        .map_err(|e| AppError::invalid("body", format!("{e:#}")))?;
+    let img = crate::image_input::decode_bounded(body.clone(), "upload").await.map_err(|e| decode_error("body", e))?;
     let format = image::guess_format(&body).map_err(|e| AppError::invalid("body", e.to_string()))?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
     let key = format!("uploads/{}.{ext}", Uuid::new_v4());
