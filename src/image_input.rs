@@ -102,9 +102,12 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     // `from_decoder` reserves nothing, so the budget is checked here, for every format and bit depth.
     let buffer = decoder.total_bytes();
     let rotated = if orientation == image::metadata::Orientation::NoTransforms { 0 } else { buffer };
-    let cost = buffer.saturating_mul(decode_cost(format)).saturating_add(rotated).saturating_add(bytes.len() as u64);
+    let mut cost =
+        buffer.saturating_mul(decode_cost(format)).saturating_add(rotated).saturating_add(bytes.len() as u64);
     if format == Some(image::ImageFormat::WebP) {
-        webp_frames_within_canvas(bytes, w, h).with_context(|| format!("{what}: not a WebP image we can decode"))?;
+        let lossless =
+            webp_lossless_bytes(bytes, w, h).with_context(|| format!("{what}: not a WebP image we can decode"))?;
+        cost = cost.saturating_add(lossless.saturating_mul(LOSSLESS_WEBP_COST));
     }
     if cost > MAX_DECODE_BYTES {
         bail!(
@@ -130,9 +133,16 @@ fn decode_cost(format: Option<image::ImageFormat>) -> u64 {
     }
 }
 
-/// A WebP's frames (the still image, or each animation frame) are no larger than its canvas: a decoder
-/// sizes its work by the frame, found only after decoding, while the budget counts the canvas.
-fn webp_frames_within_canvas(bytes: &[u8], width: u32, height: u32) -> Result<()> {
+/// What a decoder of lossless WebP data (a VP8L image, or a lossless alpha plane) may allocate per byte of
+/// it, beside the pixels: each Huffman code group it declares (up to 65,536, whatever the image's size) costs
+/// five lookup tables of up to 4 KiB, for some 60 bytes of input at least.
+const LOSSLESS_WEBP_COST: u64 = 350;
+
+/// Checks a WebP's layout before it is decoded and returns how many bytes of it are lossless data (see
+/// [`LOSSLESS_WEBP_COST`]). Its frames (the still image, or each animation frame) must be no larger than
+/// its canvas: a decoder sizes its work by the frame, found only after decoding, while the budget counts
+/// the canvas.
+fn webp_lossless_bytes(bytes: &[u8], width: u32, height: u32) -> Result<u64> {
     fn le(b: &[u8]) -> u32 {
         b.iter().rev().fold(0, |n, &x| (n << 8) | u32::from(x))
     }
@@ -162,20 +172,27 @@ fn webp_frames_within_canvas(bytes: &[u8], width: u32, height: u32) -> Result<()
         })
     }
     let body = bytes.get(12..).context("no RIFF body")?;
-    let mut frames = Vec::new();
-    for (fourcc, data) in chunks(body)? {
+    let mut top = chunks(body)?;
+    let mut all = Vec::new();
+    while let Some((fourcc, data)) = top.pop() {
         if fourcc == b"ANMF" {
-            for (inner, frame) in chunks(data.get(16..).unwrap_or_default())? {
-                frames.extend(frame_size(inner, frame)?);
-            }
+            top.extend(chunks(data.get(16..).unwrap_or_default())?);
         } else {
-            frames.extend(frame_size(fourcc, data)?);
+            all.push((fourcc, data));
         }
     }
-    if let Some((fw, fh)) = frames.into_iter().find(|&(fw, fh)| fw > width || fh > height) {
-        bail!("a {fw}x{fh} frame is larger than the {width}x{height} canvas");
+    let mut lossless = 0;
+    for (fourcc, data) in all {
+        if let Some((fw, fh)) = frame_size(fourcc, data)? {
+            if fw > width || fh > height {
+                bail!("a {fw}x{fh} frame is larger than the {width}x{height} canvas");
+            }
+        }
+        if fourcc == b"VP8L" || fourcc == b"ALPH" {
+            lossless += data.len() as u64;
+        }
     }
-    Ok(())
+    Ok(lossless)
 }
 
 /// [`decode`] on a blocking thread, at most [`MAX_CONCURRENT_DECODES`] at a time in the process: what the
@@ -365,11 +382,28 @@ mod tests {
     #[test]
     fn webp_frames_larger_than_their_canvas_are_refused() {
         let bomb = webp_with_frame((16, 16), (16383, 16383));
-        let err = format!("{:#}", webp_frames_within_canvas(&bomb, 16, 16).unwrap_err());
+        let err = format!("{:#}", webp_lossless_bytes(&bomb, 16, 16).unwrap_err());
         assert!(err.contains("16383x16383 frame is larger than the 16x16 canvas"), "{err}");
         assert!(decode(&bomb, "init image").is_err());
-        webp_frames_within_canvas(&webp_with_frame((64, 32), (64, 32)), 64, 32).unwrap();
-        assert!(webp_frames_within_canvas(b"RIFF\x10\0\0\0WEBPVP8L\xff\0\0\0", 1, 1).is_err(), "a cut chunk");
+        assert_eq!(webp_lossless_bytes(&webp_with_frame((64, 32), (64, 32)), 64, 32).unwrap(), 16);
+        assert!(webp_lossless_bytes(b"RIFF\x10\0\0\0WEBPVP8L\xff\0\0\0", 1, 1).is_err(), "a cut chunk");
+        // Lossless data is costed by its size (Huffman tables), whatever the pixel count: a 1×1 image with
+        // a megabyte of it is refused, a real lossless image of a few hundred KB is not.
+        let mut tables = webp_with_frame((1, 1), (1, 1));
+        let pad = 1_000_000;
+        tables.extend(std::iter::repeat_n(0, pad));
+        let vp8l_size = (16 + pad) as u32;
+        let at = 12 + 8 + 10 + 4;
+        tables[at..at + 4].copy_from_slice(&vp8l_size.to_le_bytes());
+        let riff = (tables.len() - 8) as u32;
+        tables[4..8].copy_from_slice(&riff.to_le_bytes());
+        assert_eq!(webp_lossless_bytes(&tables, 1, 1).unwrap(), 16 + pad as u64);
+        let err = format!("{:#}", decode(&tables, "mask").unwrap_err());
+        assert!(err.contains("MiB limit"), "{err}");
+        let photo = DynamicImage::ImageRgb8(RgbImage::from_fn(256, 256, |x, y| image::Rgb([x as u8, y as u8, 7])));
+        let mut lossless = Vec::new();
+        photo.write_to(&mut Cursor::new(&mut lossless), image::ImageFormat::WebP).unwrap();
+        assert!(lossless.len() < 300_000 && decode(&lossless, "init image").is_ok());
     }
 
     #[test]
