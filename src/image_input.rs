@@ -102,8 +102,11 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     // `from_decoder` reserves nothing, so the budget is checked here, for every format and bit depth.
     let buffer = decoder.total_bytes();
     let rotated = if orientation == image::metadata::Orientation::NoTransforms { 0 } else { buffer };
-    let mut cost =
-        buffer.saturating_mul(decode_cost(format)).saturating_add(rotated).saturating_add(bytes.len() as u64);
+    let mut cost = match format {
+        Some(image::ImageFormat::Jpeg) => jpeg_cost(bytes, u64::from(w) * u64::from(h), buffer),
+        _ => buffer.saturating_mul(decode_cost(format)),
+    };
+    cost = cost.saturating_add(rotated).saturating_add(bytes.len() as u64);
     if format == Some(image::ImageFormat::WebP) {
         let lossless =
             webp_lossless_bytes(bytes, w, h).with_context(|| format!("{what}: not a WebP image we can decode"))?;
@@ -123,14 +126,38 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
 }
 
 /// How many times its output buffer a decoder of `format` may hold at its peak (the image crate's decoders
-/// take no allocation limit of their own): a progressive JPEG keeps every DCT coefficient, 2 bytes per
-/// sample of up to four components (CMYK), beside the RGB pixels; a WebP its YUV planes and alpha, an
-/// animated one a canvas and a frame; PNG (interlaced or not) decodes into the buffer row by row.
+/// take no allocation limit of their own): a WebP its YUV planes and alpha, an animated one a canvas and a
+/// frame; PNG (interlaced or not) decodes into the buffer row by row. JPEG: [`jpeg_cost`].
 fn decode_cost(format: Option<image::ImageFormat>) -> u64 {
     match format {
         Some(image::ImageFormat::Png) => 1,
         _ => 4,
     }
+}
+
+/// What decoding a JPEG takes: a baseline one decodes row by row into the output (with a second buffer's
+/// worth for colour conversion and upsampling); a progressive one keeps every DCT coefficient, 2 bytes per
+/// pixel for each component (up to four: CMYK), beside the output. Read from its start-of-frame marker; a
+/// JPEG without a readable one is costed as progressive CMYK.
+fn jpeg_cost(bytes: &[u8], pixels: u64, buffer: u64) -> u64 {
+    let worst = buffer.saturating_add(pixels.saturating_mul(8));
+    let mut at = 2;
+    while let (Some(&0xff), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) {
+        let Some(len) = bytes.get(at + 2..at + 4).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else {
+            return worst;
+        };
+        let start_of_frame = matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc);
+        if start_of_frame {
+            let components = bytes.get(at + 9).map_or(4, |&n| u64::from(n.min(4)));
+            let progressive = matches!(marker, 0xc2 | 0xc6 | 0xca | 0xce);
+            return match progressive {
+                true => buffer.saturating_add(pixels.saturating_mul(2 * components)),
+                false => buffer.saturating_mul(2),
+            };
+        }
+        at += 2 + len;
+    }
+    worst
 }
 
 /// What a decoder of lossless WebP data (a VP8L image, or a lossless alpha plane) may allocate per byte of
@@ -404,6 +431,24 @@ mod tests {
         let mut lossless = Vec::new();
         photo.write_to(&mut Cursor::new(&mut lossless), image::ImageFormat::WebP).unwrap();
         assert!(lossless.len() < 300_000 && decode(&lossless, "init image").is_ok());
+    }
+
+    #[test]
+    fn jpeg_costs_follow_the_start_of_frame() {
+        let photo = DynamicImage::ImageRgb8(RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 7])));
+        let mut baseline = Vec::new();
+        photo.write_to(&mut Cursor::new(&mut baseline), image::ImageFormat::Jpeg).unwrap();
+        let (pixels, buffer) = (64 * 48, 64 * 48 * 3);
+        assert_eq!(jpeg_cost(&baseline, pixels, buffer), 2 * buffer);
+        // The same header marked progressive (SOF2): coefficients of three components besides the pixels.
+        let sof = baseline.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+        let mut progressive = baseline.clone();
+        progressive[sof + 1] = 0xc2;
+        assert_eq!(jpeg_cost(&progressive, pixels, buffer), buffer + 6 * pixels);
+        assert_eq!(jpeg_cost(&baseline[..sof], pixels, buffer), buffer + 8 * pixels, "no frame: the worst");
+        // A 24-megapixel baseline photo fits the budget; a 48-megapixel one does not.
+        let photo_cost = |w: u64, h: u64| jpeg_cost(&baseline, w * h, w * h * 3);
+        assert!(photo_cost(6000, 4000) < MAX_DECODE_BYTES && photo_cost(8000, 6000) > MAX_DECODE_BYTES);
     }
 
     #[test]
