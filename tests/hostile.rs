@@ -65,6 +65,7 @@ async fn jobs_at_the_size_limit_are_accepted_refused_or_dead_lettered_never_stuc
     let started = Instant::now();
     publish_raw(&client, "tiny", bytes.clone(), &bad.msg_id()).await;
     let events = wait_for_terminal(&client, bad.id, Duration::from_secs(20)).await;
+    eprintln!("an invalid job at the size limit: failed and dead-lettered in {:?}", started.elapsed());
     let failed = failure(&events).expect("the oversized invalid job is reported failed");
     assert_eq!(failed.field.as_deref(), Some("strength"), "{failed:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
@@ -157,6 +158,7 @@ async fn a_megabyte_field_fails_fast_with_a_short_message_and_the_worker_moves_o
     assert!(f.message.len() <= protocol::MAX_ERROR_MESSAGE_BYTES, "a {} byte message", f.message.len());
     let events = wait_for_terminal(&client, valid.id, Duration::from_secs(30)).await;
     assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    eprintln!("three megabyte-field jobs and a valid one after them: all done in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(20), "the bad jobs held the queue for {:?}", started.elapsed());
     assert_eq!(dead_letters(&client).await.len(), 3, "each bad job is dead-lettered");
     wait_for_empty_queue(&client, Duration::from_secs(10)).await;
@@ -253,6 +255,7 @@ async fn a_16_bit_png_bomb_is_refused_within_the_memory_limit_by_the_queen_and_t
     }
     let (_, after) = memory_mib(pid);
     assert!(queen.alive());
+    eprintln!("queen peak memory: {before} MiB before four bombs, {after} MiB after");
     assert!(after - before < 96, "the queen's peak memory grew by {} MiB (from {before} MiB)", after - before);
 
     // A worker given the bomb inline: failed with the field, its memory bounded, and it keeps serving.
@@ -270,6 +273,7 @@ async fn a_16_bit_png_bomb_is_refused_within_the_memory_limit_by_the_queen_and_t
     let f = failure(&events).expect("the bomb fails the job");
     assert_eq!(f.field.as_deref(), Some("init_image"), "{f:?}");
     let (_, after) = memory_mib(worker.pid().unwrap());
+    eprintln!("worker peak memory: {before} MiB before the bomb, {after} MiB after");
     assert!(after - before < 96, "the worker's peak memory grew by {} MiB (from {before} MiB)", after - before);
     let again = tiny_job(2, 6);
     client.submit(&again).await.unwrap();
