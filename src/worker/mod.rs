@@ -8,6 +8,7 @@
 //! them, publish a last heartbeat, drain the connection.
 
 pub mod control;
+mod dead_letter;
 pub mod job;
 
 use std::collections::HashMap;
