@@ -423,6 +423,26 @@ async fn a_stream_message_size_limit_is_a_refusal_not_a_retry() {
     assert!(dead_letters(&client).await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_is_cut_off_with_the_json_error() {
+    use std::io::{Read, Write};
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let queen = QueenChild::start_with(&nats.url(), store.path().to_str().unwrap(), &[], &["--body-timeout", "1s"]);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", queen.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = "POST /v1/jobs HTTP/1.1\r\nHost: q\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(b"{\"model\": ").unwrap();
+    let started = Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).expect("the queen answers a body that never arrives");
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    assert!(answer.starts_with("HTTP/1.1 408") || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"error\"") && answer.contains("application/json"), "{answer}");
+}
+
 #[test]
 fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
     for (tokens, expected) in [

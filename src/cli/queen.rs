@@ -32,6 +32,9 @@ pub struct QueenArgs {
     /// Largest request body, in bytes (JSON with inline images, or an upload).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
     /// Accept jobs for models no live worker serves (they wait in the queue).
     #[arg(long)]
     pub accept_unserved_models: bool,
@@ -86,6 +89,7 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
         bail!("no API tokens: give --token-file FILE or SD_RBEE_API_TOKENS, or --no-auth for a trusted network");
     }
     config.api.max_body_bytes = args.max_body_bytes;
+    config.api.body_timeout = args.body_timeout;
     config.api.require_served_model = !args.accept_unserved_models;
     config.api.cors_origins = args.cors_origin;
     if let Some(json) = args.limits {

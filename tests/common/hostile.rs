@@ -140,11 +140,17 @@ pub struct QueenChild {
 
 impl QueenChild {
     pub fn start(nats: &str, store: &str, env: &[(String, String)]) -> Self {
+        Self::start_with(nats, store, env, &[])
+    }
+
+    /// [`Self::start`] with more flags.
+    pub fn start_with(nats: &str, store: &str, env: &[(String, String)], extra: &[&str]) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
             .args(["queen", "--nats", nats, "--store", store, "--no-auth", "--accept-unserved-models"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .env_remove("SD_RBEE_API_TOKENS")

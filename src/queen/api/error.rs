@@ -202,6 +202,7 @@ pub(super) async fn json_errors(
         StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", format!("{method} is not allowed here")),
         StatusCode::NOT_FOUND => ("NOT_FOUND", "no such endpoint".to_string()),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", text),
+        StatusCode::REQUEST_TIMEOUT => ("REQUEST_TIMEOUT", "the request body did not arrive in time".to_string()),
         StatusCode::UNAUTHORIZED => ("UNAUTHORIZED", text),
         s if s.is_server_error() => ("INTERNAL", text),
         _ => ("INVALID_REQUEST", text),

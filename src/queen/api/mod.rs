@@ -56,6 +56,8 @@ pub struct ApiConfig {
     pub limits: Limits,
     /// Largest request body (JSON with inline images, or an upload).
     pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive (a client that trickles one holds a connection).
+    pub body_timeout: Duration,
     /// Refuse jobs for models no live worker serves.
     pub require_served_model: bool,
     /// Origins allowed by CORS; empty: no CORS headers.
@@ -68,6 +70,7 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             limits: Limits::default(),
             max_body_bytes: 16 * 1024 * 1024,
+            body_timeout: Duration::from_secs(60),
             require_served_model: true,
             cors_origins: Vec::new(),
         }
@@ -130,7 +133,9 @@ pub fn app(state: AppState) -> Router {
         .route("/ready", get(ready))
         .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint") })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors));
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.body_timeout))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer));
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<HeaderValue> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
         router = router.layer(
@@ -141,7 +146,6 @@ pub fn app(state: AppState) -> Router {
         );
     }
     router
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             // Both come from the client: logged short.
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
