@@ -261,8 +261,9 @@ pub enum PublishError {
 }
 
 /// Publishes to a stream and waits for the server's acknowledgement, retrying for up to `patience` (the
-/// server may be restarting); `msg_id` makes retries safe. A message over the server's `max_payload` is
-/// refused at once ([`PublishError::TooLarge`]), never retried.
+/// server may be restarting); `msg_id` makes retries safe. A message over the server's `max_payload` (which
+/// async-nats checks before sending, headers included) or a stream's size limit is refused at once
+/// ([`PublishError::TooLarge`]), never retried.
 pub async fn publish_persistent(
     js: &jetstream::Context,
     subject: String,
@@ -273,19 +274,16 @@ pub async fn publish_persistent(
     let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
-        let size = wire_size(&headers, payload.len());
-        let max = js.client().max_payload();
-        // max_payload is 0 until the first connection's INFO (never, after connect): then let the server judge.
-        if max > 0 && size > max {
-            return Err(PublishError::TooLarge { subject, size, max });
-        }
         let attempt = async {
             let ack = js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?;
             ack.await
         };
         match attempt.await {
             Ok(ack) => return Ok(ack),
-            Err(e) if is_too_large(&e) => return Err(PublishError::TooLarge { subject, size, max }),
+            Err(e) if is_too_large(&e) => {
+                let (size, max) = (wire_size(&headers, payload.len()), js.client().max_payload());
+                return Err(PublishError::TooLarge { subject, size, max });
+            }
             Err(e) if started.elapsed() < patience => {
                 tracing::warn!(subject, error = %e, "publish failed; retrying");
                 tokio::time::sleep(delay).await;

@@ -14,7 +14,7 @@ pub const MAX_ENCODED_BYTES: usize = 32 * 1024 * 1024;
 pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub const MAX_SIDE: u32 = 16384;
 /// The most memory one decode may take: the decoded buffer (whatever its bit depth) times what its
-/// decoder keeps beside it ([`decode_cost`]), plus a rotated copy when EXIF asks for one.
+/// decoder keeps beside it (see [`decode`]), plus a rotated copy when EXIF asks for one.
 pub const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 /// Decodes running at once in one process ([`decode_bounded`]): with [`MAX_DECODE_BYTES`], what hostile
 /// inputs can make a queen or worker allocate at a time.
@@ -102,9 +102,13 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     // `from_decoder` reserves nothing, so the budget is checked here, for every format and bit depth.
     let buffer = decoder.total_bytes();
     let rotated = if orientation == image::metadata::Orientation::NoTransforms { 0 } else { buffer };
+    // What the format's decoder holds at its peak beside the output (the image crate's decoders take no
+    // allocation limit of their own): PNG (interlaced or not) decodes into it row by row; a WebP keeps its
+    // YUV planes and alpha, an animated one a canvas and a frame.
     let mut cost = match format {
+        Some(image::ImageFormat::Png) => buffer,
         Some(image::ImageFormat::Jpeg) => jpeg_cost(bytes, u64::from(w) * u64::from(h), buffer),
-        _ => buffer.saturating_mul(decode_cost(format)),
+        _ => buffer.saturating_mul(4),
     };
     cost = cost.saturating_add(rotated).saturating_add(bytes.len() as u64);
     if format == Some(image::ImageFormat::WebP) {
@@ -123,16 +127,6 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<DynamicImage> {
     let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("{what}: the image data is corrupt"))?;
     img.apply_orientation(orientation);
     Ok(img)
-}
-
-/// How many times its output buffer a decoder of `format` may hold at its peak (the image crate's decoders
-/// take no allocation limit of their own): a WebP its YUV planes and alpha, an animated one a canvas and a
-/// frame; PNG (interlaced or not) decodes into the buffer row by row. JPEG: [`jpeg_cost`].
-fn decode_cost(format: Option<image::ImageFormat>) -> u64 {
-    match format {
-        Some(image::ImageFormat::Png) => 1,
-        _ => 4,
-    }
 }
 
 /// What decoding a JPEG takes: a baseline one decodes row by row into the output (with a second buffer's

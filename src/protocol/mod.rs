@@ -164,14 +164,14 @@ impl ProtocolError {
     pub fn invalid(field: &str, message: impl fmt::Display) -> Self {
         let field = truncate(field, MAX_FIELD_NAME_BYTES);
         let mut message = format!("`{field}` {message}");
-        message.truncate(truncate(&message, MAX_ERROR_MESSAGE_BYTES).len());
+        cut(&mut message, MAX_ERROR_MESSAGE_BYTES);
         Self { code: ErrorCode::InvalidRequest, field: Some(field.to_string()), message }
     }
 
     /// An `INVALID_REQUEST` error about a whole message (it cannot be decoded); cut like [`Self::invalid`].
     pub fn malformed(message: impl Into<String>) -> Self {
         let mut message = message.into();
-        message.truncate(truncate(&message, MAX_ERROR_MESSAGE_BYTES).len());
+        cut(&mut message, MAX_ERROR_MESSAGE_BYTES);
         Self { code: ErrorCode::InvalidRequest, field: None, message }
     }
 }
@@ -196,6 +196,12 @@ pub fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub fn cut(text: &mut String, max: usize) {
+    let end = truncate(text, max).len();
+    text.truncate(end);
 }
 
 /// A value quoted back in an error message: `"..."` (Rust escapes), its first [`MAX_ECHO_CHARS`]

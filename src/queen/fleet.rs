@@ -141,7 +141,7 @@ fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protoc
     hb.models.sort();
     hb.models.dedup();
     for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
-        text.truncate(protocol::truncate(text, MAX_TEXT_BYTES).len());
+        protocol::cut(text, MAX_TEXT_BYTES);
     }
     Ok(hb)
 }

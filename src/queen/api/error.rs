@@ -162,8 +162,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
         let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|e| {
             let field = e.path().to_string();
-            let message = format!("invalid query string: {}", e.into_inner());
-            let message = protocol::truncate(&message, protocol::MAX_ERROR_MESSAGE_BYTES).to_string();
+            let mut message = format!("invalid query string: {}", e.into_inner());
+            protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
             let error = AppError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message);
             if field == "." || field.is_empty() {
                 error

@@ -482,7 +482,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
         };
         // serde_json quotes what it could not read: keep the message short whatever the body held.
         let mut message = format!("invalid JSON body: {inner}");
-        message.truncate(protocol::truncate(&message, protocol::MAX_ERROR_MESSAGE_BYTES).len());
+        protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
         let field = field.map(|f| protocol::truncate(&f, 128).to_string());
         AppError { status, code: "INVALID_REQUEST", message, field }
     })
