@@ -9,8 +9,8 @@ use image::{DynamicImage, RgbImage};
 use crate::device::DeviceSpec;
 use crate::diffusion::image::{paste_back, rgb8_to_tensor, tensor_to_rgb8};
 use crate::diffusion::{
-    GenerateError, GenerationOutput, GenerationRequest, InitImage, ModelFamily, SchedulerKind, StableDiffusion,
-    TimestepSpacing,
+    GenerateError, GenerationOutput, GenerationRequest, InitImage, LoraWeight, ModelFamily, SchedulerKind,
+    StableDiffusion, TimestepSpacing,
 };
 use crate::hub::RegistryEntry;
 use crate::image_input::{self, ResizeMode};
@@ -72,6 +72,8 @@ pub struct Params {
     pub resize: ResizeMode,
     /// Replaces the seeded noise added to the init image.
     pub noise: Option<Tensor>,
+    /// LoRAs for this generation, in order.
+    pub loras: Vec<LoraWeight>,
 }
 
 impl Params {
@@ -96,6 +98,7 @@ impl Params {
             paste_back: None,
             resize: ResizeMode::Fit,
             noise: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -155,6 +158,7 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
     req.seed = params.seed;
     req.num_images = params.num_images;
     req.initial_latents = params.initial_latents;
+    req.loras = params.loras;
     for (field, value) in [("width", req.width), ("height", req.height)] {
         if value == 0 || value % 8 != 0 {
             return Err(invalid(field, format!("must be a positive multiple of 8, got {value}")));

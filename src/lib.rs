@@ -10,6 +10,7 @@ pub mod diffusion;
 pub mod generation;
 pub mod hub;
 pub mod image_input;
+pub mod loras;
 pub mod protocol;
 pub mod queen;
 pub mod storage;

@@ -302,6 +302,7 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         hostname: "h\"".into(),
         device: "cpu".into(),
         models: vec![model.into()],
+        loras: vec![],
         state: protocol::WorkerState::Idle,
         jobs_done: 0,
         jobs_failed: 0,
@@ -349,7 +350,7 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
         bytes: 1,
         content_type: "image/png".into(),
     };
-    let timings = protocol::Timings { queue_ms: 0, generation_ms: 0, upload_ms: 0, total_ms: 0 };
+    let timings = protocol::Timings::default();
     let at = protocol::now_millis();
     let v = protocol::PROTOCOL_VERSION;
     publish(Event::Completed(protocol::Completed { v, job_id: poison, at, images: vec![image], timings })).await;

@@ -14,6 +14,7 @@ use crate::diffusion::image::tensor_to_rgb8;
 use crate::diffusion::{SchedulerKind, TimestepSpacing};
 use crate::generation::{self, encode_image, Params};
 use crate::image_input::{self, ResizeMode};
+use crate::loras::{LoraLibrary, LoraLimits};
 use crate::protocol::ImageFormat;
 
 #[derive(Debug, Clone, Args)]
@@ -89,6 +90,10 @@ pub struct GenerateArgs {
     /// How the init image and mask are brought to --width x --height.
     #[arg(long, value_enum, default_value_t = ResizeMode::Fit)]
     pub resize: ResizeMode,
+    /// Apply a LoRA (kohya or diffusers/PEFT .safetensors) at SCALE (default 1.0, negative subtracts it);
+    /// repeatable, the LoRAs add up.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = crate::loras::parse_lora_arg)]
+    pub loras: Vec<(PathBuf, f64)>,
     /// Replaces the seeded noise added to the init image: FILE.safetensors[:TENSOR] (default tensor `noise`).
     #[arg(long, value_name = "FILE[:TENSOR]")]
     pub noise: Option<String>,
@@ -187,6 +192,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
 
+    let library = LoraLibrary::new(None, LoraLimits::default())?;
+    let loras = library.resolve_files(&args.loras).context("--lora")?;
+
     let loaded = load_model(&args.model)?;
     let sd = &loaded.pipeline;
     let mut params = Params::new(args.prompt.clone());
@@ -212,6 +220,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     params.resize = args.resize;
     params.noise = noise;
+    params.loras = loras;
     let prepared = generation::prepare(sd, loaded.entry, params)?;
     let req = &prepared.request;
 
@@ -254,7 +263,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "width": req.width, "height": req.height, "steps": t.step_ms.len(),
             "guidance": req.guidance_scale, "scheduler": output.scheduler.name(),
             "images": images, "warnings": warnings,
-            "timings": {"load_ms": loaded.load_ms, "text_encoding_ms": t.text_encoding_ms,
+            "timings": {"load_ms": loaded.load_ms, "lora_ms": t.lora_ms, "text_encoding_ms": t.text_encoding_ms,
                         "median_step_ms": t.median_step_ms(), "denoising_ms": t.denoising_ms,
                         "decoding_ms": t.decoding_ms, "total_ms": t.total_ms},
         });

@@ -65,6 +65,9 @@ pub struct SubmitArgs {
     pub format: ImageFormat,
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub quality: Option<u8>,
+    /// A LoRA from the workers' catalogue (their --lora-dir) at SCALE (default 1.0); repeatable.
+    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = parse_lora_ref)]
+    pub loras: Vec<protocol::LoraRef>,
     /// The job is worthless after this long (it fails with TIMEOUT).
     #[arg(long, value_parser = parse_duration)]
     pub deadline: Option<Duration>,
@@ -89,6 +92,16 @@ pub struct SubmitArgs {
     /// A bearer token of the queen's API (with --via).
     #[arg(long, env = "SD_RBEE_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `NAME[:SCALE]`: a catalogue name, the scale after the last `:` (default 1.0).
+fn parse_lora_ref(spec: &str) -> Result<protocol::LoraRef, String> {
+    let (name, scale) = match spec.rsplit_once(':') {
+        Some((n, s)) => (n, s.parse::<f64>().map_err(|_| format!("{spec}: the scale after `:` is not a number"))?),
+        None => (spec, 1.0),
+    };
+    protocol::validate_lora_name("--lora", name).map_err(|e| e.message)?;
+    Ok(protocol::LoraRef { name: name.to_string(), scale })
 }
 
 /// `submit --via`: through the queen; the final status as JSON with each image's key and URL.
@@ -180,6 +193,7 @@ fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     job.output.quality = args.quality;
     job.deadline = args.deadline.map(|d| job.created_at + d.as_millis() as u64);
     job.idempotency_key = args.idempotency_key.clone();
+    job.loras = args.loras.clone();
     Ok(job)
 }
 

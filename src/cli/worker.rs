@@ -57,6 +57,12 @@ pub struct WorkerArgs {
     /// the queen's).
     #[arg(long)]
     pub limits: Option<String>,
+    /// The LoRA catalogue: jobs name its NAME.safetensors files (`loras: [{"name": NAME, "scale": 0.8}]`).
+    #[arg(long, env = "SD_RBEE_LORA_DIR", value_name = "DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
+    /// Largest LoRA file accepted, in bytes (the count per job is the `max_loras` limit).
+    #[arg(long, default_value_t = crate::loras::LoraLimits::default().max_file_bytes)]
+    pub max_lora_bytes: u64,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -82,6 +88,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.preview_every = args.preview_every;
     config.store.retry_timeout = args.store_retry;
     config.step_delay = args.step_delay;
+    config.lora_dir = args.lora_dir;
+    config.lora_limits.max_file_bytes = args.max_lora_bytes;
     if let Some(json) = &args.limits {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;
     }

@@ -3,7 +3,9 @@
 //! diffusers' `Attention` module, the GEGLU feed-forward, `BasicTransformerBlock` and `Transformer2DModel`.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::adapt::{self, Linear};
 
 use super::conv::{conv2d, Conv2d};
 use super::group_norm::{group_norm, GroupNorm};
@@ -66,12 +68,12 @@ impl Attention {
         bias: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
-        let proj = |name: &str, input: usize| candle_nn::linear_b(input, inner, bias, vb.pp(name));
+        let proj = |name: &str, input: usize| adapt::linear_b(input, inner, bias, vb.pp(name));
         Ok(Self {
             to_q: proj("to_q", query_dim)?,
             to_k: proj("to_k", context_dim)?,
             to_v: proj("to_v", context_dim)?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_out: adapt::linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
@@ -111,8 +113,8 @@ impl GegluFeedForward {
     pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: adapt::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: adapt::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -191,7 +193,7 @@ impl Transformer2D {
         let head_dim = c / cfg.heads;
         let projection = |name: &str| -> Result<Projection> {
             if cfg.linear_projection {
-                Ok(Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?))
+                Ok(Projection::Linear(adapt::linear(c, c, vb.pp(name))?))
             } else {
                 Ok(Projection::Conv(conv2d(c, c, 1, Default::default(), vb.pp(name))?))
             }
@@ -242,23 +244,23 @@ impl Transformer2D {
 #[derive(Debug)]
 pub struct SpatialSelfAttention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: candle_nn::Linear,
+    to_k: candle_nn::Linear,
+    to_v: candle_nn::Linear,
+    to_out: candle_nn::Linear,
     scale: f64,
 }
 
 impl SpatialSelfAttention {
     pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let proj = |new: &str, old: &str| -> Result<Linear> {
+        let proj = |new: &str, old: &str| -> Result<candle_nn::Linear> {
             let p = vb.pp(if legacy { old } else { new });
             let w = p.get((channels, channels), "weight").or_else(|_| {
                 // Very old checkpoints stored these as 1×1 convolutions.
                 p.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))
             })?;
-            Ok(Linear::new(w, Some(p.get(channels, "bias")?)))
+            Ok(candle_nn::Linear::new(w, Some(p.get(channels, "bias")?)))
         };
         Ok(Self {
             group_norm: group_norm(groups, channels, eps, vb.pp("group_norm"))?,

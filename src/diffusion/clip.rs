@@ -5,9 +5,10 @@
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
+use super::adapt::{self, Linear};
 use super::layer_norm::{layer_norm, LayerNorm};
 
 /// The activation of the MLP.
@@ -127,13 +128,13 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
+            q_proj: adapt::linear(h, h, attn.pp("q_proj"))?,
+            k_proj: adapt::linear(h, h, attn.pp("k_proj"))?,
+            v_proj: adapt::linear(h, h, attn.pp("v_proj"))?,
+            out_proj: adapt::linear(h, h, attn.pp("out_proj"))?,
             layer_norm2: layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: adapt::linear(h, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: adapt::linear(c.intermediate_size, h, vb.pp("mlp.fc2"))?,
         })
     }
 
@@ -200,7 +201,7 @@ impl ClipTextModel {
         let final_layer_norm = layer_norm(h, config.layer_norm_eps, tm.pp("final_layer_norm"))?;
         let text_projection = if config.has_projection() || vb.contains_tensor("text_projection.weight") {
             let dim = config.projection_dim.unwrap_or(h);
-            Some(candle_nn::linear_no_bias(h, dim, vb.pp("text_projection"))?)
+            Some(adapt::linear_b(h, dim, false, vb.pp("text_projection"))?)
         } else {
             None
         };

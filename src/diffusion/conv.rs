@@ -9,6 +9,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use gemm::Parallelism;
 
+use super::adapt::{Adaptable, Weighted};
 use super::cpu_data::with_f32_data;
 
 /// Multiplies smaller than this many multiply-adds run on one thread.
@@ -133,30 +134,89 @@ impl CpuConv {
     }
 }
 
-/// A convolution layer (`weight`, optional `bias`), as `torch.nn.Conv2d`: the direct CPU kernel when it
-/// applies (holding the only copy of the weights), else Candle's.
+impl CpuConv {
+    /// The weight `[c_out, c_in, k, k]` back from the kernel rows.
+    fn weight(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let (ci, co, k) = (self.c_in, self.c_out, self.kernel);
+        let mut w = vec![0f32; co * ci * k * k];
+        for (ky, row) in self.rows.iter().enumerate() {
+            for o in 0..co {
+                for i in 0..ci {
+                    for kx in 0..k {
+                        w[((o * ci + i) * k + ky) * k + kx] = row[(o * ci + i) * k + kx];
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(w, (co, ci, k, k), device)
+    }
+}
+
+/// How a convolution runs: the direct CPU kernel when it applies (holding the only copy of the weights),
+/// else Candle's.
 #[derive(Debug, Clone)]
-pub enum Conv2d {
+pub enum ConvKernel {
     Direct(CpuConv),
     Candle(candle_nn::Conv2d),
 }
 
+/// A convolution layer (`weight`, optional `bias`), as `torch.nn.Conv2d`, that LoRAs can adapt.
+pub type Conv2d = Adaptable<ConvKernel>;
+
 /// Loads `weight` `[c_out, c_in, k, k]` and `bias` `[c_out]`.
 pub fn conv2d(c_in: usize, c_out: usize, kernel: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    let path = vb.prefix();
     let composite = candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?;
-    let direct =
-        matches!((kernel, cfg.padding), (3, 1) | (1, 0)) && cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
-    if direct && composite.weight().device().is_cpu() && composite.weight().dtype() == DType::F32 {
-        Ok(Conv2d::Direct(CpuConv::new(composite.weight(), composite.bias(), kernel)?))
-    } else {
-        Ok(Conv2d::Candle(composite))
+    Ok(Adaptable::new(ConvKernel::choose(composite)?, &path))
+}
+
+impl ConvKernel {
+    fn choose(composite: candle_nn::Conv2d) -> Result<Self> {
+        let cfg = *composite.config();
+        let kernel = composite.weight().dim(3)?;
+        let direct =
+            matches!((kernel, cfg.padding), (3, 1) | (1, 0)) && cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+        if direct && composite.weight().device().is_cpu() && composite.weight().dtype() == DType::F32 {
+            Ok(Self::Direct(CpuConv::new(composite.weight(), composite.bias(), kernel)?))
+        } else {
+            Ok(Self::Candle(composite))
+        }
     }
 }
 
-impl Module for Conv2d {
+impl Weighted for ConvKernel {
+    fn weight_dims(&self) -> Vec<usize> {
+        match self {
+            Self::Direct(c) => vec![c.c_out, c.c_in, c.kernel, c.kernel],
+            Self::Candle(conv) => conv.weight().dims().to_vec(),
+        }
+    }
+
+    fn weight(&self) -> Result<Tensor> {
+        match self {
+            Self::Direct(conv) => conv.weight(&candle_core::Device::Cpu),
+            Self::Candle(conv) => Ok(conv.weight().clone()),
+        }
+    }
+
+    fn with_weight(&self, weight: Tensor) -> Result<Self> {
+        match self {
+            Self::Direct(conv) => {
+                let mut new = CpuConv::new(&weight, None, conv.kernel)?;
+                new.bias = conv.bias.clone();
+                Ok(Self::Direct(new))
+            }
+            Self::Candle(conv) => {
+                Ok(Self::Candle(candle_nn::Conv2d::new(weight, conv.bias().cloned(), *conv.config())))
+            }
+        }
+    }
+}
+
+impl Module for ConvKernel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Conv2d::Direct(conv) => {
+            Self::Direct(conv) => {
                 let (b, c, h, w) = x.dims4()?;
                 if c != conv.c_in {
                     candle_core::bail!("conv2d: input has {c} channels, the layer expects {}", conv.c_in);
@@ -164,7 +224,7 @@ impl Module for Conv2d {
                 let out = with_f32_data(x, |data| conv.forward(data, b, h, w))?;
                 Tensor::from_vec(out, (b, conv.c_out, h, w), x.device())
             }
-            Conv2d::Candle(conv) => conv.forward(x),
+            Self::Candle(conv) => conv.forward(x),
         }
     }
 }
@@ -182,7 +242,12 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
             let cfg = Conv2dConfig { padding, ..Default::default() };
             let reference = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
-            let direct = Conv2d::Direct(CpuConv::new(&weight, Some(&bias), kernel).unwrap());
+            let direct = ConvKernel::Direct(CpuConv::new(&weight, Some(&bias), kernel).unwrap());
+            let back = Weighted::weight(&direct).unwrap();
+            assert_eq!(
+                back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
             let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &dev).unwrap();
             let want = reference.forward(&x).unwrap();
             let got = direct.forward(&x).unwrap();

@@ -2,7 +2,9 @@
 //! two-layer `TimestepEmbedding` MLP (also used for SDXL's `text_time` add-embedding).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::adapt::{self, Linear};
 
 /// diffusers' `get_timestep_embedding` for a batch of (possibly fractional) timesteps, computed in f32 the
 /// way PyTorch does: `[sin | cos]`, or `[cos | sin]` with `flip_sin_to_cos`. Returns `[len(timesteps), dim]`.
@@ -45,8 +47,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
+            linear_1: adapt::linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: adapt::linear(out_dim, out_dim, vb.pp("linear_2"))?,
         })
     }
 

@@ -2,6 +2,7 @@
 //! (`clip`, `unet_2d`, `vae` and their building blocks), the noise schedulers, PyTorch-compatible seeded
 //! noise, and the pipeline that ties them together. No I/O here beyond reading weights and configs.
 
+pub mod adapt;
 pub mod attention;
 pub mod clip;
 pub mod conv;
@@ -11,6 +12,7 @@ pub mod embeddings;
 pub mod group_norm;
 pub mod image;
 pub mod layer_norm;
+pub mod lora;
 pub mod pipeline;
 pub mod resnet;
 pub mod rng;
@@ -21,6 +23,7 @@ pub mod unet_2d_blocks;
 pub mod vae;
 pub mod weights;
 
+pub use lora::LoraWeight;
 pub use pipeline::{
     CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, InitImage, LoadOptions,
     ModelFamily, StableDiffusion, StepInfo, Timings,

@@ -14,7 +14,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::adapt::{self, LayerTable};
 use super::clip::{ClipTextConfig, ClipTextModel};
+use super::lora::names::LayerIndex;
+use super::lora::{Adapters, Component, LoraWeight};
 use super::rng::BatchNoise;
 use super::schedulers::{self, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
@@ -70,6 +73,8 @@ impl Default for LoadOptions {
 struct TextTower {
     tokenizer: ClipTokenizer,
     encoder: ClipTextModel,
+    /// The encoder's adaptable layers, for LoRAs.
+    layers: LayerTable,
 }
 
 impl std::fmt::Debug for TextTower {
@@ -85,9 +90,9 @@ impl TextTower {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let files = find_weights(&dir, "model", opts.dtype == DType::F16)?;
         let vb = var_builder(&files, opts.dtype, &opts.device)?;
-        let encoder = ClipTextModel::new(vb, config)
-            .with_context(|| format!("cannot build the text encoder in {}", dir.display()))?;
-        Ok(Self { tokenizer: tok, encoder })
+        let (encoder, layers) = adapt::record(|| ClipTextModel::new(vb, config));
+        let encoder = encoder.with_context(|| format!("cannot build the text encoder in {}", dir.display()))?;
+        Ok(Self { tokenizer: tok, encoder, layers })
     }
 }
 
@@ -111,6 +116,8 @@ pub struct GenerationRequest {
     pub initial_latents: Option<Tensor>,
     /// Image-to-image (and, with a mask, inpainting by re-blending) instead of text-to-image.
     pub init: Option<InitImage>,
+    /// LoRAs applied for this generation only, in order.
+    pub loras: Vec<LoraWeight>,
 }
 
 /// The image an img2img or inpainting run starts from.
@@ -142,6 +149,7 @@ impl GenerationRequest {
             num_images: 1,
             initial_latents: None,
             init: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -222,6 +230,8 @@ pub struct GeneratedImage {
 /// Where the time went.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
+    /// Merging and swapping in the request's LoRAs (0 when they were already in effect).
+    pub lora_ms: f64,
     pub text_encoding_ms: f64,
     pub denoising_ms: f64,
     pub step_ms: Vec<f64>,
@@ -277,6 +287,7 @@ pub struct StableDiffusion {
     vae_dtype: DType,
     scheduler_config: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
+    adapters: Adapters,
     device: Device,
     dtype: DType,
 }
@@ -325,8 +336,8 @@ impl StableDiffusion {
         let unet_config = UNet2DConditionConfig::from_file(&unet_dir.join("config.json"))?;
         let unet_vb =
             var_builder(&find_weights(&unet_dir, "diffusion_pytorch_model", half)?, opts.dtype, &opts.device)?;
-        let unet = UNet2DConditionModel::new(unet_vb, unet_config)
-            .with_context(|| format!("cannot build the UNet in {}", unet_dir.display()))?;
+        let (unet, unet_layers) = adapt::record(|| UNet2DConditionModel::new(unet_vb, unet_config));
+        let unet = unet.with_context(|| format!("cannot build the UNet in {}", unet_dir.display()))?;
 
         let vae_dir = root.join("vae");
         let vae_config = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
@@ -338,7 +349,19 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
         scheduler_config.prediction()?;
 
+        let mut tables = vec![(Component::Unet, &unet_layers), (Component::TextEncoder, &text.layers)];
+        if let Some(t2) = &text_2 {
+            tables.push((Component::TextEncoder2, &t2.layers));
+        }
+        let what = match family {
+            ModelFamily::StableDiffusionXl => "this SDXL model".to_string(),
+            ModelFamily::StableDiffusion => {
+                format!("this SD 1.x/2.x model ({}-wide text encoder)", text.encoder.config().hidden_size)
+            }
+        };
+        let adapters = Adapters::new(LayerIndex::new(&tables), what);
         let pipeline = Self {
+            adapters,
             root: root.to_path_buf(),
             family,
             text,
@@ -604,6 +627,9 @@ impl StableDiffusion {
         let seeds: Vec<u64> = (0..req.num_images as u64).map(|i| base_seed.wrapping_add(i)).collect();
         let guidance = req.guidance_scale > 1.0;
 
+        // The request's LoRAs stay in effect (and no other set can be swapped in) until `in_effect` drops.
+        let in_effect = self.adapters.enter(&req.loras).map_err(|e| invalid("loras", e.to_string()))?;
+        let lora_ms = in_effect.apply_ms;
         let t0 = Instant::now();
         let cond = self.conditioning(req, guidance, &mut warnings)?;
         let text_encoding_ms = ms(t0.elapsed());
@@ -746,7 +772,14 @@ impl StableDiffusion {
             images,
             scheduler: kind,
             warnings,
-            timings: Timings { text_encoding_ms, denoising_ms, step_ms, decoding_ms, total_ms: ms(start.elapsed()) },
+            timings: Timings {
+                lora_ms,
+                text_encoding_ms,
+                denoising_ms,
+                step_ms,
+                decoding_ms,
+                total_ms: ms(start.elapsed()),
+            },
         })
     }
 }

@@ -2,8 +2,9 @@
 //! `Downsample2D` and `Upsample2D`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
+use super::adapt::{self, Linear};
 use super::conv::{conv2d, Conv2d};
 
 use super::group_norm::{group_norm, GroupNorm};
@@ -57,7 +58,7 @@ impl ResnetBlock2D {
                     TimeInjection::Add => c_out,
                     TimeInjection::ScaleShift => 2 * c_out,
                 };
-                Some(candle_nn::linear(t, width, vb.pp("time_emb_proj"))?)
+                Some(adapt::linear(t, width, vb.pp("time_emb_proj"))?)
             }
             None => None,
         };

@@ -493,8 +493,55 @@ pub struct JobRequest {
     /// The client's idempotency key (the queen maps it to one job id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// LoRAs to apply, by the names in the workers' catalogues, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
     /// Unix milliseconds when the queen accepted the job.
     pub created_at: u64,
+}
+
+/// A LoRA a job applies: a catalogue name (never a path or URL) and its scale.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LoraRef {
+    /// The LoRA's name in the workers' catalogue (`--lora-dir`): letters, digits, `_`, `-`, `.`.
+    pub name: String,
+    /// 1.0 as trained; negative values subtract it. At most [`MAX_LORA_SCALE`] either way.
+    #[serde(default = "default_lora_scale")]
+    pub scale: f64,
+}
+
+fn default_lora_scale() -> f64 {
+    1.0
+}
+
+/// The largest scale a LoRA may be applied at (either sign); past this, weights are noise.
+pub const MAX_LORA_SCALE: f64 = 100.0;
+
+/// LoRA names a heartbeat lists (so it stays small whatever the catalogue holds).
+pub const MAX_HEARTBEAT_LORAS: usize = 256;
+
+/// LoRAs one job may name, whatever a deployment configures.
+pub const MAX_LORAS_PER_JOB: usize = 64;
+
+/// A LoRA catalogue name: 1 to 128 bytes of letters, digits, `_`, `-` and `.`, not starting with `.` and
+/// without `..` (so never a path). A trailing `.safetensors` is allowed and ignored.
+pub fn validate_lora_name(field: &str, name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::invalid(
+            field,
+            format!(
+                "is {}: a LoRA name is 1 to 128 letters, digits, `_`, `-` or `.` (a catalogue name, not a path)",
+                quoted(name)
+            ),
+        ))
+    }
 }
 
 impl JobRequest {
@@ -525,6 +572,7 @@ impl JobRequest {
             output: OutputFormat::default(),
             deadline: None,
             idempotency_key: None,
+            loras: Vec::new(),
             created_at: now_millis(),
         }
     }
@@ -679,6 +727,19 @@ impl JobRequest {
                 ));
             }
         }
+        let max_loras = limits.max_loras.min(MAX_LORAS_PER_JOB);
+        if self.loras.len() > max_loras {
+            return Err(E::invalid("loras", format!("has {} LoRAs, over the limit of {max_loras}", self.loras.len())));
+        }
+        for (i, lora) in self.loras.iter().enumerate() {
+            validate_lora_name(&format!("loras[{i}].name"), &lora.name)?;
+            if !lora.scale.is_finite() || lora.scale.abs() > MAX_LORA_SCALE {
+                return Err(E::invalid(
+                    &format!("loras[{i}].scale"),
+                    format!("must be between -{MAX_LORA_SCALE} and {MAX_LORA_SCALE}, got {}", lora.scale),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -704,6 +765,8 @@ pub struct Limits {
     pub max_inline_image_bytes: usize,
     /// Mask blur radius in pixels. Default 64.
     pub max_mask_blur: u32,
+    /// LoRAs in one job. Default 8 (never more than [`MAX_LORAS_PER_JOB`]).
+    pub max_loras: usize,
 }
 
 impl Default for Limits {
@@ -717,6 +780,7 @@ impl Default for Limits {
             max_images: 8,
             max_inline_image_bytes: MAX_INLINE_IMAGE_BYTES,
             max_mask_blur: 64,
+            max_loras: 8,
         }
     }
 }
@@ -852,6 +916,9 @@ pub struct ImageResult {
 pub struct Timings {
     /// From `created_at` to the worker taking the job.
     pub queue_ms: u64,
+    /// Part of `generation_ms`: merging the job's LoRAs into the weights (0 when they were in effect already).
+    #[serde(default)]
+    pub lora_ms: u64,
     pub generation_ms: u64,
     pub upload_ms: u64,
     /// From `created_at` to completion.
@@ -923,6 +990,9 @@ pub struct Heartbeat {
     pub device: String,
     /// The models it serves (it consumes their job subjects).
     pub models: Vec<String>,
+    /// The LoRAs jobs can name on this worker (its catalogue), at most [`MAX_HEARTBEAT_LORAS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
     pub state: WorkerState,
     pub jobs_done: u64,
     pub jobs_failed: u64,
@@ -1425,7 +1495,7 @@ mod tests {
                     bytes: 123_456,
                     content_type: "image/png".into(),
                 }],
-                timings: Timings { queue_ms: 1, generation_ms: 2, upload_ms: 3, total_ms: 6 },
+                timings: Timings { queue_ms: 1, lora_ms: 0, generation_ms: 2, upload_ms: 3, total_ms: 6 },
             }),
             Event::Failed(Failed {
                 v: 1,
@@ -1527,6 +1597,7 @@ mod tests {
                 hostname: "node-3".into(),
                 device: "cuda:0".into(),
                 models: vec!["xl".into(), "sd-turbo".into()],
+                loras: vec!["style".into()],
                 state,
                 jobs_done: 10,
                 jobs_failed: 1,

@@ -19,6 +19,14 @@ pub struct WorkerInfo {
     pub lost: bool,
 }
 
+/// A model as the live fleet serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedModel {
+    pub name: String,
+    pub workers: usize,
+    pub loras: Vec<String>,
+}
+
 #[derive(Clone, Default)]
 pub struct Fleet {
     workers: Arc<Mutex<HashMap<String, (Heartbeat, u64)>>>,
@@ -85,17 +93,22 @@ impl Fleet {
         workers.values().filter(|(hb, seen)| live(*seen) && hb.models.iter().any(|m| m == model)).count()
     }
 
-    /// The models live workers serve, with how many serve each.
-    pub fn models(&self, now: u64) -> Vec<(String, usize)> {
-        let mut counts: HashMap<String, usize> = HashMap::new();
+    /// The models live workers serve, by name: how many workers serve each and the LoRAs they can apply
+    /// to it (the union of those workers' catalogues).
+    pub fn models(&self, now: u64) -> Vec<ServedModel> {
+        let mut by_name: std::collections::BTreeMap<String, (usize, std::collections::BTreeSet<String>)> =
+            Default::default();
         for w in self.workers(now).into_iter().filter(|w| !w.lost) {
             for m in w.heartbeat.models {
-                *counts.entry(m).or_default() += 1;
+                let entry = by_name.entry(m).or_default();
+                entry.0 += 1;
+                entry.1.extend(w.heartbeat.loras.iter().cloned());
             }
         }
-        let mut out: Vec<(String, usize)> = counts.into_iter().collect();
-        out.sort();
-        out
+        by_name
+            .into_iter()
+            .map(|(name, (workers, loras))| ServedModel { name, workers, loras: loras.into_iter().collect() })
+            .collect()
     }
 
     /// Follows heartbeats until the subscription ends.
@@ -138,8 +151,19 @@ fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protoc
     for model in &hb.models {
         protocol::validate_model_name(model)?;
     }
+    if hb.loras.len() > protocol::MAX_HEARTBEAT_LORAS {
+        return Err(protocol::ProtocolError::invalid(
+            "loras",
+            format!("lists {} LoRAs, over {}", hb.loras.len(), protocol::MAX_HEARTBEAT_LORAS),
+        ));
+    }
+    for lora in &hb.loras {
+        protocol::validate_lora_name("loras", lora)?;
+    }
     hb.models.sort();
     hb.models.dedup();
+    hb.loras.sort();
+    hb.loras.dedup();
     for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
         protocol::cut(text, MAX_TEXT_BYTES);
     }
@@ -158,6 +182,7 @@ mod tests {
             hostname: "h".repeat(10_000),
             device: "cpu".into(),
             models: vec!["tiny".into()],
+            loras: vec!["style".into()],
             state: protocol::WorkerState::Idle,
             jobs_done: 0,
             jobs_failed: 0,
@@ -171,6 +196,9 @@ mod tests {
         let hb = check_heartbeat(heartbeat("w1"), "sd.workers.w1").unwrap();
         assert_eq!(hb.hostname.len(), MAX_TEXT_BYTES);
         assert!(check_heartbeat(heartbeat("w1"), "sd.workers.w2").is_err());
+        let mut bad = heartbeat("w1");
+        bad.loras = vec!["../etc/passwd".into()];
+        assert!(check_heartbeat(bad, "sd.workers.w1").is_err());
         let mut bad = heartbeat("w1");
         bad.models = vec!["a/b".into()];
         assert!(check_heartbeat(bad, "sd.workers.w1").is_err());

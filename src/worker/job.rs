@@ -390,6 +390,14 @@ async fn generate_and_store(
     if job.kind == protocol::JobKind::Txt2Img {
         params.strength = None;
     }
+    if !job.loras.is_empty() {
+        let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
+        let library = shared.loras.clone();
+        params.loras = tokio::task::spawn_blocking(move || library.resolve_job(&wanted))
+            .await
+            .map_err(|e| Failure::transient(ErrorCode::Internal, format!("LoRA loading failed: {e}")))?
+            .map_err(|e| Failure::invalid("loras", e))?;
+    }
 
     // Generation runs on a blocking thread; progress comes back through a channel.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
@@ -400,7 +408,7 @@ async fn generate_and_store(
     let quality = job.output.quality.unwrap_or(generation::DEFAULT_QUALITY);
     let gen_loaded = loaded.clone();
     let started = Instant::now();
-    let generation = tokio::task::spawn_blocking(move || -> Result<Vec<Encoded>, GenerateError> {
+    let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64), GenerateError> {
         let sd = &gen_loaded.pipeline;
         let prepared = generation::prepare(sd, gen_loaded.entry, params)?;
         for w in &prepared.warnings {
@@ -424,7 +432,7 @@ async fn generate_and_store(
             tracing::warn!("{w}");
         }
         let finals = prepared.finish(&output)?;
-        finals
+        let encoded = finals
             .iter()
             .zip(&output.images)
             .map(|(pixels, img)| {
@@ -432,7 +440,8 @@ async fn generate_and_store(
                 let bytes = generation::encode_tensor(pixels, format, quality)?;
                 Ok(Encoded { bytes, seed: img.seed, width: w as u32, height: h as u32 })
             })
-            .collect()
+            .collect::<Result<_, GenerateError>>()?;
+        Ok((encoded, output.timings.lora_ms))
     });
 
     // Forward progress while it runs; stop it at the deadline or the worker's time limit.
@@ -463,8 +472,8 @@ async fn generate_and_store(
         publish_progress(shared, job.id, &step, delivered).await;
     }
     let generation_ms = started.elapsed().as_millis() as u64;
-    let encoded = match result {
-        Ok(Ok(images)) => images,
+    let (encoded, lora_ms) = match result {
+        Ok(Ok(done)) => done,
         Ok(Err(GenerateError::Cancelled { completed, .. })) => {
             let reason = stop.reason().unwrap_or(StopReason::Cancelled);
             return Err(Failure::Stopped { reason, at_step: Some(completed as u32) });
@@ -519,6 +528,7 @@ async fn generate_and_store(
         images,
         timings: Timings {
             queue_ms: received_at.saturating_sub(job.created_at),
+            lora_ms: lora_ms as u64,
             generation_ms,
             upload_ms,
             total_ms: at.saturating_sub(job.created_at),

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use crate::bus::{self, ConsumerSettings, StreamSettings};
 use crate::device::DeviceSpec;
 use crate::generation::LoadedModel;
+use crate::loras::{LoraLibrary, LoraLimits};
 use crate::protocol::{self, Heartbeat, Limits, Subjects, PROTOCOL_VERSION};
 use crate::storage::{Store, StoreOptions};
 use control::{Control, StopReason};
@@ -85,6 +86,11 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// A pause after every step: simulates a slow device (for tests and demos).
     pub step_delay: Duration,
+    /// The LoRA catalogue: jobs name `NAME.safetensors` files in it.
+    pub lora_dir: Option<std::path::PathBuf>,
+    /// Largest LoRA file, and how many bytes of parsed LoRAs stay cached (the count per job is
+    /// `limits.max_loras`).
+    pub lora_limits: LoraLimits,
 }
 
 impl WorkerConfig {
@@ -110,6 +116,8 @@ impl WorkerConfig {
             store: StoreOptions::default(),
             limits: Limits::default(),
             step_delay: Duration::ZERO,
+            lora_dir: None,
+            lora_limits: LoraLimits::default(),
         }
     }
 }
@@ -125,6 +133,7 @@ pub struct Shared {
     pub subjects: Subjects,
     pub store: Store,
     pub models: HashMap<String, Arc<LoadedModel>>,
+    pub loras: Arc<LoraLibrary>,
     pub control: Control,
     pub started: Instant,
 }
@@ -191,6 +200,8 @@ impl Worker {
             }
             None => default_worker_id(&hostname),
         };
+        let lora_limits = LoraLimits { max_per_job: config.limits.max_loras, ..config.lora_limits.clone() };
+        let loras = Arc::new(LoraLibrary::new(config.lora_dir.clone(), lora_limits)?);
         let store = Store::open(&config.store_url, &config.store).context("--store")?;
         store.check().await.context("--store")?;
 
@@ -229,6 +240,7 @@ impl Worker {
             subjects,
             store,
             models,
+            loras,
             control: Control::default(),
             started: Instant::now(),
         });
@@ -368,6 +380,7 @@ async fn send_heartbeat(shared: &Shared) {
         hostname: shared.hostname.clone(),
         device: shared.device.clone(),
         models,
+        loras: shared.loras.names(protocol::MAX_HEARTBEAT_LORAS),
         state: shared.control.state(),
         jobs_done: shared.control.jobs_done.load(std::sync::atomic::Ordering::Relaxed),
         jobs_failed: shared.control.jobs_failed.load(std::sync::atomic::Ordering::Relaxed),

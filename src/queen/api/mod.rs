@@ -271,6 +271,9 @@ pub struct JobSubmission {
     /// Seconds after which the job is worthless (it fails with TIMEOUT).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// LoRAs to apply, by catalogue name (see `GET /v1/models`), in order.
+    #[serde(default)]
+    pub loras: Vec<protocol::LoraRef>,
 }
 
 impl JobSubmission {
@@ -311,6 +314,7 @@ impl JobSubmission {
         sub.output_format = Some(job.output.format);
         sub.quality = job.output.quality;
         sub.timeout_s = timeout.map(|d| d.as_secs().max(1));
+        sub.loras = job.loras.clone();
         sub
     }
 }
@@ -415,6 +419,7 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
     job.resize_mode = sub.resize_mode.unwrap_or_default();
     job.output.format = sub.output_format.unwrap_or_default();
     job.output.quality = sub.quality;
+    job.loras = sub.loras;
     job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
     // The cheap rules first, then the images (placeholders keep the kind rules checkable).
     let placeholder = |i: &Option<ImageInput>| i.as_ref().map(|_| ImageSource::Inline(vec![0]));
@@ -429,7 +434,7 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
     }
     job.validate(&state.config.limits)?;
     if state.config.require_served_model && !model_is_served(state, &job.model).await {
-        let served: Vec<String> = state.fleet.models(protocol::now_millis()).into_iter().map(|(m, _)| m).collect();
+        let served: Vec<String> = state.fleet.models(protocol::now_millis()).into_iter().map(|m| m.name).collect();
         let listed = match served.len() {
             0 => "none".to_string(),
             n if n <= 10 => served.join(", "),
@@ -917,6 +922,9 @@ async fn job_events(
 pub struct ModelInfo {
     pub name: String,
     pub workers: usize,
+    /// LoRAs the model's workers can apply (`loras[].name` of a job), sorted.
+    #[serde(default)]
+    pub loras: Vec<String>,
     /// The defaults of a built-in short name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -930,12 +938,12 @@ async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
         .fleet
         .models(protocol::now_millis())
         .into_iter()
-        .map(|(name, workers)| {
-            let defaults = crate::hub::registry_entry(&name).map(|e| {
+        .map(|m| {
+            let defaults = crate::hub::registry_entry(&m.name).map(|e| {
                 serde_json::json!({"repo": e.repo, "width": e.width, "height": e.height, "steps": e.steps,
                                    "guidance": e.guidance, "scheduler": e.scheduler})
             });
-            ModelInfo { name, workers, defaults }
+            ModelInfo { name: m.name, workers: m.workers, loras: m.loras, defaults }
         })
         .collect();
     Json(models)

@@ -1,0 +1,243 @@
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::names::LayerIndex;
+use super::*;
+use crate::diffusion::adapt::{self, Adaptable};
+
+/// The bytes of a safetensors file holding `tensors` (f32, given shapes, filled with 0.1).
+fn file(tensors: &[(&str, &[usize])]) -> Vec<u8> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(name, shape)| {
+            (name.to_string(), (Tensor::ones(*shape, DType::F32, &Device::Cpu).unwrap() * 0.1).unwrap())
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    candle_core::safetensors::save(&map, &path).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+fn kohya(layer: &str) -> Vec<(String, Vec<usize>)> {
+    vec![
+        (format!("{layer}.lora_down.weight"), vec![4, 32]),
+        (format!("{layer}.lora_up.weight"), vec![32, 4]),
+        (format!("{layer}.alpha"), vec![]),
+    ]
+}
+
+fn parse(tensors: &[(String, Vec<usize>)]) -> Result<Lora, LoraError> {
+    let refs: Vec<(&str, &[usize])> = tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    Lora::from_bytes("test.safetensors", &file(&refs))
+}
+
+#[test]
+fn kohya_and_peft_keys_name_the_same_layers() {
+    let k = parse(&kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")).unwrap();
+    assert_eq!(k.format, LoraFormat::Kohya);
+    assert_eq!(k.layers[0].key, "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q");
+    assert!((k.layers[0].factor() - 0.1 / 4.0).abs() < 1e-8, "alpha 0.1 over rank 4");
+
+    let p = parse(&[
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight".into(), vec![4, 32]),
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight".into(), vec![32, 4]),
+        ("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight".into(), vec![4, 32]),
+        ("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight".into(), vec![32, 4]),
+    ])
+    .unwrap();
+    assert_eq!(p.format, LoraFormat::Peft);
+    let keys: Vec<(Component, &str)> = p.layers.iter().map(|l| (l.component, l.key.as_str())).collect();
+    assert!(keys.contains(&(Component::Unet, "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")));
+    assert!(keys.contains(&(Component::TextEncoder, "encoder_layers_0_mlp_fc1")), "{keys:?}");
+    assert!(p.layers.iter().all(|l| l.factor() == 1.0), "no alpha: alpha = rank");
+
+    let te = parse(&kohya("lora_te2_text_model_encoder_layers_3_self_attn_q_proj")).unwrap();
+    assert_eq!(
+        (te.layers[0].component, te.layers[0].key.as_str()),
+        (Component::TextEncoder2, "encoder_layers_3_self_attn_q_proj")
+    );
+
+    let old = parse(&[
+        (
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.down.weight".into(),
+            vec![4, 32],
+        ),
+        ("unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight".into(), vec![32, 4]),
+    ])
+    .unwrap();
+    assert_eq!(old.layers[0].key, "mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0");
+}
+
+#[test]
+fn other_formats_and_unknown_keys_are_named_never_loaded_in_part() {
+    let mut loha = kohya("lora_unet_mid_block_attentions_0_proj_in");
+    loha.push(("lora_unet_mid_block_attentions_0_proj_out.hada_w1_a".into(), vec![4, 32]));
+    let err = parse(&loha).unwrap_err().to_string();
+    assert!(err.contains("LoHa") && err.contains("hada_w1_a") && err.contains("test.safetensors"), "{err}");
+    for (key, format) in [
+        ("lora_unet_x.lokr_w1", "LoKr"),
+        ("lora_unet_x.dora_scale", "DoRA"),
+        ("unet.x.lora_magnitude_vector", "DoRA"),
+        ("lora_unet_x.lora_mid.weight", "lora_mid"),
+        ("lora_unet_x.diff", "difference"),
+    ] {
+        let mut t = kohya("lora_unet_mid_block_attentions_0_proj_in");
+        t.push((key.into(), vec![4]));
+        let err = parse(&t).unwrap_err().to_string();
+        assert!(err.contains(format) && err.contains(key), "{key}: {err}");
+    }
+    let mut unknown = kohya("lora_unet_mid_block_attentions_0_proj_in");
+    unknown.push(("model.diffusion_model.input_blocks.0.0.weight".into(), vec![4]));
+    let err = parse(&unknown).unwrap_err().to_string();
+    assert!(err.contains("`model.diffusion_model.input_blocks.0.0.weight` is not a LoRA tensor"), "{err}");
+
+    let mut mixed = kohya("lora_unet_mid_block_attentions_0_proj_in");
+    mixed.push(("unet.mid_block.attentions.0.proj_out.lora_A.weight".into(), vec![4, 32]));
+    mixed.push(("unet.mid_block.attentions.0.proj_out.lora_B.weight".into(), vec![32, 4]));
+    assert!(parse(&mixed).unwrap_err().to_string().contains("mixes kohya"));
+}
+
+#[test]
+fn broken_files_and_shapes_are_clear_errors() {
+    let whole = file(&[("lora_unet_a.lora_down.weight", &[4, 32]), ("lora_unet_a.lora_up.weight", &[32, 4])]);
+    let err = Lora::from_bytes("cut.safetensors", &whole[..whole.len() - 10]).unwrap_err();
+    assert!(matches!(err, LoraError::Unreadable { .. }), "{err}");
+    assert!(err.to_string().contains("cut.safetensors"));
+    // A header claiming more data than the file holds.
+    let mut lying = whole.clone();
+    let text = String::from_utf8_lossy(&lying[8..]).into_owned();
+    let at = text.find("\"data_offsets\":[0,").unwrap() + 8 + 18;
+    lying[at] = b'9';
+    assert!(matches!(Lora::from_bytes("lies", &lying), Err(LoraError::Unreadable { .. })));
+    assert!(matches!(Lora::from_bytes("empty", b""), Err(LoraError::Unreadable { .. })));
+
+    let err = parse(&[("lora_unet_a.lora_down.weight".into(), vec![4, 32])]).unwrap_err().to_string();
+    assert!(err.contains("no lora_up"), "{err}");
+    let err = parse(&[
+        ("lora_unet_a.lora_down.weight".into(), vec![4, 32]),
+        ("lora_unet_a.lora_up.weight".into(), vec![32, 3]),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank 4") && err.contains("rank 3"), "{err}");
+    let err = parse(&[
+        ("lora_unet_a.lora_down.weight".into(), vec![4, 32, 3]),
+        ("lora_unet_a.lora_up.weight".into(), vec![32, 4]),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("[4, 32, 3]"), "{err}");
+
+    let nan = {
+        let map: HashMap<String, Tensor> = [
+            ("lora_unet_a.lora_down.weight".to_string(), Tensor::new(&[[f32::NAN; 2]; 1], &Device::Cpu).unwrap()),
+            ("lora_unet_a.lora_up.weight".to_string(), Tensor::new(&[[1f32]; 2], &Device::Cpu).unwrap()),
+        ]
+        .into();
+        let dir = tempfile::tempdir().unwrap();
+        candle_core::safetensors::save(&map, dir.path().join("n.safetensors")).unwrap();
+        std::fs::read(dir.path().join("n.safetensors")).unwrap()
+    };
+    assert!(Lora::from_bytes("nan", &nan).unwrap_err().to_string().contains("NaN"));
+}
+
+/// A table of linear layers at `paths` (each [32, 32]).
+fn table(paths: &[&str]) -> crate::diffusion::adapt::LayerTable {
+    let w = Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap();
+    let (layers, table) = adapt::record(|| {
+        paths.iter().map(|p| Adaptable::new(candle_nn::Linear::new(w.clone(), None), p)).collect::<Vec<_>>()
+    });
+    drop(layers);
+    table
+}
+
+#[test]
+fn sgm_names_follow_the_model_s_own_blocks() {
+    // SDXL's layout: three down blocks of two layers (attention in the last two), a mid block, three up blocks
+    // of three layers (attention in the first two).
+    let mut paths = vec![
+        "conv_in".to_string(),
+        "conv_out".into(),
+        "time_embedding.linear_1".into(),
+        "add_embedding.linear_2".into(),
+    ];
+    for i in 0..3 {
+        for j in 0..2 {
+            paths.push(format!("down_blocks.{i}.resnets.{j}.conv1"));
+            if i > 0 {
+                paths.push(format!("down_blocks.{i}.attentions.{j}.transformer_blocks.0.attn1.to_q"));
+            }
+        }
+        if i < 2 {
+            paths.push(format!("down_blocks.{i}.downsamplers.0.conv"));
+        }
+        for j in 0..3 {
+            paths.push(format!("up_blocks.{i}.resnets.{j}.time_emb_proj"));
+            if i < 2 {
+                paths.push(format!("up_blocks.{i}.attentions.{j}.proj_in"));
+            }
+        }
+        if i < 2 {
+            paths.push(format!("up_blocks.{i}.upsamplers.0.conv"));
+        }
+    }
+    paths.extend([
+        "mid_block.resnets.0.conv2".into(),
+        "mid_block.attentions.0.proj_out".into(),
+        "mid_block.resnets.1.conv_shortcut".into(),
+    ]);
+    let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let unet = table(&refs);
+    let index = LayerIndex::new(&[(Component::Unet, &unet)]);
+    let path = |key: &str| index.get(Component::Unet, key).map(|t| t.path.clone());
+    for (sgm, diffusers) in [
+        ("input_blocks_0_0", "conv_in"),
+        ("out_2", "conv_out"),
+        ("time_embed_0", "time_embedding.linear_1"),
+        ("label_emb_0_2", "add_embedding.linear_2"),
+        ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+        ("input_blocks_2_0_conv1", "down_blocks.0.resnets.1.conv1"),
+        ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+        (
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        ),
+        (
+            "input_blocks_8_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q",
+        ),
+        ("middle_block_0_out_layers_3", "mid_block.resnets.0.conv2"),
+        ("middle_block_1_proj_out", "mid_block.attentions.0.proj_out"),
+        ("middle_block_2_skip_connection", "mid_block.resnets.1.conv_shortcut"),
+        ("output_blocks_0_0_emb_layers_1", "up_blocks.0.resnets.0.time_emb_proj"),
+        ("output_blocks_2_1_proj_in", "up_blocks.0.attentions.2.proj_in"),
+        ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+        ("output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv"),
+        ("output_blocks_8_0_time_emb_proj", "up_blocks.2.resnets.2.time_emb_proj"),
+        (
+            "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        ),
+    ] {
+        assert_eq!(path(sgm).as_deref(), Some(diffusers), "{sgm}");
+    }
+    assert_eq!(path("input_blocks_9_1_proj_in"), None);
+    assert_eq!(path("output_blocks_2_1_conv"), None, "the upsampler sits after the attention");
+}
+
+#[test]
+fn peft_metadata_alphas_and_rslora() {
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        "lora_adapter_metadata".to_string(),
+        r#"{"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_q": 2}, "text_encoder.lora_alpha": 4, "text_encoder.use_rslora": true}"#
+            .to_string(),
+    );
+    let a = PeftAlphas::from_metadata(Some(&meta));
+    assert_eq!(a.alpha_for(Component::Unet, "mid_block_attentions_0_transformer_blocks_0_attn1_to_q", 4), Some(2.0));
+    assert_eq!(a.alpha_for(Component::Unet, "mid_block_attentions_0_transformer_blocks_0_attn1_to_k", 4), Some(8.0));
+    assert_eq!(a.alpha_for(Component::TextEncoder, "encoder_layers_0_mlp_fc1", 16), Some(16.0), "4/√16 = 16/16");
+    assert_eq!(a.alpha_for(Component::TextEncoder2, "x", 4), None);
+}

@@ -1,0 +1,261 @@
+//! Where LoRAs come from and how many a job may use: files named on the command line, and catalogue names
+//! that a worker resolves in its `--lora-dir` (a job on the bus names a LoRA, it never points at a file or
+//! URL). Parsed LoRAs are cached by content hash, so a LoRA used by many jobs is read and parsed once, and
+//! the same file under two names is held once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::diffusion::lora::Lora;
+use crate::diffusion::LoraWeight;
+use crate::protocol::MAX_LORA_SCALE;
+
+/// Limits on LoRAs; configuration like the job limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraLimits {
+    /// LoRAs in one job. Default 8.
+    pub max_per_job: usize,
+    /// Size of one LoRA file. Default 2 GiB.
+    pub max_file_bytes: u64,
+    /// Parsed LoRAs kept in memory, in bytes; the least recently used go first. Default 4 GiB.
+    pub max_cached_bytes: usize,
+}
+
+impl Default for LoraLimits {
+    fn default() -> Self {
+        Self { max_per_job: 8, max_file_bytes: 2 << 30, max_cached_bytes: 4 << 30 }
+    }
+}
+
+/// Why a LoRA could not be provided. The message names the LoRA; the job field is `loras`.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraSourceError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Lora(#[from] crate::diffusion::lora::LoraError),
+}
+
+/// A LoRA's file identity: when it changes, the file is read again.
+#[derive(Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// Path → its stamp and content hash when last read.
+    files: HashMap<PathBuf, (FileStamp, [u8; 32])>,
+    /// Content hash → the parsed LoRA and a use counter for LRU eviction.
+    parsed: HashMap<[u8; 32], (Arc<Lora>, u64)>,
+    clock: u64,
+}
+
+/// The LoRAs a process can use.
+pub struct LoraLibrary {
+    dir: Option<PathBuf>,
+    limits: LoraLimits,
+    cache: Mutex<Cache>,
+}
+
+impl LoraLibrary {
+    /// `dir`: the catalogue of `NAME.safetensors` files that job names resolve in (must exist).
+    pub fn new(dir: Option<PathBuf>, limits: LoraLimits) -> anyhow::Result<Self> {
+        if let Some(d) = &dir {
+            if !d.is_dir() {
+                anyhow::bail!("--lora-dir {}: no such directory", d.display());
+            }
+        }
+        Ok(Self { dir, limits, cache: Mutex::new(Cache::default()) })
+    }
+
+    pub fn limits(&self) -> &LoraLimits {
+        &self.limits
+    }
+
+    /// The names jobs can use (the `.safetensors` files of `--lora-dir`), sorted, at most `max`.
+    pub fn names(&self, max: usize) -> Vec<String> {
+        let Some(dir) = &self.dir else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().map(|t| t.is_file() || t.is_symlink()).unwrap_or(false))
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".safetensors").map(str::to_string))
+            .filter(|n| validate_lora_name(n).is_ok())
+            .collect();
+        names.sort();
+        names.truncate(max);
+        names
+    }
+
+    /// The LoRAs of a job, `(name, scale)` each, resolved in `--lora-dir`.
+    pub fn resolve_job(&self, loras: &[(String, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
+        self.check_count(loras.len())?;
+        loras
+            .iter()
+            .map(|(name, scale)| {
+                check_scale(name, *scale)?;
+                Ok(LoraWeight { lora: self.by_name(name)?, scale: *scale })
+            })
+            .collect()
+    }
+
+    /// The LoRAs given as files (`sd-rbee generate --lora FILE[:SCALE]`).
+    pub fn resolve_files(&self, loras: &[(PathBuf, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
+        self.check_count(loras.len())?;
+        loras
+            .iter()
+            .map(|(path, scale)| {
+                let shown = path.display().to_string();
+                check_scale(&shown, *scale)?;
+                Ok(LoraWeight { lora: self.load_file(path, &shown)?, scale: *scale })
+            })
+            .collect()
+    }
+
+    fn check_count(&self, n: usize) -> Result<(), LoraSourceError> {
+        if n > self.limits.max_per_job {
+            return Err(LoraSourceError::Invalid(format!(
+                "{n} LoRAs in one job, over the limit of {}",
+                self.limits.max_per_job
+            )));
+        }
+        Ok(())
+    }
+
+    /// A catalogue name's LoRA.
+    fn by_name(&self, name: &str) -> Result<Arc<Lora>, LoraSourceError> {
+        validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
+        let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+        let Some(dir) = &self.dir else {
+            return Err(LoraSourceError::Invalid(format!(
+                "LoRA {stem:?} cannot be used: this worker has no LoRA catalogue (--lora-dir)"
+            )));
+        };
+        let path = dir.join(format!("{stem}.safetensors"));
+        if !path.is_file() {
+            return Err(LoraSourceError::Invalid(format!("LoRA {stem:?} is not in this worker's catalogue")));
+        }
+        self.load_file(&path, stem)
+    }
+
+    /// Reads and parses `path` unless a file with the same stamp (or the same content) was parsed before.
+    pub fn load_file(&self, path: &Path, shown: &str) -> Result<Arc<Lora>, LoraSourceError> {
+        let invalid = |m: String| LoraSourceError::Invalid(format!("LoRA {shown}: {m}"));
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
+            return Err(invalid(format!(
+                ".{ext} files are Python pickles, which can run arbitrary code when loaded; sd-rbee reads only \
+                 .safetensors (convert it, e.g. with `safetensors.torch.save_file(torch.load(f, weights_only=True), out)`)"
+            )));
+        }
+        let meta = std::fs::metadata(path).map_err(|e| invalid(e.to_string()))?;
+        let stamp = FileStamp { len: meta.len(), modified: meta.modified().ok() };
+        if stamp.len > self.limits.max_file_bytes {
+            return Err(invalid(format!("is {} bytes, over the limit of {}", stamp.len, self.limits.max_file_bytes)));
+        }
+        {
+            let mut cache = self.cache.lock();
+            if let Some((s, hash)) = cache.files.get(path).cloned() {
+                if s == stamp {
+                    if let Some(lora) = cache.touch(&hash) {
+                        return Ok(lora);
+                    }
+                }
+            }
+        }
+        let mut bytes = Vec::with_capacity(stamp.len as usize);
+        use std::io::Read;
+        std::fs::File::open(path)
+            .and_then(|f| f.take(self.limits.max_file_bytes + 1).read_to_end(&mut bytes))
+            .map_err(|e| invalid(e.to_string()))?;
+        if bytes.len() as u64 > self.limits.max_file_bytes {
+            return Err(invalid(format!("is over the limit of {} bytes", self.limits.max_file_bytes)));
+        }
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        let mut cache = self.cache.lock();
+        cache.files.insert(path.to_path_buf(), (stamp, hash));
+        if let Some(lora) = cache.touch(&hash) {
+            return Ok(lora);
+        }
+        drop(cache);
+        let lora = Arc::new(Lora::parse(shown, &bytes, hash)?);
+        let mut cache = self.cache.lock();
+        cache.insert(lora.clone(), self.limits.max_cached_bytes);
+        Ok(lora)
+    }
+}
+
+impl Cache {
+    fn touch(&mut self, hash: &[u8; 32]) -> Option<Arc<Lora>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.parsed.get_mut(hash).map(|(lora, used)| {
+            *used = clock;
+            lora.clone()
+        })
+    }
+
+    fn insert(&mut self, lora: Arc<Lora>, max_bytes: usize) {
+        self.clock += 1;
+        self.parsed.insert(lora.hash, (lora, self.clock));
+        // Evict the least recently used until the rest fits (the newest always stays).
+        while self.parsed.values().map(|(l, _)| l.bytes).sum::<usize>() > max_bytes && self.parsed.len() > 1 {
+            let oldest = self.parsed.iter().min_by_key(|(_, (_, used))| *used).map(|(h, _)| *h);
+            if let Some(h) = oldest {
+                self.parsed.remove(&h);
+            }
+        }
+    }
+}
+
+fn check_scale(name: &str, scale: f64) -> Result<(), LoraSourceError> {
+    if !scale.is_finite() || scale.abs() > MAX_LORA_SCALE {
+        return Err(LoraSourceError::Invalid(format!(
+            "LoRA {name}: scale must be a number between -{MAX_LORA_SCALE} and {MAX_LORA_SCALE}, got {scale}"
+        )));
+    }
+    Ok(())
+}
+
+/// A catalogue name (see [`crate::protocol::validate_lora_name`]), as a message for the user.
+pub fn validate_lora_name(name: &str) -> Result<(), String> {
+    crate::protocol::validate_lora_name("loras", name).map_err(|e| e.message)
+}
+
+/// Parses `FILE[:SCALE]` (`--lora`): the part after the last `:` is the scale when it is a number.
+pub fn parse_lora_arg(spec: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((path, scale)) = spec.rsplit_once(':') {
+        if let Ok(s) = scale.parse::<f64>() {
+            if path.is_empty() {
+                return Err(format!("{spec}: no file before the scale"));
+            }
+            return Ok((PathBuf::from(path), s));
+        }
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_args_and_names() {
+        assert_eq!(parse_lora_arg("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
+        assert_eq!(parse_lora_arg("a.safetensors:-0.5").unwrap(), (PathBuf::from("a.safetensors"), -0.5));
+        assert_eq!(parse_lora_arg("dir:x/a.safetensors").unwrap(), (PathBuf::from("dir:x/a.safetensors"), 1.0));
+        assert!(parse_lora_arg(":0.5").is_err());
+        for good in ["style", "my-lora_v1.2", "style.safetensors"] {
+            assert!(validate_lora_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "../x", "a/b", "a\\b", ".hidden", "a..b", "x y", &"a".repeat(129)] {
+            assert!(validate_lora_name(bad).is_err(), "{bad}");
+        }
+    }
+}
