@@ -229,7 +229,7 @@ mod bus {
 
     use std::time::Duration;
 
-    use super::common::{self, servers::NatsServer, servers::WorkerProcess};
+    use super::common::{self, hostile::QueenChild, servers::NatsServer, servers::WorkerProcess};
     use async_nats::jetstream;
     use sd_rbee::client::BusClient;
     use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest, LoraRef};
@@ -284,11 +284,27 @@ mod bus {
         let _worker = WorkerProcess::start("w-lora", &nats.url(), &store_url, &[], &["--lora-dir", &dir_arg]);
         let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
 
-        // The heartbeat lists the catalogue.
+        // The heartbeat lists the catalogue, and the queen lists it with the model.
         let mut beats = client.nats().subscribe(client.subjects().heartbeat("w-lora").unwrap()).await.unwrap();
         let beat = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut beats)).await.unwrap();
         let beat = protocol::decode_heartbeat(&beat.unwrap().payload).unwrap();
         assert_eq!(beat.loras, ["broken", "detail", "style", "xl-style"]);
+        let queen = QueenChild::start(&nats.url(), &store_url, &[]);
+        let start = std::time::Instant::now();
+        let models = loop {
+            let (status, models, _) = queen.request("GET", "/v1/models", b"");
+            assert_eq!(status, 200);
+            if models.as_array().is_some_and(|m| !m.is_empty()) {
+                break models;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "the queen never saw the worker");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(models[0]["name"], "tiny");
+        assert_eq!(models[0]["loras"], serde_json::json!(["broken", "detail", "style", "xl-style"]));
+        let body = serde_json::json!({"model": "tiny", "prompt": "x", "loras": [{"name": "a/b"}]});
+        let (status, answer, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
+        assert_eq!((status, answer["error"]["field"].as_str()), (422, Some("loras[0].name")), "{answer}");
 
         // Two LoRAs, then none: the same bytes as generate each time (nothing leaks into the second job).
         let with = job(21, &[("style", 0.8), ("detail.safetensors", -0.5)]);
@@ -301,13 +317,25 @@ mod bus {
         let expected_without = generate_png(21, &[]);
         assert!(expected_with != expected_without);
         let files = store.path();
-        for (job, expected) in [(&with, expected_with), (&without, expected_without)] {
+        for (job, expected) in [(&with, &expected_with), (&without, &expected_without)] {
             let Event::Completed(done) = last_event(&client, job).await else {
                 panic!("job {} did not complete", job.id)
             };
             let stored = std::fs::read(files.join(&done.images[0].key)).unwrap();
-            assert!(stored == expected, "job with {:?}: the worker's PNG differs from generate's", job.loras);
+            assert!(&stored == expected, "job with {:?}: the worker's PNG differs from generate's", job.loras);
         }
+
+        // Through the queen's HTTP API: the same job, the same bytes.
+        let body = serde_json::json!({"model": "tiny", "prompt": super::PROMPT, "width": 64, "height": 64, "steps": 4,
+            "seed": 21, "loras": [{"name": "style", "scale": 0.8}, {"name": "detail", "scale": -0.5}]});
+        let (status, answer, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
+        assert_eq!(status, 202, "{answer}");
+        let mut via_http = with.clone();
+        via_http.id = answer["job_id"].as_str().unwrap().parse().unwrap();
+        let Event::Completed(done) = last_event(&client, &via_http).await else {
+            panic!("the HTTP job did not complete")
+        };
+        assert!(std::fs::read(files.join(&done.images[0].key)).unwrap() == expected_with);
 
         // Jobs whose LoRAs cannot be used are failed with the field and the reason, and dead-lettered.
         let js = client.jetstream();
