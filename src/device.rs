@@ -7,8 +7,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 
 /// A device named on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceSpec {
+    #[default]
     Cpu,
     Cuda(usize),
     Metal(usize),

@@ -3,6 +3,8 @@
 //! requested size, pastes originals back after inpainting and encodes the results as PNG, JPEG or WebP.
 //! `sd-rbee generate` and the worker both go through here, so one job gives the same bytes either way.
 
+use std::path::PathBuf;
+
 use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, RgbImage};
 
@@ -25,17 +27,45 @@ pub struct LoadedModel {
     pub load_ms: f64,
 }
 
-/// Resolves `spec` (a local folder, a Hub repo id or a short name) and loads it on `device` in `dtype`.
-/// `offline`: use only the Hugging Face cache (also HF_HUB_OFFLINE=1).
-pub fn load_model(spec: &str, device: DeviceSpec, dtype: DType, offline: bool) -> anyhow::Result<LoadedModel> {
+/// How a model is loaded, beside where it is.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    pub device: DeviceSpec,
+    pub dtype: Option<DType>,
+    /// Use only the Hugging Face cache (also HF_HUB_OFFLINE=1).
+    pub offline: bool,
+    /// Single-file checkpoints: the diffusers folder with the architecture, scheduler and tokenizers.
+    pub config: Option<PathBuf>,
+    /// A VAE folder or file to use instead of the model's.
+    pub vae: Option<PathBuf>,
+    /// `epsilon`, `v_prediction` or `sample` instead of the model's.
+    pub prediction_type: Option<String>,
+}
+
+/// Resolves `spec` (a local folder, a single-file `.safetensors` checkpoint, a Hub repo id or a short name)
+/// and loads it as `opts` says.
+pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel> {
     use anyhow::Context;
     let start = std::time::Instant::now();
+    let dtype = opts.dtype.unwrap_or(DType::F32);
+    let load_opts = crate::diffusion::LoadOptions {
+        device: opts.device.open()?,
+        dtype,
+        config: opts.config.clone(),
+        vae: opts.vae.clone(),
+        prediction_type: opts.prediction_type.clone(),
+    };
+    let path = std::path::Path::new(spec);
+    if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
+        let pipeline = StableDiffusion::load(path, &load_opts).with_context(|| format!("cannot load model {spec}"))?;
+        let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+        return Ok(LoadedModel { pipeline, entry: None, display: spec.to_string(), load_ms });
+    }
     let mut hub_opts = crate::hub::HubOptions::from_env();
-    hub_opts.offline |= offline;
+    hub_opts.offline |= opts.offline;
     hub_opts.prefer_fp16 = dtype == DType::F16;
     let resolved = crate::hub::resolve(spec, &hub_opts)?;
-    let opts = crate::diffusion::LoadOptions { device: device.open()?, dtype };
-    let pipeline = StableDiffusion::load(&resolved.dir, &opts)
+    let pipeline = StableDiffusion::load(&resolved.dir, &load_opts)
         .with_context(|| format!("cannot load model {}", resolved.display))?;
     Ok(LoadedModel {
         pipeline,
@@ -74,6 +104,8 @@ pub struct Params {
     pub noise: Option<Tensor>,
     /// LoRAs for this generation, in order.
     pub loras: Vec<LoraWeight>,
+    /// A1111's clip skip (1 = the last layer); SD 1.x/2.x only.
+    pub clip_skip: Option<usize>,
 }
 
 impl Params {
@@ -99,6 +131,7 @@ impl Params {
             resize: ResizeMode::Fit,
             noise: None,
             loras: Vec::new(),
+            clip_skip: None,
         }
     }
 }
@@ -159,6 +192,7 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
     req.num_images = params.num_images;
     req.initial_latents = params.initial_latents;
     req.loras = params.loras;
+    req.clip_skip = params.clip_skip;
     for (field, value) in [("width", req.width), ("height", req.height)] {
         if value == 0 || value % 8 != 0 {
             return Err(invalid(field, format!("must be a positive multiple of 8, got {value}")));

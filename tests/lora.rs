@@ -146,7 +146,11 @@ fn generate_with_loras_matches_diffusers_and_peft() {
 }
 
 fn load(model: &str) -> StableDiffusion {
-    StableDiffusion::load(&fixture(model), &LoadOptions { device: Device::Cpu, dtype: DType::F32 }).unwrap()
+    StableDiffusion::load(
+        &fixture(model),
+        &LoadOptions { device: Device::Cpu, dtype: DType::F32, ..Default::default() },
+    )
+    .unwrap()
 }
 
 fn request(model: &str, loras: Vec<LoraWeight>) -> GenerationRequest {

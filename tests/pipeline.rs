@@ -142,7 +142,7 @@ fn invalid_requests_name_the_field() {
 
 #[test]
 fn half_precision_runs_on_the_cpu_close_to_f32() {
-    let opts = LoadOptions { device: Device::Cpu, dtype: DType::F16 };
+    let opts = LoadOptions { device: Device::Cpu, dtype: DType::F16, ..Default::default() };
     let half = StableDiffusion::load(&fixture("tiny-sd15"), &opts).unwrap();
     let mut req = small_request(4);
     req.scheduler = Some(SchedulerKind::Ddim);
@@ -154,7 +154,7 @@ fn half_precision_runs_on_the_cpu_close_to_f32() {
 
 #[test]
 fn bf16_on_the_cpu_is_refused_clearly() {
-    let opts = LoadOptions { device: Device::Cpu, dtype: DType::BF16 };
+    let opts = LoadOptions { device: Device::Cpu, dtype: DType::BF16, ..Default::default() };
     let err = StableDiffusion::load(&fixture("tiny-sd15"), &opts).unwrap_err().to_string();
     assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
 }

@@ -94,6 +94,9 @@ pub struct GenerateArgs {
     /// repeatable, the LoRAs add up.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = crate::loras::parse_lora_arg)]
     pub loras: Vec<(PathBuf, f64)>,
+    /// A1111's clip skip for SD 1.x/2.x: 1 = the text encoder's last layer (the default), 2 = the one before.
+    #[arg(long, value_name = "N")]
+    pub clip_skip: Option<usize>,
     /// Replaces the seeded noise added to the init image: FILE.safetensors[:TENSOR] (default tensor `noise`).
     #[arg(long, value_name = "FILE[:TENSOR]")]
     pub noise: Option<String>,
@@ -221,6 +224,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     params.resize = args.resize;
     params.noise = noise;
     params.loras = loras;
+    params.clip_skip = args.clip_skip;
     let prepared = generation::prepare(sd, loaded.entry, params)?;
     let req = &prepared.request;
 

@@ -59,12 +59,42 @@ pub enum Command {
 /// Where a model comes from and how it runs; shared by every subcommand that loads one.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A local diffusers pipeline folder, a Hugging Face repo id (owner/name[@revision]) or a short name
-    /// (`sd-rbee models` lists them).
+    /// A local diffusers pipeline folder, a single-file .safetensors checkpoint, a Hugging Face repo id
+    /// (owner/name[@revision]) or a short name (`sd-rbee models` lists them).
     #[arg(long, short = 'm', env = "SD_RBEE_MODEL")]
     pub model: String,
+    /// For a single-file checkpoint: a diffusers folder whose configs, scheduler and tokenizers describe it
+    /// (default: the built-in SD 1.5, 2.1 or XL configuration its tensors point to).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<std::path::PathBuf>,
+    /// Use this VAE instead of the model's: a diffusers vae/ folder or a .safetensors file (e.g. an
+    /// fp16-fixed SDXL VAE).
+    #[arg(long, value_name = "FILE_OR_FOLDER")]
+    pub vae: Option<std::path::PathBuf>,
+    /// What the model predicts, instead of its scheduler config's (SD 2.x single files default to
+    /// v_prediction, their inpainting variants to epsilon).
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<PredictionArg>,
     #[command(flatten)]
     pub run_on: RunOn,
+}
+
+/// `--prediction-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PredictionArg {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl std::fmt::Display for PredictionArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PredictionArg::Epsilon => "epsilon",
+            PredictionArg::VPrediction => "v_prediction",
+            PredictionArg::Sample => "sample",
+        })
+    }
 }
 
 /// Where models run and whether they may be downloaded; shared by `generate`, `bench` and `worker`.
@@ -170,5 +200,13 @@ pub use crate::generation::LoadedModel;
 /// Resolves `--model` (local folder, Hub repo or short name) and loads it on `--device` in `--dtype`.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let r = args.run_on;
-    crate::generation::load_model(&args.model, r.device, r.dtype, r.offline)
+    let opts = crate::generation::ModelOptions {
+        device: r.device,
+        dtype: Some(r.dtype),
+        offline: r.offline,
+        config: args.config.clone(),
+        vae: args.vae.clone(),
+        prediction_type: args.prediction_type.map(|p| p.to_string()),
+    };
+    crate::generation::load_model(&args.model, &opts)
 }

@@ -218,6 +218,25 @@ impl ClipTextModel {
         Tensor::from_vec(mask, (len, len), device)?.to_dtype(dtype)
     }
 
+    /// The hidden state A1111's "clip skip" `skip` picks (1: the last layer; 2: the one before, ...), through
+    /// the final layer norm: transformers' `hidden_states[-skip]` normed, as diffusers' `clip_skip = skip - 1`.
+    pub fn forward_clip_skip(&self, input_ids: &Tensor, skip: usize) -> Result<Tensor> {
+        let n = self.layers.len();
+        if skip == 0 || skip > n {
+            candle_core::bail!("clip skip must be between 1 and {n} (the encoder's layers), got {skip}");
+        }
+        let (_, len) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let positions = Tensor::arange(0u32, len as u32, device)?;
+        let mut x =
+            self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(len, x.dtype(), device)?;
+        for layer in &self.layers[..n + 1 - skip] {
+            x = layer.forward(&x, &mask, self.config.num_attention_heads, self.activation)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
     /// Encodes token ids `[B, L]` (u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipOutput> {
         let (b, len) = input_ids.dims2()?;

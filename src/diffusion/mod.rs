@@ -4,6 +4,7 @@
 
 pub mod adapt;
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod cpu_attention;

@@ -22,7 +22,7 @@ pub enum PerBlock<T> {
 }
 
 impl<T: Copy> PerBlock<T> {
-    fn expand(&self, field: &str, blocks: usize) -> anyhow::Result<Vec<T>> {
+    pub(crate) fn expand(&self, field: &str, blocks: usize) -> anyhow::Result<Vec<T>> {
         match self {
             PerBlock::One(v) => Ok(vec![*v; blocks]),
             PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),

@@ -5,6 +5,7 @@
 //! copy in memory together.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -13,8 +14,10 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::checkpoint::names::Source;
+
 /// Memory-mapped safetensors that release each tensor's file pages once it has been read.
-struct ReleasingSafetensors(MmapedSafetensors);
+pub struct ReleasingSafetensors(MmapedSafetensors);
 
 impl ReleasingSafetensors {
     /// Tells the kernel this tensor's mapped pages are no longer needed (they are clean file pages: a later
@@ -56,6 +59,89 @@ impl SimpleBackend for ReleasingSafetensors {
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.get(name).is_ok()
     }
+}
+
+impl ReleasingSafetensors {
+    /// Maps `path` (read-only).
+    pub fn open(path: &Path) -> Result<Self> {
+        // SAFETY: the file is mapped read-only and sd-rbee never writes to it while it is mapped.
+        let mapped = unsafe { MmapedSafetensors::new(path) }
+            .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
+        Ok(Self(mapped))
+    }
+
+    /// Every tensor's name and shape.
+    pub fn shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.0.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+    }
+
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.load(name, dev)?;
+        self.release(name);
+        Ok(t)
+    }
+}
+
+/// Finds a model's tensor names in a checkpoint laid out otherwise (`None`: it has no counterpart).
+pub type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
+
+/// A checkpoint read through a [`NameMap`]: each tensor the model asks for by its diffusers name is read
+/// under its name in the file, cut out of a stacked tensor, or transposed, as the map says.
+struct Renamed {
+    file: Arc<ReleasingSafetensors>,
+    map: NameMap,
+}
+
+impl Renamed {
+    fn fetch(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let source = (self.map)(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor of the checkpoint corresponds to `{name}`")))?;
+        let missing = |n: &str| candle_core::Error::Msg(format!("the checkpoint has no tensor `{n}` (for `{name}`)"));
+        match source {
+            Source::Tensor(n) => self.file.load(&n, dev).map_err(|_| missing(&n)),
+            Source::Rows { name: n, start, len } => {
+                self.file.load(&n, dev).map_err(|_| missing(&n))?.narrow(0, start, len)?.contiguous()
+            }
+            Source::Transposed(n) => self.file.load(&n, dev).map_err(|_| missing(&n))?.t()?.contiguous(),
+        }
+    }
+}
+
+impl SimpleBackend for Renamed {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.fetch(name, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match (self.map)(name) {
+            Some(Source::Tensor(n) | Source::Rows { name: n, .. } | Source::Transposed(n)) => {
+                self.file.0.get(&n).is_ok()
+            }
+            None => false,
+        }
+    }
+}
+
+/// A `VarBuilder` over a checkpoint whose tensors are found through `map`, converting to `dtype` on `device`.
+pub fn renamed_var_builder(
+    file: Arc<ReleasingSafetensors>,
+    map: NameMap,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Renamed { file, map }), dtype, device.clone())
 }
 
 /// A `VarBuilder` over safetensors `files`, converting to `dtype` on `device`.

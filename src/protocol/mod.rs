@@ -496,6 +496,9 @@ pub struct JobRequest {
     /// LoRAs to apply, by the names in the workers' catalogues, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraRef>,
+    /// A1111's clip skip (1 = the text encoder's last layer); SD 1.x/2.x models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<u32>,
     /// Unix milliseconds when the queen accepted the job.
     pub created_at: u64,
 }
@@ -573,6 +576,7 @@ impl JobRequest {
             deadline: None,
             idempotency_key: None,
             loras: Vec::new(),
+            clip_skip: None,
             created_at: now_millis(),
         }
     }
@@ -724,6 +728,14 @@ impl JobRequest {
                 return Err(E::invalid(
                     "idempotency_key",
                     format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes without control characters"),
+                ));
+            }
+        }
+        if let Some(skip) = self.clip_skip {
+            if skip == 0 || skip > 24 {
+                return Err(E::invalid(
+                    "clip_skip",
+                    format!("must be between 1 and 24 (1 = the last layer), got {skip}"),
                 ));
             }
         }

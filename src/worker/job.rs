@@ -357,6 +357,7 @@ fn params_of(job: &JobRequest) -> Result<Params, Failure> {
     p.invert_mask = job.invert_mask;
     p.paste_back = Some(job.paste_back);
     p.resize = job.resize_mode;
+    p.clip_skip = job.clip_skip.map(|s| s as usize);
     Ok(p)
 }
 

@@ -208,10 +208,13 @@ impl Worker {
         let mut models = HashMap::new();
         for spec in &config.models {
             let (source, device, dtype, offline) = (spec.source.clone(), config.device, config.dtype, config.offline);
-            let loaded =
-                tokio::task::spawn_blocking(move || crate::generation::load_model(&source, device, dtype, offline))
-                    .await?
-                    .with_context(|| format!("model {}", spec.name))?;
+            let loaded = tokio::task::spawn_blocking(move || {
+                let opts =
+                    crate::generation::ModelOptions { device, dtype: Some(dtype), offline, ..Default::default() };
+                crate::generation::load_model(&source, &opts)
+            })
+            .await?
+            .with_context(|| format!("model {}", spec.name))?;
             tracing::info!(model = %spec.name, from = %loaded.display, load_ms = loaded.load_ms, "model loaded");
             models.insert(spec.name.clone(), Arc::new(loaded));
         }

@@ -274,6 +274,9 @@ pub struct JobSubmission {
     /// LoRAs to apply, by catalogue name (see `GET /v1/models`), in order.
     #[serde(default)]
     pub loras: Vec<protocol::LoraRef>,
+    /// A1111's clip skip (1 = the last layer); SD 1.x/2.x models only.
+    #[serde(default)]
+    pub clip_skip: Option<u32>,
 }
 
 impl JobSubmission {
@@ -315,6 +318,7 @@ impl JobSubmission {
         sub.quality = job.output.quality;
         sub.timeout_s = timeout.map(|d| d.as_secs().max(1));
         sub.loras = job.loras.clone();
+        sub.clip_skip = job.clip_skip;
         sub
     }
 }
@@ -420,6 +424,7 @@ async fn job_of(state: &AppState, sub: JobSubmission) -> ApiResult<JobRequest> {
     job.output.format = sub.output_format.unwrap_or_default();
     job.output.quality = sub.quality;
     job.loras = sub.loras;
+    job.clip_skip = sub.clip_skip;
     job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
     // The cheap rules first, then the images (placeholders keep the kind rules checkable).
     let placeholder = |i: &Option<ImageInput>| i.as_ref().map(|_| ImageSource::Inline(vec![0]));

@@ -3,27 +3,25 @@
 //! sequence of operations — prompt encoding (SD 1.x/2.x last layer; SDXL penultimate layers of both
 //! encoders plus the pooled projection and size/crop time ids), seeded PyTorch-compatible noise,
 //! classifier-free guidance, the scheduler loop, and VAE decoding. Reports progress per step and stops
-//! between steps when cancelled.
+//! between steps when cancelled. Loading (folders and single-file checkpoints) is in [`load`].
+
+mod load;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 
-use super::adapt::{self, LayerTable};
-use super::clip::{ClipTextConfig, ClipTextModel};
-use super::lora::names::LayerIndex;
-use super::lora::{Adapters, Component, LoraWeight};
+use super::adapt::LayerTable;
+use super::clip::ClipTextModel;
+use super::lora::{Adapters, LoraWeight};
 use super::rng::BatchNoise;
 use super::schedulers::{self, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
-use super::unet_2d::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
-use super::vae::{AutoencoderKL, AutoencoderKLConfig};
-use super::weights::{find_weights, var_builder};
+use super::unet_2d::{AddedConditions, UNet2DConditionModel};
+use super::vae::AutoencoderKL;
 
 /// Which conditioning scheme a pipeline uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,38 +32,23 @@ pub enum ModelFamily {
     StableDiffusionXl,
 }
 
-/// `model_index.json`: which components the pipeline has.
-#[derive(Clone, Debug, Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name", default)]
-    class_name: String,
-    #[serde(default)]
-    force_zeros_for_empty_prompt: Option<bool>,
-    #[serde(default)]
-    requires_aesthetics_score: Option<bool>,
-    #[serde(flatten)]
-    components: std::collections::HashMap<String, serde_json::Value>,
-}
-
-impl ModelIndex {
-    fn has(&self, component: &str) -> bool {
-        match self.components.get(component) {
-            Some(serde_json::Value::Array(v)) => v.iter().any(|x| !x.is_null()),
-            _ => false,
-        }
-    }
-}
-
 /// How weights are loaded.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// For a single-file checkpoint: the diffusers folder whose configs, scheduler and tokenizers to use
+    /// (`None`: the built-in ones of its architecture).
+    pub config: Option<PathBuf>,
+    /// A VAE to use instead of the model's: a diffusers `vae/` folder or one `.safetensors` file.
+    pub vae: Option<PathBuf>,
+    /// `epsilon`, `v_prediction` or `sample` instead of the scheduler config's.
+    pub prediction_type: Option<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32 }
+        Self { device: Device::Cpu, dtype: DType::F32, config: None, vae: None, prediction_type: None }
     }
 }
 
@@ -80,19 +63,6 @@ struct TextTower {
 impl std::fmt::Debug for TextTower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTower").field("encoder", &self.encoder.config()).finish_non_exhaustive()
-    }
-}
-
-impl TextTower {
-    fn load(root: &Path, tokenizer: &str, encoder: &str, opts: &LoadOptions) -> anyhow::Result<Self> {
-        let tok = ClipTokenizer::from_dir(&root.join(tokenizer))?;
-        let dir = root.join(encoder);
-        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let files = find_weights(&dir, "model", opts.dtype == DType::F16)?;
-        let vb = var_builder(&files, opts.dtype, &opts.device)?;
-        let (encoder, layers) = adapt::record(|| ClipTextModel::new(vb, config));
-        let encoder = encoder.with_context(|| format!("cannot build the text encoder in {}", dir.display()))?;
-        Ok(Self { tokenizer: tok, encoder, layers })
     }
 }
 
@@ -118,6 +88,8 @@ pub struct GenerationRequest {
     pub init: Option<InitImage>,
     /// LoRAs applied for this generation only, in order.
     pub loras: Vec<LoraWeight>,
+    /// A1111's clip skip for single-encoder models: 1 (or `None`) uses the last layer, 2 the one before, ...
+    pub clip_skip: Option<usize>,
 }
 
 /// The image an img2img or inpainting run starts from.
@@ -150,6 +122,7 @@ impl GenerationRequest {
             initial_latents: None,
             init: None,
             loras: Vec::new(),
+            clip_skip: None,
         }
     }
 }
@@ -293,127 +266,6 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads the pipeline folder `root` (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/,
-    /// scheduler/).
-    pub fn load(root: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
-        if opts.dtype == DType::BF16 && opts.device.is_cpu() {
-            bail!(
-                "--dtype bf16 is not supported on the CPU (Candle has no bf16 matrix multiply there); use f32 or f16"
-            );
-        }
-        if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
-            bail!("unsupported dtype {:?}: use f32, f16 or bf16", opts.dtype);
-        }
-        let index_path = root.join("model_index.json");
-        let index_text = std::fs::read_to_string(&index_path).with_context(|| {
-            format!("{} is not a diffusers pipeline folder (cannot read model_index.json)", root.display())
-        })?;
-        let index: ModelIndex =
-            serde_json::from_str(&index_text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
-        for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-            if !index.has(needed) {
-                bail!("{} lists no `{needed}` component (pipeline class {:?})", index_path.display(), index.class_name);
-            }
-        }
-        if index.requires_aesthetics_score == Some(true) {
-            bail!("{}: SDXL refiner pipelines (requires_aesthetics_score) are not supported", index_path.display());
-        }
-        let sdxl = index.has("text_encoder_2");
-        let family = if sdxl { ModelFamily::StableDiffusionXl } else { ModelFamily::StableDiffusion };
-        let half = opts.dtype == DType::F16;
-
-        let text = TextTower::load(root, "tokenizer", "text_encoder", opts)?;
-        let text_2 = if sdxl {
-            if !index.has("tokenizer_2") {
-                bail!("{} has text_encoder_2 but no tokenizer_2", index_path.display());
-            }
-            Some(TextTower::load(root, "tokenizer_2", "text_encoder_2", opts)?)
-        } else {
-            None
-        };
-
-        let unet_dir = root.join("unet");
-        let unet_config = UNet2DConditionConfig::from_file(&unet_dir.join("config.json"))?;
-        let unet_vb =
-            var_builder(&find_weights(&unet_dir, "diffusion_pytorch_model", half)?, opts.dtype, &opts.device)?;
-        let (unet, unet_layers) = adapt::record(|| UNet2DConditionModel::new(unet_vb, unet_config));
-        let unet = unet.with_context(|| format!("cannot build the UNet in {}", unet_dir.display()))?;
-
-        let vae_dir = root.join("vae");
-        let vae_config = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
-        let vae_dtype = if vae_config.force_upcast && opts.dtype == DType::F16 { DType::F32 } else { opts.dtype };
-        let vae_vb = var_builder(&find_weights(&vae_dir, "diffusion_pytorch_model", half)?, vae_dtype, &opts.device)?;
-        let vae = AutoencoderKL::new(vae_vb, vae_config)
-            .with_context(|| format!("cannot build the VAE in {}", vae_dir.display()))?;
-
-        let scheduler_config = SchedulerConfig::from_file(&root.join("scheduler").join("scheduler_config.json"))?;
-        scheduler_config.prediction()?;
-
-        let mut tables = vec![(Component::Unet, &unet_layers), (Component::TextEncoder, &text.layers)];
-        if let Some(t2) = &text_2 {
-            tables.push((Component::TextEncoder2, &t2.layers));
-        }
-        let what = match family {
-            ModelFamily::StableDiffusionXl => "this SDXL model".to_string(),
-            ModelFamily::StableDiffusion => {
-                format!("this SD 1.x/2.x model ({}-wide text encoder)", text.encoder.config().hidden_size)
-            }
-        };
-        let adapters = Adapters::new(LayerIndex::new(&tables), what);
-        let pipeline = Self {
-            adapters,
-            root: root.to_path_buf(),
-            family,
-            text,
-            text_2,
-            unet,
-            vae,
-            vae_dtype,
-            scheduler_config,
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(sdxl),
-            device: opts.device.clone(),
-            dtype: opts.dtype,
-        };
-        pipeline.check_dimensions()?;
-        Ok(pipeline)
-    }
-
-    /// Cross-checks the components' widths so a mismatched folder fails at load, not mid-generation.
-    fn check_dimensions(&self) -> anyhow::Result<()> {
-        let ucfg = self.unet.config();
-        let text_width = self.text.encoder.config().hidden_size
-            + self.text_2.as_ref().map(|t| t.encoder.config().hidden_size).unwrap_or(0);
-        if ucfg.context_dim() != text_width {
-            bail!(
-                "unet `cross_attention_dim` is {} but the text encoder(s) produce {text_width}-wide embeddings",
-                ucfg.context_dim()
-            );
-        }
-        if let (Some(t2), Some(time_dim), Some(proj)) =
-            (&self.text_2, ucfg.addition_time_embed_dim, ucfg.projection_class_embeddings_input_dim)
-        {
-            let pooled = t2.encoder.config().projection_dim.unwrap_or(t2.encoder.config().hidden_size);
-            if pooled + 6 * time_dim != proj {
-                bail!("unet `projection_class_embeddings_input_dim` is {proj}, expected pooled {pooled} + 6 time ids × {time_dim}");
-            }
-        }
-        if self.family == ModelFamily::StableDiffusionXl && !self.unet.needs_added_conditions() {
-            bail!("this pipeline has two text encoders but its UNet has no `text_time` add-embedding");
-        }
-        let vae_latents = self.vae.config().latent_channels;
-        if ucfg.out_channels != vae_latents {
-            bail!("unet `out_channels` {} differs from the VAE's `latent_channels` {vae_latents}", ucfg.out_channels);
-        }
-        if ucfg.in_channels != vae_latents && ucfg.in_channels != 2 * vae_latents + 1 {
-            bail!(
-                "unet `in_channels` is {}: expected {vae_latents} (the VAE's latents) or {} (an inpainting UNet)",
-                ucfg.in_channels,
-                2 * vae_latents + 1
-            );
-        }
-        Ok(())
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -471,6 +323,15 @@ impl StableDiffusion {
 
     /// Encodes one prompt: `(embeddings [1, 77, D], pooled [1, P] for SDXL, warning)`.
     pub fn encode_prompt(&self, text: &str) -> anyhow::Result<(Tensor, Option<Tensor>, Option<String>)> {
+        self.encode_prompt_skipping(text, None)
+    }
+
+    /// [`Self::encode_prompt`] with A1111's clip skip (single-encoder models).
+    fn encode_prompt_skipping(
+        &self,
+        text: &str,
+        clip_skip: Option<usize>,
+    ) -> anyhow::Result<(Tensor, Option<Tensor>, Option<String>)> {
         let tokens = self.text.tokenizer.encode(text)?;
         let warning = tokens.truncated_text.as_ref().map(|cut| {
             format!(
@@ -478,6 +339,10 @@ impl StableDiffusion {
                 self.text.tokenizer.max_length()
             )
         });
+        if let (Some(skip), None) = (clip_skip.filter(|&s| s > 1), &self.text_2) {
+            let hidden = self.text.encoder.forward_clip_skip(&self.ids_tensor(&tokens.ids)?, skip)?;
+            return Ok((hidden, None, warning));
+        }
         let out = self.text.encoder.forward(&self.ids_tensor(&tokens.ids)?)?;
         match &self.text_2 {
             None => Ok((out.last_hidden_state, None, warning)),
@@ -497,7 +362,7 @@ impl StableDiffusion {
         warnings: &mut Vec<String>,
     ) -> anyhow::Result<Conditioning> {
         let n = req.num_images;
-        let (pos, pos_pooled, warning) = self.encode_prompt(&req.prompt)?;
+        let (pos, pos_pooled, warning) = self.encode_prompt_skipping(&req.prompt, req.clip_skip)?;
         warnings.extend(warning);
         let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; n], 0) };
         let mut context = repeat(&pos)?;
@@ -509,7 +374,8 @@ impl StableDiffusion {
             let (neg, neg_pooled) = if zero_negative {
                 (pos.zeros_like()?, pos_pooled.as_ref().map(|p| p.zeros_like()).transpose()?)
             } else {
-                let (neg, neg_pooled, warning) = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""))?;
+                let negative = req.negative_prompt.as_deref().unwrap_or("");
+                let (neg, neg_pooled, warning) = self.encode_prompt_skipping(negative, req.clip_skip)?;
                 warnings.extend(warning.map(|w| w.replacen("the prompt", "the negative prompt", 1)));
                 (neg, neg_pooled)
             };
@@ -546,6 +412,18 @@ impl StableDiffusion {
         }
         if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
             return Err(invalid("guidance", format!("must be a finite number ≥ 0, got {}", req.guidance_scale)));
+        }
+        if let Some(skip) = req.clip_skip {
+            let layers = self.text.encoder.config().num_hidden_layers;
+            if self.text_2.is_some() && skip > 1 {
+                return Err(invalid("clip_skip", "does not apply to SDXL, which always uses its penultimate layers"));
+            }
+            if skip == 0 || skip > layers {
+                return Err(invalid(
+                    "clip_skip",
+                    format!("must be between 1 and {layers} (1 = the last layer), got {skip}"),
+                ));
+            }
         }
         if req.num_images == 0 || req.num_images > MAX_IMAGES {
             return Err(invalid("num_images", format!("must be between 1 and {MAX_IMAGES}, got {}", req.num_images)));
