@@ -303,6 +303,7 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         device: "cpu".into(),
         models: vec![model.into()],
         loras: vec![],
+        resident: vec![],
         state: protocol::WorkerState::Idle,
         jobs_done: 0,
         jobs_failed: 0,

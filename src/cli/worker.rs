@@ -63,6 +63,11 @@ pub struct WorkerArgs {
     /// Largest LoRA file accepted, in bytes (the count per job is the `max_loras` limit).
     #[arg(long, default_value_t = crate::loras::LoraLimits::default().max_file_bytes)]
     pub max_lora_bytes: u64,
+    /// Memory the resident models may take (e.g. 20GiB): the --model entries are a catalogue, loaded on
+    /// first use, the least recently used evicted to make room. Default: half the RAM on the CPU, no limit on
+    /// GPUs.
+    #[arg(long, value_name = "SIZE", value_parser = crate::worker::catalogue::parse_size)]
+    pub max_resident_bytes: Option<u64>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -89,6 +94,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.store.retry_timeout = args.store_retry;
     config.step_delay = args.step_delay;
     config.lora_dir = args.lora_dir;
+    config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
     if let Some(json) = &args.limits {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;

@@ -75,6 +75,17 @@ impl ReleasingSafetensors {
         self.0.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
     }
 
+    /// The shapes of the floating-point tensors (what a model's weights are).
+    pub fn float_shapes(&self) -> Vec<Vec<usize>> {
+        use safetensors::Dtype;
+        self.0
+            .tensors()
+            .into_iter()
+            .filter(|(_, v)| matches!(v.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64))
+            .map(|(_, v)| v.shape().to_vec())
+            .collect()
+    }
+
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.0.load(name, dev)?;
         self.release(name);

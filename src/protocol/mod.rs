@@ -880,13 +880,24 @@ pub struct Progress {
     /// A small JPEG of the current latents, when the worker makes previews.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
     pub preview_jpeg: Option<Vec<u8>>,
+    /// `loading` while the worker loads the model (step 0); absent while denoising.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+}
+
+/// What a running job is doing, beside denoising.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// The model's weights are loading (the worker had it in its catalogue, not in memory).
+    Loading,
 }
 
 impl Progress {
     /// A progress event at `at`, with `percent` computed from `step` and `total`.
     pub fn new(job_id: Uuid, step: u32, total: u32, at: u64) -> Self {
         let percent = if total == 0 { 0.0 } else { (100.0 * f64::from(step) / f64::from(total)).min(100.0) as f32 };
-        Self { v: PROTOCOL_VERSION, job_id, at, step, total, percent, eta_ms: None, preview_jpeg: None }
+        Self { v: PROTOCOL_VERSION, job_id, at, step, total, percent, eta_ms: None, preview_jpeg: None, phase: None }
     }
 }
 
@@ -931,6 +942,9 @@ pub struct Timings {
     /// Part of `generation_ms`: merging the job's LoRAs into the weights (0 when they were in effect already).
     #[serde(default)]
     pub lora_ms: u64,
+    /// Loading the model's weights first, when it was not resident (0 when it was).
+    #[serde(default)]
+    pub load_ms: u64,
     pub generation_ms: u64,
     pub upload_ms: u64,
     /// From `created_at` to completion.
@@ -1005,6 +1019,9 @@ pub struct Heartbeat {
     /// The LoRAs jobs can name on this worker (its catalogue), at most [`MAX_HEARTBEAT_LORAS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<String>,
+    /// Of `models`, those whose weights are in memory now (the others load when a job needs them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resident: Vec<String>,
     pub state: WorkerState,
     pub jobs_done: u64,
     pub jobs_failed: u64,
@@ -1507,7 +1524,7 @@ mod tests {
                     bytes: 123_456,
                     content_type: "image/png".into(),
                 }],
-                timings: Timings { queue_ms: 1, lora_ms: 0, generation_ms: 2, upload_ms: 3, total_ms: 6 },
+                timings: Timings { queue_ms: 1, lora_ms: 0, load_ms: 0, generation_ms: 2, upload_ms: 3, total_ms: 6 },
             }),
             Event::Failed(Failed {
                 v: 1,
@@ -1610,6 +1627,7 @@ mod tests {
                 device: "cuda:0".into(),
                 models: vec!["xl".into(), "sd-turbo".into()],
                 loras: vec!["style".into()],
+                resident: vec!["xl".into()],
                 state,
                 jobs_done: 10,
                 jobs_failed: 1,

@@ -24,6 +24,8 @@ pub struct WorkerInfo {
 pub struct ServedModel {
     pub name: String,
     pub workers: usize,
+    /// Of `workers`, those holding it in memory (the others load it for their first job).
+    pub resident_workers: usize,
     pub loras: Vec<String>,
 }
 
@@ -96,18 +98,28 @@ impl Fleet {
     /// The models live workers serve, by name: how many workers serve each and the LoRAs they can apply
     /// to it (the union of those workers' catalogues).
     pub fn models(&self, now: u64) -> Vec<ServedModel> {
-        let mut by_name: std::collections::BTreeMap<String, (usize, std::collections::BTreeSet<String>)> =
-            Default::default();
+        let mut by_name: std::collections::BTreeMap<String, ServedModel> = Default::default();
         for w in self.workers(now).into_iter().filter(|w| !w.lost) {
-            for m in w.heartbeat.models {
-                let entry = by_name.entry(m).or_default();
-                entry.0 += 1;
-                entry.1.extend(w.heartbeat.loras.iter().cloned());
+            let hb = &w.heartbeat;
+            for m in &hb.models {
+                let entry = by_name.entry(m.clone()).or_insert_with(|| ServedModel {
+                    name: m.clone(),
+                    workers: 0,
+                    resident_workers: 0,
+                    loras: Vec::new(),
+                });
+                entry.workers += 1;
+                entry.resident_workers += usize::from(hb.resident.contains(m));
+                entry.loras.extend(hb.loras.iter().cloned());
             }
         }
         by_name
-            .into_iter()
-            .map(|(name, (workers, loras))| ServedModel { name, workers, loras: loras.into_iter().collect() })
+            .into_values()
+            .map(|mut m| {
+                m.loras.sort();
+                m.loras.dedup();
+                m
+            })
             .collect()
     }
 
@@ -164,6 +176,9 @@ fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protoc
     hb.models.dedup();
     hb.loras.sort();
     hb.loras.dedup();
+    // Resident models are among the served ones (so the lists stay bounded by the models check).
+    hb.resident.retain(|m| hb.models.binary_search(m).is_ok());
+    hb.resident.dedup();
     for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
         protocol::cut(text, MAX_TEXT_BYTES);
     }
@@ -183,6 +198,7 @@ mod tests {
             device: "cpu".into(),
             models: vec!["tiny".into()],
             loras: vec!["style".into()],
+            resident: vec![],
             state: protocol::WorkerState::Idle,
             jobs_done: 0,
             jobs_failed: 0,

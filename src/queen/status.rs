@@ -58,6 +58,9 @@ pub struct ProgressInfo {
     pub percent: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
+    /// `loading` while the worker loads the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<crate::protocol::JobPhase>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -188,8 +191,13 @@ impl JobStatus {
             }
             Event::Progress(p) => {
                 self.state = JobState::Running;
-                self.progress =
-                    Some(ProgressInfo { step: p.step, total: p.total, percent: p.percent, eta_ms: p.eta_ms });
+                self.progress = Some(ProgressInfo {
+                    step: p.step,
+                    total: p.total,
+                    percent: p.percent,
+                    eta_ms: p.eta_ms,
+                    phase: p.phase,
+                });
             }
             Event::Completed(c) => {
                 self.state = JobState::Completed;

@@ -377,10 +377,21 @@ async fn generate_and_store(
     delivered: Delivery,
     received_at: u64,
 ) -> Result<Completed, Failure> {
-    let loaded: Arc<LoadedModel> =
-        shared.models.get(model).cloned().ok_or_else(|| {
-            Failure::invalid("model", format!("{model:?} is not loaded on worker {}", shared.worker_id))
-        })?;
+    if !shared.catalogue.contains(model) {
+        return Err(Failure::invalid("model", format!("{model:?} is not served by worker {}", shared.worker_id)));
+    }
+    if !shared.catalogue.is_resident(model) {
+        let mut loading = Progress::new(job.id, 0, job.steps.unwrap_or(0), now_millis());
+        loading.phase = Some(protocol::JobPhase::Loading);
+        publish_event(shared, &Event::Progress(loading), delivered).await;
+    }
+    let checkout = shared
+        .catalogue
+        .checkout(model)
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
+    let loaded: Arc<LoadedModel> = checkout.model;
+    let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
     let mut params = params_of(job)?;
     if let Some(src) = &job.init_image {
         params.init_image = Some(load_picture(shared, src, "init_image").await?);
@@ -530,6 +541,7 @@ async fn generate_and_store(
         timings: Timings {
             queue_ms: received_at.saturating_sub(job.created_at),
             lora_ms: lora_ms as u64,
+            load_ms,
             generation_ms,
             upload_ms,
             total_ms: at.saturating_sub(job.created_at),
@@ -562,6 +574,7 @@ async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered:
 async fn publish_event(shared: &Shared, event: &Event, delivered: Delivery) -> bool {
     let job_id = event.job_id();
     let msg_id = match event {
+        Event::Progress(p) if p.phase.is_some() => format!("{job_id}:{}.{}:loading", delivered.seq, delivered.n),
         Event::Progress(p) => format!("{job_id}:{}.{}:progress:{}", delivered.seq, delivered.n, p.step),
         other => format!("{job_id}:{}.{}:{}", delivered.seq, delivered.n, other.type_name()),
     };

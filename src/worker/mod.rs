@@ -7,6 +7,7 @@
 //! finish within the grace period, else stop them between two steps and nak them so another worker takes
 //! them, publish a last heartbeat, drain the connection.
 
+pub mod catalogue;
 pub mod control;
 mod dead_letter;
 pub mod job;
@@ -23,35 +24,60 @@ use tokio::task::JoinSet;
 
 use crate::bus::{self, ConsumerSettings, StreamSettings};
 use crate::device::DeviceSpec;
-use crate::generation::LoadedModel;
 use crate::loras::{LoraLibrary, LoraLimits};
 use crate::protocol::{self, Heartbeat, Limits, Subjects, PROTOCOL_VERSION};
 use crate::storage::{Store, StoreOptions};
+use catalogue::Catalogue;
 use control::{Control, StopReason};
 
-/// A model the worker serves: the short name jobs use (a subject token), and where it comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A model the worker serves: the short name jobs use (a subject token), where it comes from, and for
+/// single-file checkpoints how to read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelSpec {
     pub name: String,
     pub source: String,
+    /// A single file's diffusers config folder (`,config=DIR`).
+    pub config: Option<std::path::PathBuf>,
+    /// A VAE to use instead of the model's (`,vae=PATH`).
+    pub vae: Option<std::path::PathBuf>,
+    /// `epsilon`, `v_prediction` or `sample` (`,prediction_type=...`).
+    pub prediction_type: Option<String>,
 }
 
 impl std::str::FromStr for ModelSpec {
     type Err = String;
 
-    /// `NAME=PATH_OR_REPO`, or a short name alone (`v1-5`) that is both.
+    /// `NAME=PATH_OR_REPO[,config=DIR][,vae=PATH][,prediction_type=P]`, or a short name alone (`v1-5`)
+    /// that is both.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, source) = match s.split_once('=') {
+        let (name, rest) = match s.split_once('=') {
             Some((n, src)) => (n.trim(), src.trim()),
             None => (s.trim(), s.trim()),
         };
+        let mut parts = rest.split(',');
+        let source = parts.next().unwrap_or("").trim();
         if source.is_empty() {
             return Err(format!("{s:?}: expected NAME=PATH_OR_REPO"));
         }
         protocol::validate_model_name(name).map_err(|e| {
             format!("{s:?}: the model name {} (use NAME=PATH_OR_REPO to name a folder or repo)", e.message)
         })?;
-        Ok(ModelSpec { name: name.to_string(), source: source.to_string() })
+        let mut spec = ModelSpec { name: name.to_string(), source: source.to_string(), ..Default::default() };
+        for option in parts {
+            match option.trim().split_once('=') {
+                Some(("config", dir)) => spec.config = Some(dir.into()),
+                Some(("vae", path)) => spec.vae = Some(path.into()),
+                Some(("prediction_type", p)) if ["epsilon", "v_prediction", "sample"].contains(&p) => {
+                    spec.prediction_type = Some(p.to_string())
+                }
+                _ => {
+                    return Err(format!(
+                        "{s:?}: {option:?} is not an option (config=DIR, vae=PATH, prediction_type=epsilon|v_prediction|sample)"
+                    ))
+                }
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -91,6 +117,8 @@ pub struct WorkerConfig {
     /// Largest LoRA file, and how many bytes of parsed LoRAs stay cached (the count per job is
     /// `limits.max_loras`).
     pub lora_limits: LoraLimits,
+    /// The memory the resident models may take; `None`: half the RAM on the CPU, no limit on GPUs.
+    pub max_resident_bytes: Option<u64>,
 }
 
 impl WorkerConfig {
@@ -118,6 +146,7 @@ impl WorkerConfig {
             step_delay: Duration::ZERO,
             lora_dir: None,
             lora_limits: LoraLimits::default(),
+            max_resident_bytes: None,
         }
     }
 }
@@ -132,7 +161,8 @@ pub struct Shared {
     pub js: jetstream::Context,
     pub subjects: Subjects,
     pub store: Store,
-    pub models: HashMap<String, Arc<LoadedModel>>,
+    /// The models it serves, resident or loaded on first use.
+    pub catalogue: Catalogue,
     pub loras: Arc<LoraLibrary>,
     pub control: Control,
     pub started: Instant,
@@ -205,19 +235,15 @@ impl Worker {
         let store = Store::open(&config.store_url, &config.store).context("--store")?;
         store.check().await.context("--store")?;
 
-        let mut models = HashMap::new();
-        for spec in &config.models {
-            let (source, device, dtype, offline) = (spec.source.clone(), config.device, config.dtype, config.offline);
-            let loaded = tokio::task::spawn_blocking(move || {
-                let opts =
-                    crate::generation::ModelOptions { device, dtype: Some(dtype), offline, ..Default::default() };
-                crate::generation::load_model(&source, &opts)
-            })
-            .await?
-            .with_context(|| format!("model {}", spec.name))?;
-            tracing::info!(model = %spec.name, from = %loaded.display, load_ms = loaded.load_ms, "model loaded");
-            models.insert(spec.name.clone(), Arc::new(loaded));
-        }
+        let options = crate::generation::ModelOptions {
+            device: config.device,
+            dtype: Some(config.dtype),
+            offline: config.offline,
+            ..Default::default()
+        };
+        let budget = config.max_resident_bytes.or_else(|| default_budget(config.device));
+        let catalogue = Catalogue::new(&config.models, options, budget);
+        catalogue.preload().await?;
 
         let client = bus::connect(&config.nats_url, &format!("sd-rbee worker {worker_id}"), Duration::from_secs(10))
             .await
@@ -242,7 +268,7 @@ impl Worker {
             js,
             subjects,
             store,
-            models,
+            catalogue,
             loras,
             control: Control::default(),
             started: Instant::now(),
@@ -267,11 +293,13 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(shared.config.concurrency));
         let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         let mut pullers = JoinSet::new();
+        let backlog = Arc::new(Backlog::default());
         for (model, consumer) in self.consumers {
-            pullers.spawn(pull(shared.clone(), model, consumer, slots.clone(), jobs.clone(), stop_rx.clone()));
+            let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop_rx.clone());
+            pullers.spawn(pull(shared.clone(), model, consumer, slots, jobs, backlog, stop));
         }
         send_heartbeat(&shared).await;
-        tracing::info!(worker_id = %shared.worker_id, models = ?shared.models.keys().collect::<Vec<_>>(), "ready");
+        tracing::info!(worker_id = %shared.worker_id, models = ?shared.catalogue.names(), resident = ?shared.catalogue.resident(), "ready");
 
         shutdown.await;
         tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
@@ -303,10 +331,13 @@ async fn pull(
     mut consumer: jetstream::consumer::PullConsumer,
     slots: Arc<Semaphore>,
     jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    backlog: Arc<Backlog>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Short pull requests, so that several models share the slots fairly and shutdown is quick.
-    let expires = if shared.models.len() > 1 { Duration::from_millis(500) } else { Duration::from_secs(2) };
+    let several = shared.catalogue.names().len() > 1;
+    let expires = if several { Duration::from_millis(500) } else { Duration::from_secs(2) };
+    let mut deferred_since: Option<std::time::Instant> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -315,6 +346,17 @@ async fn pull(
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = stop.changed() => return,
         };
+        // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
+        // mixed queue does not load and evict models job by job.
+        if several && !shared.catalogue.is_resident(&model) && backlog.resident_waiting(&shared.catalogue) {
+            let since = *deferred_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < Duration::from_secs(30) {
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        deferred_since = None;
         let batch = consumer.fetch().max_messages(1).expires(expires).messages().await;
         let mut batch = match batch {
             Ok(b) => b,
@@ -350,10 +392,41 @@ async fn pull(
             }
             None => {}
         }
+        if several {
+            if let Ok(info) = consumer.info().await {
+                backlog.set(&model, info.num_pending);
+            }
+        }
         // Reap finished jobs so the set does not grow.
         let mut set = jobs.lock().await;
         while set.try_join_next().is_some() {}
     }
+}
+
+/// Jobs waiting in each model's queue, as the pullers last saw them.
+#[derive(Default)]
+struct Backlog(parking_lot::Mutex<HashMap<String, u64>>);
+
+impl Backlog {
+    fn set(&self, model: &str, pending: u64) {
+        self.0.lock().insert(model.to_string(), pending);
+    }
+
+    /// Whether a resident model has jobs waiting.
+    fn resident_waiting(&self, catalogue: &Catalogue) -> bool {
+        self.0.lock().iter().any(|(m, &n)| n > 0 && catalogue.is_resident(m))
+    }
+}
+
+/// The memory models may take when `--max-resident-bytes` is not given: half the machine's RAM on the CPU;
+/// on GPUs, no limit (give one below the device memory to serve more models than fit).
+fn default_budget(device: DeviceSpec) -> Option<u64> {
+    if device != DeviceSpec::Cpu {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024 / 2)
 }
 
 /// After a failed pull, binds `model`'s consumer again, creating it (and the streams) when they are gone: an
@@ -374,8 +447,7 @@ async fn rebind(shared: &Shared, model: &str, consumer: &mut jetstream::consumer
 }
 
 async fn send_heartbeat(shared: &Shared) {
-    let mut models: Vec<String> = shared.models.keys().cloned().collect();
-    models.sort();
+    let models = shared.catalogue.names();
     let hb = Heartbeat {
         v: PROTOCOL_VERSION,
         at: protocol::now_millis(),
@@ -384,6 +456,7 @@ async fn send_heartbeat(shared: &Shared) {
         device: shared.device.clone(),
         models,
         loras: shared.loras.names(protocol::MAX_HEARTBEAT_LORAS),
+        resident: shared.catalogue.resident(),
         state: shared.control.state(),
         jobs_done: shared.control.jobs_done.load(std::sync::atomic::Ordering::Relaxed),
         jobs_failed: shared.control.jobs_failed.load(std::sync::atomic::Ordering::Relaxed),
@@ -519,7 +592,19 @@ mod tests {
     #[test]
     fn model_specs() {
         let m: ModelSpec = "tiny=tests/fixtures/tiny-sd15".parse().unwrap();
-        assert_eq!(m, ModelSpec { name: "tiny".into(), source: "tests/fixtures/tiny-sd15".into() });
+        assert_eq!(
+            m,
+            ModelSpec { name: "tiny".into(), source: "tests/fixtures/tiny-sd15".into(), ..Default::default() }
+        );
+        let m: ModelSpec =
+            "ft=model.safetensors,config=cfg,vae=v.safetensors,prediction_type=v_prediction".parse().unwrap();
+        assert_eq!(
+            (m.source.as_str(), m.config.unwrap(), m.vae.unwrap()),
+            ("model.safetensors", "cfg".into(), "v.safetensors".into())
+        );
+        assert_eq!(m.prediction_type.as_deref(), Some("v_prediction"));
+        let err = "ft=m.safetensors,colour=red".parse::<ModelSpec>().unwrap_err();
+        assert!(err.contains("colour") && err.contains("config=DIR"), "{err}");
         let m: ModelSpec = "v1-5".parse().unwrap();
         assert_eq!(m.name, "v1-5");
         let err = "runwayml/stable-diffusion-v1-5".parse::<ModelSpec>().unwrap_err();

@@ -926,7 +926,11 @@ async fn job_events(
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
+    /// Live workers serving it.
     pub workers: usize,
+    /// Of those, the workers holding it in memory (the others load it for their first job of it).
+    #[serde(default)]
+    pub resident_workers: usize,
     /// LoRAs the model's workers can apply (`loras[].name` of a job), sorted.
     #[serde(default)]
     pub loras: Vec<String>,
@@ -948,7 +952,13 @@ async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
                 serde_json::json!({"repo": e.repo, "width": e.width, "height": e.height, "steps": e.steps,
                                    "guidance": e.guidance, "scheduler": e.scheduler})
             });
-            ModelInfo { name: m.name, workers: m.workers, loras: m.loras, defaults }
+            ModelInfo {
+                name: m.name,
+                workers: m.workers,
+                resident_workers: m.resident_workers,
+                loras: m.loras,
+                defaults,
+            }
         })
         .collect();
     Json(models)

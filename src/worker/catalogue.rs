@@ -1,0 +1,253 @@
+//! The models a worker serves: a catalogue of `--model` entries whose weights load on first use and stay
+//! resident while they fit `--max-resident-bytes`; loading one that does not fit first evicts the least
+//! recently used models no job is running on.
+//!
+//! A model's size is estimated before it loads, from its weight files' tensor headers at the dtype it will
+//! run in, so the budget holds at the peak, not only after the fact. Loads run one at a time; a job for a
+//! resident model never waits for one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+
+use super::ModelSpec;
+use crate::generation::{LoadedModel, ModelOptions};
+
+struct Resident {
+    model: Arc<LoadedModel>,
+    bytes: u64,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct State {
+    resident: BTreeMap<String, Resident>,
+    clock: u64,
+}
+
+/// What a job got from the catalogue: the model, and how long it waited for it to load (`None`: resident).
+pub struct Checkout {
+    pub model: Arc<LoadedModel>,
+    pub load_ms: Option<f64>,
+}
+
+pub struct Catalogue {
+    specs: BTreeMap<String, ModelSpec>,
+    options: ModelOptions,
+    /// `None`: no limit.
+    budget: Option<u64>,
+    state: parking_lot::Mutex<State>,
+    /// Held while a model loads: one load at a time.
+    loading: tokio::sync::Mutex<()>,
+    /// Names of the resident models, readable without waiting for a load (heartbeats, pulling).
+    resident_names: parking_lot::RwLock<Vec<String>>,
+}
+
+impl Catalogue {
+    pub fn new(specs: &[ModelSpec], options: ModelOptions, budget: Option<u64>) -> Self {
+        Self {
+            specs: specs.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+            options,
+            budget,
+            state: Default::default(),
+            loading: Default::default(),
+            resident_names: Default::default(),
+        }
+    }
+
+    /// Every model this worker can serve.
+    pub fn names(&self) -> Vec<String> {
+        self.specs.keys().cloned().collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.specs.contains_key(name)
+    }
+
+    /// The models whose weights are in memory now.
+    pub fn resident(&self) -> Vec<String> {
+        self.resident_names.read().clone()
+    }
+
+    pub fn is_resident(&self, name: &str) -> bool {
+        self.resident_names.read().iter().any(|n| n == name)
+    }
+
+    /// The model `name`, loading it first (and evicting others) when it is not resident. Jobs for resident
+    /// models never wait for another model's load.
+    pub async fn checkout(&self, name: &str) -> anyhow::Result<Checkout> {
+        let spec = self.specs.get(name).with_context(|| format!("{name:?} is not in this worker's catalogue"))?;
+        if let Some(model) = self.touch(name) {
+            return Ok(Checkout { model, load_ms: None });
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(model) = self.touch(name) {
+            return Ok(Checkout { model, load_ms: None });
+        }
+        let start = Instant::now();
+        let source = spec.source.clone();
+        let options = ModelOptions {
+            config: spec.config.clone(),
+            vae: spec.vae.clone(),
+            prediction_type: spec.prediction_type.clone(),
+            ..self.options.clone()
+        };
+        let dtype = options.dtype.unwrap_or(DType::F32);
+        let bytes = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || estimate_bytes(&source, dtype)).await??
+        };
+        if let Some(budget) = self.budget {
+            self.evict_for(bytes, budget, name);
+        }
+        let loaded = tokio::task::spawn_blocking(move || crate::generation::load_model(&source, &options))
+            .await?
+            .with_context(|| format!("model {name}"))?;
+        let model = Arc::new(loaded);
+        tracing::info!(model = name, from = %model.display, load_ms = model.load_ms, bytes, "model loaded");
+        let mut state = self.state.lock();
+        state.clock += 1;
+        let last_used = state.clock;
+        state.resident.insert(name.to_string(), Resident { model: model.clone(), bytes, last_used });
+        *self.resident_names.write() = state.resident.keys().cloned().collect();
+        Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) })
+    }
+
+    /// The resident model `name`, marked as just used.
+    fn touch(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        let mut state = self.state.lock();
+        state.clock += 1;
+        let clock = state.clock;
+        state.resident.get_mut(name).map(|r| {
+            r.last_used = clock;
+            r.model.clone()
+        })
+    }
+
+    /// Evicts least recently used models no job holds until `incoming` bytes fit `budget`. Models in use stay
+    /// (the job holding one keeps it alive anyway); if they alone exceed the budget, the load goes ahead over
+    /// it, with a warning.
+    fn evict_for(&self, incoming: u64, budget: u64, loading: &str) {
+        let mut state = self.state.lock();
+        loop {
+            let used: u64 = state.resident.values().map(|r| r.bytes).sum();
+            if used + incoming <= budget {
+                return;
+            }
+            let idle = state
+                .resident
+                .iter()
+                .filter(|(_, r)| Arc::strong_count(&r.model) == 1)
+                .min_by_key(|(_, r)| r.last_used)
+                .map(|(n, _)| n.clone());
+            match idle {
+                Some(victim) => {
+                    let r = state.resident.remove(&victim).expect("listed");
+                    tracing::info!(model = victim, bytes = r.bytes, for_model = loading, "model evicted");
+                    *self.resident_names.write() = state.resident.keys().cloned().collect();
+                }
+                None => {
+                    tracing::warn!(
+                        model = loading,
+                        needed = used + incoming,
+                        budget,
+                        "the models in use leave no room; loading over --max-resident-bytes"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Loads models in catalogue order while they fit the budget (all of them without one), so the first
+    /// jobs do not wait; a model that cannot load is an error here, at start.
+    pub async fn preload(&self) -> anyhow::Result<()> {
+        let mut used = 0u64;
+        for (name, spec) in &self.specs {
+            let dtype = self.options.dtype.unwrap_or(DType::F32);
+            let source = spec.source.clone();
+            let bytes = tokio::task::spawn_blocking(move || estimate_bytes(&source, dtype)).await??;
+            if self.budget.is_some_and(|b| used + bytes > b) {
+                continue;
+            }
+            self.checkout(name).await?;
+            used += bytes;
+        }
+        Ok(())
+    }
+}
+
+/// The bytes a model's weights take at `dtype`: the float tensors of its weight files, as their headers give
+/// them. Hub repos not in the cache yet count as 0 (known once downloaded).
+pub fn estimate_bytes(source: &str, dtype: DType) -> anyhow::Result<u64> {
+    let path = Path::new(source);
+    let files: Vec<std::path::PathBuf> = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else if path.is_dir() {
+        let mut out = Vec::new();
+        for (part, stem) in [
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+            ("text_encoder", "model"),
+            ("text_encoder_2", "model"),
+        ] {
+            if path.join(part).is_dir() {
+                out.extend(crate::diffusion::weights::find_weights(&path.join(part), stem, dtype == DType::F16)?);
+            }
+        }
+        out
+    } else {
+        return Ok(0);
+    };
+    let mut total = 0u64;
+    for f in files {
+        let file = crate::diffusion::weights::ReleasingSafetensors::open(&f)?;
+        for shape in file.float_shapes() {
+            total += shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// Parses a size: bytes, or a number with `K`, `M`, `G`, `T` (powers of 1024; `KiB`, `MB`, ... accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a size (e.g. 12GiB, 800M, 1048576)"))?;
+    let scale = match unit.trim().to_ascii_uppercase().trim_end_matches('B').trim_end_matches('I') {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    Ok((value * scale as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_estimates() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("12GiB").unwrap(), 12 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("800 MB").unwrap(), 800 << 20);
+        assert!(parse_size("lots").is_err() && parse_size("3 parsecs").is_err());
+
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let folder = estimate_bytes(fixtures.join("tiny-sd15").to_str().unwrap(), DType::F32).unwrap();
+        let half = estimate_bytes(fixtures.join("tiny-sd15").to_str().unwrap(), DType::F16).unwrap();
+        let file =
+            estimate_bytes(fixtures.join("single-file/tiny-sd15.safetensors").to_str().unwrap(), DType::F32).unwrap();
+        assert_eq!(folder, 2 * half);
+        assert!(folder > 1_000_000 && (file as i64 - folder as i64).abs() < 1000, "{folder} vs {file}");
+    }
+}
