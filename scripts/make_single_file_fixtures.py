@@ -182,6 +182,20 @@ def check(folder, path):
             if "position_ids" in k:
                 continue
             worst = max(worst, float((v - sb[k]).abs().max()))
+    if xl:
+        # diffusers' single-file loader cannot tell tiny-sdxl's two same-width text encoders apart; its own
+        # conversion functions, given the prefixes, read them back tensor by tensor.
+        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+        ckpt = load_file(path)
+        strip = lambda sd: {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
+        te1 = strip(convert_ldm_clip_checkpoint(ckpt, remove_prefix="conditioner.embedders.0.transformer."))
+        te2 = strip(convert_open_clip_checkpoint(a.text_encoder_2, ckpt, prefix="conditioner.embedders.1.model."))
+        for theirs, model in ((te1, a.text_encoder), (te2, a.text_encoder_2)):
+            for k, v in strip(model.state_dict()).items():
+                if "position_ids" in k:
+                    continue
+                worst = max(worst, float((v.float() - theirs[k].float()).abs().max()))
+        parts += ["text_encoder (diffusers' convert_ldm_clip_checkpoint)", "text_encoder_2 (convert_open_clip_checkpoint)"]
     report = {"file": os.path.basename(path), "tensors_compared_with_diffusers": parts, "max_abs": worst}
     if not xl:
         e = json.load(open(os.path.join(folder, "expected.json")))

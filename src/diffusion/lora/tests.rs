@@ -241,3 +241,53 @@ fn peft_metadata_alphas_and_rslora() {
     assert_eq!(a.alpha_for(Component::TextEncoder, "encoder_layers_0_mlp_fc1", 16), Some(16.0), "4/√16 = 16/16");
     assert_eq!(a.alpha_for(Component::TextEncoder2, "x", 4), None);
 }
+
+/// An f16 layer gets `W + scale · alpha/rank · up·down` computed in f32 and rounded once to f16 (not f16
+/// arithmetic), and the loaded weights back when the LoRA is dropped.
+#[test]
+fn half_precision_layers_merge_in_f32() {
+    use crate::diffusion::lora::apply::Adapters;
+    use crate::diffusion::lora::LoraWeight;
+    use candle_core::Module;
+    let dev = Device::Cpu;
+    let w32 = (Tensor::randn(0f32, 1.0, (8, 8), &dev).unwrap() * 3.0).unwrap();
+    let w16 = w32.to_dtype(DType::F16).unwrap();
+    let (layer, table) =
+        adapt::record(|| Adaptable::new(candle_nn::Linear::new(w16.clone(), None), "mid_block.attentions.0.proj_in"));
+    let index = LayerIndex::new(&[(Component::Unet, &table)]);
+    let adapters = Adapters::new(index, "a test model");
+    let down = Tensor::randn(0f32, 0.5, (2, 8), &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let up = Tensor::randn(0f32, 0.5, (8, 2), &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let lora = Lora {
+        name: "t".into(),
+        hash: [1; 32],
+        format: LoraFormat::Kohya,
+        layers: vec![LoraLayer {
+            component: Component::Unet,
+            key: "mid_block_attentions_0_proj_in".into(),
+            source: "t".into(),
+            down: down.clone(),
+            up: up.clone(),
+            alpha: Some(1.0),
+        }],
+        bytes: 0,
+    };
+    let scale = 0.7;
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let delta = (f32_of(&up).matmul(&f32_of(&down)).unwrap() * (scale * 0.5)).unwrap();
+    let want = (f32_of(&w16) + delta).unwrap().to_dtype(DType::F16).unwrap();
+    let eye = Tensor::eye(8, DType::F16, &dev).unwrap();
+    {
+        let _in_effect = adapters.enter(&[LoraWeight { lora: std::sync::Arc::new(lora), scale }]).unwrap();
+        let got = layer.forward(&eye).unwrap().t().unwrap();
+        let same = got.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+            == want.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "the patched f16 weight is not the f32 merge rounded once");
+    }
+    adapters.enter(&[]).unwrap();
+    let back = layer.forward(&eye).unwrap().t().unwrap();
+    assert!(
+        back.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+            == w16.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+    );
+}
