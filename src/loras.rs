@@ -1,6 +1,7 @@
 //! Where LoRAs come from and how many a job may use: files named on the command line, and catalogue names
-//! that a worker resolves in its `--lora-dir` (a job on the bus names a LoRA, it never points at a file or
-//! URL). Parsed LoRAs are cached by content hash, so a LoRA used by many jobs is read and parsed once, and
+//! that a worker resolves in its `--lora-dir`, then under `--lora-store-prefix` in its object store (a job on
+//! the bus names a LoRA, it never points at a file or URL). Parsed LoRAs are cached by content hash, so a LoRA
+//! used by many jobs is read and parsed once (a stored one is checked with a HEAD, not downloaded again), and
 //! the same file under two names is held once.
 
 use std::collections::HashMap;
@@ -36,6 +37,9 @@ impl Default for LoraLimits {
 pub enum LoraSourceError {
     #[error("{0}")]
     Invalid(String),
+    /// The store holding it cannot be reached now: worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Lora(#[from] crate::diffusion::lora::LoraError),
 }
@@ -53,14 +57,20 @@ struct Cache {
     files: HashMap<PathBuf, (FileStamp, [u8; 32])>,
     /// Content hash → the parsed LoRA and a use counter for LRU eviction.
     parsed: HashMap<[u8; 32], (Arc<Lora>, u64)>,
+    /// Store key → its stamp (size, version) and content hash when last read.
+    objects: HashMap<String, ((u64, String), [u8; 32])>,
     clock: u64,
 }
 
 /// The LoRAs a process can use.
 pub struct LoraLibrary {
     dir: Option<PathBuf>,
+    /// The object store and the key prefix (ending in `/`) of `NAME.safetensors` objects.
+    store: Option<(crate::storage::Store, String)>,
     limits: LoraLimits,
     cache: Mutex<Cache>,
+    /// The store's names, listed at most once a minute (heartbeats ask every few seconds).
+    listing: Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
 
 impl LoraLibrary {
@@ -71,7 +81,106 @@ impl LoraLibrary {
                 anyhow::bail!("--lora-dir {}: no such directory", d.display());
             }
         }
-        Ok(Self { dir, limits, cache: Mutex::new(Cache::default()) })
+        Ok(Self { dir, store: None, limits, cache: Mutex::new(Cache::default()), listing: Mutex::new(None) })
+    }
+
+    /// Also resolves names as `<prefix>NAME.safetensors` objects of `store`.
+    pub fn with_store(mut self, store: crate::storage::Store, prefix: &str) -> anyhow::Result<Self> {
+        let prefix = format!("{}/", prefix.trim_matches('/'));
+        crate::protocol::validate_object_key("--lora-store-prefix", &format!("{prefix}x"))
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        self.store = Some((store, prefix));
+        Ok(self)
+    }
+
+    /// The names jobs can use: the catalogue folder's, then the store's, sorted, at most `max`.
+    pub async fn available(&self, max: usize) -> Vec<String> {
+        let mut names = self.names(max);
+        if let Some((store, prefix)) = &self.store {
+            let fresh =
+                self.listing.lock().as_ref().filter(|(at, _)| at.elapsed().as_secs() < 60).map(|(_, n)| n.clone());
+            let stored = match fresh {
+                Some(n) => n,
+                None => {
+                    let keys = store.list(prefix, 4 * max).await.unwrap_or_default();
+                    let n: Vec<String> = keys
+                        .iter()
+                        .filter_map(|k| k.strip_suffix(".safetensors"))
+                        .filter(|n| validate_lora_name(n).is_ok())
+                        .map(str::to_string)
+                        .collect();
+                    *self.listing.lock() = Some((std::time::Instant::now(), n.clone()));
+                    n
+                }
+            };
+            names.extend(stored);
+            names.sort();
+            names.dedup();
+            names.truncate(max);
+        }
+        names
+    }
+
+    /// The LoRAs of a job, `(name, scale)` each: from `--lora-dir`, else from the store.
+    pub async fn resolve(self: &Arc<Self>, loras: &[(String, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
+        self.check_count(loras.len())?;
+        let mut out = Vec::with_capacity(loras.len());
+        for (name, scale) in loras {
+            check_scale(name, *scale)?;
+            validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
+            let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
+            let in_dir = self.dir.as_ref().map(|d| d.join(format!("{stem}.safetensors"))).filter(|p| p.is_file());
+            let lora = match (in_dir, &self.store) {
+                (Some(path), _) => {
+                    let me = self.clone();
+                    tokio::task::spawn_blocking(move || me.load_file(&path, &stem))
+                        .await
+                        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??
+                }
+                (None, Some(_)) => self.from_store(&stem).await?,
+                (None, None) => self.by_name(&stem)?,
+            };
+            out.push(LoraWeight { lora, scale: *scale });
+        }
+        Ok(out)
+    }
+
+    /// A LoRA stored as `<prefix><stem>.safetensors`, downloaded again only when the object changed.
+    async fn from_store(self: &Arc<Self>, stem: &str) -> Result<Arc<Lora>, LoraSourceError> {
+        let (store, prefix) = self.store.as_ref().expect("called with a store");
+        let key = format!("{prefix}{stem}.safetensors");
+        let unavailable = |e: crate::storage::StoreError| LoraSourceError::Unavailable(format!("LoRA {stem}: {e}"));
+        let Some(stamp) = store.stamp(&key).await.map_err(unavailable)? else {
+            return Err(LoraSourceError::Invalid(format!("LoRA {stem:?} is not in this worker's catalogue")));
+        };
+        {
+            let mut cache = self.cache.lock();
+            if let Some((s, hash)) = cache.objects.get(&key).cloned() {
+                if s == stamp {
+                    if let Some(lora) = cache.touch(&hash) {
+                        return Ok(lora);
+                    }
+                }
+            }
+        }
+        let bytes = match store.get_at_most(&key, self.limits.max_file_bytes).await {
+            Ok(b) => b,
+            Err(e @ crate::storage::StoreError::TooLarge { .. }) => {
+                return Err(LoraSourceError::Invalid(format!("LoRA {stem}: {e}")))
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        self.cache.lock().objects.insert(key, (stamp, hash));
+        if let Some(lora) = self.cache.lock().touch(&hash) {
+            return Ok(lora);
+        }
+        let (me, shown) = (self.clone(), stem.to_string());
+        let lora = tokio::task::spawn_blocking(move || Lora::parse(&shown, &bytes, hash).map(Arc::new))
+            .await
+            .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
+        me.cache.lock().insert(lora.clone(), me.limits.max_cached_bytes);
+        Ok(lora)
     }
 
     pub fn limits(&self) -> &LoraLimits {
@@ -91,18 +200,6 @@ impl LoraLibrary {
         names.sort();
         names.truncate(max);
         names
-    }
-
-    /// The LoRAs of a job, `(name, scale)` each, resolved in `--lora-dir`.
-    pub fn resolve_job(&self, loras: &[(String, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
-        self.check_count(loras.len())?;
-        loras
-            .iter()
-            .map(|(name, scale)| {
-                check_scale(name, *scale)?;
-                Ok(LoraWeight { lora: self.by_name(name)?, scale: *scale })
-            })
-            .collect()
     }
 
     /// The LoRAs given as files (`sd-rbee generate --lora FILE[:SCALE]`).
@@ -134,7 +231,7 @@ impl LoraLibrary {
         let stem = name.strip_suffix(".safetensors").unwrap_or(name);
         let Some(dir) = &self.dir else {
             return Err(LoraSourceError::Invalid(format!(
-                "LoRA {stem:?} cannot be used: this worker has no LoRA catalogue (--lora-dir)"
+                "LoRA {stem:?} cannot be used: this worker has no LoRA catalogue (--lora-dir, --lora-store-prefix)"
             )));
         };
         let path = dir.join(format!("{stem}.safetensors"));

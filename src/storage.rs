@@ -241,6 +241,34 @@ impl Store {
         }
     }
 
+    /// The object's size and version (its ETag, else its modification time), `None` if there is none: what
+    /// tells a cached copy from a replaced object.
+    pub async fn stamp(&self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some((meta.size, meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339())))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.failed("head", key, e)),
+        }
+    }
+
+    /// The keys under `prefix` (which ends with `/`), relative to it, sorted, at most `max`.
+    pub async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let base = self.path(prefix.trim_end_matches('/'));
+        let mut keys: Vec<String> = self
+            .inner
+            .list(Some(&base))
+            .map_ok(|meta| {
+                meta.location.as_ref().strip_prefix(base.as_ref()).unwrap_or("").trim_start_matches('/').to_string()
+            })
+            .try_collect()
+            .await
+            .map_err(|e| self.failed("list", prefix, e))?;
+        keys.sort();
+        keys.truncate(max);
+        Ok(keys)
+    }
+
     /// Reads an object that need not exist, so that a wrong key, a missing bucket or an unreachable endpoint
     /// is found when a process starts rather than at its first job. Transient errors are retried for
     /// [`StoreOptions::retry_timeout`] first, like every operation.

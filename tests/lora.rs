@@ -233,7 +233,7 @@ mod bus {
 
     use std::time::Duration;
 
-    use super::common::{self, hostile::QueenChild, servers::NatsServer, servers::WorkerProcess};
+    use super::common::{self, hostile::QueenChild, servers::NatsServer, servers::S3Server, servers::WorkerProcess};
     use async_nats::jetstream;
     use sd_rbee::client::BusClient;
     use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest, LoraRef};
@@ -383,5 +383,46 @@ mod bus {
         let Event::Completed(done) = last_event(&client, &after).await else { panic!("the last job did not complete") };
         let stored = std::fs::read(files.join(&done.images[0].key)).unwrap();
         assert!(stored == generate_png(21, &[]));
+    }
+
+    /// LoRAs kept in the object store (`--lora-store-prefix`): listed in heartbeats, applied by name, and read
+    /// again when the object is replaced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loras_from_the_object_store() {
+        let nats = NatsServer::start();
+        let s3 = S3Server::start();
+        let style = std::fs::read(super::lora_file("tiny-sd15", "style")).unwrap();
+        let detail = std::fs::read(super::lora_file("tiny-sd15", "detail")).unwrap();
+        s3.put("shared/loras/style.safetensors", &style);
+        s3.put("shared/loras/detail.safetensors", &detail);
+        let extra = ["--lora-store-prefix", "shared/loras/"];
+        let _worker = WorkerProcess::start("w-lora-s3", &nats.url(), &s3.store_url(), &s3.env(), &extra);
+        let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+        let mut beats = client.nats().subscribe(client.subjects().heartbeat("w-lora-s3").unwrap()).await.unwrap();
+        let beat = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut beats)).await.unwrap();
+        assert_eq!(protocol::decode_heartbeat(&beat.unwrap().payload).unwrap().loras, ["detail", "style"]);
+
+        let style_path = super::lora_file("tiny-sd15", "style").display().to_string();
+        let detail_path = super::lora_file("tiny-sd15", "detail").display().to_string();
+        let cases = [
+            (job(31, &[("style", 0.8)]), generate_png(31, &[format!("{style_path}:0.8")]), None),
+            // The object replaced by another LoRA: the next job reads the new one.
+            (job(31, &[("style", 0.8)]), generate_png(31, &[format!("{detail_path}:0.8")]), Some(&detail)),
+        ];
+        for (job, expected, replace) in cases {
+            if let Some(bytes) = replace {
+                s3.put("shared/loras/style.safetensors", bytes);
+            }
+            client.submit(&job).await.unwrap();
+            let Event::Completed(done) = last_event(&client, &job).await else { panic!("job did not complete") };
+            assert!(s3.get(&done.images[0].key).unwrap() == expected, "the stored LoRA was not the one applied");
+        }
+        let missing = job(32, &[("nope", 1.0)]);
+        client.submit(&missing).await.unwrap();
+        let Event::Failed(f) = last_event(&client, &missing).await else {
+            panic!("a missing LoRA did not fail the job")
+        };
+        assert_eq!(f.field.as_deref(), Some("loras"));
+        assert!(f.message.contains("nope"), "{}", f.message);
     }
 }

@@ -60,6 +60,10 @@ pub struct WorkerArgs {
     /// The LoRA catalogue: jobs name its NAME.safetensors files (`loras: [{"name": NAME, "scale": 0.8}]`).
     #[arg(long, env = "SD_RBEE_LORA_DIR", value_name = "DIR")]
     pub lora_dir: Option<std::path::PathBuf>,
+    /// LoRAs in the object store (--store) as PREFIX/NAME.safetensors, for names not in --lora-dir: upload
+    /// once, every worker sees them.
+    #[arg(long, env = "SD_RBEE_LORA_STORE_PREFIX", value_name = "PREFIX")]
+    pub lora_store_prefix: Option<String>,
     /// Largest LoRA file accepted, in bytes (the count per job is the `max_loras` limit).
     #[arg(long, default_value_t = crate::loras::LoraLimits::default().max_file_bytes)]
     pub max_lora_bytes: u64,
@@ -94,6 +98,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.store.retry_timeout = args.store_retry;
     config.step_delay = args.step_delay;
     config.lora_dir = args.lora_dir;
+    config.lora_store_prefix = args.lora_store_prefix;
     config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
     if let Some(json) = &args.limits {

@@ -404,11 +404,10 @@ async fn generate_and_store(
     }
     if !job.loras.is_empty() {
         let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
-        let library = shared.loras.clone();
-        params.loras = tokio::task::spawn_blocking(move || library.resolve_job(&wanted))
-            .await
-            .map_err(|e| Failure::transient(ErrorCode::Internal, format!("LoRA loading failed: {e}")))?
-            .map_err(|e| Failure::invalid("loras", e))?;
+        params.loras = shared.loras.resolve(&wanted).await.map_err(|e| match e {
+            crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
+            e => Failure::invalid("loras", e),
+        })?;
     }
 
     // Generation runs on a blocking thread; progress comes back through a channel.

@@ -114,6 +114,8 @@ pub struct WorkerConfig {
     pub step_delay: Duration,
     /// The LoRA catalogue: jobs name `NAME.safetensors` files in it.
     pub lora_dir: Option<std::path::PathBuf>,
+    /// LoRAs in the object store too: `<prefix>/NAME.safetensors` (after `lora_dir`).
+    pub lora_store_prefix: Option<String>,
     /// Largest LoRA file, and how many bytes of parsed LoRAs stay cached (the count per job is
     /// `limits.max_loras`).
     pub lora_limits: LoraLimits,
@@ -145,6 +147,7 @@ impl WorkerConfig {
             limits: Limits::default(),
             step_delay: Duration::ZERO,
             lora_dir: None,
+            lora_store_prefix: None,
             lora_limits: LoraLimits::default(),
             max_resident_bytes: None,
         }
@@ -231,9 +234,13 @@ impl Worker {
             None => default_worker_id(&hostname),
         };
         let lora_limits = LoraLimits { max_per_job: config.limits.max_loras, ..config.lora_limits.clone() };
-        let loras = Arc::new(LoraLibrary::new(config.lora_dir.clone(), lora_limits)?);
         let store = Store::open(&config.store_url, &config.store).context("--store")?;
         store.check().await.context("--store")?;
+        let mut loras = LoraLibrary::new(config.lora_dir.clone(), lora_limits)?;
+        if let Some(prefix) = &config.lora_store_prefix {
+            loras = loras.with_store(store.clone(), prefix)?;
+        }
+        let loras = Arc::new(loras);
 
         let options = crate::generation::ModelOptions {
             device: config.device,
@@ -455,7 +462,7 @@ async fn send_heartbeat(shared: &Shared) {
         hostname: shared.hostname.clone(),
         device: shared.device.clone(),
         models,
-        loras: shared.loras.names(protocol::MAX_HEARTBEAT_LORAS),
+        loras: shared.loras.available(protocol::MAX_HEARTBEAT_LORAS).await,
         resident: shared.catalogue.resident(),
         state: shared.control.state(),
         jobs_done: shared.control.jobs_done.load(std::sync::atomic::Ordering::Relaxed),
