@@ -65,6 +65,8 @@ struct Cache {
 /// The LoRAs a process can use.
 pub struct LoraLibrary {
     dir: Option<PathBuf>,
+    /// Names of the form `owner/name[/FILE]` are fetched from the Hub with these options (`None`: refused).
+    hub: Option<crate::hub::HubOptions>,
     /// The object store and the key prefix (ending in `/`) of `NAME.safetensors` objects.
     store: Option<(crate::storage::Store, String)>,
     limits: LoraLimits,
@@ -81,7 +83,25 @@ impl LoraLibrary {
                 anyhow::bail!("--lora-dir {}: no such directory", d.display());
             }
         }
-        Ok(Self { dir, store: None, limits, cache: Mutex::new(Cache::default()), listing: Mutex::new(None) })
+        Ok(Self { dir, hub: None, store: None, limits, cache: Mutex::new(Cache::default()), listing: Mutex::new(None) })
+    }
+
+    /// Also resolves Hugging Face references (`owner/name[/FILE.safetensors][@revision]`).
+    pub fn with_hub(mut self, opts: crate::hub::HubOptions) -> Self {
+        self.hub = Some(opts);
+        self
+    }
+
+    /// The local file of a Hub reference, downloaded as needed.
+    fn fetch_from_hub(&self, name: &str) -> Result<Arc<Lora>, LoraSourceError> {
+        let Some(opts) = &self.hub else {
+            return Err(LoraSourceError::Invalid(format!(
+                "LoRA {name:?} is a Hugging Face reference, and this worker does not fetch LoRAs from the Hub (--lora-hub)"
+            )));
+        };
+        let lora = crate::hub::lora::parse(name).map_err(|e| LoraSourceError::Invalid(format!("LoRA {e}")))?;
+        let path = crate::hub::lora::resolve(&lora, opts).map_err(|e| LoraSourceError::Invalid(format!("{e:#}")))?;
+        self.load_file(&path, name)
     }
 
     /// Also resolves names as `<prefix>NAME.safetensors` objects of `store`.
@@ -128,6 +148,14 @@ impl LoraLibrary {
         for (name, scale) in loras {
             check_scale(name, *scale)?;
             validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
+            if name.contains('/') {
+                let (me, name) = (self.clone(), name.clone());
+                let lora = tokio::task::spawn_blocking(move || me.fetch_from_hub(&name))
+                    .await
+                    .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
+                out.push(LoraWeight { lora, scale: *scale });
+                continue;
+            }
             let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
             let in_dir = self.dir.as_ref().map(|d| d.join(format!("{stem}.safetensors"))).filter(|p| p.is_file());
             let lora = match (in_dir, &self.store) {
@@ -137,7 +165,7 @@ impl LoraLibrary {
                         .await
                         .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??
                 }
-                (None, Some(_)) => self.from_store(&stem).await?,
+                (None, Some(_)) => self.fetch_from_store(&stem).await?,
                 (None, None) => self.by_name(&stem)?,
             };
             out.push(LoraWeight { lora, scale: *scale });
@@ -146,7 +174,7 @@ impl LoraLibrary {
     }
 
     /// A LoRA stored as `<prefix><stem>.safetensors`, downloaded again only when the object changed.
-    async fn from_store(self: &Arc<Self>, stem: &str) -> Result<Arc<Lora>, LoraSourceError> {
+    async fn fetch_from_store(self: &Arc<Self>, stem: &str) -> Result<Arc<Lora>, LoraSourceError> {
         let (store, prefix) = self.store.as_ref().expect("called with a store");
         let key = format!("{prefix}{stem}.safetensors");
         let unavailable = |e: crate::storage::StoreError| LoraSourceError::Unavailable(format!("LoRA {stem}: {e}"));
@@ -210,7 +238,9 @@ impl LoraLibrary {
             .map(|(path, scale)| {
                 let shown = path.display().to_string();
                 check_scale(&shown, *scale)?;
-                Ok(LoraWeight { lora: self.load_file(path, &shown)?, scale: *scale })
+                let hub_ref = !path.exists() && self.hub.is_some() && crate::hub::lora::parse(&shown).is_ok();
+                let lora = if hub_ref { self.fetch_from_hub(&shown)? } else { self.load_file(path, &shown)? };
+                Ok(LoraWeight { lora, scale: *scale })
             })
             .collect()
     }
@@ -348,10 +378,11 @@ mod tests {
         assert_eq!(parse_lora_arg("a.safetensors:-0.5").unwrap(), (PathBuf::from("a.safetensors"), -0.5));
         assert_eq!(parse_lora_arg("dir:x/a.safetensors").unwrap(), (PathBuf::from("dir:x/a.safetensors"), 1.0));
         assert!(parse_lora_arg(":0.5").is_err());
-        for good in ["style", "my-lora_v1.2", "style.safetensors"] {
+        for good in ["style", "my-lora_v1.2", "style.safetensors", "owner/repo", "owner/repo/x.safetensors@v2"] {
             assert!(validate_lora_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "../x", "a/b", "a\\b", ".hidden", "a..b", "x y", &"a".repeat(129)] {
+        let bad_hub = ["a/b/c", "a/b/c/d.safetensors", "a//b", "a/.b", "a/b@", "style@v1", "a/b/../c.safetensors"];
+        for bad in ["", "../x", "a\\b", ".hidden", "a..b", "x y", &"a".repeat(129)].into_iter().chain(bad_hub) {
             assert!(validate_lora_name(bad).is_err(), "{bad}");
         }
     }

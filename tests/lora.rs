@@ -306,7 +306,7 @@ mod bus {
         };
         assert_eq!(models[0]["name"], "tiny");
         assert_eq!(models[0]["loras"], serde_json::json!(["broken", "detail", "style", "xl-style"]));
-        let body = serde_json::json!({"model": "tiny", "prompt": "x", "loras": [{"name": "a/b"}]});
+        let body = serde_json::json!({"model": "tiny", "prompt": "x", "loras": [{"name": "a\\b"}]});
         let (status, answer, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some("loras[0].name")), "{answer}");
 
@@ -362,6 +362,8 @@ mod bus {
             (publish_raw(job(6, &[("pickle", 1.0)])).await, "loras", "not in this worker's catalogue"),
             (publish_raw(job(7, &[("broken", 1.0)])).await, "loras", "broken"),
             (publish_raw(job(8, &[("xl-style", 1.0)])).await, "loras", "SDXL"),
+            (publish_raw(job(9, &[("owner/style", 1.0)])).await, "loras", "--lora-hub"),
+            (publish_raw(job(10, &[("a/b/c/d", 1.0)])).await, "loras[0].name", "not a path"),
         ];
         for (job, field, needle) in &cases {
             let Event::Failed(f) = last_event(&client, job).await else {
@@ -425,4 +427,43 @@ mod bus {
         assert_eq!(f.field.as_deref(), Some("loras"));
         assert!(f.message.contains("nope"), "{}", f.message);
     }
+}
+
+/// `--lora owner/name:SCALE` takes the LoRA from the Hugging Face cache (offline here; online the same path
+/// downloads into it first, see hub::lora's tests).
+#[test]
+fn a_hub_lora_from_the_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = home.path().join("hub").join("models--someone--tiny-style");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::copy(lora_file("tiny-sd15", "style"), snapshot.join("pytorch_lora_weights.safetensors")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (out, tensor) = (dir.path().join("hub.png"), dir.path().join("hub.safetensors"));
+    let args = generate_args(&fixture("tiny-sd15"), &["someone/tiny-style:0.6".to_string()], &out, &tensor);
+    let o = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(&args)
+        .arg("--offline")
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = candle_core::safetensors::load(&tensor, &Device::Cpu).unwrap()["image"].clone();
+    let refs = lora_references(&fixture("tiny-sd15").join("lora"));
+    assert_close("hub LoRA", &image, &reference(&refs, "lora_style_0.6_image"), 1e-4, 1e-5);
+
+    let args = generate_args(&fixture("tiny-sd15"), &["someone/not-cached".to_string()], &out, &tensor);
+    let o = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(&args)
+        .arg("--offline")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("someone/not-cached") && err.contains("offline"), "{err}");
 }

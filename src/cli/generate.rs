@@ -195,7 +195,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
 
-    let library = LoraLibrary::new(None, LoraLimits::default())?;
+    let mut hub = crate::hub::HubOptions::from_env();
+    hub.offline |= args.model.run_on.offline;
+    let library = LoraLibrary::new(None, LoraLimits::default())?.with_hub(hub);
     let loras = library.resolve_files(&args.loras).context("--lora")?;
 
     let loaded = load_model(&args.model)?;

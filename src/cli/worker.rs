@@ -64,6 +64,10 @@ pub struct WorkerArgs {
     /// once, every worker sees them.
     #[arg(long, env = "SD_RBEE_LORA_STORE_PREFIX", value_name = "PREFIX")]
     pub lora_store_prefix: Option<String>,
+    /// Also accept LoRA names that are Hugging Face references, owner/name[/FILE.safetensors][@revision],
+    /// downloaded into the Hugging Face cache (with --offline: from the cache only).
+    #[arg(long)]
+    pub lora_hub: bool,
     /// Largest LoRA file accepted, in bytes (the count per job is the `max_loras` limit).
     #[arg(long, default_value_t = crate::loras::LoraLimits::default().max_file_bytes)]
     pub max_lora_bytes: u64,
@@ -99,6 +103,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.step_delay = args.step_delay;
     config.lora_dir = args.lora_dir;
     config.lora_store_prefix = args.lora_store_prefix;
+    config.lora_hub = args.lora_hub;
     config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
     if let Some(json) = &args.limits {

@@ -526,21 +526,37 @@ pub const MAX_HEARTBEAT_LORAS: usize = 256;
 /// LoRAs one job may name, whatever a deployment configures.
 pub const MAX_LORAS_PER_JOB: usize = 64;
 
-/// A LoRA catalogue name: 1 to 128 bytes of letters, digits, `_`, `-` and `.`, not starting with `.` and
-/// without `..` (so never a path). A trailing `.safetensors` is allowed and ignored.
+/// A LoRA name: a catalogue name, 1 to 128 bytes of letters, digits, `_`, `-` and `.`, not starting with `.`
+/// and without `..` (so never a path; a trailing `.safetensors` is allowed and ignored); or a Hugging Face
+/// reference `owner/name[/FILE.safetensors][@revision]` (at most 200 bytes, segments of the same characters,
+/// none empty or starting with `.`), for workers that fetch LoRAs from the Hub.
 pub fn validate_lora_name(field: &str, name: &str) -> Result<(), ProtocolError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    let (path, revision) = name.split_once('@').unwrap_or((name, ""));
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && !s.contains("..")
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    let segments: Vec<&str> = path.split('/').collect();
+    let ok = match segments.len() {
+        1 => name.len() <= 128 && plain(name),
+        2 | 3 => {
+            name.len() <= 200
+                && segments.iter().all(|s| plain(s))
+                && (segments.len() == 2 || segments[2].ends_with(".safetensors"))
+                && (!name.contains('@') || plain(revision))
+        }
+        _ => false,
+    } && (segments.len() > 1 || !name.contains('@'));
     if ok {
         Ok(())
     } else {
         Err(ProtocolError::invalid(
             field,
             format!(
-                "is {}: a LoRA name is 1 to 128 letters, digits, `_`, `-` or `.` (a catalogue name, not a path)",
+                "is {}: a LoRA name is 1 to 128 letters, digits, `_`, `-` or `.` (a catalogue name, not a path), or a \
+                 Hugging Face owner/name[/FILE.safetensors][@revision]",
                 quoted(name)
             ),
         ))

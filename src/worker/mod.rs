@@ -116,6 +116,8 @@ pub struct WorkerConfig {
     pub lora_dir: Option<std::path::PathBuf>,
     /// LoRAs in the object store too: `<prefix>/NAME.safetensors` (after `lora_dir`).
     pub lora_store_prefix: Option<String>,
+    /// Whether `owner/name[/FILE]` LoRA names are fetched from the Hugging Face Hub.
+    pub lora_hub: bool,
     /// Largest LoRA file, and how many bytes of parsed LoRAs stay cached (the count per job is
     /// `limits.max_loras`).
     pub lora_limits: LoraLimits,
@@ -148,6 +150,7 @@ impl WorkerConfig {
             step_delay: Duration::ZERO,
             lora_dir: None,
             lora_store_prefix: None,
+            lora_hub: false,
             lora_limits: LoraLimits::default(),
             max_resident_bytes: None,
         }
@@ -239,6 +242,11 @@ impl Worker {
         let mut loras = LoraLibrary::new(config.lora_dir.clone(), lora_limits)?;
         if let Some(prefix) = &config.lora_store_prefix {
             loras = loras.with_store(store.clone(), prefix)?;
+        }
+        if config.lora_hub {
+            let mut hub = crate::hub::HubOptions::from_env();
+            hub.offline |= config.offline;
+            loras = loras.with_hub(hub);
         }
         let loras = Arc::new(loras);
 

@@ -26,6 +26,8 @@ use serde_json::Value;
 
 use crate::diffusion::weights::{shard_names, weight_layouts, WeightLayout};
 
+pub mod lora;
+
 /// A built-in short name with its repo and generation defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RegistryEntry {
@@ -695,10 +697,8 @@ impl HttpFailure {
     }
 }
 
-/// Fetches the pipeline's files from the Hub into the cache. `endpoint` overrides the Hub
-/// URL (default: `HF_ENDPOINT`, else https://huggingface.co).
-fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>) -> Result<PathBuf> {
-    let (repo, revision) = (cache.repo.as_str(), cache.revision.as_str());
+/// A Hub client writing into `cache`'s folder; `endpoint` overrides the Hub URL.
+fn hub_api(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>) -> Result<Api> {
     let mut builder = ApiBuilder::from_env();
     if let Some(endpoint) = endpoint {
         builder = builder.with_endpoint(endpoint.to_string());
@@ -710,7 +710,14 @@ fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>)
     if let Some(token) = &opts.token {
         builder = builder.with_token(Some(token.clone()));
     }
-    let api = builder.build().map_err(|e| anyhow!("cannot set up the Hugging Face Hub client: {e}"))?;
+    builder.build().map_err(|e| anyhow!("cannot set up the Hugging Face Hub client: {e}"))
+}
+
+/// Fetches the pipeline's files from the Hub into the cache. `endpoint` overrides the Hub
+/// URL (default: `HF_ENDPOINT`, else https://huggingface.co).
+fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>) -> Result<PathBuf> {
+    let (repo, revision) = (cache.repo.as_str(), cache.revision.as_str());
+    let api = hub_api(cache, opts, endpoint)?;
 
     let info = match repo_info(&api, cache) {
         Ok(info) => info,
@@ -823,28 +830,28 @@ fn repo_info(api: &Api, cache: &CachedRepo) -> std::result::Result<RepoInfo, Rep
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    pub(crate) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
     /// A fake cache laid out as hf-hub 0.4.3 writes it: blobs/<etag> holding the content,
     /// snapshots/<commit>/<file> symlinks to them, refs/<revision> holding the commit.
-    struct FakeCache {
+    pub(crate) struct FakeCache {
         root: tempfile::TempDir,
     }
 
     impl FakeCache {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             Self { root: tempfile::tempdir().unwrap() }
         }
 
-        fn repo_dir(&self, repo: &str) -> PathBuf {
+        pub(crate) fn repo_dir(&self, repo: &str) -> PathBuf {
             self.root.path().join(format!("models--{}", repo.replace('/', "--")))
         }
 
-        fn add(&self, repo: &str, commit: &str, file: &str, content: &str) {
+        pub(crate) fn add(&self, repo: &str, commit: &str, file: &str, content: &str) {
             let repo_dir = self.repo_dir(repo);
             let etag = format!("etag{:x}", file.len() * 7919 + content.len());
             let blob = repo_dir.join("blobs").join(format!("{etag}-{}", file.replace('/', "_")));
@@ -864,7 +871,7 @@ mod tests {
             }
         }
 
-        fn set_ref(&self, repo: &str, revision: &str, commit: &str) {
+        pub(crate) fn set_ref(&self, repo: &str, revision: &str, commit: &str) {
             // What hf-hub's CacheRepo::create_ref writes: the bare hash, no newline.
             Cache::new(self.root.path().to_path_buf())
                 .repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()))
@@ -872,7 +879,7 @@ mod tests {
                 .unwrap();
         }
 
-        fn options(&self, prefer_fp16: bool) -> HubOptions {
+        pub(crate) fn options(&self, prefer_fp16: bool) -> HubOptions {
             HubOptions { offline: true, cache_dir: Some(self.root.path().to_path_buf()), token: None, prefer_fp16 }
         }
     }
@@ -1307,15 +1314,19 @@ mod tests {
 
     /// A local stand-in for the Hub's HTTP API, answering the way huggingface.co does for the
     /// requests hf-hub 0.4.3 makes (repo info, ranged `resolve/` downloads, error headers).
-    struct MockHub {
-        url: String,
+    pub(crate) struct MockHub {
+        pub(crate) url: String,
         requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     impl MockHub {
         /// Serves `repo` at `COMMIT` with `files` (name -> content); `listed_only` files are
         /// in the file list but answer 404, as a file deleted meanwhile would.
-        fn start(repo: &'static str, files: Vec<(&'static str, String)>, listed_only: Vec<&'static str>) -> Self {
+        pub(crate) fn start(
+            repo: &'static str,
+            files: Vec<(&'static str, String)>,
+            listed_only: Vec<&'static str>,
+        ) -> Self {
             use std::io::{BufRead, BufReader, Write};
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());

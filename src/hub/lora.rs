@@ -1,0 +1,202 @@
+//! LoRAs on the Hugging Face Hub: `owner/name[/FILE.safetensors][@revision]`. Without a file, the repo's
+//! `pytorch_lora_weights.safetensors` (what diffusers' `save_lora_weights` writes), else its only `.safetensors`
+//! at the top level; several are an error that lists them. Downloads go into the Hugging Face cache, pinned to
+//! the commit the revision points to; offline, or when the Hub cannot be reached, the cache answers alone.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Result};
+use hf_hub::Cache;
+
+use super::{hub_api, repo_info, validate_repo_id, validate_revision, CachedRepo, HubOptions, RepoInfoError};
+
+/// The file diffusers' `save_lora_weights` writes.
+const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// A LoRA named on the Hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubLora {
+    pub repo: String,
+    pub file: Option<String>,
+    pub revision: String,
+}
+
+impl std::fmt::Display for HubLora {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.repo)?;
+        if let Some(file) = &self.file {
+            write!(f, "/{file}")?;
+        }
+        if self.revision != "main" {
+            write!(f, "@{}", self.revision)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `owner/name[/FILE.safetensors][@revision]`: a repo id as the Hub allows it, and one file name of
+/// letters, digits, `-`, `_`, `.` ending in `.safetensors` (never a path: no further `/`, no `..`).
+pub fn parse(text: &str) -> std::result::Result<HubLora, String> {
+    let (path, revision) = match text.split_once('@') {
+        Some((p, r)) => (p, r),
+        None => (text, "main"),
+    };
+    validate_revision(revision)?;
+    let parts: Vec<&str> = path.split('/').collect();
+    let (repo, file) = match parts[..] {
+        [owner, name] => (format!("{owner}/{name}"), None),
+        [owner, name, file] => (format!("{owner}/{name}"), Some(file.to_string())),
+        _ => return Err(format!("{text:?} is not owner/name or owner/name/FILE.safetensors")),
+    };
+    validate_repo_id(&repo)?;
+    if let Some(f) = &file {
+        let ok = f.ends_with(".safetensors")
+            && !f.starts_with('.')
+            && !f.contains("..")
+            && f.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            return Err(format!("{text:?}: the file must be a plain FILE.safetensors name"));
+        }
+    }
+    Ok(HubLora { repo, file, revision: revision.to_string() })
+}
+
+/// The local path of the LoRA file, downloading it unless `opts.offline`.
+pub fn resolve(lora: &HubLora, opts: &HubOptions) -> Result<PathBuf> {
+    resolve_at(lora, opts, None)
+}
+
+fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> Result<PathBuf> {
+    let cache = CachedRepo::new(opts.cache_root(), &lora.repo, &lora.revision);
+    if opts.offline {
+        return cached(&cache, lora);
+    }
+    let api = hub_api(&cache, opts, endpoint)?;
+    let info = match repo_info(&api, &cache) {
+        Ok(info) => info,
+        Err(RepoInfoError::Http(failure)) => {
+            bail!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()))
+        }
+        Err(RepoInfoError::Other(err)) => {
+            return cached(&cache, lora).map_err(|missing| {
+                anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}")
+            });
+        }
+    };
+    let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let file = choose(lora, &listed)?;
+    let path = api
+        .repo(cache.hf_repo(&info.sha))
+        .download(&file)
+        .map_err(|e| anyhow!("downloading {file} of LoRA {lora} failed: {e}"))?;
+    if lora.revision != info.sha {
+        let record = Cache::new(cache.cache_root.clone()).repo(cache.hf_repo(&lora.revision)).create_ref(&info.sha);
+        if let Err(err) = record {
+            tracing::warn!("cannot record {}@{} in the cache: {err}", lora.repo, lora.revision);
+        }
+    }
+    Ok(path)
+}
+
+/// Which file of the repo is the LoRA.
+fn choose(lora: &HubLora, listed: &[String]) -> Result<String> {
+    if let Some(file) = &lora.file {
+        return match listed.iter().any(|f| f == file) {
+            true => Ok(file.clone()),
+            false => bail!("LoRA {lora}: the repo has no {file}"),
+        };
+    }
+    if listed.iter().any(|f| f == DIFFUSERS_LORA_FILE) {
+        return Ok(DIFFUSERS_LORA_FILE.to_string());
+    }
+    let top: Vec<&String> = listed.iter().filter(|f| f.ends_with(".safetensors") && !f.contains('/')).collect();
+    match top[..] {
+        [one] => Ok(one.clone()),
+        [] => bail!("LoRA {lora}: the repo has no .safetensors file at its top level"),
+        _ => bail!(
+            "LoRA {lora}: the repo has {} .safetensors files; name one as {}/FILE.safetensors (e.g. {})",
+            top.len(),
+            lora.repo,
+            top.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The LoRA from the cache alone.
+fn cached(cache: &CachedRepo, lora: &HubLora) -> Result<PathBuf> {
+    let offline = |file: &str| cache.offline_missing(file);
+    if let Some(file) = &lora.file {
+        return cache.get(file).ok_or_else(|| offline(file));
+    }
+    if let Some(path) = cache.get(DIFFUSERS_LORA_FILE) {
+        return Ok(path);
+    }
+    let snapshot = cache.commit().map(|c| cache.repo_dir().join("snapshots").join(c));
+    let found: Vec<PathBuf> = snapshot
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    match &found[..] {
+        [one] => Ok(one.clone()),
+        _ => Err(offline(DIFFUSERS_LORA_FILE)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{FakeCache, MockHub, COMMIT};
+    use super::*;
+
+    #[test]
+    fn references_are_repo_ids_and_plain_file_names() {
+        let r = parse("owner/my-lora").unwrap();
+        assert_eq!((r.repo.as_str(), r.file.as_deref(), r.revision.as_str()), ("owner/my-lora", None, "main"));
+        let r = parse("owner/my-lora/style_v2.safetensors@v1").unwrap();
+        assert_eq!((r.file.as_deref(), r.revision.as_str()), (Some("style_v2.safetensors"), "v1"));
+        assert_eq!(r.to_string(), "owner/my-lora/style_v2.safetensors@v1");
+        for bad in
+            ["style", "a/b/c/d.safetensors", "a/b/../x.safetensors", "a/b/x.ckpt", "a/../b", "a/b/.x.safetensors"]
+        {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_lora_is_downloaded_into_the_cache_and_found_there_offline() {
+        let repo = "owner/online-lora";
+        let hub = MockHub::start(repo, vec![(DIFFUSERS_LORA_FILE, "lora".into()), ("README.md", "x".into())], vec![]);
+        let cache = FakeCache::new();
+        let online = HubOptions { offline: false, ..cache.options(false) };
+        let lora = parse(repo).unwrap();
+        let path = resolve_at(&lora, &online, Some(&hub.url)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "lora");
+        assert!(path.starts_with(cache.repo_dir(repo).join("snapshots").join(COMMIT)), "{}", path.display());
+        // Offline, the cache alone answers.
+        assert_eq!(resolve_at(&lora, &cache.options(false), None).unwrap(), path);
+        // A file the repo does not have is named.
+        let err =
+            resolve_at(&parse(&format!("{repo}/other.safetensors")).unwrap(), &online, Some(&hub.url)).unwrap_err();
+        assert!(err.to_string().contains("has no other.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn without_a_file_name_the_only_safetensors_is_taken_and_several_are_listed() {
+        let lora = |repo: &str| HubLora { repo: repo.into(), file: None, revision: "main".into() };
+        let listed = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(choose(&lora("a/b"), &listed(&["x.safetensors", "sub/y.safetensors"])).unwrap(), "x.safetensors");
+        let err = choose(&lora("a/b"), &listed(&["x.safetensors", "y.safetensors"])).unwrap_err().to_string();
+        assert!(err.contains("a/b/FILE.safetensors") && err.contains("x.safetensors, y.safetensors"), "{err}");
+        assert!(choose(&lora("a/b"), &listed(&["x.ckpt"])).is_err());
+
+        let cache = FakeCache::new();
+        cache.add("o/only", COMMIT, "style.safetensors", "s");
+        cache.set_ref("o/only", "main", COMMIT);
+        let path = resolve_at(&parse("o/only").unwrap(), &cache.options(false), None).unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), "s");
+        let err = resolve_at(&parse("o/missing").unwrap(), &cache.options(false), None).unwrap_err();
+        assert!(err.to_string().contains("offline"), "{err}");
+    }
+}
