@@ -87,3 +87,42 @@ async fn three_catalogue_models_in_a_budget_for_two_all_serve_their_jobs() {
     assert_eq!(done.timings.load_ms, 0);
     assert!(!seen.iter().any(|e| matches!(e, Event::Progress(p) if p.phase.is_some())));
 }
+
+/// With jobs queued for a resident model and for one that is not, the resident model's go first: the worker
+/// does not evict and reload between every job of a mixed queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_of_the_resident_model_go_before_a_load() {
+    let sd15 = common::fixture("tiny-sd15");
+    let xl = common::fixture("tiny-sdxl");
+    let largest = [&sd15, &xl].iter().map(|p| estimate_bytes(p.to_str().unwrap(), DType::F32).unwrap()).max().unwrap();
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let xl_model = format!("tiny-xl={}", xl.display());
+    let budget = (largest + 1).to_string();
+    let extra =
+        ["--model", &xl_model, "--max-resident-bytes", &budget, "--step-delay", "300ms", "--preview-every", "0"];
+    let _worker = WorkerProcess::start("w-pref", &nats.url(), &store_url, &[], &extra);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    let first = job("tiny", 1);
+    client.submit(&first).await.unwrap();
+    // Once the worker runs it, queue a job for the other model, then two more for this one.
+    let mut sub = client.nats().subscribe(client.subjects().events(first.id)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut sub)).await.unwrap();
+    let other = job("tiny-xl", 2);
+    let (second, third) = (job("tiny", 3), job("tiny", 4));
+    for j in [&other, &second, &third] {
+        client.submit(j).await.unwrap();
+    }
+    let accepted_at = |seen: &[Event]| {
+        seen.iter().find_map(|e| if let Event::Accepted(a) = e { Some(a.at) } else { None }).expect("accepted")
+    };
+    let mut at = Vec::new();
+    for j in [&first, &other, &second, &third] {
+        let seen = events(&client, j).await;
+        assert!(matches!(seen.last(), Some(Event::Completed(_))), "{seen:?}");
+        at.push(accepted_at(&seen));
+    }
+    assert!(at[2] < at[1] && at[3] < at[1], "the other model's job went first: accepted at {at:?}");
+}

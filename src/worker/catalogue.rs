@@ -108,6 +108,11 @@ impl Catalogue {
             .await?
             .with_context(|| format!("model {name}"))?;
         let model = Arc::new(loaded);
+        // A Hub model not cached before is sized once its files are there.
+        let bytes = match bytes {
+            0 => estimate_bytes(&model.pipeline.root().display().to_string(), dtype).unwrap_or(0),
+            known => known,
+        };
         tracing::info!(model = name, from = %model.display, load_ms = model.load_ms, bytes, "model loaded");
         let mut state = self.state.lock();
         state.clock += 1;

@@ -12,7 +12,6 @@ pub mod control;
 mod dead_letter;
 pub mod job;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -308,7 +307,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(shared.config.concurrency));
         let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
         let mut pullers = JoinSet::new();
-        let backlog = Arc::new(Backlog::default());
+        let backlog = Arc::new(Backlog(self.consumers.iter().map(|(m, c)| (m.clone(), c.clone())).collect()));
         for (model, consumer) in self.consumers {
             let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop_rx.clone());
             pullers.spawn(pull(shared.clone(), model, consumer, slots, jobs, backlog, stop));
@@ -363,7 +362,7 @@ async fn pull(
         };
         // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
         // mixed queue does not load and evict models job by job.
-        if several && !shared.catalogue.is_resident(&model) && backlog.resident_waiting(&shared.catalogue) {
+        if several && !shared.catalogue.is_resident(&model) && backlog.resident_waiting(&shared.catalogue).await {
             let since = *deferred_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() < Duration::from_secs(30) {
                 drop(permit);
@@ -407,29 +406,27 @@ async fn pull(
             }
             None => {}
         }
-        if several {
-            if let Ok(info) = consumer.info().await {
-                backlog.set(&model, info.num_pending);
-            }
-        }
         // Reap finished jobs so the set does not grow.
         let mut set = jobs.lock().await;
         while set.try_join_next().is_some() {}
     }
 }
 
-/// Jobs waiting in each model's queue, as the pullers last saw them.
-#[derive(Default)]
-struct Backlog(parking_lot::Mutex<HashMap<String, u64>>);
+/// Every model's job consumer, to see whose queue holds jobs.
+struct Backlog(Vec<(String, jetstream::consumer::PullConsumer)>);
 
 impl Backlog {
-    fn set(&self, model: &str, pending: u64) {
-        self.0.lock().insert(model.to_string(), pending);
-    }
-
-    /// Whether a resident model has jobs waiting.
-    fn resident_waiting(&self, catalogue: &Catalogue) -> bool {
-        self.0.lock().iter().any(|(m, &n)| n > 0 && catalogue.is_resident(m))
+    /// Whether a resident model has jobs waiting (not yet delivered to any worker).
+    async fn resident_waiting(&self, catalogue: &Catalogue) -> bool {
+        for (model, consumer) in &self.0 {
+            if catalogue.is_resident(model) {
+                let mut consumer = consumer.clone();
+                if consumer.info().await.is_ok_and(|i| i.num_pending > 0) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
