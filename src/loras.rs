@@ -100,7 +100,10 @@ impl LoraLibrary {
             )));
         };
         let lora = crate::hub::lora::parse(name).map_err(|e| LoraSourceError::Invalid(format!("LoRA {e}")))?;
-        let path = crate::hub::lora::resolve(&lora, opts).map_err(|e| LoraSourceError::Invalid(format!("{e:#}")))?;
+        let path = crate::hub::lora::resolve(&lora, opts).map_err(|e| match e {
+            crate::hub::lora::HubLoraError::Refused(e) => LoraSourceError::Invalid(format!("{e:#}")),
+            crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::Unavailable(format!("{e:#}")),
+        })?;
         self.load_file(&path, name)
     }
 
@@ -126,7 +129,8 @@ impl LoraLibrary {
                     let n: Vec<String> = keys
                         .iter()
                         .filter_map(|k| k.strip_suffix(".safetensors"))
-                        .filter(|n| validate_lora_name(n).is_ok())
+                        // Nested objects are not catalogue names (a name with `/` is a Hub reference).
+                        .filter(|n| !n.contains('/') && validate_lora_name(n).is_ok())
                         .map(str::to_string)
                         .collect();
                     *self.listing.lock() = Some((std::time::Instant::now(), n.clone()));

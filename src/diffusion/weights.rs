@@ -75,15 +75,14 @@ impl ReleasingSafetensors {
         self.0.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
     }
 
-    /// The shapes of the floating-point tensors (what a model's weights are).
-    pub fn float_shapes(&self) -> Vec<Vec<usize>> {
+    /// The names and shapes of the floating-point tensors (what a model's weights are).
+    pub fn float_tensors(&self) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
         use safetensors::Dtype;
         self.0
             .tensors()
             .into_iter()
             .filter(|(_, v)| matches!(v.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64))
-            .map(|(_, v)| v.shape().to_vec())
-            .collect()
+            .map(|(n, v)| (n, v.shape().to_vec()))
     }
 
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
@@ -107,13 +106,15 @@ impl Renamed {
     fn fetch(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let source = (self.map)(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("no tensor of the checkpoint corresponds to `{name}`")))?;
-        let missing = |n: &str| candle_core::Error::Msg(format!("the checkpoint has no tensor `{n}` (for `{name}`)"));
+        // A tensor the file lacks is named; any other failure (the device's) is passed on as it is.
+        let load = |n: &str| match self.file.0.get(n) {
+            Err(_) => Err(candle_core::Error::Msg(format!("the checkpoint has no tensor `{n}` (for `{name}`)"))),
+            Ok(_) => self.file.load(n, dev),
+        };
         match source {
-            Source::Tensor(n) => self.file.load(&n, dev).map_err(|_| missing(&n)),
-            Source::Rows { name: n, start, len } => {
-                self.file.load(&n, dev).map_err(|_| missing(&n))?.narrow(0, start, len)?.contiguous()
-            }
-            Source::Transposed(n) => self.file.load(&n, dev).map_err(|_| missing(&n))?.t()?.contiguous(),
+            Source::Tensor(n) => load(&n),
+            Source::Rows { name: n, start, len } => load(&n)?.narrow(0, start, len)?.contiguous(),
+            Source::Transposed(n) => load(&n)?.t()?.contiguous(),
         }
     }
 }

@@ -61,34 +61,47 @@ pub fn parse(text: &str) -> std::result::Result<HubLora, String> {
     Ok(HubLora { repo, file, revision: revision.to_string() })
 }
 
+/// Why a Hub LoRA is not there.
+#[derive(Debug, thiserror::Error)]
+pub enum HubLoraError {
+    /// The Hub (or the cache, offline) says it does not exist or is not one LoRA file: asking again won't help.
+    #[error("{0:#}")]
+    Refused(anyhow::Error),
+    /// The Hub cannot be reached or failed (5xx, 429, a broken download): worth retrying.
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+}
+
 /// The local path of the LoRA file, downloading it unless `opts.offline`.
-pub fn resolve(lora: &HubLora, opts: &HubOptions) -> Result<PathBuf> {
+pub fn resolve(lora: &HubLora, opts: &HubOptions) -> std::result::Result<PathBuf, HubLoraError> {
     resolve_at(lora, opts, None)
 }
 
-fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> Result<PathBuf> {
+fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std::result::Result<PathBuf, HubLoraError> {
+    use HubLoraError::{Refused, Unreachable};
     let cache = CachedRepo::new(opts.cache_root(), &lora.repo, &lora.revision);
     if opts.offline {
-        return cached(&cache, lora);
+        return cached(&cache, lora).map_err(Refused);
     }
-    let api = hub_api(&cache, opts, endpoint)?;
+    let api = hub_api(&cache, opts, endpoint).map_err(Refused)?;
     let info = match repo_info(&api, &cache) {
         Ok(info) => info,
         Err(RepoInfoError::Http(failure)) => {
-            bail!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()))
+            let e = anyhow!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()));
+            return Err(if failure.status >= 500 || failure.status == 429 { Unreachable(e) } else { Refused(e) });
         }
         Err(RepoInfoError::Other(err)) => {
             return cached(&cache, lora).map_err(|missing| {
-                anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}")
+                Unreachable(anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}"))
             });
         }
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let file = choose(lora, &listed)?;
+    let file = choose(lora, &listed).map_err(Refused)?;
     let path = api
         .repo(cache.hf_repo(&info.sha))
         .download(&file)
-        .map_err(|e| anyhow!("downloading {file} of LoRA {lora} failed: {e}"))?;
+        .map_err(|e| Unreachable(anyhow!("downloading {file} of LoRA {lora} failed: {e}")))?;
     if lora.revision != info.sha {
         let record = Cache::new(cache.cache_root.clone()).repo(cache.hf_repo(&lora.revision)).create_ref(&info.sha);
         if let Err(err) = record {

@@ -84,11 +84,12 @@ impl Catalogue {
         if let Some(model) = self.touch(name) {
             return Ok(Checkout { model, load_ms: None });
         }
+        let start = Instant::now();
         let _loading = self.loading.lock().await;
         if let Some(model) = self.touch(name) {
-            return Ok(Checkout { model, load_ms: None });
+            // Loaded by another job meanwhile: this one waited for it all the same.
+            return Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) });
         }
-        let start = Instant::now();
         let source = spec.source.clone();
         let options = ModelOptions {
             config: spec.config.clone(),
@@ -96,10 +97,9 @@ impl Catalogue {
             prediction_type: spec.prediction_type.clone(),
             ..self.options.clone()
         };
-        let dtype = options.dtype.unwrap_or(DType::F32);
         let bytes = {
-            let source = source.clone();
-            tokio::task::spawn_blocking(move || estimate_bytes(&source, dtype)).await??
+            let (source, options) = (source.clone(), options.clone());
+            tokio::task::spawn_blocking(move || model_bytes(&source, &options)).await??
         };
         if let Some(budget) = self.budget {
             self.evict_for(bytes, budget, name);
@@ -108,11 +108,6 @@ impl Catalogue {
             .await?
             .with_context(|| format!("model {name}"))?;
         let model = Arc::new(loaded);
-        // A Hub model not cached before is sized once its files are there.
-        let bytes = match bytes {
-            0 => estimate_bytes(&model.pipeline.root().display().to_string(), dtype).unwrap_or(0),
-            known => known,
-        };
         tracing::info!(model = name, from = %model.display, load_ms = model.load_ms, bytes, "model loaded");
         let mut state = self.state.lock();
         state.clock += 1;
@@ -173,9 +168,8 @@ impl Catalogue {
     pub async fn preload(&self) -> anyhow::Result<()> {
         let mut used = 0u64;
         for (name, spec) in &self.specs {
-            let dtype = self.options.dtype.unwrap_or(DType::F32);
-            let source = spec.source.clone();
-            let bytes = tokio::task::spawn_blocking(move || estimate_bytes(&source, dtype)).await??;
+            let (source, options) = (spec.source.clone(), self.options.clone());
+            let bytes = tokio::task::spawn_blocking(move || model_bytes(&source, &options)).await??;
             if self.budget.is_some_and(|b| used + bytes > b) {
                 continue;
             }
@@ -186,13 +180,35 @@ impl Catalogue {
     }
 }
 
-/// The bytes a model's weights take at `dtype`: the float tensors of its weight files, as their headers give
-/// them. Hub repos not in the cache yet count as 0 (known once downloaded).
+/// The bytes the model `source` will take: [`estimate_bytes`] of its folder or file; a Hub repo or short name
+/// is fetched into the Hugging Face cache first (or found there offline), so it is sized before it loads too.
+fn model_bytes(source: &str, options: &ModelOptions) -> anyhow::Result<u64> {
+    let dtype = options.dtype.unwrap_or(DType::F32);
+    if Path::new(source).exists() {
+        return estimate_bytes(source, dtype);
+    }
+    let mut hub = crate::hub::HubOptions::from_env();
+    hub.offline |= options.offline;
+    hub.prefer_fp16 = dtype == DType::F16;
+    let resolved = crate::hub::resolve(source, &hub)?;
+    estimate_bytes(&resolved.dir.display().to_string(), dtype)
+}
+
+/// The bytes a model's weights take at `dtype`: the float tensors of its weight files (of a single file, those
+/// under the prefixes a pipeline reads: not `model_ema.*`), as their headers give them.
 pub fn estimate_bytes(source: &str, dtype: DType) -> anyhow::Result<u64> {
     let path = Path::new(source);
-    let files: Vec<std::path::PathBuf> = if path.is_file() {
-        vec![path.to_path_buf()]
-    } else if path.is_dir() {
+    if path.is_file() {
+        let file = crate::diffusion::weights::ReleasingSafetensors::open(path)?;
+        const READ: [&str; 4] = ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."];
+        let elements: u64 = file
+            .float_tensors()
+            .filter(|(name, _)| READ.iter().any(|p| name.starts_with(p)))
+            .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+            .sum();
+        return Ok(elements * dtype.size_in_bytes() as u64);
+    }
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
         let mut out = Vec::new();
         for (part, stem) in [
             ("unet", "diffusion_pytorch_model"),
@@ -211,7 +227,7 @@ pub fn estimate_bytes(source: &str, dtype: DType) -> anyhow::Result<u64> {
     let mut total = 0u64;
     for f in files {
         let file = crate::diffusion::weights::ReleasingSafetensors::open(&f)?;
-        for shape in file.float_shapes() {
+        for (_, shape) in file.float_tensors() {
             total += shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
         }
     }

@@ -380,18 +380,6 @@ async fn generate_and_store(
     if !shared.catalogue.contains(model) {
         return Err(Failure::invalid("model", format!("{model:?} is not served by worker {}", shared.worker_id)));
     }
-    if !shared.catalogue.is_resident(model) {
-        let mut loading = Progress::new(job.id, 0, job.steps.unwrap_or(0), now_millis());
-        loading.phase = Some(protocol::JobPhase::Loading);
-        publish_event(shared, &Event::Progress(loading), delivered).await;
-    }
-    let checkout = shared
-        .catalogue
-        .checkout(model)
-        .await
-        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
-    let loaded: Arc<LoadedModel> = checkout.model;
-    let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
     let mut params = params_of(job)?;
     if let Some(src) = &job.init_image {
         params.init_image = Some(load_picture(shared, src, "init_image").await?);
@@ -409,6 +397,19 @@ async fn generate_and_store(
             e => Failure::invalid("loras", e),
         })?;
     }
+    // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
+    if !shared.catalogue.is_resident(model) {
+        let mut loading = Progress::new(job.id, 0, job.steps.unwrap_or(0), now_millis());
+        loading.phase = Some(protocol::JobPhase::Loading);
+        publish_event(shared, &Event::Progress(loading), delivered).await;
+    }
+    let checkout = shared
+        .catalogue
+        .checkout(model)
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
+    let loaded: Arc<LoadedModel> = checkout.model;
+    let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
 
     // Generation runs on a blocking thread; progress comes back through a channel.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();

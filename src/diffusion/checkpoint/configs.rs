@@ -9,7 +9,7 @@
 //! published as single files), SD 2.x inpainting as epsilon (as `stabilityai/stable-diffusion-2-inpainting`);
 //! nothing in the weights tells them apart, so `--prediction-type` overrides it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -130,21 +130,15 @@ pub fn files(arch: Architecture) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// A built-in config folder written to a temporary directory, removed when dropped.
-pub struct ConfigFolder(PathBuf);
+/// A built-in config folder written to a new private temporary directory (random name, owner-only), removed
+/// when dropped.
+pub struct ConfigFolder(tempfile::TempDir);
 
 impl ConfigFolder {
     pub fn write(arch: Architecture) -> anyhow::Result<Self> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "sd-rbee-config-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let folder = Self(dir);
+        let folder = Self(tempfile::Builder::new().prefix("sd-rbee-config-").tempdir()?);
         for (path, bytes) in files(arch) {
-            let target = folder.0.join(path);
+            let target = folder.path().join(path);
             std::fs::create_dir_all(target.parent().expect("a file in a folder"))?;
             std::fs::write(&target, bytes)?;
         }
@@ -152,12 +146,6 @@ impl ConfigFolder {
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ConfigFolder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }

@@ -25,11 +25,17 @@ pub struct LoraWeight {
     pub scale: f64,
 }
 
-/// What is applied now: the LoRAs (by content hash and scale, in order) and the layers they patched.
-#[derive(Default)]
+/// What is applied now: the LoRAs (by content hash and scale, in order; `None` while patching, so a
+/// patching that panicked is never taken for a finished one) and the layers they patched.
 pub struct Applied {
-    key: Vec<([u8; 32], u64)>,
+    key: Option<Vec<([u8; 32], u64)>>,
     patched: Vec<Arc<dyn AdaptableLayer>>,
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Self { key: Some(Vec::new()), patched: Vec::new() }
+    }
 }
 
 /// The pipeline's adaptable layers and the LoRAs in effect on them.
@@ -59,6 +65,8 @@ struct Planned {
     dims: Vec<usize>,
     /// `(down, up, scale · alpha / rank)`.
     terms: Vec<(Tensor, Tensor, f64)>,
+    /// The LoRAs adapting this layer, for messages.
+    loras: Vec<String>,
 }
 
 impl Adapters {
@@ -71,7 +79,7 @@ impl Adapters {
     pub fn enter(&self, loras: &[LoraWeight]) -> Result<InEffect<'_>, LoraError> {
         let want: Vec<([u8; 32], u64)> = loras.iter().map(|l| (l.lora.hash, l.scale.to_bits())).collect();
         let current = self.applied.upgradable_read();
-        if current.key == want {
+        if current.key.as_ref() == Some(&want) {
             return Ok(InEffect { _guard: RwLockUpgradableReadGuard::downgrade(current), apply_ms: 0.0 });
         }
         let plan = self.plan(loras)?;
@@ -80,22 +88,26 @@ impl Adapters {
         for layer in applied.patched.drain(..) {
             let _ = layer.set_patch(None);
         }
-        applied.key.clear();
+        applied.key = None;
         for p in &plan {
-            let result = merge(p).and_then(|w| p.target.layer.set_patch(Some(w)).map_err(|e| e.to_string()));
-            if let Err(message) = result {
+            // Pushed first: a failure (or a panic) below still finds the layer to restore.
+            applied.patched.push(p.target.layer.clone());
+            let result =
+                merge(p).and_then(|w| p.target.layer.set_patch(Some(w)).map_err(|e| MergeError::Device(e.to_string())));
+            if let Err(e) = result {
                 for layer in applied.patched.drain(..) {
                     let _ = layer.set_patch(None);
                 }
-                let name = loras.first().map(|l| l.lora.name.clone()).unwrap_or_default();
-                return Err(LoraError::Mismatch {
-                    name,
-                    message: format!("cannot apply to `{}`: {message}", p.target.path),
+                applied.key = Some(Vec::new());
+                let name = p.loras.join(" + ");
+                let at = &p.target.path;
+                return Err(match e {
+                    MergeError::Overflow(m) => LoraError::Mismatch { name, message: format!("at `{at}`: {m}") },
+                    MergeError::Device(m) => LoraError::Apply { name, message: format!("at `{at}`: {m}") },
                 });
             }
-            applied.patched.push(p.target.layer.clone());
         }
-        applied.key = want;
+        applied.key = Some(want);
         let apply_ms = start.elapsed().as_secs_f64() * 1000.0;
         Ok(InEffect { _guard: RwLockWriteGuard::downgrade(applied), apply_ms })
     }
@@ -143,8 +155,10 @@ impl Adapters {
                     target: target.clone(),
                     dims,
                     terms: Vec::new(),
+                    loras: Vec::new(),
                 });
                 entry.terms.push((layer.down.clone(), layer.up.clone(), lw.scale * layer.factor()));
+                entry.loras.push(lora.name.clone());
             }
         }
         Ok(plan.into_values().collect())
@@ -169,9 +183,17 @@ fn check_shapes(weight: &[usize], down: &Tensor, up: &Tensor) -> Result<(), Stri
     Ok(())
 }
 
+/// Why a layer could not be patched.
+enum MergeError {
+    /// The LoRA at its scale takes the weights beyond the dtype: the request's fault.
+    Overflow(String),
+    /// The device failed (out of memory, ...): worth retrying.
+    Device(String),
+}
+
 /// The patched weight of one layer, in its dtype and shape.
-fn merge(p: &Planned) -> Result<Tensor, String> {
-    let run = || -> candle_core::Result<Tensor> {
+fn merge(p: &Planned) -> Result<Tensor, MergeError> {
+    let run = || -> candle_core::Result<Result<Tensor, String>> {
         let base = p.target.layer.base_weight()?;
         let work = if base.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         let out = p.dims[0];
@@ -191,12 +213,16 @@ fn merge(p: &Planned) -> Result<Tensor, String> {
             _ => f64::MAX,
         };
         if largest.is_nan() || largest > limit {
-            candle_core::bail!(
+            return Ok(Err(format!(
                 "the merged weights reach {largest:e}, beyond what {:?} holds (is the scale too large?)",
                 base.dtype()
-            );
+            )));
         }
-        merged.reshape(p.dims.as_slice())?.to_dtype(base.dtype())
+        Ok(Ok(merged.reshape(p.dims.as_slice())?.to_dtype(base.dtype())?))
     };
-    run().map_err(|e| e.to_string())
+    match run() {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(overflow)) => Err(MergeError::Overflow(overflow)),
+        Err(e) => Err(MergeError::Device(e.to_string())),
+    }
 }

@@ -98,6 +98,9 @@ pub enum LoraError {
     Invalid { name: String, message: String },
     #[error("{name}: {message}")]
     Mismatch { name: String, message: String },
+    /// Applying failed on the device (out of memory, ...), not because of the LoRA: worth retrying.
+    #[error("applying {name} failed: {message}")]
+    Apply { name: String, message: String },
 }
 
 impl Lora {

@@ -291,3 +291,45 @@ fn half_precision_layers_merge_in_f32() {
             == w16.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
     );
 }
+
+/// A LoRA whose merge overflows the layer's dtype is refused naming the LoRA and the layer, and the layers
+/// patched before it are put back: the next generation without LoRAs runs on the loaded weights.
+#[test]
+fn a_failed_merge_leaves_the_loaded_weights() {
+    use crate::diffusion::lora::apply::Adapters;
+    use crate::diffusion::lora::LoraWeight;
+    use candle_core::Module;
+    let dev = Device::Cpu;
+    let w = Tensor::ones((4, 4), DType::F16, &dev).unwrap();
+    let (layers, table) = adapt::record(|| {
+        ["mid_block.attentions.0.proj_in", "mid_block.attentions.0.proj_out"]
+            .map(|p| Adaptable::new(candle_nn::Linear::new(w.clone(), None), p))
+    });
+    let adapters = Adapters::new(LayerIndex::new(&[(Component::Unet, &table)]), "a test model");
+    let layer = |key: &str, value: f32| LoraLayer {
+        component: Component::Unet,
+        key: key.into(),
+        source: key.into(),
+        down: (Tensor::ones((1, 4), DType::F16, &dev).unwrap() * value as f64).unwrap(),
+        up: Tensor::ones((4, 1), DType::F16, &dev).unwrap(),
+        alpha: None,
+    };
+    // proj_in merges fine; proj_out reaches 1 + 100 · 1000 > 65504.
+    let lora = Lora {
+        name: "huge".into(),
+        hash: [2; 32],
+        format: LoraFormat::Kohya,
+        layers: vec![layer("mid_block_attentions_0_proj_in", 0.5), layer("mid_block_attentions_0_proj_out", 1000.0)],
+        bytes: 0,
+    };
+    let err =
+        adapters.enter(&[LoraWeight { lora: std::sync::Arc::new(lora), scale: 100.0 }]).err().unwrap().to_string();
+    assert!(err.contains("huge") && err.contains("proj_out") && err.contains("beyond"), "{err}");
+    let eye = Tensor::eye(4, DType::F16, &dev).unwrap();
+    let _none = adapters.enter(&[]).unwrap();
+    for l in &layers {
+        let out =
+            l.forward(&eye).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(out.iter().all(|&v| v == 1.0), "a layer kept its patch: {out:?}");
+    }
+}

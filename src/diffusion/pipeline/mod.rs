@@ -506,7 +506,10 @@ impl StableDiffusion {
         let guidance = req.guidance_scale > 1.0;
 
         // The request's LoRAs stay in effect (and no other set can be swapped in) until `in_effect` drops.
-        let in_effect = self.adapters.enter(&req.loras).map_err(|e| invalid("loras", e.to_string()))?;
+        let in_effect = self.adapters.enter(&req.loras).map_err(|e| match e {
+            e @ super::lora::LoraError::Apply { .. } => GenerateError::Other(e.into()),
+            e => invalid("loras", e.to_string()),
+        })?;
         let lora_ms = in_effect.apply_ms;
         let t0 = Instant::now();
         let cond = self.conditioning(req, guidance, &mut warnings)?;
