@@ -100,6 +100,8 @@ pub type NameMap = Box<dyn Fn(&str) -> Option<Source> + Send + Sync>;
 struct Renamed {
     file: Arc<ReleasingSafetensors>,
     map: NameMap,
+    /// The last stacked tensor read for [`Source::Rows`]: q, k and v come from one read of `in_proj`.
+    stacked: std::sync::Mutex<Option<(String, Tensor)>>,
 }
 
 impl Renamed {
@@ -113,7 +115,18 @@ impl Renamed {
         };
         match source {
             Source::Tensor(n) => load(&n),
-            Source::Rows { name: n, start, len } => load(&n)?.narrow(0, start, len)?.contiguous(),
+            Source::Rows { name: n, start, len } => {
+                let mut stacked = self.stacked.lock().unwrap_or_else(|e| e.into_inner());
+                let whole = match stacked.as_ref() {
+                    Some((cached, t)) if *cached == n && t.device().same_device(dev) => t.clone(),
+                    _ => {
+                        let t = load(&n)?;
+                        *stacked = Some((n, t.clone()));
+                        t
+                    }
+                };
+                whole.narrow(0, start, len)?.contiguous()
+            }
             Source::Transposed(n) => load(&n)?.t()?.contiguous(),
         }
     }
@@ -153,7 +166,7 @@ pub fn renamed_var_builder(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(Renamed { file, map }), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(Renamed { file, map, stacked: Default::default() }), dtype, device.clone())
 }
 
 /// A `VarBuilder` over safetensors `files`, converting to `dtype` on `device`.
