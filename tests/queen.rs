@@ -153,6 +153,17 @@ async fn submit_follow_fetch_and_replay() {
     let text = metrics.text().await.unwrap();
     assert!(text.contains("sd_rbee_jobs{state=\"completed\"} 1"), "{text}");
     assert!(text.contains("sd_rbee_workers{state=\"lost\"} 0"), "{text}");
+
+    // Followed live, the response itself ends after the terminal event (as curl sees it), not only the
+    // client's reading of it.
+    let live = c.submit(&tiny(3, 14), None).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(60), async {
+        let url = format!("{}/v1/jobs/{}/events", queen.base, live.job_id);
+        reqwest::Client::new().get(url).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap()
+    })
+    .await
+    .expect("the live event stream did not end after the job did");
+    assert!(body.trim_end().ends_with("event: completed"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

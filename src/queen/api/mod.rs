@@ -899,16 +899,25 @@ async fn job_events(
         futures::stream::iter(out.into_iter().map(Ok)).boxed()
     } else {
         let events = state.bus.events(id).await.map_err(AppError::unavailable)?;
-        futures::stream::once(async move { vec![queued] })
-            .chain(events.filter_map(|e| async move {
+        // The response ends with the terminal event (a follower such as curl then returns): the loop stops
+        // right after yielding it, without waiting for an event that will never come.
+        let live = async_stream::stream! {
+            let mut events = events;
+            while let Some(e) = events.next().await {
                 match e {
-                    Ok(event) => Some(sse_of(&event)),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "event stream error");
-                        None
+                    Ok(event) => {
+                        let last = event.is_terminal();
+                        yield sse_of(&event);
+                        if last {
+                            break;
+                        }
                     }
+                    Err(err) => tracing::warn!(error = %err, "event stream error"),
                 }
-            }))
+            }
+        };
+        futures::stream::once(async move { vec![queued] })
+            .chain(live)
             .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)))
             .boxed()
     };
