@@ -24,9 +24,10 @@ pub mod worker;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log verbosity (error, warn, info, debug, trace); also RUST_LOG.
-    #[arg(long, global = true, default_value = "warn")]
-    pub log_level: String,
+    /// Log verbosity (error, warn, info, debug, trace); also RUST_LOG. Default: info for worker and queen,
+    /// warn for the rest.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +141,16 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a duration we can wait for"))
 }
 
+/// The log level: the one given, else `info` for the long-running services (they log what they do) and
+/// `warn` for one-shot commands.
+fn log_level<'a>(command: &Command, given: Option<&'a str>) -> &'a str {
+    match (given, command) {
+        (Some(level), _) => level,
+        (None, Command::Worker(_) | Command::Queen(_)) => "info",
+        (None, _) => "warn",
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     crate::device::pin_cpu_threads();
@@ -150,12 +161,7 @@ pub fn main() -> ExitCode {
         Command::Queen(q) => q.log_json,
         _ => false,
     };
-    // Long-running services log what they do by default.
-    let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Worker(_) | Command::Queen(_), "warn") => "info",
-        (_, level) => level,
-    };
-    init_tracing(level, json_logs);
+    init_tracing(log_level(&cli.command, cli.log_level.as_deref()), json_logs);
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
@@ -209,4 +215,22 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         prediction_type: args.prediction_type.map(|p| p.to_string()),
     };
     crate::generation::load_model(&args.model, &opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_explicit_log_level_wins_over_the_service_default() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        let worker = parse(&["sd-rbee", "worker", "--model", "tiny=x", "--log-level", "warn"]);
+        assert_eq!(log_level(&worker.command, worker.log_level.as_deref()), "warn");
+        let worker = parse(&["sd-rbee", "worker", "--model", "tiny=x"]);
+        assert_eq!(log_level(&worker.command, worker.log_level.as_deref()), "info");
+        let models = parse(&["sd-rbee", "models"]);
+        assert_eq!(log_level(&models.command, models.log_level.as_deref()), "warn");
+        let queen = parse(&["sd-rbee", "--log-level", "debug", "queen", "--no-auth"]);
+        assert_eq!(log_level(&queen.command, queen.log_level.as_deref()), "debug");
+    }
 }
