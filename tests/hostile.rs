@@ -463,6 +463,9 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{tokens:?}: {stderr}");
         assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{tokens:?}: {stderr}");
+        // The message says where the token is, and shows none of it.
+        let secret: String = tokens.chars().take(3).collect();
+        assert!(stderr.contains("entry 1 of SD_RBEE_API_TOKENS") && !stderr.contains(&secret), "{tokens:?}: {stderr}");
     }
     // Other configuration that used to panic or spin.
     for args in [

@@ -59,26 +59,34 @@ const MIN_TOKEN_BYTES: usize = 16;
 
 /// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`.
 pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<String>> {
-    let mut tokens = Vec::new();
+    // Each token with where it came from: errors name the place, never any of the secret.
+    let mut tokens: Vec<(String, String)> = Vec::new();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
-        tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if !t.is_empty() && !t.starts_with('#') {
+                tokens.push((t.to_string(), format!("line {} of --token-file {}", i + 1, path.display())));
+            }
+        }
     }
     if let Some(list) = env {
-        tokens.extend(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from));
+        for (i, t) in list.split(',').map(str::trim).enumerate() {
+            if !t.is_empty() {
+                tokens.push((t.to_string(), format!("entry {} of SD_RBEE_API_TOKENS", i + 1)));
+            }
+        }
     }
-    // Counted in bytes (what an attacker guesses); the hint shows whole characters, never a split one.
-    if let Some(short) = tokens.iter().find(|t| t.len() < MIN_TOKEN_BYTES) {
-        let hint: String = short.chars().take(3).collect();
-        bail!("API token {hint}... is {} bytes; use at least {MIN_TOKEN_BYTES}", short.len());
+    // Counted in bytes (what an attacker guesses).
+    if let Some((short, at)) = tokens.iter().find(|(t, _)| t.len() < MIN_TOKEN_BYTES) {
+        bail!("the API token at {at} is {} bytes; use at least {MIN_TOKEN_BYTES}", short.len());
     }
-    if let Some(odd) = tokens.iter().find(|t| t.chars().any(|c| !c.is_ascii_graphic())) {
-        let hint: String = odd.chars().take(3).collect();
+    if let Some((_, at)) = tokens.iter().find(|(t, _)| t.chars().any(|c| !c.is_ascii_graphic())) {
         bail!(
-            "API token {hint}... has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
+            "the API token at {at} has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
         );
     }
-    Ok(tokens)
+    Ok(tokens.into_iter().map(|(t, _)| t).collect())
 }
 
 pub fn run(args: QueenArgs) -> anyhow::Result<()> {
