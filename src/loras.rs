@@ -202,16 +202,11 @@ impl LoraLibrary {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-        self.cache.lock().objects.insert(key, (stamp, hash));
-        if let Some(lora) = self.cache.lock().touch(&hash) {
-            return Ok(lora);
-        }
         let (me, shown) = (self.clone(), stem.to_string());
-        let lora = tokio::task::spawn_blocking(move || Lora::parse(&shown, &bytes, hash).map(Arc::new))
+        let (hash, lora) = tokio::task::spawn_blocking(move || me.parse_cached(&shown, &bytes))
             .await
             .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
-        me.cache.lock().insert(lora.clone(), me.limits.max_cached_bytes);
+        self.cache.lock().objects.insert(key, (stamp, hash));
         Ok(lora)
     }
 
@@ -278,12 +273,9 @@ impl LoraLibrary {
     /// Reads and parses `path` unless a file with the same stamp (or the same content) was parsed before.
     pub fn load_file(&self, path: &Path, shown: &str) -> Result<Arc<Lora>, LoraSourceError> {
         let invalid = |m: String| LoraSourceError::Invalid(format!("LoRA {shown}: {m}"));
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl") {
-            return Err(invalid(format!(
-                ".{ext} files are Python pickles, which can run arbitrary code when loaded; sd-rbee reads only \
-                 .safetensors (convert it, e.g. with `safetensors.torch.save_file(torch.load(f, weights_only=True), out)`)"
-            )));
+        if crate::diffusion::checkpoint::is_pickle(path) {
+            let refusal = crate::diffusion::checkpoint::PICKLE_REFUSAL;
+            return Err(LoraSourceError::Invalid(format!("LoRA {shown} {refusal}")));
         }
         let meta = std::fs::metadata(path).map_err(|e| invalid(e.to_string()))?;
         let stamp = FileStamp { len: meta.len(), modified: meta.modified().ok() };
@@ -308,17 +300,20 @@ impl LoraLibrary {
         if bytes.len() as u64 > self.limits.max_file_bytes {
             return Err(invalid(format!("is over the limit of {} bytes", self.limits.max_file_bytes)));
         }
-        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-        let mut cache = self.cache.lock();
-        cache.files.insert(path.to_path_buf(), (stamp, hash));
-        if let Some(lora) = cache.touch(&hash) {
-            return Ok(lora);
-        }
-        drop(cache);
-        let lora = Arc::new(Lora::parse(shown, &bytes, hash)?);
-        let mut cache = self.cache.lock();
-        cache.insert(lora.clone(), self.limits.max_cached_bytes);
+        let (hash, lora) = self.parse_cached(shown, &bytes)?;
+        self.cache.lock().files.insert(path.to_path_buf(), (stamp, hash));
         Ok(lora)
+    }
+
+    /// The LoRA in `bytes` and their SHA-256: the cached one with that hash, else parsed and cached.
+    fn parse_cached(&self, shown: &str, bytes: &[u8]) -> Result<([u8; 32], Arc<Lora>), LoraSourceError> {
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(bytes).into();
+        if let Some(lora) = self.cache.lock().touch(&hash) {
+            return Ok((hash, lora));
+        }
+        let lora = Arc::new(Lora::parse(shown, bytes, hash)?);
+        self.cache.lock().insert(lora.clone(), self.limits.max_cached_bytes);
+        Ok((hash, lora))
     }
 }
 
@@ -375,6 +370,13 @@ pub fn parse_lora_arg(spec: &str) -> Result<(PathBuf, f64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pickles_are_refused_as_checkpoints_are() {
+        let library = LoraLibrary::new(None, LoraLimits::default()).unwrap();
+        let err = library.load_file(Path::new("style.ckpt"), "style.ckpt").unwrap_err().to_string();
+        assert!(err.contains("style.ckpt") && err.contains("arbitrary code") && err.contains(".safetensors"), "{err}");
+    }
 
     #[test]
     fn lora_args_and_names() {

@@ -50,33 +50,8 @@ fn generate_small(model_dir: &str, prompt: &str, steps: &str, out: &Path, extra:
 }
 
 fn generate_fixture(model_name: &str, scheduler: &str, guidance: &str, out: &Path, extra: &[&str]) -> Output {
-    let latents = fixture(model_name).join("expected.safetensors");
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        &model(model_name),
-        "--prompt",
-        "a photograph of an astronaut riding a horse",
-        "--negative-prompt",
-        "blurry, low quality",
-        "--width",
-        "96",
-        "--height",
-        "64",
-        "--steps",
-        "10",
-        "--guidance",
-        guidance,
-        "--scheduler",
-        scheduler,
-        "--initial-latents",
-        latents.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let folder = fixture(model_name);
+    let mut args = common::reference_run(&folder, &folder.join("expected.safetensors"), scheduler, guidance, out);
     args.extend(extra.iter().map(|s| s.to_string()));
     sd_rbee(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }

@@ -10,12 +10,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, expected, fixture, reference};
+use common::{assert_close, expected, fixture, reference, NEGATIVE, PROMPT};
 use sd_rbee::diffusion::lora::Lora;
 use sd_rbee::diffusion::{GenerationRequest, LoadOptions, LoraWeight, SchedulerKind, StableDiffusion};
-
-const PROMPT: &str = "a photograph of an astronaut riding a horse";
-const NEGATIVE: &str = "blurry, low quality";
 
 fn sd_rbee(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sd-rbee")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("sd-rbee runs")
@@ -33,35 +30,8 @@ fn lora_file(model: &str, name: &str) -> PathBuf {
 fn generate_args(model_dir: &Path, loras: &[String], out: &Path, tensor: &Path) -> Vec<String> {
     let xl = model_dir.join("text_encoder_2").is_dir();
     let (scheduler, guidance) = if xl { ("euler", "5.0") } else { ("ddim", "7.5") };
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--negative-prompt",
-        NEGATIVE,
-        "--width",
-        "96",
-        "--height",
-        "64",
-        "--steps",
-        "10",
-        "--guidance",
-        guidance,
-        "--scheduler",
-        scheduler,
-        "--initial-latents",
-        model_dir.join("expected.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--save-tensor",
-        tensor.to_str().unwrap(),
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = common::reference_run(model_dir, &model_dir.join("expected.safetensors"), scheduler, guidance, out);
+    args.extend(["--save-tensor".to_string(), tensor.display().to_string(), "--json".to_string()]);
     for l in loras {
         args.push("--lora".into());
         args.push(l.clone());

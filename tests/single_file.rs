@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::{assert_close, expected, fixture, reference};
-
-const PROMPT: &str = "a photograph of an astronaut riding a horse";
+use common::{assert_close, expected, fixture, reference, PROMPT};
 
 fn sd_rbee(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sd-rbee")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("sd-rbee runs")
@@ -43,33 +41,10 @@ fn single_file_checkpoints_reproduce_their_folders() {
     ] {
         let folder = fixture(name);
         let tensor = dir.path().join(format!("{name}.safetensors"));
-        let mut args = strings(&[
-            "generate",
-            "--model",
-            single_file(name).to_str().unwrap(),
-            "--config",
-            folder.to_str().unwrap(),
-            "--prompt",
-            PROMPT,
-            "--negative-prompt",
-            "blurry, low quality",
-            "--width",
-            "96",
-            "--height",
-            "64",
-            "--steps",
-            "10",
-            "--guidance",
-            guidance,
-            "--scheduler",
-            scheduler,
-            "--initial-latents",
-            folder.join("expected.safetensors").to_str().unwrap(),
-            "--out",
-            dir.path().join(format!("{name}.png")).to_str().unwrap(),
-            "--save-tensor",
-            tensor.to_str().unwrap(),
-        ]);
+        let out = dir.path().join(format!("{name}.png"));
+        let mut args =
+            common::reference_run(&single_file(name), &folder.join("expected.safetensors"), scheduler, guidance, &out);
+        args.extend(strings(&["--config", folder.to_str().unwrap(), "--save-tensor", tensor.to_str().unwrap()]));
         args.extend(strings(&extra));
         let o = sd_rbee(&args);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
@@ -164,33 +139,10 @@ fn clip_skip_matches_diffusers() {
     let refs = candle_core::safetensors::load(folder.join("clip_skip.safetensors"), &Device::Cpu).unwrap();
     for skip in ["2", "3"] {
         let tensor = dir.path().join(format!("skip{skip}.safetensors"));
-        let o = sd_rbee(&strings(&[
-            "generate",
-            "--model",
-            folder.to_str().unwrap(),
-            "--prompt",
-            PROMPT,
-            "--negative-prompt",
-            "blurry, low quality",
-            "--width",
-            "96",
-            "--height",
-            "64",
-            "--steps",
-            "10",
-            "--guidance",
-            "7.5",
-            "--scheduler",
-            "ddim",
-            "--clip-skip",
-            skip,
-            "--initial-latents",
-            folder.join("expected.safetensors").to_str().unwrap(),
-            "--out",
-            dir.path().join("x.png").to_str().unwrap(),
-            "--save-tensor",
-            tensor.to_str().unwrap(),
-        ]));
+        let out = dir.path().join("x.png");
+        let mut args = common::reference_run(&folder, &folder.join("expected.safetensors"), "ddim", "7.5", &out);
+        args.extend(strings(&["--clip-skip", skip, "--save-tensor", tensor.to_str().unwrap()]));
+        let o = sd_rbee(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         let image = candle_core::safetensors::load(&tensor, &Device::Cpu).unwrap()["image"].clone();
         assert_close(&format!("clip skip {skip}"), &image, &refs[&format!("clip_skip_{skip}_image")], 1e-4, 1e-5);

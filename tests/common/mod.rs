@@ -11,6 +11,48 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
 }
 
+/// The prompt and negative prompt of every fixture reference.
+pub const PROMPT: &str = "a photograph of an astronaut riding a horse";
+pub const NEGATIVE: &str = "blurry, low quality";
+
+/// `sd-rbee generate` arguments for a fixture reference run: [`PROMPT`] and [`NEGATIVE`], 96×64, 10 steps
+/// with `scheduler` and `guidance`, from the `initial_latents` in `latents`, writing `out`; callers add the rest.
+pub fn reference_run(
+    model: &std::path::Path,
+    latents: &std::path::Path,
+    scheduler: &str,
+    guidance: &str,
+    out: &std::path::Path,
+) -> Vec<String> {
+    let (model, latents, out) = (model.to_str().unwrap(), latents.to_str().unwrap(), out.to_str().unwrap());
+    [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        NEGATIVE,
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--steps",
+        "10",
+        "--guidance",
+        guidance,
+        "--scheduler",
+        scheduler,
+        "--initial-latents",
+        latents,
+        "--out",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The reference tensors diffusers computed for a fixture model, as f32.
 pub fn expected(model: &str) -> HashMap<String, Tensor> {
     let path = fixture(model).join("expected.safetensors");
