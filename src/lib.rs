@@ -13,5 +13,6 @@ pub mod image_input;
 pub mod loras;
 pub mod protocol;
 pub mod queen;
+pub mod shutdown;
 pub mod storage;
 pub mod worker;

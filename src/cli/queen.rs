@@ -109,6 +109,6 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let queen = Queen::start(config).await?;
         eprintln!("sd-rbee queen listening on http://{}", queen.addr);
-        queen.serve(crate::worker::shutdown_signal()).await
+        queen.serve(crate::shutdown::signal()).await
     })
 }

@@ -113,6 +113,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let worker = Worker::start(config).await?;
         eprintln!("sd-rbee worker {} ready", worker.id());
-        worker.serve(crate::worker::shutdown_signal()).await
+        worker.serve(crate::shutdown::signal()).await
     })
 }

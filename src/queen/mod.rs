@@ -56,7 +56,7 @@ pub struct Queen {
     state: AppState,
     listener: tokio::net::TcpListener,
     tasks: tokio::task::JoinSet<()>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Queen {
@@ -80,7 +80,7 @@ impl Queen {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
         let state = AppState {
             bus: BusClient::from_parts(client, subjects).with_limits(config.api.limits.clone()),
             status,
@@ -88,7 +88,7 @@ impl Queen {
             fleet,
             stats,
             config: Arc::new(config.api),
-            shutdown,
+            shutdown: stop.clone(),
             started: std::time::Instant::now(),
             fleet_warmup: config.worker_lost_after,
         };
@@ -106,7 +106,7 @@ impl Queen {
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing requests in flight, ending event streams");
-            let _ = stop.send(true);
+            stop.cancel();
         };
         axum::serve(self.listener, app).with_graceful_shutdown(signal).await?;
         self.tasks.abort_all();

@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::job::Delivery;
+use super::policy::Delivery;
 use super::Shared;
 use crate::protocol;
 
@@ -19,18 +18,6 @@ pub(super) enum DeadLetterError {
     /// The server refuses even the reduced copy (or the model is no subject token): retrying cannot help, so
     /// the job is reported and removed all the same.
     Refused,
-}
-
-/// Copies the message to the dead-letter stream with the reason in a header (see [`dead_letter_payload`]).
-pub(super) async fn dead_letter(
-    shared: &Shared,
-    model: &str,
-    msg: &jetstream::Message,
-    job_id: Option<Uuid>,
-    reason: &str,
-    delivered: Delivery,
-) -> Result<(), DeadLetterError> {
-    dead_letter_payload(shared, model, msg.payload.clone(), job_id, reason, delivered).await
 }
 
 /// Publishes `payload` (a job message, maybe undecodable) to `sd.dlq.<model>`, bytes unchanged when it fits

@@ -10,7 +10,10 @@
 pub mod catalogue;
 pub mod control;
 mod dead_letter;
+mod effects;
+mod generate;
 pub mod job;
+pub mod policy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
 use futures::StreamExt;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, ConsumerSettings, StreamSettings};
 use crate::device::DeviceSpec;
@@ -297,19 +302,19 @@ impl Worker {
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (beats_stop_tx, beats_stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let beats_stop = CancellationToken::new();
         let mut background = JoinSet::new();
         // Heartbeats go on through the grace period: the worker is still there, finishing its jobs.
-        background.spawn(heartbeats(shared.clone(), beats_stop_rx));
-        background.spawn(cancel_listener(shared.clone(), stop_rx.clone()));
+        background.spawn(heartbeats(shared.clone(), beats_stop.clone()));
+        background.spawn(cancel_listener(shared.clone(), stop.clone()));
         background.spawn(undeliverable_listener(shared.clone()));
         let slots = Arc::new(Semaphore::new(shared.config.concurrency));
-        let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let jobs = TaskTracker::new();
         let mut pullers = JoinSet::new();
         let backlog = Arc::new(Backlog(self.consumers.iter().map(|(m, c)| (m.clone(), c.clone())).collect()));
         for (model, consumer) in self.consumers {
-            let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop_rx.clone());
+            let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop.clone());
             pullers.spawn(pull(shared.clone(), model, consumer, slots, jobs, backlog, stop));
         }
         send_heartbeat(&shared).await;
@@ -317,17 +322,15 @@ impl Worker {
 
         shutdown.await;
         tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
-        let _ = stop_tx.send(true);
+        stop.cancel();
         while pullers.join_next().await.is_some() {}
-        let mut jobs = std::mem::take(&mut *jobs.lock().await);
-        let drained =
-            tokio::time::timeout(shared.config.grace, async { while jobs.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        jobs.close();
+        if tokio::time::timeout(shared.config.grace, jobs.wait()).await.is_err() {
             tracing::warn!("grace period over: handing running jobs to other workers");
             shared.control.stop_all(StopReason::Shutdown);
-            while jobs.join_next().await.is_some() {}
+            jobs.wait().await;
         }
-        let _ = beats_stop_tx.send(true);
+        beats_stop.cancel();
         send_heartbeat(&shared).await;
         background.abort_all();
         if let Err(e) = shared.client.drain().await {
@@ -344,21 +347,21 @@ async fn pull(
     model: String,
     mut consumer: jetstream::consumer::PullConsumer,
     slots: Arc<Semaphore>,
-    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    jobs: TaskTracker,
     backlog: Arc<Backlog>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // Short pull requests, so that several models share the slots fairly and shutdown is quick.
     let several = shared.catalogue.names().len() > 1;
     let expires = if several { Duration::from_millis(500) } else { Duration::from_secs(2) };
     let mut deferred_since: Option<std::time::Instant> = None;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
         };
         // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
         // mixed queue does not load and evict models job by job.
@@ -384,17 +387,17 @@ async fn pull(
         };
         let next = tokio::select! {
             m = batch.next() => m,
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
         };
         match next {
             Some(Ok(msg)) => {
-                if *stop.borrow() {
+                if stop.is_cancelled() {
                     let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
                     return;
                 }
                 let shared = shared.clone();
                 let model = model.clone();
-                jobs.lock().await.spawn(async move {
+                jobs.spawn(async move {
                     job::handle(shared, model, msg).await;
                     drop(permit);
                 });
@@ -406,9 +409,6 @@ async fn pull(
             }
             None => {}
         }
-        // Reap finished jobs so the set does not grow.
-        let mut set = jobs.lock().await;
-        while set.try_join_next().is_some() {}
     }
 }
 
@@ -481,19 +481,19 @@ async fn send_heartbeat(shared: &Shared) {
     }
 }
 
-async fn heartbeats(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn heartbeats(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => send_heartbeat(&shared).await,
-            _ = stop.changed() => return,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
 /// Cancel requests for any job (core NATS: only running workers need them).
-async fn cancel_listener(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn cancel_listener(shared: Arc<Shared>, stop: CancellationToken) {
     let mut sub = match shared.client.subscribe(shared.subjects.cancel_wildcard()).await {
         Ok(s) => s,
         Err(e) => {
@@ -501,12 +501,14 @@ async fn cancel_listener(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
     };
+    let mut stopping = false;
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m { Some(m) => m, None => return },
-            _ = stop.changed() => {
+            _ = stop.cancelled(), if !stopping => {
                 // Keep listening while running jobs finish.
                 if shared.control.running() == 0 { return }
+                stopping = true;
                 continue;
             }
         };
@@ -572,28 +574,6 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
         if let Err(e) = bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams).await {
             tracing::debug!(error = %e, "cannot bind the streams yet");
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT"),
-        _ = term => tracing::info!("SIGTERM"),
     }
 }
 

@@ -40,8 +40,8 @@ pub struct AppState {
     pub fleet: Fleet,
     pub stats: ModelStats,
     pub config: Arc<ApiConfig>,
-    /// Becomes true when the queen shuts down: open event streams end so the server can stop.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Cancelled when the queen shuts down: open event streams end so the server can stop.
+    pub shutdown: tokio_util::sync::CancellationToken,
     pub started: std::time::Instant,
     /// Until the queen has been up this long it has not heard every worker yet: it does not refuse
     /// models as unserved.
@@ -921,10 +921,7 @@ async fn job_events(
             .flat_map(|batch| futures::stream::iter(batch.into_iter().map(Ok)))
             .boxed()
     };
-    let mut shutdown = state.shutdown.clone();
-    let stream = stream.take_until(async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    });
+    let stream = stream.take_until(state.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

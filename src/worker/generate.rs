@@ -1,0 +1,327 @@
+//! Generating one job and storing its images: its inputs read and checked, its model checked out of the
+//! catalogue, generation on a blocking thread with progress forwarded as events, stopped at the deadline,
+//! then every image and the manifest uploaded. What can go wrong is a [`Failure`], which the policy maps to
+//! what happens to the message.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::control::{StopHandle, StopReason};
+use super::effects::{manifest_key, publish_event};
+use super::policy::{Delivery, Outcome};
+use super::Shared;
+use crate::diffusion::{GenerateError, SchedulerKind, StepInfo, TimestepSpacing};
+use crate::generation::{self, LoadedModel, Params};
+use crate::protocol::{
+    self, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress, ProtocolError,
+    Timings, PROTOCOL_VERSION,
+};
+
+/// Why a delivery did not complete.
+pub(super) enum Failure {
+    /// The job can never succeed: report, dead-letter, term.
+    Invalid(ProtocolError),
+    /// Stopped on purpose.
+    Stopped { reason: StopReason, at_step: Option<u32> },
+    /// May succeed later or elsewhere: nak with backoff (dead-letter on the last delivery).
+    Transient { code: ErrorCode, message: String },
+}
+
+impl Failure {
+    fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        Failure::Invalid(ProtocolError::invalid(field, message))
+    }
+    fn transient(code: ErrorCode, message: impl std::fmt::Display) -> Self {
+        Failure::Transient { code, message: message.to_string() }
+    }
+
+    /// The outcome of `job`'s delivery that failed so.
+    pub(super) fn into_outcome(self, job: &JobRequest) -> Outcome {
+        let job_id = job.id;
+        match self {
+            Failure::Invalid(error) => Outcome::Invalid { job_id: Some(job_id), error },
+            Failure::Stopped { reason: StopReason::Cancelled, at_step } => Outcome::Cancelled { job_id, at_step },
+            Failure::Stopped { reason: StopReason::Timeout, at_step } => {
+                Outcome::TimedOut { job_id, at_step, deadline: job.deadline.is_some() }
+            }
+            Failure::Stopped { reason: StopReason::Shutdown, at_step } => Outcome::Shutdown { job_id, at_step },
+            Failure::Transient { code, message } => Outcome::Transient { job_id, code, message },
+        }
+    }
+}
+
+/// One progress update from the generation thread.
+struct Step {
+    step: u32,
+    total: u32,
+    elapsed: Duration,
+    preview: Option<Vec<u8>>,
+}
+
+/// A picture of the job: inline bytes, or an object in the store.
+async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Result<image::DynamicImage, Failure> {
+    let bytes: Bytes = match source {
+        ImageSource::Inline(b) => Bytes::copy_from_slice(b),
+        ImageSource::ObjectKey(key) => {
+            use crate::storage::StoreError;
+            match shared.store.get_at_most(key, crate::image_input::MAX_ENCODED_BYTES as u64).await {
+                Ok(b) => b,
+                Err(
+                    e @ (StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::TooLarge { .. }),
+                ) => return Err(Failure::invalid(field, e)),
+                Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
+            }
+        }
+    };
+    crate::image_input::decode_bounded(bytes, field).await.map_err(|e| match e.is::<crate::image_input::DecodeBusy>() {
+        true => Failure::transient(ErrorCode::Internal, e),
+        false => Failure::invalid(field, format!("{e:#}")),
+    })
+}
+
+/// The seed of a job that names none: derived from its id, so a redelivered job makes the same images.
+pub fn seed_for(job: &JobRequest) -> u64 {
+    job.seed.unwrap_or_else(|| {
+        let b = job.id.as_bytes();
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64
+    })
+}
+
+fn params_of(job: &JobRequest) -> Result<Params, Failure> {
+    let mut p = Params::new(job.prompt.clone());
+    p.negative_prompt = job.negative_prompt.clone();
+    p.width = Some(job.width as usize);
+    p.height = Some(job.height as usize);
+    p.steps = job.steps.map(|s| s as usize);
+    p.guidance = job.guidance;
+    p.scheduler = job
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()
+        .map_err(|e| Failure::invalid("scheduler", e))?;
+    p.timestep_spacing = job
+        .timestep_spacing
+        .as_deref()
+        .map(str::parse::<TimestepSpacing>)
+        .transpose()
+        .map_err(|e| Failure::invalid("timestep_spacing", e))?;
+    p.seed = Some(seed_for(job));
+    p.num_images = job.num_images as usize;
+    p.strength = job.strength_or_default();
+    p.mask_blur = job.mask_blur as f32;
+    p.invert_mask = job.invert_mask;
+    p.paste_back = Some(job.paste_back);
+    p.resize = job.resize_mode;
+    p.clip_skip = job.clip_skip.map(|s| s as usize);
+    Ok(p)
+}
+
+/// An encoded result image.
+struct Encoded {
+    bytes: Vec<u8>,
+    seed: u64,
+    width: u32,
+    height: u32,
+}
+
+pub(super) async fn generate_and_store(
+    shared: &Arc<Shared>,
+    model: &str,
+    job: &JobRequest,
+    stop: &StopHandle,
+    delivered: Delivery,
+    received_at: u64,
+) -> Result<Completed, Failure> {
+    if !shared.catalogue.contains(model) {
+        return Err(Failure::invalid("model", format!("{model:?} is not served by worker {}", shared.worker_id)));
+    }
+    let mut params = params_of(job)?;
+    if let Some(src) = &job.init_image {
+        params.init_image = Some(load_picture(shared, src, "init_image").await?);
+    }
+    if let Some(src) = &job.mask {
+        params.mask = Some(load_picture(shared, src, "mask").await?);
+    }
+    if job.kind == protocol::JobKind::Txt2Img {
+        params.strength = None;
+    }
+    if !job.loras.is_empty() {
+        let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
+        params.loras = shared.loras.resolve(&wanted).await.map_err(|e| match e {
+            crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
+            e => Failure::invalid("loras", e),
+        })?;
+    }
+    // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
+    if !shared.catalogue.is_resident(model) {
+        let mut loading = Progress::new(job.id, 0, job.steps.unwrap_or(0), now_millis());
+        loading.phase = Some(protocol::JobPhase::Loading);
+        publish_event(shared, &Event::Progress(loading), delivered).await;
+    }
+    let checkout = shared
+        .catalogue
+        .checkout(model)
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
+    let loaded: Arc<LoadedModel> = checkout.model;
+    let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
+
+    // Generation runs on a blocking thread; progress comes back through a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
+    let flag = stop.flag().clone();
+    let preview_every = shared.config.preview_every;
+    let step_delay = shared.config.step_delay;
+    let format = job.output.format;
+    let quality = job.output.quality.unwrap_or(generation::DEFAULT_QUALITY);
+    let gen_loaded = loaded.clone();
+    let started = Instant::now();
+    let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64), GenerateError> {
+        let sd = &gen_loaded.pipeline;
+        let prepared = generation::prepare(sd, gen_loaded.entry, params)?;
+        for w in &prepared.warnings {
+            tracing::warn!("{w}");
+        }
+        let mut on_step = |info: &StepInfo| {
+            if !step_delay.is_zero() {
+                std::thread::sleep(step_delay);
+            }
+            let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
+                .then(|| {
+                    info.preview(0)
+                        .ok()
+                        .and_then(|p| generation::encode_image(&p, protocol::ImageFormat::Jpeg, 70).ok())
+                })
+                .flatten();
+            let _ = tx.send(Step { step: info.step as u32, total: info.total as u32, elapsed: info.elapsed, preview });
+        };
+        let output = sd.generate(&prepared.request, &mut on_step, Some(&flag))?;
+        for w in &output.warnings {
+            tracing::warn!("{w}");
+        }
+        let finals = prepared.finish(&output)?;
+        let encoded = finals
+            .iter()
+            .zip(&output.images)
+            .map(|(pixels, img)| {
+                let (_, h, w) = pixels.dims3()?;
+                let bytes = generation::encode_tensor(pixels, format, quality)?;
+                Ok(Encoded { bytes, seed: img.seed, width: w as u32, height: h as u32 })
+            })
+            .collect::<Result<_, GenerateError>>()?;
+        Ok((encoded, output.timings.lora_ms))
+    });
+
+    // Forward progress while it runs; stop it at the deadline or the worker's time limit.
+    let limit = {
+        let own = shared.config.job_timeout;
+        let to_deadline = job.deadline.map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
+        to_deadline.map_or(own, |d| d.min(own))
+    };
+    let timer = tokio::time::sleep(limit);
+    tokio::pin!(timer);
+    tokio::pin!(generation);
+    let mut last_step = None;
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(step) = rx.recv() => {
+                last_step = Some(step.step);
+                publish_progress(shared, job.id, &step, delivered).await;
+            }
+            res = &mut generation => break res,
+            _ = &mut timer, if stop.reason().is_none() => {
+                stop.stop(StopReason::Timeout);
+            }
+        }
+    };
+    while let Ok(step) = rx.try_recv() {
+        last_step = Some(step.step);
+        publish_progress(shared, job.id, &step, delivered).await;
+    }
+    let generation_ms = started.elapsed().as_millis() as u64;
+    let (encoded, lora_ms) = match result {
+        Ok(Ok(done)) => done,
+        Ok(Err(GenerateError::Cancelled { completed, .. })) => {
+            let reason = stop.reason().unwrap_or(StopReason::Cancelled);
+            return Err(Failure::Stopped { reason, at_step: Some(completed as u32) });
+        }
+        Ok(Err(GenerateError::InvalidRequest { field, message })) => return Err(Failure::invalid(field, message)),
+        Ok(Err(e @ GenerateError::NonFinite { .. })) => {
+            return Err(Failure::transient(ErrorCode::Internal, e));
+        }
+        Ok(Err(e)) => {
+            let text = format!("{e:#}");
+            let code = if text.to_ascii_lowercase().contains("out of memory") {
+                ErrorCode::OutOfMemory
+            } else {
+                ErrorCode::Internal
+            };
+            return Err(Failure::Transient { code, message: text });
+        }
+        Err(join) => return Err(Failure::transient(ErrorCode::Internal, format!("generation thread failed: {join}"))),
+    };
+    let step_ms = last_step.filter(|&n| n > 0).map(|n| generation_ms as f64 / f64::from(n));
+
+    // Upload every image, then the manifest that marks the job done.
+    let upload_started = Instant::now();
+    let ext = format.extension();
+    let mut images = Vec::with_capacity(encoded.len());
+    for (i, img) in encoded.into_iter().enumerate() {
+        let key = protocol::result_key(job.id, i as u32, ext);
+        let size = img.bytes.len() as u64;
+        shared
+            .store
+            .put(&key, Bytes::from(img.bytes), format.content_type())
+            .await
+            .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
+        let url = shared.store.presigned_get(&key).await;
+        images.push(ImageResult {
+            index: i as u32,
+            key,
+            url,
+            width: img.width,
+            height: img.height,
+            seed: img.seed,
+            bytes: size,
+            content_type: format.content_type().to_string(),
+        });
+    }
+    let upload_ms = upload_started.elapsed().as_millis() as u64;
+    let at = now_millis();
+    let completed = Completed {
+        v: PROTOCOL_VERSION,
+        job_id: job.id,
+        at,
+        images,
+        timings: Timings {
+            queue_ms: received_at.saturating_sub(job.created_at),
+            lora_ms: lora_ms as u64,
+            load_ms,
+            generation_ms,
+            upload_ms,
+            total_ms: at.saturating_sub(job.created_at),
+        },
+    };
+    let manifest = protocol::encode(&Event::Completed(completed.clone()));
+    shared
+        .store
+        .put(&manifest_key(job.id), Bytes::from(manifest), "application/msgpack")
+        .await
+        .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
+    tracing::info!(job_id = %job.id, generation_ms, upload_ms, generation_ms_per_step = step_ms.unwrap_or(0.0), "job completed");
+    Ok(completed)
+}
+
+async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered: Delivery) {
+    let mut progress = Progress::new(job_id, step.step, step.total, now_millis());
+    if step.step > 0 {
+        let per_step = step.elapsed / step.step;
+        progress.eta_ms = Some((per_step * step.total.saturating_sub(step.step)).as_millis() as u64);
+    }
+    progress.preview_jpeg = step.preview.clone();
+    publish_event(shared, &Event::Progress(progress), delivered).await;
+}
