@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Result};
 use hf_hub::Cache;
 
-use super::{hub_api, repo_info, validate_repo_id, validate_revision, CachedRepo, HubOptions, RepoInfoError};
+use super::cache::CachedRepo;
+use super::model_ref::{validate_repo_id, validate_revision};
+use super::online::{hub_api, repo_info, RepoInfoError};
+use super::options::HubOptions;
 
 /// The file diffusers' `save_lora_weights` writes.
 const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
