@@ -14,4 +14,5 @@ pub mod loras;
 pub mod protocol;
 pub mod queen;
 pub mod storage;
+pub mod vocab;
 pub mod worker;
