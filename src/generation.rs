@@ -17,6 +17,7 @@ use crate::diffusion::{
 use crate::hub::RegistryEntry;
 use crate::image_input::{self, ResizeMode};
 use crate::protocol::ImageFormat;
+use crate::vocab::{DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, DEFAULT_NUM_IMAGES};
 
 /// A loaded pipeline and the registry entry it came from, if it was named by a short name.
 pub struct LoadedModel {
@@ -120,12 +121,12 @@ impl Params {
             scheduler: None,
             timestep_spacing: None,
             seed: None,
-            num_images: 1,
+            num_images: DEFAULT_NUM_IMAGES as usize,
             initial_latents: None,
             init_image: None,
             mask: None,
             strength: None,
-            mask_blur: 4.0,
+            mask_blur: DEFAULT_MASK_BLUR as f32,
             invert_mask: false,
             paste_back: None,
             resize: ResizeMode::Fit,
@@ -219,7 +220,8 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
             None => None,
         };
         original = Some(pixels.clone());
-        let strength = params.strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        let strength =
+            params.strength.unwrap_or(if mask.is_some() { DEFAULT_INPAINT_STRENGTH } else { DEFAULT_IMG2IMG_STRENGTH });
         req.init = Some(InitImage { pixels, strength, mask, noise: params.noise });
     }
     // Paste the original back outside the mask: the default for models that are not inpainting models.

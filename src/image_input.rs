@@ -20,20 +20,7 @@ pub const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 /// inputs can make a queen or worker allocate at a time.
 pub const MAX_CONCURRENT_DECODES: usize = 2;
 
-/// How an input image is brought to the requested size.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ResizeMode {
-    /// Scale to cover the target, then centre-crop (nothing is distorted).
-    #[default]
-    Fit,
-    /// Scale each side independently.
-    Stretch,
-    /// Scale to fit inside the target and pad the rest with `fill`.
-    Pad,
-}
+pub use crate::vocab::ResizeMode;
 
 /// The bytes of a base64-encoded image, with or without a `data:image/...;base64,` prefix (as the HTTP
 /// API receives them); whitespace is ignored. The encoded text is bounded like a file.

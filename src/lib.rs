@@ -15,4 +15,5 @@ pub mod protocol;
 pub mod queen;
 pub mod shutdown;
 pub mod storage;
+pub mod vocab;
 pub mod worker;

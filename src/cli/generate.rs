@@ -49,7 +49,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Number of images.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = crate::vocab::DEFAULT_NUM_IMAGES as usize)]
     pub num_images: usize,
     /// Start from these latents instead of seeded noise: FILE.safetensors[:TENSOR] (default tensor
     /// `initial_latents`, shape [1,4,H/8,W/8]).
@@ -72,7 +72,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub invert_mask: bool,
     /// Soften the mask's edge by this many pixels (Gaussian) where the original is pasted back.
-    #[arg(long, default_value_t = 4.0, value_name = "PX")]
+    #[arg(long, default_value_t = crate::vocab::DEFAULT_MASK_BLUR as f32, value_name = "PX")]
     pub mask_blur: f32,
     /// Composite the untouched original pixels over the result outside the mask (default for models that
     /// are not inpainting models).

@@ -30,9 +30,9 @@ pub struct SubmitArgs {
     pub prompt: String,
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = crate::vocab::DEFAULT_SIZE)]
     pub width: u32,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = crate::vocab::DEFAULT_SIZE)]
     pub height: u32,
     #[arg(long)]
     pub steps: Option<u32>,
@@ -44,7 +44,7 @@ pub struct SubmitArgs {
     pub timestep_spacing: Option<TimestepSpacing>,
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = crate::vocab::DEFAULT_NUM_IMAGES)]
     pub num_images: u32,
     /// img2img (or inpaint with --mask): the starting picture, sent inline.
     #[arg(long, value_name = "FILE")]

@@ -8,7 +8,7 @@ use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeOwned, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
-use super::quoted;
+use super::error::quoted;
 
 /// An enum that travels as one of a fixed set of names.
 pub trait WireNames: DeserializeOwned {

@@ -216,10 +216,10 @@ pub enum ImageInput {
 }
 
 fn default_size() -> u32 {
-    512
+    crate::vocab::DEFAULT_SIZE
 }
 fn default_one() -> u32 {
-    1
+    crate::vocab::DEFAULT_NUM_IMAGES
 }
 
 /// The body of `POST /v1/jobs`: txt2img, img2img (with `init_image`) and inpaint (with `mask`) in one

@@ -1,0 +1,254 @@
+//! What travels besides jobs: the [`Event`]s a worker publishes about a job, worker [`Heartbeat`]s, and
+//! [`CancelRequest`]s.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::error::{ErrorCode, ProtocolError};
+use super::serde_util::uuid_str;
+use super::PROTOCOL_VERSION;
+
+/// Something that happened to a job, published by the worker on [`Subjects::events`](super::Subjects::events).
+/// On the wire a map with `type` (`accepted`, `progress`, `completed`, `failed`, `cancelled`) next to the
+/// variant's fields.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Accepted(Accepted),
+    Progress(Progress),
+    Completed(Completed),
+    Failed(Failed),
+    Cancelled(Cancelled),
+}
+
+impl Event {
+    /// The job the event is about.
+    pub fn job_id(&self) -> Uuid {
+        match self {
+            Event::Accepted(e) => e.job_id,
+            Event::Progress(e) => e.job_id,
+            Event::Completed(e) => e.job_id,
+            Event::Failed(e) => e.job_id,
+            Event::Cancelled(e) => e.job_id,
+        }
+    }
+
+    /// When it happened (unix milliseconds).
+    pub fn at(&self) -> u64 {
+        match self {
+            Event::Accepted(e) => e.at,
+            Event::Progress(e) => e.at,
+            Event::Completed(e) => e.at,
+            Event::Failed(e) => e.at,
+            Event::Cancelled(e) => e.at,
+        }
+    }
+
+    /// The `type` on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::Accepted(_) => "accepted",
+            Event::Progress(_) => "progress",
+            Event::Completed(_) => "completed",
+            Event::Failed(_) => "failed",
+            Event::Cancelled(_) => "cancelled",
+        }
+    }
+
+    /// Whether this is the job's last event (completed, failed or cancelled).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Event::Completed(_) | Event::Failed(_) | Event::Cancelled(_))
+    }
+}
+
+/// A worker took the job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    pub worker_id: String,
+}
+
+/// A denoising step finished.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    /// Denoising steps done (1-based), of `total`.
+    pub step: u32,
+    pub total: u32,
+    /// 0–100.
+    pub percent: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// A small JPEG of the current latents, when the worker makes previews.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub preview_jpeg: Option<Vec<u8>>,
+    /// `loading` while the worker loads the model (step 0); absent while denoising.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+}
+
+/// What a running job is doing, beside denoising.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// The model's weights are loading (the worker had it in its catalogue, not in memory).
+    Loading,
+}
+
+impl Progress {
+    /// A progress event at `at`, with `percent` computed from `step` and `total`.
+    pub fn new(job_id: Uuid, step: u32, total: u32, at: u64) -> Self {
+        let percent = if total == 0 { 0.0 } else { (100.0 * f64::from(step) / f64::from(total)).min(100.0) as f32 };
+        Self { v: PROTOCOL_VERSION, job_id, at, step, total, percent, eta_ms: None, preview_jpeg: None, phase: None }
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("v", &self.v)
+            .field("job_id", &self.job_id)
+            .field("at", &self.at)
+            .field("step", &self.step)
+            .field("total", &self.total)
+            .field("percent", &self.percent)
+            .field("eta_ms", &self.eta_ms)
+            .field("preview_jpeg", &self.preview_jpeg.as_ref().map(|b| format!("{} bytes", b.len())))
+            .finish()
+    }
+}
+
+/// One stored result image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageResult {
+    /// 0-based, in seed order.
+    pub index: u32,
+    /// The object key ([`result_key`](super::result_key)).
+    pub key: String,
+    /// A URL for it (e.g. presigned), when the worker makes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub seed: u64,
+    /// Size of the stored object.
+    pub bytes: u64,
+    pub content_type: String,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// From `created_at` to the worker taking the job.
+    pub queue_ms: u64,
+    /// Part of `generation_ms`: merging the job's LoRAs into the weights (0 when they were in effect already).
+    #[serde(default)]
+    pub lora_ms: u64,
+    /// Loading the model's weights first, when it was not resident (0 when it was).
+    #[serde(default)]
+    pub load_ms: u64,
+    pub generation_ms: u64,
+    pub upload_ms: u64,
+    /// From `created_at` to completion.
+    pub total_ms: u64,
+}
+
+/// The job's images are stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completed {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    pub images: Vec<ImageResult>,
+    pub timings: Timings,
+}
+
+/// The job failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl Failed {
+    /// The failure of `job_id` for a protocol error (an undecodable or invalid job).
+    pub fn from_error(job_id: Uuid, err: &ProtocolError, at: u64) -> Self {
+        Self { v: PROTOCOL_VERSION, job_id, at, code: err.code, message: err.message.clone(), field: err.field.clone() }
+    }
+}
+
+/// The job was cancelled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    /// Steps done when it stopped; `None`: before generation started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_step: Option<u32>,
+}
+
+/// What a worker is doing. On the wire `{"status": "idle"}` or `{"status": "busy", "job_id": "..."}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    Busy {
+        #[serde(with = "uuid_str")]
+        job_id: Uuid,
+    },
+}
+
+/// A worker's periodic sign of life, on [`Subjects::heartbeat`](super::Subjects::heartbeat) every
+/// [`HEARTBEAT_INTERVAL_SECS`](super::HEARTBEAT_INTERVAL_SECS).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub at: u64,
+    pub worker_id: String,
+    pub hostname: String,
+    /// E.g. `cuda:0 (NVIDIA H100 80GB HBM3)`.
+    pub device: String,
+    /// The models it serves (it consumes their job subjects).
+    pub models: Vec<String>,
+    /// The LoRAs jobs can name on this worker (its catalogue), at most
+    /// [`MAX_HEARTBEAT_LORAS`](super::MAX_HEARTBEAT_LORAS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
+    /// Of `models`, those whose weights are in memory now (the others load when a job needs them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resident: Vec<String>,
+    pub state: WorkerState,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub uptime_s: u64,
+    /// The worker's software version (the crate version).
+    pub version: String,
+}
+
+/// Asks whoever runs `job_id` to stop, on [`Subjects::cancel`](super::Subjects::cancel).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub v: u32,
+    #[serde(with = "uuid_str")]
+    pub job_id: Uuid,
+    pub at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

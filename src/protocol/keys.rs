@@ -1,0 +1,49 @@
+//! The object-store key layout of results: `jobs/<job_id>/<index>.<ext>`.
+
+use uuid::Uuid;
+
+use super::error::{quoted, ProtocolError};
+use super::RESULTS_PREFIX;
+
+/// `jobs/<job_id>/`: where a job's results are stored.
+pub fn result_prefix(job_id: Uuid) -> String {
+    format!("{RESULTS_PREFIX}{job_id}/")
+}
+
+/// `jobs/<job_id>/<index>.<ext>`: the key of a job's result image.
+pub fn result_key(job_id: Uuid, index: u32, ext: &str) -> String {
+    format!("{RESULTS_PREFIX}{job_id}/{index}.{ext}")
+}
+
+/// The parts of a result key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultKey {
+    pub job_id: Uuid,
+    pub index: u32,
+    pub ext: String,
+}
+
+/// Parses a key made by [`result_key`]; anything else (another layout, a non-canonical UUID or index, an
+/// extension that is not 1–8 ASCII letters or digits) is an error naming the key.
+pub fn parse_result_key(key: &str) -> Result<ResultKey, ProtocolError> {
+    let bad = || {
+        ProtocolError::invalid(
+            "key",
+            format!("{} is not a result key (expected jobs/<job_id>/<index>.<ext>)", quoted(key)),
+        )
+    };
+    let rest = key.strip_prefix(RESULTS_PREFIX).ok_or_else(bad)?;
+    let (id, file) = rest.split_once('/').ok_or_else(bad)?;
+    let (index, ext) = file.split_once('.').ok_or_else(bad)?;
+    let job_id = Uuid::try_parse(id).map_err(|_| bad())?;
+    if job_id.to_string() != id {
+        return Err(bad());
+    }
+    let canonical_index =
+        !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) && (index == "0" || !index.starts_with('0'));
+    let index: u32 = if canonical_index { index.parse().map_err(|_| bad())? } else { return Err(bad()) };
+    if ext.is_empty() || ext.len() > 8 || !ext.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad());
+    }
+    Ok(ResultKey { job_id, index, ext: ext.to_string() })
+}
