@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use common::servers::{NatsServer, WorkerProcess};
 use futures::StreamExt;
-use sd_rbee::client::BusClient;
+use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, Event, JobKind, JobRequest};
 use uuid::Uuid;
 
 fn job(i: u64) -> JobRequest {
     let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a lighthouse at dusk");
-    job.width = 32;
-    job.height = 32;
+    job.width = Some(32);
+    job.height = Some(32);
     job.steps = Some(1);
     job.seed = Some(i);
     job

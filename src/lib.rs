@@ -2,9 +2,9 @@
 //! folders (local, Hugging Face Hub, or built-in short names); [`device`] picks where models run; [`cli`]
 //! is the `sd-rbee` command line.
 
+pub mod api;
 pub mod bus;
 pub mod cli;
-pub mod client;
 pub mod device;
 pub mod diffusion;
 pub mod generation;

@@ -11,12 +11,6 @@ pub const SCHEDULERS: [&str; 6] = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmp
 /// Timestep-spacing names, as on the CLI (`--timestep-spacing`).
 pub const TIMESTEP_SPACINGS: [&str; 3] = ["leading", "linspace", "trailing"];
 
-/// The width and height of a job that gives none (the bus protocol's [`JobRequest::new`], the HTTP API's
-/// `POST /v1/jobs`, `sd-rbee submit`): 512 pixels.
-///
-/// [`JobRequest::new`]: crate::protocol::JobRequest::new
-pub const DEFAULT_SIZE: u32 = 512;
-
 /// The number of images of a job that gives none.
 pub const DEFAULT_NUM_IMAGES: u32 = 1;
 

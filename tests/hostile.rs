@@ -16,7 +16,7 @@ use common::hostile::{
 };
 use common::servers::{http_with, memory_mib, NatsServer, S3Server, WorkerProcess};
 use rand::{Rng, SeedableRng};
-use sd_rbee::client::BusClient;
+use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, Event, ImageSource, JobKind, JobRequest};
 use uuid::Uuid;
 
@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 fn tiny_job(steps: u32, seed: u64) -> JobRequest {
     let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a lighthouse in fog");
-    job.width = 64;
-    job.height = 64;
+    job.width = Some(64);
+    job.height = Some(64);
     job.steps = Some(steps);
     job.seed = Some(seed);
     job
@@ -49,7 +49,7 @@ async fn jobs_at_the_size_limit_are_accepted_refused_or_dead_lettered_never_stuc
     // An invalid job (strength out of range) whose message just fits with its own header, but whose
     // dead-letter copy (the same bytes plus the reason and bookkeeping headers) does not.
     let mut bad = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour at night");
-    (bad.width, bad.height, bad.strength) = (64, 64, Some(1.5));
+    (bad.width, bad.height, bad.strength) = (Some(64), Some(64), Some(1.5));
     let headers = sd_rbee::bus::msg_id_headers(&bad.msg_id());
     bad.init_image = Some(ImageSource::Inline(vec![0]));
     let overhead = protocol::encode(&bad).len() - 1;
@@ -81,7 +81,7 @@ async fn jobs_at_the_size_limit_are_accepted_refused_or_dead_lettered_never_stuc
     // A valid img2img job at the limit (with the headroom a requeued copy needs) is taken and completes;
     // one more byte is refused before it is sent.
     let mut good = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour at dawn");
-    (good.width, good.height, good.steps, good.seed) = (64, 64, Some(2), Some(3));
+    (good.width, good.height, good.steps, good.seed) = (Some(64), Some(64), Some(2), Some(3));
     good.init_image = Some(ImageSource::Inline(vec![0]));
     let overhead = protocol::encode(&good).len() - 1;
     let limit_for = |job: &JobRequest| sd_rbee::bus::job_message_size(job.id, protocol::encode(job).len());
@@ -108,7 +108,7 @@ async fn jobs_at_the_size_limit_are_accepted_refused_or_dead_lettered_never_stuc
     // The queen counts the same: 413 at once for a job whose payload alone is under the limit.
     let store = tempfile::tempdir().unwrap();
     let queen = QueenChild::start(&nats.url(), store.path().to_str().unwrap(), &[]);
-    let mut sub = sd_rbee::queen::api::JobSubmission::of_job(&over, None);
+    let mut sub = sd_rbee::api::JobSubmission::from(&over);
     sub.seed = Some(4);
     let payload_alone = protocol::encode(&over).len();
     assert!(payload_alone < max, "{payload_alone}");
@@ -165,7 +165,7 @@ async fn a_megabyte_field_fails_fast_with_a_short_message_and_the_worker_moves_o
 
     // Through the queen: 422 with the same short message.
     let queen = QueenChild::start(&nats.url(), &store_url, &[]);
-    let mut sub = sd_rbee::queen::api::JobSubmission::new("tiny", "x");
+    let mut sub = sd_rbee::api::JobSubmission::new("tiny", "x");
     sub.scheduler = Some("\"".repeat(1_000_000));
     let (status, json, raw) = queen.request("POST", "/v1/jobs", &serde_json::to_vec(&sub).unwrap());
     assert_eq!(status, 422);
@@ -266,7 +266,7 @@ async fn a_16_bit_png_bomb_is_refused_within_the_memory_limit_by_the_queen_and_t
     wait_for_terminal(&client, warm.id, Duration::from_secs(60)).await;
     let (_, before) = memory_mib(worker.pid().unwrap());
     let mut job = JobRequest::new(JobKind::Img2Img, "tiny", "a harbour");
-    (job.width, job.height, job.steps) = (64, 64, Some(2));
+    (job.width, job.height, job.steps) = (Some(64), Some(64), Some(2));
     job.init_image = Some(ImageSource::Inline(bomb));
     client.submit(&job).await.unwrap();
     let events = wait_for_terminal(&client, job.id, Duration::from_secs(30)).await;
@@ -309,6 +309,7 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         jobs_failed: 0,
         uptime_s: 1,
         version: "0".into(),
+        stopping: false,
     };
     client.nats().publish("sd.workers.w\"x", protocol::encode(&beat).into()).await.unwrap();
     client.nats().flush().await.unwrap();
@@ -614,7 +615,7 @@ async fn fuzz_the_job_subject_and_the_http_api() {
 
     // The HTTP API: no crash, no 5xx, every error with the JSON body, memory bounded.
     let mut queen = QueenChild::start(&nats.url(), &store_url, &[]);
-    let submission = serde_json::to_value(sd_rbee::queen::api::JobSubmission::new("fuzz", "p")).unwrap();
+    let submission = serde_json::to_value(sd_rbee::api::JobSubmission::new("fuzz", "p")).unwrap();
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for _ in 0..REQUESTS {
         let (method, path, body): (&str, String, Vec<u8>) = match rng.random_range(0..8) {

@@ -205,12 +205,12 @@ mod bus {
 
     use super::common::{self, hostile::QueenChild, servers::NatsServer, servers::S3Server, servers::WorkerProcess};
     use async_nats::jetstream;
-    use sd_rbee::client::BusClient;
+    use sd_rbee::bus::BusClient;
     use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest, LoraRef};
 
     fn job(seed: u64, loras: &[(&str, f64)]) -> JobRequest {
         let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", super::PROMPT);
-        (job.width, job.height, job.steps, job.seed) = (64, 64, Some(4), Some(seed));
+        (job.width, job.height, job.steps, job.seed) = (Some(64), Some(64), Some(4), Some(seed));
         job.loras = loras.iter().map(|(n, s)| LoraRef { name: n.to_string(), scale: *s }).collect();
         job
     }

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use candle_core::DType;
 use common::servers::{NatsServer, WorkerProcess};
-use sd_rbee::client::BusClient;
+use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, Event, JobKind, JobRequest};
 use sd_rbee::worker::catalogue::estimate_bytes;
 
 fn job(model: &str, seed: u64) -> JobRequest {
     let mut job = JobRequest::new(JobKind::Txt2Img, model, "a lighthouse at dusk");
-    (job.width, job.height, job.steps, job.seed) = (64, 64, Some(2), Some(seed));
+    (job.width, job.height, job.steps, job.seed) = (Some(64), Some(64), Some(2), Some(seed));
     job
 }
 

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::servers::{NatsServer, S3Server, WorkerProcess};
-use sd_rbee::client::{ApiError, QueenClient, SseMessage};
-use sd_rbee::queen::api::JobSubmission;
+use sd_rbee::api::JobSubmission;
+use sd_rbee::api::{ApiError, QueenClient, SseMessage};
 use sd_rbee::queen::{Queen, QueenConfig};
 use uuid::Uuid;
 
@@ -51,8 +51,8 @@ fn client(q: &QueenProcess) -> QueenClient {
 
 fn tiny(steps: u32, seed: u64) -> JobSubmission {
     let mut job = JobSubmission::new("tiny", "a paper boat on a pond");
-    job.width = 64;
-    job.height = 64;
+    job.width = Some(64);
+    job.height = Some(64);
     job.steps = Some(steps);
     job.seed = Some(seed);
     job
@@ -63,10 +63,10 @@ async fn wait_for_fleet(c: &QueenClient) {
     let start = Instant::now();
     loop {
         let workers = c.workers().await.unwrap();
-        if workers.as_array().is_some_and(|w| w.iter().any(|w| w["lost"] == false)) {
+        if workers.iter().any(|w| !w.lost) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no worker showed up: {workers}");
+        assert!(start.elapsed() < Duration::from_secs(20), "no worker showed up: {workers:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -81,7 +81,7 @@ async fn follow(c: &QueenClient, id: Uuid) -> Vec<SseMessage> {
 }
 
 /// Waits until the status record (folded from events, a moment after them) reaches `state`.
-async fn wait_state(c: &QueenClient, id: Uuid, state: &str) -> sd_rbee::queen::api::StatusView {
+async fn wait_state(c: &QueenClient, id: Uuid, state: &str) -> sd_rbee::api::StatusView {
     let start = Instant::now();
     loop {
         let s = c.status(id).await.unwrap();
@@ -140,7 +140,7 @@ async fn submit_follow_fetch_and_replay() {
     assert_eq!(names(&replay), kinds);
 
     // Once the events stream no longer holds the job (it keeps a day), the status record ends the replay.
-    let bus = sd_rbee::client::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
     let events_stream = bus.jetstream().get_stream(bus.subjects().events_stream()).await.unwrap();
     events_stream.purge().filter(bus.subjects().events(accepted.job_id)).await.unwrap();
     let after_expiry = follow(&c, accepted.job_id).await;
@@ -410,11 +410,11 @@ async fn two_queens_give_the_same_answers_and_a_killed_worker_shows_as_lost() {
     for c in [&ca, &cb] {
         loop {
             let workers = c.workers().await.unwrap();
-            let w = workers.as_array().unwrap().iter().find(|w| w["worker_id"] == "w-lost").cloned().unwrap();
-            if w["lost"] == true {
+            let w = workers.iter().find(|w| w.heartbeat.worker_id == "w-lost").cloned().unwrap();
+            if w.lost {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "{w}");
+            assert!(start.elapsed() < Duration::from_secs(15), "{w:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let s = c.status(held.job_id).await.unwrap();
@@ -489,8 +489,8 @@ async fn load_test_hundreds_of_jobs_complete_exactly_once() {
         while next < jobs && pending.len() < 16 {
             let c = c.clone();
             let mut job = tiny(1, next as u64);
-            job.width = 32;
-            job.height = 32;
+            job.width = Some(32);
+            job.height = Some(32);
             pending.push(async move {
                 let t = Instant::now();
                 let r = c.submit(&job, None).await;
@@ -523,7 +523,7 @@ async fn load_test_hundreds_of_jobs_complete_exactly_once() {
     assert_eq!(states.len(), jobs);
     // Exactly once: one `completed` event per job in the events stream (a second delivery that finished
     // would have published its own).
-    let bus = sd_rbee::client::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
     let stream = bus.jetstream().get_stream(bus.subjects().events_stream()).await.unwrap();
     let consumer =
         stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();

@@ -11,14 +11,14 @@ use std::time::Duration;
 use async_nats::jetstream;
 use common::servers::{NatsServer, S3Server, WorkerProcess};
 use futures::StreamExt;
-use sd_rbee::client::BusClient;
+use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest};
 use uuid::Uuid;
 
 fn tiny_job(steps: u32, seed: u64) -> JobRequest {
     let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a watercolor fox in the snow");
-    job.width = 64;
-    job.height = 64;
+    job.width = Some(64);
+    job.height = Some(64);
     job.steps = Some(steps);
     job.seed = Some(seed);
     job
@@ -32,7 +32,7 @@ async fn events_of(client: &BusClient, job_id: Uuid, timeout: Duration) -> Vec<E
 
 /// Every event of a job stored so far (does not wait for more).
 async fn stored_events(client: &BusClient, job_id: Uuid) -> Vec<Event> {
-    client.stored_events(job_id).await.unwrap()
+    client.stored_events(job_id).await.unwrap().into_iter().map(|(_, e)| e).collect()
 }
 
 /// The dead-letter stream's messages: (reason header, payload).
@@ -226,7 +226,7 @@ async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving(
     publish_raw(garbage_id, b"\x00\x01 definitely not msgpack".to_vec()).await;
     // 2. A well-formed job with a width the protocol rejects (bypassing the client's validation).
     let mut bad_width = tiny_job(2, 1);
-    bad_width.width = 100;
+    bad_width.width = Some(100);
     publish_raw(bad_width.id, protocol::encode(&bad_width)).await;
     // 3. A job only the model can reject: img2img whose strength leaves no step to run.
     let mut no_steps = tiny_job(2, 1);

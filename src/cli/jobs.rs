@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Args;
 use uuid::Uuid;
 
-use crate::client::{QueenClient, SseMessage};
+use crate::api::{QueenClient, SseMessage};
 
 /// Where the queen is.
 #[derive(Debug, Clone, Args)]
@@ -137,7 +137,7 @@ pub fn cancel(args: CancelArgs) -> anyhow::Result<bool> {
     let client = args.api.client()?;
     runtime()?.block_on(async {
         let r = client.cancel(args.job_id).await?;
-        println!("{} {}", r.job_id, r.state);
+        println!("{} {}", r.job_id, r.state.name());
         Ok(true)
     })
 }
@@ -203,23 +203,19 @@ pub fn workers(args: WorkersArgs) -> anyhow::Result<bool> {
     runtime()?.block_on(async {
         let workers = client.workers().await?;
         if args.json {
-            println!("{workers}");
+            println!("{}", serde_json::to_string(&workers)?);
         } else {
-            for w in workers.as_array().into_iter().flatten() {
-                let state = if w["lost"] == true {
-                    "lost".to_string()
-                } else {
-                    w["state"]["status"].as_str().unwrap_or("?").to_string()
-                };
+            for w in &workers {
+                let hb = &w.heartbeat;
                 println!(
-                    "{} {:<5} {} models={} done={} failed={} {}",
-                    w["worker_id"].as_str().unwrap_or("?"),
-                    state,
-                    w["device"].as_str().unwrap_or("?"),
-                    w["models"],
-                    w["jobs_done"],
-                    w["jobs_failed"],
-                    w["hostname"].as_str().unwrap_or("")
+                    "{} {:<7} {} models={} done={} failed={} {}",
+                    hb.worker_id,
+                    w.liveness(),
+                    hb.device,
+                    hb.models.join(","),
+                    hb.jobs_done,
+                    hb.jobs_failed,
+                    hb.hostname
                 );
             }
         }

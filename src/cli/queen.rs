@@ -35,9 +35,17 @@ pub struct QueenArgs {
     /// Longest a request body may take to arrive.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub body_timeout: Duration,
-    /// Accept jobs for models no live worker serves (they wait in the queue).
+    /// Accept jobs for any model, known or not (they wait in the queue for a worker that serves it).
     #[arg(long)]
     pub accept_unserved_models: bool,
+    /// Models jobs may name even with no worker serving them now (a fleet that starts workers from zero on
+    /// queue depth); repeat or comma-separate. Models workers advertised within --model-retention are
+    /// accepted too.
+    #[arg(long, value_delimiter = ',', env = "SD_RBEE_MODEL_CATALOGUE")]
+    pub model_catalogue: Vec<String>,
+    /// How long a model stays accepted after the last worker serving it was heard of.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub model_retention: Duration,
     /// Origins allowed to call the API from a browser (CORS); repeat or comma-separate.
     #[arg(long, value_delimiter = ',')]
     pub cors_origin: Vec<String>,
@@ -99,6 +107,11 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     config.api.max_body_bytes = args.max_body_bytes;
     config.api.body_timeout = args.body_timeout;
     config.api.require_served_model = !args.accept_unserved_models;
+    for model in &args.model_catalogue {
+        crate::protocol::validate_model_name(model).map_err(|e| anyhow::anyhow!("--model-catalogue {}", e.message))?;
+    }
+    config.api.model_catalogue = args.model_catalogue;
+    config.api.model_retention = args.model_retention;
     config.api.cors_origins = args.cors_origin;
     if let Some(json) = args.limits {
         config.api.limits = serde_json::from_str(&json).context("--limits")?;

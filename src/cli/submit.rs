@@ -9,11 +9,11 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::parse_duration;
-use crate::client::BusClient;
+use crate::api::JobSubmission;
+use crate::bus::BusClient;
 use crate::diffusion::{SchedulerKind, TimestepSpacing};
 use crate::image_input::ResizeMode;
 use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest};
-use crate::queen::api::JobSubmission;
 
 #[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
@@ -30,10 +30,12 @@ pub struct SubmitArgs {
     pub prompt: String,
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    #[arg(long, default_value_t = crate::vocab::DEFAULT_SIZE)]
-    pub width: u32,
-    #[arg(long, default_value_t = crate::vocab::DEFAULT_SIZE)]
-    pub height: u32,
+    /// Default: the model's (1024 for SDXL, 512 for SD 1.5), as the worker's model says.
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Default: the model's.
+    #[arg(long)]
+    pub height: Option<u32>,
     #[arg(long)]
     pub steps: Option<u32>,
     #[arg(long)]
@@ -106,10 +108,10 @@ fn parse_lora_ref(spec: &str) -> Result<protocol::LoraRef, String> {
 
 /// `submit --via`: through the queen; the final status as JSON with each image's key and URL.
 fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bool> {
-    let client = crate::client::QueenClient::new(base, args.token.clone())?;
+    let client = crate::api::QueenClient::new(base, args.token.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let accepted = client.submit(&JobSubmission::of_job(job, args.deadline), args.idempotency_key.as_deref()).await?;
+        let accepted = client.submit(&JobSubmission::from(job), args.idempotency_key.as_deref()).await?;
         let id = accepted.job_id;
         if !args.wait {
             if args.json {

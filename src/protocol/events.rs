@@ -240,6 +240,9 @@ pub struct Heartbeat {
     pub uptime_s: u64,
     /// The worker's software version (the crate version).
     pub version: String,
+    /// Set on the last heartbeat of a worker that shuts down cleanly: it is gone, not lost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// Asks whoever runs `job_id` to stop, on [`Subjects::cancel`](super::Subjects::cancel).

@@ -11,7 +11,6 @@ use super::strict::{self, WireNames};
 use super::{now_millis, PROTOCOL_VERSION};
 use crate::vocab::{
     ImageFormat, ResizeMode, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, DEFAULT_NUM_IMAGES,
-    DEFAULT_SIZE,
 };
 
 /// What a job makes.
@@ -73,8 +72,8 @@ pub struct OutputFormat {
 /// A generation job, published by the queen on [`Subjects::jobs`](super::Subjects::jobs) and pulled by one
 /// worker.
 ///
-/// Required on the wire: `v`, `id`, `kind`, `model`, `prompt`, `width`, `height`, `created_at`; every other
-/// field has a default and may be left out.
+/// Required on the wire: `v`, `id`, `kind`, `model`, `prompt`, `created_at`; every other field has a default
+/// and may be left out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRequest {
     /// Protocol version ([`PROTOCOL_VERSION`]).
@@ -90,8 +89,11 @@ pub struct JobRequest {
     /// `None` and `Some("")` differ for SDXL (zero embeddings without a negative prompt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
-    pub width: u32,
-    pub height: u32,
+    /// Pixels; `None`: the model's default size (the worker's model decides: 1024 for SDXL, 512 for SD 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
     /// Denoising steps; `None`: the model's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
@@ -173,8 +175,8 @@ pub const MAX_HEARTBEAT_LORAS: usize = 256;
 pub const MAX_LORAS_PER_JOB: usize = 64;
 
 impl JobRequest {
-    /// A job with a fresh id, created now, [`DEFAULT_SIZE`] × [`DEFAULT_SIZE`] (512 × 512), every optional
-    /// parameter at its default.
+    /// A job with a fresh id, created now, every optional parameter at its default (the size included: the
+    /// model's).
     pub fn new(kind: JobKind, model: impl Into<String>, prompt: impl Into<String>) -> Self {
         Self {
             v: PROTOCOL_VERSION,
@@ -183,8 +185,8 @@ impl JobRequest {
             model: model.into(),
             prompt: prompt.into(),
             negative_prompt: None,
-            width: DEFAULT_SIZE,
-            height: DEFAULT_SIZE,
+            width: None,
+            height: None,
             steps: None,
             guidance: None,
             scheduler: None,

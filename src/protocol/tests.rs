@@ -112,8 +112,8 @@ fn inpaint() -> JobRequest {
 fn full_job() -> JobRequest {
     let mut j = inpaint();
     j.negative_prompt = Some(String::new());
-    j.width = 768;
-    j.height = 512;
+    j.width = Some(768);
+    j.height = Some(512);
     j.steps = Some(25);
     j.guidance = Some(6.5);
     j.scheduler = Some("dpmpp_2m_karras".into());
@@ -276,6 +276,7 @@ fn heartbeat_and_cancel_round_trip() {
             jobs_failed: 1,
             uptime_s: 3600,
             version: "0.1.0".into(),
+            stopping: state == WorkerState::Idle,
         };
         assert_eq!(decode_heartbeat(&encode(&hb)).unwrap(), hb);
     }
@@ -424,10 +425,10 @@ fn each_validation_rule_names_its_field() {
         ("prompt", Box::new(|j| j.prompt = "   ".into())),
         ("prompt", Box::new(|j| j.prompt = "x".repeat(4097))),
         ("negative_prompt", Box::new(|j| j.negative_prompt = Some("x".repeat(4097)))),
-        ("width", Box::new(|j| j.width = 0)),
-        ("width", Box::new(|j| j.width = 100)),
-        ("height", Box::new(|j| j.height = 4104)),
-        ("width", Box::new(|j| (j.width, j.height) = (4096, 4096))),
+        ("width", Box::new(|j| j.width = Some(0))),
+        ("width", Box::new(|j| j.width = Some(100))),
+        ("height", Box::new(|j| j.height = Some(4104))),
+        ("width", Box::new(|j| (j.width, j.height) = (Some(4096), Some(4096)))),
         ("steps", Box::new(|j| j.steps = Some(0))),
         ("steps", Box::new(|j| j.steps = Some(151))),
         ("guidance", Box::new(|j| j.guidance = Some(f64::NAN))),
@@ -483,7 +484,7 @@ fn each_validation_rule_names_its_field() {
     let mut j = img2img();
     j.strength = Some(1.0);
     j.init_image = Some(ImageSource::Inline(vec![0; MAX_INLINE_IMAGE_BYTES]));
-    (j.width, j.height, j.steps, j.guidance, j.num_images) = (2048, 2048, Some(150), Some(0.0), 8);
+    (j.width, j.height, j.steps, j.guidance, j.num_images) = (Some(2048), Some(2048), Some(150), Some(0.0), 8);
     j.seed = Some(u64::MAX - 7);
     j.validate(&l).unwrap();
     for s in SCHEDULERS {

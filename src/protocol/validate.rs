@@ -41,24 +41,7 @@ impl JobRequest {
                 ));
             }
         }
-        for (field, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 || v % 8 != 0 {
-                return Err(E::invalid(field, format!("must be a positive multiple of 8, got {v}")));
-            }
-            if v > limits.max_side {
-                return Err(E::invalid(field, format!("must be at most {}, got {v}", limits.max_side)));
-            }
-        }
-        let pixels = u64::from(self.width) * u64::from(self.height);
-        if pixels > limits.max_pixels {
-            return Err(E::invalid(
-                "width",
-                format!(
-                    "× height is {} × {} = {pixels} pixels, over the limit of {}",
-                    self.width, self.height, limits.max_pixels
-                ),
-            ));
-        }
+        limits.check_size(self.width, self.height)?;
         if let Some(s) = self.steps {
             if s == 0 || s > limits.max_steps {
                 return Err(E::invalid("steps", format!("must be between 1 and {}, got {s}", limits.max_steps)));
@@ -191,6 +174,33 @@ pub struct Limits {
     pub max_mask_blur: u32,
     /// LoRAs in one job. Default 8 (never more than [`MAX_LORAS_PER_JOB`]).
     pub max_loras: usize,
+}
+
+impl Limits {
+    /// Checks a size: each side given a positive multiple of 8 and at most `max_side`, and when both are
+    /// known their product at most `max_pixels`. A side left out is the model's, checked by the worker once
+    /// it knows it.
+    pub fn check_size(&self, width: Option<u32>, height: Option<u32>) -> Result<(), ProtocolError> {
+        for (field, v) in [("width", width), ("height", height)] {
+            let Some(v) = v else { continue };
+            if v == 0 || v % 8 != 0 {
+                return Err(ProtocolError::invalid(field, format!("must be a positive multiple of 8, got {v}")));
+            }
+            if v > self.max_side {
+                return Err(ProtocolError::invalid(field, format!("must be at most {}, got {v}", self.max_side)));
+            }
+        }
+        if let (Some(w), Some(h)) = (width, height) {
+            let pixels = u64::from(w) * u64::from(h);
+            if pixels > self.max_pixels {
+                return Err(ProtocolError::invalid(
+                    "width",
+                    format!("× height is {w} × {h} = {pixels} pixels, over the limit of {}", self.max_pixels),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 
-use super::status::{JobStatus, StatusStore};
+use super::status::StatusStore;
+use crate::api::JobStatus;
 use crate::bus::{self, StreamSettings};
 use crate::protocol::{self, Event, Subjects};
 

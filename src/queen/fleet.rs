@@ -6,18 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde::Serialize;
 
+use crate::api::WorkerInfo;
 use crate::protocol::{self, Heartbeat, Subjects};
-
-/// A worker and when it was last heard of.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct WorkerInfo {
-    #[serde(flatten)]
-    pub heartbeat: Heartbeat,
-    pub last_seen: u64,
-    pub lost: bool,
-}
 
 /// A model as the live fleet serves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,12 +23,35 @@ pub struct ServedModel {
 #[derive(Clone, Default)]
 pub struct Fleet {
     workers: Arc<Mutex<HashMap<String, (Heartbeat, u64)>>>,
+    /// Every model a worker advertised, with when it last did (the catalogue of models jobs may name).
+    advertised: Arc<Mutex<HashMap<String, u64>>>,
     lost_after_ms: u64,
 }
 
 impl Fleet {
     pub fn new(lost_after: Duration) -> Self {
-        Self { workers: Arc::default(), lost_after_ms: lost_after.as_millis() as u64 }
+        Self { workers: Arc::default(), advertised: Arc::default(), lost_after_ms: lost_after.as_millis() as u64 }
+    }
+
+    /// Whether a worker advertised `model` within `retention` of `now`.
+    pub fn advertised_within(&self, model: &str, now: u64, retention: Duration) -> bool {
+        let retention = retention.as_millis() as u64;
+        self.advertised.lock().unwrap().get(model).is_some_and(|&at| now.saturating_sub(at) <= retention)
+    }
+
+    /// The models workers advertised within `retention` of `now`, sorted.
+    pub fn advertised(&self, now: u64, retention: Duration) -> Vec<String> {
+        let retention = retention.as_millis() as u64;
+        let mut names: Vec<String> = self
+            .advertised
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, &at)| now.saturating_sub(at) <= retention)
+            .map(|(m, _)| m.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Records a heartbeat. Anyone on the bus can send one, so what is kept is bounded: at most
@@ -58,6 +72,15 @@ impl Fleet {
                 None => return tracing::debug!(worker_id = %hb.worker_id, "fleet full of live workers; ignored"),
             };
         }
+        let mut advertised = self.advertised.lock().unwrap();
+        for model in &hb.models {
+            if advertised.len() >= MAX_ADVERTISED_MODELS && !advertised.contains_key(model) {
+                // Room is made by forgetting the model advertised longest ago.
+                let oldest = advertised.iter().min_by_key(|(_, &at)| at).map(|(m, _)| m.clone());
+                oldest.map(|m| advertised.remove(&m));
+            }
+            advertised.insert(model.clone(), now);
+        }
         workers.insert(hb.worker_id.clone(), (hb, now));
     }
 
@@ -71,7 +94,8 @@ impl Fleet {
             .map(|(hb, seen)| WorkerInfo {
                 heartbeat: hb.clone(),
                 last_seen: *seen,
-                lost: now.saturating_sub(*seen) > self.lost_after_ms,
+                lost: !hb.stopping && now.saturating_sub(*seen) > self.lost_after_ms,
+                stopped: hb.stopping,
             })
             .collect();
         out.sort_by(|a, b| a.heartbeat.worker_id.cmp(&b.heartbeat.worker_id));
@@ -85,21 +109,24 @@ impl Fleet {
             .lock()
             .unwrap()
             .get(worker_id)
-            .is_some_and(|(_, seen)| now.saturating_sub(*seen) > self.lost_after_ms)
+            .is_some_and(|(hb, seen)| hb.stopping || now.saturating_sub(*seen) > self.lost_after_ms)
     }
 
     /// Live workers serving `model`.
     pub fn serving(&self, model: &str, now: u64) -> usize {
         let workers = self.workers.lock().unwrap();
         let live = |seen: u64| now.saturating_sub(seen) <= self.lost_after_ms;
-        workers.values().filter(|(hb, seen)| live(*seen) && hb.models.iter().any(|m| m == model)).count()
+        workers
+            .values()
+            .filter(|(hb, seen)| !hb.stopping && live(*seen) && hb.models.iter().any(|m| m == model))
+            .count()
     }
 
     /// The models live workers serve, by name: how many workers serve each and the LoRAs they can apply
     /// to it (the union of those workers' catalogues).
     pub fn models(&self, now: u64) -> Vec<ServedModel> {
         let mut by_name: std::collections::BTreeMap<String, ServedModel> = Default::default();
-        for w in self.workers(now).into_iter().filter(|w| !w.lost) {
+        for w in self.workers(now).into_iter().filter(|w| !w.lost && !w.stopped) {
             let hb = &w.heartbeat;
             for m in &hb.models {
                 let entry = by_name.entry(m.clone()).or_insert_with(|| ServedModel {
@@ -140,6 +167,9 @@ impl Fleet {
 
 /// The most workers a queen keeps track of.
 pub const MAX_WORKERS: usize = 4096;
+
+/// The most models a queen remembers as advertised.
+const MAX_ADVERTISED_MODELS: usize = 4096;
 
 /// The most models one heartbeat may claim.
 const MAX_MODELS_PER_WORKER: usize = 64;
@@ -204,6 +234,7 @@ mod tests {
             jobs_failed: 0,
             uptime_s: 0,
             version: "0".into(),
+            stopping: false,
         }
     }
 

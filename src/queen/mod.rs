@@ -1,10 +1,20 @@
 //! `sd-rbee queen`: the control plane. It publishes jobs onto the bus, folds the workers' events into a
-//! status bucket, follows the fleet's heartbeats and serves the HTTP API ([`api::app`]). It keeps no state
-//! of its own beyond NATS, so several queens can run side by side behind a load balancer.
+//! status bucket, follows the fleet's heartbeats and serves the HTTP API. It keeps no state of its own
+//! beyond NATS, so several queens can run side by side behind a load balancer.
+//!
+//! # Layout
+//!
+//! - this file: [`QueenConfig`] and [`Queen`] (start, serve, shut down);
+//! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
+//! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
+//! - `feed`: a job's events for Server-Sent Events, resumable;
+//! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats.
 
 pub mod aggregator;
-pub mod api;
+pub mod feed;
 pub mod fleet;
+pub mod http;
+pub mod jobs;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -13,11 +23,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::bus::BusClient;
 use crate::bus::{self, StreamSettings};
-use crate::client::BusClient;
 use crate::protocol::Subjects;
 use crate::storage::{Store, StoreOptions};
-use api::{ApiConfig, AppState};
+use http::{ApiConfig, AppState};
 
 /// Everything a queen is configured with.
 #[derive(Clone, Debug)]
@@ -81,17 +91,21 @@ impl Queen {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let stop = tokio_util::sync::CancellationToken::new();
-        let state = AppState {
-            bus: BusClient::from_parts(client, subjects).with_limits(config.api.limits.clone()),
+        let api = config.api;
+        let jobs = jobs::Jobs {
+            bus: BusClient::from_parts(client, subjects).with_limits(api.limits.clone()),
             status,
             store,
             fleet,
             stats,
-            config: Arc::new(config.api),
-            shutdown: stop.clone(),
-            started: std::time::Instant::now(),
-            fleet_warmup: config.worker_lost_after,
+            limits: api.limits.clone(),
+            models: jobs::ModelPolicy {
+                require_known: api.require_served_model,
+                catalogue: api.model_catalogue.clone(),
+                retention: api.model_retention,
+            },
         };
+        let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone() };
         Ok(Self { addr, state, listener, tasks, stop })
     }
 
@@ -100,7 +114,7 @@ impl Queen {
         mut self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let app = api::app(self.state.clone());
+        let app = http::app(self.state.clone());
         tracing::info!(addr = %self.addr, "queen listening");
         let stop = self.stop.clone();
         let signal = async move {
@@ -110,7 +124,7 @@ impl Queen {
         };
         axum::serve(self.listener, app).with_graceful_shutdown(signal).await?;
         self.tasks.abort_all();
-        let _ = self.state.bus.nats().drain().await;
+        let _ = self.state.jobs.bus.nats().drain().await;
         tracing::info!("queen stopped");
         Ok(())
     }

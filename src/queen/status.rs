@@ -1,5 +1,5 @@
-//! Each job's status, as the queen serves it: a record in a JetStream KV bucket (`SD_STATUS`), created when
-//! the job is submitted and moved along by the workers' events. Several queens share the bucket; every
+//! Each job's status, as the queen serves it ([`JobStatus`], whose shape is the API's): a record in a
+//! JetStream KV bucket (`SD_STATUS`), created when the job is submitted and moved along by the workers' events. Several queens share the bucket; every
 //! update is a compare-and-set on the entry's revision, and the rules in [`JobStatus::apply`] make the
 //! order of concurrent updates irrelevant (a terminal state is final; older events never overwrite newer).
 
@@ -7,124 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::protocol::{ErrorCode, Event, ImageResult, JobKind, JobRequest, Timings};
-
-/// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    Queued,
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub const ALL: [JobState; 5] =
-        [JobState::Queued, JobState::Running, JobState::Completed, JobState::Failed, JobState::Cancelled];
-}
-
-impl std::str::FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL.into_iter().find(|st| st.name() == s).ok_or_else(|| {
-            format!("unknown state {} (queued, running, completed, failed, cancelled)", crate::protocol::quoted(s))
-        })
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ProgressInfo {
-    pub step: u32,
-    pub total: u32,
-    pub percent: f32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eta_ms: Option<u64>,
-    /// `loading` while the worker loads the model.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<crate::protocol::JobPhase>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ErrorInfo {
-    pub code: ErrorCode,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-/// What was asked for (the parts worth showing; inputs are not kept).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RequestSummary {
-    pub prompt: String,
-    pub width: u32,
-    pub height: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    pub num_images: u32,
-}
-
-/// One job's status record (JSON in the KV bucket, and the body of `GET /v1/jobs/{id}`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JobStatus {
-    pub job_id: Uuid,
-    /// Empty for a job published on the bus without the queen.
-    #[serde(default)]
-    pub model: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<JobKind>,
-    pub state: JobState,
-    pub created_at: u64,
-    pub updated_at: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker_id: Option<String>,
-    /// How many times a worker took the job (more than one: a redelivery).
-    #[serde(default)]
-    pub deliveries: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<ProgressInfo>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub images: Vec<ImageResult>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timings: Option<Timings>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorInfo>,
-    /// Steps done when it was cancelled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cancelled_at_step: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<RequestSummary>,
-    /// The job's sequence in the jobs stream (for its queue position and for removing it when cancelled).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_seq: Option<u64>,
-    /// `at` of the newest event applied.
-    #[serde(default)]
-    pub last_event_at: u64,
-}
+use crate::api::{ErrorInfo, JobState, JobStatus, ProgressInfo, RequestSummary};
+use crate::protocol::{Event, JobKind, JobRequest};
 
 impl JobStatus {
     /// A job just submitted.
@@ -425,7 +311,7 @@ impl StatusStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Accepted, Cancelled, Completed, Failed, Progress, PROTOCOL_VERSION};
+    use crate::protocol::{Accepted, Cancelled, Completed, ErrorCode, Failed, Progress, Timings, PROTOCOL_VERSION};
 
     fn accepted(id: Uuid, at: u64, w: &str) -> Event {
         Event::Accepted(Accepted { v: PROTOCOL_VERSION, job_id: id, at, worker_id: w.into() })

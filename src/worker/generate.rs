@@ -93,8 +93,8 @@ pub fn seed_for(job: &JobRequest) -> u64 {
 fn params_of(job: &JobRequest) -> Result<Params, Failure> {
     let mut p = Params::new(job.prompt.clone());
     p.negative_prompt = job.negative_prompt.clone();
-    p.width = Some(job.width as usize);
-    p.height = Some(job.height as usize);
+    p.width = job.width.map(|w| w as usize);
+    p.height = job.height.map(|h| h as usize);
     p.steps = job.steps.map(|s| s as usize);
     p.guidance = job.guidance;
     p.scheduler = job
@@ -178,10 +178,20 @@ pub(super) async fn generate_and_store(
     let format = job.output.format;
     let quality = job.output.quality.unwrap_or(generation::DEFAULT_QUALITY);
     let gen_loaded = loaded.clone();
+    let limits = shared.config.limits.clone();
     let started = Instant::now();
     let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64), GenerateError> {
         let sd = &gen_loaded.pipeline;
         let prepared = generation::prepare(sd, gen_loaded.entry, params)?;
+        // A job without a size takes the model's, which the limits must allow too.
+        let (w, h) = (prepared.request.width as u32, prepared.request.height as u32);
+        limits.check_size(Some(w), Some(h)).map_err(|e| GenerateError::InvalidRequest {
+            field: if e.field.as_deref() == Some("height") { "height" } else { "width" },
+            message: format!(
+                "of the model's default size {w}×{h} breaks this worker's limits ({}); give a smaller width and height",
+                e.message
+            ),
+        })?;
         for w in &prepared.warnings {
             tracing::warn!("{w}");
         }

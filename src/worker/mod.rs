@@ -317,7 +317,7 @@ impl Worker {
             let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop.clone());
             pullers.spawn(pull(shared.clone(), model, consumer, slots, jobs, backlog, stop));
         }
-        send_heartbeat(&shared).await;
+        send_heartbeat(&shared, false).await;
         tracing::info!(worker_id = %shared.worker_id, models = ?shared.catalogue.names(), resident = ?shared.catalogue.resident(), "ready");
 
         shutdown.await;
@@ -331,7 +331,7 @@ impl Worker {
             jobs.wait().await;
         }
         beats_stop.cancel();
-        send_heartbeat(&shared).await;
+        send_heartbeat(&shared, true).await;
         background.abort_all();
         if let Err(e) = shared.client.drain().await {
             tracing::warn!(error = %e, "draining the NATS connection failed");
@@ -458,7 +458,7 @@ async fn rebind(shared: &Shared, model: &str, consumer: &mut jetstream::consumer
     }
 }
 
-async fn send_heartbeat(shared: &Shared) {
+async fn send_heartbeat(shared: &Shared, stopping: bool) {
     let models = shared.catalogue.names();
     let hb = Heartbeat {
         v: PROTOCOL_VERSION,
@@ -474,6 +474,7 @@ async fn send_heartbeat(shared: &Shared) {
         jobs_failed: shared.control.jobs_failed.load(std::sync::atomic::Ordering::Relaxed),
         uptime_s: shared.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        stopping,
     };
     let Ok(subject) = shared.subjects.heartbeat(&shared.worker_id) else { return };
     if let Err(e) = shared.client.publish(subject, protocol::encode(&hb).into()).await {
@@ -486,7 +487,7 @@ async fn heartbeats(shared: Arc<Shared>, stop: CancellationToken) {
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => send_heartbeat(&shared).await,
+            _ = tick.tick() => send_heartbeat(&shared, false).await,
             _ = stop.cancelled() => return,
         }
     }

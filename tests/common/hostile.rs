@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use sd_rbee::client::BusClient;
+use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, Event};
 use uuid::Uuid;
 

@@ -1,6 +1,10 @@
 //! The NATS side shared by the worker, the queen and the client: connecting (reconnecting for ever once
 //! connected), the JetStream streams of `docs/PROTOCOL.md`, the per-model job consumers, and publishing
-//! with the headers the protocol asks for.
+//! with the headers the protocol asks for; [`BusClient`] (`client.rs`) is what submitters use.
+
+mod client;
+
+pub use client::BusClient;
 
 use std::time::Duration;
 

@@ -1,108 +1,84 @@
-//! The API's one error shape, `{"error": {"code", "message", "field"}}`: [`AppError`] for what the handlers
-//! refuse, the extractors [`ApiPath`] and [`ApiQuery`] for what axum's own would answer in plain text, and
-//! [`json_errors`] for whatever else a layer answers (a body over the limit, a method not allowed).
+//! The API's one error shape, `{"error": {"code", "message", "field"}}` ([`crate::api::ApiErrorBody`]):
+//! [`AppError`] for what the handlers refuse (its status from [`ApiErrorCode::status`]), the mapping from
+//! the job service's [`JobsError`], the extractors [`ApiPath`] and [`ApiQuery`] for what axum's own would
+//! answer in plain text, and [`json_errors`] for whatever else a layer answers (a body over the limit, a
+//! method not allowed).
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
-use uuid::Uuid;
 
 use super::AppState;
+use crate::api::{ApiErrorBody, ApiErrorCode, ApiErrorDetail};
 use crate::protocol::{self, ProtocolError};
+use crate::queen::jobs::JobsError;
 
-/// An API error: status, code, message and the offending field.
+/// An API error: code (which gives the status), message and the offending field.
 #[derive(Debug)]
 pub struct AppError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ApiErrorCode,
     pub message: String,
     pub field: Option<String>,
 }
 
 impl AppError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
+    pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: None }
     }
     pub(super) fn field(mut self, field: impl Into<String>) -> Self {
-        self.field = Some(field.into());
+        self.field = Some(protocol::truncate(&field.into(), 128).to_string());
         self
     }
     pub(super) fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", message).field(field)
+        Self::new(ApiErrorCode::InvalidRequest, message).field(field)
     }
-    pub(super) fn not_found(job_id: Uuid) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no job {job_id}"))
+    pub(super) fn malformed(field: &str, message: impl Into<String>) -> Self {
+        Self::new(ApiErrorCode::MalformedRequest, message).field(field)
     }
     pub(super) fn internal(err: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", err.to_string())
+        Self::new(ApiErrorCode::Internal, err.to_string())
     }
-    pub(super) fn unavailable(err: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", err.to_string())
+    fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
 impl From<ProtocolError> for AppError {
     fn from(e: ProtocolError) -> Self {
-        let status = if e.code == protocol::ErrorCode::InvalidRequest {
-            StatusCode::UNPROCESSABLE_ENTITY
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        Self { status, code: e.code.as_str(), message: e.message, field: e.field }
+        Self { code: ApiErrorCode::InvalidRequest, message: e.message, field: e.field }
     }
 }
 
-/// Every error that reaches a handler as `anyhow::Error` comes from a backend (NATS, its streams and bucket, the
-/// object store): the request may succeed when retried, so it is a 503, not a 500.
-impl From<anyhow::Error> for AppError {
-    fn from(e: anyhow::Error) -> Self {
-        Self::unavailable(format!("{e:#}"))
+/// The service's errors by kind: the client's (4xx), the backends' (503, retry), the queen's own (500).
+impl From<JobsError> for AppError {
+    fn from(e: JobsError) -> Self {
+        let message = e.to_string();
+        match e {
+            JobsError::Invalid(e) => e.into(),
+            JobsError::TooLarge { field, .. } => Self { code: ApiErrorCode::PayloadTooLarge, message, field },
+            JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
+            JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),
+            JobsError::NotCompleted { .. } => Self::new(ApiErrorCode::NotCompleted, message),
+            JobsError::Unavailable(_) => Self::new(ApiErrorCode::Unavailable, message),
+            JobsError::Internal(_) => Self::new(ApiErrorCode::Internal, message),
+        }
     }
-}
-
-/// The shape of every error response (for the OpenAPI document).
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ApiErrorBody {
-    pub error: ApiErrorDetail,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ApiErrorDetail {
-    /// E.g. INVALID_REQUEST, UNAUTHORIZED, NOT_FOUND, PAYLOAD_TOO_LARGE.
-    pub code: String,
-    pub message: String,
-    /// The offending field, when there is one (`width`, `init_image`, `output.quality`).
-    pub field: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::error!(code = self.code, "{}", self.message);
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = %self.code, "{}", self.message);
         }
-        let body =
-            ErrorBody { error: ErrorDetail { code: self.code, message: &self.message, field: self.field.as_deref() } };
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        let body = ApiErrorBody { error: ApiErrorDetail { code: self.code, message: self.message, field: self.field } };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
@@ -144,7 +120,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
                     _ => "path".to_string(),
                 };
                 let message = protocol::truncate(&e.body_text(), protocol::MAX_ERROR_MESSAGE_BYTES).to_string();
-                Err(AppError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message).field(field))
+                Err(AppError::malformed(&field, message))
             }
             Err(e) => Err(AppError::internal(e.body_text())),
         }
@@ -164,7 +140,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
             let field = e.path().to_string();
             let mut message = format!("invalid query string: {}", e.into_inner());
             protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
-            let error = AppError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message);
+            let error = AppError::new(ApiErrorCode::MalformedRequest, message);
             if field == "." || field.is_empty() {
                 error
             } else {
@@ -195,20 +171,23 @@ pub(super) async fn json_errors(
     let (parts, body) = response.into_parts();
     let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
     let text = String::from_utf8_lossy(&text).trim().to_string();
+    use ApiErrorCode as C;
     let (code, message) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => {
-            ("PAYLOAD_TOO_LARGE", format!("the request body is over the {} byte limit", state.config.max_body_bytes))
+            (C::PayloadTooLarge, format!("the request body is over the {} byte limit", state.config.max_body_bytes))
         }
-        StatusCode::METHOD_NOT_ALLOWED => ("METHOD_NOT_ALLOWED", format!("{method} is not allowed here")),
-        StatusCode::NOT_FOUND => ("NOT_FOUND", "no such endpoint".to_string()),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("UNSUPPORTED_MEDIA_TYPE", text),
-        StatusCode::REQUEST_TIMEOUT => ("REQUEST_TIMEOUT", "the request body did not arrive in time".to_string()),
-        StatusCode::UNAUTHORIZED => ("UNAUTHORIZED", text),
-        s if s.is_server_error() => ("INTERNAL", text),
-        _ => ("INVALID_REQUEST", text),
+        StatusCode::METHOD_NOT_ALLOWED => (C::MethodNotAllowed, format!("{method} is not allowed here")),
+        StatusCode::NOT_FOUND => (C::NotFound, "no such endpoint".to_string()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (C::UnsupportedMediaType, text),
+        StatusCode::REQUEST_TIMEOUT => (C::RequestTimeout, "the request body did not arrive in time".to_string()),
+        StatusCode::UNAUTHORIZED => (C::Unauthorized, text),
+        StatusCode::SERVICE_UNAVAILABLE => (C::Unavailable, text),
+        s if s.is_server_error() => (C::Internal, text),
+        StatusCode::UNPROCESSABLE_ENTITY => (C::InvalidRequest, text),
+        _ => (C::MalformedRequest, text),
     };
     let message = if message.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { message };
-    let mut answer = AppError::new(status, code, message).into_response();
+    let mut answer = AppError::new(code, message).into_response();
     // Keep what the layer said beside the body (Allow on a 405, Retry-After, the request id).
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {

@@ -1,0 +1,128 @@
+//! The one error shape of the HTTP API, `{"error": {"code", "message", "field"}}`, and the table of error
+//! codes with the HTTP status each is answered with.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a request was refused; on the wire in SCREAMING_SNAKE_CASE. Each code has one HTTP status
+/// ([`ApiErrorCode::status`]). A code this build does not know (a newer queen) reads as `Other`.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
+pub enum ApiErrorCode {
+    /// 400: the body is not JSON, or a path or query parameter (or header) does not parse.
+    MalformedRequest,
+    /// 401: no bearer token, or not one of the queen's.
+    Unauthorized,
+    /// 404: no such job, image or endpoint.
+    NotFound,
+    /// 405: the endpoint does not take this method.
+    MethodNotAllowed,
+    /// 408: the request body did not arrive within the queen's body timeout.
+    RequestTimeout,
+    /// 409: the job already finished (it cannot be cancelled).
+    AlreadyFinished,
+    /// 409: the job has not completed (it has no images yet).
+    NotCompleted,
+    /// 413: the body, an inline image, or the job as a bus message is over its limit.
+    PayloadTooLarge,
+    /// 415: not `application/json`.
+    UnsupportedMediaType,
+    /// 422: the request parses but breaks a rule; `field` names it.
+    InvalidRequest,
+    /// 500: a bug in the queen.
+    Internal,
+    /// 503: NATS or the object store cannot be reached now; retry after `Retry-After`.
+    Unavailable,
+    /// A code this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl ApiErrorCode {
+    /// The HTTP status the code is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::MalformedRequest => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
+            Self::AlreadyFinished | Self::NotCompleted => 409,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::InvalidRequest => 422,
+            Self::Internal | Self::Other => 500,
+            Self::Unavailable => 503,
+        }
+    }
+
+    /// The wire name, e.g. `INVALID_REQUEST`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl std::fmt::Display for ApiErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    pub error: ApiErrorDetail,
+}
+
+/// What went wrong: a code, a message complete on its own, and the offending field when there is one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiErrorDetail {
+    pub code: ApiErrorCode,
+    pub message: String,
+    /// The offending field (`width`, `init_image`, `output.quality`, `Last-Event-ID`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error answer as a client sees it: the HTTP status and the error body.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("HTTP {status}: {code}: {message}{}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+pub struct ApiError {
+    pub status: u16,
+    pub code: ApiErrorCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_status_and_wire_name() {
+        use strum::VariantArray;
+        let known = ApiErrorCode::VARIANTS.iter().copied().filter(|&c| c != ApiErrorCode::Other);
+        for code in known.clone() {
+            let wire = serde_json::to_value(code).unwrap();
+            assert_eq!(wire, code.as_str(), "{code:?}");
+            assert_eq!(serde_json::from_value::<ApiErrorCode>(wire).unwrap(), code);
+            assert!((400..600).contains(&code.status()), "{code:?}");
+        }
+        let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
+        assert_eq!(statuses.len(), 11, "only the two 409s share a status");
+        let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
+        assert_eq!(newer, ApiErrorCode::Other);
+    }
+}

@@ -1,0 +1,280 @@
+//! `POST /v1/jobs` and `POST /v1/uploads`: what a client sends and what it gets back, and the conversions
+//! between a submission and the bus's [`JobRequest`] (one place where a field added to one meets the other).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::protocol::{ImageSource, JobKind, JobRequest, LoraRef, ProtocolError};
+use crate::vocab::{ImageFormat, ResizeMode, DEFAULT_NUM_IMAGES};
+
+/// An input image: base64 (optionally a `data:` URL), or a key returned by `POST /v1/uploads`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ImageInput {
+    Base64(String),
+    Upload { object_key: String },
+}
+
+fn default_num_images() -> u32 {
+    DEFAULT_NUM_IMAGES
+}
+
+/// The body of `POST /v1/jobs`: txt2img, img2img (with `init_image`) and inpaint (with `mask`) in one
+/// schema. Unknown fields are an error. What is left out takes the model's default (size, steps, guidance,
+/// scheduler) or the protocol's (the rest).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSubmission {
+    /// Inferred from the images when absent.
+    #[serde(default)]
+    pub kind: Option<JobKind>,
+    pub model: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// The model's default when absent (1024 for SDXL, 512 for SD 1.5, 768 for SD 2.x).
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub steps: Option<u32>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default = "default_num_images")]
+    pub num_images: u32,
+    #[serde(default)]
+    pub init_image: Option<ImageInput>,
+    #[serde(default)]
+    pub mask: Option<ImageInput>,
+    #[serde(default)]
+    pub strength: Option<f64>,
+    #[serde(default)]
+    pub mask_blur: Option<u32>,
+    #[serde(default)]
+    pub invert_mask: bool,
+    #[serde(default)]
+    pub paste_back: Option<bool>,
+    #[serde(default)]
+    pub resize_mode: Option<ResizeMode>,
+    #[serde(default)]
+    pub output_format: Option<ImageFormat>,
+    #[serde(default)]
+    pub quality: Option<u8>,
+    /// Seconds after which the job is worthless (it fails with TIMEOUT).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// LoRAs to apply, by catalogue name (see `GET /v1/models`), in order.
+    #[serde(default)]
+    pub loras: Vec<LoraRef>,
+    /// A1111's clip skip (1 = the last layer); SD 1.x/2.x models only.
+    #[serde(default)]
+    pub clip_skip: Option<u32>,
+}
+
+impl JobSubmission {
+    /// A txt2img submission with every optional field left out.
+    pub fn new(model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self {
+            kind: None,
+            model: model.into(),
+            prompt: prompt.into(),
+            negative_prompt: None,
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            scheduler: None,
+            timestep_spacing: None,
+            seed: None,
+            num_images: DEFAULT_NUM_IMAGES,
+            init_image: None,
+            mask: None,
+            strength: None,
+            mask_blur: None,
+            invert_mask: false,
+            paste_back: None,
+            resize_mode: None,
+            output_format: None,
+            quality: None,
+            timeout_s: None,
+            loras: Vec::new(),
+            clip_skip: None,
+        }
+    }
+
+    /// The job's kind: the one given, else inferred from the images.
+    pub fn kind(&self) -> JobKind {
+        match (self.kind, &self.init_image, &self.mask) {
+            (Some(k), _, _) => k,
+            (None, None, _) => JobKind::Txt2Img,
+            (None, Some(_), None) => JobKind::Img2Img,
+            (None, Some(_), Some(_)) => JobKind::Inpaint,
+        }
+    }
+}
+
+/// The same job as an HTTP submission: inline images as base64, the deadline as `timeout_s` from its
+/// creation (rounded up to whole seconds).
+impl From<&JobRequest> for JobSubmission {
+    fn from(job: &JobRequest) -> Self {
+        use base64::Engine;
+        let image = |s: &Option<ImageSource>| match s {
+            Some(ImageSource::Inline(bytes)) => {
+                Some(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(bytes)))
+            }
+            Some(ImageSource::ObjectKey(k)) => Some(ImageInput::Upload { object_key: k.clone() }),
+            None => None,
+        };
+        Self {
+            kind: Some(job.kind),
+            model: job.model.clone(),
+            prompt: job.prompt.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            width: job.width,
+            height: job.height,
+            steps: job.steps,
+            guidance: job.guidance,
+            scheduler: job.scheduler.clone(),
+            timestep_spacing: job.timestep_spacing.clone(),
+            seed: job.seed,
+            num_images: job.num_images,
+            init_image: image(&job.init_image),
+            mask: image(&job.mask),
+            strength: job.strength,
+            mask_blur: Some(job.mask_blur),
+            invert_mask: job.invert_mask,
+            paste_back: Some(job.paste_back),
+            resize_mode: Some(job.resize_mode),
+            output_format: Some(job.output.format),
+            quality: job.output.quality,
+            timeout_s: job.deadline.map(|d| d.saturating_sub(job.created_at).div_ceil(1000).max(1)),
+            loras: job.loras.clone(),
+            clip_skip: job.clip_skip,
+        }
+    }
+}
+
+/// A submission as a bus job with a fresh id, created now: base64 images decoded (a bad one is an error
+/// naming its field), upload keys as object keys. Nothing else is checked here: the queen then checks the
+/// job's rules ([`JobRequest::validate`]), its images and its model.
+impl TryFrom<JobSubmission> for JobRequest {
+    type Error = ProtocolError;
+
+    fn try_from(sub: JobSubmission) -> Result<Self, ProtocolError> {
+        let image = |input: Option<ImageInput>, field: &str| -> Result<Option<ImageSource>, ProtocolError> {
+            Ok(match input {
+                Some(ImageInput::Base64(text)) => Some(ImageSource::Inline(
+                    crate::image_input::decode_base64(&text, field)
+                        .map_err(|e| ProtocolError::invalid(field, format!("{e:#}")))?,
+                )),
+                Some(ImageInput::Upload { object_key }) => Some(ImageSource::ObjectKey(object_key)),
+                None => None,
+            })
+        };
+        let mut job = JobRequest::new(sub.kind(), sub.model, sub.prompt);
+        job.init_image = image(sub.init_image, "init_image")?;
+        job.mask = image(sub.mask, "mask")?;
+        job.negative_prompt = sub.negative_prompt;
+        job.width = sub.width;
+        job.height = sub.height;
+        job.steps = sub.steps;
+        job.guidance = sub.guidance;
+        job.scheduler = sub.scheduler;
+        job.timestep_spacing = sub.timestep_spacing;
+        job.seed = sub.seed;
+        job.num_images = sub.num_images;
+        job.strength = sub.strength;
+        job.mask_blur = sub.mask_blur.unwrap_or(job.mask_blur);
+        job.invert_mask = sub.invert_mask;
+        job.paste_back = sub.paste_back.unwrap_or(job.paste_back);
+        job.resize_mode = sub.resize_mode.unwrap_or_default();
+        job.output.format = sub.output_format.unwrap_or_default();
+        job.output.quality = sub.quality;
+        job.loras = sub.loras;
+        job.clip_skip = sub.clip_skip;
+        job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
+        Ok(job)
+    }
+}
+
+/// `202 Accepted` to a submission (`200` when an idempotency key mapped it to an earlier job).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SubmitResponse {
+    pub job_id: Uuid,
+    pub status_url: String,
+    pub events_url: String,
+    /// False when an idempotency key mapped the request to an earlier job.
+    pub created: bool,
+}
+
+impl SubmitResponse {
+    pub fn new(job_id: Uuid, created: bool) -> Self {
+        Self {
+            job_id,
+            status_url: format!("/v1/jobs/{job_id}"),
+            events_url: format!("/v1/jobs/{job_id}/events"),
+            created,
+        }
+    }
+}
+
+/// `201 Created` to `POST /v1/uploads`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UploadResponse {
+    pub object_key: String,
+    pub bytes: usize,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_survives_the_round_trip_through_a_submission() {
+        let mut job = JobRequest::new(JobKind::Inpaint, "tiny", "a boat");
+        job.init_image = Some(ImageSource::Inline(vec![1, 2, 3]));
+        job.mask = Some(ImageSource::ObjectKey("uploads/m.png".into()));
+        (job.width, job.height, job.steps, job.seed, job.num_images) = (Some(64), Some(48), Some(3), Some(7), 2);
+        job.negative_prompt = Some(String::new());
+        job.scheduler = Some("euler".into());
+        job.strength = Some(0.5);
+        (job.mask_blur, job.invert_mask, job.paste_back) = (9, true, false);
+        job.resize_mode = ResizeMode::Pad;
+        job.output.format = ImageFormat::Webp;
+        job.output.quality = Some(80);
+        job.deadline = Some(job.created_at + 2500);
+        job.loras = vec![LoraRef { name: "style".into(), scale: -0.5 }];
+        job.clip_skip = Some(2);
+        let sub = JobSubmission::from(&job);
+        assert_eq!(sub.timeout_s, Some(3), "rounded up");
+        let json = serde_json::to_string(&sub).unwrap();
+        let back = JobRequest::try_from(serde_json::from_str::<JobSubmission>(&json).unwrap()).unwrap();
+        let same = JobRequest { id: job.id, created_at: job.created_at, deadline: job.deadline, ..back };
+        assert_eq!(same, job);
+    }
+
+    #[test]
+    fn left_out_fields_stay_left_out() {
+        let job = JobRequest::try_from(JobSubmission::new("sdxl", "a kite")).unwrap();
+        assert_eq!(
+            (job.width, job.height, job.steps),
+            (None, None, None),
+            "the model's defaults, decided by the worker"
+        );
+        let err = JobRequest::try_from(JobSubmission {
+            init_image: Some(ImageInput::Base64("not base64 !!".into())),
+            ..JobSubmission::new("tiny", "x")
+        })
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("init_image"));
+    }
+}

@@ -1,0 +1,238 @@
+//! What the queen answers about jobs and the fleet: a job's status record and its view, job lists,
+//! cancellation, models and workers.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::protocol::{ErrorCode, Heartbeat, ImageResult, JobKind, JobPhase, Timings};
+
+/// Where a job is in its life.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// The wire name, e.g. `queued`.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+
+    pub const ALL: &'static [JobState] = <JobState as strum::VariantArray>::VARIANTS;
+
+    /// A state by its name; the error lists the names.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        text.parse().map_err(|_| {
+            let names: Vec<&str> = Self::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown state {} ({})", crate::protocol::quoted(text), names.join(", "))
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProgressInfo {
+    pub step: u32,
+    pub total: u32,
+    pub percent: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// `loading` while the worker loads the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorInfo {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// What was asked for (the parts worth showing; inputs are not kept).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RequestSummary {
+    pub prompt: String,
+    /// Absent: the model's default size (the images say which it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    pub num_images: u32,
+}
+
+/// One job's status record (JSON in the queen's KV bucket, and the core of `GET /v1/jobs/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobStatus {
+    pub job_id: Uuid,
+    /// Empty only until the first event of a job published on the bus without the queen arrives from a
+    /// worker that names it.
+    #[serde(default)]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobKind>,
+    pub state: JobState,
+    pub created_at: u64,
+    pub updated_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// How many times a worker took the job (more than one: a redelivery).
+    #[serde(default)]
+    pub deliveries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Steps done when it was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at_step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestSummary>,
+    /// The job's sequence in the jobs stream (for its queue position and for removing it when cancelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
+    /// `at` of the newest event applied.
+    #[serde(default)]
+    pub last_event_at: u64,
+}
+
+/// `GET /v1/jobs/{id}`: a job's status with what the queen knows beside the record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub status: JobStatus,
+    /// Jobs ahead of it in its model's queue (queued jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// Estimated time to completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// Queued for a model no live worker serves now: it runs when one starts (a fleet that scales from
+    /// zero on queue depth starts one for it).
+    #[serde(default)]
+    pub waiting_for_worker: bool,
+    /// The worker holding it stopped sending heartbeats: the job waits for redelivery.
+    #[serde(default)]
+    pub waiting_for_redelivery: bool,
+    /// Where to fetch each image: a presigned URL, else this API's image endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_urls: Vec<String>,
+}
+
+/// `GET /v1/jobs`: one page, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobStatus>,
+    pub total: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<usize>,
+}
+
+/// What `DELETE /v1/jobs/{id}` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CancelState {
+    /// It never started: removed from the queue (200).
+    Cancelled,
+    /// A worker stops it within a step (202).
+    Cancelling,
+}
+
+impl CancelState {
+    pub fn name(self) -> &'static str {
+        match self {
+            CancelState::Cancelled => "cancelled",
+            CancelState::Cancelling => "cancelling",
+        }
+    }
+}
+
+impl PartialEq<&str> for CancelState {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CancelResponse {
+    pub job_id: Uuid,
+    pub state: CancelState,
+}
+
+/// A model of the fleet's catalogue (`GET /v1/models`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Live workers serving it (0: jobs for it wait until one starts).
+    pub workers: usize,
+    /// Of those, the workers holding it in memory (the others load it for their first job of it).
+    #[serde(default)]
+    pub resident_workers: usize,
+    /// LoRAs the model's workers can apply (`loras[].name` of a job), sorted.
+    #[serde(default)]
+    pub loras: Vec<String>,
+    /// The defaults of a built-in short name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub defaults: Option<serde_json::Value>,
+}
+
+/// A worker and when it was last heard of (`GET /v1/workers`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerInfo {
+    #[serde(flatten)]
+    pub heartbeat: Heartbeat,
+    pub last_seen: u64,
+    /// Silent for longer than the queen's `--worker-lost-after` without having said goodbye.
+    pub lost: bool,
+    /// Said goodbye: its last heartbeat came as it shut down cleanly.
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+impl WorkerInfo {
+    /// `busy`, `idle`, `stopped` or `lost`.
+    pub fn liveness(&self) -> &'static str {
+        match (self.stopped, self.lost, self.heartbeat.state) {
+            (true, _, _) => "stopped",
+            (false, true, _) => "lost",
+            (false, false, crate::protocol::WorkerState::Idle) => "idle",
+            (false, false, crate::protocol::WorkerState::Busy { .. }) => "busy",
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! [`BusClient`]: the client side of the bus, used by `sd-rbee submit`, the queen and the tests: publish a
+//! job, follow its events (replayed from the events stream, so a late follower misses nothing), cancel it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer};
+use futures::{Stream, StreamExt};
+use uuid::Uuid;
+
+use super::StreamSettings;
+use crate::bus;
+use crate::protocol::{self, CancelRequest, Event, JobRequest, Limits, Subjects, PROTOCOL_VERSION};
+
+/// A connection to a fleet's bus.
+#[derive(Clone)]
+pub struct BusClient {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    limits: Limits,
+}
+
+impl BusClient {
+    /// Connects to NATS at `url`, for the fleet under `prefix` (`sd` by default), and makes sure the streams
+    /// exist so a job published before any worker starts is kept.
+    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
+        let subjects = Subjects::new(prefix).map_err(|e| anyhow::anyhow!("--prefix {e}"))?;
+        let client = bus::connect(url, "sd-rbee client", Duration::from_secs(5)).await?;
+        let js = jetstream::new(client.clone());
+        bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        Ok(Self { client, js, subjects, limits: Limits::default() })
+    }
+
+    /// A client on an existing connection (the streams must exist).
+    pub fn from_parts(client: async_nats::Client, subjects: Subjects) -> Self {
+        let js = jetstream::new(client.clone());
+        Self { client, js, subjects, limits: Limits::default() }
+    }
+
+    /// Validates jobs against `limits` instead of the defaults (a queen with raised limits).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Validates and publishes `job` (a retried publish of the same id is not a second job).
+    pub async fn submit(&self, job: &JobRequest) -> anyhow::Result<()> {
+        self.submit_with_seq(job).await.map(|_| ())
+    }
+
+    /// [`submit`](Self::submit), returning the job's sequence in the jobs stream.
+    pub async fn submit_with_seq(&self, job: &JobRequest) -> anyhow::Result<u64> {
+        bus::publish_job(&self.js, &self.subjects, job, &self.limits).await
+    }
+
+    /// The job's events in order, from its first one, then live; ends after the terminal event.
+    pub async fn events(&self, job_id: Uuid) -> anyhow::Result<impl Stream<Item = anyhow::Result<Event>>> {
+        Ok(self.events_after(job_id, None).await?.map(|e| e.map(|(_, event)| event)))
+    }
+
+    /// The job's events with their sequences in the events stream, from the one after sequence `after`
+    /// (from the first with `None`), then live; ends after the terminal event.
+    pub async fn events_after(
+        &self,
+        job_id: Uuid,
+        after: Option<u64>,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<(u64, Event)>>> {
+        let stream =
+            self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
+        let deliver_policy = match after {
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+            None => consumer::DeliverPolicy::All,
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.events(job_id),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .context("cannot follow the job's events")?;
+        let messages = consumer.messages().await.context("cannot follow the job's events")?;
+        let events = messages
+            .map(|m| {
+                let m = m.map_err(|e| anyhow::anyhow!("event stream: {e}"))?;
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                Ok((seq, protocol::decode_event(&m.payload)?))
+            })
+            .scan(false, |done, e: anyhow::Result<(u64, Event)>| {
+                if *done {
+                    return futures::future::ready(None);
+                }
+                *done = matches!(&e, Ok((_, ev)) if ev.is_terminal());
+                futures::future::ready(Some(e))
+            });
+        Ok(events)
+    }
+
+    /// The job's events stored so far with their sequences in the events stream (does not wait for more).
+    pub async fn stored_events(&self, job_id: Uuid) -> anyhow::Result<Vec<(u64, Event)>> {
+        let stream =
+            self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
+        let messages = bus::stored_messages(&stream, self.subjects.events(job_id), consumer::DeliverPolicy::All)
+            .await
+            .context("cannot read the job's events")?;
+        // An event this version cannot read is skipped, as when following live.
+        let out = messages
+            .iter()
+            .filter_map(|m| {
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                protocol::decode_event(&m.payload).ok().map(|e| (seq, e))
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// Follows the job until its terminal event, calling `on_event` for each; `timeout` bounds the wait.
+    pub async fn wait(
+        &self,
+        job_id: Uuid,
+        timeout: Duration,
+        mut on_event: impl FnMut(&Event),
+    ) -> anyhow::Result<Event> {
+        let events = self.events(job_id).await?;
+        tokio::pin!(events);
+        let follow = async {
+            while let Some(event) = events.next().await {
+                // An event this build cannot read (a newer type) is skipped, as the protocol says.
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping an unreadable event");
+                        continue;
+                    }
+                };
+                on_event(&event);
+                if event.is_terminal() {
+                    return Ok(event);
+                }
+            }
+            anyhow::bail!("the event stream of job {job_id} ended before the job did")
+        };
+        tokio::time::timeout(timeout, follow)
+            .await
+            .with_context(|| format!("job {job_id} did not finish within {} s", timeout.as_secs()))?
+    }
+
+    /// Asks whoever runs the job to stop.
+    pub async fn cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
+        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
+        self.client.publish(self.subjects.cancel(job_id), protocol::encode(&req).into()).await?;
+        self.client.flush().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! A job's event feed, as `GET /v1/jobs/{id}/events` serves it: `queued`, then every event the events
+//! stream holds for the job, then live ones until the terminal event. Each event has an [`EventId`] made
+//! from its sequence in the events stream, so a client that drops resumes right after the last one it got
+//! (nothing lost, nothing repeated) for as long as the events stream keeps the job's events (24 hours by
+//! default, `EVENTS_MAX_AGE_SECS`); after that a finished job's feed ends with its terminal event rebuilt
+//! from the status record.
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use super::jobs::JobsError;
+use crate::api::{ApiEvent, EventId, JobStatus};
+use crate::bus::BusClient;
+use crate::protocol::Event;
+
+/// The frames one bus event shows as, with their ids.
+fn frames(seq: u64, event: &Event) -> impl Iterator<Item = (EventId, ApiEvent)> {
+    ApiEvent::from_bus(event)
+        .into_iter()
+        .enumerate()
+        .map(move |(part, e)| (EventId::Frame { seq, part: part as u32 }, e))
+}
+
+/// The feed of the job `status` describes, after `after` (from the start with `None`).
+pub async fn feed(
+    bus: &BusClient,
+    status: &JobStatus,
+    after: Option<EventId>,
+) -> Result<BoxStream<'static, (EventId, ApiEvent)>, JobsError> {
+    let is_new = move |id: &EventId| after.is_none_or(|a| *id > a);
+    let queued = Some((EventId::QUEUED, ApiEvent::queued(status))).filter(|(id, _)| is_new(id));
+    if after == Some(EventId::End) {
+        return Ok(futures::stream::empty().boxed());
+    }
+    if status.state.is_terminal() {
+        // A finished job: what the events stream still holds, ending with the terminal event from the
+        // status record when the stream's is gone.
+        let stored = bus.stored_events(status.job_id).await.map_err(JobsError::Unavailable)?;
+        let mut out: Vec<(EventId, ApiEvent)> = queued.into_iter().collect();
+        out.extend(stored.iter().flat_map(|(seq, e)| frames(*seq, e)).filter(|(id, _)| is_new(id)));
+        if !stored.iter().any(|(_, e)| e.is_terminal()) {
+            out.extend(ApiEvent::terminal_of(status).map(|e| (EventId::End, e)));
+        }
+        return Ok(futures::stream::iter(out).boxed());
+    }
+    // Resuming inside a bus event's frames (after its progress, before its preview) reads that event again.
+    let from = match after {
+        Some(EventId::Frame { seq, .. }) if seq > 0 => Some(seq - 1),
+        _ => None,
+    };
+    let live = bus.events_after(status.job_id, from).await.map_err(JobsError::Unavailable)?;
+    let live = live
+        .filter_map(|e| async move {
+            match e {
+                Ok((seq, event)) => Some(futures::stream::iter(frames(seq, &event).collect::<Vec<_>>())),
+                Err(err) => {
+                    tracing::warn!(error = %err, "event stream error");
+                    None
+                }
+            }
+        })
+        .flatten()
+        .filter(move |(id, _)| futures::future::ready(is_new(id)));
+    // The response ends right after the terminal event (a follower such as curl then returns), without
+    // waiting for an event that will never come.
+    let ended = async_stream::stream! {
+        futures::pin_mut!(live);
+        while let Some(frame) = live.next().await {
+            let last = frame.1.is_terminal();
+            yield frame;
+            if last {
+                break;
+            }
+        }
+    };
+    Ok(futures::stream::iter(queued).chain(ended).boxed())
+}

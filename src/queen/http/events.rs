@@ -1,0 +1,55 @@
+//! `GET /v1/jobs/{id}/events`: the job's feed as Server-Sent Events, each with its `id:`; a `Last-Event-ID`
+//! header (or `?last_event_id=`) resumes right after that event.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::error::{ApiPath, ApiQuery, ApiResult};
+use super::{AppError, AppState};
+use crate::api::{ApiErrorBody, EventId};
+
+#[derive(Debug, Deserialize)]
+pub(super) struct EventsQuery {
+    last_event_id: Option<String>,
+}
+
+/// Everything that happened (replayed from the events stream), then live, ending after the terminal event.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = Uuid, Path), ("Last-Event-ID" = Option<String>, Header, description = "resume after this event id"),
+        ("last_event_id" = Option<String>, Query, description = "the same, for clients that cannot set headers")),
+    responses((status = 200, description = "Server-Sent Events: queued, started, progress, preview, completed, failed, cancelled",
+        content_type = "text/event-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let given = match headers.get("last-event-id") {
+        Some(v) => {
+            Some(v.to_str().map_err(|_| AppError::malformed("Last-Event-ID", "is not visible ASCII"))?.to_string())
+        }
+        None => query.last_event_id,
+    };
+    let after = given
+        .map(|text| text.trim().parse::<EventId>())
+        .transpose()
+        .map_err(|e| AppError::malformed("Last-Event-ID", e))?;
+    let status = state.jobs.get(id).await?;
+    let feed = crate::queen::feed::feed(&state.jobs.bus, &status, after).await?;
+    let frames = feed
+        .map(|(id, event)| {
+            // `event:` last, so a frame reads from its data to what it is (and a stream ends with its type).
+            Ok(SseEvent::default().data(event.data().to_string()).id(id.to_string()).event(event.name()))
+        })
+        .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(frames).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,78 @@
+//! The fleet's endpoints: the model catalogue, the workers, and the queen's own health and readiness.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::AppState;
+use crate::api::{ModelInfo, WorkerInfo};
+use crate::protocol;
+
+/// The models jobs may name: those live workers serve (with their LoRAs and the registry's defaults), then
+/// those of the catalogue no live worker serves now (`workers: 0`; their jobs wait for one).
+#[utoipa::path(get, path = "/v1/models", tag = "fleet", responses((status = 200, body = Vec<ModelInfo>)),
+    security(("bearer" = [])))]
+pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
+    let defaults = |name: &str| {
+        crate::hub::registry_entry(name).map(|e| {
+            serde_json::json!({"repo": e.repo, "width": e.width, "height": e.height, "steps": e.steps,
+                               "guidance": e.guidance, "scheduler": e.scheduler})
+        })
+    };
+    let served = state.jobs.fleet.models(protocol::now_millis());
+    let mut out: Vec<ModelInfo> = served
+        .iter()
+        .map(|m| ModelInfo {
+            name: m.name.clone(),
+            workers: m.workers,
+            resident_workers: m.resident_workers,
+            loras: m.loras.clone(),
+            defaults: defaults(&m.name),
+        })
+        .collect();
+    for name in state.jobs.catalogue().await {
+        if !served.iter().any(|m| m.name == name) {
+            out.push(ModelInfo { defaults: defaults(&name), name, workers: 0, resident_workers: 0, loras: Vec::new() });
+        }
+    }
+    Json(out)
+}
+
+#[utoipa::path(get, path = "/v1/workers", tag = "fleet", responses((status = 200, body = Vec<WorkerInfo>)),
+    security(("bearer" = [])))]
+pub(super) async fn workers(State(state): State<AppState>) -> Json<Vec<WorkerInfo>> {
+    Json(state.jobs.fleet.workers(protocol::now_millis()))
+}
+
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "the process is up")))]
+pub(super) async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, description = "NATS reachable, streams present"), (status = 503, description = "not ready")))]
+pub(super) async fn ready(State(state): State<AppState>) -> Response {
+    let bus = &state.jobs.bus;
+    let connected = bus.nats().connection_state() == async_nats::connection::State::Connected;
+    let mut problems = Vec::new();
+    if !connected {
+        problems.push("not connected to NATS".to_string());
+    } else {
+        let subjects = bus.subjects();
+        for stream in [subjects.jobs_stream(), subjects.events_stream(), subjects.dlq_stream()] {
+            let check = tokio::time::timeout(Duration::from_secs(2), bus.jetstream().get_stream(&stream)).await;
+            if !matches!(check, Ok(Ok(_))) {
+                problems.push(format!("stream {stream} unavailable"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not ready", "problems": problems})))
+            .into_response()
+    }
+}

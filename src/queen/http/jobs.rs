@@ -1,0 +1,144 @@
+//! The job endpoints: each reads its request, asks the job service, and answers.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiPath, ApiQuery, ApiResult};
+use super::{AppError, AppState};
+use crate::api::{
+    ApiErrorBody, ApiErrorCode, CancelResponse, CancelState, JobList, JobState, JobSubmission, StatusView,
+    SubmitResponse, UploadResponse,
+};
+use crate::protocol;
+
+/// A JSON body read into `T`; what does not parse is 400, what parses into the wrong shape 422, each naming
+/// the field.
+fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> ApiResult<T> {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|t| t.starts_with("application/json"));
+    if !json_type {
+        return Err(AppError::new(ApiErrorCode::UnsupportedMediaType, "send application/json"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let code = if inner.is_syntax() || inner.is_eof() {
+            ApiErrorCode::MalformedRequest
+        } else {
+            ApiErrorCode::InvalidRequest
+        };
+        // serde_json quotes what it could not read: keep the message short whatever the body held.
+        let mut message = format!("invalid JSON body: {inner}");
+        protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
+        let error = AppError::new(code, message);
+        if path == "." {
+            error
+        } else {
+            error.field(path)
+        }
+    })
+}
+
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission,
+    params(("Idempotency-Key" = Option<String>, Header, description = "maps a retried request to the same job")),
+    responses((status = 202, description = "queued", body = SubmitResponse),
+        (status = 200, description = "an earlier job with this idempotency key", body = SubmitResponse),
+        (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn submit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let submission: JobSubmission = parse_body(&headers, &body)?;
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            Some(v.to_str().map_err(|_| AppError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string())
+        }
+        None => None,
+    };
+    let answer = state.jobs.submit(&caller.0, submission, key).await?;
+    if !answer.created {
+        return Ok((StatusCode::OK, Json(answer)).into_response());
+    }
+    let location = HeaderValue::from_str(&answer.status_url).expect("a path is a header value");
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(answer)).into_response())
+}
+
+/// `POST /v1/uploads`: an image (PNG, JPEG or WebP bytes) to use as `init_image` or `mask` by key.
+#[utoipa::path(post, path = "/v1/uploads", tag = "jobs", request_body(content = Vec<u8>, content_type = "image/png"),
+    responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn upload(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
+    Ok((StatusCode::CREATED, Json(state.jobs.upload(body).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn status(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<StatusView>> {
+    let status = state.jobs.get(id).await?;
+    Ok(Json(state.jobs.view(status).await))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    state: Option<String>,
+    model: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(("state" = Option<String>, Query), ("model" = Option<String>, Query), ("limit" = Option<usize>, Query),
+        ("offset" = Option<usize>, Query)),
+    responses((status = 200, body = JobList), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<JobList>> {
+    let wanted = q.state.as_deref().map(JobState::parse).transpose().map_err(|e| AppError::invalid("state", e))?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(AppError::invalid("limit", "must be 1 to 500"));
+    }
+    Ok(Json(state.jobs.list(wanted, q.model.as_deref(), limit, q.offset.unwrap_or(0)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, description = "removed from the queue", body = CancelResponse),
+        (status = 202, description = "the worker stops it within a step", body = CancelResponse),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<(StatusCode, Json<CancelResponse>)> {
+    let answer = state.jobs.cancel(id).await?;
+    let status = match answer.state {
+        CancelState::Cancelled => StatusCode::OK,
+        CancelState::Cancelling => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(answer)))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/images/{n}", tag = "jobs", params(("id" = Uuid, Path), ("n" = u32, Path)),
+    responses((status = 200, description = "the image", content_type = "image/png"), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn image(
+    State(state): State<AppState>,
+    ApiPath((id, n)): ApiPath<(Uuid, u32)>,
+) -> ApiResult<Response> {
+    let (bytes, content_type) = state.jobs.image(id, n).await?;
+    let content_type =
+        HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}

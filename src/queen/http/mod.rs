@@ -1,0 +1,131 @@
+//! The queen's HTTP API (axum), versioned under `/v1`, over the job service ([`Jobs`]): [`app`] builds the
+//! router from an [`AppState`] so tests serve it on a free port. The contract (bodies, error codes, events)
+//! is [`crate::api`]; this module only serves it.
+//!
+//! # Layout
+//!
+//! - this file: [`AppState`], [`ApiConfig`], the router and its layers;
+//! - `auth`: bearer tokens, compared in constant time;
+//! - `error`: [`AppError`] and the extractors that answer with the API's error body;
+//! - `jobs`: submit, upload, status, list, cancel, images;
+//! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
+//! - `fleet`: models, workers, health and readiness;
+//! - `metrics`: `/metrics` in the Prometheus text format;
+//! - `openapi`: the OpenAPI document.
+
+mod auth;
+mod error;
+mod events;
+mod fleet;
+mod jobs;
+mod metrics;
+mod openapi;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use super::jobs::Jobs;
+use crate::api::ApiErrorCode;
+use crate::protocol::{self, Limits};
+pub use error::AppError;
+pub use openapi::ApiDoc;
+
+/// What the handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: Jobs,
+    pub config: Arc<ApiConfig>,
+    /// Cancelled when the queen shuts down: open event streams end so the server can stop.
+    pub shutdown: CancellationToken,
+}
+
+/// The API's policy.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Bearer tokens; empty: no authentication (only with `--no-auth`).
+    pub tokens: Vec<String>,
+    pub limits: Limits,
+    /// Largest request body (JSON with inline images, or an upload).
+    pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive (a client that trickles one holds a connection).
+    pub body_timeout: Duration,
+    /// Refuse jobs for models that are not in the fleet's catalogue (see [`crate::queen::jobs::ModelPolicy`]).
+    pub require_served_model: bool,
+    /// Models jobs may always name, whether a worker serves them now or not (`--model-catalogue`).
+    pub model_catalogue: Vec<String>,
+    /// How long a model stays in the catalogue after the last worker serving it was heard of.
+    pub model_retention: Duration,
+    /// Origins allowed by CORS; empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            limits: Limits::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+            body_timeout: Duration::from_secs(60),
+            require_served_model: true,
+            model_catalogue: Vec::new(),
+            model_retention: Duration::from_secs(7 * 24 * 3600),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// The whole HTTP API.
+pub fn app(state: AppState) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    let authenticated = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
+    let v1 = Router::new()
+        .route("/jobs", post(jobs::submit).get(jobs::list))
+        .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(events::events))
+        .route("/jobs/{id}/images/{n}", get(jobs::image))
+        .route("/uploads", post(jobs::upload))
+        .route("/models", get(fleet::models))
+        .route("/workers", get(fleet::workers))
+        .route_layer(authenticated());
+    let mut router = Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics::metrics).route_layer(authenticated()))
+        .route("/health", get(fleet::health))
+        .route("/openapi.json", get(openapi::openapi))
+        .route("/ready", get(fleet::ready))
+        .fallback(|| async { AppError::new(ApiErrorCode::NotFound, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.body_timeout))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer));
+    if !state.config.cors_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        router = router.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    "idempotency-key".parse().unwrap(),
+                    "last-event-id".parse().unwrap(),
+                ]),
+        );
+    }
+    router
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            // Both come from the client: logged short.
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            let (id, path) = (protocol::truncate(id, 128), protocol::truncate(req.uri().path(), 256));
+            tracing::info_span!("http", method = %req.method(), path = %path, request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}

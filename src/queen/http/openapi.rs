@@ -1,0 +1,80 @@
+//! The OpenAPI document of the API (`GET /openapi.json`), generated from the handlers' and the contract's
+//! definitions.
+
+use axum::Json;
+
+use super::{events, fleet, jobs, metrics};
+use crate::api::{
+    ApiErrorBody, ApiErrorCode, ApiErrorDetail, ApiEvent, CancelResponse, CancelState, ImageInput, JobList,
+    JobSubmission, ModelInfo, StatusView, SubmitResponse, UploadResponse, WorkerInfo,
+};
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "sd-rbee queen", description = "Stable Diffusion jobs on a worker fleet"),
+    paths(jobs::submit, jobs::upload, jobs::status, jobs::list, jobs::cancel, jobs::image, events::events,
+        fleet::models, fleet::workers, fleet::health, fleet::ready, metrics::metrics),
+    components(schemas(ApiErrorBody, ApiErrorDetail, ApiErrorCode, ApiEvent, JobSubmission, ImageInput,
+        SubmitResponse, StatusView, JobList, CancelResponse, CancelState, UploadResponse, ModelInfo, WorkerInfo)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub(super) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_the_endpoints_and_types() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for path in [
+            "/v1/jobs",
+            "/v1/jobs/{id}",
+            "/v1/jobs/{id}/events",
+            "/v1/jobs/{id}/images/{n}",
+            "/v1/uploads",
+            "/v1/models",
+            "/v1/workers",
+            "/health",
+            "/ready",
+            "/metrics",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} missing");
+        }
+        assert!(doc["paths"]["/v1/jobs"]["post"]["requestBody"].is_object());
+        let schemas = &doc["components"]["schemas"];
+        let submission = &schemas["JobSubmission"]["properties"];
+        for field in ["model", "prompt", "width", "height", "steps", "init_image", "mask", "strength", "timeout_s"] {
+            assert!(submission[field].is_object(), "JobSubmission.{field}");
+        }
+        let required: Vec<&str> =
+            schemas["JobSubmission"]["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert!(required.contains(&"model") && required.contains(&"prompt"));
+        assert!(
+            schemas["JobState"].is_object() && schemas["ErrorCode"].is_object() && schemas["StatusView"].is_object()
+        );
+        let codes = serde_json::to_string(&schemas["ApiErrorCode"]).unwrap();
+        assert!(codes.contains("MALFORMED_REQUEST") && codes.contains("UNAVAILABLE"), "{codes}");
+        assert!(schemas["ApiEvent"].is_object());
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    }
+}

@@ -1,0 +1,435 @@
+//! The queen's job service: what the HTTP handlers ask for, over the bus, the status bucket, the object
+//! store and the fleet's view. Submission (with an idempotency claim released unless the job is queued),
+//! status views with queue positions, lists, cancellation of queued and running jobs, images, and the
+//! model catalogue that decides which models jobs may name. Errors are [`JobsError`], classified for HTTP
+//! by `http/error.rs`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::aggregator::ModelStats;
+use super::fleet::Fleet;
+use super::status::{idempotency_entry, StatusStore, StatusTooLarge};
+use crate::api::{
+    CancelResponse, CancelState, JobList, JobState, JobStatus, JobSubmission, StatusView, SubmitResponse,
+    UploadResponse,
+};
+use crate::bus::BusClient;
+use crate::protocol::{self, Event, ImageSource, JobRequest, Limits, ProtocolError};
+use crate::storage::{Store, StoreError};
+
+/// Why a request of the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The request breaks a rule (422), naming the field.
+    #[error(transparent)]
+    Invalid(#[from] ProtocolError),
+    /// Something is over its size limit (413).
+    #[error("{message}")]
+    TooLarge { field: Option<String>, message: String },
+    #[error("no job {0}")]
+    NotFound(Uuid),
+    #[error("{0}")]
+    NoImage(String),
+    #[error("job {id} is already {}", state.name())]
+    AlreadyFinished { id: Uuid, state: JobState },
+    #[error("job {id} is {}", state.name())]
+    NotCompleted { id: Uuid, state: JobState },
+    /// NATS or the object store cannot be reached now (503): the same request may succeed later.
+    #[error("{0:#}")]
+    Unavailable(anyhow::Error),
+    /// A bug, or data the queen cannot read (500).
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl JobsError {
+    /// An error from the bus or the status bucket: unavailable, unless it is about what was read.
+    pub fn bus(e: anyhow::Error) -> Self {
+        if e.is::<serde_json::Error>() || e.is::<StatusTooLarge>() {
+            JobsError::Internal(e)
+        } else {
+            JobsError::Unavailable(e)
+        }
+    }
+
+    fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        JobsError::Invalid(ProtocolError::invalid(field, message))
+    }
+}
+
+impl From<StoreError> for JobsError {
+    fn from(e: StoreError) -> Self {
+        JobsError::Unavailable(e.into())
+    }
+}
+
+pub type JobsResult<T> = Result<T, JobsError>;
+
+/// Which models jobs may name.
+#[derive(Clone, Debug)]
+pub struct ModelPolicy {
+    /// `false`: any model (`--accept-unserved-models`; its jobs wait in the queue).
+    pub require_known: bool,
+    /// Models always accepted, served now or not (`--model-catalogue`).
+    pub catalogue: Vec<String>,
+    /// How long a model stays accepted after the last worker that served it went away.
+    pub retention: Duration,
+}
+
+impl Default for ModelPolicy {
+    fn default() -> Self {
+        Self { require_known: true, catalogue: Vec::new(), retention: Duration::from_secs(7 * 24 * 3600) }
+    }
+}
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    pub bus: BusClient,
+    pub status: StatusStore,
+    pub store: Store,
+    pub fleet: Fleet,
+    pub stats: ModelStats,
+    pub limits: Limits,
+    pub models: ModelPolicy,
+}
+
+/// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
+struct IdempotencyClaim {
+    status: StatusStore,
+    entry: Option<String>,
+}
+
+impl IdempotencyClaim {
+    fn keep(mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for IdempotencyClaim {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            let status = self.status.clone();
+            tokio::spawn(async move { status.release_idempotency(&entry).await });
+        }
+    }
+}
+
+impl Jobs {
+    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key.
+    pub async fn submit(
+        &self,
+        caller: &str,
+        sub: JobSubmission,
+        idempotency_key: Option<String>,
+    ) -> JobsResult<SubmitResponse> {
+        let mut job = JobRequest::try_from(sub)?;
+        job.idempotency_key = idempotency_key;
+        self.check(&job).await?;
+        let mut claim = None;
+        if let Some(key) = &job.idempotency_key {
+            let entry = idempotency_entry(caller, key);
+            let owner = self.status.claim_idempotency(&entry, job.id).await.map_err(JobsError::bus)?;
+            if owner != job.id {
+                return Ok(SubmitResponse::new(owner, false));
+            }
+            claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
+        }
+        // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will
+        // be sent (the headers too, as long as a requeued copy's), instead of failing later.
+        let max_payload = self.bus.nats().max_payload();
+        let size = crate::bus::job_message_size(job.id, protocol::encode(&job).len());
+        if size > max_payload {
+            return Err(JobsError::TooLarge {
+                field: None,
+                message: format!(
+                    "the job is {size} bytes as a bus message (with its inline images and headers), over the bus's \
+                     {max_payload} byte message limit: upload the images (POST /v1/uploads) and send their object keys"
+                ),
+            });
+        }
+        // The record exists before any worker can report on the job.
+        self.status.create(&JobStatus::queued(&job, None)).await.map_err(JobsError::bus)?;
+        let seq = match self.bus.submit_with_seq(&job).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.status.remove(job.id).await;
+                return Err(JobsError::Unavailable(e.context("cannot queue the job")));
+            }
+        };
+        claim.map(IdempotencyClaim::keep);
+        let record = |s: &mut JobStatus| {
+            s.stream_seq = Some(seq);
+            true
+        };
+        let _ = self.status.update(job.id, || JobStatus::queued(&job, Some(seq)), record).await;
+        tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
+        Ok(SubmitResponse::new(job.id, true))
+    }
+
+    /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
+    async fn check(&self, job: &JobRequest) -> JobsResult<()> {
+        for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
+            if let Some(ImageSource::Inline(bytes)) = image {
+                if bytes.len() > self.limits.max_inline_image_bytes {
+                    return Err(JobsError::TooLarge {
+                        field: Some(field.into()),
+                        message: format!(
+                            "{field} is {} bytes, over the {} byte limit for inline images (upload it instead)",
+                            bytes.len(),
+                            self.limits.max_inline_image_bytes
+                        ),
+                    });
+                }
+            }
+        }
+        job.validate(&self.limits)?;
+        for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
+            if let Some(source) = image {
+                self.check_image(source, field).await?;
+            }
+        }
+        if self.models.require_known && !self.accepts_model(&job.model).await {
+            let known: Vec<String> = self.catalogue().await;
+            let listed = match known.len() {
+                0 => "none".to_string(),
+                n if n <= 10 => known.join(", "),
+                n => format!("{}, and {} more", known[..10].join(", "), n - 10),
+            };
+            return Err(JobsError::invalid(
+                "model",
+                format!(
+                    "{} is not a model of this fleet: no worker serves it now or did within {}, and it is not in the \
+                     queen's --model-catalogue (known: {listed})",
+                    protocol::quoted(&job.model),
+                    humantime::format_duration(self.models.retention)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An input image decodes (inline), or exists and is not too large (an upload).
+    async fn check_image(&self, source: &ImageSource, field: &str) -> JobsResult<()> {
+        match source {
+            ImageSource::Inline(bytes) => {
+                crate::image_input::decode_bounded(Bytes::copy_from_slice(bytes), field)
+                    .await
+                    .map_err(|e| decode_error(field, e))?;
+            }
+            ImageSource::ObjectKey(key) => match self.store.size(key).await {
+                Ok(Some(size)) if size > crate::image_input::MAX_ENCODED_BYTES as u64 => {
+                    return Err(JobsError::invalid(
+                        field,
+                        format!(
+                            "upload {} is {size} bytes, over the {} MiB limit for input images",
+                            protocol::quoted(key),
+                            crate::image_input::MAX_ENCODED_BYTES >> 20
+                        ),
+                    ))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(JobsError::invalid(field, format!("upload {} does not exist", protocol::quoted(key))))
+                }
+                // What the store refuses as a key is the client's error; only an unreachable store is ours.
+                Err(e @ StoreError::InvalidKey { .. }) => return Err(JobsError::invalid(field, e)),
+                Err(e) => return Err(e.into()),
+            },
+        }
+        Ok(())
+    }
+
+    /// Whether jobs may name `model`: a live worker serves it, one did within the retention window (as this
+    /// queen heard, or as its job consumer on the bus shows), or the queen's catalogue lists it.
+    pub async fn accepts_model(&self, model: &str) -> bool {
+        let now = protocol::now_millis();
+        if self.models.catalogue.iter().any(|m| m == model)
+            || self.fleet.advertised_within(model, now, self.models.retention)
+        {
+            return true;
+        }
+        // A worker that served it before this queen started left its durable consumer behind.
+        let Ok(stream) = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await else {
+            return false;
+        };
+        stream.consumer_info(crate::bus::consumer_name(model)).await.is_ok()
+    }
+
+    /// The models jobs may name, as this queen knows them (its catalogue and what workers advertised).
+    pub async fn catalogue(&self) -> Vec<String> {
+        let now = protocol::now_millis();
+        let mut names = self.models.catalogue.clone();
+        names.extend(self.fleet.advertised(now, self.models.retention));
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// `POST /v1/uploads`: an image to use as `init_image` or `mask` by key.
+    pub async fn upload(&self, body: Bytes) -> JobsResult<UploadResponse> {
+        let img =
+            crate::image_input::decode_bounded(body.clone(), "upload").await.map_err(|e| decode_error("body", e))?;
+        let format = image::guess_format(&body).map_err(|e| JobsError::invalid("body", e))?;
+        let ext = format.extensions_str().first().copied().unwrap_or("img");
+        let key = format!("uploads/{}.{ext}", Uuid::new_v4());
+        self.store.put(&key, body.clone(), format.to_mime_type()).await?;
+        Ok(UploadResponse { object_key: key, bytes: body.len(), width: img.width(), height: img.height() })
+    }
+
+    pub async fn get(&self, id: Uuid) -> JobsResult<JobStatus> {
+        self.status.get(id).await.map_err(JobsError::bus)?.ok_or(JobsError::NotFound(id))
+    }
+
+    /// A job's status with its queue position, ETA, and whether it waits for a worker.
+    pub async fn view(&self, status: JobStatus) -> StatusView {
+        let now = protocol::now_millis();
+        let mut v = StatusView {
+            status,
+            queue_position: None,
+            eta_ms: None,
+            waiting_for_worker: false,
+            waiting_for_redelivery: false,
+            image_urls: Vec::new(),
+        };
+        let s = &v.status;
+        match s.state {
+            JobState::Queued => {
+                if let Some(seq) = s.stream_seq {
+                    v.queue_position = self.queue_position(&s.model, seq).await;
+                }
+                let workers = self.fleet.serving(&s.model, now);
+                v.waiting_for_worker = workers == 0;
+                if let (Some(pos), Some(job_ms)) = (v.queue_position, self.stats.job_ms(&s.model)) {
+                    v.eta_ms = Some(((pos as f64 + 1.0) * job_ms / workers.max(1) as f64) as u64);
+                }
+            }
+            JobState::Running => {
+                v.eta_ms = s.progress.as_ref().and_then(|p| p.eta_ms);
+                v.waiting_for_redelivery = s.worker_id.as_deref().is_some_and(|w| self.fleet.is_lost(w, now));
+            }
+            _ => {}
+        }
+        v.image_urls = s
+            .images
+            .iter()
+            .map(|i| i.url.clone().unwrap_or_else(|| format!("/v1/jobs/{}/images/{}", s.job_id, i.index)))
+            .collect();
+        v
+    }
+
+    /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
+    async fn queue_position(&self, model: &str, seq: u64) -> Option<u64> {
+        let subject = self.bus.subjects().jobs(model).ok()?;
+        let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;
+        // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&crate::bus::consumer_name(model)).await;
+        let mut next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
+        let mut position = 0;
+        for _ in 0..1000 {
+            match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
+                Ok(msg) if msg.sequence < seq => {
+                    position += 1;
+                    next = msg.sequence + 1;
+                }
+                Ok(msg) if msg.sequence == seq => return Some(position),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// One page of jobs, newest first.
+    pub async fn list(
+        &self,
+        state: Option<JobState>,
+        model: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> JobsResult<JobList> {
+        let mut jobs: Vec<JobStatus> = self
+            .status
+            .all()
+            .await
+            .map_err(JobsError::bus)?
+            .into_iter()
+            .filter(|s| state.is_none_or(|w| s.state == w))
+            .filter(|s| model.is_none_or(|m| s.model == m))
+            .collect();
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.job_id.cmp(&b.job_id)));
+        let total = jobs.len();
+        let offset = offset.min(total);
+        let page: Vec<JobStatus> = jobs.into_iter().skip(offset).take(limit).collect();
+        let next_offset = (offset + page.len() < total).then_some(offset + page.len());
+        Ok(JobList { jobs: page, total, next_offset })
+    }
+
+    /// Cancels a job: a queued one is removed from the queue and reported `cancelled` at once; a running
+    /// one is asked to stop (its worker reports `cancelled` within a step).
+    pub async fn cancel(&self, id: Uuid) -> JobsResult<CancelResponse> {
+        let status = self.get(id).await?;
+        if status.state.is_terminal() {
+            return Err(JobsError::AlreadyFinished { id, state: status.state });
+        }
+        // Tell the workers in any case: one may be taking it right now.
+        self.bus.cancel(id, Some("cancelled through the API".into())).await.map_err(JobsError::Unavailable)?;
+        if let (JobState::Queued, Some(seq)) = (status.state, status.stream_seq) {
+            let stream = self
+                .bus
+                .jetstream()
+                .get_stream(self.bus.subjects().jobs_stream())
+                .await
+                .map_err(|e| JobsError::Unavailable(e.into()))?;
+            if matches!(stream.delete_message(seq).await, Ok(true)) {
+                let event = Event::Cancelled(protocol::Cancelled {
+                    v: protocol::PROTOCOL_VERSION,
+                    job_id: id,
+                    at: protocol::now_millis(),
+                    at_step: None,
+                });
+                crate::bus::publish_persistent(
+                    self.bus.jetstream(),
+                    self.bus.subjects().events(id),
+                    crate::bus::msg_id_headers(&format!("{id}:0:cancelled")),
+                    protocol::encode(&event).into(),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|e| JobsError::Unavailable(e.into()))?;
+                let _ = self.status.update(id, || status.clone(), |s| s.apply(&event)).await;
+                return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
+            }
+        }
+        Ok(CancelResponse { job_id: id, state: CancelState::Cancelling })
+    }
+
+    /// Image `n` of a completed job and its content type.
+    pub async fn image(&self, id: Uuid, n: u32) -> JobsResult<(Bytes, String)> {
+        let status = self.get(id).await?;
+        if status.state != JobState::Completed {
+            return Err(JobsError::NotCompleted { id, state: status.state });
+        }
+        let image = status
+            .images
+            .iter()
+            .find(|i| i.index == n)
+            .ok_or_else(|| JobsError::NoImage(format!("job {id} has no image {n}")))?;
+        match self.store.get(&image.key).await {
+            Ok(bytes) => Ok((bytes, image.content_type.clone())),
+            Err(e @ StoreError::NotFound { .. }) => Err(JobsError::NoImage(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// An image that does not decode is the client's error (422); decoders all busy is the queen's (503).
+fn decode_error(field: &str, e: anyhow::Error) -> JobsError {
+    if e.is::<crate::image_input::DecodeBusy>() {
+        return JobsError::Unavailable(e);
+    }
+    JobsError::invalid(field, format!("{e:#}"))
+}
