@@ -8,94 +8,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::queen::{client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, S3Server, WorkerProcess};
-use sd_rbee::api::JobSubmission;
-use sd_rbee::api::{ApiError, QueenClient, SseMessage};
-use sd_rbee::queen::{Queen, QueenConfig};
+use sd_rbee::api::{ApiError, QueenClient};
 use uuid::Uuid;
-
-const TOKEN: &str = "test-token-0123456789abcdef";
-const OTHER_TOKEN: &str = "second-token-0123456789abcdef";
-
-/// A queen served in-process on a free port; stops when dropped.
-struct QueenProcess {
-    base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start_queen(
-    nats: &str,
-    store: &str,
-    env: &[(String, String)],
-    tweak: impl FnOnce(&mut QueenConfig),
-) -> QueenProcess {
-    for (k, v) in env {
-        std::env::set_var(k, v);
-    }
-    let mut config = QueenConfig::new(nats, store, "127.0.0.1:0".parse().unwrap());
-    config.api.tokens = vec![TOKEN.into(), OTHER_TOKEN.into()];
-    config.worker_lost_after = Duration::from_secs(3);
-    tweak(&mut config);
-    let queen = Queen::start(config).await.unwrap();
-    let base = format!("http://{}", queen.addr);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(queen.serve(async move {
-        let _ = rx.await;
-    }));
-    QueenProcess { base, _stop: tx }
-}
-
-fn client(q: &QueenProcess) -> QueenClient {
-    QueenClient::new(&q.base, Some(TOKEN.into())).unwrap()
-}
-
-fn tiny(steps: u32, seed: u64) -> JobSubmission {
-    let mut job = JobSubmission::new("tiny", "a paper boat on a pond");
-    job.width = Some(64);
-    job.height = Some(64);
-    job.steps = Some(steps);
-    job.seed = Some(seed);
-    job
-}
-
-/// Waits until the queen has seen a heartbeat from a worker serving `tiny`.
-async fn wait_for_fleet(c: &QueenClient) {
-    let start = Instant::now();
-    loop {
-        let workers = c.workers().await.unwrap();
-        if workers.iter().any(|w| !w.lost) {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no worker showed up: {workers:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn follow(c: &QueenClient, id: Uuid) -> Vec<SseMessage> {
-    let mut seen = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), c.follow(id, |m| seen.push(m.clone())))
-        .await
-        .expect("the job did not end in time")
-        .unwrap();
-    seen
-}
-
-/// Waits until the status record (folded from events, a moment after them) reaches `state`.
-async fn wait_state(c: &QueenClient, id: Uuid, state: &str) -> sd_rbee::api::StatusView {
-    let start = Instant::now();
-    loop {
-        let s = c.status(id).await.unwrap();
-        if s.status.state.name() == state {
-            return s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "job {id} is {:?}, not {state}", s.status.state);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn names(events: &[SseMessage]) -> Vec<&str> {
-    events.iter().map(|e| e.event.as_str()).collect()
-}
 
 fn api_error(e: anyhow::Error) -> ApiError {
     e.downcast::<ApiError>().expect("an API error")

@@ -102,4 +102,5 @@ pub fn png_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 }
 
 pub mod hostile;
+pub mod queen;
 pub mod servers;

@@ -1,0 +1,232 @@
+//! The HTTP contract's promises, through a real queen, nats-server and `sd-rbee worker`: a live event stream
+//! ends right after the terminal event (completed, failed, cancelled), every frame has an id and
+//! `Last-Event-ID` resumes without losing or repeating one, a model of the catalogue is accepted with no live
+//! worker (the job runs when one starts), and a job without a size runs at the model's default size.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::queen::{client, follow, names, start_queen, tiny, wait_state, TOKEN};
+use common::servers::{NatsServer, WorkerProcess};
+use futures::StreamExt;
+use sd_rbee::api::{ApiError, ApiErrorCode, JobSubmission, QueenClient, SseMessage};
+use uuid::Uuid;
+
+/// Reads the raw event stream of a job as `curl -N` would; returns the body and how long the response
+/// stayed open after the chunk holding the terminal event arrived.
+async fn read_events(base: &str, job_id: Uuid) -> (String, Duration) {
+    let url = format!("{base}/v1/jobs/{job_id}/events");
+    let response = reqwest::Client::new().get(url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let (mut text, mut terminal_at) = (String::new(), None);
+    let read = async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            let ended = ["event: completed", "event: failed", "event: cancelled"].iter().any(|e| text.contains(e));
+            if ended && terminal_at.is_none() {
+                terminal_at = Some(Instant::now());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("the event stream never ended");
+    let open_after = terminal_at.expect("no terminal event").elapsed();
+    (text, open_after)
+}
+
+/// Waits until the job's record says a worker runs it.
+async fn wait_running(c: &QueenClient, id: Uuid) {
+    let start = Instant::now();
+    while c.status(id).await.unwrap().status.state.name() == "queued" {
+        assert!(start.elapsed() < Duration::from_secs(30), "job {id} never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_event_stream_ends_right_after_completed_failed_and_cancelled() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-sse", &nats.url(), &store_url, &[], &["--step-delay", "250ms"]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    common::queen::wait_for_fleet(&c).await;
+
+    // Completed: the stream is opened while the job is queued or running.
+    let done = c.submit(&tiny(3, 1), None).await.unwrap();
+    let (body, open_after) = read_events(&queen.base, done.job_id).await;
+    assert!(body.trim_end().ends_with("event: completed"), "{body}");
+    assert!(open_after < Duration::from_secs(1), "open {open_after:?} after completed");
+
+    // Failed: its deadline passes while it runs (6 steps of 250 ms, 1 s allowed).
+    let mut slow = tiny(6, 2);
+    slow.timeout_s = Some(1);
+    let failed = c.submit(&slow, None).await.unwrap();
+    let (body, open_after) = read_events(&queen.base, failed.job_id).await;
+    assert!(body.trim_end().ends_with("event: failed"), "{body}");
+    assert!(body.contains("\"code\":\"TIMEOUT\""), "{body}");
+    assert!(body.contains("event: progress"), "it failed while running: {body}");
+    assert!(open_after < Duration::from_secs(1), "open {open_after:?} after failed");
+
+    // Cancelled while running.
+    let running = c.submit(&tiny(8, 3), None).await.unwrap();
+    let reader = tokio::spawn({
+        let base = queen.base.clone();
+        async move { read_events(&base, running.job_id).await }
+    });
+    wait_running(&c, running.job_id).await;
+    c.cancel(running.job_id).await.unwrap();
+    let (body, open_after) = reader.await.unwrap();
+    assert!(body.trim_end().ends_with("event: cancelled"), "{body}");
+    assert!(open_after < Duration::from_secs(1), "open {open_after:?} after cancelled");
+
+    // Every frame has an id, and the ids grow.
+    let ids: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids.len(), body.matches("event: ").count(), "{body}");
+    let parsed: Vec<sd_rbee::api::EventId> = ids.iter().map(|i| i.parse().unwrap()).collect();
+    assert!(parsed.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+/// The frames of a job's stream from `last_event_id` on, read until `stop` says enough (or the end).
+async fn frames(
+    c: &QueenClient,
+    id: Uuid,
+    last_event_id: Option<&str>,
+    mut stop: impl FnMut(&[SseMessage]) -> bool,
+) -> Vec<SseMessage> {
+    let stream = c.events(id, last_event_id).await.unwrap();
+    tokio::pin!(stream);
+    let mut seen = Vec::new();
+    let read = async {
+        while let Some(frame) = stream.next().await {
+            seen.push(frame.unwrap());
+            if stop(&seen) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("the stream stalled");
+    seen
+}
+
+fn ids(frames: &[SseMessage]) -> Vec<&str> {
+    frames.iter().map(|f| f.id.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_resumes_without_losing_or_repeating_an_event() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "200ms", "--preview-every", "1"];
+    let _worker = WorkerProcess::start("w-resume", &nats.url(), &store_url, &[], &flags);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    common::queen::wait_for_fleet(&c).await;
+
+    let job = c.submit(&tiny(6, 5), None).await.unwrap();
+    // A client drops after its second progress event, then comes back with the last id it saw.
+    let progress = |seen: &[SseMessage]| seen.iter().filter(|f| f.event == "progress").count() >= 2;
+    let first = frames(&c, job.job_id, None, progress).await;
+    let last_id = first.last().unwrap().id.clone();
+    let rest = frames(&c, job.job_id, Some(&last_id), |seen| seen.last().unwrap().is_terminal()).await;
+    assert_eq!(rest.last().unwrap().event, "completed", "{:?}", names(&rest));
+
+    // Together they are the whole story, in order: what a follower from the start sees.
+    let whole = follow(&c, job.job_id).await;
+    let mut joined = ids(&first);
+    joined.extend(ids(&rest));
+    assert_eq!(joined, ids(&whole), "lost or repeated events");
+    let mut joined_names = names(&first);
+    joined_names.extend(names(&rest));
+    assert_eq!(joined_names, names(&whole));
+    assert_eq!(first.last().unwrap().event, "progress");
+    assert_eq!(rest[0].event, "preview", "the preview of the same step comes right after: {:?}", ids(&rest));
+    assert_eq!(rest[0].id, format!("{last_id}.1"));
+
+    // From a finished job: resuming anywhere gives what came after; after the last event, nothing.
+    for (i, frame) in whole.iter().enumerate() {
+        let after = frames(&c, job.job_id, Some(&frame.id), |_| false).await;
+        assert_eq!(ids(&after), ids(&whole[i + 1..]), "after {}", frame.id);
+    }
+    // The query parameter does the same (for clients that cannot set headers).
+    let url = format!("{}/v1/jobs/{}/events?last_event_id={}", queen.base, job.job_id, whole[2].id);
+    let text = reqwest::Client::new().get(url).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("event: queued") && text.contains("event: completed"), "{text}");
+    // An id that is not one of ours is refused, naming the header.
+    let err = c.events(job.job_id, Some("yesterday")).await.err().unwrap().downcast::<ApiError>().unwrap();
+    assert_eq!(
+        (err.status, err.code, err.field.as_deref()),
+        (400, ApiErrorCode::MalformedRequest, Some("Last-Event-ID"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalogued_model_is_accepted_with_no_worker_and_runs_when_one_starts() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    let c = client(&queen);
+
+    // No worker at all: the job is queued, and says what it waits for.
+    let job = c.submit(&tiny(2, 9), None).await.unwrap();
+    assert!(job.created);
+    let status = c.status(job.job_id).await.unwrap();
+    assert_eq!(status.status.state.name(), "queued");
+    assert!(status.waiting_for_worker, "{status:?}");
+    let models = c.models().await.unwrap();
+    let tiny_model = models.iter().find(|m| m.name == "tiny").expect("the catalogue lists it");
+    assert_eq!(tiny_model.workers, 0);
+    // A model in no catalogue is still refused.
+    let err = c.submit(&JobSubmission::new("nobody-serves-this", "x"), None).await.unwrap_err();
+    let err = err.downcast::<ApiError>().unwrap();
+    assert_eq!((err.status, err.field.as_deref()), (422, Some("model")));
+    assert!(err.message.contains("--model-catalogue"), "{}", err.message);
+
+    // A worker starts (as a scaler would start one on queue depth): the job completes.
+    let _worker = WorkerProcess::start("w-late", &nats.url(), &store_url, &[], &[]);
+    let events = follow(&c, job.job_id).await;
+    assert_eq!(names(&events).last(), Some(&"completed"), "{:?}", names(&events));
+    let done = wait_state(&c, job.job_id, "completed").await;
+    assert!(!done.waiting_for_worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_a_size_runs_at_the_models_default_size() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let xl = format!("xl={}", common::fixture("tiny-sdxl").display());
+    let _worker = WorkerProcess::start("w-size", &nats.url(), &store_url, &[], &["--model", &xl]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    common::queen::wait_for_fleet(&c).await;
+    // What the model's own config gives (`sd-rbee generate` without --width/--height): its UNet's sample size
+    // times the VAE's scale; tiny-sdxl's is 8 × 8 = 64, where a fixed 512 would be wrong.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("tiny-sdxl/unet/config.json")).unwrap()).unwrap();
+    let native = config["sample_size"].as_u64().unwrap() as u32 * 8;
+
+    // Through the queen.
+    let mut sub = JobSubmission::new("xl", "a kite");
+    sub.steps = Some(2);
+    let job = c.submit(&sub, None).await.unwrap();
+    let events = follow(&c, job.job_id).await;
+    assert_eq!(names(&events).last(), Some(&"completed"), "{events:?}");
+    let status = wait_state(&c, job.job_id, "completed").await;
+    let image = &status.status.images[0];
+    assert_eq!((image.width, image.height), (native, native));
+    assert_eq!(status.status.request.as_ref().unwrap().width, None, "the record does not invent a size");
+
+    // Straight on the bus.
+    let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut job = sd_rbee::protocol::JobRequest::new(sd_rbee::protocol::JobKind::Txt2Img, "xl", "a kite");
+    job.steps = Some(2);
+    bus.submit(&job).await.unwrap();
+    let last = bus.wait(job.id, Duration::from_secs(60), |_| {}).await.unwrap();
+    let sd_rbee::protocol::Event::Completed(done) = last else { panic!("{last:?}") };
+    assert_eq!((done.images[0].width, done.images[0].height), (native, native));
+}
