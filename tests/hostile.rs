@@ -312,6 +312,9 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         stopping: false,
     };
     client.nats().publish("sd.workers.w\"x", protocol::encode(&beat).into()).await.unwrap();
+    // A worker id may hold a backslash (a subject token), and workers are labels too.
+    let slashed = protocol::Heartbeat { worker_id: r#"w\y"#.into(), jobs_done: 7, ..beat.clone() };
+    client.nats().publish(r#"sd.workers.w\y"#, protocol::encode(&slashed).into()).await.unwrap();
     client.nats().flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -326,6 +329,18 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         .filter_map(|s| s.get_labelset().ok()?.get_label_value("model").map(str::to_string))
         .collect();
     assert_eq!(models, [model.to_string()], "{text}");
+    // Every worker label reads back as the id it was, quote and backslash included.
+    let done = &parsed.families["sd_rbee_worker_jobs"];
+    let mut workers: Vec<(String, String)> = done
+        .iter_samples()
+        .filter_map(|s| {
+            let labels = s.get_labelset().ok()?;
+            Some((labels.get_label_value("worker")?.to_string(), labels.get_label_value("outcome")?.to_string()))
+        })
+        .collect();
+    workers.sort();
+    let want = [("w\"x", "done"), ("w\"x", "failed"), (r#"w\y"#, "done"), (r#"w\y"#, "failed")];
+    assert_eq!(workers, want.map(|(w, o)| (w.to_string(), o.to_string())), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 
+use super::metrics::Metrics;
 use super::status::StatusStore;
 use crate::api::JobStatus;
 use crate::bus::{self, StreamSettings};
@@ -19,9 +20,10 @@ pub const AGGREGATOR_CONSUMER: &str = "queen-aggregator";
 /// Deliveries of one event before the aggregator gives up applying it.
 const MAX_EVENT_DELIVERIES: i64 = 5;
 
-/// Recent per-model figures, for ETAs and metrics (this queen's share of the events).
+/// Recent per-model figures, for ETAs, and the queen's metrics (this queen's share of the events).
 #[derive(Clone, Default)]
 pub struct ModelStats {
+    pub metrics: Metrics,
     inner: Arc<Mutex<HashMap<String, Stat>>>,
     /// Each running job's last progress (at, step), for step times.
     last_progress: Arc<Mutex<HashMap<uuid::Uuid, (u64, u32)>>>,
@@ -32,9 +34,6 @@ struct Stat {
     /// Exponential moving average of a job's generation time.
     job_ms: f64,
     completed: u64,
-    generation_ms_sum: u64,
-    steps: u64,
-    step_ms_sum: u64,
 }
 
 impl ModelStats {
@@ -44,7 +43,8 @@ impl ModelStats {
         s.job_ms = if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
         // Events come from the bus: sums saturate rather than overflow.
         s.completed = s.completed.saturating_add(1);
-        s.generation_ms_sum = s.generation_ms_sum.saturating_add(generation_ms);
+        drop(map);
+        self.metrics.generation(model, generation_ms);
     }
 
     /// A progress event of a job of `model`: the time since the previous step's, per step.
@@ -60,10 +60,7 @@ impl ModelStats {
         };
         if let Some((prev_at, prev_step)) = previous {
             if step > prev_step && at >= prev_at {
-                let mut map = self.inner.lock().unwrap();
-                let s = map.entry(model.to_string()).or_default();
-                s.steps = s.steps.saturating_add(u64::from(step - prev_step));
-                s.step_ms_sum = s.step_ms_sum.saturating_add(at - prev_at);
+                self.metrics.steps(model, step - prev_step, at - prev_at);
             }
         }
     }
@@ -73,25 +70,9 @@ impl ModelStats {
         self.last_progress.lock().unwrap().remove(&job_id);
     }
 
-    /// (model, steps, sum of step ms) for the metrics.
-    pub fn step_totals(&self) -> Vec<(String, u64, u64)> {
-        let mut v: Vec<_> =
-            self.inner.lock().unwrap().iter().map(|(m, s)| (m.clone(), s.steps, s.step_ms_sum)).collect();
-        v.sort();
-        v
-    }
-
     /// Typical generation time of one job of `model`, if any completed.
     pub fn job_ms(&self, model: &str) -> Option<f64> {
         self.inner.lock().unwrap().get(model).filter(|s| s.completed > 0).map(|s| s.job_ms)
-    }
-
-    /// (model, completed jobs, sum of generation ms) for the metrics.
-    pub fn totals(&self) -> Vec<(String, u64, u64)> {
-        let mut v: Vec<_> =
-            self.inner.lock().unwrap().iter().map(|(m, s)| (m.clone(), s.completed, s.generation_ms_sum)).collect();
-        v.sort();
-        v
     }
 }
 
@@ -208,7 +189,11 @@ async fn apply(
             return Ok(());
         }
     }
-    let updated = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
+    let applied = store.apply_event(job_id, || JobStatus::unknown(job_id, at), event).await?;
+    if let Some((before, after)) = &applied {
+        stats.metrics.transition(*before, after.state);
+    }
+    let updated = applied.map(|(_, after)| after);
     match (&updated, event) {
         (Some(status), Event::Completed(c)) => stats.record_completed(&status.model, c.timings.generation_ms),
         (Some(status), Event::Progress(p)) => {

@@ -153,10 +153,12 @@ impl Jobs {
         }
         // The record exists before any worker can report on the job.
         self.status.create(&JobStatus::queued(&job, None)).await.map_err(JobsError::bus)?;
+        self.stats.metrics.transition(None, JobState::Queued);
         let seq = match self.bus.submit_with_seq(&job).await {
             Ok(seq) => seq,
             Err(e) => {
                 self.status.remove(job.id).await;
+                self.stats.metrics.removed(JobState::Queued);
                 return Err(JobsError::Unavailable(e.context("cannot queue the job")));
             }
         };
@@ -400,7 +402,9 @@ impl Jobs {
                 )
                 .await
                 .map_err(|e| JobsError::Unavailable(e.into()))?;
-                let _ = self.status.update(id, || status.clone(), |s| s.apply(&event)).await;
+                if let Ok(Some((before, after))) = self.status.apply_event(id, || status.clone(), &event).await {
+                    self.stats.metrics.transition(before, after.state);
+                }
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
         }

@@ -8,13 +8,15 @@
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
 //! - `feed`: a job's events for Server-Sent Events, resumable;
-//! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats.
+//! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
+//! - `metrics`: the counts `/metrics` serves, kept as things happen.
 
 pub mod aggregator;
 pub mod feed;
 pub mod fleet;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod status;
 
 use std::net::SocketAddr;

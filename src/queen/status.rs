@@ -241,6 +241,31 @@ impl StatusStore {
         anyhow::bail!("job {job_id}: too many concurrent status updates")
     }
 
+    /// Applies `event` to the job's record, creating it from `missing` when there is none. Returns the state
+    /// before (`None`: the record was created now) and the record after; `None` when the event changed nothing.
+    pub async fn apply_event(
+        &self,
+        job_id: Uuid,
+        missing: impl Fn() -> JobStatus,
+        event: &Event,
+    ) -> anyhow::Result<Option<(Option<JobState>, JobStatus)>> {
+        // `missing` is always followed by `change` on the record it made: the flag passes between them.
+        let created = std::sync::atomic::AtomicBool::new(false);
+        let before = std::sync::Mutex::new(None);
+        let change = |s: &mut JobStatus| {
+            let fresh = created.swap(false, std::sync::atomic::Ordering::SeqCst);
+            *before.lock().unwrap() = (!fresh).then_some(s.state);
+            s.apply(event)
+        };
+        let missing = || {
+            created.store(true, std::sync::atomic::Ordering::SeqCst);
+            missing()
+        };
+        let after = self.update(job_id, missing, change).await?;
+        let before = *before.lock().unwrap();
+        Ok(after.map(|after| (before, after)))
+    }
+
     /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
     /// prompts, up to eight images with their URLs, an error), else [`StatusTooLarge`] (never retried: the
     /// same event would make the same record). Listing jobs reads every record, so each stays small.

@@ -1,0 +1,144 @@
+//! The queen's own metrics, kept as things happen (a submission, an event the aggregator applies), so
+//! `/metrics` reads memory, never the status bucket. Several queens share the events: each counts what it
+//! applied, and their sum is the fleet's (Prometheus adds them up). Only gauges and histograms: their text
+//! is the same in the Prometheus and the OpenMetrics formats, so either kind of scraper reads it.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::api::JobState;
+
+/// A label value from the outside world (a model name, a worker id), escaped as the text format asks
+/// (`\\`, `\"`, `\n`): the encoder writes values as they are, and one stray quote would make the whole
+/// exposition unreadable.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Escaped(pub String);
+
+impl EncodeLabelValue for Escaped {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: Escaped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: Escaped,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 10 ms to ~3 minutes.
+    Histogram::new(exponential_buckets(0.01, 2.5, 12))
+}
+
+/// What the queen counts; cheap to clone (the counters are shared).
+#[derive(Clone)]
+pub struct Metrics {
+    /// Jobs by state, moved on every transition this queen applies (a sum over queens).
+    jobs: Family<StateLabel, Gauge>,
+    generation: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    steps: Family<ModelLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            jobs: Family::default(),
+            generation: Family::new_with_constructor(seconds_histogram),
+            steps: Family::new_with_constructor(seconds_histogram),
+        }
+    }
+}
+
+impl Metrics {
+    /// A job moved from `before` (`None`: first heard of now) to `after`.
+    pub fn transition(&self, before: Option<JobState>, after: JobState) {
+        if before == Some(after) {
+            return;
+        }
+        if let Some(before) = before {
+            self.jobs.get_or_create(&StateLabel { state: before.name() }).dec();
+        }
+        self.jobs.get_or_create(&StateLabel { state: after.name() }).inc();
+    }
+
+    /// A job in `state` was forgotten (one that could not be queued after all).
+    pub fn removed(&self, state: JobState) {
+        self.jobs.get_or_create(&StateLabel { state: state.name() }).dec();
+    }
+
+    /// A completed job's generation time.
+    pub fn generation(&self, model: &str, ms: u64) {
+        self.generation.get_or_create(&ModelLabel { model: Escaped(model.to_string()) }).observe(ms as f64 / 1000.0);
+    }
+
+    /// `steps` denoising steps took `ms` together.
+    pub fn steps(&self, model: &str, steps: u32, ms: u64) {
+        let histogram = self.steps.get_or_create(&ModelLabel { model: Escaped(model.to_string()) });
+        let each = ms as f64 / 1000.0 / f64::from(steps.max(1));
+        for _ in 0..steps.min(1000) {
+            histogram.observe(each);
+        }
+    }
+
+    /// The value of the jobs gauge for `state` (for tests and the log).
+    pub fn jobs_in(&self, state: JobState) -> i64 {
+        self.jobs.get_or_create(&StateLabel { state: state.name() }).get()
+    }
+
+    /// Registers the kept metrics in `registry` (the scrape adds what it reads at the time).
+    pub fn register(&self, registry: &mut Registry) {
+        // Every state is shown, at 0 before anything happened.
+        for &state in JobState::ALL {
+            let _ = self.jobs.get_or_create(&StateLabel { state: state.name() });
+        }
+        let jobs_help = "Jobs by state, as the transitions this queen applied move them (a sum over queens)";
+        registry.register("sd_rbee_jobs", jobs_help, self.jobs.clone());
+        registry.register("sd_rbee_generation_seconds", "Generation time of completed jobs", self.generation.clone());
+        registry.register("sd_rbee_step_seconds", "Denoising step time", self.steps.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_move_the_gauges_and_values_are_escaped() {
+        let m = Metrics::default();
+        m.transition(None, JobState::Queued);
+        m.transition(Some(JobState::Queued), JobState::Running);
+        m.transition(Some(JobState::Running), JobState::Completed);
+        m.transition(None, JobState::Running);
+        m.transition(Some(JobState::Running), JobState::Running);
+        assert_eq!([JobState::Queued, JobState::Running, JobState::Completed].map(|s| m.jobs_in(s)), [0, 1, 1]);
+        m.generation(r#"a"b\c"#, 1500);
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains(r#"sd_rbee_generation_seconds_count{model="a\"b\\c"} 1"#), "{text}");
+        assert!(text.contains("sd_rbee_jobs{state=\"failed\"} 0"), "{text}");
+    }
+}
