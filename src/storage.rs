@@ -43,12 +43,34 @@ pub struct StoreOptions {
     pub retry_timeout: Duration,
     /// Lifetime of presigned GET URLs (S3, GCS, Azure); `None`: no URLs.
     pub presign_ttl: Option<Duration>,
+    /// Settings of the cloud store given here rather than in the process environment (which is read first):
+    /// `AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`... as
+    /// `object_store` names them (case-insensitive). An embedding program (or a test) sets credentials here
+    /// without touching the environment of its other threads.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { retry_timeout: Duration::from_secs(30), presign_ttl: Some(Duration::from_secs(24 * 60 * 60)) }
+        Self {
+            retry_timeout: Duration::from_secs(30),
+            presign_ttl: Some(Duration::from_secs(24 * 60 * 60)),
+            settings: Vec::new(),
+        }
     }
+}
+
+/// Applies `settings` to a cloud store builder, naming a setting it does not know.
+fn configure<B, K>(mut builder: B, settings: &[(String, String)], with: impl Fn(B, K, &str) -> B) -> anyhow::Result<B>
+where
+    K: std::str::FromStr,
+{
+    for (name, value) in settings {
+        let key: K =
+            name.to_ascii_lowercase().parse().map_err(|_| anyhow::anyhow!("unknown store setting {name:?}"))?;
+        builder = with(builder, key, value);
+    }
+    Ok(builder)
 }
 
 /// Why a store operation failed.
@@ -125,7 +147,8 @@ impl Store {
             "memory" => (Arc::new(object_store::memory::InMemory::new()), None),
             "s3" | "s3a" => {
                 let bucket = parsed.host_str().filter(|b| !b.is_empty()).context("s3:// URL without a bucket")?;
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                let s3 = object_store::aws::AmazonS3Builder::from_env();
+                let s3 = configure(s3, &opts.settings, |b, k, v| b.with_config(k, v))?
                     .with_bucket_name(bucket)
                     .with_retry(retry)
                     .build()
@@ -135,7 +158,8 @@ impl Store {
             }
             "gs" => {
                 let bucket = parsed.host_str().context("gs:// URL without a bucket")?;
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+                let gcs = configure(gcs, &opts.settings, |b, k, v| b.with_config(k, v))?
                     .with_bucket_name(bucket)
                     .with_retry(retry)
                     .build()
@@ -145,7 +169,8 @@ impl Store {
             }
             "az" | "azure" | "abfs" => {
                 let container = parsed.host_str().context("az:// URL without a container")?;
-                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env();
+                let az = configure(az, &opts.settings, |b, k, v| b.with_config(k, v))?
                     .with_container_name(container)
                     .with_retry(retry)
                     .build()
@@ -296,6 +321,18 @@ impl Store {
                 tracing::warn!(store = %self.url, "the store refused to say whether {probe} exists: {text}");
                 Ok(())
             }
+            // Without credentials in the environment, object_store asks the cloud's instance metadata service,
+            // which off the cloud does not answer: say what is missing rather than how the fallback failed.
+            _ if self.url.starts_with("s3")
+                && (text.contains("169.254.169.254") || text.contains("/latest/api/token")) =>
+            {
+                bail!(
+                "{}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a \
+                 store other than AWS), or run where an instance role provides them (the instance metadata service \
+                 did not answer: {text})",
+                self.url
+            )
+            }
             _ => bail!("{}: {text}", self.url),
         }
     }
@@ -394,14 +431,33 @@ mod tests {
         assert!(err.contains("\"ftp\""), "{err}");
         let err = Store::open("", &opts).unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
+        let odd = StoreOptions { settings: vec![("AWS_COLOUR".into(), "red".into())], ..Default::default() };
+        let err = Store::open("s3://b", &odd).unwrap_err().to_string();
+        assert!(err.contains("AWS_COLOUR"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_s3_store_without_credentials_says_so() {
+        let closed = |()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let settings = [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", closed(()))),
+            ("AWS_METADATA_ENDPOINT", format!("http://127.0.0.1:{}", closed(()))),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ];
+        let settings = settings.map(|(k, v)| (k.to_string(), v)).to_vec();
+        let opts = StoreOptions { settings, retry_timeout: Duration::from_millis(200), ..Default::default() };
+        let store = Store::open("s3://results", &opts).unwrap();
+        let err = format!("{:#}", store.check().await.unwrap_err());
+        assert!(err.contains("no S3 credentials") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
     }
 
     #[tokio::test]
     async fn s3_urls_presign_with_the_prefix() {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-        std::env::set_var("AWS_REGION", "us-east-1");
-        let store = Store::open("s3://results-bucket/fleet-a", &StoreOptions::default()).unwrap();
+        let settings = [("AWS_ACCESS_KEY_ID", "test"), ("aws_secret_access_key", "test"), ("AWS_REGION", "us-east-1")];
+        let settings = settings.map(|(k, v)| (k.to_string(), v.to_string())).to_vec();
+        let opts = StoreOptions { settings, ..Default::default() };
+        let store = Store::open("s3://results-bucket/fleet-a", &opts).unwrap();
         let url = store.presigned_get("jobs/x/0.png").await.expect("S3 stores presign");
         assert!(url.contains("results-bucket") && url.contains("fleet-a/jobs/x/0.png"), "{url}");
         assert!(url.contains("X-Amz-Signature="), "{url}");

@@ -230,3 +230,87 @@ async fn a_job_without_a_size_runs_at_the_models_default_size() {
     let sd_rbee::protocol::Event::Completed(done) = last else { panic!("{last:?}") };
     assert_eq!((done.images[0].width, done.images[0].height), (native, native));
 }
+
+async fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(&args)
+            .envs(env)
+            .env("SD_RBEE_API_TOKEN", TOKEN)
+            .env_remove("SD_RBEE_QUEEN_URL")
+            .env_remove("SD_RBEE_NATS_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_name_their_path_say_what_they_wait_for_and_read_results_without_the_queen() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let mut worker = WorkerProcess::start("w-cli", &nats.url(), &store_url, &[], &[]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    common::queen::wait_for_fleet(&c).await;
+    let nowhere = [("SD_RBEE_QUEEN_URL", "http://127.0.0.1:9")];
+
+    // An explicit --nats wins over SD_RBEE_QUEEN_URL and says so; waiting on a model no worker serves ends
+    // with that reason.
+    let url = nats.url();
+    let out = cli(&["submit", "--nats", &url, "-m", "ghost", "-p", "x", "--wait", "--timeout", "3s"], &nowhere).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("publishing on the bus at {url} (--nats)")), "{stderr}");
+    assert!(stderr.contains("did not finish within 3s"), "{stderr}");
+    assert!(stderr.contains("no live worker serving model ghost"), "{stderr}");
+
+    // A bus job whose prompt is over 77 tokens: its warning reaches the submitter, the events and the status,
+    // and the queen lists the job with its model.
+    let long = "a red kite over green hills ".repeat(20);
+    let flags = ["--width", "64", "--height", "64", "--steps", "2", "--wait", "--json"];
+    let mut args = vec!["submit", "--nats", &url, "-m", "tiny", "-p", &long];
+    args.extend(flags);
+    let out = cli(&args, &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(result["warnings"][0].as_str().unwrap().contains("dropped"), "{result}");
+    let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
+    let status = wait_state(&c, id, "completed").await;
+    assert_eq!(status.status.model, "tiny", "a job published on the bus is listed with its model");
+    assert!(status.status.warnings[0].contains("77 tokens"), "{:?}", status.status.warnings);
+    let events = follow(&c, id).await;
+    assert!(events.last().unwrap().data["warnings"][0].as_str().unwrap().contains("dropped"), "{events:?}");
+    let out = cli(&["jobs", "--queen", &queen.base], &[]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.lines().any(|l| l.starts_with(&id.to_string()) && l.contains(" tiny ")), "{listed}");
+
+    // fetch --store reads the results from the store alone (the queen is not asked, nor reachable).
+    let dir = tempfile::tempdir().unwrap();
+    let (id_text, out_dir) = (id.to_string(), dir.path().to_str().unwrap().to_string());
+    let out = cli(&["fetch", &id_text, "--store", &store_url, "-o", &out_dir], &nowhere).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.path().join(format!("{id}-0.png")).is_file());
+
+    // A worker that stops cleanly is listed as stopped, not lost.
+    worker.terminate();
+    worker.wait(Duration::from_secs(30));
+    let start = Instant::now();
+    loop {
+        let workers = c.workers().await.unwrap();
+        let w = workers.iter().find(|w| w.heartbeat.worker_id == "w-cli").unwrap();
+        if w.stopped {
+            assert!(!w.lost);
+            assert_eq!(w.liveness(), "stopped");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{w:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli(&["workers", "--queen", &queen.base], &[]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("w-cli stopped"), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -370,7 +370,15 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     let timings = protocol::Timings::default();
     let at = protocol::now_millis();
     let v = protocol::PROTOCOL_VERSION;
-    publish(Event::Completed(protocol::Completed { v, job_id: poison, at, images: vec![image], timings })).await;
+    publish(Event::Completed(protocol::Completed {
+        v,
+        job_id: poison,
+        at,
+        images: vec![image],
+        timings,
+        warnings: vec![],
+    }))
+    .await;
     let long = protocol::Failed {
         v,
         job_id: Uuid::new_v4(),
@@ -387,7 +395,8 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     assert_eq!(status, 202, "{json}");
     let job_id: Uuid = json["job_id"].as_str().unwrap().parse().unwrap();
     let worker_id = "w-poison".to_string();
-    publish(Event::Accepted(protocol::Accepted { v, job_id, at: protocol::now_millis(), worker_id })).await;
+    let model = String::new();
+    publish(Event::Accepted(protocol::Accepted { v, job_id, at: protocol::now_millis(), worker_id, model })).await;
     let start = Instant::now();
     loop {
         let (_, json, _) = queen.request("GET", &format!("/v1/jobs/{job_id}"), b"");

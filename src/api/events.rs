@@ -30,8 +30,15 @@ pub enum ApiEvent {
     },
     /// A small JPEG of the image so far, as a `data:image/jpeg;base64,` URL.
     Preview { job_id: Uuid, step: u32, image: String },
-    /// Every image is stored.
-    Completed { job_id: Uuid, at: u64, images: Vec<ImageResult>, timings: Timings },
+    /// Every image is stored; `warnings` say what the submitter should know (a prompt cut to 77 tokens).
+    Completed {
+        job_id: Uuid,
+        at: u64,
+        images: Vec<ImageResult>,
+        timings: Timings,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
+    },
     /// The job failed; `field` names the offending field of the request, when there is one.
     Failed {
         job_id: Uuid,
@@ -114,7 +121,13 @@ impl ApiEvent {
                 out
             }
             Event::Completed(c) => {
-                vec![ApiEvent::Completed { job_id: c.job_id, at: c.at, images: c.images.clone(), timings: c.timings }]
+                vec![ApiEvent::Completed {
+                    job_id: c.job_id,
+                    at: c.at,
+                    images: c.images.clone(),
+                    timings: c.timings,
+                    warnings: c.warnings.clone(),
+                }]
             }
             Event::Failed(f) => vec![ApiEvent::Failed {
                 job_id: f.job_id,
@@ -133,9 +146,13 @@ impl ApiEvent {
         let at = s.finished_at.unwrap_or(s.updated_at);
         let job_id = s.job_id;
         Some(match s.state {
-            JobState::Completed => {
-                ApiEvent::Completed { job_id, at, images: s.images.clone(), timings: s.timings.unwrap_or_default() }
-            }
+            JobState::Completed => ApiEvent::Completed {
+                job_id,
+                at,
+                images: s.images.clone(),
+                timings: s.timings.unwrap_or_default(),
+                warnings: s.warnings.clone(),
+            },
             JobState::Failed => {
                 let e = s.error.clone();
                 ApiEvent::Failed {

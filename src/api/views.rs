@@ -116,6 +116,9 @@ pub struct JobStatus {
     pub images: Vec<ImageResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    /// What the worker wants the submitter to know (a prompt cut to the text encoder's 77 tokens).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// Steps done when it was cancelled.

@@ -1,30 +1,38 @@
 //! The client commands that go through a queen's HTTP API: `watch`, `cancel`, `fetch`, `jobs`, `workers`
 //! (and `submit --via`). Output is for people, or one JSON document with `--json`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
 use uuid::Uuid;
 
-use crate::api::{QueenClient, SseMessage};
+use crate::api::QueenClient;
 
 /// Where the queen is.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
     /// The queen's base URL.
-    #[arg(long = "queen", env = "SD_RBEE_QUEEN_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(long = "queen", alias = "via", env = "SD_RBEE_QUEEN_URL", default_value = "http://127.0.0.1:8080")]
     pub queen: String,
-    /// A bearer token of the queen's API.
-    #[arg(long, env = "SD_RBEE_API_TOKEN", hide_env_values = true)]
+    /// A bearer token of the queen's API (else SD_RBEE_API_TOKEN, or the first of SD_RBEE_API_TOKENS).
+    #[arg(long, hide_env_values = true)]
     pub token: Option<String>,
 }
 
 impl ApiArgs {
     pub fn client(&self) -> anyhow::Result<QueenClient> {
-        QueenClient::new(&self.queen, self.token.clone())
+        QueenClient::new(&self.queen, api_token(self.token.clone()))
     }
+}
+
+/// The client's token: `--token`, else `SD_RBEE_API_TOKEN`, else the first of the queen's own
+/// `SD_RBEE_API_TOKENS` (so one exported list serves the queen and its clients on one machine).
+pub fn api_token(given: Option<String>) -> Option<String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    given
+        .or_else(|| env("SD_RBEE_API_TOKEN"))
+        .or_else(|| env("SD_RBEE_API_TOKENS")?.split(',').map(str::trim).find(|t| !t.is_empty()).map(String::from))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -52,8 +60,8 @@ pub struct FetchArgs {
     /// Folder to write `<job_id>-<n>.<ext>` into.
     #[arg(long, short = 'o', default_value = ".")]
     pub out: PathBuf,
-    /// Read the images straight from the object store (the fleet's --store URL) instead of the queen.
-    #[arg(long)]
+    /// Read the results straight from the object store (the fleet's --store URL), without asking the queen.
+    #[arg(long, env = "SD_RBEE_STORE_URL")]
     pub store: Option<String>,
 }
 
@@ -84,50 +92,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal) fed by SSE messages.
-pub fn progress_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} step {pos}/{len} [{bar:30}] {elapsed}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_message("queued");
-    bar
-}
-
-pub fn show_on_bar(bar: &indicatif::ProgressBar, m: &SseMessage) {
-    match m.event.as_str() {
-        "started" => bar.set_message(format!("running on {}", m.data["worker_id"].as_str().unwrap_or("?"))),
-        "progress" => {
-            bar.set_length(m.data["total"].as_u64().unwrap_or(0));
-            bar.set_position(m.data["step"].as_u64().unwrap_or(0));
-        }
-        _ => {}
-    }
-}
-
 pub fn watch(args: WatchArgs) -> anyhow::Result<bool> {
     let client = args.api.client()?;
     runtime()?.block_on(async {
-        let bar = (!args.json).then(progress_bar);
-        let last = client
-            .follow(args.job_id, |m| {
-                if args.json {
-                    println!("{}", serde_json::json!({"event": m.event, "data": m.data}));
-                } else if let Some(bar) = &bar {
-                    show_on_bar(bar, m);
-                }
-            })
-            .await?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-            match last.event.as_str() {
-                "completed" => println!("job {} completed", args.job_id),
-                "failed" => eprintln!("job {} failed: {} {}", args.job_id, last.data["code"], last.data["message"]),
-                other => eprintln!("job {} {other}", args.job_id),
-            }
+        if args.json {
+            let last = client
+                .follow(args.job_id, |m| {
+                    println!("{}", serde_json::json!({"event": m.event, "id": m.id, "data": m.data}))
+                })
+                .await?;
+            return Ok(last.event == "completed");
+        }
+        let mut bar = super::follow::JobBar::new(true);
+        let last = super::follow::on_queen(&client, args.job_id, std::time::Duration::MAX, &mut bar).await;
+        bar.finish();
+        let last = last?;
+        match last.event.as_str() {
+            "completed" => println!("job {} completed", args.job_id),
+            "failed" => eprintln!("job {} failed: {} {}", args.job_id, last.data["code"], last.data["message"]),
+            other => eprintln!("job {} {other}", args.job_id),
         }
         Ok(last.event == "completed")
     })
@@ -143,21 +126,38 @@ pub fn cancel(args: CancelArgs) -> anyhow::Result<bool> {
 }
 
 pub fn fetch(args: FetchArgs) -> anyhow::Result<bool> {
-    let client = args.api.client()?;
     runtime()?.block_on(async {
-        let status = client.status(args.job_id).await?;
-        if status.status.images.is_empty() {
-            anyhow::bail!("job {} is {} and has no images", args.job_id, status.status.state.name());
-        }
-        std::fs::create_dir_all(&args.out).with_context(|| format!("-o {}", args.out.display()))?;
-        let store = match &args.store {
-            Some(url) => Some(crate::storage::Store::open(url, &Default::default()).context("--store")?),
-            None => None,
+        // With --store the queen is not asked at all: the job's manifest beside its images lists them.
+        let (images, store) = match &args.store {
+            Some(url) => {
+                let store = crate::storage::Store::open(url, &Default::default()).context("--store")?;
+                let key = crate::protocol::manifest_key(args.job_id);
+                let manifest = match store.get(&key).await {
+                    Ok(bytes) => bytes,
+                    Err(crate::storage::StoreError::NotFound { .. }) => {
+                        anyhow::bail!("job {} has no results in {url} (not completed, or another store)", args.job_id)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let images = match crate::protocol::decode_event(&manifest)? {
+                    crate::protocol::Event::Completed(c) => c.images,
+                    other => anyhow::bail!("{key} holds a {} event, not the job's results", other.type_name()),
+                };
+                (images, Some(store))
+            }
+            None => {
+                let status = args.api.client()?.status(args.job_id).await?;
+                if status.status.images.is_empty() {
+                    anyhow::bail!("job {} is {} and has no images", args.job_id, status.status.state.name());
+                }
+                (status.status.images, None)
+            }
         };
-        for image in &status.status.images {
+        std::fs::create_dir_all(&args.out).with_context(|| format!("-o {}", args.out.display()))?;
+        for image in &images {
             let bytes = match &store {
                 Some(store) => store.get(&image.key).await?.to_vec(),
-                None => client.image(args.job_id, image.index).await?,
+                None => args.api.client()?.image(args.job_id, image.index).await?,
             };
             let ext = image.key.rsplit('.').next().unwrap_or("png");
             let path = args.out.join(format!("{}-{}.{ext}", args.job_id, image.index));

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::device::{parse_dtype, DeviceSpec};
 
 pub mod bench;
+pub mod follow;
 pub mod generate;
 pub mod jobs;
 pub mod models;

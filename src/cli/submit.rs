@@ -1,13 +1,15 @@
-//! `sd-rbee submit`: publish one job on the bus; with `--wait`, follow its events to the end (a progress
-//! bar on stderr) and print the result, as one JSON object with `--json`.
+//! `sd-rbee submit`: publish one job on the bus, or submit it through a queen; with `--wait`, follow it to
+//! the end (progress and what it waits for on stderr) and print the result, as one JSON object with `--json`.
+//! An explicit `--nats` or `--queen` decides the path; without one, `SD_RBEE_QUEEN_URL` then
+//! `SD_RBEE_NATS_URL` do; the path taken is said on stderr.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 
+use super::follow::{self, JobBar};
 use super::parse_duration;
 use crate::api::JobSubmission;
 use crate::bus::BusClient;
@@ -17,9 +19,13 @@ use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest
 
 #[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
-    /// NATS server URL.
-    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    /// Publish straight onto the bus at this NATS URL (else SD_RBEE_NATS_URL, when SD_RBEE_QUEEN_URL is not set;
+    /// default nats://127.0.0.1:4222).
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// Submit through the queen at this base URL (e.g. http://127.0.0.1:8080; else SD_RBEE_QUEEN_URL).
+    #[arg(long, alias = "via")]
+    pub queen: Option<String>,
     /// Subject prefix of the fleet.
     #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
     pub prefix: String,
@@ -88,12 +94,33 @@ pub struct SubmitArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Submit through a queen's HTTP API (e.g. http://127.0.0.1:8080) instead of straight onto NATS.
-    #[arg(long, env = "SD_RBEE_QUEEN_URL")]
-    pub via: Option<String>,
-    /// A bearer token of the queen's API (with --via).
-    #[arg(long, env = "SD_RBEE_API_TOKEN", hide_env_values = true)]
+    /// A bearer token of the queen's API (with --queen; else SD_RBEE_API_TOKEN, or the first of
+    /// SD_RBEE_API_TOKENS).
+    #[arg(long, hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// Where a job goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Bus { url: String, from: &'static str },
+    Queen { url: String, from: &'static str },
+}
+
+/// The path a job takes: an explicit flag over the environment; both flags at once is an error.
+fn route(args: &SubmitArgs, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Route> {
+    Ok(match (&args.nats, &args.queen) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("--nats and --queen both given: a job goes either onto the bus or through the queen")
+        }
+        (Some(url), None) => Route::Bus { url: url.clone(), from: "--nats" },
+        (None, Some(url)) => Route::Queen { url: url.clone(), from: "--queen" },
+        (None, None) => match (env("SD_RBEE_QUEEN_URL"), env("SD_RBEE_NATS_URL")) {
+            (Some(url), _) => Route::Queen { url, from: "SD_RBEE_QUEEN_URL" },
+            (None, Some(url)) => Route::Bus { url, from: "SD_RBEE_NATS_URL" },
+            (None, None) => Route::Bus { url: "nats://127.0.0.1:4222".into(), from: "the default" },
+        },
+    })
 }
 
 /// `NAME[:SCALE]`: a catalogue name, the scale after the last `:` (default 1.0).
@@ -106,9 +133,9 @@ fn parse_lora_ref(spec: &str) -> Result<protocol::LoraRef, String> {
     Ok(protocol::LoraRef { name: name.to_string(), scale })
 }
 
-/// `submit --via`: through the queen; the final status as JSON with each image's key and URL.
+/// Through the queen; the final status as JSON with each image's key and URL.
 fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bool> {
-    let client = crate::api::QueenClient::new(base, args.token.clone())?;
+    let client = crate::api::QueenClient::new(base, super::jobs::api_token(args.token.clone()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let accepted = client.submit(&JobSubmission::from(job), args.idempotency_key.as_deref()).await?;
@@ -121,11 +148,10 @@ fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bo
             }
             return Ok(true);
         }
-        let bar = super::jobs::progress_bar();
-        let last = tokio::time::timeout(args.timeout, client.follow(id, |m| super::jobs::show_on_bar(&bar, m)))
-            .await
-            .with_context(|| format!("job {id} did not finish within {} s", args.timeout.as_secs()))??;
-        bar.finish_and_clear();
+        let mut bar = JobBar::new(true);
+        let last = follow::on_queen(&client, id, args.timeout, &mut bar).await;
+        bar.finish();
+        let last = last?;
         // The status record follows the events by a moment.
         let mut status = client.status(id).await?;
         for _ in 0..50 {
@@ -201,12 +227,17 @@ fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
     let job = job_of(&args)?;
-    if let Some(base) = &args.via {
-        return run_via(base, &job, &args);
-    }
+    let (nats, from) = match route(&args, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))? {
+        Route::Queen { url, from } => {
+            eprintln!("submitting through the queen at {url} ({from})");
+            return run_via(&url, &job, &args);
+        }
+        Route::Bus { url, from } => (url, from),
+    };
+    eprintln!("publishing on the bus at {nats} ({from})");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let client = BusClient::connect(&args.nats, &args.prefix).await.context("--nats")?;
+        let client = BusClient::connect(&nats, &args.prefix).await.with_context(|| format!("--nats {nats}"))?;
         client.submit(&job).await?;
         if !args.wait {
             if args.json {
@@ -216,25 +247,10 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
             }
             return Ok(true);
         }
-        let bar = (!args.json || std::io::stderr().is_terminal()).then(super::jobs::progress_bar);
-        let last = client
-            .wait(job.id, args.timeout, |event| {
-                if let Some(bar) = &bar {
-                    match event {
-                        Event::Accepted(a) => bar.set_message(format!("running on {}", a.worker_id)),
-                        Event::Progress(p) => {
-                            bar.set_length(p.total as u64);
-                            bar.set_position(p.step as u64);
-                        }
-                        _ => {}
-                    }
-                }
-            })
-            .await?;
-        if let Some(bar) = &bar {
-            bar.finish_and_clear();
-        }
-        report(&job, &last, args.json)
+        let mut bar = JobBar::new(true);
+        let last = follow::on_bus(&client, job.id, &job.model, args.timeout, &mut bar).await;
+        bar.finish();
+        report(&job, &last?, args.json)
     })
 }
 
@@ -247,6 +263,7 @@ fn report(job: &JobRequest, last: &Event, json: bool) -> anyhow::Result<bool> {
             Event::Completed(c) => {
                 value["images"] = serde_json::to_value(&c.images)?;
                 value["timings"] = serde_json::to_value(c.timings)?;
+                value["warnings"] = serde_json::to_value(&c.warnings)?;
             }
             Event::Failed(f) => {
                 value["error"] = serde_json::json!({"code": f.code, "message": f.message, "field": f.field});
@@ -258,6 +275,9 @@ fn report(job: &JobRequest, last: &Event, json: bool) -> anyhow::Result<bool> {
     } else {
         match last {
             Event::Completed(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 for i in &c.images {
                     println!(
                         "{} (seed {}, {}x{}, {} bytes){}",
@@ -276,4 +296,41 @@ fn report(job: &JobRequest, last: &Event, json: bool) -> anyhow::Result<bool> {
         }
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(flags: &[&str]) -> SubmitArgs {
+        let mut argv = vec!["sd-rbee", "submit", "-m", "tiny", "-p", "x"];
+        argv.extend(flags);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Submit(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn an_explicit_flag_wins_over_the_environment() {
+        let env = |k: &str| match k {
+            "SD_RBEE_QUEEN_URL" => Some("http://queen:8080".to_string()),
+            "SD_RBEE_NATS_URL" => Some("nats://env:4222".to_string()),
+            _ => None,
+        };
+        let bus = |url: &str, from| Route::Bus { url: url.into(), from };
+        assert_eq!(route(&args(&["--nats", "nats://mine:4222"]), env).unwrap(), bus("nats://mine:4222", "--nats"));
+        let queen = route(&args(&["--via", "http://q:1"]), env).unwrap();
+        assert_eq!(queen, Route::Queen { url: "http://q:1".into(), from: "--queen" }, "--via is --queen");
+        assert_eq!(
+            route(&args(&[]), env).unwrap(),
+            Route::Queen { url: "http://queen:8080".into(), from: "SD_RBEE_QUEEN_URL" }
+        );
+        let only_nats = |k: &str| (k == "SD_RBEE_NATS_URL").then(|| "nats://env:4222".to_string());
+        assert_eq!(route(&args(&[]), only_nats).unwrap(), bus("nats://env:4222", "SD_RBEE_NATS_URL"));
+        assert_eq!(route(&args(&[]), |_| None).unwrap(), bus("nats://127.0.0.1:4222", "the default"));
+        let err = route(&args(&["--nats", "nats://a:1", "--queen", "http://b:2"]), env).unwrap_err().to_string();
+        assert!(err.contains("--nats and --queen"), "{err}");
+    }
 }

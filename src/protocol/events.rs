@@ -71,6 +71,9 @@ pub struct Accepted {
     pub job_id: Uuid,
     pub at: u64,
     pub worker_id: String,
+    /// The job's model (so a job published on the bus without the queen is listed with it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
 }
 
 /// A denoising step finished.
@@ -170,7 +173,17 @@ pub struct Completed {
     pub at: u64,
     pub images: Vec<ImageResult>,
     pub timings: Timings,
+    /// What the submitter should know about how the job ran (a prompt cut to the text encoder's 77 tokens),
+    /// at most [`MAX_WARNINGS`] of at most [`MAX_WARNING_BYTES`] each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// The most warnings a `completed` event carries.
+pub const MAX_WARNINGS: usize = 8;
+
+/// The most bytes of one warning.
+pub const MAX_WARNING_BYTES: usize = 512;
 
 /// The job failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

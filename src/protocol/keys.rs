@@ -15,6 +15,12 @@ pub fn result_key(job_id: Uuid, index: u32, ext: &str) -> String {
     format!("{RESULTS_PREFIX}{job_id}/{index}.{ext}")
 }
 
+/// `jobs/<job_id>/completed.msgpack`: where a finished job's `completed` event is kept, beside its images
+/// (MessagePack, like on the bus). Its presence means every image of the job is stored.
+pub fn manifest_key(job_id: Uuid) -> String {
+    format!("{}completed.msgpack", result_prefix(job_id))
+}
+
 /// The parts of a result key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResultKey {

@@ -46,12 +46,12 @@ pub use codec::{decode_cancel, decode_event, decode_heartbeat, decode_job, encod
 pub use error::{cut, quoted, truncate, ErrorCode, ProtocolError, MAX_ECHO_CHARS, MAX_ERROR_MESSAGE_BYTES};
 pub use events::{
     Accepted, CancelRequest, Cancelled, Completed, Event, Failed, Heartbeat, ImageResult, JobPhase, Progress, Timings,
-    WorkerState,
+    WorkerState, MAX_WARNINGS, MAX_WARNING_BYTES,
 };
 pub use job::{
     ImageSource, JobKind, JobRequest, LoraRef, OutputFormat, MAX_HEARTBEAT_LORAS, MAX_LORAS_PER_JOB, MAX_LORA_SCALE,
 };
-pub use keys::{parse_result_key, result_key, result_prefix, ResultKey};
+pub use keys::{manifest_key, parse_result_key, result_key, result_prefix, ResultKey};
 pub use subjects::{validate_model_name, validate_subject_token, validate_worker_id, Subjects};
 pub use validate::{validate_lora_name, validate_object_key, Limits};
 

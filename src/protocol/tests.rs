@@ -150,7 +150,7 @@ fn events() -> Vec<Event> {
     progress.eta_ms = Some(1500);
     progress.preview_jpeg = Some(vec![0xff, 0xd8, 0xff, 0xd9]);
     vec![
-        Event::Accepted(Accepted { v: 1, job_id: id(), at: 10, worker_id: "gpu-7".into() }),
+        Event::Accepted(Accepted { v: 1, job_id: id(), at: 10, worker_id: "gpu-7".into(), model: "xl".into() }),
         Event::Progress(progress),
         Event::Progress(Progress::new(id(), 1, 20, 12)),
         Event::Completed(Completed {
@@ -168,6 +168,7 @@ fn events() -> Vec<Event> {
                 content_type: "image/png".into(),
             }],
             timings: Timings { queue_ms: 1, lora_ms: 0, load_ms: 0, generation_ms: 2, upload_ms: 3, total_ms: 6 },
+            warnings: vec!["the prompt was cut to the text encoder's 77 tokens".into()],
         }),
         Event::Failed(Failed {
             v: 1,

@@ -29,6 +29,7 @@ impl JobStatus {
             progress: None,
             images: Vec::new(),
             timings: None,
+            warnings: Vec::new(),
             error: None,
             cancelled_at_step: None,
             request: Some(RequestSummary {
@@ -69,6 +70,10 @@ impl JobStatus {
             // Anyone on the bus can publish events: a worker id that is no subject token is not kept.
             Event::Accepted(a) if crate::protocol::validate_worker_id(&a.worker_id).is_err() => return false,
             Event::Accepted(a) => {
+                // A job published without the queen learns its model from the worker that took it.
+                if self.model.is_empty() && crate::protocol::validate_model_name(&a.model).is_ok() {
+                    self.model = a.model.clone();
+                }
                 self.state = JobState::Running;
                 self.worker_id = Some(a.worker_id.clone());
                 self.started_at.get_or_insert(a.at);
@@ -88,6 +93,13 @@ impl JobStatus {
             Event::Completed(c) => {
                 self.state = JobState::Completed;
                 self.images = c.images.clone();
+                // Anyone on the bus can publish events: what the record keeps of one is bounded.
+                self.warnings = c
+                    .warnings
+                    .iter()
+                    .take(crate::protocol::MAX_WARNINGS)
+                    .map(|w| crate::protocol::truncate(w, crate::protocol::MAX_WARNING_BYTES).to_string())
+                    .collect();
                 self.timings = Some(c.timings);
                 self.finished_at = Some(c.at);
                 if let Some(p) = &mut self.progress {
@@ -339,7 +351,7 @@ mod tests {
     use crate::protocol::{Accepted, Cancelled, Completed, ErrorCode, Failed, Progress, Timings, PROTOCOL_VERSION};
 
     fn accepted(id: Uuid, at: u64, w: &str) -> Event {
-        Event::Accepted(Accepted { v: PROTOCOL_VERSION, job_id: id, at, worker_id: w.into() })
+        Event::Accepted(Accepted { v: PROTOCOL_VERSION, job_id: id, at, worker_id: w.into(), model: "tiny".into() })
     }
 
     #[test]
@@ -359,6 +371,7 @@ mod tests {
             at: job.created_at + 30,
             images: vec![],
             timings: Timings::default(),
+            warnings: vec!["the prompt was cut".into()],
         };
         assert!(s.apply(&Event::Completed(done)));
         assert_eq!(s.state, JobState::Completed);
@@ -373,6 +386,25 @@ mod tests {
         assert!(!s.apply(&Event::Failed(failed)));
         assert!(!s.apply(&Event::Cancelled(Cancelled { v: 1, job_id: job.id, at: 1, at_step: None })));
         assert_eq!(s.state, JobState::Completed);
+    }
+
+    #[test]
+    fn a_bus_job_learns_its_model_and_keeps_bounded_warnings() {
+        let id = Uuid::new_v4();
+        let mut s = JobStatus::unknown(id, 5);
+        assert!(s.apply(&accepted(id, 10, "w1")));
+        assert_eq!(s.model, "tiny", "named by the worker that took it");
+        let done = Completed {
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at: 20,
+            images: vec![],
+            timings: Timings::default(),
+            warnings: vec!["w".repeat(10_000); 100],
+        };
+        assert!(s.apply(&Event::Completed(done)));
+        assert_eq!(s.warnings.len(), crate::protocol::MAX_WARNINGS);
+        assert!(s.warnings.iter().all(|w| w.len() <= crate::protocol::MAX_WARNING_BYTES));
     }
 
     #[test]

@@ -12,13 +12,7 @@ use uuid::Uuid;
 use super::dead_letter::{dead_letter_payload, DeadLetterError};
 use super::policy::{Counter, Delivery, Plan, Settle};
 use super::Shared;
-use crate::protocol::{self, Completed, Event};
-
-/// Where a finished job's `completed` event is kept, beside its images: its presence means every image of
-/// the job is stored.
-pub fn manifest_key(job_id: Uuid) -> String {
-    format!("{}completed.msgpack", protocol::result_prefix(job_id))
-}
+use crate::protocol::{self, manifest_key, Completed, Event};
 
 /// The message a plan settles: one delivered to this worker, or one JetStream no longer delivers (read
 /// from the stream by its sequence, after a max-deliveries advisory), which ack and term delete.

@@ -10,14 +10,14 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::control::{StopHandle, StopReason};
-use super::effects::{manifest_key, publish_event};
+use super::effects::publish_event;
 use super::policy::{Delivery, Outcome};
 use super::Shared;
 use crate::diffusion::{GenerateError, SchedulerKind, StepInfo, TimestepSpacing};
 use crate::generation::{self, LoadedModel, Params};
 use crate::protocol::{
-    self, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress, ProtocolError,
-    Timings, PROTOCOL_VERSION,
+    self, manifest_key, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress,
+    ProtocolError, Timings, PROTOCOL_VERSION,
 };
 
 /// Why a delivery did not complete.
@@ -180,7 +180,7 @@ pub(super) async fn generate_and_store(
     let gen_loaded = loaded.clone();
     let limits = shared.config.limits.clone();
     let started = Instant::now();
-    let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64), GenerateError> {
+    let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64, Vec<String>), GenerateError> {
         let sd = &gen_loaded.pipeline;
         let prepared = generation::prepare(sd, gen_loaded.entry, params)?;
         // A job without a size takes the model's, which the limits must allow too.
@@ -192,9 +192,7 @@ pub(super) async fn generate_and_store(
                 e.message
             ),
         })?;
-        for w in &prepared.warnings {
-            tracing::warn!("{w}");
-        }
+        let mut warnings: Vec<String> = prepared.warnings.iter().map(ToString::to_string).collect();
         let mut on_step = |info: &StepInfo| {
             if !step_delay.is_zero() {
                 std::thread::sleep(step_delay);
@@ -209,7 +207,8 @@ pub(super) async fn generate_and_store(
             let _ = tx.send(Step { step: info.step as u32, total: info.total as u32, elapsed: info.elapsed, preview });
         };
         let output = sd.generate(&prepared.request, &mut on_step, Some(&flag))?;
-        for w in &output.warnings {
+        warnings.extend(output.warnings.iter().map(ToString::to_string));
+        for w in &warnings {
             tracing::warn!("{w}");
         }
         let finals = prepared.finish(&output)?;
@@ -222,7 +221,7 @@ pub(super) async fn generate_and_store(
                 Ok(Encoded { bytes, seed: img.seed, width: w as u32, height: h as u32 })
             })
             .collect::<Result<_, GenerateError>>()?;
-        Ok((encoded, output.timings.lora_ms))
+        Ok((encoded, output.timings.lora_ms, warnings))
     });
 
     // Forward progress while it runs; stop it at the deadline or the worker's time limit.
@@ -253,7 +252,7 @@ pub(super) async fn generate_and_store(
         publish_progress(shared, job.id, &step, delivered).await;
     }
     let generation_ms = started.elapsed().as_millis() as u64;
-    let (encoded, lora_ms) = match result {
+    let (encoded, lora_ms, warnings) = match result {
         Ok(Ok(done)) => done,
         Ok(Err(GenerateError::Cancelled { completed, .. })) => {
             let reason = stop.reason().unwrap_or(StopReason::Cancelled);
@@ -315,6 +314,11 @@ pub(super) async fn generate_and_store(
             upload_ms,
             total_ms: at.saturating_sub(job.created_at),
         },
+        warnings: warnings
+            .iter()
+            .take(protocol::MAX_WARNINGS)
+            .map(|w| protocol::truncate(w, protocol::MAX_WARNING_BYTES).to_string())
+            .collect(),
     };
     let manifest = protocol::encode(&Event::Completed(completed.clone()));
     shared

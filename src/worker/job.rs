@@ -97,6 +97,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         job_id,
         at: now_millis(),
         worker_id: shared.worker_id.clone(),
+        model: model.clone(),
     });
     publish_event(&shared, &accepted, delivered).await;
 

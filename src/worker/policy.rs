@@ -247,8 +247,14 @@ mod tests {
     #[test]
     fn every_outcome_has_its_plan() {
         let id = Uuid::new_v4();
-        let completed =
-            Completed { v: PROTOCOL_VERSION, job_id: id, at: NOW, images: vec![], timings: Timings::default() };
+        let completed = Completed {
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at: NOW,
+            images: vec![],
+            timings: Timings::default(),
+            warnings: vec![],
+        };
         let invalid = ProtocolError::invalid("width", "must be a positive multiple of 8, got 7");
         let transient = || Outcome::Transient { job_id: id, code: ErrorCode::Storage, message: "store down".into() };
         let nak = |secs| Settle::Nak(Some(Duration::from_secs(secs)));

@@ -22,10 +22,9 @@ pub async fn start_queen(
     env: &[(String, String)],
     tweak: impl FnOnce(&mut QueenConfig),
 ) -> QueenProcess {
-    for (k, v) in env {
-        std::env::set_var(k, v);
-    }
     let mut config = QueenConfig::new(nats, store, "127.0.0.1:0".parse().unwrap());
+    // The store's credentials go in its options, not the environment of the test's other threads.
+    config.store.settings = env.to_vec();
     config.api.tokens = vec![TOKEN.into(), OTHER_TOKEN.into()];
     config.worker_lost_after = Duration::from_secs(3);
     tweak(&mut config);
