@@ -124,22 +124,17 @@ fn init_tracing(level: &str, json: bool) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
-/// A duration such as `30s`, `500ms`, `2m`, `1h` or a plain number of seconds (`1.5`).
+/// A duration such as `30s`, `500ms`, `2m`, `1h 30m`, `7d` (humantime's syntax) or a plain number of
+/// seconds (`1.5`).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m or h)")),
-    };
-    // try_from: a number of days past u64 seconds is an error, not a panic.
-    std::time::Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a duration we can wait for"))
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let seconds: f64 = t.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+        // try_from: a number of seconds past what a Duration holds is an error, not a panic.
+        return std::time::Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text:?} is not a duration we can wait for"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m, 1h 30m): {e}"))
 }
 
 /// The log level: the one given, else `info` for the long-running services (they log what they do) and
@@ -221,6 +216,26 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        use std::time::Duration;
+        for (text, want) in [
+            ("30s", Duration::from_secs(30)),
+            ("500ms", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("7d", Duration::from_secs(7 * 86400)),
+            ("1.5", Duration::from_millis(1500)),
+            ("15", Duration::from_secs(15)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "soon", "5 parsecs", "1e999", "-3s"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
 
     #[test]
     fn an_explicit_log_level_wins_over_the_service_default() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Result};
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::resolve::resolve_pipeline;
+use super::pipeline::resolve_pipeline;
 
 /// One repo revision in the hf-hub cache (`<cache>/models--owner--name/`).
 pub(super) struct CachedRepo {

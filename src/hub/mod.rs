@@ -11,7 +11,7 @@
 //!
 //! Offline (`--offline` / `HF_HUB_OFFLINE=1`) nothing touches the network: the same files are
 //! looked up in the cache, and a missing one is a clear error. The file selection is one
-//! function ([`resolve_pipeline`](resolve::resolve_pipeline)) fed by a `fetch(file)` closure, so the online and offline
+//! function ([`resolve_pipeline`](pipeline::resolve_pipeline)) fed by a `fetch(file)` closure, so the online and offline
 //! paths differ only in that closure.
 //!
 //! # Layout
@@ -19,8 +19,8 @@
 //! - `registry`: the built-in short names and their generation defaults ([`RegistryEntry`]).
 //! - `model_ref`: parsing a `--model` value ([`ModelRef`]) and validating repo ids and revisions.
 //! - `options`: [`HubOptions`] from the environment (offline, cache folder, token).
-//! - `resolve`: resolving a model to a pipeline folder ([`resolve()`]), and which files of each
-//!   pipeline component are fetched.
+//! - `resolve`: resolving a model to a pipeline folder ([`resolve()`]).
+//! - `pipeline`: which files of each pipeline component are fetched (pure over a `fetch(file)` closure).
 //! - `cache`: one repo revision in the hf-hub cache (lookups, missing-file errors, offline resolution).
 //! - `online`: the Hub client, its HTTP failures, the repo info request and online resolution.
 //! - [`lora`]: LoRAs on the Hub.
@@ -32,6 +32,7 @@ mod cache;
 mod model_ref;
 mod online;
 mod options;
+mod pipeline;
 mod registry;
 mod resolve;
 #[cfg(test)]

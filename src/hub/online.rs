@@ -11,7 +11,7 @@ use hf_hub::Cache;
 
 use super::cache::CachedRepo;
 use super::options::HubOptions;
-use super::resolve::resolve_pipeline;
+use super::pipeline::resolve_pipeline;
 
 /// An HTTP error answer from the Hub.
 pub(super) struct HttpFailure {

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::cache::CachedRepo;
 use super::model_ref::validate_repo_id;
 use super::online::{resolve_online, HttpFailure};
-use super::resolve::{component_files, pipeline_components, resolve_pipeline, ComponentKind, FilePlan};
+use super::pipeline::{component_files, pipeline_components, resolve_pipeline, ComponentKind, FilePlan};
 use crate::diffusion::weights::{weight_layouts, WeightLayout};
 
 pub(crate) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
