@@ -162,7 +162,9 @@ impl Jobs {
                 return Err(JobsError::Unavailable(e.context("cannot queue the job")));
             }
         };
-        claim.map(IdempotencyClaim::keep);
+        if let Some(claim) = claim {
+            claim.keep();
+        }
         let record = |s: &mut JobStatus| {
             s.stream_seq = Some(seq);
             true
