@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::queen::{client, follow, names, start_queen, tiny, wait_state, TOKEN};
+use common::queen::{cli, client, follow, names, start_queen, tiny, wait_state, TOKEN};
 use common::servers::{NatsServer, WorkerProcess};
 use futures::StreamExt;
 use sd_rbee::api::{ApiError, ApiErrorCode, JobSubmission, QueenClient, SseMessage};
@@ -229,23 +229,6 @@ async fn a_job_without_a_size_runs_at_the_models_default_size() {
     let last = bus.wait(job.id, Duration::from_secs(60), |_| {}).await.unwrap();
     let sd_rbee::protocol::Event::Completed(done) = last else { panic!("{last:?}") };
     assert_eq!((done.images[0].width, done.images[0].height), (native, native));
-}
-
-async fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
-            .args(&args)
-            .envs(env)
-            .env("SD_RBEE_API_TOKEN", TOKEN)
-            .env_remove("SD_RBEE_QUEEN_URL")
-            .env_remove("SD_RBEE_NATS_URL")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

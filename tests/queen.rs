@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::queen::{client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
+use common::queen::{cli, client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, S3Server, WorkerProcess};
 use sd_rbee::api::{ApiError, QueenClient};
 use uuid::Uuid;
@@ -467,19 +467,6 @@ async fn load_test_hundreds_of_jobs_complete_exactly_once() {
     );
 }
 
-/// `sd-rbee` with `args` (a child process; blocking work off the async threads).
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
-            .args(&args)
-            .env("SD_RBEE_API_TOKEN", TOKEN)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_submits_watches_fetches_and_lists_through_the_queen() {
     let nats = NatsServer::start();
@@ -488,29 +475,31 @@ async fn the_cli_submits_watches_fetches_and_lists_through_the_queen() {
     let _worker = WorkerProcess::start("w-cli", &nats.url(), &store_url, &[], &[]);
     let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
     wait_for_fleet(&client(&queen)).await;
-    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
 
-    let out = cli(s(&[
-        "submit",
-        "--via",
-        &queen.base,
-        "--model",
-        "tiny",
-        "--prompt",
-        "a kite",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "3",
-        "--seed",
-        "9",
-        "--idempotency-key",
-        "cli-1",
-        "--wait",
-        "--json",
-    ]))
+    let out = cli(
+        &[
+            "submit",
+            "--via",
+            &queen.base,
+            "--model",
+            "tiny",
+            "--prompt",
+            "a kite",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--seed",
+            "9",
+            "--idempotency-key",
+            "cli-1",
+            "--wait",
+            "--json",
+        ],
+        &[],
+    )
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -519,7 +508,7 @@ async fn the_cli_submits_watches_fetches_and_lists_through_the_queen() {
     assert_eq!(result["images"][0]["key"], format!("jobs/{id}/0.png"));
     assert_eq!(result["images"][0]["url"], format!("/v1/jobs/{id}/images/0"));
 
-    let out = cli(s(&["watch", &id, "--queen", &queen.base, "--json"])).await;
+    let out = cli(&["watch", &id, "--queen", &queen.base, "--json"], &[]).await;
     assert!(out.status.success());
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -527,15 +516,15 @@ async fn the_cli_submits_watches_fetches_and_lists_through_the_queen() {
     assert_eq!(lines.last().unwrap()["event"], "completed");
 
     let dir = tempfile::tempdir().unwrap();
-    let out = cli(s(&["fetch", &id, "--queen", &queen.base, "-o", dir.path().to_str().unwrap()])).await;
+    let out = cli(&["fetch", &id, "--queen", &queen.base, "-o", dir.path().to_str().unwrap()], &[]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let fetched = std::fs::read(dir.path().join(format!("{id}-0.png"))).unwrap();
     assert_eq!(fetched, std::fs::read(store.path().join(format!("jobs/{id}/0.png"))).unwrap());
 
-    let out = cli(s(&["jobs", "--queen", &queen.base, "--state", "completed", "--json"])).await;
+    let out = cli(&["jobs", "--queen", &queen.base, "--state", "completed", "--json"], &[]).await;
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list["total"], 1);
-    let out = cli(s(&["workers", "--queen", &queen.base])).await;
+    let out = cli(&["workers", "--queen", &queen.base], &[]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("w-cli"));
 
     // Without a token the CLI says what went wrong, and fails.

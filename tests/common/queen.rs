@@ -88,3 +88,22 @@ pub async fn wait_state(c: &QueenClient, id: Uuid, state: &str) -> sd_rbee::api:
 pub fn names(events: &[SseMessage]) -> Vec<&str> {
     events.iter().map(|e| e.event.as_str()).collect()
 }
+
+/// `sd-rbee` with `args` and `env` (a child process; blocking work off the async threads), with the test
+/// token and none of the caller's queen or NATS URLs in its environment.
+pub async fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(&args)
+            .envs(env)
+            .env("SD_RBEE_API_TOKEN", TOKEN)
+            .env_remove("SD_RBEE_QUEEN_URL")
+            .env_remove("SD_RBEE_NATS_URL")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
