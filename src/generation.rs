@@ -137,6 +137,44 @@ impl Params {
     }
 }
 
+/// A bus job's parameters: its scheduler and spacing names checked (an unknown one is an error naming the
+/// field), its seed fixed (derived from its id when it gives none), its sizes left to the model when absent.
+/// Its images are the caller's to read (they may be in the object store).
+impl TryFrom<&crate::protocol::JobRequest> for Params {
+    type Error = crate::protocol::ProtocolError;
+
+    fn try_from(job: &crate::protocol::JobRequest) -> Result<Self, Self::Error> {
+        use crate::protocol::ProtocolError;
+        let mut p = Params::new(job.prompt.clone());
+        p.negative_prompt = job.negative_prompt.clone();
+        p.width = job.width.map(|w| w as usize);
+        p.height = job.height.map(|h| h as usize);
+        p.steps = job.steps.map(|s| s as usize);
+        p.guidance = job.guidance;
+        p.scheduler = job
+            .scheduler
+            .as_deref()
+            .map(str::parse::<SchedulerKind>)
+            .transpose()
+            .map_err(|e| ProtocolError::invalid("scheduler", e))?;
+        p.timestep_spacing = job
+            .timestep_spacing
+            .as_deref()
+            .map(str::parse::<TimestepSpacing>)
+            .transpose()
+            .map_err(|e| ProtocolError::invalid("timestep_spacing", e))?;
+        p.seed = Some(job.seed_or_derived());
+        p.num_images = job.num_images as usize;
+        p.strength = job.strength_or_default();
+        p.mask_blur = job.mask_blur as f32;
+        p.invert_mask = job.invert_mask;
+        p.paste_back = Some(job.paste_back);
+        p.resize = job.resize_mode;
+        p.clip_skip = job.clip_skip.map(|s| s as usize);
+        Ok(p)
+    }
+}
+
 /// A request ready for [`StableDiffusion::generate`], and what [`Prepared::finish`] needs afterwards.
 pub struct Prepared {
     pub request: GenerationRequest,

@@ -229,6 +229,21 @@ async fn a_job_without_a_size_runs_at_the_models_default_size() {
     let last = bus.wait(job.id, Duration::from_secs(60), |_| {}).await.unwrap();
     let sd_rbee::protocol::Event::Completed(done) = last else { panic!("{last:?}") };
     assert_eq!((done.images[0].width, done.images[0].height), (native, native));
+
+    // An img2img job without a size takes its init image's, which the limits must allow: a 4160-pixel-wide
+    // picture (a small PNG) is refused naming the image, before anything is loaded or converted.
+    let mut png = Vec::new();
+    image::RgbImage::new(4160, 16).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let mut wide = sd_rbee::protocol::JobRequest::new(sd_rbee::protocol::JobKind::Img2Img, "xl", "a kite");
+    wide.init_image = Some(sd_rbee::protocol::ImageSource::Inline(png));
+    bus.submit(&wide).await.unwrap();
+    let last = bus.wait(wide.id, Duration::from_secs(60), |_| {}).await.unwrap();
+    let sd_rbee::protocol::Event::Failed(failed) = last else { panic!("{last:?}") };
+    assert_eq!(
+        (failed.code, failed.field.as_deref()),
+        (sd_rbee::protocol::ErrorCode::InvalidRequest, Some("init_image"))
+    );
+    assert!(failed.message.contains("4160×16"), "{}", failed.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,9 @@ impl SseMessage {
     }
 }
 
+/// The longest an ordinary request (not an event stream) may take, body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The queen's HTTP API.
 #[derive(Clone)]
 pub struct QueenClient {
@@ -56,6 +59,11 @@ impl QueenClient {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.streaming(method, path).timeout(REQUEST_TIMEOUT)
+    }
+
+    /// A request without a time limit on its body (a stream of events).
+    fn streaming(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
@@ -137,7 +145,7 @@ impl QueenClient {
         job_id: Uuid,
         last_event_id: Option<&str>,
     ) -> anyhow::Result<impl Stream<Item = anyhow::Result<SseMessage>>> {
-        let mut r = self.request(reqwest::Method::GET, &format!("/v1/jobs/{job_id}/events"));
+        let mut r = self.streaming(reqwest::Method::GET, &format!("/v1/jobs/{job_id}/events"));
         if let Some(id) = last_event_id {
             r = r.header("Last-Event-ID", id);
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use uuid::Uuid;
 
-use crate::api::{QueenClient, SseMessage};
+use crate::api::{ApiEvent, QueenClient};
 use crate::bus::BusClient;
 use crate::protocol::{self, Event};
 
@@ -140,55 +140,80 @@ pub async fn on_bus(
 }
 
 /// Follows a job submitted through the queen to its terminal event; while it is queued, asks the queen for
-/// its queue position and whether a live worker serves its model.
+/// its queue position and whether a live worker serves its model. A stream that breaks (the queen restarts)
+/// is taken up again after the last event seen (`Last-Event-ID`), a few times.
 pub async fn on_queen(
     client: &QueenClient,
     job_id: Uuid,
     timeout: Duration,
     bar: &mut JobBar,
-) -> anyhow::Result<SseMessage> {
-    let events = client.events(job_id, None).await?;
-    tokio::pin!(events);
-    let (start, mut running) = (Instant::now(), false);
+) -> anyhow::Result<ApiEvent> {
+    const RECONNECTS: u32 = 5;
+    let (start, mut running, mut last_id, mut reconnects) = (Instant::now(), false, None::<String>, 0);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
-        tokio::select! {
-            message = events.next() => match message {
-                Some(message) => {
-                    let message = message?;
-                    match message.event.as_str() {
-                        "started" => {
-                            running = true;
-                            bar.started(message.data["worker_id"].as_str().unwrap_or("?"));
+        let events = match client.events(job_id, last_id.as_deref()).await {
+            Ok(events) => events,
+            Err(e) if reconnects < RECONNECTS && last_id.is_some() && !is_refusal(&e) => {
+                reconnects += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracing::debug!(error = %e, "reconnecting to the job's events");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        tokio::pin!(events);
+        loop {
+            tokio::select! {
+                message = events.next() => match message {
+                    Some(Ok(message)) => {
+                        last_id = Some(message.id.clone());
+                        // An event this build does not know (a newer queen) is skipped.
+                        let Some(event) = message.typed()? else { continue };
+                        match &event {
+                            ApiEvent::Started { worker_id, .. } => {
+                                running = true;
+                                bar.started(worker_id);
+                            }
+                            ApiEvent::Progress { phase: Some(_), .. } => bar.waiting("loading the model".into()),
+                            ApiEvent::Progress { step, total, .. } => bar.progress(*step, *total),
+                            _ => {}
                         }
-                        "progress" => {
-                            let n = |k: &str| message.data[k].as_u64().unwrap_or(0) as u32;
-                            bar.progress(n("step"), n("total"));
+                        if event.is_terminal() {
+                            return Ok(event);
                         }
-                        _ => {}
                     }
-                    if message.is_terminal() {
-                        return Ok(message);
+                    Some(Err(_)) | None if reconnects < RECONNECTS => {
+                        reconnects += 1;
+                        break;
                     }
-                }
-                None => anyhow::bail!("the event stream of job {job_id} ended before the job did"),
-            },
-            _ = tick.tick() => {
-                if !running {
-                    if let Ok(status) = client.status(job_id).await {
-                        let model = &status.status.model;
-                        let note = match (status.waiting_for_worker, status.queue_position) {
-                            (true, _) => format!("queued: no live worker serves model {model}; it runs when one starts"),
-                            (false, Some(n)) => format!("queued: {n} jobs of {model} ahead"),
-                            (false, None) => "queued".to_string(),
-                        };
-                        bar.waiting(note);
+                    Some(Err(e)) => return Err(e),
+                    None => anyhow::bail!("the event stream of job {job_id} ended before the job did"),
+                },
+                _ = tick.tick() => {
+                    if !running {
+                        let status = tokio::time::timeout(Duration::from_secs(5), client.status(job_id)).await;
+                        if let Ok(Ok(status)) = status {
+                            let model = &status.status.model;
+                            let note = match (status.waiting_for_worker, status.queue_position) {
+                                (true, _) => format!("queued: no live worker serves model {model}; it runs when one starts"),
+                                (false, Some(n)) => format!("queued: {n} jobs of {model} ahead"),
+                                (false, None) => "queued".to_string(),
+                            };
+                            bar.waiting(note);
+                        }
                     }
-                }
-                if start.elapsed() >= timeout {
-                    anyhow::bail!("job {job_id} did not finish within {}: {}", humantime::format_duration(timeout), bar.state());
+                    if start.elapsed() >= timeout {
+                        anyhow::bail!("job {job_id} did not finish within {}: {}", humantime::format_duration(timeout), bar.state());
+                    }
                 }
             }
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// An answer from the queen (a 4xx), which reconnecting does not change.
+fn is_refusal(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::api::ApiError>().is_some_and(|a| (400..500).contains(&a.status))
 }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 use uuid::Uuid;
 
-use crate::api::QueenClient;
+use crate::api::{ApiEvent, QueenClient};
 
 /// Where the queen is.
 #[derive(Debug, Clone, Args)]
@@ -106,13 +106,18 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<bool> {
         let mut bar = super::follow::JobBar::new(true);
         let last = super::follow::on_queen(&client, args.job_id, std::time::Duration::MAX, &mut bar).await;
         bar.finish();
-        let last = last?;
-        match last.event.as_str() {
-            "completed" => println!("job {} completed", args.job_id),
-            "failed" => eprintln!("job {} failed: {} {}", args.job_id, last.data["code"], last.data["message"]),
-            other => eprintln!("job {} {other}", args.job_id),
+        match last? {
+            ApiEvent::Completed { .. } => println!("job {} completed", args.job_id),
+            ApiEvent::Failed { code, message, .. } => {
+                eprintln!("job {} failed: {code} {message}", args.job_id);
+                return Ok(false);
+            }
+            other => {
+                eprintln!("job {} {}", args.job_id, other.name());
+                return Ok(false);
+            }
         }
-        Ok(last.event == "completed")
+        Ok(true)
     })
 }
 

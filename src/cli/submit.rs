@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::follow::{self, JobBar};
 use super::parse_duration;
-use crate::api::JobSubmission;
+use crate::api::{ApiEvent, JobSubmission};
 use crate::bus::BusClient;
 use crate::diffusion::{SchedulerKind, TimestepSpacing};
 use crate::image_input::ResizeMode;
@@ -161,27 +161,40 @@ fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bo
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             status = client.status(id).await?;
         }
-        let ok = last.event == "completed";
+        let ok = matches!(last, ApiEvent::Completed { .. });
         if args.json {
             let images: Vec<serde_json::Value> = status
                 .status
                 .images
                 .iter()
                 .zip(&status.image_urls)
-                .map(|(i, url)| serde_json::json!({"index": i.index, "key": i.key, "url": url, "width": i.width,
-                    "height": i.height, "seed": i.seed, "bytes": i.bytes, "content_type": i.content_type}))
+                .map(|(i, url)| {
+                    serde_json::json!({"index": i.index, "key": i.key, "url": url, "width": i.width,
+                    "height": i.height, "seed": i.seed, "bytes": i.bytes, "content_type": i.content_type})
+                })
                 .collect();
-            let mut value = serde_json::json!({"job_id": id, "model": job.model, "status": last.event, "images": images});
-            if last.event == "failed" {
-                value["error"] = serde_json::json!({"code": last.data["code"], "message": last.data["message"], "field": last.data["field"]});
+            let mut value =
+                serde_json::json!({"job_id": id, "model": job.model, "status": last.name(), "images": images});
+            if let ApiEvent::Failed { code, message, field, .. } = &last {
+                value["error"] = serde_json::json!({"code": code, "message": message, "field": field});
+            }
+            if !status.status.warnings.is_empty() {
+                value["warnings"] = serde_json::to_value(&status.status.warnings)?;
             }
             println!("{value}");
-        } else if ok {
-            for (i, url) in status.status.images.iter().zip(&status.image_urls) {
-                println!("{} (seed {}) {url}", i.key, i.seed);
-            }
         } else {
-            eprintln!("error: job {id} {}: {}", last.event, last.data["message"].as_str().unwrap_or(""));
+            for w in &status.status.warnings {
+                eprintln!("warning: {w}");
+            }
+            match &last {
+                ApiEvent::Completed { .. } => {
+                    for (i, url) in status.status.images.iter().zip(&status.image_urls) {
+                        println!("{} (seed {}) {url}", i.key, i.seed);
+                    }
+                }
+                ApiEvent::Failed { code, message, .. } => eprintln!("error: job {id} failed: {code} {message}"),
+                other => eprintln!("error: job {id} {}", other.name()),
+            }
         }
         Ok(ok)
     })
@@ -229,6 +242,12 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
     let job = job_of(&args)?;
     let (nats, from) = match route(&args, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))? {
         Route::Queen { url, from } => {
+            if args.job_id.is_some() {
+                anyhow::bail!(
+                    "--job-id is for jobs published on the bus; the queen gives the job its id (use --idempotency-key \
+                     to make a retried submission the same job)"
+                );
+            }
             eprintln!("submitting through the queen at {url} ({from})");
             return run_via(&url, &job, &args);
         }

@@ -227,4 +227,12 @@ impl JobRequest {
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.deadline.is_some_and(|d| now_ms >= d)
     }
+
+    /// The seed to use: the job's, or one derived from its id, so a redelivered job makes the same images.
+    pub fn seed_or_derived(&self) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            let b = self.id.as_bytes();
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64
+        })
+    }
 }

@@ -36,9 +36,13 @@ pub async fn feed(
         // A finished job: what the events stream still holds, ending with the terminal event from the
         // status record when the stream's is gone.
         let stored = bus.stored_events(status.job_id).await.map_err(JobsError::Unavailable)?;
+        // The story ends at its first terminal event (a late duplicate, e.g. a cancel that raced a worker's
+        // completion, is not told).
+        let ended = stored.iter().position(|(_, e)| e.is_terminal());
+        let told = &stored[..ended.map_or(stored.len(), |i| i + 1)];
         let mut out: Vec<(EventId, ApiEvent)> = queued.into_iter().collect();
-        out.extend(stored.iter().flat_map(|(seq, e)| frames(*seq, e)).filter(|(id, _)| is_new(id)));
-        if !stored.iter().any(|(_, e)| e.is_terminal()) {
+        out.extend(told.iter().flat_map(|(seq, e)| frames(*seq, e)).filter(|(id, _)| is_new(id)));
+        if ended.is_none() {
             out.extend(ApiEvent::terminal_of(status).map(|e| (EventId::End, e)));
         }
         return Ok(futures::stream::iter(out).boxed());

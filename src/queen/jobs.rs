@@ -119,8 +119,22 @@ impl Drop for IdempotencyClaim {
 }
 
 impl Jobs {
-    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key.
+    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key. Runs to
+    /// its end even when the client goes away mid-way (a dropped request would otherwise release the
+    /// idempotency claim of a job already queued, and a retry would queue it twice).
     pub async fn submit(
+        &self,
+        caller: &str,
+        sub: JobSubmission,
+        idempotency_key: Option<String>,
+    ) -> JobsResult<SubmitResponse> {
+        let (this, caller) = (self.clone(), caller.to_string());
+        tokio::spawn(async move { this.submit_attached(&caller, sub, idempotency_key).await })
+            .await
+            .map_err(|e| JobsError::Internal(anyhow::anyhow!("the submission task failed: {e}")))?
+    }
+
+    async fn submit_attached(
         &self,
         caller: &str,
         sub: JobSubmission,
@@ -196,7 +210,7 @@ impl Jobs {
                 self.check_image(source, field).await?;
             }
         }
-        if self.models.require_known && !self.accepts_model(&job.model).await {
+        if self.models.require_known && !self.accepts_model(&job.model).await? {
             let known: Vec<String> = self.catalogue().await;
             let listed = match known.len() {
                 0 => "none".to_string(),
@@ -248,19 +262,33 @@ impl Jobs {
     }
 
     /// Whether jobs may name `model`: a live worker serves it, one did within the retention window (as this
-    /// queen heard, or as its job consumer on the bus shows), or the queen's catalogue lists it.
-    pub async fn accepts_model(&self, model: &str) -> bool {
+    /// queen heard, or as its job consumer on the bus shows), or the queen's catalogue lists it. A bus that
+    /// cannot answer is unavailable (503), not a reason to refuse the model.
+    pub async fn accepts_model(&self, model: &str) -> JobsResult<bool> {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind as Kind;
         let now = protocol::now_millis();
         if self.models.catalogue.iter().any(|m| m == model)
             || self.fleet.advertised_within(model, now, self.models.retention)
         {
-            return true;
+            return Ok(true);
         }
         // A worker that served it before this queen started left its durable consumer behind.
-        let Ok(stream) = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await else {
-            return false;
-        };
-        stream.consumer_info(crate::bus::consumer_name(model)).await.is_ok()
+        let stream = self
+            .bus
+            .jetstream()
+            .get_stream(self.bus.subjects().jobs_stream())
+            .await
+            .map_err(|e| JobsError::Unavailable(anyhow::anyhow!("cannot read the jobs stream: {e}")))?;
+        match stream.consumer_info(crate::bus::consumer_name(model)).await {
+            Ok(_) => Ok(true),
+            Err(e) => match e.kind() {
+                Kind::NotFound | Kind::InvalidName | Kind::StreamNotFound => Ok(false),
+                Kind::JetStream(j) if j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {
+                    Ok(false)
+                }
+                _ => Err(JobsError::Unavailable(anyhow::anyhow!("cannot ask the bus about model {model}: {e}"))),
+            },
+        }
     }
 
     /// The models jobs may name, as this queen knows them (its catalogue and what workers advertised).

@@ -241,7 +241,10 @@ impl StatusStore {
                 }
                 None => {
                     let mut status = missing();
-                    change(&mut status);
+                    // An event that changes nothing (a worker id that is no subject token) makes no record.
+                    if !change(&mut status) {
+                        return Ok(None);
+                    }
                     match self.kv.create(&key, self.record(&status)?.into()).await {
                         Ok(_) => return Ok(Some(status)),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,

@@ -13,7 +13,7 @@ use super::control::{StopHandle, StopReason};
 use super::effects::publish_event;
 use super::policy::{Delivery, Outcome};
 use super::Shared;
-use crate::diffusion::{GenerateError, SchedulerKind, StepInfo, TimestepSpacing};
+use crate::diffusion::{GenerateError, StepInfo};
 use crate::generation::{self, LoadedModel, Params};
 use crate::protocol::{
     self, manifest_key, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress,
@@ -82,44 +82,6 @@ async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Res
     })
 }
 
-/// The seed of a job that names none: derived from its id, so a redelivered job makes the same images.
-pub fn seed_for(job: &JobRequest) -> u64 {
-    job.seed.unwrap_or_else(|| {
-        let b = job.id.as_bytes();
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64
-    })
-}
-
-fn params_of(job: &JobRequest) -> Result<Params, Failure> {
-    let mut p = Params::new(job.prompt.clone());
-    p.negative_prompt = job.negative_prompt.clone();
-    p.width = job.width.map(|w| w as usize);
-    p.height = job.height.map(|h| h as usize);
-    p.steps = job.steps.map(|s| s as usize);
-    p.guidance = job.guidance;
-    p.scheduler = job
-        .scheduler
-        .as_deref()
-        .map(str::parse::<SchedulerKind>)
-        .transpose()
-        .map_err(|e| Failure::invalid("scheduler", e))?;
-    p.timestep_spacing = job
-        .timestep_spacing
-        .as_deref()
-        .map(str::parse::<TimestepSpacing>)
-        .transpose()
-        .map_err(|e| Failure::invalid("timestep_spacing", e))?;
-    p.seed = Some(seed_for(job));
-    p.num_images = job.num_images as usize;
-    p.strength = job.strength_or_default();
-    p.mask_blur = job.mask_blur as f32;
-    p.invert_mask = job.invert_mask;
-    p.paste_back = Some(job.paste_back);
-    p.resize = job.resize_mode;
-    p.clip_skip = job.clip_skip.map(|s| s as usize);
-    Ok(p)
-}
-
 /// An encoded result image.
 struct Encoded {
     bytes: Vec<u8>,
@@ -139,9 +101,21 @@ pub(super) async fn generate_and_store(
     if !shared.catalogue.contains(model) {
         return Err(Failure::invalid("model", format!("{model:?} is not served by worker {}", shared.worker_id)));
     }
-    let mut params = params_of(job)?;
+    let mut params = Params::try_from(job).map_err(Failure::Invalid)?;
     if let Some(src) = &job.init_image {
-        params.init_image = Some(load_picture(shared, src, "init_image").await?);
+        let picture = load_picture(shared, src, "init_image").await?;
+        // A job without a size takes its init image's: checked against the limits now, before a model is
+        // loaded (or another evicted) and before the image is converted at that size.
+        if job.width.is_none() || job.height.is_none() {
+            let (w, h) = crate::image_input::default_size(&picture).map_err(|e| Failure::invalid("init_image", e))?;
+            shared.config.limits.check_size(job.width.or(Some(w)), job.height.or(Some(h))).map_err(|e| {
+                Failure::invalid(
+                    "init_image",
+                    format!("is {w}×{h}, the size of a job that gives none, which breaks the limits ({})", e.message),
+                )
+            })?;
+        }
+        params.init_image = Some(picture);
     }
     if let Some(src) = &job.mask {
         params.mask = Some(load_picture(shared, src, "mask").await?);
@@ -188,7 +162,7 @@ pub(super) async fn generate_and_store(
         limits.check_size(Some(w), Some(h)).map_err(|e| GenerateError::InvalidRequest {
             field: if e.field.as_deref() == Some("height") { "height" } else { "width" },
             message: format!(
-                "of the model's default size {w}×{h} breaks this worker's limits ({}); give a smaller width and height",
+                "of the size the job took by default, {w}×{h}, breaks this worker's limits ({}); give a smaller width and height",
                 e.message
             ),
         })?;
