@@ -296,7 +296,7 @@ async fn the_clients_name_their_path_say_what_they_wait_for_and_read_results_wit
 
     // A worker that stops cleanly is listed as stopped, not lost.
     worker.terminate();
-    worker.wait(Duration::from_secs(30));
+    let exit = worker.wait(Duration::from_secs(30));
     let start = Instant::now();
     loop {
         let workers = c.workers().await.unwrap();
@@ -306,9 +306,59 @@ async fn the_clients_name_their_path_say_what_they_wait_for_and_read_results_wit
             assert_eq!(w.liveness(), "stopped");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{w:?}");
+        assert!(start.elapsed() < Duration::from_secs(10), "{w:?}\n{exit:?}\n{}", worker.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = cli(&["workers", "--queen", &queen.base], &[]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("w-cli stopped"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_list_pages_newest_first_by_offset_or_cursor() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen =
+        start_queen(&nats.url(), &store_url, &[], |c| c.api.model_catalogue = vec!["tiny".into(), "other".into()])
+            .await;
+    let c = client(&queen);
+    // Seven jobs, no worker: they stay queued. Four of tiny, three of other, interleaved.
+    let mut submitted = Vec::new();
+    for i in 0..7u64 {
+        let mut job = tiny(2, i);
+        if i % 2 == 1 {
+            job.model = "other".into();
+        }
+        submitted.push((c.submit(&job, None).await.unwrap().job_id, job.model));
+    }
+    let newest_first: Vec<Uuid> = submitted.iter().rev().map(|(id, _)| *id).collect();
+    let ids = |list: &sd_rbee::api::JobList| list.jobs.iter().map(|j| j.job_id).collect::<Vec<_>>();
+
+    let first = c.jobs("?limit=3").await.unwrap();
+    assert_eq!(ids(&first), newest_first[..3]);
+    assert_eq!((first.total, first.total_exact, first.next_offset), (7, true, Some(3)));
+    let second = c.jobs("?limit=3&offset=3").await.unwrap();
+    assert_eq!(ids(&second), newest_first[3..6]);
+
+    // Following next_cursor reads every job once, in order.
+    let (mut seen, mut cursor) = (Vec::new(), None::<u64>);
+    loop {
+        let query = cursor.map_or("?limit=2".to_string(), |c| format!("?limit=2&cursor={c}"));
+        let page = c.jobs(&query).await.unwrap();
+        seen.extend(ids(&page));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(seen.len() <= 7, "{seen:?}");
+    }
+    assert_eq!(seen, newest_first);
+
+    // Filters count what matches, exactly while the whole list is looked through.
+    let others = c.jobs("?model=other").await.unwrap();
+    let want: Vec<Uuid> = submitted.iter().rev().filter(|(_, m)| m == "other").map(|(id, _)| *id).collect();
+    assert_eq!((ids(&others), others.total, others.total_exact), (want, 3, true));
+    let queued = c.jobs("?state=queued&limit=2").await.unwrap();
+    assert_eq!((queued.total, queued.next_offset), (7, Some(2)));
+    assert_eq!(c.jobs("?state=completed").await.unwrap().total, 0);
 }

@@ -157,13 +157,23 @@ pub struct StatusView {
     pub image_urls: Vec<String>,
 }
 
-/// `GET /v1/jobs`: one page, newest first.
+/// `GET /v1/jobs`: one page, newest first (in the order the queens first heard of the jobs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobStatus>,
+    /// Without filters, every job kept; with `state` or `model`, those matching among the jobs looked
+    /// through (all of them when `total_exact`).
     pub total: usize,
+    /// Whether `total` counts the whole list (false: a filtered list larger than one request looks through).
+    #[serde(default)]
+    pub total_exact: bool,
+    /// The `offset` of the next page, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_offset: Option<usize>,
+    /// Where the next page starts (`?cursor=`), when there may be one: also past what one filtered request
+    /// looks through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<u64>,
 }
 
 /// What `DELETE /v1/jobs/{id}` did.

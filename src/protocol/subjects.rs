@@ -166,6 +166,16 @@ impl Subjects {
         self.stream_name("STATUS")
     }
 
+    /// `sd.index`: the queens' index of jobs (one message per job: its id).
+    pub fn index(&self) -> String {
+        format!("{}.index", self.prefix)
+    }
+
+    /// `SD_INDEX`: the stream of the job index, in the order jobs were first heard of.
+    pub fn index_stream(&self) -> String {
+        self.stream_name("INDEX")
+    }
+
     /// `SD_DLQ`: the dead-letter stream.
     pub fn dlq_stream(&self) -> String {
         self.stream_name("DLQ")

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 
+use super::index::JobIndex;
 use super::metrics::Metrics;
 use super::status::StatusStore;
 use crate::api::JobStatus;
@@ -116,9 +117,9 @@ impl ProgressThrottle {
 
 /// Pulls events and applies them until the process ends; reconnects and retries on errors. When the streams
 /// or the status bucket are gone (deleted, or a server that lost its store) it creates them again.
-pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, stats: ModelStats) {
+pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, index: JobIndex, stats: ModelStats) {
     loop {
-        if let Err(e) = pull(&js, &subjects, &store, &stats).await {
+        if let Err(e) = pull(&js, &subjects, &store, &index, &stats).await {
             tracing::warn!(error = %e, "event aggregation interrupted; resuming");
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Err(e) = bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await {
@@ -135,6 +136,7 @@ async fn pull(
     js: &jetstream::Context,
     subjects: &Subjects,
     store: &StatusStore,
+    index: &JobIndex,
     stats: &ModelStats,
 ) -> anyhow::Result<()> {
     let stream = js.get_stream(subjects.events_stream()).await?;
@@ -156,7 +158,7 @@ async fn pull(
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         match protocol::decode_event(&msg.payload) {
-            Ok(event) => match apply(store, stats, &mut throttle, &event).await {
+            Ok(event) => match apply(store, index, stats, &mut throttle, &event).await {
                 Ok(()) => {}
                 // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once when
                 // it can never apply, after a few tries otherwise, or it would come back every ack_wait.
@@ -176,6 +178,7 @@ async fn pull(
 
 async fn apply(
     store: &StatusStore,
+    index: &JobIndex,
     stats: &ModelStats,
     throttle: &mut ProgressThrottle,
     event: &Event,
@@ -192,6 +195,12 @@ async fn apply(
     let applied = store.apply_event(job_id, || JobStatus::unknown(job_id, at), event).await?;
     if let Some((before, after)) = &applied {
         stats.metrics.transition(*before, after.state);
+        // A job first heard of through its events (published on the bus without a queen) joins the index.
+        if before.is_none() {
+            if let Err(e) = index.add(job_id).await {
+                tracing::warn!(%job_id, error = %e, "cannot add the job to the index; it is not listed");
+            }
+        }
     }
     let updated = applied.map(|(_, after)| after);
     match (&updated, event) {

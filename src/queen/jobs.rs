@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::aggregator::ModelStats;
 use super::fleet::Fleet;
+use super::index::{records, JobIndex, SCAN_LIMIT};
 use super::status::{idempotency_entry, StatusStore, StatusTooLarge};
 use crate::api::{
     CancelResponse, CancelState, JobList, JobState, JobStatus, JobSubmission, StatusView, SubmitResponse,
@@ -85,11 +86,23 @@ impl Default for ModelPolicy {
     }
 }
 
+/// What `GET /v1/jobs` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub state: Option<JobState>,
+    pub model: Option<String>,
+    pub limit: usize,
+    pub offset: usize,
+    /// Take up a walk where an earlier page's `next_cursor` left it.
+    pub cursor: Option<u64>,
+}
+
 /// The service; cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
     pub bus: BusClient,
     pub status: StatusStore,
+    pub index: JobIndex,
     pub store: Store,
     pub fleet: Fleet,
     pub stats: ModelStats,
@@ -167,11 +180,19 @@ impl Jobs {
         }
         // The record exists before any worker can report on the job.
         self.status.create(&JobStatus::queued(&job, None)).await.map_err(JobsError::bus)?;
+        let indexed = match self.index.add(job.id).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.status.remove(job.id).await;
+                return Err(JobsError::bus(e));
+            }
+        };
         self.stats.metrics.transition(None, JobState::Queued);
         let seq = match self.bus.submit_with_seq(&job).await {
             Ok(seq) => seq,
             Err(e) => {
                 self.status.remove(job.id).await;
+                self.index.remove(indexed).await;
                 self.stats.metrics.removed(JobState::Queued);
                 return Err(JobsError::Unavailable(e.context("cannot queue the job")));
             }
@@ -375,29 +396,58 @@ impl Jobs {
         None
     }
 
-    /// One page of jobs, newest first.
-    pub async fn list(
-        &self,
-        state: Option<JobState>,
-        model: Option<&str>,
-        limit: usize,
-        offset: usize,
-    ) -> JobsResult<JobList> {
-        let mut jobs: Vec<JobStatus> = self
-            .status
-            .all()
-            .await
-            .map_err(JobsError::bus)?
-            .into_iter()
-            .filter(|s| state.is_none_or(|w| s.state == w))
-            .filter(|s| model.is_none_or(|m| s.model == m))
-            .collect();
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.job_id.cmp(&b.job_id)));
-        let total = jobs.len();
-        let offset = offset.min(total);
-        let page: Vec<JobStatus> = jobs.into_iter().skip(offset).take(limit).collect();
-        let next_offset = (offset + page.len() < total).then_some(offset + page.len());
-        Ok(JobList { jobs: page, total, next_offset })
+    /// One page of jobs, newest first: the index walked from its newest end (or from `cursor`), reading
+    /// only the records it passes, never the whole status bucket.
+    pub async fn list(&self, query: &ListQuery) -> JobsResult<JobList> {
+        let filtered = query.state.is_some() || query.model.is_some();
+        let keep = |s: &JobStatus| {
+            query.state.is_none_or(|w| s.state == w) && query.model.as_deref().is_none_or(|m| s.model == m)
+        };
+        let (count, mut walk) = self.index.walk(query.cursor).await.map_err(JobsError::bus)?;
+        let (mut jobs, mut matched, mut read) = (Vec::new(), 0usize, 0usize);
+        // The index sequence of the page's last job: the next page starts after it.
+        let mut last_shown = None;
+        loop {
+            let page_full = jobs.len() >= query.limit;
+            // Without filters the total is the index's count: stop at a full page. With filters, go on
+            // counting for the total, as far as one request may look.
+            if (page_full && !filtered) || (read >= SCAN_LIMIT && (page_full || !filtered)) || walk.done() {
+                break;
+            }
+            let mut entries = Vec::with_capacity(32);
+            while entries.len() < 32 {
+                match walk.next().await.map_err(JobsError::bus)? {
+                    Some(entry) => entries.push(entry),
+                    None => break,
+                }
+            }
+            read += entries.len();
+            let ids: Vec<Uuid> = entries.iter().map(|&(_, id)| id).collect();
+            let found = records(ids, |id| self.status.get(id)).await;
+            for ((seq, _), record) in entries.iter().zip(found) {
+                // A record gone with its max age (or a job that was never queued) is skipped.
+                let Some(status) = record.map_err(JobsError::bus)? else { continue };
+                if keep(&status) {
+                    matched += 1;
+                    if matched > query.offset && jobs.len() < query.limit {
+                        jobs.push(status);
+                        last_shown = Some(*seq);
+                    }
+                }
+            }
+        }
+        let (total, total_exact) =
+            if filtered { (matched, walk.done() && query.cursor.is_none()) } else { (count as usize, true) };
+        let shown = query.offset + jobs.len();
+        let page_full = jobs.len() >= query.limit;
+        let more = if filtered { matched > shown || !walk.done() } else { shown < total || !walk.done() };
+        let next_offset = (page_full && more).then_some(shown);
+        let next_cursor = match (page_full, last_shown) {
+            (true, Some(seq)) if more => Some(seq),
+            (false, _) if !walk.done() => Some(walk.cursor()),
+            _ => None,
+        };
+        Ok(JobList { jobs, total, total_exact, next_offset, next_cursor })
     }
 
     /// Cancels a job: a queued one is removed from the queue and reported `cancelled` at once; a running

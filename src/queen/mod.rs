@@ -7,7 +7,7 @@
 //! - this file: [`QueenConfig`] and [`Queen`] (start, serve, shut down);
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
-//! - `feed`: a job's events for Server-Sent Events, resumable;
+//! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
 //! - `metrics`: the counts `/metrics` serves, kept as things happen.
 
@@ -15,6 +15,7 @@ pub mod aggregator;
 pub mod feed;
 pub mod fleet;
 pub mod http;
+pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod status;
@@ -83,11 +84,12 @@ impl Queen {
         let js = async_nats::jetstream::new(client.clone());
         bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
         let status = status::StatusStore::open(&js, &subjects.status_bucket(), config.status_max_age).await?;
+        let index = index::JobIndex::open(&js, &subjects, config.status_max_age).await?;
         let fleet = fleet::Fleet::new(config.worker_lost_after);
         let stats = aggregator::ModelStats::default();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(fleet.clone().listen(client.clone(), subjects.clone()));
-        tasks.spawn(aggregator::run(js.clone(), subjects.clone(), status.clone(), stats.clone()));
+        tasks.spawn(aggregator::run(js.clone(), subjects.clone(), status.clone(), index.clone(), stats.clone()));
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -97,6 +99,7 @@ impl Queen {
         let jobs = jobs::Jobs {
             bus: BusClient::from_parts(client, subjects).with_limits(api.limits.clone()),
             status,
+            index,
             store,
             fleet,
             stats,

@@ -283,7 +283,7 @@ impl StatusStore {
 
     /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
     /// prompts, up to eight images with their URLs, an error), else [`StatusTooLarge`] (never retried: the
-    /// same event would make the same record). Listing jobs reads every record, so each stays small.
+    /// same event would make the same record). A page of the job list reads its records, so each stays small.
     fn record(&self, status: &JobStatus) -> anyhow::Result<Vec<u8>> {
         let bytes = serde_json::to_vec(status)?;
         let max = self.js.client().max_payload().saturating_sub(512);
@@ -309,42 +309,6 @@ impl StatusStore {
 
     pub async fn release_idempotency(&self, entry: &str) {
         let _ = self.kv.delete(entry).await;
-    }
-
-    /// Every job status (the bucket keeps them for its max age).
-    pub async fn all(&self) -> anyhow::Result<Vec<JobStatus>> {
-        // One pass over the bucket's stream, the last value of each key, rather than a request per key.
-        let messages = crate::bus::stored_messages(
-            &self.kv.stream,
-            format!("{}>", self.kv.prefix),
-            jetstream::consumer::DeliverPolicy::LastPerSubject,
-        )
-        .await
-        .context("cannot read the status bucket")?;
-        // A key updated while it was read comes twice: the later value wins.
-        let mut latest = std::collections::HashMap::with_capacity(messages.len());
-        for message in messages {
-            // Deleted and purged keys leave a marker without a value.
-            let removed = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            let key = message.subject.strip_prefix(self.kv.prefix.as_str()).unwrap_or_default();
-            // Idempotency entries are not jobs.
-            let Ok(job_id) = Uuid::parse_str(key) else { continue };
-            if removed || message.payload.is_empty() {
-                latest.remove(&job_id);
-                continue;
-            }
-            match serde_json::from_slice::<JobStatus>(&message.payload) {
-                Ok(status) => {
-                    latest.insert(job_id, status);
-                }
-                Err(e) => tracing::warn!(key, error = %e, "unreadable job status skipped"),
-            }
-        }
-        Ok(latest.into_values().collect())
     }
 }
 

@@ -207,6 +207,10 @@ impl Worker {
         }
         beats_stop.cancel();
         send_heartbeat(&shared, true).await;
+        // The goodbye must reach the server before the process ends: drain() returns before it has flushed.
+        if !matches!(tokio::time::timeout(Duration::from_secs(5), shared.client.flush()).await, Ok(Ok(()))) {
+            tracing::warn!("the last heartbeat may not have reached NATS");
+        }
         background.abort_all();
         if let Err(e) = shared.client.drain().await {
             tracing::warn!(error = %e, "draining the NATS connection failed");

@@ -16,6 +16,7 @@ use crate::api::{
     SubmitResponse, UploadResponse,
 };
 use crate::protocol;
+use crate::queen::jobs::ListQuery;
 
 /// A JSON body read into `T`; what does not parse is 400, what parses into the wrong shape 422, each naming
 /// the field.
@@ -94,24 +95,26 @@ pub(super) async fn status(State(state): State<AppState>, ApiPath(id): ApiPath<U
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct ListQuery {
+pub(super) struct ListParams {
     state: Option<String>,
     model: Option<String>,
     limit: Option<usize>,
     offset: Option<usize>,
+    cursor: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     params(("state" = Option<String>, Query), ("model" = Option<String>, Query), ("limit" = Option<usize>, Query),
-        ("offset" = Option<usize>, Query)),
+        ("offset" = Option<usize>, Query), ("cursor" = Option<u64>, Query, description = "a page's next_cursor")),
     responses((status = 200, body = JobList), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
-pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<JobList>> {
+pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListParams>) -> ApiResult<Json<JobList>> {
     let wanted = q.state.as_deref().map(JobState::parse).transpose().map_err(|e| AppError::invalid("state", e))?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(AppError::invalid("limit", "must be 1 to 500"));
     }
-    Ok(Json(state.jobs.list(wanted, q.model.as_deref(), limit, q.offset.unwrap_or(0)).await?))
+    let query = ListQuery { state: wanted, model: q.model, limit, offset: q.offset.unwrap_or(0), cursor: q.cursor };
+    Ok(Json(state.jobs.list(&query).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
