@@ -4,8 +4,6 @@
 //! processes. `scripts/test.sh` installs the tools into
 //! `target/test-tools`; they are looked for there first, then on PATH.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -35,53 +33,44 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A minimal HTTP/1.1 request on loopback: (status, body).
-pub fn http(method: &str, port: u16, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+/// An HTTP request to loopback: (status, body).
+pub fn http(method: &str, port: u16, path: &str, body: &[u8]) -> reqwest::Result<(u16, Vec<u8>)> {
     http_with(method, port, path, &[], body)
 }
 
-/// [`http`] with extra header lines (`Name: value`).
+/// [`http`] with extra header lines (`Name: value`). reqwest's blocking client runs on a thread of its own,
+/// so this may be called from async tests too (it must not run on a runtime's thread).
 pub fn http_with(
     method: &str,
     port: u16,
     path: &str,
     headers: &[&str],
     body: &[u8],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status: u16 =
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(std::io::ErrorKind::InvalidData)?;
-    let mut body = response[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    Ok((status, body))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&data[start..start + size]);
-        data = &data[start + size + 2..];
-    }
-    out
+) -> reqwest::Result<(u16, Vec<u8>)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // One client for the whole test binary (made, and never dropped, off the runtime's threads).
+                static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+                let client = CLIENT.get_or_init(|| {
+                    reqwest::blocking::Client::builder()
+                        .timeout(Duration::from_secs(10))
+                        .build()
+                        .expect("an HTTP client")
+                });
+                let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+                let mut request = client.request(method, format!("http://127.0.0.1:{port}{path}")).body(body.to_vec());
+                for header in headers {
+                    let (name, value) = header.split_once(':').expect("a `Name: value` header");
+                    request = request.header(name.trim(), value.trim());
+                }
+                let response = request.send()?;
+                let status = response.status().as_u16();
+                Ok((status, response.bytes()?.to_vec()))
+            })
+            .join()
+            .expect("the request thread panicked")
+    })
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
