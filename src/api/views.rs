@@ -177,8 +177,9 @@ pub struct JobList {
 }
 
 /// What `DELETE /v1/jobs/{id}` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum CancelState {
     /// It never started: removed from the queue (200).
     Cancelled,
@@ -188,10 +189,7 @@ pub enum CancelState {
 
 impl CancelState {
     pub fn name(self) -> &'static str {
-        match self {
-            CancelState::Cancelled => "cancelled",
-            CancelState::Cancelling => "cancelling",
-        }
+        self.into()
     }
 }
 

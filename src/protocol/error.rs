@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 /// Why a job failed; on the wire in SCREAMING_SNAKE_CASE. A code this build does not know decodes as
 /// [`ErrorCode::Internal`], so new codes can be added without a version bump.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, strum::IntoStaticStr)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     /// The job (or a message) is malformed or breaks a limit; retrying it unchanged will fail again.
     InvalidRequest,
@@ -29,15 +30,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// The wire name, e.g. `INVALID_REQUEST`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRequest => "INVALID_REQUEST",
-            ErrorCode::ModelUnavailable => "MODEL_UNAVAILABLE",
-            ErrorCode::OutOfMemory => "OUT_OF_MEMORY",
-            ErrorCode::Timeout => "TIMEOUT",
-            ErrorCode::Cancelled => "CANCELLED",
-            ErrorCode::Storage => "STORAGE",
-            ErrorCode::Internal => "INTERNAL",
-        }
+        self.into()
     }
 }
 

@@ -15,6 +15,8 @@ use super::PROTOCOL_VERSION;
 /// variant's fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Event {
     Accepted(Accepted),
     Progress(Progress),
@@ -48,13 +50,7 @@ impl Event {
 
     /// The `type` on the wire.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            Event::Accepted(_) => "accepted",
-            Event::Progress(_) => "progress",
-            Event::Completed(_) => "completed",
-            Event::Failed(_) => "failed",
-            Event::Cancelled(_) => "cancelled",
-        }
+        self.into()
     }
 
     /// Whether this is the job's last event (completed, failed or cancelled).

@@ -14,8 +14,9 @@ use crate::vocab::{
 };
 
 /// What a job makes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, strum::VariantNames)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum JobKind {
     Txt2Img,
     Img2Img,
@@ -48,16 +49,17 @@ impl fmt::Debug for ImageSource {
     }
 }
 
+// The names serde writes, listed by strum from the same `lowercase` rule.
 impl WireNames for JobKind {
-    const NAMES: &'static [&'static str] = &["txt2img", "img2img", "inpaint"];
+    const NAMES: &'static [&'static str] = <JobKind as strum::VariantNames>::VARIANTS;
 }
 
 impl WireNames for ResizeMode {
-    const NAMES: &'static [&'static str] = &["fit", "stretch", "pad"];
+    const NAMES: &'static [&'static str] = <ResizeMode as strum::VariantNames>::VARIANTS;
 }
 
 impl WireNames for ImageFormat {
-    const NAMES: &'static [&'static str] = &["png", "jpeg", "webp"];
+    const NAMES: &'static [&'static str] = <ImageFormat as strum::VariantNames>::VARIANTS;
 }
 
 /// How results are encoded. `quality` (1–100) is for JPEG and WebP only; `None`: the encoder's default.

@@ -614,3 +614,39 @@ fn result_keys_round_trip() {
     }
     assert_eq!(ImageFormat::Jpeg.content_type(), "image/jpeg");
 }
+
+#[test]
+fn enum_names_are_the_wire_names() {
+    for event in events() {
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], event.type_name());
+    }
+    for code in [
+        ErrorCode::InvalidRequest,
+        ErrorCode::ModelUnavailable,
+        ErrorCode::OutOfMemory,
+        ErrorCode::Timeout,
+        ErrorCode::Cancelled,
+        ErrorCode::Storage,
+        ErrorCode::Internal,
+    ] {
+        assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+    }
+    use super::strict::WireNames;
+    for (names, json) in [
+        (
+            JobKind::NAMES,
+            [JobKind::Txt2Img, JobKind::Img2Img, JobKind::Inpaint].map(|k| serde_json::to_value(k).unwrap()),
+        ),
+        (
+            ImageFormat::NAMES,
+            [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp].map(|k| serde_json::to_value(k).unwrap()),
+        ),
+        (
+            ResizeMode::NAMES,
+            [ResizeMode::Fit, ResizeMode::Stretch, ResizeMode::Pad].map(|k| serde_json::to_value(k).unwrap()),
+        ),
+    ] {
+        assert_eq!(names.to_vec(), json.iter().map(|v| v.as_str().unwrap()).collect::<Vec<_>>());
+    }
+}
