@@ -174,7 +174,15 @@ async fn a_catalogued_model_is_accepted_with_no_worker_and_runs_when_one_starts(
     // No worker at all: the job is queued, and says what it waits for.
     let job = c.submit(&tiny(2, 9), None).await.unwrap();
     assert!(job.created);
-    let status = c.status(job.job_id).await.unwrap();
+    // (Once the queen has listened long enough to have heard every live worker: 3 s here.)
+    let start = Instant::now();
+    let status = loop {
+        let status = c.status(job.job_id).await.unwrap();
+        if status.waiting_for_worker || start.elapsed() > Duration::from_secs(10) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(status.status.state.name(), "queued");
     assert!(status.waiting_for_worker, "{status:?}");
     let models = c.models().await.unwrap();

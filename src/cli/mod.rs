@@ -42,7 +42,7 @@ pub enum Command {
     Models,
     /// Serve models to the fleet: pull jobs from NATS JetStream, store results in object storage.
     Worker(Box<worker::WorkerArgs>),
-    /// Publish a job on the bus; with --wait, follow it to the end.
+    /// Submit a job, onto the bus or through a queen; with --wait, follow it to the end.
     Submit(Box<submit::SubmitArgs>),
     /// The control plane: HTTP API, job status and the fleet's view.
     Queen(Box<queen::QueenArgs>),

@@ -20,17 +20,29 @@ pub struct ServedModel {
     pub loras: Vec<String>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Fleet {
     workers: Arc<Mutex<HashMap<String, (Heartbeat, u64)>>>,
     /// Every model a worker advertised, with when it last did (the catalogue of models jobs may name).
     advertised: Arc<Mutex<HashMap<String, u64>>>,
     lost_after_ms: u64,
+    listening_since: std::time::Instant,
 }
 
 impl Fleet {
     pub fn new(lost_after: Duration) -> Self {
-        Self { workers: Arc::default(), advertised: Arc::default(), lost_after_ms: lost_after.as_millis() as u64 }
+        Self {
+            workers: Arc::default(),
+            advertised: Arc::default(),
+            lost_after_ms: lost_after.as_millis() as u64,
+            listening_since: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether this queen has listened long enough to have heard every live worker (a queen just started
+    /// cannot tell "no worker" from "not heard yet").
+    pub fn has_heard_everyone(&self) -> bool {
+        self.listening_since.elapsed().as_millis() as u64 >= self.lost_after_ms
     }
 
     /// Whether a worker advertised `model` within `retention` of `now`.

@@ -355,7 +355,7 @@ impl Jobs {
                     v.queue_position = self.queue_position(&s.model, seq).await;
                 }
                 let workers = self.fleet.serving(&s.model, now);
-                v.waiting_for_worker = workers == 0;
+                v.waiting_for_worker = workers == 0 && self.fleet.has_heard_everyone();
                 if let (Some(pos), Some(job_ms)) = (v.queue_position, self.stats.job_ms(&s.model)) {
                     v.eta_ms = Some(((pos as f64 + 1.0) * job_ms / workers.max(1) as f64) as u64);
                 }
