@@ -23,9 +23,9 @@ pub struct JobBar {
     note: Option<String>,
 }
 
-impl JobBar {
-    pub fn new(visible: bool) -> Self {
-        let terminal = visible && std::io::stderr().is_terminal();
+impl Default for JobBar {
+    fn default() -> Self {
+        let terminal = std::io::stderr().is_terminal();
         let bar = indicatif::ProgressBar::new_spinner();
         if !terminal {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -34,7 +34,9 @@ impl JobBar {
         bar.set_message("queued");
         Self { bar, terminal, note: None }
     }
+}
 
+impl JobBar {
     /// What a queued job waits for; said once per change.
     pub fn waiting(&mut self, note: String) {
         if self.note.as_ref() == Some(&note) {

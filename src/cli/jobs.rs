@@ -103,7 +103,7 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<bool> {
                 .await?;
             return Ok(last.event == "completed");
         }
-        let mut bar = super::follow::JobBar::new(true);
+        let mut bar = super::follow::JobBar::default();
         let last = super::follow::on_queen(&client, args.job_id, std::time::Duration::MAX, &mut bar).await;
         bar.finish();
         match last? {

@@ -148,7 +148,7 @@ fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bo
             }
             return Ok(true);
         }
-        let mut bar = JobBar::new(true);
+        let mut bar = JobBar::default();
         let last = follow::on_queen(&client, id, args.timeout, &mut bar).await;
         bar.finish();
         let last = last?;
@@ -266,7 +266,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
             }
             return Ok(true);
         }
-        let mut bar = JobBar::new(true);
+        let mut bar = JobBar::default();
         let last = follow::on_bus(&client, job.id, &job.model, args.timeout, &mut bar).await;
         bar.finish();
         report(&job, &last?, args.json)

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, consumer};
 
 use super::index::JobIndex;
 use super::metrics::Metrics;
-use super::status::StatusStore;
+use super::status::{StatusStore, Updated};
 use crate::api::JobStatus;
 use crate::bus::{self, StreamSettings};
 use crate::protocol::{self, Event, Subjects};
@@ -192,9 +192,9 @@ async fn apply(
             return Ok(());
         }
     }
-    let applied = store.apply_event(job_id, || JobStatus::unknown(job_id, at), event).await?;
-    if let Some((before, after)) = &applied {
-        stats.metrics.transition(*before, after.state);
+    let applied = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
+    if let Some(Updated { before, status }) = &applied {
+        stats.metrics.transition(*before, status.state);
         // A job first heard of through its events (published on the bus without a queen) joins the index.
         if before.is_none() {
             if let Err(e) = index.add(job_id).await {
@@ -202,7 +202,7 @@ async fn apply(
             }
         }
     }
-    let updated = applied.map(|(_, after)| after);
+    let updated = applied.map(|u| u.status);
     match (&updated, event) {
         (Some(status), Event::Completed(c)) => stats.record_completed(&status.model, c.timings.generation_ms),
         (Some(status), Event::Progress(p)) => {

@@ -58,19 +58,21 @@ impl JobIndex {
     /// Adds a job (once: the job id is the message id). Returns its sequence.
     pub async fn add(&self, job_id: Uuid) -> anyhow::Result<u64> {
         let headers = crate::bus::msg_id_headers(&format!("index-{job_id}"));
-        let payload = job_id.to_string().into_bytes().into();
-        let publish = |_: ()| async {
-            let ack = self.js.publish_with_headers(self.subject.clone(), headers.clone(), payload).await?;
-            anyhow::Ok(ack.await?.sequence)
-        };
-        match publish(()).await {
-            Ok(seq) => Ok(seq),
-            // The stream may be gone (deleted, or lost with the server's store): bind it again, once.
-            Err(_) => {
-                self.bind().await?;
-                let payload = job_id.to_string().into_bytes().into();
-                let ack = self.js.publish_with_headers(self.subject.clone(), headers, payload).await?;
-                Ok(ack.await?.sequence)
+        let payload = bytes::Bytes::from(job_id.to_string());
+        let mut rebound = false;
+        loop {
+            let published = async {
+                let ack = self.js.publish_with_headers(self.subject.clone(), headers.clone(), payload.clone()).await?;
+                anyhow::Ok(ack.await?.sequence)
+            };
+            match published.await {
+                Ok(seq) => return Ok(seq),
+                // The stream may be gone (deleted, or lost with the server's store): bind it again, once.
+                Err(_) if !rebound => {
+                    self.bind().await?;
+                    rebound = true;
+                }
+                Err(e) => return Err(e.context("cannot add the job to the index")),
             }
         }
     }

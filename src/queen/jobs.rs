@@ -482,8 +482,8 @@ impl Jobs {
                 )
                 .await
                 .map_err(|e| JobsError::Unavailable(e.into()))?;
-                if let Ok(Some((before, after))) = self.status.apply_event(id, || status.clone(), &event).await {
-                    self.stats.metrics.transition(before, after.state);
+                if let Ok(Some(updated)) = self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
+                    self.stats.metrics.transition(updated.before, updated.status.state);
                 }
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }

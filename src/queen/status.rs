@@ -139,6 +139,14 @@ pub struct StatusTooLarge {
     pub bytes: usize,
 }
 
+/// A record [`StatusStore::update`] changed: its state before (`None`: the record was created now) and the
+/// record after.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Updated {
+    pub before: Option<JobState>,
+    pub status: JobStatus,
+}
+
 /// The status bucket.
 #[derive(Clone)]
 pub struct StatusStore {
@@ -219,22 +227,24 @@ impl StatusStore {
     }
 
     /// Applies `change` to the job's status with compare-and-set, retrying on conflicts; creates the record
-    /// from `missing` when there is none. Returns the stored status, or `None` when `change` declined.
+    /// from `missing` when there is none. Returns the state before and the stored status, or `None` when
+    /// `change` declined.
     pub async fn update(
         &self,
         job_id: Uuid,
         missing: impl Fn() -> JobStatus,
         change: impl Fn(&mut JobStatus) -> bool,
-    ) -> anyhow::Result<Option<JobStatus>> {
+    ) -> anyhow::Result<Option<Updated>> {
         for _ in 0..20 {
             let key = job_id.to_string();
             match self.entry(job_id).await? {
                 Some((mut status, revision)) => {
+                    let before = Some(status.state);
                     if !change(&mut status) {
                         return Ok(None);
                     }
                     match self.kv.update(&key, self.record(&status)?.into(), revision).await {
-                        Ok(_) => return Ok(Some(status)),
+                        Ok(_) => return Ok(Some(Updated { before, status })),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(e.into()),
                     }
@@ -246,7 +256,7 @@ impl StatusStore {
                         return Ok(None);
                     }
                     match self.kv.create(&key, self.record(&status)?.into()).await {
-                        Ok(_) => return Ok(Some(status)),
+                        Ok(_) => return Ok(Some(Updated { before: None, status })),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                         Err(e) => return Err(e.into()),
                     }
@@ -254,31 +264,6 @@ impl StatusStore {
             }
         }
         anyhow::bail!("job {job_id}: too many concurrent status updates")
-    }
-
-    /// Applies `event` to the job's record, creating it from `missing` when there is none. Returns the state
-    /// before (`None`: the record was created now) and the record after; `None` when the event changed nothing.
-    pub async fn apply_event(
-        &self,
-        job_id: Uuid,
-        missing: impl Fn() -> JobStatus,
-        event: &Event,
-    ) -> anyhow::Result<Option<(Option<JobState>, JobStatus)>> {
-        // `missing` is always followed by `change` on the record it made: the flag passes between them.
-        let created = std::sync::atomic::AtomicBool::new(false);
-        let before = std::sync::Mutex::new(None);
-        let change = |s: &mut JobStatus| {
-            let fresh = created.swap(false, std::sync::atomic::Ordering::SeqCst);
-            *before.lock().unwrap() = (!fresh).then_some(s.state);
-            s.apply(event)
-        };
-        let missing = || {
-            created.store(true, std::sync::atomic::Ordering::SeqCst);
-            missing()
-        };
-        let after = self.update(job_id, missing, change).await?;
-        let before = *before.lock().unwrap();
-        Ok(after.map(|after| (before, after)))
     }
 
     /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
