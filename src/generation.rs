@@ -56,6 +56,12 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
         vae: opts.vae.clone(),
         prediction_type: opts.prediction_type.clone(),
     };
+    if let Some(rest) = spec.strip_prefix(RANDOM_PREFIX) {
+        let (arch, seed) = parse_random(rest)?;
+        let pipeline = StableDiffusion::random(arch, seed, &load_opts)?;
+        let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+        return Ok(LoadedModel { pipeline, entry: None, display: spec.to_string(), load_ms });
+    }
     let path = std::path::Path::new(spec);
     if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
         let pipeline = StableDiffusion::load(path, &load_opts).with_context(|| format!("cannot load model {spec}"))?;
@@ -74,6 +80,31 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
         display: resolved.display,
         load_ms: start.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// `random:ARCH[:SEED]` names a real architecture with seeded random weights (benchmarks without downloads).
+pub const RANDOM_PREFIX: &str = "random:";
+
+/// `sd15`, `sd21` or `sdxl` (each optionally `-inpaint`), and an optional `:SEED` (default 0).
+pub fn parse_random(text: &str) -> anyhow::Result<(crate::diffusion::checkpoint::Architecture, u64)> {
+    use crate::diffusion::checkpoint::{Architecture, Family};
+    let (name, seed) = match text.split_once(':') {
+        Some((name, seed)) => {
+            (name, seed.parse().map_err(|_| anyhow::anyhow!("random:{text}: the seed {seed:?} is not a number"))?)
+        }
+        None => (text, 0),
+    };
+    let (base, inpainting) = match name.strip_suffix("-inpaint") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
+    let family = match base {
+        "sd15" => Family::Sd1,
+        "sd21" => Family::Sd2,
+        "sdxl" => Family::Sdxl,
+        _ => anyhow::bail!("random:{text}: expected sd15, sd21 or sdxl (optionally -inpaint, then :SEED)"),
+    };
+    Ok((Architecture { family, inpainting, has_vae: true }, seed))
 }
 
 /// What the caller asks for; `None` means the model's default.
@@ -300,3 +331,19 @@ pub fn encode_tensor(pixels: &Tensor, format: ImageFormat, quality: u8) -> anyho
 
 /// The default JPEG/WebP quality.
 pub const DEFAULT_QUALITY: u8 = 90;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::checkpoint::Family;
+
+    #[test]
+    fn random_model_names() {
+        let (arch, seed) = parse_random("sd15").unwrap();
+        assert_eq!((arch.family, arch.inpainting, seed), (Family::Sd1, false, 0));
+        let (arch, seed) = parse_random("sdxl-inpaint:42").unwrap();
+        assert_eq!((arch.family, arch.inpainting, seed), (Family::Sdxl, true, 42));
+        assert!(parse_random("sd3").unwrap_err().to_string().contains("sd15, sd21 or sdxl"));
+        assert!(parse_random("sd21:x").unwrap_err().to_string().contains("not a number"));
+    }
+}

@@ -19,7 +19,8 @@
 //! - [`bus`]: NATS and JetStream (streams, consumers, publishing) and [`bus::BusClient`].
 //!
 //! The services and the command line:
-//! - [`worker`]: pulls jobs, generates, uploads, reports; its ack/retry policy is a pure function;
+//! - [`worker`]: pulls jobs, batches the ones that can share UNet passes, generates, uploads, reports; its
+//!   ack/retry policy is a pure function;
 //! - [`queen`]: the control plane: HTTP handlers over a job service, status, fleet, metrics;
 //! - [`shutdown`]: SIGINT/SIGTERM for both; [`cli`]: the `sd-rbee` command line (`main.rs` only calls it).
 

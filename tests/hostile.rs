@@ -310,10 +310,13 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         uptime_s: 1,
         version: "0".into(),
         stopping: false,
+        max_batch: 1,
+        batches: Vec::new(),
     };
     client.nats().publish("sd.workers.w\"x", protocol::encode(&beat).into()).await.unwrap();
     // A worker id may hold a backslash (a subject token), and workers are labels too.
-    let slashed = protocol::Heartbeat { worker_id: r#"w\y"#.into(), jobs_done: 7, ..beat.clone() };
+    let slashed =
+        protocol::Heartbeat { worker_id: r#"w\y"#.into(), jobs_done: 7, batches: vec![5, 0, 2], ..beat.clone() };
     client.nats().publish(r#"sd.workers.w\y"#, protocol::encode(&slashed).into()).await.unwrap();
     client.nats().flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -341,6 +344,19 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
     workers.sort();
     let want = [("w\"x", "done"), ("w\"x", "failed"), (r#"w\y"#, "done"), (r#"w\y"#, "failed")];
     assert_eq!(workers, want.map(|(w, o)| (w.to_string(), o.to_string())), "{text}");
+    // The batch sizes a worker ran, by size (sizes it never ran are not samples).
+    let mut batches: Vec<(String, String, f64)> = parsed.families["sd_rbee_worker_batches"]
+        .iter_samples()
+        .filter_map(|s| {
+            let labels = s.get_labelset().ok()?;
+            let openmetrics_parser::PrometheusValue::Gauge(n) = &s.value else { return None };
+            let (worker, size) = (labels.get_label_value("worker")?, labels.get_label_value("size")?);
+            Some((worker.to_string(), size.to_string(), n.as_f64()))
+        })
+        .collect();
+    batches.sort_by(|a, b| a.1.cmp(&b.1));
+    let want = [(r#"w\y"#, "1", 5.0), (r#"w\y"#, "3", 2.0)];
+    assert_eq!(batches, want.map(|(w, s, n)| (w.to_string(), s.to_string(), n)), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,10 @@
-//! `sd-rbee bench`: the numbers the README quotes. `pipeline` times denoising steps (guidance on, batch 1)
-//! and whole images on a model folder, after a warm-up run; `unet` times one classifier-free-guidance UNet
-//! call (batch 2) of any UNet folder, e.g. the full-size SD 1.5 UNet that `torch_baseline.py sd15-unet`
-//! writes, so both sides run the very same weights. Each prints one `bench: ...` line (or JSON).
+//! `sd-rbee bench`: the numbers the README quotes. `pipeline` times denoising steps (guidance on) and whole
+//! images of a model at batch 1..B, after a warm-up run (`--model random:sd15` / `random:sdxl` is the real
+//! architecture with seeded random weights: no download); `unet` times classifier-free-guidance UNet calls
+//! at batch 1..B images (2..2B rows) of a UNet folder (e.g. the full-size SD 1.5 UNet that
+//! `torch_baseline.py sd15-unet` writes, so both sides run the very same weights) or of a built-in
+//! architecture with seeded random weights (`--arch`). Each prints `bench: ...` lines (or JSON), with the
+//! peak resident memory.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,15 +15,15 @@ use clap::{Args, Subcommand};
 
 use super::{load_model, ModelArgs};
 use crate::diffusion::pipeline::median;
-use crate::diffusion::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::diffusion::unet_2d::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::diffusion::weights::find_weights;
-use crate::diffusion::{GenerationRequest, SchedulerKind};
+use crate::diffusion::{BatchMember, GenerationRequest, SchedulerKind, StepCallback};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Median ms per denoising step and per whole image for a pipeline.
+    /// Median ms per denoising step and per whole image (or batch) for a pipeline, and images/s.
     Pipeline(PipelineBench),
-    /// Median seconds of one UNet call at batch 2 (one CFG step).
+    /// Median seconds of one classifier-free-guidance UNet call per batch size, and image-steps/s.
     Unet(UnetBench),
 }
 
@@ -41,6 +44,10 @@ pub struct PipelineBench {
     /// Measured runs after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Images per batch, comma-separated: that many requests (own seeds) sharing UNet passes, as a worker
+    /// batches jobs; `median_image_ms` is then the batch's time.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -48,10 +55,17 @@ pub struct PipelineBench {
 #[derive(Debug, Args)]
 pub struct UnetBench {
     /// A UNet folder (config.json + diffusion_pytorch_model.safetensors).
-    pub unet_dir: PathBuf,
-    /// Latent side (64 = a 512-pixel image).
-    #[arg(long, default_value_t = 64)]
-    pub latent: usize,
+    #[arg(required_unless_present = "arch", conflicts_with = "arch")]
+    pub unet_dir: Option<PathBuf>,
+    /// Instead of a folder: the real UNet of `sd15`, `sd21` or `sdxl` with seeded random weights.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Images per call, comma-separated (each is two rows: classifier-free guidance).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
+    /// Latent side (64 = a 512-pixel image; default: the model's own size).
+    #[arg(long)]
+    pub latent: Option<usize>,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     #[arg(long, default_value = "cpu")]
@@ -71,37 +85,58 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
     let loaded = load_model(&b.model)?;
-    let mut req = GenerationRequest::new("a photograph of an astronaut riding a horse");
-    req.negative_prompt = Some("blurry".into());
-    req.width = b.width;
-    req.height = b.height;
-    req.steps = b.steps;
-    req.guidance_scale = b.guidance;
-    req.scheduler = b.scheduler;
-    req.seed = Some(0);
-    let mut steps = Vec::new();
-    let mut images = Vec::new();
-    for run in 0..=b.runs {
-        let out = loaded.pipeline.generate(&req, &mut |_| {}, None)?;
-        if run > 0 {
-            steps.extend_from_slice(&out.timings.step_ms);
-            images.push(out.timings.total_ms);
-        }
-    }
-    let step = median(&steps);
-    let image = median(&images);
     let threads = candle_core::utils::get_num_threads();
-    if b.json {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "pipeline", "model": loaded.display, "width": b.width, "height": b.height,
-                "steps": b.steps, "threads": threads, "median_step_ms": step, "median_image_ms": image})
-        );
-    } else {
-        println!(
-            "bench: sd-rbee pipeline {} {}x{} steps={} threads={threads} median_step_ms={step:.2} median_image_ms={image:.1}",
-            loaded.display, b.width, b.height, b.steps
-        );
+    for &images in &b.batch {
+        anyhow::ensure!(images > 0, "--batch sizes must be at least 1");
+        // One request per image, as separate jobs batched by a worker: each its own seed.
+        let requests: Vec<GenerationRequest> = (0..images)
+            .map(|i| {
+                let mut req = GenerationRequest::new("a photograph of an astronaut riding a horse");
+                req.negative_prompt = Some("blurry".into());
+                req.width = b.width;
+                req.height = b.height;
+                req.steps = b.steps;
+                req.guidance_scale = b.guidance;
+                req.scheduler = b.scheduler;
+                req.seed = Some(i as u64);
+                req
+            })
+            .collect();
+        let (mut steps, mut walls) = (Vec::new(), Vec::new());
+        for run in 0..=b.runs {
+            let mut callbacks: Vec<StepCallback> =
+                (0..images).map(|_| Box::new(|_: &crate::diffusion::StepInfo| {}) as StepCallback).collect();
+            let mut members: Vec<BatchMember> = requests
+                .iter()
+                .zip(callbacks.iter_mut())
+                .map(|(request, on_step)| BatchMember { request, on_step: on_step.as_mut(), cancel: None })
+                .collect();
+            let t0 = Instant::now();
+            let outputs = loaded.pipeline.generate_batch(&mut members);
+            let wall = t0.elapsed().as_secs_f64() * 1000.0;
+            let first = outputs.into_iter().next().expect("one output per member")?;
+            if run > 0 {
+                steps.extend_from_slice(&first.timings.step_ms);
+                walls.push(wall);
+            }
+        }
+        let step = median(&steps);
+        let image = median(&walls);
+        let per_s = images as f64 * 1000.0 / image;
+        let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
+        if b.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "pipeline", "model": loaded.display, "width": b.width, "height": b.height,
+                    "steps": b.steps, "images": images, "threads": threads, "median_step_ms": step,
+                    "median_image_ms": image, "images_per_s": per_s, "peak_rss_gb": peak})
+            );
+        } else {
+            println!(
+                "bench: sd-rbee pipeline {} {}x{} steps={} images={images} threads={threads} median_step_ms={step:.2} median_image_ms={image:.1} images_per_s={per_s:.3} peak_rss_gb={peak:.2}",
+                loaded.display, b.width, b.height, b.steps
+            );
+        }
     }
     Ok(())
 }
@@ -114,42 +149,71 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The UNet a [`UnetBench`] times: a folder's, or a built-in architecture's with seeded random weights.
+fn bench_unet(b: &UnetBench, device: &candle_core::Device) -> anyhow::Result<(UNet2DConditionModel, String)> {
+    let (config, vb, what) = match (&b.unet_dir, &b.arch) {
+        (Some(dir), _) => {
+            let files = find_weights(dir, "diffusion_pytorch_model", b.dtype == DType::F16)?;
+            let vb = crate::diffusion::weights::var_builder(&files, b.dtype, device)?;
+            (UNet2DConditionConfig::from_file(&dir.join("config.json"))?, vb, dir.display().to_string())
+        }
+        (None, Some(arch)) => {
+            let (architecture, seed) = crate::generation::parse_random(arch)?;
+            let folder = crate::diffusion::checkpoint::configs::ConfigFolder::write(architecture)?;
+            let config = UNet2DConditionConfig::from_file(&folder.path().join("unet").join("config.json"))?;
+            let vb = crate::diffusion::random_weights::random_var_builder(seed, b.dtype, device);
+            (config, vb, format!("{}{arch}", crate::generation::RANDOM_PREFIX))
+        }
+        (None, None) => anyhow::bail!("give a UNet folder or --arch"),
+    };
+    Ok((UNet2DConditionModel::new(vb, config).context("cannot build the UNet")?, what))
+}
+
 fn unet(b: UnetBench) -> anyhow::Result<()> {
     let device = b.device.open()?;
-    let config = UNet2DConditionConfig::from_file(&b.unet_dir.join("config.json"))?;
-    let files = find_weights(&b.unet_dir, "diffusion_pytorch_model", b.dtype == DType::F16)?;
-    let vb = crate::diffusion::weights::var_builder(&files, b.dtype, &device)?;
-    let context_dim = config.context_dim();
-    let in_channels = config.in_channels;
-    let model = UNet2DConditionModel::new(vb, config).context("cannot build the UNet")?;
-    if model.needs_added_conditions() {
-        anyhow::bail!("bench unet supports UNets without SDXL add-embeddings");
-    }
+    let (model, what) = bench_unet(&b, &device)?;
+    let config = model.config().clone();
+    let latent = b.latent.unwrap_or(config.sample_size_px(8) / 8);
+    let threads = candle_core::utils::get_num_threads();
     let mut rng = crate::diffusion::rng::TorchRng::new(1234);
-    let context = rng.randn((2, 77, context_dim), &device)?.to_dtype(b.dtype)?;
-    let latents = rng.randn((2, in_channels, b.latent, b.latent), &device)?.to_dtype(b.dtype)?;
-    let call = || -> anyhow::Result<f64> {
-        let t0 = Instant::now();
-        let out: Tensor = model.forward(&latents, 981.0, &context, None)?;
-        device.synchronize()?;
-        let _ = out.dims();
-        Ok(t0.elapsed().as_secs_f64())
-    };
-    call()?; // warm-up
-    let times = (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()?;
-    let med = median(&times);
-    let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
-    if b.json {
-        println!(
-            "{}",
-            serde_json::json!({"bench": "unet", "latent": b.latent, "batch": 2, "median_s": med, "peak_rss_gb": peak})
-        );
-    } else {
-        println!(
-            "bench: sd-rbee unet latent {0}x{0} batch 2 threads={1} median_s={med:.3} peak_rss_gb={peak:.2}",
-            b.latent,
-            candle_core::utils::get_num_threads()
-        );
+    for &images in &b.batch {
+        anyhow::ensure!(images > 0, "--batch sizes must be at least 1");
+        let rows = 2 * images;
+        let context = rng.randn((rows, 77, config.context_dim()), &device)?.to_dtype(b.dtype)?;
+        let latents = rng.randn((rows, config.in_channels, latent, latent), &device)?.to_dtype(b.dtype)?;
+        let added = match (config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
+            (Some(time_dim), Some(proj)) => {
+                let px = (latent * 8) as f64;
+                Some(AddedConditions {
+                    text_embeds: rng.randn((rows, proj - 6 * time_dim), &device)?.to_dtype(b.dtype)?,
+                    time_ids: vec![vec![px, px, 0.0, 0.0, px, px]; rows],
+                })
+            }
+            _ => None,
+        };
+        let call = || -> anyhow::Result<f64> {
+            let t0 = Instant::now();
+            let out: Tensor = model.forward(&latents, 981.0, &context, added.as_ref())?;
+            device.synchronize()?;
+            let _ = out.dims();
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        call()?; // warm-up
+        let times = (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()?;
+        let med = median(&times);
+        let per_s = images as f64 / med;
+        let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
+        if b.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "unet", "model": what, "latent": latent, "images": images, "batch": rows,
+                    "threads": threads, "median_s": med, "images_steps_per_s": per_s, "peak_rss_gb": peak})
+            );
+        } else {
+            println!(
+                "bench: sd-rbee unet {what} latent {latent}x{latent} images {images} (batch {rows}) threads={threads} median_s={med:.3} image_steps_per_s={per_s:.3} peak_rss_gb={peak:.2}"
+            );
+        }
     }
     Ok(())
 }

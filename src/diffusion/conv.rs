@@ -50,18 +50,18 @@ impl CpuConv {
         Ok(Self { rows, bias, c_in, c_out, kernel })
     }
 
-    /// `dst[c_out, n] += lhs[c_out, depth] · src[depth, n]` where `src` rows are `src_row` apart.
-    fn accumulate(&self, lhs: &[f32], depth: usize, src: &[f32], src_row: usize, dst: &mut [f32], n: usize) {
+    /// `dst[c_out, n] += lhs[c_out, depth] · src[depth, n]` (depth: `lhs`'s width) where `src` rows are
+    /// `src_row` apart and `dst` rows `dst_row` apart.
+    fn accumulate(&self, lhs: &[f32], src: &[f32], src_row: usize, dst: &mut [f32], dst_row: usize, n: usize) {
+        let depth = lhs.len() / self.c_out;
         let work = self.c_out * depth * n;
         let parallelism = match candle_core::utils::get_num_threads() {
             t if t > 1 && work >= PARALLEL_WORK => Parallelism::Rayon(t),
             _ => Parallelism::None,
         };
-        assert!(
-            lhs.len() >= self.c_out * depth && src.len() >= (depth - 1) * src_row + n && dst.len() >= self.c_out * n
-        );
-        // SAFETY: lhs is [c_out, depth] row-major, src holds `depth` rows of n values `src_row` apart, dst is
-        // [c_out, n] row-major; the assertion above checks the extents.
+        assert!(depth > 0 && src.len() >= (depth - 1) * src_row + n && dst.len() >= (self.c_out - 1) * dst_row + n);
+        // SAFETY: lhs is [c_out, depth] row-major, src holds `depth` rows of n values `src_row` apart, dst
+        // holds c_out rows of n values `dst_row` apart; the assertion above checks the extents.
         unsafe {
             gemm::gemm(
                 self.c_out,
@@ -69,7 +69,7 @@ impl CpuConv {
                 depth,
                 dst.as_mut_ptr(),
                 1,
-                n as isize,
+                dst_row as isize,
                 true,
                 lhs.as_ptr(),
                 1,
@@ -87,47 +87,75 @@ impl CpuConv {
         }
     }
 
+    /// The whole batch in one multiply per kernel row: the items sit side by side along the multiply's
+    /// columns, so a batch of small images makes one large multiply (worth its threads) instead of many
+    /// small ones.
     fn forward(&self, x: &[f32], batch: usize, h: usize, w: usize) -> Vec<f32> {
-        let (ci, co) = (self.c_in, self.c_out);
-        let mut out = vec![0f32; batch * co * h * w];
-        for (b, out_b) in out.chunks_mut(co * h * w).enumerate() {
-            let x_b = &x[b * ci * h * w..(b + 1) * ci * h * w];
-            if self.kernel == 1 {
-                for (row, &bias) in out_b.chunks_mut(h * w).zip(&self.bias) {
-                    row.fill(bias);
-                }
-                self.accumulate(&self.rows[0], ci, x_b, h * w, out_b, h * w);
-                continue;
-            }
-            // 3×3, padding 1: the output is computed on rows of width w+2 (the 2 extra columns are dropped at
-            // the end). Row (i, kx) of `shifted` is channel i zero-padded to (h+2)×(w+2) and shifted left by kx;
-            // kernel row ky then reads every row of `shifted` from offset ky·(w+2).
-            let wp = w + 2;
-            let len = (h + 2) * wp;
-            let mut shifted = vec![0f32; ci * 3 * len];
-            for (i, rows) in shifted.chunks_mut(3 * len).enumerate() {
-                for (kx, row) in rows.chunks_mut(len).enumerate() {
-                    for y in 0..h {
-                        let src = &x_b[(i * h + y) * w..(i * h + y + 1) * w];
-                        // padded[(y+1)·wp + 1 + x] = src[x]; this row holds padded[j + kx] at j.
-                        let start = (y + 1) * wp + 1;
-                        let (lo, skip) = if start >= kx { (start - kx, 0) } else { (0, kx - start) };
-                        row[lo..lo + w - skip].copy_from_slice(&src[skip..]);
-                    }
+        let (ci, co, hw) = (self.c_in, self.c_out, h * w);
+        if self.kernel == 1 {
+            // Channel-major across the batch: row i holds channel i of every item.
+            let n = batch * hw;
+            let mut src = vec![0f32; ci * n];
+            for b in 0..batch {
+                for i in 0..ci {
+                    src[i * n + b * hw..i * n + (b + 1) * hw]
+                        .copy_from_slice(&x[(b * ci + i) * hw..(b * ci + i + 1) * hw]);
                 }
             }
-            let n = h * wp;
             let mut wide = vec![0f32; co * n];
             for (row, &bias) in wide.chunks_mut(n).zip(&self.bias) {
                 row.fill(bias);
             }
-            for (ky, lhs) in self.rows.iter().enumerate() {
-                self.accumulate(lhs, 3 * ci, &shifted[ky * wp..], len, &mut wide, n);
+            self.accumulate(&self.rows[0], &src, n, &mut wide, n, n);
+            if batch == 1 {
+                return wide;
             }
-            for (o, dst) in out_b.chunks_mut(h * w).enumerate() {
-                for y in 0..h {
-                    dst[y * w..(y + 1) * w].copy_from_slice(&wide[o * n + y * wp..o * n + y * wp + w]);
+            let mut out = vec![0f32; batch * co * hw];
+            for b in 0..batch {
+                for o in 0..co {
+                    out[(b * co + o) * hw..(b * co + o + 1) * hw]
+                        .copy_from_slice(&wide[o * n + b * hw..o * n + (b + 1) * hw]);
                 }
+            }
+            return out;
+        }
+        // 3×3, padding 1: each item is computed on rows of width w+2 (the 2 extra columns are dropped at the
+        // end). Row (i, kx) of `shifted` holds, item after item, channel i zero-padded to (h+2)×(w+2) and
+        // shifted left by kx; kernel row ky then reads every row of `shifted` from offset ky·(w+2). Item b's
+        // outputs are columns b·len .. b·len + h·(w+2) of the multiply (the columns between items are
+        // computed and dropped).
+        let wp = w + 2;
+        let len = (h + 2) * wp;
+        let stride = batch * len;
+        let mut shifted = vec![0f32; ci * 3 * stride];
+        for (i, rows) in shifted.chunks_mut(3 * stride).enumerate() {
+            for (kx, row) in rows.chunks_mut(stride).enumerate() {
+                for (b, item) in row.chunks_mut(len).enumerate() {
+                    let channel = &x[(b * ci + i) * hw..(b * ci + i + 1) * hw];
+                    for y in 0..h {
+                        let src = &channel[y * w..(y + 1) * w];
+                        // padded[(y+1)·wp + 1 + x] = src[x]; this row holds padded[j + kx] at j.
+                        let start = (y + 1) * wp + 1;
+                        let (lo, skip) = if start >= kx { (start - kx, 0) } else { (0, kx - start) };
+                        item[lo..lo + w - skip].copy_from_slice(&src[skip..]);
+                    }
+                }
+            }
+        }
+        let n = (batch - 1) * len + h * wp;
+        let mut wide = vec![0f32; co * stride];
+        for (row, &bias) in wide.chunks_mut(stride).zip(&self.bias) {
+            row.fill(bias);
+        }
+        for (ky, lhs) in self.rows.iter().enumerate() {
+            self.accumulate(lhs, &shifted[ky * wp..], stride, &mut wide, stride, n);
+        }
+        let mut out = vec![0f32; batch * co * hw];
+        for (bo, dst) in out.chunks_mut(hw).enumerate() {
+            let (b, o) = (bo / co, bo % co);
+            let from = o * stride + b * len;
+            for y in 0..h {
+                dst[y * w..(y + 1) * w].copy_from_slice(&wide[from + y * wp..from + y * wp + w]);
             }
         }
         out
@@ -254,6 +282,30 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "k{kernel} {c_in}->{c_out} {h}x{w}: {d}");
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_each_item_what_it_gets_alone() {
+        let dev = Device::Cpu;
+        for (kernel, c_in, c_out, h, w) in [(3, 4, 6, 1, 1), (3, 8, 5, 3, 7), (1, 6, 4, 2, 3), (3, 32, 32, 8, 8)] {
+            let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, kernel, kernel), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
+            let conv = ConvKernel::Direct(CpuConv::new(&weight, Some(&bias), kernel).unwrap());
+            let x = Tensor::randn(0f32, 1.0, (3, c_in, h, w), &dev).unwrap();
+            let together = conv.forward(&x).unwrap();
+            for b in 0..3 {
+                let alone = conv.forward(&x.narrow(0, b, 1).unwrap()).unwrap();
+                let d = (together.narrow(0, b, 1).unwrap() - alone)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-5, "k{kernel} {c_in}->{c_out} {h}x{w} item {b}: {d}");
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod image;
 pub mod layer_norm;
 pub mod lora;
 pub mod pipeline;
+pub mod random_weights;
 pub mod resnet;
 pub mod rng;
 pub mod schedulers;
@@ -26,7 +27,7 @@ pub mod weights;
 
 pub use lora::LoraWeight;
 pub use pipeline::{
-    CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, InitImage, LoadOptions,
-    ModelFamily, StableDiffusion, StepInfo, Timings,
+    BatchKey, BatchMember, CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, InitImage,
+    LoadOptions, ModelFamily, StableDiffusion, StepCallback, StepInfo, Timings,
 };
 pub use schedulers::{SchedulerKind, TimestepSpacing};

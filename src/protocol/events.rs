@@ -252,6 +252,12 @@ pub struct Heartbeat {
     /// Set on the last heartbeat of a worker that shuts down cleanly: it is gone, not lost.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// The most images it generates in one batch (`--max-batch`); 0 from workers that predate batching.
+    #[serde(default)]
+    pub max_batch: u32,
+    /// The batches it has run since it started, by size: `batches[i]` counts batches of `i + 1` images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batches: Vec<u64>,
 }
 
 /// Asks whoever runs `job_id` to stop, on [`Subjects::cancel`](super::Subjects::cancel).

@@ -278,6 +278,8 @@ fn heartbeat_and_cancel_round_trip() {
             uptime_s: 3600,
             version: "0.1.0".into(),
             stopping: state == WorkerState::Idle,
+            max_batch: 4,
+            batches: vec![3, 0, 1],
         };
         assert_eq!(decode_heartbeat(&encode(&hb)).unwrap(), hb);
     }

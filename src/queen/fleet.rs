@@ -247,6 +247,8 @@ mod tests {
             uptime_s: 0,
             version: "0".into(),
             stopping: false,
+            max_batch: 1,
+            batches: Vec::new(),
         }
     }
 

@@ -72,8 +72,12 @@ pub struct WorkerConfig {
     /// `None`: `<hostname>-<random>`.
     pub worker_id: Option<String>,
     pub prefix: String,
-    /// Jobs run at the same time (one per device is right for GPUs).
+    /// Batches run at the same time (one per device is right for GPUs).
     pub concurrency: usize,
+    /// The most images one batch generates; `None`: 1 on the CPU, up to 8 on GPUs (by image size).
+    pub max_batch: Option<usize>,
+    /// How long a job waits for others to share its batch.
+    pub batch_window: Duration,
     pub consumer: ConsumerSettings,
     pub streams: StreamSettings,
     /// Nak delays for transient failures, by delivery (the last one repeats).
@@ -116,6 +120,8 @@ impl WorkerConfig {
             worker_id: None,
             prefix: protocol::DEFAULT_PREFIX.to_string(),
             concurrency: 1,
+            max_batch: None,
+            batch_window: Duration::from_millis(50),
             consumer: ConsumerSettings::default(),
             streams: StreamSettings::default(),
             retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)],

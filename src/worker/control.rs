@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::batcher::BatchCounts;
 use crate::diffusion::CancelFlag;
 use crate::protocol::WorkerState;
 
@@ -76,6 +77,8 @@ pub struct Control {
     jobs: Mutex<Jobs>,
     pub jobs_done: AtomicU64,
     pub jobs_failed: AtomicU64,
+    /// Batches run so far, by size.
+    pub batches: Arc<BatchCounts>,
 }
 
 impl Control {

@@ -1,6 +1,6 @@
 //! Generating one job and storing its images: its inputs read and checked, its model checked out of the
-//! catalogue, generation on a blocking thread with progress forwarded as events, stopped at the deadline,
-//! then every image and the manifest uploaded. What can go wrong is a [`Failure`], which the policy maps to
+//! catalogue, generation in a batch with the jobs it can share UNet passes with (`batcher.rs`) with
+//! progress forwarded as events, stopped at the deadline, then every image and the manifest uploaded. What can go wrong is a [`Failure`], which the policy maps to
 //! what happens to the message.
 
 use std::sync::Arc;
@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::batcher::Ticket;
 use super::control::{StopHandle, StopReason};
 use super::effects::publish_event;
 use super::policy::{Delivery, Outcome};
 use super::Shared;
-use crate::diffusion::{GenerateError, StepInfo};
+use crate::diffusion::{GenerateError, GenerationOutput, StepInfo};
 use crate::generation::{self, LoadedModel, Params};
 use crate::protocol::{
     self, manifest_key, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress,
@@ -144,19 +145,16 @@ pub(super) async fn generate_and_store(
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
 
-    // Generation runs on a blocking thread; progress comes back through a channel.
+    // The job's request is prepared on a blocking thread, then generated in a batch with the jobs it can
+    // share UNet passes with (batcher.rs); progress comes back through a channel.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
-    let flag = stop.flag().clone();
     let preview_every = shared.config.preview_every;
-    let step_delay = shared.config.step_delay;
-    let format = job.output.format;
-    let quality = job.output.quality.unwrap_or(generation::DEFAULT_QUALITY);
-    let gen_loaded = loaded.clone();
     let limits = shared.config.limits.clone();
     let started = Instant::now();
-    let generation = tokio::task::spawn_blocking(move || -> Result<(Vec<Encoded>, f64, Vec<String>), GenerateError> {
-        let sd = &gen_loaded.pipeline;
-        let prepared = generation::prepare(sd, gen_loaded.entry, params)?;
+    let prep_loaded = loaded.clone();
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_, GenerateError> {
+        let sd = &prep_loaded.pipeline;
+        let prepared = generation::prepare(sd, prep_loaded.entry, params)?;
         // A job without a size takes the model's, which the limits must allow too.
         let (w, h) = (prepared.request.width as u32, prepared.request.height as u32);
         limits.check_size(Some(w), Some(h)).map_err(|e| GenerateError::InvalidRequest {
@@ -166,36 +164,31 @@ pub(super) async fn generate_and_store(
                 e.message
             ),
         })?;
-        let mut warnings: Vec<String> = prepared.warnings.iter().map(ToString::to_string).collect();
-        let mut on_step = |info: &StepInfo| {
-            if !step_delay.is_zero() {
-                std::thread::sleep(step_delay);
-            }
-            let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
-                .then(|| {
-                    info.preview(0)
-                        .ok()
-                        .and_then(|p| generation::encode_image(&p, protocol::ImageFormat::Jpeg, 70).ok())
-                })
-                .flatten();
-            let _ = tx.send(Step { step: info.step as u32, total: info.total as u32, elapsed: info.elapsed, preview });
-        };
-        let output = sd.generate(&prepared.request, &mut on_step, Some(&flag))?;
-        warnings.extend(output.warnings.iter().map(ToString::to_string));
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
-        let finals = prepared.finish(&output)?;
-        let encoded = finals
-            .iter()
-            .zip(&output.images)
-            .map(|(pixels, img)| {
-                let (_, h, w) = pixels.dims3()?;
-                let bytes = generation::encode_tensor(pixels, format, quality)?;
-                Ok(Encoded { bytes, seed: img.seed, width: w as u32, height: h as u32 })
+        let key = sd.batch_key(&prepared.request)?;
+        Ok((prepared, key))
+    })
+    .await
+    .map_err(|join| Failure::transient(ErrorCode::Internal, format!("preparing the job failed: {join}")))?;
+    let (prepared, key) = prepared.map_err(|e| match e {
+        GenerateError::InvalidRequest { field, message } => Failure::invalid(field, message),
+        e => Failure::transient(ErrorCode::Internal, format!("{e:#}")),
+    })?;
+    let on_step = move |info: &StepInfo| {
+        let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
+            .then(|| {
+                info.preview(0).ok().and_then(|p| generation::encode_image(&p, protocol::ImageFormat::Jpeg, 70).ok())
             })
-            .collect::<Result<_, GenerateError>>()?;
-        Ok((encoded, output.timings.lora_ms, warnings))
+            .flatten();
+        let _ = tx.send(Step { step: info.step as u32, total: info.total as u32, elapsed: info.elapsed, preview });
+    };
+    let (done, result) = tokio::sync::oneshot::channel();
+    shared.batcher.submit(Ticket {
+        model: loaded.clone(),
+        request: prepared.request.clone(),
+        key,
+        cancel: stop.flag().clone(),
+        on_step: Box::new(on_step),
+        done,
     });
 
     // Forward progress while it runs; stop it at the deadline or the worker's time limit.
@@ -206,7 +199,7 @@ pub(super) async fn generate_and_store(
     };
     let timer = tokio::time::sleep(limit);
     tokio::pin!(timer);
-    tokio::pin!(generation);
+    tokio::pin!(result);
     let mut last_step = None;
     let result = loop {
         tokio::select! {
@@ -215,7 +208,7 @@ pub(super) async fn generate_and_store(
                 last_step = Some(step.step);
                 publish_progress(shared, job.id, &step, delivered).await;
             }
-            res = &mut generation => break res,
+            res = &mut result => break res,
             _ = &mut timer, if stop.reason().is_none() => {
                 stop.stop(StopReason::Timeout);
             }
@@ -226,8 +219,8 @@ pub(super) async fn generate_and_store(
         publish_progress(shared, job.id, &step, delivered).await;
     }
     let generation_ms = started.elapsed().as_millis() as u64;
-    let (encoded, lora_ms, warnings) = match result {
-        Ok(Ok(done)) => done,
+    let output = match result {
+        Ok(Ok(output)) => output,
         Ok(Err(GenerateError::Cancelled { completed, .. })) => {
             let reason = stop.reason().unwrap_or(StopReason::Cancelled);
             return Err(Failure::Stopped { reason, at_step: Some(completed as u32) });
@@ -245,8 +238,14 @@ pub(super) async fn generate_and_store(
             };
             return Err(Failure::Transient { code, message: text });
         }
-        Err(join) => return Err(Failure::transient(ErrorCode::Internal, format!("generation thread failed: {join}"))),
+        Err(_) => return Err(Failure::transient(ErrorCode::Internal, "the generation thread failed")),
     };
+    let format = job.output.format;
+    let quality = job.output.quality.unwrap_or(generation::DEFAULT_QUALITY);
+    let (encoded, lora_ms, warnings) = tokio::task::spawn_blocking(move || encode(&prepared, &output, format, quality))
+        .await
+        .map_err(|join| Failure::transient(ErrorCode::Internal, format!("encoding the images failed: {join}")))?
+        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("{e:#}")))?;
     let step_ms = last_step.filter(|&n| n > 0).map(|n| generation_ms as f64 / f64::from(n));
 
     // Upload every image, then the manifest that marks the job done.
@@ -302,6 +301,30 @@ pub(super) async fn generate_and_store(
         .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
     tracing::info!(job_id = %job.id, generation_ms, upload_ms, generation_ms_per_step = step_ms.unwrap_or(0.0), "job completed");
     Ok(completed)
+}
+
+/// The job's final images (pasted back, for inpainting) encoded, with the LoRA time and every warning.
+fn encode(
+    prepared: &generation::Prepared,
+    output: &GenerationOutput,
+    format: protocol::ImageFormat,
+    quality: u8,
+) -> anyhow::Result<(Vec<Encoded>, f64, Vec<String>)> {
+    let warnings: Vec<String> = prepared.warnings.iter().chain(&output.warnings).map(ToString::to_string).collect();
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let finals = prepared.finish(output)?;
+    let encoded = finals
+        .iter()
+        .zip(&output.images)
+        .map(|(pixels, img)| {
+            let (_, h, w) = pixels.dims3()?;
+            let bytes = generation::encode_tensor(pixels, format, quality)?;
+            Ok(Encoded { bytes, seed: img.seed, width: w as u32, height: h as u32 })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((encoded, output.timings.lora_ms, warnings))
 }
 
 async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered: Delivery) {

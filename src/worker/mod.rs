@@ -7,6 +7,7 @@
 //! finish within the grace period, else stop them between two steps and nak them so another worker takes
 //! them, publish a last heartbeat, drain the connection.
 
+mod batcher;
 pub mod catalogue;
 mod config;
 pub mod control;
@@ -32,6 +33,7 @@ use crate::device::DeviceSpec;
 use crate::loras::{LoraLibrary, LoraLimits};
 use crate::protocol::{self, Heartbeat, Subjects, PROTOCOL_VERSION};
 use crate::storage::Store;
+use batcher::{BatchSettings, Batcher};
 use catalogue::Catalogue;
 pub use config::{ModelSpec, WorkerConfig};
 use control::{Control, StopReason};
@@ -50,6 +52,8 @@ pub struct Shared {
     pub catalogue: Catalogue,
     pub loras: Arc<LoraLibrary>,
     pub control: Control,
+    /// Groups the jobs' generations into batches.
+    pub batcher: Batcher,
     pub started: Instant,
 }
 
@@ -89,6 +93,9 @@ impl Worker {
         }
         if config.concurrency == 0 {
             bail!("--jobs must be at least 1");
+        }
+        if config.max_batch == Some(0) {
+            bail!("--max-batch must be at least 1");
         }
         // Zero periods would spin (in-progress acks) or panic (the heartbeat timer).
         for (flag, period, least) in [
@@ -153,6 +160,17 @@ impl Worker {
             DeviceSpec::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
             other => other.to_string(),
         };
+        let control = Control::default();
+        let batcher = Batcher::start(
+            BatchSettings {
+                max_batch: config.max_batch,
+                window: config.batch_window,
+                concurrency: config.concurrency,
+                step_delay: config.step_delay,
+                device: config.device,
+            },
+            control.batches.clone(),
+        );
         let shared = Arc::new(Shared {
             config,
             worker_id,
@@ -164,7 +182,8 @@ impl Worker {
             store,
             catalogue,
             loras,
-            control: Control::default(),
+            control,
+            batcher,
             started: Instant::now(),
         });
         Ok(Self { shared, consumers })
@@ -184,7 +203,11 @@ impl Worker {
         background.spawn(heartbeats(shared.clone(), beats_stop.clone()));
         background.spawn(cancel_listener(shared.clone(), stop.clone()));
         background.spawn(undeliverable_listener(shared.clone()));
-        let slots = Arc::new(Semaphore::new(shared.config.concurrency));
+        // Enough jobs in hand to fill every batch that may run at once; with batches of several, as many
+        // again, so the next batches are pulled and prepared while these run and start full, at once.
+        let batch = shared.max_batch();
+        let in_hand = shared.config.concurrency * batch * if batch > 1 { 2 } else { 1 };
+        let slots = Arc::new(Semaphore::new(in_hand));
         let jobs = TaskTracker::new();
         let mut pullers = JoinSet::new();
         let backlog = Arc::new(Backlog(self.consumers.iter().map(|(m, c)| (m.clone(), c.clone())).collect()));
@@ -217,6 +240,13 @@ impl Worker {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+impl Shared {
+    /// The most images a batch may hold at any size: `--max-batch`, or the largest default on this device.
+    pub fn max_batch(&self) -> usize {
+        self.config.max_batch.unwrap_or_else(|| batcher::default_max_batch(self.config.device, 1, 1))
     }
 }
 
@@ -354,6 +384,8 @@ async fn send_heartbeat(shared: &Shared, stopping: bool) {
         uptime_s: shared.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         stopping,
+        max_batch: shared.max_batch() as u32,
+        batches: shared.control.batches.counts(),
     };
     let Ok(subject) = shared.subjects.heartbeat(&shared.worker_id) else { return };
     if let Err(e) = shared.client.publish(subject, protocol::encode(&hb).into()).await {

@@ -333,6 +333,12 @@ impl Drop for S3Server {
 }
 
 /// An `sd-rbee worker` child process serving the tiny SD 1.5 fixture as model `tiny`.
+/// The `sd-rbee` binary workers run: this build's, or `SD_RBEE_BIN` (benchmarks point it at a release
+/// build, as the test profile builds this crate at opt-level 1).
+pub fn sd_rbee_binary() -> PathBuf {
+    std::env::var_os("SD_RBEE_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_sd-rbee").into())
+}
+
 pub struct WorkerProcess {
     child: Option<Child>,
     pub id: String,
@@ -353,12 +359,13 @@ impl WorkerProcess {
                 defaults.extend([flag, value]);
             }
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        let child = Command::new(sd_rbee_binary())
             .args(["worker", "--nats", nats, "--store", store, "--model", &model, "--worker-id", id])
             .args(&defaults)
             .args(extra)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // One Candle thread unless `env` says otherwise.
             .env("RAYON_NUM_THREADS", "1")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -13,15 +13,21 @@ use serde::Deserialize;
 use super::{LoadOptions, ModelFamily, StableDiffusion, TextTower};
 use crate::diffusion::adapt;
 use crate::diffusion::checkpoint::configs::ConfigFolder;
-use crate::diffusion::checkpoint::{Checkpoint, Family, Part, VaeFile};
+use crate::diffusion::checkpoint::{Architecture, Checkpoint, Family, Part, VaeFile};
 use crate::diffusion::clip::{ClipTextConfig, ClipTextModel};
 use crate::diffusion::lora::names::LayerIndex;
 use crate::diffusion::lora::{Adapters, Component};
+use crate::diffusion::random_weights::random_var_builder;
 use crate::diffusion::schedulers::SchedulerConfig;
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::diffusion::weights::{find_weights, var_builder};
+
+/// Each component's own random stream (tensor names repeat across components).
+fn name_seed(component: &str) -> u64 {
+    component.bytes().fold(0, |h: u64, b| h.rotate_left(8) ^ b as u64)
+}
 
 /// `model_index.json`: which components the pipeline has.
 #[derive(Clone, Debug, Deserialize)]
@@ -45,10 +51,11 @@ impl ModelIndex {
     }
 }
 
-/// Where a pipeline's weights are: each component's folder, or one checkpoint file.
+/// Where a pipeline's weights are: each component's folder, one checkpoint file, or made up from a seed.
 enum Weights<'a> {
     Folder(&'a Path),
     Checkpoint(&'a Checkpoint),
+    Random(u64),
 }
 
 impl Weights<'_> {
@@ -66,6 +73,7 @@ impl Weights<'_> {
                 var_builder(&find_weights(&root.join(component), stem, opts.dtype == DType::F16)?, dtype, &opts.device)
             }
             Weights::Checkpoint(c) => c.var_builder(part, dtype, &opts.device),
+            Weights::Random(seed) => Ok(random_var_builder(*seed ^ name_seed(component), dtype, &opts.device)),
         }
     }
 
@@ -73,6 +81,7 @@ impl Weights<'_> {
         match self {
             Weights::Folder(root) => root.join(component).display().to_string(),
             Weights::Checkpoint(c) => format!("{} ({component})", c.path().display()),
+            Weights::Random(seed) => format!("random weights (seed {seed}, {component})"),
         }
     }
 }
@@ -116,6 +125,14 @@ impl StableDiffusion {
             bail!("--config {} is for single-file checkpoints; {} is a folder", config.display(), root.display());
         }
         Self::assemble(root, root, &Weights::Folder(root), opts)
+    }
+
+    /// The real architecture `arch` (its built-in configuration) with seeded random weights: for benchmarks
+    /// without downloads. Generation runs as with real weights; the images are noise.
+    pub fn random(arch: Architecture, seed: u64, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let folder = ConfigFolder::write(arch).context("cannot write the built-in configuration")?;
+        let source = std::path::PathBuf::from(format!("random {arch} (seed {seed})"));
+        Self::assemble(&source, folder.path(), &Weights::Random(seed), opts)
     }
 
     fn load_single_file(path: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {

@@ -5,20 +5,22 @@
 //! classifier-free guidance, the scheduler loop, and VAE decoding. Reports progress per step and stops
 //! between steps when cancelled. Loading (folders and single-file checkpoints) is in [`load`].
 
+mod generate;
 mod load;
+
+pub use generate::{BatchKey, BatchMember, StepCallback};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::adapt::LayerTable;
 use super::clip::ClipTextModel;
 use super::lora::{Adapters, LoraWeight};
-use super::rng::BatchNoise;
-use super::schedulers::{self, SchedulerConfig, SchedulerKind, TimestepSpacing};
+use super::schedulers::{SchedulerConfig, SchedulerKind, TimestepSpacing};
 use super::tokenizer::ClipTokenizer;
 use super::unet_2d::{AddedConditions, UNet2DConditionModel};
 use super::vae::AutoencoderKL;
@@ -242,6 +244,12 @@ pub struct GenerationOutput {
     pub timings: Timings,
 }
 
+/// An encoded prompt: embeddings, SDXL's pooled embedding, and the truncation warning.
+type Encoded = (Tensor, Option<Tensor>, Option<String>);
+
+/// Prompts encoded for a batch, by text and clip skip.
+type EncodedPrompts = std::collections::HashMap<(String, Option<usize>), Encoded>;
+
 /// Text conditioning for a batch, ready for the UNet (unconditional half first when guidance is on).
 struct Conditioning {
     context: Tensor,
@@ -355,14 +363,31 @@ impl StableDiffusion {
         }
     }
 
+    /// [`Self::encode_prompt_skipping`] through `cache`: members of a batch often share a (negative) prompt.
+    fn encode_cached(
+        &self,
+        text: &str,
+        clip_skip: Option<usize>,
+        cache: &mut EncodedPrompts,
+    ) -> anyhow::Result<Encoded> {
+        let key = (text.to_string(), clip_skip);
+        if let Some(hit) = cache.get(&key) {
+            return Ok(hit.clone());
+        }
+        let encoded = self.encode_prompt_skipping(text, clip_skip)?;
+        cache.insert(key, encoded.clone());
+        Ok(encoded)
+    }
+
     fn conditioning(
         &self,
         req: &GenerationRequest,
         guidance: bool,
         warnings: &mut Vec<String>,
+        cache: &mut EncodedPrompts,
     ) -> anyhow::Result<Conditioning> {
         let n = req.num_images;
-        let (pos, pos_pooled, warning) = self.encode_prompt_skipping(&req.prompt, req.clip_skip)?;
+        let (pos, pos_pooled, warning) = self.encode_cached(&req.prompt, req.clip_skip, cache)?;
         warnings.extend(warning);
         let repeat = |t: &Tensor| -> candle_core::Result<Tensor> { Tensor::cat(&vec![t; n], 0) };
         let mut context = repeat(&pos)?;
@@ -375,7 +400,7 @@ impl StableDiffusion {
                 (pos.zeros_like()?, pos_pooled.as_ref().map(|p| p.zeros_like()).transpose()?)
             } else {
                 let negative = req.negative_prompt.as_deref().unwrap_or("");
-                let (neg, neg_pooled, warning) = self.encode_prompt_skipping(negative, req.clip_skip)?;
+                let (neg, neg_pooled, warning) = self.encode_cached(negative, req.clip_skip, cache)?;
                 warnings.extend(warning.map(|w| w.replacen("the prompt", "the negative prompt", 1)));
                 (neg, neg_pooled)
             };
@@ -476,218 +501,4 @@ impl StableDiffusion {
         }
         Ok(())
     }
-
-    /// Generates `req.num_images` images. `on_step` runs after every denoising step; `cancel` is checked
-    /// before each step.
-    pub fn generate(
-        &self,
-        req: &GenerationRequest,
-        on_step: &mut dyn FnMut(&StepInfo),
-        cancel: Option<&CancelFlag>,
-    ) -> Result<GenerationOutput, GenerateError> {
-        let start = Instant::now();
-        self.validate(req)?;
-        let mut warnings = Vec::new();
-        let kind = match req.scheduler.or_else(|| self.default_scheduler()) {
-            Some(k) => k,
-            None => {
-                warnings.push(format!(
-                    "the model's scheduler {:?} is not implemented; using dpmpp_2m",
-                    self.scheduler_config.class_name.as_deref().unwrap_or("(none)")
-                ));
-                SchedulerKind::DpmPp2m
-            }
-        };
-        let mut scheduler = schedulers::build(kind, &self.scheduler_config, req.steps, req.timestep_spacing)
-            .map_err(|e| invalid("scheduler", e.to_string()))?;
-
-        let base_seed = req.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-        let seeds: Vec<u64> = (0..req.num_images as u64).map(|i| base_seed.wrapping_add(i)).collect();
-        let guidance = req.guidance_scale > 1.0;
-
-        // The request's LoRAs stay in effect (and no other set can be swapped in) until `in_effect` drops.
-        let in_effect = self.adapters.enter(&req.loras).map_err(|e| match e {
-            e @ super::lora::LoraError::Apply { .. } => GenerateError::Other(e.into()),
-            e => invalid("loras", e.to_string()),
-        })?;
-        let lora_ms = in_effect.apply_ms;
-        let t0 = Instant::now();
-        let cond = self.conditioning(req, guidance, &mut warnings)?;
-        let text_encoding_ms = ms(t0.elapsed());
-
-        let f = self.vae_scale_factor();
-        let channels = self.vae.config().latent_channels;
-        let latent_shape = [1, channels, req.height / f, req.width / f];
-        let mut noise = BatchNoise::new(&seeds);
-        let all_timesteps = scheduler.timesteps().to_vec();
-        let repeat = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = t.to_device(&self.device)?.to_dtype(self.latent_dtype())?;
-            if t.dim(0)? == 1 {
-                Tensor::cat(&vec![&t; req.num_images], 0)
-            } else {
-                Ok(t)
-            }
-        };
-        // Where the schedule starts (img2img skips the first steps), and what inpainting blends back in.
-        let mut first_step = 0;
-        let mut blend: Option<Blend> = None;
-        let mut extra_input: Option<Tensor> = None;
-        let mut latents = match &req.init {
-            None => {
-                let initial = match &req.initial_latents {
-                    Some(l) => repeat(l)?,
-                    None => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
-                };
-                (initial * scheduler.init_noise_sigma())?
-            }
-            Some(init) => {
-                // diffusers' get_timesteps: run the last int(steps · strength) steps.
-                let n = all_timesteps.len();
-                let run = ((req.steps as f64 * init.strength) as usize).min(req.steps);
-                first_step = (n.saturating_sub(run) * scheduler.order()).min(n);
-                let pixels = init.pixels.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
-                let image_latents = repeat(&self.vae.encode_image(&pixels)?)?;
-                let added = match (&init.noise, &req.initial_latents) {
-                    (Some(given), _) | (None, Some(given)) => repeat(given)?,
-                    (None, None) => noise.randn(&latent_shape, &self.device)?.to_dtype(self.latent_dtype())?,
-                };
-                let latents = if init.mask.is_some() && init.strength >= 1.0 {
-                    // The inpainting pipelines start from pure noise at full strength.
-                    (&added * scheduler.init_noise_sigma())?
-                } else if first_step < n {
-                    scheduler.add_noise(&image_latents, &added, first_step)?
-                } else {
-                    image_latents.clone()
-                };
-                if let Some(mask) = &init.mask {
-                    let binary = mask.to_device(&self.device)?.to_dtype(DType::F32)?.ge(0.5)?.to_dtype(DType::F32)?;
-                    let small = repeat(&latent_mask(&binary, f)?)?;
-                    if self.is_inpainting() {
-                        // The UNet sees the mask and the latents of the image with the masked region blanked
-                        // (to 0 in [-1, 1], i.e. mid-grey: diffusers masks after normalising).
-                        let keep = binary.affine(-1.0, 1.0)?.to_dtype(self.vae_dtype)?;
-                        let grey = keep.affine(-0.5, 0.5)?;
-                        let masked_pixels = pixels.broadcast_mul(&keep)?.broadcast_add(&grey)?;
-                        let masked = repeat(&self.vae.encode_image(&masked_pixels)?)?;
-                        let extra = Tensor::cat(&[&small, &masked], 1)?;
-                        extra_input = Some(if guidance { Tensor::cat(&[&extra, &extra], 0)? } else { extra });
-                    } else {
-                        blend = Some(Blend { mask: small, image_latents, noise: added });
-                    }
-                }
-                latents
-            }
-        };
-
-        let timesteps = all_timesteps[first_step..].to_vec();
-        let total = timesteps.len();
-        let loop_start = Instant::now();
-        let mut step_ms = Vec::with_capacity(total);
-        for (j, &t) in timesteps.iter().enumerate() {
-            let i = first_step + j;
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(GenerateError::Cancelled { completed: j, total });
-            }
-            let step_start = Instant::now();
-            let model_in = if guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_in = scheduler.scale_model_input(&model_in, i)?;
-            let model_in = match &extra_input {
-                Some(extra) => Tensor::cat(&[&model_in, extra], 1)?,
-                None => model_in,
-            }
-            .to_dtype(self.dtype)?;
-            let pred =
-                self.unet.forward(&model_in, t, &cond.context, cond.added.as_ref())?.to_dtype(self.latent_dtype())?;
-            let pred = if guidance {
-                let n = req.num_images;
-                let uncond = pred.narrow(0, 0, n)?;
-                let text = pred.narrow(0, n, n)?;
-                (&uncond + ((text - &uncond)? * req.guidance_scale)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, i, &latents, &mut noise)?;
-            if let Some(b) = &blend {
-                // Keep the unmasked region on the original image, noised to the next step's level.
-                let original = if i + 1 < all_timesteps.len() {
-                    scheduler.add_noise(&b.image_latents, &b.noise, i + 1)?
-                } else {
-                    b.image_latents.clone()
-                };
-                latents = (b.mask.broadcast_mul(&latents)? + b.mask.affine(-1.0, 1.0)?.broadcast_mul(&original)?)?;
-            }
-            // GPU work is asynchronous: wait for it so per-step times and progress are real.
-            self.device.synchronize()?;
-            let step_time = step_start.elapsed();
-            step_ms.push(ms(step_time));
-            on_step(&StepInfo {
-                step: j + 1,
-                total,
-                elapsed: loop_start.elapsed(),
-                step_time,
-                timestep: t,
-                latents: &latents,
-                sdxl: self.family == ModelFamily::StableDiffusionXl,
-            });
-        }
-        let denoising_ms = ms(loop_start.elapsed());
-        if !all_finite(&latents)? {
-            return Err(GenerateError::NonFinite { stage: "denoising loop" });
-        }
-
-        let t0 = Instant::now();
-        let mut images = Vec::with_capacity(req.num_images);
-        for (i, &seed) in seeds.iter().enumerate() {
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(GenerateError::Cancelled { completed: total, total });
-            }
-            let z = latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
-            let pixels = self.vae.decode_to_image(&z)?.to_device(&Device::Cpu)?.squeeze(0)?;
-            if !all_finite(&pixels)? {
-                return Err(GenerateError::NonFinite { stage: "VAE decoder" });
-            }
-            images.push(GeneratedImage { seed, pixels: pixels.to_dtype(DType::F32)? });
-        }
-        let decoding_ms = ms(t0.elapsed());
-        Ok(GenerationOutput {
-            images,
-            scheduler: kind,
-            warnings,
-            timings: Timings {
-                lora_ms,
-                text_encoding_ms,
-                denoising_ms,
-                step_ms,
-                decoding_ms,
-                total_ms: ms(start.elapsed()),
-            },
-        })
-    }
-}
-
-/// The inpainting blend: binary mask at latent size (1 = repaint), the clean image latents and the noise.
-struct Blend {
-    mask: Tensor,
-    image_latents: Tensor,
-    noise: Tensor,
-}
-
-/// A binary pixel mask brought to latent size (`[1, 1, H/f, W/f]`) as diffusers does it.
-fn latent_mask(binary: &Tensor, f: usize) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = binary.dims4()?;
-    // Nearest with an integer factor picks pixel (f·y, f·x), as PyTorch's `interpolate(mode="nearest")`.
-    let rows: Vec<u32> = (0..h / f).map(|y| (y * f) as u32).collect();
-    let cols: Vec<u32> = (0..w / f).map(|x| (x * f) as u32).collect();
-    let device = binary.device();
-    binary.index_select(&Tensor::new(rows, device)?, 2)?.index_select(&Tensor::new(cols, device)?, 3)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
-    // A sum propagates NaN and inf, which a max may skip.
-    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-    Ok(s.is_finite())
 }

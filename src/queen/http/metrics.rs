@@ -22,6 +22,13 @@ struct WorkerJobsLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerBatchLabels {
+    worker: Escaped,
+    /// Images in the batch.
+    size: u64,
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus / OpenMetrics text format", content_type = "application/openmetrics-text")),
     security(("bearer" = [])))]
@@ -49,6 +56,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
         let _ = liveness.get_or_create(&StateLabel { state });
     }
     let worker_jobs = Family::<WorkerJobsLabels, Gauge>::default();
+    let worker_batches = Family::<WorkerBatchLabels, Gauge>::default();
     for w in &workers {
         liveness.get_or_create(&StateLabel { state: w.liveness() }).inc();
         let worker = Escaped(w.heartbeat.worker_id.clone());
@@ -56,9 +64,18 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
             let labels = WorkerJobsLabels { worker: worker.clone(), outcome };
             worker_jobs.get_or_create(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+        for (i, &n) in w.heartbeat.batches.iter().enumerate().filter(|(_, &n)| n > 0) {
+            let labels = WorkerBatchLabels { worker: worker.clone(), size: i as u64 + 1 };
+            worker_batches.get_or_create(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
     registry.register("sd_rbee_workers", "Workers by liveness", liveness);
     registry.register("sd_rbee_worker_jobs", "Jobs each worker reports done or failed since it started", worker_jobs);
+    registry.register(
+        "sd_rbee_worker_batches",
+        "Batches each worker has run since it started, by size (images sharing UNet passes)",
+        worker_batches,
+    );
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).map_err(AppError::internal)?;

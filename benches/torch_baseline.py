@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""PyTorch/diffusers baselines to run beside `sd-rbee bench`, in the same session (compare_with_pytorch.py
+runs both halves and prints the ratios).
+
+  torch_baseline.py pipeline MODEL_DIR [--steps 20] [--width 96 --height 64] [--batch 1,2,4] [--threads 2]
+      median ms per denoising step (classifier-free guidance on) and images/s of a diffusers pipeline folder,
+      per batch size (that many images per call, one generator per image)
+  torch_baseline.py sd15-unet OUT_DIR [--latent 64] [--batch 1,2,4,8] [--threads 2]
+      writes a full-size SD 1.5 UNet (860M params, seeded random weights, diffusers naming, ~3.4 GB f32) to
+      OUT_DIR the first time (sd-rbee then loads the very same weights), then prints, per batch size, the
+      median seconds of one forward pass at 2 × batch rows (classifier-free guidance) and the peak RSS
+  torch_baseline.py unet --arch sd15|sdxl [--latent N] [--batch 1,2,4] [--dtype f32|f16] [--device cpu|cuda]
+      the same for the real SD 1.5 or SDXL UNet built in memory with PyTorch's default (seeded) init: the
+      PyTorch half of `sd-rbee bench unet --arch`
+
+Needs torch and diffusers (pip install torch diffusers transformers safetensors; several GB). Prints one
+`baseline: ...` line per batch size, so a script can read it.
+"""
+import argparse, os, resource, statistics, time
+
+import torch
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5)
+SDXL = dict(sample_size=128, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5)
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def pipeline(a):
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(a.path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for images in a.batch:
+        stamps, walls = [], []
+        def cb(p, i, t, kw):
+            stamps.append(time.perf_counter()); return kw
+        for run in range(1 + a.runs):  # the first run warms up
+            stamps.clear()
+            gens = [torch.Generator().manual_seed(i) for i in range(images)]
+            t0 = time.perf_counter()
+            pipe(["a photograph of an astronaut riding a horse"] * images, negative_prompt=["blurry"] * images,
+                 num_inference_steps=a.steps, guidance_scale=7.5, height=a.height, width=a.width,
+                 generator=gens, callback_on_step_end=cb)
+            if run > 0:
+                walls.append(time.perf_counter() - t0)
+        steps = [b - x for x, b in zip(stamps, stamps[1:])]
+        wall = statistics.median(walls)
+        print(f"baseline: diffusers pipeline {os.path.basename(a.path.rstrip('/'))} {a.width}x{a.height} "
+              f"images={images} threads={torch.get_num_threads()} median_step_ms={statistics.median(steps) * 1000:.2f} "
+              f"median_image_ms={wall * 1000:.1f} images_per_s={images / wall:.3f} peak_rss_gb={peak_rss_gb():.2f}",
+              flush=True)
+
+
+def time_unet(unet, what, latent, a, dtype, device):
+    cfg = unet.config
+    g = torch.Generator().manual_seed(1234)
+    for images in a.batch:
+        rows = 2 * images
+        ehs = torch.randn(rows, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+        lat = torch.randn(rows, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
+        added = None
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            px = float(latent * 8)
+            added = {"text_embeds": torch.randn(rows, pooled, generator=g).to(device, dtype),
+                     "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]] * rows).to(device, dtype)}
+        with torch.inference_mode():
+            unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)  # warm-up
+            sync(device)
+            ts = []
+            for _ in range(a.runs):
+                t0 = time.perf_counter()
+                unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)
+                sync(device)
+                ts.append(time.perf_counter() - t0)
+        med = statistics.median(ts)
+        mem = f" peak_device_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}" if device == "cuda" else ""
+        print(f"baseline: diffusers {what} unet latent {latent}x{latent} images {images} (batch {rows}) "
+              f"threads={torch.get_num_threads()} median_s={med:.3f} image_steps_per_s={images / med:.3f} "
+              f"peak_rss_gb={peak_rss_gb():.2f}{mem}", flush=True)
+
+
+def sd15_unet(a):
+    from diffusers import UNet2DConditionModel
+    if not os.path.exists(os.path.join(a.path, "config.json")):
+        torch.manual_seed(0)
+        UNet2DConditionModel(**SD15).save_pretrained(a.path, safe_serialization=True)
+    unet = UNet2DConditionModel.from_pretrained(a.path, torch_dtype=torch.float32).eval()
+    time_unet(unet, "sd15", a.latent or 64, a, torch.float32, "cpu")
+
+
+def unet(a):
+    from diffusers import UNet2DConditionModel
+    config = {"sd15": SD15, "sdxl": SDXL}[a.arch]
+    dtype = {"f32": torch.float32, "f16": torch.float16}[a.dtype]
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**config).to(a.device, dtype).eval()
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
+    time_unet(model, a.arch, a.latent or config["sample_size"], a, dtype, a.device)
+
+
+ap = argparse.ArgumentParser()
+ap.add_argument("what", choices=["pipeline", "sd15-unet", "unet"])
+ap.add_argument("path", nargs="?")
+ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+ap.add_argument("--steps", type=int, default=20); ap.add_argument("--width", type=int, default=96)
+ap.add_argument("--height", type=int, default=64); ap.add_argument("--latent", type=int, default=None)
+ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+ap.add_argument("--runs", type=int, default=3)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (PyTorch's default for cuDNN)")
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+if a.what != "unet" and not a.path:
+    ap.error(f"{a.what} needs a path")
+{"pipeline": pipeline, "sd15-unet": sd15_unet, "unet": unet}[a.what](a)

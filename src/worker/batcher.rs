@@ -1,0 +1,310 @@
+//! Cross-job batching: generations of different jobs that can share UNet passes (the same loaded model and
+//! the same [`BatchKey`]: size, timesteps, LoRA set) run as one batch. Each job hands in a [`Ticket`] and
+//! waits for its own result; everything else stays the job's own (progress, previews, cancel, deadline,
+//! results, ack). The oldest waiting ticket waits at most the batch window for company, and not at all once
+//! its batch is full. Batches run on blocking threads, at most `concurrency` at once.
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::device::DeviceSpec;
+use crate::diffusion::{
+    BatchKey, BatchMember, CancelFlag, GenerateError, GenerationOutput, GenerationRequest, StepCallback, StepInfo,
+};
+use crate::generation::LoadedModel;
+
+/// One job's generation, waiting for a batch.
+pub struct Ticket {
+    pub model: Arc<LoadedModel>,
+    pub request: GenerationRequest,
+    pub key: BatchKey,
+    pub cancel: CancelFlag,
+    pub on_step: Box<dyn FnMut(&StepInfo) + Send>,
+    pub done: oneshot::Sender<Result<GenerationOutput, GenerateError>>,
+}
+
+/// How batches are formed and run.
+#[derive(Clone, Debug)]
+pub struct BatchSettings {
+    /// The most images one batch generates (`None`: [`default_max_batch`]).
+    pub max_batch: Option<usize>,
+    /// How long the oldest waiting job waits for others to share its batch.
+    pub window: Duration,
+    /// Batches running at the same time.
+    pub concurrency: usize,
+    /// A pause after every step of a batch: simulates a slow device (for tests and demos).
+    pub step_delay: Duration,
+    pub device: DeviceSpec,
+}
+
+/// Area at which the default batch size applies unscaled (512 × 512 pixels).
+const REFERENCE_PIXELS: usize = 512 * 512;
+
+/// The default `--max-batch`: 1 on the CPU, where the UNet is compute-bound and a batch mostly adds latency;
+/// 8 at 512 × 512 on GPUs, fewer for larger images (2 at 1024 × 1024), so the default fits the memory the
+/// default of one job used to take several times over and no more.
+pub fn default_max_batch(device: DeviceSpec, width: usize, height: usize) -> usize {
+    match device {
+        DeviceSpec::Cpu => 1,
+        _ => (8 * REFERENCE_PIXELS / (width * height).max(1)).clamp(1, 8),
+    }
+}
+
+/// Batches run so far, by size: `counts()[i]` batches of `i + 1` images.
+#[derive(Debug, Default)]
+pub struct BatchCounts(Mutex<Vec<u64>>);
+
+impl BatchCounts {
+    fn record(&self, size: usize) {
+        let mut counts = self.0.lock().unwrap();
+        if counts.len() < size {
+            counts.resize(size, 0);
+        }
+        counts[size - 1] += 1;
+    }
+    pub fn counts(&self) -> Vec<u64> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Hands tickets to the batching task.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Ticket>,
+}
+
+impl Batcher {
+    /// Starts the batching task (on the current tokio runtime).
+    pub fn start(settings: BatchSettings, counts: Arc<BatchCounts>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batch_loop(settings, counts, rx));
+        Self { tx }
+    }
+
+    /// Queues a ticket; its result comes on the ticket's `done`.
+    pub fn submit(&self, ticket: Ticket) {
+        if let Err(mpsc::error::SendError(ticket)) = self.tx.send(ticket) {
+            let _ = ticket.done.send(Err(GenerateError::Other(anyhow::anyhow!("the worker is stopping"))));
+        }
+    }
+}
+
+/// What to do with the waiting tickets.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Run these (indices into the waiting list, oldest first).
+    Run(Vec<usize>),
+    /// Wait for company until then.
+    WaitUntil(Instant),
+}
+
+/// A waiting ticket as the decision sees it: its group, its images and when it arrived.
+struct Waiting<K> {
+    group: K,
+    images: usize,
+    arrived: Instant,
+}
+
+/// The batch of the oldest waiting ticket: every ticket of its group, oldest first, while the images fit
+/// `max_images` (the oldest always goes). Run now when full or when the oldest has waited the window.
+fn next<K: PartialEq>(
+    waiting: &[Waiting<K>],
+    max_images: impl Fn(&K) -> usize,
+    window: Duration,
+    now: Instant,
+) -> Next {
+    let oldest = &waiting[0];
+    let cap = max_images(&oldest.group).max(1);
+    let mut picked = Vec::new();
+    let mut images = 0;
+    let mut full = false;
+    for (i, w) in waiting.iter().enumerate().filter(|(_, w)| w.group == oldest.group) {
+        if !picked.is_empty() && images + w.images > cap {
+            full = true;
+            break;
+        }
+        picked.push(i);
+        images += w.images;
+    }
+    let deadline = oldest.arrived + window;
+    if full || images >= cap || now >= deadline {
+        Next::Run(picked)
+    } else {
+        Next::WaitUntil(deadline)
+    }
+}
+
+/// A ticket's group: the model it runs on (by identity) and its batch key.
+#[derive(PartialEq)]
+struct Group {
+    model: usize,
+    key: BatchKey,
+}
+
+async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: mpsc::UnboundedReceiver<Ticket>) {
+    let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+    // Two lists in step: what the decision reads, and the tickets.
+    let mut waiting: Vec<Waiting<Group>> = Vec::new();
+    let mut tickets: Vec<Ticket> = Vec::new();
+    let max_images =
+        |g: &Group| settings.max_batch.unwrap_or_else(|| default_max_batch(settings.device, g.key.width, g.key.height));
+    loop {
+        // Tickets cancelled while they wait leave at once (their jobs are cancelled or out of time).
+        let mut i = 0;
+        while i < waiting.len() {
+            if tickets[i].cancel.is_cancelled() {
+                waiting.remove(i);
+                let ticket = tickets.remove(i);
+                let _ = ticket.done.send(Err(GenerateError::Cancelled { completed: 0, total: 0 }));
+            } else {
+                i += 1;
+            }
+        }
+        let decision =
+            if waiting.is_empty() { None } else { Some(next(&waiting, max_images, settings.window, Instant::now())) };
+        let wait_until = match decision {
+            Some(Next::Run(picked)) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let mut batch = Vec::with_capacity(picked.len());
+                    for &i in picked.iter().rev() {
+                        waiting.remove(i);
+                        batch.push(tickets.remove(i));
+                    }
+                    batch.reverse();
+                    counts.record(batch.iter().map(|t| t.request.num_images).sum());
+                    let step_delay = settings.step_delay;
+                    tokio::task::spawn_blocking(move || {
+                        run_batch(batch, step_delay);
+                        drop(permit);
+                    });
+                    continue;
+                }
+                // Every slot runs a batch: look again soon (a slot frees, or a waiting job is cancelled).
+                Err(_) => Some(Instant::now() + Duration::from_millis(20)),
+            },
+            Some(Next::WaitUntil(at)) => Some(at),
+            None => None,
+        };
+        let received = match wait_until {
+            Some(at) => {
+                let at = tokio::time::Instant::from_std(at.min(Instant::now() + Duration::from_millis(100)));
+                match tokio::time::timeout_at(at, rx.recv()).await {
+                    Ok(r) => r.map(Some),
+                    Err(_) => Some(None),
+                }
+            }
+            None => rx.recv().await.map(Some),
+        };
+        match received {
+            Some(Some(ticket)) => {
+                let w = Waiting {
+                    group: Group { model: Arc::as_ptr(&ticket.model) as usize, key: ticket.key.clone() },
+                    images: ticket.request.num_images,
+                    arrived: Instant::now(),
+                };
+                waiting.push(w);
+                tickets.push(ticket);
+            }
+            Some(None) => {}
+            // Every sender is gone: the worker has stopped.
+            None if waiting.is_empty() => return,
+            None => {}
+        }
+    }
+}
+
+/// Runs one batch on this (blocking) thread and hands every ticket its result.
+fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
+    let model = batch[0].model.clone();
+    let slept = Cell::new(0usize);
+    let results = {
+        let mut callbacks: Vec<StepCallback> = Vec::with_capacity(batch.len());
+        let mut requests = Vec::with_capacity(batch.len());
+        for ticket in batch.iter_mut() {
+            let on_step = &mut ticket.on_step;
+            let slept = &slept;
+            callbacks.push(Box::new(move |info: &StepInfo| {
+                // One pause per step of the batch, not one per member.
+                if !step_delay.is_zero() && info.step > slept.get() {
+                    slept.set(info.step);
+                    std::thread::sleep(step_delay);
+                }
+                on_step(info)
+            }));
+            requests.push((&ticket.request, &ticket.cancel));
+        }
+        let mut members: Vec<BatchMember> = requests
+            .into_iter()
+            .zip(callbacks.iter_mut())
+            .map(|((request, cancel), on_step)| BatchMember {
+                request,
+                on_step: on_step.as_mut(),
+                cancel: Some(cancel),
+            })
+            .collect();
+        if members.len() > 1 {
+            tracing::debug!(size = members.len(), "running a batch");
+        }
+        model.pipeline.generate_batch(&mut members)
+    };
+    for (ticket, result) in batch.into_iter().zip(results) {
+        let _ = ticket.done.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(group: char, images: usize, arrived: Instant) -> Waiting<char> {
+        Waiting { group, images, arrived }
+    }
+
+    #[test]
+    fn a_lone_job_waits_the_window_and_no_longer() {
+        let t0 = Instant::now();
+        let window = Duration::from_millis(50);
+        let waiting = [w('a', 1, t0)];
+        assert_eq!(next(&waiting, |_| 4, window, t0), Next::WaitUntil(t0 + window));
+        assert_eq!(next(&waiting, |_| 4, window, t0 + window), Next::Run(vec![0]));
+        // With batches of one there is nothing to wait for.
+        assert_eq!(next(&waiting, |_| 1, window, t0), Next::Run(vec![0]));
+    }
+
+    #[test]
+    fn a_full_batch_runs_at_once_with_the_oldest_group_only() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(10);
+        let waiting = [w('a', 1, t0), w('b', 1, t0), w('a', 2, t0), w('a', 1, t0), w('a', 1, t0)];
+        // Images count: 1 + 2 + 1 = 4 fills a batch of 4; the fifth waits for the next one.
+        assert_eq!(next(&waiting, |_| 4, window, t0), Next::Run(vec![0, 2, 3]));
+        // A job bigger than the batch still runs (alone).
+        let big = [w('a', 6, t0), w('a', 1, t0)];
+        assert_eq!(next(&big, |_| 4, window, t0), Next::Run(vec![0]));
+        // Caps per group (the default scales with the image size).
+        let caps = |g: &char| if *g == 'a' { 2 } else { 8 };
+        assert_eq!(next(&waiting, caps, window, t0), Next::Run(vec![0]));
+    }
+
+    #[test]
+    fn default_batch_sizes() {
+        assert_eq!(default_max_batch(DeviceSpec::Cpu, 512, 512), 1);
+        let gpu = DeviceSpec::Cuda(0);
+        assert_eq!(default_max_batch(gpu, 512, 512), 8);
+        assert_eq!(default_max_batch(gpu, 1024, 1024), 2);
+        assert_eq!(default_max_batch(gpu, 2048, 2048), 1);
+        assert_eq!(default_max_batch(gpu, 64, 64), 8);
+    }
+
+    #[test]
+    fn batch_counts_by_size() {
+        let c = BatchCounts::default();
+        c.record(1);
+        c.record(3);
+        c.record(3);
+        assert_eq!(c.counts(), vec![1, 0, 2]);
+    }
+}
