@@ -138,6 +138,8 @@ pub struct Params {
     pub loras: Vec<LoraWeight>,
     /// A1111's clip skip (1 = the last layer); SD 1.x/2.x only.
     pub clip_skip: Option<usize>,
+    /// Decode in tiles; `None`: past 1536 × 1536 pixels.
+    pub vae_tiling: Option<bool>,
 }
 
 impl Params {
@@ -164,6 +166,7 @@ impl Params {
             noise: None,
             loras: Vec::new(),
             clip_skip: None,
+            vae_tiling: None,
         }
     }
 }
@@ -263,6 +266,7 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
     req.initial_latents = params.initial_latents;
     req.loras = params.loras;
     req.clip_skip = params.clip_skip;
+    req.vae_tiling = params.vae_tiling;
     for (field, value) in [("width", req.width), ("height", req.height)] {
         if value == 0 || value % 8 != 0 {
             return Err(invalid(field, format!("must be a positive multiple of 8, got {value}")));

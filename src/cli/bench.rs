@@ -25,6 +25,26 @@ pub enum BenchCommand {
     Pipeline(PipelineBench),
     /// Median seconds of one classifier-free-guidance UNet call per batch size, and image-steps/s.
     Unet(UnetBench),
+    /// Seconds and peak memory of one VAE decode of a built-in architecture (seeded random weights), whole
+    /// or in tiles: run once per setting, as peak memory is the process's.
+    Vae(VaeBench),
+}
+
+#[derive(Debug, Args)]
+pub struct VaeBench {
+    /// `sd15`, `sd21` or `sdxl`.
+    #[arg(long, default_value = "sd15")]
+    pub arch: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 2048)]
+    pub size: usize,
+    /// Decode in tiles (as diffusers' `enable_vae_tiling()`).
+    #[arg(long)]
+    pub tiled: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+    #[arg(long, default_value = "f32", value_parser = crate::device::parse_dtype)]
+    pub dtype: DType,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +100,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pipeline(b) => pipeline(b),
         BenchCommand::Unet(b) => unet(b),
+        BenchCommand::Vae(b) => vae(b),
     }
 }
 
@@ -215,5 +236,30 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn vae(b: VaeBench) -> anyhow::Result<()> {
+    use crate::diffusion::vae::{AutoencoderKL, AutoencoderKLConfig};
+    let device = b.device.open()?;
+    let (arch, seed) = crate::generation::parse_random(&b.arch)?;
+    let folder = crate::diffusion::checkpoint::configs::ConfigFolder::write(arch)?;
+    let config = AutoencoderKLConfig::from_file(&folder.path().join("vae").join("config.json"))?;
+    let f = config.scale_factor();
+    anyhow::ensure!(b.size % f == 0 && b.size > 0, "--size must be a positive multiple of {f}");
+    let vb = crate::diffusion::random_weights::random_var_builder(seed, b.dtype, &device);
+    let model = AutoencoderKL::new(vb, config)?;
+    let before = peak_rss_bytes().unwrap_or(0) as f64 / 1e9;
+    let latents = crate::diffusion::rng::TorchRng::new(7).randn((1, 4, b.size / f, b.size / f), &device)?;
+    let t0 = Instant::now();
+    let image = model.decode_to_image(&latents.to_dtype(b.dtype)?, Some(b.tiled))?;
+    device.synchronize()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let _ = image.dims();
+    let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
+    let (arch, size, tiled) = (&b.arch, b.size, b.tiled);
+    println!(
+        "bench: sd-rbee vae random:{arch} {size}x{size} tiled={tiled} seconds={seconds:.2} peak_rss_gb={peak:.2} (after loading: {before:.2})"
+    );
     Ok(())
 }

@@ -97,6 +97,10 @@ pub struct GenerateArgs {
     /// A1111's clip skip for SD 1.x/2.x: 1 = the text encoder's last layer (the default), 2 = the one before.
     #[arg(long, value_name = "N")]
     pub clip_skip: Option<usize>,
+    /// Decode the image in overlapping tiles (as diffusers' `enable_vae_tiling()`), in bounded memory:
+    /// `on`, `off`, or `auto` (tiles past 1536 × 1536 pixels).
+    #[arg(long, value_enum, default_value_t = VaeTiling::Auto)]
+    pub vae_tiling: VaeTiling,
     /// Replaces the seeded noise added to the init image: FILE.safetensors[:TENSOR] (default tensor `noise`).
     #[arg(long, value_name = "FILE[:TENSOR]")]
     pub noise: Option<String>,
@@ -227,6 +231,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     params.noise = noise;
     params.loras = loras;
     params.clip_skip = args.clip_skip;
+    params.vae_tiling = match args.vae_tiling {
+        VaeTiling::Auto => None,
+        VaeTiling::On => Some(true),
+        VaeTiling::Off => Some(false),
+    };
     let prepared = generation::prepare(sd, loaded.entry, params)?;
     let req = &prepared.request;
 
@@ -303,4 +312,12 @@ fn progress_bar(steps: usize, quiet: bool) -> Option<indicatif::ProgressBar> {
         bar.set_style(style.progress_chars("=> "));
     }
     Some(bar)
+}
+
+/// `--vae-tiling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VaeTiling {
+    Auto,
+    On,
+    Off,
 }

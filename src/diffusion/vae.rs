@@ -71,6 +71,10 @@ pub struct AutoencoderKLConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
+    /// The image side the VAE was trained at: tiled decoding works in tiles of this size. An int, or
+    /// `[h, w]` (the first is used, as diffusers does).
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 impl AutoencoderKLConfig {
@@ -120,6 +124,26 @@ impl AutoencoderKLConfig {
     /// Spatial downscale between pixels and latents (8 for every Stable Diffusion VAE).
     pub fn scale_factor(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
+    }
+
+    /// The tile side of tiled decoding, in pixels: `sample_size` (diffusers' default 32 when absent).
+    pub fn tile_size(&self) -> usize {
+        let side = match &self.sample_size {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::Array(v)) => v.first().and_then(|n| n.as_u64()),
+            _ => None,
+        };
+        (side.unwrap_or(32) as usize).max(self.scale_factor())
+    }
+
+    /// Whether latents `h × w` are decoded in tiles when the caller leaves it to the VAE: past 1536 × 1536
+    /// pixels (e.g. 2048 × 2048), where decoding whole takes well over 10 GB, and only when that is at least
+    /// two tiles across. Smaller images decode whole, exactly as diffusers decodes them by default.
+    pub fn tiles_by_default(&self, h: usize, w: usize) -> bool {
+        const MOST_PIXELS_WHOLE: usize = 1536 * 1536;
+        let f = self.scale_factor();
+        let tile = self.tile_size() / f;
+        h * w * f * f > MOST_PIXELS_WHOLE && h.max(w) >= 2 * tile
     }
 }
 
@@ -292,6 +316,28 @@ pub struct AutoencoderKL {
     post_quant_conv: Option<Conv2d>,
 }
 
+/// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3): the first `extent` rows (columns) of `b` fade from
+/// the last ones of `a` to `b`'s own, `b = a · (1 - t/extent) + b · t/extent` at row t.
+fn blend_into(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = [1usize; 4];
+    shape[dim] = extent;
+    let to_b: Vec<f32> = (0..extent).map(|t| (t as f64 / extent as f64) as f32).collect();
+    let to_a: Vec<f32> = (0..extent).map(|t| (1.0 - t as f64 / extent as f64) as f32).collect();
+    let to_b = Tensor::from_vec(to_b, &shape[..], b.device())?.to_dtype(b.dtype())?;
+    let to_a = Tensor::from_vec(to_a, &shape[..], b.device())?.to_dtype(b.dtype())?;
+    let a_end = a.narrow(dim, a.dim(dim)? - extent, extent)?;
+    let blended = (a_end.broadcast_mul(&to_a)? + b.narrow(dim, 0, extent)?.broadcast_mul(&to_b)?)?;
+    let rest = b.dim(dim)? - extent;
+    if rest == 0 {
+        return Ok(blended);
+    }
+    Tensor::cat(&[&blended, &b.narrow(dim, extent, rest)?], dim)
+}
+
 impl AutoencoderKL {
     pub fn new(vb: VarBuilder, config: AutoencoderKLConfig) -> anyhow::Result<Self> {
         config.validate()?;
@@ -342,9 +388,45 @@ impl AutoencoderKL {
         Tensor::from_vec(v, (1, values.len(), 1, 1), like.device())?.to_dtype(like.dtype())
     }
 
+    /// [`Self::decode_raw`] in overlapping tiles, as diffusers' `enable_vae_tiling()` decodes: tiles of
+    /// `tile_size` pixels every three quarters of a tile, each blended into the one above and the one to its
+    /// left over a quarter tile, in that order. Memory stays that of one tile plus two rows of tiles and the
+    /// image, whatever the image size.
+    pub fn decode_raw_tiled(&self, z: &Tensor) -> Result<Tensor> {
+        let tile_sample = self.config.tile_size();
+        let tile_latent = tile_sample / self.config.scale_factor();
+        let step = ((tile_latent as f64 * 0.75) as usize).max(1);
+        let blend = (tile_sample as f64 * 0.25) as usize;
+        let keep = tile_sample - blend;
+        let (_, _, h, w) = z.dims4()?;
+        let mut above: Vec<Tensor> = Vec::new();
+        let mut rows = Vec::new();
+        for y in (0..h).step_by(step) {
+            let mut row: Vec<Tensor> = Vec::new();
+            let mut kept = Vec::new();
+            for (k, x) in (0..w).step_by(step).enumerate() {
+                let tile = z.narrow(2, y, tile_latent.min(h - y))?.narrow(3, x, tile_latent.min(w - x))?;
+                let mut decoded = self.decode_raw(&tile)?;
+                if let Some(a) = above.get(k) {
+                    decoded = blend_into(a, &decoded, blend, 2)?;
+                }
+                if let Some(left) = row.last() {
+                    decoded = blend_into(left, &decoded, blend, 3)?;
+                }
+                let (_, _, dh, dw) = decoded.dims4()?;
+                kept.push(decoded.narrow(2, 0, keep.min(dh))?.narrow(3, 0, keep.min(dw))?);
+                row.push(decoded);
+            }
+            rows.push(Tensor::cat(&kept, 3)?);
+            above = row;
+        }
+        Tensor::cat(&rows, 2)
+    }
+
     /// Pipeline latents → image in [0, 1], as diffusers' pipelines do it (undo scaling / shift / per-channel
-    /// statistics, decode, `(x / 2 + 0.5).clamp(0, 1)`).
-    pub fn decode_to_image(&self, latents: &Tensor) -> Result<Tensor> {
+    /// statistics, decode, `(x / 2 + 0.5).clamp(0, 1)`), decoding whole or in tiles (`None`: see
+    /// [`AutoencoderKLConfig::tiles_by_default`]).
+    pub fn decode_to_image(&self, latents: &Tensor, tiled: Option<bool>) -> Result<Tensor> {
         let c = &self.config;
         let z = match (&c.latents_mean, &c.latents_std) {
             (Some(mean), Some(std)) => latents
@@ -353,7 +435,12 @@ impl AutoencoderKL {
                 .broadcast_add(&self.per_channel(mean, latents)?),
             _ => (latents / c.scaling_factor)? + c.shift_factor.unwrap_or(0.0),
         }?;
-        let image = self.decode_raw(&z)?;
+        let (_, _, h, w) = z.dims4()?;
+        let image = if tiled.unwrap_or_else(|| self.config.tiles_by_default(h, w)) {
+            self.decode_raw_tiled(&z)?
+        } else {
+            self.decode_raw(&z)?
+        };
         image.affine(0.5, 0.5)?.clamp(0.0, 1.0)
     }
 

@@ -257,7 +257,7 @@ impl StableDiffusion {
                 step_ms: step_ms.clone(),
                 ..Timings::default()
             };
-            results[k] = Some(self.finish_run(run, timings, m.cancel, total));
+            results[k] = Some(self.finish_run(m.request, run, timings, m.cancel, total));
         }
         drop(in_effect);
         results.into_iter().map(|r| r.expect("every member has a result")).collect()
@@ -423,6 +423,7 @@ impl StableDiffusion {
     /// Checks and decodes a member's latents.
     fn finish_run(
         &self,
+        req: &GenerationRequest,
         run: Run,
         mut timings: Timings,
         cancel: Option<&CancelFlag>,
@@ -438,7 +439,7 @@ impl StableDiffusion {
                 return Err(GenerateError::Cancelled { completed: total, total });
             }
             let z = run.latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
-            let pixels = self.vae.decode_to_image(&z)?.to_device(&Device::Cpu)?.squeeze(0)?;
+            let pixels = self.vae.decode_to_image(&z, req.vae_tiling)?.to_device(&Device::Cpu)?.squeeze(0)?;
             if !all_finite(&pixels)? {
                 return Err(GenerateError::NonFinite { stage: "VAE decoder" });
             }

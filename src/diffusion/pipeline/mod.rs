@@ -92,6 +92,8 @@ pub struct GenerationRequest {
     pub loras: Vec<LoraWeight>,
     /// A1111's clip skip for single-encoder models: 1 (or `None`) uses the last layer, 2 the one before, ...
     pub clip_skip: Option<usize>,
+    /// Decode in tiles (diffusers' `enable_vae_tiling()`); `None`: past 1536 × 1536 pixels.
+    pub vae_tiling: Option<bool>,
 }
 
 /// The image an img2img or inpainting run starts from.
@@ -125,6 +127,7 @@ impl GenerationRequest {
             init: None,
             loras: Vec::new(),
             clip_skip: None,
+            vae_tiling: None,
         }
     }
 }
