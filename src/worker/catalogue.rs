@@ -184,6 +184,9 @@ impl Catalogue {
 /// is fetched into the Hugging Face cache first (or found there offline), so it is sized before it loads too.
 fn model_bytes(source: &str, options: &ModelOptions) -> anyhow::Result<u64> {
     let dtype = options.dtype.unwrap_or(DType::F32);
+    if let Some(arch) = source.strip_prefix(crate::generation::RANDOM_PREFIX) {
+        return Ok(random_parameters(arch)? * dtype.size_in_bytes() as u64);
+    }
     if Path::new(source).exists() {
         return estimate_bytes(source, dtype);
     }
@@ -192,6 +195,18 @@ fn model_bytes(source: &str, options: &ModelOptions) -> anyhow::Result<u64> {
     hub.prefer_fp16 = dtype == DType::F16;
     let resolved = crate::hub::resolve(source, &hub)?;
     estimate_bytes(&resolved.dir.display().to_string(), dtype)
+}
+
+/// Parameters of a `random:` model (text encoders, UNet and VAE of the real architecture); the inpainting
+/// UNets' five extra input channels are a rounding error here.
+fn random_parameters(arch: &str) -> anyhow::Result<u64> {
+    use crate::diffusion::checkpoint::Family;
+    let (arch, _) = crate::generation::parse_random(arch)?;
+    Ok(match arch.family {
+        Family::Sd1 => 1_066_000_000,
+        Family::Sd2 => 1_290_000_000,
+        Family::Sdxl => 3_470_000_000,
+    })
 }
 
 /// The bytes a model's weights take at `dtype`: the float tensors of its weight files (of a single file, those
@@ -254,6 +269,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_models_are_sized_without_files() {
+        let f32 = model_bytes("random:sd15", &ModelOptions::default()).unwrap();
+        assert!((4_000_000_000..4_500_000_000).contains(&f32), "{f32}");
+        let options = ModelOptions { dtype: Some(DType::F16), ..Default::default() };
+        assert_eq!(model_bytes("random:sdxl:3", &options).unwrap(), 2 * 3_470_000_000);
+        assert!(model_bytes("random:sd4", &options).is_err());
+    }
 
     #[test]
     fn sizes_and_estimates() {
