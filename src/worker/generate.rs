@@ -1,7 +1,7 @@
 //! Generating one job and storing its images: its inputs read and checked, its model checked out of the
 //! catalogue, generation in a batch with the jobs it can share UNet passes with (`batcher.rs`) with
-//! progress forwarded as events, stopped at the deadline, then every image and the manifest uploaded. What can go wrong is a [`Failure`], which the policy maps to
-//! what happens to the message.
+//! progress forwarded as events, stopped at the deadline, then every image and the manifest uploaded. What
+//! can go wrong is a [`Failure`], which the policy maps to what happens to the message.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

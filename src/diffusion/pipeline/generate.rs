@@ -207,6 +207,7 @@ impl StableDiffusion {
             return results.into_iter().map(|r| r.expect("a failed start has a result")).collect();
         };
 
+        let mut joint: Option<(Vec<usize>, Conditioning)> = None;
         let loop_start = Instant::now();
         let mut step_ms = Vec::with_capacity(total);
         for j in 0..total {
@@ -220,13 +221,19 @@ impl StableDiffusion {
                 break;
             }
             let step_start = Instant::now();
-            if let Err(e) = self.step_all(&mut runs, j) {
-                let message = format!("{e:#}");
-                for (k, run) in runs.iter_mut().enumerate() {
-                    if run.take().is_some() {
-                        results[k] = Some(Err(GenerateError::Other(anyhow::anyhow!("{message}"))));
+            let live: Vec<usize> = (0..runs.len()).filter(|&k| runs[k].is_some()).collect();
+            if joint.as_ref().is_none_or(|(m, _)| *m != live) {
+                match Self::join_conditioning(&runs) {
+                    Ok(c) => joint = Some((live, c)),
+                    Err(e) => {
+                        fail_all(&mut runs, &mut results, &e);
+                        break;
                     }
                 }
+            }
+            let (_, conditioning) = joint.as_ref().expect("joined above");
+            if let Err(e) = self.step_all(&mut runs, conditioning, j) {
+                fail_all(&mut runs, &mut results, &e);
                 break;
             }
             let step_time = step_start.elapsed();
@@ -352,9 +359,27 @@ impl StableDiffusion {
         })
     }
 
+    /// The live members' text conditioning, concatenated in member order (it only changes when a member
+    /// leaves, so the loop builds it again only then).
+    fn join_conditioning(runs: &[Option<Run>]) -> candle_core::Result<Conditioning> {
+        let live: Vec<&Run> = runs.iter().flatten().collect();
+        if let [only] = live[..] {
+            return Ok(Conditioning { context: only.cond.context.clone(), added: only.cond.added.clone() });
+        }
+        let contexts: Vec<&Tensor> = live.iter().map(|r| &r.cond.context).collect();
+        let added = match live.iter().map(|r| r.cond.added.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(all) => Some(AddedConditions {
+                text_embeds: Tensor::cat(&all.iter().map(|a| &a.text_embeds).collect::<Vec<_>>(), 0)?,
+                time_ids: all.iter().flat_map(|a| a.time_ids.iter().cloned()).collect(),
+            }),
+            None => None,
+        };
+        Ok(Conditioning { context: Tensor::cat(&contexts, 0)?, added })
+    }
+
     /// Step `j` (counted from each member's first step) for every live member: one UNet call for all their
     /// rows, then each member's guidance, scheduler step and inpainting blend.
-    fn step_all(&self, runs: &mut [Option<Run>], j: usize) -> anyhow::Result<()> {
+    fn step_all(&self, runs: &mut [Option<Run>], joint: &Conditioning, j: usize) -> anyhow::Result<()> {
         let live: Vec<&Run> = runs.iter().flatten().collect();
         let t = live[0].scheduler.timesteps()[live[0].first_step + j];
         let mut inputs = Vec::with_capacity(live.len());
@@ -371,22 +396,10 @@ impl StableDiffusion {
                 None => model_in,
             });
         }
-        let (model_in, context, added) = if live.len() == 1 {
-            (inputs.pop().expect("one input"), live[0].cond.context.clone(), live[0].cond.added.clone())
-        } else {
-            let contexts: Vec<&Tensor> = live.iter().map(|r| &r.cond.context).collect();
-            let added = match live.iter().map(|r| r.cond.added.as_ref()).collect::<Option<Vec<_>>>() {
-                Some(all) => Some(AddedConditions {
-                    text_embeds: Tensor::cat(&all.iter().map(|a| &a.text_embeds).collect::<Vec<_>>(), 0)?,
-                    time_ids: all.iter().flat_map(|a| a.time_ids.iter().cloned()).collect(),
-                }),
-                None => None,
-            };
-            (Tensor::cat(&inputs, 0)?, Tensor::cat(&contexts, 0)?, added)
-        };
+        let model_in = if inputs.len() == 1 { inputs.pop().expect("one input") } else { Tensor::cat(&inputs, 0)? };
         let pred = self
             .unet
-            .forward(&model_in.to_dtype(self.dtype)?, t, &context, added.as_ref())?
+            .forward(&model_in.to_dtype(self.dtype)?, t, &joint.context, joint.added.as_ref())?
             .to_dtype(self.latent_dtype())?;
         let mut row = 0;
         for run in runs.iter_mut().flatten() {
@@ -448,6 +461,20 @@ impl StableDiffusion {
         timings.decoding_ms = ms(t0.elapsed());
         timings.total_ms = ms(run.started.elapsed());
         Ok(GenerationOutput { images, scheduler: run.kind, warnings: run.warnings, timings })
+    }
+}
+
+/// Ends every live member with `error` (a shared UNet call failed for all of them).
+fn fail_all(
+    runs: &mut [Option<Run>],
+    results: &mut [Option<Result<GenerationOutput, GenerateError>>],
+    error: &dyn std::fmt::Display,
+) {
+    let message = format!("{error:#}");
+    for (run, result) in runs.iter_mut().zip(results.iter_mut()) {
+        if run.take().is_some() {
+            *result = Some(Err(GenerateError::Other(anyhow::anyhow!("{message}"))));
+        }
     }
 }
 
