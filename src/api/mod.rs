@@ -7,7 +7,7 @@
 //!
 //! - `submission`: [`JobSubmission`] (`POST /v1/jobs`) with its conversions, [`SubmitResponse`],
 //!   [`UploadResponse`];
-//! - `views`: [`JobStatus`] and [`StatusView`], [`JobList`], [`CancelResponse`], [`ModelInfo`],
+//! - `views`: [`JobStatus`] and [`StatusView`], [`JobList`], [`CancelResponse`], [`LimitsView`], [`ModelInfo`],
 //!   [`WorkerInfo`];
 //! - `events`: [`ApiEvent`], the one mapping from bus events and status records to Server-Sent Events, and
 //!   [`EventId`] (`id:` / `Last-Event-ID`);
@@ -26,6 +26,6 @@ pub use error::{ApiError, ApiErrorBody, ApiErrorCode, ApiErrorDetail};
 pub use events::{ApiEvent, EventId};
 pub use submission::{ImageInput, JobSubmission, SubmitResponse, UploadResponse};
 pub use views::{
-    CancelResponse, CancelState, ErrorInfo, JobList, JobState, JobStatus, ModelInfo, ProgressInfo, RequestSummary,
-    StatusView, WorkerInfo,
+    CancelResponse, CancelState, ErrorInfo, JobList, JobState, JobStatus, LimitsView, ModelInfo, ProgressInfo,
+    RequestSummary, StatusView, WorkerInfo,
 };

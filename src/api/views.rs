@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::protocol::{ErrorCode, Heartbeat, ImageResult, JobKind, JobPhase, Timings};
+use crate::protocol::Limits;
+use crate::protocol::{ErrorCode, Heartbeat, ImageResult, JobKind, JobPhase, JobRequest, LoraRef, Timings};
+use crate::vocab::{self, ImageFormat};
 
 /// Where a job is in its life.
 #[derive(
@@ -86,6 +88,59 @@ pub struct RequestSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     pub num_images: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<String>,
+    /// img2img and inpainting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// Inpainting: the mask's blur radius, whether it was inverted, whether the result was pasted back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invert_mask: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paste_back: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_format: Option<ImageFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+}
+
+impl RequestSummary {
+    /// What a job asked for; inpainting's options only for inpainting jobs.
+    pub fn of(job: &JobRequest) -> Self {
+        let inpaint = job.kind == JobKind::Inpaint;
+        Self {
+            prompt: job.prompt.clone(),
+            width: job.width,
+            height: job.height,
+            steps: job.steps,
+            seed: job.seed,
+            num_images: job.num_images,
+            negative_prompt: job.negative_prompt.clone(),
+            guidance: job.guidance,
+            scheduler: job.scheduler.clone(),
+            timestep_spacing: job.timestep_spacing.clone(),
+            strength: job.strength,
+            mask_blur: inpaint.then_some(job.mask_blur),
+            invert_mask: inpaint.then_some(job.invert_mask),
+            paste_back: inpaint.then_some(job.paste_back),
+            loras: job.loras.clone(),
+            clip_skip: job.clip_skip,
+            output_format: Some(job.output.format),
+            quality: job.output.quality,
+        }
+    }
 }
 
 /// One job's status record (JSON in the queen's KV bucket, and the core of `GET /v1/jobs/{id}`).
@@ -205,6 +260,44 @@ pub struct CancelResponse {
     pub state: CancelState,
 }
 
+/// `GET /v1/limits`: what a job may ask for from this queen, and the values its choice fields take, so a
+/// client can check a form before submitting it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LimitsView {
+    #[serde(flatten)]
+    pub limits: Limits,
+    /// Largest request body (JSON with inline images, or an upload).
+    pub max_body_bytes: usize,
+    /// Sizes are multiples of this.
+    pub size_multiple: u32,
+    pub schedulers: Vec<String>,
+    pub timestep_spacings: Vec<String>,
+    pub output_formats: Vec<String>,
+    pub resize_modes: Vec<String>,
+    pub default_img2img_strength: f64,
+    pub default_inpaint_strength: f64,
+    pub default_mask_blur: u32,
+}
+
+impl LimitsView {
+    pub fn new(limits: Limits, max_body_bytes: usize) -> Self {
+        use strum::VariantNames;
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        Self {
+            limits,
+            max_body_bytes,
+            size_multiple: 8,
+            schedulers: names(&vocab::SCHEDULERS),
+            timestep_spacings: names(&vocab::TIMESTEP_SPACINGS),
+            output_formats: names(ImageFormat::VARIANTS),
+            resize_modes: names(vocab::ResizeMode::VARIANTS),
+            default_img2img_strength: vocab::DEFAULT_IMG2IMG_STRENGTH,
+            default_inpaint_strength: vocab::DEFAULT_INPAINT_STRENGTH,
+            default_mask_blur: vocab::DEFAULT_MASK_BLUR,
+        }
+    }
+}
+
 /// A model of the fleet's catalogue (`GET /v1/models`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInfo {
@@ -214,6 +307,9 @@ pub struct ModelInfo {
     /// Of those, the workers holding it in memory (the others load it for their first job of it).
     #[serde(default)]
     pub resident_workers: usize,
+    /// Jobs waiting for one of its workers (absent when NATS cannot say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
     /// LoRAs the model's workers can apply (`loras[].name` of a job), sorted.
     #[serde(default)]
     pub loras: Vec<String>,
@@ -245,5 +341,29 @@ impl WorkerInfo {
             (false, false, crate::protocol::WorkerState::Idle) => "idle",
             (false, false, crate::protocol::WorkerState::Busy { .. }) => "busy",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_summary_keeps_what_changes_the_pixels_and_only_its_kinds_options() {
+        use crate::protocol::ImageSource;
+        let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a kite");
+        (job.guidance, job.scheduler, job.negative_prompt) = (Some(5.5), Some("euler".into()), Some("rain".into()));
+        job.loras = vec![LoraRef { name: "ink".into(), scale: 0.5 }];
+        let summary = RequestSummary::of(&job);
+        assert_eq!((summary.guidance, summary.scheduler.as_deref()), (Some(5.5), Some("euler")));
+        assert_eq!((summary.mask_blur, summary.paste_back), (None, None), "no inpainting options for txt2img");
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(serde_json::from_value::<RequestSummary>(json.clone()).unwrap(), summary);
+        assert!(json.get("mask_blur").is_none());
+        job.kind = JobKind::Inpaint;
+        job.init_image = Some(ImageSource::ObjectKey("uploads/a.png".into()));
+        (job.mask_blur, job.strength) = (9, Some(0.7));
+        let summary = RequestSummary::of(&job);
+        assert_eq!((summary.mask_blur, summary.strength, summary.paste_back), (Some(9), Some(0.7), Some(true)));
     }
 }

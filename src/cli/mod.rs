@@ -56,6 +56,9 @@ pub enum Command {
     Jobs(jobs::JobsArgs),
     /// List the workers the queen has heard from.
     Workers(jobs::WorkersArgs),
+    /// Print the queen's OpenAPI document (what `GET /openapi.json` serves; the TypeScript SDK's types are
+    /// generated from it).
+    Openapi,
 }
 
 /// Where a model comes from and how it runs; shared by every subcommand that loads one.
@@ -162,6 +165,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
         Command::Models => models::run().map(|()| true),
+        Command::Openapi => queen::print_openapi().map(|()| true),
         Command::Worker(args) => worker::run(*args).map(|()| true),
         Command::Submit(args) => submit::run(*args),
         Command::Queen(args) => queen::run(*args).map(|()| true),

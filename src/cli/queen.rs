@@ -125,3 +125,10 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
         queen.serve(crate::shutdown::signal()).await
     })
 }
+
+/// `sd-rbee openapi`: the API's OpenAPI document on stdout.
+pub fn print_openapi() -> anyhow::Result<()> {
+    use utoipa::OpenApi;
+    println!("{}", crate::queen::http::ApiDoc::openapi().to_pretty_json()?);
+    Ok(())
+}

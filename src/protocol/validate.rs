@@ -153,7 +153,7 @@ impl JobRequest {
 
 /// The limits a job is validated against. Deserializable (every field defaults) so a deployment can
 /// override some of them in its configuration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Limits {
     /// Bytes of the prompt, and of the negative prompt. Default 4096.

@@ -374,6 +374,21 @@ impl Jobs {
         v
     }
 
+    /// Jobs of `model` waiting for a worker: its consumer's undelivered jobs, or, before any worker created
+    /// the consumer, every job on its subject. `None` when NATS cannot say.
+    pub async fn queue_depth(&self, model: &str) -> Option<u64> {
+        use futures::StreamExt;
+        let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&crate::bus::consumer_name(model)).await;
+        if let Ok(c) = consumer {
+            return Some(c.cached_info().num_pending);
+        }
+        let subject = self.bus.subjects().jobs(model).ok()?;
+        let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
+        Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
+    }
+
     /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
     async fn queue_position(&self, model: &str, seq: u64) -> Option<u64> {
         let subject = self.bus.subjects().jobs(model).ok()?;

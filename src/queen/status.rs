@@ -32,14 +32,7 @@ impl JobStatus {
             warnings: Vec::new(),
             error: None,
             cancelled_at_step: None,
-            request: Some(RequestSummary {
-                prompt: job.prompt.clone(),
-                width: job.width,
-                height: job.height,
-                steps: job.steps,
-                seed: job.seed,
-                num_images: job.num_images,
-            }),
+            request: Some(RequestSummary::of(job)),
             stream_seq,
             last_event_at: 0,
         }

@@ -8,11 +8,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::AppState;
-use crate::api::{ModelInfo, WorkerInfo};
+use crate::api::{LimitsView, ModelInfo, WorkerInfo};
 use crate::protocol;
 
 /// The models jobs may name: those live workers serve (with their LoRAs and the registry's defaults), then
-/// those of the catalogue no live worker serves now (`workers: 0`; their jobs wait for one).
+/// those of the catalogue no live worker serves now (`workers: 0`; their jobs wait for one), each with its
+/// queue depth.
 #[utoipa::path(get, path = "/v1/models", tag = "fleet", responses((status = 200, body = Vec<ModelInfo>)),
     security(("bearer" = [])))]
 pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>> {
@@ -29,14 +30,19 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>
             name: m.name.clone(),
             workers: m.workers,
             resident_workers: m.resident_workers,
+            queued: None,
             loras: m.loras.clone(),
             defaults: defaults(&m.name),
         })
         .collect();
     for name in state.jobs.catalogue().await {
         if !served.iter().any(|m| m.name == name) {
-            out.push(ModelInfo { defaults: defaults(&name), name, workers: 0, resident_workers: 0, loras: Vec::new() });
+            let (workers, resident_workers, queued, loras) = (0, 0, None, Vec::new());
+            out.push(ModelInfo { defaults: defaults(&name), name, workers, resident_workers, queued, loras });
         }
+    }
+    for model in &mut out {
+        model.queued = state.jobs.queue_depth(&model.name).await;
     }
     Json(out)
 }
@@ -45,6 +51,13 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>
     security(("bearer" = [])))]
 pub(super) async fn workers(State(state): State<AppState>) -> Json<Vec<WorkerInfo>> {
     Json(state.jobs.fleet.workers(protocol::now_millis()))
+}
+
+/// What a job may ask for here (sizes, steps, images, LoRAs, body sizes) and the choices its fields take.
+#[utoipa::path(get, path = "/v1/limits", tag = "fleet", responses((status = 200, body = LimitsView)),
+    security(("bearer" = [])))]
+pub(super) async fn limits(State(state): State<AppState>) -> Json<LimitsView> {
+    Json(LimitsView::new(state.config.limits.clone(), state.config.max_body_bytes))
 }
 
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "the process is up")))]

@@ -1,4 +1,4 @@
-//! The queen's HTTP API (axum), versioned under `/v1`, over the job service ([`Jobs`]): [`app`] builds the
+//! The queen's HTTP API (axum), versioned under `/v1`, and the web UI at `/`, over the job service ([`Jobs`]): [`app`] builds the
 //! router from an [`AppState`] so tests serve it on a free port. The contract (bodies, error codes, events)
 //! is [`crate::api`]; this module only serves it.
 //!
@@ -9,9 +9,10 @@
 //! - `error`: [`AppError`] and the extractors that answer with the API's error body;
 //! - `jobs`: submit, upload, status, list, cancel, images;
 //! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
-//! - `fleet`: models, workers, health and readiness;
+//! - `fleet`: models, workers, limits, health and readiness;
 //! - `metrics`: `/metrics` in the Prometheus text format;
-//! - `openapi`: the OpenAPI document.
+//! - `openapi`: the OpenAPI document;
+//! - `ui`: the web UI's embedded bundle, served at `/`.
 
 mod auth;
 mod error;
@@ -20,12 +21,14 @@ mod fleet;
 mod jobs;
 mod metrics;
 mod openapi;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, Method, Uri};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +95,7 @@ pub fn app(state: AppState) -> Router {
         .route("/uploads", post(jobs::upload))
         .route("/models", get(fleet::models))
         .route("/workers", get(fleet::workers))
+        .route("/limits", get(fleet::limits))
         .route_layer(authenticated());
     let mut router = Router::new()
         .nest("/v1", v1)
@@ -99,7 +103,10 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(fleet::health))
         .route("/openapi.json", get(openapi::openapi))
         .route("/ready", get(fleet::ready))
-        .fallback(|| async { AppError::new(ApiErrorCode::NotFound, "no such endpoint") })
+        .fallback(|method: Method, uri: Uri| async move {
+            ui::serve(&method, &uri)
+                .unwrap_or_else(|| AppError::new(ApiErrorCode::NotFound, "no such endpoint").into_response())
+        })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.body_timeout))
         .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors))

@@ -6,16 +6,17 @@ use axum::Json;
 use super::{events, fleet, jobs, metrics};
 use crate::api::{
     ApiErrorBody, ApiErrorCode, ApiErrorDetail, ApiEvent, CancelResponse, CancelState, ImageInput, JobList,
-    JobSubmission, ModelInfo, StatusView, SubmitResponse, UploadResponse, WorkerInfo,
+    JobSubmission, LimitsView, ModelInfo, RequestSummary, StatusView, SubmitResponse, UploadResponse, WorkerInfo,
 };
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "sd-rbee queen", description = "Stable Diffusion jobs on a worker fleet"),
     paths(jobs::submit, jobs::upload, jobs::status, jobs::list, jobs::cancel, jobs::image, events::events,
-        fleet::models, fleet::workers, fleet::health, fleet::ready, metrics::metrics),
+        fleet::models, fleet::workers, fleet::limits, fleet::health, fleet::ready, metrics::metrics),
     components(schemas(ApiErrorBody, ApiErrorDetail, ApiErrorCode, ApiEvent, JobSubmission, ImageInput,
-        SubmitResponse, StatusView, JobList, CancelResponse, CancelState, UploadResponse, ModelInfo, WorkerInfo)),
+        SubmitResponse, StatusView, JobList, CancelResponse, CancelState, UploadResponse, ModelInfo, WorkerInfo, LimitsView,
+        RequestSummary)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -54,6 +55,7 @@ mod tests {
             "/v1/uploads",
             "/v1/models",
             "/v1/workers",
+            "/v1/limits",
             "/health",
             "/ready",
             "/metrics",
@@ -76,5 +78,18 @@ mod tests {
         assert!(codes.contains("MALFORMED_REQUEST") && codes.contains("UNAVAILABLE"), "{codes}");
         assert!(schemas["ApiEvent"].is_object());
         assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    }
+
+    #[test]
+    fn the_sdk_is_generated_from_this_document() {
+        use utoipa::OpenApi;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ui/packages/sdk/openapi.json");
+        let committed = std::fs::read_to_string(path).unwrap();
+        let current = ApiDoc::openapi().to_pretty_json().unwrap();
+        assert!(
+            committed.trim_end() == current.trim_end(),
+            "{path} is not the queen's OpenAPI document: run `sd-rbee openapi > ui/packages/sdk/openapi.json` and \
+             `npm run gen` in ui/"
+        );
     }
 }

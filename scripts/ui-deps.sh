@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# What the web UI's checks need, installed once: the npm packages of ui/ (npm ci, again whenever
+# package-lock.json changes) and a browser for the end-to-end test (tests/ui.rs): Debian's chromium, or the
+# one CHROMIUM names. Nothing here downloads a browser of its own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing Debian's chromium (the UI's end-to-end test drives it)"
+        apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+    else
+        echo "error: the UI's end-to-end test needs Chromium: \`sudo apt-get install chromium\`, or set CHROMIUM to a browser" >&2
+        exit 1
+    fi
+fi
+if ! cmp -s ui/package-lock.json ui/node_modules/.installed-lock 2>/dev/null; then
+    echo "== installing the UI's npm packages (npm ci in ui/)"
+    (cd ui && npm ci --no-audit --no-fund --loglevel=error)
+    cp ui/package-lock.json ui/node_modules/.installed-lock
+fi

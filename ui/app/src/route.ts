@@ -1,0 +1,31 @@
+// Routes live in the URL's fragment (#/gallery, #/jobs/ID), so the queen serves one page at `/`.
+import { useEffect, useState } from "react";
+
+export type Route = { page: "generate" } | { page: "gallery" } | { page: "fleet" } | { page: "job"; id: string };
+
+export function parseRoute(hash: string): Route {
+  const path = hash.replace(/^#\/?/, "");
+  const [head, id] = path.split("/");
+  if (head === "gallery") return { page: "gallery" };
+  if (head === "fleet") return { page: "fleet" };
+  if (head === "jobs" && id) return { page: "job", id: decodeURIComponent(id) };
+  return { page: "generate" };
+}
+
+export function href(route: Route): string {
+  return route.page === "job" ? `#/jobs/${encodeURIComponent(route.id)}` : `#/${route.page === "generate" ? "" : route.page}`;
+}
+
+export function useRoute(): Route {
+  const [route, setRoute] = useState(() => parseRoute(location.hash));
+  useEffect(() => {
+    const onChange = () => setRoute(parseRoute(location.hash));
+    addEventListener("hashchange", onChange);
+    return () => removeEventListener("hashchange", onChange);
+  }, []);
+  return route;
+}
+
+export function go(route: Route): void {
+  location.hash = href(route);
+}

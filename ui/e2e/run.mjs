@@ -1,0 +1,273 @@
+// The UI end to end in a real headless Chromium (Debian's, driven by playwright-core; nothing downloaded),
+// against a running queen, worker and nats-server: tests/ui.rs starts them and this script. Every step
+// takes a screenshot into OUT_DIR. Exits non-zero on the first failed step.
+//
+//   QUEEN_URL=http://127.0.0.1:8080 TOKEN=... OUT_DIR=/tmp/shots node e2e/run.mjs
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+import { testPng } from "./png.mjs";
+
+const base = process.env.QUEEN_URL ?? "http://127.0.0.1:8080";
+const token = process.env.TOKEN;
+const out = process.env.OUT_DIR ?? "target/ui-e2e";
+assert.ok(token, "set TOKEN");
+mkdirSync(out, { recursive: true });
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  // Headless, and quiet: without the background-networking flags Chromium calls Google's hosts, which this
+  // network refuses.
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+const page = await context.newPage();
+page.setDefaultTimeout(20_000);
+const foreign = [];
+const pageErrors = [];
+page.on("request", (r) => {
+  const url = new URL(r.url());
+  if ((url.protocol === "http:" || url.protocol === "https:") && url.origin !== new URL(base).origin) foreign.push(r.url());
+});
+page.on("pageerror", (e) => pageErrors.push(String(e)));
+page.on("console", (m) => m.type() === "error" && !/status of 401/.test(m.text()) && pageErrors.push(`console: ${m.text()}`));
+
+let failed = false;
+async function step(name, body) {
+  const started = Date.now();
+  try {
+    await body();
+    console.log(`ok   ${name} (${Date.now() - started} ms)`);
+  } catch (e) {
+    failed = true;
+    console.log(`FAIL ${name}: ${e.stack ?? e}`);
+    await page.screenshot({ path: join(out, `FAILED-${name.replace(/\W+/g, "-")}.png`), fullPage: true }).catch(() => {});
+    throw e;
+  }
+}
+const shot = (name) => page.screenshot({ path: join(out, `${name}.png`), fullPage: true });
+const state = () => page.getByTestId("job-state").first().textContent();
+
+async function waitForState(text, timeout = 60_000) {
+  await page.getByTestId("job-state").first().filter({ hasText: text }).waitFor({ timeout });
+}
+
+/** Clicks Generate and follows the progress bar to the end, returning the values it showed. */
+async function generateAndWatch() {
+  const previous = await currentJob();
+  await page.getByRole("button", { name: /^Generate/ }).click();
+  await page.waitForFunction((prev) => {
+    const link = document.querySelector(".live a[href^='#/jobs/']");
+    return link && link.textContent !== prev;
+  }, previous);
+  const seen = new Set();
+  const deadline = Date.now() + 90_000;
+  for (;;) {
+    const bar = page.getByRole("progressbar");
+    if (await bar.count()) {
+      const v = await bar.first().getAttribute("aria-valuenow").catch(() => null);
+      if (v !== null) seen.add(Number(v));
+    }
+    const s = (await state()) ?? "";
+    if (/Completed|Failed|Cancelled/.test(s)) {
+      assert.match(s, /Completed/, `the job ended as ${s}: ${await page.locator(".live .error").allTextContents()}`);
+      break;
+    }
+    assert.ok(Date.now() < deadline, `no end in 90 s; state ${s}`);
+    await page.waitForTimeout(40);
+  }
+  const image = page.getByTestId("result-image").first();
+  await image.waitFor();
+  await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, await image.elementHandle());
+  return [...seen];
+}
+
+/** The job the result panel shows, if any. */
+async function currentJob() {
+  return page.evaluate(() => document.querySelector(".live a[href^='#/jobs/']")?.textContent ?? null);
+}
+
+async function chooseMode(label) {
+  await page.getByRole("radio", { name: label }).check();
+}
+
+async function fillCommon(prompt, steps) {
+  await page.getByLabel("Prompt", { exact: true }).fill(prompt);
+  await page.getByLabel("Width").fill("64");
+  await page.getByLabel("Height").fill("64");
+  await page.getByLabel("Steps").fill(String(steps));
+}
+
+try {
+  await step("a wrong token is refused with a clear message", async () => {
+    await page.goto(base);
+    await page.getByLabel("API token").fill("not-the-token-at-all");
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await page.getByRole("alert").filter({ hasText: "not one of this queen's" }).waitFor();
+    await shot("signin-wrong-token");
+  });
+
+  await step("sign in with the token", async () => {
+    await page.getByLabel("API token").fill(token);
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await page.getByRole("navigation", { name: "Pages" }).waitFor();
+    await page.getByLabel("Model").locator("option", { hasText: "tiny" }).first().waitFor({ state: "attached" });
+    assert.equal(await page.evaluate(() => localStorage.getItem("sd-rbee.token")), token);
+  });
+
+  await step("every form control has a name a screen reader reads", async () => {
+    const unnamed = await page.evaluate(() =>
+      [...document.querySelectorAll("input, select, textarea, button")]
+        .filter((el) => !(el.labels?.length || el.getAttribute("aria-label") || el.getAttribute("aria-labelledby") || el.textContent?.trim()))
+        .map((el) => el.outerHTML.slice(0, 80)),
+    );
+    assert.deepEqual(unnamed, []);
+  });
+
+  let txtSeed;
+  await step("text to image: the progress bar moves and the image appears", async () => {
+    await fillCommon("a lighthouse at dusk", 12);
+    await page.getByRole("radio", { name: "Fixed" }).check();
+    await page.getByLabel("Seed").fill("4242");
+    const values = await generateAndWatch();
+    assert.ok(values.some((v) => v > 0 && v < 100), `the bar showed only ${JSON.stringify(values)}`);
+    const caption = await page.locator(".result figcaption").first().textContent();
+    assert.match(caption, /64 × 64 · seed 4242/);
+    txtSeed = 4242;
+    await shot("txt2img");
+  });
+
+  const png = testPng(64, 64);
+  await step("image to image from an uploaded picture", async () => {
+    await chooseMode("Image to image");
+    await page.locator("#f-init_image").setInputFiles({ name: "start.png", mimeType: "image/png", buffer: png });
+    await page.getByAltText("The picture to start from").waitFor();
+    await fillCommon("a lighthouse in a storm", 8);
+    await page.getByLabel("Strength").fill("0.6");
+    await generateAndWatch();
+    await shot("img2img");
+  });
+
+  await step("inpainting with a mask drawn on the canvas", async () => {
+    await chooseMode("Inpaint");
+    const canvas = page.getByTestId("mask-canvas");
+    await canvas.waitFor();
+    await canvas.scrollIntoViewIfNeeded();
+    const box = await canvas.boundingBox();
+    await page.mouse.move(box.x + box.width * 0.3, box.y + box.height * 0.3);
+    await page.mouse.down();
+    for (let i = 1; i <= 10; i++) await page.mouse.move(box.x + box.width * (0.3 + i * 0.04), box.y + box.height * (0.3 + i * 0.03));
+    await page.mouse.up();
+    const painted = await canvas.evaluate((c) => {
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let n = 0;
+      for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+      return n / (c.width * c.height);
+    });
+    assert.ok(painted > 0.03 && painted < 0.9, `painted ${painted} of the mask`);
+    // Undo, then paint again: the undo button works.
+    await page.getByRole("button", { name: "Undo" }).click();
+    const afterUndo = await canvas.evaluate((c) => c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0));
+    assert.equal(afterUndo, false, "undo removed the stroke");
+    await canvas.scrollIntoViewIfNeeded();
+    const again = await canvas.boundingBox();
+    await page.mouse.move(again.x + again.width * 0.3, again.y + again.height * 0.3);
+    await page.mouse.down();
+    await page.mouse.move(again.x + again.width * 0.7, again.y + again.height * 0.7, { steps: 8 });
+    await page.mouse.up();
+    await page.getByLabel("Mask blur (px)").fill("2");
+    await fillCommon("a lighthouse with a red roof", 8);
+    await page.getByLabel("Strength").fill("");
+    await generateAndWatch();
+    await shot("inpaint");
+  });
+
+  await step("cancel a long job while it runs", async () => {
+    await chooseMode("Text to image");
+    await fillCommon("a very long night", 150);
+    const previous = await currentJob();
+    await page.getByRole("button", { name: /^Generate/ }).click();
+    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await waitForState("Running");
+    await page.waitForFunction(() => Number(document.querySelector("[role=progressbar]")?.getAttribute("aria-valuenow")) > 2);
+    await page.getByRole("button", { name: "Cancel" }).click();
+    await waitForState("Cancelled");
+    assert.match(await state(), /Cancelled at step \d+/);
+    await shot("cancelled");
+  });
+
+  await step("a job waiting behind another shows its place in the queue, and can be cancelled there", async () => {
+    const api = (method, path, body) =>
+      fetch(`${base}${path}`, { method, headers: { authorization: `Bearer ${token}`, "content-type": "application/json" }, body: body && JSON.stringify(body) }).then((r) => r.json());
+    const ahead = await api("POST", "/v1/jobs", { model: "tiny", prompt: "a job in the way", width: 64, height: 64, steps: 150, seed: 1 });
+    for (let i = 0; (await api("GET", `/v1/jobs/${ahead.job_id}`)).state !== "running"; i++) {
+      assert.ok(i < 400, "the job ahead never started");
+      await page.waitForTimeout(50);
+    }
+    await fillCommon("a job that waits", 4);
+    const previous = await currentJob();
+    await page.getByRole("button", { name: /^Generate/ }).click();
+    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await waitForState(/Queued · next in line/);
+    await shot("queued");
+    await page.getByRole("button", { name: "Cancel" }).click();
+    await waitForState("Cancelled");
+    assert.doesNotMatch(await state(), /at step/, "it never started");
+    await api("DELETE", `/v1/jobs/${ahead.job_id}`);
+  });
+
+  await step("the gallery shows every job, filters by state, and reopens one's settings", async () => {
+    await page.getByRole("link", { name: "Gallery" }).click();
+    const cards = page.getByTestId("job-card");
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 6);
+    const states = await cards.evaluateAll((els) => els.map((e) => e.dataset.state));
+    assert.deepEqual(states, ["cancelled", "cancelled", "cancelled", "completed", "completed", "completed"]);
+    await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=job-card] img")].filter((i) => i.complete && i.naturalWidth > 0).length >= 3);
+    await shot("gallery");
+    await page.getByLabel("State").selectOption("cancelled");
+    await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=job-card]")].every((e) => e.dataset.state === "cancelled"));
+    assert.equal(await cards.count(), 3);
+    await page.getByLabel("State").selectOption("");
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 6);
+    await cards.filter({ hasText: "a lighthouse at dusk" }).click();
+    await page.getByRole("heading", { name: /^Job / }).waitFor();
+    await page.getByText("4242").first().waitFor();
+    await page.getByTestId("result-image").first().waitFor();
+    await shot("job");
+    await page.getByRole("button", { name: "Use these settings again" }).click();
+    await page.getByRole("heading", { name: "Generate" }).waitFor();
+    assert.equal(await page.getByLabel("Prompt", { exact: true }).inputValue(), "a lighthouse at dusk");
+    assert.equal(await page.getByLabel("Steps").inputValue(), "12");
+    assert.equal(await page.getByLabel("Seed").inputValue(), String(txtSeed));
+    assert.ok(await page.getByRole("radio", { name: "Text to image" }).isChecked());
+    await shot("settings-again");
+  });
+
+  await step("the fleet view shows the worker and the model", async () => {
+    await page.getByRole("link", { name: "Fleet" }).click();
+    await page.getByTestId("worker-row").filter({ hasText: "ui-w1" }).waitFor();
+    await page.getByRole("rowheader", { name: "tiny" }).waitFor();
+    await shot("fleet");
+  });
+
+  await step("a phone-sized screen needs no sideways scrolling", async () => {
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.getByRole("link", { name: "Generate" }).click();
+    await page.getByRole("heading", { name: "Generate" }).waitFor();
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`);
+    await shot("phone");
+  });
+
+  await step("nothing was fetched from another host, and the page raised no error", async () => {
+    assert.deepEqual(foreign, []);
+    assert.deepEqual(pageErrors, []);
+  });
+} catch {
+  // reported by step()
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,51 @@
+// Errors as the SDK throws them: the API's own error body as a typed object, or a connection that failed.
+import type { ApiErrorCode } from "./types.js";
+
+/** The queen answered with an error: its HTTP status, the API's `code`, and the `field` at fault if any. */
+export class ApiError extends Error {
+  override readonly name = "ApiError";
+  constructor(
+    readonly status: number,
+    readonly code: ApiErrorCode,
+    message: string,
+    readonly field?: string,
+    /** The `x-request-id` of the answer, for the queen's logs. */
+    readonly requestId?: string,
+  ) {
+    super(message);
+  }
+
+  /** Whether retrying the same request later may succeed (the queen or what it needs was unavailable). */
+  get retryable(): boolean {
+    return this.code === "UNAVAILABLE" || this.status === 502 || this.status === 503 || this.status === 504;
+  }
+
+  /** Reads an error answer: the API's `{error: {code, message, field}}`, else what a proxy in front said. */
+  static async from(response: Response): Promise<ApiError> {
+    const requestId = response.headers.get("x-request-id") ?? undefined;
+    const text = await response.text().catch(() => "");
+    try {
+      const body = JSON.parse(text) as { error?: { code?: string; message?: string; field?: string } };
+      if (body.error && typeof body.error.code === "string" && typeof body.error.message === "string") {
+        return new ApiError(response.status, body.error.code as ApiErrorCode, body.error.message, body.error.field ?? undefined, requestId);
+      }
+    } catch {
+      // not the API's body: fall through
+    }
+    const message = text.trim().slice(0, 200) || `HTTP ${response.status} ${response.statusText}`;
+    return new ApiError(response.status, "OTHER", message, undefined, requestId);
+  }
+}
+
+/** The queen could not be reached (network down, refused, CORS) or the connection broke mid-answer. */
+export class ConnectionError extends Error {
+  override readonly name = "ConnectionError";
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** Whether `e` is the error an aborted request rejects with. */
+export function isAbort(e: unknown): boolean {
+  return e instanceof Error && e.name === "AbortError";
+}

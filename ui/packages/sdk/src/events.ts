@@ -1,0 +1,92 @@
+// A job's Server-Sent Events over fetch (so the bearer token can go in a header, which EventSource cannot
+// send), parsed by eventsource-parser, resumed with Last-Event-ID after a dropped connection.
+import { EventSourceParserStream, type EventSourceMessage } from "eventsource-parser/stream";
+
+import type { QueenClient } from "./client.js";
+import { ApiError, ConnectionError, isAbort } from "./errors.js";
+import type { JobEvent, JobEventName } from "./types.js";
+import { TERMINAL_EVENTS } from "./types.js";
+
+export interface FollowOptions {
+  signal?: AbortSignal;
+  /** Resume after this event id (a previous stream's last `id`). */
+  lastEventId?: string;
+  /** Reconnections in a row without a new event before giving up; 8 by default. */
+  maxRetries?: number;
+  /** Delay before the first reconnection, doubled each time up to 10 s; 500 ms by default. */
+  retryDelayMs?: number;
+  /** Called before each reconnection, with the attempt number and what broke. */
+  onReconnect?: (attempt: number, error: unknown) => void;
+}
+
+const KNOWN: readonly string[] = ["queued", "started", "progress", "preview", "completed", "failed", "cancelled"];
+
+/** Reads one SSE frame as a typed event; `undefined` for an event this SDK does not know (a newer queen). */
+export function parseFrame(frame: Pick<EventSourceMessage, "event" | "data" | "id">): JobEvent | undefined {
+  const name = frame.event ?? "message";
+  if (!KNOWN.includes(name)) return undefined;
+  return { event: name as JobEventName, data: JSON.parse(frame.data), id: frame.id ?? "" } as JobEvent;
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason ?? new DOMException("aborted", "AbortError"));
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal?.reason ?? new DOMException("aborted", "AbortError"));
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** The job's events until its terminal one (`completed`, `failed` or `cancelled`). Error answers the queen
+ * gives for the request itself (401, 404, 400) are thrown at once; a refused or dropped connection and a
+ * 5xx are retried with backoff from the last event seen. */
+export async function* followJob(client: QueenClient, id: string, options: FollowOptions = {}): AsyncGenerator<JobEvent, void, undefined> {
+  const maxRetries = options.maxRetries ?? 8;
+  let delay = options.retryDelayMs ?? 500;
+  let lastEventId = options.lastEventId;
+  let failures = 0;
+  for (;;) {
+    let serverRetry: number | undefined;
+    try {
+      const headers: Record<string, string> = { accept: "text/event-stream" };
+      if (lastEventId) headers["last-event-id"] = lastEventId;
+      const response = await client.send("GET", `/v1/jobs/${encodeURIComponent(id)}/events`, { headers, signal: options.signal });
+      if (!response.body) throw new ConnectionError("the queen's event stream has no body");
+      const frames = response.body
+        .pipeThrough(new TextDecoderStream())
+        .pipeThrough(new EventSourceParserStream({ onRetry: (ms) => (serverRetry = ms) }));
+      const reader = frames.getReader();
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          const event = parseFrame(value);
+          if (value.id) lastEventId = value.id;
+          if (!event) continue;
+          failures = 0;
+          delay = options.retryDelayMs ?? 500;
+          yield event;
+          if (TERMINAL_EVENTS.includes(event.event)) return;
+        }
+      } finally {
+        reader.cancel().catch(() => {});
+      }
+      throw new ConnectionError("the queen's event stream ended before the job did");
+    } catch (e) {
+      if (isAbort(e) || options.signal?.aborted) throw e;
+      if (e instanceof ApiError && !e.retryable) throw e;
+      if (e instanceof SyntaxError) throw new ConnectionError(`unreadable event from the queen: ${e.message}`, { cause: e });
+      failures += 1;
+      if (failures > maxRetries) throw e;
+      options.onReconnect?.(failures, e);
+      await sleep(serverRetry ?? delay, options.signal);
+      delay = Math.min(delay * 2, 10_000);
+    }
+  }
+}
