@@ -21,7 +21,7 @@
 //! The services and the command line:
 //! - [`worker`]: pulls jobs, batches the ones that can share UNet passes, generates, uploads, reports; its
 //!   ack/retry policy is a pure function;
-//! - [`queen`]: the control plane: HTTP handlers over a job service, status, fleet, metrics;
+//! - [`queen`]: the control plane: HTTP handlers over a job service, status, fleet, metrics, the embedded web UI;
 //! - [`shutdown`]: SIGINT/SIGTERM for both; [`cli`]: the `sd-rbee` command line (`main.rs` only calls it).
 
 pub mod api;
