@@ -4,17 +4,47 @@
 //
 //   QUEEN_URL=http://127.0.0.1:8080 TOKEN=... OUT_DIR=/tmp/shots node e2e/run.mjs
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
+import net from "node:net";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 import { testPng } from "./png.mjs";
 
-const base = process.env.QUEEN_URL ?? "http://127.0.0.1:8080";
+const axeSource = readFileSync(fileURLToPath(new URL("../node_modules/axe-core/axe.min.js", import.meta.url)), "utf8");
+
+const queen = new URL(process.env.QUEEN_URL ?? "http://127.0.0.1:8080");
 const token = process.env.TOKEN;
 const out = process.env.OUT_DIR ?? "target/ui-e2e";
 assert.ok(token, "set TOKEN");
 mkdirSync(out, { recursive: true });
+
+// The browser talks to the queen through this TCP relay, so a step can cut its connections for real.
+const relayed = new Set();
+const relay = net.createServer((client) => {
+  const upstream = net.connect(Number(queen.port), queen.hostname);
+  const pair = { client, upstream };
+  relayed.add(pair);
+  const close = () => {
+    client.destroy();
+    upstream.destroy();
+    relayed.delete(pair);
+  };
+  client.pipe(upstream).on("error", close);
+  upstream.pipe(client).on("error", close);
+  client.on("close", close).on("error", close);
+  upstream.on("close", close).on("error", close);
+});
+await new Promise((resolve) => relay.listen(0, "127.0.0.1", resolve));
+const base = `http://127.0.0.1:${relay.address().port}`;
+function dropConnections() {
+  for (const { client, upstream } of relayed) {
+    client.destroy();
+    upstream.destroy();
+  }
+  relayed.clear();
+}
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -32,7 +62,9 @@ page.on("request", (r) => {
   if ((url.protocol === "http:" || url.protocol === "https:") && url.origin !== new URL(base).origin) foreign.push(r.url());
 });
 page.on("pageerror", (e) => pageErrors.push(String(e)));
-page.on("console", (m) => m.type() === "error" && !/status of 401/.test(m.text()) && pageErrors.push(`console: ${m.text()}`));
+// The browser logs every failed request as a console error; the steps provoke some (a wrong token, a refused
+// job, a dropped stream), and the UI shows those itself. Any other console error is the page's.
+page.on("console", (m) => m.type() === "error" && !m.text().startsWith("Failed to load resource") && pageErrors.push(`console: ${m.text()}`));
 
 let failed = false;
 async function step(name, body) {
@@ -47,7 +79,20 @@ async function step(name, body) {
     throw e;
   }
 }
-const shot = (name) => page.screenshot({ path: join(out, `${name}.png`), fullPage: true });
+/** A screenshot of the screen, after axe-core found no serious or critical accessibility problem on it
+ * (labels, contrast, roles, keyboard reachability). */
+async function shot(name) {
+  // Evaluated through the DevTools protocol: the page's Content-Security-Policy (rightly) refuses a script tag.
+  if (!(await page.evaluate(() => typeof window.axe === "object"))) await page.evaluate(axeSource);
+  const result = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+  const bad = result.violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+  assert.deepEqual(
+    bad.map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(" ")).slice(0, 3).join("; ")})`),
+    [],
+    `accessibility problems on ${name}`,
+  );
+  await page.screenshot({ path: join(out, `${name}.png`), fullPage: true });
+}
 const state = () => page.getByTestId("job-state").first().textContent();
 
 async function waitForState(text, timeout = 60_000) {
@@ -109,9 +154,11 @@ try {
     await shot("signin-wrong-token");
   });
 
-  await step("sign in with the token", async () => {
-    await page.getByLabel("API token").fill(token);
-    await page.getByRole("button", { name: "Sign in" }).click();
+  await step("sign in with the token, by keyboard alone", async () => {
+    await page.getByLabel("API token").fill("");
+    await page.getByLabel("API token").focus();
+    await page.keyboard.type(token);
+    await page.keyboard.press("Enter");
     await page.getByRole("navigation", { name: "Pages" }).waitFor();
     await page.getByLabel("Model").locator("option", { hasText: "tiny" }).first().waitFor({ state: "attached" });
     assert.equal(await page.evaluate(() => localStorage.getItem("sd-rbee.token")), token);
@@ -139,6 +186,42 @@ try {
     await shot("txt2img");
   });
 
+  await step("the queen's refusal shows beside the field it names, and the form outlives a visit to another page", async () => {
+    // The page believes the queen allows 1000 steps (as if its limits changed since the page loaded them).
+    await page.route("**/v1/limits", async (route) => {
+      const response = await route.fetch();
+      await route.fulfill({ response, json: { ...(await response.json()), max_steps: 1000 } });
+    });
+    await page.getByLabel("Steps").fill("500");
+    await page.getByRole("link", { name: "Fleet" }).click();
+    await page.getByRole("link", { name: "Generate" }).click();
+    assert.equal(await page.getByLabel("Steps").inputValue(), "500", "the form was kept");
+    await page.getByRole("button", { name: /^Generate/ }).click();
+    const error = page.locator("#f-steps-error");
+    await error.waitFor();
+    assert.match(await error.textContent(), /150/);
+    assert.equal(await page.getByLabel("Steps").getAttribute("aria-invalid"), "true");
+    await shot("refused");
+    await page.unroute("**/v1/limits");
+  });
+
+  await step("a connection dropped mid-job is resumed with Last-Event-ID", async () => {
+    const streams = [];
+    const onRequest = (r) => r.url().endsWith("/events") && streams.push(r.headers()["last-event-id"] ?? "");
+    page.on("request", onRequest);
+    await fillCommon("a lighthouse through the fog", 40);
+    const previous = await currentJob();
+    await page.getByRole("button", { name: /^Generate/ }).click();
+    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await page.waitForFunction(() => Number(document.querySelector("[role=progressbar]")?.getAttribute("aria-valuenow")) >= 10);
+    dropConnections();
+    await waitForState("Completed");
+    page.off("request", onRequest);
+    assert.ok(streams.length >= 2, `the events were read ${streams.length} time(s)`);
+    assert.match(streams[streams.length - 1], /^\d+(\.\d+)?$/, `resumed after event ${streams[streams.length - 1]}`);
+    await page.getByTestId("result-image").first().waitFor();
+  });
+
   const png = testPng(64, 64);
   await step("image to image from an uploaded picture", async () => {
     await chooseMode("Image to image");
@@ -150,7 +233,7 @@ try {
     await shot("img2img");
   });
 
-  await step("inpainting with a mask drawn on the canvas", async () => {
+  await step("inpainting with a mask drawn on the canvas with a mouse, a pen and a finger", async () => {
     await chooseMode("Inpaint");
     const canvas = page.getByTestId("mask-canvas");
     await canvas.waitFor();
@@ -160,23 +243,42 @@ try {
     await page.mouse.down();
     for (let i = 1; i <= 10; i++) await page.mouse.move(box.x + box.width * (0.3 + i * 0.04), box.y + box.height * (0.3 + i * 0.03));
     await page.mouse.up();
-    const painted = await canvas.evaluate((c) => {
-      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-      let n = 0;
-      for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
-      return n / (c.width * c.height);
-    });
+    const paintedShare = () =>
+      canvas.evaluate((c) => {
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return n / (c.width * c.height);
+      });
+    const painted = await paintedShare();
     assert.ok(painted > 0.03 && painted < 0.9, `painted ${painted} of the mask`);
     // Undo, then paint again: the undo button works.
     await page.getByRole("button", { name: "Undo" }).click();
     const afterUndo = await canvas.evaluate((c) => c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0));
     assert.equal(afterUndo, false, "undo removed the stroke");
+    // A pen, then a finger: pointer events of each type paint.
+    await canvas.evaluate((c) => {
+      window.__pointerTypes = [];
+      c.addEventListener("pointerdown", (e) => window.__pointerTypes.push(e.pointerType));
+    });
     await canvas.scrollIntoViewIfNeeded();
-    const again = await canvas.boundingBox();
-    await page.mouse.move(again.x + again.width * 0.3, again.y + again.height * 0.3);
-    await page.mouse.down();
-    await page.mouse.move(again.x + again.width * 0.7, again.y + again.height * 0.7, { steps: 8 });
-    await page.mouse.up();
+    const at = await canvas.boundingBox();
+    const cdp = await context.newCDPSession(page);
+    const point = (fx, fy) => ({ x: at.x + at.width * fx, y: at.y + at.height * fy });
+    const pen = { button: "left", pointerType: "pen", force: 0.7 };
+    await cdp.send("Input.dispatchMouseEvent", { type: "mousePressed", ...point(0.2, 0.2), ...pen, buttons: 1, clickCount: 1 });
+    for (let i = 1; i <= 6; i++) await cdp.send("Input.dispatchMouseEvent", { type: "mouseMoved", ...point(0.2 + i * 0.05, 0.2), ...pen, buttons: 1 });
+    await cdp.send("Input.dispatchMouseEvent", { type: "mouseReleased", ...point(0.5, 0.2), ...pen, buttons: 0, clickCount: 1 });
+    const byPen = await paintedShare();
+    assert.ok(byPen > 0.01, `the pen painted ${byPen}`);
+    await cdp.send("Emulation.setTouchEmulationEnabled", { enabled: true, maxTouchPoints: 1 });
+    await cdp.send("Input.dispatchTouchEvent", { type: "touchStart", touchPoints: [point(0.6, 0.6)] });
+    for (let i = 1; i <= 6; i++) await cdp.send("Input.dispatchTouchEvent", { type: "touchMove", touchPoints: [point(0.6 + i * 0.04, 0.6 + i * 0.03)] });
+    await cdp.send("Input.dispatchTouchEvent", { type: "touchEnd", touchPoints: [] });
+    await cdp.send("Emulation.setTouchEmulationEnabled", { enabled: false });
+    const byTouch = await paintedShare();
+    assert.ok(byTouch > byPen + 0.01, `a finger painted ${byTouch - byPen} more`);
+    assert.deepEqual(await page.evaluate(() => window.__pointerTypes), ["pen", "touch"]);
     await page.getByLabel("Mask blur (px)").fill("2");
     await fillCommon("a lighthouse with a red roof", 8);
     await page.getByLabel("Strength").fill("");
@@ -221,16 +323,16 @@ try {
   await step("the gallery shows every job, filters by state, and reopens one's settings", async () => {
     await page.getByRole("link", { name: "Gallery" }).click();
     const cards = page.getByTestId("job-card");
-    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 6);
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 7);
     const states = await cards.evaluateAll((els) => els.map((e) => e.dataset.state));
-    assert.deepEqual(states, ["cancelled", "cancelled", "cancelled", "completed", "completed", "completed"]);
+    assert.deepEqual(states, ["cancelled", "cancelled", "cancelled", "completed", "completed", "completed", "completed"]);
     await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=job-card] img")].filter((i) => i.complete && i.naturalWidth > 0).length >= 3);
     await shot("gallery");
     await page.getByLabel("State").selectOption("cancelled");
     await page.waitForFunction(() => [...document.querySelectorAll("[data-testid=job-card]")].every((e) => e.dataset.state === "cancelled"));
     assert.equal(await cards.count(), 3);
     await page.getByLabel("State").selectOption("");
-    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 6);
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length >= 7);
     await cards.filter({ hasText: "a lighthouse at dusk" }).click();
     await page.getByRole("heading", { name: /^Job / }).waitFor();
     await page.getByText("4242").first().waitFor();
@@ -269,5 +371,7 @@ try {
   // reported by step()
 } finally {
   await browser.close();
+  relay.close();
+  dropConnections();
 }
 process.exit(failed ? 1 : 0);

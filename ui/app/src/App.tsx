@@ -1,8 +1,9 @@
 import { QueenClient } from "@sd-rbee/sdk";
-import { QueenProvider } from "@sd-rbee/react";
+import { QueenProvider, useGenerate } from "@sd-rbee/react";
 import { useCallback, useEffect, useMemo, useRef, useState } from "react";
 
-import { DraftContext, type Draft } from "./draft";
+import { WorkspaceContext, type Picture } from "./workspace";
+import { EMPTY_FORM, type FormState } from "./form";
 import { FleetPage } from "./FleetPage";
 import { GalleryPage } from "./GalleryPage";
 import { GeneratePage } from "./GeneratePage";
@@ -26,8 +27,6 @@ export function App() {
     saveToken(null);
     setToken(null);
   }, []);
-  const [draft, setDraftState] = useState<Draft>({ serial: 0 });
-  const setDraft = useCallback((d: Omit<Draft, "serial">) => setDraftState((old) => ({ ...d, serial: old.serial + 1 })), []);
   const route = useRoute();
   const main = useRef<HTMLElement>(null);
   useEffect(() => {
@@ -38,7 +37,7 @@ export function App() {
   if (!token) return <SignIn client={client} onSignedIn={signIn} />;
   return (
     <QueenProvider client={client}>
-      <DraftContext.Provider value={{ draft, setDraft }}>
+        <WorkspaceProvider>
         <a className="skip" href="#main" onClick={(e) => (e.preventDefault(), main.current?.focus())}>
           Skip to content
         </a>
@@ -64,7 +63,7 @@ export function App() {
           {route.page === "job" && <JobPage id={route.id} />}
         </main>
         <Unauthorized onSignOut={signOut} />
-      </DraftContext.Provider>
+        </WorkspaceProvider>
     </QueenProvider>
   );
 }
@@ -79,4 +78,31 @@ function Unauthorized({ onSignOut }: { onSignOut: () => void }) {
     return () => removeEventListener("unhandledrejection", onRejection);
   }, [onSignOut]);
   return null;
+}
+
+const FORM_KEY = "sd-rbee.form";
+
+function savedForm(): FormState {
+  try {
+    const saved = sessionStorage.getItem(FORM_KEY);
+    return saved ? { ...EMPTY_FORM, ...(JSON.parse(saved) as Partial<FormState>) } : EMPTY_FORM;
+  } catch {
+    return EMPTY_FORM;
+  }
+}
+
+/** The generate page's form (kept in this tab's session storage), picture and job, alive across pages. */
+function WorkspaceProvider({ children }: { children: React.ReactNode }) {
+  const [form, setForm] = useState<FormState>(savedForm);
+  const [init, setInit] = useState<Picture | null>(null);
+  const job = useGenerate();
+  const mask = useRef<{ src: string; data: ImageData } | null>(null);
+  useEffect(() => {
+    try {
+      sessionStorage.setItem(FORM_KEY, JSON.stringify(form));
+    } catch {
+      // storage full or disabled: the form lasts as long as the page
+    }
+  }, [form]);
+  return <WorkspaceContext.Provider value={{ form, setForm, init, setInit, job, mask }}>{children}</WorkspaceContext.Provider>;
 }

@@ -1,10 +1,10 @@
 // Text to image, image to image and inpainting: the form, then the job live beside it.
-import { useGenerate, useLimits, useModels, useQueen } from "@sd-rbee/react";
+import { useLimits, useModels, useQueen } from "@sd-rbee/react";
 import { ApiError, type LimitsView, type ModelInfo } from "@sd-rbee/sdk";
-import { useEffect, useMemo, useRef, useState, type FormEvent, type ReactNode } from "react";
+import { cloneElement, useEffect, useMemo, useRef, useState, type FormEvent, type ReactElement } from "react";
 
-import { useDraft } from "./draft";
-import { EMPTY_FORM, modelDefaults, SIZE_PRESETS, toSubmission, type FieldError, type FormState, type Mode } from "./form";
+import { picture, useWorkspace, type Picture } from "./workspace";
+import { modelDefaults, SIZE_PRESETS, toSubmission, type FieldError, type FormState, type Mode } from "./form";
 import { LivePanel } from "./LivePanel";
 import { MaskEditor, type MaskHandle } from "./MaskEditor";
 
@@ -14,47 +14,14 @@ const MODES: { mode: Mode; label: string }[] = [
   { mode: "inpaint", label: "Inpaint" },
 ];
 
-interface Picture {
-  blob: Blob;
-  url: string;
-  width: number;
-  height: number;
-}
-
-async function picture(blob: Blob): Promise<Picture> {
-  const url = URL.createObjectURL(blob);
-  const img = new Image();
-  img.src = url;
-  await img.decode().catch(() => {
-    throw new Error("this file is not a picture the browser can read (PNG, JPEG or WebP)");
-  });
-  return { blob, url, width: img.naturalWidth, height: img.naturalHeight };
-}
-
 export function GeneratePage() {
   const client = useQueen();
   const models = useModels({ refreshMs: 15000 });
   const limits = useLimits();
-  const job = useGenerate();
-  const { draft } = useDraft();
-  const [form, setForm] = useState<FormState>(EMPTY_FORM);
-  const [init, setInit] = useState<Picture | null>(null);
+  const { form, setForm, init, setInit, job, mask: keptMask } = useWorkspace();
   const [errors, setErrors] = useState<FieldError[]>([]);
   const [uploading, setUploading] = useState(false);
   const mask = useRef<MaskHandle>(null);
-  const taken = useRef(0);
-
-  // Settings or a picture handed over from the gallery.
-  useEffect(() => {
-    if (draft.serial === taken.current) return;
-    taken.current = draft.serial;
-    if (draft.form) setForm(draft.form);
-    if (draft.init) {
-      picture(draft.init).then(setInit, (e: Error) => setErrors([{ field: "init_image", message: e.message }]));
-      if (!draft.form) setForm((f) => ({ ...f, mode: f.mode === "txt2img" ? "img2img" : f.mode }));
-    }
-  }, [draft]);
-
   // The first model by default; each model's defaults show in the empty fields.
   const list = models.data ?? [];
   useEffect(() => {
@@ -127,7 +94,7 @@ export function GeneratePage() {
         </fieldset>
 
         <Field id="model" label="Model" error={errorOf("model")}>
-          <select id="f-model" value={form.model} onChange={(e) => set("model", e.target.value)} aria-invalid={!!errorOf("model") || undefined}>
+          <select id="f-model" value={form.model} onChange={(e) => set("model", e.target.value)}>
             {list.length === 0 && <option value="">No models yet</option>}
             {list.map((m) => (
               <option key={m.name} value={m.name}>
@@ -138,7 +105,7 @@ export function GeneratePage() {
         </Field>
 
         <Field id="prompt" label="Prompt" error={errorOf("prompt")}>
-          <textarea id="f-prompt" rows={3} value={form.prompt} onChange={(e) => set("prompt", e.target.value)} aria-invalid={!!errorOf("prompt") || undefined} />
+          <textarea id="f-prompt" rows={3} value={form.prompt} onChange={(e) => set("prompt", e.target.value)} />
         </Field>
         <Field id="negative_prompt" label="Negative prompt" error={errorOf("negative_prompt")}>
           <textarea id="f-negative_prompt" rows={2} value={form.negativePrompt} onChange={(e) => set("negativePrompt", e.target.value)} />
@@ -152,7 +119,7 @@ export function GeneratePage() {
             <span className="label" id="mask-label">
               Mask
             </span>
-            <MaskEditor ref={mask} src={init.url} width={init.width} height={init.height} />
+            <MaskEditor ref={mask} src={init.url} width={init.width} height={init.height} keep={keptMask} />
             {errorOf("mask") && (
               <p className="error" id="f-mask" tabIndex={-1}>
                 {errorOf("mask")}
@@ -249,11 +216,13 @@ export function GeneratePage() {
   );
 }
 
-export function Field({ id, label, error, children }: { id: string; label: string; error?: string; children: ReactNode }) {
+/** A labelled control; with an error, the control is marked invalid and described by the error's text. */
+export function Field({ id, label, error, children }: { id: string; label: string; error?: string; children: ReactElement<Record<string, unknown>> }) {
+  const control = error ? cloneElement(children, { "aria-invalid": true, "aria-describedby": `f-${id}-error` }) : children;
   return (
     <div className={`field${error ? " invalid" : ""}`}>
       <label htmlFor={`f-${id}`}>{label}</label>
-      {children}
+      {control}
       {error && (
         <p className="error" id={`f-${id}-error`}>
           {error}
@@ -292,10 +261,10 @@ function SizeFields({ form, set, defaults, limits, errorOf }: { form: FormState;
         </select>
       </div>
       <Field id="width" label="Width" error={errorOf("width")}>
-        <input id="f-width" type="number" step={8} min={8} max={limits?.max_side} placeholder={defaults.width ? String(defaults.width) : "model's"} value={form.width} onChange={(e) => set("width", e.target.value)} aria-invalid={!!errorOf("width") || undefined} />
+        <input id="f-width" type="number" step={8} min={8} max={limits?.max_side} placeholder={defaults.width ? String(defaults.width) : "model's"} value={form.width} onChange={(e) => set("width", e.target.value)} />
       </Field>
       <Field id="height" label="Height" error={errorOf("height")}>
-        <input id="f-height" type="number" step={8} min={8} max={limits?.max_side} placeholder={defaults.height ? String(defaults.height) : "model's"} value={form.height} onChange={(e) => set("height", e.target.value)} aria-invalid={!!errorOf("height") || undefined} />
+        <input id="f-height" type="number" step={8} min={8} max={limits?.max_side} placeholder={defaults.height ? String(defaults.height) : "model's"} value={form.height} onChange={(e) => set("height", e.target.value)} />
       </Field>
     </div>
   );

@@ -3,17 +3,18 @@ import { useQueen } from "@sd-rbee/react";
 import type { ImageResult } from "@sd-rbee/sdk";
 import { useState } from "react";
 
-import { useDraft } from "./draft";
+import { picture, useWorkspace } from "./workspace";
 import { DownloadLink, extension, fetchImage, imageUrl, ResultImage } from "./images";
 import { go } from "./route";
 
 export function ImageGrid({ jobId, images, urls }: { jobId: string; images: ImageResult[]; urls?: string[] }) {
   const client = useQueen();
-  const { setDraft } = useDraft();
+  const { setInit, setForm } = useWorkspace();
   const [error, setError] = useState<string | null>(null);
   const useAsInit = async (url: string) => {
     try {
-      setDraft({ init: await fetchImage(client, url) });
+      setInit(await picture(await fetchImage(client, url)));
+      setForm((f) => ({ ...f, mode: f.mode === "txt2img" ? "img2img" : f.mode }));
       go({ page: "generate" });
     } catch (e) {
       setError((e as Error).message);

@@ -2,7 +2,7 @@
 import { useJob } from "@sd-rbee/react";
 import { useState } from "react";
 
-import { useDraft } from "./draft";
+import { useWorkspace } from "./workspace";
 import { fromJob } from "./form";
 import { duration, when } from "./format";
 import { ImageGrid } from "./ImageGrid";
@@ -13,7 +13,7 @@ import { useQueen } from "@sd-rbee/react";
 export function JobPage({ id }: { id: string }) {
   const client = useQueen();
   const job = useJob(id);
-  const { setDraft } = useDraft();
+  const { setForm } = useWorkspace();
   const [cancelError, setCancelError] = useState<string | null>(null);
   const s = job.status;
   const r = s?.request;
@@ -79,7 +79,7 @@ export function JobPage({ id }: { id: string }) {
           )}
           <div className="actions">
             {r && (
-              <button type="button" className="primary" onClick={() => (setDraft({ form: fromJob(s) }), go({ page: "generate" }))}>
+              <button type="button" className="primary" onClick={() => (setForm(fromJob(s)), go({ page: "generate" }))}>
                 Use these settings again
               </button>
             )}

@@ -12,7 +12,15 @@ export interface MaskHandle {
 const TINT = [255, 64, 112] as const;
 const UNDO_DEPTH = 30;
 
-export const MaskEditor = forwardRef<MaskHandle, { src: string; width: number; height: number }>(function MaskEditor({ src, width, height }, ref) {
+export interface MaskEditorProps {
+  src: string;
+  width: number;
+  height: number;
+  /** Where the mask is kept between visits: restored when it was painted over the same picture. */
+  keep?: { current: { src: string; data: ImageData } | null };
+}
+
+export const MaskEditor = forwardRef<MaskHandle, MaskEditorProps>(function MaskEditor({ src, width, height, keep }, ref) {
   const canvas = useRef<HTMLCanvasElement>(null);
   const undo = useRef<ImageData[]>([]);
   const last = useRef<{ x: number; y: number } | null>(null);
@@ -25,7 +33,13 @@ export const MaskEditor = forwardRef<MaskHandle, { src: string; width: number; h
     undo.current = [];
     setUndoCount(0);
     setSize(Math.max(4, Math.round(Math.min(width, height) / 10)));
+    const kept = keep?.current;
+    if (kept && kept.src === src && kept.data.width === width && kept.data.height === height) ctx().putImageData(kept.data, 0, 0);
   }, [src, width, height]);
+
+  const save = () => {
+    if (keep) keep.current = { src, data: ctx().getImageData(0, 0, width, height) };
+  };
 
   const snapshot = () => {
     undo.current.push(ctx().getImageData(0, 0, width, height));
@@ -70,6 +84,7 @@ export const MaskEditor = forwardRef<MaskHandle, { src: string; width: number; h
     }
   };
   const up = () => {
+    if (last.current) save();
     last.current = null;
   };
 
@@ -78,6 +93,7 @@ export const MaskEditor = forwardRef<MaskHandle, { src: string; width: number; h
     const image = ctx().getImageData(0, 0, width, height);
     f(image.data);
     ctx().putImageData(image, 0, 0);
+    save();
   };
   const invert = () =>
     edit((d) => {
@@ -93,6 +109,7 @@ export const MaskEditor = forwardRef<MaskHandle, { src: string; width: number; h
     const prev = undo.current.pop();
     if (prev) ctx().putImageData(prev, 0, 0);
     setUndoCount(undo.current.length);
+    save();
   };
 
   const isEmpty = useCallback(() => {
