@@ -3,7 +3,8 @@
 
 Prints each top-level module's dependencies, then any cycle between top-level modules, and (with
 --within MODULE) the same for the submodules of one module. Exits 1 when there is a cycle. Used to check
-issue 10's "no import cycle between modules": `python3 scripts/module_deps.py --within queen`.
+issue 10's "no import cycle between modules": `python3 scripts/module_deps.py --within queen`; `--root
+crates/contract/src` checks the contract crate the same way.
 """
 import argparse
 import os
@@ -11,6 +12,7 @@ import re
 import sys
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)(?:::([a-z_][a-z0-9_]*))?")
 SUPER = re.compile(r"\bsuper::([a-z_][a-z0-9_]*)")
 
@@ -83,7 +85,13 @@ def cycles(edges):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--within", help="a top-level module whose submodules to check")
+    parser.add_argument("--root", help="the crate's source folder, relative to the repository (default src)")
     args = parser.parse_args()
+    global SRC
+    if args.root:
+        SRC = os.path.join(ROOT, args.root)
+        if not os.path.isdir(SRC):
+            sys.exit(f"no folder {SRC}")
     bad = False
     for within in [None] + ([args.within] if args.within else []):
         edges = graph(within)

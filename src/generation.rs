@@ -342,6 +342,16 @@ mod tests {
     use crate::diffusion::checkpoint::Family;
 
     #[test]
+    fn the_protocols_scheduler_and_spacing_names_are_the_cores() {
+        use crate::vocab::{SCHEDULERS, TIMESTEP_SPACINGS};
+        let core: Vec<&str> = crate::diffusion::SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(core, SCHEDULERS);
+        for name in TIMESTEP_SPACINGS {
+            assert!(name.parse::<crate::diffusion::TimestepSpacing>().is_ok(), "{name}");
+        }
+    }
+
+    #[test]
     fn random_model_names() {
         let (arch, seed) = parse_random("sd15").unwrap();
         assert_eq!((arch.family, arch.inpainting, seed), (Family::Sd1, false, 0));

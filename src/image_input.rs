@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use image::{DynamicImage, GenericImageView, ImageDecoder, ImageReader, RgbImage, Rgba};
 
 /// Largest encoded input accepted, in bytes.
-pub const MAX_ENCODED_BYTES: usize = 32 * 1024 * 1024;
+pub const MAX_ENCODED_BYTES: usize = crate::api::MAX_DECODED_IMAGE_BYTES;
 /// Largest decoded input accepted, in pixels (and each side at most [`MAX_SIDE`]).
 pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 pub const MAX_SIDE: u32 = 16384;
@@ -22,26 +22,10 @@ pub const MAX_CONCURRENT_DECODES: usize = 2;
 
 pub use crate::vocab::ResizeMode;
 
-/// The bytes of a base64-encoded image, with or without a `data:image/...;base64,` prefix (as the HTTP
-/// API receives them); whitespace is ignored. The encoded text is bounded like a file.
+/// Base64 text (optionally a `data:<type>;base64,` URL) decoded; errors name `what`. The contract's rule
+/// ([`crate::api::decode_base64`]), shared with the queen's API and the WebAssembly SDK.
 pub fn decode_base64(text: &str, what: &str) -> Result<Vec<u8>> {
-    use base64::Engine;
-    let text = text.trim();
-    let payload = match text.strip_prefix("data:") {
-        Some(rest) => match rest.split_once(',') {
-            Some((meta, data)) if meta.ends_with(";base64") => data,
-            _ => bail!("{what}: a data: URL must be of the form data:<type>;base64,<data>"),
-        },
-        None => text,
-    };
-    if payload.len() > MAX_ENCODED_BYTES / 3 * 4 + 4 {
-        bail!("{what}: more than the {} MiB limit once decoded", MAX_ENCODED_BYTES >> 20);
-    }
-    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.as_bytes()))
-        .with_context(|| format!("{what}: not valid base64"))
+    crate::api::decode_base64(text, what).map_err(anyhow::Error::msg)
 }
 
 /// A soft copy of a mask (`[H·W]` in [0, 1]): Gaussian-blurred with standard deviation `radius` pixels,

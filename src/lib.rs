@@ -3,10 +3,11 @@
 //!
 //! # Layout
 //!
-//! Shared vocabulary and wire formats, used by everything above them:
-//! - [`vocab`]: scheduler and spacing names, image formats, resize modes, job defaults (imports nothing here);
+//! Shared vocabulary and wire formats, used by everything above them, from the `sd-rbee-contract` crate
+//! (`crates/contract`: no I/O, no async, so it also builds to WebAssembly for the browser SDK):
+//! - [`vocab`]: scheduler and spacing names, image formats, resize modes, job defaults;
 //! - [`protocol`]: the bus protocol: messages, their rules, subjects, the codec, the object-key layout;
-//! - [`api`]: the queen's HTTP contract, shared by the queen and its clients ([`api::QueenClient`]).
+//! - [`api`]: the queen's HTTP contract, shared by the queen and its clients, with [`api::QueenClient`].
 //!
 //! Generation, with no I/O beyond reading weights:
 //! - [`diffusion`]: models, schedulers, LoRA merging, single-file checkpoints, the pipeline;
@@ -25,6 +26,7 @@
 //! - [`shutdown`]: SIGINT/SIGTERM for both; [`cli`]: the `sd-rbee` command line (`main.rs` only calls it).
 
 pub mod api;
+pub use sd_rbee_contract::{protocol, vocab};
 pub mod bus;
 pub mod cli;
 pub mod device;
@@ -33,9 +35,7 @@ pub mod generation;
 pub mod hub;
 pub mod image_input;
 pub mod loras;
-pub mod protocol;
 pub mod queen;
 pub mod shutdown;
 pub mod storage;
-pub mod vocab;
 pub mod worker;

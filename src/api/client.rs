@@ -8,10 +8,10 @@ use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
-use super::error::{ApiError, ApiErrorBody, ApiErrorCode};
-use super::events::ApiEvent;
-use super::submission::{JobSubmission, SubmitResponse};
-use super::views::{CancelResponse, JobList, ModelInfo, StatusView, WorkerInfo};
+use super::{
+    ApiError, ApiErrorBody, ApiErrorCode, ApiEvent, CancelResponse, JobList, JobSubmission, ModelInfo, StatusView,
+    SubmitResponse, WorkerInfo,
+};
 
 /// One Server-Sent Event from the queen as it came: its name, id and JSON data. [`SseMessage::event`]
 /// reads it as an [`ApiEvent`].

@@ -14,8 +14,8 @@ use super::fleet::Fleet;
 use super::index::{records, JobIndex, SCAN_LIMIT};
 use super::status::{idempotency_entry, StatusStore, StatusTooLarge};
 use crate::api::{
-    CancelResponse, CancelState, JobList, JobState, JobStatus, JobSubmission, StatusView, SubmitResponse,
-    UploadResponse,
+    CancelResponse, CancelState, JobCheckError, JobList, JobState, JobStatus, JobSubmission, StatusView,
+    SubmitResponse, UploadResponse,
 };
 use crate::bus::BusClient;
 use crate::protocol::{self, Event, ImageSource, JobRequest, Limits, ProtocolError};
@@ -211,21 +211,10 @@ impl Jobs {
 
     /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
     async fn check(&self, job: &JobRequest) -> JobsResult<()> {
-        for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
-            if let Some(ImageSource::Inline(bytes)) = image {
-                if bytes.len() > self.limits.max_inline_image_bytes {
-                    return Err(JobsError::TooLarge {
-                        field: Some(field.into()),
-                        message: format!(
-                            "{field} is {} bytes, over the {} byte limit for inline images (upload it instead)",
-                            bytes.len(),
-                            self.limits.max_inline_image_bytes
-                        ),
-                    });
-                }
-            }
-        }
-        job.validate(&self.limits)?;
+        crate::api::check_job(job, &self.limits).map_err(|e| match e {
+            JobCheckError::TooLarge { field, message } => JobsError::TooLarge { field: Some(field), message },
+            JobCheckError::Invalid(e) => JobsError::Invalid(e),
+        })?;
         for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
             if let Some(source) = image {
                 self.check_image(source, field).await?;

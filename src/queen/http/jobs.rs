@@ -15,7 +15,6 @@ use crate::api::{
     ApiErrorBody, ApiErrorCode, CancelResponse, CancelState, JobList, JobState, JobSubmission, StatusView,
     SubmitResponse, UploadResponse,
 };
-use crate::protocol;
 use crate::queen::jobs::ListQuery;
 
 /// A JSON body read into `T`; what does not parse is 400, what parses into the wrong shape 422, each naming
@@ -28,25 +27,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes)
     if !json_type {
         return Err(AppError::new(ApiErrorCode::UnsupportedMediaType, "send application/json"));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let code = if inner.is_syntax() || inner.is_eof() {
-            ApiErrorCode::MalformedRequest
-        } else {
-            ApiErrorCode::InvalidRequest
-        };
-        // serde_json quotes what it could not read: keep the message short whatever the body held.
-        let mut message = format!("invalid JSON body: {inner}");
-        protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
-        let error = AppError::new(code, message);
-        if path == "." {
-            error
-        } else {
-            error.field(path)
-        }
-    })
+    crate::api::parse_json_body(body).map_err(|e| AppError { code: e.code, message: e.message, field: e.field })
 }
 
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission,

@@ -15,6 +15,30 @@ pub enum ImageInput {
     Upload { object_key: String },
 }
 
+/// The most bytes an input image (init image, mask, upload) may have.
+pub const MAX_DECODED_IMAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Base64 text (optionally a `data:<type>;base64,` URL) decoded; the error, a sentence naming `what`.
+pub fn decode_base64(text: &str, what: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let text = text.trim();
+    let payload = match text.strip_prefix("data:") {
+        Some(rest) => match rest.split_once(',') {
+            Some((meta, data)) if meta.ends_with(";base64") => data,
+            _ => return Err(format!("{what}: a data: URL must be of the form data:<type>;base64,<data>")),
+        },
+        None => text,
+    };
+    if payload.len() > MAX_DECODED_IMAGE_BYTES / 3 * 4 + 4 {
+        return Err(format!("{what}: more than the {} MiB limit once decoded", MAX_DECODED_IMAGE_BYTES >> 20));
+    }
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.as_bytes()))
+        .map_err(|e| format!("{what}: not valid base64: {e}"))
+}
+
 fn default_num_images() -> u32 {
     DEFAULT_NUM_IMAGES
 }
@@ -161,24 +185,32 @@ impl From<&JobRequest> for JobSubmission {
     }
 }
 
-/// A submission as a bus job with a fresh id, created now: base64 images decoded (a bad one is an error
-/// naming its field), upload keys as object keys. Nothing else is checked here: the queen then checks the
-/// job's rules ([`JobRequest::validate`]), its images and its model.
+/// A submission as a bus job with a fresh id, created now (see [`JobSubmission::into_job`]).
+#[cfg(feature = "new-ids")]
 impl TryFrom<JobSubmission> for JobRequest {
     type Error = ProtocolError;
 
     fn try_from(sub: JobSubmission) -> Result<Self, ProtocolError> {
+        sub.into_job(uuid::Uuid::new_v4(), crate::protocol::now_millis())
+    }
+}
+
+impl JobSubmission {
+    /// The bus job `id`, created at `created_at`: base64 images decoded (a bad one is an error naming its
+    /// field), upload keys as object keys. Nothing else is checked here: the queen then checks the job's
+    /// rules ([`JobRequest::validate`]), its images and its model.
+    pub fn into_job(self, id: uuid::Uuid, created_at: u64) -> Result<JobRequest, ProtocolError> {
+        let sub = self;
         let image = |input: Option<ImageInput>, field: &str| -> Result<Option<ImageSource>, ProtocolError> {
             Ok(match input {
                 Some(ImageInput::Base64(text)) => Some(ImageSource::Inline(
-                    crate::image_input::decode_base64(&text, field)
-                        .map_err(|e| ProtocolError::invalid(field, format!("{e:#}")))?,
+                    decode_base64(&text, field).map_err(|e| ProtocolError::invalid(field, e))?,
                 )),
                 Some(ImageInput::Upload { object_key }) => Some(ImageSource::ObjectKey(object_key)),
                 None => None,
             })
         };
-        let mut job = JobRequest::new(sub.kind(), sub.model, sub.prompt);
+        let mut job = JobRequest::with_id(id, created_at, sub.kind(), sub.model, sub.prompt);
         job.init_image = image(sub.init_image, "init_image")?;
         job.mask = image(sub.mask, "mask")?;
         job.negative_prompt = sub.negative_prompt;

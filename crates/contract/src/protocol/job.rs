@@ -6,9 +6,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+#[cfg(feature = "new-ids")]
+use super::now_millis;
 use super::serde_util::{default_mask_blur, default_num_images, default_true, is_default, uuid_str};
 use super::strict::{self, WireNames};
-use super::{now_millis, PROTOCOL_VERSION};
+use super::PROTOCOL_VERSION;
 use crate::vocab::{
     ImageFormat, ResizeMode, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, DEFAULT_NUM_IMAGES,
 };
@@ -179,10 +181,22 @@ pub const MAX_LORAS_PER_JOB: usize = 64;
 impl JobRequest {
     /// A job with a fresh id, created now, every optional parameter at its default (the size included: the
     /// model's).
+    #[cfg(feature = "new-ids")]
     pub fn new(kind: JobKind, model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self::with_id(Uuid::new_v4(), now_millis(), kind, model, prompt)
+    }
+
+    /// A job with id `id`, created at `created_at` (unix ms), every optional parameter at its default.
+    pub fn with_id(
+        id: Uuid,
+        created_at: u64,
+        kind: JobKind,
+        model: impl Into<String>,
+        prompt: impl Into<String>,
+    ) -> Self {
         Self {
             v: PROTOCOL_VERSION,
-            id: Uuid::new_v4(),
+            id,
             kind,
             model: model.into(),
             prompt: prompt.into(),
@@ -207,7 +221,7 @@ impl JobRequest {
             idempotency_key: None,
             loras: Vec::new(),
             clip_skip: None,
-            created_at: now_millis(),
+            created_at,
         }
     }
 

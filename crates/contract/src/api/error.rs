@@ -68,6 +68,9 @@ impl ApiErrorCode {
         }
     }
 
+    /// Every code, `Other` last.
+    pub const ALL: &'static [ApiErrorCode] = <ApiErrorCode as strum::VariantArray>::VARIANTS;
+
     /// The wire name, e.g. `INVALID_REQUEST`.
     pub fn as_str(self) -> &'static str {
         self.into()

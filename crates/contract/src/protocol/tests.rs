@@ -80,15 +80,6 @@ fn echoed_values_and_messages_are_short() {
     validate_object_key("k", "a b/ü€.png").unwrap();
 }
 
-#[test]
-fn scheduler_and_spacing_names_are_the_cores() {
-    let core: Vec<&str> = crate::diffusion::SchedulerKind::ALL.iter().map(|k| k.name()).collect();
-    assert_eq!(core, SCHEDULERS);
-    for name in TIMESTEP_SPACINGS {
-        assert!(name.parse::<crate::diffusion::TimestepSpacing>().is_ok(), "{name}");
-    }
-}
-
 fn job() -> JobRequest {
     let mut j = JobRequest::new(JobKind::Txt2Img, "sd-turbo", "a red fox");
     j.created_at = 1_700_000_000_000;
