@@ -338,6 +338,18 @@ try {
     await page.getByText("4242").first().waitFor();
     await page.getByTestId("result-image").first().waitFor();
     await shot("job");
+    const [download] = await Promise.all([page.waitForEvent("download"), page.getByRole("button", { name: "Download" }).first().click()]);
+    assert.match(download.suggestedFilename(), /^[0-9a-f-]{36}-0\.png$/);
+    const saved = join(out, download.suggestedFilename());
+    await download.saveAs(saved);
+    assert.deepEqual([...readFileSync(saved).subarray(0, 4)], [0x89, 0x50, 0x4e, 0x47], "a PNG");
+    // The image as the start of an image-to-image job, then back to this job.
+    await page.getByRole("button", { name: "Use as init image" }).first().click();
+    await page.getByRole("heading", { name: "Generate" }).waitFor();
+    assert.ok(await page.getByRole("radio", { name: "Image to image" }).isChecked());
+    await page.getByText("Remove picture (64 × 64)").waitFor();
+    await page.goBack();
+    await page.getByRole("heading", { name: /^Job / }).waitFor();
     await page.getByRole("button", { name: "Use these settings again" }).click();
     await page.getByRole("heading", { name: "Generate" }).waitFor();
     assert.equal(await page.getByLabel("Prompt", { exact: true }).inputValue(), "a lighthouse at dusk");
