@@ -100,13 +100,18 @@ async function waitForState(text, timeout = 60_000) {
 }
 
 /** Clicks Generate and follows the progress bar to the end, returning the values it showed. */
-async function generateAndWatch() {
+/** Clicks Generate and waits until the result panel shows the new job. */
+async function submitForm() {
   const previous = await currentJob();
   await page.getByRole("button", { name: /^Generate/ }).click();
   await page.waitForFunction((prev) => {
     const link = document.querySelector(".live a[href^='#/jobs/']");
     return link && link.textContent !== prev;
   }, previous);
+}
+
+async function generateAndWatch() {
+  await submitForm();
   const seen = new Set();
   const deadline = Date.now() + 90_000;
   for (;;) {
@@ -210,9 +215,7 @@ try {
     const onRequest = (r) => r.url().endsWith("/events") && streams.push(r.headers()["last-event-id"] ?? "");
     page.on("request", onRequest);
     await fillCommon("a lighthouse through the fog", 40);
-    const previous = await currentJob();
-    await page.getByRole("button", { name: /^Generate/ }).click();
-    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await submitForm();
     await page.waitForFunction(() => Number(document.querySelector("[role=progressbar]")?.getAttribute("aria-valuenow")) >= 10);
     dropConnections();
     await waitForState("Completed");
@@ -289,9 +292,7 @@ try {
   await step("cancel a long job while it runs", async () => {
     await chooseMode("Text to image");
     await fillCommon("a very long night", 150);
-    const previous = await currentJob();
-    await page.getByRole("button", { name: /^Generate/ }).click();
-    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await submitForm();
     await waitForState("Running");
     await page.waitForFunction(() => Number(document.querySelector("[role=progressbar]")?.getAttribute("aria-valuenow")) > 2);
     await page.getByRole("button", { name: "Cancel" }).click();
@@ -309,9 +310,7 @@ try {
       await page.waitForTimeout(50);
     }
     await fillCommon("a job that waits", 4);
-    const previous = await currentJob();
-    await page.getByRole("button", { name: /^Generate/ }).click();
-    await page.waitForFunction((prev) => document.querySelector(".live a[href^='#/jobs/']")?.textContent !== prev, previous);
+    await submitForm();
     await waitForState(/Queued · next in line/);
     await shot("queued");
     await page.getByRole("button", { name: "Cancel" }).click();
