@@ -24,8 +24,16 @@ async fn a_person_signs_in_generates_edits_cancels_and_browses_in_a_browser() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("file://{}", dir.path().display());
+    // Two LoRAs in the worker's catalogue, for the form's LoRA picker.
+    let loras = tempfile::tempdir().unwrap();
+    for name in ["style", "detail"] {
+        let from = common::fixture("tiny-sd15").join("lora").join(format!("{name}.safetensors"));
+        std::fs::copy(from, loras.path().join(format!("{name}.safetensors"))).unwrap();
+    }
+    let lora_dir = loras.path().display().to_string();
     // Slow steps, so a long job can be cancelled while it runs and the progress bar is seen moving.
-    let _worker = WorkerProcess::start("ui-w1", &nats.url(), &store, &[], &["--step-delay", "60ms"]);
+    let _worker =
+        WorkerProcess::start("ui-w1", &nats.url(), &store, &[], &["--step-delay", "60ms", "--lora-dir", &lora_dir]);
     let queen = start_queen(&nats.url(), &store, &[], |_| {}).await;
     wait_for_fleet(&client(&queen)).await;
 

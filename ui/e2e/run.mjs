@@ -179,10 +179,12 @@ try {
   });
 
   let txtSeed;
-  await step("text to image: the progress bar moves and the image appears", async () => {
+  await step("text to image with a LoRA: the progress bar moves and the image appears", async () => {
     await fillCommon("a lighthouse at dusk", 12);
     await page.getByRole("radio", { name: "Fixed" }).check();
     await page.getByLabel("Seed").fill("4242");
+    await page.getByLabel("Add a LoRA").selectOption("style");
+    await page.getByLabel("style scale").fill("0.5");
     const values = await generateAndWatch();
     assert.ok(values.some((v) => v > 0 && v < 100), `the bar showed only ${JSON.stringify(values)}`);
     const caption = await page.locator(".result figcaption").first().textContent();
@@ -335,6 +337,7 @@ try {
     await cards.filter({ hasText: "a lighthouse at dusk" }).click();
     await page.getByRole("heading", { name: /^Job / }).waitFor();
     await page.getByText("4242").first().waitFor();
+    await page.getByText("style × 0.5").waitFor();
     await page.getByTestId("result-image").first().waitFor();
     await shot("job");
     const [download] = await Promise.all([page.waitForEvent("download"), page.getByRole("button", { name: "Download" }).first().click()]);
@@ -354,6 +357,7 @@ try {
     assert.equal(await page.getByLabel("Prompt", { exact: true }).inputValue(), "a lighthouse at dusk");
     assert.equal(await page.getByLabel("Steps").inputValue(), "12");
     assert.equal(await page.getByLabel("Seed").inputValue(), String(txtSeed));
+    assert.equal(await page.getByLabel("style scale").inputValue(), "0.5");
     assert.ok(await page.getByRole("radio", { name: "Text to image" }).isChecked());
     await shot("settings-again");
   });
