@@ -362,6 +362,28 @@ try {
     await shot("settings-again");
   });
 
+  await step("the gallery pages through more jobs than fit one page", async () => {
+    const api = (method, path, body) =>
+      fetch(`${base}${path}`, { method, headers: { authorization: `Bearer ${token}`, "content-type": "application/json" }, body: body && JSON.stringify(body) }).then((r) => r.json());
+    const ids = [];
+    for (let i = 0; i < 20; i++) ids.push((await api("POST", "/v1/jobs", { model: "tiny", prompt: `page filler ${i}`, width: 64, height: 64, steps: 1, seed: i })).job_id);
+    for (let i = 0; (await api("GET", `/v1/jobs/${ids[ids.length - 1]}`)).state !== "completed"; i++) {
+      assert.ok(i < 600, "the filler jobs never finished");
+      await page.waitForTimeout(50);
+    }
+    await page.getByRole("link", { name: "Gallery" }).click();
+    const cards = page.getByTestId("job-card");
+    await page.getByText("27 jobs").waitFor();
+    assert.equal(await cards.count(), 24);
+    assert.match(await cards.first().textContent(), /page filler 19/);
+    await page.getByRole("button", { name: "Older" }).click();
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length === 3);
+    assert.match(await cards.last().textContent(), /a lighthouse at dusk/, "the oldest job ends the last page");
+    assert.ok(await page.getByRole("button", { name: "Older" }).isDisabled());
+    await page.getByRole("button", { name: "Newer" }).click();
+    await page.waitForFunction(() => document.querySelectorAll("[data-testid=job-card]").length === 24);
+  });
+
   await step("the fleet view shows the worker and the model", async () => {
     await page.getByRole("link", { name: "Fleet" }).click();
     await page.getByTestId("worker-row").filter({ hasText: "ui-w1" }).waitFor();
