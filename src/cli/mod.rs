@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod models;
 pub mod queen;
 pub mod submit;
+pub mod up;
 pub mod worker;
 
 #[derive(Debug, Parser)]
@@ -56,6 +57,8 @@ pub enum Command {
     Jobs(jobs::JobsArgs),
     /// List the workers the queen has heard from.
     Workers(jobs::WorkersArgs),
+    /// The whole fleet on one machine: nats-server, the queen (API and UI) and workers, data in one folder.
+    Up(Box<up::UpArgs>),
     /// Print the queen's OpenAPI document (what `GET /openapi.json` serves; the TypeScript SDK's types are
     /// generated from it).
     Openapi,
@@ -166,6 +169,7 @@ pub fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
         Command::Models => models::run().map(|()| true),
         Command::Openapi => queen::print_openapi().map(|()| true),
+        Command::Up(args) => up::run(*args).map(|()| true),
         Command::Worker(args) => worker::run(*args).map(|()| true),
         Command::Submit(args) => submit::run(*args),
         Command::Queen(args) => queen::run(*args).map(|()| true),

