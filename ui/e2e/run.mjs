@@ -319,6 +319,11 @@ try {
     await waitForState("Cancelled");
     assert.doesNotMatch(await state(), /at step/, "it never started");
     await api("DELETE", `/v1/jobs/${ahead.job_id}`);
+    // A running job stops within a step: wait for it, so the gallery sees it cancelled.
+    for (let i = 0; (await api("GET", `/v1/jobs/${ahead.job_id}`)).state !== "cancelled"; i++) {
+      assert.ok(i < 400, "the job ahead was never cancelled");
+      await page.waitForTimeout(50);
+    }
   });
 
   await step("the gallery shows every job, filters by state, and reopens one's settings", async () => {
