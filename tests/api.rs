@@ -373,3 +373,52 @@ async fn the_job_list_pages_newest_first_by_offset_or_cursor() {
     assert_eq!((queued.total, queued.next_offset), (7, Some(2)));
     assert_eq!(c.jobs("?state=completed").await.unwrap().total, 0);
 }
+
+/// SSE reads the events stream, which is ahead of the status record the queen folds from it: a client that
+/// fetches an image the moment it reads `completed` must get it, though the record may still say running.
+/// Here no worker runs; the job's images and manifest are stored as a worker stores them before publishing
+/// `completed`, and the record stays `queued`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_served_once_stored_even_before_the_status_record_says_completed() {
+    use sd_rbee::protocol::{self, Completed, Event, ImageResult, Timings, PROTOCOL_VERSION};
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    let c = client(&queen);
+    let job = c.submit(&tiny(2, 9), None).await.unwrap();
+    let err = c.image(job.job_id, 0).await.unwrap_err().downcast::<ApiError>().unwrap();
+    assert_eq!(err.code, ApiErrorCode::NotCompleted, "nothing stored yet");
+
+    let key = format!("jobs/{}/0.png", job.job_id);
+    let png = b"\x89PNG\r\n\x1a\n not really".to_vec();
+    let image = ImageResult {
+        index: 0,
+        key: key.clone(),
+        url: None,
+        width: 64,
+        height: 64,
+        seed: 9,
+        bytes: png.len() as u64,
+        content_type: "image/png".into(),
+    };
+    let completed = Completed {
+        v: PROTOCOL_VERSION,
+        job_id: job.job_id,
+        at: protocol::now_millis(),
+        images: vec![image],
+        timings: Timings::default(),
+        warnings: Vec::new(),
+    };
+    let write = |key: &str, bytes: &[u8]| {
+        let path = store.path().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    };
+    write(&key, &png);
+    write(&protocol::manifest_key(job.job_id), &protocol::encode(&Event::Completed(completed)));
+    assert_eq!(c.status(job.job_id).await.unwrap().status.state.name(), "queued");
+    assert_eq!(c.image(job.job_id, 0).await.unwrap(), png);
+    let err = c.image(job.job_id, 1).await.unwrap_err().downcast::<ApiError>().unwrap();
+    assert_eq!(err.code, ApiErrorCode::NotFound, "the manifest lists one image");
+}

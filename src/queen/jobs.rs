@@ -363,19 +363,28 @@ impl Jobs {
         v
     }
 
-    /// Jobs of `model` waiting for a worker: its consumer's undelivered jobs, or, before any worker created
-    /// the consumer, every job on its subject. `None` when NATS cannot say.
-    pub async fn queue_depth(&self, model: &str) -> Option<u64> {
+    /// Jobs of each of `models` waiting for a worker: its consumer's undelivered jobs, or, before any worker
+    /// created the consumer, every job on its subject. `None` where NATS cannot say.
+    pub async fn queue_depths(&self, models: &[&str]) -> Vec<Option<u64>> {
         use futures::StreamExt;
-        let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;
-        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-            stream.get_consumer(&crate::bus::consumer_name(model)).await;
-        if let Ok(c) = consumer {
-            return Some(c.cached_info().num_pending);
-        }
-        let subject = self.bus.subjects().jobs(model).ok()?;
-        let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
-        Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
+        let Ok(stream) = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await else {
+            return vec![None; models.len()];
+        };
+        let depth = |model: &str| {
+            let stream = &stream;
+            let model = model.to_string();
+            async move {
+                let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                    stream.get_consumer(&crate::bus::consumer_name(&model)).await;
+                if let Ok(c) = consumer {
+                    return Some(c.cached_info().num_pending);
+                }
+                let subject = self.bus.subjects().jobs(&model).ok()?;
+                let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
+                Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
+            }
+        };
+        futures::future::join_all(models.iter().map(|m| depth(m))).await
     }
 
     /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
@@ -498,17 +507,35 @@ impl Jobs {
     /// Image `n` of a completed job and its content type.
     pub async fn image(&self, id: Uuid, n: u32) -> JobsResult<(Bytes, String)> {
         let status = self.get(id).await?;
-        if status.state != JobState::Completed {
-            return Err(JobsError::NotCompleted { id, state: status.state });
-        }
-        let image = status
-            .images
+        let images = match status.state {
+            JobState::Completed => status.images,
+            // The events stream (so SSE too) says `completed` before this record has folded the event in;
+            // the manifest the worker stored beside the images before publishing it says the same.
+            JobState::Queued | JobState::Running => match self.stored_results(id).await? {
+                Some(images) => images,
+                None => return Err(JobsError::NotCompleted { id, state: status.state }),
+            },
+            state => return Err(JobsError::NotCompleted { id, state }),
+        };
+        let image = images
             .iter()
             .find(|i| i.index == n)
             .ok_or_else(|| JobsError::NoImage(format!("job {id} has no image {n}")))?;
         match self.store.get(&image.key).await {
             Ok(bytes) => Ok((bytes, image.content_type.clone())),
             Err(e @ StoreError::NotFound { .. }) => Err(JobsError::NoImage(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The images listed by the job's result manifest in the store, if a worker stored one.
+    async fn stored_results(&self, id: Uuid) -> JobsResult<Option<Vec<protocol::ImageResult>>> {
+        match self.store.get(&protocol::manifest_key(id)).await {
+            Ok(bytes) => match protocol::decode_event(&bytes) {
+                Ok(Event::Completed(c)) if c.job_id == id => Ok(Some(c.images)),
+                _ => Ok(None),
+            },
+            Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

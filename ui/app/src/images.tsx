@@ -22,13 +22,16 @@ export function useImageSrc(url: string | undefined): { src?: string; error?: Er
     if (!needsToken(url)) return setState({ src: url });
     const controller = new AbortController();
     let made: string | undefined;
-    client.send("GET", url, { signal: controller.signal }).then(
-      async (r) => {
-        made = URL.createObjectURL(await r.blob());
+    (async () => {
+      try {
+        const blob = await (await client.send("GET", url, { signal: controller.signal })).blob();
+        made = URL.createObjectURL(blob);
         if (!controller.signal.aborted) setState({ src: made });
-      },
-      (error: Error) => !controller.signal.aborted && setState({ error }),
-    );
+      } catch (error) {
+        // Aborted when the image is no longer shown: nothing to say.
+        if (!controller.signal.aborted) setState({ error: error as Error });
+      }
+    })();
     return () => {
       controller.abort();
       if (made) URL.revokeObjectURL(made);
@@ -56,8 +59,10 @@ export function ResultImage({ url, alt, ...rest }: { url: string; alt: string } 
 export function DownloadLink({ url, name }: { url: string; name: string }) {
   const client = useQueen();
   const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
   const download = async () => {
     setBusy(true);
+    setError(null);
     try {
       const blob = await fetchImage(client, url);
       const a = document.createElement("a");
@@ -65,14 +70,19 @@ export function DownloadLink({ url, name }: { url: string; name: string }) {
       a.download = name;
       a.click();
       setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+    } catch (e) {
+      setError(`Cannot download: ${(e as Error).message}`);
     } finally {
       setBusy(false);
     }
   };
   return (
-    <button type="button" className="quiet" onClick={download} disabled={busy}>
-      Download
-    </button>
+    <>
+      <button type="button" className="quiet" onClick={download} disabled={busy}>
+        Download
+      </button>
+      {error && <span className="img-error">{error}</span>}
+    </>
   );
 }
 
