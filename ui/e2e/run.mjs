@@ -134,6 +134,18 @@ async function generateAndWatch() {
   return [...seen];
 }
 
+/** The API itself, with the token (for jobs the steps need beside the UI's). */
+const api = (method, path, body) =>
+  fetch(`${base}${path}`, { method, headers: { authorization: `Bearer ${token}`, "content-type": "application/json" }, body: body && JSON.stringify(body) }).then((r) => r.json());
+
+/** Waits until job `id` is in `state` (20 s at most). */
+async function waitForJob(id, state) {
+  for (let i = 0; (await api("GET", `/v1/jobs/${id}`)).state !== state; i++) {
+    assert.ok(i < 400, `job ${id} never became ${state}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 /** The job the result panel shows, if any. */
 async function currentJob() {
   return page.evaluate(() => document.querySelector(".live a[href^='#/jobs/']")?.textContent ?? null);
@@ -304,13 +316,8 @@ try {
   });
 
   await step("a job waiting behind another shows its place in the queue, and can be cancelled there", async () => {
-    const api = (method, path, body) =>
-      fetch(`${base}${path}`, { method, headers: { authorization: `Bearer ${token}`, "content-type": "application/json" }, body: body && JSON.stringify(body) }).then((r) => r.json());
     const ahead = await api("POST", "/v1/jobs", { model: "tiny", prompt: "a job in the way", width: 64, height: 64, steps: 150, seed: 1 });
-    for (let i = 0; (await api("GET", `/v1/jobs/${ahead.job_id}`)).state !== "running"; i++) {
-      assert.ok(i < 400, "the job ahead never started");
-      await page.waitForTimeout(50);
-    }
+    await waitForJob(ahead.job_id, "running");
     await fillCommon("a job that waits", 4);
     await submitForm();
     await waitForState(/Queued · next in line/);
@@ -320,10 +327,7 @@ try {
     assert.doesNotMatch(await state(), /at step/, "it never started");
     await api("DELETE", `/v1/jobs/${ahead.job_id}`);
     // A running job stops within a step: wait for it, so the gallery sees it cancelled.
-    for (let i = 0; (await api("GET", `/v1/jobs/${ahead.job_id}`)).state !== "cancelled"; i++) {
-      assert.ok(i < 400, "the job ahead was never cancelled");
-      await page.waitForTimeout(50);
-    }
+    await waitForJob(ahead.job_id, "cancelled");
   });
 
   await step("the gallery shows every job, filters by state, and reopens one's settings", async () => {
@@ -368,14 +372,9 @@ try {
   });
 
   await step("the gallery pages through more jobs than fit one page", async () => {
-    const api = (method, path, body) =>
-      fetch(`${base}${path}`, { method, headers: { authorization: `Bearer ${token}`, "content-type": "application/json" }, body: body && JSON.stringify(body) }).then((r) => r.json());
     const ids = [];
     for (let i = 0; i < 20; i++) ids.push((await api("POST", "/v1/jobs", { model: "tiny", prompt: `page filler ${i}`, width: 64, height: 64, steps: 1, seed: i })).job_id);
-    for (let i = 0; (await api("GET", `/v1/jobs/${ids[ids.length - 1]}`)).state !== "completed"; i++) {
-      assert.ok(i < 600, "the filler jobs never finished");
-      await page.waitForTimeout(50);
-    }
+    await waitForJob(ids[ids.length - 1], "completed");
     await page.getByRole("link", { name: "Gallery" }).click();
     const cards = page.getByTestId("job-card");
     await page.getByText("27 jobs").waitFor();

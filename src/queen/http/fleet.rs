@@ -41,8 +41,10 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>
             out.push(ModelInfo { defaults: defaults(&name), name, workers, resident_workers, queued, loras });
         }
     }
-    for model in &mut out {
-        model.queued = state.jobs.queue_depth(&model.name).await;
+    let names: Vec<&str> = out.iter().map(|m| m.name.as_str()).collect();
+    let depths = state.jobs.queue_depths(&names).await;
+    for (model, queued) in out.iter_mut().zip(depths) {
+        model.queued = queued;
     }
     Json(out)
 }

@@ -36,11 +36,8 @@ impl JobStatus {
     /// A job first heard of through an event (published on the bus without the queen).
     pub fn unknown(job_id: Uuid, at: u64) -> Self {
         let mut s = Self::queued(&JobRequest::with_id(job_id, at, JobKind::Txt2Img, "", ""), None);
-        s.job_id = job_id;
         s.kind = None;
         s.request = None;
-        s.created_at = at;
-        s.updated_at = at;
         s
     }
 
