@@ -43,6 +43,10 @@ pub struct StoreOptions {
     pub retry_timeout: Duration,
     /// Lifetime of presigned GET URLs (S3, GCS, Azure); `None`: no URLs.
     pub presign_ttl: Option<Duration>,
+    /// The S3 endpoint presigned URLs name, when their readers reach the store at another address than this
+    /// process does (in `compose.yaml` the workers write to `http://minio:9000`, which the host cannot
+    /// resolve, and the URLs must say `http://127.0.0.1:9000`). Signing needs no connection.
+    pub presign_endpoint: Option<String>,
     /// Settings of the cloud store given here rather than in the process environment (which is read first):
     /// `AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`... as
     /// `object_store` names them (case-insensitive). An embedding program (or a test) sets credentials here
@@ -55,6 +59,7 @@ impl Default for StoreOptions {
         Self {
             retry_timeout: Duration::from_secs(30),
             presign_ttl: Some(Duration::from_secs(24 * 60 * 60)),
+            presign_endpoint: None,
             settings: Vec::new(),
         }
     }
@@ -147,14 +152,22 @@ impl Store {
             "memory" => (Arc::new(object_store::memory::InMemory::new()), None),
             "s3" | "s3a" => {
                 let bucket = parsed.host_str().filter(|b| !b.is_empty()).context("s3:// URL without a bucket")?;
-                let s3 = object_store::aws::AmazonS3Builder::from_env();
-                let s3 = configure(s3, &opts.settings, |b, k, v| b.with_config(k, v))?
-                    .with_bucket_name(bucket)
-                    .with_retry(retry)
-                    .build()
-                    .with_context(|| format!("cannot configure S3 store {url_text}"))?;
-                let s3 = Arc::new(s3);
-                (s3.clone(), Some(s3))
+                let builder = || -> anyhow::Result<_> {
+                    let s3 = object_store::aws::AmazonS3Builder::from_env();
+                    Ok(configure(s3, &opts.settings, |b, k, v| b.with_config(k, v))?
+                        .with_bucket_name(bucket)
+                        .with_retry(retry.clone()))
+                };
+                let s3 = Arc::new(builder()?.build().with_context(|| format!("cannot configure S3 store {url_text}"))?);
+                let signer: Arc<dyn Signer> = match &opts.presign_endpoint {
+                    Some(endpoint) => {
+                        let public = builder()?.with_endpoint(endpoint);
+                        let public = public.with_allow_http(endpoint.starts_with("http://"));
+                        Arc::new(public.build().with_context(|| format!("cannot presign for {endpoint}"))?)
+                    }
+                    None => s3.clone(),
+                };
+                (s3, Some(signer))
             }
             "gs" => {
                 let bucket = parsed.host_str().context("gs:// URL without a bucket")?;
@@ -461,5 +474,25 @@ mod tests {
         let url = store.presigned_get("jobs/x/0.png").await.expect("S3 stores presign");
         assert!(url.contains("results-bucket") && url.contains("fleet-a/jobs/x/0.png"), "{url}");
         assert!(url.contains("X-Amz-Signature="), "{url}");
+    }
+
+    #[tokio::test]
+    async fn presigned_urls_name_the_public_endpoint_when_given() {
+        let settings = [
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", "http://minio:9000"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ];
+        let settings = settings.map(|(k, v)| (k.to_string(), v.to_string())).to_vec();
+        let opts = StoreOptions { settings: settings.clone(), ..Default::default() };
+        let inside = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png").await.unwrap();
+        assert!(inside.starts_with("http://minio:9000/results/jobs/x/0.png?"), "{inside}");
+        let opts =
+            StoreOptions { settings, presign_endpoint: Some("http://127.0.0.1:9000".into()), ..Default::default() };
+        let public = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png").await.unwrap();
+        assert!(public.starts_with("http://127.0.0.1:9000/results/jobs/x/0.png?"), "{public}");
+        assert!(public.contains("X-Amz-Signature="), "{public}");
     }
 }

