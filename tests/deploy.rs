@@ -194,6 +194,16 @@ fn every_model_scales_on_the_consumer_its_workers_share() {
     }
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `GET url` until it answers, for at most `limit`.
 fn answer(port: u16, path: &str, limit: Duration) -> (u16, Value) {
     let start = Instant::now();
@@ -258,20 +268,21 @@ async fn the_probes_answer_and_the_scaler_sees_a_queue_before_any_worker() {
     let health = free_port();
     let listen = format!("127.0.0.1:{health}");
     let model_arg = format!("tiny={}", common::fixture("tiny-sd15").display());
-    let mut starting = Command::new(sd_rbee_binary())
-        .args(["worker", "--nats", "nats://127.0.0.1:1", "--store", &store, "--model", &model_arg])
-        .args(["--health-listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let starting = Killed(
+        Command::new(sd_rbee_binary())
+            .args(["worker", "--nats", "nats://127.0.0.1:1", "--store", &store, "--model", &model_arg])
+            .args(["--health-listen", &listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for (kind, path, _) in &worker_probes {
         let (status, body) = answer(health, path, Duration::from_secs(10));
         let want = if path == "/ready" { 503 } else { 200 };
         assert_eq!(status, want, "a starting worker's {kind} {path}: {body}");
     }
-    let _ = starting.kill();
-    let _ = starting.wait();
+    drop(starting);
     let health = free_port();
     let listen = format!("127.0.0.1:{health}");
     let _worker = WorkerProcess::start("probed", &nats.url(), &store, &[], &["--health-listen", &listen]);
@@ -285,14 +296,16 @@ async fn the_probes_answer_and_the_scaler_sees_a_queue_before_any_worker() {
 fn a_nats_url_with_credentials_reaches_a_server_that_asks_for_them() {
     let port = free_port();
     let store = tempfile::tempdir().unwrap();
-    let mut server = Command::new(tool("nats-server"))
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "--user", "sd-rbee", "--pass", "s3cret-pass"])
-        .arg("-sd")
-        .arg(store.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _server = Killed(
+        Command::new(tool("nats-server"))
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "--user", "sd-rbee", "--pass", "s3cret-pass"])
+            .arg("-sd")
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(start.elapsed() < Duration::from_secs(15), "nats-server did not start");
@@ -311,6 +324,4 @@ fn a_nats_url_with_credentials_reaches_a_server_that_asks_for_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a wrong password is refused");
     assert!(err.contains(&format!("nats://127.0.0.1:{port}")) && !err.contains("wrong-pass"), "{err}");
-    let _ = server.kill();
-    let _ = server.wait();
 }
