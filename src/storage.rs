@@ -137,6 +137,9 @@ impl Store {
         if url_text.is_empty() {
             bail!("the store URL is empty (use file:///path, s3://bucket, gs://bucket, az://container or memory://)");
         }
+        if opts.presign_endpoint.is_some() && !(url_text.starts_with("s3://") || url_text.starts_with("s3a://")) {
+            bail!("a presign endpoint applies to S3 stores only, not to {url_text}");
+        }
         if !url_text.contains("://") {
             return Self::local(std::path::Path::new(url_text), url_text, opts);
         }
@@ -161,6 +164,10 @@ impl Store {
                 let s3 = Arc::new(builder()?.build().with_context(|| format!("cannot configure S3 store {url_text}"))?);
                 let signer: Arc<dyn Signer> = match &opts.presign_endpoint {
                     Some(endpoint) => {
+                        let parsed = url::Url::parse(endpoint).ok().filter(|u| matches!(u.scheme(), "http" | "https"));
+                        if parsed.is_none_or(|u| u.host_str().is_none()) {
+                            bail!("the presign endpoint {endpoint:?} is not an http:// or https:// URL");
+                        }
                         let public = builder()?.with_endpoint(endpoint);
                         let public = public.with_allow_http(endpoint.starts_with("http://"));
                         Arc::new(public.build().with_context(|| format!("cannot presign for {endpoint}"))?)
@@ -494,5 +501,10 @@ mod tests {
         let public = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png").await.unwrap();
         assert!(public.starts_with("http://127.0.0.1:9000/results/jobs/x/0.png?"), "{public}");
         assert!(public.contains("X-Amz-Signature="), "{public}");
+        let no_scheme = StoreOptions { presign_endpoint: Some("127.0.0.1:9000".into()), ..opts.clone() };
+        let err = Store::open("s3://results", &no_scheme).unwrap_err().to_string();
+        assert!(err.contains("not an http:// or https:// URL"), "{err}");
+        let gcs = Store::open("gs://results", &opts).unwrap_err().to_string();
+        assert!(gcs.contains("S3 stores only"), "{gcs}");
     }
 }

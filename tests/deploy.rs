@@ -80,6 +80,20 @@ fn parse_args(container: &Value) -> Cli {
         .unwrap_or_else(|e| panic!("`sd-rbee {}` does not parse: {e}", args.join(" ")))
 }
 
+/// The value the container's args give `flag` (`--flag VALUE` or `--flag=VALUE`). What the manifest says,
+/// read from the manifest: clap would also take the test's own environment (`env = "SD_RBEE_..."`).
+fn arg_value(container: &Value, flag: &str) -> Option<String> {
+    let args: Vec<&str> = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let inline = format!("{flag}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        if *a == flag {
+            args.get(i + 1).map(|v| v.to_string())
+        } else {
+            a.strip_prefix(&inline).map(str::to_string)
+        }
+    })
+}
+
 /// The port a probe asks: a number, or the name of one of the container's ports.
 fn probe_port(container: &Value, probe: &Value) -> u16 {
     let port = &probe["httpGet"]["port"];
@@ -145,9 +159,10 @@ fn every_model_scales_on_the_consumer_its_workers_share() {
         // One model per Deployment: its consumer's lag is then exactly the queue these pods serve.
         assert_eq!(worker.models.len(), 1, "{}", target["name"]);
         let model = &worker.models[0].name;
-        let prefix = config["data"]["SD_RBEE_PREFIX"].as_str().unwrap_or(&worker.prefix);
-        assert_eq!(prefix, worker.prefix, "--prefix and SD_RBEE_PREFIX disagree");
-        let subjects = Subjects::new(prefix.to_string()).unwrap();
+        // As the worker in the pod sees it: its --prefix, else the ConfigMap's SD_RBEE_PREFIX, else the default.
+        let configured = config["data"]["SD_RBEE_PREFIX"].as_str().map(str::to_string);
+        let prefix = arg_value(container, "--prefix").or(configured).unwrap_or_else(|| "sd".into());
+        let subjects = Subjects::new(prefix).unwrap();
 
         let triggers = scaler["spec"]["triggers"].as_array().unwrap();
         assert_eq!(triggers.len(), 1);
@@ -171,7 +186,8 @@ fn every_model_scales_on_the_consumer_its_workers_share() {
         let termination = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
         assert!(termination > worker.grace + Duration::from_secs(5), "the pod outlives the worker's --grace");
         assert!(container["lifecycle"]["preStop"].is_object(), "a preStop hook");
-        let health = worker.health_listen.expect("the worker serves its probes (--health-listen)");
+        let health = arg_value(container, "--health-listen").expect("the worker serves its probes (--health-listen)");
+        let health: std::net::SocketAddr = health.parse().unwrap();
         for (kind, _, port) in probes(container) {
             assert_eq!(port, health.port(), "{kind} asks the port --health-listen serves");
         }
@@ -182,9 +198,11 @@ fn every_model_scales_on_the_consumer_its_workers_share() {
         let name = deployment["metadata"]["name"].as_str().unwrap();
         match parse_args(container(deployment)).command {
             Sub::Worker(_) => assert!(scaled.iter().any(|s| s == name), "{name} has no ScaledObject"),
-            Sub::Queen(queen) => {
+            Sub::Queen(_) => {
+                let listen = arg_value(container(deployment), "--listen").expect("the queen's --listen");
+                let listen: std::net::SocketAddr = listen.parse().unwrap();
                 for (kind, _, port) in probes(container(deployment)) {
-                    assert_eq!(port, queen.listen.port(), "{kind} asks the port --listen serves");
+                    assert_eq!(port, listen.port(), "{kind} asks the port --listen serves");
                 }
                 let pdb = of_kind(&objects, "PodDisruptionBudget").next().expect("the queen has a PodDisruptionBudget");
                 assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -67,7 +68,8 @@ fn the_marked_examples_run_against_a_fleet() {
     .unwrap();
     for (line, block) in &blocks {
         let start = Instant::now();
-        let mut child = Command::new("bash")
+        let mut command = Command::new("bash");
+        command
             .args(["-euo", "pipefail", "-c", block])
             .current_dir(work.path())
             .env("PATH", &path)
@@ -75,17 +77,34 @@ fn the_marked_examples_run_against_a_fleet() {
             .env("SD_RBEE_API_TOKEN", &fleet.token)
             .env("SD_RBEE_NATS_URL", format!("nats://127.0.0.1:{}", fleet.nats_port))
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A block that hangs (a follow that never ends) fails here instead of stalling the suite.
-        while child.try_wait().unwrap().is_none() {
+            .stderr(std::process::Stdio::piped());
+        // Its own process group, so a block that hangs is stopped with everything it started.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().unwrap();
+        // Read as it comes: a block that writes much must not stall on a full pipe.
+        let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                text
+            })
+        };
+        let stdout = read(Box::new(child.stdout.take().unwrap()));
+        let stderr = read(Box::new(child.stderr.take().unwrap()));
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
             if start.elapsed() > Duration::from_secs(120) {
-                let _ = child.kill();
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
+        };
+        let out = std::process::Output {
+            status,
+            stdout: stdout.join().unwrap().into(),
+            stderr: stderr.join().unwrap().into(),
+        };
         assert!(
             out.status.success(),
             "docs/EXAMPLES.md line {line}: the example failed ({}):\n{block}\n--- stdout\n{}\n--- stderr\n{}",

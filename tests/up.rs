@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::queen::{cli, follow, names, tiny, wait_state};
 use common::servers::free_port;
-use common::up::{stop, up};
+use common::up::{running, stop, up};
 use sd_rbee::api::QueenClient;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,13 +50,16 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
 
     // Killed outright, `up` leaves nothing running: its children hear of its death.
     let mut second = second;
+    let children = second.children();
+    assert_eq!(children.len(), 2, "nats-server and one worker: {children:?}");
     second.child.kill().unwrap();
     second.child.wait().unwrap();
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", second.nats_port)).is_ok() {
-        assert!(start.elapsed() < Duration::from_secs(20), "nats-server outlived a killed up");
+    while let Some(pid) = children.iter().find(|&&pid| running(pid)) {
+        assert!(start.elapsed() < Duration::from_secs(60), "process {pid} outlived a killed up");
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", second.nats_port)).is_err(), "nats-server still listens");
 }
 
 fn first_token(saved: &str) -> String {

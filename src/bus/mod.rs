@@ -17,33 +17,62 @@ use uuid::Uuid;
 
 use crate::protocol::{self, Subjects, MSG_ID_HEADER};
 
-/// A NATS URL (or a comma-separated list of them) split into the servers and the credentials some carry:
-/// `nats://USER:PASSWORD@host:4222` or `nats://TOKEN@host:4222`, as the other NATS clients take them.
-/// async-nats ignores credentials in URLs, so they are passed as options, and `shown` is the URL without
-/// them, for messages and logs.
-#[derive(Debug, PartialEq)]
+/// A NATS URL (or a comma-separated list of them) split into the servers and the credentials they carry:
+/// `nats://USER:PASSWORD@host:4222` or `nats://TOKEN@host:4222`, as the other NATS clients take them (percent-
+/// encode `@ : / , # ?` in them). One set of credentials serves every server of the list. async-nats ignores
+/// credentials in URLs, so they are passed as options, and `shown` is the URL without them, for messages and
+/// logs; no error here quotes the URL itself.
+#[derive(PartialEq)]
 pub struct NatsUrl {
     pub servers: Vec<String>,
     pub auth: NatsAuth,
     pub shown: String,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(PartialEq)]
 pub enum NatsAuth {
     None,
     Token(String),
     UserPassword(String, String),
 }
 
+// By hand, so that no `{:?}` ever prints a password.
+impl std::fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsUrl").field("shown", &self.shown).field("auth", &self.auth).finish()
+    }
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatsAuth::None => "None",
+            NatsAuth::Token(_) => "Token(…)",
+            NatsAuth::UserPassword(..) => "UserPassword(…)",
+        })
+    }
+}
+
 impl NatsUrl {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let mut servers = Vec::new();
         let mut auth = NatsAuth::None;
-        for server in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let entries: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        for (i, server) in entries.iter().enumerate() {
+            let which =
+                if entries.len() > 1 { format!("entry {} of the NATS URL", i + 1) } else { "the NATS URL".into() };
             // A bare host:port is a nats:// address, as async-nats takes it.
             let with_scheme = if server.contains("://") { server.to_string() } else { format!("nats://{server}") };
-            let mut parsed = url::Url::parse(&with_scheme).with_context(|| format!("{server:?} is not a NATS URL"))?;
-            if !parsed.username().is_empty() {
+            // The URL's own error, not the URL: it may hold a password.
+            let mut parsed =
+                url::Url::parse(&with_scheme).map_err(|e| anyhow::anyhow!("{which} does not parse: {e}"))?;
+            if parsed.host_str().is_none_or(str::is_empty) {
+                bail!("{which} names no host");
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                if parsed.username().is_empty() {
+                    bail!("{which} has a password but no user (nats://USER:PASSWORD@host, or nats://TOKEN@host)");
+                }
                 let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
                 let user = decode(parsed.username());
                 auth = match parsed.password() {
@@ -452,5 +481,15 @@ mod tests {
         assert_eq!(url.shown, "nats://a:4222,nats://b:4223");
         assert_eq!(NatsUrl::parse("nats://127.0.0.1:4222").unwrap().auth, NatsAuth::None);
         assert!(NatsUrl::parse(" , ").is_err());
+        for (bad, says) in [
+            ("nats://u:hunter2@host:42x2", "does not parse"),
+            ("nats://:hunter2@host:4222", "no user"),
+            ("nats://a:4222,nats://u:hunter2@:4222", "entry 2 of the NATS URL"),
+        ] {
+            let err = NatsUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says) && !err.contains("hunter2"), "{bad}: {err}");
+        }
+        let url = NatsUrl::parse("nats://u:hunter2@host:4222").unwrap();
+        assert!(!format!("{url:?}").contains("hunter2"), "{url:?}");
     }
 }

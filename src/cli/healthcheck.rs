@@ -21,7 +21,9 @@ pub struct HealthcheckArgs {
 pub fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(args.timeout).build()?;
+        // No proxy: a probe asks this container itself, and a proxy set for the container (Docker passes its
+        // client's proxies in as HTTP_PROXY) would answer for it, or not at all.
+        let client = reqwest::Client::builder().timeout(args.timeout).no_proxy().build()?;
         let response = client.get(&args.url).send().await.with_context(|| format!("GET {}", args.url))?;
         let status = response.status();
         if !status.is_success() {

@@ -61,7 +61,7 @@ pub struct FetchArgs {
     #[arg(long, short = 'o', default_value = ".")]
     pub out: PathBuf,
     /// Read the results straight from the object store (the fleet's --store URL), without asking the queen.
-    #[arg(long, env = "SD_RBEE_STORE_URL")]
+    #[arg(long, env = "SD_RBEE_STORE_URL", hide_env_values = true)]
     pub store: Option<String>,
 }
 

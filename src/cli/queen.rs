@@ -12,10 +12,10 @@ use crate::queen::{Queen, QueenConfig};
 
 #[derive(Debug, Clone, Args)]
 pub struct QueenArgs {
-    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long, env = "SD_RBEE_NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
     /// The fleet's object store (the workers' --store).
-    #[arg(long, env = "SD_RBEE_STORE_URL", default_value = "sd-rbee-store")]
+    #[arg(long, env = "SD_RBEE_STORE_URL", hide_env_values = true, default_value = "sd-rbee-store")]
     pub store: String,
     /// Address to serve the HTTP API on.
     #[arg(long, env = "SD_RBEE_LISTEN", default_value = "127.0.0.1:8080")]

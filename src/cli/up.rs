@@ -55,12 +55,19 @@ impl Service {
         // And SIGTERM when `up` dies without stopping them (SIGKILL, a crash), so nothing is left running. The
         // signal follows the thread that started the child: `up` starts them all from its main thread.
         #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe, as pre_exec requires.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(command, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
+        {
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: prctl, getppid and _exit are async-signal-safe, as pre_exec requires.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(command, move || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    // `up` died before the line above: nobody would ever stop this child.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = command
             .stdin(Stdio::null())
@@ -133,7 +140,13 @@ fn install_nats_server(tools: &Path) -> anyhow::Result<PathBuf> {
         let shown = format!("{command:?}");
         let out = command.stdin(Stdio::null()).output().with_context(|| format!("cannot run {shown}"))?;
         if !out.status.success() {
-            bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            // Both: venv says why it cannot (no ensurepip) on stdout.
+            let said = format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            bail!("{shown} failed: {}", said.trim());
         }
         Ok(())
     };
@@ -192,9 +205,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let token = token(&data)?;
     let store = format!("file://{}", data.join("results").display());
 
+    // The binary first: installing it takes a while, and the port must still be free when the server starts.
+    let nats_bin = nats_server(args.nats_server, &data)?;
     let port = free_port()?;
     let nats_url = format!("nats://127.0.0.1:{port}");
-    let nats_bin = nats_server(args.nats_server, &data)?;
     let mut nats = Service::start(
         "nats-server",
         Command::new(&nats_bin)

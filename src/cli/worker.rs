@@ -11,11 +11,11 @@ use crate::worker::{ModelSpec, Worker, WorkerConfig};
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// NATS server URL.
-    #[arg(long, env = "SD_RBEE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long, env = "SD_RBEE_NATS_URL", hide_env_values = true, default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
     /// Where results go: file:///path (default ./sd-rbee-store), s3://bucket[/prefix], gs://..., az://...
     /// S3 reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP.
-    #[arg(long, env = "SD_RBEE_STORE_URL", default_value = "sd-rbee-store")]
+    #[arg(long, env = "SD_RBEE_STORE_URL", hide_env_values = true, default_value = "sd-rbee-store")]
     pub store: String,
     /// A model to serve: NAME=PATH_OR_REPO (or a short name alone); repeat for several.
     #[arg(long = "model", short = 'm', required = true, value_name = "NAME=PATH_OR_REPO")]

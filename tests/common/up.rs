@@ -49,6 +49,35 @@ pub fn up(data: &std::path::Path, port: u16) -> Up {
     Up { child, token: token.unwrap(), nats_port: nats_port.unwrap() }
 }
 
+// A test that fails half way leaves nothing running: `up` killed outright takes its services with it.
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    /// The processes `up` started (nats-server, the workers), from /proc.
+    pub fn children(&self) -> Vec<u32> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap();
+        let mut pids = Vec::new();
+        for task in tasks {
+            let text = std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default();
+            pids.extend(text.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+        }
+        pids
+    }
+}
+
+/// Whether `pid` still runs (a zombie has ended: it only waits for its parent to read its status).
+pub fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
 /// SIGTERM, then the exit status within `limit`.
 pub fn stop(mut up: Up, limit: Duration) {
     unsafe { libc::kill(up.child.id() as libc::pid_t, libc::SIGTERM) };
