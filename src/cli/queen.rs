@@ -58,6 +58,10 @@ pub struct QueenArgs {
     /// Validation limits as JSON, e.g. '{"max_steps": 80, "max_pixels": 1048576}' (see docs/PROTOCOL.md).
     #[arg(long)]
     pub limits: Option<String>,
+    /// The model of OpenAI-style (`/v1/images/*`) and AUTOMATIC1111-style (`/sdapi/v1/*`) requests that name
+    /// none (or name one of OpenAI's, such as dall-e-3); default: the only model of the catalogue.
+    #[arg(long, env = "SD_RBEE_COMPAT_MODEL", value_name = "NAME")]
+    pub compat_model: Option<String>,
     #[arg(long)]
     pub log_json: bool,
 }
@@ -113,6 +117,10 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     config.api.model_catalogue = args.model_catalogue;
     config.api.model_retention = args.model_retention;
     config.api.cors_origins = args.cors_origin;
+    if let Some(model) = &args.compat_model {
+        crate::protocol::validate_model_name(model).map_err(|e| anyhow::anyhow!("--compat-model {}", e.message))?;
+    }
+    config.api.compat_model = args.compat_model;
     if let Some(json) = args.limits {
         config.api.limits = serde_json::from_str(&json).context("--limits")?;
     }

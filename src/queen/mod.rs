@@ -8,10 +8,12 @@
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
 //! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
+//! - `completion`: waiting for a job's images, for the APIs that answer with them (OpenAI's, A1111's);
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
 //! - `metrics`: the counts `/metrics` serves, kept as things happen.
 
 pub mod aggregator;
+pub mod completion;
 pub mod feed;
 pub mod fleet;
 pub mod http;
@@ -113,7 +115,7 @@ impl Queen {
                 retention: api.model_retention,
             },
         };
-        let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone() };
+        let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone(), a1111_jobs: Default::default() };
         Ok(Self { addr, state, listener, tasks, stop })
     }
 

@@ -19,7 +19,7 @@ use crate::queen::jobs::ListQuery;
 
 /// A JSON body read into `T`; what does not parse is 400, what parses into the wrong shape 422, each naming
 /// the field.
-fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> ApiResult<T> {
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> ApiResult<T> {
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

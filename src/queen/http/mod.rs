@@ -12,14 +12,17 @@
 //! - `fleet`: models, workers, limits, health and readiness;
 //! - `metrics`: `/metrics` in the Prometheus text format;
 //! - `openapi`: the OpenAPI document;
+//! - `openai`, `a1111`: OpenAI's image API and AUTOMATIC1111's, over the same jobs and tokens;
 //! - `ui`: the web UI's embedded bundle, served at `/`.
 
+mod a1111;
 mod auth;
 mod error;
 mod events;
 mod fleet;
 mod jobs;
 mod metrics;
+mod openai;
 mod openapi;
 mod ui;
 
@@ -46,6 +49,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Cancelled when the queen shuts down: open event streams end so the server can stop.
     pub shutdown: CancellationToken,
+    /// The newest job each caller sent through the A1111 endpoints (what `/sdapi/v1/progress` reports).
+    pub a1111_jobs: Arc<parking_lot::Mutex<std::collections::HashMap<String, uuid::Uuid>>>,
 }
 
 /// The API's policy.
@@ -66,6 +71,9 @@ pub struct ApiConfig {
     pub model_retention: Duration,
     /// Origins allowed by CORS; empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// The model of OpenAI and A1111 requests that name none (or name one of OpenAI's); `None`: the only
+    /// model of the catalogue.
+    pub compat_model: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -79,6 +87,7 @@ impl Default for ApiConfig {
             model_catalogue: Vec::new(),
             model_retention: Duration::from_secs(7 * 24 * 3600),
             cors_origins: Vec::new(),
+            compat_model: None,
         }
     }
 }
@@ -96,9 +105,19 @@ pub fn app(state: AppState) -> Router {
         .route("/models", get(fleet::models))
         .route("/workers", get(fleet::workers))
         .route("/limits", get(fleet::limits))
+        .route("/images/generations", post(openai::generations))
+        .route("/images/edits", post(openai::edits))
+        .route_layer(authenticated());
+    let sdapi = Router::new()
+        .route("/txt2img", post(a1111::txt2img))
+        .route("/img2img", post(a1111::img2img))
+        .route("/sd-models", get(a1111::models))
+        .route("/samplers", get(a1111::samplers))
+        .route("/progress", get(a1111::progress))
         .route_layer(authenticated());
     let mut router = Router::new()
         .nest("/v1", v1)
+        .nest("/sdapi/v1", sdapi)
         .route("/metrics", get(metrics::metrics).route_layer(authenticated()))
         .route("/health", get(fleet::health))
         .route("/openapi.json", get(openapi::openapi))

@@ -15,11 +15,15 @@
 //! - `error`: [`ApiErrorCode`] with its HTTP status, the error body [`ApiErrorBody`], and [`ApiError`] as
 //!   clients see it;
 //! - `status`: how a [`JobStatus`] is made and moved along by events;
-//! - `check`: the checks of a submission that need only the queen's limits ([`check_submission`]).
+//! - `check`: the checks of a submission that need only the queen's limits ([`check_submission`]);
+//! - `openai`, `a1111`: the other APIs the queen speaks (OpenAI's images, AUTOMATIC1111's `/sdapi/v1`), as
+//!   their requests map to a [`JobSubmission`] and their answers are shaped.
 
+pub mod a1111;
 mod check;
 mod error;
 mod events;
+pub mod openai;
 mod status;
 mod submission;
 mod views;

@@ -52,6 +52,122 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/sdapi/v1/img2img": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["a1111_img2img"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sdapi/v1/progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["a1111_progress"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sdapi/v1/samplers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["a1111_samplers"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sdapi/v1/sd-models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["a1111_sd_models"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/sdapi/v1/txt2img": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["a1111_txt2img"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/images/edits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * `multipart/form-data`: `image` (or `image[]`, the first), `mask` (transparent = redraw, OpenAI's
+         *     convention; a mask without alpha: white = redraw), and the text fields of a generation.
+         */
+        post: operations["openai_edits"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/images/generations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["openai_generations"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs": {
         parameters: {
             query?: never;
@@ -192,6 +308,109 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description One entry of `GET /sdapi/v1/sd-models`. */
+        A1111Model: {
+            config?: string | null;
+            filename: string;
+            hash?: string | null;
+            model_name: string;
+            sha256?: string | null;
+            title: string;
+        };
+        /** @description `GET /sdapi/v1/progress`: the newest job this caller sent through the A1111 endpoints that has not ended. */
+        A1111Progress: {
+            /** @description Always null: sd-rbee's previews are in the job's events (`GET /v1/jobs/{id}/events`). */
+            current_image?: string | null;
+            /**
+             * Format: double
+             * @description Seconds left, as A1111 estimates them.
+             */
+            eta_relative: number;
+            /**
+             * Format: double
+             * @description 0 to 1.
+             */
+            progress: number;
+            state: components["schemas"]["A1111ProgressState"];
+            textinfo?: string | null;
+        };
+        A1111ProgressState: {
+            interrupted: boolean;
+            /** @description The job's id, or empty when none runs. */
+            job: string;
+            /** Format: int32 */
+            job_count: number;
+            /** Format: int32 */
+            job_no: number;
+            job_timestamp: string;
+            /** Format: int32 */
+            sampling_step: number;
+            /** Format: int32 */
+            sampling_steps: number;
+            skipped: boolean;
+        };
+        /** @description `POST /sdapi/v1/txt2img` and `POST /sdapi/v1/img2img` (the img2img fields are absent for txt2img). */
+        A1111Request: {
+            /** Format: int32 */
+            batch_size?: number | null;
+            /** Format: double */
+            cfg_scale?: number | null;
+            /** Format: double */
+            denoising_strength?: number | null;
+            /** Format: int32 */
+            height?: number | null;
+            init_images?: string[];
+            /**
+             * Format: int32
+             * @description 1: repaint what the mask leaves black.
+             */
+            inpainting_mask_invert?: number;
+            mask?: string | null;
+            /** Format: int32 */
+            mask_blur?: number | null;
+            /** Format: int32 */
+            n_iter?: number | null;
+            negative_prompt?: string;
+            /** @description `sd_model_checkpoint` picks the model; `CLIP_stop_at_last_layers` is the clip skip. */
+            override_settings?: Record<string, never>;
+            prompt?: string;
+            /**
+             * Format: int32
+             * @description 0 just resize (stretch), 1 crop and resize (sd-rbee's `fit`), 2 resize and fill (`pad`), 3 as 0.
+             */
+            resize_mode?: number;
+            /** @description The older name of `sampler_name`. */
+            sampler_index?: string | null;
+            sampler_name?: string | null;
+            /** @description `Karras` turns `DPM++ 2M` into `DPM++ 2M Karras`. */
+            scheduler?: string | null;
+            /**
+             * Format: int64
+             * @description -1 (or absent): a random seed.
+             */
+            seed?: number | null;
+            /** @description False: the answer carries no images (they are still stored). */
+            send_images?: boolean;
+            /** Format: int32 */
+            steps?: number | null;
+            /** Format: int32 */
+            width?: number | null;
+        };
+        /** @description The answer of `txt2img` and `img2img`. */
+        A1111Response: {
+            /** @description Base64 PNGs, without a `data:` prefix. */
+            images: string[];
+            /** @description A JSON object as a string: `seed`, `all_seeds`, `prompt`, `infotexts`, ... as A1111 writes it. */
+            info: string;
+            /** @description The request as given. */
+            parameters: Record<string, never>;
+        };
+        /** @description One entry of `GET /sdapi/v1/samplers`. */
+        A1111Sampler: {
+            aliases: string[];
+            name: string;
+            options: Record<string, never>;
+        };
         /** @description The body of every error response. */
         ApiErrorBody: {
             error: components["schemas"]["ApiErrorDetail"];
@@ -637,6 +856,70 @@ export interface components {
             /** @description Live workers serving it (0: jobs for it wait until one starts). */
             workers: number;
         };
+        /** @description One image of an answer. */
+        OpenAiImage: {
+            b64_json?: string | null;
+            /** @description The prompt as used (sd-rbee does not rewrite prompts: the one given). */
+            revised_prompt?: string | null;
+            /**
+             * Format: int64
+             * @description sd-rbee's own: the image's seed.
+             */
+            seed?: number | null;
+            url?: string | null;
+        };
+        /** @description `POST /v1/images/generations` (and the text fields of `/v1/images/edits`). */
+        OpenAiImageRequest: {
+            /** Format: double */
+            guidance_scale?: number | null;
+            /** @description A model the fleet serves; absent or an OpenAI model name: the queen's default (`--compat-model`). */
+            model?: string | null;
+            /**
+             * Format: int32
+             * @description Images to make (1 to the queen's limit).
+             */
+            n?: number | null;
+            /** @description sd-rbee's own, beyond OpenAI's fields. */
+            negative_prompt?: string | null;
+            /**
+             * Format: int32
+             * @description JPEG/WebP quality, 0–100.
+             */
+            output_compression?: number | null;
+            /** @description `png` (the default), `jpeg` or `webp`. */
+            output_format?: string | null;
+            prompt: string;
+            /** @description `b64_json` (the default) or `url`. */
+            response_format?: string | null;
+            /** Format: int64 */
+            seed?: number | null;
+            /** @description `WIDTHxHEIGHT` (e.g. `512x512`), or `auto` for the model's own size. */
+            size?: string | null;
+            /** Format: int32 */
+            steps?: number | null;
+            /**
+             * Format: double
+             * @description img2img/inpainting (`/v1/images/edits`): how much of the image is redrawn.
+             */
+            strength?: number | null;
+        };
+        /** @description The answer of both endpoints. */
+        OpenAiImagesResponse: {
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            created: number;
+            data: components["schemas"]["OpenAiImage"][];
+            /**
+             * Format: uuid
+             * @description sd-rbee's own: the job behind the answer (`GET /v1/jobs/{id}`).
+             */
+            job_id: string;
+            output_format: string;
+            /** @description `WIDTHxHEIGHT` of the images. */
+            size: string;
+        };
         ProgressInfo: {
             /** Format: int64 */
             eta_ms?: number | null;
@@ -848,6 +1131,275 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+        };
+    };
+    a1111_img2img: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["A1111Request"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["A1111Response"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    a1111_progress: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["A1111Progress"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    a1111_samplers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["A1111Sampler"][];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    a1111_sd_models: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["A1111Model"][];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    a1111_txt2img: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["A1111Request"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["A1111Response"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_edits: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": string;
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiImagesResponse"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    openai_generations: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OpenAiImageRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAiImagesResponse"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
             };
         };
     };

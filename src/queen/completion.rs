@@ -1,0 +1,50 @@
+//! Submit and wait, for the APIs whose callers expect the images in the answer (OpenAI's, AUTOMATIC1111's).
+//! The job is an ordinary one (queued, listed, cancellable, its events on the bus); the request only stays
+//! open until it ends. A caller that goes away leaves the job to finish, as a `POST /v1/jobs` would.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use uuid::Uuid;
+
+use super::feed::feed;
+use super::jobs::{Jobs, JobsError, JobsResult};
+use crate::api::{ApiEvent, JobState};
+use crate::protocol::{ErrorCode, ImageResult, ProtocolError};
+
+/// A job that completed, with its images' bytes.
+pub struct Finished {
+    pub job_id: Uuid,
+    pub images: Vec<(ImageResult, Bytes)>,
+}
+
+impl Jobs {
+    /// Waits for the end of job `job_id`: its images, or why there are none (a failure the request caused is
+    /// the request's error, 422; any other an internal one; a cancel, 409).
+    pub async fn finished(&self, job_id: Uuid) -> JobsResult<Finished> {
+        let status = self.get(job_id).await?;
+        let mut events = feed(&self.bus, &status, None).await?;
+        while let Some((_, event)) = events.next().await {
+            match event {
+                ApiEvent::Completed { images, .. } => {
+                    let mut out = Vec::with_capacity(images.len());
+                    for image in images {
+                        let bytes = self.store.get(&image.key).await?;
+                        out.push((image, bytes));
+                    }
+                    return Ok(Finished { job_id, images: out });
+                }
+                ApiEvent::Failed { code: ErrorCode::InvalidRequest, message, field, .. } => {
+                    return Err(JobsError::Invalid(ProtocolError { code: ErrorCode::InvalidRequest, field, message }));
+                }
+                ApiEvent::Failed { code, message, .. } => {
+                    return Err(JobsError::Internal(anyhow::anyhow!("job {job_id} failed ({code:?}): {message}")));
+                }
+                ApiEvent::Cancelled { .. } => {
+                    return Err(JobsError::AlreadyFinished { id: job_id, state: JobState::Cancelled })
+                }
+                _ => {}
+            }
+        }
+        Err(JobsError::Unavailable(anyhow::anyhow!("the events of job {job_id} ended before the job did")))
+    }
+}

@@ -1,0 +1,111 @@
+//! AUTOMATIC1111's API (`/sdapi/v1/...`) over ordinary jobs; the mapping of fields is
+//! [`crate::api::a1111`]. `txt2img` and `img2img` answer once the images exist; `progress` follows the
+//! newest of the caller's jobs sent this way.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::{Extension, Json};
+use base64::Engine as _;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::ApiResult;
+use super::jobs::parse_body;
+use super::openai::choose_model;
+use super::AppState;
+use crate::api::a1111::{
+    self, A1111Model, A1111Progress, A1111ProgressState, A1111Request, A1111Response, A1111Sampler,
+};
+use crate::api::ApiErrorBody;
+
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "compatible", operation_id = "a1111_txt2img", request_body = A1111Request,
+    responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn txt2img(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<A1111Response>> {
+    generate(&state, &caller, &headers, &body, false).await
+}
+
+#[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "compatible", operation_id = "a1111_img2img", request_body = A1111Request,
+    responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn img2img(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<A1111Response>> {
+    generate(&state, &caller, &headers, &body, true).await
+}
+
+async fn generate(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: &Bytes,
+    img2img: bool,
+) -> ApiResult<Json<A1111Response>> {
+    let request: A1111Request = parse_body(headers, body)?;
+    let model = choose_model(state, request.checkpoint(), "override_settings.sd_model_checkpoint").await?;
+    let job =
+        request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
+    let job_id = state.jobs.submit(&caller.0, job, None).await?.job_id;
+    state.a1111_jobs.lock().insert(caller.0.clone(), job_id);
+    let finished = state.jobs.finished(job_id).await?;
+    let images: Vec<_> = finished.images.iter().map(|(image, _)| image.clone()).collect();
+    let info = a1111::info(&request, &model, &images, job_id);
+    let encoded = if request.send_images {
+        finished.images.iter().map(|(_, bytes)| base64::engine::general_purpose::STANDARD.encode(bytes)).collect()
+    } else {
+        Vec::new()
+    };
+    let parameters = serde_json::from_slice(body).unwrap_or_default();
+    Ok(Json(A1111Response { images: encoded, parameters, info }))
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "compatible", operation_id = "a1111_sd_models",
+    responses((status = 200, body = Vec<A1111Model>), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<A1111Model>> {
+    Json(state.jobs.catalogue().await.iter().map(|name| A1111Model::named(name)).collect())
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "compatible", operation_id = "a1111_samplers",
+    responses((status = 200, body = Vec<A1111Sampler>), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn samplers() -> Json<Vec<A1111Sampler>> {
+    Json(a1111::samplers())
+}
+
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "compatible", operation_id = "a1111_progress",
+    responses((status = 200, body = A1111Progress), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
+pub(super) async fn progress(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<A1111Progress>> {
+    let newest: Option<Uuid> = state.a1111_jobs.lock().get(&caller.0).copied();
+    let Some(job_id) = newest else { return Ok(Json(A1111Progress::default())) };
+    let status = state.jobs.get(job_id).await?;
+    if status.state.is_terminal() {
+        return Ok(Json(A1111Progress::default()));
+    }
+    let (step, total, eta_ms) = status.progress.as_ref().map_or((0, 0, None), |p| (p.step, p.total, p.eta_ms));
+    Ok(Json(A1111Progress {
+        progress: if total > 0 { f64::from(step) / f64::from(total) } else { 0.0 },
+        eta_relative: eta_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+        state: A1111ProgressState {
+            job: job_id.to_string(),
+            job_count: 1,
+            sampling_step: step,
+            sampling_steps: total,
+            ..Default::default()
+        },
+        current_image: None,
+        textinfo: None,
+    }))
+}

@@ -1,0 +1,163 @@
+//! The queen's compatible APIs give what its own API gives: OpenAI's official Python client
+//! (`images.generate`, `images.edit`) and plain AUTOMATIC1111 requests (`/sdapi/v1/txt2img`, `img2img`,
+//! `sd-models`, `samplers`, `progress`) get, for the same seed and parameters, the very bytes of a
+//! `POST /v1/jobs` job, through a real nats-server and worker.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use common::queen::{client, follow, start_queen, tiny, TOKEN};
+use common::servers::{tool, NatsServer, WorkerProcess};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// What OpenAI's client does: a generation of two images (seeds 5 and 6) and an edit whose mask is
+/// transparent on its left half, both as base64.
+const OPENAI_SCRIPT: &str = r#"
+import base64, json, sys
+from openai import OpenAI
+
+base, token, init_path, mask_path = sys.argv[1:5]
+client = OpenAI(base_url=base + "/v1", api_key=token, max_retries=0, timeout=120)
+made = client.images.generate(model="dall-e-2", prompt="a paper boat on a pond", n=2, size="64x64",
+                              response_format="b64_json", extra_body={"seed": 5, "steps": 2})
+edited = client.images.edit(image=open(init_path, "rb"), mask=open(mask_path, "rb"),
+                            prompt="a paper boat on a pond", size="64x64", response_format="b64_json",
+                            extra_body={"seed": 9, "steps": 2})
+try:
+    client.images.generate(prompt="x", size="huge")
+    refused = None
+except Exception as e:
+    refused = getattr(e, "status_code", None)
+print(json.dumps({"made": [d.b64_json for d in made.data], "seeds": [d.model_extra.get("seed") for d in made.data],
+                  "edited": [d.b64_json for d in edited.data], "refused": refused}))
+"#;
+
+fn png(bytes: &[u8]) -> image::RgbaImage {
+    image::load_from_memory(bytes).expect("a PNG").to_rgba8()
+}
+
+async fn post(base: &str, path: &str, body: Value, auth: (&str, &str)) -> (u16, Value) {
+    let response =
+        reqwest::Client::new().post(format!("{base}{path}")).header(auth.0, auth.1).json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(base: &str, path: &str) -> Value {
+    let response = reqwest::Client::new().get(format!("{base}{path}")).bearer_auth(TOKEN).send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_and_a1111_clients_get_the_images_the_native_api_gives() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    let queen = start_queen(&nats.url(), &store, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    let _worker = WorkerProcess::start("compat", &nats.url(), &store, &[], &["--step-delay", "100ms"]);
+    let c = client(&queen);
+
+    // The reference: seeds 5 and 6 through the native API.
+    let mut native = tiny(2, 5);
+    native.num_images = 2;
+    let job = c.submit(&native, None).await.unwrap();
+    follow(&c, job.job_id).await;
+    let (native0, native1) = (c.image(job.job_id, 0).await.unwrap(), c.image(job.job_id, 1).await.unwrap());
+
+    // OpenAI's client, with an init image and a mask transparent on its left half.
+    let dir = tempfile::tempdir().unwrap();
+    let init_path = dir.path().join("init.png");
+    std::fs::write(&init_path, &native0).unwrap();
+    let mask = image::RgbaImage::from_fn(64, 64, |x, _| image::Rgba([0, 0, 0, if x < 32 { 0 } else { 255 }]));
+    let mask_path = dir.path().join("mask.png");
+    mask.save(&mask_path).unwrap();
+    let script = dir.path().join("openai_client.py");
+    std::fs::write(&script, OPENAI_SCRIPT).unwrap();
+    let out = tokio::process::Command::new(tool("python"))
+        .arg(&script)
+        .args([&queen.base, TOKEN])
+        .args([&init_path, &mask_path])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let made: Vec<Vec<u8>> =
+        answer["made"].as_array().unwrap().iter().map(|b| B64.decode(b.as_str().unwrap()).unwrap()).collect();
+    assert_eq!(made, [native0.clone(), native1], "OpenAI's generations are the native job's bytes");
+    assert_eq!(answer["seeds"], json!([5, 6]));
+    assert_eq!(answer["refused"], 422, "a size that is not WIDTHxHEIGHT is refused");
+    let edited = png(&B64.decode(answer["edited"][0].as_str().unwrap()).unwrap());
+    let original = png(&native0);
+    assert_eq!(edited.dimensions(), (64, 64));
+    // Transparent = redraw (OpenAI's convention): the opaque right half, away from the blurred edge, is
+    // pasted back untouched; the left half is redrawn.
+    for (x, y) in [(60, 5), (63, 63), (48, 32)] {
+        assert_eq!(edited.get_pixel(x, y), original.get_pixel(x, y), "kept at {x},{y}");
+    }
+    let changed = (0..64)
+        .flat_map(|y| (0..20).map(move |x| (x, y)))
+        .filter(|&(x, y)| edited.get_pixel(x, y) != original.get_pixel(x, y));
+    assert!(changed.count() > 100, "the transparent half is redrawn");
+
+    // A1111, as its clients send it: Basic auth with the token as the password, the model by checkpoint title.
+    let basic = format!("Basic {}", B64.encode(format!("user:{TOKEN}")));
+    let request = json!({
+        "prompt": "a paper boat on a pond", "negative_prompt": "", "seed": 5, "steps": 2, "width": 64, "height": 64,
+        "batch_size": 2, "n_iter": 1, "restore_faces": false, "tiling": false,
+        "override_settings": {"sd_model_checkpoint": "tiny.safetensors [0123abcd]"}
+    });
+    let (status, body) = post(&queen.base, "/sdapi/v1/txt2img", request.clone(), ("authorization", &basic)).await;
+    assert_eq!(status, 200, "{body}");
+    let images: Vec<Vec<u8>> =
+        body["images"].as_array().unwrap().iter().map(|b| B64.decode(b.as_str().unwrap()).unwrap()).collect();
+    assert_eq!(images, made, "A1111's txt2img gives the native job's bytes");
+    assert_eq!(body["parameters"]["seed"], 5);
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!((info["seed"].clone(), info["all_seeds"].clone()), (json!(5), json!([5, 6])));
+    assert!(info["infotexts"][0].as_str().unwrap().contains("Seed: 5, Size: 64x64, Model: tiny"), "{info}");
+
+    let bearer = format!("Bearer {TOKEN}");
+    let img2img = json!({
+        "prompt": "a paper boat on a pond", "seed": 3, "steps": 2, "width": 64, "height": 64,
+        "init_images": [B64.encode(&native0)], "denoising_strength": 0.5
+    });
+    let (status, body) = post(&queen.base, "/sdapi/v1/img2img", img2img, ("authorization", &bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(png(&B64.decode(body["images"][0].as_str().unwrap()).unwrap()).dimensions(), (64, 64));
+    for (path, body, field) in [
+        ("/sdapi/v1/txt2img", json!({"prompt": "x", "sampler_name": "Heun"}), "sampler_name"),
+        ("/sdapi/v1/img2img", json!({"prompt": "x"}), "init_images"),
+    ] {
+        let (status, answer) = post(&queen.base, path, body, ("authorization", &bearer)).await;
+        assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{answer}");
+    }
+
+    let models = get(&queen.base, "/sdapi/v1/sd-models").await;
+    assert!(models.as_array().unwrap().iter().any(|m| m["title"] == "tiny"), "{models}");
+    let samplers = get(&queen.base, "/sdapi/v1/samplers").await;
+    assert!(samplers.as_array().unwrap().iter().any(|s| s["name"] == "Euler a"), "{samplers}");
+
+    // progress follows the caller's running A1111 job (10 steps of 100 ms), then says nothing runs.
+    let slow = json!({"prompt": "a slow boat", "seed": 1, "steps": 10, "width": 64, "height": 64});
+    let base = queen.base.clone();
+    let running = tokio::spawn(async move { post(&base, "/sdapi/v1/txt2img", slow, ("authorization", &bearer)).await });
+    let start = Instant::now();
+    loop {
+        let progress = get(&queen.base, "/sdapi/v1/progress").await;
+        if progress["state"]["sampling_steps"] == 10 && progress["progress"].as_f64().unwrap() > 0.0 {
+            assert!(!progress["state"]["job"].as_str().unwrap().is_empty(), "{progress}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no progress seen: {progress}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running.await.unwrap().0, 200);
+    let idle = get(&queen.base, "/sdapi/v1/progress").await;
+    assert_eq!((idle["progress"].clone(), idle["state"]["job"].clone()), (json!(0.0), json!("")), "{idle}");
+}
