@@ -403,6 +403,7 @@ async fn an_image_is_served_once_stored_even_before_the_status_record_says_compl
         content_type: "image/png".into(),
     };
     let completed = Completed {
+        cached: false,
         v: PROTOCOL_VERSION,
         job_id: job.job_id,
         at: protocol::now_millis(),

@@ -296,6 +296,7 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
     client.submit(&job).await.unwrap();
     // A heartbeat claiming it, too.
     let beat = protocol::Heartbeat {
+        cache_hits: 0,
         v: protocol::PROTOCOL_VERSION,
         at: protocol::now_millis(),
         worker_id: "w\"x".into(),
@@ -342,7 +343,14 @@ async fn a_quoted_model_name_leaves_metrics_parseable() {
         })
         .collect();
     workers.sort();
-    let want = [("w\"x", "done"), ("w\"x", "failed"), (r#"w\y"#, "done"), (r#"w\y"#, "failed")];
+    let want = [
+        ("w\"x", "cached"),
+        ("w\"x", "done"),
+        ("w\"x", "failed"),
+        (r#"w\y"#, "cached"),
+        (r#"w\y"#, "done"),
+        (r#"w\y"#, "failed"),
+    ];
     assert_eq!(workers, want.map(|(w, o)| (w.to_string(), o.to_string())), "{text}");
     // The batch sizes a worker ran, by size (sizes it never ran are not samples).
     let mut batches: Vec<(String, String, f64)> = parsed.families["sd_rbee_worker_batches"]
@@ -387,6 +395,7 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     let at = protocol::now_millis();
     let v = protocol::PROTOCOL_VERSION;
     publish(Event::Completed(protocol::Completed {
+        cached: false,
         v,
         job_id: poison,
         at,

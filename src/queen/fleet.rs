@@ -233,6 +233,7 @@ mod tests {
 
     fn heartbeat(id: &str) -> Heartbeat {
         Heartbeat {
+            cache_hits: 0,
             v: protocol::PROTOCOL_VERSION,
             at: 0,
             worker_id: id.into(),

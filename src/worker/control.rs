@@ -79,6 +79,8 @@ pub struct Control {
     pub jobs_failed: AtomicU64,
     /// Batches run so far, by size.
     pub batches: Arc<BatchCounts>,
+    /// Jobs answered from the result cache (nothing generated).
+    pub cache_hits: AtomicU64,
 }
 
 impl Control {

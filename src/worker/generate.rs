@@ -292,6 +292,7 @@ pub(super) async fn generate_and_store(
             .take(protocol::MAX_WARNINGS)
             .map(|w| protocol::truncate(w, protocol::MAX_WARNING_BYTES).to_string())
             .collect(),
+        cached: false,
     };
     let manifest = protocol::encode(&Event::Completed(completed.clone()));
     shared

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::task::AbortOnDropHandle;
 
+use super::cache;
 use super::effects::{self, previous_result, publish_event, Target};
 use super::generate::generate_and_store;
 use super::policy::{self, Delivery, Outcome, RetryPolicy};
@@ -101,8 +102,24 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
     });
     publish_event(&shared, &accepted, delivered).await;
 
+    // A seeded job an earlier one already made is answered with copies of its images.
+    let cache_key = cache::key(&shared, &model, &job).await;
+    if let Some(key) = &cache_key {
+        if let Some(completed) = cache::answer(&shared, key, &job, received_at).await {
+            tracing::info!(key, "answered from the result cache");
+            shared.control.cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            settle(&shared, &model, target, Outcome::Completed { completed, fresh: true }, delivered).await;
+            shared.control.finish(job_id);
+            return;
+        }
+    }
     let outcome = match generate_and_store(&shared, &model, &job, &stop, delivered, received_at).await {
-        Ok(completed) => Outcome::Completed { completed, fresh: true },
+        Ok(completed) => {
+            if let Some(key) = &cache_key {
+                cache::keep(&shared, key, &completed).await;
+            }
+            Outcome::Completed { completed, fresh: true }
+        }
         Err(failure) => failure.into_outcome(&job),
     };
     settle(&shared, &model, target, outcome, delivered).await;

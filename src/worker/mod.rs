@@ -8,6 +8,7 @@
 //! them, publish a last heartbeat, drain the connection.
 
 mod batcher;
+mod cache;
 pub mod catalogue;
 mod config;
 pub mod control;
@@ -55,6 +56,8 @@ pub struct Shared {
     pub control: Control,
     /// Groups the jobs' generations into batches.
     pub batcher: Batcher,
+    /// The models' identities for the result cache, worked out once each.
+    pub model_identities: cache::Identities,
     pub started: Instant,
 }
 
@@ -185,6 +188,7 @@ impl Worker {
             loras,
             control,
             batcher,
+            model_identities: Default::default(),
             started: Instant::now(),
         });
         Ok(Self { shared, consumers })
@@ -387,6 +391,7 @@ async fn send_heartbeat(shared: &Shared, stopping: bool) {
         stopping,
         max_batch: shared.max_batch() as u32,
         batches: shared.control.batches.counts(),
+        cache_hits: shared.control.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
     };
     let Ok(subject) = shared.subjects.heartbeat(&shared.worker_id) else { return };
     if let Err(e) = shared.client.publish(subject, protocol::encode(&hb).into()).await {

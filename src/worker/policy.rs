@@ -248,6 +248,7 @@ mod tests {
     fn every_outcome_has_its_plan() {
         let id = Uuid::new_v4();
         let completed = Completed {
+            cached: false,
             v: PROTOCOL_VERSION,
             job_id: id,
             at: NOW,

@@ -60,7 +60,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     for w in &workers {
         liveness.get_or_create(&StateLabel { state: w.liveness() }).inc();
         let worker = Escaped(w.heartbeat.worker_id.clone());
-        for (outcome, n) in [("done", w.heartbeat.jobs_done), ("failed", w.heartbeat.jobs_failed)] {
+        let counts =
+            [("done", w.heartbeat.jobs_done), ("failed", w.heartbeat.jobs_failed), ("cached", w.heartbeat.cache_hits)];
+        for (outcome, n) in counts {
             let labels = WorkerJobsLabels { worker: worker.clone(), outcome };
             worker_jobs.get_or_create(&labels).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
@@ -70,7 +72,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
         }
     }
     registry.register("sd_rbee_workers", "Workers by liveness", liveness);
-    registry.register("sd_rbee_worker_jobs", "Jobs each worker reports done or failed since it started", worker_jobs);
+    registry.register(
+        "sd_rbee_worker_jobs",
+        "Jobs each worker reports done or failed since it started; cached: of the done, those answered from the result cache",
+        worker_jobs,
+    );
     registry.register(
         "sd_rbee_worker_batches",
         "Batches each worker has run since it started, by size (images sharing UNet passes)",

@@ -38,6 +38,9 @@ pub enum ApiEvent {
         timings: Timings,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
+        /// From the result cache: nothing was generated.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cached: bool,
     },
     /// The job failed; `field` names the offending field of the request, when there is one.
     Failed {
@@ -127,6 +130,7 @@ impl ApiEvent {
                     images: c.images.clone(),
                     timings: c.timings,
                     warnings: c.warnings.clone(),
+                    cached: c.cached,
                 }]
             }
             Event::Failed(f) => vec![ApiEvent::Failed {
@@ -152,6 +156,7 @@ impl ApiEvent {
                 images: s.images.clone(),
                 timings: s.timings.unwrap_or_default(),
                 warnings: s.warnings.clone(),
+                cached: s.cached,
             },
             JobState::Failed => {
                 let e = s.error.clone();

@@ -11,6 +11,7 @@ impl JobStatus {
     /// A job just submitted.
     pub fn queued(job: &JobRequest, stream_seq: Option<u64>) -> Self {
         Self {
+            cached: false,
             job_id: job.id,
             model: job.model.clone(),
             kind: Some(job.kind),
@@ -86,6 +87,7 @@ impl JobStatus {
                     .map(|w| crate::protocol::truncate(w, crate::protocol::MAX_WARNING_BYTES).to_string())
                     .collect();
                 self.timings = Some(c.timings);
+                self.cached = c.cached;
                 self.finished_at = Some(c.at);
                 if let Some(p) = &mut self.progress {
                     p.step = p.total;
@@ -134,6 +136,7 @@ mod tests {
         assert!(!s.apply(&Event::Progress(Progress::new(job.id, 1, 4, job.created_at + 15))));
         assert_eq!(s.progress.as_ref().unwrap().step, 2);
         let done = Completed {
+            cached: false,
             v: PROTOCOL_VERSION,
             job_id: job.id,
             at: job.created_at + 30,
@@ -163,6 +166,7 @@ mod tests {
         assert!(s.apply(&accepted(id, 10, "w1")));
         assert_eq!(s.model, "tiny", "named by the worker that took it");
         let done = Completed {
+            cached: false,
             v: PROTOCOL_VERSION,
             job_id: id,
             at: 20,

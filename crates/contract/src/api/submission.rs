@@ -100,6 +100,10 @@ pub struct JobSubmission {
     /// A1111's clip skip (1 = the last layer); SD 1.x/2.x models only.
     #[serde(default)]
     pub clip_skip: Option<u32>,
+    /// `false`: never answer this job from the result cache, nor keep its result there. A job without a
+    /// `seed` never uses the cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 impl JobSubmission {
@@ -130,6 +134,7 @@ impl JobSubmission {
             timeout_s: None,
             loras: Vec::new(),
             clip_skip: None,
+            cache: None,
         }
     }
 
@@ -181,6 +186,7 @@ impl From<&JobRequest> for JobSubmission {
             timeout_s: job.deadline.map(|d| d.saturating_sub(job.created_at).div_ceil(1000).max(1)),
             loras: job.loras.clone(),
             clip_skip: job.clip_skip,
+            cache: (!job.cache).then_some(false),
         }
     }
 }
@@ -231,6 +237,7 @@ impl JobSubmission {
         job.output.quality = sub.quality;
         job.loras = sub.loras;
         job.clip_skip = sub.clip_skip;
+        job.cache = sub.cache.unwrap_or(true);
         job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
         Ok(job)
     }
@@ -286,6 +293,7 @@ mod tests {
         job.deadline = Some(job.created_at + 2500);
         job.loras = vec![LoraRef { name: "style".into(), scale: -0.5 }];
         job.clip_skip = Some(2);
+        job.cache = false;
         let sub = JobSubmission::from(&job);
         assert_eq!(sub.timeout_s, Some(3), "rounded up");
         let json = serde_json::to_string(&sub).unwrap();

@@ -187,6 +187,9 @@ pub struct JobStatus {
     /// `at` of the newest event applied.
     #[serde(default)]
     pub last_event_at: u64,
+    /// Completed from the result cache: its images are copies of an earlier job's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 /// `GET /v1/jobs/{id}`: a job's status with what the queen knows beside the record.

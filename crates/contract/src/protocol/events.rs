@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::{ErrorCode, ProtocolError};
-use super::serde_util::uuid_str;
+use super::serde_util::{is_default, uuid_str};
 use super::PROTOCOL_VERSION;
 
 /// Something that happened to a job, published by the worker on [`Subjects::events`](super::Subjects::events).
@@ -173,6 +173,10 @@ pub struct Completed {
     /// at most [`MAX_WARNINGS`] of at most [`MAX_WARNING_BYTES`] each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The images are copies of an earlier job's with the same parameters, seed and model weights: nothing
+    /// was generated (the result cache).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cached: bool,
 }
 
 /// The most warnings a `completed` event carries.
@@ -258,6 +262,9 @@ pub struct Heartbeat {
     /// The batches it has run since it started, by size: `batches[i]` counts batches of `i + 1` images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub batches: Vec<u64>,
+    /// Jobs it answered from the result cache since it started, generating nothing.
+    #[serde(default)]
+    pub cache_hits: u64,
 }
 
 /// Asks whoever runs `job_id` to stop, on [`Subjects::cancel`](super::Subjects::cancel).

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 #[cfg(feature = "new-ids")]
 use super::now_millis;
-use super::serde_util::{default_mask_blur, default_num_images, default_true, is_default, uuid_str};
+use super::serde_util::{default_mask_blur, default_num_images, default_true, is_default, is_true, uuid_str};
 use super::strict::{self, WireNames};
 use super::PROTOCOL_VERSION;
 use crate::vocab::{
@@ -153,6 +153,10 @@ pub struct JobRequest {
     pub clip_skip: Option<u32>,
     /// Unix milliseconds when the queen accepted the job.
     pub created_at: u64,
+    /// Whether a seeded job may be answered from the result cache, and its result kept there (see
+    /// [`cache_description`](super::cache_description)).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub cache: bool,
 }
 
 /// A LoRA a job applies: a catalogue name (never a path or URL) and its scale.
@@ -222,6 +226,7 @@ impl JobRequest {
             loras: Vec::new(),
             clip_skip: None,
             created_at,
+            cache: true,
         }
     }
 

@@ -23,10 +23,12 @@
 //! - `codec`: [`encode`], the `decode_*` functions, [`peek_job_id`];
 //! - `subjects`: [`Subjects`] and the subject-token checks;
 //! - `keys`: the result keys ([`result_key`], [`parse_result_key`]);
+//! - `cache`: what decides a job's pixels, the result cache's key ([`cache_description`], [`cache_key`]);
 //! - `strict` and `serde_util`: the serde helpers behind the exact wire shapes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod cache;
 mod codec;
 mod error;
 mod events;
@@ -42,6 +44,7 @@ mod validate;
 pub use crate::vocab::{
     ImageFormat, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, SCHEDULERS, TIMESTEP_SPACINGS,
 };
+pub use cache::{cache_description, cache_key, CacheContext};
 pub use codec::{decode_cancel, decode_event, decode_heartbeat, decode_job, encode, peek_job_id};
 pub use error::{cut, quoted, truncate, ErrorCode, ProtocolError, MAX_ECHO_CHARS, MAX_ERROR_MESSAGE_BYTES};
 pub use events::{

@@ -48,6 +48,10 @@ pub(super) fn default_true() -> bool {
     true
 }
 
+pub(super) fn is_true(v: &bool) -> bool {
+    *v
+}
+
 pub(super) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }

@@ -145,6 +145,7 @@ fn events() -> Vec<Event> {
         Event::Progress(progress),
         Event::Progress(Progress::new(id(), 1, 20, 12)),
         Event::Completed(Completed {
+            cached: false,
             v: 1,
             job_id: id(),
             at: 13,
@@ -255,6 +256,7 @@ fn progress_percent() {
 fn heartbeat_and_cancel_round_trip() {
     for state in [WorkerState::Idle, WorkerState::Busy { job_id: id() }] {
         let hb = Heartbeat {
+            cache_hits: 0,
             v: 1,
             at: 99,
             worker_id: "gpu-7".into(),

@@ -486,6 +486,8 @@ export interface components {
             data: {
                 /** Format: int64 */
                 at: number;
+                /** @description From the result cache: nothing was generated. */
+                cached?: boolean;
                 images: components["schemas"]["ImageResult"][];
                 /** Format: uuid */
                 job_id: string;
@@ -550,6 +552,11 @@ export interface components {
             at: number;
             /** @description The batches it has run since it started, by size: `batches[i]` counts batches of `i + 1` images. */
             batches?: number[];
+            /**
+             * Format: int64
+             * @description Jobs it answered from the result cache since it started, generating nothing.
+             */
+            cache_hits?: number;
             /** @description E.g. `cuda:0 (NVIDIA H100 80GB HBM3)`. */
             device: string;
             hostname: string;
@@ -651,6 +658,8 @@ export interface components {
         JobState: "queued" | "running" | "completed" | "failed" | "cancelled";
         /** @description One job's status record (JSON in the queen's KV bucket, and the core of `GET /v1/jobs/{id}`). */
         JobStatus: {
+            /** @description Completed from the result cache: its images are copies of an earlier job's. */
+            cached?: boolean;
             /**
              * Format: int32
              * @description Steps done when it was cancelled.
@@ -703,6 +712,11 @@ export interface components {
          *     scheduler) or the protocol's (the rest).
          */
         JobSubmission: {
+            /**
+             * @description `false`: never answer this job from the result cache, nor keep its result there. A job without a
+             *     `seed` never uses the cache.
+             */
+            cache?: boolean | null;
             /**
              * Format: int32
              * @description A1111's clip skip (1 = the last layer); SD 1.x/2.x models only.

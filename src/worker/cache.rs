@@ -1,0 +1,221 @@
+//! The result cache (`protocol::cache`): a seeded job that an earlier job already made — same model weights,
+//! LoRAs, inputs, parameters, seed, device class and dtype — is answered with copies of that job's images,
+//! generating nothing; a job that generates keeps its `completed` event under its key for later ones. The
+//! cache lives in the object store, so it holds across workers and queens. Everything here is best effort:
+//! a cache that cannot be read or written only means generating.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::config::ModelSpec;
+use super::Shared;
+use crate::protocol::{self, CacheContext, Completed, Event, ImageSource, JobRequest, PROTOCOL_VERSION};
+
+/// Each model's identity (a digest of its files), by model name, worked out on first use.
+#[derive(Default)]
+pub struct Identities(tokio::sync::Mutex<HashMap<String, String>>);
+
+/// The cache key of `job` on this worker (`cache/<sha256>.msgpack`); `None` when it may not use the cache
+/// (no seed, `cache: false`, a model this worker does not serve) or its context cannot be worked out.
+pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<String> {
+    if !job.cache || job.seed.is_none() {
+        return None;
+    }
+    let spec = shared.config.models.iter().find(|m| m.name == model)?;
+    let no_cache = |e: anyhow::Error| {
+        tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job");
+    };
+    // The model's files are local: as long as they take. The rest may wait on the store, which must not hold
+    // the job up: with the store slow or down, generating beats waiting (the upload retries on its own).
+    let model = identity(shared, spec).await.map_err(no_cache).ok()?;
+    let ctx = match tokio::time::timeout(STORE_WAIT, context(shared, model, job)).await {
+        Ok(ctx) => ctx.map_err(no_cache).ok()?,
+        Err(_) => {
+            tracing::warn!(job_id = %job.id, "the store is slow to answer; generating without the result cache");
+            return None;
+        }
+    };
+    let description = protocol::cache_description(job, &ctx)?;
+    Some(protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes()))))
+}
+
+/// How long the cache may wait on the store before a job generates instead.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn context(shared: &Arc<Shared>, model: String, job: &JobRequest) -> anyhow::Result<CacheContext> {
+    let loras = if job.loras.is_empty() {
+        Vec::new()
+    } else {
+        let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
+        let resolved = shared.loras.resolve(&wanted).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        resolved.iter().map(|l| hex::encode(l.lora.hash)).collect()
+    };
+    Ok(CacheContext {
+        model,
+        loras,
+        init_image: input_digest(shared, job.init_image.as_ref()).await?,
+        mask: input_digest(shared, job.mask.as_ref()).await?,
+        device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),
+        dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
+    })
+}
+
+async fn input_digest(shared: &Shared, source: Option<&ImageSource>) -> anyhow::Result<Option<String>> {
+    Ok(match source {
+        None => None,
+        Some(ImageSource::Inline(bytes)) => Some(hex::encode(Sha256::digest(bytes))),
+        Some(ImageSource::ObjectKey(key)) => {
+            let limit = crate::image_input::MAX_ENCODED_BYTES as u64;
+            Some(hex::encode(Sha256::digest(shared.store.get_at_most(key, limit).await?)))
+        }
+    })
+}
+
+/// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
+/// once per model (the first seeded job reads the files through).
+async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
+    let mut known = shared.model_identities.0.lock().await;
+    if let Some(id) = known.get(&spec.name) {
+        return Ok(id.clone());
+    }
+    let (spec_owned, offline, dtype) = (spec.clone(), shared.config.offline, shared.config.dtype);
+    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, offline, dtype)).await??;
+    known.insert(spec.name.clone(), id.clone());
+    Ok(id)
+}
+
+fn model_identity(spec: &ModelSpec, offline: bool, dtype: candle_core::DType) -> anyhow::Result<String> {
+    if spec.source.starts_with(crate::generation::RANDOM_PREFIX) {
+        return Ok(spec.source.clone());
+    }
+    let mut hash = Sha256::new();
+    let path = Path::new(&spec.source);
+    if path.exists() {
+        digest_tree(path, &mut hash)?;
+    } else {
+        let mut hub = crate::hub::HubOptions::from_env();
+        hub.offline |= offline;
+        hub.prefer_fp16 = dtype == candle_core::DType::F16;
+        digest_tree(&crate::hub::resolve(&spec.source, &hub)?.dir, &mut hash)?;
+    }
+    for extra in [&spec.config, &spec.vae].into_iter().flatten() {
+        hash.update(b"\0extra\0");
+        digest_tree(extra, &mut hash)?;
+    }
+    hash.update(spec.prediction_type.as_deref().unwrap_or("").as_bytes());
+    Ok(hex::encode(hash.finalize()))
+}
+
+/// Every file under `root` (or `root` itself), in name order: its path below `root` and its content.
+fn digest_tree(root: &Path, hash: &mut Sha256) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    collect(root, &mut files)?;
+    files.sort();
+    for file in files {
+        hash.update(file.strip_prefix(root).unwrap_or(&file).to_string_lossy().as_bytes());
+        hash.update(b"\0");
+        let mut reader = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buffer[..n]);
+        }
+    }
+    Ok(())
+}
+
+fn collect(path: &Path, files: &mut Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    // Followed links: a Hugging Face snapshot is links into its blobs.
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_file() {
+        files.push(path.to_path_buf());
+    } else if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            if !entry.file_name().to_string_lossy().starts_with('.') {
+                collect(&entry.path(), files)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The answer to `job` from the cache entry at `key`, its images copied to the job's own keys; `None` on a
+/// miss (or a cache that cannot be read: then the job generates).
+pub async fn answer(shared: &Shared, key: &str, job: &JobRequest, received_at: u64) -> Option<Completed> {
+    let bytes = match tokio::time::timeout(STORE_WAIT, shared.store.get(key)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(crate::storage::StoreError::NotFound { .. })) => return None,
+        Ok(Err(e)) => {
+            tracing::warn!(job_id = %job.id, error = %e, "cannot read the result cache; generating");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %job.id, "the store is slow to answer; generating without the result cache");
+            return None;
+        }
+    };
+    let Ok(Event::Completed(earlier)) = protocol::decode_event(&bytes) else {
+        tracing::warn!(job_id = %job.id, key, "a result cache entry does not decode; generating");
+        return None;
+    };
+    match copy(shared, &earlier, job, received_at).await {
+        Ok(completed) => Some(completed),
+        Err(e) => {
+            // The earlier job's images may be gone (deleted, expired): generate, and the entry is replaced.
+            tracing::info!(job_id = %job.id, error = %format!("{e:#}"), "a cached result cannot be copied; generating");
+            None
+        }
+    }
+}
+
+async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_at: u64) -> anyhow::Result<Completed> {
+    let started = std::time::Instant::now();
+    let mut images = Vec::with_capacity(earlier.images.len());
+    for image in &earlier.images {
+        let bytes = shared.store.get(&image.key).await?;
+        let ext = image.key.rsplit('.').next().unwrap_or("png");
+        let key = protocol::result_key(job.id, image.index, ext);
+        shared.store.put(&key, bytes, &image.content_type).await?;
+        let url = shared.store.presigned_get(&key).await;
+        images.push(protocol::ImageResult { key, url, ..image.clone() });
+    }
+    let at = protocol::now_millis();
+    let completed = Completed {
+        v: PROTOCOL_VERSION,
+        job_id: job.id,
+        at,
+        images,
+        timings: protocol::Timings {
+            queue_ms: received_at.saturating_sub(job.created_at),
+            upload_ms: started.elapsed().as_millis() as u64,
+            total_ms: at.saturating_sub(job.created_at),
+            ..Default::default()
+        },
+        warnings: earlier.warnings.clone(),
+        cached: true,
+    };
+    // As after generating: the manifest says every image is stored (a redelivery reports it again).
+    let manifest = protocol::encode(&Event::Completed(completed.clone()));
+    shared.store.put(&protocol::manifest_key(job.id), Bytes::from(manifest), "application/msgpack").await?;
+    Ok(completed)
+}
+
+/// Keeps `completed` (a job that generated) as the cache entry at `key`.
+pub async fn keep(shared: &Shared, key: &str, completed: &Completed) {
+    let entry = protocol::encode(&Event::Completed(Completed { cached: false, ..completed.clone() }));
+    match tokio::time::timeout(STORE_WAIT, shared.store.put(key, Bytes::from(entry), "application/msgpack")).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(job_id = %completed.job_id, error = %e, "cannot keep the result in the cache"),
+        Err(_) => tracing::warn!(job_id = %completed.job_id, "the store is slow: the result is not kept in the cache"),
+    }
+}
