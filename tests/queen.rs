@@ -245,6 +245,10 @@ async fn every_validation_error_names_its_field() {
     let key = upload["object_key"].as_str().unwrap();
     let (status, ..) = post(with("init_image", serde_json::json!({"object_key": key}))).await;
     assert_eq!(status, 202);
+    // The Rust client has both too.
+    let uploaded = c.upload(png.clone(), "image/png").await.unwrap();
+    assert!(uploaded.object_key.starts_with("uploads/") && uploaded.bytes == png.len(), "{uploaded:?}");
+    assert_eq!(c.limits().await.unwrap().size_multiple, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

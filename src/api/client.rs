@@ -9,8 +9,8 @@ use futures::{Stream, StreamExt};
 use uuid::Uuid;
 
 use super::{
-    ApiError, ApiErrorBody, ApiErrorCode, ApiEvent, CancelResponse, JobList, JobSubmission, ModelInfo, StatusView,
-    SubmitResponse, WorkerInfo,
+    ApiError, ApiErrorBody, ApiErrorCode, ApiEvent, CancelResponse, JobList, JobSubmission, LimitsView, ModelInfo,
+    StatusView, SubmitResponse, UploadResponse, WorkerInfo,
 };
 
 /// One Server-Sent Event from the queen as it came: its name, id and JSON data. [`SseMessage::event`]
@@ -130,6 +130,18 @@ impl QueenClient {
     /// `GET /v1/models`.
     pub async fn models(&self) -> anyhow::Result<Vec<ModelInfo>> {
         self.json(reqwest::Method::GET, "/v1/models").await
+    }
+
+    /// `GET /v1/limits`: what a job may ask for, and the values of the choice fields.
+    pub async fn limits(&self) -> anyhow::Result<LimitsView> {
+        self.json(reqwest::Method::GET, "/v1/limits").await
+    }
+
+    /// `POST /v1/uploads`: an input image (PNG, JPEG or WebP bytes), to name by its `object_key` as a job's
+    /// `init_image` or `mask`.
+    pub async fn upload(&self, image: Vec<u8>, content_type: &str) -> anyhow::Result<UploadResponse> {
+        let r = self.request(reqwest::Method::POST, "/v1/uploads").header("Content-Type", content_type).body(image);
+        Ok(self.send(r).await?.json().await?)
     }
 
     /// Image `n` of a completed job, through the queen.

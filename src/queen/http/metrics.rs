@@ -48,6 +48,11 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
             }
         }
     }
+    // A model whose queue is empty has no subject in the stream: its depth is 0, not missing (an alert on
+    // a missing series never fires).
+    for model in jobs.catalogue().await {
+        let _ = depth.get_or_create(&ModelLabel { model: Escaped(model) });
+    }
     registry.register("sd_rbee_queue_depth", "Jobs in the work queue (waiting or running), by model", depth);
 
     let workers = jobs.fleet.workers(protocol::now_millis());

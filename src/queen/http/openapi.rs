@@ -31,11 +31,28 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every route behind a token may answer 401: said once here rather than on each handler.
+        let unauthorized = ResponseBuilder::new()
+            .description("no token, or not one of the queen's")
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ApiErrorBody"))).build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    operation.responses.responses.entry("401".into()).or_insert_with(|| unauthorized.clone().into());
+                }
+            }
+        }
     }
 }
 
@@ -83,6 +100,12 @@ mod tests {
         assert!(codes.contains("MALFORMED_REQUEST") && codes.contains("UNAVAILABLE"), "{codes}");
         assert!(schemas["ApiEvent"].is_object());
         assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let secured = operation["security"].as_array().is_some_and(|s| !s.is_empty());
+                assert_eq!(operation["responses"]["401"].is_object(), secured, "{method} {path}: 401 when secured");
+            }
+        }
     }
 
     #[test]
