@@ -308,6 +308,24 @@ async fn the_probes_answer_and_the_scaler_sees_a_queue_before_any_worker() {
         let (status, body) = answer(health, path, Duration::from_secs(5));
         assert_eq!(status, 200, "a ready worker's {kind} {path}: {body}");
     }
+    // Cut off from NATS: alive (it reconnects by itself), not ready; ready again once NATS is back.
+    let mut nats = nats;
+    nats.kill();
+    let ready_is = |want: u16| {
+        let start = Instant::now();
+        loop {
+            let (status, body) = answer(health, "/ready", Duration::from_secs(5));
+            if status == want {
+                return body;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "/ready stays {status}: {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(ready_is(503)["status"], "disconnected from NATS");
+    assert_eq!(answer(health, "/health", Duration::from_secs(5)).0, 200);
+    nats.restart();
+    ready_is(200);
 }
 
 #[test]

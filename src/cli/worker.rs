@@ -137,7 +137,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             tracing::info!(addr = %bound, "health probes listening");
         }
         let worker = Worker::start(config).await?;
-        health.set(Phase::Ready);
+        health.ready(worker.nats());
         eprintln!("sd-rbee worker {} ready", worker.id());
         worker
             .serve(async move {

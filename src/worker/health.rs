@@ -1,6 +1,7 @@
 //! The worker's probes for container runtimes and Kubernetes (`--health-listen ADDR`): `GET /health` answers
 //! 200 while the process runs; `GET /ready` answers 200 once the models are loaded and the job consumers
-//! bound, and 503 while the worker starts or drains (after SIGTERM). Its own small server, started before
+//! bound, and 503 while the worker starts, drains (after SIGTERM) or is cut off from NATS (it reconnects by
+//! itself, so liveness does not depend on it). Its own small server, started before
 //! the models load, so a probe never mistakes a long load for a dead process.
 
 use std::net::SocketAddr;
@@ -32,13 +33,20 @@ impl Phase {
     }
 }
 
-/// The phase the probes report, shared with whoever moves it on.
+/// The phase the probes report, shared with whoever moves it on, and the worker's NATS connection once it
+/// has one (a ready worker cut off from NATS is not ready: it can neither take jobs nor report them).
 #[derive(Clone, Default)]
-pub struct Health(Arc<AtomicU8>);
+pub struct Health(Arc<AtomicU8>, Arc<std::sync::OnceLock<async_nats::Client>>);
 
 impl Health {
     pub fn set(&self, phase: Phase) {
         self.0.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// Ready, on `nats`.
+    pub fn ready(&self, nats: async_nats::Client) {
+        let _ = self.1.set(nats);
+        self.set(Phase::Ready);
     }
 
     pub fn phase(&self) -> Phase {
@@ -47,6 +55,10 @@ impl Health {
             1 => Phase::Ready,
             _ => Phase::Draining,
         }
+    }
+
+    fn connected(&self) -> bool {
+        self.1.get().is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 }
 
@@ -60,8 +72,12 @@ async fn alive(State(health): State<Health>) -> Json<serde_json::Value> {
 
 async fn ready(State(health): State<Health>) -> Response {
     let phase = health.phase();
-    let status = if phase == Phase::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(serde_json::json!({"status": phase.name()}))).into_response()
+    let (status, name) = match phase {
+        Phase::Ready if !health.connected() => (StatusCode::SERVICE_UNAVAILABLE, "disconnected from NATS"),
+        Phase::Ready => (StatusCode::OK, phase.name()),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, phase.name()),
+    };
+    (status, Json(serde_json::json!({"status": name}))).into_response()
 }
 
 /// Binds `addr` (an error names it) and serves the probes in the background for as long as the runtime

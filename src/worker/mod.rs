@@ -198,6 +198,11 @@ impl Worker {
         &self.shared.worker_id
     }
 
+    /// Its NATS connection (the probes report it).
+    pub fn nats(&self) -> async_nats::Client {
+        self.shared.client.clone()
+    }
+
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let shared = self.shared;
