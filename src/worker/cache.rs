@@ -10,12 +10,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::config::ModelSpec;
+use super::effects::{read_completed, store_completed};
 use super::Shared;
-use crate::protocol::{self, CacheContext, Completed, Event, ImageSource, JobRequest, PROTOCOL_VERSION};
+use crate::protocol::{self, CacheContext, Completed, ImageSource, JobRequest, PROTOCOL_VERSION};
 
 /// Each model's identity (a digest of its files), by model name, worked out on first use.
 #[derive(Default)]
@@ -152,21 +152,16 @@ fn collect(path: &Path, files: &mut Vec<std::path::PathBuf>) -> anyhow::Result<(
 /// The answer to `job` from the cache entry at `key`, its images copied to the job's own keys; `None` on a
 /// miss (or a cache that cannot be read: then the job generates).
 pub async fn answer(shared: &Shared, key: &str, job: &JobRequest, received_at: u64) -> Option<Completed> {
-    let bytes = match tokio::time::timeout(STORE_WAIT, shared.store.get(key)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(crate::storage::StoreError::NotFound { .. })) => return None,
+    let earlier = match tokio::time::timeout(STORE_WAIT, read_completed(shared, key)).await {
+        Ok(Ok(earlier)) => earlier?,
         Ok(Err(e)) => {
-            tracing::warn!(job_id = %job.id, error = %e, "cannot read the result cache; generating");
+            tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "cannot read the result cache; generating");
             return None;
         }
         Err(_) => {
             tracing::warn!(job_id = %job.id, "the store is slow to answer; generating without the result cache");
             return None;
         }
-    };
-    let Ok(Event::Completed(earlier)) = protocol::decode_event(&bytes) else {
-        tracing::warn!(job_id = %job.id, key, "a result cache entry does not decode; generating");
-        return None;
     };
     match copy(shared, &earlier, job, received_at).await {
         Ok(completed) => Some(completed),
@@ -205,15 +200,14 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
         cached: true,
     };
     // As after generating: the manifest says every image is stored (a redelivery reports it again).
-    let manifest = protocol::encode(&Event::Completed(completed.clone()));
-    shared.store.put(&protocol::manifest_key(job.id), Bytes::from(manifest), "application/msgpack").await?;
+    store_completed(shared, &protocol::manifest_key(job.id), &completed).await?;
     Ok(completed)
 }
 
 /// Keeps `completed` (a job that generated) as the cache entry at `key`.
 pub async fn keep(shared: &Shared, key: &str, completed: &Completed) {
-    let entry = protocol::encode(&Event::Completed(Completed { cached: false, ..completed.clone() }));
-    match tokio::time::timeout(STORE_WAIT, shared.store.put(key, Bytes::from(entry), "application/msgpack")).await {
+    let entry = Completed { cached: false, ..completed.clone() };
+    match tokio::time::timeout(STORE_WAIT, store_completed(shared, key, &entry)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(job_id = %completed.job_id, error = %e, "cannot keep the result in the cache"),
         Err(_) => tracing::warn!(job_id = %completed.job_id, "the store is slow: the result is not kept in the cache"),

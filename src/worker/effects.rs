@@ -94,12 +94,27 @@ pub(super) async fn carry_out(
 
 /// The `completed` event an earlier delivery of the job stored beside its images, if there is one.
 pub(super) async fn previous_result(shared: &Shared, job_id: Uuid) -> anyhow::Result<Option<Completed>> {
-    let key = manifest_key(job_id);
-    match shared.store.get(&key).await {
+    Ok(read_completed(shared, &manifest_key(job_id)).await?.filter(|c| c.job_id == job_id))
+}
+
+/// Stores `completed` at `key` (MessagePack, as on the bus): a job's manifest, or a result cache entry.
+pub(super) async fn store_completed(
+    shared: &Shared,
+    key: &str,
+    completed: &Completed,
+) -> Result<(), crate::storage::StoreError> {
+    let bytes = protocol::encode(&Event::Completed(completed.clone()));
+    shared.store.put(key, bytes::Bytes::from(bytes), "application/msgpack").await
+}
+
+/// The `completed` event stored at `key`; `None` when there is none, or it does not decode (it is then
+/// written again).
+pub(super) async fn read_completed(shared: &Shared, key: &str) -> anyhow::Result<Option<Completed>> {
+    match shared.store.get(key).await {
         Ok(bytes) => match protocol::decode_event(&bytes) {
-            Ok(Event::Completed(c)) if c.job_id == job_id => Ok(Some(c)),
+            Ok(Event::Completed(c)) => Ok(Some(c)),
             _ => {
-                tracing::warn!(key, "unreadable result manifest; regenerating");
+                tracing::warn!(key, "an unreadable completed event in the store; regenerating");
                 Ok(None)
             }
         },

@@ -294,10 +294,7 @@ pub(super) async fn generate_and_store(
             .collect(),
         cached: false,
     };
-    let manifest = protocol::encode(&Event::Completed(completed.clone()));
-    shared
-        .store
-        .put(&manifest_key(job.id), Bytes::from(manifest), "application/msgpack")
+    super::effects::store_completed(shared, &manifest_key(job.id), &completed)
         .await
         .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
     tracing::info!(job_id = %job.id, generation_ms, upload_ms, generation_ms_per_step = step_ms.unwrap_or(0.0), "job completed");
