@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# sd-rbee GPU check, one script: library discovery, CUDA parity with diffusers (f32, then timings, then f16/bf16
-# errors), sd-rbee benches, a full-size SD 1.5 UNet with random weights, and a PyTorch/diffusers baseline.
+# sd-rbee GPU check, one script: library discovery, CUDA parity with diffusers (f32, then f16 with and without
+# flash attention), full-size SD 1.5 (512 px) and SDXL (1024 px) UNets with seeded random weights against
+# diffusers (SDPA) on the same card at batch 1..8, A/B of flash attention and the fused kernels, VAE decode at
+# 2048 px whole and tiled, and the tiny pipelines. Sections are ordered by value; later ones are skipped past BUDGET.
 #   on the device:  bash .gpu/run.sh                    (writes $OUT/log.txt and $OUT/summary.txt)
 #   fake run here:  DEVICE=cpu LATENT=8 EXTRA_LD=... OUT=/tmp/o bash .gpu/run.sh
 set -u
@@ -10,7 +12,9 @@ cd "$ROOT"
 DEVICE=${DEVICE:-cuda}            # cuda, or cpu for a dry run
 LATENT=${LATENT:-64}              # full-size UNet latent side
 UNET_RUNS=${UNET_RUNS:-10}
-BUDGET=${BUDGET:-300}             # seconds; sections (and parity runs) starting later are skipped
+XL_LATENT=${XL_LATENT:-128}         # SDXL UNet latent side (1024 px)
+VAE_SIZE=${VAE_SIZE:-2048}
+BUDGET=${BUDGET:-420}             # seconds; sections (and parity runs) starting later are skipped
 OUT=${OUT:-/tmp/sdr-out}
 W=${WORK:-/tmp/sdr-gpu}
 FIX=$ROOT/tests/fixtures
@@ -20,7 +24,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT
 export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the driver JIT-compiles Candle's sm_90a PTX once per module; keep that cache for the later processes
 export CUDA_CACHE_PATH=$W/nvcache CUDA_CACHE_MAXSIZE=2147483648
-summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|make_unet|FAIL|section|gpu|lib|generate|bench-unet|bench-pipeline):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
+summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
 trap summary EXIT
 section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
 over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
@@ -71,7 +75,7 @@ PYEOF
 export LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 IFS=: read -ra DIRS <<< "$LIBDIRS"
-for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnvrtc-builtins.so.13.0 libcudnn.so.9; do
   hit=""
   for d in "${DIRS[@]}"; do [ -e "$d/$so" ] && { hit="$d/$so -> $(readlink -f "$d/$so")"; break; }; done
   [ -z "$hit" ] && hit=$(ldconfig -p 2>/dev/null | grep -m1 " $so " | sed 's/.*=> /ldconfig: /')
@@ -88,9 +92,10 @@ ldd "$BIN"
 ldd "$BIN" | grep -q "not found" && echo "FAIL: ldd: some libraries not found"
 "$BIN" --version
 
-# generate MODEL CASE DTYPE: one reference case of tests/parity.rs through the CLI (as tests/cli_generate.rs)
+# generate MODEL CASE DTYPE [LABEL]: one reference case of tests/parity.rs through the CLI (as tests/cli_generate.rs);
+# LABEL names the saved tensor's variant (default: the dtype)
 generate() {
-  local model=$1 case=$2 dtype=$3 sched guidance extra=()
+  local model=$1 case=$2 dtype=$3 label=${4:-$3} sched guidance args
   case "$model" in tiny-sd15) guidance=7.5 ;; *) guidance=5.0 ;; esac
   sched=$case
   if [ "$case" = turbo_1step ]; then
@@ -98,76 +103,98 @@ generate() {
   else
     args=(--negative-prompt "blurry, low quality" --steps 10 --guidance "$guidance" --scheduler "$sched")
   fi
-  local t="$W/t/${model}__${case}__${dtype}.safetensors"
+  local t="$W/t/${model}__${case}__${label}.safetensors"
   rm -f "$t"
-  if [ -n "${GEN_HUNG:-}" ]; then echo "generate: $model $case $dtype SKIPPED (an earlier run timed out)"; return; fi
-  over "generate $model $case $dtype" && return
+  if [ -n "${GEN_HUNG:-}" ]; then echo "generate: $model $case $label SKIPPED (an earlier run timed out)"; return; fi
+  over "generate $model $case $label" && return
   local line
   line=$(timeout 60 "$BIN" generate --model "$FIX/$model" --prompt "a photograph of an astronaut riding a horse" \
       "${args[@]}" --width 96 --height 64 --seed 0 --initial-latents "$FIX/$model/expected.safetensors" \
-      --out "$W/${model}_${case}_${dtype}.png" --save-tensor "$t" --offline --device "$DEVICE" --dtype "$dtype" 2>&1)
+      --out "$W/${model}_${case}_${label}.png" --save-tensor "$t" --offline --device "$DEVICE" --dtype "$dtype" 2>&1)
   local rc=$?
-  echo "generate: $model $case $dtype rc=$rc: $line"
-  [ $rc -ne 0 ] && echo "FAIL: generate $model $case $dtype rc=$rc"
+  echo "generate: $model $case $label rc=$rc: $line"
+  [ $rc -ne 0 ] && echo "FAIL: generate $model $case $label rc=$rc"
   [ $rc -eq 124 ] && GEN_HUNG=1
   return 0
 }
-parity() {   # DTYPE...
-  local dt
+parity() {   # DTYPE [LABEL]
   rm -f "$W"/t/*.safetensors
-  for dt in "$@"; do
-    for c in ddim euler dpmpp_2m unipc; do generate tiny-sd15 $c $dt; done
-    for c in euler ddim turbo_1step; do generate tiny-sdxl $c $dt; done
-  done
+  for c in ddim euler dpmpp_2m unipc; do generate tiny-sd15 $c "$@"; done
+  for c in euler ddim turbo_1step; do generate tiny-sdxl $c "$@"; done
   timeout 60 $PY "$KIT/parity.py" "$W/t" "$FIX" || echo "FAIL: parity.py"
+}
+# unet ARCH DTYPE LATENT BATCHES [ENV...]: sd-rbee's full-size UNet, seeded random weights
+unet() {
+  local arch=$1 dt=$2 latent=$3 batches=$4; shift 4
+  over "bench unet $arch $dt $batches $*" && return
+  echo "ab: sd-rbee unet $arch $dt latent=$latent batch=$batches env: ${*:-defaults}"
+  env "$@" timeout 120 "$BIN" bench unet --arch "$arch" --latent "$latent" --batch "$batches" --runs "$UNET_RUNS" \
+    --device "$DEVICE" --dtype "$dt" || echo "FAIL: bench unet $arch $dt $batches $*"
+}
+# torch_unet ARCH DTYPE LATENT BATCHES [--tf32 on|off]: the diffusers half (SDPA attention, its default)
+torch_unet() {
+  local arch=$1 dt=$2 latent=$3 batches=$4; shift 4
+  over "baseline unet $arch $dt $batches $*" && return
+  timeout 150 $PY "$ROOT/benches/torch_baseline.py" unet --arch "$arch" --latent "$latent" --batch "$batches" \
+    --runs "$UNET_RUNS" --device "$DEVICE" --dtype "$dt" "$@" || echo "FAIL: baseline unet $arch $dt $batches"
 }
 
 section "parity f32 (diffusers 0.42.1 references; CPU f32 gives <=5.3e-6 max, sdxl ddim 3.8e-4)"
 parity f32
 
-section "sd-rbee bench pipeline"
-for m in tiny-sd15 tiny-sdxl; do for dt in f32 f16; do
-  over "bench pipeline $m $dt" && continue
-  echo "bench-pipeline: $m $dt"
-  timeout 90 "$BIN" bench pipeline --model "$FIX/$m" --offline --device "$DEVICE" --dtype $dt \
-    || echo "FAIL: bench pipeline $m $dt"
-done; done
+section "diffusers wheel"
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$KIT"/whl/*.whl \
+  || echo "FAIL: pip install diffusers wheel"
+export PYTHONPATH=$W/site${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import torch, diffusers; print('baseline-env: torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda)"
 
-section "full-size SD 1.5 UNet, seeded random weights"
-UNET=$W/sd15-unet
-if ! over "make_unet"; then
-  TDEV=$DEVICE; [ "$DEVICE" = cuda ] || TDEV=cpu
-  timeout 120 $PY "$KIT/make_unet.py" "$KIT/sd15_unet_manifest.json" "$KIT/sd15_unet_config.json" "$UNET" $TDEV \
-    || echo "FAIL: make_unet"
-  ls -la "$UNET"
-fi
-for dt in f32 f16 bf16; do
-  over "bench unet $dt" && continue
-  [ -f "$UNET/diffusion_pytorch_model.fp16.safetensors" ] || break
-  echo "bench-unet: $dt"
-  timeout 90 "$BIN" bench unet "$UNET" --latent "$LATENT" --runs "$UNET_RUNS" --device "$DEVICE" --dtype $dt \
-    || echo "FAIL: bench unet $dt"
+section "full-size SD 1.5 UNet, 512 px, f16, batch 1..8: sd-rbee, then diffusers"
+unet sd15 f16 "$LATENT" 1,2,4,8
+torch_unet sd15 f16 "$LATENT" 1,2,4,8
+
+section "full-size SDXL UNet, 1024 px, f16"
+unet sdxl f16 "$XL_LATENT" 1,2,4
+torch_unet sdxl f16 "$XL_LATENT" 1,2,4
+
+section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both"
+unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0
+unet sd15 f16 "$LATENT" 1 SD_RBEE_FUSED_KERNELS=0
+unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0 SD_RBEE_FUSED_KERNELS=0
+
+section "f32 at batch 1 (PyTorch's defaults: TF32 in cuDNN only; then TF32 everywhere)"
+unet sd15 f32 "$LATENT" 1
+torch_unet sd15 f32 "$LATENT" 1
+unet sd15 f32 "$LATENT" 1 SD_RBEE_TF32=1
+torch_unet sd15 f32 "$LATENT" 1 --tf32 on
+
+section "parity f16 with flash attention and the fused kernels, then without flash attention; bf16"
+parity f16
+SD_RBEE_FLASH_ATTN=0 parity f16 f16-noflash
+parity bf16
+
+section "VAE decode ${VAE_SIZE}px f16, whole and tiled"
+for tiled in "" --tiled; do
+  over "bench vae $tiled" && continue
+  timeout 90 "$BIN" bench vae --arch sd15 --size "$VAE_SIZE" $tiled --device "$DEVICE" --dtype f16 || echo "FAIL: bench vae $tiled"
 done
 
-section "PyTorch baseline (diffusers 0.42.1 carried as a wheel)"
-if ! over "baseline"; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" "$KIT"/whl/*.whl \
-    || echo "FAIL: pip install diffusers wheel"
-  export PYTHONPATH=$W/site${PYTHONPATH:+:$PYTHONPATH}
-  [ -f "$UNET/diffusion_pytorch_model.fp16.safetensors" ] && { timeout 150 $PY "$KIT/torch_bench.py" unet "$UNET" \
-    --device "$DEVICE" --latent "$LATENT" --runs "$UNET_RUNS" --dtypes f32,f32-notf32,f16,bf16 || echo "FAIL: baseline unet"; }
-  for m in tiny-sd15 tiny-sdxl; do
-    over "baseline pipeline $m" && continue
-    timeout 90 $PY "$KIT/torch_bench.py" pipeline "$FIX/$m" --device "$DEVICE" --dtypes f32,f16 \
-      || echo "FAIL: baseline pipeline $m"
-  done
+section "whole images: sd-rbee pipeline random:sd15 512 px, 20 steps, batch 1,4,8 (f16)"
+if ! over "bench pipeline random"; then
+  timeout 150 "$BIN" bench pipeline --model random:sd15 --width 512 --height 512 --steps 20 --runs 2 --batch 1,4,8 \
+    --device "$DEVICE" --dtype f16 || echo "FAIL: bench pipeline random:sd15"
 fi
 
-section "parity f16 / bf16 (errors only, no pass/fail)"
-over "parity f16/bf16" || parity f16 bf16
+section "tiny pipelines, both sides"
+for m in tiny-sd15 tiny-sdxl; do for dt in f32 f16; do
+  over "bench pipeline $m $dt" && continue
+  timeout 60 "$BIN" bench pipeline --model "$FIX/$m" --offline --device "$DEVICE" --dtype $dt || echo "FAIL: bench pipeline $m $dt"
+done
+  over "baseline pipeline $m" && continue
+  timeout 90 $PY "$KIT/torch_bench.py" pipeline "$FIX/$m" --device "$DEVICE" --dtypes f32,f16 || echo "FAIL: baseline pipeline $m"
+done
 
 section "done"
 sleep 1; echo "==== results (also in \$OUT/summary.txt)"
-grep -E '^(gpu|parity|bench|bench-pipeline|bench-unet|baseline|make_unet|FAIL):' "$OUT/log.txt" | sed 's/^/= /'
+grep -E '^(gpu|parity|bench|baseline|ab|FAIL):' "$OUT/log.txt" | sed 's/^/= /'
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv; fi
 exit 0

@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
-"""PyTorch/diffusers baselines for .gpu/run.sh; prints `baseline: ...` lines.
+"""The tiny pipelines' PyTorch/diffusers baseline for .gpu/run.sh; prints `baseline: ...` lines.
 
-  torch_bench.py unet UNET_DIR --device cuda --latent 64 --dtypes f32,f32-notf32,f16 [--runs 10]
   torch_bench.py pipeline MODEL_DIR --device cuda --dtypes f32,f16 [--steps 20 --width 96 --height 64 --runs 3]
 
-unet: UNet2DConditionModel.from_config(config.json) with the weights of diffusion_pytorch_model[.fp16].safetensors,
-batch 2, timestep 981, median seconds of --runs forward passes after 3 warm-ups (torch.cuda.synchronize around each).
+Median ms per denoising step (classifier-free guidance on, batch 1) and median whole-image ms, per dtype.
 f32 = PyTorch's defaults (cuDNN convolutions may use TF32, matmuls do not); f32-notf32 = TF32 off everywhere.
-pipeline: median ms per denoising step (classifier-free guidance on, batch 1) and median whole-image ms.
+The full-size UNet halves are benches/torch_baseline.py's.
 """
-import argparse, json, os, statistics, time, warnings
+import argparse, os, statistics, time, warnings
 import torch
 
 warnings.filterwarnings("ignore")
@@ -34,43 +32,6 @@ def set_tf32(variant):
     strict = variant == "f32-notf32"
     torch.backends.cudnn.allow_tf32 = not strict
     torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def unet(a):
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    dev = torch.device(a.device)
-    cfg = json.load(open(os.path.join(a.path, "config.json")))
-    wf = os.path.join(a.path, "diffusion_pytorch_model.safetensors")
-    if not os.path.exists(wf):
-        wf = os.path.join(a.path, "diffusion_pytorch_model.fp16.safetensors")
-    model = UNet2DConditionModel.from_config(cfg)
-    model.load_state_dict(load_file(wf), strict=True)  # fails loudly if the manifest's names differ
-    model = model.to(dev).eval()
-    g = torch.Generator().manual_seed(1234)
-    ehs = torch.randn(2, 77, cfg["cross_attention_dim"], generator=g)
-    lat = torch.randn(2, cfg["in_channels"], a.latent, a.latent, generator=g)
-    for variant in a.dtypes.split(","):
-        dt = DT[variant]
-        set_tf32(variant)
-        model = model.to(dt)
-        x, c = lat.to(dev, dt), ehs.to(dev, dt)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            for _ in range(a.warmup):
-                model(x, 981, encoder_hidden_states=c)
-            sync(dev)
-            ts = []
-            for _ in range(a.runs):
-                t0 = time.perf_counter()
-                out = model(x, 981, encoder_hidden_states=c).sample
-                sync(dev)
-                ts.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
-        print(f"baseline: diffusers unet {os.path.basename(a.path.rstrip('/'))} latent {a.latent}x{a.latent} batch 2 "
-              f"device={a.device} dtype={variant} median_s={statistics.median(ts):.4f} min_s={min(ts):.4f} "
-              f"peak_gpu_gb={peak:.2f} finite={bool(torch.isfinite(out).all())}", flush=True)
 
 
 def pipeline(a):
@@ -109,18 +70,16 @@ def pipeline(a):
 
 
 ap = argparse.ArgumentParser()
-ap.add_argument("what", choices=["pipeline", "unet"])
+ap.add_argument("what", choices=["pipeline"])
 ap.add_argument("path")
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--dtypes", default="f32,f16")
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--width", type=int, default=96)
 ap.add_argument("--height", type=int, default=64)
-ap.add_argument("--latent", type=int, default=64)
 ap.add_argument("--runs", type=int, default=3)
-ap.add_argument("--warmup", type=int, default=3)
 a = ap.parse_args()
 print(f"baseline-env: torch {torch.__version__} cuda={torch.version.cuda} "
       f"gpu={torch.cuda.get_device_name(0) if torch.cuda.is_available() else None} threads={torch.get_num_threads()}",
       flush=True)
-{"pipeline": pipeline, "unet": unet}[a.what](a)
+pipeline(a)

@@ -45,6 +45,39 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     out.to_dtype(in_dtype)
 }
 
+/// FlashAttention-2 on CUDA (feature `flash-attn`): what diffusers' SDPA runs in f16/bf16 on the same cards.
+mod flash {
+    use candle_core::{Result, Tensor};
+
+    /// Whether `SD_RBEE_FLASH_ATTN=0` turned it off (for A/B timing and parity checks).
+    #[cfg(feature = "flash-attn")]
+    fn enabled() -> bool {
+        static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ENABLED.get_or_init(|| std::env::var("SD_RBEE_FLASH_ATTN").map_or(true, |v| v.trim() != "0"))
+    }
+
+    /// `softmax(q kᵀ · scale) v` over `[B, L, H·D]` projections split into `heads`, as `[B, Lq, H·D]`;
+    /// `None` where no kernel fits (CPU, f32, or a head dimension that was not built).
+    #[cfg(feature = "flash-attn")]
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+        let (b, lq, inner) = q.dims3()?;
+        let lk = k.dim(1)?;
+        let d = inner / heads;
+        if !q.device().is_cuda() || !enabled() || !sd_rbee_flash_attn::supports(q.dtype(), d) {
+            return Ok(None);
+        }
+        // [B, L, H·D] is already [B, L, H, D] in memory: no transposes, unlike the plain path.
+        let split = |t: &Tensor, l: usize| t.contiguous()?.reshape((b, l, heads, d));
+        let out = sd_rbee_flash_attn::flash_attn(&split(q, lq)?, &split(k, lk)?, &split(v, lk)?, scale as f32)?;
+        Ok(Some(out.reshape((b, lq, inner))?))
+    }
+
+    #[cfg(not(feature = "flash-attn"))]
+    pub fn attention(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f64) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
 /// diffusers' `Attention` (AttnProcessor2_0) without a spatial norm: q from `hidden`, k/v from `context`
 /// (or `hidden` for self-attention), `heads` heads, then `to_out.0`.
 #[derive(Debug)]
@@ -91,9 +124,13 @@ impl Attention {
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(hidden);
         let (b, l, _) = hidden.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(hidden)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(hidden)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        if let Some(out) = flash::attention(&q, &k, &v, self.heads, self.scale)? {
+            return self.to_out.forward(&out);
+        }
+        let (q, k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let d = out.dim(2)?;
         let out = out.reshape((b, self.heads, l, d))?.transpose(1, 2)?.reshape((b, l, self.heads * d))?;
@@ -120,6 +157,10 @@ impl GegluFeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if let Some(gated) = super::cuda_kernels::geglu(&projected)? {
+            return self.out.forward(&gated);
+        }
         let half = projected.dim(D::Minus1)? / 2;
         let hidden = projected.narrow(D::Minus1, 0, half)?;
         let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
