@@ -2,7 +2,8 @@
 //!
 //! On the CPU in f32 this is one pass-per-group kernel (statistics accumulated in f64, then scale, shift and
 //! SiLU in a single sweep, groups in parallel when large) instead of the dozen tensor operations and
-//! temporaries of the composite version; on other devices and dtypes it is Candle's `GroupNorm`.
+//! temporaries of the composite version; on CUDA it is two fused kernels in any dtype (`cuda_kernels`); elsewhere
+//! Candle's `GroupNorm`.
 
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -88,6 +89,18 @@ impl candle_core::CustomOp1 for CpuGroupNorm {
 pub struct GroupNorm {
     composite: candle_nn::GroupNorm,
     cpu: Option<CpuGroupNorm>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    cuda: Option<CudaGroupNorm>,
+}
+
+/// What the CUDA kernels need: the affine parameters in the model's dtype, on the device.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct CudaGroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
@@ -104,11 +117,20 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     } else {
         None
     };
-    Ok(GroupNorm { composite, cpu })
+    let cuda = if weight.device().is_cuda() {
+        Some(CudaGroupNorm { weight: weight.clone(), bias: vb.get(channels, "bias")?, groups, eps })
+    } else {
+        None
+    };
+    Ok(GroupNorm { composite, cpu, cuda })
 }
 
 impl GroupNorm {
     fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(op) = &self.cuda {
+            return super::cuda_kernels::group_norm(x, &op.weight, &op.bias, op.groups, op.eps, silu);
+        }
         match &self.cpu {
             Some(op) if x.dtype() == DType::F32 && x.device().is_cpu() => {
                 let op = CpuGroupNorm { silu, ..op.clone() };
@@ -156,6 +178,7 @@ mod tests {
                 eps: 1e-5,
                 silu: false,
             }),
+            cuda: None,
         };
         let x = (Tensor::randn(0f32, 3.0, shape, &dev).unwrap() + 0.5).unwrap();
         let want = composite.forward(&x).unwrap();

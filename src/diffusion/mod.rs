@@ -9,6 +9,8 @@ pub mod clip;
 pub mod conv;
 pub mod cpu_attention;
 pub mod cpu_data;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
 pub mod embeddings;
 pub mod group_norm;
 pub mod image;
