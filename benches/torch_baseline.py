@@ -82,7 +82,8 @@ def time_unet(unet, what, latent, a, dtype, device):
             added = {"text_embeds": torch.randn(rows, pooled, generator=g).to(device, dtype),
                      "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]] * rows).to(device, dtype)}
         with torch.inference_mode():
-            unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)  # warm-up
+            for _ in range(2):  # warm-ups, as sd-rbee bench unet does
+                unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)
             sync(device)
             ts = []
             for _ in range(a.runs):
@@ -91,9 +92,10 @@ def time_unet(unet, what, latent, a, dtype, device):
                 sync(device)
                 ts.append(time.perf_counter() - t0)
         med = statistics.median(ts)
-        mem = f" peak_device_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}" if device == "cuda" else ""
-        print(f"baseline: diffusers {what} unet latent {latent}x{latent} images {images} (batch {rows}) "
-              f"threads={torch.get_num_threads()} median_s={med:.3f} image_steps_per_s={images / med:.3f} "
+        mem = (f" peak_device_gb={torch.cuda.max_memory_reserved() / 1e9:.2f}"
+               f" peak_allocated_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}") if device == "cuda" else ""
+        print(f"baseline: diffusers {what} {a.dtype}{'' if getattr(a, 'tf32', 'default') == 'default' else ' tf32=' + a.tf32} unet latent {latent}x{latent} images {images} (batch {rows}) "
+              f"threads={torch.get_num_threads()} median_s={med:.4f} image_steps_per_s={images / med:.3f} "
               f"peak_rss_gb={peak_rss_gb():.2f}{mem}", flush=True)
 
 
@@ -109,12 +111,13 @@ def sd15_unet(a):
 def unet(a):
     from diffusers import UNet2DConditionModel
     config = {"sd15": SD15, "sdxl": SDXL}[a.arch]
-    dtype = {"f32": torch.float32, "f16": torch.float16}[a.dtype]
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
-    model = UNet2DConditionModel(**config).to(a.device, dtype).eval()
-    if a.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = a.tf32
-        torch.backends.cudnn.allow_tf32 = a.tf32
+    with torch.device(a.device):  # PyTorch's default init, run on the device (SDXL's 2.6B on a CPU is slow)
+        model = UNet2DConditionModel(**config).to(dtype).eval()
+    if a.device == "cuda" and a.tf32 != "default":
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = a.tf32 == "on"
     time_unet(model, a.arch, a.latent or config["sample_size"], a, dtype, a.device)
 
 
@@ -127,9 +130,11 @@ ap.add_argument("--height", type=int, default=64); ap.add_argument("--latent", t
 ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
 ap.add_argument("--runs", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
 ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA (PyTorch's default for cuDNN)")
+ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                help="CUDA f32: PyTorch's defaults (cuDNN convolutions may use TF32, matmuls do not), TF32 "
+                     "for both, or for neither")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 if a.what != "unet" and not a.path:

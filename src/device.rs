@@ -56,7 +56,11 @@ impl DeviceSpec {
                         "--device {self}: this sd-rbee was built without CUDA support (rebuild with `--features cuda`)"
                     );
                 }
-                Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+                set_tf32(tf32_from_env()?);
+                let device = Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))?;
+                #[cfg(feature = "cuda")]
+                cuda_pool::keep_freed_memory(&device);
+                Ok(device)
             }
             DeviceSpec::Metal(n) => {
                 if !cfg!(feature = "metal") {
@@ -65,6 +69,76 @@ impl DeviceSpec {
                 Device::new_metal(n).with_context(|| format!("cannot open Metal device {n}"))
             }
         }
+    }
+}
+
+/// `SD_RBEE_TF32=1` lets f32 matrix multiplies on CUDA use TF32 tensor cores (10-bit mantissa inputs, f32
+/// accumulation): several times faster, about 1e-3 relative error per product. Off by default, as PyTorch's
+/// `torch.backends.cuda.matmul.allow_tf32` is; cuDNN convolutions use TF32 whenever cuDNN picks it, as in PyTorch.
+fn tf32_from_env() -> anyhow::Result<bool> {
+    match std::env::var("SD_RBEE_TF32").ok().as_deref().map(str::trim) {
+        None | Some("") | Some("0") | Some("false") | Some("off") => Ok(false),
+        Some("1") | Some("true") | Some("on") => Ok(true),
+        Some(other) => bail!("SD_RBEE_TF32={other}: expected 1 or 0"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn set_tf32(on: bool) {
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);
+}
+
+#[cfg(not(feature = "cuda"))]
+fn set_tf32(_: bool) {}
+
+/// The CUDA device's default memory pool, which Candle's allocations come from (cudarc allocates with
+/// `cuMemAllocAsync`).
+#[cfg(feature = "cuda")]
+pub mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    fn pool(device: &Device) -> Option<sys::CUmemoryPool> {
+        let Device::Cuda(cuda) = device else { return None };
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        context.bind_to_thread().ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: plain driver query with a valid out-pointer and the context's own device.
+        let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };
+        (status == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+    }
+
+    /// Keeps freed device memory in the pool instead of handing it back to the driver at every
+    /// synchronisation (the pool's default release threshold is 0), so a denoising step reuses the last
+    /// step's buffers instead of mapping fresh pages: what PyTorch's caching allocator does.
+    pub fn keep_freed_memory(device: &Device) {
+        if let Some(pool) = pool(device) {
+            let mut threshold = u64::MAX;
+            // SAFETY: the attribute takes a u64 by pointer.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                );
+            }
+        }
+    }
+
+    /// The most device memory the pool has held since the process started, in bytes.
+    pub fn peak_bytes(device: &Device) -> Option<u64> {
+        let pool = pool(device)?;
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64 written through the pointer.
+        let status = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                (&mut high as *mut u64).cast(),
+            )
+        };
+        (status == sys::CUresult::CUDA_SUCCESS).then_some(high)
     }
 }
 

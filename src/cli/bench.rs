@@ -162,6 +162,17 @@ fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The most memory this process's CUDA memory pool has held (PyTorch's `max_memory_reserved`), in GB, as
+/// ` peak_device_gb=N` for the bench lines; empty elsewhere.
+fn device_memory_note(device: &candle_core::Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Some(peak) = crate::device::cuda_pool::peak_bytes(device) {
+        return format!(" peak_device_gb={:.2}", peak as f64 / 1e9);
+    }
+    let _ = device;
+    String::new()
+}
+
 /// Peak resident memory of this process (Linux), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -219,9 +230,12 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             let _ = out.dims();
             Ok(t0.elapsed().as_secs_f64())
         };
-        call()?; // warm-up
+        // Two warm-ups: the first compiles kernels and sizes the memory pool, the second settles cuDNN.
+        call()?;
+        call()?;
         let times = (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()?;
         let med = median(&times);
+        let memory = device_memory_note(&device);
         let per_s = images as f64 / med;
         let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
         if b.json {
@@ -232,7 +246,8 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             );
         } else {
             println!(
-                "bench: sd-rbee unet {what} latent {latent}x{latent} images {images} (batch {rows}) threads={threads} median_s={med:.3} image_steps_per_s={per_s:.3} peak_rss_gb={peak:.2}"
+                "bench: sd-rbee unet {what} {dtype} latent {latent}x{latent} images {images} (batch {rows}) threads={threads} median_s={med:.4} image_steps_per_s={per_s:.3} peak_rss_gb={peak:.2}{memory}",
+                dtype = crate::device::dtype_name(b.dtype)
             );
         }
     }
@@ -259,7 +274,9 @@ fn vae(b: VaeBench) -> anyhow::Result<()> {
     let peak = peak_rss_bytes().map(|v| v as f64 / 1e9).unwrap_or(f64::NAN);
     let (arch, size, tiled) = (&b.arch, b.size, b.tiled);
     println!(
-        "bench: sd-rbee vae random:{arch} {size}x{size} tiled={tiled} seconds={seconds:.2} peak_rss_gb={peak:.2} (after loading: {before:.2})"
+        "bench: sd-rbee vae random:{arch} {dtype} {size}x{size} tiled={tiled} seconds={seconds:.2} peak_rss_gb={peak:.2} (after loading: {before:.2}){memory}",
+        dtype = crate::device::dtype_name(b.dtype),
+        memory = device_memory_note(&device)
     );
     Ok(())
 }
