@@ -18,6 +18,7 @@ use common::queen::{client, start_queen, tiny};
 use common::servers::{free_port, http, sd_rbee_binary, tool, NatsServer, WorkerProcess};
 use sd_rbee::cli::{Cli, Command as Sub};
 use sd_rbee::protocol::Subjects;
+use sd_rbee::vocab::Priority;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -164,17 +165,29 @@ fn every_model_scales_on_the_consumer_its_workers_share() {
         let prefix = arg_value(container, "--prefix").or(configured).unwrap_or_else(|| "sd".into());
         let subjects = Subjects::new(prefix).unwrap();
 
+        // One trigger per priority, on that priority's durable consumer; the scaling formula adds them all.
         let triggers = scaler["spec"]["triggers"].as_array().unwrap();
-        assert_eq!(triggers.len(), 1);
-        assert_eq!(triggers[0]["type"], "nats-jetstream");
-        let meta = &triggers[0]["metadata"];
-        assert_eq!(meta["stream"], subjects.jobs_stream(), "the jobs stream");
-        assert_eq!(meta["consumer"], sd_rbee::bus::consumer_name(model), "the model's durable consumer");
-        assert_eq!(meta["account"], "$G", "nats-server's default account, where the streams are");
-        assert!(meta["natsServerMonitoringEndpoint"].as_str().unwrap().ends_with(":8222"), "{meta}");
-        for (key, value) in meta.as_object().unwrap() {
-            assert!(value.is_string(), "KEDA's metadata values are strings: {key} = {value}");
+        assert_eq!(triggers.len(), Priority::ALL.len());
+        let modifiers = &scaler["spec"]["advanced"]["scalingModifiers"];
+        let formula = modifiers["formula"].as_str().expect("a scaling formula");
+        assert!(modifiers["target"].is_string() && modifiers["activationTarget"] == "0", "{modifiers}");
+        for priority in Priority::ALL {
+            let trigger = triggers.iter().find(|t| t["name"] == priority.as_str());
+            let trigger = trigger.unwrap_or_else(|| panic!("no trigger named {}", priority.as_str()));
+            assert_eq!(trigger["type"], "nats-jetstream");
+            let terms: Vec<&str> = formula.split('+').map(str::trim).collect();
+            assert_eq!(terms.iter().filter(|t| **t == priority.as_str()).count(), 1, "{formula} adds each once");
+            let meta = &trigger["metadata"];
+            assert_eq!(meta["stream"], subjects.jobs_stream(), "the jobs stream");
+            let consumer = sd_rbee::bus::priority_consumer_name(model, priority);
+            assert_eq!(meta["consumer"], consumer, "the model's durable consumer at {}", priority.as_str());
+            assert_eq!(meta["account"], "$G", "nats-server's default account, where the streams are");
+            assert!(meta["natsServerMonitoringEndpoint"].as_str().unwrap().ends_with(":8222"), "{meta}");
+            for (key, value) in meta.as_object().unwrap() {
+                assert!(value.is_string(), "KEDA's metadata values are strings: {key} = {value}");
+            }
         }
+        assert_eq!(formula.split('+').count(), Priority::ALL.len(), "{formula}");
         assert_eq!(scaler["spec"]["minReplicaCount"], 0, "scales to zero");
         assert!(catalogue.contains(model), "the queen's catalogue lists {model}, so its consumer exists at zero");
 
@@ -259,7 +272,8 @@ async fn the_probes_answer_and_the_scaler_sees_a_queue_before_any_worker() {
     job.model = model.clone();
     client(&queen).submit(&job, None).await.expect("a job for a model no worker serves yet is accepted");
     let scaler = find(&objects, "ScaledObject", &format!("sd-rbee-worker-{model}"));
-    let meta = &scaler["spec"]["triggers"][0]["metadata"];
+    let triggers = scaler["spec"]["triggers"].as_array().unwrap();
+    let meta = &triggers.iter().find(|t| t["name"] == "normal").expect("the normal-priority trigger")["metadata"];
     let account = meta["account"].as_str().unwrap();
     let path = format!("/jsz?acc={}&consumers=true&config=true", account.replace('$', "%24"));
     let (status, jsz) = answer(nats.monitor_port, &path, Duration::from_secs(5));
@@ -269,9 +283,11 @@ async fn the_probes_answer_and_the_scaler_sees_a_queue_before_any_worker() {
     let stream = account["stream_detail"].as_array().unwrap().iter().find(|s| s["name"] == meta["stream"]);
     let stream = stream.unwrap_or_else(|| panic!("no stream {} in {jsz}", meta["stream"]));
     for model in &models {
-        let name = sd_rbee::bus::consumer_name(model);
-        let consumers = stream["consumer_detail"].as_array().unwrap();
-        assert!(consumers.iter().any(|c| c["name"] == name), "no consumer {name}: {stream}");
+        for priority in Priority::ALL {
+            let name = sd_rbee::bus::priority_consumer_name(model, priority);
+            let consumers = stream["consumer_detail"].as_array().unwrap();
+            assert!(consumers.iter().any(|c| c["name"] == name), "no consumer {name}: {stream}");
+        }
     }
     let consumer = stream["consumer_detail"].as_array().unwrap().iter().find(|c| c["name"] == meta["consumer"]);
     let consumer = consumer.unwrap_or_else(|| panic!("no consumer {}: {stream}", meta["consumer"]));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::queen::{cli, client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, S3Server, WorkerProcess};
 use sd_rbee::api::{ApiError, QueenClient};
+use sd_rbee::vocab::Priority;
 use uuid::Uuid;
 
 fn api_error(e: anyhow::Error) -> ApiError {
@@ -273,6 +274,27 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     assert_eq!(q.status.state.name(), "queued");
     assert_eq!(q.queue_position, Some(0), "nothing waits ahead of it (the running job is not waiting)");
 
+    // Priorities: a high job goes ahead of the queued normal one, a low one behind both.
+    let at = |priority| {
+        let mut job = tiny(40, 4);
+        job.priority = Some(priority);
+        job
+    };
+    let high = c.submit(&at(Priority::High), None).await.unwrap();
+    let low = c.submit(&at(Priority::Low), None).await.unwrap();
+    let position = |id| {
+        let c = &c;
+        async move { c.status(id).await.unwrap().queue_position }
+    };
+    assert_eq!(position(high.job_id).await, Some(0), "nothing of higher priority waits");
+    assert_eq!(position(queued.job_id).await, Some(1), "the high job is taken first");
+    assert_eq!(position(low.job_id).await, Some(2));
+    let status = c.status(low.job_id).await.unwrap().status;
+    assert_eq!(status.priority, Priority::Low);
+    for id in [high.job_id, low.job_id] {
+        assert_eq!(c.cancel(id).await.unwrap().state, "cancelled");
+    }
+
     let r = c.cancel(queued.job_id).await.unwrap();
     assert_eq!(r.state, "cancelled", "a queued job is removed at once");
     let r = c.cancel(running.job_id).await.unwrap();
@@ -299,7 +321,7 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let list = c.jobs("?state=completed").await.unwrap();
     assert_eq!(list.jobs.iter().filter(|j| j.job_id == first.job_id).count(), 1);
     let all = c.jobs("?limit=2").await.unwrap();
-    assert_eq!(all.total, 4);
+    assert_eq!(all.total, 6, "the running, queued, high, low, first and theirs");
     assert_eq!(all.jobs.len(), 2);
     assert_eq!(all.next_offset, Some(2));
 }

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::protocol::{self, Subjects, MSG_ID_HEADER};
+use crate::vocab::Priority;
 
 /// A NATS URL (or a comma-separated list of them) split into the servers and the credentials they carry:
 /// `nats://USER:PASSWORD@host:4222` or `nats://TOKEN@host:4222`, as the other NATS clients take them (percent-
@@ -232,32 +233,74 @@ impl Default for ConsumerSettings {
     }
 }
 
-/// The durable name of `model`'s job consumer, shared by every worker that serves the model.
+/// The durable name of `model`'s (normal-priority) job consumer, shared by every worker that serves the model.
 pub fn consumer_name(model: &str) -> String {
-    format!("workers-{model}")
+    priority_consumer_name(model, Priority::Normal)
 }
 
-/// Creates (or updates to `settings`) the durable pull consumer of `model`'s jobs.
+/// The durable name of `model`'s job consumer at `priority`: `workers-<model>` (normal, the name it had
+/// before priorities), `high-workers-<model>`, `low-workers-<model>`. The prefixes differ, so a name maps
+/// back to one model whatever characters model names use ([`parse_consumer_name`]).
+pub fn priority_consumer_name(model: &str, priority: Priority) -> String {
+    match priority {
+        Priority::Normal => format!("workers-{model}"),
+        other => format!("{}-workers-{model}", other.as_str()),
+    }
+}
+
+/// The model and priority of a job consumer's name.
+pub fn parse_consumer_name(name: &str) -> Option<(&str, Priority)> {
+    let (model, priority) = if let Some(model) = name.strip_prefix("high-workers-") {
+        (model, Priority::High)
+    } else if let Some(model) = name.strip_prefix("low-workers-") {
+        (model, Priority::Low)
+    } else {
+        (name.strip_prefix("workers-")?, Priority::Normal)
+    };
+    protocol::validate_model_name(model).ok().map(|_| (model, priority))
+}
+
+/// Creates (or updates to `settings`) the durable pull consumer of `model`'s jobs at `priority`.
 pub async fn jobs_consumer(
     js: &jetstream::Context,
     subjects: &Subjects,
     model: &str,
+    priority: Priority,
     settings: &ConsumerSettings,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
-    let config = jobs_consumer_config(subjects, model, settings)?;
-    stream.create_consumer(config).await.with_context(|| format!("cannot create the job consumer of model {model}"))
+    let config = jobs_consumer_config(subjects, model, priority, settings)?;
+    stream
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("cannot create the {} job consumer of model {model}", priority.as_str()))
+}
+
+/// A model's job consumers, highest priority first.
+pub async fn jobs_consumers(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    model: &str,
+    settings: &ConsumerSettings,
+) -> anyhow::Result<[consumer::PullConsumer; 3]> {
+    let [high, normal, low] = Priority::ALL;
+    Ok([
+        jobs_consumer(js, subjects, model, high, settings).await?,
+        jobs_consumer(js, subjects, model, normal, settings).await?,
+        jobs_consumer(js, subjects, model, low, settings).await?,
+    ])
 }
 
 fn jobs_consumer_config(
     subjects: &Subjects,
     model: &str,
+    priority: Priority,
     settings: &ConsumerSettings,
 ) -> anyhow::Result<consumer::pull::Config> {
     Ok(consumer::pull::Config {
-        durable_name: Some(consumer_name(model)),
-        description: Some(format!("sd-rbee workers serving {model}")),
-        filter_subject: subjects.jobs(model)?,
+        durable_name: Some(priority_consumer_name(model, priority)),
+        description: Some(format!("sd-rbee workers serving {model}, {} priority", priority.as_str())),
+        filter_subject: subjects.jobs_at(model, priority)?,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
         max_deliver: settings.max_deliver,
@@ -272,12 +315,18 @@ fn jobs_consumer_config(
 /// does for a fleet to scale up from zero.
 pub async fn ensure_jobs_consumer(js: &jetstream::Context, subjects: &Subjects, model: &str) -> anyhow::Result<()> {
     let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
-    let config = jobs_consumer_config(subjects, model, &ConsumerSettings::default())?;
-    match stream.create_consumer_strict(config).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == stream::ConsumerCreateStrictErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot create the job consumer of model {model}")),
+    for priority in Priority::ALL {
+        let config = jobs_consumer_config(subjects, model, priority, &ConsumerSettings::default())?;
+        match stream.create_consumer_strict(config).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == stream::ConsumerCreateStrictErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create the {} job consumer of model {model}", priority.as_str()))
+            }
+        }
     }
+    Ok(())
 }
 
 /// The next message of an endless `messages()` stream. Such a stream can go quiet instead of failing when its
@@ -418,7 +467,7 @@ fn is_too_large(e: &async_nats::jetstream::context::PublishError) -> bool {
     })
 }
 
-/// Publishes a job on `sd.jobs.<model>` with `Nats-Msg-Id` = its id (a retried publish is not a second
+/// Publishes a job on its model's subject at its priority (`sd.jobs.<model>[.high|.low]`) with `Nats-Msg-Id` = its id (a retried publish is not a second
 /// job), after validating it.
 pub async fn publish_job(
     js: &jetstream::Context,
@@ -427,7 +476,7 @@ pub async fn publish_job(
     limits: &protocol::Limits,
 ) -> anyhow::Result<u64> {
     job.validate(limits)?;
-    let subject = subjects.jobs(&job.model)?;
+    let subject = subjects.jobs_at(&job.model, job.priority)?;
     let bytes = protocol::encode(job);
     let (size, max) = (job_message_size(job.id, bytes.len()), js.client().max_payload());
     if max > 0 && size > max {
@@ -491,5 +540,19 @@ mod tests {
         }
         let url = NatsUrl::parse("nats://u:hunter2@host:4222").unwrap();
         assert!(!format!("{url:?}").contains("hunter2"), "{url:?}");
+    }
+
+    #[test]
+    fn consumer_names_map_back_to_one_model_and_priority() {
+        // Model names may themselves start with "high-" or contain "-workers-".
+        for model in ["xl", "high-x", "low-workers-y", "workers-z", "a~b"] {
+            for priority in Priority::ALL {
+                let name = priority_consumer_name(model, priority);
+                assert_eq!(parse_consumer_name(&name), Some((model, priority)), "{name}");
+            }
+        }
+        assert_eq!(consumer_name("xl"), "workers-xl");
+        assert_eq!(parse_consumer_name("workers-advisories"), Some(("advisories", Priority::Normal)));
+        assert_eq!(parse_consumer_name("other"), None);
     }
 }

@@ -16,6 +16,7 @@ use crate::bus::BusClient;
 use crate::diffusion::{SchedulerKind, TimestepSpacing};
 use crate::image_input::ResizeMode;
 use crate::protocol::{self, Event, ImageFormat, ImageSource, JobKind, JobRequest};
+use crate::vocab::Priority;
 
 #[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
@@ -79,6 +80,9 @@ pub struct SubmitArgs {
     /// The job is worthless after this long (it fails with TIMEOUT).
     #[arg(long, value_parser = parse_duration)]
     pub deadline: Option<Duration>,
+    /// Which of the model's queues the job waits in: workers take high before normal before low.
+    #[arg(long, value_enum, default_value_t = Priority::Normal)]
+    pub priority: Priority,
     /// Your key for this request; the queen maps a retried request to the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -232,6 +236,7 @@ fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     job.resize_mode = args.resize;
     job.output.format = args.format;
     job.output.quality = args.quality;
+    job.priority = args.priority;
     job.deadline = args.deadline.map(|d| job.created_at + d.as_millis() as u64);
     job.idempotency_key = args.idempotency_key.clone();
     job.loras = args.loras.clone();

@@ -39,6 +39,10 @@ pub struct WorkerArgs {
     /// How long a job waits for others to share its batch (never longer: a lone job starts after this).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub batch_window: Duration,
+    /// Jobs are taken high priority first, then normal, then low, except one pick in this many, which starts
+    /// from the lowest priority that has jobs waiting (so low ones never starve); 0: strict priority.
+    #[arg(long, default_value_t = 10)]
+    pub priority_share: u32,
     /// A job not acked within this is redelivered (the worker sends in-progress acks at a third of it).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
@@ -111,6 +115,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.concurrency = args.jobs;
     config.max_batch = args.max_batch;
     config.batch_window = args.batch_window;
+    config.priority_share = args.priority_share;
     config.consumer.ack_wait = args.ack_wait;
     config.consumer.max_deliver = args.max_deliver;
     config.retry_backoff = args.retry_backoff;

@@ -20,6 +20,7 @@ use crate::api::{
 use crate::bus::BusClient;
 use crate::protocol::{self, Event, ImageSource, JobRequest, Limits, ProtocolError};
 use crate::storage::{Store, StoreError};
+use crate::vocab::Priority;
 
 /// Why a request of the service failed.
 #[derive(Debug, thiserror::Error)]
@@ -341,7 +342,7 @@ impl Jobs {
         match s.state {
             JobState::Queued => {
                 if let Some(seq) = s.stream_seq {
-                    v.queue_position = self.queue_position(&s.model, seq).await;
+                    v.queue_position = self.queue_position(&s.model, s.priority, seq).await;
                 }
                 let workers = self.fleet.serving(&s.model, now);
                 v.waiting_for_worker = workers == 0 && self.fleet.has_heard_everyone();
@@ -366,7 +367,6 @@ impl Jobs {
     /// Jobs of each of `models` waiting for a worker: its consumer's undelivered jobs, or, before any worker
     /// created the consumer, every job on its subject. `None` where NATS cannot say.
     pub async fn queue_depths(&self, models: &[&str]) -> Vec<Option<u64>> {
-        use futures::StreamExt;
         let Ok(stream) = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await else {
             return vec![None; models.len()];
         };
@@ -374,28 +374,49 @@ impl Jobs {
             let stream = &stream;
             let model = model.to_string();
             async move {
-                let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-                    stream.get_consumer(&crate::bus::consumer_name(&model)).await;
-                if let Ok(c) = consumer {
-                    return Some(c.cached_info().num_pending);
+                let mut total = 0;
+                for priority in Priority::ALL {
+                    total += self.waiting(stream, &model, priority).await?;
                 }
-                let subject = self.bus.subjects().jobs(&model).ok()?;
-                let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
-                Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
+                Some(total)
             }
         };
         futures::future::join_all(models.iter().map(|m| depth(m))).await
     }
 
-    /// How many jobs of `model` wait before stream sequence `seq` (walked with direct gets, bounded).
-    async fn queue_position(&self, model: &str, seq: u64) -> Option<u64> {
-        let subject = self.bus.subjects().jobs(model).ok()?;
+    /// Jobs of `model` waiting at `priority`: its consumer's undelivered jobs, or, before any worker or
+    /// queen created the consumer, every job on its subject.
+    async fn waiting(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        model: &str,
+        priority: Priority,
+    ) -> Option<u64> {
+        use futures::StreamExt;
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
+        if let Ok(c) = consumer {
+            return Some(c.cached_info().num_pending);
+        }
+        let subject = self.bus.subjects().jobs_at(model, priority).ok()?;
+        let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
+        Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
+    }
+
+    /// How many jobs of `model` a worker takes before the one at stream sequence `seq`, at `priority`: every
+    /// job waiting at a higher priority, and those before it at its own (walked with direct gets, bounded).
+    /// Workers' low-priority share can move a job earlier than this says, never later.
+    async fn queue_position(&self, model: &str, priority: Priority, seq: u64) -> Option<u64> {
+        let subject = self.bus.subjects().jobs_at(model, priority).ok()?;
         let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;
+        let mut position = 0;
+        for higher in Priority::ALL.into_iter().filter(|p| *p < priority) {
+            position += self.waiting(&stream, model, higher).await?;
+        }
         // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
         let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-            stream.get_consumer(&crate::bus::consumer_name(model)).await;
+            stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
         let mut next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
-        let mut position = 0;
         for _ in 0..1000 {
             match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
                 Ok(msg) if msg.sequence < seq => {

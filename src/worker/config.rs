@@ -78,6 +78,9 @@ pub struct WorkerConfig {
     pub max_batch: Option<usize>,
     /// How long a job waits for others to share its batch.
     pub batch_window: Duration,
+    /// One pick in this many starts from the lowest priority with jobs waiting, so that low priorities keep
+    /// moving under a stream of high ones; 0: strict priority.
+    pub priority_share: u32,
     pub consumer: ConsumerSettings,
     pub streams: StreamSettings,
     /// Nak delays for transient failures, by delivery (the last one repeats).
@@ -122,6 +125,7 @@ impl WorkerConfig {
             concurrency: 1,
             max_batch: None,
             batch_window: Duration::from_millis(50),
+            priority_share: 10,
             consumer: ConsumerSettings::default(),
             streams: StreamSettings::default(),
             retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)],

@@ -1,5 +1,5 @@
-//! `sd-rbee worker`: a generation node. It loads its models once, binds the streams and one durable pull
-//! consumer per model, then pulls only as many jobs as it runs at a time. While a job runs it publishes
+//! `sd-rbee worker`: a generation node. It loads its models once, binds the streams and three durable pull
+//! consumers per model (one per priority, see `pull`), then pulls only as many jobs as it runs at a time. While a job runs it publishes
 //! progress, sends in-progress acks and listens for cancel requests; results go to the object store before
 //! `completed` is published and the job is acked. Heartbeats say who it is and what it does.
 //!
@@ -18,6 +18,7 @@ mod generate;
 pub mod health;
 pub mod job;
 pub mod policy;
+mod pull;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,7 +65,8 @@ pub struct Shared {
 /// A worker with its models loaded and its consumers bound, ready to serve.
 pub struct Worker {
     shared: Arc<Shared>,
-    consumers: Vec<(String, jetstream::consumer::PullConsumer)>,
+    /// Each model's job consumers, highest priority first.
+    consumers: Vec<(String, pull::Queues)>,
 }
 
 fn hostname() -> String {
@@ -158,7 +160,7 @@ impl Worker {
         let mut consumers = Vec::new();
         for spec in &config.models {
             consumers
-                .push((spec.name.clone(), bus::jobs_consumer(&js, &subjects, &spec.name, &config.consumer).await?));
+                .push((spec.name.clone(), bus::jobs_consumers(&js, &subjects, &spec.name, &config.consumer).await?));
         }
         let device = match config.device {
             DeviceSpec::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
@@ -220,10 +222,10 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(in_hand));
         let jobs = TaskTracker::new();
         let mut pullers = JoinSet::new();
-        let backlog = Arc::new(Backlog(self.consumers.iter().map(|(m, c)| (m.clone(), c.clone())).collect()));
-        for (model, consumer) in self.consumers {
+        let backlog = Arc::new(pull::Backlog(self.consumers.clone()));
+        for (model, queues) in self.consumers {
             let (slots, jobs, backlog, stop) = (slots.clone(), jobs.clone(), backlog.clone(), stop.clone());
-            pullers.spawn(pull(shared.clone(), model, consumer, slots, jobs, backlog, stop));
+            pullers.spawn(pull::pull(shared.clone(), model, queues, slots, jobs, backlog, stop));
         }
         send_heartbeat(&shared, false).await;
         tracing::info!(worker_id = %shared.worker_id, models = ?shared.catalogue.names(), resident = ?shared.catalogue.resident(), "ready");
@@ -260,95 +262,6 @@ impl Shared {
     }
 }
 
-/// Pulls `model`'s jobs, one per free slot.
-async fn pull(
-    shared: Arc<Shared>,
-    model: String,
-    mut consumer: jetstream::consumer::PullConsumer,
-    slots: Arc<Semaphore>,
-    jobs: TaskTracker,
-    backlog: Arc<Backlog>,
-    stop: CancellationToken,
-) {
-    // Short pull requests, so that several models share the slots fairly and shutdown is quick.
-    let several = shared.catalogue.names().len() > 1;
-    let expires = if several { Duration::from_millis(500) } else { Duration::from_secs(2) };
-    let mut deferred_since: Option<std::time::Instant> = None;
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = stop.cancelled() => return,
-        };
-        // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
-        // mixed queue does not load and evict models job by job.
-        if several && !shared.catalogue.is_resident(&model) && backlog.resident_waiting(&shared.catalogue).await {
-            let since = *deferred_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() < Duration::from_secs(30) {
-                drop(permit);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
-        deferred_since = None;
-        let batch = consumer.fetch().max_messages(1).expires(expires).messages().await;
-        let mut batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(model, error = %e, "cannot pull jobs; retrying");
-                drop(permit);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                rebind(&shared, &model, &mut consumer).await;
-                continue;
-            }
-        };
-        let next = tokio::select! {
-            m = batch.next() => m,
-            _ = stop.cancelled() => return,
-        };
-        match next {
-            Some(Ok(msg)) => {
-                if stop.is_cancelled() {
-                    let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                    return;
-                }
-                let shared = shared.clone();
-                let model = model.clone();
-                jobs.spawn(async move {
-                    job::handle(shared, model, msg).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => {
-                tracing::warn!(model, error = %e, "pull request failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                rebind(&shared, &model, &mut consumer).await;
-            }
-            None => {}
-        }
-    }
-}
-
-/// Every model's job consumer, to see whose queue holds jobs.
-struct Backlog(Vec<(String, jetstream::consumer::PullConsumer)>);
-
-impl Backlog {
-    /// Whether a resident model has jobs waiting (not yet delivered to any worker).
-    async fn resident_waiting(&self, catalogue: &Catalogue) -> bool {
-        for (model, consumer) in &self.0 {
-            if catalogue.is_resident(model) {
-                let mut consumer = consumer.clone();
-                if consumer.info().await.is_ok_and(|i| i.num_pending > 0) {
-                    return true;
-                }
-            }
-        }
-        false
-    }
-}
-
 /// The memory models may take when `--max-resident-bytes` is not given: half the machine's RAM on the CPU;
 /// on GPUs, no limit (give one below the device memory to serve more models than fit).
 fn default_budget(device: DeviceSpec) -> Option<u64> {
@@ -358,23 +271,6 @@ fn default_budget(device: DeviceSpec) -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024 / 2)
-}
-
-/// After a failed pull, binds `model`'s consumer again, creating it (and the streams) when they are gone: an
-/// operator deleted them, or the server lost its store. Leaves `consumer` as it was while NATS is unreachable.
-async fn rebind(shared: &Shared, model: &str, consumer: &mut jetstream::consumer::PullConsumer) {
-    let bind = || bus::jobs_consumer(&shared.js, &shared.subjects, model, &shared.config.consumer);
-    let result = match bind().await {
-        Ok(c) => Ok(c),
-        Err(_) => match bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams).await {
-            Ok(()) => bind().await,
-            Err(e) => Err(e),
-        },
-    };
-    match result {
-        Ok(c) => *consumer = c,
-        Err(e) => tracing::debug!(model, error = %e, "cannot bind the job consumer yet"),
-    }
 }
 
 async fn send_heartbeat(shared: &Shared, stopping: bool) {
@@ -472,12 +368,12 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
             loop {
                 let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(30)).await?;
                 let handled = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
-                    Ok(a) => {
-                        match a.consumer.strip_prefix("workers-").filter(|m| protocol::validate_model_name(m).is_ok()) {
-                            Some(model) => job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries).await,
-                            None => true,
+                    Ok(a) => match bus::parse_consumer_name(&a.consumer) {
+                        Some((model, _)) => {
+                            job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries).await
                         }
-                    }
+                        None => true,
+                    },
                     Err(_) => true,
                 };
                 let kind = if handled {

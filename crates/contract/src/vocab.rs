@@ -23,6 +23,47 @@ pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 /// The default mask blur radius in pixels.
 pub const DEFAULT_MASK_BLUR: u32 = 4;
 
+/// How soon a job is taken: workers serve `high` before `normal` before `low`, except that a share of their
+/// picks starts from the bottom so that low priorities never starve (`sd-rbee worker --priority-share`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+    strum::VariantNames,
+)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
 /// How an input image is brought to the requested size.
 #[derive(
     Clone,

@@ -42,8 +42,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     if let Ok(stream) = jobs.bus.jetstream().get_stream(subjects.jobs_stream()).await {
         if let Ok(mut info) = stream.info_with_subjects(subjects.jobs_wildcard()).await {
             while let Some(Ok((subject, count))) = info.next().await {
+                // A model's priorities are three subjects: their counts add up.
                 if let Some(model) = subjects.model_of_jobs_subject(&subject) {
-                    depth.get_or_create(&ModelLabel { model: Escaped(model.to_string()) }).set(count as i64);
+                    depth.get_or_create(&ModelLabel { model: Escaped(model.to_string()) }).inc_by(count as i64);
                 }
             }
         }

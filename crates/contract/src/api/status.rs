@@ -12,6 +12,7 @@ impl JobStatus {
     pub fn queued(job: &JobRequest, stream_seq: Option<u64>) -> Self {
         Self {
             cached: false,
+            priority: job.priority,
             job_id: job.id,
             model: job.model.clone(),
             kind: Some(job.kind),

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::protocol::{ImageSource, JobKind, JobRequest, LoraRef, ProtocolError};
-use crate::vocab::{ImageFormat, ResizeMode, DEFAULT_NUM_IMAGES};
+use crate::vocab::{ImageFormat, Priority, ResizeMode, DEFAULT_NUM_IMAGES};
 
 /// An input image: base64 (optionally a `data:` URL), or a key returned by `POST /v1/uploads`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
@@ -104,6 +104,10 @@ pub struct JobSubmission {
     /// `seed` never uses the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
+    /// `high`, `normal` (the default) or `low`: workers take higher priorities first, and give a share of
+    /// their picks to the lower ones so that they never starve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 impl JobSubmission {
@@ -135,6 +139,7 @@ impl JobSubmission {
             loras: Vec::new(),
             clip_skip: None,
             cache: None,
+            priority: None,
         }
     }
 
@@ -187,6 +192,7 @@ impl From<&JobRequest> for JobSubmission {
             loras: job.loras.clone(),
             clip_skip: job.clip_skip,
             cache: (!job.cache).then_some(false),
+            priority: (job.priority != Priority::Normal).then_some(job.priority),
         }
     }
 }
@@ -238,6 +244,7 @@ impl JobSubmission {
         job.loras = sub.loras;
         job.clip_skip = sub.clip_skip;
         job.cache = sub.cache.unwrap_or(true);
+        job.priority = sub.priority.unwrap_or_default();
         job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
         Ok(job)
     }

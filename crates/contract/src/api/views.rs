@@ -190,6 +190,13 @@ pub struct JobStatus {
     /// Completed from the result cache: its images are copies of an earlier job's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
+    /// The queue the job waits in (`normal` is left out).
+    #[serde(default, skip_serializing_if = "is_normal")]
+    pub priority: vocab::Priority,
+}
+
+fn is_normal(p: &vocab::Priority) -> bool {
+    *p == vocab::Priority::Normal
 }
 
 /// `GET /v1/jobs/{id}`: a job's status with what the queen knows beside the record.

@@ -12,7 +12,8 @@ use super::serde_util::{default_mask_blur, default_num_images, default_true, is_
 use super::strict::{self, WireNames};
 use super::PROTOCOL_VERSION;
 use crate::vocab::{
-    ImageFormat, ResizeMode, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, DEFAULT_NUM_IMAGES,
+    ImageFormat, Priority, ResizeMode, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR,
+    DEFAULT_NUM_IMAGES,
 };
 
 /// What a job makes.
@@ -58,6 +59,10 @@ impl WireNames for JobKind {
 
 impl WireNames for ResizeMode {
     const NAMES: &'static [&'static str] = <ResizeMode as strum::VariantNames>::VARIANTS;
+}
+
+impl WireNames for Priority {
+    const NAMES: &'static [&'static str] = <Priority as strum::VariantNames>::VARIANTS;
 }
 
 impl WireNames for ImageFormat {
@@ -157,6 +162,9 @@ pub struct JobRequest {
     /// [`cache_description`](super::cache_description)).
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub cache: bool,
+    /// Which of the model's queues the job waits in (its subject: [`Subjects::jobs_at`](super::Subjects::jobs_at)).
+    #[serde(default, skip_serializing_if = "is_default", deserialize_with = "strict::by_name")]
+    pub priority: Priority,
 }
 
 /// A LoRA a job applies: a catalogue name (never a path or URL) and its scale.
@@ -227,6 +235,7 @@ impl JobRequest {
             clip_skip: None,
             created_at,
             cache: true,
+            priority: Priority::Normal,
         }
     }
 

@@ -4,6 +4,7 @@ use uuid::Uuid;
 
 use super::error::{quoted, ProtocolError};
 use super::{DEFAULT_PREFIX, MAX_TOKEN_CHARS};
+use crate::vocab::Priority;
 
 /// Checks that `value` can be one NATS subject token: non-empty, at most [`MAX_TOKEN_CHARS`] characters,
 /// no `.`, `*`, `>`, whitespace or control characters. `field` names it in the error.
@@ -87,6 +88,28 @@ impl Subjects {
         Ok(format!("{}.jobs.{model}", self.prefix))
     }
 
+    /// Where jobs for `model` wait at `priority`: `sd.jobs.<model>` (normal, as before priorities existed),
+    /// `sd.jobs.<model>.high`, `sd.jobs.<model>.low`.
+    pub fn jobs_at(&self, model: &str, priority: Priority) -> Result<String, ProtocolError> {
+        let normal = self.jobs(model)?;
+        Ok(match priority {
+            Priority::Normal => normal,
+            other => format!("{normal}.{}", other.as_str()),
+        })
+    }
+
+    /// The model and priority of a jobs subject, `None` if it is not one.
+    pub fn parse_jobs_subject<'a>(&self, subject: &'a str) -> Option<(&'a str, Priority)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".jobs.")?;
+        let (model, priority) = match rest.split_once('.') {
+            None => (rest, Priority::Normal),
+            Some((model, "high")) => (model, Priority::High),
+            Some((model, "low")) => (model, Priority::Low),
+            Some(_) => return None,
+        };
+        validate_model_name(model).ok().map(|_| (model, priority))
+    }
+
     /// `sd.jobs.>`: the jobs stream's subjects.
     pub fn jobs_wildcard(&self) -> String {
         format!("{}.jobs.>", self.prefix)
@@ -94,8 +117,7 @@ impl Subjects {
 
     /// The model of a jobs subject, `None` if it is not one.
     pub fn model_of_jobs_subject<'a>(&self, subject: &'a str) -> Option<&'a str> {
-        let model = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".jobs.")?;
-        validate_model_name(model).ok().map(|_| model)
+        self.parse_jobs_subject(subject).map(|(model, _)| model)
     }
 
     /// `sd.events.<job_id>`: the job's events.

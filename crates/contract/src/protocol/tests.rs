@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::strict::WireNames;
 use super::*;
+use crate::vocab::Priority;
 
 #[test]
 fn enums_by_name_and_maps_as_maps_only() {
@@ -17,6 +18,8 @@ fn enums_by_name_and_maps_as_maps_only() {
     for (field, value) in [
         ("kind", serde_json::json!(0)),
         ("resize_mode", serde_json::json!(2)),
+        ("priority", serde_json::json!(0)),
+        ("priority", serde_json::json!("urgent")),
         ("output", serde_json::json!(["png"])),
         ("output", serde_json::json!({"format": 1})),
         ("output", serde_json::json!([0, 80])),
@@ -26,6 +29,10 @@ fn enums_by_name_and_maps_as_maps_only() {
     }
     let ok = decode_job(&encode_with("resize_mode", "pad".into())).unwrap();
     assert_eq!(ok.resize_mode, ResizeMode::Pad);
+    let ok = decode_job(&encode_with("priority", "high".into())).unwrap();
+    assert_eq!(ok.priority, Priority::High);
+    // A normal-priority job's message is what it was before priorities existed.
+    assert!(base.get("priority").is_none(), "{base}");
     let ok = decode_job(&encode_with("output", serde_json::json!({"format": "webp", "quality": 80}))).unwrap();
     assert_eq!(ok.output, OutputFormat { format: ImageFormat::Webp, quality: Some(80) });
     // An unknown name is quoted short, whatever its length.
@@ -542,6 +549,15 @@ fn subjects_and_streams() {
     );
     assert_eq!(s.model_of_jobs_subject("sd.jobs.xl"), Some("xl"));
     assert_eq!(s.model_of_jobs_subject("sd.jobs.a.b"), None);
+    assert_eq!(s.model_of_jobs_subject("sd.jobs.xl.high"), Some("xl"));
+    assert_eq!(s.parse_jobs_subject("sd.jobs.xl.low"), Some(("xl", Priority::Low)));
+    assert_eq!(s.parse_jobs_subject("sd.jobs.xl"), Some(("xl", Priority::Normal)));
+    assert_eq!(s.parse_jobs_subject("sd.jobs.xl.high.x"), None);
+    for priority in Priority::ALL {
+        let subject = s.jobs_at("xl", priority).unwrap();
+        assert_eq!(s.parse_jobs_subject(&subject), Some(("xl", priority)), "{subject}");
+    }
+    assert_eq!(s.jobs_at("xl", Priority::Normal).unwrap(), s.jobs("xl").unwrap());
     assert_eq!(s.model_of_jobs_subject("sd.events.xl"), None);
 
     let p = Subjects::new("acme.img-gen").unwrap();

@@ -689,6 +689,8 @@ export interface components {
              *     worker that names it.
              */
             model?: string;
+            /** @description The queue the job waits in (`normal` is left out). */
+            priority?: components["schemas"]["Priority"];
             progress?: null | components["schemas"]["ProgressInfo"];
             request?: null | components["schemas"]["RequestSummary"];
             /** Format: int64 */
@@ -740,6 +742,7 @@ export interface components {
             num_images?: number;
             output_format?: null | components["schemas"]["ImageFormat"];
             paste_back?: boolean | null;
+            priority?: null | components["schemas"]["Priority"];
             prompt: string;
             /** Format: int32 */
             quality?: number | null;
@@ -934,6 +937,12 @@ export interface components {
             /** @description `WIDTHxHEIGHT` of the images. */
             size: string;
         };
+        /**
+         * @description How soon a job is taken: workers serve `high` before `normal` before `low`, except that a share of their
+         *     picks starts from the bottom so that low priorities never starve (`sd-rbee worker --priority-share`).
+         * @enum {string}
+         */
+        Priority: "high" | "normal" | "low";
         ProgressInfo: {
             /** Format: int64 */
             eta_ms?: number | null;

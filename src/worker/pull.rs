@@ -1,0 +1,217 @@
+//! Taking jobs off the bus: one task per model pulls one job per free slot, from the model's three priority
+//! queues (consumers `high-workers-<model>`, `workers-<model>`, `low-workers-<model>`), highest first except
+//! for one pick in `--priority-share`, which starts from the lowest so that low priorities never starve.
+//!
+//! Each pick asks the queues in order with no-wait pulls (one round trip each, answered at once). When all
+//! are empty the task sleeps until a job is published for the model (a JetStream publish is also a plain
+//! NATS message on its subject, which the task subscribes to) or a second has passed (redeliveries publish
+//! nothing).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::catalogue::Catalogue;
+use super::{job, Shared};
+use crate::bus;
+use crate::vocab::Priority;
+
+/// A model's job consumers, highest priority first (the order of [`Priority::ALL`]).
+pub type Queues = [PullConsumer; 3];
+
+/// The longest an idle puller waits before looking at its queues again without being told of a new job.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// The order in which pick number `pick` (counting from 0) asks the priorities: highest first, except every
+/// `share`-th pick, which starts from the lowest. `share` 0 or 1: 0 is strict priority, 1 always bottom-up.
+pub fn pick_order(pick: u64, share: u32) -> [Priority; 3] {
+    let [high, normal, low] = Priority::ALL;
+    if share > 0 && pick % u64::from(share) == u64::from(share) - 1 {
+        [low, normal, high]
+    } else {
+        [high, normal, low]
+    }
+}
+
+fn index(priority: Priority) -> usize {
+    Priority::ALL.iter().position(|&p| p == priority).expect("every priority is in ALL")
+}
+
+/// Pulls `model`'s jobs, one per free slot, by priority.
+pub async fn pull(
+    shared: Arc<Shared>,
+    model: String,
+    mut queues: Queues,
+    slots: Arc<Semaphore>,
+    jobs: TaskTracker,
+    backlog: Arc<Backlog>,
+    stop: CancellationToken,
+) {
+    let several = shared.catalogue.names().len() > 1;
+    let mut arrivals = arrivals(&shared, &model).await;
+    let mut deferred_since: Option<Instant> = None;
+    let mut picks: u64 = 0;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => return,
+        };
+        // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
+        // mixed queue does not load and evict models job by job.
+        if several && !shared.catalogue.is_resident(&model) && backlog.resident_waiting(&shared.catalogue).await {
+            let since = *deferred_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < Duration::from_secs(30) {
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        deferred_since = None;
+        let mut taken = None;
+        for priority in pick_order(picks, shared.config.priority_share) {
+            let queue = &mut queues[index(priority)];
+            match next_job(queue, &stop).await {
+                Ok(Some(msg)) => {
+                    taken = Some(msg);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(model, priority = priority.as_str(), error = %e, "cannot pull jobs; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    rebind(&shared, &model, priority, queue).await;
+                }
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+        let Some(msg) = taken else {
+            drop(permit);
+            tokio::select! {
+                _ = next_arrival(&mut arrivals) => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        };
+        if stop.is_cancelled() {
+            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+            return;
+        }
+        picks += 1;
+        let (shared, model) = (shared.clone(), model.clone());
+        jobs.spawn(async move {
+            job::handle(shared, model, msg).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The next waiting job of one queue, without waiting for one: `None` when it is empty.
+async fn next_job(queue: &mut PullConsumer, stop: &CancellationToken) -> anyhow::Result<Option<jetstream::Message>> {
+    let mut batch = queue.fetch().max_messages(1).messages().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::select! {
+        m = batch.next() => match m {
+            Some(Ok(msg)) => Ok(Some(msg)),
+            Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
+            None => Ok(None),
+        },
+        _ = stop.cancelled() => Ok(None),
+    }
+}
+
+/// Plain NATS subscriptions to `model`'s job subjects (every priority): they say when a job arrives. `None`
+/// if NATS refuses them (the puller then looks every [`IDLE_POLL`]).
+async fn arrivals(shared: &Shared, model: &str) -> Option<futures::stream::SelectAll<async_nats::Subscriber>> {
+    let normal = shared.subjects.jobs_at(model, Priority::Normal).ok()?;
+    let mut all = futures::stream::SelectAll::new();
+    for subject in [normal.clone(), format!("{normal}.*")] {
+        match shared.client.subscribe(subject).await {
+            Ok(sub) => all.push(sub),
+            Err(e) => {
+                tracing::debug!(model, error = %e, "cannot watch for new jobs; polling");
+                return None;
+            }
+        }
+    }
+    Some(all)
+}
+
+async fn next_arrival(arrivals: &mut Option<futures::stream::SelectAll<async_nats::Subscriber>>) {
+    match arrivals {
+        Some(subs) => {
+            if subs.next().await.is_none() {
+                *arrivals = None;
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Every model's job consumers, to see whose queues hold jobs.
+pub struct Backlog(pub Vec<(String, Queues)>);
+
+impl Backlog {
+    /// Whether a resident model has jobs waiting (not yet delivered to any worker), at any priority.
+    async fn resident_waiting(&self, catalogue: &Catalogue) -> bool {
+        for (model, queues) in &self.0 {
+            if catalogue.is_resident(model) {
+                for queue in queues {
+                    let mut queue = queue.clone();
+                    if queue.info().await.is_ok_and(|i| i.num_pending > 0) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+/// After a failed pull, binds `model`'s consumer at `priority` again, creating it (and the streams) when
+/// they are gone: an operator deleted them, or the server lost its store. Leaves `queue` as it was while
+/// NATS is unreachable.
+async fn rebind(shared: &Shared, model: &str, priority: Priority, queue: &mut PullConsumer) {
+    let bind = || bus::jobs_consumer(&shared.js, &shared.subjects, model, priority, &shared.config.consumer);
+    let result = match bind().await {
+        Ok(c) => Ok(c),
+        Err(_) => match bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams).await {
+            Ok(()) => bind().await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(c) => *queue = c,
+        Err(e) => tracing::debug!(model, error = %e, "cannot bind the job consumer yet"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_go_highest_first_except_the_share() {
+        let top = [Priority::High, Priority::Normal, Priority::Low];
+        let bottom = [Priority::Low, Priority::Normal, Priority::High];
+        let orders: Vec<_> = (0..20).map(|pick| pick_order(pick, 10)).collect();
+        assert_eq!(orders.iter().filter(|o| **o == bottom).count(), 2);
+        assert_eq!(orders[9], bottom);
+        assert_eq!(orders[19], bottom);
+        assert_eq!(orders[0], top, "the first pick is the highest priority's");
+        assert!((0..100).all(|pick| pick_order(pick, 0) == top), "0: strict priority");
+        assert!((0..10).all(|pick| pick_order(pick, 1) == bottom));
+        assert_eq!(index(Priority::High), 0);
+        assert_eq!(index(Priority::Low), 2);
+    }
+}
