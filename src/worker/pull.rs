@@ -27,6 +27,10 @@ pub type Queues = [PullConsumer; 3];
 /// The longest an idle puller waits before looking at its queues again without being told of a new job.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// After a notice of a new job, how often and how soon the queues are asked again when none showed it.
+const RECHECKS: u32 = 5;
+const RECHECK: Duration = Duration::from_millis(2);
+
 /// The order in which pick number `pick` (counting from 0) asks the priorities: highest first, except every
 /// `share`-th pick, which starts from the lowest. `share` 0 or 1: 0 is strict priority, 1 always bottom-up.
 pub fn pick_order(pick: u64, share: u32) -> [Priority; 3] {
@@ -56,6 +60,7 @@ pub async fn pull(
     let mut arrivals = arrivals(&shared, &model).await;
     let mut deferred_since: Option<Instant> = None;
     let mut picks: u64 = 0;
+    let mut recheck = 0;
     loop {
         if stop.is_cancelled() {
             return;
@@ -96,13 +101,21 @@ pub async fn pull(
         }
         let Some(msg) = taken else {
             drop(permit);
+            // Told of a job that no queue showed yet (the notice can overtake the stream's store of it):
+            // look again shortly, a few times, before waiting for the next notice.
+            if recheck > 0 {
+                recheck -= 1;
+                tokio::time::sleep(RECHECK).await;
+                continue;
+            }
             tokio::select! {
-                _ = next_arrival(&mut arrivals) => {}
+                _ = next_arrival(&mut arrivals) => recheck = RECHECKS,
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.cancelled() => return,
             }
             continue;
         };
+        recheck = 0;
         if stop.is_cancelled() {
             let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
             return;
