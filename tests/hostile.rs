@@ -517,6 +517,26 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         let secret: String = tokens.chars().take(3).collect();
         assert!(stderr.contains("entry 1 of SD_RBEE_API_TOKENS") && !stderr.contains(&secret), "{tokens:?}: {stderr}");
     }
+    // A token file line's priority options: a bad one names the line and the option, not the token.
+    let dir = tempfile::tempdir().unwrap();
+    for (line, expected) in [
+        ("s3cret-token-0123456789 max_priority=urgent", "\"urgent\" is not a priority"),
+        ("s3cret-token-0123456789 default_priority=high max_priority=low", "default_priority=high is above"),
+        ("s3cret-token-0123456789 priority=low", "is not an option"),
+    ] {
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, format!("# the batch client\n{line}\n")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(["queen", "--nats", "nats://127.0.0.1:1", "--store", "memory://", "--token-file"])
+            .arg(&file)
+            .env_remove("SD_RBEE_API_TOKENS")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{line}: {stderr}");
+        assert!(stderr.contains(expected) && stderr.contains("line 2 of --token-file"), "{line}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{line}: {stderr}");
+    }
     // Other configuration that used to panic or spin.
     for args in [
         &["worker", "--model", "tiny=x", "--heartbeat-interval", "0s"][..],

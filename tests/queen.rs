@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::queen::{cli, client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, S3Server, WorkerProcess};
 use sd_rbee::api::{ApiError, QueenClient};
+use sd_rbee::queen::http::PriorityPolicy;
 use sd_rbee::vocab::Priority;
 use uuid::Uuid;
 
@@ -258,7 +259,12 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let store = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", store.path().display());
     let _worker = WorkerProcess::start("w-cx", &nats.url(), &store_url, &[], &["--step-delay", "200ms"]);
-    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    // The other token is a batch client's: low unless it asks, never high.
+    let batch = PriorityPolicy { default: Priority::Low, max: Priority::Normal };
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        c.api.token_priorities.insert(OTHER_TOKEN.into(), batch);
+    })
+    .await;
     let c = client(&queen);
     wait_for_fleet(&c).await;
 
@@ -316,6 +322,12 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let other = QueenClient::new(&queen.base, Some(OTHER_TOKEN.into())).unwrap();
     let theirs = other.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
     assert_ne!(theirs.job_id, first.job_id);
+    assert_eq!(other.status(theirs.job_id).await.unwrap().status.priority, Priority::Low, "the token's default");
+    let mut urgent = tiny(2, 5);
+    urgent.priority = Some(Priority::High);
+    let err = api_error(other.submit(&urgent, None).await.unwrap_err());
+    assert_eq!((err.status, err.code.as_str(), err.field.as_deref()), (422, "INVALID_REQUEST", Some("priority")));
+    assert!(err.message.contains("at most normal"), "{}", err.message);
     follow(&c, first.job_id).await;
     wait_state(&c, first.job_id, "completed").await;
     let list = c.jobs("?state=completed").await.unwrap();

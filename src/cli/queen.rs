@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 
 use super::parse_duration;
+use crate::queen::http::PriorityPolicy;
 use crate::queen::{Queen, QueenConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -22,8 +23,9 @@ pub struct QueenArgs {
     pub listen: SocketAddr,
     #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
     pub prefix: String,
-    /// A file of bearer tokens, one per line (blank lines and # comments ignored). Also SD_RBEE_API_TOKENS
-    /// (comma-separated); both may be given.
+    /// A file of bearer tokens, one per line (blank lines and # comments ignored), each optionally followed by
+    /// `default_priority=high|normal|low` (for its jobs that name none) and `max_priority=...` (the highest
+    /// its jobs may ask for). Also SD_RBEE_API_TOKENS (comma-separated, no options); both may be given.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve without authentication (only for a trusted network).
@@ -69,17 +71,24 @@ pub struct QueenArgs {
 /// The shortest API token accepted, in bytes.
 const MIN_TOKEN_BYTES: usize = 16;
 
-/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`.
-pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<String>> {
+/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`, with the priority policy a file line gives
+/// after its token (`TOKEN [default_priority=P] [max_priority=P]`); the others get the default policy.
+pub fn load_tokens(
+    file: Option<&std::path::Path>,
+    env: Option<String>,
+) -> anyhow::Result<Vec<(String, PriorityPolicy)>> {
     // Each token with where it came from: errors name the place, never any of the secret.
     let mut tokens: Vec<(String, String)> = Vec::new();
+    let mut policies = std::collections::HashMap::new();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
         for (i, line) in text.lines().enumerate() {
-            let t = line.trim();
-            if !t.is_empty() && !t.starts_with('#') {
-                tokens.push((t.to_string(), format!("line {} of --token-file {}", i + 1, path.display())));
-            }
+            let mut words = line.split_whitespace();
+            let Some(t) = words.next().filter(|t| !t.starts_with('#')) else { continue };
+            let at = format!("line {} of --token-file {}", i + 1, path.display());
+            let policy = PriorityPolicy::parse(words).map_err(|e| anyhow::anyhow!("the API token at {at}: {e}"))?;
+            policies.insert(t.to_string(), policy);
+            tokens.push((t.to_string(), at));
         }
     }
     if let Some(list) = env {
@@ -98,13 +107,24 @@ pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyho
             "the API token at {at} has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
         );
     }
-    Ok(tokens.into_iter().map(|(t, _)| t).collect())
+    Ok(tokens
+        .into_iter()
+        .map(|(t, _)| {
+            let policy = policies.get(&t).copied().unwrap_or_default();
+            (t, policy)
+        })
+        .collect())
 }
 
 pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     let mut config = QueenConfig::new(args.nats, args.store, args.listen);
     config.prefix = args.prefix;
-    config.api.tokens = load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())?;
+    for (token, policy) in load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())? {
+        if policy != PriorityPolicy::default() {
+            config.api.token_priorities.insert(token.clone(), policy);
+        }
+        config.api.tokens.push(token);
+    }
     if config.api.tokens.is_empty() && !args.no_auth {
         bail!("no API tokens: give --token-file FILE or SD_RBEE_API_TOKENS, or --no-auth for a trusted network");
     }

@@ -56,8 +56,8 @@ async fn generate(
     let model = choose_model(state, request.checkpoint(), "override_settings.sd_model_checkpoint").await?;
     let job =
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
-    let job_id = state.jobs.submit(&caller.0, job, None).await?.job_id;
-    state.a1111_jobs.lock().insert(caller.0.clone(), job_id);
+    let job_id = caller.submit(state, job, None).await?.job_id;
+    state.a1111_jobs.lock().insert(caller.id.clone(), job_id);
     let finished = state.jobs.finished(job_id).await?;
     let images: Vec<_> = finished.images.iter().map(|(image, _)| image.clone()).collect();
     let info = a1111::info(&request, &model, &images, job_id);
@@ -88,7 +88,7 @@ pub(super) async fn progress(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<A1111Progress>> {
-    let newest: Option<Uuid> = state.a1111_jobs.lock().get(&caller.0).copied();
+    let newest: Option<Uuid> = state.a1111_jobs.lock().get(&caller.id).copied();
     let Some(job_id) = newest else { return Ok(Json(A1111Progress::default())) };
     let status = state.jobs.get(job_id).await?;
     if status.state.is_terminal() {

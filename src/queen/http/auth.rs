@@ -1,16 +1,97 @@
 //! Bearer-token authentication: every token compared, by digest, in constant time. The caller's identity
-//! (a digest of its token) scopes its idempotency keys.
+//! (a digest of its token) scopes its idempotency keys; its token's [`PriorityPolicy`] decides the priority
+//! of the jobs it submits.
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
+use super::error::ApiResult;
 use super::{AppError, AppState};
-use crate::api::ApiErrorCode;
+use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
+use crate::vocab::Priority;
 
-/// Who sent the request: a digest of its token ("anonymous" without authentication).
+/// The priorities a token's jobs get: `default` for a job that names none, and none above `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PriorityPolicy {
+    pub default: Priority,
+    pub max: Priority,
+}
+
+impl Default for PriorityPolicy {
+    /// Normal unless asked, any priority may be asked.
+    fn default() -> Self {
+        Self { default: Priority::Normal, max: Priority::High }
+    }
+}
+
+impl PriorityPolicy {
+    /// The priority a job that asked for `asked` gets, or why it may not have it.
+    pub fn apply(&self, asked: Option<Priority>) -> Result<Priority, String> {
+        let priority = asked.unwrap_or(self.default);
+        // `Priority` orders highest first: a priority "below" max in that order is above what is allowed.
+        if priority < self.max {
+            return Err(format!(
+                "{} is above what this token may ask for (at most {})",
+                priority.as_str(),
+                self.max.as_str()
+            ));
+        }
+        Ok(priority)
+    }
+
+    /// `default_priority=P` and `max_priority=P` options (as a `--token-file` line carries them after the
+    /// token); the default may not be above the maximum.
+    pub fn parse<'a>(options: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut policy = Self::default();
+        let mut default = None;
+        for option in options {
+            let parse = |v: &str| match v {
+                "high" => Ok(Priority::High),
+                "normal" => Ok(Priority::Normal),
+                "low" => Ok(Priority::Low),
+                other => Err(format!("{other:?} is not a priority (high, normal, low)")),
+            };
+            match option.split_once('=') {
+                Some(("default_priority", v)) => default = Some(parse(v)?),
+                Some(("max_priority", v)) => policy.max = parse(v)?,
+                _ => return Err(format!("{option:?} is not an option (default_priority=P, max_priority=P)")),
+            }
+        }
+        // Without a default, a token limited to low gets low, not an error on every job.
+        policy.default = default.unwrap_or(policy.default.max(policy.max));
+        if policy.default < policy.max {
+            return Err(format!(
+                "default_priority={} is above max_priority={}",
+                policy.default.as_str(),
+                policy.max.as_str()
+            ));
+        }
+        Ok(policy)
+    }
+}
+
+/// Who sent the request: a digest of its token ("anonymous" without authentication), and what its token may
+/// ask for.
 #[derive(Clone)]
-pub(super) struct Caller(pub String);
+pub(super) struct Caller {
+    pub id: String,
+    pub priority: PriorityPolicy,
+}
+
+impl Caller {
+    /// Submits `sub` as this caller: its priority as the token's policy says, its idempotency key scoped to
+    /// the caller. Every way in (the native API, OpenAI's, AUTOMATIC1111's) submits through this.
+    pub async fn submit(
+        &self,
+        state: &AppState,
+        mut sub: JobSubmission,
+        idempotency_key: Option<String>,
+    ) -> ApiResult<SubmitResponse> {
+        sub.priority = Some(self.priority.apply(sub.priority).map_err(|e| AppError::invalid("priority", e))?);
+        Ok(state.jobs.submit(&self.id, sub, idempotency_key).await?)
+    }
+}
 
 fn digest(text: &[u8]) -> [u8; 32] {
     use sha2::Digest;
@@ -40,7 +121,7 @@ pub(super) async fn authenticate(
 ) -> Response {
     use subtle::ConstantTimeEq;
     if state.config.tokens.is_empty() {
-        req.extensions_mut().insert(Caller("anonymous".into()));
+        req.extensions_mut().insert(Caller { id: "anonymous".into(), priority: PriorityPolicy::default() });
         return next.run(req).await;
     }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -52,19 +133,48 @@ pub(super) async fn authenticate(
     // Compare digests, every token, in constant time: neither the match nor the lengths leak.
     let wanted = digest(presented.as_bytes());
     let mut matched = subtle::Choice::from(0);
+    let mut priority = PriorityPolicy::default();
     for token in &state.config.tokens {
-        matched |= digest(token.as_bytes()).ct_eq(&wanted);
+        let this = digest(token.as_bytes()).ct_eq(&wanted);
+        matched |= this;
+        if bool::from(this) {
+            priority = state.config.token_priorities.get(token).copied().unwrap_or_default();
+        }
     }
     if !bool::from(matched) {
         return AppError::new(ApiErrorCode::Unauthorized, "invalid bearer token").into_response();
     }
-    req.extensions_mut().insert(Caller(hex::encode(&wanted[..12])));
+    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority });
     next.run(req).await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::presented_token;
+    use super::{presented_token, PriorityPolicy};
+    use crate::vocab::Priority::{High, Low, Normal};
+
+    #[test]
+    fn a_token_policy_sets_the_default_and_caps_the_priority() {
+        let any = PriorityPolicy::default();
+        assert_eq!((any.apply(None), any.apply(Some(High))), (Ok(Normal), Ok(High)));
+        let limited = PriorityPolicy::parse(["max_priority=normal"]).unwrap();
+        assert_eq!(limited, PriorityPolicy { default: Normal, max: Normal });
+        assert_eq!(limited.apply(Some(Low)), Ok(Low));
+        let err = limited.apply(Some(High)).unwrap_err();
+        assert!(err.contains("high") && err.contains("at most normal"), "{err}");
+        // A token held to low gets low by default rather than an error on every job.
+        assert_eq!(PriorityPolicy::parse(["max_priority=low"]).unwrap().apply(None), Ok(Low));
+        let batch = PriorityPolicy::parse(["default_priority=low"]).unwrap();
+        assert_eq!((batch.apply(None), batch.apply(Some(High))), (Ok(Low), Ok(High)));
+        for (bad, says) in [
+            (vec!["default_priority=high", "max_priority=normal"], "above max_priority"),
+            (vec!["max_priority=urgent"], "not a priority"),
+            (vec!["priority=low"], "not an option"),
+        ] {
+            let err = PriorityPolicy::parse(bad.clone()).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn bearer_and_basic_headers_present_a_token() {

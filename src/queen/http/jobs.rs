@@ -50,7 +50,7 @@ pub(super) async fn submit(
         }
         None => None,
     };
-    let answer = state.jobs.submit(&caller.0, submission, key).await?;
+    let answer = caller.submit(&state, submission, key).await?;
     if !answer.created {
         return Ok((StatusCode::OK, Json(answer)).into_response());
     }

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::jobs::Jobs;
 use crate::api::ApiErrorCode;
 use crate::protocol::{self, Limits};
+pub use auth::PriorityPolicy;
 pub use error::AppError;
 pub use openapi::ApiDoc;
 
@@ -58,6 +59,8 @@ pub struct AppState {
 pub struct ApiConfig {
     /// Bearer tokens; empty: no authentication (only with `--no-auth`).
     pub tokens: Vec<String>,
+    /// The priorities jobs of some tokens get (by token); the others: normal unless asked, any may be asked.
+    pub token_priorities: std::collections::HashMap<String, PriorityPolicy>,
     pub limits: Limits,
     /// Largest request body (JSON with inline images, or an upload).
     pub max_body_bytes: usize,
@@ -80,6 +83,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             tokens: Vec::new(),
+            token_priorities: Default::default(),
             limits: Limits::default(),
             max_body_bytes: 16 * 1024 * 1024,
             body_timeout: Duration::from_secs(60),

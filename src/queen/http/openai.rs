@@ -131,7 +131,7 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
-    let job_id = state.jobs.submit(&caller.0, job, None).await?.job_id;
+    let job_id = caller.submit(state, job, None).await?.job_id;
     let finished = state.jobs.finished(job_id).await?;
     let origin = origin(headers);
     let data = finished

@@ -104,8 +104,9 @@ pub struct JobSubmission {
     /// `seed` never uses the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
-    /// `high`, `normal` (the default) or `low`: workers take higher priorities first, and give a share of
-    /// their picks to the lower ones so that they never starve.
+    /// `high`, `normal` or `low`; none: the token's default (normal unless its `--token-file` line says
+    /// otherwise), and never above the token's maximum. Workers take higher priorities first, and give a
+    /// share of their picks to the lower ones so that they never starve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
 }
