@@ -219,7 +219,7 @@ pub struct ConsumerSettings {
     pub ack_wait: Duration,
     /// Deliveries before a job is given up on (dead-lettered).
     pub max_deliver: i64,
-    /// Jobs of this model in flight across the fleet.
+    /// Jobs of this model in flight across the fleet, per priority (each priority's consumer has its own).
     pub max_ack_pending: i64,
 }
 

@@ -39,9 +39,10 @@ pub struct WorkerArgs {
     /// How long a job waits for others to share its batch (never longer: a lone job starts after this).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub batch_window: Duration,
-    /// Jobs are taken high priority first, then normal, then low, except one pick in this many, which starts
-    /// from the lowest priority that has jobs waiting (so low ones never starve); 0: strict priority.
-    #[arg(long, default_value_t = 10)]
+    /// Jobs are taken high priority first, then normal, then low, except one pick in this many (2 or more),
+    /// which starts from the lowest priority that has jobs waiting (so low ones never starve); 0: strict
+    /// priority.
+    #[arg(long, default_value_t = 10, value_parser = parse_priority_share)]
     pub priority_share: u32,
     /// A job not acked within this is redelivered (the worker sends in-progress acks at a third of it).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -151,4 +152,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             })
             .await
     })
+}
+
+/// `--priority-share`: 0, or 2 and up (1 would serve the lowest priority first every time).
+fn parse_priority_share(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(1) => Err("1 would take the lowest priority first every time; give 0 (strict priority) or 2 and up".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }

@@ -405,7 +405,7 @@ impl Jobs {
 
     /// How many jobs of `model` a worker takes before the one at stream sequence `seq`, at `priority`: every
     /// job waiting at a higher priority, and those before it at its own (walked with direct gets, bounded).
-    /// Workers' low-priority share can move a job earlier than this says, never later.
+    /// Workers' low-priority share moves low jobs earlier than this says and high and normal ones later.
     async fn queue_position(&self, model: &str, priority: Priority, seq: u64) -> Option<u64> {
         let subject = self.bus.subjects().jobs_at(model, priority).ok()?;
         let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;

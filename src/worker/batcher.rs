@@ -15,6 +15,7 @@ use crate::diffusion::{
     BatchKey, BatchMember, CancelFlag, GenerateError, GenerationOutput, GenerationRequest, StepCallback, StepInfo,
 };
 use crate::generation::LoadedModel;
+use crate::vocab::Priority;
 
 /// One job's generation, waiting for a batch.
 pub struct Ticket {
@@ -24,6 +25,8 @@ pub struct Ticket {
     pub cancel: CancelFlag,
     pub on_step: Box<dyn FnMut(&StepInfo) + Send>,
     pub done: oneshot::Sender<Result<GenerationOutput, GenerateError>>,
+    /// The job's priority: the highest waiting leads the next batch.
+    pub priority: Priority,
 }
 
 /// How batches are formed and run.
@@ -101,10 +104,11 @@ enum Next {
     WaitUntil(Instant),
 }
 
-/// A waiting ticket as the decision sees it: its group, its images and when it arrived.
+/// A waiting ticket as the decision sees it: its group, its images, its priority and when it arrived.
 struct Waiting<K> {
     group: K,
     images: usize,
+    priority: Priority,
     arrived: Instant,
 }
 
@@ -116,12 +120,18 @@ fn next<K: PartialEq>(
     window: Duration,
     now: Instant,
 ) -> Next {
-    let oldest = &waiting[0];
-    let cap = max_images(&oldest.group).max(1);
+    // The lead: the oldest of the highest priority waiting (the list is in arrival order).
+    let lead = (0..waiting.len()).min_by_key(|&i| (waiting[i].priority, i)).expect("called with tickets waiting");
+    let lead = &waiting[lead];
+    let cap = max_images(&lead.group).max(1);
+    // Its group's tickets, highest priority first, then oldest first (the lead always goes).
+    let mut members: Vec<usize> = (0..waiting.len()).filter(|&i| waiting[i].group == lead.group).collect();
+    members.sort_by_key(|&i| (waiting[i].priority, i));
     let mut picked = Vec::new();
     let mut images = 0;
     let mut full = false;
-    for (i, w) in waiting.iter().enumerate().filter(|(_, w)| w.group == oldest.group) {
+    for i in members {
+        let w = &waiting[i];
         if !picked.is_empty() && images + w.images > cap {
             full = true;
             break;
@@ -129,7 +139,8 @@ fn next<K: PartialEq>(
         picked.push(i);
         images += w.images;
     }
-    let deadline = oldest.arrived + window;
+    picked.sort_unstable();
+    let deadline = lead.arrived + window;
     if full || images >= cap || now >= deadline {
         Next::Run(picked)
     } else {
@@ -203,6 +214,7 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
                 let w = Waiting {
                     group: Group { model: Arc::as_ptr(&ticket.model) as usize, key: ticket.key.clone() },
                     images: ticket.request.num_images,
+                    priority: ticket.priority,
                     arrived: Instant::now(),
                 };
                 waiting.push(w);
@@ -260,7 +272,30 @@ mod tests {
     use super::*;
 
     fn w(group: char, images: usize, arrived: Instant) -> Waiting<char> {
-        Waiting { group, images, arrived }
+        Waiting { group, images, priority: Priority::Normal, arrived }
+    }
+
+    #[test]
+    fn the_highest_priority_waiting_leads_and_goes_first_in_its_group() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(10);
+        let at = |group, priority| Waiting { group, images: 1, priority, arrived: t0 };
+        let waiting = [
+            at('a', Priority::Low),
+            at('b', Priority::Low),
+            at('b', Priority::High),
+            at('a', Priority::Normal),
+            at('b', Priority::Normal),
+        ];
+        // The high job's group leads; within it high, then normal, then low, while the batch has room.
+        assert_eq!(next(&waiting, |_| 2, window, t0), Next::Run(vec![2, 4]));
+        // Room for all of b: it waits the window for company, then runs every b job.
+        assert_eq!(next(&waiting, |_| 8, window, t0), Next::WaitUntil(t0 + window));
+        assert_eq!(next(&waiting, |_| 8, window, t0 + window), Next::Run(vec![1, 2, 4]));
+        // Without a high one, the normal job's group leads, ahead of the older low ones.
+        assert_eq!(next(&waiting[..2], |_| 1, window, t0), Next::Run(vec![0]));
+        let no_high = [at('a', Priority::Low), at('b', Priority::Normal)];
+        assert_eq!(next(&no_high, |_| 1, window, t0), Next::Run(vec![1]));
     }
 
     #[test]

@@ -189,6 +189,7 @@ pub(super) async fn generate_and_store(
         cancel: stop.flag().clone(),
         on_step: Box::new(on_step),
         done,
+        priority: job.priority,
     });
 
     // Forward progress while it runs; stop it at the deadline or the worker's time limit.

@@ -4,8 +4,11 @@
 //!
 //! Each pick asks the queues in order with no-wait pulls (one round trip each, answered at once). When all
 //! are empty the task sleeps until a job is published for the model (a JetStream publish is also a plain
-//! NATS message on its subject, which the task subscribes to) or a second has passed (redeliveries publish
-//! nothing).
+//! NATS message on its subject, which the task subscribes to while it is idle, and only then: the notices
+//! carry the jobs' payloads) or a second has passed (redeliveries publish nothing).
+//!
+//! Priorities order the pulls, not what a worker already holds: with batching, a worker holds up to twice its
+//! batch size of jobs, and the batcher puts the highest priority waiting first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,8 +31,11 @@ pub type Queues = [PullConsumer; 3];
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// After a notice of a new job, how often and how soon the queues are asked again when none showed it.
-const RECHECKS: u32 = 5;
+const RECHECKS: u32 = 3;
 const RECHECK: Duration = Duration::from_millis(2);
+
+/// How long a no-wait pull may go unanswered before it counts as empty.
+const PULL_ANSWER: Duration = Duration::from_secs(3);
 
 /// The order in which pick number `pick` (counting from 0) asks the priorities: highest first, except every
 /// `share`-th pick, which starts from the lowest. `share` 0 or 1: 0 is strict priority, 1 always bottom-up.
@@ -57,7 +63,8 @@ pub async fn pull(
     stop: CancellationToken,
 ) {
     let several = shared.catalogue.names().len() > 1;
-    let mut arrivals = arrivals(&shared, &model).await;
+    // Notices of new jobs, subscribed to only while idle (see the module's documentation).
+    let mut arrivals: Option<Arrivals> = None;
     let mut deferred_since: Option<Instant> = None;
     let mut picks: u64 = 0;
     let mut recheck = 0;
@@ -91,8 +98,13 @@ pub async fn pull(
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(model, priority = priority.as_str(), error = %e, "cannot pull jobs; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    rebind(&shared, &model, priority, queue).await;
+                    tokio::select! {
+                        _ = async {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            rebind(&shared, &model, priority, queue).await;
+                        } => {}
+                        _ = stop.cancelled() => {}
+                    }
                 }
             }
             if stop.is_cancelled() {
@@ -101,6 +113,9 @@ pub async fn pull(
         }
         let Some(msg) = taken else {
             drop(permit);
+            if stop.is_cancelled() {
+                return;
+            }
             // Told of a job that no queue showed yet (the notice can overtake the stream's store of it):
             // look again shortly, a few times, before waiting for the next notice.
             if recheck > 0 {
@@ -108,13 +123,23 @@ pub async fn pull(
                 tokio::time::sleep(RECHECK).await;
                 continue;
             }
+            // Idle: watch for new jobs, then look once more, for one published before the watch took hold.
+            if arrivals.is_none() {
+                arrivals = watch(&shared, &model).await;
+                if arrivals.is_some() {
+                    recheck = 1;
+                    continue;
+                }
+            }
             tokio::select! {
-                _ = next_arrival(&mut arrivals) => recheck = RECHECKS,
+                woke = next_arrival(&mut arrivals) => if woke { recheck = RECHECKS },
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.cancelled() => return,
             }
             continue;
         };
+        // Busy: no notices (nor their payloads) while jobs are in hand.
+        arrivals = None;
         recheck = 0;
         if stop.is_cancelled() {
             let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
@@ -129,22 +154,29 @@ pub async fn pull(
     }
 }
 
-/// The next waiting job of one queue, without waiting for one: `None` when it is empty.
+/// The next waiting job of one queue, without waiting for one: `None` when it is empty. A no-wait pull is
+/// answered at once; one whose answer is lost (a connection dropped between request and reply) or held (the
+/// consumer at its `max_ack_pending`) counts as empty after [`PULL_ANSWER`].
 async fn next_job(queue: &mut PullConsumer, stop: &CancellationToken) -> anyhow::Result<Option<jetstream::Message>> {
     let mut batch = queue.fetch().max_messages(1).messages().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     tokio::select! {
-        m = batch.next() => match m {
-            Some(Ok(msg)) => Ok(Some(msg)),
-            Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
-            None => Ok(None),
+        // A job that arrives as the worker stops is still handed to the caller, which naks it.
+        biased;
+        m = tokio::time::timeout(PULL_ANSWER, batch.next()) => match m {
+            Ok(Some(Ok(msg))) => Ok(Some(msg)),
+            Ok(Some(Err(e))) => Err(anyhow::anyhow!("{e}")),
+            Ok(None) | Err(_) => Ok(None),
         },
         _ = stop.cancelled() => Ok(None),
     }
 }
 
-/// Plain NATS subscriptions to `model`'s job subjects (every priority): they say when a job arrives. `None`
-/// if NATS refuses them (the puller then looks every [`IDLE_POLL`]).
-async fn arrivals(shared: &Shared, model: &str) -> Option<futures::stream::SelectAll<async_nats::Subscriber>> {
+/// Plain NATS subscriptions to a model's job subjects (every priority): they say when a job arrives.
+type Arrivals = futures::stream::SelectAll<async_nats::Subscriber>;
+
+/// Subscribes to `model`'s job subjects, and makes sure the server has the subscriptions before returning;
+/// `None` if NATS refuses (the puller then looks every [`IDLE_POLL`]).
+async fn watch(shared: &Shared, model: &str) -> Option<Arrivals> {
     let normal = shared.subjects.jobs_at(model, Priority::Normal).ok()?;
     let mut all = futures::stream::SelectAll::new();
     for subject in [normal.clone(), format!("{normal}.*")] {
@@ -156,19 +188,22 @@ async fn arrivals(shared: &Shared, model: &str) -> Option<futures::stream::Selec
             }
         }
     }
+    shared.client.flush().await.ok()?;
     Some(all)
 }
 
-async fn next_arrival(arrivals: &mut Option<futures::stream::SelectAll<async_nats::Subscriber>>) {
-    match arrivals {
-        Some(subs) => {
-            if subs.next().await.is_none() {
-                *arrivals = None;
-                std::future::pending::<()>().await
-            }
-        }
-        None => std::future::pending::<()>().await,
+/// Waits for a notice of a new job, then drops any others already buffered (one look at the queues serves
+/// them all). Returns false, after a while, if the subscriptions ended.
+async fn next_arrival(arrivals: &mut Option<Arrivals>) -> bool {
+    use futures::FutureExt;
+    let Some(subs) = arrivals else { return std::future::pending().await };
+    if subs.next().await.is_none() {
+        *arrivals = None;
+        tokio::time::sleep(IDLE_POLL).await;
+        return false;
     }
+    while let Some(Some(_)) = subs.next().now_or_never() {}
+    true
 }
 
 /// Every model's job consumers, to see whose queues hold jobs.

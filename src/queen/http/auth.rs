@@ -133,17 +133,14 @@ pub(super) async fn authenticate(
     // Compare digests, every token, in constant time: neither the match nor the lengths leak.
     let wanted = digest(presented.as_bytes());
     let mut matched = subtle::Choice::from(0);
-    let mut priority = PriorityPolicy::default();
     for token in &state.config.tokens {
-        let this = digest(token.as_bytes()).ct_eq(&wanted);
-        matched |= this;
-        if bool::from(this) {
-            priority = state.config.token_priorities.get(token).copied().unwrap_or_default();
-        }
+        matched |= digest(token.as_bytes()).ct_eq(&wanted);
     }
     if !bool::from(matched) {
         return AppError::new(ApiErrorCode::Unauthorized, "invalid bearer token").into_response();
     }
+    // A valid token now: its policy, if it has one.
+    let priority = state.config.token_priorities.get(presented).copied().unwrap_or_default();
     req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority });
     next.run(req).await
 }
