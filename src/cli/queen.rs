@@ -77,9 +77,8 @@ pub fn load_tokens(
     file: Option<&std::path::Path>,
     env: Option<String>,
 ) -> anyhow::Result<Vec<(String, PriorityPolicy)>> {
-    // Each token with where it came from: errors name the place, never any of the secret.
-    let mut tokens: Vec<(String, String)> = Vec::new();
-    let mut policies = std::collections::HashMap::new();
+    // Each token with where it came from (errors name the place, never any of the secret) and its policy.
+    let mut tokens: Vec<(String, String, PriorityPolicy)> = Vec::new();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
         for (i, line) in text.lines().enumerate() {
@@ -87,33 +86,30 @@ pub fn load_tokens(
             let Some(t) = words.next().filter(|t| !t.starts_with('#')) else { continue };
             let at = format!("line {} of --token-file {}", i + 1, path.display());
             let policy = PriorityPolicy::parse(words).map_err(|e| anyhow::anyhow!("the API token at {at}: {e}"))?;
-            policies.insert(t.to_string(), policy);
-            tokens.push((t.to_string(), at));
+            tokens.push((t.to_string(), at, policy));
         }
     }
     if let Some(list) = env {
         for (i, t) in list.split(',').map(str::trim).enumerate() {
             if !t.is_empty() {
-                tokens.push((t.to_string(), format!("entry {} of SD_RBEE_API_TOKENS", i + 1)));
+                tokens.push((
+                    t.to_string(),
+                    format!("entry {} of SD_RBEE_API_TOKENS", i + 1),
+                    PriorityPolicy::default(),
+                ));
             }
         }
     }
     // Counted in bytes (what an attacker guesses).
-    if let Some((short, at)) = tokens.iter().find(|(t, _)| t.len() < MIN_TOKEN_BYTES) {
+    if let Some((short, at, _)) = tokens.iter().find(|(t, _, _)| t.len() < MIN_TOKEN_BYTES) {
         bail!("the API token at {at} is {} bytes; use at least {MIN_TOKEN_BYTES}", short.len());
     }
-    if let Some((_, at)) = tokens.iter().find(|(t, _)| t.chars().any(|c| !c.is_ascii_graphic())) {
+    if let Some((_, at, _)) = tokens.iter().find(|(t, _, _)| t.chars().any(|c| !c.is_ascii_graphic())) {
         bail!(
             "the API token at {at} has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
         );
     }
-    Ok(tokens
-        .into_iter()
-        .map(|(t, _)| {
-            let policy = policies.get(&t).copied().unwrap_or_default();
-            (t, policy)
-        })
-        .collect())
+    Ok(tokens.into_iter().map(|(t, _, policy)| (t, policy)).collect())
 }
 
 pub fn run(args: QueenArgs) -> anyhow::Result<()> {

@@ -46,11 +46,11 @@ impl PriorityPolicy {
         let mut policy = Self::default();
         let mut default = None;
         for option in options {
-            let parse = |v: &str| match v {
-                "high" => Ok(Priority::High),
-                "normal" => Ok(Priority::Normal),
-                "low" => Ok(Priority::Low),
-                other => Err(format!("{other:?} is not a priority (high, normal, low)")),
+            let parse = |v: &str| {
+                Priority::ALL
+                    .into_iter()
+                    .find(|p| p.as_str() == v)
+                    .ok_or_else(|| format!("{v:?} is not a priority (high, normal, low)"))
             };
             match option.split_once('=') {
                 Some(("default_priority", v)) => default = Some(parse(v)?),
