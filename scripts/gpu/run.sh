@@ -18,13 +18,13 @@ BUDGET=${BUDGET:-420}             # seconds; sections (and parity runs) starting
 OUT=${OUT:-/tmp/sdr-out}
 W=${WORK:-/tmp/sdr-gpu}
 FIX=$ROOT/tests/fixtures
-mkdir -p "$OUT" "$W/t"
+mkdir -p "$OUT" "$W/t" "$W/u"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT_USER_ACTION=ignore
 export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the driver JIT-compiles Candle's sm_90a PTX once per module; keep that cache for the later processes
 export CUDA_CACHE_PATH=$W/nvcache CUDA_CACHE_MAXSIZE=2147483648
-summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
+summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab|unetcheck):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
 trap summary EXIT
 section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
 over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
@@ -123,13 +123,14 @@ parity() {   # DTYPE [LABEL]
   for c in euler ddim turbo_1step; do generate tiny-sdxl $c "$@"; done
   timeout 60 $PY "$KIT/parity.py" "$W/t" "$FIX" || echo "FAIL: parity.py"
 }
-# unet ARCH DTYPE LATENT BATCHES [ENV...]: sd-rbee's full-size UNet, seeded random weights
+# unet ARCH DTYPE LATENT BATCHES [ENV...]: sd-rbee's full-size UNet, seeded random weights; with SAVE=LABEL the
+# first batch size's output goes to $W/u/LABEL.safetensors (compared with the f32 one at the end of the f32 section)
 unet() {
   local arch=$1 dt=$2 latent=$3 batches=$4; shift 4
   over "bench unet $arch $dt $batches $*" && return
   echo "ab: sd-rbee unet $arch $dt latent=$latent batch=$batches env: ${*:-defaults}"
   env "$@" timeout 120 "$BIN" bench unet --arch "$arch" --latent "$latent" --batch "$batches" --runs "$UNET_RUNS" \
-    --device "$DEVICE" --dtype "$dt" || echo "FAIL: bench unet $arch $dt $batches $*"
+    --device "$DEVICE" --dtype "$dt" ${SAVE:+--save-output "$W/u/$SAVE.safetensors"} || echo "FAIL: bench unet $arch $dt $batches $*"
 }
 # torch_unet ARCH DTYPE LATENT BATCHES [--tf32 on|off]: the diffusers half (SDPA attention, its default)
 torch_unet() {
@@ -149,27 +150,43 @@ export PYTHONPATH=$W/site${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import torch, diffusers; print('baseline-env: torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda)"
 
 section "full-size SD 1.5 UNet, 512 px, f16, batch 1..8: sd-rbee, then diffusers"
-unet sd15 f16 "$LATENT" 1,2,4,8
+SAVE=f16 unet sd15 f16 "$LATENT" 1,2,4,8
 torch_unet sd15 f16 "$LATENT" 1,2,4,8
 
 section "full-size SDXL UNet, 1024 px, f16"
 unet sdxl f16 "$XL_LATENT" 1,2,4
 torch_unet sdxl f16 "$XL_LATENT" 1,2,4
 
-section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both"
-unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0
-unet sd15 f16 "$LATENT" 1 SD_RBEE_FUSED_KERNELS=0
-unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0 SD_RBEE_FUSED_KERNELS=0
+section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both, Candle's own cuDNN calls"
+SAVE=f16-noflash unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0
+SAVE=f16-nofused unet sd15 f16 "$LATENT" 1 SD_RBEE_FUSED_KERNELS=0
+SAVE=f16-plain unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0 SD_RBEE_FUSED_KERNELS=0
+unet sd15 f16 "$LATENT" 1 SD_RBEE_CUDNN_PLANS=0
 
-section "f32 at batch 1 (PyTorch's defaults: TF32 in cuDNN only; then TF32 everywhere)"
-unet sd15 f32 "$LATENT" 1
-torch_unet sd15 f32 "$LATENT" 1
-unet sd15 f32 "$LATENT" 1 SD_RBEE_TF32=1
+section "f32 at batch 1 (full f32 on both sides; then TF32 everywhere on both)"
+SAVE=f32 unet sd15 f32 "$LATENT" 1
+torch_unet sd15 f32 "$LATENT" 1 --tf32 off
+SAVE=tf32 unet sd15 f32 "$LATENT" 1 SD_RBEE_TF32=1
 torch_unet sd15 f32 "$LATENT" 1 --tf32 on
+# the same seeded weights and inputs: each output against full f32 (flash and the fused kernels have no
+# reference case small enough for tests/fixtures' tiny models, whose head dimensions flash does not take)
+timeout 60 $PY - "$W/u" <<'PYEOF' || echo "FAIL: unet output check"
+import glob, os, sys
+import numpy as np
+from safetensors.numpy import load_file
+d = sys.argv[1]
+ref = load_file(os.path.join(d, "f32.safetensors"))["out"].astype(np.float64)
+scale = np.abs(ref).max()
+for p in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+    label = os.path.basename(p)[: -len(".safetensors")]
+    got = load_file(p)["out"].astype(np.float64)
+    diff = np.abs(got - ref)
+    print(f"unetcheck: sd15 {label:12s} vs f32: max_abs={diff.max():.3e} mean_abs={diff.mean():.3e} "
+          f"max_rel={diff.max() / scale:.3e} finite={bool(np.isfinite(got).all())}")
+PYEOF
 
-section "parity f16 with flash attention and the fused kernels, then without flash attention; bf16"
+section "parity f16 (the fused kernels; flash attention does not take the tiny models' head dimensions), bf16"
 parity f16
-SD_RBEE_FLASH_ATTN=0 parity f16 f16-noflash
 parity bf16
 
 section "VAE decode ${VAE_SIZE}px f16, whole and tiled"
@@ -195,6 +212,6 @@ done
 
 section "done"
 sleep 1; echo "==== results (also in \$OUT/summary.txt)"
-grep -E '^(gpu|parity|bench|baseline|ab|FAIL):' "$OUT/log.txt" | sed 's/^/= /'
+grep -E '^(gpu|parity|bench|baseline|ab|unetcheck|FAIL):' "$OUT/log.txt" | sed 's/^/= /'
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv; fi
 exit 0

@@ -94,6 +94,10 @@ pub struct UnetBench {
     pub dtype: DType,
     #[arg(long)]
     pub json: bool,
+    /// Save the first batch size's UNet output (as f32, tensor `out`) to this safetensors file: the same
+    /// seeded weights and inputs under another dtype or kernel switch give the numbers to compare against.
+    #[arg(long)]
+    pub save_output: Option<PathBuf>,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -223,9 +227,10 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             }
             _ => None,
         };
+        let forward = || model.forward(&latents, 981.0, &context, added.as_ref());
         let call = || -> anyhow::Result<f64> {
             let t0 = Instant::now();
-            let out: Tensor = model.forward(&latents, 981.0, &context, added.as_ref())?;
+            let out: Tensor = forward()?;
             device.synchronize()?;
             let _ = out.dims();
             Ok(t0.elapsed().as_secs_f64())
@@ -233,6 +238,11 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
         // Two warm-ups: the first compiles kernels and sizes the memory pool, the second settles cuDNN.
         call()?;
         call()?;
+        if let (Some(path), true) = (&b.save_output, images == b.batch[0]) {
+            let out = forward()?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+            candle_core::safetensors::save(&std::collections::HashMap::from([("out", out)]), path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         let times = (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()?;
         let med = median(&times);
         let memory = device_memory_note(&device);

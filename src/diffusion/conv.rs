@@ -274,7 +274,13 @@ impl Module for ConvKernel {
                 let out = with_f32_data(x, |data| conv.forward(data, b, h, w))?;
                 Tensor::from_vec(out, (b, conv.c_out, h, w), x.device())
             }
-            Self::Candle(conv) => conv.forward(x),
+            Self::Candle(conv) => {
+                #[cfg(feature = "cudnn")]
+                if let Some(y) = super::cudnn_conv::forward(x, conv)? {
+                    return Ok(y);
+                }
+                conv.forward(x)
+            }
         }
     }
 }

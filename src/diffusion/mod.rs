@@ -11,6 +11,8 @@ pub mod cpu_attention;
 pub mod cpu_data;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
+#[cfg(feature = "cudnn")]
+pub mod cudnn_conv;
 pub mod embeddings;
 pub mod group_norm;
 pub mod image;
