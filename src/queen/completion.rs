@@ -22,7 +22,7 @@ impl Jobs {
     /// the request's error, 422; any other an internal one; a cancel, 409).
     pub async fn finished(&self, job_id: Uuid) -> JobsResult<Finished> {
         let status = self.get(job_id).await?;
-        let mut events = feed(&self.bus, &status, None).await?;
+        let mut events = feed(&self.bus, &self.status, &status, None).await?;
         while let Some((_, event)) = events.next().await {
             match event {
                 ApiEvent::Completed { images, .. } => {

@@ -3,12 +3,16 @@
 //! from its sequence in the events stream, so a client that drops resumes right after the last one it got
 //! (nothing lost, nothing repeated) for as long as the events stream keeps the job's events (24 hours by
 //! default, `EVENTS_MAX_AGE_SECS`); after that a finished job's feed ends with its terminal event rebuilt
-//! from the status record.
+//! from the status record. A live terminal event waits (briefly) for the status record to show it, so a
+//! client that reads the job right after its feed ends reads the same ending.
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
+use std::time::Duration;
+
 use super::jobs::JobsError;
+use super::status::StatusStore;
 use crate::api::{ApiEvent, EventId, JobStatus};
 use crate::bus::BusClient;
 use crate::protocol::Event;
@@ -21,9 +25,32 @@ fn frames(seq: u64, event: &Event) -> impl Iterator<Item = (EventId, ApiEvent)> 
         .map(move |(part, e)| (EventId::Frame { seq, part: part as u32 }, e))
 }
 
+/// How long a live terminal event waits for the status record to show it.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until `store`'s record of `job_id` is terminal, for at most [`RECORD_WAIT`]. Whichever queen's
+/// aggregator applies the event writes the record a moment after the event is on the bus; a lagging one
+/// delays the frame, it never loses it.
+async fn record_settled(store: &StatusStore, job_id: uuid::Uuid) {
+    let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+    loop {
+        if let Ok(Some(s)) = store.get(job_id).await {
+            if s.state.is_terminal() {
+                return;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!(%job_id, "the status record lags the terminal event; ending the feed anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The feed of the job `status` describes, after `after` (from the start with `None`).
 pub async fn feed(
     bus: &BusClient,
+    store: &StatusStore,
     status: &JobStatus,
     after: Option<EventId>,
 ) -> Result<BoxStream<'static, (EventId, ApiEvent)>, JobsError> {
@@ -67,10 +94,14 @@ pub async fn feed(
         .filter(move |(id, _)| futures::future::ready(is_new(id)));
     // The response ends right after the terminal event (a follower such as curl then returns), without
     // waiting for an event that will never come.
+    let (store, job_id) = (store.clone(), status.job_id);
     let ended = async_stream::stream! {
         futures::pin_mut!(live);
         while let Some(frame) = live.next().await {
             let last = frame.1.is_terminal();
+            if last {
+                record_settled(&store, job_id).await;
+            }
             yield frame;
             if last {
                 break;
