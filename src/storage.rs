@@ -260,6 +260,14 @@ impl Store {
             .map_err(|e| self.failed("put", key, e))
     }
 
+    /// Deletes the object at `key`; one that is not there is no error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed("delete", key, e)),
+        }
+    }
+
     /// Reads the whole object at `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let result = self.inner.get(&self.path(key)).await.map_err(|e| self.failed("get", key, e))?;

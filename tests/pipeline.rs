@@ -158,3 +158,62 @@ fn bf16_on_the_cpu_is_refused_clearly() {
     let err = StableDiffusion::load(&fixture("tiny-sd15"), &opts).unwrap_err().to_string();
     assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
 }
+
+#[test]
+fn a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run() {
+    use sd_rbee::diffusion::ResumeState;
+    use std::sync::Arc;
+    // Every scheduler: the multistep ones carry a history, the ancestral one draws noise every step; img2img
+    // (a run that starts later) too.
+    let img2img = |req: &mut GenerationRequest| {
+        let pixels = candle_core::Tensor::rand(-1f32, 1.0, (1, 3, 48, 64), &Device::Cpu).unwrap();
+        req.init = Some(sd_rbee::diffusion::InitImage { pixels, strength: 0.7, mask: None, noise: None });
+    };
+    for (kind, init) in SchedulerKind::ALL.iter().map(|&k| (k, false)).chain([(SchedulerKind::UniPc, true)]) {
+        let mut req = small_request(9);
+        req.scheduler = Some(kind);
+        req.num_images = 2;
+        if init {
+            img2img(&mut req);
+        }
+        let mut saved = None;
+        let whole = sd15()
+            .generate(
+                &req,
+                &mut |info| {
+                    if info.step == 4 {
+                        saved = Some(info.checkpoint().unwrap().to_bytes().unwrap());
+                    }
+                },
+                None,
+            )
+            .unwrap();
+        let checkpoint = ResumeState::from_bytes(&saved.unwrap(), &Device::Cpu).unwrap();
+        let mut resumed_req = req.clone();
+        resumed_req.resume = Some(Arc::new(checkpoint));
+        let mut steps = Vec::new();
+        let resumed =
+            sd15().generate(&resumed_req, &mut |info| steps.push((info.step, info.resumed_from)), None).unwrap();
+        let total = if init { 6 } else { 9 };
+        assert_eq!(steps, (5..=total).map(|s| (s, 4)).collect::<Vec<_>>(), "{kind}: steps 5.. only");
+        for (a, b) in whole.images.iter().zip(&resumed.images) {
+            let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (a, b) = (flat(&a.pixels), flat(&b.pixels));
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(a == b, "{kind} (img2img: {init}): the images differ by up to {worst:e}, not bit-identical");
+        }
+    }
+    // A checkpoint of another run is refused, naming it.
+    let mut saved = None;
+    let req = small_request(6);
+    sd15().generate(&req, &mut |info| saved = saved.take().or(Some(info.checkpoint().unwrap())), None).unwrap();
+    let mut other = small_request(6);
+    other.seed = Some(99);
+    other.resume = saved.map(std::sync::Arc::new);
+    match sd15().generate(&other, &mut |_| {}, None) {
+        Err(GenerateError::InvalidRequest { field: "resume", message }) => {
+            assert!(message.contains("seeds"), "{message}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}

@@ -64,6 +64,14 @@ pub struct WorkerArgs {
     /// A preview JPEG in progress events every N steps; 0: none.
     #[arg(long, default_value_t = 5)]
     pub preview_every: u32,
+    /// Store a running job's checkpoint (latents, scheduler and noise state) every N steps: a job this
+    /// worker does not finish (a crash, a preemption, a shutdown) continues from it on the next worker
+    /// instead of from step 0. 0: not by steps.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: u32,
+    /// Also store one when this long has passed since the job's last (for slow steps); 0s: not by time.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
     /// How long one storage operation retries transient errors before the job is retried later.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub store_retry: Duration,
@@ -124,6 +132,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.grace = args.grace;
     config.heartbeat_interval = args.heartbeat_interval;
     config.preview_every = args.preview_every;
+    config.checkpoint_every = args.checkpoint_every;
+    config.checkpoint_interval = args.checkpoint_interval;
     config.store.retry_timeout = args.store_retry;
     config.store.presign_endpoint = args.presign_endpoint;
     config.step_delay = args.step_delay;

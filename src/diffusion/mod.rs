@@ -32,6 +32,6 @@ pub mod weights;
 pub use lora::LoraWeight;
 pub use pipeline::{
     BatchKey, BatchMember, CancelFlag, GenerateError, GeneratedImage, GenerationOutput, GenerationRequest, InitImage,
-    LoadOptions, ModelFamily, StableDiffusion, StepCallback, StepInfo, Timings,
+    LoadOptions, ModelFamily, ResumeState, StableDiffusion, StepCallback, StepInfo, Timings,
 };
 pub use schedulers::{SchedulerKind, TimestepSpacing};

@@ -13,6 +13,8 @@ use rand_mt::Mt;
 #[derive(Clone)]
 pub struct TorchRng {
     engine: Mt,
+    /// 32-bit words drawn since seeding: a checkpoint's whole record of the generator.
+    draws: u64,
 }
 
 impl std::fmt::Debug for TorchRng {
@@ -24,12 +26,30 @@ impl std::fmt::Debug for TorchRng {
 impl TorchRng {
     /// `torch.Generator().manual_seed(seed)` (PyTorch seeds MT19937 with the low 32 bits).
     pub fn new(seed: u64) -> Self {
-        Self { engine: Mt::new(seed as u32) }
+        Self { engine: Mt::new(seed as u32), draws: 0 }
+    }
+
+    /// The generator seeded with `seed` after `draws` words, as [`Self::draws`] reported it.
+    pub fn resumed(seed: u64, draws: u64) -> Self {
+        let mut rng = Self::new(seed);
+        for _ in 0..draws {
+            rng.next_u32();
+        }
+        rng
+    }
+
+    pub fn draws(&self) -> u64 {
+        self.draws
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        self.draws += 1;
+        self.engine.next_u32()
     }
 
     /// A uniform float in [0, 1) with 24 random bits, as `at::uniform_real_distribution<float>` draws it.
     fn uniform(&mut self) -> f32 {
-        (self.engine.next_u32() & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
+        (self.next_u32() & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
     }
 
     fn box_muller_16(data: &mut [f32]) {
@@ -92,6 +112,15 @@ pub struct BatchNoise {
 impl BatchNoise {
     pub fn new(seeds: &[u64]) -> Self {
         Self { rngs: seeds.iter().map(|&s| TorchRng::new(s)).collect() }
+    }
+
+    /// Each image's generator after the draws [`Self::draws`] reported.
+    pub fn resumed(seeds: &[u64], draws: &[u64]) -> Self {
+        Self { rngs: seeds.iter().zip(draws).map(|(&s, &d)| TorchRng::resumed(s, d)).collect() }
+    }
+
+    pub fn draws(&self) -> Vec<u64> {
+        self.rngs.iter().map(TorchRng::draws).collect()
     }
 
     /// Noise shaped `[batch, rest...]` where `per_item` is the shape of one image's tensor (leading 1).

@@ -92,6 +92,11 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// A preview JPEG every N steps (and at the last); 0: none.
     pub preview_every: u32,
+    /// A checkpoint (latents, scheduler and noise state) in the object store every N steps, from which
+    /// another delivery of the job continues; 0: not by steps.
+    pub checkpoint_every: u32,
+    /// A checkpoint when this long has passed since the last (or the start); zero: not by time.
+    pub checkpoint_interval: Duration,
     /// How long terminal events and dead letters are retried while NATS is away.
     pub publish_patience: Duration,
     pub store: StoreOptions,
@@ -133,6 +138,8 @@ impl WorkerConfig {
             grace: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(protocol::HEARTBEAT_INTERVAL_SECS),
             preview_every: 5,
+            checkpoint_every: 10,
+            checkpoint_interval: Duration::from_secs(30),
             publish_patience: Duration::from_secs(60),
             store: StoreOptions::default(),
             limits: Limits::default(),

@@ -58,8 +58,12 @@ impl Failure {
 struct Step {
     step: u32,
     total: u32,
+    /// The step a checkpoint took the job up from (0: none).
+    resumed_from: u32,
     elapsed: Duration,
     preview: Option<Vec<u8>>,
+    /// A checkpoint to store.
+    checkpoint: Option<Vec<u8>>,
 }
 
 /// A picture of the job: inline bytes, or an object in the store.
@@ -144,6 +148,8 @@ pub(super) async fn generate_and_store(
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
+    let fingerprint = super::resume::fingerprint(job, model, loaded.pipeline.dtype());
+    let resume_from = super::resume::fetch(shared, job, delivered).await;
 
     // The job's request is prepared on a blocking thread, then generated in a batch with the jobs it can
     // share UNet passes with (batcher.rs); progress comes back through a channel.
@@ -152,9 +158,11 @@ pub(super) async fn generate_and_store(
     let limits = shared.config.limits.clone();
     let started = Instant::now();
     let prep_loaded = loaded.clone();
+    let prep_fingerprint = fingerprint.clone();
+    let job_id = job.id;
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, GenerateError> {
         let sd = &prep_loaded.pipeline;
-        let prepared = generation::prepare(sd, prep_loaded.entry, params)?;
+        let mut prepared = generation::prepare(sd, prep_loaded.entry, params)?;
         // A job without a size takes the model's, which the limits must allow too.
         let (w, h) = (prepared.request.width as u32, prepared.request.height as u32);
         limits.check_size(Some(w), Some(h)).map_err(|e| GenerateError::InvalidRequest {
@@ -164,6 +172,12 @@ pub(super) async fn generate_and_store(
                 e.message
             ),
         })?;
+        if let Some(bytes) = resume_from {
+            match take_up(sd, &prepared.request, &bytes, &prep_fingerprint) {
+                Ok(request) => prepared.request = request,
+                Err(e) => tracing::warn!(%job_id, error = %format!("{e:#}"), "not resuming from the job's checkpoint"),
+            }
+        }
         let key = sd.batch_key(&prepared.request)?;
         Ok((prepared, key))
     })
@@ -173,13 +187,31 @@ pub(super) async fn generate_and_store(
         GenerateError::InvalidRequest { field, message } => Failure::invalid(field, message),
         e => Failure::transient(ErrorCode::Internal, format!("{e:#}")),
     })?;
+    if let Some(state) = &prepared.request.resume {
+        tracing::info!(job_id = %job.id, step = state.step, "resuming from the job's checkpoint");
+    }
+    let mut schedule = super::resume::Schedule::new(shared.config.checkpoint_every, shared.config.checkpoint_interval);
     let on_step = move |info: &StepInfo| {
         let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
             .then(|| {
                 info.preview(0).ok().and_then(|p| generation::encode_image(&p, protocol::ImageFormat::Jpeg, 70).ok())
             })
             .flatten();
-        let _ = tx.send(Step { step: info.step as u32, total: info.total as u32, elapsed: info.elapsed, preview });
+        let checkpoint = schedule.due(info.step, info.total).then(|| {
+            let bytes = info.checkpoint().and_then(|mut state| {
+                state.label = fingerprint.clone();
+                state.to_bytes()
+            });
+            bytes.inspect_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot make a checkpoint")).ok()
+        });
+        let _ = tx.send(Step {
+            step: info.step as u32,
+            total: info.total as u32,
+            resumed_from: info.resumed_from as u32,
+            elapsed: info.elapsed,
+            preview,
+            checkpoint: checkpoint.flatten(),
+        });
     };
     let (done, result) = tokio::sync::oneshot::channel();
     shared.batcher.submit(Ticket {
@@ -205,8 +237,12 @@ pub(super) async fn generate_and_store(
     let result = loop {
         tokio::select! {
             biased;
-            Some(step) = rx.recv() => {
+            Some(mut step) = rx.recv() => {
                 last_step = Some(step.step);
+                // Stored before the step is reported: a worker seen at step N has its checkpoint of step N.
+                if let Some(bytes) = step.checkpoint.take() {
+                    super::resume::save(shared, job.id, bytes).await;
+                }
                 publish_progress(shared, job.id, &step, delivered).await;
             }
             res = &mut result => break res,
@@ -215,8 +251,12 @@ pub(super) async fn generate_and_store(
             }
         }
     };
-    while let Ok(step) = rx.try_recv() {
+    while let Ok(mut step) = rx.try_recv() {
         last_step = Some(step.step);
+        // Stored before the step is reported: a worker seen at step N has its checkpoint of step N.
+        if let Some(bytes) = step.checkpoint.take() {
+            super::resume::save(shared, job.id, bytes).await;
+        }
         publish_progress(shared, job.id, &step, delivered).await;
     }
     let generation_ms = started.elapsed().as_millis() as u64;
@@ -302,6 +342,22 @@ pub(super) async fn generate_and_store(
     Ok(completed)
 }
 
+/// `request` continuing from the checkpoint `bytes`, if it is one of this job (`fingerprint`) that the
+/// pipeline can take up; the job's seed is the checkpoint's (an unseeded job drew it on the first delivery).
+fn take_up(
+    sd: &crate::diffusion::StableDiffusion,
+    request: &crate::diffusion::GenerationRequest,
+    bytes: &[u8],
+    fingerprint: &str,
+) -> anyhow::Result<crate::diffusion::GenerationRequest> {
+    let state = super::resume::read(bytes, fingerprint, sd.device())?;
+    let mut resumed = request.clone();
+    resumed.seed = state.seeds.first().copied();
+    resumed.resume = Some(Arc::new(state));
+    sd.batch_key(&resumed)?;
+    Ok(resumed)
+}
+
 /// The job's final images (pasted back, for inpainting) encoded, with the LoRA time and every warning.
 fn encode(
     prepared: &generation::Prepared,
@@ -328,10 +384,12 @@ fn encode(
 
 async fn publish_progress(shared: &Shared, job_id: Uuid, step: &Step, delivered: Delivery) {
     let mut progress = Progress::new(job_id, step.step, step.total, now_millis());
-    if step.step > 0 {
-        let per_step = step.elapsed / step.step;
+    let run_here = step.step.saturating_sub(step.resumed_from);
+    if run_here > 0 {
+        let per_step = step.elapsed / run_here;
         progress.eta_ms = Some((per_step * step.total.saturating_sub(step.step)).as_millis() as u64);
     }
+    progress.resumed_from_step = (step.resumed_from > 0).then_some(step.resumed_from);
     progress.preview_jpeg = step.preview.clone();
     publish_event(shared, &Event::Progress(progress), delivered).await;
 }

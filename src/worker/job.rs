@@ -122,6 +122,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         }
         Err(failure) => failure.into_outcome(&job),
     };
+    super::resume::discard_when_final(&shared, &outcome).await;
     settle(&shared, &model, target, outcome, delivered).await;
     // Busy until the outcome is reported and counted (heartbeats read both).
     shared.control.finish(job_id);

@@ -19,6 +19,7 @@ pub mod health;
 pub mod job;
 pub mod policy;
 mod pull;
+mod resume;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

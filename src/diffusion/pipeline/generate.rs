@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{
     invalid, CancelFlag, Conditioning, EncodedPrompts, GenerateError, GeneratedImage, GenerationOutput,
-    GenerationRequest, ModelFamily, StableDiffusion, StepInfo, Timings,
+    GenerationRequest, ModelFamily, ResumeState, StableDiffusion, StepInfo, Timings,
 };
 use crate::diffusion::rng::BatchNoise;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
@@ -60,6 +60,8 @@ struct Run {
     extra_input: Option<Tensor>,
     /// The step index of the first step run (img2img skips the first ones).
     first_step: usize,
+    /// Steps a checkpoint had already run (after `first_step`): this run starts at `first_step + resumed`.
+    resumed: usize,
     /// All of the scheduler's timesteps (the inpainting blend re-noises to the next one).
     schedule_len: usize,
     warnings: Vec<String>,
@@ -68,6 +70,29 @@ struct Run {
 }
 
 impl Run {
+    /// The step index this process starts at.
+    fn start(&self) -> usize {
+        self.first_step + self.resumed
+    }
+
+    /// Steps from the first step to the end, as progress counts them.
+    fn total(&self) -> usize {
+        self.schedule_len - self.first_step
+    }
+
+    /// The state after `done` steps (the current one).
+    fn snapshot(&self, done: usize) -> anyhow::Result<ResumeState> {
+        Ok(ResumeState {
+            step: done,
+            latents: self.latents.clone(),
+            scheduler: self.kind,
+            scheduler_state: self.scheduler.state(),
+            seeds: self.seeds.clone(),
+            noise_draws: self.noise.draws(),
+            label: String::new(),
+        })
+    }
+
     /// Rows this member adds to the UNet input.
     fn rows(&self) -> usize {
         let n = self.seeds.len();
@@ -105,12 +130,46 @@ impl StableDiffusion {
         self.validate(req)?;
         let (_, scheduler, _) = self.scheduler_for(req)?;
         let first_step = self.first_step(req, scheduler.as_ref());
+        if let Some(state) = &req.resume {
+            self.check_resume(req, state, scheduler.as_ref(), first_step)?;
+        }
+        let start = first_step + req.resume.as_ref().map_or(0, |c| c.step);
         Ok(BatchKey {
             width: req.width,
             height: req.height,
-            timesteps: scheduler.timesteps()[first_step..].iter().map(|t| t.to_bits()).collect(),
+            timesteps: scheduler.timesteps()[start..].iter().map(|t| t.to_bits()).collect(),
             loras: req.loras.iter().map(|l| (l.lora.hash, l.scale.to_bits())).collect(),
         })
+    }
+
+    /// Whether `state` is a checkpoint of a run of `req` (the pipeline's half of the check; the caller's
+    /// fingerprint says it is the same job).
+    fn check_resume(
+        &self,
+        req: &GenerationRequest,
+        state: &ResumeState,
+        scheduler: &dyn Scheduler,
+        first_step: usize,
+    ) -> Result<(), GenerateError> {
+        let bad = |message: String| Err(invalid("resume", message));
+        let total = scheduler.timesteps().len() - first_step;
+        if state.step == 0 || state.step >= total {
+            return bad(format!("the checkpoint is after step {} of {total}", state.step));
+        }
+        let kind = req.scheduler.or_else(|| self.default_scheduler()).unwrap_or(SchedulerKind::DpmPp2m);
+        if state.scheduler != kind {
+            return bad(format!("the checkpoint ran {}, this run {kind}", state.scheduler));
+        }
+        let seeds: Option<Vec<u64>> = req.seed.map(|s| (0..req.num_images as u64).map(|i| s.wrapping_add(i)).collect());
+        if seeds.as_ref() != Some(&state.seeds) || state.noise_draws.len() != state.seeds.len() {
+            return bad(format!("the checkpoint has seeds {:?}, this run {seeds:?}", state.seeds));
+        }
+        let f = self.vae_scale_factor();
+        let want = [req.num_images, self.vae.config().latent_channels, req.height / f, req.width / f];
+        if state.latents.dims() != want {
+            return bad(format!("the checkpoint has latents {:?}, this run {want:?}", state.latents.dims()));
+        }
+        Ok(())
     }
 
     /// Generates every member's images, sharing each UNet pass between the members with the same
@@ -203,18 +262,21 @@ impl StableDiffusion {
                 }
             }
         }
-        let Some(total) = runs.iter().flatten().next().map(|r| r.scheduler.timesteps().len() - r.first_step) else {
+        // Members of a group run the same timesteps from here (their batch key), whatever their start.
+        let Some(remaining) = runs.iter().flatten().next().map(|r| r.schedule_len - r.start()) else {
             return results.into_iter().map(|r| r.expect("a failed start has a result")).collect();
         };
 
         let mut joint: Option<(Vec<usize>, Conditioning)> = None;
         let loop_start = Instant::now();
-        let mut step_ms = Vec::with_capacity(total);
-        for j in 0..total {
+        let mut step_ms = Vec::with_capacity(remaining);
+        for j in 0..remaining {
             for (k, (_, m)) in members.iter().enumerate() {
-                if runs[k].is_some() && m.cancel.is_some_and(|c| c.is_cancelled()) {
-                    runs[k] = None;
-                    results[k] = Some(Err(GenerateError::Cancelled { completed: j, total }));
+                if m.cancel.is_some_and(|c| c.is_cancelled()) {
+                    if let Some(run) = runs[k].take() {
+                        let (completed, total) = (run.resumed + j, run.total());
+                        results[k] = Some(Err(GenerateError::Cancelled { completed, total }));
+                    }
                 }
             }
             if runs.iter().all(Option::is_none) {
@@ -238,17 +300,21 @@ impl StableDiffusion {
             }
             let step_time = step_start.elapsed();
             step_ms.push(ms(step_time));
-            let timestep = runs.iter().flatten().next().map_or(0.0, |r| r.scheduler.timesteps()[r.first_step + j]);
+            let timestep = runs.iter().flatten().next().map_or(0.0, |r| r.scheduler.timesteps()[r.start() + j]);
             for (k, (_, m)) in members.iter_mut().enumerate() {
                 if let Some(run) = &runs[k] {
+                    let done = run.resumed + j + 1;
+                    let checkpoint = || run.snapshot(done);
                     (m.on_step)(&StepInfo {
-                        step: j + 1,
-                        total,
+                        step: done,
+                        total: run.total(),
                         elapsed: loop_start.elapsed(),
                         step_time,
                         timestep,
+                        resumed_from: run.resumed,
                         latents: &run.latents,
                         sdxl: self.family == ModelFamily::StableDiffusionXl,
+                        checkpoint: &checkpoint,
                     });
                 }
             }
@@ -264,7 +330,7 @@ impl StableDiffusion {
                 step_ms: step_ms.clone(),
                 ..Timings::default()
             };
-            results[k] = Some(self.finish_run(m.request, run, timings, m.cancel, total));
+            results[k] = Some(self.finish_run(m.request, run, timings, m.cancel));
         }
         drop(in_effect);
         results.into_iter().map(|r| r.expect("every member has a result")).collect()
@@ -341,7 +407,7 @@ impl StableDiffusion {
                 latents
             }
         };
-        Ok(Run {
+        let mut run = Run {
             kind,
             scheduler,
             noise,
@@ -352,11 +418,42 @@ impl StableDiffusion {
             blend,
             extra_input,
             first_step,
+            resumed: 0,
             schedule_len,
             warnings,
             text_encoding_ms,
             started,
-        })
+        };
+        if let Some(checkpoint) = &req.resume {
+            self.resume(&mut run, checkpoint)?;
+        }
+        Ok(run)
+    }
+
+    /// Takes `run`, just started as the checkpoint's run was, to the checkpoint's state.
+    fn resume(&self, run: &mut Run, checkpoint: &ResumeState) -> Result<(), GenerateError> {
+        let bad = |message: String| invalid("resume", message);
+        if checkpoint.scheduler != run.kind {
+            return Err(bad(format!("the checkpoint ran {}, this run {}", checkpoint.scheduler, run.kind)));
+        }
+        if checkpoint.step == 0 || checkpoint.step >= run.total() {
+            return Err(bad(format!("the checkpoint is after step {} of {}", checkpoint.step, run.total())));
+        }
+        if checkpoint.seeds != run.seeds || checkpoint.noise_draws.len() != run.seeds.len() {
+            return Err(bad(format!("the checkpoint has seeds {:?}, this run {:?}", checkpoint.seeds, run.seeds)));
+        }
+        if checkpoint.latents.dims() != run.latents.dims() {
+            return Err(bad(format!("latents {:?}, not {:?}", checkpoint.latents.dims(), run.latents.dims())));
+        }
+        run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(run.latents.dtype())?;
+        let mut state = checkpoint.scheduler_state.clone();
+        for (_, t) in &mut state.tensors {
+            *t = t.to_device(&self.device)?;
+        }
+        run.scheduler.restore(&state).map_err(|e| bad(format!("{e:#}")))?;
+        run.noise = BatchNoise::resumed(&run.seeds, &checkpoint.noise_draws);
+        run.resumed = checkpoint.step;
+        Ok(())
     }
 
     /// The live members' text conditioning, concatenated in member order (it only changes when a member
@@ -381,10 +478,10 @@ impl StableDiffusion {
     /// rows, then each member's guidance, scheduler step and inpainting blend.
     fn step_all(&self, runs: &mut [Option<Run>], joint: &Conditioning, j: usize) -> anyhow::Result<()> {
         let live: Vec<&Run> = runs.iter().flatten().collect();
-        let t = live[0].scheduler.timesteps()[live[0].first_step + j];
+        let t = live[0].scheduler.timesteps()[live[0].start() + j];
         let mut inputs = Vec::with_capacity(live.len());
         for run in &live {
-            let i = run.first_step + j;
+            let i = run.start() + j;
             let model_in = if run.guidance.is_some() {
                 Tensor::cat(&[&run.latents, &run.latents], 0)?
             } else {
@@ -403,7 +500,7 @@ impl StableDiffusion {
             .to_dtype(self.latent_dtype())?;
         let mut row = 0;
         for run in runs.iter_mut().flatten() {
-            let i = run.first_step + j;
+            let i = run.start() + j;
             let n = run.seeds.len();
             let rows = run.rows();
             let own = pred.narrow(0, row, rows)?;
@@ -440,8 +537,8 @@ impl StableDiffusion {
         run: Run,
         mut timings: Timings,
         cancel: Option<&CancelFlag>,
-        total: usize,
     ) -> Result<GenerationOutput, GenerateError> {
+        let total = run.total();
         if !all_finite(&run.latents)? {
             return Err(GenerateError::NonFinite { stage: "denoising loop" });
         }

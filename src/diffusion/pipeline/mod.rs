@@ -7,8 +7,10 @@
 
 mod generate;
 mod load;
+mod resume;
 
 pub use generate::{BatchKey, BatchMember, StepCallback};
+pub use resume::ResumeState;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +96,9 @@ pub struct GenerationRequest {
     pub clip_skip: Option<usize>,
     /// Decode in tiles (diffusers' `enable_vae_tiling()`); `None`: past 1536 × 1536 pixels.
     pub vae_tiling: Option<bool>,
+    /// Continue from this state instead of step 0: the run then ends exactly as the one that saved it would
+    /// have (the same request, model, device class and dtype).
+    pub resume: Option<std::sync::Arc<ResumeState>>,
 }
 
 /// The image an img2img or inpainting run starts from.
@@ -128,6 +133,7 @@ impl GenerationRequest {
             loras: Vec::new(),
             clip_skip: None,
             vae_tiling: None,
+            resume: None,
         }
     }
 }
@@ -181,14 +187,23 @@ pub struct StepInfo<'a> {
     /// Duration of this step.
     pub step_time: Duration,
     pub timestep: f64,
+    /// The step a resumed run took up from (0: it started from the beginning).
+    pub resumed_from: usize,
     latents: &'a Tensor,
     sdxl: bool,
+    /// The run's state after this step, made on demand (only a caller that keeps checkpoints pays for it).
+    checkpoint: &'a dyn Fn() -> anyhow::Result<ResumeState>,
 }
 
 impl StepInfo<'_> {
     /// The latents after this step, `[N, C, h, w]`.
     pub fn latents(&self) -> &Tensor {
         self.latents
+    }
+
+    /// The run's state after this step, from which a later run can continue ([`GenerationRequest::resume`]).
+    pub fn checkpoint(&self) -> anyhow::Result<ResumeState> {
+        (self.checkpoint)()
     }
 
     /// A cheap RGB preview of image `index` at latent resolution (no VAE decode).

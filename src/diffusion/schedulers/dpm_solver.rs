@@ -10,7 +10,7 @@ use super::schedule::{
     final_sigma, karras_sigmas, lin2, log_sigmas, np_arange, np_interp, np_linspace, np_round, reject_flag,
     sigma_min_of, sigma_to_t, train_sigmas, upcast, TrainSchedule,
 };
-use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
+use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerState, TimestepSpacing};
 
 /// DPM-Solver++(2M) with diffusers' `DPMSolverMultistepScheduler` semantics.
 #[derive(Clone, Debug)]
@@ -234,6 +234,24 @@ impl Scheduler for DpmSolverScheduler {
             self.lower_order_nums += 1;
         }
         prev.to_dtype(dtype)
+    }
+
+    fn state(&self) -> SchedulerState {
+        let tensors = (self.model_outputs.iter().enumerate())
+            .filter_map(|(i, m)| m.as_ref().map(|t| (format!("model_outputs.{i}"), t.clone())))
+            .collect();
+        let counters = vec![
+            ("lower_order_nums".into(), self.lower_order_nums as u64),
+            ("next_step".into(), self.next_step as u64),
+        ];
+        SchedulerState { tensors, counters }
+    }
+
+    fn restore(&mut self, state: &SchedulerState) -> anyhow::Result<()> {
+        self.model_outputs = [0, 1].map(|i| state.tensor(&format!("model_outputs.{i}")).cloned());
+        self.lower_order_nums = state.counter("lower_order_nums")?;
+        self.next_step = state.counter("next_step")?;
+        Ok(())
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {

@@ -164,6 +164,36 @@ pub trait Scheduler: Send {
     fn order(&self) -> usize {
         1
     }
+    /// What the scheduler carries from one step to the next (a multistep history), for a checkpoint;
+    /// empty for the schedulers whose steps depend on their index only.
+    fn state(&self) -> SchedulerState {
+        SchedulerState::default()
+    }
+    /// Takes up a [`Self::state`] saved after step index `next_step - 1`, so the run continues at `next_step`
+    /// exactly as if it had not stopped.
+    fn restore(&mut self, _state: &SchedulerState) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// A scheduler's state between steps: named tensors and counters.
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerState {
+    pub tensors: Vec<(String, Tensor)>,
+    pub counters: Vec<(String, u64)>,
+}
+
+impl SchedulerState {
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Counter `name`, which a state of this scheduler always has.
+    pub fn counter(&self, name: &str) -> anyhow::Result<usize> {
+        let value = self.counters.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        let value = value.with_context(|| format!("the scheduler state has no {name}"))?;
+        usize::try_from(value).with_context(|| format!("the scheduler state's {name} is {value}"))
+    }
 }
 
 /// `scheduler_config.json` as diffusers stores it; every key optional, unknown keys ignored.

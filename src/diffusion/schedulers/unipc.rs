@@ -11,7 +11,7 @@ use super::schedule::{
     final_sigma, karras_sigmas, lin2, log_sigmas, np_interp, np_round, reject_flag, sigma_min_of, sigma_to_t,
     train_sigmas, upcast, TrainSchedule,
 };
-use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
+use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerState, TimestepSpacing};
 
 /// UniPC's `B(h)` choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,6 +320,30 @@ impl Scheduler for UniPcScheduler {
             self.lower_order_nums += 1;
         }
         prev.to_dtype(dtype)
+    }
+
+    fn state(&self) -> SchedulerState {
+        let mut tensors: Vec<(String, Tensor)> = (self.model_outputs.iter().enumerate())
+            .filter_map(|(i, m)| m.as_ref().map(|t| (format!("model_outputs.{i}"), t.clone())))
+            .collect();
+        tensors.extend(self.last_sample.as_ref().map(|t| ("last_sample".to_string(), t.clone())));
+        let counters = vec![
+            ("this_order".into(), self.this_order as u64),
+            ("lower_order_nums".into(), self.lower_order_nums as u64),
+            ("next_step".into(), self.next_step as u64),
+        ];
+        SchedulerState { tensors, counters }
+    }
+
+    fn restore(&mut self, state: &SchedulerState) -> anyhow::Result<()> {
+        for (i, slot) in self.model_outputs.iter_mut().enumerate() {
+            *slot = state.tensor(&format!("model_outputs.{i}")).cloned();
+        }
+        self.last_sample = state.tensor("last_sample").cloned();
+        self.this_order = state.counter("this_order")?;
+        self.lower_order_nums = state.counter("lower_order_nums")?;
+        self.next_step = state.counter("next_step")?;
+        Ok(())
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Result<Tensor> {

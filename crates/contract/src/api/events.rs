@@ -27,6 +27,10 @@ pub enum ApiEvent {
         eta_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         phase: Option<JobPhase>,
+        /// The step a worker took the job up from after another's delivery ended early (a crash, a
+        /// preemption): the job continued from its last checkpoint instead of step 0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_from_step: Option<u32>,
     },
     /// A small JPEG of the image so far, as a `data:image/jpeg;base64,` URL.
     Preview { job_id: Uuid, step: u32, image: String },
@@ -114,6 +118,7 @@ impl ApiEvent {
                     percent: p.percent,
                     eta_ms: p.eta_ms,
                     phase: p.phase,
+                    resumed_from_step: p.resumed_from_step,
                 }];
                 if let Some(jpeg) = &p.preview_jpeg {
                     use base64::Engine;

@@ -92,6 +92,10 @@ pub struct Progress {
     /// `loading` while the worker loads the model (step 0); absent while denoising.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,
+    /// The step this delivery took the job up from, a checkpoint an earlier delivery left; absent when it
+    /// started from the beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u32>,
 }
 
 /// What a running job is doing, beside denoising.
@@ -106,7 +110,18 @@ impl Progress {
     /// A progress event at `at`, with `percent` computed from `step` and `total`.
     pub fn new(job_id: Uuid, step: u32, total: u32, at: u64) -> Self {
         let percent = if total == 0 { 0.0 } else { (100.0 * f64::from(step) / f64::from(total)).min(100.0) as f32 };
-        Self { v: PROTOCOL_VERSION, job_id, at, step, total, percent, eta_ms: None, preview_jpeg: None, phase: None }
+        Self {
+            v: PROTOCOL_VERSION,
+            job_id,
+            at,
+            step,
+            total,
+            percent,
+            eta_ms: None,
+            preview_jpeg: None,
+            phase: None,
+            resumed_from_step: None,
+        }
     }
 }
 
@@ -121,6 +136,8 @@ impl fmt::Debug for Progress {
             .field("percent", &self.percent)
             .field("eta_ms", &self.eta_ms)
             .field("preview_jpeg", &self.preview_jpeg.as_ref().map(|b| format!("{} bytes", b.len())))
+            .field("phase", &self.phase)
+            .field("resumed_from_step", &self.resumed_from_step)
             .finish()
     }
 }

@@ -10,6 +10,12 @@ pub fn result_prefix(job_id: Uuid) -> String {
     format!("{RESULTS_PREFIX}{job_id}/")
 }
 
+/// `checkpoints/<job_id>.safetensors`: a running job's last checkpoint, from which another delivery of it
+/// continues; deleted when the job ends.
+pub fn resume_key(job_id: Uuid) -> String {
+    format!("checkpoints/{job_id}.safetensors")
+}
+
 /// `jobs/<job_id>/<index>.<ext>`: the key of a job's result image.
 pub fn result_key(job_id: Uuid, index: u32, ext: &str) -> String {
     format!("{RESULTS_PREFIX}{job_id}/{index}.{ext}")

@@ -463,6 +463,12 @@ export interface components {
                 /** Format: float */
                 percent: number;
                 phase?: null | components["schemas"]["JobPhase"];
+                /**
+                 * Format: int32
+                 * @description The step a worker took the job up from after another's delivery ended early (a crash, a
+                 *     preemption): the job continued from its last checkpoint instead of step 0.
+                 */
+                resumed_from_step?: number | null;
                 /** Format: int32 */
                 step: number;
                 /** Format: int32 */

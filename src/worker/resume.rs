@@ -1,0 +1,122 @@
+//! Checkpoints of running jobs: a job that a delivery does not finish (the worker crashed, was preempted
+//! or shut down) continues from its last checkpoint on the next delivery, on any worker with the model,
+//! instead of from step 0. A checkpoint is one object (`checkpoints/<job_id>.safetensors`), written every
+//! `--checkpoint-every` steps or `--checkpoint-interval`, read only by a redelivery, and deleted when the
+//! job ends. It belongs to the exact job message, model and dtype that made it (a fingerprint in it says
+//! which); any other is ignored. On the same device class the resumed job's images equal an uninterrupted
+//! run's bytes; on another, they are as close as two device classes' runs ever are.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::policy::{Delivery, Outcome};
+use super::Shared;
+use crate::diffusion::ResumeState;
+use crate::protocol::{self, JobRequest};
+use crate::storage::StoreError;
+
+/// What a checkpoint must carry to be taken up by `job` on `model` in `dtype`.
+pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DType) -> String {
+    let message = serde_json::to_vec(job).unwrap_or_default();
+    let digest = Sha256::new().chain_update(&message).chain_update(model).chain_update(format!("{dtype:?}"));
+    hex::encode(digest.finalize())
+}
+
+/// The checkpoint an earlier delivery of `job` left, if this is a redelivery and there is one.
+pub(super) async fn fetch(shared: &Shared, job: &JobRequest, delivered: Delivery) -> Option<Bytes> {
+    if delivered.n <= 1 {
+        return None;
+    }
+    match shared.store.get(&protocol::resume_key(job.id)).await {
+        Ok(bytes) => Some(bytes),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => {
+            tracing::warn!(job_id = %job.id, error = %e, "cannot read the job's checkpoint; starting from the beginning");
+            None
+        }
+    }
+}
+
+/// `bytes` as a checkpoint of the job `fingerprint` names, with its tensors on `device`.
+pub(super) fn read(bytes: &[u8], fingerprint: &str, device: &candle_core::Device) -> anyhow::Result<ResumeState> {
+    let state = ResumeState::from_bytes(bytes, device)?;
+    anyhow::ensure!(state.label == fingerprint, "it was made for another job message, model or dtype");
+    Ok(state)
+}
+
+pub(super) async fn save(shared: &Shared, job_id: Uuid, bytes: Vec<u8>) {
+    let key = protocol::resume_key(job_id);
+    if let Err(e) = shared.store.put(&key, Bytes::from(bytes), "application/octet-stream").await {
+        tracing::warn!(%job_id, error = %e, "cannot store a checkpoint; the job goes on");
+    }
+}
+
+/// Deletes the job's checkpoint once `outcome` ends the job (a shutdown or a transient failure leaves it
+/// for the next delivery).
+pub(super) async fn discard_when_final(shared: &Shared, outcome: &Outcome) {
+    let job_id = match outcome {
+        Outcome::Completed { completed, .. } => completed.job_id,
+        Outcome::Invalid { job_id: Some(id), .. } | Outcome::Cancelled { job_id: id, .. } => *id,
+        Outcome::TimedOut { job_id, .. } => *job_id,
+        _ => return,
+    };
+    if let Err(e) = shared.store.delete(&protocol::resume_key(job_id)).await {
+        tracing::warn!(%job_id, error = %e, "cannot delete the job's checkpoint");
+    }
+}
+
+/// When a running job's next checkpoint is due: every `every` steps, or `interval` after the last.
+pub(super) struct Schedule {
+    every: u32,
+    interval: Duration,
+    last: Instant,
+}
+
+impl Schedule {
+    pub(super) fn new(every: u32, interval: Duration) -> Self {
+        Self { every, interval, last: Instant::now() }
+    }
+
+    /// Whether to checkpoint after `step` of `total` (never after the last: the job is about to end).
+    pub(super) fn due(&mut self, step: usize, total: usize) -> bool {
+        let by_steps = self.every > 0 && step % self.every as usize == 0;
+        let by_time = !self.interval.is_zero() && self.last.elapsed() >= self.interval;
+        let due = step < total && (by_steps || by_time);
+        if due {
+            self.last = Instant::now();
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_come_every_n_steps_and_never_after_the_last() {
+        let mut s = Schedule::new(4, Duration::ZERO);
+        let due: Vec<usize> = (1..=12).filter(|&k| s.due(k, 12)).collect();
+        assert_eq!(due, [4, 8]);
+        let mut off = Schedule::new(0, Duration::ZERO);
+        assert!((1..=12).all(|k| !off.due(k, 12)));
+        let mut timed = Schedule::new(0, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(3));
+        assert!(timed.due(1, 12) && !timed.due(2, 12), "due after the interval, then not until the next");
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_the_job_the_model_and_the_dtype() {
+        let job = JobRequest::new(protocol::JobKind::Txt2Img, "tiny", "a cat");
+        let base = fingerprint(&job, "tiny", candle_core::DType::F32);
+        let mut other = job.clone();
+        other.seed = Some(5);
+        assert_ne!(base, fingerprint(&other, "tiny", candle_core::DType::F32));
+        assert_ne!(base, fingerprint(&job, "tiny2", candle_core::DType::F32));
+        assert_ne!(base, fingerprint(&job, "tiny", candle_core::DType::F16));
+        assert_eq!(base, fingerprint(&job.clone(), "tiny", candle_core::DType::F32));
+    }
+}
