@@ -380,7 +380,20 @@ impl Store {
 
     /// A presigned GET URL for `key`, when the store can make one and URLs are enabled.
     pub async fn presigned_get(&self, key: &str) -> Option<String> {
-        let (signer, ttl) = (self.signer.as_ref()?, self.presign_ttl?);
+        self.presigned_get_until(key, None).await
+    }
+
+    /// A presigned URL that is valid no later than `until` (Unix milliseconds; a job's expiry), rounded down
+    /// to the second; `None` once `until` has passed.
+    pub async fn presigned_get_until(&self, key: &str, until: Option<u64>) -> Option<String> {
+        let (signer, mut ttl) = (self.signer.as_ref()?, self.presign_ttl?);
+        if let Some(until) = until {
+            let left = Duration::from_secs(until.saturating_sub(crate::protocol::now_millis()) / 1000);
+            if left.is_zero() {
+                return None;
+            }
+            ttl = ttl.min(left);
+        }
         match signer.signed_url(object_store::signer::Method::GET, &self.path(key), ttl).await {
             Ok(url) => Some(url.to_string()),
             Err(e) => {

@@ -57,6 +57,10 @@ pub struct QueenArgs {
     /// How long job status is kept.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub keep_status: Duration,
+    /// The ttl of jobs that give no `ttl_s`: after it a job's status answers 410 Gone and its images are
+    /// deleted. None: jobs expire only when they give a ttl_s.
+    #[arg(long, env = "SD_RBEE_DEFAULT_TTL", value_parser = parse_duration)]
+    pub default_ttl: Option<Duration>,
     /// Validation limits as JSON, e.g. '{"max_steps": 80, "max_pixels": 1048576}' (see docs/PROTOCOL.md).
     #[arg(long)]
     pub limits: Option<String>,
@@ -142,6 +146,7 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     }
     config.worker_lost_after = args.worker_lost_after;
     config.status_max_age = args.keep_status;
+    config.default_ttl = args.default_ttl;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let queen = Queen::start(config).await?;

@@ -33,6 +33,8 @@ pub enum JobsError {
     TooLarge { field: Option<String>, message: String },
     #[error("no job {0}")]
     NotFound(Uuid),
+    #[error("job {0} expired (its ttl_s passed): its status and images are gone")]
+    Expired(Uuid),
     #[error("{0}")]
     NoImage(String),
     #[error("job {id} is already {}", state.name())]
@@ -109,6 +111,7 @@ pub struct Jobs {
     pub stats: ModelStats,
     pub limits: Limits,
     pub models: ModelPolicy,
+    pub expiry: super::expiry::Expiry,
 }
 
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
@@ -156,6 +159,7 @@ impl Jobs {
     ) -> JobsResult<SubmitResponse> {
         let mut job = JobRequest::try_from(sub)?;
         job.idempotency_key = idempotency_key;
+        self.expiry.apply_default(&mut job);
         self.check(&job).await?;
         let mut claim = None;
         if let Some(key) = &job.idempotency_key {
@@ -188,6 +192,11 @@ impl Jobs {
                 return Err(JobsError::bus(e));
             }
         };
+        if let Err(e) = self.expiry.schedule(&job).await {
+            self.status.remove(job.id).await;
+            self.index.remove(indexed).await;
+            return Err(JobsError::bus(e));
+        }
         self.stats.metrics.transition(None, JobState::Queued);
         let seq = match self.bus.submit_with_seq(&job).await {
             Ok(seq) => seq,
@@ -324,7 +333,11 @@ impl Jobs {
     }
 
     pub async fn get(&self, id: Uuid) -> JobsResult<JobStatus> {
-        self.status.get(id).await.map_err(JobsError::bus)?.ok_or(JobsError::NotFound(id))
+        let status = self.status.get(id).await.map_err(JobsError::bus)?.ok_or(JobsError::NotFound(id))?;
+        if status.is_expired(protocol::now_millis()) {
+            return Err(JobsError::Expired(id));
+        }
+        Ok(status)
     }
 
     /// A job's status with its queue position, ETA, and whether it waits for a worker.
@@ -434,8 +447,11 @@ impl Jobs {
     /// only the records it passes, never the whole status bucket.
     pub async fn list(&self, query: &ListQuery) -> JobsResult<JobList> {
         let filtered = query.state.is_some() || query.model.is_some();
+        let now = protocol::now_millis();
         let keep = |s: &JobStatus| {
-            query.state.is_none_or(|w| s.state == w) && query.model.as_deref().is_none_or(|m| s.model == m)
+            query.state.is_none_or(|w| s.state == w)
+                && query.model.as_deref().is_none_or(|m| s.model == m)
+                && !s.is_expired(now)
         };
         let (count, mut walk) = self.index.walk(query.cursor).await.map_err(JobsError::bus)?;
         let (mut jobs, mut matched, mut read) = (Vec::new(), 0usize, 0usize);
@@ -487,7 +503,12 @@ impl Jobs {
     /// Cancels a job: a queued one is removed from the queue and reported `cancelled` at once; a running
     /// one is asked to stop (its worker reports `cancelled` within a step).
     pub async fn cancel(&self, id: Uuid) -> JobsResult<CancelResponse> {
-        let status = self.get(id).await?;
+        self.cancel_record(self.get(id).await?).await
+    }
+
+    /// Cancels the job `status` is the record of.
+    pub(super) async fn cancel_record(&self, status: JobStatus) -> JobsResult<CancelResponse> {
+        let id = status.job_id;
         if status.state.is_terminal() {
             return Err(JobsError::AlreadyFinished { id, state: status.state });
         }

@@ -8,12 +8,14 @@
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
 //! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
+//! - `expiry`: jobs' ttl and its schedule; `sweeper`: deletes expired jobs' objects, stops them;
 //! - `completion`: waiting for a job's images, for the APIs that answer with them (OpenAI's, A1111's);
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
 //! - `metrics`: the counts `/metrics` serves, kept as things happen.
 
 pub mod aggregator;
 pub mod completion;
+pub mod expiry;
 pub mod feed;
 pub mod fleet;
 pub mod http;
@@ -21,6 +23,7 @@ pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod status;
+pub mod sweeper;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +48,8 @@ pub struct QueenConfig {
     pub api: ApiConfig,
     /// How long job status is kept.
     pub status_max_age: Duration,
+    /// The ttl of jobs that give none (`--default-ttl`).
+    pub default_ttl: Option<Duration>,
     /// A worker silent this long is lost (three heartbeat intervals).
     pub worker_lost_after: Duration,
     pub store: StoreOptions,
@@ -59,6 +64,7 @@ impl QueenConfig {
             prefix: crate::protocol::DEFAULT_PREFIX.into(),
             api: ApiConfig::default(),
             status_max_age: Duration::from_secs(7 * 24 * 3600),
+            default_ttl: None,
             worker_lost_after: Duration::from_secs(3 * crate::protocol::HEARTBEAT_INTERVAL_SECS),
             store: StoreOptions::default(),
         }
@@ -90,6 +96,7 @@ impl Queen {
         }
         let status = status::StatusStore::open(&js, &subjects.status_bucket(), config.status_max_age).await?;
         let index = index::JobIndex::open(&js, &subjects, config.status_max_age).await?;
+        let expiry = expiry::Expiry::open(&js, &subjects, config.default_ttl).await?;
         let fleet = fleet::Fleet::new(config.worker_lost_after);
         let stats = aggregator::ModelStats::default();
         let mut tasks = tokio::task::JoinSet::new();
@@ -114,7 +121,9 @@ impl Queen {
                 catalogue: api.model_catalogue.clone(),
                 retention: api.model_retention,
             },
+            expiry,
         };
+        tasks.spawn(sweeper::run(jobs.clone()));
         let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone(), a1111_jobs: Default::default() };
         Ok(Self { addr, state, listener, tasks, stop })
     }

@@ -46,7 +46,7 @@ impl Failure {
             Failure::Invalid(error) => Outcome::Invalid { job_id: Some(job_id), error },
             Failure::Stopped { reason: StopReason::Cancelled, at_step } => Outcome::Cancelled { job_id, at_step },
             Failure::Stopped { reason: StopReason::Timeout, at_step } => {
-                Outcome::TimedOut { job_id, at_step, deadline: job.deadline.is_some() }
+                Outcome::TimedOut { job_id, at_step, deadline: job.stop_at().is_some() }
             }
             Failure::Stopped { reason: StopReason::Shutdown, at_step } => Outcome::Shutdown { job_id, at_step },
             Failure::Transient { code, message } => Outcome::Transient { job_id, code, message },
@@ -227,7 +227,7 @@ pub(super) async fn generate_and_store(
     // Forward progress while it runs; stop it at the deadline or the worker's time limit.
     let limit = {
         let own = shared.config.job_timeout;
-        let to_deadline = job.deadline.map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
+        let to_deadline = job.stop_at().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
         to_deadline.map_or(own, |d| d.min(own))
     };
     let timer = tokio::time::sleep(limit);
@@ -301,7 +301,7 @@ pub(super) async fn generate_and_store(
             .put(&key, Bytes::from(img.bytes), format.content_type())
             .await
             .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
-        let url = shared.store.presigned_get(&key).await;
+        let url = shared.store.presigned_get_until(&key, job.expires_at).await;
         images.push(ImageResult {
             index: i as u32,
             key,

@@ -59,6 +59,7 @@ impl From<JobsError> for AppError {
             JobsError::Invalid(e) => e.into(),
             JobsError::TooLarge { field, .. } => Self { code: ApiErrorCode::PayloadTooLarge, message, field },
             JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
+            JobsError::Expired(_) => Self::new(ApiErrorCode::Expired, message),
             JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),
             JobsError::NotCompleted { .. } => Self::new(ApiErrorCode::NotCompleted, message),
             JobsError::Unavailable(_) => Self::new(ApiErrorCode::Unavailable, message),

@@ -35,6 +35,8 @@ pub enum ApiErrorCode {
     AlreadyFinished,
     /// 409: the job has not completed (it has no images yet).
     NotCompleted,
+    /// 410: the job's `ttl_s` passed: its status and images are gone.
+    Expired,
     /// 413: the body, an inline image, or the job as a bus message is over its limit.
     PayloadTooLarge,
     /// 415: not `application/json`.
@@ -60,6 +62,7 @@ impl ApiErrorCode {
             Self::MethodNotAllowed => 405,
             Self::RequestTimeout => 408,
             Self::AlreadyFinished | Self::NotCompleted => 409,
+            Self::Expired => 410,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::InvalidRequest => 422,
@@ -124,7 +127,7 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 11, "only the two 409s share a status");
+        assert_eq!(statuses.len(), 12, "only the two 409s share a status");
         let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }

@@ -13,6 +13,7 @@ impl JobStatus {
         Self {
             cached: false,
             priority: job.priority,
+            expires_at: job.expires_at,
             job_id: job.id,
             model: job.model.clone(),
             kind: Some(job.kind),
@@ -43,13 +44,25 @@ impl JobStatus {
         s
     }
 
+    /// What is left of the record once the job expired: its identity, state and times, without its request,
+    /// images, progress, warnings or error (the `410 Gone` answer needs no more).
+    pub fn expire(&mut self) {
+        self.request = None;
+        self.images.clear();
+        self.progress = None;
+        self.timings = None;
+        self.warnings.clear();
+        self.error = None;
+    }
+
     /// Moves the status along by `event`. Returns false when the event changes nothing (a terminal state
     /// is final; an event older than the newest applied is ignored, except a terminal one).
     pub fn apply(&mut self, event: &Event) -> bool {
-        if self.state.is_terminal() {
+        let at = event.at();
+        // An expired job's record is a tombstone: nothing a late worker says brings its content back.
+        if self.state.is_terminal() || self.is_expired(at) {
             return false;
         }
-        let at = event.at();
         if !event.is_terminal() && at < self.last_event_at {
             return false;
         }

@@ -94,6 +94,11 @@ pub struct JobSubmission {
     /// Seconds after which the job is worthless (it fails with TIMEOUT).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Seconds after submission at which the job expires: its status answers `410 Gone` and its images are
+    /// deleted (presigned URLs never outlive it); a job still queued or running then is stopped. None: the
+    /// queen's `--default-ttl`, if it has one.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
     /// LoRAs to apply, by catalogue name (see `GET /v1/models`), in order.
     #[serde(default)]
     pub loras: Vec<LoraRef>,
@@ -137,6 +142,7 @@ impl JobSubmission {
             output_format: None,
             quality: None,
             timeout_s: None,
+            ttl_s: None,
             loras: Vec::new(),
             clip_skip: None,
             cache: None,
@@ -190,6 +196,7 @@ impl From<&JobRequest> for JobSubmission {
             output_format: Some(job.output.format),
             quality: job.output.quality,
             timeout_s: job.deadline.map(|d| d.saturating_sub(job.created_at).div_ceil(1000).max(1)),
+            ttl_s: job.expires_at.map(|e| e.saturating_sub(job.created_at).div_ceil(1000).max(1)),
             loras: job.loras.clone(),
             clip_skip: job.clip_skip,
             cache: (!job.cache).then_some(false),
@@ -247,6 +254,10 @@ impl JobSubmission {
         job.cache = sub.cache.unwrap_or(true);
         job.priority = sub.priority.unwrap_or_default();
         job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
+        if sub.ttl_s == Some(0) {
+            return Err(ProtocolError::invalid("ttl_s", "must be at least 1 second"));
+        }
+        job.expires_at = sub.ttl_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
         Ok(job)
     }
 }

@@ -193,6 +193,16 @@ pub struct JobStatus {
     /// The queue the job waits in (`normal` is left out).
     #[serde(default, skip_serializing_if = "is_normal")]
     pub priority: vocab::Priority,
+    /// When the job expires (its `ttl_s`): from then on its status is `410 Gone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+impl JobStatus {
+    /// Whether the job's ttl has passed at `now`.
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
 }
 
 fn is_normal(p: &vocab::Priority) -> bool {

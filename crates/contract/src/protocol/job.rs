@@ -147,6 +147,10 @@ pub struct JobRequest {
     /// Unix milliseconds after which the job is worthless; a worker fails it with `TIMEOUT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<u64>,
+    /// Unix milliseconds at which the job expires (its `ttl`): its status answers `410 Gone`, a sweeper
+    /// deletes its images, and a worker still running it then stops it with `TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
     /// The client's idempotency key (the queen maps it to one job id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -191,6 +195,14 @@ pub const MAX_HEARTBEAT_LORAS: usize = 256;
 pub const MAX_LORAS_PER_JOB: usize = 64;
 
 impl JobRequest {
+    /// When a worker must stop the job: its deadline or its expiry, whichever comes first.
+    pub fn stop_at(&self) -> Option<u64> {
+        match (self.deadline, self.expires_at) {
+            (Some(d), Some(e)) => Some(d.min(e)),
+            (d, e) => d.or(e),
+        }
+    }
+
     /// A job with a fresh id, created now, every optional parameter at its default (the size included: the
     /// model's).
     #[cfg(feature = "new-ids")]
@@ -230,6 +242,7 @@ impl JobRequest {
             resize_mode: ResizeMode::Fit,
             output: OutputFormat::default(),
             deadline: None,
+            expires_at: None,
             idempotency_key: None,
             loras: Vec::new(),
             clip_skip: None,
@@ -253,9 +266,9 @@ impl JobRequest {
         }
     }
 
-    /// Whether the deadline has passed at `now_ms`.
+    /// Whether the deadline or the expiry has passed at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
-        self.deadline.is_some_and(|d| now_ms >= d)
+        self.stop_at().is_some_and(|d| now_ms >= d)
     }
 
     /// The seed to use: the job's, or one derived from its id, so a redelivered job makes the same images.

@@ -198,6 +198,16 @@ impl Subjects {
         self.stream_name("INDEX")
     }
 
+    /// `sd.expiry`: when each job with a ttl expires (one message per job), for the queens' sweeper.
+    pub fn expiry(&self) -> String {
+        format!("{}.expiry", self.prefix)
+    }
+
+    /// `SD_EXPIRY`: the work queue of expiries; a message is acknowledged once its job is swept.
+    pub fn expiry_stream(&self) -> String {
+        self.stream_name("EXPIRY")
+    }
+
     /// `SD_DLQ`: the dead-letter stream.
     pub fn dlq_stream(&self) -> String {
         self.stream_name("DLQ")

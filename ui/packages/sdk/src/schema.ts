@@ -420,7 +420,7 @@ export interface components {
          *     ([`ApiErrorCode::status`]). A code this build does not know (a newer queen) reads as `Other`.
          * @enum {string}
          */
-        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "UNAVAILABLE" | "OTHER";
+        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "UNAVAILABLE" | "OTHER";
         /** @description What went wrong: a code, a message complete on its own, and the offending field when there is one. */
         ApiErrorDetail: {
             code: components["schemas"]["ApiErrorCode"];
@@ -679,6 +679,11 @@ export interface components {
              */
             deliveries?: number;
             error?: null | components["schemas"]["ErrorInfo"];
+            /**
+             * Format: int64
+             * @description When the job expires (its `ttl_s`): from then on its status is `410 Gone`.
+             */
+            expires_at?: number | null;
             /** Format: int64 */
             finished_at?: number | null;
             images?: components["schemas"]["ImageResult"][];
@@ -766,6 +771,13 @@ export interface components {
              */
             timeout_s?: number | null;
             timestep_spacing?: string | null;
+            /**
+             * Format: int64
+             * @description Seconds after submission at which the job expires: its status answers `410 Gone` and its images are
+             *     deleted (presigned URLs never outlive it); a job still queued or running then is stopped. None: the
+             *     queen's `--default-ttl`, if it has one.
+             */
+            ttl_s?: number | null;
             /**
              * Format: int32
              * @description The model's default when absent (1024 for SDXL, 512 for SD 1.5, 768 for SD 2.x).

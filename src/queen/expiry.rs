@@ -1,0 +1,119 @@
+//! Job expiry: a job with a ttl (`ttl_s`, or the queen's `--default-ttl`) answers `410 Gone` from its
+//! `expires_at` on, and the sweeper (`sweeper.rs`) then deletes its images, its manifest and its checkpoint,
+//! stops it if it still runs, and leaves its status record as a tombstone (identity, state and times) until
+//! the status bucket's own age removes it. This file: the policy and the schedule.
+//!
+//! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job, written
+//! when the job is queued. The queens share one durable consumer on it; a message that is not due is handed
+//! back with a delay of the time left (a NAK with a delay), so each job is looked at about when it expires,
+//! by whichever queen is up, and a restarted queen loses nothing.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::bus;
+use crate::protocol::{JobRequest, Subjects};
+
+/// The queens' shared consumer of the expiry schedule.
+pub const SWEEPER_CONSUMER: &str = "queen-sweeper";
+
+/// One scheduled expiry.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Due {
+    pub job_id: Uuid,
+    pub expires_at: u64,
+}
+
+/// The expiry policy and schedule of one fleet.
+#[derive(Clone)]
+pub struct Expiry {
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+    /// The ttl of jobs that give none.
+    pub default_ttl: Option<Duration>,
+}
+
+impl Expiry {
+    /// Binds (creating if needed) the schedule of the fleet under `subjects`.
+    pub async fn open(
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        default_ttl: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let expiry = Self { js: js.clone(), stream: subjects.expiry_stream(), subject: subjects.expiry(), default_ttl };
+        expiry.bind().await?;
+        Ok(expiry)
+    }
+
+    pub(super) async fn bind(&self) -> anyhow::Result<stream::Stream> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.stream.clone(),
+                description: Some("sd-rbee queens: when each job with a ttl expires".into()),
+                subjects: vec![self.subject.clone()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create the expiry stream {}", self.stream))
+    }
+
+    /// Gives `job` the default ttl when it has none.
+    pub fn apply_default(&self, job: &mut JobRequest) {
+        if job.expires_at.is_none() {
+            let ttl = self.default_ttl.map(|d| d.as_millis() as u64);
+            job.expires_at = ttl.map(|t| job.created_at.saturating_add(t));
+        }
+    }
+
+    /// Schedules the sweep of `job` (once: the job id is the message id); nothing for a job without a ttl.
+    pub async fn schedule(&self, job: &JobRequest) -> anyhow::Result<()> {
+        let Some(expires_at) = job.expires_at else { return Ok(()) };
+        let headers = bus::msg_id_headers(&format!("expiry-{}", job.id));
+        let payload = bytes::Bytes::from(serde_json::to_vec(&Due { job_id: job.id, expires_at })?);
+        let mut rebound = false;
+        loop {
+            let published = async {
+                let ack = self.js.publish_with_headers(self.subject.clone(), headers.clone(), payload.clone()).await?;
+                anyhow::Ok(ack.await?)
+            };
+            match published.await {
+                Ok(_) => return Ok(()),
+                // The stream may be gone (deleted, or lost with the server's store): bind it again, once.
+                Err(_) if !rebound => {
+                    self.bind().await?;
+                    rebound = true;
+                }
+                Err(e) => return Err(e.context("cannot schedule the job's expiry")),
+            }
+        }
+    }
+
+    /// The queens' shared consumer of the schedule and its messages.
+    pub(super) async fn messages(&self) -> anyhow::Result<(consumer::PullConsumer, consumer::pull::Stream)> {
+        let stream = self.js.get_stream(&self.stream).await?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                SWEEPER_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(SWEEPER_CONSUMER.into()),
+                    description: Some("sd-rbee queens: expired jobs' sweeper".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    // Jobs not yet due wait handed back with a delay; however many there are, due ones go on.
+                    max_ack_pending: -1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let messages = consumer.messages().await?;
+        Ok((consumer, messages))
+    }
+}

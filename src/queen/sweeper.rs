@@ -1,0 +1,81 @@
+//! The expiry sweeper: takes each job of the schedule (`expiry.rs`) when it expires, stops it if it still
+//! runs, deletes its images, manifest and checkpoint, and leaves its status record as a tombstone. The
+//! queens share its consumer, so each expiry is swept once, by whichever queen is up.
+
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use uuid::Uuid;
+
+use super::expiry::Due;
+use super::jobs::Jobs;
+use crate::api::JobStatus;
+use crate::bus;
+use crate::protocol;
+
+/// Sweeps expired jobs until the process ends; binds the schedule again and goes on after errors.
+pub async fn run(jobs: Jobs) {
+    loop {
+        if let Err(e) = sweep_due(&jobs).await {
+            tracing::warn!(error = %format!("{e:#}"), "the expiry sweeper stopped; resuming");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = jobs.expiry.bind().await {
+                tracing::debug!(error = %e, "cannot bind the expiry stream yet");
+            }
+        }
+    }
+}
+
+async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
+    let (mut consumer, mut messages) = jobs.expiry.messages().await?;
+    loop {
+        let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
+        let due: Due = match serde_json::from_slice(&msg.payload) {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "an unreadable expiry skipped");
+                msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"))?;
+                continue;
+            }
+        };
+        let now = protocol::now_millis();
+        let ack = if due.expires_at > now {
+            AckKind::Nak(Some(Duration::from_millis(due.expires_at - now)))
+        } else {
+            match sweep(jobs, due.job_id, due.expires_at).await {
+                Ok(()) => AckKind::Ack,
+                Err(e) => {
+                    tracing::warn!(job_id = %due.job_id, error = %format!("{e:#}"), "cannot sweep an expired job yet");
+                    AckKind::Nak(Some(Duration::from_secs(5)))
+                }
+            }
+        };
+        msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+}
+
+/// Stops job `job_id` if it still runs, deletes its objects and leaves its record as a tombstone.
+async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<()> {
+    let record = jobs.status.get(job_id).await?;
+    if let Some(status) = record.as_ref().filter(|s| !s.state.is_terminal()) {
+        // Its worker stops it at its expiry too; a queued one leaves the queue.
+        if let Err(e) = jobs.cancel_record(status.clone()).await {
+            tracing::warn!(%job_id, error = %e, "cannot stop an expired job");
+        }
+    }
+    let prefix = protocol::result_prefix(job_id);
+    for name in jobs.store.list(&prefix, 10_000).await? {
+        jobs.store.delete(&format!("{prefix}{name}")).await?;
+    }
+    jobs.store.delete(&protocol::resume_key(job_id)).await?;
+    let tombstone = |s: &mut JobStatus| {
+        s.expire();
+        s.expires_at = Some(s.expires_at.map_or(expires_at, |e| e.min(expires_at)));
+        true
+    };
+    if record.is_some() {
+        jobs.status.update(job_id, || JobStatus::unknown(job_id, expires_at), tombstone).await?;
+    }
+    tracing::info!(%job_id, "expired job swept");
+    Ok(())
+}
