@@ -33,6 +33,9 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
     zero.ttl_s = Some(0);
     let err = api_error(c.submit(&zero, None).await.unwrap_err());
     assert_eq!((err.status, err.field.as_deref()), (422, Some("ttl_s")), "{}", err.message);
+    zero.ttl_s = Some(u64::MAX);
+    let err = api_error(c.submit(&zero, None).await.unwrap_err());
+    assert_eq!((err.status, err.field.as_deref()), (422, Some("ttl_s")), "a ttl past any sweep: {}", err.message);
 
     let ttl = 8;
     let mut job = tiny(2, 5);

@@ -108,3 +108,35 @@ async fn a_killed_workers_job_resumes_from_its_last_checkpoint_with_the_same_byt
     let image = |j: &JobRequest| std::fs::read(results.path().join(protocol::result_key(j.id, 0, "png"))).unwrap();
     assert!(image(&whole) == image(&interrupted), "the resumed job's image equals the uninterrupted run's bytes");
 }
+
+/// A worker stopped by SIGTERM past its grace, on the job's last allowed delivery, requeues the job as a new
+/// message (its delivery count starts again): the next worker still takes it up from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_requeued_at_shutdown_resumes_from_its_checkpoint() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    let flags = ["--max-deliver", "1", "--grace", "0s", "--checkpoint-every", "5", "--checkpoint-interval", "0s"];
+    let slow: Vec<&str> = flags.iter().copied().chain(["--step-delay", "100ms"]).collect();
+    let mut first = WorkerProcess::start("requeue-a", &nats.url(), &store, &[], &slow);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = job(30);
+    client.submit(&job).await.unwrap();
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), events.next()).await.unwrap() {
+        if matches!(e.unwrap(), Event::Progress(p) if p.step >= 12) {
+            break;
+        }
+    }
+    first.terminate();
+    first.wait(Duration::from_secs(30));
+    let _second = WorkerProcess::start("requeue-b", &nats.url(), &store, &[], &flags);
+    let events = events_of(&client, &job).await;
+    let runs = deliveries(&events);
+    let (ref b, ref b_steps) = runs.last().unwrap().clone();
+    assert_eq!(b, "requeue-b", "{runs:?}");
+    let resumed_from = b_steps[0].1.expect("the requeued job resumed from its checkpoint");
+    assert!(resumed_from >= 10 && resumed_from % 5 == 0, "{resumed_from}");
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+}

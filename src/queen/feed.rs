@@ -33,9 +33,10 @@ const RECORD_WAIT: Duration = Duration::from_secs(2);
 /// delays the frame, it never loses it.
 async fn record_settled(store: &StatusStore, job_id: uuid::Uuid) {
     let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+    let mut pause = Duration::from_millis(10);
     loop {
         if let Ok(Some(s)) = store.get(job_id).await {
-            if s.state.is_terminal() {
+            if s.state.is_terminal() || s.is_expired(crate::protocol::now_millis()) {
                 return;
             }
         }
@@ -43,7 +44,8 @@ async fn record_settled(store: &StatusStore, job_id: uuid::Uuid) {
             tracing::debug!(%job_id, "the status record lags the terminal event; ending the feed anyway");
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 

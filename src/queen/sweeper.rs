@@ -13,6 +13,12 @@ use crate::api::JobStatus;
 use crate::bus;
 use crate::protocol;
 
+/// The longest a job not yet due waits before it is looked at again.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// When a job stopped at its expiry is swept again, and how many passes it gets.
+const SECOND_LOOK: Duration = Duration::from_secs(30);
+const SWEEP_PASSES: i64 = 3;
+
 /// Sweeps expired jobs until the process ends; binds the schedule again and goes on after errors.
 pub async fn run(jobs: Jobs) {
     loop {
@@ -40,10 +46,15 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
         };
         let now = protocol::now_millis();
         let ack = if due.expires_at > now {
-            AckKind::Nak(Some(Duration::from_millis(due.expires_at - now)))
+            // Capped: a delay the server cannot take would be a plain NAK, and the message would spin.
+            AckKind::Nak(Some(Duration::from_millis(due.expires_at - now).min(MAX_WAIT)))
         } else {
+            let pass = msg.info().map(|i| i.delivered).unwrap_or(1);
             match sweep(jobs, due.job_id, due.expires_at).await {
-                Ok(()) => AckKind::Ack,
+                // A job that had not ended was stopped: a worker finishing its upload just now may still write
+                // objects, so look again a little later.
+                Ok(false) if pass < SWEEP_PASSES => AckKind::Nak(Some(SECOND_LOOK)),
+                Ok(_) => AckKind::Ack,
                 Err(e) => {
                     tracing::warn!(job_id = %due.job_id, error = %format!("{e:#}"), "cannot sweep an expired job yet");
                     AckKind::Nak(Some(Duration::from_secs(5)))
@@ -54,8 +65,9 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
     }
 }
 
-/// Stops job `job_id` if it still runs, deletes its objects and leaves its record as a tombstone.
-async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<()> {
+/// Stops job `job_id` if it still runs, deletes its objects and leaves its record as a tombstone. Returns
+/// whether the job had ended before.
+async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<bool> {
     let record = jobs.status.get(job_id).await?;
     if let Some(status) = record.as_ref().filter(|s| !s.state.is_terminal()) {
         // Its worker stops it at its expiry too; a queued one leaves the queue.
@@ -77,5 +89,5 @@ async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<()>
         jobs.status.update(job_id, || JobStatus::unknown(job_id, expires_at), tombstone).await?;
     }
     tracing::info!(%job_id, "expired job swept");
-    Ok(())
+    Ok(record.as_ref().is_none_or(|s| s.state.is_terminal()))
 }

@@ -149,7 +149,7 @@ pub(super) async fn generate_and_store(
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
     let fingerprint = super::resume::fingerprint(job, model, loaded.pipeline.dtype());
-    let resume_from = super::resume::fetch(shared, job, delivered).await;
+    let resume_from = super::resume::fetch(shared, job).await;
 
     // The job's request is prepared on a blocking thread, then generated in a batch with the jobs it can
     // share UNet passes with (batcher.rs); progress comes back through a channel.
@@ -190,6 +190,7 @@ pub(super) async fn generate_and_store(
     if let Some(state) = &prepared.request.resume {
         tracing::info!(job_id = %job.id, step = state.step, "resuming from the job's checkpoint");
     }
+    let resumed_steps = prepared.request.resume.as_ref().map_or(0, |s| s.step as u32);
     let mut schedule = super::resume::Schedule::new(shared.config.checkpoint_every, shared.config.checkpoint_interval);
     let on_step = move |info: &StepInfo| {
         let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
@@ -251,12 +252,9 @@ pub(super) async fn generate_and_store(
             }
         }
     };
-    while let Ok(mut step) = rx.try_recv() {
+    while let Ok(step) = rx.try_recv() {
+        // The result is in: the checkpoints still queued are of no use any more.
         last_step = Some(step.step);
-        // Stored before the step is reported: a worker seen at step N has its checkpoint of step N.
-        if let Some(bytes) = step.checkpoint.take() {
-            super::resume::save(shared, job.id, bytes).await;
-        }
         publish_progress(shared, job.id, &step, delivered).await;
     }
     let generation_ms = started.elapsed().as_millis() as u64;
@@ -265,6 +263,15 @@ pub(super) async fn generate_and_store(
         Ok(Err(GenerateError::Cancelled { completed, .. })) => {
             let reason = stop.reason().unwrap_or(StopReason::Cancelled);
             return Err(Failure::Stopped { reason, at_step: Some(completed as u32) });
+        }
+        Ok(Err(GenerateError::InvalidRequest { field: "resume", message })) => {
+            // The job is fine; its checkpoint is not (a worker of another version wrote it): drop it and
+            // let the next delivery start over.
+            super::resume::discard(shared, job.id).await;
+            return Err(Failure::transient(
+                ErrorCode::Internal,
+                format!("cannot continue from the checkpoint: {message}"),
+            ));
         }
         Ok(Err(GenerateError::InvalidRequest { field, message })) => return Err(Failure::invalid(field, message)),
         Ok(Err(e @ GenerateError::NonFinite { .. })) => {
@@ -287,8 +294,13 @@ pub(super) async fn generate_and_store(
         .await
         .map_err(|join| Failure::transient(ErrorCode::Internal, format!("encoding the images failed: {join}")))?
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("{e:#}")))?;
-    let step_ms = last_step.filter(|&n| n > 0).map(|n| generation_ms as f64 / f64::from(n));
+    let run_here = last_step.map(|n| n.saturating_sub(resumed_steps)).filter(|&n| n > 0);
+    let step_ms = run_here.map(|n| generation_ms as f64 / f64::from(n));
 
+    // A job that expired meanwhile stores nothing: the queens' sweeper may already have swept it.
+    if job.expires_at.is_some_and(|e| now_millis() >= e) {
+        return Err(Failure::Stopped { reason: StopReason::Timeout, at_step: last_step });
+    }
     // Upload every image, then the manifest that marks the job done.
     let upload_started = Instant::now();
     let ext = format.extension();

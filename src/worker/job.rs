@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::cache;
 use super::effects::{self, previous_result, publish_event, Target};
 use super::generate::generate_and_store;
-use super::policy::{self, Delivery, Outcome, RetryPolicy};
+use super::policy::{self, Delivery, Outcome, RetryPolicy, Settle};
 use super::Shared;
 use crate::protocol::{self, now_millis, Accepted, Event, JobRequest, ProtocolError, PROTOCOL_VERSION};
 
@@ -122,7 +122,6 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         }
         Err(failure) => failure.into_outcome(&job),
     };
-    super::resume::discard_when_final(&shared, &outcome).await;
     settle(&shared, &model, target, outcome, delivered).await;
     // Busy until the outcome is reported and counted (heartbeats read both).
     shared.control.finish(job_id);
@@ -134,6 +133,10 @@ async fn settle(shared: &Shared, model: &str, target: Target<'_>, outcome: Outco
     let retry =
         RetryPolicy { max_deliver: shared.config.consumer.max_deliver, backoff: shared.config.retry_backoff.clone() };
     let plan = policy::plan(outcome, delivered, &retry, now_millis());
+    // The job ends here, not handed back or requeued: its checkpoint has no further use.
+    if let (Some(job_id), false, Settle::Ack | Settle::Term) = (plan.job_id, plan.requeue, plan.settle) {
+        super::resume::discard(shared, job_id).await;
+    }
     effects::carry_out(shared, model, target, plan, delivered).await
 }
 

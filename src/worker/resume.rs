@@ -12,24 +12,28 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::policy::{Delivery, Outcome};
 use super::Shared;
 use crate::diffusion::ResumeState;
 use crate::protocol::{self, JobRequest};
 use crate::storage::StoreError;
 
+/// The checkpoint layout; a checkpoint of another (an older worker's, in a rolling upgrade) is ignored.
+const FORMAT: &str = "sd-rbee-resume-1";
+
 /// What a checkpoint must carry to be taken up by `job` on `model` in `dtype`.
 pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DType) -> String {
     let message = serde_json::to_vec(job).unwrap_or_default();
-    let digest = Sha256::new().chain_update(&message).chain_update(model).chain_update(format!("{dtype:?}"));
+    let digest = Sha256::new()
+        .chain_update(FORMAT)
+        .chain_update(&message)
+        .chain_update(model)
+        .chain_update(format!("{dtype:?}"));
     hex::encode(digest.finalize())
 }
 
-/// The checkpoint an earlier delivery of `job` left, if this is a redelivery and there is one.
-pub(super) async fn fetch(shared: &Shared, job: &JobRequest, delivered: Delivery) -> Option<Bytes> {
-    if delivered.n <= 1 {
-        return None;
-    }
+/// The checkpoint an earlier delivery of `job` left, if there is one. Looked for on every delivery (a miss
+/// is one cheap read): a job requeued at a shutdown is a new message whose delivery count starts again.
+pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     match shared.store.get(&protocol::resume_key(job.id)).await {
         Ok(bytes) => Some(bytes),
         Err(StoreError::NotFound { .. }) => None,
@@ -47,22 +51,21 @@ pub(super) fn read(bytes: &[u8], fingerprint: &str, device: &candle_core::Device
     Ok(state)
 }
 
+/// How long storing one checkpoint may hold up the job's progress (the store may be retrying an outage).
+const SAVE_PATIENCE: Duration = Duration::from_secs(5);
+
 pub(super) async fn save(shared: &Shared, job_id: Uuid, bytes: Vec<u8>) {
     let key = protocol::resume_key(job_id);
-    if let Err(e) = shared.store.put(&key, Bytes::from(bytes), "application/octet-stream").await {
-        tracing::warn!(%job_id, error = %e, "cannot store a checkpoint; the job goes on");
+    let put = shared.store.put(&key, Bytes::from(bytes), "application/octet-stream");
+    match tokio::time::timeout(SAVE_PATIENCE, put).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(%job_id, error = %e, "cannot store a checkpoint; the job goes on"),
+        Err(_) => tracing::warn!(%job_id, "the store is slow; the job goes on without this checkpoint"),
     }
 }
 
-/// Deletes the job's checkpoint once `outcome` ends the job (a shutdown or a transient failure leaves it
-/// for the next delivery).
-pub(super) async fn discard_when_final(shared: &Shared, outcome: &Outcome) {
-    let job_id = match outcome {
-        Outcome::Completed { completed, .. } => completed.job_id,
-        Outcome::Invalid { job_id: Some(id), .. } | Outcome::Cancelled { job_id: id, .. } => *id,
-        Outcome::TimedOut { job_id, .. } => *job_id,
-        _ => return,
-    };
+/// Deletes the job's checkpoint: it ended (or the checkpoint cannot be taken up).
+pub(super) async fn discard(shared: &Shared, job_id: Uuid) {
     if let Err(e) = shared.store.delete(&protocol::resume_key(job_id)).await {
         tracing::warn!(%job_id, error = %e, "cannot delete the job's checkpoint");
     }

@@ -128,10 +128,10 @@ impl StableDiffusion {
     /// [`Self::generate`].
     pub fn batch_key(&self, req: &GenerationRequest) -> Result<BatchKey, GenerateError> {
         self.validate(req)?;
-        let (_, scheduler, _) = self.scheduler_for(req)?;
+        let (_, mut scheduler, _) = self.scheduler_for(req)?;
         let first_step = self.first_step(req, scheduler.as_ref());
         if let Some(state) = &req.resume {
-            self.check_resume(req, state, scheduler.as_ref(), first_step)?;
+            self.check_resume(req, state, scheduler.as_mut(), first_step)?;
         }
         let start = first_step + req.resume.as_ref().map_or(0, |c| c.step);
         Ok(BatchKey {
@@ -148,7 +148,7 @@ impl StableDiffusion {
         &self,
         req: &GenerationRequest,
         state: &ResumeState,
-        scheduler: &dyn Scheduler,
+        scheduler: &mut dyn Scheduler,
         first_step: usize,
     ) -> Result<(), GenerateError> {
         let bad = |message: String| Err(invalid("resume", message));
@@ -169,7 +169,11 @@ impl StableDiffusion {
         if state.latents.dims() != want {
             return bad(format!("the checkpoint has latents {:?}, this run {want:?}", state.latents.dims()));
         }
-        Ok(())
+        // The history has the latents' shape; taking it up on a throwaway scheduler finds a missing counter.
+        if let Some((name, t)) = state.scheduler_state.tensors.iter().find(|(_, t)| t.dims() != want) {
+            return bad(format!("the checkpoint's scheduler {name} is {:?}, not {want:?}", t.dims()));
+        }
+        scheduler.restore(&state.scheduler_state).map_err(|e| invalid("resume", format!("{e:#}")))
     }
 
     /// Generates every member's images, sharing each UNet pass between the members with the same

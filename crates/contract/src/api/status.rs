@@ -59,8 +59,10 @@ impl JobStatus {
     /// is final; an event older than the newest applied is ignored, except a terminal one).
     pub fn apply(&mut self, event: &Event) -> bool {
         let at = event.at();
-        // An expired job's record is a tombstone: nothing a late worker says brings its content back.
-        if self.state.is_terminal() || self.is_expired(at) {
+        // An expired job's record is a tombstone: a late terminal event still ends it (its state and times),
+        // but nothing a worker says brings its content back.
+        let expired = self.is_expired(at);
+        if self.state.is_terminal() || (expired && !event.is_terminal()) {
             return false;
         }
         if !event.is_terminal() && at < self.last_event_at {
@@ -125,6 +127,9 @@ impl JobStatus {
         }
         self.last_event_at = self.last_event_at.max(at);
         self.updated_at = self.updated_at.max(at);
+        if expired {
+            self.expire();
+        }
         true
     }
 }
@@ -201,5 +206,20 @@ mod tests {
         s.apply(&Event::Progress(Progress::new(job.id, 3, 10, 20)));
         s.apply(&accepted(job.id, 30, "w2"));
         assert_eq!((s.deliveries, s.worker_id.as_deref(), s.progress.is_none()), (2, Some("w2"), true));
+    }
+
+    #[test]
+    fn an_expired_record_ends_on_a_terminal_event_but_keeps_no_content() {
+        let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "x");
+        job.expires_at = Some(job.created_at + 1000);
+        let (id, t) = (job.id, job.created_at);
+        let mut s = JobStatus::queued(&job, Some(1));
+        assert!(s.apply(&accepted(id, t + 10, "w")));
+        assert!(!s.is_expired(t + 999) && s.is_expired(t + 1000));
+        assert!(!s.apply(&Event::Progress(Progress::new(id, 3, 10, t + 1500))), "no progress after expiry");
+        let cancelled = Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id: id, at: t + 1500, at_step: None });
+        assert!(s.apply(&cancelled), "a terminal event still ends it");
+        assert_eq!(s.state, JobState::Cancelled);
+        assert!(s.request.is_none() && s.progress.is_none(), "but the record keeps nothing of the job");
     }
 }

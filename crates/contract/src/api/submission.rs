@@ -163,6 +163,9 @@ impl JobSubmission {
 
 /// The same job as an HTTP submission: inline images as base64, the deadline as `timeout_s` from its
 /// creation (rounded up to whole seconds).
+/// The longest `ttl_s`: ten years.
+pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
 impl From<&JobRequest> for JobSubmission {
     fn from(job: &JobRequest) -> Self {
         use base64::Engine;
@@ -254,8 +257,11 @@ impl JobSubmission {
         job.cache = sub.cache.unwrap_or(true);
         job.priority = sub.priority.unwrap_or_default();
         job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
-        if sub.ttl_s == Some(0) {
-            return Err(ProtocolError::invalid("ttl_s", "must be at least 1 second"));
+        if let Some(ttl) = sub.ttl_s.filter(|t| !(1..=MAX_TTL_S).contains(t)) {
+            return Err(ProtocolError::invalid(
+                "ttl_s",
+                format!("is {ttl}: it must be 1 to {MAX_TTL_S} seconds (10 years)"),
+            ));
         }
         job.expires_at = sub.ttl_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
         Ok(job)
