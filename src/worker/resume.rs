@@ -33,12 +33,18 @@ pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DTy
 
 /// The checkpoint an earlier delivery of `job` left, if there is one. Looked for on every delivery (a miss
 /// is one cheap read): a job requeued at a shutdown is a new message whose delivery count starts again.
+/// Bounded: with the store unreachable (it retries for `--store-retry`), starting over beats waiting.
 pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
-    match shared.store.get(&protocol::resume_key(job.id)).await {
-        Ok(bytes) => Some(bytes),
-        Err(StoreError::NotFound { .. }) => None,
-        Err(e) => {
+    let key = protocol::resume_key(job.id);
+    match tokio::time::timeout(SAVE_PATIENCE, shared.store.get(&key)).await {
+        Ok(Ok(bytes)) => Some(bytes),
+        Ok(Err(StoreError::NotFound { .. })) => None,
+        Ok(Err(e)) => {
             tracing::warn!(job_id = %job.id, error = %e, "cannot read the job's checkpoint; starting from the beginning");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %job.id, "the store is slow to answer; starting from the beginning");
             None
         }
     }
@@ -51,7 +57,7 @@ pub(super) fn read(bytes: &[u8], fingerprint: &str, device: &candle_core::Device
     Ok(state)
 }
 
-/// How long storing one checkpoint may hold up the job's progress (the store may be retrying an outage).
+/// How long reading or storing a checkpoint may hold up the job (the store may be retrying an outage).
 const SAVE_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(super) async fn save(shared: &Shared, job_id: Uuid, bytes: Vec<u8>) {
