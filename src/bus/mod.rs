@@ -419,6 +419,37 @@ pub enum PublishError {
     Unavailable { subject: String, reason: String },
 }
 
+/// Publishes `payload` to `subject` of a stream of the queens' own and waits for the ack; when that fails
+/// (the stream deleted, or lost with the server's store) it binds the stream again with `rebind`, once, and
+/// tries again.
+pub async fn publish_rebinding<F, Fut>(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: HeaderMap,
+    payload: Bytes,
+    rebind: F,
+) -> anyhow::Result<jetstream::publish::PublishAck>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<stream::Stream>>,
+{
+    let mut rebound = false;
+    loop {
+        let published = async {
+            let ack = js.publish_with_headers(subject.to_string(), headers.clone(), payload.clone()).await?;
+            anyhow::Ok(ack.await?)
+        };
+        match published.await {
+            Ok(ack) => return Ok(ack),
+            Err(_) if !rebound => {
+                rebind().await?;
+                rebound = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Publishes to a stream and waits for the server's acknowledgement, retrying for up to `patience` (the
 /// server may be restarting); `msg_id` makes retries safe. A message over the server's `max_payload` (which
 /// async-nats checks before sending, headers included) or a stream's size limit is refused at once

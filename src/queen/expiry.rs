@@ -78,22 +78,10 @@ impl Expiry {
         let Some(expires_at) = job.expires_at else { return Ok(()) };
         let headers = bus::msg_id_headers(&format!("expiry-{}", job.id));
         let payload = bytes::Bytes::from(serde_json::to_vec(&Due { job_id: job.id, expires_at })?);
-        let mut rebound = false;
-        loop {
-            let published = async {
-                let ack = self.js.publish_with_headers(self.subject.clone(), headers.clone(), payload.clone()).await?;
-                anyhow::Ok(ack.await?)
-            };
-            match published.await {
-                Ok(_) => return Ok(()),
-                // The stream may be gone (deleted, or lost with the server's store): bind it again, once.
-                Err(_) if !rebound => {
-                    self.bind().await?;
-                    rebound = true;
-                }
-                Err(e) => return Err(e.context("cannot schedule the job's expiry")),
-            }
-        }
+        bus::publish_rebinding(&self.js, &self.subject, headers, payload, || self.bind())
+            .await
+            .context("cannot schedule the job's expiry")?;
+        Ok(())
     }
 
     /// The queens' shared consumer of the schedule and its messages.

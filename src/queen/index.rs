@@ -59,22 +59,8 @@ impl JobIndex {
     pub async fn add(&self, job_id: Uuid) -> anyhow::Result<u64> {
         let headers = crate::bus::msg_id_headers(&format!("index-{job_id}"));
         let payload = bytes::Bytes::from(job_id.to_string());
-        let mut rebound = false;
-        loop {
-            let published = async {
-                let ack = self.js.publish_with_headers(self.subject.clone(), headers.clone(), payload.clone()).await?;
-                anyhow::Ok(ack.await?.sequence)
-            };
-            match published.await {
-                Ok(seq) => return Ok(seq),
-                // The stream may be gone (deleted, or lost with the server's store): bind it again, once.
-                Err(_) if !rebound => {
-                    self.bind().await?;
-                    rebound = true;
-                }
-                Err(e) => return Err(e.context("cannot add the job to the index")),
-            }
-        }
+        let ack = crate::bus::publish_rebinding(&self.js, &self.subject, headers, payload, || self.bind()).await;
+        Ok(ack.context("cannot add the job to the index")?.sequence)
     }
 
     /// Removes an entry (of a job that could not be queued).
