@@ -378,14 +378,9 @@ impl Store {
         }
     }
 
-    /// A presigned GET URL for `key`, when the store can make one and URLs are enabled.
-    pub async fn presigned_get(&self, key: &str) -> Option<String> {
-        self.presigned_get_until(key, None).await
-    }
-
-    /// A presigned URL that is valid no later than `until` (Unix milliseconds; a job's expiry), rounded down
-    /// to the second; `None` once `until` has passed.
-    pub async fn presigned_get_until(&self, key: &str, until: Option<u64>) -> Option<String> {
+    /// A presigned GET URL for `key`, when the store can make one and URLs are enabled, valid no later than
+    /// `until` (Unix milliseconds, a job's expiry; rounded down to the second): `None` once it has passed.
+    pub async fn presigned_get(&self, key: &str, until: Option<u64>) -> Option<String> {
         let (signer, mut ttl) = (self.signer.as_ref()?, self.presign_ttl?);
         if let Some(until) = until {
             let left = Duration::from_secs(until.saturating_sub(crate::protocol::now_millis()) / 1000);
@@ -435,7 +430,7 @@ mod tests {
         assert_eq!(store.size("jobs/a/0.png").await.unwrap(), Some(4));
         assert_eq!(&store.get("jobs/a/0.png").await.unwrap()[..], b"png!");
         assert!(dir.path().join("jobs/a/0.png").is_file());
-        assert!(store.presigned_get("jobs/a/0.png").await.is_none());
+        assert!(store.presigned_get("jobs/a/0.png", None).await.is_none());
         let missing = store.get("jobs/b/0.png").await.unwrap_err();
         assert!(matches!(missing, StoreError::NotFound { .. }), "{missing}");
         assert!(missing.to_string().contains("jobs/b/0.png"));
@@ -499,7 +494,7 @@ mod tests {
         let settings = settings.map(|(k, v)| (k.to_string(), v.to_string())).to_vec();
         let opts = StoreOptions { settings, ..Default::default() };
         let store = Store::open("s3://results-bucket/fleet-a", &opts).unwrap();
-        let url = store.presigned_get("jobs/x/0.png").await.expect("S3 stores presign");
+        let url = store.presigned_get("jobs/x/0.png", None).await.expect("S3 stores presign");
         assert!(url.contains("results-bucket") && url.contains("fleet-a/jobs/x/0.png"), "{url}");
         assert!(url.contains("X-Amz-Signature="), "{url}");
     }
@@ -515,11 +510,11 @@ mod tests {
         ];
         let settings = settings.map(|(k, v)| (k.to_string(), v.to_string())).to_vec();
         let opts = StoreOptions { settings: settings.clone(), ..Default::default() };
-        let inside = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png").await.unwrap();
+        let inside = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png", None).await.unwrap();
         assert!(inside.starts_with("http://minio:9000/results/jobs/x/0.png?"), "{inside}");
         let opts =
             StoreOptions { settings, presign_endpoint: Some("http://127.0.0.1:9000".into()), ..Default::default() };
-        let public = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png").await.unwrap();
+        let public = Store::open("s3://results", &opts).unwrap().presigned_get("jobs/x/0.png", None).await.unwrap();
         assert!(public.starts_with("http://127.0.0.1:9000/results/jobs/x/0.png?"), "{public}");
         assert!(public.contains("X-Amz-Signature="), "{public}");
         let no_scheme = StoreOptions { presign_endpoint: Some("127.0.0.1:9000".into()), ..opts.clone() };

@@ -181,7 +181,7 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
         let ext = image.key.rsplit('.').next().unwrap_or("png");
         let key = protocol::result_key(job.id, image.index, ext);
         shared.store.put(&key, bytes, &image.content_type).await?;
-        let url = shared.store.presigned_get_until(&key, job.expires_at).await;
+        let url = shared.store.presigned_get(&key, job.expires_at).await;
         images.push(protocol::ImageResult { key, url, ..image.clone() });
     }
     let at = protocol::now_millis();

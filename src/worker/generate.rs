@@ -313,7 +313,7 @@ pub(super) async fn generate_and_store(
             .put(&key, Bytes::from(img.bytes), format.content_type())
             .await
             .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;
-        let url = shared.store.presigned_get_until(&key, job.expires_at).await;
+        let url = shared.store.presigned_get(&key, job.expires_at).await;
         images.push(ImageResult {
             index: i as u32,
             key,

@@ -75,7 +75,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         Ok(Ok(Some(mut completed))) => {
             completed.at = now_millis();
             for image in &mut completed.images {
-                image.url = shared.store.presigned_get_until(&image.key, job.expires_at).await;
+                image.url = shared.store.presigned_get(&image.key, job.expires_at).await;
             }
             let outcome = Outcome::Completed { completed, fresh: false };
             settle(&shared, &model, target, outcome, delivered).await;

@@ -36,7 +36,7 @@ pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DTy
 /// Bounded: with the store unreachable (it retries for `--store-retry`), starting over beats waiting.
 pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     let key = protocol::resume_key(job.id);
-    match tokio::time::timeout(SAVE_PATIENCE, shared.store.get(&key)).await {
+    match tokio::time::timeout(STORE_PATIENCE, shared.store.get(&key)).await {
         Ok(Ok(bytes)) => Some(bytes),
         Ok(Err(StoreError::NotFound { .. })) => None,
         Ok(Err(e)) => {
@@ -58,12 +58,12 @@ pub(super) fn read(bytes: &[u8], fingerprint: &str, device: &candle_core::Device
 }
 
 /// How long reading or storing a checkpoint may hold up the job (the store may be retrying an outage).
-const SAVE_PATIENCE: Duration = Duration::from_secs(5);
+const STORE_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(super) async fn save(shared: &Shared, job_id: Uuid, bytes: Vec<u8>) {
     let key = protocol::resume_key(job_id);
     let put = shared.store.put(&key, Bytes::from(bytes), "application/octet-stream");
-    match tokio::time::timeout(SAVE_PATIENCE, put).await {
+    match tokio::time::timeout(STORE_PATIENCE, put).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(%job_id, error = %e, "cannot store a checkpoint; the job goes on"),
         Err(_) => tracing::warn!(%job_id, "the store is slow; the job goes on without this checkpoint"),

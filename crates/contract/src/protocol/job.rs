@@ -197,10 +197,7 @@ pub const MAX_LORAS_PER_JOB: usize = 64;
 impl JobRequest {
     /// When a worker must stop the job: its deadline or its expiry, whichever comes first.
     pub fn stop_at(&self) -> Option<u64> {
-        match (self.deadline, self.expires_at) {
-            (Some(d), Some(e)) => Some(d.min(e)),
-            (d, e) => d.or(e),
-        }
+        self.deadline.into_iter().chain(self.expires_at).min()
     }
 
     /// A job with a fresh id, created now, every optional parameter at its default (the size included: the
