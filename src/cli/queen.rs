@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::parse_duration;
 use crate::queen::http::PriorityPolicy;
+use crate::queen::webhooks::{AddressPolicy, WebhookConfig};
 use crate::queen::{Queen, QueenConfig};
 
 #[derive(Debug, Clone, Args)]
@@ -68,8 +69,56 @@ pub struct QueenArgs {
     /// none (or name one of OpenAI's, such as dall-e-3); default: the only model of the catalogue.
     #[arg(long, env = "SD_RBEE_COMPAT_MODEL", value_name = "NAME")]
     pub compat_model: Option<String>,
+    /// What webhook deliveries are signed with: `whsec_` and base64 (the Standard Webhooks form), or text of
+    /// at least 16 bytes. Comma-separate several while rotating: each signs every delivery. Without one, jobs
+    /// that ask for a webhook are refused.
+    #[arg(long, env = "SD_RBEE_WEBHOOK_SECRET", hide_env_values = true, value_delimiter = ',', value_name = "SECRET")]
+    pub webhook_secret: Vec<String>,
+    /// Address ranges webhooks may go to although they are private, loopback, link-local or otherwise not
+    /// public (e.g. 10.0.0.0/8, 127.0.0.1); repeat or comma-separate.
+    #[arg(long, env = "SD_RBEE_WEBHOOK_ALLOW", value_delimiter = ',', value_name = "CIDR")]
+    pub webhook_allow: Vec<String>,
+    /// Address ranges webhooks never go to (over --webhook-allow); repeat or comma-separate.
+    #[arg(long, env = "SD_RBEE_WEBHOOK_DENY", value_delimiter = ',', value_name = "CIDR")]
+    pub webhook_deny: Vec<String>,
+    /// The longest one webhook attempt may take (connecting, sending, reading the answer).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+    /// How long a webhook delivery is retried before it is given up on (and shown in the job's status).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub webhook_retry_for: Duration,
+    /// The wait before a webhook delivery's first retry; it doubles with each failure, up to 10 minutes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub webhook_backoff: Duration,
+    /// The least time between two progress deliveries of a job's webhook.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub webhook_progress_interval: Duration,
     #[arg(long)]
     pub log_json: bool,
+}
+
+/// The webhook flags as a [`WebhookConfig`]; errors name the flag and never show a secret.
+fn webhook_config(args: &QueenArgs) -> anyhow::Result<WebhookConfig> {
+    let secrets = args.webhook_secret.iter().filter(|s| !s.trim().is_empty()).enumerate();
+    let secrets = secrets
+        .map(|(i, s)| s.parse().map_err(|e| anyhow::anyhow!("--webhook-secret (entry {}): {e}", i + 1)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (flag, d) in [("--webhook-timeout", args.webhook_timeout), ("--webhook-backoff", args.webhook_backoff)] {
+        if d.is_zero() {
+            bail!("{flag} must be more than 0");
+        }
+    }
+    Ok(WebhookConfig {
+        secrets,
+        policy: AddressPolicy {
+            allow: AddressPolicy::parse_ranges(&args.webhook_allow, "--webhook-allow")?,
+            deny: AddressPolicy::parse_ranges(&args.webhook_deny, "--webhook-deny")?,
+        },
+        timeout: args.webhook_timeout,
+        retry_for: args.webhook_retry_for,
+        backoff: args.webhook_backoff,
+        progress_interval: args.webhook_progress_interval,
+    })
 }
 
 /// The shortest API token accepted, in bytes.
@@ -117,6 +166,7 @@ pub fn load_tokens(
 }
 
 pub fn run(args: QueenArgs) -> anyhow::Result<()> {
+    let webhooks = webhook_config(&args)?;
     let mut config = QueenConfig::new(args.nats, args.store, args.listen);
     config.prefix = args.prefix;
     for (token, policy) in load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())? {
@@ -147,6 +197,7 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     config.worker_lost_after = args.worker_lost_after;
     config.status_max_age = args.keep_status;
     config.default_ttl = args.default_ttl;
+    config.webhooks = webhooks;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let queen = Queen::start(config).await?;

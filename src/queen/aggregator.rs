@@ -4,13 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 
 use super::index::JobIndex;
 use super::metrics::Metrics;
 use super::status::{StatusStore, Updated};
+use super::webhooks::plan::{owes_start, shows_terminal};
+use super::webhooks::{Planner, Webhooks};
 use crate::api::JobStatus;
 use crate::bus::{self, StreamSettings};
 use crate::protocol::{self, Event, Subjects};
@@ -115,17 +117,25 @@ impl ProgressThrottle {
     }
 }
 
+/// What the aggregator writes to: the status bucket, the job index, the statistics.
+#[derive(Clone)]
+pub struct Aggregation {
+    pub status: StatusStore,
+    pub index: JobIndex,
+    pub stats: ModelStats,
+}
+
 /// Pulls events and applies them until the process ends; reconnects and retries on errors. When the streams
 /// or the status bucket are gone (deleted, or a server that lost its store) it creates them again.
-pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore, index: JobIndex, stats: ModelStats) {
+pub async fn run(js: jetstream::Context, subjects: Subjects, to: Aggregation, webhooks: Webhooks) {
     loop {
-        if let Err(e) = pull(&js, &subjects, &store, &index, &stats).await {
+        if let Err(e) = pull(&js, &subjects, &to, &webhooks).await {
             tracing::warn!(error = %e, "event aggregation interrupted; resuming");
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Err(e) = bus::ensure_streams(&js, &subjects, &StreamSettings::default()).await {
                 tracing::debug!(error = %e, "cannot bind the streams yet");
             }
-            if let Err(e) = store.recreate().await {
+            if let Err(e) = to.status.recreate().await {
                 tracing::debug!(error = %e, "cannot bind the status bucket yet");
             }
         }
@@ -135,9 +145,8 @@ pub async fn run(js: jetstream::Context, subjects: Subjects, store: StatusStore,
 async fn pull(
     js: &jetstream::Context,
     subjects: &Subjects,
-    store: &StatusStore,
-    index: &JobIndex,
-    stats: &ModelStats,
+    to: &Aggregation,
+    webhooks: &Webhooks,
 ) -> anyhow::Result<()> {
     let stream = js.get_stream(subjects.events_stream()).await?;
     let mut consumer: consumer::PullConsumer = stream
@@ -155,41 +164,53 @@ async fn pull(
         .await?;
     let mut messages = consumer.messages().await?;
     let mut throttle = ProgressThrottle::default();
+    let mut planner = Planner::new(webhooks.config.progress_interval);
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         match protocol::decode_event(&msg.payload) {
-            Ok(event) => match apply(store, index, stats, &mut throttle, &event).await {
-                Ok(()) => {}
-                // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once when
-                // it can never apply, after a few tries otherwise, or it would come back every ack_wait.
-                Err(e) if e.downcast_ref::<super::status::StatusTooLarge>().is_some() => {
-                    tracing::warn!(subject = %msg.subject, error = %e, "event skipped")
+            Ok(event) => {
+                // The delivery is queued before the event is acknowledged: a queen that stops in between applies
+                // the event again, and the queue takes its delivery once.
+                let applied = async {
+                    let status = apply(to, &mut throttle, &event).await?;
+                    if let Some(delivery) = status.and_then(|s| planner.plan(&s, &event, seq)) {
+                        webhooks.enqueue(&delivery).await?;
+                    }
+                    anyhow::Ok(())
+                };
+                match applied.await {
+                    Ok(()) => {}
+                    // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once
+                    // when it can never apply, after a few tries otherwise, or it would come back every ack_wait
+                    // and hold up every job's status behind it.
+                    Err(e) if e.downcast_ref::<super::status::StatusTooLarge>().is_some() => {
+                        tracing::warn!(subject = %msg.subject, error = %e, "event skipped")
+                    }
+                    Err(e) if msg.info().is_ok_and(|i| i.delivered >= MAX_EVENT_DELIVERIES) => {
+                        tracing::error!(subject = %msg.subject, error = %format!("{e:#}"), "event skipped after {MAX_EVENT_DELIVERIES} tries")
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) if msg.info().is_ok_and(|i| i.delivered >= MAX_EVENT_DELIVERIES) => {
-                    tracing::error!(subject = %msg.subject, error = %e, "event skipped after {MAX_EVENT_DELIVERIES} tries")
-                }
-                Err(e) => return Err(e),
-            },
+            }
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
         }
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
 }
 
-async fn apply(
-    store: &StatusStore,
-    index: &JobIndex,
-    stats: &ModelStats,
-    throttle: &mut ProgressThrottle,
-    event: &Event,
-) -> anyhow::Result<()> {
+/// Applies `event` to its job's record. Returns the record to plan the event's webhook delivery against:
+/// as the event left it, or as it is when the event changed nothing but its delivery may still be owed;
+/// `None` for a step that is owed nothing.
+async fn apply(to: &Aggregation, throttle: &mut ProgressThrottle, event: &Event) -> anyhow::Result<Option<JobStatus>> {
+    let Aggregation { status: store, index, stats } = to;
     let job_id = event.job_id();
     let at = event.at();
-    let now = std::time::Instant::now();
+    let now = Instant::now();
     if let Event::Progress(p) = event {
         if let Some(model) = throttle.skip(p, now) {
             stats.record_progress(model, job_id, p.at, p.step);
-            return Ok(());
+            return Ok(None);
         }
     }
     let applied = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
@@ -215,7 +236,18 @@ async fn apply(
         stats.forget(job_id);
         throttle.forget(job_id);
     }
-    Ok(())
+    if updated.is_some() {
+        return Ok(updated);
+    }
+    // An event the record did not take may still be owed to a webhook: a start older than the newest step
+    // applied (it came back after a queen stopped before acknowledging it), a terminal event applied before.
+    Ok(match event {
+        Event::Accepted(a) => store.get(job_id).await?.filter(|s| owes_start(s, a)),
+        Event::Completed(_) | Event::Failed(_) | Event::Cancelled(_) => {
+            store.get(job_id).await?.filter(|s| shows_terminal(s, event))
+        }
+        Event::Progress(_) => None,
+    })
 }
 
 #[cfg(test)]

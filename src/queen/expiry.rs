@@ -11,11 +11,11 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::bus;
+use super::work_queue::WorkQueue;
 use crate::protocol::{JobRequest, Subjects};
 
 /// The queens' shared consumer of the expiry schedule.
@@ -31,9 +31,7 @@ pub(super) struct Due {
 /// The expiry policy and schedule of one fleet.
 #[derive(Clone)]
 pub struct Expiry {
-    js: jetstream::Context,
-    stream: String,
-    subject: String,
+    pub(super) queue: WorkQueue,
     /// The ttl of jobs that give none.
     pub default_ttl: Option<Duration>,
 }
@@ -45,24 +43,10 @@ impl Expiry {
         subjects: &Subjects,
         default_ttl: Option<Duration>,
     ) -> anyhow::Result<Self> {
-        let expiry = Self { js: js.clone(), stream: subjects.expiry_stream(), subject: subjects.expiry(), default_ttl };
-        expiry.bind().await?;
-        Ok(expiry)
-    }
-
-    pub(super) async fn bind(&self) -> anyhow::Result<stream::Stream> {
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: self.stream.clone(),
-                description: Some("sd-rbee queens: when each job with a ttl expires".into()),
-                subjects: vec![self.subject.clone()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("cannot create the expiry stream {}", self.stream))
+        let description = "sd-rbee queens: when each job with a ttl expires";
+        let window = Duration::from_secs(120);
+        let queue = WorkQueue::open(js, subjects.expiry_stream(), subjects.expiry(), description, window).await?;
+        Ok(Self { queue, default_ttl })
     }
 
     /// Gives `job` the default ttl when it has none.
@@ -76,32 +60,13 @@ impl Expiry {
     /// Schedules the sweep of `job` (once: the job id is the message id); nothing for a job without a ttl.
     pub async fn schedule(&self, job: &JobRequest) -> anyhow::Result<()> {
         let Some(expires_at) = job.expires_at else { return Ok(()) };
-        let headers = bus::msg_id_headers(&format!("expiry-{}", job.id));
         let payload = bytes::Bytes::from(serde_json::to_vec(&Due { job_id: job.id, expires_at })?);
-        bus::publish_rebinding(&self.js, &self.subject, headers, payload, || self.bind())
-            .await
-            .context("cannot schedule the job's expiry")?;
-        Ok(())
+        self.queue.publish(&format!("expiry-{}", job.id), payload).await.context("cannot schedule the job's expiry")
     }
 
     /// The queens' shared consumer of the schedule and its messages.
     pub(super) async fn messages(&self) -> anyhow::Result<(consumer::PullConsumer, consumer::pull::Stream)> {
-        let stream = self.js.get_stream(&self.stream).await?;
-        let consumer: consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                SWEEPER_CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(SWEEPER_CONSUMER.into()),
-                    description: Some("sd-rbee queens: expired jobs' sweeper".into()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(60),
-                    // Jobs not yet due wait handed back with a delay; however many there are, due ones go on.
-                    max_ack_pending: -1,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let messages = consumer.messages().await?;
-        Ok((consumer, messages))
+        let description = "sd-rbee queens: expired jobs' sweeper";
+        self.queue.consume(SWEEPER_CONSUMER, description, Duration::from_secs(60), None).await
     }
 }

@@ -1,8 +1,8 @@
 //! The queen's job service: what the HTTP handlers ask for, over the bus, the status bucket, the object
 //! store and the fleet's view. Submission (with an idempotency claim released unless the job is queued),
-//! status views with queue positions, lists, cancellation of queued and running jobs, images, and the
-//! model catalogue that decides which models jobs may name. Errors are [`JobsError`], classified for HTTP
-//! by `http/error.rs`.
+//! lists, cancellation of queued and running jobs, images, and the model catalogue that decides which models
+//! jobs may name; a job's view with its queue position is in `queue.rs`. Errors are [`JobsError`], classified
+//! for HTTP by `http/error.rs`.
 
 use std::time::Duration;
 
@@ -14,13 +14,12 @@ use super::fleet::Fleet;
 use super::index::{records, JobIndex, SCAN_LIMIT};
 use super::status::{idempotency_entry, StatusStore, StatusTooLarge};
 use crate::api::{
-    CancelResponse, CancelState, JobCheckError, JobList, JobState, JobStatus, JobSubmission, StatusView,
-    SubmitResponse, UploadResponse,
+    CancelResponse, CancelState, JobCheckError, JobList, JobState, JobStatus, JobSubmission, SubmitResponse,
+    UploadResponse, WebhookInfo,
 };
 use crate::bus::BusClient;
 use crate::protocol::{self, Event, ImageSource, JobRequest, Limits, ProtocolError};
 use crate::storage::{Store, StoreError};
-use crate::vocab::Priority;
 
 /// Why a request of the service failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +111,7 @@ pub struct Jobs {
     pub limits: Limits,
     pub models: ModelPolicy,
     pub expiry: super::expiry::Expiry,
+    pub webhooks: super::webhooks::Webhooks,
 }
 
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
@@ -154,13 +154,19 @@ impl Jobs {
     async fn submit_attached(
         &self,
         caller: &str,
-        sub: JobSubmission,
+        mut sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
+        let mut webhook = sub.webhook.take();
         let mut job = JobRequest::try_from(sub)?;
         job.idempotency_key = idempotency_key;
         self.expiry.apply_default(&mut job);
         self.check(&job).await?;
+        if let Some(spec) = &mut webhook {
+            self.webhooks.check(spec).await?;
+        }
+        let queued =
+            |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
         let mut claim = None;
         if let Some(key) = &job.idempotency_key {
             let entry = idempotency_entry(caller, key);
@@ -184,7 +190,7 @@ impl Jobs {
             });
         }
         // The record exists before any worker can report on the job.
-        self.status.create(&JobStatus::queued(&job, None)).await.map_err(JobsError::bus)?;
+        self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
         let indexed = match self.index.add(job.id).await {
             Ok(seq) => seq,
             Err(e) => {
@@ -214,7 +220,7 @@ impl Jobs {
             s.stream_seq = Some(seq);
             true
         };
-        let _ = self.status.update(job.id, || JobStatus::queued(&job, Some(seq)), record).await;
+        let _ = self.status.update(job.id, || queued(Some(seq)), record).await;
         tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
         Ok(SubmitResponse::new(job.id, true))
     }
@@ -338,109 +344,6 @@ impl Jobs {
             return Err(JobsError::Expired(id));
         }
         Ok(status)
-    }
-
-    /// A job's status with its queue position, ETA, and whether it waits for a worker.
-    pub async fn view(&self, status: JobStatus) -> StatusView {
-        let now = protocol::now_millis();
-        let mut v = StatusView {
-            status,
-            queue_position: None,
-            eta_ms: None,
-            waiting_for_worker: false,
-            waiting_for_redelivery: false,
-            image_urls: Vec::new(),
-        };
-        let s = &v.status;
-        match s.state {
-            JobState::Queued => {
-                if let Some(seq) = s.stream_seq {
-                    v.queue_position = self.queue_position(&s.model, s.priority, seq).await;
-                }
-                let workers = self.fleet.serving(&s.model, now);
-                v.waiting_for_worker = workers == 0 && self.fleet.has_heard_everyone();
-                if let (Some(pos), Some(job_ms)) = (v.queue_position, self.stats.job_ms(&s.model)) {
-                    v.eta_ms = Some(((pos as f64 + 1.0) * job_ms / workers.max(1) as f64) as u64);
-                }
-            }
-            JobState::Running => {
-                v.eta_ms = s.progress.as_ref().and_then(|p| p.eta_ms);
-                v.waiting_for_redelivery = s.worker_id.as_deref().is_some_and(|w| self.fleet.is_lost(w, now));
-            }
-            _ => {}
-        }
-        v.image_urls = s
-            .images
-            .iter()
-            .map(|i| i.url.clone().unwrap_or_else(|| format!("/v1/jobs/{}/images/{}", s.job_id, i.index)))
-            .collect();
-        v
-    }
-
-    /// Jobs of each of `models` waiting for a worker: its consumer's undelivered jobs, or, before any worker
-    /// created the consumer, every job on its subject. `None` where NATS cannot say.
-    pub async fn queue_depths(&self, models: &[&str]) -> Vec<Option<u64>> {
-        let Ok(stream) = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await else {
-            return vec![None; models.len()];
-        };
-        let depth = |model: &str| {
-            let stream = &stream;
-            let model = model.to_string();
-            async move {
-                let mut total = 0;
-                for priority in Priority::ALL {
-                    total += self.waiting(stream, &model, priority).await?;
-                }
-                Some(total)
-            }
-        };
-        futures::future::join_all(models.iter().map(|m| depth(m))).await
-    }
-
-    /// Jobs of `model` waiting at `priority`: its consumer's undelivered jobs, or, before any worker or
-    /// queen created the consumer, every job on its subject.
-    async fn waiting(
-        &self,
-        stream: &async_nats::jetstream::stream::Stream,
-        model: &str,
-        priority: Priority,
-    ) -> Option<u64> {
-        use futures::StreamExt;
-        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-            stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
-        if let Ok(c) = consumer {
-            return Some(c.cached_info().num_pending);
-        }
-        let subject = self.bus.subjects().jobs_at(model, priority).ok()?;
-        let counts = stream.info_with_subjects(subject.as_str()).await.ok()?;
-        Some(counts.fold(0u64, |sum, entry| async move { sum + entry.map_or(0, |(_, n)| n as u64) }).await)
-    }
-
-    /// How many jobs of `model` a worker takes before the one at stream sequence `seq`, at `priority`: every
-    /// job waiting at a higher priority, and those before it at its own (walked with direct gets, bounded).
-    /// Workers' low-priority share moves low jobs earlier than this says and high and normal ones later.
-    async fn queue_position(&self, model: &str, priority: Priority, seq: u64) -> Option<u64> {
-        let subject = self.bus.subjects().jobs_at(model, priority).ok()?;
-        let stream = self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await.ok()?;
-        let mut position = 0;
-        for higher in Priority::ALL.into_iter().filter(|p| *p < priority) {
-            position += self.waiting(&stream, model, higher).await?;
-        }
-        // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
-        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-            stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
-        let mut next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
-        for _ in 0..1000 {
-            match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
-                Ok(msg) if msg.sequence < seq => {
-                    position += 1;
-                    next = msg.sequence + 1;
-                }
-                Ok(msg) if msg.sequence == seq => return Some(position),
-                _ => return None,
-            }
-        }
-        None
     }
 
     /// One page of jobs, newest first: the index walked from its newest end (or from `cursor`), reading

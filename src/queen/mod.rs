@@ -6,9 +6,12 @@
 //!
 //! - this file: [`QueenConfig`] and [`Queen`] (start, serve, shut down);
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
-//! - `jobs`: the job service ([`jobs::Jobs`]): submit, view, list, cancel, images, the model catalogue;
+//! - `jobs`: the job service ([`jobs::Jobs`]): submit, list, cancel, images, the model catalogue;
+//! - `queue`: where a job stands: its status view with queue position and ETA, queue depths;
 //! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
 //! - `expiry`: jobs' ttl and its schedule; `sweeper`: deletes expired jobs' objects, stops them;
+//! - `work_queue`: the queens' own work queues (the expiry schedule, webhook deliveries);
+//! - `webhooks`: signed webhooks: the durable delivery queue, the address policy, the sender;
 //! - `completion`: waiting for a job's images, for the APIs that answer with them (OpenAI's, A1111's);
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
 //! - `metrics`: the counts `/metrics` serves, kept as things happen.
@@ -22,8 +25,11 @@ pub mod http;
 pub mod index;
 pub mod jobs;
 pub mod metrics;
+pub mod queue;
 pub mod status;
 pub mod sweeper;
+pub mod webhooks;
+pub mod work_queue;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +59,7 @@ pub struct QueenConfig {
     /// A worker silent this long is lost (three heartbeat intervals).
     pub worker_lost_after: Duration,
     pub store: StoreOptions,
+    pub webhooks: webhooks::WebhookConfig,
 }
 
 impl QueenConfig {
@@ -67,6 +74,7 @@ impl QueenConfig {
             default_ttl: None,
             worker_lost_after: Duration::from_secs(3 * crate::protocol::HEARTBEAT_INTERVAL_SECS),
             store: StoreOptions::default(),
+            webhooks: webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -97,11 +105,15 @@ impl Queen {
         let status = status::StatusStore::open(&js, &subjects.status_bucket(), config.status_max_age).await?;
         let index = index::JobIndex::open(&js, &subjects, config.status_max_age).await?;
         let expiry = expiry::Expiry::open(&js, &subjects, config.default_ttl).await?;
+        let webhooks = webhooks::Webhooks::open(&js, &subjects, config.webhooks).await?;
         let fleet = fleet::Fleet::new(config.worker_lost_after);
         let stats = aggregator::ModelStats::default();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(fleet.clone().listen(client.clone(), subjects.clone()));
-        tasks.spawn(aggregator::run(js.clone(), subjects.clone(), status.clone(), index.clone(), stats.clone()));
+        let aggregation =
+            aggregator::Aggregation { status: status.clone(), index: index.clone(), stats: stats.clone() };
+        tasks.spawn(aggregator::run(js.clone(), subjects.clone(), aggregation, webhooks.clone()));
+        tasks.spawn(webhooks::sender::run(webhooks.clone(), status.clone()));
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -122,6 +134,7 @@ impl Queen {
                 retention: api.model_retention,
             },
             expiry,
+            webhooks,
         };
         tasks.spawn(sweeper::run(jobs.clone()));
         let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone(), a1111_jobs: Default::default() };

@@ -25,7 +25,7 @@ pub async fn run(jobs: Jobs) {
         if let Err(e) = sweep_due(&jobs).await {
             tracing::warn!(error = %format!("{e:#}"), "the expiry sweeper stopped; resuming");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Err(e) = jobs.expiry.bind().await {
+            if let Err(e) = jobs.expiry.queue.bind().await {
                 tracing::debug!(error = %e, "cannot bind the expiry stream yet");
             }
         }

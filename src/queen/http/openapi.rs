@@ -21,7 +21,7 @@ use crate::api::{
         RequestSummary, crate::api::openai::OpenAiImageRequest, crate::api::openai::OpenAiImagesResponse,
         crate::api::openai::OpenAiImage, crate::api::a1111::A1111Request, crate::api::a1111::A1111Response,
         crate::api::a1111::A1111Model, crate::api::a1111::A1111Sampler, crate::api::a1111::A1111Progress,
-        crate::api::a1111::A1111ProgressState)),
+        crate::api::a1111::A1111ProgressState, crate::api::WebhookBody)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -16,6 +16,8 @@
 //!   clients see it;
 //! - `status`: how a [`JobStatus`] is made and moved along by events;
 //! - `check`: the checks of a submission that need only the queen's limits ([`check_submission`]);
+//! - `webhook`: a job's [`WebhookSpec`], what its status shows of the deliveries ([`WebhookInfo`]), their
+//!   body ([`WebhookBody`]) and signatures ([`WebhookSecret`]);
 //! - `openai`, `a1111`: the other APIs the queen speaks (OpenAI's images, AUTOMATIC1111's `/sdapi/v1`), as
 //!   their requests map to a [`JobSubmission`] and their answers are shaped.
 
@@ -27,6 +29,7 @@ pub mod openai;
 mod status;
 mod submission;
 mod views;
+mod webhook;
 
 pub use check::{check_job, check_submission, parse_json_body, JobCheckError};
 pub use error::{ApiError, ApiErrorBody, ApiErrorCode, ApiErrorDetail};
@@ -37,4 +40,8 @@ pub use submission::{
 pub use views::{
     CancelResponse, CancelState, ErrorInfo, JobList, JobState, JobStatus, LimitsView, ModelInfo, ProgressInfo,
     RequestSummary, StatusView, WorkerInfo,
+};
+pub use webhook::{
+    WebhookBody, WebhookDeadLetter, WebhookEvent, WebhookInfo, WebhookSecret, WebhookSpec, MAX_DEAD_LETTERS,
+    MAX_WEBHOOK_URL_BYTES, MIN_SECRET_BYTES, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER,
 };

@@ -14,6 +14,7 @@ impl JobStatus {
             cached: false,
             priority: job.priority,
             expires_at: job.expires_at,
+            webhook: None,
             job_id: job.id,
             model: job.model.clone(),
             kind: Some(job.kind),

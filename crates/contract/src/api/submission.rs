@@ -114,6 +114,9 @@ pub struct JobSubmission {
     /// share of their picks to the lower ones so that they never starve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// POST the job's events to a URL, signed (see the API reference's Webhooks section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<super::WebhookSpec>,
 }
 
 impl JobSubmission {
@@ -147,6 +150,7 @@ impl JobSubmission {
             clip_skip: None,
             cache: None,
             priority: None,
+            webhook: None,
         }
     }
 
@@ -161,11 +165,11 @@ impl JobSubmission {
     }
 }
 
-/// The same job as an HTTP submission: inline images as base64, the deadline as `timeout_s` from its
-/// creation (rounded up to whole seconds).
 /// The longest `ttl_s`: ten years.
 pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 
+/// The same job as an HTTP submission: inline images as base64, the deadline as `timeout_s` and the expiry
+/// as `ttl_s` from its creation (rounded up to whole seconds).
 impl From<&JobRequest> for JobSubmission {
     fn from(job: &JobRequest) -> Self {
         use base64::Engine;
@@ -204,6 +208,8 @@ impl From<&JobRequest> for JobSubmission {
             clip_skip: job.clip_skip,
             cache: (!job.cache).then_some(false),
             priority: (job.priority != Priority::Normal).then_some(job.priority),
+            // A job's webhook is the queen's, not the bus message's.
+            webhook: None,
         }
     }
 }

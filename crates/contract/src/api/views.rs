@@ -196,6 +196,9 @@ pub struct JobStatus {
     /// When the job expires (its `ttl_s`): from then on its status is `410 Gone`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// The job's webhook and its deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<super::WebhookInfo>,
 }
 
 impl JobStatus {

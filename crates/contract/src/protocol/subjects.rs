@@ -208,6 +208,17 @@ impl Subjects {
         self.stream_name("EXPIRY")
     }
 
+    /// `sd.webhooks`: webhook deliveries waiting to be sent (one message per event), for the queens' sender.
+    pub fn webhooks(&self) -> String {
+        format!("{}.webhooks", self.prefix)
+    }
+
+    /// `SD_WEBHOOKS`: the work queue of webhook deliveries; a message is acknowledged once its receiver took
+    /// it or it was given up on.
+    pub fn webhooks_stream(&self) -> String {
+        self.stream_name("WEBHOOKS")
+    }
+
     /// `SD_DLQ`: the dead-letter stream.
     pub fn dlq_stream(&self) -> String {
         self.stream_name("DLQ")

@@ -717,6 +717,7 @@ export interface components {
             updated_at: number;
             /** @description What the worker wants the submitter to know (a prompt cut to the text encoder's 77 tokens). */
             warnings?: string[];
+            webhook?: null | components["schemas"]["WebhookInfo"];
             worker_id?: string | null;
         };
         /**
@@ -778,6 +779,7 @@ export interface components {
              *     queen's `--default-ttl`, if it has one.
              */
             ttl_s?: number | null;
+            webhook?: null | components["schemas"]["WebhookSpec"];
             /**
              * Format: int32
              * @description The model's default when absent (1024 for SDXL, 512 for SD 1.5, 768 for SD 2.x).
@@ -1083,6 +1085,79 @@ export interface components {
             object_key: string;
             /** Format: int32 */
             width: number;
+        };
+        /**
+         * @description The JSON body of a delivery: `{"id", "type", "timestamp", "job_id", "event", "data"}`, where `event`
+         *     and `data` are the job's event as `GET /v1/jobs/{id}/events` shows it.
+         */
+        WebhookBody: components["schemas"]["ApiEvent"] & {
+            /** @description The idempotency key, as in the `webhook-id` header. */
+            id: string;
+            /** Format: uuid */
+            job_id: string;
+            /** @description When the event happened (RFC 3339). */
+            timestamp: string;
+            /** @description `job.started`, `job.progress`, `job.completed`, `job.failed` or `job.cancelled`. */
+            type: string;
+        };
+        /** @description A delivery given up on. */
+        WebhookDeadLetter: {
+            /** Format: int32 */
+            attempts: number;
+            event: components["schemas"]["WebhookEvent"];
+            /** @description Its `webhook-id`. */
+            id: string;
+            /** Format: int64 */
+            last_attempt_at: number;
+            /** @description What the last attempt got: the receiver's status and the start of its answer, or why there was none. */
+            last_error: string;
+            /**
+             * Format: int64
+             * @description When the event was queued for delivery, and the last attempt (ms since the Unix epoch).
+             */
+            queued_at: number;
+        };
+        /**
+         * @description An event a job's webhook may ask for.
+         * @enum {string}
+         */
+        WebhookEvent: "started" | "progress" | "completed" | "failed" | "cancelled";
+        /**
+         * @description A job's webhook as its status shows it: what was asked, how many deliveries its receiver took, and the
+         *     deliveries given up on.
+         */
+        WebhookInfo: {
+            /**
+             * @description Deliveries given up on after retrying for the queen's `--webhook-retry-for` (the newest
+             *     [`MAX_DEAD_LETTERS`]).
+             */
+            dead_letters?: components["schemas"]["WebhookDeadLetter"][];
+            /**
+             * Format: int32
+             * @description Deliveries the receiver answered with a 2xx status.
+             */
+            delivered?: number;
+            events: components["schemas"]["WebhookEvent"][];
+            /** Format: int32 */
+            progress_interval_s?: number | null;
+            url: string;
+        };
+        /** @description `webhook` on a submission: where to POST the job's events, and which ones. */
+        WebhookSpec: {
+            /** @description The events to deliver; default: `completed`, `failed`, `cancelled`. */
+            events?: components["schemas"]["WebhookEvent"][];
+            /**
+             * Format: int32
+             * @description The least seconds between two `progress` deliveries of the job; none, or less than the queen's
+             *     `--webhook-progress-interval`: that.
+             */
+            progress_interval_s?: number | null;
+            /**
+             * @description An `http` or `https` URL that receives a POST per event. Its host must resolve to addresses the queen
+             *     allows: private, loopback and link-local ones are refused unless the queen's `--webhook-allow` names
+             *     their range. Redirects are not followed.
+             */
+            url: string;
         };
         /** @description A worker and when it was last heard of (`GET /v1/workers`). */
         WorkerInfo: components["schemas"]["Heartbeat"] & {

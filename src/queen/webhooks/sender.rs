@@ -1,0 +1,273 @@
+//! The queens' webhook sender: a shared consumer of the delivery queue, so each attempt is made by one
+//! queen. An attempt POSTs the delivery's body, signed anew, through a client that resolves hosts under the
+//! address policy, follows no redirect, has no proxy, gives up after `--webhook-timeout` and reads at most
+//! [`MAX_RESPONSE_BYTES`] of the answer. A 2xx answer acknowledges the delivery and counts it in the job's
+//! status; anything else hands it back with the next backoff, until `--webhook-retry-for` has passed since it
+//! was queued: then it is recorded in the job's status as a dead letter and leaves the queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+
+use super::plan::Delivery;
+use super::policy::{check_literal, PolicyResolver};
+use super::{Webhooks, MAX_RESPONSE_BYTES};
+use crate::api::{
+    JobStatus, WebhookDeadLetter, WebhookEvent, WebhookSecret, WEBHOOK_ID_HEADER, WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+};
+use crate::bus;
+use crate::protocol;
+use crate::queen::status::{StatusStore, StatusTooLarge};
+
+/// Attempts in flight per queen.
+const CONCURRENCY: usize = 32;
+/// How much of a failed attempt's answer its error keeps.
+const ERROR_SNIPPET_BYTES: usize = 200;
+/// How long a `progress` delivery is retried at most (the others: `--webhook-retry-for`).
+pub const PROGRESS_RETRY_FOR: Duration = Duration::from_secs(600);
+/// How long, past its retries, a dead letter is tried to be recorded in a status that cannot take it now.
+const RECORD_DEAD_LETTER_FOR: u64 = 600_000;
+
+/// Sends deliveries until the process ends; binds the queue again and goes on after errors. A queen without
+/// a secret sends nothing (the queens that have one do).
+pub async fn run(webhooks: Webhooks, status: StatusStore) {
+    if webhooks.config.secrets.is_empty() {
+        return;
+    }
+    let client = match client(&webhooks) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot make the webhook client: no webhooks are sent");
+            return;
+        }
+    };
+    loop {
+        if let Err(e) = send_due(&webhooks, &status, &client).await {
+            tracing::warn!(error = %format!("{e:#}"), "the webhook sender stopped; resuming");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = webhooks.queue.bind().await {
+                tracing::debug!(error = %e, "cannot bind the webhook stream yet");
+            }
+        }
+    }
+}
+
+fn client(webhooks: &Webhooks) -> anyhow::Result<reqwest::Client> {
+    let config = &webhooks.config;
+    Ok(reqwest::Client::builder()
+        .dns_resolver(PolicyResolver(Arc::new(config.policy.clone())))
+        // A proxy would connect where the policy never looked; a redirect would lead anywhere.
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.timeout)
+        .timeout(config.timeout)
+        .user_agent(concat!("sd-rbee-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+async fn send_due(webhooks: &Webhooks, status: &StatusStore, client: &reqwest::Client) -> anyhow::Result<()> {
+    let (mut consumer, mut messages) = webhooks.messages(CONCURRENCY).await?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    // Attempts in flight end with this loop (a stopping queen's are made again by the next one).
+    let mut attempts = tokio::task::JoinSet::new();
+    loop {
+        let permit = permits.clone().acquire_owned().await?;
+        while attempts.try_join_next().is_some() {}
+        let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
+        let (webhooks, status, client) = (webhooks.clone(), status.clone(), client.clone());
+        attempts.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = attempt(&webhooks, &status, &client, msg).await {
+                tracing::warn!(error = %format!("{e:#}"), "a webhook attempt could not be settled");
+            }
+        });
+    }
+}
+
+/// One attempt at a delivery, and what becomes of it.
+async fn attempt(
+    webhooks: &Webhooks,
+    status: &StatusStore,
+    client: &reqwest::Client,
+    msg: jetstream::Message,
+) -> anyhow::Result<()> {
+    let delivery: Delivery = match serde_json::from_slice(&msg.payload) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "an unreadable webhook delivery dropped");
+            return msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"));
+        }
+    };
+    let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
+    // The ack timer starts again with the attempt (the message may have waited for a free slot).
+    msg.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("progress: {e}"))?;
+    let config = &webhooks.config;
+    let (job_id, id) = (delivery.job_id, delivery.id.as_str());
+    let ack = match post(client, &config.secrets, &config.policy, &delivery).await {
+        Ok(()) => {
+            tracing::debug!(%job_id, id, attempt, "webhook delivered");
+            msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+            let counted = |s: &mut JobStatus| s.webhook.as_mut().map(|w| w.delivered += 1).is_some();
+            if let Err(e) = status.update(job_id, || JobStatus::unknown(job_id, 0), counted).await {
+                tracing::debug!(%job_id, error = %e, "cannot count a webhook delivery in the job's status");
+            }
+            return Ok(());
+        }
+        Err(error) => {
+            let error = sanitized(&error);
+            let now = protocol::now_millis();
+            let wait = config.backoff_after(attempt);
+            // A step's progress is stale long before a day has passed.
+            let retry_for = match delivery.event {
+                WebhookEvent::Progress => config.retry_for.min(PROGRESS_RETRY_FOR),
+                _ => config.retry_for,
+            };
+            let give_up_at = delivery.queued_at.saturating_add(retry_for.as_millis() as u64);
+            if now.saturating_add(wait.as_millis() as u64) <= give_up_at {
+                tracing::info!(%job_id, id, attempt, %error, retry_in = ?wait, "webhook attempt failed");
+                AckKind::Nak(Some(wait))
+            } else {
+                let letter = WebhookDeadLetter {
+                    id: delivery.id.clone(),
+                    event: delivery.event,
+                    attempts: attempt,
+                    queued_at: delivery.queued_at,
+                    last_attempt_at: now,
+                    last_error: error.clone(),
+                };
+                let record = |s: &mut JobStatus| s.webhook.as_mut().is_some_and(|w| w.dead_lettered(letter.clone()));
+                match status.update(job_id, || JobStatus::unknown(job_id, 0), record).await {
+                    Ok(_) => {
+                        tracing::warn!(%job_id, id, attempt, %error, "webhook delivery given up on (dead-lettered)");
+                        AckKind::Term
+                    }
+                    // Given up on once the job's status says so, unless it never can: a record too large, or
+                    // one that could not be written for long.
+                    Err(e) if e.is::<StatusTooLarge>() || now > give_up_at.saturating_add(RECORD_DEAD_LETTER_FOR) => {
+                        tracing::error!(%job_id, id, attempt, %error, record_error = %e, "webhook delivery given up on; the job's status does not show it");
+                        AckKind::Term
+                    }
+                    Err(e) => {
+                        tracing::warn!(%job_id, error = %e, "cannot record a dead webhook delivery yet");
+                        AckKind::Nak(Some(wait))
+                    }
+                }
+            }
+        }
+    };
+    msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))
+}
+
+/// POSTs a delivery; Ok when its receiver answered 2xx, else what it answered or why there was no answer.
+async fn post(
+    client: &reqwest::Client,
+    secrets: &[WebhookSecret],
+    policy: &super::AddressPolicy,
+    delivery: &Delivery,
+) -> Result<(), String> {
+    let url = url::Url::parse(&delivery.url).map_err(|e| format!("the URL no longer reads: {e}"))?;
+    check_literal(policy, &url)?;
+    let timestamp = protocol::now_millis() / 1000;
+    let signature = WebhookSecret::header(secrets, &delivery.id, timestamp, delivery.body.as_bytes());
+    let mut response = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(WEBHOOK_ID_HEADER, &delivery.id)
+        .header(WEBHOOK_TIMESTAMP_HEADER, timestamp.to_string())
+        .header(WEBHOOK_SIGNATURE_HEADER, signature)
+        .body(delivery.body.clone())
+        .send()
+        .await
+        // The URL (its query may hold a receiver's token) is the job's, not for errors and logs.
+        .map_err(|e| with_causes(&e.without_url()))?;
+    let code = response.status();
+    // The answer is read up to the cap (and within the timeout); the rest is never read.
+    let mut head = Vec::new();
+    while head.len() < MAX_RESPONSE_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(e) if code.is_success() => {
+                tracing::debug!(error = %with_causes(&e.without_url()), "a webhook answer was cut short");
+                break;
+            }
+            Err(e) => return Err(format!("the receiver answered {code}, then: {}", with_causes(&e.without_url()))),
+        }
+    }
+    if code.is_success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&head[..head.len().min(ERROR_SNIPPET_BYTES)]).trim().to_string();
+    Err(if text.is_empty() {
+        format!("the receiver answered {code}")
+    } else {
+        format!("the receiver answered {code}: {text}")
+    })
+}
+
+/// An error as the job's status keeps it: no control characters (a receiver's answer is anyone's text), at
+/// most twice [`ERROR_SNIPPET_BYTES`].
+fn sanitized(error: &str) -> String {
+    let clean: String = error.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    protocol::truncate(&clean, 2 * ERROR_SNIPPET_BYTES).to_string()
+}
+
+/// An error with its causes, each once (reqwest's own message leaves out why the connection failed).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queen::webhooks::AddressPolicy;
+
+    fn delivery(url: &str) -> Delivery {
+        Delivery {
+            id: "k".into(),
+            job_id: uuid::Uuid::nil(),
+            event: WebhookEvent::Completed,
+            url: url.into(),
+            body: "{}".into(),
+            queued_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_policy_holds_on_every_connection_not_only_at_submit() {
+        let policy = AddressPolicy::default();
+        let client = reqwest::Client::builder()
+            .dns_resolver(PolicyResolver(Arc::new(policy.clone())))
+            .no_proxy()
+            .build()
+            .unwrap();
+        let secrets = ["a-secret-of-16-bytes-or-more".parse().unwrap()];
+        // Nothing listens there: a refusal that reached the network would read "connection refused".
+        for (url, why) in [
+            ("http://127.0.0.1:9/hook?token=abc", "loopback"),
+            ("http://localhost:9/hook?token=abc", "loopback"),
+            ("http://[fd00::1]:9/hook", "unique local"),
+        ] {
+            let err = post(&client, &secrets, &policy, &delivery(url)).await.unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+            assert!(!err.contains("token=abc"), "errors leave the URL out: {err}");
+        }
+    }
+
+    #[test]
+    fn errors_kept_in_the_status_are_plain_and_bounded() {
+        let kept = sanitized(&format!("the receiver answered 500: \u{1b}[31m{}\n", "x".repeat(10_000)));
+        assert!(kept.len() <= 2 * ERROR_SNIPPET_BYTES && !kept.contains('\u{1b}') && !kept.contains('\n'));
+    }
+}
