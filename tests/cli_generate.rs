@@ -114,6 +114,40 @@ fn generate_matches_diffusers_through_the_cli() {
     }
 }
 
+/// `SD_RBEE_BLAS` puts the CPU's matrix multiplies on the library it names (the numerics are checked by
+/// tests/parity_blas.rs); a library that cannot be used stops the command before any work, naming the variable.
+#[test]
+fn a_vendor_blas_is_named_by_sd_rbee_blas() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |blas: &str, out: &Path| {
+        let folder = fixture("tiny-sd15");
+        let mut args = common::reference_run(&folder, &folder.join("expected.safetensors"), "ddim", "7.5", out);
+        args.extend(["--log-level", "info"].map(String::from));
+        Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+            .args(&args)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("SD_RBEE_BLAS", blas)
+            .output()
+            .expect("sd-rbee runs")
+    };
+    let out = dir.path().join("blas.png");
+    let o = run("libopenblas.so.0", &out);
+    assert!(o.status.success(), "generate failed: {}", stderr(&o));
+    assert!(stderr(&o).contains("CPU matrix multiplies run on this BLAS") && stderr(&o).contains("libopenblas.so.0"));
+    let (max, _) = png_diff(&read_png(&out), &read_png(&fixture("tiny-sd15").join("expected_ddim.png")));
+    assert!(max <= 1, "the PNG moved by {max} levels from diffusers'");
+
+    for (blas, needle) in [
+        ("/nonexistent/libmkl_rt.so", "SD_RBEE_BLAS: cannot load '/nonexistent/libmkl_rt.so'"),
+        ("libc.so.6", "SD_RBEE_BLAS: 'libc.so.6' has no cblas_sgemm"),
+    ] {
+        let out = dir.path().join("refused.png");
+        let o = run(blas, &out);
+        assert!(!o.status.success() && stderr(&o).contains(needle), "{blas}: {}", stderr(&o));
+        assert!(!out.exists(), "nothing written when the BLAS is refused");
+    }
+}
+
 #[test]
 fn same_seed_same_bytes_different_seed_different_image() {
     let dir = tempfile::tempdir().unwrap();

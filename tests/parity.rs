@@ -15,6 +15,7 @@ const PROMPT: &str = "a photograph of an astronaut riding a horse";
 const NEGATIVE: &str = "blurry, low quality";
 
 fn load(name: &str, dtype: DType) -> StableDiffusion {
+    common::vendor_blas_in_the_blas_suite();
     let opts = LoadOptions { device: Device::Cpu, dtype, ..Default::default() };
     StableDiffusion::load(&fixture(name), &opts).unwrap()
 }

@@ -153,13 +153,13 @@ fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"bench": "pipeline", "model": loaded.display, "width": b.width, "height": b.height,
-                    "steps": b.steps, "images": images, "threads": threads, "median_step_ms": step,
+                    "steps": b.steps, "images": images, "threads": threads, "blas": blas_name(), "median_step_ms": step,
                     "median_image_ms": image, "images_per_s": per_s, "peak_rss_gb": peak})
             );
         } else {
             println!(
-                "bench: sd-rbee pipeline {} {}x{} steps={} images={images} threads={threads} median_step_ms={step:.2} median_image_ms={image:.1} images_per_s={per_s:.3} peak_rss_gb={peak:.2}",
-                loaded.display, b.width, b.height, b.steps
+                "bench: sd-rbee pipeline {} {}x{} steps={} images={images} threads={threads} blas={blas} median_step_ms={step:.2} median_image_ms={image:.1} images_per_s={per_s:.3} peak_rss_gb={peak:.2}",
+                loaded.display, b.width, b.height, b.steps, blas = blas_name()
             );
         }
     }
@@ -203,6 +203,11 @@ fn bench_unet(b: &UnetBench, device: &candle_core::Device) -> anyhow::Result<(UN
         (None, None) => anyhow::bail!("give a UNet folder or --arch"),
     };
     Ok((UNet2DConditionModel::new(vb, config).context("cannot build the UNet")?, what))
+}
+
+/// What runs the CPU's matrix multiplies: the `SD_RBEE_BLAS` library, else the built-in `gemm`.
+fn blas_name() -> &'static str {
+    crate::diffusion::blas::vendor().map_or("gemm", |b| b.path.as_str())
 }
 
 fn unet(b: UnetBench) -> anyhow::Result<()> {
@@ -252,12 +257,13 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"bench": "unet", "model": what, "latent": latent, "images": images, "batch": rows,
-                    "threads": threads, "median_s": med, "images_steps_per_s": per_s, "peak_rss_gb": peak})
+                    "threads": threads, "blas": blas_name(), "median_s": med, "images_steps_per_s": per_s, "peak_rss_gb": peak})
             );
         } else {
             println!(
-                "bench: sd-rbee unet {what} {dtype} latent {latent}x{latent} images {images} (batch {rows}) threads={threads} median_s={med:.4} image_steps_per_s={per_s:.3} peak_rss_gb={peak:.2}{memory}",
-                dtype = crate::device::dtype_name(b.dtype)
+                "bench: sd-rbee unet {what} {dtype} latent {latent}x{latent} images {images} (batch {rows}) threads={threads} blas={blas} median_s={med:.4} image_steps_per_s={per_s:.3} peak_rss_gb={peak:.2}{memory}",
+                dtype = crate::device::dtype_name(b.dtype),
+                blas = blas_name()
             );
         }
     }

@@ -167,6 +167,16 @@ pub fn main() -> ExitCode {
         _ => false,
     };
     init_tracing(log_level(&cli.command, cli.log_level.as_deref()), json_logs);
+    if matches!(cli.command, Command::Generate(_) | Command::Bench(_) | Command::Worker(_) | Command::Up(_)) {
+        match crate::diffusion::blas::init() {
+            Ok(Some(blas)) => tracing::info!(library = %blas.path, "CPU matrix multiplies run on this BLAS"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),

@@ -19,6 +19,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use parking_lot::RwLock;
 
+use super::linear::LinearKernel;
+
 /// A layer with one weight tensor that can be rebuilt around another weight of the same shape.
 pub trait Weighted: Module + Send + Sync + Sized + 'static {
     /// The weight as the layer uses it: `[out, in]`, or `[out, in, kh, kw]` for a convolution.
@@ -113,12 +115,12 @@ impl<L: Weighted> Module for Adaptable<L> {
 }
 
 /// A linear layer that LoRAs can adapt.
-pub type Linear = Adaptable<candle_nn::Linear>;
+pub type Linear = Adaptable<LinearKernel>;
 
 /// `candle_nn::linear_b` (weight `[out, in]`, optional bias), adaptable.
 pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let path = vb.prefix();
-    Ok(Adaptable::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?, &path))
+    Ok(Adaptable::new(LinearKernel::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?), &path))
 }
 
 /// A linear layer with a bias, adaptable.

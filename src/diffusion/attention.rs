@@ -10,6 +10,7 @@ use super::adapt::{self, Linear};
 use super::conv::{conv2d, Conv2d};
 use super::group_norm::{group_norm, GroupNorm};
 use super::layer_norm::{layer_norm, LayerNorm};
+use super::linear::LinearKernel;
 
 /// Largest attention-score block (elements) computed at once; bounds peak memory for big images.
 const MAX_SCORE_ELEMENTS: usize = 1 << 25;
@@ -161,6 +162,9 @@ impl GegluFeedForward {
         if let Some(gated) = super::cuda_kernels::geglu(&projected)? {
             return self.out.forward(&gated);
         }
+        if let Some(gated) = super::cpu_geglu::geglu(&projected)? {
+            return self.out.forward(&gated);
+        }
         let half = projected.dim(D::Minus1)? / 2;
         let hidden = projected.narrow(D::Minus1, 0, half)?;
         let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
@@ -285,23 +289,23 @@ impl Transformer2D {
 #[derive(Debug)]
 pub struct SpatialSelfAttention {
     group_norm: GroupNorm,
-    to_q: candle_nn::Linear,
-    to_k: candle_nn::Linear,
-    to_v: candle_nn::Linear,
-    to_out: candle_nn::Linear,
+    to_q: LinearKernel,
+    to_k: LinearKernel,
+    to_v: LinearKernel,
+    to_out: LinearKernel,
     scale: f64,
 }
 
 impl SpatialSelfAttention {
     pub fn new(vb: VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let proj = |new: &str, old: &str| -> Result<candle_nn::Linear> {
+        let proj = |new: &str, old: &str| -> Result<LinearKernel> {
             let p = vb.pp(if legacy { old } else { new });
             let w = p.get((channels, channels), "weight").or_else(|_| {
                 // Very old checkpoints stored these as 1×1 convolutions.
                 p.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))
             })?;
-            Ok(candle_nn::Linear::new(w, Some(p.get(channels, "bias")?)))
+            Ok(LinearKernel::new(candle_nn::Linear::new(w, Some(p.get(channels, "bias")?))))
         };
         Ok(Self {
             group_norm: group_norm(groups, channels, eps, vb.pp("group_norm"))?,

@@ -7,13 +7,10 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use gemm::Parallelism;
 
 use super::adapt::{Adaptable, Weighted};
+use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
-
-/// Multiplies smaller than this many multiply-adds run on one thread.
-const PARALLEL_WORK: usize = 1 << 20;
 
 /// Images with fewer pixels than this are convolved a whole batch at a time (see [`CpuConv::forward`]).
 const FOLD_BELOW_PIXELS: usize = 32 * 32;
@@ -57,37 +54,8 @@ impl CpuConv {
     /// `src_row` apart and `dst` rows `dst_row` apart.
     fn accumulate(&self, lhs: &[f32], src: &[f32], src_row: usize, dst: &mut [f32], dst_row: usize, n: usize) {
         let depth = lhs.len() / self.c_out;
-        let work = self.c_out * depth * n;
-        let parallelism = match candle_core::utils::get_num_threads() {
-            t if t > 1 && work >= PARALLEL_WORK => Parallelism::Rayon(t),
-            _ => Parallelism::None,
-        };
-        assert!(depth > 0 && src.len() >= (depth - 1) * src_row + n && dst.len() >= (self.c_out - 1) * dst_row + n);
-        // SAFETY: lhs is [c_out, depth] row-major, src holds `depth` rows of n values `src_row` apart, dst
-        // holds c_out rows of n values `dst_row` apart; the assertion above checks the extents.
-        unsafe {
-            gemm::gemm(
-                self.c_out,
-                n,
-                depth,
-                dst.as_mut_ptr(),
-                1,
-                dst_row as isize,
-                true,
-                lhs.as_ptr(),
-                1,
-                depth as isize,
-                src.as_ptr(),
-                1,
-                src_row as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        let (lhs, src) = (Operand::rows(lhs, depth), Operand::rows(src, src_row));
+        blas::matmul(self.c_out, n, depth, lhs, src, dst, dst_row, Update::ADD, candle_core::utils::get_num_threads());
     }
 
     /// Small images (below [`FOLD_BELOW_PIXELS`]) go through in one multiply per kernel row for the whole
@@ -141,44 +109,53 @@ impl CpuConv {
             }
             return out;
         }
-        // 3×3, padding 1: each item is computed on rows of width w+2 (the 2 extra columns are dropped at the
-        // end). Row (i, kx) of `shifted` holds, item after item, channel i zero-padded to (h+2)×(w+2) and
-        // shifted left by kx; kernel row ky then reads every row of `shifted` from offset ky·(w+2). Item b's
-        // outputs are columns b·len .. b·len + h·(w+2) of the multiply (the columns between items are
+        // 3×3, padding 1: row (i, kx) of `shifted` holds, item after item, channel i with a zero row above and
+        // below ((h+2)×w) and shifted by kx-1 columns (zeros entering at the edge); kernel row ky then reads
+        // every row of `shifted` from offset ky·w, and the multiply's columns are the output pixels
+        // themselves. Item b's outputs are columns b·len .. b·len + h·w (the 2·w columns between items are
         // computed and dropped).
-        let wp = w + 2;
-        let len = (h + 2) * wp;
+        let len = (h + 2) * w;
         let stride = batch * len;
         let mut shifted = vec![0f32; ci * 3 * stride];
         for (i, rows) in shifted.chunks_mut(3 * stride).enumerate() {
             for (kx, row) in rows.chunks_mut(stride).enumerate() {
                 for (b, item) in row.chunks_mut(len).enumerate() {
                     let channel = &x[(b * ci + i) * hw..(b * ci + i + 1) * hw];
-                    for y in 0..h {
-                        let src = &channel[y * w..(y + 1) * w];
-                        // padded[(y+1)·wp + 1 + x] = src[x]; this row holds padded[j + kx] at j.
-                        let start = (y + 1) * wp + 1;
-                        let (lo, skip) = if start >= kx { (start - kx, 0) } else { (0, kx - start) };
-                        item[lo..lo + w - skip].copy_from_slice(&src[skip..]);
+                    for (src, dst) in channel.chunks_exact(w).zip(item[w..].chunks_exact_mut(w)) {
+                        // dst[x] = src[x + kx - 1] inside the row; the zero stays outside it.
+                        match kx {
+                            0 => dst[1..].copy_from_slice(&src[..w - 1]),
+                            1 => dst.copy_from_slice(src),
+                            _ => dst[..w - 1].copy_from_slice(&src[1..]),
+                        }
                     }
                 }
             }
         }
-        let n = (batch - 1) * len + h * wp;
-        let mut wide = vec![0f32; co * stride];
-        for (row, &bias) in wide.chunks_mut(stride).zip(&self.bias) {
-            row.fill(bias);
+        // The output rows, each starting as its bias.
+        let biased = |width: usize| {
+            let mut m = vec![0f32; co * width];
+            for (row, &bias) in m.chunks_mut(width).zip(&self.bias) {
+                row.fill(bias);
+            }
+            m
+        };
+        if batch == 1 {
+            let mut out = biased(hw);
+            for (ky, lhs) in self.rows.iter().enumerate() {
+                self.accumulate(lhs, &shifted[ky * w..], stride, &mut out, hw, hw);
+            }
+            return out;
         }
+        let n = (batch - 1) * len + hw;
+        let mut wide = biased(stride);
         for (ky, lhs) in self.rows.iter().enumerate() {
-            self.accumulate(lhs, &shifted[ky * wp..], stride, &mut wide, stride, n);
+            self.accumulate(lhs, &shifted[ky * w..], stride, &mut wide, stride, n);
         }
         let mut out = vec![0f32; batch * co * hw];
         for (bo, dst) in out.chunks_mut(hw).enumerate() {
-            let (b, o) = (bo / co, bo % co);
-            let from = o * stride + b * len;
-            for y in 0..h {
-                dst[y * w..(y + 1) * w].copy_from_slice(&wide[from + y * wp..from + y * wp + w]);
-            }
+            let from = (bo % co) * stride + (bo / co) * len;
+            dst.copy_from_slice(&wide[from..from + hw]);
         }
         out
     }

@@ -4,11 +4,13 @@
 
 pub mod adapt;
 pub mod attention;
+pub mod blas;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod cpu_attention;
 pub mod cpu_data;
+pub mod cpu_geglu;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
 #[cfg(feature = "cudnn")]
@@ -17,6 +19,7 @@ pub mod embeddings;
 pub mod group_norm;
 pub mod image;
 pub mod layer_norm;
+pub mod linear;
 pub mod lora;
 pub mod pipeline;
 pub mod random_weights;

@@ -164,7 +164,10 @@ impl Worker {
                 .push((spec.name.clone(), bus::jobs_consumers(&js, &subjects, &spec.name, &config.consumer).await?));
         }
         let device = match config.device {
-            DeviceSpec::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            DeviceSpec::Cpu => match crate::diffusion::blas::vendor() {
+                Some(blas) => format!("cpu ({} threads, BLAS {})", rayon::current_num_threads(), blas.path),
+                None => format!("cpu ({} threads)", rayon::current_num_threads()),
+            },
             other => other.to_string(),
         };
         let control = Control::default();

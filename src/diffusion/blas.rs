@@ -1,0 +1,399 @@
+//! The CPU's large f32 matrix multiplies (convolutions, linear layers): a vendor BLAS loaded at run time when
+//! the user names one, else the `gemm` crate Candle uses.
+//!
+//! `SD_RBEE_BLAS` names a shared library that exports `cblas_sgemm`: Intel's oneMKL (`libmkl_rt.so`, from
+//! PyPI's `mkl` or Debian's `libmkl-rt`), OpenBLAS (Debian's `libopenblas0`) or BLIS. It is loaded, not
+//! linked, so one binary runs with or without it and building needs no BLAS (Candle's own `mkl` feature
+//! downloads MKL at build time, which these machines cannot). A library that cannot be loaded, or lacks the
+//! symbol, is an error at start-up naming the variable, never a silent fallback.
+//!
+//! The library runs single-threaded and the threads are ours: rayon splits the output into blocks, one
+//! library call each. A library's own thread pool (OpenMP's spin-waiting threads, say) would otherwise compete
+//! for the cores with the rayon threads every other kernel of a step runs on.
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use gemm::Parallelism;
+
+/// The environment variable naming the library.
+pub const BLAS_VAR: &str = "SD_RBEE_BLAS";
+
+/// Multiplies smaller than this many multiply-adds run on one thread.
+const PARALLEL_WORK: usize = 1 << 20;
+
+type CblasSgemm = unsafe extern "C" fn(
+    layout: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+// CBLAS's enumerations (cblas.h).
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// A loaded BLAS.
+pub struct Blas {
+    sgemm: CblasSgemm,
+    /// Where it was loaded from, for logs and benchmark reports.
+    pub path: String,
+    /// Kept open for the life of the process: `sgemm` points into it.
+    _library: libloading::Library,
+}
+
+static VENDOR: OnceLock<Option<Blas>> = OnceLock::new();
+
+/// Loads the library `SD_RBEE_BLAS` names, if any; call once at start-up so a bad path is an error there.
+/// Later calls return the first answer.
+pub fn init() -> Result<Option<&'static Blas>, String> {
+    if let Some(loaded) = VENDOR.get() {
+        return Ok(loaded.as_ref());
+    }
+    match std::env::var(BLAS_VAR) {
+        Ok(path) if !path.trim().is_empty() => {
+            use_library(path.trim()).map(Some).map_err(|e| format!("{BLAS_VAR}: {e}"))
+        }
+        _ => Ok(VENDOR.get_or_init(|| None).as_ref()),
+    }
+}
+
+/// Loads `path` (a file, or a name the dynamic loader finds, as `libopenblas.so.0`) as the BLAS for the rest
+/// of the process. An error if it cannot be loaded, or if the process already settled on another.
+pub fn use_library(path: &str) -> Result<&'static Blas, String> {
+    if VENDOR.get().is_none() {
+        // A caller racing this one may set it first; the match below reports what won.
+        let _ = VENDOR.set(Some(Blas::open(path)?));
+    }
+    match VENDOR.get().and_then(Option::as_ref) {
+        Some(blas) if blas.path == path => Ok(blas),
+        Some(blas) => Err(format!("this process already uses {}", blas.path)),
+        None => Err("this process already runs without a vendor BLAS".into()),
+    }
+}
+
+/// The vendor BLAS in use, if [`init`] loaded one.
+pub fn vendor() -> Option<&'static Blas> {
+    VENDOR.get().and_then(Option::as_ref)
+}
+
+impl Blas {
+    fn open(path: &str) -> Result<Self, String> {
+        // SAFETY: loading a library runs its initialisers; the user named it as a BLAS to run.
+        let library = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load '{path}': {e}"))?;
+        single_threaded(&library);
+        // SAFETY: `cblas_sgemm` has this signature in every CBLAS.
+        let sgemm = unsafe { library.get::<CblasSgemm>(b"cblas_sgemm\0") }
+            .map(|f| *f)
+            .map_err(|_| format!("'{path}' has no cblas_sgemm: it is not a CBLAS library"))?;
+        Ok(Self { sgemm, path: path.to_string(), _library: library })
+    }
+}
+
+/// Asks the library to run each call on the calling thread alone, with whichever control it has.
+fn single_threaded(library: &libloading::Library) {
+    // SAFETY: each symbol, where present, has the C signature given: MKL's mkl_service.h (threading layer
+    // 1 = sequential, set before the first computation), OpenBLAS's cblas.h, BLIS's blis.h.
+    unsafe {
+        if let Ok(f) = library.get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0") {
+            f(1);
+        }
+        for name in [&b"MKL_Set_Num_Threads\0"[..], b"openblas_set_num_threads\0", b"bli_thread_set_num_threads\0"] {
+            if let Ok(f) = library.get::<unsafe extern "C" fn(c_int)>(name) {
+                f(1);
+            }
+        }
+    }
+}
+
+/// A matrix operand: `data[row * stride + col]`, or with `transposed` the matrix is stored as its
+/// transpose (`data[col * stride + row]`, a linear layer's `[out, in]` weight as the right-hand side).
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    pub fn rows(data: &'a [f32], stride: usize) -> Self {
+        Self { data, stride, transposed: false }
+    }
+
+    pub fn transposed(data: &'a [f32], stride: usize) -> Self {
+        Self { data, stride, transposed: true }
+    }
+
+    /// The first element read for `rows` rows and `cols` columns from row `row`, column `col`, and how many
+    /// elements from there the block spans (for the extent checks).
+    fn block(&self, row: usize, col: usize, rows: usize, cols: usize) -> (usize, usize) {
+        let (outer, inner, o, i) = if self.transposed { (cols, rows, col, row) } else { (rows, cols, row, col) };
+        (o * self.stride + i, (outer - 1) * self.stride + inner)
+    }
+
+    /// (row stride, column stride) as the `gemm` crate takes them.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.stride as isize)
+        } else {
+            (self.stride as isize, 1)
+        }
+    }
+}
+
+/// How the product reaches `c`: `c = alpha · a · b`, or with `accumulate` `c += alpha · a · b`.
+#[derive(Clone, Copy, Debug)]
+pub struct Update {
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
+impl Update {
+    /// `c = a · b`.
+    pub const SET: Self = Self { alpha: 1.0, accumulate: false };
+    /// `c += a · b`.
+    pub const ADD: Self = Self { alpha: 1.0, accumulate: true };
+
+    /// `c = alpha · a · b`.
+    pub fn scaled(alpha: f32) -> Self {
+        Self { alpha, accumulate: false }
+    }
+}
+
+/// `c[m, n]` (rows `ldc` apart) receives `a[m, k] · b[k, n]` as `update` says. Runs on the vendor BLAS when one is loaded, else on `gemm`, on up to `threads` threads.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    ldc: usize,
+    update: Update,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a_at, a_len) = a.block(0, 0, m, k.max(1));
+    let (b_at, b_len) = b.block(0, 0, k.max(1), n);
+    assert!(
+        k > 0 && a.data.len() >= a_at + a_len && b.data.len() >= b_at + b_len && c.len() >= (m - 1) * ldc + n,
+        "matmul: operand extents do not cover {m}×{k} · {k}×{n}"
+    );
+    let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
+    match vendor() {
+        Some(blas) => blas.matmul_split(m, n, k, a, b, c, ldc, update, threads),
+        None => {
+            let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+            let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(), b.strides());
+            // SAFETY: the assertion above checks that every element the strides reach is inside its slice.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    ldc as isize,
+                    update.accumulate,
+                    a.data.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.data.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    update.alpha,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+        }
+    }
+}
+
+/// `c`'s base address, shareable across the rayon threads that each write a disjoint block of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the blocks handed to the threads never overlap (see `matmul_split`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `offset` must lie inside `c`.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl Blas {
+    /// Splits the output along its longer side into one block per thread (whole multiples of 16, the width
+    /// the libraries' kernels work in) and multiplies each block with one library call.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_split(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        b: Operand,
+        c: &mut [f32],
+        ldc: usize,
+        update: Update,
+        threads: usize,
+    ) {
+        let split_rows = m > n;
+        let long = if split_rows { m } else { n };
+        let chunk = long.div_ceil(threads).div_ceil(16) * 16;
+        let out = Out(c.as_mut_ptr());
+        let block = |start: usize| {
+            let len = chunk.min(long - start);
+            let (rows, cols, row, col) = if split_rows { (len, n, start, 0) } else { (m, len, 0, start) };
+            let (a_at, _) = a.block(row, 0, rows, k);
+            let (b_at, _) = b.block(0, col, k, cols);
+            // SAFETY: `matmul` checked the whole operands' extents and this block lies inside them; blocks
+            // of `c` for different `start`s are disjoint rows or columns.
+            unsafe {
+                self.call(rows, cols, k, a, a_at, b, b_at, out.at(row * ldc + col), ldc, update);
+            }
+        };
+        if threads == 1 || long <= chunk {
+            block(0);
+        } else {
+            use rayon::prelude::*;
+            (0..long).step_by(chunk).collect::<Vec<_>>().into_par_iter().for_each(block);
+        }
+    }
+
+    /// # Safety
+    /// `a.data[a_at..]`, `b.data[b_at..]` and `c` must hold the blocks the sizes and strides describe.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn call(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand,
+        a_at: usize,
+        b: Operand,
+        b_at: usize,
+        c: *mut f32,
+        ldc: usize,
+        update: Update,
+    ) {
+        let trans = |o: &Operand| if o.transposed { TRANS } else { NO_TRANS };
+        let dim = |x: usize| c_int::try_from(x).expect("matrix dimension fits a C int");
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                trans(&a),
+                trans(&b),
+                dim(m),
+                dim(n),
+                dim(k),
+                update.alpha,
+                a.data.as_ptr().add(a_at),
+                dim(a.stride),
+                b.data.as_ptr().add(b_at),
+                dim(b.stride),
+                if update.accumulate { 1.0 } else { 0.0 },
+                c,
+                dim(ldc),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian's OpenBLAS (`libopenblas0`, which scripts/test.sh installs), found by the dynamic loader.
+    const OPENBLAS: &str = "libopenblas.so.0";
+
+    fn filled(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    /// Element (r, c) of an operand.
+    fn at(o: &Operand, r: usize, c: usize) -> f32 {
+        if o.transposed {
+            o.data[c * o.stride + r]
+        } else {
+            o.data[r * o.stride + c]
+        }
+    }
+
+    /// Every case multiplied by `run` agrees with the schoolbook product: odd sizes, operands wider than the
+    /// product (row strides past the used columns), a transposed right-hand side, accumulation, row and
+    /// column splits.
+    fn check(run: impl Fn(usize, usize, usize, Operand, Operand, &mut [f32], usize, Update, usize)) {
+        let cases = [(1, 1, 1), (3, 5, 7), (37, 300, 19), (300, 37, 64), (64, 4224, 96), (513, 17, 130)];
+        for (m, n, k) in cases {
+            for (transposed, update, threads) in
+                [(false, Update::SET, 1), (true, Update::ADD, 2), (false, Update { alpha: -0.5, accumulate: true }, 3)]
+            {
+                let (lda, ldb, ldc) = (k + 3, if transposed { k + 1 } else { n + 5 }, n + 2);
+                let a_data = filled(m * lda, 1);
+                let b_data = filled(if transposed { n * ldb } else { k * ldb }, 2);
+                let a = Operand::rows(&a_data, lda);
+                let b = Operand { data: &b_data, stride: ldb, transposed };
+                let start = filled(m * ldc, 3);
+                let mut c = start.clone();
+                run(m, n, k, a, b, &mut c, ldc, update, threads);
+                for r in 0..m {
+                    for col in 0..ldc {
+                        let got = c[r * ldc + col];
+                        if col >= n {
+                            assert_eq!(got, start[r * ldc + col], "wrote past column {n}");
+                            continue;
+                        }
+                        let dot: f32 = (0..k).map(|i| at(&a, r, i) * at(&b, i, col)).sum();
+                        let want = update.alpha * dot + if update.accumulate { start[r * ldc + col] } else { 0.0 };
+                        let tol = 1e-5 * (k as f32).sqrt() * (1.0 + want.abs());
+                        assert!((got - want).abs() <= tol, "{m}x{n}x{k} t={transposed} ({r},{col}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_built_in_gemm_multiplies_strided_and_transposed_operands() {
+        assert!(vendor().is_none(), "no unit test loads a process-wide BLAS");
+        check(matmul);
+    }
+
+    #[test]
+    fn a_vendor_blas_split_across_threads_multiplies_the_same() {
+        let blas = Blas::open(OPENBLAS)
+            .unwrap_or_else(|e| panic!("{e}: install Debian's libopenblas0 (scripts/test.sh does), then rerun"));
+        check(|m, n, k, a, b, c, ldc, update, threads| blas.matmul_split(m, n, k, a, b, c, ldc, update, threads));
+    }
+
+    #[test]
+    fn a_library_that_is_not_a_blas_is_refused_by_name() {
+        let missing = Blas::open("/nonexistent/libblas.so").err().expect("no such file");
+        assert!(missing.contains("cannot load '/nonexistent/libblas.so'"), "{missing}");
+        let not_blas = Blas::open("libc.so.6").err().expect("libc has no cblas_sgemm");
+        assert!(not_blas.contains("'libc.so.6' has no cblas_sgemm"), "{not_blas}");
+    }
+}

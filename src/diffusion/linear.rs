@@ -1,0 +1,76 @@
+//! The linear layer's kernel: Candle's `Linear`, except that f32 CPU inputs run on the vendor BLAS when one
+//! is loaded (`SD_RBEE_BLAS`, see [`super::blas`]), with the bias written first and the product accumulated
+//! onto it (no separate bias pass).
+
+use candle_core::{DType, Module, Result, Tensor};
+
+use super::adapt::Weighted;
+use super::blas::{self, Operand, Update};
+use super::cpu_data::with_f32_data;
+
+#[derive(Debug, Clone)]
+pub struct LinearKernel(candle_nn::Linear);
+
+impl LinearKernel {
+    pub fn new(linear: candle_nn::Linear) -> Self {
+        Self(linear)
+    }
+
+    /// `x · wᵀ + bias` on the vendor BLAS, for `x: [..., in]`; `None` when it does not apply.
+    fn forward_blas(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.0.weight();
+        if blas::vendor().is_none() || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (out_dim, in_dim) = w.dims2()?;
+        let dims = x.dims();
+        if dims.last() != Some(&in_dim) {
+            return Ok(None); // Candle's path reports the mismatch.
+        }
+        let rows = dims[..dims.len() - 1].iter().product::<usize>();
+        let mut out = match self.0.bias() {
+            Some(bias) => bias.to_vec1::<f32>()?.repeat(rows),
+            None => vec![0f32; rows * out_dim],
+        };
+        with_f32_data(x, |x| {
+            with_f32_data(w, |w| {
+                let (x, w) = (Operand::rows(x, in_dim), Operand::transposed(w, in_dim));
+                blas::matmul(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    x,
+                    w,
+                    &mut out,
+                    out_dim,
+                    Update::ADD,
+                    candle_core::utils::get_num_threads(),
+                )
+            })
+        })??;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("x has a last dimension") = out_dim;
+        Tensor::from_vec(out, shape, x.device()).map(Some)
+    }
+}
+
+impl Module for LinearKernel {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_blas(x)? {
+            Some(y) => Ok(y),
+            None => self.0.forward(x),
+        }
+    }
+}
+
+impl Weighted for LinearKernel {
+    fn weight(&self) -> Result<Tensor> {
+        Weighted::weight(&self.0)
+    }
+    fn weight_dims(&self) -> Vec<usize> {
+        Weighted::weight_dims(&self.0)
+    }
+    fn with_weight(&self, weight: Tensor) -> Result<Self> {
+        self.0.with_weight(weight).map(Self)
+    }
+}

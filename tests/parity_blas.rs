@@ -1,0 +1,6 @@
+//! The parity suite (`parity.rs`) again, with the CPU's matrix multiplies (convolutions, linear layers) on a
+//! vendor BLAS loaded at run time (`SD_RBEE_BLAS`; here Debian's OpenBLAS): the same tolerances against
+//! diffusers hold.
+
+#[path = "parity.rs"]
+mod suite;
