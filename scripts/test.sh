@@ -31,7 +31,8 @@ if ! [ -x "$TOOLS/bin/s3s-fs" ] || ! [ -f "$TOOLS/s3s-fs-$S3S_VERSION" ]; then
 fi
 
 # The CPU's vendor-BLAS path (SD_RBEE_BLAS) is tested on Debian's OpenBLAS, which it loads at run time.
-if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0 '; then
+# (grep reads all of ldconfig's output: with pipefail, `grep -q` would end the pipe early and fail it.)
+if ! PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0 ' >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "== installing Debian's OpenBLAS (tests/parity_blas.rs loads it through SD_RBEE_BLAS)"
         apt-get install -y -q libopenblas0 >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libopenblas0 >/dev/null; }

@@ -61,8 +61,9 @@ pub fn init() -> Result<Option<&'static Blas>, String> {
     if let Some(loaded) = VENDOR.get() {
         return Ok(loaded.as_ref());
     }
-    match std::env::var(BLAS_VAR) {
-        Ok(path) if !path.trim().is_empty() => {
+    match std::env::var_os(BLAS_VAR) {
+        Some(path) if !path.is_empty() => {
+            let path = path.to_str().ok_or_else(|| format!("{BLAS_VAR}: the path is not valid UTF-8"))?;
             use_library(path.trim()).map(Some).map_err(|e| format!("{BLAS_VAR}: {e}"))
         }
         _ => Ok(VENDOR.get_or_init(|| None).as_ref()),
@@ -92,29 +93,57 @@ impl Blas {
     fn open(path: &str) -> Result<Self, String> {
         // SAFETY: loading a library runs its initialisers; the user named it as a BLAS to run.
         let library = unsafe { libloading::Library::new(path) }.map_err(|e| format!("cannot load '{path}': {e}"))?;
-        single_threaded(&library);
-        // SAFETY: `cblas_sgemm` has this signature in every CBLAS.
-        let sgemm = unsafe { library.get::<CblasSgemm>(b"cblas_sgemm\0") }
-            .map(|f| *f)
-            .map_err(|_| format!("'{path}' has no cblas_sgemm: it is not a CBLAS library"))?;
+        // SAFETY: probing for a symbol runs nothing.
+        if unsafe { library.get::<CblasSgemm>(b"cblas_sgemm\0") }.is_err() {
+            return Err(format!("'{path}' has no cblas_sgemm: it is not a CBLAS library"));
+        }
+        prepare(&library).map_err(|e| format!("'{path}': {e}"))?;
+        // SAFETY: `prepare` checked that the library takes 32-bit integers, so this is its signature.
+        let sgemm = unsafe { library.get::<CblasSgemm>(b"cblas_sgemm\0") }.map(|f| *f).expect("probed above");
         Ok(Self { sgemm, path: path.to_string(), _library: library })
     }
 }
 
-/// Asks the library to run each call on the calling thread alone, with whichever control it has.
-fn single_threaded(library: &libloading::Library) {
-    // SAFETY: each symbol, where present, has the C signature given: MKL's mkl_service.h (threading layer
-    // 1 = sequential, set before the first computation), OpenBLAS's cblas.h, BLIS's blis.h.
+/// Checks that the library takes 32-bit integers (the `c_int`s of [`CblasSgemm`]) and asks it to run each
+/// call on the calling thread alone, with whichever controls it has; refuses what it cannot make so.
+fn prepare(library: &libloading::Library) -> Result<(), String> {
+    // SAFETY: each symbol, where present, has the C signature given: MKL's mkl_service.h (interface layer
+    // 0 = LP64 and threading layer 1 = sequential, both set before the first computation), OpenBLAS's
+    // cblas.h, BLIS's blis.h (dim_t is 64-bit).
     unsafe {
+        if let Ok(f) = library.get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Interface_Layer\0") {
+            if f(0) != 0 {
+                return Err("oneMKL is set to 64-bit integers (MKL_INTERFACE_LAYER=ILP64); unset it".into());
+            }
+        }
+        if let Ok(f) = library.get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"openblas_get_config\0") {
+            let config = std::ffi::CStr::from_ptr(f()).to_string_lossy();
+            if config.contains("USE64BITINT") {
+                return Err("a 64-bit-integer build of OpenBLAS; use the 32-bit one (libopenblas.so.0)".into());
+            }
+        }
+        // OpenMP builds take the thread count per calling thread: every rayon thread would start a team of
+        // its own unless OpenMP itself is held to one thread.
+        if let Ok(f) = library.get::<unsafe extern "C" fn() -> c_int>(b"openblas_get_parallel\0") {
+            if f() == 2 && std::env::var("OMP_NUM_THREADS").as_deref() != Ok("1") {
+                return Err("an OpenMP build of OpenBLAS: set OMP_NUM_THREADS=1, or use the pthreads build \
+                            (Debian's libopenblas0-pthread)"
+                    .into());
+            }
+        }
         if let Ok(f) = library.get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0") {
             f(1);
         }
-        for name in [&b"MKL_Set_Num_Threads\0"[..], b"openblas_set_num_threads\0", b"bli_thread_set_num_threads\0"] {
+        for name in [&b"MKL_Set_Num_Threads\0"[..], b"openblas_set_num_threads\0"] {
             if let Ok(f) = library.get::<unsafe extern "C" fn(c_int)>(name) {
                 f(1);
             }
         }
+        if let Ok(f) = library.get::<unsafe extern "C" fn(i64)>(b"bli_thread_set_num_threads\0") {
+            f(1);
+        }
     }
+    Ok(())
 }
 
 /// A matrix operand: `data[row * stride + col]`, or with `transposed` the matrix is stored as its
@@ -135,11 +164,13 @@ impl<'a> Operand<'a> {
         Self { data, stride, transposed: true }
     }
 
-    /// The first element read for `rows` rows and `cols` columns from row `row`, column `col`, and how many
-    /// elements from there the block spans (for the extent checks).
-    fn block(&self, row: usize, col: usize, rows: usize, cols: usize) -> (usize, usize) {
-        let (outer, inner, o, i) = if self.transposed { (cols, rows, col, row) } else { (rows, cols, row, col) };
-        (o * self.stride + i, (outer - 1) * self.stride + inner)
+    /// Where element (`row`, `col`) is in `data`.
+    fn at(&self, row: usize, col: usize) -> usize {
+        if self.transposed {
+            col * self.stride + row
+        } else {
+            row * self.stride + col
+        }
     }
 
     /// (row stride, column stride) as the `gemm` crate takes them.
@@ -187,11 +218,17 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    let (a_at, a_len) = a.block(0, 0, m, k.max(1));
-    let (b_at, b_len) = b.block(0, 0, k.max(1), n);
+    // Rows must not overlap (threads write disjoint rows or columns of `c`; a BLAS refuses a short stride),
+    // and every element the strides reach must lie inside its slice.
+    let covers = |o: &Operand, rows: usize, cols: usize| {
+        let (outer, inner) = if o.transposed { (cols, rows) } else { (rows, cols) };
+        o.stride >= inner
+            && (outer - 1).checked_mul(o.stride).and_then(|x| x.checked_add(inner)).is_some_and(|e| e <= o.data.len())
+    };
+    let c_fits = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n)).is_some_and(|e| e <= c.len());
     assert!(
-        k > 0 && a.data.len() >= a_at + a_len && b.data.len() >= b_at + b_len && c.len() >= (m - 1) * ldc + n,
-        "matmul: operand extents do not cover {m}×{k} · {k}×{n}"
+        k > 0 && covers(&a, m, k) && covers(&b, k, n) && ldc >= n && c_fits,
+        "matmul: operands and strides do not describe {m}×{k} · {k}×{n}"
     );
     let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
     match vendor() {
@@ -266,8 +303,8 @@ impl Blas {
         let block = |start: usize| {
             let len = chunk.min(long - start);
             let (rows, cols, row, col) = if split_rows { (len, n, start, 0) } else { (m, len, 0, start) };
-            let (a_at, _) = a.block(row, 0, rows, k);
-            let (b_at, _) = b.block(0, col, k, cols);
+            let a_at = a.at(row, 0);
+            let b_at = b.at(0, col);
             // SAFETY: `matmul` checked the whole operands' extents and this block lies inside them; blocks
             // of `c` for different `start`s are disjoint rows or columns.
             unsafe {
@@ -335,11 +372,7 @@ mod tests {
 
     /// Element (r, c) of an operand.
     fn at(o: &Operand, r: usize, c: usize) -> f32 {
-        if o.transposed {
-            o.data[c * o.stride + r]
-        } else {
-            o.data[r * o.stride + c]
-        }
+        o.data[o.at(r, c)]
     }
 
     /// Every case multiplied by `run` agrees with the schoolbook product: odd sizes, operands wider than the
@@ -380,6 +413,14 @@ mod tests {
     fn the_built_in_gemm_multiplies_strided_and_transposed_operands() {
         assert!(vendor().is_none(), "no unit test loads a process-wide BLAS");
         check(matmul);
+    }
+
+    #[test]
+    #[should_panic(expected = "do not describe")]
+    fn overlapping_output_rows_are_refused() {
+        let (a, b, mut c) = (vec![1f32; 4], vec![1f32; 4], vec![0f32; 4]);
+        // 2×2 output with rows 1 apart: row 1 would overwrite row 0's second column.
+        matmul(2, 2, 2, Operand::rows(&a, 2), Operand::rows(&b, 2), &mut c, 1, Update::SET, 1);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub fn geglu(projected: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let width = projected.dim(D::Minus1)?;
-    if width % 2 != 0 {
+    if width == 0 || width % 2 != 0 {
         return Ok(None);
     }
     let half = width / 2;

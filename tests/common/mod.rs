@@ -11,15 +11,12 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
 }
 
-/// `tests/parity_blas.rs` runs the parity suite a second time with the CPU's matrix multiplies on a vendor
-/// BLAS, Debian's OpenBLAS (`libopenblas0`, which scripts/test.sh installs): in that test binary, and only
-/// there, this loads it before the first model does.
-pub fn vendor_blas_in_the_blas_suite() {
-    if env!("CARGO_CRATE_NAME") == "parity_blas" {
-        let blas = sd_rbee::diffusion::blas::use_library("libopenblas.so.0")
-            .unwrap_or_else(|e| panic!("{e}: install Debian's libopenblas0 (scripts/test.sh does), then rerun"));
-        assert_eq!(sd_rbee::diffusion::blas::vendor().map(|b| b.path.as_str()), Some(blas.path.as_str()));
-    }
+/// Loads Debian's OpenBLAS (`libopenblas0`, which scripts/test.sh installs) as this process's CPU BLAS, as
+/// `SD_RBEE_BLAS=libopenblas.so.0` does for the binary.
+pub fn load_openblas() {
+    let blas = sd_rbee::diffusion::blas::use_library("libopenblas.so.0")
+        .unwrap_or_else(|e| panic!("{e}: install Debian's libopenblas0 (scripts/test.sh does), then rerun"));
+    assert_eq!(sd_rbee::diffusion::blas::vendor().map(|b| b.path.as_str()), Some(blas.path.as_str()));
 }
 
 /// The prompt and negative prompt of every fixture reference.
