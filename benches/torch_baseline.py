@@ -11,7 +11,8 @@ runs both halves and prints the ratios).
       median seconds of one forward pass at 2 × batch rows (classifier-free guidance) and the peak RSS
   torch_baseline.py unet --arch sd15|sdxl [--latent N] [--batch 1,2,4] [--dtype f32|f16] [--device cpu|cuda]
       the same for the real SD 1.5 or SDXL UNet built in memory with PyTorch's default (seeded) init: the
-      PyTorch half of `sd-rbee bench unet --arch`
+      PyTorch half of `sd-rbee bench unet --arch`; `--profile` adds one call timed module by module
+      (`profile: ...` lines, the components `sd-rbee bench unet --profile` names)
 
 Needs torch and diffusers (pip install torch diffusers transformers safetensors; several GB). Prints one
 `baseline: ...` line per batch size, so a script can read it.
@@ -68,6 +69,55 @@ def pipeline(a):
               flush=True)
 
 
+# diffusers module classes, named as sd-rbee's profile scopes name the same components
+# (src/diffusion/profile.rs); a class not listed is charged to the listed module around it
+COMPONENTS = {"UNet2DConditionModel": "unet", "CrossAttnDownBlock2D": "down_block", "DownBlock2D": "down_block",
+              "UNetMidBlock2DCrossAttn": "mid_block", "CrossAttnUpBlock2D": "up_block", "UpBlock2D": "up_block",
+              "ResnetBlock2D": "resnet", "Transformer2DModel": "transformer",
+              "BasicTransformerBlock": "transformer_block", "Attention": "attention", "FeedForward": "feed_forward",
+              "Conv2d": "conv", "LoRACompatibleConv": "conv", "Linear": "linear", "LoRACompatibleLinear": "linear",
+              "GroupNorm": "group_norm", "LayerNorm": "layer_norm", "TimestepEmbedding": "time_embedding",
+              "Downsample2D": "downsample", "Upsample2D": "upsample", "SiLU": "silu"}
+
+
+def profile(unet, call, device):
+    """One call with every listed module timed on its own (the device waited for at its start and end):
+    `component=NAME calls=N own_ms=X incl_ms=Y share=Z%` lines, own = inclusive less nested modules'."""
+    stack, totals = [], {}
+
+    def pre(name, *_):
+        sync(device)
+        stack.append([name, time.perf_counter(), 0.0])
+
+    def post(*_):
+        sync(device)
+        name, start, children = stack.pop()
+        inclusive = time.perf_counter() - start
+        if stack:
+            stack[-1][2] += inclusive
+        t = totals.setdefault(name, [0, 0.0, 0.0])
+        t[0] += 1
+        t[1] += inclusive
+        t[2] += inclusive - children
+
+    handles = []
+    for m in unet.modules():
+        name = COMPONENTS.get(type(m).__name__)
+        if name:
+            handles += [m.register_forward_pre_hook(lambda *x, n=name: pre(n)), m.register_forward_hook(post)]
+    sync(device)
+    t0 = time.perf_counter()
+    call()
+    sync(device)
+    wall = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    lines = [f"component={n} calls={c} own_ms={own * 1e3:.3f} incl_ms={inc * 1e3:.3f} share={100 * own / wall:.1f}%"
+             for n, (c, inc, own) in sorted(totals.items(), key=lambda kv: (-kv[1][2], kv[0]))]
+    covered = sum(t[2] for t in totals.values())
+    return lines + [f"component=total wall_ms={wall * 1e3:.3f} covered_ms={covered * 1e3:.3f}"]
+
+
 def time_unet(unet, what, latent, a, dtype, device):
     cfg = unet.config
     g = torch.Generator().manual_seed(1234)
@@ -97,6 +147,12 @@ def time_unet(unet, what, latent, a, dtype, device):
         print(f"baseline: diffusers {what} {a.dtype}{'' if getattr(a, 'tf32', 'default') == 'default' else ' tf32=' + a.tf32} unet latent {latent}x{latent} images {images} (batch {rows}) "
               f"threads={torch.get_num_threads()} median_s={med:.4f} image_steps_per_s={images / med:.3f} "
               f"peak_rss_gb={peak_rss_gb():.2f}{mem}", flush=True)
+        if a.profile:
+            with torch.inference_mode():
+                lines = profile(unet, lambda: unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added),
+                                device)
+            for line in lines:
+                print(f"profile: diffusers unet images {images} {line}", flush=True)
 
 
 def sd15_unet(a):
@@ -121,22 +177,25 @@ def unet(a):
     time_unet(model, a.arch, a.latent or config["sample_size"], a, dtype, a.device)
 
 
-ap = argparse.ArgumentParser()
-ap.add_argument("what", choices=["pipeline", "sd15-unet", "unet"])
-ap.add_argument("path", nargs="?")
-ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
-ap.add_argument("--steps", type=int, default=20); ap.add_argument("--width", type=int, default=96)
-ap.add_argument("--height", type=int, default=64); ap.add_argument("--latent", type=int, default=None)
-ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-ap.add_argument("--runs", type=int, default=3)
-ap.add_argument("--threads", type=int, default=2)
-ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
-ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
-                help="CUDA f32: PyTorch's defaults (cuDNN convolutions may use TF32, matmuls do not), TF32 "
-                     "for both, or for neither")
-a = ap.parse_args()
-torch.set_num_threads(a.threads)
-if a.what != "unet" and not a.path:
-    ap.error(f"{a.what} needs a path")
-{"pipeline": pipeline, "sd15-unet": sd15_unet, "unet": unet}[a.what](a)
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["pipeline", "sd15-unet", "unet"])
+    ap.add_argument("path", nargs="?")
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--steps", type=int, default=20); ap.add_argument("--width", type=int, default=96)
+    ap.add_argument("--height", type=int, default=64); ap.add_argument("--latent", type=int, default=None)
+    ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--profile", action="store_true",
+                    help="unet: after the timed calls, one call timed module by module (as sd-rbee bench unet --profile)")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="CUDA f32: PyTorch's defaults (cuDNN convolutions may use TF32, matmuls do not), TF32 "
+                         "for both, or for neither")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.what != "unet" and not a.path:
+        ap.error(f"{a.what} needs a path")
+    {"pipeline": pipeline, "sd15-unet": sd15_unet, "unet": unet}[a.what](a)

@@ -148,6 +148,43 @@ fn a_vendor_blas_is_named_by_sd_rbee_blas() {
     }
 }
 
+/// `bench unet --profile` times every component of one UNet call on its own: it finds each component
+/// diffusers' module hooks find, as many times (`scripts/make_profile_references.py` counted them), and its
+/// components' own times add up to the call's time.
+#[test]
+fn bench_unet_profile_finds_diffusers_components_call_for_call() {
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("profile-calls.json")).unwrap()).unwrap();
+    let latent = want["latent"].to_string();
+    for model in ["tiny-sd15", "tiny-sdxl"] {
+        let unet = fixture(model).join("unet");
+        let o = sd_rbee(&["bench", "unet", unet.to_str().unwrap(), "--latent", &latent, "--runs", "1", "--profile"]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+        let field = |line: &str, name: &str| -> f64 {
+            let at = line.find(&format!(" {name}=")).unwrap_or_else(|| panic!("{name} missing: {line}"));
+            let value = line[at + name.len() + 2..].split([' ', '%']).next().unwrap();
+            value.parse().unwrap_or_else(|_| panic!("{name} is not a number: {line}"))
+        };
+        let prefix = "profile: sd-rbee unet images 1 component=";
+        let mut calls = serde_json::Map::new();
+        let (mut own_sum, mut wall) = (0.0, None);
+        for line in stdout.lines().filter_map(|l| l.strip_prefix(prefix)) {
+            let name = line.split(' ').next().unwrap();
+            if name == "total" {
+                wall = Some(field(line, "wall_ms"));
+                assert!((field(line, "covered_ms") - own_sum).abs() < 0.01 * own_sum.max(1.0), "{line}");
+            } else {
+                calls.insert(name.into(), (field(line, "calls") as u64).into());
+                own_sum += field(line, "own_ms");
+            }
+        }
+        assert_eq!(serde_json::Value::Object(calls), want[model], "{model}: components and calls\n{stdout}");
+        let wall = wall.unwrap_or_else(|| panic!("{model}: no total line\n{stdout}"));
+        assert!(own_sum <= wall + 0.05 && own_sum >= 0.9 * wall, "{model}: own times {own_sum} ms of {wall} ms");
+    }
+}
+
 #[test]
 fn same_seed_same_bytes_different_seed_different_image() {
     let dir = tempfile::tempdir().unwrap();

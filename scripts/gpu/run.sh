@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT
 export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the driver JIT-compiles Candle's sm_90a PTX once per module; keep that cache for the later processes
 export CUDA_CACHE_PATH=$W/nvcache CUDA_CACHE_MAXSIZE=2147483648
-summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab|unetcheck):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
+summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab|unetcheck|profile):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
 trap summary EXIT
 section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
 over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
@@ -124,15 +124,16 @@ parity() {   # DTYPE [LABEL]
   timeout 60 $PY "$KIT/parity.py" "$W/t" "$FIX" || echo "FAIL: parity.py"
 }
 # unet ARCH DTYPE LATENT BATCHES [ENV...]: sd-rbee's full-size UNet, seeded random weights; with SAVE=LABEL the
-# first batch size's output goes to $W/u/LABEL.safetensors (compared with the f32 one at the end of the f32 section)
+# first batch size's output goes to $W/u/LABEL.safetensors (compared with the f32 one at the end of the f32 section);
+# with PROFILE=1 one more call per batch size is timed component by component (`profile:` lines)
 unet() {
   local arch=$1 dt=$2 latent=$3 batches=$4; shift 4
   over "bench unet $arch $dt $batches $*" && return
   echo "ab: sd-rbee unet $arch $dt latent=$latent batch=$batches env: ${*:-defaults}"
   env "$@" timeout 120 "$BIN" bench unet --arch "$arch" --latent "$latent" --batch "$batches" --runs "$UNET_RUNS" \
-    --device "$DEVICE" --dtype "$dt" ${SAVE:+--save-output "$W/u/$SAVE.safetensors"} || echo "FAIL: bench unet $arch $dt $batches $*"
+    --device "$DEVICE" --dtype "$dt" ${SAVE:+--save-output "$W/u/$SAVE.safetensors"} ${PROFILE:+--profile} || echo "FAIL: bench unet $arch $dt $batches $*"
 }
-# torch_unet ARCH DTYPE LATENT BATCHES [--tf32 on|off]: the diffusers half (SDPA attention, its default)
+# torch_unet ARCH DTYPE LATENT BATCHES [--tf32 on|off] [--profile]: the diffusers half (SDPA attention, its default)
 torch_unet() {
   local arch=$1 dt=$2 latent=$3 batches=$4; shift 4
   over "baseline unet $arch $dt $batches $*" && return
@@ -149,13 +150,13 @@ $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 export PYTHONPATH=$W/site${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import torch, diffusers; print('baseline-env: torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda)"
 
-section "full-size SD 1.5 UNet, 512 px, f16, batch 1..8: sd-rbee, then diffusers"
-SAVE=f16 unet sd15 f16 "$LATENT" 1,2,4,8
-torch_unet sd15 f16 "$LATENT" 1,2,4,8
+section "full-size SD 1.5 UNet, 512 px, f16, batch 1..8: sd-rbee, then diffusers; each batch also profiled"
+SAVE=f16 PROFILE=1 unet sd15 f16 "$LATENT" 1,2,4,8
+torch_unet sd15 f16 "$LATENT" 1,2,4,8 --profile
 
-section "full-size SDXL UNet, 1024 px, f16"
-unet sdxl f16 "$XL_LATENT" 1,2,4
-torch_unet sdxl f16 "$XL_LATENT" 1,2,4
+section "full-size SDXL UNet, 1024 px, f16; each batch also profiled"
+PROFILE=1 unet sdxl f16 "$XL_LATENT" 1,2,4
+torch_unet sdxl f16 "$XL_LATENT" 1,2,4 --profile
 
 section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both, Candle's own cuDNN calls"
 SAVE=f16-noflash unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0

@@ -98,6 +98,11 @@ pub struct UnetBench {
     /// seeded weights and inputs under another dtype or kernel switch give the numbers to compare against.
     #[arg(long)]
     pub save_output: Option<PathBuf>,
+    /// After the timed calls, one more with each component (conv, linear, attention, resnet, ...) timed
+    /// on its own, the device waited for at its start and end: `profile: ...` lines, the same components as
+    /// `benches/torch_baseline.py unet --profile` reports for diffusers.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -265,6 +270,12 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
                 dtype = crate::device::dtype_name(b.dtype),
                 blas = blas_name()
             );
+        }
+        if b.profile {
+            let (_, report) = crate::diffusion::profile::record(&device, forward)?;
+            for line in report.to_string().lines() {
+                println!("profile: sd-rbee unet images {images} {line}");
+            }
         }
     }
     Ok(())

@@ -123,6 +123,7 @@ impl Attention {
     }
 
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let _profile = super::profile::scope("attention");
         let context = context.unwrap_or(hidden);
         let (b, l, _) = hidden.dims3()?;
         let q = self.to_q.forward(hidden)?;
@@ -157,6 +158,7 @@ impl GegluFeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("feed_forward");
         let projected = self.proj.forward(x)?;
         #[cfg(feature = "cuda")]
         if let Some(gated) = super::cuda_kernels::geglu(&projected)? {
@@ -198,6 +200,7 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("transformer_block");
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
@@ -263,6 +266,7 @@ impl Transformer2D {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("transformer");
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
@@ -318,6 +322,7 @@ impl SpatialSelfAttention {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("attention");
         let (b, c, h, w) = x.dims4()?;
         let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let q = self.to_q.forward(&tokens)?;

@@ -242,6 +242,7 @@ impl Weighted for ConvKernel {
 
 impl Module for ConvKernel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("conv");
         match self {
             Self::Direct(conv) => {
                 let (b, c, h, w) = x.dims4()?;

@@ -53,6 +53,7 @@ impl TimestepEmbedding {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("time_embedding");
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }

@@ -142,6 +142,7 @@ impl GroupNorm {
 
     /// `silu(group_norm(x))`.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("group_norm");
         match self.fused(x, true)? {
             Some(y) => Ok(y),
             None => self.composite.forward(x)?.silu(),
@@ -151,6 +152,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("group_norm");
         match self.fused(x, false)? {
             Some(y) => Ok(y),
             None => self.composite.forward(x),

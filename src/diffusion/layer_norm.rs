@@ -22,6 +22,7 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("layer_norm");
         if x.dtype() != DType::F64 {
             return self.fused.forward(x);
         }

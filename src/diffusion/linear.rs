@@ -56,6 +56,7 @@ impl LinearKernel {
 
 impl Module for LinearKernel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("linear");
         match self.forward_blas(x)? {
             Some(y) => Ok(y),
             None => self.0.forward(x),

@@ -22,6 +22,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod lora;
 pub mod pipeline;
+pub mod profile;
 pub mod random_weights;
 pub mod resnet;
 pub mod rng;

@@ -79,6 +79,7 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let _profile = super::profile::scope("resnet");
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let time = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => Some(proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?),
@@ -123,6 +124,7 @@ impl Downsample2D {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("downsample");
         if self.asymmetric_pad {
             let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
             self.conv.forward(&x)
@@ -146,6 +148,7 @@ impl Upsample2D {
 
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
+        let _profile = super::profile::scope("upsample");
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&x.upsample_nearest2d(th, tw)?)
     }

@@ -480,6 +480,7 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        let _profile = super::profile::scope("unet");
         let (batch, _, h, w) = sample.dims4()?;
         let dtype = sample.dtype();
         let device = sample.device();

@@ -97,6 +97,7 @@ impl DownBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+        let _profile = super::profile::scope("down_block");
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb))?;
@@ -138,6 +139,7 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let _profile = super::profile::scope("mid_block");
         let mut h = self.first.forward(x, Some(temb))?;
         for (attn, resnet) in &self.rest {
             h = resnet.forward(&attn.forward(&h, context)?, Some(temb))?;
@@ -195,6 +197,7 @@ impl UpBlock {
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
+        let _profile = super::profile::scope("up_block");
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
