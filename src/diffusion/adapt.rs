@@ -103,6 +103,14 @@ impl<L: Weighted> Adaptable<L> {
     pub fn base(&self) -> &L {
         &self.0.base
     }
+
+    /// Runs `f` on the layer `forward` uses now: the patched copy while one is set, else the one loaded.
+    pub fn with_current<R>(&self, f: impl FnOnce(&L) -> R) -> R {
+        match &*self.0.patch.read() {
+            Some(patched) => f(patched),
+            None => f(&self.0.base),
+        }
+    }
 }
 
 impl<L: Weighted> Module for Adaptable<L> {

@@ -11,6 +11,7 @@ use super::conv::{conv2d, Conv2d};
 use super::group_norm::{group_norm, GroupNorm};
 use super::layer_norm::{layer_norm, LayerNorm};
 use super::linear::LinearKernel;
+use super::token_projection::{self, Dense};
 
 /// Largest attention-score block (elements) computed at once; bounds peak memory for big images.
 const MAX_SCORE_ELEMENTS: usize = 1 << 25;
@@ -215,6 +216,25 @@ enum Projection {
     Linear(Linear),
 }
 
+impl Projection {
+    /// Runs `f` on the layer as a dense `[c_out, c_in]` one when it is f32 on the CPU, timed as what it is.
+    fn with_dense<R>(&self, f: impl FnOnce(Dense) -> Result<R>) -> Result<Option<R>> {
+        match self {
+            Projection::Conv(conv) => conv.with_current(|k| match k.dense() {
+                Some(dense) => {
+                    let _profile = super::profile::scope("conv");
+                    f(dense).map(Some)
+                }
+                None => Ok(None),
+            }),
+            Projection::Linear(lin) => lin.with_current(|k| {
+                let _profile = super::profile::scope("linear");
+                k.with_dense(f)
+            }),
+        }
+    }
+}
+
 /// diffusers' `Transformer2DModel` for continuous (latent) inputs.
 #[derive(Debug)]
 pub struct Transformer2D {
@@ -270,13 +290,23 @@ impl Transformer2D {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
         let x = self.norm.forward(x)?;
+        // On the CPU in f32 the projections write the other layout themselves (`token_projection`).
+        let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&x)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&x)?)?,
+        let fused = if cpu { self.proj_in.with_dense(|d| token_projection::map_to_tokens(&x, d))? } else { None };
+        let mut tokens = match (fused, &self.proj_in) {
+            (Some(tokens), _) => tokens,
+            (None, Projection::Conv(conv)) => to_tokens(&conv.forward(&x)?)?,
+            (None, Projection::Linear(lin)) => lin.forward(&to_tokens(&x)?)?,
         };
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
+        }
+        if cpu {
+            let out = self.proj_out.with_dense(|d| token_projection::tokens_to_map_plus(&tokens, d, residual))?;
+            if let Some(out) = out {
+                return Ok(out);
+            }
         }
         let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
         let out = match &self.proj_out {

@@ -11,6 +11,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use super::adapt::{Adaptable, Weighted};
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::token_projection::Dense;
 
 /// Images with fewer pixels than this are convolved a whole batch at a time (see [`CpuConv::forward`]).
 const FOLD_BELOW_PIXELS: usize = 32 * 32;
@@ -158,6 +159,18 @@ impl CpuConv {
             dst.copy_from_slice(&wide[from..from + hw]);
         }
         out
+    }
+}
+
+impl ConvKernel {
+    /// A 1×1 direct convolution's weight and bias as a dense `[c_out, c_in]` layer; `None` for any other.
+    pub fn dense(&self) -> Option<Dense<'_>> {
+        match self {
+            Self::Direct(c) if c.kernel == 1 => {
+                Some(Dense { weight: &c.rows[0], bias: Some(&c.bias), c_out: c.c_out, c_in: c.c_in })
+            }
+            _ => None,
+        }
     }
 }
 

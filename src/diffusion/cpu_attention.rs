@@ -12,6 +12,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::simd::widest_simd;
 use rayon::prelude::*;
 
 /// Scores per block: 256 Ki floats (1 MiB). At 4096 keys (SD 1.5 at 512 px) that is 64 query rows, enough
@@ -92,32 +93,9 @@ fn exp_rows_generic(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_rows_avx2(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
-    exp_rows_generic(scores, cols, inv_sums)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_rows_avx512(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
-    exp_rows_generic(scores, cols, inv_sums)
-}
-
-/// [`exp_rows_generic`] with the widest vector unit this CPU has.
-fn exp_rows(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { exp_rows_avx512(scores, cols, inv_sums) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA.
-            return unsafe { exp_rows_avx2(scores, cols, inv_sums) };
-        }
-    }
-    exp_rows_generic(scores, cols, inv_sums)
+widest_simd! {
+    /// [`exp_rows_generic`] with the widest vector unit this CPU has.
+    fn exp_rows(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) => exp_rows_generic
 }
 
 /// `out[rows, d] = softmax(q[rows, d] · k[lk, d]ᵀ · scale) · v[lk, d]`, all row-major.

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::cpu_attention::exp_nonpositive;
 use super::cpu_data::with_f32_data;
+use super::simd::widest_simd;
 
 /// Rows per parallel task.
 const TASK_ROWS: usize = 16;
@@ -33,32 +34,9 @@ fn gate_rows_generic(projected: &[f32], out: &mut [f32], half: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gate_rows_avx2(projected: &[f32], out: &mut [f32], half: usize) {
-    gate_rows_generic(projected, out, half)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gate_rows_avx512(projected: &[f32], out: &mut [f32], half: usize) {
-    gate_rows_generic(projected, out, half)
-}
-
-/// [`gate_rows_generic`] with the widest vector unit this CPU has.
-fn gate_rows(projected: &[f32], out: &mut [f32], half: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { gate_rows_avx512(projected, out, half) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA.
-            return unsafe { gate_rows_avx2(projected, out, half) };
-        }
-    }
-    gate_rows_generic(projected, out, half)
+widest_simd! {
+    /// [`gate_rows_generic`] with the widest vector unit this CPU has.
+    fn gate_rows(projected: &[f32], out: &mut [f32], half: usize) => gate_rows_generic
 }
 
 /// `h * gelu(g)` where `projected = [..., 2·half]` is `[h, g]` along its last dimension; `None` unless it is

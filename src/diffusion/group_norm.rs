@@ -9,6 +9,9 @@ use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::cpu_attention::exp_nonpositive;
+use super::simd::widest_simd;
+
 /// Groups with at least this many elements in total are normalised in parallel.
 const PARALLEL_ELEMENTS: usize = 1 << 15;
 
@@ -23,28 +26,79 @@ struct CpuGroupNorm {
 
 impl CpuGroupNorm {
     fn normalise(&self, group_index: usize, hw: usize, xs: &[f32], ys: &mut [f32]) {
-        let len = xs.len() as f64;
-        let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / len;
-        let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
-        let rstd = 1.0 / (var + self.eps).sqrt();
         let per_group = self.weight.len() / self.groups;
-        let first_channel = (group_index % self.groups) * per_group;
-        for (ch, (xc, yc)) in xs.chunks(hw).zip(ys.chunks_mut(hw)).enumerate() {
-            let c = first_channel + ch;
-            let scale = (self.weight[c] as f64 * rstd) as f32;
-            let shift = (self.bias[c] as f64 - mean * self.weight[c] as f64 * rstd) as f32;
-            if self.silu {
-                for (y, &x) in yc.iter_mut().zip(xc) {
-                    let v = x * scale + shift;
-                    *y = v / (1.0 + (-v).exp());
-                }
-            } else {
-                for (y, &x) in yc.iter_mut().zip(xc) {
-                    *y = x * scale + shift;
-                }
+        let first = (group_index % self.groups) * per_group;
+        let channels = first..first + per_group;
+        let (weight, bias) = (&self.weight[channels.clone()], &self.bias[channels]);
+        normalise_group(xs, ys, hw, weight, bias, self.eps, self.silu);
+    }
+}
+
+/// Lanes of independent f64 accumulators: the sums vectorise without reassociating one running sum.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lane_sum(xs: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().map(|&v| term(v)).sum::<f64>();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += term(v);
+        }
+    }
+    acc.iter().sum::<f64>() + rest
+}
+
+/// `x · sigmoid(x)`, vectorisable: the exponential is only ever taken of `-|x|`.
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let numerator = if x >= 0.0 { 1.0 } else { e };
+    x * numerator / (1.0 + e)
+}
+
+/// One group (`weight.len()` channels of `hw` values each): mean and variance in f64 (two passes), then
+/// scale, shift and the optional SiLU in one sweep.
+#[inline(always)]
+fn normalise_group_generic(
+    xs: &[f32],
+    ys: &mut [f32],
+    hw: usize,
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+    with_silu: bool,
+) {
+    let len = xs.len() as f64;
+    let mean = lane_sum(xs, |v| v as f64) / len;
+    let var = lane_sum(xs, |v| (v as f64 - mean) * (v as f64 - mean)) / len;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for ((xc, yc), (&w, &b)) in xs.chunks(hw).zip(ys.chunks_mut(hw)).zip(weight.iter().zip(bias)) {
+        let scale = (w as f64 * rstd) as f32;
+        let shift = (b as f64 - mean * w as f64 * rstd) as f32;
+        if with_silu {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y = silu(x * scale + shift);
+            }
+        } else {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y = x * scale + shift;
             }
         }
     }
+}
+
+widest_simd! {
+    fn normalise_group(
+        xs: &[f32],
+        ys: &mut [f32],
+        hw: usize,
+        weight: &[f32],
+        bias: &[f32],
+        eps: f64,
+        with_silu: bool,
+    ) => normalise_group_generic
 }
 
 impl candle_core::CustomOp1 for CpuGroupNorm {

@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use super::adapt::Weighted;
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::token_projection::Dense;
 
 #[derive(Debug, Clone)]
 pub struct LinearKernel(candle_nn::Linear);
@@ -14,6 +15,17 @@ pub struct LinearKernel(candle_nn::Linear);
 impl LinearKernel {
     pub fn new(linear: candle_nn::Linear) -> Self {
         Self(linear)
+    }
+
+    /// Runs `f` on the weight and bias as a dense layer when they are f32 on the CPU; `None` otherwise.
+    pub fn with_dense<R>(&self, f: impl FnOnce(Dense) -> Result<R>) -> Result<Option<R>> {
+        let w = self.0.weight();
+        if !w.device().is_cpu() || w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (c_out, c_in) = w.dims2()?;
+        let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        with_f32_data(w, |weight| f(Dense { weight, bias: bias.as_deref(), c_out, c_in }).map(Some))?
     }
 
     /// `x · wᵀ + bias` on the vendor BLAS, for `x: [..., in]`; `None` when it does not apply.

@@ -27,6 +27,8 @@ pub mod random_weights;
 pub mod resnet;
 pub mod rng;
 pub mod schedulers;
+mod simd;
+pub mod token_projection;
 pub mod tokenizer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
