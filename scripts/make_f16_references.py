@@ -15,19 +15,14 @@ guidance 5). This script measures that, on the CPU, three ways:
 Run from the repository root with torch and diffusers 0.42 installed:  python3 scripts/make_f16_references.py
 """
 import os
-import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UniPCMultistepScheduler)
-from safetensors.torch import load_file, save_file
+import sys
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
-PROMPT = "a photograph of an astronaut riding a horse"
-NEGATIVE = "blurry, low quality"
-SD15 = {"ddim": (DDIMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
-        "dpmpp_2m": (DPMSolverMultistepScheduler, {}), "unipc": (UniPCMultistepScheduler, {})}
-SDXL = {"euler": (EulerDiscreteScheduler, {}), "ddim": (DDIMScheduler, {}),
-        "turbo_1step": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"})}
+import torch
+from safetensors.torch import load_file, save_file
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_f64_references import ROOT, SD15, SDXL, images as reference_images  # noqa: E402  the same cases
 
 
 class Perturbed(torch.nn.Module):
@@ -56,20 +51,8 @@ class Perturbed(torch.nn.Module):
         return (s,) if isinstance(out, tuple) else type(out)(sample=s)
 
 
-def images(pipe, cases, guidance, dtype):
-    original = pipe.scheduler
-    base = original.config
-    lat = load_file(os.path.join(pipe.fixture, "expected.safetensors"))["initial_latents"].to(dtype)
-    out = {}
-    for name, (sched, extra) in cases.items():
-        pipe.scheduler = sched.from_config(base, **extra)
-        turbo = name == "turbo_1step"
-        img = pipe(prompt=PROMPT, negative_prompt=None if turbo else NEGATIVE, num_inference_steps=1 if turbo else 10,
-                   guidance_scale=0.0 if turbo else guidance, height=64, width=96, latents=lat.clone(),
-                   output_type="pt").images
-        out[f"txt2img_{name}_image"] = img.float().contiguous()
-    pipe.scheduler = original
-    return out
+def images(pipe, folder, cases, guidance, dtype):
+    return {k: v.float() for k, v in reference_images(pipe, folder, cases, guidance, dtype).items()}
 
 
 def run(model, cls, cases, guidance):
@@ -81,18 +64,16 @@ def run(model, cls, cases, guidance):
 
     pipe = cls.from_pretrained(d, torch_dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
-    pipe.fixture = d
-    f16 = images(pipe, cases, guidance, torch.float16)
+    f16 = images(pipe, d, cases, guidance, torch.float16)
     save_file(f16, os.path.join(d, "expected_f16.safetensors"))
 
     pipe = cls.from_pretrained(d, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    pipe.fixture = d
     unet = pipe.unet
     pipe.unet = Perturbed(unet, round_f16=True)
-    rounded = err(images(pipe, cases, guidance, torch.float32))
+    rounded = err(images(pipe, d, cases, guidance, torch.float32))
     pipe.unet = Perturbed(unet, noise=1e-4)
-    noisy = err(images(pipe, cases, guidance, torch.float32))
+    noisy = err(images(pipe, d, cases, guidance, torch.float32))
     print(f"{model}: max abs from diffusers' float32 image")
     print(f"  {'case':26s} {'diffusers f16':>14s} {'UNet output to f16':>19s} {'noise 1e-4: gain':>17s}")
     for k, e in err(f16).items():

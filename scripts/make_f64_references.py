@@ -25,20 +25,28 @@ SDXL = {"euler": (EulerDiscreteScheduler, {}), "ddim": (DDIMScheduler, {}),
         "turbo_1step": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"})}
 
 
-def run(model, cls, cases, guidance):
-    d = os.path.join(ROOT, model)
-    pipe = cls.from_pretrained(d, torch_dtype=torch.float64)
-    pipe.set_progress_bar_config(disable=True)
-    base = pipe.scheduler.config
-    lat = load_file(os.path.join(d, "expected.safetensors"))["initial_latents"].double()
+def images(pipe, folder, cases, guidance, dtype):
+    """The text-to-image cases from the fixture's initial latents (in `dtype`), by name; the pipeline keeps
+    its scheduler."""
+    original = pipe.scheduler
+    lat = load_file(os.path.join(folder, "expected.safetensors"))["initial_latents"].to(dtype)
     out = {}
     for name, (sched, extra) in cases.items():
-        pipe.scheduler = sched.from_config(base, **extra)
+        pipe.scheduler = sched.from_config(original.config, **extra)
         turbo = name == "turbo_1step"
         img = pipe(prompt=PROMPT, negative_prompt=None if turbo else NEGATIVE, num_inference_steps=1 if turbo else 10,
                    guidance_scale=0.0 if turbo else guidance, height=64, width=96, latents=lat.clone(),
                    output_type="pt").images
         out[f"txt2img_{name}_image"] = img.contiguous()
+    pipe.scheduler = original
+    return out
+
+
+def run(model, cls, cases, guidance):
+    d = os.path.join(ROOT, model)
+    pipe = cls.from_pretrained(d, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    out = images(pipe, d, cases, guidance, torch.float64)
     save_file(out, os.path.join(d, "expected_f64.safetensors"))
     print(model, sorted(out))
 

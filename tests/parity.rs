@@ -180,18 +180,24 @@ fn sdxl_ddim_matches_within_float32_conditioning() {
     assert_close("txt2img_ddim_image (sdxl, f32)", &img, &reference(&exp, "txt2img_ddim_image"), 1e-3, 1e-4);
 }
 
-fn check_f64(model: &str, kind: SchedulerKind, case: &str, guidance: f64, tolerance: (f32, f32)) {
-    let sd = load(model, DType::F64);
-    let exp = expected(model);
-    let f64_refs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture(model).join("expected_f64.safetensors"), &Device::Cpu).unwrap();
-    let mut req = request(kind, guidance, &reference(&exp, "initial_latents").to_dtype(DType::F64).unwrap());
+/// The request of text-to-image reference case `case` (`turbo_1step`: one step, no guidance, trailing spacing).
+fn case_request(kind: SchedulerKind, case: &str, guidance: f64, latents: &Tensor) -> GenerationRequest {
+    let mut req = request(kind, guidance, latents);
     if case == "turbo_1step" {
         req.negative_prompt = None;
         req.steps = 1;
         req.guidance_scale = 0.0;
         req.timestep_spacing = Some(TimestepSpacing::Trailing);
     }
+    req
+}
+
+fn check_f64(model: &str, kind: SchedulerKind, case: &str, guidance: f64, tolerance: (f32, f32)) {
+    let sd = load(model, DType::F64);
+    let exp = expected(model);
+    let f64_refs: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture(model).join("expected_f64.safetensors"), &Device::Cpu).unwrap();
+    let req = case_request(kind, case, guidance, &reference(&exp, "initial_latents").to_dtype(DType::F64).unwrap());
     let img = txt2img(&sd, &req);
     let want = f64_refs[&format!("txt2img_{case}_image")].to_dtype(DType::F32).unwrap();
     assert_close(&format!("{model} {case} (f64)"), &img, &want, tolerance.0, tolerance.1);
@@ -327,13 +333,8 @@ fn float16_within_1e2_or_diffusers_own_float16_error() {
             candle_core::safetensors::load(fixture(model).join("expected_f16.safetensors"), &Device::Cpu).unwrap();
         let guidance = if model == "tiny-sd15" { 7.5 } else { 5.0 };
         for &(kind, case) in schedulers {
-            let mut req = request(kind, guidance, &reference(&exp, "initial_latents").to_dtype(DType::F16).unwrap());
-            if case == "turbo_1step" {
-                req.negative_prompt = None;
-                req.steps = 1;
-                req.guidance_scale = 0.0;
-                req.timestep_spacing = Some(TimestepSpacing::Trailing);
-            }
+            let latents = reference(&exp, "initial_latents").to_dtype(DType::F16).unwrap();
+            let req = case_request(kind, case, guidance, &latents);
             let name = format!("txt2img_{case}_image");
             let want = reference(&exp, &name);
             let ours = diff(&txt2img(&sd, &req), &want);

@@ -24,16 +24,6 @@ struct CpuGroupNorm {
     silu: bool,
 }
 
-impl CpuGroupNorm {
-    fn normalise(&self, group_index: usize, hw: usize, xs: &[f32], ys: &mut [f32]) {
-        let per_group = self.weight.len() / self.groups;
-        let first = (group_index % self.groups) * per_group;
-        let channels = first..first + per_group;
-        let (weight, bias) = (&self.weight[channels.clone()], &self.bias[channels]);
-        normalise_group(xs, ys, hw, weight, bias, self.eps, self.silu);
-    }
-}
-
 /// Lanes of independent f64 accumulators: the sums vectorise without reassociating one running sum.
 const LANES: usize = 8;
 
@@ -58,26 +48,21 @@ fn silu(x: f32) -> f32 {
     x * numerator / (1.0 + e)
 }
 
-/// One group (`weight.len()` channels of `hw` values each): mean and variance in f64 (two passes), then
-/// scale, shift and the optional SiLU in one sweep.
+/// Group `group_index` (of the whole batch) of `op`, `hw` values per channel: mean and variance in f64 (two
+/// passes), then scale, shift and the optional SiLU in one sweep.
 #[inline(always)]
-fn normalise_group_generic(
-    xs: &[f32],
-    ys: &mut [f32],
-    hw: usize,
-    weight: &[f32],
-    bias: &[f32],
-    eps: f64,
-    with_silu: bool,
-) {
+fn normalise_generic(op: &CpuGroupNorm, group_index: usize, hw: usize, xs: &[f32], ys: &mut [f32]) {
+    let per_group = op.weight.len() / op.groups;
+    let first = (group_index % op.groups) * per_group;
+    let (weight, bias) = (&op.weight[first..first + per_group], &op.bias[first..first + per_group]);
     let len = xs.len() as f64;
     let mean = lane_sum(xs, |v| v as f64) / len;
     let var = lane_sum(xs, |v| (v as f64 - mean) * (v as f64 - mean)) / len;
-    let rstd = 1.0 / (var + eps).sqrt();
+    let rstd = 1.0 / (var + op.eps).sqrt();
     for ((xc, yc), (&w, &b)) in xs.chunks(hw).zip(ys.chunks_mut(hw)).zip(weight.iter().zip(bias)) {
         let scale = (w as f64 * rstd) as f32;
         let shift = (b as f64 - mean * w as f64 * rstd) as f32;
-        if with_silu {
+        if op.silu {
             for (y, &x) in yc.iter_mut().zip(xc) {
                 *y = silu(x * scale + shift);
             }
@@ -90,15 +75,7 @@ fn normalise_group_generic(
 }
 
 widest_simd! {
-    fn normalise_group(
-        xs: &[f32],
-        ys: &mut [f32],
-        hw: usize,
-        weight: &[f32],
-        bias: &[f32],
-        eps: f64,
-        with_silu: bool,
-    ) => normalise_group_generic
+    fn normalise(op: &CpuGroupNorm, group_index: usize, hw: usize, xs: &[f32], ys: &mut [f32]) => normalise_generic
 }
 
 impl candle_core::CustomOp1 for CpuGroupNorm {
@@ -128,10 +105,10 @@ impl candle_core::CustomOp1 for CpuGroupNorm {
             out.par_chunks_mut(group_len)
                 .zip(x.par_chunks(group_len))
                 .enumerate()
-                .for_each(|(g, (ys, xs))| self.normalise(g, hw, xs, ys));
+                .for_each(|(g, (ys, xs))| normalise(self, g, hw, xs, ys));
         } else {
             for (g, (ys, xs)) in out.chunks_mut(group_len).zip(x.chunks(group_len)).enumerate() {
-                self.normalise(g, hw, xs, ys);
+                normalise(self, g, hw, xs, ys);
             }
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
