@@ -124,6 +124,11 @@ impl Attention {
     }
 
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_plus(hidden, context, None)
+    }
+
+    /// `forward(hidden, context) + residual`, the residual added in `to_out`'s tail.
+    pub fn forward_plus(&self, hidden: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let _profile = super::profile::scope("attention");
         let context = context.unwrap_or(hidden);
         let (b, l, _) = hidden.dims3()?;
@@ -131,13 +136,13 @@ impl Attention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         if let Some(out) = flash::attention(&q, &k, &v, self.heads, self.scale)? {
-            return self.to_out.forward(&out);
+            return self.to_out.forward_plus(&out, residual);
         }
         let (q, k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let d = out.dim(2)?;
         let out = out.reshape((b, self.heads, l, d))?.transpose(1, 2)?.reshape((b, l, self.heads * d))?;
-        self.to_out.forward(&out)
+        self.to_out.forward_plus(&out, residual)
     }
 }
 
@@ -158,20 +163,31 @@ impl GegluFeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `out(h · gelu(gate)) + residual`. On CUDA the projection's bias rides on the fused GEGLU kernel and the
+    /// residual on `out`'s tail.
+    pub fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let _profile = super::profile::scope("feed_forward");
-        let projected = self.proj.forward(x)?;
         #[cfg(feature = "cuda")]
-        if let Some(gated) = super::cuda_kernels::geglu(&projected)? {
-            return self.out.forward(&gated);
+        if x.device().is_cuda() && super::cuda_kernels::available() {
+            let gated = self.proj.with_current(|proj| {
+                let product = {
+                    let _profile = super::profile::scope("linear");
+                    proj.product(x)?
+                };
+                super::cuda_kernels::geglu(&product, proj.bias())
+            })?;
+            if let Some(gated) = gated {
+                return self.out.forward_plus(&gated, residual);
+            }
         }
+        let projected = self.proj.forward(x)?;
         if let Some(gated) = super::cpu_geglu::geglu(&projected)? {
-            return self.out.forward(&gated);
+            return self.out.forward_plus(&gated, residual);
         }
         let half = projected.dim(D::Minus1)? / 2;
         let hidden = projected.narrow(D::Minus1, 0, half)?;
         let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.out.forward(&(hidden * gate)?)
+        self.out.forward_plus(&(hidden * gate)?, residual)
     }
 }
 
@@ -202,9 +218,9 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let _profile = super::profile::scope("transformer_block");
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+        let x = self.attn1.forward_plus(&self.norm1.forward(x)?, None, Some(x))?;
+        let x = self.attn2.forward_plus(&self.norm2.forward(&x)?, Some(context), Some(&x))?;
+        self.ff.forward_plus(&self.norm3.forward(&x)?, Some(&x))
     }
 }
 
@@ -217,20 +233,48 @@ enum Projection {
 }
 
 impl Projection {
+    /// The profile's name for the layer.
+    fn kind(&self) -> &'static str {
+        match self {
+            Projection::Conv(_) => "conv",
+            Projection::Linear(_) => "linear",
+        }
+    }
+
     /// Runs `f` on the layer as a dense `[c_out, c_in]` one when it is f32 on the CPU, timed as what it is.
     fn with_dense<R>(&self, f: impl FnOnce(Dense) -> Result<R>) -> Result<Option<R>> {
         match self {
             Projection::Conv(conv) => conv.with_current(|k| match k.dense() {
                 Some(dense) => {
-                    let _profile = super::profile::scope("conv");
+                    let _profile = super::profile::scope(self.kind());
                     f(dense).map(Some)
                 }
                 None => Ok(None),
             }),
             Projection::Linear(lin) => lin.with_current(|k| {
-                let _profile = super::profile::scope("linear");
+                let _profile = super::profile::scope(self.kind());
                 k.with_dense(f)
             }),
+        }
+    }
+}
+
+impl Projection {
+    /// The layer as a `[c_out, c_in]` weight tensor and its bias; `None` for the CPU's direct convolution.
+    #[cfg(feature = "cuda")]
+    fn matrix(&self) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        use super::conv::ConvKernel;
+        match self {
+            Projection::Conv(conv) => conv.with_current(|kernel| match kernel {
+                ConvKernel::Candle(c) => {
+                    let (c_out, c_in, _, _) = c.weight().dims4()?;
+                    Ok(Some((c.weight().reshape((c_out, c_in))?, c.bias().cloned())))
+                }
+                ConvKernel::Direct(_) => Ok(None),
+            }),
+            Projection::Linear(lin) => {
+                lin.with_current(|kernel| Ok(Some((super::adapt::Weighted::weight(kernel)?, kernel.bias().cloned()))))
+            }
         }
     }
 }
@@ -292,6 +336,20 @@ impl Transformer2D {
         let x = self.norm.forward(x)?;
         // On the CPU in f32 the projections write the other layout themselves (`token_projection`).
         let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels::available() {
+            if let (Some((w_in, b_in)), Some((w_out, b_out))) = (self.proj_in.matrix()?, self.proj_out.matrix()?) {
+                let mut tokens = {
+                    let _profile = super::profile::scope(self.proj_in.kind());
+                    token_projection::map_to_tokens_strided(&x, &w_in, b_in.as_ref())?
+                };
+                for block in &self.blocks {
+                    tokens = block.forward(&tokens, context)?;
+                }
+                let _profile = super::profile::scope(self.proj_out.kind());
+                return token_projection::tokens_to_map_plus_strided(&tokens, &w_out, b_out.as_ref(), residual);
+            }
+        }
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
         let fused = if cpu { self.proj_in.with_dense(|d| token_projection::map_to_tokens(&x, d))? } else { None };
         let mut tokens = match (fused, &self.proj_in) {

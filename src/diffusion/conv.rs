@@ -266,14 +266,93 @@ impl Module for ConvKernel {
                 Tensor::from_vec(out, (b, conv.c_out, h, w), x.device())
             }
             Self::Candle(conv) => {
-                #[cfg(feature = "cudnn")]
-                if let Some(y) = super::cudnn_conv::forward(x, conv)? {
+                #[cfg(feature = "cuda")]
+                if let Some(y) = cuda_forward(conv, x, ConvTail::NONE)? {
                     return Ok(y);
                 }
                 conv.forward(x)
             }
         }
     }
+}
+
+/// What a ResNet adds to a convolution's output after its bias, in diffusers' order: the per-item time
+/// shift `shift: [B, C]` (`TimeInjection::Add`), then a `residual` of the output's shape, then the division
+/// by `divisor` (`output_scale_factor`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvTail<'a> {
+    pub shift: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+    pub divisor: f64,
+}
+
+impl ConvTail<'_> {
+    pub const NONE: ConvTail<'static> = ConvTail { shift: None, residual: None, divisor: 1.0 };
+
+    /// The tail as separate tensor operations over the biased output.
+    fn apply(&self, mut y: Tensor) -> Result<Tensor> {
+        if let Some(shift) = self.shift {
+            y = y.broadcast_add(&shift.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(residual) = self.residual {
+            y = (residual + y)?;
+        }
+        if self.divisor != 1.0 {
+            y = (y / self.divisor)?;
+        }
+        Ok(y)
+    }
+}
+
+impl ConvKernel {
+    /// `tail` applied to `forward(x)`; on CUDA the bias and the tail are one pass over the output.
+    pub fn forward_tail(&self, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Self::Candle(conv) = self {
+            let _profile = super::profile::scope("conv");
+            if let Some(y) = cuda_forward(conv, x, tail)? {
+                return Ok(y);
+            }
+        }
+        tail.apply(self.forward(x)?)
+    }
+}
+
+impl Conv2d {
+    /// [`ConvKernel::forward_tail`] on the layer `forward` uses now.
+    pub fn forward_tail(&self, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
+        self.with_current(|kernel| kernel.forward_tail(x, tail))
+    }
+}
+
+/// On CUDA: the product without the bias (cuDNN's cached plan when built with `cudnn`, else Candle's
+/// convolution), then the bias and `tail` in one fused pass (`cuda_kernels::tails`) where the kernels run,
+/// else as separate operations. `None` off CUDA, or where neither cuDNN's plan nor the fused tail applies.
+#[cfg(feature = "cuda")]
+fn cuda_forward(conv: &candle_nn::Conv2d, x: &Tensor, tail: ConvTail) -> Result<Option<Tensor>> {
+    use super::cuda_kernels;
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cudnn")]
+    let product = super::cudnn_conv::product(x, conv)?;
+    #[cfg(not(feature = "cudnn"))]
+    let product: Option<Tensor> = None;
+    let fused = cuda_kernels::available();
+    let y = match product {
+        Some(y) => y,
+        None if fused => candle_nn::Conv2d::new(conv.weight().clone(), None, *conv.config()).forward(x)?,
+        None => return Ok(None),
+    };
+    let bias = conv.bias();
+    if fused && cuda_kernels::finish_channels_first(&y, bias, tail.shift, tail.residual, tail.divisor)? {
+        return Ok(Some(y));
+    }
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        None => y,
+    };
+    tail.apply(y).map(Some)
 }
 
 #[cfg(test)]

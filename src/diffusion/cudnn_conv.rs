@@ -211,9 +211,10 @@ impl candle_core::CustomOp2 for ConvOp {
     }
 }
 
-/// `conv.forward(x)` through a cached cuDNN plan, for CUDA tensors of f32, f16 or bf16 and ungrouped
-/// convolutions; `None` where it does not apply (Candle's own path then runs).
-pub fn forward(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Option<Tensor>> {
+/// `conv`'s product with `x` (without its bias, which the caller adds in the layer's tail) through a cached
+/// cuDNN plan, for CUDA tensors of f32, f16 or bf16 and ungrouped convolutions; `None` where it does not
+/// apply (Candle's own path then runs).
+pub fn product(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Option<Tensor>> {
     let cfg = conv.config();
     let weight = conv.weight();
     if !x.device().is_cuda()
@@ -234,9 +235,5 @@ pub fn forward(x: &Tensor, conv: &candle_nn::Conv2d) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let op = ConvOp { padding: cfg.padding, stride: cfg.stride, dilation: cfg.dilation };
-    let y = x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)?;
-    Ok(Some(match conv.bias() {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
-        None => y,
-    }))
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op).map(Some)
 }

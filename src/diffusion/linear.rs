@@ -66,13 +66,60 @@ impl LinearKernel {
     }
 }
 
+impl LinearKernel {
+    /// `x · wᵀ`, without the bias, as Candle's `Linear` multiplies.
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::Linear::new(self.0.weight().clone(), None).forward(x)
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+
+    /// `forward(x) + residual`; on CUDA the bias and the residual are one pass over the product.
+    pub fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels::available() {
+            let _profile = super::profile::scope("linear");
+            let y = self.product(x)?;
+            if super::cuda_kernels::finish_channels_last(&y, self.bias(), residual)? {
+                return Ok(y);
+            }
+            let y = match self.bias() {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            };
+            return plus(y, residual);
+        }
+        plus(self.forward(x)?, residual)
+    }
+}
+
+fn plus(y: Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
 impl Module for LinearKernel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels::available() {
+            return self.forward_plus(x, None);
+        }
         let _profile = super::profile::scope("linear");
         match self.forward_blas(x)? {
             Some(y) => Ok(y),
             None => self.0.forward(x),
         }
+    }
+}
+
+impl super::adapt::Linear {
+    /// [`LinearKernel::forward_plus`] on the layer `forward` uses now.
+    pub fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.with_current(|kernel| kernel.forward_plus(x, residual))
     }
 }
 

@@ -5,7 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::adapt::{self, Linear};
-use super::conv::{conv2d, Conv2d};
+use super::conv::{conv2d, Conv2d, ConvTail};
 
 use super::group_norm::{group_norm, GroupNorm};
 
@@ -78,34 +78,34 @@ impl ResnetBlock2D {
         })
     }
 
+    /// The additions ride on the convolutions' tails ([`ConvTail`]): the time shift on conv1's, the shortcut
+    /// and the output scale on conv2's, fused into one pass each on CUDA.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let _profile = super::profile::scope("resnet");
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let normed = self.norm1.forward_silu(x)?;
         let time = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => Some(proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?),
+            (Some(proj), Some(temb)) => Some(proj.forward(&temb.silu()?)?),
             _ => None,
         };
-        h = match (self.cfg.time_injection, time) {
-            (TimeInjection::Add, Some(t)) => self.norm2.forward_silu(&h.broadcast_add(&t)?)?,
+        let h = match (self.cfg.time_injection, time) {
             (TimeInjection::ScaleShift, Some(t)) => {
-                let c = self.cfg.out_channels;
+                let h = self.conv1.forward(&normed)?;
+                let (c, t) = (self.cfg.out_channels, t.unsqueeze(2)?.unsqueeze(3)?);
                 let scale = (t.narrow(1, 0, c)? + 1.0)?;
                 let shift = t.narrow(1, c, c)?;
                 self.norm2.forward(&h)?.broadcast_mul(&scale)?.broadcast_add(&shift)?.silu()?
             }
-            (_, None) => self.norm2.forward_silu(&h)?,
+            (_, shift) => {
+                let h = self.conv1.forward_tail(&normed, ConvTail { shift: shift.as_ref(), ..ConvTail::NONE })?;
+                self.norm2.forward_silu(&h)?
+            }
         };
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
-        if self.cfg.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.cfg.output_scale_factor
-        }
+        let tail = ConvTail { shift: None, residual: Some(&shortcut), divisor: self.cfg.output_scale_factor };
+        self.conv2.forward_tail(&h, tail)
     }
 }
 

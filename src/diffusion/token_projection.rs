@@ -78,6 +78,50 @@ pub fn tokens_to_map_plus(tokens: &Tensor, dense: Dense, residual: &Tensor) -> R
     Tensor::from_vec(out, (b, co, h, w), residual.device())
 }
 
+/// [`map_to_tokens`] as tensor operations on any device, for a `weight: [c_out, c_in]` tensor: one batched
+/// product that reads the map transposed (cuBLAS takes the strides; no permute copy), then the bias (in the
+/// fused tail on CUDA). Contiguous `[B, H·W, c_out]` tokens.
+pub fn map_to_tokens_strided(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let mut map = x.contiguous()?.reshape((b, c, h * w))?.transpose(1, 2)?;
+    if !x.device().is_cuda() {
+        // Candle 0.11.1's CPU product folds a batch-invariant right operand into one multiply even when the
+        // left one is transposed, which reads the wrong rows: there the map is laid out as tokens first.
+        map = map.contiguous()?;
+    }
+    let tokens = map.matmul(&weight.t()?.broadcast_left(b)?)?;
+    #[cfg(feature = "cuda")]
+    if super::cuda_kernels::finish_channels_last(&tokens, bias, None)? {
+        return Ok(tokens);
+    }
+    match bias {
+        Some(bias) => tokens.broadcast_add(bias),
+        None => Ok(tokens),
+    }
+}
+
+/// [`tokens_to_map_plus`] as tensor operations on any device, for a `weight: [c_out, c_in]` tensor: one
+/// batched product `weight · tokensᵀ` that writes the map's layout directly, then the bias and the residual
+/// (one fused pass on CUDA).
+pub fn tokens_to_map_plus_strided(
+    tokens: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let (b, co, h, w) = residual.dims4()?;
+    let map = weight.broadcast_left(b)?.matmul(&tokens.contiguous()?.transpose(1, 2)?)?.reshape((b, co, h, w))?;
+    #[cfg(feature = "cuda")]
+    if super::cuda_kernels::finish_channels_first(&map, bias, None, Some(residual), 1.0)? {
+        return Ok(map);
+    }
+    let map = match bias {
+        Some(bias) => map.broadcast_add(&bias.reshape((1, co, 1, 1))?)?,
+        None => map,
+    };
+    map + residual
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +150,10 @@ mod tests {
             let got = map_to_tokens(&x, dense).unwrap();
             let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-5, "map_to_tokens, bias {with_bias}: {err}");
+            let got = map_to_tokens_strided(&x, &weight, with_bias.then_some(&bias)).unwrap();
+            assert!(got.is_contiguous());
+            let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "map_to_tokens_strided, bias {with_bias}: {err}");
 
             // back: tokens [b, hw, c_in] through a [c_out, c_in] layer onto a [b, c_out, h, w] residual
             let tokens = seeded(&[b, h * w, c_in], 4);
@@ -117,8 +165,11 @@ mod tests {
             let want =
                 (projected.reshape((b, h, w, c_out)).unwrap().permute((0, 3, 1, 2)).unwrap() + &residual).unwrap();
             let got = tokens_to_map_plus(&tokens, dense, &residual).unwrap();
-            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-5, "tokens_to_map_plus, bias {with_bias}: {err}");
+            let got = tokens_to_map_plus_strided(&tokens, &weight, with_bias.then_some(&bias), &residual).unwrap();
+            let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "tokens_to_map_plus_strided, bias {with_bias}: {err}");
         }
     }
 
