@@ -351,3 +351,18 @@ fn float16_within_1e2_or_diffusers_own_float16_error() {
     }
     assert!(over_1e2 <= 1, "only tiny-sdxl ddim may exceed 1e-2 in float16");
 }
+
+/// The fused CUDA kernels (`src/diffusion/cuda_kernels/`), whose text only NVRTC sees in a CUDA build,
+/// run on the CPU under a shim (`scripts/gpu/kernels_on_cpu.py`): GroupNorm(+SiLU), GEGLU and the layer
+/// tails against a float64 reference in f32, f16 and bf16, with shrunken grids so every loop wraps.
+#[test]
+fn fused_cuda_kernels_match_float64_on_the_cpu() {
+    if crate::VENDOR_BLAS {
+        return; // nothing here touches the BLAS: parity.rs runs it
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu/kernels_on_cpu.py");
+    let out = std::process::Command::new("python3").arg(script).output().expect("python3 runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("all kernels match"), "{text}");
+}

@@ -158,11 +158,14 @@ section "full-size SDXL UNet, 1024 px, f16; each batch also profiled"
 PROFILE=1 unet sdxl f16 "$XL_LATENT" 1,2,4
 torch_unet sdxl f16 "$XL_LATENT" 1,2,4 --profile
 
-section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both, Candle's own cuDNN calls"
+section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both, Candle's own cuDNN calls; SDXL f16 without the fused kernels"
 SAVE=f16-noflash unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0
 SAVE=f16-nofused unet sd15 f16 "$LATENT" 1 SD_RBEE_FUSED_KERNELS=0
 SAVE=f16-plain unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0 SD_RBEE_FUSED_KERNELS=0
 unet sd15 f16 "$LATENT" 1 SD_RBEE_CUDNN_PLANS=0
+# SDXL is where the gap was (1.87x diffusers in f16, 2026-11-30): the fused layer tails (bias, time shift,
+# residual), GEGLU with the bias, and the transformer projections without permute copies, on and off
+unet sdxl f16 "$XL_LATENT" 1 SD_RBEE_FUSED_KERNELS=0
 
 section "f32 at batch 1 (full f32 on both sides; then TF32 everywhere on both)"
 SAVE=f32 unet sd15 f32 "$LATENT" 1
