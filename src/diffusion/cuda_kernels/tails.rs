@@ -210,7 +210,7 @@ fn apply(y: &Tensor, op: TailOp, terms: Vec<Tensor>, residual: Option<&Tensor>) 
     Ok(true)
 }
 
-/// For a fresh channels-first `y: [B, C, ...]` on CUDA that nothing else holds (a layer's product just
+/// For a fresh contiguous channels-first `y: [B, C, ...]` on CUDA that nothing else holds (a layer's product just
 /// made): `y = (((y + bias[c]) + shift[b, c]) + residual) / divisor` in place, each term only when given
 /// (`bias: [C]`, `shift: [B, C]` or `[1, C]`, `residual` of y's shape). `false` where the kernel does not
 /// apply; `y` is then untouched.
@@ -222,7 +222,13 @@ pub fn finish_channels_first(
     divisor: f64,
 ) -> Result<bool> {
     let dims = y.dims();
-    if !y.device().is_cuda() || !available() || dims.len() < 2 || y.elem_count() == 0 || !takes(y.dtype()) {
+    if !y.device().is_cuda()
+        || !available()
+        || dims.len() < 2
+        || y.elem_count() == 0
+        || !y.is_contiguous()
+        || !takes(y.dtype())
+    {
         return Ok(false);
     }
     let (items, channels) = (dims[0], dims[1]);
@@ -243,7 +249,7 @@ pub fn finish_channels_first(
     apply(y, TailOp { shape, has_bias: bias.is_some() }, terms, residual)
 }
 
-/// For a fresh channels-last `y: [..., C]` on CUDA that nothing else holds: `y = (y + bias[c]) + residual`
+/// For a fresh contiguous channels-last `y: [..., C]` on CUDA that nothing else holds: `y = (y + bias[c]) + residual`
 /// in place, each term only when given. `false` where the kernel does not apply; `y` is then untouched.
 pub fn finish_channels_last(y: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<bool> {
     let channels = y.dims().last().copied().unwrap_or(0);
@@ -252,6 +258,7 @@ pub fn finish_channels_last(y: &Tensor, bias: Option<&Tensor>, residual: Option<
         || channels == 0
         || channels > i32::MAX as usize
         || y.elem_count() == 0
+        || !y.is_contiguous()
         || !takes(y.dtype())
         || bias.is_some_and(|b| !fits(b, y, channels))
         || residual.is_some_and(|r| !fits(r, y, y.elem_count()))
