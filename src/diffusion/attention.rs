@@ -167,20 +167,10 @@ impl GegluFeedForward {
     /// residual on `out`'s tail.
     pub fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let _profile = super::profile::scope("feed_forward");
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels::available() {
-            let gated = self.proj.with_current(|proj| {
-                let product = {
-                    let _profile = super::profile::scope("linear");
-                    proj.product(x)?
-                };
-                super::cuda_kernels::geglu(&product, proj.bias())
-            })?;
-            if let Some(gated) = gated {
-                return self.out.forward_plus(&gated, residual);
-            }
-        }
-        let projected = self.proj.forward(x)?;
+        let projected = match self.project(x)? {
+            Projected::Gated(gated) => return self.out.forward_plus(&gated, residual),
+            Projected::Whole(projected) => projected,
+        };
         if let Some(gated) = super::cpu_geglu::geglu(&projected)? {
             return self.out.forward_plus(&gated, residual);
         }
@@ -189,6 +179,34 @@ impl GegluFeedForward {
         let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
         self.out.forward_plus(&(hidden * gate)?, residual)
     }
+
+    /// `proj(x)`; on CUDA its product goes straight into the fused GEGLU kernel with the bias where that applies.
+    fn project(&self, x: &Tensor) -> Result<Projected> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::cuda_kernels::available() {
+            return self.proj.with_current(|proj| {
+                let product = {
+                    let _profile = super::profile::scope("linear");
+                    proj.product(x)?
+                };
+                Ok(match super::cuda_kernels::geglu(&product, proj.bias())? {
+                    Some(gated) => Projected::Gated(gated),
+                    None => Projected::Whole(match proj.bias() {
+                        Some(bias) => product.broadcast_add(bias)?,
+                        None => product,
+                    }),
+                })
+            });
+        }
+        self.proj.forward(x).map(Projected::Whole)
+    }
+}
+
+/// What [`GegluFeedForward::project`] made: already gated, or the whole `[h | gate]` projection.
+enum Projected {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Gated(Tensor),
+    Whole(Tensor),
 }
 
 /// diffusers' `BasicTransformerBlock` with layer norms: self-attention, cross-attention, GEGLU feed-forward,

@@ -267,8 +267,12 @@ impl Module for ConvKernel {
             }
             Self::Candle(conv) => {
                 #[cfg(feature = "cuda")]
-                if let Some(y) = cuda_forward(conv, x, ConvTail::NONE)? {
-                    return Ok(y);
+                if fuses(x) {
+                    return fused_forward(conv, x, ConvTail::NONE);
+                }
+                #[cfg(feature = "cudnn")]
+                if let Some(y) = super::cudnn_conv::product(x, conv)? {
+                    return add_bias(y, conv);
                 }
                 conv.forward(x)
             }
@@ -308,11 +312,9 @@ impl ConvKernel {
     /// `tail` applied to `forward(x)`; on CUDA the bias and the tail are one pass over the output.
     pub fn forward_tail(&self, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Self::Candle(conv) = self {
+        if let (Self::Candle(conv), true) = (self, fuses(x)) {
             let _profile = super::profile::scope("conv");
-            if let Some(y) = cuda_forward(conv, x, tail)? {
-                return Ok(y);
-            }
+            return fused_forward(conv, x, tail);
         }
         tail.apply(self.forward(x)?)
     }
@@ -325,34 +327,38 @@ impl Conv2d {
     }
 }
 
-/// On CUDA: the product without the bias (cuDNN's cached plan when built with `cudnn`, else Candle's
-/// convolution), then the bias and `tail` in one fused pass (`cuda_kernels::tails`) where the kernels run,
-/// else as separate operations. `None` off CUDA, or where neither cuDNN's plan nor the fused tail applies.
+/// `y + bias` (per channel), as Candle's convolution adds it.
 #[cfg(feature = "cuda")]
-fn cuda_forward(conv: &candle_nn::Conv2d, x: &Tensor, tail: ConvTail) -> Result<Option<Tensor>> {
-    use super::cuda_kernels;
-    if !x.device().is_cuda() {
-        return Ok(None);
+fn add_bias(y: Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
+    match conv.bias() {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(y),
     }
+}
+
+/// Whether a convolution of `x` runs as [`fused_forward`]: on CUDA with the fused kernels on.
+#[cfg(feature = "cuda")]
+fn fuses(x: &Tensor) -> bool {
+    x.device().is_cuda() && super::cuda_kernels::available()
+}
+
+/// On CUDA: the product without the bias (cuDNN's cached plan when built with `cudnn`, else Candle's
+/// convolution), then the bias and `tail` in one fused pass (`cuda_kernels::tails`), or as separate
+/// operations where that pass does not take the shapes.
+#[cfg(feature = "cuda")]
+fn fused_forward(conv: &candle_nn::Conv2d, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
     #[cfg(feature = "cudnn")]
     let product = super::cudnn_conv::product(x, conv)?;
     #[cfg(not(feature = "cudnn"))]
     let product: Option<Tensor> = None;
-    let fused = cuda_kernels::available();
     let y = match product {
         Some(y) => y,
-        None if fused => candle_nn::Conv2d::new(conv.weight().clone(), None, *conv.config()).forward(x)?,
-        None => return Ok(None),
+        None => candle_nn::Conv2d::new(conv.weight().clone(), None, *conv.config()).forward(x)?,
     };
-    let bias = conv.bias();
-    if fused && cuda_kernels::finish_channels_first(&y, bias, tail.shift, tail.residual, tail.divisor)? {
-        return Ok(Some(y));
+    if super::cuda_kernels::finish_channels_first(&y, conv.bias(), tail.shift, tail.residual, tail.divisor)? {
+        return Ok(y);
     }
-    let y = match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
-        None => y,
-    };
-    tail.apply(y).map(Some)
+    tail.apply(add_bias(y, conv)?)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ pub(super) const SOURCE: &str = r#"
 template <class D>
 __device__ void tail_planes(typename D::T *y, const typename D::T *terms, int has_bias, int shift_items,
                             const typename D::T *res, int has_res, long planes, int channels, long inner,
-                            float divisor) {
+                            float scale) {
     for (long p = blockIdx.y; p < planes; p += gridDim.y) {
         long item = p / channels;
         int c = (int)(p - item * channels);
@@ -29,7 +29,7 @@ __device__ void tail_planes(typename D::T *y, const typename D::T *terms, int ha
             if (has_bias) v += bias;
             if (shift_items > 0) v += shift;
             if (has_res) v += D::ld(res, base + j);
-            if (divisor != 1.f) v = v / divisor;
+            if (scale != 1.f) v = v * scale;  // as Candle divides by a scalar: times its reciprocal
             D::st(y, base + j, v);
         }
     }
@@ -52,8 +52,8 @@ __device__ void tail_rows(typename D::T *y, const typename D::T *terms, int has_
 
 #define TAILS(D, name)                                                                                        \
 extern "C" __global__ void tail_planes_##name(D::T *y, const D::T *terms, int has_bias, int shift_items,      \
-        const D::T *res, int has_res, long planes, int channels, long inner, float divisor) {                 \
-    tail_planes<D>(y, terms, has_bias, shift_items, res, has_res, planes, channels, inner, divisor);          \
+        const D::T *res, int has_res, long planes, int channels, long inner, float scale) {                   \
+    tail_planes<D>(y, terms, has_bias, shift_items, res, has_res, planes, channels, inner, scale);            \
 }                                                                                                             \
 extern "C" __global__ void tail_rows_##name(D::T *y, const D::T *terms, int has_bias, const D::T *res,         \
         int has_res, long rows, int channels) {                                                               \
@@ -68,7 +68,7 @@ TAILS(BF16, bf16)
 #[derive(Clone, Copy)]
 enum Shape {
     /// `[B, C, ...]`: `shift_items` rows of per-item shifts follow the bias in the terms.
-    ChannelsFirst { shift_items: usize, divisor: f32 },
+    ChannelsFirst { shift_items: usize, scale: f32 },
     /// `[..., C]`.
     ChannelsLast,
 }
@@ -100,7 +100,7 @@ impl TailOp {
         let dims = y_l.dims();
         let mut y = y.as_cuda_slice_mut::<T>()?.slice_mut(y_start..);
         match self.shape {
-            Shape::ChannelsFirst { shift_items, divisor } => {
+            Shape::ChannelsFirst { shift_items, scale } => {
                 let (planes, channels) = (dims[0] * dims[1], dims[1]);
                 let inner = dims[2..].iter().product::<usize>();
                 let (name, module, ptx) = kernel("tail_planes", T::DTYPE)?;
@@ -109,7 +109,7 @@ impl TailOp {
                     (planes as i64, channels as i32, inner as i64, shift_items as i32);
                 let mut builder = func.builder();
                 builder.arg(&mut y).arg(&terms).arg(&has_bias).arg(&items).arg(res).arg(&has_res);
-                builder.arg(&planes_i).arg(&channels_i).arg(&inner_i).arg(&divisor);
+                builder.arg(&planes_i).arg(&channels_i).arg(&inner_i).arg(&scale);
                 unsafe { builder.launch(rows_launch(planes, inner)) }.map(drop).map_err(launch_error)
             }
             Shape::ChannelsLast => {
@@ -240,12 +240,13 @@ pub fn finish_channels_first(
     if channels > i32::MAX as usize
         || bias.is_some_and(|b| !fits(b, y, channels))
         || shift.is_some_and(|s| !fits(s, y, shift_items * channels))
-        || residual.is_some_and(|r| !fits(r, y, y.elem_count()))
+        || residual.is_some_and(|r| r.dims() != y.dims() || !fits(r, y, y.elem_count()))
     {
         return Ok(false);
     }
     let terms = bias.iter().chain(shift.iter()).map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?;
-    let shape = Shape::ChannelsFirst { shift_items, divisor: divisor as f32 };
+    // `y / d` in Candle is `y * (1 / d)` (an affine op), rounded to f32 once: the same here.
+    let shape = Shape::ChannelsFirst { shift_items, scale: (1.0 / divisor) as f32 };
     apply(y, TailOp { shape, has_bias: bias.is_some() }, terms, residual)
 }
 
@@ -261,7 +262,7 @@ pub fn finish_channels_last(y: &Tensor, bias: Option<&Tensor>, residual: Option<
         || !y.is_contiguous()
         || !takes(y.dtype())
         || bias.is_some_and(|b| !fits(b, y, channels))
-        || residual.is_some_and(|r| !fits(r, y, y.elem_count()))
+        || residual.is_some_and(|r| r.dims() != y.dims() || !fits(r, y, y.elem_count()))
     {
         return Ok(false);
     }
