@@ -183,7 +183,7 @@ impl GegluFeedForward {
     /// `proj(x)`; on CUDA its product goes straight into the fused GEGLU kernel with the bias where that applies.
     fn project(&self, x: &Tensor) -> Result<Projected> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels::available() {
+        if super::cuda_kernels::runs_on(x) {
             return self.proj.with_current(|proj| {
                 let product = {
                     let _profile = super::profile::scope("linear");
@@ -191,10 +191,7 @@ impl GegluFeedForward {
                 };
                 Ok(match super::cuda_kernels::geglu(&product, proj.bias())? {
                     Some(gated) => Projected::Gated(gated),
-                    None => Projected::Whole(match proj.bias() {
-                        Some(bias) => product.broadcast_add(bias)?,
-                        None => product,
-                    }),
+                    None => Projected::Whole(super::layer_tail::finish_rows(product, proj.bias(), None)?),
                 })
             });
         }
@@ -275,9 +272,7 @@ impl Projection {
             }),
         }
     }
-}
 
-impl Projection {
     /// The layer as a `[c_out, c_in]` weight tensor and its bias; `None` for the CPU's direct convolution.
     #[cfg(feature = "cuda")]
     fn matrix(&self) -> Result<Option<(Tensor, Option<Tensor>)>> {
@@ -355,7 +350,7 @@ impl Transformer2D {
         // On the CPU in f32 the projections write the other layout themselves (`token_projection`).
         let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels::available() {
+        if super::cuda_kernels::runs_on(&x) {
             if let (Some((w_in, b_in)), Some((w_out, b_out))) = (self.proj_in.matrix()?, self.proj_out.matrix()?) {
                 let mut tokens = {
                     let _profile = super::profile::scope(self.proj_in.kind());

@@ -11,6 +11,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use super::adapt::{Adaptable, Weighted};
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::layer_tail::ConvTail;
 use super::token_projection::Dense;
 
 /// Images with fewer pixels than this are convolved a whole batch at a time (see [`CpuConv::forward`]).
@@ -267,12 +268,12 @@ impl Module for ConvKernel {
             }
             Self::Candle(conv) => {
                 #[cfg(feature = "cuda")]
-                if fuses(x) {
+                if super::cuda_kernels::runs_on(x) {
                     return fused_forward(conv, x, ConvTail::NONE);
                 }
                 #[cfg(feature = "cudnn")]
                 if let Some(y) = super::cudnn_conv::product(x, conv)? {
-                    return add_bias(y, conv);
+                    return ConvTail::NONE.finish(y, conv.bias());
                 }
                 conv.forward(x)
             }
@@ -280,39 +281,11 @@ impl Module for ConvKernel {
     }
 }
 
-/// What a ResNet adds to a convolution's output after its bias, in diffusers' order: the per-item time
-/// shift `shift: [B, C]` (`TimeInjection::Add`), then a `residual` of the output's shape, then the division
-/// by `divisor` (`output_scale_factor`).
-#[derive(Clone, Copy, Debug)]
-pub struct ConvTail<'a> {
-    pub shift: Option<&'a Tensor>,
-    pub residual: Option<&'a Tensor>,
-    pub divisor: f64,
-}
-
-impl ConvTail<'_> {
-    pub const NONE: ConvTail<'static> = ConvTail { shift: None, residual: None, divisor: 1.0 };
-
-    /// The tail as separate tensor operations over the biased output.
-    fn apply(&self, mut y: Tensor) -> Result<Tensor> {
-        if let Some(shift) = self.shift {
-            y = y.broadcast_add(&shift.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        if let Some(residual) = self.residual {
-            y = (residual + y)?;
-        }
-        if self.divisor != 1.0 {
-            y = (y / self.divisor)?;
-        }
-        Ok(y)
-    }
-}
-
 impl ConvKernel {
     /// `tail` applied to `forward(x)`; on CUDA the bias and the tail are one pass over the output.
     pub fn forward_tail(&self, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let (Self::Candle(conv), true) = (self, fuses(x)) {
+        if let (Self::Candle(conv), true) = (self, super::cuda_kernels::runs_on(x)) {
             let _profile = super::profile::scope("conv");
             return fused_forward(conv, x, tail);
         }
@@ -327,24 +300,8 @@ impl Conv2d {
     }
 }
 
-/// `y + bias` (per channel), as Candle's convolution adds it.
-#[cfg(feature = "cuda")]
-fn add_bias(y: Tensor, conv: &candle_nn::Conv2d) -> Result<Tensor> {
-    match conv.bias() {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
-        None => Ok(y),
-    }
-}
-
-/// Whether a convolution of `x` runs as [`fused_forward`]: on CUDA with the fused kernels on.
-#[cfg(feature = "cuda")]
-fn fuses(x: &Tensor) -> bool {
-    x.device().is_cuda() && super::cuda_kernels::available()
-}
-
 /// On CUDA: the product without the bias (cuDNN's cached plan when built with `cudnn`, else Candle's
-/// convolution), then the bias and `tail` in one fused pass (`cuda_kernels::tails`), or as separate
-/// operations where that pass does not take the shapes.
+/// convolution), then the bias and `tail` ([`ConvTail::finish`]: one fused pass).
 #[cfg(feature = "cuda")]
 fn fused_forward(conv: &candle_nn::Conv2d, x: &Tensor, tail: ConvTail) -> Result<Tensor> {
     #[cfg(feature = "cudnn")]
@@ -355,10 +312,7 @@ fn fused_forward(conv: &candle_nn::Conv2d, x: &Tensor, tail: ConvTail) -> Result
         Some(y) => y,
         None => candle_nn::Conv2d::new(conv.weight().clone(), None, *conv.config()).forward(x)?,
     };
-    if super::cuda_kernels::finish_channels_first(&y, conv.bias(), tail.shift, tail.residual, tail.divisor)? {
-        return Ok(y);
-    }
-    tail.apply(add_bias(y, conv)?)
+    tail.finish(y, conv.bias())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use super::adapt::Weighted;
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::layer_tail::finish_rows;
 use super::token_projection::Dense;
 
 #[derive(Debug, Clone)]
@@ -79,33 +80,18 @@ impl LinearKernel {
     /// `forward(x) + residual`; on CUDA the bias and the residual are one pass over the product.
     pub fn forward_plus(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels::available() {
+        if super::cuda_kernels::runs_on(x) {
             let _profile = super::profile::scope("linear");
-            let y = self.product(x)?;
-            if super::cuda_kernels::finish_channels_last(&y, self.bias(), residual)? {
-                return Ok(y);
-            }
-            let y = match self.bias() {
-                Some(bias) => y.broadcast_add(bias)?,
-                None => y,
-            };
-            return plus(y, residual);
+            return finish_rows(self.product(x)?, self.bias(), residual);
         }
-        plus(self.forward(x)?, residual)
-    }
-}
-
-fn plus(y: Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    match residual {
-        Some(r) => y + r,
-        None => Ok(y),
+        finish_rows(self.forward(x)?, None, residual)
     }
 }
 
 impl Module for LinearKernel {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::cuda_kernels::available() {
+        if super::cuda_kernels::runs_on(x) {
             return self.forward_plus(x, None);
         }
         let _profile = super::profile::scope("linear");

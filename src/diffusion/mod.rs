@@ -19,6 +19,7 @@ pub mod embeddings;
 pub mod group_norm;
 pub mod image;
 pub mod layer_norm;
+pub mod layer_tail;
 pub mod linear;
 pub mod lora;
 pub mod pipeline;

@@ -5,7 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::adapt::{self, Linear};
-use super::conv::{conv2d, Conv2d, ConvTail};
+use super::conv::{conv2d, Conv2d};
+use super::layer_tail::ConvTail;
 
 use super::group_norm::{group_norm, GroupNorm};
 

@@ -13,6 +13,7 @@ use candle_core::{Result, Tensor};
 
 use super::blas::{self, Operand, Update};
 use super::cpu_data::with_f32_data;
+use super::layer_tail::{finish_rows, ConvTail};
 
 /// A 1×1 convolution's or a linear layer's weight (`[c_out, c_in]`, row-major) and bias, as f32 CPU data.
 #[derive(Clone, Copy)]
@@ -89,15 +90,7 @@ pub fn map_to_tokens_strided(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>)
         // left one is transposed, which reads the wrong rows: there the map is laid out as tokens first.
         map = map.contiguous()?;
     }
-    let tokens = map.matmul(&weight.t()?.broadcast_left(b)?)?;
-    #[cfg(feature = "cuda")]
-    if super::cuda_kernels::finish_channels_last(&tokens, bias, None)? {
-        return Ok(tokens);
-    }
-    match bias {
-        Some(bias) => tokens.broadcast_add(bias),
-        None => Ok(tokens),
-    }
+    finish_rows(map.matmul(&weight.t()?.broadcast_left(b)?)?, bias, None)
 }
 
 /// [`tokens_to_map_plus`] as tensor operations on any device, for a `weight: [c_out, c_in]` tensor: one
@@ -111,15 +104,7 @@ pub fn tokens_to_map_plus_strided(
 ) -> Result<Tensor> {
     let (b, co, h, w) = residual.dims4()?;
     let map = weight.broadcast_left(b)?.matmul(&tokens.contiguous()?.transpose(1, 2)?)?.reshape((b, co, h, w))?;
-    #[cfg(feature = "cuda")]
-    if super::cuda_kernels::finish_channels_first(&map, bias, None, Some(residual), 1.0)? {
-        return Ok(map);
-    }
-    let map = match bias {
-        Some(bias) => map.broadcast_add(&bias.reshape((1, co, 1, 1))?)?,
-        None => map,
-    };
-    map + residual
+    ConvTail { residual: Some(residual), ..ConvTail::NONE }.finish(map, bias)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod tails;
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::{bail, DType, Layout, Result};
+use candle_core::{bail, DType, Layout, Result, Tensor};
 
 pub use geglu::geglu;
 pub use group_norm::group_norm;
@@ -73,6 +73,11 @@ fn ptx() -> Option<&'static str> {
 /// Whether the kernels can run: turned on, and compiled.
 pub fn available() -> bool {
     enabled() && ptx().is_some()
+}
+
+/// Whether the fused paths take `t`: it is on CUDA and the kernels can run.
+pub fn runs_on(t: &Tensor) -> bool {
+    t.device().is_cuda() && available()
 }
 
 /// What `CudaDevice::get_or_load_custom_func` takes for kernel `{family}_{dtype}` of the module: its name, the
