@@ -9,6 +9,10 @@ runs both halves and prints the ratios).
       writes a full-size SD 1.5 UNet (860M params, seeded random weights, diffusers naming, ~3.4 GB f32) to
       OUT_DIR the first time (sd-rbee then loads the very same weights), then prints, per batch size, the
       median seconds of one forward pass at 2 × batch rows (classifier-free guidance) and the peak RSS
+  torch_baseline.py random-pipeline --arch sd15|sdxl [--width 512 --height 512] [--steps 20] [--batch 1,4,8]
+          [--dtype f16] [--device cuda]
+      the whole pipeline (text encoders, UNet, VAE) with seeded random weights, built in memory from sd-rbee's
+      built-in configurations: the diffusers half of `sd-rbee bench pipeline --model random:sd15|random:sdxl`
   torch_baseline.py unet --arch sd15|sdxl [--latent N] [--batch 1,2,4] [--dtype f32|f16] [--device cpu|cuda]
       the same for the real SD 1.5 or SDXL UNet built in memory with PyTorch's default (seeded) init: the
       PyTorch half of `sd-rbee bench unet --arch`; `--profile` adds one call timed module by module
@@ -17,7 +21,7 @@ runs both halves and prints the ratios).
 Needs torch and diffusers (pip install torch diffusers transformers safetensors; several GB). Prints one
 `baseline: ...` line per batch size, so a script can read it.
 """
-import argparse, os, resource, statistics, time
+import argparse, contextlib, os, resource, statistics, time
 
 import torch
 
@@ -33,6 +37,22 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4,
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5)
+
+
+# The rest of sd-rbee's built-in configurations (src/diffusion/checkpoint/configs.rs), for whole pipelines with
+# seeded random weights: the VAE, the CLIP text encoders, the scheduler.
+VAE = dict(act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+           up_block_types=("UpDecoderBlock2D",) * 4, in_channels=3, out_channels=3, latent_channels=4,
+           layers_per_block=2, norm_num_groups=32, sample_size=512)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+              projection_dim=768, eos_token_id=49407)
+CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5,
+                  projection_dim=1280, eos_token_id=49407)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
+                 prediction_type="epsilon")
 
 
 def peak_rss_gb():
@@ -66,6 +86,62 @@ def pipeline(a):
         print(f"baseline: diffusers pipeline {os.path.basename(a.path.rstrip('/'))} {a.width}x{a.height} "
               f"images={images} threads={torch.get_num_threads()} median_step_ms={statistics.median(steps) * 1000:.2f} "
               f"median_image_ms={wall * 1000:.1f} images_per_s={images / wall:.3f} peak_rss_gb={peak_rss_gb():.2f}",
+              flush=True)
+
+
+def random_pipeline(a):
+    """The diffusers half of `sd-rbee bench pipeline --model random:ARCH`: the whole pipeline (text encoders,
+    UNet, scheduler, VAE) with PyTorch's seeded default init, built on the device."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizerFast
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    xl = a.arch == "sdxl"
+    tokenizer = lambda pad: CLIPTokenizerFast(tokenizer_file=a.tokenizer, bos_token="<|startoftext|>",
+                                              eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad,
+                                              model_max_length=77)
+    torch.manual_seed(0)
+    with torch.device(a.device):
+        unet = UNet2DConditionModel(**(SDXL if xl else SD15))
+        vae = AutoencoderKL(**VAE, scaling_factor=0.13025 if xl else 0.18215, force_upcast=xl)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        if xl:
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIG_G))
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer("<|endoftext|>"))
+    if xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("!"),
+                                         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER))
+    else:
+        pipe = StableDiffusionPipeline(**parts, scheduler=DDIMScheduler.from_config(SCHEDULER), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(a.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = 5.0 if xl else 7.5
+    for images in a.batch:
+        stamps, walls = [], []
+
+        def cb(p, i, t, kw):  # host stamps, no sync (that would slow diffusers down): on CUDA the host runs
+            stamps.append(time.perf_counter())  # at most a launch queue ahead, so steps still read as the GPU's
+            return kw
+        for run in range(1 + a.runs):  # the first run warms up
+            stamps.clear()
+            gens = [torch.Generator(a.device).manual_seed(i) for i in range(images)]
+            sync(a.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = pipe(["a photograph of an astronaut riding a horse"] * images, negative_prompt=["blurry"] * images,
+                           num_inference_steps=a.steps, guidance_scale=guidance, height=a.height, width=a.width,
+                           generator=gens, callback_on_step_end=cb, output_type="pil")
+            sync(a.device)
+            if run > 0:
+                walls.append(time.perf_counter() - t0)
+            assert len(out.images) == images
+        steps = [b - x for x, b in zip(stamps, stamps[1:])]
+        wall = statistics.median(walls)
+        mem = f" peak_device_gb={torch.cuda.max_memory_reserved() / 1e9:.2f}" if a.device == "cuda" else ""
+        print(f"baseline: diffusers pipeline random:{a.arch} {a.dtype} {a.width}x{a.height} steps={a.steps} "
+              f"images={images} threads={torch.get_num_threads()} median_step_ms={statistics.median(steps) * 1000:.2f} "
+              f"median_image_ms={wall * 1000:.1f} images_per_s={images / wall:.3f} peak_rss_gb={peak_rss_gb():.2f}{mem}",
               flush=True)
 
 
@@ -118,6 +194,19 @@ def profile(unet, call, device):
     return lines + [f"component=total wall_ms={wall * 1e3:.3f} covered_ms={covered * 1e3:.3f}"]
 
 
+@contextlib.contextmanager
+def profiler_window(device):
+    """The timed calls, marked for a profiler attached to the process (cudaProfilerStart/Stop), as sd-rbee
+    bench unet marks its own: scripts/gpu/kernel_census.c counts the kernels inside."""
+    if device == "cuda":
+        torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        if device == "cuda":
+            torch.cuda.profiler.stop()
+
+
 def time_unet(unet, what, latent, a, dtype, device):
     cfg = unet.config
     g = torch.Generator().manual_seed(1234)
@@ -136,11 +225,12 @@ def time_unet(unet, what, latent, a, dtype, device):
                 unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)
             sync(device)
             ts = []
-            for _ in range(a.runs):
-                t0 = time.perf_counter()
-                unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)
-                sync(device)
-                ts.append(time.perf_counter() - t0)
+            with profiler_window(device):
+                for _ in range(a.runs):
+                    t0 = time.perf_counter()
+                    unet(lat, 981, encoder_hidden_states=ehs, added_cond_kwargs=added)
+                    sync(device)
+                    ts.append(time.perf_counter() - t0)
         med = statistics.median(ts)
         mem = (f" peak_device_gb={torch.cuda.max_memory_reserved() / 1e9:.2f}"
                f" peak_allocated_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}") if device == "cuda" else ""
@@ -179,7 +269,7 @@ def unet(a):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["pipeline", "sd15-unet", "unet"])
+    ap.add_argument("what", choices=["pipeline", "random-pipeline", "sd15-unet", "unet"])
     ap.add_argument("path", nargs="?")
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--steps", type=int, default=20); ap.add_argument("--width", type=int, default=96)
@@ -189,6 +279,9 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--tokenizer", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets",
+                                                         "clip-tokenizer.json"),
+                    help="random-pipeline: the CLIP tokenizer.json (sd-rbee's built-in one by default)")
     ap.add_argument("--profile", action="store_true",
                     help="unet: after the timed calls, one call timed module by module (as sd-rbee bench unet --profile)")
     ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
@@ -196,6 +289,6 @@ if __name__ == "__main__":
                          "for both, or for neither")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.what != "unet" and not a.path:
+    if a.what not in ("unet", "random-pipeline") and not a.path:
         ap.error(f"{a.what} needs a path")
-    {"pipeline": pipeline, "sd15-unet": sd15_unet, "unet": unet}[a.what](a)
+    {"pipeline": pipeline, "random-pipeline": random_pipeline, "sd15-unet": sd15_unet, "unet": unet}[a.what](a)

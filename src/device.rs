@@ -144,6 +144,22 @@ pub mod cuda_pool {
     }
 }
 
+/// Runs a benchmark's timed calls `f` inside a window for a profiler attached to the process (`nsys profile
+/// -c cudaProfilerApi`, or `scripts/gpu/kernel_census.c`), the device synchronised first so that no earlier
+/// work falls inside. Off CUDA, or without a profiler, it only runs `f`.
+pub fn in_profiler_window<R>(device: &Device, f: impl FnOnce() -> R) -> candle_core::Result<R> {
+    device.synchronize()?;
+    #[cfg(feature = "cuda")]
+    let _window = match device {
+        Device::Cuda(cuda) => {
+            cuda.cuda_stream().context().bind_to_thread().ok();
+            candle_core::cuda_backend::cudarc::driver::Profiler::new().ok() // stops on drop, after `f`
+        }
+        _ => None,
+    };
+    Ok(f())
+}
+
 /// Pins Candle's CPU thread count for the life of the process.
 ///
 /// Candle asks for its thread count on every matrix multiply, and when `RAYON_NUM_THREADS` is unset it

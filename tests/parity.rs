@@ -366,3 +366,66 @@ fn fused_cuda_kernels_match_float64_on_the_cpu() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("all kernels match"), "{text}");
 }
+
+/// The kernel census the GPU check runs on both sides (`scripts/gpu/kernel_census.c`, a CUPTI injection
+/// library): its aggregation built without CUPTI as a self-test on synthetic records (a window, overlapping
+/// kernels, busy time, name interning), then the roll-up by kind of work (`census_kinds.py`) on rows in the
+/// format the library writes.
+#[test]
+fn kernel_census_aggregates_and_classifies() {
+    if crate::VENDOR_BLAS {
+        return; // nothing here touches the BLAS: parity.rs runs it
+    }
+    let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let program = dir.path().join("census_selftest");
+    let built = std::process::Command::new("gcc")
+        .args(["-O2", "-Wall", "-Werror", "-DCENSUS_SELFTEST", &format!("{scripts}/kernel_census.c"), "-o"])
+        .arg(&program)
+        .output()
+        .expect("gcc runs");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let run = std::process::Command::new(&program).output().expect("the self-test runs");
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{text}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(text.contains("census selftest: ok"), "{text}");
+    assert!(text.contains("census: selftest window=1 rank=1 ms=0.000 share=23.3% calls=2"), "{text}");
+
+    let tsv = dir.path().join("census.tsv");
+    let rows = [
+        ("sd-rbee_sdxl", "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nchwkcrs_nchw", 30.0),
+        ("sd-rbee_sdxl", "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_TNN", 60.0),
+        ("sd-rbee_sdxl", "void flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>(Flash_fwd_params)", 9.0),
+        ("sd-rbee_sdxl", "gn_apply_f16", 3.0),
+        ("sd-rbee_sdxl", "tail_rows_f16", 3.0),
+        ("sd-rbee_sdxl", "ucopy_f16", 6.0),
+        ("sd-rbee_sdxl", "mystery_kernel", 9.0),
+        ("diffusers_sdxl", "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", 6.0),
+        ("diffusers_sdxl", "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>", 3.0),
+    ];
+    let body: String = rows.iter().map(|(label, name, ms)| format!("{label}\t1\t{ms}\t3\t{name}\n")).collect();
+    std::fs::write(&tsv, body).expect("write the rows");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{scripts}/census_kinds.py"))
+        .arg(&tsv)
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("census-kind: {label} window=1 per_call")))
+            .unwrap_or_else(|| panic!("no roll-up for {label}: {text}"))
+    };
+    // per call = ms / 3 calls; shares of the label's 120 ms
+    assert_eq!(
+        line("sd-rbee_sdxl"),
+        "census-kind: sd-rbee_sdxl window=1 per_call_ms=40.00 gemm=20.00ms(50%) conv=10.00ms(25%) \
+         attention=3.00ms(8%) other=3.00ms(8%) copy=2.00ms(5%) norm=1.00ms(2%) elementwise=1.00ms(2%)"
+    );
+    assert!(text.contains("census-kind: sd-rbee_sdxl window=1 other 3.00ms mystery_kernel"), "{text}");
+    assert_eq!(
+        line("diffusers_sdxl"),
+        "census-kind: diffusers_sdxl window=1 per_call_ms=3.00 attention=2.00ms(67%) norm=1.00ms(33%)"
+    );
+}

@@ -11,7 +11,8 @@
 #    on the device they come from the driver and torch's nvidia/* wheels (run.sh finds them).
 # 3. CUTLASS 3.5 headers for the flash-attention kernels: $CUTLASS_DIR, or a clone of the commit
 #    candle-flash-attn 0.11.1 pins (needs GitHub).
-# 4. cargo build --release, strip, xz -9e into .gpu/sd-rbee.xz.
+# 4. cargo build --release, strip, xz -9e into .gpu/sd-rbee.xz; the kernel census library (kernel_census.c) and
+#    CUPTI beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CUDA_WORK=${CUDA_WORK:-$ROOT/target/cuda-toolkit}
@@ -20,11 +21,11 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 CUTLASS_COMMIT=7d49e6c7e2f8896c47f586706e67e1fb215529dc   # CUTLASS 3.5.0, as candle-flash-attn 0.11.1
 
 VENV=$CUDA_WORK/venv
-if ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; then
+if ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/{bin/nvcc,lib/libcupti.so.13} >/dev/null 2>&1; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" \
     "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cublas==13.0.*" "nvidia-curand" \
-    "nvidia-cuda-nvrtc==13.0.*" "nvidia-cudnn-cu13"
+    "nvidia-cuda-nvrtc==13.0.*" "nvidia-cudnn-cu13" "nvidia-cuda-cupti==13.0.*"
 fi
 NV=$(echo "$VENV"/lib/python3*/site-packages/nvidia)
 HOME_DIR=$CUDA_WORK/home
@@ -68,7 +69,11 @@ mkdir -p "$KIT/whl"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 strip -o "$KIT/sd-rbee" target/release/sd-rbee
 xz -9e -T0 -f "$KIT/sd-rbee"
-cp scripts/gpu/run.sh scripts/gpu/parity.py scripts/gpu/torch_bench.py "$KIT/"
+cp scripts/gpu/run.sh scripts/gpu/parity.py scripts/gpu/torch_bench.py scripts/gpu/census_kinds.py "$KIT/"
+# the kernel census (a CUPTI injection library) and CUPTI 13.0 in case the device's Python has none
+gcc -O2 -Wall -shared -fPIC -I"$HOME_DIR/include" scripts/gpu/kernel_census.c -o "$KIT/libkernel_census.so" -ldl -lpthread
+xz -9e -T0 -c "$NV/cu13/lib/libcupti.so.13" > "$KIT/libcupti.so.13.xz"
+xz -9e -T0 -c assets/clip-tokenizer.json > "$KIT/clip-tokenizer.json.xz"   # the diffusers half's random pipeline
 ls "$KIT"/whl/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps -d "$KIT/whl" diffusers==0.42.1
 ls -la "$KIT" "$KIT/whl"
 echo "kit ready: run 'bash .gpu/run.sh' on the device with carry [\".gpu\"]"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # sd-rbee GPU check, one script: library discovery, CUDA parity with diffusers (f32, then f16 with and without
 # flash attention), full-size SD 1.5 (512 px) and SDXL (1024 px) UNets with seeded random weights against
-# diffusers (SDPA) on the same card at batch 1..8, A/B of flash attention and the fused kernels, VAE decode at
-# 2048 px whole and tiled, and the tiny pipelines. Sections are ordered by value; later ones are skipped past BUDGET.
+# diffusers (SDPA) on the same card at batch 1..8, whole images on both sides, a kernel census of both sides
+# (CUPTI), A/B of flash attention and the fused kernels, VAE decode at 2048 px whole and tiled, and the tiny
+# pipelines. Sections are ordered by value; later ones are skipped past BUDGET.
 #   on the device:  bash .gpu/run.sh                    (writes $OUT/log.txt and $OUT/summary.txt)
 #   fake run here:  DEVICE=cpu LATENT=8 EXTRA_LD=... OUT=/tmp/o bash .gpu/run.sh
 set -u
@@ -14,6 +15,8 @@ LATENT=${LATENT:-64}              # full-size UNet latent side
 UNET_RUNS=${UNET_RUNS:-10}
 XL_LATENT=${XL_LATENT:-128}         # SDXL UNet latent side (1024 px)
 VAE_SIZE=${VAE_SIZE:-2048}
+PIPE_SIZE=${PIPE_SIZE:-512}         # whole images' side in pixels, and their steps
+PIPE_STEPS=${PIPE_STEPS:-20}
 BUDGET=${BUDGET:-420}             # seconds; sections (and parity runs) starting later are skipped
 OUT=${OUT:-/tmp/sdr-out}
 W=${WORK:-/tmp/sdr-gpu}
@@ -24,7 +27,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_ROOT
 export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # the driver JIT-compiles Candle's sm_90a PTX once per module; keep that cache for the later processes
 export CUDA_CACHE_PATH=$W/nvcache CUDA_CACHE_MAXSIZE=2147483648
-summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab|unetcheck|profile):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
+summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|gpu|lib|generate|ab|unetcheck|profile|census|census-kind):" "$OUT/log.txt" > "$OUT/summary.txt" 2>/dev/null; }
 trap summary EXIT
 section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
 over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
@@ -75,7 +78,7 @@ PYEOF
 export LD_LIBRARY_PATH=$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 IFS=: read -ra DIRS <<< "$LIBDIRS"
-for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnvrtc-builtins.so.13.0 libcudnn.so.9; do
+for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnvrtc-builtins.so.13.0 libcudnn.so.9 libcupti.so.13; do
   hit=""
   for d in "${DIRS[@]}"; do [ -e "$d/$so" ] && { hit="$d/$so -> $(readlink -f "$d/$so")"; break; }; done
   [ -z "$hit" ] && hit=$(ldconfig -p 2>/dev/null | grep -m1 " $so " | sed 's/.*=> /ldconfig: /')
@@ -158,6 +161,61 @@ section "full-size SDXL UNet, 1024 px, f16; each batch also profiled"
 PROFILE=1 unet sdxl f16 "$XL_LATENT" 1,2,4
 torch_unet sdxl f16 "$XL_LATENT" 1,2,4 --profile
 
+section "whole images, random:sd15 ${PIPE_SIZE} px, ${PIPE_STEPS} steps, f16: sd-rbee at batch 1,4,8, then diffusers at batch 1,4"
+if ! over "bench pipeline random"; then
+  timeout 150 "$BIN" bench pipeline --model random:sd15 --width "$PIPE_SIZE" --height "$PIPE_SIZE" --steps "$PIPE_STEPS" \
+    --runs 2 --batch 1,4,8 --device "$DEVICE" --dtype f16 || echo "FAIL: bench pipeline random:sd15"
+fi
+if ! over "baseline pipeline random"; then
+  # the CLIP tokenizer sd-rbee has built in (the checkout's assets/ stays behind: the tree must fit the carry)
+  $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
+    "$KIT/clip-tokenizer.json.xz" "$W/clip-tokenizer.json"
+  timeout 150 $PY "$ROOT/benches/torch_baseline.py" random-pipeline --arch sd15 --width "$PIPE_SIZE" \
+    --height "$PIPE_SIZE" --steps "$PIPE_STEPS" --runs 2 --batch 1,4 --device "$DEVICE" --dtype f16 \
+    --tokenizer "$W/clip-tokenizer.json" || echo "FAIL: baseline pipeline random:sd15"
+fi
+
+# census SIDE ARCH LATENT IMAGES: three timed f16 calls in one process under the CUPTI kernel census
+# (kernel_census.c): per kernel name, GPU time, launches and share of the window (`census:` lines), every row
+# in $OUT/census.tsv, and a roll-up by kind (`census-kind:` lines) at the end of the section
+census() {
+  local side=$1 arch=$2 latent=$3 images=$4 label="$1 $2 images=$4"
+  over "census $label" && return
+  local env=(CUDA_INJECTION64_PATH="$KIT/libkernel_census.so" SDR_CENSUS_LABEL="${label// /_}" SDR_CENSUS_CALLS=3
+             SDR_CENSUS_OUT="$OUT/census.tsv" SDR_CENSUS_TOP=25)
+  [ -n "$CUPTI" ] && env+=(SDR_CENSUS_CUPTI="$CUPTI")
+  # the timings of these runs carry CUPTI's overhead: relabelled so they are not read as measurements
+  {
+    if [ "$side" = sd-rbee ]; then
+      env "${env[@]}" timeout 120 "$BIN" bench unet --arch "$arch" --latent "$latent" --batch "$images" --runs 3 \
+        --device "$DEVICE" --dtype f16
+    else
+      env "${env[@]}" timeout 150 $PY "$ROOT/benches/torch_baseline.py" unet --arch "$arch" --latent "$latent" \
+        --batch "$images" --runs 3 --device "$DEVICE" --dtype f16
+    fi
+  } 2>&1 | sed -E 's/^(bench|baseline):/census-run \1:/'
+  [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAIL: census $label"
+}
+
+section "kernel census (CUPTI), f16: SDXL 1 image and SD 1.5 8 images, sd-rbee then diffusers"
+# the device's own CUPTI when its Python has one (one copy per process), else the kit's
+have_cupti() {
+  local d
+  for d in "${DIRS[@]}"; do [ -e "$d/libcupti.so.13" ] && return 0; done
+  ldconfig -p 2>/dev/null | grep -q " libcupti.so.13 "
+}
+CUPTI=""
+if ! have_cupti; then
+  CUPTI=$W/libcupti.so.13
+  $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$KIT/libcupti.so.13.xz" "$CUPTI"
+fi
+echo "census: CUPTI ${CUPTI:-from the library path}"
+census sd-rbee sdxl "$XL_LATENT" 1
+census diffusers sdxl "$XL_LATENT" 1
+census sd-rbee sd15 "$LATENT" 8
+census diffusers sd15 "$LATENT" 8
+[ -f "$OUT/census.tsv" ] && timeout 30 $PY "$KIT/census_kinds.py" "$OUT/census.tsv"
+
 section "A/B at batch 1, SD 1.5 f16: without flash attention, without the fused kernels, without both, Candle's own cuDNN calls; SDXL f16 without the fused kernels"
 SAVE=f16-noflash unet sd15 f16 "$LATENT" 1 SD_RBEE_FLASH_ATTN=0
 SAVE=f16-nofused unet sd15 f16 "$LATENT" 1 SD_RBEE_FUSED_KERNELS=0
@@ -198,12 +256,6 @@ for tiled in "" --tiled; do
   over "bench vae $tiled" && continue
   timeout 90 "$BIN" bench vae --arch sd15 --size "$VAE_SIZE" $tiled --device "$DEVICE" --dtype f16 || echo "FAIL: bench vae $tiled"
 done
-
-section "whole images: sd-rbee pipeline random:sd15 512 px, 20 steps, batch 1,4,8 (f16)"
-if ! over "bench pipeline random"; then
-  timeout 150 "$BIN" bench pipeline --model random:sd15 --width 512 --height 512 --steps 20 --runs 2 --batch 1,4,8 \
-    --device "$DEVICE" --dtype f16 || echo "FAIL: bench pipeline random:sd15"
-fi
 
 section "tiny pipelines, both sides"
 for m in tiny-sd15 tiny-sdxl; do for dt in f32 f16; do

@@ -253,7 +253,9 @@ fn unet(b: UnetBench) -> anyhow::Result<()> {
             candle_core::safetensors::save(&std::collections::HashMap::from([("out", out)]), path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
-        let times = (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()?;
+        let times = crate::device::in_profiler_window(&device, || {
+            (0..b.runs).map(|_| call()).collect::<anyhow::Result<Vec<_>>>()
+        })??;
         let med = median(&times);
         let memory = device_memory_note(&device);
         let per_s = images as f64 / med;
