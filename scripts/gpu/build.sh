@@ -9,8 +9,8 @@
 # 2. A CUDA "home" of symlinks over those wheels, plus a stub libcuda.so (soname libcuda.so.1) exporting every
 #    cu* symbol of cuda.h: cudarc links the CUDA libraries dynamically, so the binary needs them at link time;
 #    on the device they come from the driver and torch's nvidia/* wheels (run.sh finds them).
-# 3. CUTLASS 3.5 headers for the flash-attention kernels: $CUTLASS_DIR, or a clone of the commit
-#    candle-flash-attn 0.11.1 pins (needs GitHub).
+# 3. CUTLASS 3.5 headers for the flash-attention kernels: $CUTLASS_DIR, or the commit candle-flash-attn 0.11.1
+#    pins, from a local git copy ($CUTLASS_GIT) or GitHub.
 # 4. cargo build --release, strip, xz -9e into .gpu/sd-rbee.xz; the kernel census library (kernel_census.c) and
 #    CUPTI beside it.
 set -euo pipefail
@@ -48,9 +48,18 @@ ln -sf stubs/libcuda.so "$HOME_DIR/lib64/libcuda.so"
 if [[ ",$FEATURES," == *,flash-attn,* ]]; then
   if [ -z "${CUTLASS_DIR:-}" ]; then
     CUTLASS_DIR=$CUDA_WORK/cutlass
+    # a local git copy holding the pinned commit (the search tool's `fetch github:NVIDIA/cutlass` brings one
+    # where GitHub itself is unreachable), else a clone from GitHub
+    CUTLASS_GIT=${CUTLASS_GIT:-/work/.mirror/NVIDIA+cutlass/repo}
     if [ ! -d "$CUTLASS_DIR/include/cute" ]; then
-      git clone --filter=blob:none --no-checkout https://github.com/NVIDIA/cutlass.git "$CUTLASS_DIR"
-      git -C "$CUTLASS_DIR" checkout "$CUTLASS_COMMIT" -- include tools/util/include
+      if git --git-dir="$CUTLASS_GIT" cat-file -e "$CUTLASS_COMMIT^{commit}" 2>/dev/null; then
+        mkdir -p "$CUTLASS_DIR"
+        git --git-dir="$CUTLASS_GIT" archive "$CUTLASS_COMMIT" include tools/util/include 2>/dev/null \
+          | tar -x -C "$CUTLASS_DIR"
+      else
+        git clone --filter=blob:none --no-checkout https://github.com/NVIDIA/cutlass.git "$CUTLASS_DIR"
+        git -C "$CUTLASS_DIR" checkout "$CUTLASS_COMMIT" -- include tools/util/include
+      fi
     fi
   fi
   export CUTLASS_DIR
