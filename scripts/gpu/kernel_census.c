@@ -4,7 +4,8 @@
 // InitializeInjection), so the same tool measures sd-rbee's binary and PyTorch/diffusers without changing
 // either: `sd-rbee bench unet` and `benches/torch_baseline.py unet` open a profiler window around their timed
 // calls. At each window's end it prints, per kernel name, the GPU time, the launches and the share of the
-// window, the busy time (the union of kernel intervals) and the idle time (launch gaps, host waits):
+// window, the busy time (the union of kernel intervals) and the idle time (launch gaps, host waits); memcpys
+// and memsets count as kernels of their own names:
 //   census: LABEL window=1 wall_ms=... busy_ms=... kernels_ms=... launches=... per_call: ...
 //   census: LABEL window=1 rank=1 ms=... share=...% calls=... avg_us=... grid=... block=... name=...
 // and, with SDR_CENSUS_OUT=FILE, every kernel as a tab-separated row (label, window, ms, calls, name).
@@ -43,6 +44,14 @@ typedef struct {
   size_t slots_cap;
 } Census;
 
+static void *checked(void *p) {
+  if (!p) {
+    fputs("census: ERROR out of memory\n", stderr);
+    abort();
+  }
+  return p;
+}
+
 static uint64_t fnv1a(const char *s) {
   uint64_t h = 1469598103934665603ull;
   for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
@@ -52,7 +61,7 @@ static uint64_t fnv1a(const char *s) {
 static uint32_t census_intern(Census *c, const char *text) {
   if (2 * (c->names_len + 1) > c->slots_cap) {
     size_t cap = c->slots_cap ? 2 * c->slots_cap : 1024;
-    uint32_t *slots = calloc(cap, sizeof(uint32_t));
+    uint32_t *slots = checked(calloc(cap, sizeof(uint32_t)));
     for (size_t i = 0; i < c->names_len; i++) {
       size_t slot = c->hashes[i] & (cap - 1);
       while (slots[slot]) slot = (slot + 1) & (cap - 1);
@@ -61,8 +70,8 @@ static uint32_t census_intern(Census *c, const char *text) {
     free(c->slots);
     c->slots = slots;
     c->slots_cap = cap;
-    c->names = realloc(c->names, cap * sizeof(char *));
-    c->hashes = realloc(c->hashes, cap * sizeof(uint64_t));
+    c->names = checked(realloc(c->names, cap * sizeof(char *)));
+    c->hashes = checked(realloc(c->hashes, cap * sizeof(uint64_t)));
   }
   uint64_t h = fnv1a(text);
   size_t slot = h & (c->slots_cap - 1);
@@ -71,7 +80,7 @@ static uint32_t census_intern(Census *c, const char *text) {
     if (c->hashes[i] == h && strcmp(c->names[i], text) == 0) return i;
   }
   uint32_t i = (uint32_t)c->names_len++;
-  c->names[i] = strdup(text);
+  c->names[i] = checked(strdup(text));
   c->hashes[i] = h;
   c->slots[slot] = i + 1;
   return i;
@@ -83,7 +92,7 @@ static void census_add(Census *c, uint64_t start, uint64_t end, const char *name
                        const int32_t block[3]) {
   if (c->len == c->cap) {
     c->cap = c->cap ? 2 * c->cap : 65536;
-    c->records = realloc(c->records, c->cap * sizeof(Record));
+    c->records = checked(realloc(c->records, c->cap * sizeof(Record)));
   }
   Record *r = &c->records[c->len++];
   r->start = start;
@@ -124,7 +133,7 @@ typedef struct {
 static Summary census_summarise(Census *c, uint64_t begin, uint64_t end) {
   Summary s = {0};
   qsort(c->records, c->len, sizeof(Record), by_start);
-  Row *rows = calloc(c->names_len + 1, sizeof(Row));
+  Row *rows = checked(calloc(c->names_len + 1, sizeof(Row)));
   uint64_t cover_end = begin;
   for (size_t i = 0; i < c->len; i++) {
     const Record *r = &c->records[i];
@@ -221,7 +230,9 @@ int main(void) {
   free(late.rows);
   census_report(&c, stdout, NULL, "selftest", 1, 100, 1000, 2, 2.0);
   census_clear(&c);
-  assert(census_summarise(&c, 0, ~0ull).launches == 0);
+  Summary none = census_summarise(&c, 0, ~0ull);
+  assert(none.launches == 0 && none.rows_len == 0);
+  free(none.rows);
   printf("census selftest: ok\n");
   return 0;
 }
@@ -271,7 +282,7 @@ static const char *error_text(CUptiResult r) {
 
 static void CUPTIAPI buffer_requested(uint8_t **buffer, size_t *size, size_t *max_records) {
   *size = 8 << 20;
-  *buffer = aligned_alloc(8, *size);
+  *buffer = checked(aligned_alloc(8, *size));
   *max_records = 0;
 }
 
@@ -320,10 +331,11 @@ static void stop_window(void) {
   if (!open_window) return;
   uint64_t end = 0;
   CHECK(p_cuptiGetTimestamp(&end));
-  // every kernel of the window has completed (the caller synchronised), so a plain flush delivers them all;
-  // it may run inside a CUPTI callback, as NVIDIA's own injection sample does it
-  CHECK(p_cuptiActivityFlushAll(0));
+  // Collection off, then a forced flush: a plain one may hold back buffers CUPTI still thinks incomplete, and
+  // they would arrive after this report. Forcing is safe because the caller synchronised, so every kernel of
+  // the window has finished. Flushing inside a CUPTI callback is what NVIDIA's own injection sample does.
   for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) CHECK(p_cuptiActivityDisable(kinds[i]));
+  CHECK(p_cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED));
   open_window = 0;
   pthread_mutex_lock(&lock);
   census_report(&census, stderr, tsv, label, ++window, window_begin, end, top, calls_per_window);
@@ -383,7 +395,10 @@ __attribute__((visibility("default"))) int InitializeInjection(void) {
   if ((v = getenv("SDR_CENSUS_CALLS")) && *v) calls_per_window = atof(v);
   if ((v = getenv("SDR_CENSUS_OUT")) && *v && !(tsv = fopen(v, "a")))
     fprintf(stderr, "census: %s ERROR cannot open %s\n", label, v);
-  demangle = (__typeof__(demangle))dlsym(RTLD_DEFAULT, "__cxa_demangle");
+  // a Rust process has no libstdc++ yet at cuInit (cuBLAS and cuDNN bring it later): load it now, so that both
+  // sides' C++ kernel names come out demangled and their rows compare
+  void *cxx = dlopen("libstdc++.so.6", RTLD_NOW | RTLD_GLOBAL);
+  demangle = (__typeof__(demangle))dlsym(cxx ? cxx : RTLD_DEFAULT, "__cxa_demangle");
   if (!load_cupti()) return 1; // the process goes on without a census
   uint32_t version = 0;
   p_cuptiGetVersion(&version);
@@ -401,7 +416,8 @@ __attribute__((visibility("default"))) int InitializeInjection(void) {
                               CUPTI_RUNTIME_TRACE_CBID_cudaProfilerStop_v4000));
   CHECK(p_cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed));
   atexit(at_exit);
-  fprintf(stderr, "census: %s injected (CUPTI %u, demangler %s)\n", label, version, demangle ? "yes" : "no");
+  fprintf(stderr, "census: %s injected (CUPTI %u, built against %u; demangler %s)\n", label, version,
+          (unsigned)CUPTI_API_VERSION, demangle ? "yes" : "no");
   return 1;
 }
 #endif
