@@ -31,6 +31,11 @@ summary() { sleep 1; grep -E "^(parity|bench|baseline|baseline-env|FAIL|section|
 trap summary EXIT
 section() { echo; echo "section: $1 (t=${SECONDS}s)"; }
 over() { if (( SECONDS > BUDGET )); then echo "section: SKIPPED $1 (t=${SECONDS}s > budget ${BUDGET}s)"; return 0; fi; return 1; }
+# unpack SRC DST: the kit's xz files, with xz where the device has it, else Python's lzma
+unpack() {
+  if command -v xz >/dev/null; then xz -dc "$1" > "$2"
+  else "${PY:-python3}" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$1" "$2"; fi
+}
 
 section "environment"
 date -u; uname -r
@@ -87,8 +92,7 @@ done
 
 section "binary"
 BIN=$W/sd-rbee
-if command -v xz >/dev/null; then xz -dc "$KIT/sd-rbee.xz" > "$BIN"
-else $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$KIT/sd-rbee.xz" "$BIN"; fi
+unpack "$KIT/sd-rbee.xz" "$BIN"
 chmod +x "$BIN"
 ls -la "$BIN"
 ldd "$BIN"
@@ -168,8 +172,7 @@ if ! over "bench pipeline random"; then
 fi
 if ! over "baseline pipeline random"; then
   # the CLIP tokenizer sd-rbee has built in (the checkout's assets/ stays behind: the tree must fit the carry)
-  $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
-    "$KIT/clip-tokenizer.json.xz" "$W/clip-tokenizer.json"
+  unpack "$KIT/clip-tokenizer.json.xz" "$W/clip-tokenizer.json"
   timeout 150 $PY "$ROOT/benches/torch_baseline.py" random-pipeline --arch sd15 --width "$PIPE_SIZE" \
     --height "$PIPE_SIZE" --steps "$PIPE_STEPS" --runs 2 --batch 1,4 --device "$DEVICE" --dtype f16 \
     --tokenizer "$W/clip-tokenizer.json" || echo "FAIL: baseline pipeline random:sd15"
@@ -207,7 +210,7 @@ have_cupti() {
 CUPTI=""
 if ! have_cupti; then
   CUPTI=$W/libcupti.so.13
-  $PY -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$KIT/libcupti.so.13.xz" "$CUPTI"
+  unpack "$KIT/libcupti.so.13.xz" "$CUPTI"
 fi
 echo "census: CUPTI ${CUPTI:-from the library path}"
 census sd-rbee sdxl "$XL_LATENT" 1
