@@ -49,7 +49,9 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
     // SAFETY: n is an integer in [-126, 0], so the conversion is exact (and, unlike `as`, needs no
     // saturation or NaN checks, which would keep this loop from vectorising).
     let n = unsafe { n.to_int_unchecked::<i32>() };
-    e * f32::from_bits(((n + 127) as u32) << 23)
+    // Wrapping: n + 127 is in [1, 127] and never overflows, but a checked add (test builds keep overflow
+    // checks) is a branch per element that stops this loop, and every kernel calling it, from vectorising.
+    e * f32::from_bits((n.wrapping_add(127) as u32) << 23)
 }
 
 /// Lanes of the independent accumulators below: wide enough for AVX-512, so reductions vectorise without
