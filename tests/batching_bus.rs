@@ -1,11 +1,12 @@
 //! Cross-job batching end to end, through a real nats-server and `sd-rbee worker` processes: 32 compatible
 //! jobs (tiny SD 1.5, 64 × 64, 20 steps, each its own prompt and seed) queued before the worker starts,
-//! drained with `--max-batch 1` and with `--max-batch 4`, three times each, alternating. The batched worker
-//! must make the same images, report the batch sizes it ran in its heartbeats, and more images per second.
+//! drained with `--max-batch 1` and with `--max-batch 4`, five times each, alternating. The batched worker
+//! must make the same images, report the batch sizes it ran in its heartbeats, and at least 1.2× the images
+//! per second (the figure).
 //!
-//! The images-per-second ratio is printed for each pair and as the median; on the 2-core machine kind it was
-//! 1.03–1.38 per pair (a shared, noisy host), so the assertion is on the median with a floor of 1.1 rather
-//! than the 1.2 the medians of quiet runs show (the README gives the figures and the command).
+//! The ratio is printed for each pair and as the median, which is what is asserted: on the 2-core machine
+//! kind single pairs ranged 1.12–1.41 (a shared, noisy host) and medians of three 1.27–1.37 (2026-12-02; the
+//! README gives the figures and the command).
 
 mod common;
 
@@ -18,6 +19,8 @@ use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, Event, JobKind, JobRequest};
 
 const JOBS: usize = 32;
+/// Drains with each setting, alternating; the median pair is asserted.
+const PAIRS: usize = 5;
 const PROMPTS: [&str; 4] =
     ["a watercolor fox in the snow", "a lighthouse at dusk", "a bowl of ripe pears", "a red bicycle by a wall"];
 
@@ -109,7 +112,7 @@ async fn drain(max_batch: &str) -> Drain {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_job_batches_make_more_images_per_second_and_the_same_images() {
     let mut ratios = Vec::new();
-    for pair in 0..3 {
+    for pair in 0..PAIRS {
         let alone = drain("1").await;
         let batched = drain("4").await;
         let ratio = batched.images_per_s / alone.images_per_s;
@@ -141,7 +144,10 @@ async fn four_job_batches_make_more_images_per_second_and_the_same_images() {
         assert!(changed * 1000 <= values, "{changed} of {values} PNG values differ");
     }
     ratios.sort_by(f64::total_cmp);
-    let median = ratios[1];
+    let median = ratios[PAIRS / 2];
     println!("median images/s ratio, --max-batch 4 over 1: {median:.2}× (pairs: {ratios:.2?})");
-    assert!(median >= 1.1, "batches of 4 made {median:.2}× the images per second of batches of 1 (median of 3 pairs)");
+    assert!(
+        median >= 1.2,
+        "batches of 4 made {median:.2}× the images per second of batches of 1 (median of {PAIRS} pairs)"
+    );
 }

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::{
     invalid, CancelFlag, Conditioning, EncodedPrompts, GenerateError, GeneratedImage, GenerationOutput,
@@ -18,6 +18,9 @@ use super::{
 use crate::diffusion::rng::BatchNoise;
 use crate::diffusion::schedulers::{self, Scheduler, SchedulerKind};
 use crate::diffusion::unet_2d::AddedConditions;
+
+mod decode;
+use decode::Finished;
 
 /// A progress callback that a batch member owns.
 pub type StepCallback<'a> = Box<dyn FnMut(&StepInfo) + 'a>;
@@ -325,6 +328,8 @@ impl StableDiffusion {
         }
         let denoising_ms = ms(loop_start.elapsed());
 
+        let mut finished = Vec::new();
+        let mut decoded = Vec::new();
         for (k, (_, m)) in members.iter().enumerate() {
             let Some(run) = runs[k].take() else { continue };
             let timings = Timings {
@@ -334,7 +339,11 @@ impl StableDiffusion {
                 step_ms: step_ms.clone(),
                 ..Timings::default()
             };
-            results[k] = Some(self.finish_run(m.request, run, timings, m.cancel));
+            finished.push(Finished { request: m.request, run, cancel: m.cancel, timings });
+            decoded.push(k);
+        }
+        for (k, out) in decoded.into_iter().zip(self.finish_runs(finished)) {
+            results[k] = Some(out);
         }
         drop(in_effect);
         results.into_iter().map(|r| r.expect("every member has a result")).collect()
@@ -532,36 +541,6 @@ impl StableDiffusion {
         // GPU work is asynchronous: wait for it so per-step times and progress are real.
         self.device.synchronize()?;
         Ok(())
-    }
-
-    /// Checks and decodes a member's latents.
-    fn finish_run(
-        &self,
-        req: &GenerationRequest,
-        run: Run,
-        mut timings: Timings,
-        cancel: Option<&CancelFlag>,
-    ) -> Result<GenerationOutput, GenerateError> {
-        let total = run.total();
-        if !all_finite(&run.latents)? {
-            return Err(GenerateError::NonFinite { stage: "denoising loop" });
-        }
-        let t0 = Instant::now();
-        let mut images = Vec::with_capacity(run.seeds.len());
-        for (i, &seed) in run.seeds.iter().enumerate() {
-            if cancel.is_some_and(|c| c.is_cancelled()) {
-                return Err(GenerateError::Cancelled { completed: total, total });
-            }
-            let z = run.latents.narrow(0, i, 1)?.to_dtype(self.vae_dtype)?;
-            let pixels = self.vae.decode_to_image(&z, req.vae_tiling)?.to_device(&Device::Cpu)?.squeeze(0)?;
-            if !all_finite(&pixels)? {
-                return Err(GenerateError::NonFinite { stage: "VAE decoder" });
-            }
-            images.push(GeneratedImage { seed, pixels: pixels.to_dtype(DType::F32)? });
-        }
-        timings.decoding_ms = ms(t0.elapsed());
-        timings.total_ms = ms(run.started.elapsed());
-        Ok(GenerationOutput { images, scheduler: run.kind, warnings: run.warnings, timings })
     }
 }
 
