@@ -90,6 +90,10 @@ fn exp_rows_generic(scores: &mut [f32], cols: usize, inv_sums: &mut [f32]) {
         // The last few columns (13 of cross-attention's 77 keys) through one padded vector: one at a time,
         // they cost three times the vectorised rest of the row. The same values, added in the same order.
         let rest = chunks.into_remainder();
+        if rest.is_empty() {
+            *inv = 1.0 / sum;
+            continue;
+        }
         let mut tail = [0f32; LANES];
         tail[..rest.len()].copy_from_slice(rest);
         for t in tail.iter_mut() {

@@ -423,6 +423,11 @@ impl AutoencoderKL {
         Tensor::cat(&rows, 2)
     }
 
+    /// Whether latents `h × w` decode in tiles: as `requested`, else as the config's default.
+    pub fn decodes_in_tiles(&self, h: usize, w: usize, requested: Option<bool>) -> bool {
+        requested.unwrap_or_else(|| self.config.tiles_by_default(h, w))
+    }
+
     /// Pipeline latents → image in [0, 1], as diffusers' pipelines do it (undo scaling / shift / per-channel
     /// statistics, decode, `(x / 2 + 0.5).clamp(0, 1)`), decoding whole or in tiles (`None`: see
     /// [`AutoencoderKLConfig::tiles_by_default`]).
@@ -436,11 +441,7 @@ impl AutoencoderKL {
             _ => (latents / c.scaling_factor)? + c.shift_factor.unwrap_or(0.0),
         }?;
         let (_, _, h, w) = z.dims4()?;
-        let image = if tiled.unwrap_or_else(|| self.config.tiles_by_default(h, w)) {
-            self.decode_raw_tiled(&z)?
-        } else {
-            self.decode_raw(&z)?
-        };
+        let image = if self.decodes_in_tiles(h, w, tiled) { self.decode_raw_tiled(&z)? } else { self.decode_raw(&z)? };
         image.affine(0.5, 0.5)?.clamp(0.0, 1.0)
     }
 

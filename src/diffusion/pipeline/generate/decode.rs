@@ -114,7 +114,7 @@ impl super::StableDiffusion {
     /// Whether a request's images decode in tiles, and how many of them one VAE call takes.
     fn decode_plan(&self, req: &GenerationRequest) -> (bool, usize) {
         let f = self.vae_scale_factor();
-        let tiled = req.vae_tiling.unwrap_or_else(|| self.vae.config().tiles_by_default(req.height / f, req.width / f));
+        let tiled = self.vae.decodes_in_tiles(req.height / f, req.width / f, req.vae_tiling);
         let budget = if self.device.is_cpu() { CPU_DECODE_PIXELS } else { GPU_DECODE_PIXELS };
         let per_call = if tiled { 1 } else { (budget / (req.width * req.height).max(1)).max(1) };
         (tiled, per_call)
