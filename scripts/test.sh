@@ -7,6 +7,7 @@
 # loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/apt-install.sh
 
 TOOLS=target/test-tools
 NATS_VERSION=2.15.1
@@ -33,13 +34,8 @@ fi
 # The CPU's vendor-BLAS path (SD_RBEE_BLAS) is tested on Debian's OpenBLAS, which it loads at run time.
 # (grep reads all of ldconfig's output: with pipefail, `grep -q` would end the pipe early and fail it.)
 if ! PATH="$PATH:/sbin:/usr/sbin" ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0 ' >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing Debian's OpenBLAS (tests/parity_blas.rs loads it through SD_RBEE_BLAS)"
-        apt-get install -y -q libopenblas0 >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libopenblas0 >/dev/null; }
-    else
-        echo "error: the BLAS tests need OpenBLAS: \`sudo apt-get install libopenblas0\`" >&2
-        exit 1
-    fi
+    apt_install libopenblas0 "tests/parity_blas.rs loads it through SD_RBEE_BLAS" \
+        "the BLAS tests need OpenBLAS: \`sudo apt-get install libopenblas0\`"
 fi
 
 # The web UI's end-to-end test drives Chromium with playwright-core from ui/node_modules.

@@ -5,15 +5,11 @@
 # browser of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/apt-install.sh
 
 if [ -z "${CHROMIUM:-}" ] && ! [ -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing Debian's chromium (the UI's end-to-end test drives it)"
-        apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
-    else
-        echo "error: the UI's end-to-end test needs Chromium: \`sudo apt-get install chromium\`, or set CHROMIUM to a browser" >&2
-        exit 1
-    fi
+    apt_install chromium "the UI's end-to-end test drives it" \
+        "the UI's end-to-end test needs Chromium: \`sudo apt-get install chromium\`, or set CHROMIUM to a browser"
 fi
 # The WebAssembly SDK (ui/packages/wasm) is built from crates/wasm for this target.
 if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
