@@ -183,6 +183,26 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// The sizes of a product `a[m, k] · b[k, n]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Where a product goes: `data[row * stride + col]`.
+pub struct Output<'a> {
+    pub data: &'a mut [f32],
+    pub stride: usize,
+}
+
+impl<'a> Output<'a> {
+    pub fn rows(data: &'a mut [f32], stride: usize) -> Self {
+        Self { data, stride }
+    }
+}
+
 /// How the product reaches `c`: `c = alpha · a · b`, or with `accumulate` `c += alpha · a · b`.
 #[derive(Clone, Copy, Debug)]
 pub struct Update {
@@ -202,19 +222,11 @@ impl Update {
     }
 }
 
-/// `c[m, n]` (rows `ldc` apart) receives `a[m, k] · b[k, n]` as `update` says. Runs on the vendor BLAS when one is loaded, else on `gemm`, on up to `threads` threads.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Operand,
-    b: Operand,
-    c: &mut [f32],
-    ldc: usize,
-    update: Update,
-    threads: usize,
-) {
+/// `c[m, n]` receives `a[m, k] · b[k, n]` as `update` says. Runs on the vendor BLAS when one is loaded, else on
+/// `gemm`, on up to `threads` threads.
+pub fn matmul(dims: Dims, a: Operand, b: Operand, c: Output, update: Update, threads: usize) {
+    let Dims { m, n, k } = dims;
+    let Output { data: c, stride: ldc } = c;
     if m == 0 || n == 0 {
         return;
     }
@@ -232,7 +244,7 @@ pub fn matmul(
     );
     let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
     match vendor() {
-        Some(blas) => blas.matmul_split(m, n, k, a, b, c, ldc, update, threads),
+        Some(blas) => blas.matmul_split(dims, a, b, Output::rows(c, ldc), update, threads),
         None => {
             let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
             let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(), b.strides());
@@ -283,19 +295,9 @@ impl Out {
 impl Blas {
     /// Splits the output along its longer side into one block per thread (whole multiples of 16, the width
     /// the libraries' kernels work in) and multiplies each block with one library call.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_split(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Operand,
-        b: Operand,
-        c: &mut [f32],
-        ldc: usize,
-        update: Update,
-        threads: usize,
-    ) {
+    fn matmul_split(&self, dims: Dims, a: Operand, b: Operand, c: Output, update: Update, threads: usize) {
+        let Dims { m, n, k } = dims;
+        let Output { data: c, stride: ldc } = c;
         let split_rows = m > n;
         let long = if split_rows { m } else { n };
         let chunk = long.div_ceil(threads).div_ceil(16) * 16;
@@ -303,12 +305,12 @@ impl Blas {
         let block = |start: usize| {
             let len = chunk.min(long - start);
             let (rows, cols, row, col) = if split_rows { (len, n, start, 0) } else { (m, len, 0, start) };
-            let a_at = a.at(row, 0);
-            let b_at = b.at(0, col);
+            let a = Operand { data: &a.data[a.at(row, 0)..], ..a };
+            let b = Operand { data: &b.data[b.at(0, col)..], ..b };
             // SAFETY: `matmul` checked the whole operands' extents and this block lies inside them; blocks
             // of `c` for different `start`s are disjoint rows or columns.
             unsafe {
-                self.call(rows, cols, k, a, a_at, b, b_at, out.at(row * ldc + col), ldc, update);
+                self.call(Dims { m: rows, n: cols, k }, a, b, out.at(row * ldc + col), ldc, update);
             }
         };
         if threads == 1 || long <= chunk {
@@ -320,21 +322,9 @@ impl Blas {
     }
 
     /// # Safety
-    /// `a.data[a_at..]`, `b.data[b_at..]` and `c` must hold the blocks the sizes and strides describe.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn call(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Operand,
-        a_at: usize,
-        b: Operand,
-        b_at: usize,
-        c: *mut f32,
-        ldc: usize,
-        update: Update,
-    ) {
+    /// `a.data`, `b.data` and `c` (rows `ldc` apart) must hold the matrices the sizes and strides describe.
+    unsafe fn call(&self, dims: Dims, a: Operand, b: Operand, c: *mut f32, ldc: usize, update: Update) {
+        let Dims { m, n, k } = dims;
         let trans = |o: &Operand| if o.transposed { TRANS } else { NO_TRANS };
         let dim = |x: usize| c_int::try_from(x).expect("matrix dimension fits a C int");
         // SAFETY: forwarded from the caller.
@@ -347,9 +337,9 @@ impl Blas {
                 dim(n),
                 dim(k),
                 update.alpha,
-                a.data.as_ptr().add(a_at),
+                a.data.as_ptr(),
                 dim(a.stride),
-                b.data.as_ptr().add(b_at),
+                b.data.as_ptr(),
                 dim(b.stride),
                 if update.accumulate { 1.0 } else { 0.0 },
                 c,
@@ -378,7 +368,7 @@ mod tests {
     /// Every case multiplied by `run` agrees with the schoolbook product: odd sizes, operands wider than the
     /// product (row strides past the used columns), a transposed right-hand side, accumulation, row and
     /// column splits.
-    fn check(run: impl Fn(usize, usize, usize, Operand, Operand, &mut [f32], usize, Update, usize)) {
+    fn check(run: impl Fn(Dims, Operand, Operand, Output, Update, usize)) {
         let cases = [(1, 1, 1), (3, 5, 7), (37, 300, 19), (300, 37, 64), (64, 4224, 96), (513, 17, 130)];
         for (m, n, k) in cases {
             for (transposed, update, threads) in
@@ -391,7 +381,7 @@ mod tests {
                 let b = Operand { data: &b_data, stride: ldb, transposed };
                 let start = filled(m * ldc, 3);
                 let mut c = start.clone();
-                run(m, n, k, a, b, &mut c, ldc, update, threads);
+                run(Dims { m, n, k }, a, b, Output::rows(&mut c, ldc), update, threads);
                 for r in 0..m {
                     for col in 0..ldc {
                         let got = c[r * ldc + col];
@@ -420,14 +410,15 @@ mod tests {
     fn overlapping_output_rows_are_refused() {
         let (a, b, mut c) = (vec![1f32; 4], vec![1f32; 4], vec![0f32; 4]);
         // 2×2 output with rows 1 apart: row 1 would overwrite row 0's second column.
-        matmul(2, 2, 2, Operand::rows(&a, 2), Operand::rows(&b, 2), &mut c, 1, Update::SET, 1);
+        let dims = Dims { m: 2, n: 2, k: 2 };
+        matmul(dims, Operand::rows(&a, 2), Operand::rows(&b, 2), Output::rows(&mut c, 1), Update::SET, 1);
     }
 
     #[test]
     fn a_vendor_blas_split_across_threads_multiplies_the_same() {
         let blas = Blas::open(OPENBLAS)
             .unwrap_or_else(|e| panic!("{e}: install Debian's libopenblas0 (scripts/test.sh does), then rerun"));
-        check(|m, n, k, a, b, c, ldc, update, threads| blas.matmul_split(m, n, k, a, b, c, ldc, update, threads));
+        check(|dims, a, b, c, update, threads| blas.matmul_split(dims, a, b, c, update, threads));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::adapt::{Adaptable, Weighted};
-use super::blas::{self, Operand, Update};
+use super::blas::{self, Dims, Operand, Output, Update};
 use super::cpu_data::with_f32_data;
 use super::layer_tail::ConvTail;
 use super::token_projection::Dense;
@@ -57,7 +57,9 @@ impl CpuConv {
     fn accumulate(&self, lhs: &[f32], src: &[f32], src_row: usize, dst: &mut [f32], dst_row: usize, n: usize) {
         let depth = lhs.len() / self.c_out;
         let (lhs, src) = (Operand::rows(lhs, depth), Operand::rows(src, src_row));
-        blas::matmul(self.c_out, n, depth, lhs, src, dst, dst_row, Update::ADD, candle_core::utils::get_num_threads());
+        let dims = Dims { m: self.c_out, n, k: depth };
+        let threads = candle_core::utils::get_num_threads();
+        blas::matmul(dims, lhs, src, Output::rows(dst, dst_row), Update::ADD, threads);
     }
 
     /// Small images (below [`FOLD_BELOW_PIXELS`]) go through in one multiply per kernel row for the whole

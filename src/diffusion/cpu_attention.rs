@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Result, Tensor};
 
-use super::blas::{self, Operand, Update};
+use super::blas::{self, Dims, Operand, Output, Update};
 use super::cpu_data::with_f32_data;
 use super::simd::widest_simd;
 use rayon::prelude::*;
@@ -123,11 +123,12 @@ fn attend_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: usize, lk: 
         let s = &mut scores[..rows * lk];
         // One thread each: the blocks themselves run in parallel.
         let (q, k_t) = (Operand::rows(q, d), Operand::transposed(k, d));
-        blas::matmul(rows, lk, d, q, k_t, s, lk, Update::scaled(scale), 1);
+        blas::matmul(Dims { m: rows, n: lk, k: d }, q, k_t, Output::rows(s, lk), Update::scaled(scale), 1);
         let mut inv_sums = [0f32; MAX_BLOCK_ROWS];
         let inv_sums = &mut inv_sums[..rows];
         exp_rows(s, lk, inv_sums);
-        blas::matmul(rows, d, lk, Operand::rows(s, lk), Operand::rows(v, d), out, d, Update::SET, 1);
+        let (s, v) = (Operand::rows(s, lk), Operand::rows(v, d));
+        blas::matmul(Dims { m: rows, n: d, k: lk }, s, v, Output::rows(out, d), Update::SET, 1);
         for (row, inv) in out.chunks_exact_mut(d).zip(inv_sums.iter()) {
             row.iter_mut().for_each(|x| *x *= inv);
         }

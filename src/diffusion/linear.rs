@@ -5,7 +5,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 
 use super::adapt::Weighted;
-use super::blas::{self, Operand, Update};
+use super::blas::{self, Dims, Operand, Output, Update};
 use super::cpu_data::with_f32_data;
 use super::layer_tail::finish_rows;
 use super::token_projection::Dense;
@@ -48,17 +48,9 @@ impl LinearKernel {
         with_f32_data(x, |x| {
             with_f32_data(w, |w| {
                 let (x, w) = (Operand::rows(x, in_dim), Operand::transposed(w, in_dim));
-                blas::matmul(
-                    rows,
-                    out_dim,
-                    in_dim,
-                    x,
-                    w,
-                    &mut out,
-                    out_dim,
-                    Update::ADD,
-                    candle_core::utils::get_num_threads(),
-                )
+                let dims = Dims { m: rows, n: out_dim, k: in_dim };
+                let threads = candle_core::utils::get_num_threads();
+                blas::matmul(dims, x, w, Output::rows(&mut out, out_dim), Update::ADD, threads)
             })
         })??;
         let mut shape = dims.to_vec();

@@ -11,7 +11,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::blas::{self, Operand, Update};
+use super::blas::{self, Dims, Operand, Output, Update};
 use super::cpu_data::with_f32_data;
 use super::layer_tail::{finish_rows, ConvTail};
 
@@ -45,7 +45,7 @@ pub fn map_to_tokens(x: &Tensor, dense: Dense) -> Result<Tensor> {
             }
             // a[p, i] = x[i, p] (the map, read transposed); b[i, o] = w[o, i].
             let (a, wt) = (Operand::transposed(xb, hw), Operand::transposed(dense.weight, c));
-            blas::matmul(hw, co, c, a, wt, ob, co, Update::ADD, threads());
+            blas::matmul(Dims { m: hw, n: co, k: c }, a, wt, Output::rows(ob, co), Update::ADD, threads());
         }
     })?;
     Tensor::from_vec(out, (b, hw, co), x.device())
@@ -73,7 +73,7 @@ pub fn tokens_to_map_plus(tokens: &Tensor, dense: Dense, residual: &Tensor) -> R
         for (tb, ob) in t.chunks_exact(hw * c).zip(out.chunks_exact_mut(co * hw)) {
             // a[o, i] = w[o, i]; b[i, p] = tokens[p, i] (read transposed).
             let (wa, tt) = (Operand::rows(dense.weight, c), Operand::transposed(tb, c));
-            blas::matmul(co, hw, c, wa, tt, ob, hw, Update::ADD, threads());
+            blas::matmul(Dims { m: co, n: hw, k: c }, wa, tt, Output::rows(ob, hw), Update::ADD, threads());
         }
     })?;
     Tensor::from_vec(out, (b, co, h, w), residual.device())
