@@ -226,7 +226,6 @@ impl Update {
 /// `gemm`, on up to `threads` threads.
 pub fn matmul(dims: Dims, a: Operand, b: Operand, c: Output, update: Update, threads: usize) {
     let Dims { m, n, k } = dims;
-    let Output { data: c, stride: ldc } = c;
     if m == 0 || n == 0 {
         return;
     }
@@ -237,14 +236,14 @@ pub fn matmul(dims: Dims, a: Operand, b: Operand, c: Output, update: Update, thr
         o.stride >= inner
             && (outer - 1).checked_mul(o.stride).and_then(|x| x.checked_add(inner)).is_some_and(|e| e <= o.data.len())
     };
-    let c_fits = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n)).is_some_and(|e| e <= c.len());
+    let c_fits = (m - 1).checked_mul(c.stride).and_then(|x| x.checked_add(n)).is_some_and(|e| e <= c.data.len());
     assert!(
-        k > 0 && covers(&a, m, k) && covers(&b, k, n) && ldc >= n && c_fits,
+        k > 0 && covers(&a, m, k) && covers(&b, k, n) && c.stride >= n && c_fits,
         "matmul: operands and strides do not describe {m}×{k} · {k}×{n}"
     );
     let threads = if m * n * k >= PARALLEL_WORK { threads.max(1) } else { 1 };
     match vendor() {
-        Some(blas) => blas.matmul_split(dims, a, b, Output::rows(c, ldc), update, threads),
+        Some(blas) => blas.matmul_split(dims, a, b, c, update, threads),
         None => {
             let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
             let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(), b.strides());
@@ -254,9 +253,9 @@ pub fn matmul(dims: Dims, a: Operand, b: Operand, c: Output, update: Update, thr
                     m,
                     n,
                     k,
-                    c.as_mut_ptr(),
+                    c.data.as_mut_ptr(),
                     1,
-                    ldc as isize,
+                    c.stride as isize,
                     update.accumulate,
                     a.data.as_ptr(),
                     a_cs,
@@ -278,12 +277,12 @@ pub fn matmul(dims: Dims, a: Operand, b: Operand, c: Output, update: Update, thr
 
 /// `c`'s base address, shareable across the rayon threads that each write a disjoint block of it.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct OutPtr(*mut f32);
 // SAFETY: the blocks handed to the threads never overlap (see `matmul_split`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
-impl Out {
+impl OutPtr {
     /// # Safety
     /// `offset` must lie inside `c`.
     unsafe fn at(self, offset: usize) -> *mut f32 {
@@ -301,7 +300,7 @@ impl Blas {
         let split_rows = m > n;
         let long = if split_rows { m } else { n };
         let chunk = long.div_ceil(threads).div_ceil(16) * 16;
-        let out = Out(c.as_mut_ptr());
+        let out = OutPtr(c.as_mut_ptr());
         let block = |start: usize| {
             let len = chunk.min(long - start);
             let (rows, cols, row, col) = if split_rows { (len, n, start, 0) } else { (m, len, 0, start) };
