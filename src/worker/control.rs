@@ -62,7 +62,9 @@ const MAX_EARLY_CANCELS: usize = 10_000;
 
 #[derive(Default)]
 struct Jobs {
-    running: HashMap<Uuid, StopHandle>,
+    /// Usually one handle a job; two when JetStream delivered a job again (its acks lost) while its first
+    /// delivery still ran here: a cancel must reach both, and the first to end must not forget the other.
+    running: HashMap<Uuid, Vec<StopHandle>>,
     early_cancels: HashMap<Uuid, Instant>,
     /// The same requests in arrival order, to forget the oldest first in O(1); an entry whose job has
     /// started since is skipped when it comes up.
@@ -94,21 +96,29 @@ impl Control {
         if let Some(reason) = jobs.stopping {
             handle.stop(reason);
         }
-        jobs.running.insert(job_id, handle.clone());
+        jobs.running.entry(job_id).or_default().push(handle.clone());
         Some(handle)
     }
 
-    /// The job ended (in any way).
-    pub fn finish(&self, job_id: Uuid) {
-        self.jobs.lock().unwrap().running.remove(&job_id);
+    /// The delivery of `job_id` that `start` gave `handle` ended (in any way).
+    pub fn finish(&self, job_id: Uuid, handle: &StopHandle) {
+        let mut jobs = self.jobs.lock().unwrap();
+        if let Some(handles) = jobs.running.get_mut(&job_id) {
+            handles.retain(|h| !Arc::ptr_eq(&h.reason, &handle.reason));
+            if handles.is_empty() {
+                jobs.running.remove(&job_id);
+            }
+        }
     }
 
     /// A cancel request: stops the job if it runs here, else remembers it for a while in case the job is
     /// delivered later. Returns whether a running job was stopped.
     pub fn cancel(&self, job_id: Uuid) -> bool {
         let mut jobs = self.jobs.lock().unwrap();
-        if let Some(handle) = jobs.running.get(&job_id) {
-            handle.stop(StopReason::Cancelled);
+        if let Some(handles) = jobs.running.get(&job_id) {
+            for handle in handles {
+                handle.stop(StopReason::Cancelled);
+            }
             return true;
         }
         if jobs.early_cancels.contains_key(&job_id) {
@@ -137,7 +147,7 @@ impl Control {
     pub fn stop_all(&self, reason: StopReason) {
         let mut jobs = self.jobs.lock().unwrap();
         jobs.stopping = Some(reason);
-        for handle in jobs.running.values() {
+        for handle in jobs.running.values().flatten() {
             handle.stop(reason);
         }
     }
@@ -150,8 +160,9 @@ impl Control {
         }
     }
 
+    /// Deliveries running.
     pub fn running(&self) -> usize {
-        self.jobs.lock().unwrap().running.len()
+        self.jobs.lock().unwrap().running.values().map(Vec::len).sum()
     }
 }
 
@@ -171,8 +182,23 @@ mod tests {
         // A later reason does not replace the first.
         assert!(!handle.stop(StopReason::Shutdown));
         assert_eq!(handle.reason(), Some(StopReason::Cancelled));
-        control.finish(a);
+        control.finish(a, &handle);
         assert_eq!(control.state(), WorkerState::Idle);
+
+        // A second delivery of a job still running here: a cancel reaches both, and the first to end leaves
+        // the other registered.
+        let (first, second) = (control.start(b).unwrap(), control.start(b).unwrap());
+        assert_eq!(control.running(), 2);
+        control.finish(b, &first);
+        assert_eq!((control.running(), control.state()), (1, WorkerState::Busy { job_id: b }));
+        let third = control.start(b).unwrap();
+        assert!(control.cancel(b));
+        assert!(second.flag().is_cancelled() && third.flag().is_cancelled());
+        assert!(!first.flag().is_cancelled(), "the ended delivery is not stopped");
+        control.finish(b, &second);
+        control.finish(b, &third);
+        assert_eq!((control.running(), control.state()), (0, WorkerState::Idle));
+        let b = Uuid::new_v4();
 
         assert!(!control.cancel(b));
         assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");

@@ -109,7 +109,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
             tracing::info!(key, "answered from the result cache");
             shared.control.cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             settle(&shared, &model, target, Outcome::Completed { completed, fresh: true }, delivered).await;
-            shared.control.finish(job_id);
+            shared.control.finish(job_id, &stop);
             return;
         }
     }
@@ -124,7 +124,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
     };
     settle(&shared, &model, target, outcome, delivered).await;
     // Busy until the outcome is reported and counted (heartbeats read both).
-    shared.control.finish(job_id);
+    shared.control.finish(job_id, &stop);
 }
 
 /// Logs the outcome, then settles the message by the policy. Returns whether it was dealt with.
