@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -179,7 +180,13 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
     let raw = match stream.get_raw_message(seq).await {
         Ok(m) => m,
         // Already dealt with (by another worker, or an earlier try).
-        Err(_) => return true,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return true,
+        // The server could not say (restarting, electing a leader, overloaded): the job may still sit in
+        // the queue with its deliveries spent, so this advisory is its only way out. Try again later.
+        Err(e) => {
+            tracing::warn!(stream_seq = seq, error = %e, "cannot read an undeliverable job yet");
+            return false;
+        }
     };
     let job_id = crate::bus::job_id_of(&raw.payload, Some(&raw.headers));
     let target = Target::Stored { stream: &stream, seq, payload: raw.payload };
