@@ -79,7 +79,7 @@ pub(super) async fn carry_out(
     }
     if let Some(event) = &plan.event {
         let stored = publish_event(shared, event, delivered).await;
-        if plan.needs_event && !stored {
+        if !stored {
             // Nobody was told: the message comes back and the redelivery reports again.
             return false;
         }

@@ -101,10 +101,10 @@ pub struct Plan {
     pub dead_letter: Option<String>,
     /// Publish the message again as a new message of the work queue (at its end, with fresh deliveries).
     pub requeue: bool,
+    /// The job's report. The counter and the settlement wait for it to be stored: a job nobody heard the end
+    /// of must come round again (a redelivery reports the stored images, the cancel, the expiry or the
+    /// failure again), or its status would wait forever.
     pub event: Option<Event>,
-    /// The counter and the settlement wait for the event to be stored: a `completed` nobody heard of must
-    /// come round again (the redelivery reports the stored images).
-    pub needs_event: bool,
     pub counter: Option<Counter>,
     pub settle: Settle,
     /// The settlement instead of the whole plan when the dead letter or the requeue cannot be done.
@@ -127,7 +127,6 @@ pub fn plan(outcome: Outcome, delivery: Delivery, policy: &RetryPolicy, now: u64
         dead_letter: None,
         requeue: false,
         event: None,
-        needs_event: false,
         counter: None,
         settle,
         fallback: settle,
@@ -145,12 +144,10 @@ pub fn plan(outcome: Outcome, delivery: Delivery, policy: &RetryPolicy, now: u64
         ..quiet(job_id, Settle::Term)
     };
     match outcome {
-        Outcome::Completed { completed, fresh } => Plan {
-            needs_event: true,
-            counter: fresh.then_some(Counter::Done),
-            ..quiet(Some(completed.job_id), Settle::Ack)
+        Outcome::Completed { completed, fresh } => {
+            Plan { counter: fresh.then_some(Counter::Done), ..quiet(Some(completed.job_id), Settle::Ack) }
+                .with_event(Event::Completed(completed))
         }
-        .with_event(Event::Completed(completed)),
         Outcome::Invalid { job_id, error } => {
             let event = job_id.map(|id| Event::Failed(Failed::from_error(id, &error, now)));
             give_up(job_id, error.to_string(), event)
@@ -220,7 +217,6 @@ mod tests {
         event: Option<(&'static str, Option<ErrorCode>)>,
         dead_letter: bool,
         requeue: bool,
-        needs_event: bool,
         counter: Option<Counter>,
         settle: Settle,
         fallback: Settle,
@@ -237,7 +233,6 @@ mod tests {
             }),
             dead_letter: plan.dead_letter.is_some(),
             requeue: plan.requeue,
-            needs_event: plan.needs_event,
             counter: plan.counter,
             settle: plan.settle,
             fallback: plan.fallback,
@@ -260,11 +255,10 @@ mod tests {
         let transient = || Outcome::Transient { job_id: id, code: ErrorCode::Storage, message: "store down".into() };
         let nak = |secs| Settle::Nak(Some(Duration::from_secs(secs)));
         let failed = |code| Some(("failed", Some(code)));
-        let r = |event, dead_letter, requeue, needs_event, counter, settle, fallback| Row {
+        let r = |event, dead_letter, requeue, counter, settle, fallback| Row {
             event,
             dead_letter,
             requeue,
-            needs_event,
             counter,
             settle,
             fallback,
@@ -274,31 +268,31 @@ mod tests {
         #[rustfmt::skip]
         let table: Vec<(&str, Outcome, i64, Row)> = vec![
             ("completed", Outcome::Completed { completed: completed.clone(), fresh: true }, 1,
-                r(Some(("completed", None)), false, false, true, Some(Done), Ack, Ack)),
+                r(Some(("completed", None)), false, false, Some(Done), Ack, Ack)),
             ("already completed", Outcome::Completed { completed, fresh: false }, 2,
-                r(Some(("completed", None)), false, false, true, None, Ack, Ack)),
+                r(Some(("completed", None)), false, false, None, Ack, Ack)),
             ("invalid", Outcome::Invalid { job_id: Some(id), error: invalid.clone() }, 1,
-                r(failed(ErrorCode::InvalidRequest), true, false, false, Some(Failed), Term, RETRY_LATER)),
+                r(failed(ErrorCode::InvalidRequest), true, false, Some(Failed), Term, RETRY_LATER)),
             ("undecodable, no id", Outcome::Invalid { job_id: None, error: ProtocolError::malformed("not a map") }, 1,
-                r(None, true, false, false, Some(Failed), Term, RETRY_LATER)),
+                r(None, true, false, Some(Failed), Term, RETRY_LATER)),
             ("expired", Outcome::Expired { job_id: id }, 1,
-                r(failed(ErrorCode::Timeout), false, false, false, Some(Failed), Term, Term)),
+                r(failed(ErrorCode::Timeout), false, false, Some(Failed), Term, Term)),
             ("cancelled", Outcome::Cancelled { job_id: id, at_step: Some(3) }, 1,
-                r(Some(("cancelled", None)), false, false, false, None, Term, Term)),
+                r(Some(("cancelled", None)), false, false, None, Term, Term)),
             ("timed out", Outcome::TimedOut { job_id: id, at_step: Some(3), deadline: true }, 1,
-                r(failed(ErrorCode::Timeout), false, false, false, Some(Failed), Term, Term)),
+                r(failed(ErrorCode::Timeout), false, false, Some(Failed), Term, Term)),
             ("shutdown", Outcome::Shutdown { job_id: id, at_step: Some(2) }, 2,
-                r(None, false, false, false, None, Nak(None), Nak(None))),
+                r(None, false, false, None, Nak(None), Nak(None))),
             ("shutdown, last delivery", Outcome::Shutdown { job_id: id, at_step: Some(2) }, 3,
-                r(None, false, true, false, None, Term, Nak(None))),
-            ("transient, first delivery", transient(), 1, r(None, false, false, false, None, nak(1), nak(1))),
-            ("transient, second delivery", transient(), 2, r(None, false, false, false, None, nak(5), nak(5))),
+                r(None, false, true, None, Term, Nak(None))),
+            ("transient, first delivery", transient(), 1, r(None, false, false, None, nak(1), nak(1))),
+            ("transient, second delivery", transient(), 2, r(None, false, false, None, nak(5), nak(5))),
             ("transient, last delivery", transient(), 3,
-                r(failed(ErrorCode::Storage), true, false, false, Some(Failed), Term, RETRY_LATER)),
+                r(failed(ErrorCode::Storage), true, false, Some(Failed), Term, RETRY_LATER)),
             ("undeliverable", Outcome::Undeliverable { job_id: Some(id), deliveries: 3 }, 3,
-                r(failed(ErrorCode::Internal), true, false, false, Some(Failed), Term, RETRY_LATER)),
+                r(failed(ErrorCode::Internal), true, false, Some(Failed), Term, RETRY_LATER)),
             ("undeliverable, no id", Outcome::Undeliverable { job_id: None, deliveries: 3 }, 3,
-                r(None, true, false, false, Some(Failed), Term, RETRY_LATER)),
+                r(None, true, false, Some(Failed), Term, RETRY_LATER)),
         ];
         for (name, outcome, n, want) in table {
             let plan = plan(outcome, delivery(n), &policy(), NOW);
