@@ -433,6 +433,45 @@ async fn after_the_server_lost_its_store_new_jobs_go_through() {
     assert_eq!(names(&events).last(), Some(&"completed"));
 }
 
+/// A queued job is taken out of the queue, then its `cancelled` event cannot be stored (the events stream
+/// refuses new messages for longer than the queen waits): the job is still reported cancelled, at once in its
+/// record and on its event stream once that takes messages again, never left `queued` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_cancelled_while_events_are_refused_still_ends_cancelled() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    // No worker (the model is in the catalogue): the job stays queued.
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    let c = client(&queen);
+    let job = c.submit(&tiny(2, 1), None).await.unwrap();
+    assert_eq!(wait_state(&c, job.job_id, "queued").await.status.state.name(), "queued");
+
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let subjects = sd_rbee::protocol::Subjects::new("sd").unwrap();
+    let mut events = js.get_stream(subjects.events_stream()).await.unwrap();
+    // One message (another job's, unreadable: the aggregator skips it) so the stream can be capped at "full".
+    js.publish(subjects.events(Uuid::new_v4()), "filler".into()).await.unwrap().await.unwrap();
+    let open = events.info().await.unwrap().config.clone();
+    let held = events.info().await.unwrap().state.messages as i64;
+    assert!(held > 0);
+    let full =
+        async_nats::jetstream::stream::Config { max_messages: held, discard: DiscardPolicy::New, ..open.clone() };
+    js.update_stream(&full).await.unwrap();
+
+    let r = c.cancel(job.job_id).await.expect("the job left the queue: the cancel is not refused");
+    assert_eq!(r.state, "cancelled");
+    assert_eq!(c.status(job.job_id).await.unwrap().status.state.name(), "cancelled", "the record says so at once");
+    assert_eq!(events.info().await.unwrap().state.messages as i64, held, "no event could be stored yet");
+
+    js.update_stream(&open).await.unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(20), follow(&c, job.job_id))
+        .await
+        .expect("the cancelled event is stored once the stream takes messages again");
+    assert_eq!(names(&events), ["queued", "cancelled"]);
+}
+
 /// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_test_hundreds_of_jobs_complete_exactly_once() {

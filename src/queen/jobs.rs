@@ -431,22 +431,47 @@ impl Jobs {
                     at: protocol::now_millis(),
                     at_step: None,
                 });
-                crate::bus::publish_persistent(
-                    self.bus.jetstream(),
-                    self.bus.subjects().events(id),
-                    crate::bus::msg_id_headers(&format!("{id}:0:cancelled")),
-                    protocol::encode(&event).into(),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|e| JobsError::Unavailable(e.into()))?;
-                if let Ok(Some(updated)) = self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
-                    self.stats.metrics.transition(updated.before, updated.status.state);
-                }
+                self.report_dequeued(status, event).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
         }
         Ok(CancelResponse { job_id: id, state: CancelState::Cancelling })
+    }
+
+    /// Publishes the `cancelled` event of a job taken out of the queue and folds it into its record. The
+    /// job's message is gone, so this event is all that will ever end it: when the bus cannot take it now,
+    /// it is published in the background (the message id makes any repeat one) rather than leave the job
+    /// `queued` for ever.
+    async fn report_dequeued(&self, status: JobStatus, event: Event) {
+        const PATIENCE_NOW: Duration = Duration::from_secs(10);
+        const PATIENCE_LATER: Duration = Duration::from_secs(6 * 3600);
+        let id = status.job_id;
+        let publish = move |jobs: Jobs, event: Event, patience| async move {
+            let subject = jobs.bus.subjects().events(id);
+            let headers = crate::bus::msg_id_headers(&format!("{id}:0:cancelled"));
+            crate::bus::publish_persistent(
+                jobs.bus.jetstream(),
+                subject,
+                headers,
+                protocol::encode(&event).into(),
+                patience,
+            )
+            .await
+        };
+        if let Err(e) = publish(self.clone(), event.clone(), PATIENCE_NOW).await {
+            tracing::warn!(job_id = %id, error = %e, "cannot report the cancel yet; trying on in the background");
+            let (jobs, event) = (self.clone(), event.clone());
+            tokio::spawn(async move {
+                if let Err(e) = publish(jobs, event, PATIENCE_LATER).await {
+                    tracing::error!(job_id = %id, error = %e, "gave up reporting a cancelled job's event");
+                }
+            });
+        }
+        match self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
+            Ok(Some(updated)) => self.stats.metrics.transition(updated.before, updated.status.state),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot record the cancel; its event will"),
+        }
     }
 
     /// Image `n` of a completed job and its content type.
