@@ -126,7 +126,11 @@ impl A1111Request {
                 .ok_or(("sampler_name", format!("{sampler:?} is not one of {}", names.join(", "))))?;
             job.scheduler = Some(ours.to_string());
         }
-        job.num_images = self.batch_size.unwrap_or(1).max(1) * self.n_iter.unwrap_or(1).max(1);
+        let (batch_size, n_iter) = (self.batch_size.unwrap_or(1).max(1), self.n_iter.unwrap_or(1).max(1));
+        job.num_images = batch_size.checked_mul(n_iter).ok_or((
+            "n_iter",
+            format!("batch_size {batch_size} × n_iter {n_iter} is more images than a job can ask"),
+        ))?;
         if let Some(skip) = self.override_settings.get("CLIP_stop_at_last_layers") {
             let skip = skip.as_u64().filter(|s| (1..=12).contains(s));
             job.clip_skip =
@@ -318,6 +322,17 @@ mod tests {
         let random = A1111Request { seed: Some(-1), sampler_index: Some("k_euler_a".into()), ..Default::default() };
         let job = random.to_submission("tiny", false).unwrap();
         assert_eq!((job.seed, job.scheduler.as_deref()), (None, Some("euler_a")));
+    }
+
+    #[test]
+    fn an_image_count_past_u32_is_refused_naming_the_fields() {
+        // 641 × 6,700,417 = 2³² + 1: wrapped, it would ask for one image.
+        let req = A1111Request { batch_size: Some(641), n_iter: Some(6_700_417), ..Default::default() };
+        let (field, message) = req.to_submission("tiny", false).unwrap_err();
+        assert_eq!(field, "n_iter");
+        assert!(message.contains("641") && message.contains("6700417"), "{message}");
+        let fine = A1111Request { batch_size: Some(3), n_iter: Some(5), ..Default::default() };
+        assert_eq!(fine.to_submission("tiny", false).unwrap().num_images, 15);
     }
 
     #[test]
