@@ -244,6 +244,9 @@ pub fn finish_channels_first(
     {
         return Ok(false);
     }
+    if bias.is_none() && shift.is_none() && residual.is_none() && divisor == 1.0 {
+        return Ok(true); // nothing to add: no pass over y
+    }
     let terms = bias.iter().chain(shift.iter()).map(|t| t.flatten_all()).collect::<Result<Vec<_>>>()?;
     // `y / d` in Candle is `y * (1 / d)` (an affine op), rounded to f32 once: the same here.
     let shape = Shape::ChannelsFirst { shift_items, scale: (1.0 / divisor) as f32 };
@@ -265,6 +268,9 @@ pub fn finish_channels_last(y: &Tensor, bias: Option<&Tensor>, residual: Option<
         || residual.is_some_and(|r| r.dims() != y.dims() || !fits(r, y, y.elem_count()))
     {
         return Ok(false);
+    }
+    if bias.is_none() && residual.is_none() {
+        return Ok(true); // a bias-free projection (attention's q, k, v): no pass over y
     }
     let terms = bias.iter().map(|b| b.flatten_all()).collect::<Result<Vec<_>>>()?;
     apply(y, TailOp { shape: Shape::ChannelsLast, has_bias: bias.is_some() }, terms, residual)
