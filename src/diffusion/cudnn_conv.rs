@@ -4,8 +4,9 @@
 //! zeroes a fresh workspace on every call. Under cuDNN 9 the heuristic query alone costs milliseconds (it
 //! plans through the backend engines): on an H200 that was about 3 ms a convolution in f16, 0.25 s of fixed
 //! cost on each SD 1.5 UNet step whatever the batch. Here the descriptors and the algorithm are made once per
-//! (device, dtype, shapes, padding, stride, dilation, TF32) and kept for the thread, and one workspace per
-//! device grows as needed and is reused (the stream orders its uses).
+//! (device, dtype, shapes, padding, stride, dilation, TF32) and kept for the thread, the algorithm (the costly
+//! part) for the process, so a fresh thread (the worker's batches run on a pool's) asks for none again, and one
+//! workspace per device grows as needed and is reused (the stream orders its uses).
 //!
 //! Precision follows PyTorch's: f16 and bf16 run with f32 accumulation on tensor cores (cuDNN's pseudo-half
 //! configuration; Candle accumulates f16 in f16), and f32 runs in full f32 (`CUDNN_FMA_MATH`) unless TF32 is
@@ -15,7 +16,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{
@@ -66,6 +67,12 @@ thread_local! {
     static STATE: RefCell<ThreadState> = RefCell::new(ThreadState::default());
 }
 
+/// The algorithm cuDNN's heuristics chose for each key, shared by every thread.
+fn chosen_algorithms() -> &'static Mutex<HashMap<PlanKey, sys::cudnnConvolutionFwdAlgo_t>> {
+    static CHOSEN: OnceLock<Mutex<HashMap<PlanKey, sys::cudnnConvolutionFwdAlgo_t>>> = OnceLock::new();
+    CHOSEN.get_or_init(Mutex::default)
+}
+
 fn cudnn_error(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuDNN convolution: {e:?}"))
 }
@@ -109,7 +116,15 @@ impl ConvOp {
             .map_err(cudnn_error)?;
         conv.set_math_type(math).map_err(cudnn_error)?;
         let forward = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
-        let algo = forward.pick_algorithm().map_err(cudnn_error)?;
+        let chosen = chosen_algorithms().lock().unwrap_or_else(|e| e.into_inner()).get(key).copied();
+        let algo = match chosen {
+            Some(algo) => algo,
+            None => {
+                let algo = forward.pick_algorithm().map_err(cudnn_error)?;
+                chosen_algorithms().lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), algo);
+                algo
+            }
+        };
         let workspace = forward.get_workspace_size(algo).map_err(cudnn_error)?;
         Ok(Plan { x, w, conv, y, algo, workspace })
     }
