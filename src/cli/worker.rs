@@ -53,7 +53,8 @@ pub struct WorkerArgs {
     /// Nak delays after transient failures, by delivery, comma-separated (the last repeats).
     #[arg(long, default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_duration)]
     pub retry_backoff: Vec<Duration>,
-    /// Longest a job may run when it has no earlier deadline.
+    /// Longest a job may run when it has no earlier deadline, from when its batch starts (a job that waits this
+    /// long here without starting is handed to another worker).
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub job_timeout: Duration,
     /// After SIGTERM, how long running jobs may finish before they are handed to other workers.

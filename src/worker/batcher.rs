@@ -25,6 +25,8 @@ pub struct Ticket {
     pub cancel: CancelFlag,
     pub on_step: Box<dyn FnMut(&StepInfo) + Send>,
     pub done: oneshot::Sender<Result<GenerationOutput, GenerateError>>,
+    /// Told when the ticket's batch starts (the job's time limit counts from then).
+    pub started: Option<oneshot::Sender<()>>,
     /// The job's priority: the highest waiting leads the next batch.
     pub priority: Priority,
 }
@@ -230,6 +232,11 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
 
 /// Runs one batch on this (blocking) thread and hands every ticket its result.
 fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
+    for ticket in batch.iter_mut() {
+        if let Some(started) = ticket.started.take() {
+            let _ = started.send(());
+        }
+    }
     let model = batch[0].model.clone();
     let slept = Cell::new(0usize);
     let results = {

@@ -85,7 +85,8 @@ pub struct WorkerConfig {
     pub streams: StreamSettings,
     /// Nak delays for transient failures, by delivery (the last one repeats).
     pub retry_backoff: Vec<Duration>,
-    /// Longest a job may run when it has no earlier deadline.
+    /// Longest a job may run when it has no earlier deadline, from when its batch starts (one that waits this
+    /// long without starting is handed to another worker).
     pub job_timeout: Duration,
     /// How long running jobs may finish after a shutdown signal.
     pub grace: Duration,

@@ -22,6 +22,9 @@ pub enum StopReason {
     Timeout = 2,
     /// The worker is shutting down and the grace period is over: hand the job to another worker.
     Shutdown = 3,
+    /// The job waited on this worker for its time limit without starting (behind other batches): hand it to
+    /// another worker, as at shutdown, rather than fail a job that never ran.
+    Unstarted = 4,
 }
 
 /// Stops one running job between two denoising steps.
@@ -44,6 +47,7 @@ impl StopHandle {
             1 => Some(StopReason::Cancelled),
             2 => Some(StopReason::Timeout),
             3 => Some(StopReason::Shutdown),
+            4 => Some(StopReason::Unstarted),
             _ => None,
         }
     }

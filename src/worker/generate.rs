@@ -48,7 +48,9 @@ impl Failure {
             Failure::Stopped { reason: StopReason::Timeout, at_step } => {
                 Outcome::TimedOut { job_id, at_step, deadline: job.stop_at().is_some() }
             }
-            Failure::Stopped { reason: StopReason::Shutdown, at_step } => Outcome::Shutdown { job_id, at_step },
+            Failure::Stopped { reason: StopReason::Shutdown | StopReason::Unstarted, at_step } => {
+                Outcome::Shutdown { job_id, at_step }
+            }
             Failure::Transient { code, message } => Outcome::Transient { job_id, code, message },
         }
     }
@@ -215,6 +217,7 @@ pub(super) async fn generate_and_store(
         });
     };
     let (done, result) = tokio::sync::oneshot::channel();
+    let (started_tx, batch_started) = tokio::sync::oneshot::channel();
     shared.batcher.submit(Ticket {
         model: loaded.clone(),
         request: prepared.request.clone(),
@@ -222,18 +225,21 @@ pub(super) async fn generate_and_store(
         cancel: stop.flag().clone(),
         on_step: Box::new(on_step),
         done,
+        started: Some(started_tx),
         priority: job.priority,
     });
 
-    // Forward progress while it runs; stop it at the deadline or the worker's time limit.
-    let limit = {
-        let own = shared.config.job_timeout;
-        let to_deadline = job.stop_at().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
-        to_deadline.map_or(own, |d| d.min(own))
-    };
-    let timer = tokio::time::sleep(limit);
+    // Forward progress while it runs; stop it at the deadline or the worker's time limit. That limit is on
+    // running: it counts from when the job's batch starts, not while it waits behind other batches here (a
+    // worker holds several jobs to fill its batches). A job that waits that long without starting is handed
+    // to another worker instead: it never ran, so nothing failed.
+    let own = shared.config.job_timeout;
+    let limit = || job.stop_at().map_or(own, |d| Duration::from_millis(d.saturating_sub(now_millis())).min(own));
+    let timer = tokio::time::sleep(limit());
     tokio::pin!(timer);
     tokio::pin!(result);
+    tokio::pin!(batch_started);
+    let mut running = false;
     let mut last_step = None;
     let result = loop {
         tokio::select! {
@@ -247,8 +253,21 @@ pub(super) async fn generate_and_store(
                 publish_progress(shared, job.id, &step, delivered).await;
             }
             res = &mut result => break res,
+            begun = &mut batch_started, if !running => {
+                running = true;
+                if begun.is_ok() {
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit());
+                }
+            }
             _ = &mut timer, if stop.reason().is_none() => {
-                stop.stop(StopReason::Timeout);
+                // (a few ms of slack: the timer was set in whole milliseconds)
+                let past_deadline = job.stop_at().is_some_and(|d| now_millis() + 10 >= d);
+                if running || past_deadline {
+                    stop.stop(StopReason::Timeout);
+                } else {
+                    tracing::warn!(job_id = %job.id, waited = ?own, "the job did not start here within the time limit");
+                    stop.stop(StopReason::Unstarted);
+                }
             }
         }
     };
