@@ -612,15 +612,15 @@ async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
 }
 
 /// The worker's time limit is on running: a job waiting here behind other batches is not timed out for it, and
-/// one that waits a whole limit without starting is handed to another worker (here the same one, later), not
-/// failed. Three jobs that cannot share a batch (their step counts differ), each running about 1.2-1.5 s of a
-/// 2 s limit, one after another: the second waits about 1.5 s, the third past 2 s.
+/// one that waits a whole limit without starting is handed back and tried again (here by the same worker,
+/// after the retry backoff), not failed. Three jobs that cannot share a batch (their step counts differ), each
+/// running 1.5-2.1 s of a 3 s limit, one after another: the second waits up to 2.1 s, the third at least 3.3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_time_limit_counts_from_a_jobs_start_and_a_job_that_cannot_start_is_handed_back() {
     let nats = NatsServer::start();
     let store = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", store.path().display());
-    let flags = ["--step-delay", "200ms", "--job-timeout", "2s", "--max-batch", "2"];
+    let flags = ["--step-delay", "300ms", "--job-timeout", "3s", "--max-batch", "2"];
     let _worker = WorkerProcess::start("w-wait", &nats.url(), &store_url, &[], &flags);
     let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
     let jobs: Vec<JobRequest> = [7, 6, 5].into_iter().map(|steps| tiny_job(steps, 80 + u64::from(steps))).collect();

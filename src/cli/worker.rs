@@ -54,7 +54,7 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "1s,5s,30s", value_delimiter = ',', value_parser = parse_duration)]
     pub retry_backoff: Vec<Duration>,
     /// Longest a job may run when it has no earlier deadline, from when its batch starts (a job that waits this
-    /// long here without starting is handed to another worker).
+    /// long here without starting is retried, like a transient failure).
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub job_timeout: Duration,
     /// After SIGTERM, how long running jobs may finish before they are handed to other workers.

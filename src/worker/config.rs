@@ -86,7 +86,7 @@ pub struct WorkerConfig {
     /// Nak delays for transient failures, by delivery (the last one repeats).
     pub retry_backoff: Vec<Duration>,
     /// Longest a job may run when it has no earlier deadline, from when its batch starts (one that waits this
-    /// long without starting is handed to another worker).
+    /// long without starting is retried, like a transient failure).
     pub job_timeout: Duration,
     /// How long running jobs may finish after a shutdown signal.
     pub grace: Duration,

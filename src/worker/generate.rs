@@ -48,9 +48,14 @@ impl Failure {
             Failure::Stopped { reason: StopReason::Timeout, at_step } => {
                 Outcome::TimedOut { job_id, at_step, deadline: job.stop_at().is_some() }
             }
-            Failure::Stopped { reason: StopReason::Shutdown | StopReason::Unstarted, at_step } => {
-                Outcome::Shutdown { job_id, at_step }
-            }
+            Failure::Stopped { reason: StopReason::Shutdown, at_step } => Outcome::Shutdown { job_id, at_step },
+            // Retried (after the backoff, by any worker) like a transient failure, and failed only when no
+            // delivery could start it: handed back without end, a job that never gets a turn would never end.
+            Failure::Stopped { reason: StopReason::Unstarted, .. } => Outcome::Transient {
+                job_id,
+                code: ErrorCode::Timeout,
+                message: "the job waited the worker's whole time limit without starting".into(),
+            },
             Failure::Transient { code, message } => Outcome::Transient { job_id, code, message },
         }
     }
@@ -232,7 +237,7 @@ pub(super) async fn generate_and_store(
     // Forward progress while it runs; stop it at the deadline or the worker's time limit. That limit is on
     // running: it counts from when the job's batch starts, not while it waits behind other batches here (a
     // worker holds several jobs to fill its batches). A job that waits that long without starting is handed
-    // to another worker instead: it never ran, so nothing failed.
+    // back to be tried again, by any worker, after the retry backoff: it never ran, so it has not failed yet.
     let own = shared.config.job_timeout;
     let limit = || job.stop_at().map_or(own, |d| Duration::from_millis(d.saturating_sub(now_millis())).min(own));
     let timer = tokio::time::sleep(limit());

@@ -153,7 +153,7 @@ fn log(outcome: &Outcome, delivered: Delivery) {
         Outcome::Cancelled { job_id, at_step } => tracing::info!(%job_id, ?at_step, "job cancelled"),
         Outcome::TimedOut { job_id, at_step, .. } => tracing::warn!(%job_id, ?at_step, "the job ran out of time"),
         Outcome::Shutdown { job_id, at_step } => {
-            tracing::warn!(%job_id, ?at_step, "handing the job to another worker")
+            tracing::warn!(%job_id, ?at_step, "shutting down: handing the job to another worker")
         }
         Outcome::Transient { job_id, code, message } => {
             tracing::warn!(%job_id, delivery = delivered.n, "{code}: {message}")

@@ -66,8 +66,7 @@ pub enum Outcome {
     Cancelled { job_id: Uuid, at_step: Option<u32> },
     /// It ran past its deadline (`deadline`: true) or the worker's time limit.
     TimedOut { job_id: Uuid, at_step: Option<u32>, deadline: bool },
-    /// Handed to another worker: this one shut down and the grace period ran out, or it could not start the
-    /// job within its time limit.
+    /// The worker shut down and the grace period ran out.
     Shutdown { job_id: Uuid, at_step: Option<u32> },
     /// It may succeed later or elsewhere (storage down, a device error).
     Transient { job_id: Uuid, code: ErrorCode, message: String },
