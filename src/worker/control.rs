@@ -22,8 +22,8 @@ pub enum StopReason {
     Timeout = 2,
     /// The worker is shutting down and the grace period is over: hand the job to another worker.
     Shutdown = 3,
-    /// The job waited on this worker for its time limit without starting (behind other batches): hand it to
-    /// another worker, as at shutdown, rather than fail a job that never ran.
+    /// The job waited on this worker for its time limit without starting (behind other batches): hand it back
+    /// to be tried again (a transient failure) rather than fail a job that never ran.
     Unstarted = 4,
 }
 
@@ -58,7 +58,8 @@ impl StopHandle {
     }
 }
 
-/// How long a cancel request for a job this worker has not seen is remembered.
+/// How long a cancel request is remembered (for a job this worker has not seen yet, or one that may be
+/// delivered again: its `cancelled` report lost).
 const EARLY_CANCEL_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// The most such requests remembered.
@@ -70,8 +71,8 @@ struct Jobs {
     /// delivery still ran here: a cancel must reach both, and the first to end must not forget the other.
     running: HashMap<Uuid, Vec<StopHandle>>,
     early_cancels: HashMap<Uuid, Instant>,
-    /// The same requests in arrival order, to forget the oldest first in O(1); an entry whose job has
-    /// started since is skipped when it comes up.
+    /// The same requests in arrival order, to forget the oldest first in O(1); an entry asked again since
+    /// is skipped when it comes up.
     early_order: VecDeque<(Uuid, Instant)>,
     /// Set when the grace period ends: a job starting now is stopped at once.
     stopping: Option<StopReason>,
@@ -90,10 +91,11 @@ pub struct Control {
 }
 
 impl Control {
-    /// Registers a job that starts running. `None` if a cancel request for it arrived earlier.
+    /// Registers a job that starts running. `None` if a cancel request for it arrived earlier (on every
+    /// delivery of it while the request is remembered).
     pub fn start(&self, job_id: Uuid) -> Option<StopHandle> {
         let mut jobs = self.jobs.lock().unwrap();
-        if jobs.early_cancels.remove(&job_id).is_some() {
+        if jobs.early_cancels.get(&job_id).is_some_and(|at| at.elapsed() < EARLY_CANCEL_TTL) {
             return None;
         }
         let handle = StopHandle::default();
@@ -115,18 +117,17 @@ impl Control {
         }
     }
 
-    /// A cancel request: stops the job if it runs here, else remembers it for a while in case the job is
-    /// delivered later. Returns whether a running job was stopped.
+    /// A cancel request: stops the job if it runs here, and remembers it for a while in case the job is
+    /// delivered (again) later. Returns whether a running job was stopped.
     pub fn cancel(&self, job_id: Uuid) -> bool {
         let mut jobs = self.jobs.lock().unwrap();
-        if let Some(handles) = jobs.running.get(&job_id) {
-            for handle in handles {
-                handle.stop(StopReason::Cancelled);
-            }
-            return true;
+        let handles = jobs.running.get(&job_id);
+        for handle in handles.into_iter().flatten() {
+            handle.stop(StopReason::Cancelled);
         }
+        let running = handles.is_some();
         if jobs.early_cancels.contains_key(&job_id) {
-            return false;
+            return running;
         }
         let now = Instant::now();
         // Anyone on the bus can send cancel requests: a flood of them for random ids must not grow the
@@ -144,7 +145,7 @@ impl Control {
         }
         jobs.early_cancels.insert(job_id, now);
         jobs.early_order.push_back((job_id, now));
-        false
+        running
     }
 
     /// Stops every running job for `reason` (shutdown).
@@ -188,6 +189,7 @@ mod tests {
         assert_eq!(handle.reason(), Some(StopReason::Cancelled));
         control.finish(a, &handle);
         assert_eq!(control.state(), WorkerState::Idle);
+        assert!(control.start(a).is_none(), "a cancelled job delivered again (its report lost) does not start");
 
         // A second delivery of a job still running here: a cancel reaches both, and the first to end leaves
         // the other registered.
@@ -206,7 +208,7 @@ mod tests {
 
         assert!(!control.cancel(b));
         assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");
-        assert!(control.start(b).is_some(), "the early cancel is used once");
+        assert!(control.start(b).is_none(), "nor on a later delivery");
 
         // A flood of cancels for jobs never seen stays bounded, the newest remembered.
         let first = Uuid::new_v4();
