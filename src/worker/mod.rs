@@ -345,6 +345,9 @@ async fn cancel_listener(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// The most times one max-deliveries advisory is tried.
+const MAX_ADVISORY_TRIES: i64 = 720;
+
 /// JetStream's advisories for jobs that reached `max_deliver` without settling, from the stream that keeps
 /// them (so one sent while no worker ran is handled when one starts). Any worker can handle any model's.
 async fn undeliverable_listener(shared: Arc<Shared>) {
@@ -380,8 +383,14 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                     },
                     Err(_) => true,
                 };
+                // Tried every 5 s or more for at least an hour: an error that lasts that long is not the
+                // server's passing trouble, and retrying it for ever would only repeat its warning.
+                let tries = msg.info().map_or(1, |i| i.delivered);
                 let kind = if handled {
                     jetstream::AckKind::Ack
+                } else if tries >= MAX_ADVISORY_TRIES {
+                    tracing::error!(tries, "giving up on a max-deliveries advisory that could not be handled");
+                    jetstream::AckKind::Term
                 } else {
                     jetstream::AckKind::Nak(Some(Duration::from_secs(5)))
                 };
