@@ -134,17 +134,11 @@ async fn settle(shared: &Shared, model: &str, target: Target<'_>, outcome: Outco
     let retry =
         RetryPolicy { max_deliver: shared.config.consumer.max_deliver, backoff: shared.config.retry_backoff.clone() };
     let plan = policy::plan(outcome, delivered, &retry, now_millis());
-    // A job that ends here (not handed back or requeued) has no further use for its checkpoint, once the end
-    // is settled: one whose report could not be stored comes round again and may still resume from it.
-    let ends = match (plan.job_id, plan.requeue, plan.settle) {
-        (Some(job_id), false, Settle::Ack | Settle::Term) => Some(job_id),
-        _ => None,
-    };
-    let settled = effects::carry_out(shared, model, target, plan, delivered).await;
-    if let (true, Some(job_id)) = (settled, ends) {
+    // The job ends here, not handed back or requeued: its checkpoint has no further use.
+    if let (Some(job_id), false, Settle::Ack | Settle::Term) = (plan.job_id, plan.requeue, plan.settle) {
         super::resume::discard(shared, job_id).await;
     }
-    settled
+    effects::carry_out(shared, model, target, plan, delivered).await
 }
 
 fn log(outcome: &Outcome, delivered: Delivery) {
