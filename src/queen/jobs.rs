@@ -443,26 +443,12 @@ impl Jobs {
     /// it is published in the background (the message id makes any repeat one) rather than leave the job
     /// `queued` for ever.
     async fn report_dequeued(&self, status: JobStatus, event: Event) {
-        const PATIENCE_NOW: Duration = Duration::from_secs(10);
-        const PATIENCE_LATER: Duration = Duration::from_secs(6 * 3600);
         let id = status.job_id;
-        let publish = move |jobs: Jobs, event: Event, patience| async move {
-            let subject = jobs.bus.subjects().events(id);
-            let headers = crate::bus::msg_id_headers(&format!("{id}:0:cancelled"));
-            crate::bus::publish_persistent(
-                jobs.bus.jetstream(),
-                subject,
-                headers,
-                protocol::encode(&event).into(),
-                patience,
-            )
-            .await
-        };
-        if let Err(e) = publish(self.clone(), event.clone(), PATIENCE_NOW).await {
+        if let Err(e) = self.publish_dequeued(&event, Duration::from_secs(10)).await {
             tracing::warn!(job_id = %id, error = %e, "cannot report the cancel yet; trying on in the background");
             let (jobs, event) = (self.clone(), event.clone());
             tokio::spawn(async move {
-                if let Err(e) = publish(jobs, event, PATIENCE_LATER).await {
+                if let Err(e) = jobs.publish_dequeued(&event, Duration::from_secs(6 * 3600)).await {
                     tracing::error!(job_id = %id, error = %e, "gave up reporting a cancelled job's event");
                 }
             });
@@ -472,6 +458,16 @@ impl Jobs {
             Ok(None) => {}
             Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot record the cancel; its event will"),
         }
+    }
+
+    /// Publishes `event`, the `cancelled` of a job the queen took out of the queue, trying for `patience`.
+    async fn publish_dequeued(&self, event: &Event, patience: Duration) -> Result<(), crate::bus::PublishError> {
+        let id = event.job_id();
+        let headers = crate::bus::msg_id_headers(&format!("{id}:0:cancelled"));
+        let payload = protocol::encode(event).into();
+        crate::bus::publish_persistent(self.bus.jetstream(), self.bus.subjects().events(id), headers, payload, patience)
+            .await
+            .map(drop)
     }
 
     /// Image `n` of a completed job and its content type.
