@@ -10,8 +10,8 @@ use hf_hub::Cache;
 
 use super::cache::CachedRepo;
 use super::model_ref::{validate_repo_id, validate_revision};
-use super::online::{hub_api, repo_info, RepoInfoError};
 use super::options::HubOptions;
+use super::transfer::{HubClient, HubError};
 
 /// The file diffusers' `save_lora_weights` writes.
 const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
@@ -86,14 +86,14 @@ fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std:
     if opts.offline {
         return cached(&cache, lora).map_err(Refused);
     }
-    let api = hub_api(&cache, opts, endpoint).map_err(Refused)?;
-    let info = match repo_info(&api, &cache) {
+    let client = HubClient::new(opts, endpoint);
+    let info = match client.repo_info(&cache) {
         Ok(info) => info,
-        Err(RepoInfoError::Http(failure)) => {
+        Err(HubError::Http(failure)) => {
             let e = anyhow!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()));
-            return Err(if failure.status >= 500 || failure.status == 429 { Unreachable(e) } else { Refused(e) });
+            return Err(if failure.is_transient() { Unreachable(e) } else { Refused(e) });
         }
-        Err(RepoInfoError::Other(err)) => {
+        Err(HubError::Unreachable(err) | HubError::Local(err)) => {
             return cached(&cache, lora).map_err(|missing| {
                 Unreachable(anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}"))
             });
@@ -101,10 +101,16 @@ fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std:
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let file = choose(lora, &listed).map_err(Refused)?;
-    let path = api
-        .repo(cache.hf_repo(&info.sha))
-        .download(&file)
-        .map_err(|e| Unreachable(anyhow!("downloading {file} of LoRA {lora} failed: {e}")))?;
+    let path = client.download(&cache, &info.sha, &file).map_err(|e| {
+        let failed = |why: String| anyhow!("downloading {file} of LoRA {lora} failed: {why}");
+        match e {
+            HubError::Http(f) if !f.is_transient() => {
+                Refused(failed(f.explain(&lora.repo, &lora.revision, Some(&file))))
+            }
+            HubError::Http(f) => Unreachable(failed(f.explain(&lora.repo, &lora.revision, Some(&file)))),
+            HubError::Unreachable(why) | HubError::Local(why) => Unreachable(failed(why)),
+        }
+    })?;
     if lora.revision != info.sha {
         let record = Cache::new(cache.cache_root.clone()).repo(cache.hf_repo(&lora.revision)).create_ref(&info.sha);
         if let Err(err) = record {
@@ -187,6 +193,14 @@ mod tests {
         let cache = FakeCache::new();
         let online = HubOptions { offline: false, ..cache.options(false) };
         let lora = parse(repo).unwrap();
+        // A download that goes silent is a failure worth retrying (the job is tried again), not a hang.
+        hub.silence_downloads(usize::MAX, 2);
+        let quick = HubOptions { download_timeout: std::time::Duration::from_millis(100), ..online.clone() };
+        match resolve_at(&lora, &quick, Some(&hub.url)) {
+            Err(HubLoraError::Unreachable(e)) => assert!(format!("{e:#}").contains("received nothing"), "{e:#}"),
+            other => panic!("{other:?}"),
+        }
+        hub.silence_downloads(0, 0);
         let path = resolve_at(&lora, &online, Some(&hub.url)).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "lora");
         assert!(path.starts_with(cache.repo_dir(repo).join("snapshots").join(COMMIT)), "{}", path.display());

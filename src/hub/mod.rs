@@ -1,7 +1,7 @@
 //! Where a model comes from: a local diffusers pipeline folder, a built-in short name, or a
 //! Hugging Face Hub repo (`owner/name[@revision]`).
 //!
-//! Hub models are fetched with the `hf-hub` crate into the standard Hugging Face cache
+//! Hub models are fetched into the standard Hugging Face cache, laid out as the `hf-hub` crate lays it out
 //! (`models--owner--name/snapshots/<commit>/...`, shared with Python's `huggingface_hub`), and
 //! only the files a Candle Stable Diffusion pipeline needs are fetched: `model_index.json`, then
 //! for each component it lists the config, the tokenizer files and the `.safetensors` weights
@@ -22,13 +22,17 @@
 //! - `resolve`: resolving a model to a pipeline folder ([`resolve()`]).
 //! - `pipeline`: which files of each pipeline component are fetched (pure over a `fetch(file)` closure).
 //! - `cache`: one repo revision in the hf-hub cache (lookups, missing-file errors, offline resolution).
-//! - `online`: the Hub client, its HTTP failures, the repo info request and online resolution.
+//! - `transfer`: the Hub's HTTP with every wait bounded: the repo info request, resumable downloads into the
+//!   cache, the Hub's error answers in words.
+//! - `online`: online resolution (downloads pinned to a commit; the cache standing in for an unreachable Hub).
 //! - [`lora`]: LoRAs on the Hub.
-//! - `tests`: the tests, and the fake cache and mock Hub `lora`'s tests share.
+//! - `tests`: the tests, and the fake cache `lora`'s tests share; `mock_hub`: a local stand-in for the Hub.
 
 pub mod lora;
 
 mod cache;
+#[cfg(test)]
+mod mock_hub;
 mod model_ref;
 mod online;
 mod options;
@@ -37,6 +41,7 @@ mod registry;
 mod resolve;
 #[cfg(test)]
 pub(crate) mod tests;
+mod transfer;
 
 pub use model_ref::{parse_model_ref, ModelRef};
 pub use options::HubOptions;

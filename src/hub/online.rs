@@ -1,77 +1,29 @@
-//! Talking to the Hub: its HTTP failures in words, the client, the repo info request, and online
-//! resolution (downloads pinned to one commit, the cache standing in when the Hub is unreachable).
+//! Online resolution of a pipeline: its files downloaded pinned to one commit, the cache standing in when the
+//! Hub is unreachable.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
-use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
-use hf_hub::api::RepoInfo;
 use hf_hub::Cache;
 
 use super::cache::CachedRepo;
 use super::options::HubOptions;
 use super::pipeline::resolve_pipeline;
-
-/// An HTTP error answer from the Hub.
-pub(super) struct HttpFailure {
-    pub(super) status: u16,
-    pub(super) error_code: Option<String>,
-    pub(super) message: Option<String>,
-}
-
-impl HttpFailure {
-    /// Why the Hub refused, in words, for `repo` at `revision` (and `file` when downloading).
-    pub(super) fn explain(&self, repo: &str, revision: &str, file: Option<&str>) -> String {
-        let code = self.error_code.as_deref().unwrap_or("");
-        let detail = self.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
-        match (self.status, code) {
-            (_, "RepositoryNotFound") | (401, _) => format!(
-                "repository {repo} was not found on the Hugging Face Hub, or it is private or gated and needs a token (set HF_TOKEN){detail}"
-            ),
-            (_, "GatedRepo") | (403, _) => format!(
-                "{repo} is gated: accept its terms at https://huggingface.co/{repo} and set HF_TOKEN to a token of that account{detail}"
-            ),
-            (_, "RevisionNotFound") => {
-                format!("revision {revision} of {repo} does not exist{detail}")
-            }
-            (_, "EntryNotFound") | (404, _) => match file {
-                Some(file) => format!("{repo} (revision {revision}) has no file {file}{detail}"),
-                None => format!("{repo} (revision {revision}) was not found{detail}"),
-            },
-            (status, _) => format!("the Hub answered HTTP {status}{detail}"),
-        }
-    }
-}
-
-/// A Hub client writing into `cache`'s folder; `endpoint` overrides the Hub URL.
-pub(super) fn hub_api(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>) -> Result<Api> {
-    let mut builder = ApiBuilder::from_env();
-    if let Some(endpoint) = endpoint {
-        builder = builder.with_endpoint(endpoint.to_string());
-    }
-    let mut builder = builder
-        .with_cache_dir(cache.cache_root.clone())
-        .with_progress(true)
-        .with_user_agent("sd-rbee", env!("CARGO_PKG_VERSION"));
-    if let Some(token) = &opts.token {
-        builder = builder.with_token(Some(token.clone()));
-    }
-    builder.build().map_err(|e| anyhow!("cannot set up the Hugging Face Hub client: {e}"))
-}
+use super::transfer::{HubClient, HubError};
 
 /// Fetches the pipeline's files from the Hub into the cache. `endpoint` overrides the Hub
 /// URL (default: `HF_ENDPOINT`, else https://huggingface.co).
 pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Option<&str>) -> Result<PathBuf> {
     let (repo, revision) = (cache.repo.as_str(), cache.revision.as_str());
-    let api = hub_api(cache, opts, endpoint)?;
+    let client = HubClient::new(opts, endpoint);
 
-    let info = match repo_info(&api, cache) {
+    let info = match client.repo_info(cache) {
         Ok(info) => info,
-        Err(RepoInfoError::Http(failure)) => {
+        Err(HubError::Http(failure)) => {
             bail!("{}", failure.explain(repo, revision, None))
         }
-        Err(RepoInfoError::Other(err)) => {
+        Err(HubError::Unreachable(err) | HubError::Local(err)) => {
             // Like huggingface_hub: when the Hub cannot be reached, use the cache if it has
             // everything.
             let dir = cache.resolve_unreachable(opts.prefer_fp16).map_err(|missing| {
@@ -88,7 +40,6 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
     // snapshot folder even if the branch moves meanwhile.
     let commit = info.sha.clone();
     let listed: HashSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let pinned_repo = api.repo(cache.hf_repo(&commit));
     let snapshot = cache.repo_dir().join("snapshots").join(&commit);
     let mut fetch = |file: &str| -> Result<Option<PathBuf>> {
         if !listed.contains(file) {
@@ -99,34 +50,22 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
             return Ok(Some(local));
         }
         tracing::info!("downloading {file} from {repo}");
-        match pinned_repo.download(file) {
+        match client.download(cache, &commit, file) {
             Ok(path) => Ok(Some(path)),
-            Err(ApiError::RequestError(err)) => {
-                let text = err.to_string();
-                match (*err).into_response() {
-                    Some(response) => {
-                        let failure = HttpFailure {
-                            status: response.status(),
-                            error_code: response.header("x-error-code").map(str::to_string),
-                            message: response.header("x-error-message").map(str::to_string),
-                        };
-                        if failure.status == 404
-                            && failure.error_code.as_deref() != Some("RepositoryNotFound")
-                            && failure.error_code.as_deref() != Some("RevisionNotFound")
-                        {
-                            return Ok(None);
-                        }
-                        bail!(
-                            "downloading {file} from {repo} (revision {revision}) failed: {}",
-                            failure.explain(repo, revision, Some(file))
-                        )
-                    }
-                    None => {
-                        bail!("downloading {file} from {repo} (revision {revision}) failed: {text}")
-                    }
+            Err(HubError::Http(failure)) => {
+                // Listed but gone meanwhile (an fp16 variant, say): the caller falls back.
+                if failure.status == 404
+                    && failure.error_code.as_deref() != Some("RepositoryNotFound")
+                    && failure.error_code.as_deref() != Some("RevisionNotFound")
+                {
+                    return Ok(None);
                 }
+                bail!(
+                    "downloading {file} from {repo} (revision {revision}) failed: {}",
+                    failure.explain(repo, revision, Some(file))
+                )
             }
-            Err(err) => {
+            Err(HubError::Unreachable(err) | HubError::Local(err)) => {
                 bail!("downloading {file} from {repo} (revision {revision}) failed: {err}")
             }
         }
@@ -146,32 +85,4 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
         }
     }
     Ok(dir)
-}
-
-pub(super) enum RepoInfoError {
-    /// The Hub answered with an error status.
-    Http(HttpFailure),
-    /// No answer (network, TLS, proxy) or an unreadable one.
-    Other(String),
-}
-
-/// The repo's commit and file list at the revision (`GET /api/models/<repo>/revision/<rev>`).
-pub(super) fn repo_info(api: &Api, cache: &CachedRepo) -> std::result::Result<RepoInfo, RepoInfoError> {
-    let request = api.repo(cache.hf_repo(&cache.revision)).info_request();
-    match request.call() {
-        Ok(response) => response
-            .into_json::<RepoInfo>()
-            .map_err(|e| RepoInfoError::Other(format!("unreadable answer from the Hub: {e}"))),
-        Err(err) => {
-            let text = err.to_string();
-            match err.into_response() {
-                Some(response) => Err(RepoInfoError::Http(HttpFailure {
-                    status: response.status(),
-                    error_code: response.header("x-error-code").map(str::to_string),
-                    message: response.header("x-error-message").map(str::to_string),
-                })),
-                None => Err(RepoInfoError::Other(text)),
-            }
-        }
-    }
 }

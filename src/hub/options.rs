@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hf_hub::Cache;
 
@@ -19,7 +20,16 @@ pub struct HubOptions {
     /// Fetch the `.fp16.safetensors` weight variants where a repo has them (half the download;
     /// the loader converts to the compute dtype anyway).
     pub prefer_fp16: bool,
+    /// The longest wait for the Hub to connect or answer a request (`HF_HUB_ETAG_TIMEOUT`, as in
+    /// `huggingface_hub`; 10 s). A Hub that does not answer in time counts as unreachable: the cache stands in.
+    pub etag_timeout: Duration,
+    /// The longest a download may go without receiving data (`HF_HUB_DOWNLOAD_TIMEOUT`; 10 s); it then
+    /// resumes where it stopped, a few times, before failing.
+    pub download_timeout: Duration,
 }
+
+/// `huggingface_hub`'s default for both timeouts.
+pub const DEFAULT_HUB_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for HubOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -28,6 +38,8 @@ impl fmt::Debug for HubOptions {
             .field("cache_dir", &self.cache_dir)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("prefer_fp16", &self.prefer_fp16)
+            .field("etag_timeout", &self.etag_timeout)
+            .field("download_timeout", &self.download_timeout)
             .finish()
     }
 }
@@ -37,7 +49,8 @@ impl HubOptions {
     /// yes, on), the cache at `HF_HUB_CACHE`, else `$HF_HOME/hub` (hf-hub's rule), else
     /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; the token from
     /// `HF_TOKEN`, else the token file (`HF_TOKEN_PATH`, else `$HF_HOME/token`, the file
-    /// `huggingface-cli login` writes). `prefer_fp16` starts true.
+    /// `huggingface-cli login` writes); the timeouts from `HF_HUB_ETAG_TIMEOUT` and `HF_HUB_DOWNLOAD_TIMEOUT`
+    /// (seconds). `prefer_fp16` starts true.
     pub fn from_env() -> Self {
         Self::from_vars(|key| std::env::var(key).ok())
     }
@@ -69,7 +82,22 @@ impl HubOptions {
                 None => hf_home.as_ref().and_then(|h| Cache::new(h.join("hub")).token()),
             },
         );
-        Self { offline, cache_dir, token, prefer_fp16: true }
+        let timeout = |key: &str| match var(key).map(|v| (v.trim().parse::<f64>(), v)) {
+            None => DEFAULT_HUB_TIMEOUT,
+            Some((Ok(secs), _)) if secs > 0.0 && secs.is_finite() => Duration::from_secs_f64(secs),
+            Some((_, text)) => {
+                tracing::warn!("{key}={text:?} is not a number of seconds above 0; using 10");
+                DEFAULT_HUB_TIMEOUT
+            }
+        };
+        Self {
+            offline,
+            cache_dir,
+            token,
+            prefer_fp16: true,
+            etag_timeout: timeout("HF_HUB_ETAG_TIMEOUT"),
+            download_timeout: timeout("HF_HUB_DOWNLOAD_TIMEOUT"),
+        }
     }
 
     /// The hub cache folder in use.

@@ -10,9 +10,11 @@ use hf_hub::{Cache, Repo, RepoType};
 use serde_json::Value;
 
 use super::cache::CachedRepo;
+pub(crate) use super::mock_hub::MockHub;
 use super::model_ref::validate_repo_id;
-use super::online::{resolve_online, HttpFailure};
+use super::online::resolve_online;
 use super::pipeline::{component_files, pipeline_components, resolve_pipeline, ComponentKind, FilePlan};
+use super::transfer::HttpFailure;
 use crate::diffusion::weights::{weight_layouts, WeightLayout};
 
 pub(crate) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -61,7 +63,14 @@ impl FakeCache {
     }
 
     pub(crate) fn options(&self, prefer_fp16: bool) -> HubOptions {
-        HubOptions { offline: true, cache_dir: Some(self.root.path().to_path_buf()), token: None, prefer_fp16 }
+        HubOptions {
+            offline: true,
+            cache_dir: Some(self.root.path().to_path_buf()),
+            token: None,
+            prefer_fp16,
+            etag_timeout: options::DEFAULT_HUB_TIMEOUT,
+            download_timeout: options::DEFAULT_HUB_TIMEOUT,
+        }
     }
 }
 
@@ -273,6 +282,17 @@ fn options_come_from_the_environment() {
     let path = tmp.path().join("token");
     assert_eq!(vars(&[("HF_TOKEN_PATH", path.to_str().unwrap())]).token.as_deref(), Some("hf_file"));
     assert_eq!(vars(&[("HF_HOME", "/nonexistent")]).token, None);
+
+    use std::time::Duration;
+    assert_eq!(
+        (vars(&[]).etag_timeout, vars(&[]).download_timeout),
+        (Duration::from_secs(10), Duration::from_secs(10))
+    );
+    let o = vars(&[("HF_HUB_ETAG_TIMEOUT", "2.5"), ("HF_HUB_DOWNLOAD_TIMEOUT", " 60 ")]);
+    assert_eq!((o.etag_timeout, o.download_timeout), (Duration::from_millis(2500), Duration::from_secs(60)));
+    for bad in ["0", "-3", "soon", "inf"] {
+        assert_eq!(vars(&[("HF_HUB_DOWNLOAD_TIMEOUT", bad)]).download_timeout, Duration::from_secs(10), "{bad}");
+    }
 
     let shown = format!("{:?}", vars(&[("HF_TOKEN", "hf_secret")]));
     assert!(!shown.contains("hf_secret"), "{shown}");
@@ -493,113 +513,6 @@ fn sharded_weights_are_fetched_shard_by_shard() {
     assert!(resolve(repo, &cache.options(false)).is_ok());
 }
 
-/// A local stand-in for the Hub's HTTP API, answering the way huggingface.co does for the
-/// requests hf-hub 0.4.3 makes (repo info, ranged `resolve/` downloads, error headers).
-pub(crate) struct MockHub {
-    pub(crate) url: String,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl MockHub {
-    /// Serves `repo` at `COMMIT` with `files` (name -> content); `listed_only` files are
-    /// in the file list but answer 404, as a file deleted meanwhile would.
-    pub(crate) fn start(
-        repo: &'static str,
-        files: Vec<(&'static str, String)>,
-        listed_only: Vec<&'static str>,
-    ) -> Self {
-        use std::io::{BufRead, BufReader, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = requests.clone();
-        let files: HashMap<String, String> = files.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { break };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut first = String::new();
-                reader.read_line(&mut first).unwrap();
-                let mut range: Option<(usize, Option<usize>)> = None;
-                loop {
-                    let mut line = String::new();
-                    reader.read_line(&mut line).unwrap();
-                    if line.trim().is_empty() {
-                        break;
-                    }
-                    let lower = line.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("range: bytes=") {
-                        let (a, b) = v.trim().split_once('-').unwrap();
-                        range = Some((a.parse().unwrap(), b.parse().ok()));
-                    }
-                }
-                let path = first.split(' ').nth(1).unwrap_or("").to_string();
-                log.lock().unwrap().push(path.clone());
-                let info_prefix = format!("/api/models/{repo}/revision/");
-                let file_prefix = format!("/{repo}/resolve/{COMMIT}/");
-                let (status, headers, body): (&str, Vec<String>, Vec<u8>) = if path.starts_with(&info_prefix) {
-                    let mut names: Vec<&str> = files.keys().map(String::as_str).collect();
-                    names.extend(listed_only.iter().copied());
-                    let siblings: Vec<Value> = names.iter().map(|n| serde_json::json!({"rfilename": n})).collect();
-                    let body = serde_json::json!({"sha": COMMIT, "siblings": siblings});
-                    ("200 OK", vec!["Content-Type: application/json".into()], body.to_string().into_bytes())
-                } else if let Some(file) = path.strip_prefix(&file_prefix) {
-                    match files.get(file) {
-                        Some(content) => {
-                            let bytes = content.as_bytes();
-                            let (start, end) = range.unwrap_or((0, None));
-                            let end = end.unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
-                            let slice = &bytes[start..=end];
-                            let range = format!("bytes {start}-{end}/{}", bytes.len());
-                            (
-                                "206 Partial Content",
-                                vec![
-                                    format!("X-Repo-Commit: {COMMIT}"),
-                                    format!("ETag: \"{:016x}\"", fnv(file, content)),
-                                    format!("Content-Range: {range}"),
-                                ],
-                                slice.to_vec(),
-                            )
-                        }
-                        None => (
-                            "404 Not Found",
-                            vec!["X-Error-Code: EntryNotFound".into(), format!("X-Repo-Commit: {COMMIT}")],
-                            b"Entry not found".to_vec(),
-                        ),
-                    }
-                } else {
-                    (
-                        "401 Unauthorized",
-                        vec!["X-Error-Code: RepositoryNotFound".into(), "X-Error-Message: Repository not found".into()],
-                        b"{}".to_vec(),
-                    )
-                };
-                let mut response =
-                    format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-                for h in headers {
-                    response.push_str(&h);
-                    response.push_str("\r\n");
-                }
-                response.push_str("\r\n");
-                let _ = stream.write_all(response.as_bytes());
-                let _ = stream.write_all(&body);
-            }
-        });
-        Self { url, requests }
-    }
-
-    fn requested(&self, needle: &str) -> usize {
-        self.requests.lock().unwrap().iter().filter(|p| p.contains(needle)).count()
-    }
-}
-
-fn fnv(name: &str, content: &str) -> u64 {
-    name.bytes()
-        .chain([0])
-        .chain(content.bytes())
-        .fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-}
-
 fn online(cache: &FakeCache, prefer_fp16: bool) -> HubOptions {
     HubOptions { offline: false, ..cache.options(prefer_fp16) }
 }
@@ -684,4 +597,26 @@ fn online_errors_name_the_repo_and_fall_back_to_the_cache_when_unreachable() {
     cache.set_ref(repo, "main", COMMIT);
     let dir = resolve_online(&lookup, &online(&cache, true), Some(&closed)).unwrap();
     assert_eq!(dir, cache.repo_dir(repo).join("snapshots").join(COMMIT));
+}
+
+#[test]
+fn a_hub_that_does_not_answer_is_unreachable_within_the_etag_timeout() {
+    let repo = "owner/cached";
+    let hub = MockHub::start(repo, vec![("model_index.json", SD15_INDEX.into())], vec![]);
+    hub.silence_info(true);
+    let cache = FakeCache::new();
+    let opts = HubOptions { etag_timeout: std::time::Duration::from_millis(300), ..online(&cache, true) };
+    let lookup = CachedRepo::new(cache.root.path().to_path_buf(), repo, "main");
+
+    let started = std::time::Instant::now();
+    let err = resolve_online(&lookup, &opts, Some(&hub.url)).unwrap_err().to_string();
+    assert!(err.contains("cannot reach") && err.contains("not in the Hugging Face cache"), "{err}");
+    // With the cache filled, it stands in for the silent Hub.
+    fill(&cache, repo, COMMIT, &sd15_repo_files(true, true));
+    cache.set_ref(repo, "main", COMMIT);
+    assert_eq!(
+        resolve_online(&lookup, &opts, Some(&hub.url)).unwrap(),
+        cache.repo_dir(repo).join("snapshots").join(COMMIT)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
 }
