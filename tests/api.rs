@@ -3,7 +3,7 @@
 //! `Last-Event-ID` resumes without losing or repeating one, a model of the catalogue is accepted with no live
 //! worker (the job runs when one starts), and a job without a size runs at the model's default size.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! images equal its run on its own, whatever it shares the batch with; a cancelled member leaves and the
 //! others go on; requests that cannot share run one group after the other.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 

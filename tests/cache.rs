@@ -3,7 +3,7 @@
 //! (their batch counts say so), on another worker too; any pixel-deciding change, a job without a seed and a
 //! job that opts out all generate.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! `sd-rbee generate` end to end, as a user runs it: parity through the binary (`--initial-latents`,
 //! `--save-tensor`, PNGs as diffusers writes them), determinism, batches, and one-line errors for bad input.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -3,7 +3,7 @@
 //! `sd-models`, `samplers`, `progress`) get, for the same seed and parameters, the very bytes of a
 //! `POST /v1/jobs` job, through a real nats-server and worker.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

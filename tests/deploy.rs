@@ -4,7 +4,7 @@
 //! accepts, and probe routes that answer on the ports they name. The NATS URL with credentials that
 //! `compose.yaml` gives its services reaches a server that asks for them.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

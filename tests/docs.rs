@@ -2,7 +2,7 @@
 //! examples of `docs/EXAMPLES.md` marked `<!-- test: run -->` run against a real fleet (`sd-rbee up`), and
 //! every relative link in the README and `docs/` leads to a file that exists.
 
-mod common;
+use crate::common;
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};

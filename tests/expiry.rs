@@ -3,7 +3,7 @@
 //! later than it does, and past it the job answers `410 Gone` (status, images, cancel), leaves the list, and
 //! the sweeper deletes its objects within seconds; a job still running at its expiry is stopped.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! a 16-bit PNG bomb with the processes' memory measured, a model name that breaks /metrics, a token that
 //! crashed the queen, and a seeded fuzz of the job subject and the HTTP API.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! fixtures' kohya LoRAs (SD 1.x names, SDXL's SGM names), no leak from one generation into the next, and
 //! clear errors for files that are not LoRAs sd-rbee can apply.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

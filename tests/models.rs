@@ -2,7 +2,7 @@
 //! use, the least recently used one evicted to make room; jobs for a model that is not resident wait for the
 //! load (a `loading` progress event, `timings.load_ms`) and complete.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! embeddings, the VAE, one UNet call and full text-to-image runs for each scheduler with a reference;
 //! the text-to-image runs again in f64 and in f16.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 
@@ -15,12 +15,9 @@ use std::collections::HashMap;
 const PROMPT: &str = "a photograph of an astronaut riding a horse";
 const NEGATIVE: &str = "blurry, low quality";
 
-/// Whether this run of the suite puts the matrix multiplies on a vendor BLAS: `parity_blas.rs`, which
-/// includes this file, sets its own `VENDOR_BLAS` to true, and `crate::` names that one there.
-#[allow(dead_code)]
-const VENDOR_BLAS: bool = false;
-
 fn load(name: &str, dtype: DType) -> StableDiffusion {
+    // Whether this run of the suite puts the matrix multiplies on a vendor BLAS: the crate root says
+    // (`main.rs`: no; `parity_blas.rs`, which includes this file: yes).
     if crate::VENDOR_BLAS {
         common::load_openblas();
     }

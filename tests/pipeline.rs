@@ -1,7 +1,7 @@
 //! The pipeline's contract beyond numerics: progress reports, cancellation between steps, batches with
 //! per-image seeds, request validation naming the field, and f16 on the CPU.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 

@@ -3,7 +3,7 @@
 //! `--priority-share` keeps low jobs moving under a stream of high ones. The queen reports a queued job's
 //! position counting the higher priorities ahead of it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! subscriber, cancel, idempotency, authentication, validation, two queens at once, a lost worker, and a
 //! bounded load test.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

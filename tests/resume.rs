@@ -3,7 +3,7 @@
 //! the last one (its progress events say `resumed_from_step`), computes fewer than 100 + 10 steps in all
 //! between them, ends with the bytes of an uninterrupted run, and the checkpoint is gone afterwards.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

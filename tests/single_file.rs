@@ -3,7 +3,7 @@
 //! same model) reproduce their folders' references with `--config FOLDER`; `--vae`, `--prediction-type` and
 //! the refusals (pickles, other families, a wrong size without `--config`) as a user meets them.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

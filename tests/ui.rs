@@ -2,7 +2,7 @@
 //! driven in Debian's Chromium by Playwright's library (`ui/e2e/run.mjs`; `scripts/test.sh` installs both).
 //! Screenshots of every screen land in `target/tmp/ui-e2e/`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! stops cleanly on SIGTERM, a second `up` on the same data directory keeps the first one's token, jobs and
 //! images, and an `up` killed outright takes its services with it.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! scripts/make_vae_tiling_reference.py): the tiny SD 1.5 VAE (64-pixel tiles) decodes 22 × 30 latents in
 //! 4 × 5 overlapping tiles, partial ones at the edges, blended as diffusers blends them.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use sd_rbee::diffusion::{LoadOptions, StableDiffusion};

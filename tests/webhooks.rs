@@ -6,7 +6,7 @@
 //! that does not allow it; a receiver that keeps failing, hangs, or answers without end ends in dead letters
 //! in the job's status, or is taken as delivered after reading only the start of its answer.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! fixture. Covers the happy path (events in order, the stored PNG equal to `sd-rbee generate`), invalid
 //! jobs (failed + dead letter), cancel, a worker killed mid-job, SIGTERM, a NATS restart and an S3 outage.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;
