@@ -161,3 +161,93 @@ async fn openai_and_a1111_clients_get_the_images_the_native_api_gives() {
     let idle = get(&queen.base, "/sdapi/v1/progress").await;
     assert_eq!((idle["progress"].clone(), idle["state"]["job"].clone()), (json!(0.0), json!("")), "{idle}");
 }
+
+/// OpenAI's client with its default retries, on a job no worker takes: one 504 after the queen's wait.
+const OPENAI_WAIT_SCRIPT: &str = r#"
+import json, sys, time
+import openai
+
+base, token = sys.argv[1:3]
+client = openai.OpenAI(base_url=base + "/v1", api_key=token, timeout=60)
+started = time.monotonic()
+try:
+    client.images.generate(prompt="a paper boat on a pond", size="64x64", extra_body={"steps": 2})
+    print(json.dumps({"status": 200}))
+except openai.APIStatusError as e:
+    print(json.dumps({"status": e.status_code, "body": e.body, "seconds": time.monotonic() - started}))
+"#;
+
+/// A request whose job no worker takes is answered `WAIT_TIMEOUT` (504) after the queen's `--compat-wait`,
+/// naming the job, which stays queued; OpenAI's client (retries on) does not submit it a second time. A wait
+/// in progress when the queen shuts down is answered at once and does not hold the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compatible_request_stops_waiting_and_names_its_job() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    let queen = start_queen(&nats.url(), &store, &[], |c| {
+        c.api.model_catalogue = vec!["tiny".into()];
+        c.api.compat_wait = Duration::from_secs(2);
+    })
+    .await;
+    let c = client(&queen);
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("openai_wait.py");
+    std::fs::write(&script, OPENAI_WAIT_SCRIPT).unwrap();
+    let out =
+        tokio::process::Command::new(tool("python")).arg(&script).args([&queen.base, TOKEN]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["status"], 504, "{answer}");
+    assert_eq!(answer["body"]["code"], "WAIT_TIMEOUT", "{answer}");
+    let seconds = answer["seconds"].as_f64().unwrap();
+    assert!((2.0..10.0).contains(&seconds), "answered after {seconds} s: {answer}");
+    let listed = c.jobs("").await.unwrap();
+    assert_eq!(listed.jobs.len(), 1, "a retry submitted the job again: {:?}", listed.jobs);
+    let job = &listed.jobs[0];
+    assert_eq!(job.state, sd_rbee::api::JobState::Queued);
+    let message = answer["body"]["message"].as_str().unwrap();
+    assert!(message.contains(&job.job_id.to_string()) && message.contains("2s"), "{message}");
+
+    // A1111's endpoint, the same; then a wait cut short by the queen's shutdown.
+    let (status, body) = post(
+        &queen.base,
+        "/sdapi/v1/txt2img",
+        json!({"prompt": "x", "steps": 2, "width": 64, "height": 64}),
+        ("authorization", &format!("Bearer {TOKEN}")),
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (504, Some("WAIT_TIMEOUT")), "{body}");
+
+    let mut config = sd_rbee::queen::QueenConfig::new(nats.url(), &store, "127.0.0.1:0".parse().unwrap());
+    config.api.tokens = vec![TOKEN.into()];
+    config.api.model_catalogue = vec!["tiny".into()];
+    let second = sd_rbee::queen::Queen::start(config).await.unwrap();
+    let base = format!("http://{}", second.addr);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(second.serve(async move {
+        let _ = stopped.await;
+    }));
+    let waiting = tokio::spawn(async move {
+        let auth = format!("Bearer {TOKEN}");
+        post(
+            &base,
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "steps": 2, "width": 64, "height": 64}),
+            ("authorization", &auth),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "the request should wait for its job");
+    let shutdown = Instant::now();
+    stop.send(()).unwrap();
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("answered at shutdown").unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (504, Some("WAIT_TIMEOUT")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("shutting down"), "{body}");
+    tokio::time::timeout(Duration::from_secs(10), served).await.expect("the queen stops").unwrap().unwrap();
+    assert!(shutdown.elapsed() < Duration::from_secs(10));
+    assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "both A1111 jobs are kept");
+}

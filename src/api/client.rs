@@ -39,19 +39,29 @@ impl SseMessage {
 /// The longest an ordinary request (not an event stream) may take, body included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// An event stream this long without a byte is dead (the queen's keep-alive comes every 15 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(45);
+
 /// The queen's HTTP API.
 #[derive(Clone)]
 pub struct QueenClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    stream_silence: Duration,
 }
 
 impl QueenClient {
     /// `base` like `http://127.0.0.1:8080`; `token` for `Authorization: Bearer`.
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_string(), token, http })
+        Ok(Self { base: base.trim_end_matches('/').to_string(), token, http, stream_silence: STREAM_SILENCE })
+    }
+
+    /// How long an event stream may go without a byte before it counts as broken (default 45 s).
+    pub fn with_stream_silence(mut self, silence: Duration) -> Self {
+        self.stream_silence = silence;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -161,7 +171,19 @@ impl QueenClient {
         if let Some(id) = last_event_id {
             r = r.header("Last-Event-ID", id);
         }
-        let frames = self.send(r).await?.bytes_stream().eventsource();
+        let bytes = Box::pin(self.send(r).await?.bytes_stream());
+        // The queen sends a comment every 15 s on an idle stream: a longer silence is a connection that died
+        // without closing (a proxy, a queen that stalled), reported as a break the caller can resume.
+        let silence = self.stream_silence;
+        let bytes = futures::stream::unfold(Some(bytes), move |bytes| async move {
+            let mut bytes = bytes?;
+            match tokio::time::timeout(silence, bytes.next()).await {
+                Ok(Some(chunk)) => Some((chunk.map_err(|e| e.to_string()), Some(bytes))),
+                Ok(None) => None,
+                Err(_) => Some((Err(format!("nothing from the queen for {silence:?}")), None)),
+            }
+        });
+        let frames = bytes.eventsource();
         Ok(frames.map(|frame| {
             let frame = frame.map_err(|e| anyhow::anyhow!("the queen's event stream broke: {e}"))?;
             let data = serde_json::from_str(&frame.data).unwrap_or(serde_json::Value::String(frame.data));
@@ -181,5 +203,34 @@ impl QueenClient {
             }
         }
         anyhow::bail!("the event stream of job {job_id} ended before the job did")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// A queen that answers the events request's headers, sends one keep-alive, then nothing, never closing.
+    #[tokio::test]
+    async fn an_event_stream_gone_silent_breaks_instead_of_waiting_for_ever() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request);
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.write_all(b"3\r\n:\n\n\r\n").unwrap();
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let client = QueenClient::new(&base, None).unwrap().with_stream_silence(Duration::from_millis(700));
+        let started = std::time::Instant::now();
+        let error = client.follow(Uuid::nil(), |_| {}).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(format!("{error:#}").contains("nothing from the queen"), "{error:#}");
+        assert!(waited >= Duration::from_millis(700) && waited < Duration::from_secs(5), "{waited:?}");
     }
 }

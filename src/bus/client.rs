@@ -12,6 +12,9 @@ use super::StreamSettings;
 use crate::bus;
 use crate::protocol::{self, CancelRequest, Event, JobRequest, Limits, Subjects, PROTOCOL_VERSION};
 
+/// How long a cancel may wait for NATS to take it (as long as its requests wait for an answer).
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to a fleet's bus.
 #[derive(Clone)]
 pub struct BusClient {
@@ -161,8 +164,15 @@ impl BusClient {
     /// Asks whoever runs the job to stop.
     pub async fn cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
         let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
-        self.client.publish(self.subjects.cancel(job_id), protocol::encode(&req).into()).await?;
-        self.client.flush().await?;
+        let send = async {
+            self.client.publish(self.subjects.cancel(job_id), protocol::encode(&req).into()).await?;
+            self.client.flush().await?;
+            anyhow::Ok(())
+        };
+        // Both wait, without a bound of their own, for a connection that may be re-establishing.
+        tokio::time::timeout(CANCEL_TIMEOUT, send).await.with_context(|| {
+            format!("NATS did not take the cancel of job {job_id} within {} s", CANCEL_TIMEOUT.as_secs())
+        })??;
         Ok(())
     }
 }

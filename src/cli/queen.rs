@@ -69,6 +69,10 @@ pub struct QueenArgs {
     /// none (or name one of OpenAI's, such as dall-e-3); default: the only model of the catalogue.
     #[arg(long, env = "SD_RBEE_COMPAT_MODEL", value_name = "NAME")]
     pub compat_model: Option<String>,
+    /// Longest an OpenAI-style or A1111-style request waits for its images; then it is answered 504
+    /// (`WAIT_TIMEOUT`, naming the job, which goes on).
+    #[arg(long, env = "SD_RBEE_COMPAT_WAIT", default_value = "10m", value_parser = parse_duration)]
+    pub compat_wait: Duration,
     /// What webhook deliveries are signed with: `whsec_` and base64 (the Standard Webhooks form), or text of
     /// at least 16 bytes. Comma-separate several while rotating: each signs every delivery. Without one, jobs
     /// that ask for a webhook are refused.
@@ -191,6 +195,7 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
         crate::protocol::validate_model_name(model).map_err(|e| anyhow::anyhow!("--compat-model {}", e.message))?;
     }
     config.api.compat_model = args.compat_model;
+    config.api.compat_wait = args.compat_wait;
     if let Some(json) = args.limits {
         config.api.limits = serde_json::from_str(&json).context("--limits")?;
     }

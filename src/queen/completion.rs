@@ -1,9 +1,13 @@
 //! Submit and wait, for the APIs whose callers expect the images in the answer (OpenAI's, AUTOMATIC1111's).
 //! The job is an ordinary one (queued, listed, cancellable, its events on the bus); the request only stays
-//! open until it ends. A caller that goes away leaves the job to finish, as a `POST /v1/jobs` would.
+//! open until it ends, or for `wait` at most, or until the queen shuts down: the caller then gets the job's
+//! id to follow. A caller that goes away leaves the job to finish, as a `POST /v1/jobs` would.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::feed::feed;
@@ -19,8 +23,19 @@ pub struct Finished {
 
 impl Jobs {
     /// Waits for the end of job `job_id`: its images, or why there are none (a failure the request caused is
-    /// the request's error, 422; any other an internal one; a cancel, 409).
-    pub async fn finished(&self, job_id: Uuid) -> JobsResult<Finished> {
+    /// the request's error, 422; any other an internal one; a cancel, 409); or for `wait`, or until `shutdown`,
+    /// whichever is first ([`JobsError::WaitTimeout`]).
+    pub async fn finished(&self, job_id: Uuid, wait: Duration, shutdown: &CancellationToken) -> JobsResult<Finished> {
+        let gave_up = |why: String| JobsError::WaitTimeout { id: job_id, why };
+        tokio::select! {
+            end = tokio::time::timeout(wait, self.ended(job_id)) => {
+                end.map_err(|_| gave_up(format!("the queen waited {} (--compat-wait)", humantime::format_duration(wait))))?
+            }
+            () = shutdown.cancelled() => Err(gave_up("the queen is shutting down".into())),
+        }
+    }
+
+    async fn ended(&self, job_id: Uuid) -> JobsResult<Finished> {
         let status = self.get(job_id).await?;
         let mut events = feed(&self.bus, &self.status, &status, None).await?;
         while let Some((_, event)) = events.next().await {

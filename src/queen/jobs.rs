@@ -40,6 +40,9 @@ pub enum JobsError {
     AlreadyFinished { id: Uuid, state: JobState },
     #[error("job {id} is {}", state.name())]
     NotCompleted { id: Uuid, state: JobState },
+    /// A request that waits for its job's end stopped waiting (504); the job goes on.
+    #[error("job {id} has not ended: {why}; it goes on: follow it at GET /v1/jobs/{id}")]
+    WaitTimeout { id: Uuid, why: String },
     /// NATS or the object store cannot be reached now (503): the same request may succeed later.
     #[error("{0:#}")]
     Unavailable(anyhow::Error),

@@ -43,6 +43,10 @@ use crate::protocol::Subjects;
 use crate::storage::{Store, StoreOptions};
 use http::{ApiConfig, AppState};
 
+/// How long requests in flight may take to finish after the shutdown signal (Kubernetes' default grace is
+/// 30 s; event streams and waits for jobs end at once).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Everything a queen is configured with.
 #[derive(Clone, Debug)]
 pub struct QueenConfig {
@@ -154,7 +158,20 @@ impl Queen {
             tracing::info!("shutting down: finishing requests in flight, ending event streams");
             stop.cancel();
         };
-        axum::serve(self.listener, app).with_graceful_shutdown(signal).await?;
+        let server =
+            std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(signal));
+        // A request stuck on a backend that went away must not hold the process past its orchestrator's patience.
+        let stopped = self.stop.clone();
+        let grace_over = async move {
+            stopped.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = server => served?,
+            () = grace_over => tracing::warn!(
+                "requests still open {}s after the shutdown signal: closing them", SHUTDOWN_GRACE.as_secs()
+            ),
+        }
         self.tasks.abort_all();
         let _ = self.state.jobs.bus.nats().drain().await;
         tracing::info!("queen stopped");

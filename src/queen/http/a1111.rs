@@ -21,7 +21,8 @@ use crate::api::ApiErrorBody;
 
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "compatible", operation_id = "a1111_txt2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
-        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
+        (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn txt2img(
     State(state): State<AppState>,
@@ -34,7 +35,8 @@ pub(super) async fn txt2img(
 
 #[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "compatible", operation_id = "a1111_img2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
-        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
+        (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn img2img(
     State(state): State<AppState>,
@@ -58,7 +60,7 @@ async fn generate(
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
     let job_id = caller.submit(state, job, None).await?.job_id;
     state.a1111_jobs.lock().insert(caller.id.clone(), job_id);
-    let finished = state.jobs.finished(job_id).await?;
+    let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;
     let images: Vec<_> = finished.images.iter().map(|(image, _)| image.clone()).collect();
     let info = a1111::info(&request, &model, &images, job_id);
     let encoded = if request.send_images {

@@ -63,6 +63,7 @@ impl From<JobsError> for AppError {
             JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),
             JobsError::NotCompleted { .. } => Self::new(ApiErrorCode::NotCompleted, message),
             JobsError::Unavailable(_) => Self::new(ApiErrorCode::Unavailable, message),
+            JobsError::WaitTimeout { .. } => Self::new(ApiErrorCode::WaitTimeout, message),
             JobsError::Internal(_) => Self::new(ApiErrorCode::Internal, message),
         }
     }
@@ -71,7 +72,9 @@ impl From<JobsError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if self.code == ApiErrorCode::WaitTimeout {
+            tracing::info!(code = %self.code, "{}", self.message);
+        } else if status.is_server_error() {
             tracing::error!(code = %self.code, "{}", self.message);
         }
         let body = ApiErrorBody { error: ApiErrorDetail { code: self.code, message: self.message, field: self.field } };
@@ -81,6 +84,10 @@ impl IntoResponse for AppError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.code == ApiErrorCode::WaitTimeout {
+            // OpenAI's clients retry a 5xx unless told not to; a retry would submit the job a second time.
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
     }

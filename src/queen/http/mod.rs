@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method, Uri};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,9 @@ pub struct ApiConfig {
     /// The model of OpenAI and A1111 requests that name none (or name one of OpenAI's); `None`: the only
     /// model of the catalogue.
     pub compat_model: Option<String>,
+    /// Longest an OpenAI or A1111 request waits for its job's end before answering `WAIT_TIMEOUT` (504) with
+    /// the job's id; clients and proxies in front give up on their own clocks too.
+    pub compat_wait: Duration,
 }
 
 impl Default for ApiConfig {
@@ -92,6 +95,7 @@ impl Default for ApiConfig {
             model_retention: Duration::from_secs(7 * 24 * 3600),
             cors_origins: Vec::new(),
             compat_model: None,
+            compat_wait: Duration::from_secs(600),
         }
     }
 }
@@ -100,29 +104,34 @@ impl Default for ApiConfig {
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     let authenticated = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
+    // Every answer but a stream's or a wait for a job's end comes within a bound, even when NATS's
+    // connection is down long enough for its command queue to fill (then its calls wait for the reconnect).
+    let bounded = || axum::middleware::from_fn_with_state(state.clone(), answer_in_time);
     let v1 = Router::new()
         .route("/jobs", post(jobs::submit).get(jobs::list))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
-        .route("/jobs/{id}/events", get(events::events))
         .route("/jobs/{id}/images/{n}", get(jobs::image))
         .route("/uploads", post(jobs::upload))
         .route("/models", get(fleet::models))
         .route("/workers", get(fleet::workers))
         .route("/limits", get(fleet::limits))
+        .route_layer(bounded())
+        .route("/jobs/{id}/events", get(events::events))
         .route("/images/generations", post(openai::generations))
         .route("/images/edits", post(openai::edits))
         .route_layer(authenticated());
     let sdapi = Router::new()
-        .route("/txt2img", post(a1111::txt2img))
-        .route("/img2img", post(a1111::img2img))
         .route("/sd-models", get(a1111::models))
         .route("/samplers", get(a1111::samplers))
         .route("/progress", get(a1111::progress))
+        .route_layer(bounded())
+        .route("/txt2img", post(a1111::txt2img))
+        .route("/img2img", post(a1111::img2img))
         .route_layer(authenticated());
     let mut router = Router::new()
         .nest("/v1", v1)
         .nest("/sdapi/v1", sdapi)
-        .route("/metrics", get(metrics::metrics).route_layer(authenticated()))
+        .route("/metrics", get(metrics::metrics).route_layer(bounded()).route_layer(authenticated()))
         .route("/health", get(fleet::health))
         .route("/openapi.json", get(openapi::openapi))
         .route("/ready", get(fleet::ready))
@@ -158,4 +167,24 @@ pub fn app(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Beyond the body's own timeout, how long a bounded request may wait on NATS and the object store (each call
+/// has its own limits; this one holds when a queue in front of them does not move).
+const BACKEND_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Answers `UNAVAILABLE` for a request not answered within `--body-timeout` and [`BACKEND_PATIENCE`].
+async fn answer_in_time(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = state.config.body_timeout + BACKEND_PATIENCE;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let message = format!("no answer from NATS or the object store within {} s", limit.as_secs());
+            AppError::new(ApiErrorCode::Unavailable, message).into_response()
+        }
+    }
 }

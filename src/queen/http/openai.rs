@@ -36,7 +36,8 @@ pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field:
 
 #[utoipa::path(post, path = "/v1/images/generations", tag = "compatible", operation_id = "openai_generations", request_body = OpenAiImageRequest,
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
-        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
+        (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn generations(
     State(state): State<AppState>,
@@ -53,7 +54,8 @@ pub(super) async fn generations(
 #[utoipa::path(post, path = "/v1/images/edits", tag = "compatible", operation_id = "openai_edits",
     request_body(content = String, content_type = "multipart/form-data"),
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
-        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+        (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
+        (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn edits(
     State(state): State<AppState>,
@@ -132,7 +134,7 @@ async fn answer(
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
     let job_id = caller.submit(state, job, None).await?.job_id;
-    let finished = state.jobs.finished(job_id).await?;
+    let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;
     let origin = origin(headers);
     let data = finished
         .images

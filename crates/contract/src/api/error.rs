@@ -47,6 +47,9 @@ pub enum ApiErrorCode {
     Internal,
     /// 503: NATS or the object store cannot be reached now; retry after `Retry-After`.
     Unavailable,
+    /// 504: an OpenAI or AUTOMATIC1111 request stopped waiting for its job (the queen's wait passed, or it is
+    /// shutting down); the job goes on, and the message names it. Not to be retried: that would submit it again.
+    WaitTimeout,
     /// A code this build does not know.
     #[serde(other)]
     Other,
@@ -68,6 +71,7 @@ impl ApiErrorCode {
             Self::InvalidRequest => 422,
             Self::Internal | Self::Other => 500,
             Self::Unavailable => 503,
+            Self::WaitTimeout => 504,
         }
     }
 

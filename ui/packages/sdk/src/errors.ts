@@ -15,8 +15,10 @@ export class ApiError extends Error {
     super(message);
   }
 
-  /** Whether retrying the same request later may succeed (the queen or what it needs was unavailable). */
+  /** Whether retrying the same request later may succeed (the queen or what it needs was unavailable).
+   * Not `WAIT_TIMEOUT`: its job goes on, and a retry would submit it again. */
   get retryable(): boolean {
+    if (this.code === "WAIT_TIMEOUT") return false;
     return this.code === "UNAVAILABLE" || this.status === 502 || this.status === 503 || this.status === 504;
   }
 

@@ -420,7 +420,7 @@ export interface components {
          *     ([`ApiErrorCode::status`]). A code this build does not know (a newer queen) reads as `Other`.
          * @enum {string}
          */
-        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "UNAVAILABLE" | "OTHER";
+        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "UNAVAILABLE" | "WAIT_TIMEOUT" | "OTHER";
         /** @description What went wrong: a code, a message complete on its own, and the offending field when there is one. */
         ApiErrorDetail: {
             code: components["schemas"]["ApiErrorCode"];
@@ -1304,6 +1304,14 @@ export interface operations {
                     "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
         };
     };
     a1111_progress: {
@@ -1432,6 +1440,14 @@ export interface operations {
                     "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
         };
     };
     openai_edits: {
@@ -1479,6 +1495,14 @@ export interface operations {
                     "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
         };
     };
     openai_generations: {
@@ -1519,6 +1543,14 @@ export interface operations {
                 };
             };
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };
