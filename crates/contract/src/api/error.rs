@@ -131,7 +131,7 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 12, "only the two 409s share a status");
+        assert_eq!(statuses.len(), 13, "only the two 409s share a status");
         let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }
