@@ -28,8 +28,9 @@ impl Jobs {
     pub async fn finished(&self, job_id: Uuid, wait: Duration, shutdown: &CancellationToken) -> JobsResult<Finished> {
         let gave_up = |why: String| JobsError::WaitTimeout { id: job_id, why };
         tokio::select! {
-            end = tokio::time::timeout(wait, self.ended(job_id)) => {
-                end.map_err(|_| gave_up(format!("the queen waited {} (--compat-wait)", humantime::format_duration(wait))))?
+            end = self.ended(job_id) => end,
+            () = tokio::time::sleep(wait) => {
+                Err(gave_up(format!("the queen waited {} (--compat-wait)", humantime::format_duration(wait))))
             }
             () = shutdown.cancelled() => Err(gave_up("the queen is shutting down".into())),
         }

@@ -189,6 +189,10 @@ pub(super) async fn json_errors(
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (C::UnsupportedMediaType, text),
         StatusCode::REQUEST_TIMEOUT => (C::RequestTimeout, "the request body did not arrive in time".to_string()),
         StatusCode::UNAUTHORIZED => (C::Unauthorized, text),
+        // Empty: the timeout on requests that should have been answered by now.
+        StatusCode::SERVICE_UNAVAILABLE if text.is_empty() => {
+            (C::Unavailable, "no answer from NATS or the object store in time".to_string())
+        }
         StatusCode::SERVICE_UNAVAILABLE => (C::Unavailable, text),
         s if s.is_server_error() => (C::Internal, text),
         StatusCode::UNPROCESSABLE_ENTITY => (C::InvalidRequest, text),

@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderValue, Method, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -100,13 +100,19 @@ impl Default for ApiConfig {
     }
 }
 
+/// Beyond the body's own timeout, how long a request may wait on NATS and the object store (each call has its
+/// own limits; this one holds when a queue in front of them does not move).
+const BACKEND_PATIENCE: Duration = Duration::from_secs(120);
+
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     let authenticated = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
     // Every answer but a stream's or a wait for a job's end comes within a bound, even when NATS's
     // connection is down long enough for its command queue to fill (then its calls wait for the reconnect).
-    let bounded = || axum::middleware::from_fn_with_state(state.clone(), answer_in_time);
+    // Past it, `UNAVAILABLE` (an empty 503 that `json_errors` writes as the API's error).
+    let limit = state.config.body_timeout + BACKEND_PATIENCE;
+    let bounded = || tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limit);
     let v1 = Router::new()
         .route("/jobs", post(jobs::submit).get(jobs::list))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
@@ -167,24 +173,4 @@ pub fn app(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
-}
-
-/// Beyond the body's own timeout, how long a bounded request may wait on NATS and the object store (each call
-/// has its own limits; this one holds when a queue in front of them does not move).
-const BACKEND_PATIENCE: Duration = Duration::from_secs(120);
-
-/// Answers `UNAVAILABLE` for a request not answered within `--body-timeout` and [`BACKEND_PATIENCE`].
-async fn answer_in_time(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let limit = state.config.body_timeout + BACKEND_PATIENCE;
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            let message = format!("no answer from NATS or the object store within {} s", limit.as_secs());
-            AppError::new(ApiErrorCode::Unavailable, message).into_response()
-        }
-    }
 }
