@@ -442,11 +442,19 @@ async fn a_queued_job_cancelled_while_events_are_refused_still_ends_cancelled() 
     let nats = NatsServer::start();
     let store = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", store.path().display());
-    // No worker (the model is in the catalogue): the job stays queued.
-    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    // No worker (the model is in the catalogue): the job stays queued. Live feeds read the record often.
+    let recheck = Duration::from_millis(400);
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        c.api.model_catalogue = vec!["tiny".into()];
+        c.feed_recheck = recheck;
+    })
+    .await;
     let c = client(&queen);
     let job = c.submit(&tiny(2, 1), None).await.unwrap();
     assert_eq!(wait_state(&c, job.job_id, "queued").await.status.state.name(), "queued");
+    // A follower of the job from before the cancel: its terminal event cannot reach the bus for now.
+    let early = tokio::spawn(collect_feed(client(&queen), job.job_id));
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let subjects = sd_rbee::protocol::Subjects::new("sd").unwrap();
@@ -461,9 +469,17 @@ async fn a_queued_job_cancelled_while_events_are_refused_still_ends_cancelled() 
     js.update_stream(&full).await.unwrap();
 
     let r = c.cancel(job.job_id).await.expect("the job left the queue: the cancel is not refused");
+    let cancelled = Instant::now();
     assert_eq!(r.state, "cancelled");
     assert_eq!(c.status(job.job_id).await.unwrap().status.state.name(), "cancelled", "the record says so at once");
     assert_eq!(events.info().await.unwrap().state.messages as i64, held, "no event could be stored yet");
+    // The follower does not wait for ever on the lost event: its feed ends with the record's ending.
+    let (frames, ended) = early.await.unwrap();
+    let told: Vec<(&str, &str)> = frames.iter().map(|m| (m.event.as_str(), m.id.as_str())).collect();
+    assert_eq!(told, [("queued", "0"), ("cancelled", "end")]);
+    let waited = ended.duration_since(cancelled);
+    assert!(waited < recheck * 2 + Duration::from_secs(2), "the feed ended {waited:?} after the cancel");
+    assert_eq!(events.info().await.unwrap().state.messages as i64, held, "(the event was still not on the bus)");
 
     js.update_stream(&open).await.unwrap();
     // (SSE alone would not tell: for a record already ended it makes the last frame from the record.)
@@ -478,6 +494,35 @@ async fn a_queued_job_cancelled_while_events_are_refused_still_ends_cancelled() 
     let stored = events.get_last_raw_message_by_subject(&subjects.events(job.job_id)).await.unwrap();
     assert!(matches!(sd_rbee::protocol::decode_event(&stored.payload), Ok(sd_rbee::protocol::Event::Cancelled(_))));
     assert_eq!(names(&follow(&c, job.job_id).await), ["queued", "cancelled"]);
+
+    // A queued job whose record expired (its sweep could not stop it): its follower's feed ends too.
+    let job = c.submit(&tiny(2, 2), None).await.unwrap();
+    wait_state(&c, job.job_id, "queued").await;
+    let late = tokio::spawn(collect_feed(client(&queen), job.job_id));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = sd_rbee::queen::status::StatusStore::open(&js, &subjects.status_bucket(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let past = sd_rbee::protocol::now_millis() - 1;
+    let expire = |s: &mut sd_rbee::api::JobStatus| {
+        s.expires_at = Some(past);
+        true
+    };
+    status.update(job.job_id, || unreachable!("the job has a record"), expire).await.unwrap();
+    let (frames, ended) = late.await.unwrap();
+    assert_eq!(names(&frames), ["queued"], "nothing more is told of an expired job");
+    assert!(ended.elapsed() < Duration::from_secs(1), "the feed had ended");
+    assert_eq!(api_error(c.status(job.job_id).await.unwrap_err()).status, 410);
+}
+
+/// Every frame of a job's feed until the queen ends the response (within 30 s), and when it did.
+async fn collect_feed(c: QueenClient, id: Uuid) -> (Vec<sd_rbee::api::SseMessage>, Instant) {
+    use futures::StreamExt;
+    let events = c.events(id, None).await.unwrap();
+    let frames = tokio::time::timeout(Duration::from_secs(30), events.map(|m| m.unwrap()).collect::<Vec<_>>())
+        .await
+        .expect("the feed ended");
+    (frames, Instant::now())
 }
 
 /// Hundreds of submissions through the HTTP API, several workers: every job completes exactly once.

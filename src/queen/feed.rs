@@ -4,7 +4,10 @@
 //! (nothing lost, nothing repeated) for as long as the events stream keeps the job's events (24 hours by
 //! default, `EVENTS_MAX_AGE_SECS`); after that a finished job's feed ends with its terminal event rebuilt
 //! from the status record. A live terminal event waits (briefly) for the status record to show it, so a
-//! client that reads the job right after its feed ends reads the same ending.
+//! client that reads the job right after its feed ends reads the same ending. A live feed also reads the
+//! job's record now and then: a record that shows the end (or the job's expiry) while the terminal event
+//! does not come ends the feed with the record's ending, so no follower waits for ever on an event that
+//! was lost.
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -49,12 +52,17 @@ async fn record_settled(store: &StatusStore, job_id: uuid::Uuid) {
     }
 }
 
-/// The feed of the job `status` describes, after `after` (from the start with `None`).
+/// How often a live feed reads the job's record ([`feed`]'s `recheck`), as the queen sets it.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// The feed of the job `status` describes, after `after` (from the start with `None`); a live one reads
+/// the job's record every `recheck`.
 pub async fn feed(
     bus: &BusClient,
     store: &StatusStore,
     status: &JobStatus,
     after: Option<EventId>,
+    recheck: Duration,
 ) -> Result<BoxStream<'static, (EventId, ApiEvent)>, JobsError> {
     let is_new = move |id: &EventId| after.is_none_or(|a| *id > a);
     let queued = Some((EventId::QUEUED, ApiEvent::queued(status))).filter(|(id, _)| is_new(id));
@@ -99,14 +107,39 @@ pub async fn feed(
     let (store, job_id) = (store.clone(), status.job_id);
     let ended = async_stream::stream! {
         futures::pin_mut!(live);
-        while let Some(frame) = live.next().await {
-            let last = frame.1.is_terminal();
-            if last {
-                record_settled(&store, job_id).await;
-            }
-            yield frame;
-            if last {
-                break;
+        let mut look = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);
+        // Whether the previous look found the record ended: the record is written after the terminal event
+        // is on the bus, so a whole `recheck` later that event is lost (or its stream refuses us).
+        let mut ended_before = false;
+        loop {
+            tokio::select! {
+                frame = live.next() => {
+                    let Some(frame) = frame else { break };
+                    let last = frame.1.is_terminal();
+                    if last {
+                        record_settled(&store, job_id).await;
+                    }
+                    yield frame;
+                    if last {
+                        break;
+                    }
+                }
+                _ = look.tick() => match store.get(job_id).await {
+                    Ok(Some(s)) if s.state.is_terminal() || s.is_expired(crate::protocol::now_millis()) => {
+                        if ended_before {
+                            tracing::warn!(%job_id, state = %s.state.name(), "the job's record ended without its terminal event on the bus; ending its feed from the record");
+                            if let Some(end) = ApiEvent::terminal_of(&s) {
+                                yield (EventId::End, end);
+                            }
+                            break;
+                        }
+                        ended_before = true;
+                    }
+                    // The record is gone with the bucket's max age: nothing more will be told.
+                    Ok(None) => break,
+                    Ok(Some(_)) => ended_before = false,
+                    Err(e) => tracing::debug!(%job_id, error = %e, "cannot read the job's record"),
+                },
             }
         }
     };

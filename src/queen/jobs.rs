@@ -115,6 +115,8 @@ pub struct Jobs {
     pub models: ModelPolicy,
     pub expiry: super::expiry::Expiry,
     pub webhooks: super::webhooks::Webhooks,
+    /// How often a live event feed reads its job's record ([`super::feed::feed`]).
+    pub feed_recheck: std::time::Duration,
 }
 
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).

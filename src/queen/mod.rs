@@ -64,6 +64,8 @@ pub struct QueenConfig {
     pub worker_lost_after: Duration,
     pub store: StoreOptions,
     pub webhooks: webhooks::WebhookConfig,
+    /// How often a live event feed reads its job's record, to end a feed whose terminal event was lost.
+    pub feed_recheck: Duration,
 }
 
 impl QueenConfig {
@@ -79,6 +81,7 @@ impl QueenConfig {
             worker_lost_after: Duration::from_secs(3 * crate::protocol::HEARTBEAT_INTERVAL_SECS),
             store: StoreOptions::default(),
             webhooks: webhooks::WebhookConfig::default(),
+            feed_recheck: feed::RECHECK,
         }
     }
 }
@@ -139,6 +142,7 @@ impl Queen {
             },
             expiry,
             webhooks,
+            feed_recheck: config.feed_recheck,
         };
         tasks.spawn(sweeper::run(jobs.clone()));
         let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone(), a1111_jobs: Default::default() };

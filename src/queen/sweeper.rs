@@ -15,9 +15,19 @@ use crate::protocol;
 
 /// The longest a job not yet due waits before it is looked at again.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
-/// When a job stopped at its expiry is swept again, and how many passes it gets.
+/// When a job stopped at its expiry is swept again.
 const SECOND_LOOK: Duration = Duration::from_secs(30);
-const SWEEP_PASSES: i64 = 3;
+/// The first and the longest pause before a sweep that failed is tried again.
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const LONGEST_RETRY: Duration = Duration::from_secs(30 * 60);
+
+/// How long a sweep that failed `overdue` after the job's expiry waits before the next try: half the time
+/// it has been failing, from 5 s to 30 min. The pause grows with the failure without a count kept anywhere
+/// (the delivery count of the schedule's message also counts the hourly looks before the expiry), and the
+/// sweep is never given up: the job's objects must go.
+fn retry_after(overdue: Duration) -> Duration {
+    (overdue / 2).clamp(FIRST_RETRY, LONGEST_RETRY)
+}
 
 /// Sweeps expired jobs until the process ends; binds the schedule again and goes on after errors.
 pub async fn run(jobs: Jobs) {
@@ -49,15 +59,16 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
             // Capped: a delay the server cannot take would be a plain NAK, and the message would spin.
             AckKind::Nak(Some(Duration::from_millis(due.expires_at - now).min(MAX_WAIT)))
         } else {
-            let pass = msg.info().map(|i| i.delivered).unwrap_or(1);
+            let overdue = Duration::from_millis(now - due.expires_at);
             match sweep(jobs, due.job_id, due.expires_at).await {
+                Ok(true) => AckKind::Ack,
                 // A job that had not ended was stopped: a worker finishing its upload just now may still write
-                // objects, so look again a little later.
-                Ok(false) if pass < SWEEP_PASSES => AckKind::Nak(Some(SECOND_LOOK)),
-                Ok(_) => AckKind::Ack,
+                // objects, so look again once it has ended.
+                Ok(false) => AckKind::Nak(Some(retry_after(overdue).max(SECOND_LOOK))),
                 Err(e) => {
-                    tracing::warn!(job_id = %due.job_id, error = %format!("{e:#}"), "cannot sweep an expired job yet");
-                    AckKind::Nak(Some(Duration::from_secs(5)))
+                    let retry = retry_after(overdue);
+                    tracing::warn!(job_id = %due.job_id, error = %format!("{e:#}"), ?retry, "cannot sweep an expired job yet");
+                    AckKind::Nak(Some(retry))
                 }
             }
         };
@@ -90,4 +101,27 @@ async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<boo
     }
     tracing::info!(%job_id, "expired job swept");
     Ok(record.as_ref().is_none_or(|s| s.state.is_terminal()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_sweep_is_retried_ever_less_often_but_never_given_up() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_after(s(0)), s(5), "the first retry comes quickly");
+        assert_eq!(retry_after(s(7)), s(5));
+        assert_eq!(retry_after(s(60)), s(30));
+        assert_eq!(retry_after(s(600)), s(300), "half the time it has been failing");
+        assert_eq!(retry_after(s(86_400)), s(1800), "at most every 30 min");
+        assert_eq!(retry_after(s(86_400 * 365)), s(1800), "and still tried after a year");
+        // A day of failures costs about 60 tries, not the 17 280 of a fixed 5 s.
+        let (mut at, mut tries) = (Duration::ZERO, 0);
+        while at < s(86_400) {
+            at += retry_after(at);
+            tries += 1;
+        }
+        assert!((50..=80).contains(&tries), "{tries} tries in a day");
+    }
 }

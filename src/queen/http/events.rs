@@ -44,7 +44,8 @@ pub(super) async fn events(
         .transpose()
         .map_err(|e| AppError::malformed("Last-Event-ID", e))?;
     let status = state.jobs.get(id).await?;
-    let feed = crate::queen::feed::feed(&state.jobs.bus, &state.jobs.status, &status, after).await?;
+    let feed =
+        crate::queen::feed::feed(&state.jobs.bus, &state.jobs.status, &status, after, state.jobs.feed_recheck).await?;
     let frames = feed
         .map(|(id, event)| {
             // `event:` last, so a frame reads from its data to what it is (and a stream ends with its type).
