@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::protocol::Subjects;
 
-/// How many index entries one filtered list request looks through at most (for its page and its total).
+/// How many index entries one list request looks through at most (for its page and, filtered, its total),
+/// counting the sequences of removed entries it passes.
 pub const SCAN_LIMIT: usize = 2000;
 
 /// The job index of one fleet.
@@ -30,6 +31,8 @@ pub struct Walk<'a> {
     stream: stream::Stream,
     next: u64,
     first: u64,
+    /// How many more sequences this walk may read.
+    budget: usize,
 }
 
 impl JobIndex {
@@ -71,23 +74,24 @@ impl JobIndex {
     }
 
     /// How many entries the index holds, and a walk over them from the newest (from the one before
-    /// sequence `before`, when given).
-    pub async fn walk(&self, before: Option<u64>) -> anyhow::Result<(u64, Walk<'_>)> {
+    /// sequence `before`, when given) that reads at most `budget` sequences.
+    pub async fn walk(&self, before: Option<u64>, budget: usize) -> anyhow::Result<(u64, Walk<'_>)> {
         let mut stream = self.bind().await?;
         let info = stream.info().await.context("cannot read the job index")?;
         let (first, last, count) = (info.state.first_sequence, info.state.last_sequence, info.state.messages);
         let next = before.map_or(last, |b| b.saturating_sub(1).min(last));
-        Ok((count, Walk { index: self, stream, next, first: first.max(1) }))
+        Ok((count, Walk { index: self, stream, next, first: first.max(1), budget }))
     }
 }
 
 impl Walk<'_> {
-    /// The next (older) job id with its sequence, `None` at the oldest entry. Entries removed in between
-    /// are skipped.
+    /// The next (older) job id with its sequence, `None` at the oldest entry or once the budget is spent.
+    /// Entries removed in between are skipped, each spending the budget as a read does.
     pub async fn next(&mut self) -> anyhow::Result<Option<(u64, Uuid)>> {
-        while self.next >= self.first && self.next > 0 {
+        while self.next >= self.first && self.next > 0 && self.budget > 0 {
             let seq = self.next;
             self.next -= 1;
+            self.budget -= 1;
             match self.stream.get_raw_message(seq).await {
                 Ok(message) => {
                     let id = std::str::from_utf8(&message.payload).ok().and_then(|t| Uuid::parse_str(t).ok());
@@ -106,6 +110,11 @@ impl Walk<'_> {
     /// Whether every entry was read.
     pub fn done(&self) -> bool {
         self.next < self.first || self.next == 0
+    }
+
+    /// Whether the walk may read no more (its budget is spent, or every entry was read).
+    pub fn stopped(&self) -> bool {
+        self.budget == 0 || self.done()
     }
 
     /// The sequence after the next entry to read: where a later walk takes up this one.

@@ -361,15 +361,16 @@ impl Jobs {
                 && query.model.as_deref().is_none_or(|m| s.model == m)
                 && !s.is_expired(now)
         };
-        let (count, mut walk) = self.index.walk(query.cursor).await.map_err(JobsError::bus)?;
-        let (mut jobs, mut matched, mut read) = (Vec::new(), 0usize, 0usize);
+        // One request looks through at most SCAN_LIMIT index entries: a page that cannot fill within them
+        // is answered short, with the cursor to go on from.
+        let (count, mut walk) = self.index.walk(query.cursor, SCAN_LIMIT).await.map_err(JobsError::bus)?;
+        let (mut jobs, mut matched) = (Vec::new(), 0usize);
         // The index sequence of the page's last job: the next page starts after it.
         let mut last_shown = None;
         loop {
-            let page_full = jobs.len() >= query.limit;
             // Without filters the total is the index's count: stop at a full page. With filters, go on
             // counting for the total, as far as one request may look.
-            if (page_full && !filtered) || (read >= SCAN_LIMIT && (page_full || !filtered)) || walk.done() {
+            if (jobs.len() >= query.limit && !filtered) || walk.stopped() {
                 break;
             }
             let mut entries = Vec::with_capacity(32);
@@ -379,7 +380,6 @@ impl Jobs {
                     None => break,
                 }
             }
-            read += entries.len();
             let ids: Vec<Uuid> = entries.iter().map(|&(_, id)| id).collect();
             let found = records(ids, |id| self.status.get(id)).await;
             for ((seq, _), record) in entries.iter().zip(found) {

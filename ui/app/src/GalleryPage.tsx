@@ -1,4 +1,6 @@
-// Every job, newest first: thumbnails, paging, and filters by state and model.
+// Every job, newest first: thumbnails, paging, and filters by state and model. Pages follow the queen's
+// cursors, which new jobs do not shift and which go on past a page the queen answered short (a filtered
+// list looks through a bounded part of the index per request).
 import { useJobs, useModels } from "@sd-rbee/react";
 import { JOB_STATES, type JobState, type JobStatus } from "@sd-rbee/sdk";
 import { useState } from "react";
@@ -12,14 +14,16 @@ const PAGE = 24;
 export function GalleryPage() {
   const [state, setState] = useState<JobState | "">("");
   const [model, setModel] = useState("");
-  const [offsets, setOffsets] = useState<number[]>([0]);
-  const offset = offsets[offsets.length - 1]!;
+  // The cursor of each page seen, the newest first (`undefined`: the newest page).
+  const [cursors, setCursors] = useState<(number | undefined)[]>([undefined]);
+  const cursor = cursors[cursors.length - 1];
   const models = useModels();
-  const jobs = useJobs({ state: state || undefined, model: model || undefined, limit: PAGE, offset }, { refreshMs: offset === 0 ? 5000 : undefined });
+  const jobs = useJobs({ state: state || undefined, model: model || undefined, limit: PAGE, cursor }, { refreshMs: cursor === undefined ? 5000 : undefined });
   const list = jobs.data?.jobs ?? [];
+  const next = jobs.data?.next_cursor ?? undefined;
   const filter = (f: () => void) => {
     f();
-    setOffsets([0]);
+    setCursors([undefined]);
   };
   return (
     <section className="panel" aria-labelledby="gallery-title">
@@ -52,7 +56,9 @@ export function GalleryPage() {
           Cannot list the jobs: {jobs.error.message}
         </p>
       )}
-      {jobs.data && list.length === 0 && <p className="muted">No jobs{state || model ? " match these filters" : " yet"}.</p>}
+      {jobs.data && list.length === 0 && (
+        <p className="muted">{next !== undefined ? "None of the jobs looked through matches; Older looks further back." : `No jobs${state || model ? " match these filters" : " yet"}.`}</p>
+      )}
       <ul className="gallery" aria-label="Jobs">
         {list.map((job) => (
           <li key={job.job_id}>
@@ -61,10 +67,10 @@ export function GalleryPage() {
         ))}
       </ul>
       <nav className="pager" aria-label="Pages of jobs">
-        <button type="button" disabled={offsets.length < 2} onClick={() => setOffsets((o) => o.slice(0, -1))}>
+        <button type="button" disabled={cursors.length < 2} onClick={() => setCursors((c) => c.slice(0, -1))}>
           Newer
         </button>
-        <button type="button" disabled={jobs.data?.next_offset === undefined || jobs.data?.next_offset === null} onClick={() => setOffsets((o) => [...o, jobs.data!.next_offset!])}>
+        <button type="button" disabled={next === undefined} onClick={() => setCursors((c) => [...c, next])}>
           Older
         </button>
       </nav>

@@ -248,8 +248,8 @@ pub struct JobList {
     /// The `offset` of the next page, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_offset: Option<usize>,
-    /// Where the next page starts (`?cursor=`), when there may be one: also past what one filtered request
-    /// looks through.
+    /// Where the next page starts (`?cursor=`), when there may be one: also after a page answered short,
+    /// past the 2000 index entries one request looks through at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<u64>,
 }

@@ -638,8 +638,8 @@ export interface components {
             jobs: components["schemas"]["JobStatus"][];
             /**
              * Format: int64
-             * @description Where the next page starts (`?cursor=`), when there may be one: also past what one filtered request
-             *     looks through.
+             * @description Where the next page starts (`?cursor=`), when there may be one: also after a page answered short,
+             *     past the 2000 index entries one request looks through at most.
              */
             next_cursor?: number | null;
             /** @description The `offset` of the next page, when there is one. */
