@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::queen::{cli, client, follow, names, start_queen, tiny, wait_state, TOKEN};
+use common::queen::{cli, client, follow, names, start_queen, tiny, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, WorkerProcess};
 use futures::StreamExt;
 use sd_rbee::api::{ApiError, ApiErrorCode, JobSubmission, QueenClient, SseMessage};
@@ -451,4 +451,63 @@ async fn an_image_is_served_once_stored_even_before_the_status_record_says_compl
     assert_eq!(c.image(job.job_id, 0).await.unwrap(), png);
     let err = c.image(job.job_id, 1).await.unwrap_err().downcast::<ApiError>().unwrap();
     assert_eq!(err.code, ApiErrorCode::NotFound, "the manifest lists one image");
+}
+
+/// Each open event stream holds a consumer in NATS: one token holds at most `--max-streams-per-caller` of
+/// them (and of OpenAI or A1111 requests waiting for their jobs); one more is `429 TOO_MANY_STREAMS`, before
+/// anything is submitted, and a stream that closes frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holds_at_most_its_share_of_event_streams() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        c.api.model_catalogue = vec!["tiny".into()];
+        c.api.max_streams_per_caller = 2;
+    })
+    .await;
+    let c = client(&queen);
+    let id = c.submit(&tiny(2, 1), None).await.unwrap().job_id;
+    let first = c.events(id, None).await.unwrap();
+    let second = c.events(id, None).await.unwrap();
+    let refused = c.events(id, None).await.err().expect("a third stream of the same token");
+    let refused = refused.downcast::<ApiError>().expect("an API error");
+    assert_eq!((refused.status, refused.code.as_str()), (429, "TOO_MANY_STREAMS"), "{}", refused.message);
+    assert!(refused.message.contains("--max-streams-per-caller 2"), "{}", refused.message);
+    let raw = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{id}/events", queen.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((raw.status().as_u16(), raw.headers()["retry-after"].to_str().unwrap()), (429, "5"));
+
+    // A compatible request would wait on a stream too: refused before its job is submitted.
+    let jobs_before = c.jobs("").await.unwrap().total;
+    let openai = reqwest::Client::new()
+        .post(format!("{}/v1/images/generations", queen.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"prompt": "a red fox", "model": "tiny", "size": "64x64"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openai.status().as_u16(), 429);
+    assert_eq!(c.jobs("").await.unwrap().total, jobs_before, "nothing was submitted");
+
+    // Another token has its own share.
+    let other = QueenClient::new(&queen.base, Some(OTHER_TOKEN.into())).unwrap();
+    let _theirs = other.events(id, None).await.expect("another token's stream");
+
+    // A stream the client closes frees its place.
+    drop(first);
+    let start = Instant::now();
+    let third = loop {
+        match c.events(id, None).await {
+            Ok(stream) => break stream,
+            Err(e) => assert_eq!(e.downcast::<ApiError>().unwrap().status, 429),
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the closed stream's place was not freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop((second, third));
 }

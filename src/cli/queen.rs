@@ -73,6 +73,11 @@ pub struct QueenArgs {
     /// (`WAIT_TIMEOUT`, naming the job, which goes on).
     #[arg(long, env = "SD_RBEE_COMPAT_WAIT", default_value = "10m", value_parser = parse_duration)]
     pub compat_wait: Duration,
+    /// The most event streams (`GET /v1/jobs/{id}/events`, and OpenAI-style or A1111-style requests waiting
+    /// for their images) one token may hold open at once; more are answered 429 (`TOO_MANY_STREAMS`). Each
+    /// holds a consumer in NATS. Without authentication (--no-auth) there is no cap.
+    #[arg(long, env = "SD_RBEE_MAX_STREAMS_PER_CALLER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_caller: u32,
     /// What webhook deliveries are signed with: `whsec_` and base64 (the Standard Webhooks form), or text of
     /// at least 16 bytes. Comma-separate several while rotating: each signs every delivery. Without one, jobs
     /// that ask for a webhook are refused.
@@ -196,6 +201,7 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     }
     config.api.compat_model = args.compat_model;
     config.api.compat_wait = args.compat_wait;
+    config.api.max_streams_per_caller = args.max_streams_per_caller as usize;
     if let Some(json) = args.limits {
         config.api.limits = serde_json::from_str(&json).context("--limits")?;
     }

@@ -145,7 +145,13 @@ impl Queen {
             feed_recheck: config.feed_recheck,
         };
         tasks.spawn(sweeper::run(jobs.clone()));
-        let state = AppState { jobs, config: Arc::new(api), shutdown: stop.clone(), a1111_jobs: Default::default() };
+        let state = AppState {
+            jobs,
+            config: Arc::new(api),
+            shutdown: stop.clone(),
+            a1111_jobs: Default::default(),
+            streams: Default::default(),
+        };
         Ok(Self { addr, state, listener, tasks, stop })
     }
 

@@ -22,7 +22,7 @@ use crate::api::ApiErrorBody;
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "compatible", operation_id = "a1111_txt2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn txt2img(
     State(state): State<AppState>,
@@ -36,7 +36,7 @@ pub(super) async fn txt2img(
 #[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "compatible", operation_id = "a1111_img2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn img2img(
     State(state): State<AppState>,
@@ -58,6 +58,8 @@ async fn generate(
     let model = choose_model(state, request.checkpoint(), "override_settings.sd_model_checkpoint").await?;
     let job =
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
+    // The wait for the job holds a stream of the events like GET /v1/jobs/{id}/events.
+    let _slot = caller.open_stream(state)?;
     let job_id = caller.submit(state, job, None).await?.job_id;
     state.a1111_jobs.lock().insert(caller.id.clone(), job_id);
     let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;

@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiResult;
+use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
 use crate::vocab::Priority;
@@ -90,6 +91,23 @@ impl Caller {
     ) -> ApiResult<SubmitResponse> {
         sub.priority = Some(self.priority.apply(sub.priority).map_err(|e| AppError::invalid("priority", e))?);
         Ok(state.jobs.submit(&self.id, sub, idempotency_key).await?)
+    }
+
+    /// A place for one more open stream of this caller ([`super::streams`]), held until the slot is dropped.
+    pub fn open_stream(&self, state: &AppState) -> ApiResult<Option<StreamSlot>> {
+        if state.config.tokens.is_empty() {
+            return Ok(None);
+        }
+        let max = state.config.max_streams_per_caller;
+        state.streams.open(&self.id, max).map(Some).map_err(|held| {
+            AppError::new(
+                ApiErrorCode::TooManyStreams,
+                format!(
+                    "this token already holds {held} open event streams or waiting requests, the most the queen \
+                     allows one token (--max-streams-per-caller {max}); close one, or follow fewer jobs at once"
+                ),
+            )
+        })
     }
 }
 

@@ -85,6 +85,9 @@ impl IntoResponse for AppError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if self.code == ApiErrorCode::TooManyStreams {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         if self.code == ApiErrorCode::WaitTimeout {
             // OpenAI's clients retry a 5xx unless told not to; a retry would submit the job a second time.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));

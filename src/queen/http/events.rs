@@ -7,10 +7,12 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::Extension;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::error::{ApiPath, ApiQuery, ApiResult};
 use super::{AppError, AppState};
 use crate::api::{ApiErrorBody, EventId};
@@ -25,10 +27,12 @@ pub(super) struct EventsQuery {
     params(("id" = Uuid, Path), ("Last-Event-ID" = Option<String>, Header, description = "resume after this event id"),
         ("last_event_id" = Option<String>, Query, description = "the same, for clients that cannot set headers")),
     responses((status = 200, description = "Server-Sent Events: queued, started, progress, preview, completed, failed, cancelled",
-        content_type = "text/event-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)),
+        content_type = "text/event-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 429, description = "the token holds --max-streams-per-caller streams already", body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
@@ -43,11 +47,14 @@ pub(super) async fn events(
         .map(|text| text.trim().parse::<EventId>())
         .transpose()
         .map_err(|e| AppError::malformed("Last-Event-ID", e))?;
+    let slot = caller.open_stream(&state)?;
     let status = state.jobs.get(id).await?;
     let feed =
         crate::queen::feed::feed(&state.jobs.bus, &state.jobs.status, &status, after, state.jobs.feed_recheck).await?;
     let frames = feed
-        .map(|(id, event)| {
+        .map(move |(id, event)| {
+            // The caller's place is held while the stream is open.
+            let _held = &slot;
             // `event:` last, so a frame reads from its data to what it is (and a stream ends with its type).
             Ok(SseEvent::default().data(event.data().to_string()).id(id.to_string()).event(event.name()))
         })

@@ -24,6 +24,7 @@ mod jobs;
 mod metrics;
 mod openai;
 mod openapi;
+mod streams;
 mod ui;
 
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The newest job each caller sent through the A1111 endpoints (what `/sdapi/v1/progress` reports).
     pub a1111_jobs: Arc<parking_lot::Mutex<std::collections::HashMap<String, uuid::Uuid>>>,
+    /// The event streams each caller holds open.
+    pub streams: streams::OpenStreams,
 }
 
 /// The API's policy.
@@ -80,6 +83,9 @@ pub struct ApiConfig {
     /// Longest an OpenAI or A1111 request waits for its job's end before answering `WAIT_TIMEOUT` (504) with
     /// the job's id; clients and proxies in front give up on their own clocks too.
     pub compat_wait: Duration,
+    /// The most event streams (and OpenAI or A1111 requests waiting for their jobs) one token may hold open
+    /// at once; without authentication, no cap.
+    pub max_streams_per_caller: usize,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +102,7 @@ impl Default for ApiConfig {
             cors_origins: Vec::new(),
             compat_model: None,
             compat_wait: Duration::from_secs(600),
+            max_streams_per_caller: 64,
         }
     }
 }

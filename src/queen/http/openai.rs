@@ -37,7 +37,7 @@ pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field:
 #[utoipa::path(post, path = "/v1/images/generations", tag = "compatible", operation_id = "openai_generations", request_body = OpenAiImageRequest,
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn generations(
     State(state): State<AppState>,
@@ -55,7 +55,7 @@ pub(super) async fn generations(
     request_body(content = String, content_type = "multipart/form-data"),
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn edits(
     State(state): State<AppState>,
@@ -133,6 +133,8 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
+    // The wait for the job holds a stream of the events like GET /v1/jobs/{id}/events.
+    let _slot = caller.open_stream(state)?;
     let job_id = caller.submit(state, job, None).await?.job_id;
     let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;
     let origin = origin(headers);

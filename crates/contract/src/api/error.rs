@@ -50,6 +50,9 @@ pub enum ApiErrorCode {
     /// 504: an OpenAI or AUTOMATIC1111 request stopped waiting for its job (the queen's wait passed, or it is
     /// shutting down); the job goes on, and the message names it. Not to be retried: that would submit it again.
     WaitTimeout,
+    /// 429: the token already holds the most event streams (and OpenAI or AUTOMATIC1111 requests waiting for
+    /// their jobs) the queen allows one token at once; retry once one of them has closed.
+    TooManyStreams,
     /// A code this build does not know.
     #[serde(other)]
     Other,
@@ -72,6 +75,7 @@ impl ApiErrorCode {
             Self::Internal | Self::Other => 500,
             Self::Unavailable => 503,
             Self::WaitTimeout => 504,
+            Self::TooManyStreams => 429,
         }
     }
 
@@ -131,7 +135,7 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 13, "only the two 409s share a status");
+        assert_eq!(statuses.len(), 14, "only the two 409s share a status");
         let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }

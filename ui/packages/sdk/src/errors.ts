@@ -15,10 +15,12 @@ export class ApiError extends Error {
     super(message);
   }
 
-  /** Whether retrying the same request later may succeed (the queen or what it needs was unavailable).
-   * Not `WAIT_TIMEOUT`: its job goes on, and a retry would submit it again. */
+  /** Whether retrying the same request later may succeed (the queen or what it needs was unavailable, or the
+   * token's event streams were all in use). Not `WAIT_TIMEOUT`: its job goes on, and a retry would submit it
+   * again. */
   get retryable(): boolean {
     if (this.code === "WAIT_TIMEOUT") return false;
+    if (this.code === "TOO_MANY_STREAMS") return true;
     return this.code === "UNAVAILABLE" || this.status === 502 || this.status === 503 || this.status === 504;
   }
 
