@@ -70,12 +70,39 @@ impl AddressPolicy {
     }
 }
 
+/// How many host lookups may run at once. The system resolver (getaddrinfo) blocks a thread of tokio's
+/// blocking pool until it answers, which a timeout does not shorten: without a bound, submissions naming hosts
+/// that never answer would each leave a thread waiting for the resolver's own timeout, and fill the pool the
+/// object store's file I/O shares.
+const MAX_LOOKUPS: usize = 16;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+
 async fn resolve(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port)))
+    resolve_within(name, port, &LOOKUPS, RESOLVE_TIMEOUT).await
+}
+
+/// [`resolve`], taking one of `places` for the lookup and waiting `patience` at most.
+async fn resolve_within(
+    name: &str,
+    port: u16,
+    places: &'static tokio::sync::Semaphore,
+    patience: Duration,
+) -> Result<Vec<IpAddr>, String> {
+    let lookup = async {
+        let place = places.acquire().await.map_err(|e| e.to_string())?;
+        let host = name.to_string();
+        // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
+        let running = tokio::spawn(async move {
+            let found = tokio::net::lookup_host((host.as_str(), port)).await;
+            drop(place);
+            found.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
+        });
+        running.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    };
+    let ips = tokio::time::timeout(patience, lookup)
         .await
-        .map_err(|_| format!("{name} did not resolve within {} s", RESOLVE_TIMEOUT.as_secs()))?
+        .map_err(|_| format!("{name} did not resolve within {}", humantime::format_duration(patience)))?
         .map_err(|e| format!("{name} does not resolve: {e}"))?;
-    let ips: Vec<IpAddr> = found.map(|a| a.ip()).collect();
     if ips.is_empty() {
         return Err(format!("{name} resolves to no address"));
     }
@@ -250,5 +277,19 @@ mod tests {
         assert!(check_literal(&policy, &literal).unwrap_err().contains("private"));
         let err = policy.check_host(&url::Host::Domain("no-such-host.invalid"), 80).await.unwrap_err();
         assert!(err.contains("does not resolve"), "{err}");
+    }
+    #[tokio::test]
+    async fn lookups_wait_for_a_place_and_give_up_in_time() {
+        let places: &'static tokio::sync::Semaphore = Box::leak(Box::new(tokio::sync::Semaphore::new(1)));
+        let patience = Duration::from_millis(300);
+        let busy = places.acquire().await.unwrap();
+        let started = std::time::Instant::now();
+        let err = resolve_within("localhost", 80, places, patience).await.unwrap_err();
+        assert_eq!(err, "localhost did not resolve within 300ms");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        drop(busy);
+        let ips = resolve_within("localhost", 80, places, Duration::from_secs(5)).await.unwrap();
+        assert!(ips.iter().all(|ip| ip.is_loopback()), "{ips:?}");
+        assert_eq!(places.available_permits(), 1, "the lookup gave its place back");
     }
 }
