@@ -521,6 +521,26 @@ async fn s3_outage_during_upload_completes_once_s3_is_back() {
     assert_eq!(stored.len() as u64, done[0].images[0].bytes);
 }
 
+/// With the store down (and retried for a minute), a cancelled job is still reported within seconds: deleting
+/// its checkpoint does not hold up the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_the_store_is_down_is_reported_at_once() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let flags = ["--store-retry", "60s", "--step-delay", "300ms"];
+    let _worker = WorkerProcess::start("w-s3-cancel", &nats.url(), &s3.store_url(), &s3.env(), &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(40, 32);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    s3.kill();
+    let asked = std::time::Instant::now();
+    client.cancel(job.id, None).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(_))), "{events:?}");
+    assert!(asked.elapsed() < Duration::from_secs(20), "cancelled after {:?}", asked.elapsed());
+}
+
 fn failure(events: &[Event]) -> &protocol::Failed {
     match events.last() {
         Some(Event::Failed(f)) => f,
@@ -609,6 +629,31 @@ async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
     let events = events_of(&client, stale.id, Duration::from_secs(30)).await;
     assert_eq!(failure(&events).code, ErrorCode::Timeout);
     assert!(accepted_by(&events).is_empty());
+}
+
+/// A step that never returns (a hung device; here a 600 s pause inside the first step, which no cancel flag
+/// interrupts): once the job's time limit stops it and its batch has been silent for `--stall-timeout`, the
+/// job is failed `TIMEOUT` (not left running for ever), and the worker drains and exits with an error so that
+/// its supervisor restarts it, without waiting for the hung thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_step_fails_its_job_and_stops_the_worker() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "600s", "--job-timeout", "2s", "--stall-timeout", "3s"];
+    let mut worker = WorkerProcess::start("w-hung", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(4, 90);
+    client.submit(&job).await.unwrap();
+    let started = std::time::Instant::now();
+    let events = events_of(&client, job.id, Duration::from_secs(40)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Timeout, "{}", failed.message);
+    assert!(started.elapsed() < Duration::from_secs(30), "reported after {:?}", started.elapsed());
+    let exit = tokio::task::block_in_place(|| worker.wait(Duration::from_secs(30)));
+    assert!(!exit.success(), "{exit:?}");
+    assert!(worker.log_text().contains("generation step hung"), "{}", worker.log_text());
+    wait_for_empty_queue(&client).await;
 }
 
 /// The worker's time limit is on running: a job waiting here behind other batches is not timed out for it, and

@@ -60,6 +60,11 @@ pub struct WorkerArgs {
     /// After SIGTERM, how long running jobs may finish before they are handed to other workers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
+    /// How long a running batch may go without finishing a step once one of its jobs was told to stop (and at
+    /// least three times its slowest step): past it the device is taken for hung, the job is reported as
+    /// stopped, and the worker drains and exits with an error so that its supervisor restarts it.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
     /// A preview JPEG in progress events every N steps; 0: none.
@@ -131,6 +136,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.retry_backoff = args.retry_backoff;
     config.job_timeout = args.job_timeout;
     config.grace = args.grace;
+    config.stall_timeout = args.stall_timeout;
     config.heartbeat_interval = args.heartbeat_interval;
     config.preview_every = args.preview_every;
     config.checkpoint_every = args.checkpoint_every;
@@ -147,7 +153,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let health = Health::default();
         if let Some(addr) = args.health_listen {
             let bound = health::serve(addr, health.clone()).await?;
@@ -162,7 +168,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 health.set(Phase::Draining);
             })
             .await
-    })
+    });
+    // A batch stuck in a step that never returns (or a download abandoned at its timeout) still holds a
+    // blocking thread: the process ends without waiting for it.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    served
 }
 
 /// `--priority-share`: 0, or 2 and up (1 would serve the lowest priority first every time).

@@ -5,6 +5,7 @@
 //! its batch is full. Batches run on blocking threads, at most `concurrency` at once.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,43 @@ pub struct Ticket {
     pub cancel: CancelFlag,
     pub on_step: Box<dyn FnMut(&StepInfo) + Send>,
     pub done: oneshot::Sender<Result<GenerationOutput, GenerateError>>,
-    /// Told when the ticket's batch starts (the job's time limit counts from then).
-    pub started: Option<oneshot::Sender<()>>,
+    /// Told when the ticket's batch starts (the job's time limit counts from then), with the batch's beat.
+    pub started: Option<oneshot::Sender<Arc<BatchBeat>>>,
     /// The job's priority: the highest waiting leads the next batch.
     pub priority: Priority,
+}
+
+/// When a running batch last finished a step (of any of its members), and the longest it took between two:
+/// a batch silent far longer than its slowest step is stuck in a step that will not return (a hung device),
+/// which no cancel flag can interrupt.
+#[derive(Debug)]
+pub struct BatchBeat {
+    started: Instant,
+    last_ms: AtomicU64,
+    longest_gap_ms: AtomicU64,
+}
+
+impl BatchBeat {
+    fn new() -> Self {
+        Self { started: Instant::now(), last_ms: AtomicU64::new(0), longest_gap_ms: AtomicU64::new(0) }
+    }
+
+    /// A step finished.
+    fn beat(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_ms.swap(now, Ordering::Relaxed);
+        self.longest_gap_ms.fetch_max(now.saturating_sub(last), Ordering::Relaxed);
+    }
+
+    /// How long since the last step finished (or the batch started).
+    pub fn silent_for(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// The longest time between two steps so far (the first counted from the batch's start).
+    pub fn longest_gap(&self) -> Duration {
+        Duration::from_millis(self.longest_gap_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// How batches are formed and run.
@@ -232,9 +266,10 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
 
 /// Runs one batch on this (blocking) thread and hands every ticket its result.
 fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
+    let beat = Arc::new(BatchBeat::new());
     for ticket in batch.iter_mut() {
         if let Some(started) = ticket.started.take() {
-            let _ = started.send(());
+            let _ = started.send(beat.clone());
         }
     }
     let model = batch[0].model.clone();
@@ -244,13 +279,14 @@ fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
         let mut requests = Vec::with_capacity(batch.len());
         for ticket in batch.iter_mut() {
             let on_step = &mut ticket.on_step;
-            let slept = &slept;
+            let (slept, beat) = (&slept, &beat);
             callbacks.push(Box::new(move |info: &StepInfo| {
                 // One pause per step of the batch, not one per member.
                 if !step_delay.is_zero() && info.step > slept.get() {
                     slept.set(info.step);
                     std::thread::sleep(step_delay);
                 }
+                beat.beat();
                 on_step(info)
             }));
             requests.push((&ticket.request, &ticket.cancel));
@@ -277,6 +313,18 @@ fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_beat_tells_its_silence_and_its_slowest_step() {
+        let beat = BatchBeat::new();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(beat.silent_for() >= Duration::from_millis(30));
+        beat.beat();
+        assert!(beat.silent_for() < Duration::from_millis(20));
+        assert!(beat.longest_gap() >= Duration::from_millis(30), "the first step counts from the start");
+        beat.beat();
+        assert!(beat.longest_gap() >= Duration::from_millis(30), "the longest stays");
+    }
 
     fn w(group: char, images: usize, arrived: Instant) -> Waiting<char> {
         Waiting { group, images, priority: Priority::Normal, arrived }

@@ -90,6 +90,10 @@ pub struct WorkerConfig {
     pub job_timeout: Duration,
     /// How long running jobs may finish after a shutdown signal.
     pub grace: Duration,
+    /// How long a running batch may go without finishing a step, once one of its jobs was told to stop (and
+    /// at least three times its slowest step), before the worker takes its device for hung: the job is
+    /// reported as stopped, and the worker drains and exits with an error so that it is restarted.
+    pub stall_timeout: Duration,
     pub heartbeat_interval: Duration,
     /// A preview JPEG every N steps (and at the last); 0: none.
     pub preview_every: u32,
@@ -137,6 +141,7 @@ impl WorkerConfig {
             retry_backoff: vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)],
             job_timeout: Duration::from_secs(15 * 60),
             grace: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(10 * 60),
             heartbeat_interval: Duration::from_secs(protocol::HEARTBEAT_INTERVAL_SECS),
             preview_every: 5,
             checkpoint_every: 10,

@@ -245,6 +245,7 @@ pub(super) async fn generate_and_store(
     tokio::pin!(result);
     tokio::pin!(batch_started);
     let mut running = false;
+    let mut beat = None;
     let mut last_step = None;
     let result = loop {
         tokio::select! {
@@ -260,7 +261,8 @@ pub(super) async fn generate_and_store(
             res = &mut result => break res,
             begun = &mut batch_started, if !running => {
                 running = true;
-                if begun.is_ok() {
+                if let Ok(begun) = begun {
+                    beat = Some(begun);
                     timer.as_mut().reset(tokio::time::Instant::now() + limit());
                 }
             }
@@ -272,6 +274,19 @@ pub(super) async fn generate_and_store(
                 } else {
                     tracing::warn!(job_id = %job.id, waited = ?own, "the job did not start here within the time limit");
                     stop.stop(StopReason::Unstarted);
+                }
+            }
+            // Told to stop, its batch has not finished a step for far longer than its slowest: the step
+            // hangs, and the job would never end. Report it; the worker drains and exits to be restarted.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if stop.reason().is_some() && beat.is_some() => {
+                let batch: &super::batcher::BatchBeat = beat.as_deref().expect("checked");
+                let patience = shared.config.stall_timeout.max(batch.longest_gap() * 3);
+                if batch.silent_for() >= patience {
+                    let reason = stop.reason().expect("checked");
+                    tracing::error!(job_id = %job.id, silent = ?batch.silent_for(), slowest_step = ?batch.longest_gap(),
+                        "a generation step has not returned since the job was told to stop: the device is taken for hung, the worker stops");
+                    shared.stalled.cancel();
+                    return Err(Failure::Stopped { reason, at_step: last_step.map(|s| s as u32) });
                 }
             }
         }

@@ -61,6 +61,8 @@ pub struct Shared {
     /// The models' identities for the result cache, worked out once each.
     pub model_identities: cache::Identities,
     pub started: Instant,
+    /// Cancelled when a batch is stuck in a step ([`WorkerConfig::stall_timeout`]): the worker drains and exits.
+    pub stalled: CancellationToken,
 }
 
 /// A worker with its models loaded and its consumers bound, ready to serve.
@@ -196,6 +198,7 @@ impl Worker {
             batcher,
             model_identities: Default::default(),
             started: Instant::now(),
+            stalled: CancellationToken::new(),
         });
         Ok(Self { shared, consumers })
     }
@@ -234,7 +237,10 @@ impl Worker {
         send_heartbeat(&shared, false).await;
         tracing::info!(worker_id = %shared.worker_id, models = ?shared.catalogue.names(), resident = ?shared.catalogue.resident(), "ready");
 
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = shared.stalled.cancelled() => {}
+        }
         tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
         stop.cancel();
         while pullers.join_next().await.is_some() {}
@@ -242,7 +248,13 @@ impl Worker {
         if tokio::time::timeout(shared.config.grace, jobs.wait()).await.is_err() {
             tracing::warn!("grace period over: handing running jobs to other workers");
             shared.control.stop_all(StopReason::Shutdown);
-            jobs.wait().await;
+            // Each job answers its stop within a step, or within the stall timeout when its step hangs.
+            let patience = shared.config.stall_timeout + Duration::from_secs(30);
+            if tokio::time::timeout(patience, jobs.wait()).await.is_err() {
+                tracing::error!(
+                    "jobs still running {patience:?} after they were stopped: leaving them to other workers"
+                );
+            }
         }
         beats_stop.cancel();
         send_heartbeat(&shared, true).await;
@@ -253,6 +265,12 @@ impl Worker {
         background.abort_all();
         if let Err(e) = shared.client.drain().await {
             tracing::warn!(error = %e, "draining the NATS connection failed");
+        }
+        if shared.stalled.is_cancelled() {
+            anyhow::bail!(
+                "a generation step hung (--stall-timeout {}): the worker stopped so that it can be restarted",
+                humantime::format_duration(shared.config.stall_timeout)
+            );
         }
         tracing::info!("stopped");
         Ok(())

@@ -70,10 +70,16 @@ pub(super) async fn save(shared: &Shared, job_id: Uuid, bytes: Vec<u8>) {
     }
 }
 
-/// Deletes the job's checkpoint: it ended (or the checkpoint cannot be taken up).
+/// Deletes the job's checkpoint: it ended (or the checkpoint cannot be taken up). Waits [`STORE_PATIENCE`] at
+/// most, so a store retrying an outage does not hold up the job's report; the delete goes on meanwhile.
 pub(super) async fn discard(shared: &Shared, job_id: Uuid) {
-    if let Err(e) = shared.store.delete(&protocol::resume_key(job_id)).await {
-        tracing::warn!(%job_id, error = %e, "cannot delete the job's checkpoint");
+    let (store, key) = (shared.store.clone(), protocol::resume_key(job_id));
+    let delete = tokio::spawn(async move { store.delete(&key).await });
+    match tokio::time::timeout(STORE_PATIENCE, delete).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(%job_id, error = %e, "cannot delete the job's checkpoint"),
+        Ok(Err(e)) => tracing::warn!(%job_id, error = %e, "the checkpoint's delete stopped"),
+        Err(_) => tracing::warn!(%job_id, "the store is slow: the job's checkpoint is deleted in the background"),
     }
 }
 
