@@ -100,7 +100,7 @@ impl LoraLibrary {
             )));
         };
         let lora = crate::hub::lora::parse(name).map_err(|e| LoraSourceError::Invalid(format!("LoRA {e}")))?;
-        let path = crate::hub::lora::resolve(&lora, opts).map_err(|e| match e {
+        let path = crate::hub::lora::resolve(&lora, opts, self.limits.max_file_bytes).map_err(|e| match e {
             crate::hub::lora::HubLoraError::Refused(e) => LoraSourceError::Invalid(format!("{e:#}")),
             crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::Unavailable(format!("{e:#}")),
         })?;

@@ -75,12 +75,18 @@ pub enum HubLoraError {
     Unreachable(anyhow::Error),
 }
 
-/// The local path of the LoRA file, downloading it unless `opts.offline`.
-pub fn resolve(lora: &HubLora, opts: &HubOptions) -> std::result::Result<PathBuf, HubLoraError> {
-    resolve_at(lora, opts, None)
+/// The local path of the LoRA file, downloading it unless `opts.offline`; a file over `max_bytes` is refused
+/// before any of it is downloaded.
+pub fn resolve(lora: &HubLora, opts: &HubOptions, max_bytes: u64) -> std::result::Result<PathBuf, HubLoraError> {
+    resolve_at(lora, opts, None, max_bytes)
 }
 
-fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std::result::Result<PathBuf, HubLoraError> {
+fn resolve_at(
+    lora: &HubLora,
+    opts: &HubOptions,
+    endpoint: Option<&str>,
+    max_bytes: u64,
+) -> std::result::Result<PathBuf, HubLoraError> {
     use HubLoraError::{Refused, Unreachable};
     let cache = CachedRepo::new(opts.cache_root(), &lora.repo, &lora.revision);
     if opts.offline {
@@ -93,7 +99,7 @@ fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std:
             let e = anyhow!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()));
             return Err(if failure.is_transient() { Unreachable(e) } else { Refused(e) });
         }
-        Err(HubError::Unreachable(err) | HubError::Local(err)) => {
+        Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
             return cached(&cache, lora).map_err(|missing| {
                 Unreachable(anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}"))
             });
@@ -101,7 +107,7 @@ fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std:
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let file = choose(lora, &listed).map_err(Refused)?;
-    let path = client.download(&cache, &info.sha, &file).map_err(|e| {
+    let path = client.download(&cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
         let failed = |why: String| anyhow!("downloading {file} of LoRA {lora} failed: {why}");
         match e {
             HubError::Http(f) if !f.is_transient() => {
@@ -109,6 +115,7 @@ fn resolve_at(lora: &HubLora, opts: &HubOptions, endpoint: Option<&str>) -> std:
             }
             HubError::Http(f) => Unreachable(failed(f.explain(&lora.repo, &lora.revision, Some(&file)))),
             HubError::Unreachable(why) | HubError::Local(why) => Unreachable(failed(why)),
+            HubError::TooLarge(why) => Refused(anyhow!("LoRA {lora}: {why} bytes (--max-lora-bytes)")),
         }
     })?;
     if lora.revision != info.sha {
@@ -172,6 +179,9 @@ mod tests {
     use super::super::tests::{FakeCache, MockHub, COMMIT};
     use super::*;
 
+    /// A size limit no test file reaches.
+    const MAX: u64 = 1 << 30;
+
     #[test]
     fn references_are_repo_ids_and_plain_file_names() {
         let r = parse("owner/my-lora").unwrap();
@@ -196,20 +206,39 @@ mod tests {
         // A download that goes silent is a failure worth retrying (the job is tried again), not a hang.
         hub.silence_downloads(usize::MAX, 2);
         let quick = HubOptions { download_timeout: std::time::Duration::from_millis(100), ..online.clone() };
-        match resolve_at(&lora, &quick, Some(&hub.url)) {
+        match resolve_at(&lora, &quick, Some(&hub.url), MAX) {
             Err(HubLoraError::Unreachable(e)) => assert!(format!("{e:#}").contains("received nothing"), "{e:#}"),
             other => panic!("{other:?}"),
         }
         hub.silence_downloads(0, 0);
-        let path = resolve_at(&lora, &online, Some(&hub.url)).unwrap();
+        let path = resolve_at(&lora, &online, Some(&hub.url), MAX).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "lora");
         assert!(path.starts_with(cache.repo_dir(repo).join("snapshots").join(COMMIT)), "{}", path.display());
         // Offline, the cache alone answers.
-        assert_eq!(resolve_at(&lora, &cache.options(false), None).unwrap(), path);
+        assert_eq!(resolve_at(&lora, &cache.options(false), None, MAX).unwrap(), path);
         // A file the repo does not have is named.
-        let err =
-            resolve_at(&parse(&format!("{repo}/other.safetensors")).unwrap(), &online, Some(&hub.url)).unwrap_err();
+        let err = resolve_at(&parse(&format!("{repo}/other.safetensors")).unwrap(), &online, Some(&hub.url), MAX)
+            .unwrap_err();
         assert!(err.to_string().contains("has no other.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_lora_over_the_size_limit_is_refused_before_it_is_downloaded() {
+        let repo = "owner/huge-lora";
+        let hub = MockHub::start(repo, vec![(DIFFUSERS_LORA_FILE, "0123456789".into())], vec![]);
+        let cache = FakeCache::new();
+        let online = HubOptions { offline: false, ..cache.options(false) };
+        match resolve_at(&parse(repo).unwrap(), &online, Some(&hub.url), 9) {
+            Err(HubLoraError::Refused(e)) => {
+                let e = format!("{e:#}");
+                assert!(e.contains("is 10 bytes, over the limit of 9") && e.contains("--max-lora-bytes"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let blobs = cache.repo_dir(repo).join("blobs");
+        let kept = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(kept, 0, "nothing of it was downloaded into {}", blobs.display());
+        assert!(resolve_at(&parse(repo).unwrap(), &online, Some(&hub.url), 10).is_ok(), "at the limit it is taken");
     }
 
     #[test]
@@ -224,9 +253,9 @@ mod tests {
         let cache = FakeCache::new();
         cache.add("o/only", COMMIT, "style.safetensors", "s");
         cache.set_ref("o/only", "main", COMMIT);
-        let path = resolve_at(&parse("o/only").unwrap(), &cache.options(false), None).unwrap();
+        let path = resolve_at(&parse("o/only").unwrap(), &cache.options(false), None, MAX).unwrap();
         assert_eq!(std::fs::read_to_string(path).unwrap(), "s");
-        let err = resolve_at(&parse("o/missing").unwrap(), &cache.options(false), None).unwrap_err();
+        let err = resolve_at(&parse("o/missing").unwrap(), &cache.options(false), None, MAX).unwrap_err();
         assert!(err.to_string().contains("offline"), "{err}");
     }
 }

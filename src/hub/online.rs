@@ -23,7 +23,7 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
         Err(HubError::Http(failure)) => {
             bail!("{}", failure.explain(repo, revision, None))
         }
-        Err(HubError::Unreachable(err) | HubError::Local(err)) => {
+        Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
             // Like huggingface_hub: when the Hub cannot be reached, use the cache if it has
             // everything.
             let dir = cache.resolve_unreachable(opts.prefer_fp16).map_err(|missing| {
@@ -50,7 +50,7 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
             return Ok(Some(local));
         }
         tracing::info!("downloading {file} from {repo}");
-        match client.download(cache, &commit, file) {
+        match client.download(cache, &commit, file, None) {
             Ok(path) => Ok(Some(path)),
             Err(HubError::Http(failure)) => {
                 // Listed but gone meanwhile (an fp16 variant, say): the caller falls back.
@@ -65,7 +65,7 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
                     failure.explain(repo, revision, Some(file))
                 )
             }
-            Err(HubError::Unreachable(err) | HubError::Local(err)) => {
+            Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
                 bail!("downloading {file} from {repo} (revision {revision}) failed: {err}")
             }
         }

@@ -75,6 +75,8 @@ pub(super) enum HubError {
     Unreachable(String),
     /// The answer came, but could not be written to the cache.
     Local(String),
+    /// The file is larger than the caller takes (it was not downloaded).
+    TooLarge(String),
 }
 
 impl HubError {
@@ -156,7 +158,15 @@ impl HubClient {
 
     /// Downloads `file` of the repo at `commit` into the cache (unless there already) and returns its path in
     /// the snapshot folder.
-    pub(super) fn download(&self, cache: &CachedRepo, commit: &str, file: &str) -> Result<PathBuf, HubError> {
+    /// The local path of `file` at `commit`, downloaded into the cache unless it is there; a file over
+    /// `max_bytes` (when given) is refused before any of it is fetched.
+    pub(super) fn download(
+        &self,
+        cache: &CachedRepo,
+        commit: &str,
+        file: &str,
+        max_bytes: Option<u64>,
+    ) -> Result<PathBuf, HubError> {
         let repo_dir = cache.repo_dir();
         let pointer = repo_dir.join("snapshots").join(commit).join(file);
         if pointer.exists() {
@@ -165,6 +175,9 @@ impl HubClient {
         let repo = cache.hf_repo(commit);
         let url = format!("{}/{}/resolve/{}/{file}", self.endpoint, repo.url(), repo.url_revision());
         let meta = self.file_meta(&url)?;
+        if let Some(max) = max_bytes.filter(|&max| meta.size > max) {
+            return Err(HubError::TooLarge(format!("{file} is {} bytes, over the limit of {max}", meta.size)));
+        }
         let blob = repo_dir.join("blobs").join(&meta.etag);
         let local = |what: &str, path: &Path, e: std::io::Error| {
             HubError::Local(format!("cannot {what} {} in the Hugging Face cache: {e}", path.display()))
@@ -260,7 +273,7 @@ impl HubClient {
                 Ok(()) if now == size => break Ok(()),
                 Ok(()) => format!("the connection ended after {now} of {size} bytes"),
                 Err(HubError::Http(failure)) if !failure.is_transient() => break Err(HubError::Http(failure)),
-                Err(HubError::Local(e)) => break Err(HubError::Local(e)),
+                Err(e @ (HubError::Local(_) | HubError::TooLarge(_))) => break Err(e),
                 Err(HubError::Http(failure)) => format!("the Hub answered HTTP {}", failure.status),
                 Err(HubError::Unreachable(e)) => e,
             };
@@ -433,7 +446,7 @@ mod tests {
         let (_cache, hub, client, repo, content) = setup(300);
         hub.silence_downloads(1, 40_000);
         let started = Instant::now();
-        let path = client.download(&repo, COMMIT, FILE).unwrap_or_else(|e| panic!("{}", describe(e)));
+        let path = client.download(&repo, COMMIT, FILE, None).unwrap_or_else(|e| panic!("{}", describe(e)));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
         assert_eq!(path, repo.repo_dir().join("snapshots").join(COMMIT).join(FILE));
         assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
@@ -446,7 +459,7 @@ mod tests {
         let (_cache, hub, client, repo, content) = setup(200);
         hub.silence_downloads(usize::MAX, 1000);
         let started = Instant::now();
-        let err = describe(client.download(&repo, COMMIT, FILE).unwrap_err());
+        let err = describe(client.download(&repo, COMMIT, FILE, None).unwrap_err());
         let took = started.elapsed();
         // Each attempt: 200 ms without data, then a 200 ms pause.
         assert!(took < Duration::from_secs(6), "{took:?}");
@@ -458,7 +471,7 @@ mod tests {
 
         // The Hub answers again: the next try takes up the kept bytes (the lock was released).
         hub.silence_downloads(0, 0);
-        let path = client.download(&repo, COMMIT, FILE).unwrap_or_else(|e| panic!("{}", describe(e)));
+        let path = client.download(&repo, COMMIT, FILE, None).unwrap_or_else(|e| panic!("{}", describe(e)));
         assert_eq!(std::fs::read_to_string(path).unwrap(), content);
         assert_eq!(hub.requested("from=1000"), STALLED_ATTEMPTS as usize);
     }
@@ -473,7 +486,7 @@ mod tests {
         let threads: Vec<_> = (0..2)
             .map(|_| {
                 let (client, repo) = (client.clone(), repo.clone());
-                std::thread::spawn(move || client.download(&repo, COMMIT, FILE).map_err(describe))
+                std::thread::spawn(move || client.download(&repo, COMMIT, FILE, None).map_err(describe))
             })
             .collect();
         for t in threads {
@@ -488,7 +501,7 @@ mod tests {
     fn describe(e: HubError) -> String {
         match e {
             HubError::Http(f) => format!("HTTP {}", f.status),
-            HubError::Unreachable(e) | HubError::Local(e) => e,
+            HubError::Unreachable(e) | HubError::Local(e) | HubError::TooLarge(e) => e,
         }
     }
 }
