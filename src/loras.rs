@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// How long listing the store's LoRAs may take (a heartbeat waits on it).
+const LISTING_PATIENCE: Duration = Duration::from_secs(3);
 
 use parking_lot::Mutex;
 
@@ -116,25 +119,33 @@ impl LoraLibrary {
         Ok(self)
     }
 
-    /// The names jobs can use: the catalogue folder's, then the store's, sorted, at most `max`.
+    /// The names jobs can use: the catalogue folder's, then the store's, sorted, at most `max`. The store is
+    /// listed at most once a minute, and waited for [`LISTING_PATIENCE`] at most.
     pub async fn available(&self, max: usize) -> Vec<String> {
         let mut names = self.names(max);
         if let Some((store, prefix)) = &self.store {
-            let fresh =
-                self.listing.lock().as_ref().filter(|(at, _)| at.elapsed().as_secs() < 60).map(|(_, n)| n.clone());
-            let stored = match fresh {
-                Some(n) => n,
-                None => {
-                    let keys = store.list(prefix, 4 * max).await.unwrap_or_default();
-                    let n: Vec<String> = keys
-                        .iter()
-                        .filter_map(|k| k.strip_suffix(".safetensors"))
-                        // Nested objects are not catalogue names (a name with `/` is a Hub reference).
-                        .filter(|n| !n.contains('/') && validate_lora_name(n).is_ok())
-                        .map(str::to_string)
-                        .collect();
-                    *self.listing.lock() = Some((std::time::Instant::now(), n.clone()));
-                    n
+            let last = self.listing.lock().clone();
+            let stored = match last {
+                Some((at, n)) if at.elapsed().as_secs() < 60 => n,
+                last => {
+                    // Heartbeats wait on this: a store that is down (and retried) gives the last listing.
+                    match tokio::time::timeout(LISTING_PATIENCE, store.list(prefix, 4 * max)).await {
+                        Ok(Ok(keys)) => {
+                            let n: Vec<String> = keys
+                                .iter()
+                                .filter_map(|k| k.strip_suffix(".safetensors"))
+                                // Nested objects are not catalogue names (a name with `/` is a Hub reference).
+                                .filter(|n| !n.contains('/') && validate_lora_name(n).is_ok())
+                                .map(str::to_string)
+                                .collect();
+                            *self.listing.lock() = Some((std::time::Instant::now(), n.clone()));
+                            n
+                        }
+                        _ => {
+                            tracing::debug!("cannot list the store's LoRAs now; naming the last listing");
+                            last.map(|(_, n)| n).unwrap_or_default()
+                        }
+                    }
                 }
             };
             names.extend(stored);

@@ -114,6 +114,9 @@ pub(super) async fn generate_and_store(
         return Err(Failure::invalid("model", format!("{model:?} is not served by worker {}", shared.worker_id)));
     }
     let mut params = Params::try_from(job).map_err(Failure::Invalid)?;
+    // A job cancelled, out of time or handed back at a shutdown while its inputs are read, its LoRAs fetched
+    // or its model loaded goes no further than the step it is in (none of them can be interrupted).
+    let stopped = || stop.reason().map_or(Ok(()), |reason| Err(Failure::Stopped { reason, at_step: None }));
     if let Some(src) = &job.init_image {
         let picture = load_picture(shared, src, "init_image").await?;
         // A job without a size takes its init image's: checked against the limits now, before a model is
@@ -135,6 +138,7 @@ pub(super) async fn generate_and_store(
     if job.kind == protocol::JobKind::Txt2Img {
         params.strength = None;
     }
+    stopped()?;
     if !job.loras.is_empty() {
         let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
         params.loras = shared.loras.resolve(&wanted).await.map_err(|e| match e {
@@ -142,6 +146,7 @@ pub(super) async fn generate_and_store(
             e => Failure::invalid("loras", e),
         })?;
     }
+    stopped()?;
     // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
     if !shared.catalogue.is_resident(model) {
         let mut loading = Progress::new(job.id, 0, job.steps.unwrap_or(0), now_millis());
@@ -153,6 +158,7 @@ pub(super) async fn generate_and_store(
         .checkout(model)
         .await
         .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
+    stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
     let fingerprint = super::resume::fingerprint(job, model, loaded.pipeline.dtype());
