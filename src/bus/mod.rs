@@ -270,6 +270,18 @@ pub async fn jobs_consumer(
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js.get_stream(subjects.jobs_stream()).await.context("cannot bind the jobs stream")?;
     let config = jobs_consumer_config(subjects, model, priority, settings)?;
+    // The consumer is the fleet's, not this worker's: workers that give it other settings take turns
+    // overwriting each other's, and each times its in-progress acks and its last delivery by its own.
+    if let Ok(existing) = stream.consumer_info(priority_consumer_name(model, priority)).await {
+        let theirs = &existing.config;
+        if (theirs.ack_wait, theirs.max_deliver) != (config.ack_wait, config.max_deliver) {
+            tracing::warn!(
+                consumer = %existing.name, their_ack_wait = ?theirs.ack_wait, their_max_deliver = theirs.max_deliver,
+                our_ack_wait = ?config.ack_wait, our_max_deliver = config.max_deliver,
+                "the job consumer had other settings (another worker's --ack-wait or --max-deliver): give every worker of a fleet the same"
+            );
+        }
+    }
     stream
         .create_consumer(config)
         .await

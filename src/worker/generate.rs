@@ -292,7 +292,7 @@ pub(super) async fn generate_and_store(
                     tracing::error!(job_id = %job.id, silent = ?batch.silent_for(), slowest_step = ?batch.longest_gap(),
                         "a generation step has not returned since the job was told to stop: the device is taken for hung, the worker stops");
                     shared.stalled.cancel();
-                    return Err(Failure::Stopped { reason, at_step: last_step.map(|s| s as u32) });
+                    return Err(Failure::Stopped { reason, at_step: last_step });
                 }
             }
         }

@@ -27,10 +27,11 @@ impl Delivery {
 /// and settles the message).
 pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message) {
     let delivered = Delivery::of(&msg);
-    // In-progress acks, well inside ack_wait, for as long as the delivery is handled.
+    // In-progress acks, well inside ack_wait, for as long as the delivery is handled; at least every 5 s, so
+    // a worker started with a shorter --ack-wait (whose consumer settings win) does not take the job over.
     let _keepalive = {
         let msg = msg.clone();
-        let every = shared.config.consumer.ack_wait / 3;
+        let every = (shared.config.consumer.ack_wait / 3).min(Duration::from_secs(5));
         AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
