@@ -367,6 +367,29 @@ async fn killed_worker_hands_its_job_to_another() {
     );
 }
 
+/// The job consumer is the fleet's: a worker started later with a shorter `--ack-wait` gives it its own, and
+/// a worker already running a job with a long one still keeps its job (in-progress acks at least every 5 s),
+/// and says in its log that the settings differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_shorter_ack_wait_does_not_take_over_a_running_job() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let long = ["--ack-wait", "60s", "--step-delay", "400ms"];
+    let first = WorkerProcess::start("w-long", &nats.url(), &store_url, &[], &long);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(40, 12);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 1).await;
+    let second = WorkerProcess::start("w-short", &nats.url(), &store_url, &[], &["--ack-wait", "6s"]);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-long"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    let warned = second.log_text();
+    assert!(warned.contains("the job consumer had other settings") && warned.contains("60s"), "{warned}");
+    drop(first);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_running_job_or_hands_it_over() {
     let nats = NatsServer::start();
