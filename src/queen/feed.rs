@@ -108,13 +108,18 @@ pub async fn feed(
     let ended = async_stream::stream! {
         futures::pin_mut!(live);
         let mut look = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);
+        // Looks missed while a slow reader held the stream come one by one, not in a burst.
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Whether the previous look found the record ended: the record is written after the terminal event
         // is on the bus, so a whole `recheck` later that event is lost (or its stream refuses us).
         let mut ended_before = false;
         loop {
             tokio::select! {
+                biased;
                 frame = live.next() => {
                     let Some(frame) = frame else { break };
+                    // The bus still tells the job's story: the record may end before the stream has sent it.
+                    ended_before = false;
                     let last = frame.1.is_terminal();
                     if last {
                         record_settled(&store, job_id).await;
