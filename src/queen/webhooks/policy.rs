@@ -61,7 +61,7 @@ impl AddressPolicy {
         let addrs = match host {
             url::Host::Ipv4(ip) => vec![IpAddr::V4(*ip)],
             url::Host::Ipv6(ip) => vec![IpAddr::V6(*ip)],
-            url::Host::Domain(name) => resolve(name, port).await?,
+            url::Host::Domain(name) => resolve(name, port, Lookup::Check).await?,
         };
         for ip in addrs {
             self.check(ip)?;
@@ -70,38 +70,55 @@ impl AddressPolicy {
     }
 }
 
-/// How many host lookups may run at once. The system resolver (getaddrinfo) blocks a thread of tokio's
-/// blocking pool until it answers, which a timeout does not shorten: without a bound, submissions naming hosts
-/// that never answer would each leave a thread waiting for the resolver's own timeout, and fill the pool the
-/// object store's file I/O shares.
+/// How many host lookups may run at once, for submissions' checks and for deliveries apart (so that hosts
+/// submitted in a flood cannot hold up deliveries). The system resolver (getaddrinfo) blocks a thread of
+/// tokio's blocking pool until it answers, which a timeout does not shorten: without a bound, submissions
+/// naming hosts that never answer would each leave a thread waiting for the resolver's own timeout, and fill
+/// the pool the object store's file I/O shares.
 const MAX_LOOKUPS: usize = 16;
-static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+static CHECK_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+static DELIVERY_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
-async fn resolve(name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    resolve_within(name, port, &LOOKUPS, RESOLVE_TIMEOUT).await
+/// What a host lookup is for.
+#[derive(Clone, Copy)]
+enum Lookup {
+    Check,
+    Delivery,
 }
 
-/// [`resolve`], taking one of `places` for the lookup and waiting `patience` at most.
+async fn resolve(name: &str, port: u16, purpose: Lookup) -> Result<Vec<IpAddr>, String> {
+    let places = match purpose {
+        Lookup::Check => &CHECK_LOOKUPS,
+        Lookup::Delivery => &DELIVERY_LOOKUPS,
+    };
+    resolve_within(name, port, places, RESOLVE_TIMEOUT).await
+}
+
+/// [`resolve`], taking one of `places` for the lookup and waiting `patience` at most in all.
 async fn resolve_within(
     name: &str,
     port: u16,
     places: &'static tokio::sync::Semaphore,
     patience: Duration,
 ) -> Result<Vec<IpAddr>, String> {
-    let lookup = async {
-        let place = places.acquire().await.map_err(|e| e.to_string())?;
-        let host = name.to_string();
-        // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
-        let running = tokio::spawn(async move {
-            let found = tokio::net::lookup_host((host.as_str(), port)).await;
-            drop(place);
-            found.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
-        });
-        running.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
-    };
-    let ips = tokio::time::timeout(patience, lookup)
+    let deadline = tokio::time::Instant::now() + patience;
+    let place = tokio::time::timeout_at(deadline, places.acquire())
+        .await
+        .map_err(|_| {
+            format!("{name} was not looked up: {MAX_LOOKUPS} lookups of webhook hosts are waiting for the system resolver; try again shortly")
+        })?
+        .map_err(|e| e.to_string())?;
+    let host = name.to_string();
+    // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
+    let running = tokio::spawn(async move {
+        let found = tokio::net::lookup_host((host.as_str(), port)).await;
+        drop(place);
+        found.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
+    });
+    let ips = tokio::time::timeout_at(deadline, running)
         .await
         .map_err(|_| format!("{name} did not resolve within {}", humantime::format_duration(patience)))?
+        .map_err(|e| format!("{name} does not resolve: {e}"))?
         .map_err(|e| format!("{name} does not resolve: {e}"))?;
     if ips.is_empty() {
         return Err(format!("{name} resolves to no address"));
@@ -179,7 +196,7 @@ impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.0.clone();
         Box::pin(async move {
-            let ips = resolve(name.as_str(), 0).await?;
+            let ips = resolve(name.as_str(), 0, Lookup::Delivery).await?;
             for ip in &ips {
                 policy.check(*ip)?;
             }
@@ -285,7 +302,7 @@ mod tests {
         let busy = places.acquire().await.unwrap();
         let started = std::time::Instant::now();
         let err = resolve_within("localhost", 80, places, patience).await.unwrap_err();
-        assert_eq!(err, "localhost did not resolve within 300ms");
+        assert!(err.starts_with("localhost was not looked up: 16 lookups"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         drop(busy);
         let ips = resolve_within("localhost", 80, places, Duration::from_secs(5)).await.unwrap();
