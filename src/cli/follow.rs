@@ -156,9 +156,12 @@ pub async fn on_queen(
     loop {
         let events = match client.events(job_id, last_id.as_deref()).await {
             Ok(events) => events,
-            Err(e) if reconnects < RECONNECTS && last_id.is_some() && !is_refusal(&e) => {
+            Err(e) if reconnects < RECONNECTS && (last_id.is_some() || is_busy(&e)) && !is_refusal(&e) => {
                 reconnects += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                // The token's streams are all in use (one may be this follower's own, not yet freed): as
+                // the queen's Retry-After says.
+                let pause = if is_busy(&e) { 5 } else { 1 };
+                tokio::time::sleep(Duration::from_secs(pause)).await;
                 tracing::debug!(error = %e, "reconnecting to the job's events");
                 continue;
             }
@@ -217,5 +220,10 @@ pub async fn on_queen(
 
 /// An answer from the queen (a 4xx), which reconnecting does not change.
 fn is_refusal(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<crate::api::ApiError>().is_some_and(|a| (400..500).contains(&a.status))
+    e.downcast_ref::<crate::api::ApiError>().is_some_and(|a| (400..500).contains(&a.status) && a.status != 429)
+}
+
+/// `429 TOO_MANY_STREAMS`: worth asking again once another stream of the token closed.
+fn is_busy(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::api::ApiError>().is_some_and(|a| a.status == 429)
 }
