@@ -381,7 +381,7 @@ async fn a_worker_with_a_shorter_ack_wait_does_not_take_over_a_running_job() {
     let job = tiny_job(40, 12);
     client.submit(&job).await.unwrap();
     wait_for_step(&client, job.id, 1).await;
-    let second = WorkerProcess::start("w-short", &nats.url(), &store_url, &[], &["--ack-wait", "6s"]);
+    let second = WorkerProcess::start("w-short", &nats.url(), &store_url, &[], &["--ack-wait", "10s"]);
     let events = events_of(&client, job.id, Duration::from_secs(60)).await;
     assert_eq!(accepted_by(&events), ["w-long"], "{events:?}");
     assert_eq!(completed(&events).len(), 1);

@@ -44,7 +44,8 @@ pub struct WorkerArgs {
     /// priority.
     #[arg(long, default_value_t = 10, value_parser = parse_priority_share)]
     pub priority_share: u32,
-    /// A job not acked within this is redelivered (the worker sends in-progress acks at a third of it).
+    /// A job not acked within this is redelivered (the worker sends in-progress acks at a third of it, and at
+    /// least every 5 s). Give every worker of a fleet the same: they share the job consumers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
     /// Deliveries of a job before it is dead-lettered.
@@ -61,8 +62,9 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
     /// How long a running batch may go without finishing a step once one of its jobs was told to stop (and at
-    /// least three times its slowest step): past it the device is taken for hung, the job is reported as
-    /// stopped, and the worker drains and exits with an error so that its supervisor restarts it.
+    /// least three times its slowest step; the VAE decode after the last step counts as silence too, so keep
+    /// it well above a decode's time): past it the device is taken for hung, the job is reported as stopped,
+    /// and the worker drains and exits with an error so that its supervisor restarts it.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub stall_timeout: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

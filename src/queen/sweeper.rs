@@ -22,9 +22,9 @@ const FIRST_RETRY: Duration = Duration::from_secs(5);
 const LONGEST_RETRY: Duration = Duration::from_secs(30 * 60);
 
 /// How long a sweep that failed `overdue` after the job's expiry waits before the next try: half the time
-/// it has been failing, from 5 s to 30 min. The pause grows with the failure without a count kept anywhere
-/// (the delivery count of the schedule's message also counts the hourly looks before the expiry), and the
-/// sweep is never given up: the job's objects must go.
+/// since the expiry (for a sweep that ran on time, the time it has been failing), from 5 s to 30 min. The
+/// pause grows without a count kept anywhere (the delivery count of the schedule's message also counts the
+/// hourly looks before the expiry), and the sweep is never given up: the job's objects must go.
 fn retry_after(overdue: Duration) -> Duration {
     (overdue / 2).clamp(FIRST_RETRY, LONGEST_RETRY)
 }
