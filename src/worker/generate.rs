@@ -251,6 +251,8 @@ pub(super) async fn generate_and_store(
     tokio::pin!(result);
     tokio::pin!(batch_started);
     let mut running = false;
+    // The watchdog's look, once a second while the job is told to stop (made once: the loop turns every step).
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut beat = None;
     let mut last_step = None;
     let result = loop {
@@ -284,7 +286,7 @@ pub(super) async fn generate_and_store(
             }
             // Told to stop, its batch has not finished a step for far longer than its slowest: the step
             // hangs, and the job would never end. Report it; the worker drains and exits to be restarted.
-            _ = tokio::time::sleep(Duration::from_secs(1)), if stop.reason().is_some() && beat.is_some() => {
+            _ = watch.tick(), if stop.reason().is_some() && beat.is_some() => {
                 let batch: &super::batcher::BatchBeat = beat.as_deref().expect("checked");
                 let patience = shared.config.stall_timeout.max(batch.longest_gap() * 3);
                 if batch.silent_for() >= patience {

@@ -29,11 +29,6 @@ impl OpenStreams {
         *held += 1;
         Ok(StreamSlot { streams: self.clone(), caller: caller.to_string() })
     }
-
-    /// How many streams `caller` holds open.
-    pub fn held(&self, caller: &str) -> usize {
-        self.0.lock().get(caller).copied().unwrap_or(0)
-    }
 }
 
 impl Drop for StreamSlot {
@@ -52,6 +47,10 @@ impl Drop for StreamSlot {
 mod tests {
     use super::*;
 
+    fn held(streams: &OpenStreams, caller: &str) -> usize {
+        streams.0.lock().get(caller).copied().unwrap_or(0)
+    }
+
     #[test]
     fn a_caller_holds_at_most_its_share_and_a_closed_stream_frees_its_place() {
         let streams = OpenStreams::default();
@@ -60,9 +59,9 @@ mod tests {
         assert_eq!(streams.open("a", 2).err(), Some(2));
         let _other = streams.open("b", 2).expect("another caller has its own share");
         drop(first);
-        assert_eq!(streams.held("a"), 1);
+        assert_eq!(held(&streams, "a"), 1);
         let _again = streams.open("a", 2).expect("a place was freed");
-        assert_eq!(streams.held("a"), 2);
+        assert_eq!(held(&streams, "a"), 2);
         assert!(streams.0.lock().len() == 2);
         drop((_again, _second, _other));
         assert!(streams.0.lock().is_empty(), "no caller is remembered once its streams are closed");

@@ -61,7 +61,7 @@ impl AddressPolicy {
         let addrs = match host {
             url::Host::Ipv4(ip) => vec![IpAddr::V4(*ip)],
             url::Host::Ipv6(ip) => vec![IpAddr::V6(*ip)],
-            url::Host::Domain(name) => resolve(name, port, Lookup::Check).await?,
+            url::Host::Domain(name) => resolve(name, port, &CHECK_LOOKUPS).await?,
         };
         for ip in addrs {
             self.check(ip)?;
@@ -79,18 +79,8 @@ const MAX_LOOKUPS: usize = 16;
 static CHECK_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 static DELIVERY_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
-/// What a host lookup is for.
-#[derive(Clone, Copy)]
-enum Lookup {
-    Check,
-    Delivery,
-}
-
-async fn resolve(name: &str, port: u16, purpose: Lookup) -> Result<Vec<IpAddr>, String> {
-    let places = match purpose {
-        Lookup::Check => &CHECK_LOOKUPS,
-        Lookup::Delivery => &DELIVERY_LOOKUPS,
-    };
+/// `name`'s addresses, looked up in one of `places` ([`CHECK_LOOKUPS`] or [`DELIVERY_LOOKUPS`]).
+async fn resolve(name: &str, port: u16, places: &'static tokio::sync::Semaphore) -> Result<Vec<IpAddr>, String> {
     resolve_within(name, port, places, RESOLVE_TIMEOUT).await
 }
 
@@ -196,7 +186,7 @@ impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.0.clone();
         Box::pin(async move {
-            let ips = resolve(name.as_str(), 0, Lookup::Delivery).await?;
+            let ips = resolve(name.as_str(), 0, &DELIVERY_LOOKUPS).await?;
             for ip in &ips {
                 policy.check(*ip)?;
             }
