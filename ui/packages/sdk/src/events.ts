@@ -44,8 +44,9 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 }
 
 /** The job's events until its terminal one (`completed`, `failed` or `cancelled`). Error answers the queen
- * gives for the request itself (401, 404, 400) are thrown at once; a refused or dropped connection and a
- * 5xx are retried with backoff from the last event seen. */
+ * gives for the request itself (401, 404, 400) are thrown at once; a refused or dropped connection, a 5xx
+ * and `429 TOO_MANY_STREAMS` are retried from the last event seen, after the answer's `Retry-After` (at most
+ * a minute) when it has one, else the stream's own `retry:`, else the backoff. */
 export async function* followJob(client: QueenClient, id: string, options: FollowOptions = {}): AsyncGenerator<JobEvent, void, undefined> {
   const maxRetries = options.maxRetries ?? 8;
   let delay = options.retryDelayMs ?? 500;
@@ -85,7 +86,9 @@ export async function* followJob(client: QueenClient, id: string, options: Follo
       failures += 1;
       if (failures > maxRetries) throw e;
       options.onReconnect?.(failures, e);
-      await sleep(serverRetry ?? delay, options.signal);
+      // What the queen asks for, up to a minute (a proxy's date could be hours away: the caller can retry).
+      const asked = e instanceof ApiError && e.retryAfterMs !== undefined ? Math.min(e.retryAfterMs, 60_000) : undefined;
+      await sleep(asked ?? serverRetry ?? delay, options.signal);
       delay = Math.min(delay * 2, 10_000);
     }
   }

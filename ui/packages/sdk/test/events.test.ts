@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 
 import { ApiError, QueenClient, type JobEvent } from "../src/index.js";
+import { parseRetryAfter } from "../src/errors.js";
 import { fakeFetch, json, sse } from "./fake.js";
 
 const JOB = "0b7e2c3a-1f7e-4a57-9a2b-2f1d3c4b5a69";
@@ -60,6 +61,29 @@ describe("events", () => {
     expect(error).toBeInstanceOf(ApiError);
     expect(error.code).toBe("NOT_FOUND");
     expect(seen).toHaveLength(1);
+  });
+
+  it("waits as long as a 429's Retry-After asks before it follows again", async () => {
+    let call = 0;
+    const { fetch, seen } = fakeFetch(() => {
+      call += 1;
+      if (call === 1) return json(429, { error: { code: "TOO_MANY_STREAMS", message: "close one" } }, { "retry-after": "1" });
+      return sse([queued, completed]);
+    });
+    const t0 = Date.now();
+    const events = await collect(new QueenClient({ fetch }).events(JOB, { retryDelayMs: 1 }));
+    expect(events.map((e) => e.event)).toEqual(["queued", "completed"]);
+    expect(seen).toHaveLength(2);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(950);
+  });
+
+  it("reads Retry-After as seconds or as a date", () => {
+    const now = Date.parse("Wed, 02 Dec 2026 10:00:00 GMT");
+    expect(parseRetryAfter("5", now)).toBe(5000);
+    expect(parseRetryAfter("Wed, 02 Dec 2026 10:00:30 GMT", now)).toBe(30_000);
+    expect(parseRetryAfter("Wed, 02 Dec 2026 09:00:00 GMT", now)).toBe(0);
+    expect(parseRetryAfter("soon", now)).toBeUndefined();
+    expect(parseRetryAfter(null, now)).toBeUndefined();
   });
 
   it("gives up after maxRetries reconnections without a new event", async () => {
