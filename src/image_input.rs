@@ -190,6 +190,16 @@ fn webp_lossless_bytes(bytes: &[u8], width: u32, height: u32) -> Result<u64> {
 /// [`decode`] on a blocking thread, at most [`MAX_CONCURRENT_DECODES`] at a time in the process: what the
 /// queen and the workers use for images from the network.
 pub async fn decode_bounded(bytes: bytes::Bytes, what: &str) -> Result<DynamicImage> {
+    decode_bounded_then(bytes, what, Ok).await
+}
+
+/// [`decode_bounded`], then `then` on the decoded image on the same thread, in the same slot: work on an
+/// image as large as the limits allow stays off the async threads and within the decodes' bound.
+pub async fn decode_bounded_then<T: Send + 'static>(
+    bytes: bytes::Bytes,
+    what: &str,
+    then: impl FnOnce(DynamicImage) -> Result<T> + Send + 'static,
+) -> Result<T> {
     static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_DECODES);
     // Waiting callers hold their request bodies: past a while, say so rather than pile up.
     let slot = match tokio::time::timeout(DECODE_WAIT, SLOTS.acquire()).await {
@@ -201,7 +211,7 @@ pub async fn decode_bounded(bytes: bytes::Bytes, what: &str) -> Result<DynamicIm
     // while the decode still runs.
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        decode(&bytes, &what_owned)
+        then(decode(&bytes, &what_owned)?)
     })
     .await
     .with_context(|| format!("{what}: the decoding thread failed"))?
@@ -237,7 +247,7 @@ pub fn resize(img: &DynamicImage, width: u32, height: u32, mode: ResizeMode, fil
     let filter = image::imageops::FilterType::Lanczos3;
     match mode {
         ResizeMode::Stretch => img.resize_exact(width, height, filter),
-        ResizeMode::Fit => img.resize_to_fill(width, height, filter),
+        ResizeMode::Fit => cover(img, width, height, filter),
         ResizeMode::Pad => {
             let inner = img.resize(width, height, filter);
             let mut canvas = image::RgbaImage::from_pixel(width, height, fill);
@@ -246,6 +256,24 @@ pub fn resize(img: &DynamicImage, width: u32, height: u32, mode: ResizeMode, fil
             DynamicImage::ImageRgba8(canvas)
         }
     }
+}
+
+/// Scaled to cover `width`×`height`, centre-cropped to it. `resize_to_fill` scales the whole image before it
+/// crops: an image far longer than the target (8×16384 to 2048², a 369-byte PNG) would become 2048×4194304
+/// pixels, 26 GB, on the way. Past 4× the target's area, the image is cropped to the target's shape first
+/// (the pixels along the cut then differ slightly, as the filter no longer sees beyond it).
+fn cover(img: &DynamicImage, width: u32, height: u32, filter: image::imageops::FilterType) -> DynamicImage {
+    let (w, h) = (u64::from(img.width()), u64::from(img.height()));
+    let (tw, th) = (u64::from(width), u64::from(height));
+    // The covering scale is max(tw/w, th/h): the intermediate is w·s × h·s.
+    let covering_area = if tw * h >= th * w { tw * tw * h / w.max(1) } else { th * th * w / h.max(1) };
+    if covering_area <= 4 * tw * th {
+        return img.resize_to_fill(width, height, filter);
+    }
+    // The largest centred region of the target's shape, in the image's own pixels.
+    let (cw, ch) = if tw * h >= th * w { (w, (w * th / tw).max(1)) } else { ((h * tw / th).max(1), h) };
+    let cropped = img.crop_imm(((w - cw) / 2) as u32, ((h - ch) / 2) as u32, cw as u32, ch as u32);
+    cropped.resize_exact(width, height, filter)
 }
 
 /// The size to use when the request gives none: the image's own, rounded down to a multiple of 8.
@@ -293,6 +321,29 @@ mod tests {
             let back = decode(&bytes, "init image").unwrap();
             assert_eq!(back.dimensions(), (16, 8), "{format:?}");
         }
+    }
+
+    #[test]
+    fn a_fill_of_a_far_longer_image_crops_before_it_scales() {
+        // 8×16384 to 2048²: scaled whole first, it would be 2048×4194304 pixels (26 GB) on the way.
+        let thin = DynamicImage::ImageLuma8(image::GrayImage::from_fn(8, 16384, |_, y| image::Luma([(y / 64) as u8])));
+        let t0 = std::time::Instant::now();
+        let out = resize(&thin, 2048, 2048, ResizeMode::Fit, Rgba([0, 0, 0, 0]));
+        assert_eq!(out.dimensions(), (2048, 2048));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "took {:?}", t0.elapsed());
+        // The centre of the image is kept: rows 8188..8196 of the source, value 127 or 128.
+        let middle = out.to_luma8().get_pixel(1024, 1024).0[0];
+        assert!((127..=128).contains(&middle), "{middle}");
+        // An ordinary shape scales as before (the whole image, then the crop).
+        let photo = DynamicImage::ImageRgb8(RgbImage::from_fn(96, 64, |x, y| image::Rgb([x as u8, y as u8, 7])));
+        let fit = resize(&photo, 64, 64, ResizeMode::Fit, Rgba([0, 0, 0, 0]));
+        assert_eq!(fit.to_rgb8(), photo.resize_to_fill(64, 64, image::imageops::FilterType::Lanczos3).to_rgb8());
+        // Wide beyond 4× the target's area: cropped to the target's shape, the middle kept.
+        let wide = DynamicImage::ImageRgb8(RgbImage::from_fn(4096, 16, |x, _| image::Rgb([(x / 16) as u8, 0, 0])));
+        let out = resize(&wide, 64, 32, ResizeMode::Fit, Rgba([0, 0, 0, 0])).to_rgb8();
+        assert_eq!(out.dimensions(), (64, 32));
+        let centre = out.get_pixel(32, 16).0[0];
+        assert!((126..=129).contains(&centre), "{centre}");
     }
 
     #[test]
