@@ -206,6 +206,8 @@ fn merge(p: &Planned) -> Result<Tensor, MergeError> {
             merged = (merged + (up.matmul(&down)? * *factor)?)?;
         }
         let largest = merged.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // A max skips NaN (inf · 0 from an overflowing product and a zero alpha or scale): NaN ≠ NaN finds it.
+        let largest = if merged.ne(&merged)?.max_all()?.to_scalar::<u8>()? != 0 { f64::NAN } else { largest };
         let limit = match base.dtype() {
             DType::F16 => 65504.0,
             DType::BF16 => 3.38e38,

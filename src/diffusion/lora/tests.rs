@@ -333,3 +333,33 @@ fn a_failed_merge_leaves_the_loaded_weights() {
         assert!(out.iter().all(|&v| v == 1.0), "a layer kept its patch: {out:?}");
     }
 }
+
+/// A merge that makes NaN (an overflowing product times a zero alpha: inf · 0) is refused like one that
+/// overflows, though a max over the weights skips NaN.
+#[test]
+fn a_merge_that_makes_nan_is_refused() {
+    use crate::diffusion::lora::apply::Adapters;
+    use crate::diffusion::lora::LoraWeight;
+    let dev = Device::Cpu;
+    let w = Tensor::ones((4, 4), DType::F32, &dev).unwrap();
+    let (_layer, table) =
+        adapt::record(|| Adaptable::new(candle_nn::Linear::new(w.clone(), None), "mid_block.attentions.0.proj_in"));
+    let adapters = Adapters::new(LayerIndex::new(&[(Component::Unet, &table)]), "a test model");
+    let big = |dims: (usize, usize)| (Tensor::ones(dims, DType::F32, &dev).unwrap() * 1e20).unwrap();
+    let lora = Lora {
+        name: "zero-alpha".into(),
+        hash: [3; 32],
+        format: LoraFormat::Kohya,
+        layers: vec![LoraLayer {
+            component: Component::Unet,
+            key: "mid_block_attentions_0_proj_in".into(),
+            source: "mid_block_attentions_0_proj_in".into(),
+            down: big((1, 4)),
+            up: big((4, 1)),
+            alpha: Some(0.0),
+        }],
+        bytes: 0,
+    };
+    let err = adapters.enter(&[LoraWeight { lora: std::sync::Arc::new(lora), scale: 1.0 }]).err().unwrap().to_string();
+    assert!(err.contains("zero-alpha") && err.contains("proj_in") && err.contains("NaN"), "{err}");
+}
