@@ -251,3 +251,97 @@ async fn a_compatible_request_stops_waiting_and_names_its_job() {
     assert!(shutdown.elapsed() < Duration::from_secs(10));
     assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "both A1111 jobs are kept");
 }
+
+/// OpenAI's client with its default retries: an edit of an ordinary photo (over a megabyte of base64), then
+/// a generation whose job is cancelled while the client waits for it.
+const OPENAI_LARGE_AND_CANCELLED_SCRIPT: &str = r#"
+import base64, json, sys
+import openai
+
+base, token, photo_path, flag_path = sys.argv[1:5]
+client = openai.OpenAI(base_url=base + "/v1", api_key=token, timeout=60)
+edited = client.images.edit(image=open(photo_path, "rb"), prompt="a paper boat on a pond", size="64x64",
+                            response_format="b64_json", extra_body={"seed": 9, "steps": 2})
+open(flag_path, "w").write("edited")
+try:
+    client.images.generate(prompt="a slow boat", size="64x64", extra_body={"steps": 20})
+    cancelled = {"status": 200}
+except openai.APIStatusError as e:
+    cancelled = {"status": e.status_code, "body": e.body}
+print(json.dumps({"edited": edited.data[0].b64_json, "cancelled": cancelled}))
+"#;
+
+/// A noisy `side`² RGB PNG: it barely compresses (about 3 bytes a pixel).
+fn photo(side: u32) -> Vec<u8> {
+    let mut state = 12345u32;
+    let img = image::RgbImage::from_fn(side, side, |_, _| {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        image::Rgb([(state >> 24) as u8, (state >> 16) as u8, (state >> 8) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+/// Compatible clients cannot upload first: an init image too large for a job message goes by the store
+/// (OpenAI's edit and A1111's img2img of a 512² photo, which used to be refused 413). And once a request's
+/// job is submitted, its errors tell OpenAI's client not to retry: a job cancelled while the client waits
+/// is answered 409 once, not submitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatible_requests_take_large_images_and_are_not_retried_once_submitted() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    let queen = start_queen(&nats.url(), &store, &[], |c| c.api.model_catalogue = vec!["tiny".into()]).await;
+    let _worker = WorkerProcess::start("compat-large", &nats.url(), &store, &[], &["--step-delay", "200ms"]);
+    let c = client(&queen);
+
+    let large = photo(512);
+    assert!(large.len() * 4 / 3 > 1024 * 1024, "the base64 must be over NATS's 1 MiB: {} bytes", large.len());
+    let dir = tempfile::tempdir().unwrap();
+    let (photo_path, flag_path) = (dir.path().join("photo.png"), dir.path().join("edited"));
+    std::fs::write(&photo_path, &large).unwrap();
+    let script = dir.path().join("openai_large.py");
+    std::fs::write(&script, OPENAI_LARGE_AND_CANCELLED_SCRIPT).unwrap();
+    let client_run = tokio::process::Command::new(tool("python"))
+        .arg(&script)
+        .args([&queen.base, TOKEN])
+        .args([&photo_path, &flag_path])
+        .output();
+    let client_run = tokio::spawn(client_run);
+
+    // Once the edit is in, the client's generation runs (20 steps of 200 ms): cancel it mid-way.
+    let start = Instant::now();
+    let running = loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "the client's generation never ran");
+        if flag_path.exists() {
+            let listed = c.jobs("?state=running").await.unwrap();
+            if let Some(job) = listed.jobs.first() {
+                break job.job_id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    c.cancel(running).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), client_run).await.unwrap().unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(png(&B64.decode(answer["edited"].as_str().unwrap()).unwrap()).dimensions(), (64, 64));
+    assert_eq!(answer["cancelled"]["status"], 409, "{answer}");
+    let message = answer["cancelled"]["body"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&running.to_string()), "the answer names the job: {answer}");
+    let jobs = c.jobs("").await.unwrap().jobs;
+    assert_eq!(jobs.len(), 2, "the edit and the cancelled generation, nothing retried: {jobs:?}");
+
+    // A1111's img2img, the photo inline as its clients send it.
+    let bearer = format!("Bearer {TOKEN}");
+    let img2img = json!({
+        "prompt": "a paper boat on a pond", "seed": 3, "steps": 2, "width": 64, "height": 64,
+        "init_images": [format!("data:image/png;base64,{}", B64.encode(&large))], "denoising_strength": 0.5
+    });
+    let (status, body) = post(&queen.base, "/sdapi/v1/img2img", img2img, ("authorization", &bearer)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(png(&B64.decode(body["images"][0].as_str().unwrap()).unwrap()).dimensions(), (64, 64));
+    let uploads = std::fs::read_dir(results.path().join("uploads")).unwrap().count();
+    assert_eq!(uploads, 2, "each large input went by the store");
+}

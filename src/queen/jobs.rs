@@ -230,6 +230,11 @@ impl Jobs {
         Ok(SubmitResponse::new(job.id, true))
     }
 
+    /// The most bytes a job message may have on the bus (NATS's `max_payload`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.bus.nats().max_payload()
+    }
+
     /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
     async fn check(&self, job: &JobRequest) -> JobsResult<()> {
         crate::api::check_job(job, &self.limits).map_err(|e| match e {
@@ -334,9 +339,14 @@ impl Jobs {
 
     /// `POST /v1/uploads`: an image to use as `init_image` or `mask` by key.
     pub async fn upload(&self, body: Bytes) -> JobsResult<UploadResponse> {
-        let img =
-            crate::image_input::decode_bounded(body.clone(), "upload").await.map_err(|e| decode_error("body", e))?;
-        let format = image::guess_format(&body).map_err(|e| JobsError::invalid("body", e))?;
+        self.store_input(body, "body", "upload").await
+    }
+
+    /// An input image checked (`field` names it in errors, `what` in their messages) and stored under
+    /// `uploads/`, as `POST /v1/uploads` does; a job then names it by key.
+    pub async fn store_input(&self, body: Bytes, field: &str, what: &str) -> JobsResult<UploadResponse> {
+        let img = crate::image_input::decode_bounded(body.clone(), what).await.map_err(|e| decode_error(field, e))?;
+        let format = image::guess_format(&body).map_err(|e| JobsError::invalid(field, e))?;
         let ext = format.extensions_str().first().copied().unwrap_or("img");
         let key = format!("uploads/{}.{ext}", Uuid::new_v4());
         self.store.put(&key, body.clone(), format.to_mime_type()).await?;

@@ -10,14 +10,15 @@ use base64::Engine as _;
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::compat::{carried_base64, choose_model, submit_and_wait};
 use super::error::ApiResult;
 use super::jobs::parse_body;
-use super::openai::choose_model;
 use super::AppState;
 use crate::api::a1111::{
     self, A1111Model, A1111Progress, A1111ProgressState, A1111Request, A1111Response, A1111Sampler,
 };
-use crate::api::ApiErrorBody;
+use crate::api::{ApiErrorBody, ImageInput};
+use crate::queen::jobs::JobsError;
 
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "compatible", operation_id = "a1111_txt2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
@@ -56,13 +57,20 @@ async fn generate(
 ) -> ApiResult<Json<A1111Response>> {
     let request: A1111Request = parse_body(headers, body)?;
     let model = choose_model(state, request.checkpoint(), "override_settings.sd_model_checkpoint").await?;
-    let job =
+    let mut job =
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
-    // The wait for the job holds a stream of the events like GET /v1/jobs/{id}/events.
-    let _slot = caller.open_stream(state)?;
-    let job_id = caller.submit(state, job, None).await?.job_id;
-    state.a1111_jobs.lock().insert(caller.id.clone(), job_id);
-    let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;
+    // A1111's clients send images inline only: those too large for a job message go by the store.
+    if let Some(ImageInput::Base64(text)) = job.init_image.take() {
+        job.init_image = Some(carried_base64(state, text, "init_images").await?);
+    }
+    if let Some(ImageInput::Base64(text)) = job.mask.take() {
+        job.mask = Some(carried_base64(state, text, "mask").await?);
+    }
+    let finished = submit_and_wait(state, caller, job, |id| {
+        state.a1111_jobs.lock().insert(caller.id.clone(), id);
+    })
+    .await?;
+    let job_id = finished.job_id;
     let images: Vec<_> = finished.images.iter().map(|(image, _)| image.clone()).collect();
     let info = a1111::info(&request, &model, &images, job_id);
     let encoded = if request.send_images {
@@ -94,10 +102,12 @@ pub(super) async fn progress(
 ) -> ApiResult<Json<A1111Progress>> {
     let newest: Option<Uuid> = state.a1111_jobs.lock().get(&caller.id).copied();
     let Some(job_id) = newest else { return Ok(Json(A1111Progress::default())) };
-    let status = state.jobs.get(job_id).await?;
-    if status.state.is_terminal() {
-        return Ok(Json(A1111Progress::default()));
-    }
+    // A job past its ttl or forgotten is as idle as one that ended: A1111's progress answers 200 regardless.
+    let status = match state.jobs.get(job_id).await {
+        Ok(status) if !status.state.is_terminal() => status,
+        Ok(_) | Err(JobsError::NotFound(_) | JobsError::Expired(_)) => return Ok(Json(A1111Progress::default())),
+        Err(e) => return Err(e.into()),
+    };
     let (step, total, eta_ms) = status.progress.as_ref().map_or((0, 0, None), |p| (p.step, p.total, p.eta_ms));
     Ok(Json(A1111Progress {
         progress: if total > 0 { f64::from(step) / f64::from(total) } else { 0.0 },

@@ -21,15 +21,33 @@ pub struct AppError {
     pub code: ApiErrorCode,
     pub message: String,
     pub field: Option<String>,
+    /// Sent with `x-should-retry: false`: the request's job was submitted, and a client that retries on
+    /// its own (OpenAI's retry 409, 429 and 5xx) would submit it again.
+    pub no_retry: bool,
 }
 
 impl AppError {
     pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self { code, message: message.into(), field: None, no_retry: false }
+    }
+    /// The error of a request that has submitted job `id` (a compatible endpoint waiting for its images):
+    /// never to be retried automatically, and naming the job, which goes on or has ended.
+    pub(super) fn after_submission(mut self, id: uuid::Uuid) -> Self {
+        if !self.message.contains(&id.to_string()) {
+            self.message = format!("job {id}: {}", self.message);
+        }
+        self.no_retry = true;
+        self
     }
     pub(super) fn field(mut self, field: impl Into<String>) -> Self {
         self.field = Some(protocol::truncate(&field.into(), 128).to_string());
         self
+    }
+    fn maybe_field(self, field: Option<String>) -> Self {
+        match field {
+            Some(f) => self.field(f),
+            None => self,
+        }
     }
     pub(super) fn invalid(field: &str, message: impl Into<String>) -> Self {
         Self::new(ApiErrorCode::InvalidRequest, message).field(field)
@@ -47,7 +65,7 @@ impl AppError {
 
 impl From<ProtocolError> for AppError {
     fn from(e: ProtocolError) -> Self {
-        Self { code: ApiErrorCode::InvalidRequest, message: e.message, field: e.field }
+        Self { code: ApiErrorCode::InvalidRequest, message: e.message, field: e.field, no_retry: false }
     }
 }
 
@@ -57,7 +75,7 @@ impl From<JobsError> for AppError {
         let message = e.to_string();
         match e {
             JobsError::Invalid(e) => e.into(),
-            JobsError::TooLarge { field, .. } => Self { code: ApiErrorCode::PayloadTooLarge, message, field },
+            JobsError::TooLarge { field, .. } => Self::new(ApiErrorCode::PayloadTooLarge, message).maybe_field(field),
             JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
             JobsError::Expired(_) => Self::new(ApiErrorCode::Expired, message),
             JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),
@@ -88,7 +106,7 @@ impl IntoResponse for AppError {
         if self.code == ApiErrorCode::TooManyStreams {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
-        if self.code == ApiErrorCode::WaitTimeout {
+        if self.code == ApiErrorCode::WaitTimeout || self.no_retry {
             // OpenAI's clients retry a 5xx unless told not to; a retry would submit the job a second time.
             response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }

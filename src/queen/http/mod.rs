@@ -17,6 +17,7 @@
 
 mod a1111;
 mod auth;
+mod compat;
 mod error;
 mod events;
 mod fleet;

@@ -8,31 +8,14 @@ use axum::{Extension, Json};
 use base64::Engine as _;
 
 use super::auth::Caller;
+use super::compat::{carried, choose_model, submit_and_wait};
 use super::error::ApiResult;
 use super::jobs::parse_body;
 use super::{AppError, AppState};
-use crate::api::openai::{OpenAiImage, OpenAiImageRequest, OpenAiImagesResponse, ResponseFormat, OPENAI_MODEL_NAMES};
+use crate::api::openai::{OpenAiImage, OpenAiImageRequest, OpenAiImagesResponse, ResponseFormat};
 use crate::api::{ApiErrorBody, ImageInput};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-/// The model a compatible request runs on: the one it names, unless it names none or one of OpenAI's; then
-/// the queen's `--compat-model`, else the only model of the catalogue. `field` is what the caller calls it.
-pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field: &str) -> ApiResult<String> {
-    if let Some(model) = asked.filter(|m| !m.is_empty() && !OPENAI_MODEL_NAMES.contains(&m.as_str())) {
-        return Ok(model);
-    }
-    if let Some(model) = &state.config.compat_model {
-        return Ok(model.clone());
-    }
-    match state.jobs.catalogue().await.as_slice() {
-        [only] => Ok(only.clone()),
-        [] => Err(AppError::invalid(field, "no model is served yet; name one")),
-        several => {
-            Err(AppError::invalid(field, format!("name one of {} (no --compat-model default)", several.join(", "))))
-        }
-    }
-}
 
 #[utoipa::path(post, path = "/v1/images/generations", tag = "compatible", operation_id = "openai_generations", request_body = OpenAiImageRequest,
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
@@ -81,9 +64,26 @@ pub(super) async fn edits(
     let image = image.ok_or_else(|| AppError::invalid("image", "an edit needs an image"))?;
     let request: OpenAiImageRequest = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| AppError::invalid("multipart", e.to_string()))?;
-    let mask = redraw_mask(&image, mask).await?;
-    let init = ImageInput::Base64(B64.encode(&image));
-    answer(&state, &caller, &headers, request, Some(init), mask.map(|m| ImageInput::Base64(B64.encode(m)))).await
+    let mask = match redraw_mask(&image, mask).await.map_err(|e| decode_error(e.what, e.error))? {
+        Some(mask) => Some(carried(&state, mask, "mask").await?),
+        None => None,
+    };
+    let init = carried(&state, image.to_vec(), "image").await?;
+    answer(&state, &caller, &headers, request, Some(init), mask).await
+}
+
+/// A mask that could not be made, and from which part.
+struct MaskError {
+    what: &'static str,
+    error: anyhow::Error,
+}
+
+/// An input the queen could not decode: the client's (422), unless the decoders were all busy (503).
+fn decode_error(field: &str, e: anyhow::Error) -> AppError {
+    if e.is::<crate::image_input::DecodeBusy>() {
+        return AppError::new(crate::api::ApiErrorCode::Unavailable, e.to_string());
+    }
+    AppError::invalid(field, format!("{e:#}"))
 }
 
 /// A form field as JSON: a number where it reads as one (`n`, `seed`, `strength`), else text.
@@ -97,27 +97,31 @@ fn form_value(text: &str) -> serde_json::Value {
 /// The mask as sd-rbee takes it (white = redraw, PNG): from the mask's alpha when it has one (transparent =
 /// redraw), the mask itself when it has none, or the image's own transparency when no mask is given (OpenAI
 /// lets a transparent image be its own mask). None: redraw everything (img2img).
-async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> ApiResult<Option<Vec<u8>>> {
+async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> Result<Option<Vec<u8>>, MaskError> {
     let (source, what) = match mask {
         Some(mask) => (mask, "mask"),
         None => (image.clone(), "image"),
     };
-    let decoded = crate::image_input::decode_bounded(source.clone(), what)
-        .await
-        .map_err(|e| AppError::invalid(what, format!("{e:#}")))?;
-    if !decoded.color().has_alpha() {
-        return Ok((what == "mask").then(|| source.to_vec()));
-    }
-    let rgba = decoded.to_rgba8();
-    if what == "image" && rgba.pixels().all(|p| p.0[3] >= 128) {
-        return Ok(None);
-    }
-    let redraw = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
-        image::Luma([if rgba.get_pixel(x, y).0[3] < 128 { 255 } else { 0 }])
+    let given = source.clone();
+    // Made where the image is decoded: the conversions of an image as large as the limits allow stay off
+    // the async threads and within the bound on decodes at once.
+    let made = crate::image_input::decode_bounded_then(source, what, move |decoded| {
+        if !decoded.color().has_alpha() {
+            return Ok((what == "mask").then(|| given.to_vec()));
+        }
+        let alpha = decoded.to_luma_alpha8();
+        drop(decoded);
+        if what == "image" && alpha.pixels().all(|p| p.0[1] >= 128) {
+            return Ok(None);
+        }
+        let redraw = image::GrayImage::from_fn(alpha.width(), alpha.height(), |x, y| {
+            image::Luma([if alpha.get_pixel(x, y).0[1] < 128 { 255 } else { 0 }])
+        });
+        let mut png = std::io::Cursor::new(Vec::new());
+        redraw.write_to(&mut png, image::ImageFormat::Png)?;
+        Ok(Some(png.into_inner()))
     });
-    let mut png = std::io::Cursor::new(Vec::new());
-    redraw.write_to(&mut png, image::ImageFormat::Png).map_err(AppError::internal)?;
-    Ok(Some(png.into_inner()))
+    made.await.map_err(|error| MaskError { what, error })
 }
 
 async fn answer(
@@ -133,10 +137,8 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
-    // The wait for the job holds a stream of the events like GET /v1/jobs/{id}/events.
-    let _slot = caller.open_stream(state)?;
-    let job_id = caller.submit(state, job, None).await?.job_id;
-    let finished = state.jobs.finished(job_id, state.config.compat_wait, &state.shutdown).await?;
+    let finished = submit_and_wait(state, caller, job, |_| {}).await?;
+    let job_id = finished.job_id;
     let origin = origin(headers);
     let data = finished
         .images

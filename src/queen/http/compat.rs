@@ -1,0 +1,69 @@
+//! What the OpenAI and AUTOMATIC1111 endpoints share: the model a request runs on, input images too large
+//! to travel inside a job message, and submitting a job then waiting for its images.
+
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::ApiResult;
+use super::{AppError, AppState};
+use crate::api::openai::OPENAI_MODEL_NAMES;
+use crate::api::{ImageInput, JobSubmission};
+use crate::queen::completion::Finished;
+
+/// The model a compatible request runs on: the one it names, unless it names none or one of OpenAI's; then
+/// the queen's `--compat-model`, else the only model of the catalogue. `field` is what the caller calls it.
+pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field: &str) -> ApiResult<String> {
+    if let Some(model) = asked.filter(|m| !m.is_empty() && !OPENAI_MODEL_NAMES.contains(&m.as_str())) {
+        return Ok(model);
+    }
+    if let Some(model) = &state.config.compat_model {
+        return Ok(model.clone());
+    }
+    match state.jobs.catalogue().await.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Err(AppError::invalid(field, "no model is served yet; name one")),
+        several => {
+            Err(AppError::invalid(field, format!("name one of {} (no --compat-model default)", several.join(", "))))
+        }
+    }
+}
+
+/// An input image as the job carries it: inline while small, else stored under `uploads/` and named by key.
+/// These clients cannot upload first as the native API asks, and a job message must fit the bus's limit
+/// (1 MiB by default): an image and a mask of a quarter of it each, in base64, leave room for the rest.
+pub(super) async fn carried(state: &AppState, bytes: Vec<u8>, field: &str) -> ApiResult<ImageInput> {
+    use base64::Engine as _;
+    if bytes.len() <= state.jobs.max_message_bytes() / 4 {
+        return Ok(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(&bytes)));
+    }
+    let stored = state.jobs.store_input(bytes.into(), field, field).await?;
+    Ok(ImageInput::Upload { object_key: stored.object_key })
+}
+
+/// [`carried`] for an image the request gave in base64 (a `data:` URL or plain).
+pub(super) async fn carried_base64(state: &AppState, text: String, field: &str) -> ApiResult<ImageInput> {
+    if text.len() <= state.jobs.max_message_bytes() / 3 {
+        return Ok(ImageInput::Base64(text));
+    }
+    let bytes = crate::api::decode_base64(&text, field).map_err(|e| AppError::invalid(field, e))?;
+    carried(state, bytes, field).await
+}
+
+/// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding one of the
+/// caller's streams meanwhile. `submitted` hears the job's id first. Once the job is submitted, every error
+/// names it and tells clients not to retry on their own: a retry would be a second job.
+pub(super) async fn submit_and_wait(
+    state: &AppState,
+    caller: &Caller,
+    job: JobSubmission,
+    submitted: impl FnOnce(Uuid),
+) -> ApiResult<Finished> {
+    let _slot = caller.open_stream(state)?;
+    let job_id = caller.submit(state, job, None).await?.job_id;
+    submitted(job_id);
+    state
+        .jobs
+        .finished(job_id, state.config.compat_wait, &state.shutdown)
+        .await
+        .map_err(|e| AppError::from(e).after_submission(job_id))
+}
