@@ -17,6 +17,7 @@
 
 mod a1111;
 mod auth;
+mod body;
 mod compat;
 mod error;
 mod events;
@@ -116,6 +117,8 @@ const BACKEND_PATIENCE: Duration = Duration::from_secs(120);
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     let authenticated = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
+    // Bodies are read whole within --body-timeout once the caller is known (body.rs).
+    let read_whole = || axum::middleware::from_fn_with_state(state.clone(), body::read_whole);
     // Every answer but a stream's or a wait for a job's end comes within a bound, even when NATS's
     // connection is down long enough for its command queue to fill (then its calls wait for the reconnect).
     // Past it, `UNAVAILABLE` (an empty 503 that `json_errors` writes as the API's error).
@@ -133,6 +136,7 @@ pub fn app(state: AppState) -> Router {
         .route("/jobs/{id}/events", get(events::events))
         .route("/images/generations", post(openai::generations))
         .route("/images/edits", post(openai::edits))
+        .route_layer(read_whole())
         .route_layer(authenticated());
     let sdapi = Router::new()
         .route("/sd-models", get(a1111::models))
@@ -141,6 +145,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(bounded())
         .route("/txt2img", post(a1111::txt2img))
         .route("/img2img", post(a1111::img2img))
+        .route_layer(read_whole())
         .route_layer(authenticated());
     let mut router = Router::new()
         .nest("/v1", v1)
@@ -154,7 +159,6 @@ pub fn app(state: AppState) -> Router {
                 .unwrap_or_else(|| AppError::new(ApiErrorCode::NotFound, "no such endpoint").into_response())
         })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.body_timeout))
         .layer(axum::middleware::from_fn_with_state(state.clone(), error::json_errors))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_answer));
     if !state.config.cors_origins.is_empty() {
