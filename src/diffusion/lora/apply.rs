@@ -133,6 +133,9 @@ impl Adapters {
                 .iter()
                 .filter(|l| l.component == Component::Unet && self.index.get(l.component, &l.key).is_some())
                 .count();
+            // A layer has several names (diffusers' and the original checkpoints'): one file naming it twice
+            // would apply it twice.
+            let mut named: BTreeMap<(Component, &str), &str> = BTreeMap::new();
             for layer in &lora.layers {
                 let Some(target) = self.index.get(layer.component, &layer.key) else {
                     return Err(mismatch(if unet_layers > 0 && unet_found == 0 {
@@ -144,6 +147,12 @@ impl Adapters {
                         format!("`{}` names no layer of the {} of {}", layer.source, layer.component, self.model)
                     }));
                 };
+                if let Some(first) = named.insert((layer.component, target.path.as_str()), &layer.source) {
+                    return Err(mismatch(format!(
+                        "`{first}` and `{}` name the same layer `{}`: it would be applied twice",
+                        layer.source, target.path
+                    )));
+                }
                 let dims = target.layer.weight_dims();
                 check_shapes(&dims, &layer.down, &layer.up).map_err(|why| {
                     mismatch(format!(

@@ -363,3 +363,40 @@ fn a_merge_that_makes_nan_is_refused() {
     let err = adapters.enter(&[LoraWeight { lora: std::sync::Arc::new(lora), scale: 1.0 }]).err().unwrap().to_string();
     assert!(err.contains("zero-alpha") && err.contains("proj_in") && err.contains("NaN"), "{err}");
 }
+
+/// A file that names one layer twice, by its diffusers name and by the original checkpoint's, is refused
+/// naming both: merged, the layer would get the change twice.
+#[test]
+fn one_layer_named_twice_is_refused() {
+    use crate::diffusion::lora::apply::Adapters;
+    use crate::diffusion::lora::LoraWeight;
+    let dev = Device::Cpu;
+    let w = Tensor::ones((4, 4), DType::F32, &dev).unwrap();
+    let (_layer, table) =
+        adapt::record(|| Adaptable::new(candle_nn::Linear::new(w.clone(), None), "mid_block.attentions.0.proj_in"));
+    let index = LayerIndex::new(&[(Component::Unet, &table)]);
+    assert!(index.get(Component::Unet, "middle_block_1_proj_in").is_some(), "the SGM name of the same layer");
+    let adapters = Adapters::new(index, "a test model");
+    let layer = |key: &str| LoraLayer {
+        component: Component::Unet,
+        key: key.into(),
+        source: format!("lora_unet_{key}"),
+        down: Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+        up: Tensor::ones((4, 1), DType::F32, &dev).unwrap(),
+        alpha: None,
+    };
+    let lora = Lora {
+        name: "twice".into(),
+        hash: [4; 32],
+        format: LoraFormat::Kohya,
+        layers: vec![layer("mid_block_attentions_0_proj_in"), layer("middle_block_1_proj_in")],
+        bytes: 0,
+    };
+    let err = adapters.enter(&[LoraWeight { lora: std::sync::Arc::new(lora), scale: 1.0 }]).err().unwrap().to_string();
+    assert!(
+        err.contains("twice")
+            && err.contains("lora_unet_mid_block_attentions_0_proj_in")
+            && err.contains("lora_unet_middle_block_1_proj_in"),
+        "{err}"
+    );
+}
