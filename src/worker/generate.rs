@@ -333,6 +333,15 @@ pub(super) async fn generate_and_store(
             };
             return Err(Failure::Transient { code, message: text });
         }
+        Err(_) if resumed_steps > 0 => {
+            // It may be the checkpoint's doing (a corrupt counter indexing past a table): the next delivery
+            // starts over rather than fail the same way on every one.
+            super::resume::discard(shared, job.id).await;
+            return Err(Failure::transient(
+                ErrorCode::Internal,
+                "the generation thread failed while continuing from the job's checkpoint, which is dropped",
+            ));
+        }
         Err(_) => return Err(Failure::transient(ErrorCode::Internal, "the generation thread failed")),
     };
     let format = job.output.format;
