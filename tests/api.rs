@@ -364,6 +364,11 @@ async fn the_job_list_pages_newest_first_by_offset_or_cursor() {
         assert!(seen.len() <= 7, "{seen:?}");
     }
     assert_eq!(seen, newest_first);
+    // A full page that ends the list points nowhere further (not to an empty page).
+    let six = c.jobs("?limit=6").await.unwrap();
+    let last = c.jobs(&format!("?limit=1&cursor={}", six.next_cursor.unwrap())).await.unwrap();
+    assert_eq!(ids(&last), newest_first[6..]);
+    assert_eq!((last.next_cursor, last.next_offset), (None, None));
 
     // Filters count what matches, exactly while the whole list is looked through.
     let others = c.jobs("?model=other").await.unwrap();

@@ -408,7 +408,9 @@ impl Jobs {
             if filtered { (matched, walk.done() && query.cursor.is_none()) } else { (count as usize, true) };
         let shown = query.offset + jobs.len();
         let page_full = jobs.len() >= query.limit;
-        let more = if filtered { matched > shown || !walk.done() } else { shown < total || !walk.done() };
+        // More: jobs read past the page, or an index not read to its end. (Not the index's whole count: from a
+        // cursor, a full last page then pointed to an empty one.)
+        let more = matched > shown || !walk.done();
         let next_offset = (page_full && more).then_some(shown);
         let next_cursor = match (page_full, last_shown) {
             (true, Some(seq)) if more => Some(seq),
