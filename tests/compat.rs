@@ -260,7 +260,7 @@ import openai
 
 base, token, photo_path, flag_path = sys.argv[1:5]
 client = openai.OpenAI(base_url=base + "/v1", api_key=token, timeout=60)
-edited = client.images.edit(image=open(photo_path, "rb"), prompt="a paper boat on a pond", size="64x64",
+edited = client.images.edit(image=open(photo_path, "rb"), prompt="1984", size="64x64",
                             response_format="b64_json", extra_body={"seed": 9, "steps": 2})
 open(flag_path, "w").write("edited")
 try:
@@ -344,4 +344,23 @@ async fn compatible_requests_take_large_images_and_are_not_retried_once_submitte
     assert_eq!(png(&B64.decode(body["images"][0].as_str().unwrap()).unwrap()).dimensions(), (64, 64));
     let uploads = std::fs::read_dir(results.path().join("uploads")).unwrap().count();
     assert_eq!(uploads, 2, "each large input went by the store");
+
+    // A job the queen refuses names the field as the client sent it (the edit's prompt "1984" above was
+    // taken as text, not as a number).
+    for (path, body, field) in [
+        ("/v1/images/generations", json!({"prompt": "x", "n": 99}), "n"),
+        ("/v1/images/generations", json!({"prompt": "x", "size": "99999999x8"}), "size"),
+        ("/v1/images/generations", json!({"prompt": "x", "guidance_scale": 1000.0}), "guidance_scale"),
+        ("/sdapi/v1/txt2img", json!({"prompt": "x", "batch_size": 4, "n_iter": 4}), "batch_size"),
+        ("/sdapi/v1/txt2img", json!({"prompt": "x", "cfg_scale": 1000.0}), "cfg_scale"),
+        (
+            "/sdapi/v1/img2img",
+            json!({"prompt": "x", "init_images": [B64.encode(&large)], "denoising_strength": 0.0}),
+            "denoising_strength",
+        ),
+    ] {
+        let (status, answer) = post(&queen.base, path, body.clone(), ("authorization", &bearer)).await;
+        assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{body}: {answer}");
+    }
+    assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "nothing refused was submitted");
 }

@@ -66,7 +66,7 @@ async fn generate(
     if let Some(ImageInput::Base64(text)) = job.mask.take() {
         job.mask = Some(carried_base64(state, text, "mask").await?);
     }
-    let finished = submit_and_wait(state, caller, job, |id| {
+    let finished = submit_and_wait(state, caller, job, a1111::FIELD_NAMES, |id| {
         state.a1111_jobs.lock().insert(caller.id.clone(), id);
     })
     .await?;

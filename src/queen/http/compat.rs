@@ -28,6 +28,17 @@ pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field:
     }
 }
 
+/// An error about a native field, named as the client calls it (`n` for `num_images`), the message saying
+/// which of theirs it is about.
+fn in_their_words(mut e: AppError, names: &[(&str, &str)]) -> AppError {
+    let theirs = e.field.as_deref().and_then(|f| names.iter().find(|(ours, _)| *ours == f)).map(|(_, t)| *t);
+    if let Some(theirs) = theirs {
+        e.message = format!("`{theirs}`: {}", e.message);
+        e.field = Some(theirs.to_string());
+    }
+    e
+}
+
 /// An input image as the job carries it: inline while small, else stored under `uploads/` and named by key.
 /// These clients cannot upload first as the native API asks, and a job message must fit the bus's limit
 /// (1 MiB by default): an image and a mask of a quarter of it each, in base64, leave room for the rest.
@@ -50,16 +61,18 @@ pub(super) async fn carried_base64(state: &AppState, text: String, field: &str) 
 }
 
 /// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding one of the
-/// caller's streams meanwhile. `submitted` hears the job's id first. Once the job is submitted, every error
-/// names it and tells clients not to retry on their own: a retry would be a second job.
+/// caller's streams meanwhile. `submitted` hears the job's id first. A job refused names its field as the
+/// client calls it (`names`: native to theirs). Once the job is submitted, every error names the job and
+/// tells clients not to retry on their own: a retry would be a second job.
 pub(super) async fn submit_and_wait(
     state: &AppState,
     caller: &Caller,
     job: JobSubmission,
+    names: &[(&str, &str)],
     submitted: impl FnOnce(Uuid),
 ) -> ApiResult<Finished> {
     let _slot = caller.open_stream(state)?;
-    let job_id = caller.submit(state, job, None).await?.job_id;
+    let job_id = caller.submit(state, job, None).await.map_err(|e| in_their_words(e, names))?.job_id;
     submitted(job_id);
     state
         .jobs

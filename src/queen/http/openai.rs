@@ -12,7 +12,7 @@ use super::compat::{carried, choose_model, submit_and_wait};
 use super::error::ApiResult;
 use super::jobs::parse_body;
 use super::{AppError, AppState};
-use crate::api::openai::{OpenAiImage, OpenAiImageRequest, OpenAiImagesResponse, ResponseFormat};
+use crate::api::openai::{self, OpenAiImage, OpenAiImageRequest, OpenAiImagesResponse, ResponseFormat};
 use crate::api::{ApiErrorBody, ImageInput};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -57,13 +57,14 @@ pub(super) async fn edits(
             "mask" => mask = Some(bytes),
             _ => {
                 let text = String::from_utf8(bytes.to_vec()).map_err(|_| AppError::invalid(&name, "is not text"))?;
-                fields.insert(name, form_value(&text));
+                let value = form_value(&name, &text);
+                fields.insert(name, value);
             }
         }
     }
     let image = image.ok_or_else(|| AppError::invalid("image", "an edit needs an image"))?;
-    let request: OpenAiImageRequest = serde_json::from_value(serde_json::Value::Object(fields))
-        .map_err(|e| AppError::invalid("multipart", e.to_string()))?;
+    let request: OpenAiImageRequest = serde_path_to_error::deserialize(serde_json::Value::Object(fields))
+        .map_err(|e| AppError::invalid(&e.path().to_string(), e.inner().to_string()))?;
     let mask = match redraw_mask(&image, mask).await.map_err(|e| decode_error(e.what, e.error))? {
         Some(mask) => Some(carried(&state, mask, "mask").await?),
         None => None,
@@ -86,8 +87,27 @@ fn decode_error(field: &str, e: anyhow::Error) -> AppError {
     AppError::invalid(field, format!("{e:#}"))
 }
 
-/// A form field as JSON: a number where it reads as one (`n`, `seed`, `strength`), else text.
-fn form_value(text: &str) -> serde_json::Value {
+/// OpenAI's text fields: text whatever they read as (a prompt of `1984`).
+const TEXT_FIELDS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "model",
+    "size",
+    "response_format",
+    "output_format",
+    "quality",
+    "style",
+    "user",
+    "background",
+    "moderation",
+];
+
+/// A form field as JSON: text for the text fields, else a number where it reads as one (`n`, `seed`,
+/// `strength`), else text.
+fn form_value(name: &str, text: &str) -> serde_json::Value {
+    if TEXT_FIELDS.contains(&name) {
+        return text.into();
+    }
     match text.parse::<u64>() {
         Ok(n) => n.into(),
         Err(_) => text.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(text.into(), Into::into),
@@ -137,7 +157,7 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
-    let finished = submit_and_wait(state, caller, job, |_| {}).await?;
+    let finished = submit_and_wait(state, caller, job, openai::FIELD_NAMES, |_| {}).await?;
     let job_id = finished.job_id;
     let origin = origin(headers);
     let data = finished

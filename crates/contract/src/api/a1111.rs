@@ -100,6 +100,17 @@ fn yes() -> bool {
 /// A request field this cannot honour: (field, message).
 pub type FieldError = (&'static str, String);
 
+/// The job's fields as an AUTOMATIC1111 client calls them, for the errors of a job checked after the
+/// mapping: `(native, A1111's)`. The image count is `batch_size × n_iter`.
+pub const FIELD_NAMES: &[(&str, &str)] = &[
+    ("num_images", "batch_size"),
+    ("guidance", "cfg_scale"),
+    ("strength", "denoising_strength"),
+    ("init_image", "init_images"),
+    ("scheduler", "sampler_name"),
+    ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
+];
+
 impl A1111Request {
     /// The model the request asks for: `override_settings.sd_model_checkpoint` as A1111 titles it
     /// (`name.safetensors [hash]`), reduced to the name.

@@ -59,6 +59,17 @@ pub enum ResponseFormat {
 /// A request field OpenAI's clients can send that this cannot honour: (field, message).
 pub type FieldError = (&'static str, String);
 
+/// The job's fields as an OpenAI client calls them, for the errors of a job checked after the mapping:
+/// `(native, OpenAI's)`.
+pub const FIELD_NAMES: &[(&str, &str)] = &[
+    ("num_images", "n"),
+    ("width", "size"),
+    ("height", "size"),
+    ("output.quality", "output_compression"),
+    ("guidance", "guidance_scale"),
+    ("init_image", "image"),
+];
+
 impl OpenAiImageRequest {
     /// The job, for `model` (already chosen: [`OpenAiImageRequest::model`] resolved against the fleet).
     pub fn to_submission(&self, model: &str) -> Result<(JobSubmission, ResponseFormat), FieldError> {
