@@ -363,4 +363,21 @@ async fn compatible_requests_take_large_images_and_are_not_retried_once_submitte
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{body}: {answer}");
     }
     assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "nothing refused was submitted");
+
+    // An edit's form without a prompt: the form is at fault, and the message says what it lacks.
+    let mut form = b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
+    form.extend_from_slice(&photo(8));
+    form.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n1\r\n--XyZ--\r\n");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/images/edits", queen.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "multipart/form-data; boundary=XyZ")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 422);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"]["field"], "multipart", "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("prompt"), "{answer}");
 }

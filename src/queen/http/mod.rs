@@ -122,7 +122,8 @@ pub fn app(state: AppState) -> Router {
     // Every answer but a stream's or a wait for a job's end comes within a bound, even when NATS's
     // connection is down long enough for its command queue to fill (then its calls wait for the reconnect).
     // Past it, `UNAVAILABLE` (an empty 503 that `json_errors` writes as the API's error).
-    let limit = state.config.body_timeout + BACKEND_PATIENCE;
+    // The body is read before this (body.rs): its own --body-timeout, then this.
+    let limit = BACKEND_PATIENCE;
     let bounded = || tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, limit);
     let v1 = Router::new()
         .route("/jobs", post(jobs::submit).get(jobs::list))

@@ -63,8 +63,14 @@ pub(super) async fn edits(
         }
     }
     let image = image.ok_or_else(|| AppError::invalid("image", "an edit needs an image"))?;
-    let request: OpenAiImageRequest = serde_path_to_error::deserialize(serde_json::Value::Object(fields))
-        .map_err(|e| AppError::invalid(&e.path().to_string(), e.inner().to_string()))?;
+    let request: OpenAiImageRequest =
+        serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+            // `.` is the form as a whole (a missing field): the message names what is missing.
+            let path = e.path().to_string();
+            let mut message = e.inner().to_string();
+            crate::protocol::cut(&mut message, crate::protocol::MAX_ERROR_MESSAGE_BYTES);
+            AppError::invalid(if path == "." { "multipart" } else { &path }, message)
+        })?;
     let mask = match redraw_mask(&image, mask).await.map_err(|e| decode_error(e.what, e.error))? {
         Some(mask) => Some(carried(&state, mask, "mask").await?),
         None => None,
