@@ -525,7 +525,7 @@ impl Jobs {
 }
 
 /// An image that does not decode is the client's error (422); decoders all busy is the queen's (503).
-fn decode_error(field: &str, e: anyhow::Error) -> JobsError {
+pub(crate) fn decode_error(field: &str, e: anyhow::Error) -> JobsError {
     if e.is::<crate::image_input::DecodeBusy>() {
         return JobsError::Unavailable(e);
     }

@@ -43,12 +43,6 @@ impl AppError {
         self.field = Some(protocol::truncate(&field.into(), 128).to_string());
         self
     }
-    fn maybe_field(self, field: Option<String>) -> Self {
-        match field {
-            Some(f) => self.field(f),
-            None => self,
-        }
-    }
     pub(super) fn invalid(field: &str, message: impl Into<String>) -> Self {
         Self::new(ApiErrorCode::InvalidRequest, message).field(field)
     }
@@ -65,7 +59,7 @@ impl AppError {
 
 impl From<ProtocolError> for AppError {
     fn from(e: ProtocolError) -> Self {
-        Self { code: ApiErrorCode::InvalidRequest, message: e.message, field: e.field, no_retry: false }
+        Self { field: e.field, ..Self::new(ApiErrorCode::InvalidRequest, e.message) }
     }
 }
 
@@ -75,7 +69,7 @@ impl From<JobsError> for AppError {
         let message = e.to_string();
         match e {
             JobsError::Invalid(e) => e.into(),
-            JobsError::TooLarge { field, .. } => Self::new(ApiErrorCode::PayloadTooLarge, message).maybe_field(field),
+            JobsError::TooLarge { field, .. } => Self { field, ..Self::new(ApiErrorCode::PayloadTooLarge, message) },
             JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
             JobsError::Expired(_) => Self::new(ApiErrorCode::Expired, message),
             JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),

@@ -27,12 +27,7 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
     if !json_type {
         return Err(AppError::new(ApiErrorCode::UnsupportedMediaType, "send application/json"));
     }
-    crate::api::parse_json_body(body).map_err(|e| AppError {
-        code: e.code,
-        message: e.message,
-        field: e.field,
-        no_retry: false,
-    })
+    crate::api::parse_json_body(body).map_err(|e| AppError { field: e.field, ..AppError::new(e.code, e.message) })
 }
 
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSubmission,

@@ -71,26 +71,12 @@ pub(super) async fn edits(
             crate::protocol::cut(&mut message, crate::protocol::MAX_ERROR_MESSAGE_BYTES);
             AppError::invalid(if path == "." { "multipart" } else { &path }, message)
         })?;
-    let mask = match redraw_mask(&image, mask).await.map_err(|e| decode_error(e.what, e.error))? {
+    let mask = match redraw_mask(&image, mask).await? {
         Some(mask) => Some(carried(&state, mask, "mask").await?),
         None => None,
     };
     let init = carried(&state, image.to_vec(), "image").await?;
     answer(&state, &caller, &headers, request, Some(init), mask).await
-}
-
-/// A mask that could not be made, and from which part.
-struct MaskError {
-    what: &'static str,
-    error: anyhow::Error,
-}
-
-/// An input the queen could not decode: the client's (422), unless the decoders were all busy (503).
-fn decode_error(field: &str, e: anyhow::Error) -> AppError {
-    if e.is::<crate::image_input::DecodeBusy>() {
-        return AppError::new(crate::api::ApiErrorCode::Unavailable, e.to_string());
-    }
-    AppError::invalid(field, format!("{e:#}"))
 }
 
 /// OpenAI's text fields: text whatever they read as (a prompt of `1984`).
@@ -123,7 +109,7 @@ fn form_value(name: &str, text: &str) -> serde_json::Value {
 /// The mask as sd-rbee takes it (white = redraw, PNG): from the mask's alpha when it has one (transparent =
 /// redraw), the mask itself when it has none, or the image's own transparency when no mask is given (OpenAI
 /// lets a transparent image be its own mask). None: redraw everything (img2img).
-async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> Result<Option<Vec<u8>>, MaskError> {
+async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> ApiResult<Option<Vec<u8>>> {
     let (source, what) = match mask {
         Some(mask) => (mask, "mask"),
         None => (image.clone(), "image"),
@@ -147,7 +133,7 @@ async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> Result<Option<Vec<u8
         redraw.write_to(&mut png, image::ImageFormat::Png)?;
         Ok(Some(png.into_inner()))
     });
-    made.await.map_err(|error| MaskError { what, error })
+    Ok(made.await.map_err(|e| crate::queen::jobs::decode_error(what, e))?)
 }
 
 async fn answer(
