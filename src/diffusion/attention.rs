@@ -138,6 +138,9 @@ impl Attention {
         if let Some(out) = flash::attention(&q, &k, &v, self.heads, self.scale)? {
             return self.to_out.forward_plus(&out, residual);
         }
+        if let Some(out) = super::cpu_attention::attention_heads(&q, &k, &v, self.heads, self.scale)? {
+            return self.to_out.forward_plus(&out, residual);
+        }
         let (q, k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         let out = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
         let d = out.dim(2)?;

@@ -1,6 +1,10 @@
-//! The linear layer's kernel: Candle's `Linear`, except that f32 CPU inputs run on the vendor BLAS when one
-//! is loaded (`SD_RBEE_BLAS`, see [`super::blas`]), with the bias written first and the product accumulated
-//! onto it (no separate bias pass).
+//! The linear layer's kernel: Candle's `Linear`, except that f32 CPU inputs run as one multiply over all
+//! their rows (on the vendor BLAS when one is loaded, `SD_RBEE_BLAS`, else on `gemm`; see [`super::blas`]),
+//! with the bias written first and the product accumulated onto it (no separate bias pass).
+//!
+//! Candle multiplies a `[B, T, in]` input as B separate products, each a `gemm` call with its own set-up: for
+//! the small token counts of a batch of small images (B = 8 rows of 64 tokens) that cost as much as the
+//! arithmetic, and the linear layers took 4.8× the time for 4× the images.
 
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -29,10 +33,10 @@ impl LinearKernel {
         with_f32_data(w, |weight| f(Dense { weight, bias: bias.as_deref(), c_out, c_in }).map(Some))?
     }
 
-    /// `x · wᵀ + bias` on the vendor BLAS, for `x: [..., in]`; `None` when it does not apply.
-    fn forward_blas(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// `x · wᵀ + bias` as one multiply, for `x: [..., in]`; `None` when it does not apply.
+    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let w = self.0.weight();
-        if blas::vendor().is_none() || !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
             return Ok(None);
         }
         let (out_dim, in_dim) = w.dims2()?;
@@ -87,7 +91,7 @@ impl Module for LinearKernel {
             return self.forward_plus(x, None);
         }
         let _profile = super::profile::scope("linear");
-        match self.forward_blas(x)? {
+        match self.forward_cpu(x)? {
             Some(y) => Ok(y),
             None => self.0.forward(x),
         }
