@@ -334,6 +334,13 @@ fn a_failed_merge_leaves_the_loaded_weights() {
     }
 }
 
+/// One `[4, 4]` linear layer of ones at `mid_block.attentions.0.proj_in`, and its table (the layer must live
+/// while LoRAs merge into it).
+fn one_proj_in() -> (Adaptable<candle_nn::Linear>, crate::diffusion::adapt::LayerTable) {
+    let w = Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap();
+    adapt::record(|| Adaptable::new(candle_nn::Linear::new(w, None), "mid_block.attentions.0.proj_in"))
+}
+
 /// A merge that makes NaN (an overflowing product times a zero alpha: inf · 0) is refused like one that
 /// overflows, though a max over the weights skips NaN.
 #[test]
@@ -341,9 +348,7 @@ fn a_merge_that_makes_nan_is_refused() {
     use crate::diffusion::lora::apply::Adapters;
     use crate::diffusion::lora::LoraWeight;
     let dev = Device::Cpu;
-    let w = Tensor::ones((4, 4), DType::F32, &dev).unwrap();
-    let (_layer, table) =
-        adapt::record(|| Adaptable::new(candle_nn::Linear::new(w.clone(), None), "mid_block.attentions.0.proj_in"));
+    let (_layer, table) = one_proj_in();
     let adapters = Adapters::new(LayerIndex::new(&[(Component::Unet, &table)]), "a test model");
     let big = |dims: (usize, usize)| (Tensor::ones(dims, DType::F32, &dev).unwrap() * 1e20).unwrap();
     let lora = Lora {
@@ -371,9 +376,7 @@ fn one_layer_named_twice_is_refused() {
     use crate::diffusion::lora::apply::Adapters;
     use crate::diffusion::lora::LoraWeight;
     let dev = Device::Cpu;
-    let w = Tensor::ones((4, 4), DType::F32, &dev).unwrap();
-    let (_layer, table) =
-        adapt::record(|| Adaptable::new(candle_nn::Linear::new(w.clone(), None), "mid_block.attentions.0.proj_in"));
+    let (_layer, table) = one_proj_in();
     let index = LayerIndex::new(&[(Component::Unet, &table)]);
     assert!(index.get(Component::Unet, "middle_block_1_proj_in").is_some(), "the SGM name of the same layer");
     let adapters = Adapters::new(index, "a test model");
