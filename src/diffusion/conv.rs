@@ -70,7 +70,7 @@ impl CpuConv {
     /// ([`GROUP_BELOW_WORK`]) is cut into one group per thread, each convolved on its own thread: one
     /// hand-off to the threads per layer. Threading each small multiply instead handed off three times a
     /// layer and left the copies around the multiplies to one thread: the tiny UNet's batch of 8 left the
-    /// second core idle a third of the time and took 21 % longer. Larger images go item by item, each
+    /// second core idle a third of the time and took 17 % longer. Larger images go item by item, each
     /// multiply on every thread, where folding items together costs more in copies than the larger multiply
     /// gains (12 % on the full-size SD 1.5 UNet at 512 px).
     fn forward(&self, x: &[f32], batch: usize, h: usize, w: usize) -> Vec<f32> {
