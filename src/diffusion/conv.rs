@@ -80,14 +80,14 @@ impl CpuConv {
 
     /// [`Self::forward`] on up to `threads` threads.
     fn forward_on(&self, x: &[f32], batch: usize, h: usize, w: usize, threads: usize) -> Vec<f32> {
-        let (per_in, per_out) = (self.c_in * h * w, self.c_out * h * w);
         if h * w == 0 {
             return Vec::new();
         }
+        let (per_in, per_out) = (self.c_in * h * w, self.c_out * h * w);
+        let mut out = vec![0f32; batch * per_out];
         if h * w >= FOLD_BELOW_PIXELS {
-            let mut out = Vec::with_capacity(batch * per_out);
-            for item in x.chunks(per_in) {
-                out.extend_from_slice(&self.forward_together(item, 1, h, w, threads));
+            for (item, dst) in x.chunks(per_in).zip(out.chunks_mut(per_out)) {
+                self.forward_together(item, 1, h, w, threads, dst);
             }
             return out;
         }
@@ -96,17 +96,25 @@ impl CpuConv {
         let work = self.c_out * self.c_in * self.kernel * batch * rows * w;
         let groups = threads.min(batch);
         if groups <= 1 || work >= GROUP_BELOW_WORK {
-            return self.forward_together(x, batch, h, w, threads);
+            self.forward_together(x, batch, h, w, threads, &mut out);
+            return out;
         }
         let per_group = batch.div_ceil(groups);
-        let mut out = vec![0f32; batch * per_out];
         out.par_chunks_mut(per_group * per_out).zip(x.par_chunks(per_group * per_in)).for_each(|(dst, src)| {
-            dst.copy_from_slice(&self.forward_together(src, src.len() / per_in, h, w, 1));
+            self.forward_together(src, src.len() / per_in, h, w, 1, dst);
         });
         out
     }
 
-    fn forward_together(&self, x: &[f32], batch: usize, h: usize, w: usize, threads: usize) -> Vec<f32> {
+    /// `out[c_out, width]` rows, each set to its bias.
+    fn fill_bias(&self, out: &mut [f32], width: usize) {
+        for (row, &bias) in out.chunks_mut(width).zip(&self.bias) {
+            row.fill(bias);
+        }
+    }
+
+    /// Convolves `batch` items of `x` in one multiply per kernel row into `out` (`[batch, c_out, h, w]`).
+    fn forward_together(&self, x: &[f32], batch: usize, h: usize, w: usize, threads: usize, out: &mut [f32]) {
         let (ci, co, hw) = (self.c_in, self.c_out, h * w);
         if self.kernel == 1 {
             // Channel-major across the batch: row i holds channel i of every item (one item: as it is).
@@ -124,22 +132,21 @@ impl CpuConv {
                 }
                 &gathered
             };
-            let mut wide = vec![0f32; co * n];
-            for (row, &bias) in wide.chunks_mut(n).zip(&self.bias) {
-                row.fill(bias);
-            }
-            self.accumulate(&self.rows[0], Operand::rows(src, n), Output::rows(&mut wide, n), n, threads);
             if batch == 1 {
-                return wide;
+                self.fill_bias(out, n);
+                self.accumulate(&self.rows[0], Operand::rows(src, n), Output::rows(out, n), n, threads);
+                return;
             }
-            let mut out = vec![0f32; batch * co * hw];
+            let mut wide = vec![0f32; co * n];
+            self.fill_bias(&mut wide, n);
+            self.accumulate(&self.rows[0], Operand::rows(src, n), Output::rows(&mut wide, n), n, threads);
             for b in 0..batch {
                 for o in 0..co {
                     out[(b * co + o) * hw..(b * co + o + 1) * hw]
                         .copy_from_slice(&wide[o * n + b * hw..o * n + (b + 1) * hw]);
                 }
             }
-            return out;
+            return;
         }
         // 3×3, padding 1: row (i, kx) of `shifted` holds, item after item, channel i with a zero row above and
         // below ((h+2)×w) and shifted by kx-1 columns (zeros entering at the edge); kernel row ky then reads
@@ -165,43 +172,25 @@ impl CpuConv {
             }
         }
         // The output rows, each starting as its bias.
-        let biased = |width: usize| {
-            let mut m = vec![0f32; co * width];
-            for (row, &bias) in m.chunks_mut(width).zip(&self.bias) {
-                row.fill(bias);
-            }
-            m
-        };
         if batch == 1 {
-            let mut out = biased(hw);
+            self.fill_bias(out, hw);
             for (ky, lhs) in self.rows.iter().enumerate() {
-                self.accumulate(
-                    lhs,
-                    Operand::rows(&shifted[ky * w..], stride),
-                    Output::rows(&mut out, hw),
-                    hw,
-                    threads,
-                );
+                let src = Operand::rows(&shifted[ky * w..], stride);
+                self.accumulate(lhs, src, Output::rows(out, hw), hw, threads);
             }
-            return out;
+            return;
         }
         let n = (batch - 1) * len + hw;
-        let mut wide = biased(stride);
+        let mut wide = vec![0f32; co * stride];
+        self.fill_bias(&mut wide, stride);
         for (ky, lhs) in self.rows.iter().enumerate() {
-            self.accumulate(
-                lhs,
-                Operand::rows(&shifted[ky * w..], stride),
-                Output::rows(&mut wide, stride),
-                n,
-                threads,
-            );
+            let src = Operand::rows(&shifted[ky * w..], stride);
+            self.accumulate(lhs, src, Output::rows(&mut wide, stride), n, threads);
         }
-        let mut out = vec![0f32; batch * co * hw];
         for (bo, dst) in out.chunks_mut(hw).enumerate() {
             let from = (bo % co) * stride + (bo / co) * len;
             dst.copy_from_slice(&wide[from..from + hw]);
         }
-        out
     }
 }
 
