@@ -27,11 +27,14 @@ pub struct LoraLimits {
     pub max_file_bytes: u64,
     /// Parsed LoRAs kept in memory, in bytes; the least recently used go first. Default 4 GiB.
     pub max_cached_bytes: usize,
+    /// Disk the LoRAs fetched from the Hub may take in the Hugging Face cache; the least recently used are
+    /// deleted past it. Default 10 GiB.
+    pub max_hub_cache_bytes: u64,
 }
 
 impl Default for LoraLimits {
     fn default() -> Self {
-        Self { max_per_job: 8, max_file_bytes: 2 << 30, max_cached_bytes: 4 << 30 }
+        Self { max_per_job: 8, max_file_bytes: 2 << 30, max_cached_bytes: 4 << 30, max_hub_cache_bytes: 10 << 30 }
     }
 }
 
@@ -107,7 +110,14 @@ impl LoraLibrary {
             crate::hub::lora::HubLoraError::Refused(e) => LoraSourceError::Invalid(format!("{e:#}")),
             crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::Unavailable(format!("{e:#}")),
         })?;
-        self.load_file(&path, name)
+        let loaded = self.load_file(&path, name);
+        // Parsed (or refused): the file is not read again unless it changes, so the cache can make room now.
+        let trimmed = crate::hub::lora::trim_cache(opts, self.limits.max_hub_cache_bytes, &path);
+        if !trimmed.deleted.is_empty() {
+            tracing::info!(deleted = ?trimmed.deleted, kept_bytes = trimmed.kept_bytes,
+                "deleted the least recently used Hub LoRAs (--lora-hub-cache {})", self.limits.max_hub_cache_bytes);
+        }
+        loaded
     }
 
     /// Also resolves names as `<prefix>NAME.safetensors` objects of `store`.

@@ -101,6 +101,10 @@ pub struct WorkerArgs {
     /// Largest LoRA file accepted, in bytes (the count per job is the `max_loras` limit).
     #[arg(long, default_value_t = crate::loras::LoraLimits::default().max_file_bytes)]
     pub max_lora_bytes: u64,
+    /// Disk the LoRAs fetched from the Hub (--lora-hub) may take in the Hugging Face cache (e.g. 10GiB): past
+    /// it the least recently used are deleted, never a model's files nor a LoRA used in the last 10 minutes.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = crate::worker::catalogue::parse_size)]
+    pub lora_hub_cache: u64,
     /// Memory the resident models may take (e.g. 20GiB): the --model entries are a catalogue, loaded on
     /// first use, the least recently used evicted to make room. Default: half the RAM on the CPU, no limit on
     /// GPUs.
@@ -151,6 +155,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.lora_hub = args.lora_hub;
     config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
+    config.lora_limits.max_hub_cache_bytes = args.lora_hub_cache;
     if let Some(json) = &args.limits {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;
     }

@@ -87,27 +87,50 @@ fn resolve_at(
     endpoint: Option<&str>,
     max_bytes: u64,
 ) -> std::result::Result<PathBuf, HubLoraError> {
-    use HubLoraError::{Refused, Unreachable};
     let cache = CachedRepo::new(opts.cache_root(), &lora.repo, &lora.revision);
+    let path = fetch(lora, opts, endpoint, max_bytes, &cache)?;
+    super::lora_cache::record_use(&cache.repo_dir(), &path);
+    Ok(path)
+}
+
+/// Deletes the least recently used Hub LoRAs of the cache until they take at most `max_bytes` (see
+/// [`super::lora_cache`]), sparing `keep`, the file just used. Offline nothing is deleted: it could not be
+/// downloaded again.
+pub fn trim_cache(opts: &HubOptions, max_bytes: u64, keep: &std::path::Path) -> super::lora_cache::Trimmed {
     if opts.offline {
-        return cached(&cache, lora).map_err(Refused);
+        return Default::default();
+    }
+    super::lora_cache::trim(&opts.cache_root(), max_bytes, keep, super::lora_cache::IN_USE_GRACE)
+}
+
+/// The LoRA file, from the cache or the Hub.
+fn fetch(
+    lora: &HubLora,
+    opts: &HubOptions,
+    endpoint: Option<&str>,
+    max_bytes: u64,
+    cache: &CachedRepo,
+) -> std::result::Result<PathBuf, HubLoraError> {
+    use HubLoraError::{Refused, Unreachable};
+    if opts.offline {
+        return cached(cache, lora).map_err(Refused);
     }
     let client = HubClient::new(opts, endpoint);
-    let info = match client.repo_info(&cache) {
+    let info = match client.repo_info(cache) {
         Ok(info) => info,
         Err(HubError::Http(failure)) => {
             let e = anyhow!("LoRA {lora}: {}", failure.explain(&lora.repo, &lora.revision, lora.file.as_deref()));
             return Err(if failure.is_transient() { Unreachable(e) } else { Refused(e) });
         }
         Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
-            return cached(&cache, lora).map_err(|missing| {
+            return cached(cache, lora).map_err(|missing| {
                 Unreachable(anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}"))
             });
         }
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let file = choose(lora, &listed).map_err(Refused)?;
-    let path = client.download(&cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
+    let path = client.download(cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
         let failed = |why: String| anyhow!("downloading {file} of LoRA {lora} failed: {why}");
         match e {
             HubError::Http(f) if !f.is_transient() => {
@@ -239,6 +262,32 @@ mod tests {
         let kept = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
         assert_eq!(kept, 0, "nothing of it was downloaded into {}", blobs.display());
         assert!(resolve_at(&parse(repo).unwrap(), &online, Some(&hub.url), 10).is_ok(), "at the limit it is taken");
+    }
+
+    #[test]
+    fn past_the_disk_bound_the_least_recently_used_lora_is_deleted_and_fetched_again_when_named() {
+        let (a, b) = ("owner/lora-a", "owner/lora-b");
+        let hub_a = MockHub::start(a, vec![(DIFFUSERS_LORA_FILE, "aaaaaaaaaa".into())], vec![]);
+        let hub_b = MockHub::start(b, vec![(DIFFUSERS_LORA_FILE, "bbbbbbbbbb".into())], vec![]);
+        let cache = FakeCache::new();
+        let online = HubOptions { offline: false, ..cache.options(false) };
+        let path_a = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
+        // Used an hour ago, out of the grace.
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::OpenOptions::new().append(true).open(&path_a).unwrap().set_modified(hour_ago).unwrap();
+        let path_b = resolve_at(&parse(b).unwrap(), &online, Some(&hub_b.url), MAX).unwrap();
+        // Offline nothing goes: it could not come back.
+        assert_eq!(trim_cache(&cache.options(false), 15, &path_b).deleted.len(), 0);
+        assert!(path_a.exists());
+        let trimmed = trim_cache(&online, 15, &path_b);
+        assert_eq!(trimmed.deleted.len(), 1, "{trimmed:?}");
+        assert!(!path_a.exists() && !cache.repo_dir(a).exists() && path_b.exists());
+        // Named again, it is downloaded again, to the same place.
+        let again = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
+        assert_eq!(
+            (again.as_path(), std::fs::read_to_string(&again).unwrap().as_str()),
+            (path_a.as_path(), "aaaaaaaaaa")
+        );
     }
 
     #[test]

@@ -25,10 +25,11 @@
 //! - `transfer`: the Hub's HTTP with every wait bounded: the repo info request, resumable downloads into the
 //!   cache, the Hub's error answers in words.
 //! - `online`: online resolution (downloads pinned to a commit; the cache standing in for an unreachable Hub).
-//! - [`lora`]: LoRAs on the Hub.
+//! - [`lora`]: LoRAs on the Hub; [`lora_cache`]: the disk they take, kept under a bound.
 //! - `tests`: the tests, and the fake cache `lora`'s tests share; `mock_hub`: a local stand-in for the Hub.
 
 pub mod lora;
+pub mod lora_cache;
 
 mod cache;
 #[cfg(test)]

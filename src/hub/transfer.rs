@@ -396,14 +396,14 @@ impl BlobLock {
 }
 
 #[cfg(unix)]
-fn try_lock(file: &File) -> bool {
+pub(super) fn try_lock(file: &File) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor this function borrows for the call.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 #[cfg(not(unix))]
-fn try_lock(_file: &File) -> bool {
+pub(super) fn try_lock(_file: &File) -> bool {
     true
 }
 
