@@ -27,6 +27,9 @@ pub struct LoraLimits {
     pub max_file_bytes: u64,
     /// Parsed LoRAs kept in memory, in bytes; the least recently used go first. Default 4 GiB.
     pub max_cached_bytes: usize,
+    /// Memory the parsed LoRAs of one job may take together. Default 4 GiB (what the cache of parsed LoRAs
+    /// holds).
+    pub max_job_bytes: u64,
     /// Disk the LoRAs fetched from the Hub may take in the Hugging Face cache; the least recently used are
     /// deleted past it. Default 10 GiB.
     pub max_hub_cache_bytes: u64,
@@ -34,7 +37,13 @@ pub struct LoraLimits {
 
 impl Default for LoraLimits {
     fn default() -> Self {
-        Self { max_per_job: 8, max_file_bytes: 2 << 30, max_cached_bytes: 4 << 30, max_hub_cache_bytes: 10 << 30 }
+        Self {
+            max_per_job: 8,
+            max_file_bytes: 2 << 30,
+            max_cached_bytes: 4 << 30,
+            max_job_bytes: 4 << 30,
+            max_hub_cache_bytes: 10 << 30,
+        }
     }
 }
 
@@ -179,6 +188,7 @@ impl LoraLibrary {
                     .await
                     .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
                 out.push(LoraWeight { lora, scale: *scale });
+                self.check_total(&out)?;
                 continue;
             }
             let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
@@ -194,6 +204,8 @@ impl LoraLibrary {
                 (None, None) => self.by_name(&stem)?,
             };
             out.push(LoraWeight { lora, scale: *scale });
+            // At once: a job over the budget holds no more than one LoRA past it.
+            self.check_total(&out)?;
         }
         Ok(out)
     }
@@ -253,16 +265,31 @@ impl LoraLibrary {
     /// The LoRAs given as files (`sd-rbee generate --lora FILE[:SCALE]`).
     pub fn resolve_files(&self, loras: &[(PathBuf, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
         self.check_count(loras.len())?;
-        loras
-            .iter()
-            .map(|(path, scale)| {
-                let shown = path.display().to_string();
-                check_scale(&shown, *scale)?;
-                let hub_ref = !path.exists() && self.hub.is_some() && crate::hub::lora::parse(&shown).is_ok();
-                let lora = if hub_ref { self.fetch_from_hub(&shown)? } else { self.load_file(path, &shown)? };
-                Ok(LoraWeight { lora, scale: *scale })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(loras.len());
+        for (path, scale) in loras {
+            let shown = path.display().to_string();
+            check_scale(&shown, *scale)?;
+            let hub_ref = !path.exists() && self.hub.is_some() && crate::hub::lora::parse(&shown).is_ok();
+            let lora = if hub_ref { self.fetch_from_hub(&shown)? } else { self.load_file(path, &shown)? };
+            out.push(LoraWeight { lora, scale: *scale });
+            self.check_total(&out)?;
+        }
+        Ok(out)
+    }
+
+    /// The job's LoRAs so far (each file counted once) within [`LoraLimits::max_job_bytes`].
+    fn check_total(&self, loras: &[LoraWeight]) -> Result<(), LoraSourceError> {
+        let mut seen = std::collections::HashSet::new();
+        let total: u64 = loras.iter().filter(|l| seen.insert(l.lora.hash)).map(|l| l.lora.bytes as u64).sum();
+        if total > self.limits.max_job_bytes {
+            let last = &loras.last().expect("checked after a push").lora.name;
+            return Err(LoraSourceError::Invalid(format!(
+                "with LoRA {last} the job's LoRAs take {total} bytes in memory, over the limit of {} \
+                 (--max-lora-bytes-per-job)",
+                self.limits.max_job_bytes
+            )));
+        }
+        Ok(())
     }
 
     fn check_count(&self, n: usize) -> Result<(), LoraSourceError> {
@@ -397,6 +424,20 @@ mod tests {
         let library = LoraLibrary::new(None, LoraLimits::default()).unwrap();
         let err = library.load_file(Path::new("style.ckpt"), "style.ckpt").unwrap_err().to_string();
         assert!(err.contains("style.ckpt") && err.contains("arbitrary code") && err.contains(".safetensors"), "{err}");
+    }
+
+    #[test]
+    fn a_job_whose_loras_take_more_memory_than_its_budget_is_refused() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd15/lora");
+        let (style, detail) = (dir.join("style.safetensors"), dir.join("detail.safetensors"));
+        let one = LoraLibrary::new(None, LoraLimits::default()).unwrap().load_file(&style, "style").unwrap().bytes;
+        let limits = LoraLimits { max_job_bytes: one as u64 + 1, ..LoraLimits::default() };
+        let library = LoraLibrary::new(None, limits).unwrap();
+        // The same file twice is held once.
+        assert_eq!(library.resolve_files(&[(style.clone(), 1.0), (style.clone(), 0.5)]).unwrap().len(), 2);
+        let err = library.resolve_files(&[(style.clone(), 1.0), (detail.clone(), 1.0)]).unwrap_err().to_string();
+        assert!(err.contains("detail.safetensors") && err.contains("--max-lora-bytes-per-job"), "{err}");
+        assert!(err.contains(&format!("take {} bytes", 2 * one)), "{err}");
     }
 
     #[test]

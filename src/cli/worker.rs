@@ -105,6 +105,10 @@ pub struct WorkerArgs {
     /// it the least recently used are deleted, never a model's files nor a LoRA used in the last 10 minutes.
     #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = crate::worker::catalogue::parse_size)]
     pub lora_hub_cache: u64,
+    /// Memory the parsed LoRAs of one job may take together (e.g. 4GiB); a job over it fails INVALID_REQUEST
+    /// naming the LoRA that passed it.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = crate::worker::catalogue::parse_size)]
+    pub max_lora_bytes_per_job: u64,
     /// Memory the resident models may take (e.g. 20GiB): the --model entries are a catalogue, loaded on
     /// first use, the least recently used evicted to make room. Default: half the RAM on the CPU, no limit on
     /// GPUs.
@@ -156,6 +160,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
     config.lora_limits.max_hub_cache_bytes = args.lora_hub_cache;
+    config.lora_limits.max_job_bytes = args.max_lora_bytes_per_job;
     if let Some(json) = &args.limits {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;
     }
