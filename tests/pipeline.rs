@@ -216,4 +216,23 @@ fn a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+    // A counter out of its range (a damaged checkpoint, or one of another version) is refused, naming it,
+    // before the run could index past the scheduler's history with it.
+    let mut req = small_request(6);
+    req.scheduler = Some(SchedulerKind::UniPc);
+    let mut saved = None;
+    sd15().generate(&req, &mut |info| saved = saved.take().or(Some(info.checkpoint().unwrap())), None).unwrap();
+    let mut damaged = saved.unwrap();
+    for (name, value) in &mut damaged.scheduler_state.counters {
+        if name == "this_order" {
+            *value = 7;
+        }
+    }
+    req.resume = Some(std::sync::Arc::new(damaged));
+    match sd15().generate(&req, &mut |_| {}, None) {
+        Err(GenerateError::InvalidRequest { field: "resume", message }) => {
+            assert!(message.contains("this_order is 7, not within 1..=2"), "{message}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
 }

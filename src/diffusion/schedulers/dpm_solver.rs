@@ -249,8 +249,8 @@ impl Scheduler for DpmSolverScheduler {
 
     fn restore(&mut self, state: &SchedulerState) -> anyhow::Result<()> {
         self.model_outputs = [0, 1].map(|i| state.tensor(&format!("model_outputs.{i}")).cloned());
-        self.lower_order_nums = state.counter("lower_order_nums")?;
-        self.next_step = state.counter("next_step")?;
+        self.lower_order_nums = state.counter_within("lower_order_nums", 0..=2)?;
+        self.next_step = state.counter_within("next_step", 0..=self.timesteps.len())?;
         Ok(())
     }
 

@@ -194,6 +194,19 @@ impl SchedulerState {
         let value = value.with_context(|| format!("the scheduler state has no {name}"))?;
         usize::try_from(value).with_context(|| format!("the scheduler state's {name} is {value}"))
     }
+
+    /// Counter `name`, refused outside `range` (a checkpoint written by another version, or damaged, must not
+    /// index past a table when the run continues).
+    pub fn counter_within(&self, name: &str, range: std::ops::RangeInclusive<usize>) -> anyhow::Result<usize> {
+        let value = self.counter(name)?;
+        anyhow::ensure!(
+            range.contains(&value),
+            "the scheduler state's {name} is {value}, not within {}..={}",
+            range.start(),
+            range.end()
+        );
+        Ok(value)
+    }
 }
 
 /// `scheduler_config.json` as diffusers stores it; every key optional, unknown keys ignored.

@@ -340,9 +340,9 @@ impl Scheduler for UniPcScheduler {
             *slot = state.tensor(&format!("model_outputs.{i}")).cloned();
         }
         self.last_sample = state.tensor("last_sample").cloned();
-        self.this_order = state.counter("this_order")?;
-        self.lower_order_nums = state.counter("lower_order_nums")?;
-        self.next_step = state.counter("next_step")?;
+        self.this_order = state.counter_within("this_order", 1..=self.solver_order)?;
+        self.lower_order_nums = state.counter_within("lower_order_nums", 0..=self.solver_order)?;
+        self.next_step = state.counter_within("next_step", 0..=self.timesteps.len())?;
         Ok(())
     }
 
