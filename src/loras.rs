@@ -31,8 +31,9 @@ pub struct LoraLimits {
     /// holds).
     pub max_job_bytes: u64,
     /// Disk the LoRAs fetched from the Hub may take in the Hugging Face cache; the least recently used are
-    /// deleted past it. Default 10 GiB.
-    pub max_hub_cache_bytes: u64,
+    /// deleted past it. Default none (`generate` leaves the cache alone); a worker's `--lora-hub-cache` is
+    /// 10 GiB unless set.
+    pub max_hub_cache_bytes: Option<u64>,
 }
 
 impl Default for LoraLimits {
@@ -42,7 +43,7 @@ impl Default for LoraLimits {
             max_file_bytes: 2 << 30,
             max_cached_bytes: 4 << 30,
             max_job_bytes: 4 << 30,
-            max_hub_cache_bytes: 10 << 30,
+            max_hub_cache_bytes: None,
         }
     }
 }
@@ -115,18 +116,24 @@ impl LoraLibrary {
             )));
         };
         let lora = crate::hub::lora::parse(name).map_err(|e| LoraSourceError::Invalid(format!("LoRA {e}")))?;
-        let path = crate::hub::lora::resolve(&lora, opts, self.limits.max_file_bytes).map_err(|e| match e {
+        let found = crate::hub::lora::resolve(&lora, opts, self.limits.max_file_bytes).map_err(|e| match e {
             crate::hub::lora::HubLoraError::Refused(e) => LoraSourceError::Invalid(format!("{e:#}")),
             crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::Unavailable(format!("{e:#}")),
         })?;
-        let loaded = self.load_file(&path, name);
-        // Parsed (or refused): the file is not read again unless it changes, so the cache can make room now.
-        let trimmed = crate::hub::lora::trim_cache(opts, self.limits.max_hub_cache_bytes, &path);
-        if !trimmed.deleted.is_empty() {
-            tracing::info!(deleted = ?trimmed.deleted, kept_bytes = trimmed.kept_bytes,
-                "deleted the least recently used Hub LoRAs (--lora-hub-cache {})", self.limits.max_hub_cache_bytes);
+        let loaded = match self.load_file(&found.path, name) {
+            // Deleted between finding and reading (another process made room): found again on a retry.
+            Err(e) if !found.path.exists() => return Err(LoraSourceError::Unavailable(format!("{e}"))),
+            loaded => loaded?,
+        };
+        // Parsed: the file is not read again unless it changes, so the cache can make room now.
+        if let Some(max) = self.limits.max_hub_cache_bytes {
+            let trimmed = crate::hub::lora::used(opts, &found, max);
+            if !trimmed.deleted.is_empty() {
+                tracing::info!(deleted = ?trimmed.deleted, kept_bytes = trimmed.kept_bytes,
+                    "deleted the least recently used Hub LoRAs (--lora-hub-cache {max} bytes)");
+            }
         }
-        loaded
+        Ok(loaded)
     }
 
     /// Also resolves names as `<prefix>NAME.safetensors` objects of `store`.
@@ -183,12 +190,12 @@ impl LoraLibrary {
             check_scale(name, *scale)?;
             validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
             if name.contains('/') {
-                let (me, name) = (self.clone(), name.clone());
-                let lora = tokio::task::spawn_blocking(move || me.fetch_from_hub(&name))
+                let (me, owned) = (self.clone(), name.clone());
+                let lora = tokio::task::spawn_blocking(move || me.fetch_from_hub(&owned))
                     .await
                     .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
                 out.push(LoraWeight { lora, scale: *scale });
-                self.check_total(&out)?;
+                self.check_total(&out, name)?;
                 continue;
             }
             let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
@@ -205,7 +212,7 @@ impl LoraLibrary {
             };
             out.push(LoraWeight { lora, scale: *scale });
             // At once: a job over the budget holds no more than one LoRA past it.
-            self.check_total(&out)?;
+            self.check_total(&out, name)?;
         }
         Ok(out)
     }
@@ -272,17 +279,17 @@ impl LoraLibrary {
             let hub_ref = !path.exists() && self.hub.is_some() && crate::hub::lora::parse(&shown).is_ok();
             let lora = if hub_ref { self.fetch_from_hub(&shown)? } else { self.load_file(path, &shown)? };
             out.push(LoraWeight { lora, scale: *scale });
-            self.check_total(&out)?;
+            self.check_total(&out, &shown)?;
         }
         Ok(out)
     }
 
-    /// The job's LoRAs so far (each file counted once) within [`LoraLimits::max_job_bytes`].
-    fn check_total(&self, loras: &[LoraWeight]) -> Result<(), LoraSourceError> {
+    /// The job's LoRAs so far (each file counted once) within [`LoraLimits::max_job_bytes`]; `last` names the
+    /// newest as the job does.
+    fn check_total(&self, loras: &[LoraWeight], last: &str) -> Result<(), LoraSourceError> {
         let mut seen = std::collections::HashSet::new();
         let total: u64 = loras.iter().filter(|l| seen.insert(l.lora.hash)).map(|l| l.lora.bytes as u64).sum();
         if total > self.limits.max_job_bytes {
-            let last = &loras.last().expect("checked after a push").lora.name;
             return Err(LoraSourceError::Invalid(format!(
                 "with LoRA {last} the job's LoRAs take {total} bytes in memory, over the limit of {} \
                  (--max-lora-bytes-per-job)",

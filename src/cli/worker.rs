@@ -159,7 +159,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.lora_hub = args.lora_hub;
     config.max_resident_bytes = args.max_resident_bytes;
     config.lora_limits.max_file_bytes = args.max_lora_bytes;
-    config.lora_limits.max_hub_cache_bytes = args.lora_hub_cache;
+    config.lora_limits.max_hub_cache_bytes = Some(args.lora_hub_cache);
     config.lora_limits.max_job_bytes = args.max_lora_bytes_per_job;
     if let Some(json) = &args.limits {
         config.limits = serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--limits: {e}"))?;

@@ -75,9 +75,19 @@ pub enum HubLoraError {
     Unreachable(anyhow::Error),
 }
 
-/// The local path of the LoRA file, downloading it unless `opts.offline`; a file over `max_bytes` is refused
-/// before any of it is downloaded.
-pub fn resolve(lora: &HubLora, opts: &HubOptions, max_bytes: u64) -> std::result::Result<PathBuf, HubLoraError> {
+/// A LoRA file found.
+#[derive(Debug)]
+pub struct ResolvedLora {
+    /// In the cache's snapshot of the repo.
+    pub path: PathBuf,
+    /// The Hub answered for it (so it can be downloaded again if deleted); false offline, or when the Hub
+    /// could not be reached and the cache answered alone.
+    pub hub_answered: bool,
+}
+
+/// The LoRA file, downloading it unless `opts.offline`; a file over `max_bytes` is refused before any of it
+/// is downloaded.
+pub fn resolve(lora: &HubLora, opts: &HubOptions, max_bytes: u64) -> std::result::Result<ResolvedLora, HubLoraError> {
     resolve_at(lora, opts, None, max_bytes)
 }
 
@@ -86,21 +96,20 @@ fn resolve_at(
     opts: &HubOptions,
     endpoint: Option<&str>,
     max_bytes: u64,
-) -> std::result::Result<PathBuf, HubLoraError> {
+) -> std::result::Result<ResolvedLora, HubLoraError> {
     let cache = CachedRepo::new(opts.cache_root(), &lora.repo, &lora.revision);
-    let path = fetch(lora, opts, endpoint, max_bytes, &cache)?;
-    super::lora_cache::record_use(&cache.repo_dir(), &path);
-    Ok(path)
+    fetch(lora, opts, endpoint, max_bytes, &cache)
 }
 
-/// Deletes the least recently used Hub LoRAs of the cache until they take at most `max_bytes` (see
-/// [`super::lora_cache`]), sparing `keep`, the file just used. Offline nothing is deleted: it could not be
-/// downloaded again.
-pub fn trim_cache(opts: &HubOptions, max_bytes: u64, keep: &std::path::Path) -> super::lora_cache::Trimmed {
-    if opts.offline {
+/// Marks `resolved` as used just now, then deletes the least recently used Hub LoRAs of the cache until
+/// they take at most `max_bytes` (see [`super::lora_cache`]), sparing this one. Nothing is deleted unless the
+/// Hub answered: a LoRA deleted offline could not come back.
+pub fn used(opts: &HubOptions, resolved: &ResolvedLora, max_bytes: u64) -> super::lora_cache::Trimmed {
+    super::lora_cache::record_use(&resolved.path);
+    if !resolved.hub_answered {
         return Default::default();
     }
-    super::lora_cache::trim(&opts.cache_root(), max_bytes, keep, super::lora_cache::IN_USE_GRACE)
+    super::lora_cache::trim(&opts.cache_root(), max_bytes, &resolved.path, super::lora_cache::IN_USE_GRACE)
 }
 
 /// The LoRA file, from the cache or the Hub.
@@ -110,10 +119,11 @@ fn fetch(
     endpoint: Option<&str>,
     max_bytes: u64,
     cache: &CachedRepo,
-) -> std::result::Result<PathBuf, HubLoraError> {
+) -> std::result::Result<ResolvedLora, HubLoraError> {
     use HubLoraError::{Refused, Unreachable};
+    let from_cache = |path| ResolvedLora { path, hub_answered: false };
     if opts.offline {
-        return cached(cache, lora).map_err(Refused);
+        return cached(cache, lora).map(from_cache).map_err(Refused);
     }
     let client = HubClient::new(opts, endpoint);
     let info = match client.repo_info(cache) {
@@ -123,7 +133,7 @@ fn fetch(
             return Err(if failure.is_transient() { Unreachable(e) } else { Refused(e) });
         }
         Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
-            return cached(cache, lora).map_err(|missing| {
+            return cached(cache, lora).map(from_cache).map_err(|missing| {
                 Unreachable(anyhow!("cannot reach the Hugging Face Hub for LoRA {lora} ({err}), and {missing:#}"))
             });
         }
@@ -147,7 +157,7 @@ fn fetch(
             tracing::warn!("cannot record {}@{} in the cache: {err}", lora.repo, lora.revision);
         }
     }
-    Ok(path)
+    Ok(ResolvedLora { path, hub_answered: true })
 }
 
 /// Which file of the repo is the LoRA.
@@ -234,11 +244,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         hub.silence_downloads(0, 0);
-        let path = resolve_at(&lora, &online, Some(&hub.url), MAX).unwrap();
+        let found = resolve_at(&lora, &online, Some(&hub.url), MAX).unwrap();
+        let path = found.path;
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "lora");
         assert!(path.starts_with(cache.repo_dir(repo).join("snapshots").join(COMMIT)), "{}", path.display());
+        assert!(found.hub_answered);
         // Offline, the cache alone answers.
-        assert_eq!(resolve_at(&lora, &cache.options(false), None, MAX).unwrap(), path);
+        let offline = resolve_at(&lora, &cache.options(false), None, MAX).unwrap();
+        assert_eq!((offline.path, offline.hub_answered), (path, false));
         // A file the repo does not have is named.
         let err = resolve_at(&parse(&format!("{repo}/other.safetensors")).unwrap(), &online, Some(&hub.url), MAX)
             .unwrap_err();
@@ -271,23 +284,28 @@ mod tests {
         let hub_b = MockHub::start(b, vec![(DIFFUSERS_LORA_FILE, "bbbbbbbbbb".into())], vec![]);
         let cache = FakeCache::new();
         let online = HubOptions { offline: false, ..cache.options(false) };
-        let path_a = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
+        let found_a = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
+        assert_eq!(used(&online, &found_a, 15), super::super::lora_cache::Trimmed { deleted: vec![], kept_bytes: 10 });
         // Used an hour ago, out of the grace.
+        let mark = cache.repo_dir(a).join(".sd-rbee-loras").join(COMMIT).join(DIFFUSERS_LORA_FILE);
         let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        std::fs::OpenOptions::new().append(true).open(&path_a).unwrap().set_modified(hour_ago).unwrap();
-        let path_b = resolve_at(&parse(b).unwrap(), &online, Some(&hub_b.url), MAX).unwrap();
-        // Offline nothing goes: it could not come back.
-        assert_eq!(trim_cache(&cache.options(false), 15, &path_b).deleted.len(), 0);
-        assert!(path_a.exists());
-        let trimmed = trim_cache(&online, 15, &path_b);
-        assert_eq!(trimmed.deleted.len(), 1, "{trimmed:?}");
-        assert!(!path_a.exists() && !cache.repo_dir(a).exists() && path_b.exists());
+        std::fs::OpenOptions::new().write(true).open(&mark).unwrap().set_modified(hour_ago).unwrap();
+        // Found in the cache alone (offline, or the Hub unreachable), nothing goes: it could not come back.
+        let found_b = resolve_at(&parse(b).unwrap(), &online, Some(&hub_b.url), MAX).unwrap();
+        let cached_b = ResolvedLora { path: found_b.path.clone(), hub_answered: false };
+        assert_eq!(used(&online, &cached_b, 15).deleted.len(), 0);
+        assert!(found_a.path.exists());
+        let trimmed = used(&online, &found_b, 15);
+        assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 10), "{trimmed:?}");
+        assert!(!found_a.path.exists() && found_b.path.exists());
         // Named again, it is downloaded again, to the same place.
-        let again = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
-        assert_eq!(
-            (again.as_path(), std::fs::read_to_string(&again).unwrap().as_str()),
-            (path_a.as_path(), "aaaaaaaaaa")
-        );
+        let again = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap().path;
+        assert_eq!((&again, std::fs::read_to_string(&again).unwrap().as_str()), (&found_a.path, "aaaaaaaaaa"));
+        // A link left dangling (a download racing a deletion in another process) does not stop the next one.
+        std::fs::remove_file(std::fs::canonicalize(&again).unwrap()).unwrap();
+        assert!(again.symlink_metadata().is_ok() && !again.exists());
+        let again = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap().path;
+        assert_eq!(std::fs::read_to_string(&again).unwrap(), "aaaaaaaaaa");
     }
 
     #[test]
@@ -302,7 +320,7 @@ mod tests {
         let cache = FakeCache::new();
         cache.add("o/only", COMMIT, "style.safetensors", "s");
         cache.set_ref("o/only", "main", COMMIT);
-        let path = resolve_at(&parse("o/only").unwrap(), &cache.options(false), None, MAX).unwrap();
+        let path = resolve_at(&parse("o/only").unwrap(), &cache.options(false), None, MAX).unwrap().path;
         assert_eq!(std::fs::read_to_string(path).unwrap(), "s");
         let err = resolve_at(&parse("o/missing").unwrap(), &cache.options(false), None, MAX).unwrap_err();
         assert!(err.to_string().contains("offline"), "{err}");

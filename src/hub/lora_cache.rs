@@ -1,56 +1,73 @@
 //! The disk the Hub's LoRAs take in the Hugging Face cache, kept under a bound.
 //!
 //! Any job may name any public LoRA, so without a bound a worker's cache grows until its disk is full. Each
-//! LoRA file resolved from the Hub is recorded in its repo folder (`.sd-rbee-loras`, one `snapshots/<commit>/<file>`
-//! line each) and its blob's modification time is set to the time of use. Past the bound, the least recently
-//! used recorded files are deleted (blob and links; the repo folder too once nothing is left in it), so only
-//! what was fetched as a LoRA is ever deleted, never a model's files, and every worker sharing the cache (or
-//! restarting) sees the same record. A file used within [`IN_USE_GRACE`] is never deleted: a job of another
-//! process may have resolved it and not yet read it.
+//! file that was used as a LoRA (it parsed as one) is marked: an empty file `.sd-rbee-loras/<commit>/<file>` in
+//! its repo folder, beside `snapshots/<commit>/<file>`, whose modification time is the last use (the blob's own
+//! time is left alone: the LoRA library knows a file by its size and time, and reads it again when they
+//! change). Past the bound, the least recently used marked files are deleted, link and blob, so only what was
+//! used as a LoRA is ever deleted, never a model's files, and every worker sharing the cache (or restarting)
+//! sees the same marks. A file used within [`IN_USE_GRACE`] is never deleted: a job of another process may
+//! have resolved it and not yet read it. Repo folders stay (their `refs/` and blob locks may be in use by a
+//! download of another process); only their content goes.
+//!
+//! Where the cache cannot hold links (no symlinks: hf-hub copies the file into the snapshot), only the copy
+//! is deleted and its blob stays: bounded deletion needs links, as on Linux and macOS.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-/// The record of LoRA files, in each repo folder that has one.
-const RECORD: &str = ".sd-rbee-loras";
+/// The folder of marks, in each repo folder that has one.
+const MARKS: &str = ".sd-rbee-loras";
 
 /// How long after its last use a file is safe from deletion.
 pub const IN_USE_GRACE: Duration = Duration::from_secs(10 * 60);
 
-/// Records that `pointer` (`<repo folder>/snapshots/<commit>/<file>`) was used as a LoRA just now. Failures are
-/// logged: the file is used anyway, only its place in the eviction order is lost.
-pub(super) fn record_use(repo_dir: &Path, pointer: &Path) {
-    let Some(line) = pointer.strip_prefix(repo_dir).ok().and_then(|p| p.to_str()).map(str::to_string) else {
+/// Marks `pointer` (`<repo folder>/snapshots/<commit>/<file>`) as used as a LoRA just now. A failure is
+/// logged: the file is used anyway, only its place in the deletion order is lost.
+pub fn record_use(pointer: &Path) {
+    let Some(mark) = mark_of(pointer) else {
+        tracing::warn!("{} is not a file of a Hugging Face cache snapshot: not recorded", pointer.display());
         return;
     };
-    let record = repo_dir.join(RECORD);
-    let known = std::fs::read_to_string(&record).unwrap_or_default();
-    if !known.lines().any(|l| l == line) {
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&record)
-            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
-        if let Err(e) = appended {
-            tracing::warn!("cannot record LoRA {} in {}: {e}", pointer.display(), record.display());
-        }
-    }
-    // The blob's time, through the link: when the file was last used.
-    let touched =
-        std::fs::OpenOptions::new().append(true).open(pointer).and_then(|f| f.set_modified(SystemTime::now()));
-    if let Err(e) = touched {
-        tracing::debug!("cannot mark LoRA {} as used: {e}", pointer.display());
+    let marked = std::fs::create_dir_all(mark.parent().expect("<commit>/<file>"))
+        .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&mark))
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = marked {
+        tracing::warn!("cannot record the use of LoRA {} in {}: {e}", pointer.display(), mark.display());
     }
 }
 
-/// One recorded file: its content (the blob), the links to it, its size and last use.
-struct Recorded {
+/// The mark of `<repo folder>/snapshots/<commit>/<file>`: `<repo folder>/.sd-rbee-loras/<commit>/<file>`.
+fn mark_of(pointer: &Path) -> Option<PathBuf> {
+    let names: Vec<&str> = pointer
+        .components()
+        .rev()
+        .take(3)
+        .map(|c| match c {
+            Component::Normal(name) => name.to_str(),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let [file, commit, "snapshots"] = names[..] else { return None };
+    let repo_dir = pointer.ancestors().nth(3)?;
+    Some(repo_dir.join(MARKS).join(commit).join(file))
+}
+
+/// One marked file: its content (the blob), the links to it and their marks, its size and last use.
+struct Marked {
     repo_dir: PathBuf,
     links: Vec<PathBuf>,
+    marks: Vec<PathBuf>,
     bytes: u64,
-    used: SystemTime,
+}
+
+impl Marked {
+    /// The latest use its marks record (read now: another process may have used it since).
+    fn last_use(&self) -> SystemTime {
+        let times = self.marks.iter().filter_map(|m| m.metadata().and_then(|m| m.modified()).ok());
+        times.max().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
 }
 
 /// What [`trim`] did.
@@ -58,115 +75,113 @@ struct Recorded {
 pub struct Trimmed {
     /// The files deleted (`<repo folder name>/snapshots/<commit>/<file>`), least recently used first.
     pub deleted: Vec<String>,
-    /// The recorded LoRA bytes left in the cache.
+    /// The marked LoRA bytes left in the cache.
     pub kept_bytes: u64,
 }
 
-/// Deletes the least recently used LoRA files of the cache at `cache_root` until the recorded ones take at
+/// Deletes the least recently used LoRA files of the cache at `cache_root` until the marked ones take at
 /// most `max_bytes`, sparing `keep` and anything used within `grace`.
 pub fn trim(cache_root: &Path, max_bytes: u64, keep: &Path, grace: Duration) -> Trimmed {
-    let mut files = recorded(cache_root);
+    let mut files = marked(cache_root);
     let mut total: u64 = files.values().map(|f| f.bytes).sum();
     let mut trimmed = Trimmed::default();
-    if total <= max_bytes {
-        trimmed.kept_bytes = total;
-        return trimmed;
-    }
-    let keep = std::fs::canonicalize(keep).unwrap_or_else(|_| keep.to_path_buf());
-    let now = SystemTime::now();
-    let mut order: Vec<(SystemTime, PathBuf)> = files.iter().map(|(blob, f)| (f.used, blob.clone())).collect();
-    order.sort();
-    let mut touched_repos = BTreeSet::new();
-    for (used, blob) in order {
-        if total <= max_bytes {
-            break;
-        }
-        let recent = now.duration_since(used).map(|age| age < grace).unwrap_or(true);
-        if blob == keep || recent {
-            continue;
-        }
-        let file = files.remove(&blob).expect("listed");
-        for link in &file.links {
-            if let Err(e) = std::fs::remove_file(link) {
-                tracing::warn!("cannot delete LoRA {}: {e}", link.display());
+    if total > max_bytes {
+        let keep = std::fs::canonicalize(keep).unwrap_or_else(|_| keep.to_path_buf());
+        let mut order: Vec<(SystemTime, PathBuf)> =
+            files.iter().map(|(blob, f)| (f.last_use(), blob.clone())).collect();
+        order.sort();
+        let mut tidied = BTreeSet::new();
+        for (_, blob) in order {
+            if total <= max_bytes {
+                break;
             }
-        }
-        // The content itself, unless the link was a copy (no blob behind it).
-        if blob.starts_with(file.repo_dir.join("blobs")) {
-            if let Err(e) = std::fs::remove_file(&blob) {
-                tracing::warn!("cannot delete LoRA {}: {e}", blob.display());
+            let file = &files[&blob];
+            // Asked again now: a use by another process since the listing spares it.
+            let recent = SystemTime::now().duration_since(file.last_use()).map(|age| age < grace).unwrap_or(true);
+            if blob == keep || recent {
+                continue;
             }
+            let file = files.remove(&blob).expect("listed");
+            for link in &file.links {
+                remove(link);
+            }
+            // The content itself, unless the link was a copy (no blob behind it). Counted as freed only when
+            // it is gone.
+            let freed = !blob.starts_with(file.repo_dir.join("blobs")) || remove(&blob);
+            for mark in &file.marks {
+                remove(mark);
+            }
+            if freed {
+                total -= file.bytes;
+                let folder = file.repo_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let shown = |l: &PathBuf| format!("{folder}/{}", l.strip_prefix(&file.repo_dir).unwrap_or(l).display());
+                trimmed.deleted.extend(file.links.iter().map(shown));
+            }
+            tidied.insert(file.repo_dir);
         }
-        total -= file.bytes;
-        let name = |link: &PathBuf| {
-            let folder = file.repo_dir.file_name().unwrap_or_default().to_string_lossy();
-            format!("{folder}/{}", link.strip_prefix(&file.repo_dir).unwrap_or(link).display())
-        };
-        trimmed.deleted.extend(file.links.iter().map(name));
-        touched_repos.insert(file.repo_dir);
-    }
-    for repo_dir in touched_repos {
-        tidy(&repo_dir);
+        tidied.iter().for_each(|repo_dir| tidy(repo_dir));
     }
     trimmed.kept_bytes = total;
     trimmed
 }
 
-/// Every recorded LoRA file that is still there, by its blob (two commits may link one blob).
-fn recorded(cache_root: &Path) -> HashMap<PathBuf, Recorded> {
-    let mut files: HashMap<PathBuf, Recorded> = HashMap::new();
-    for repo_dir in entries(cache_root).filter(|p| p.join(RECORD).is_file()) {
-        let record = std::fs::read_to_string(repo_dir.join(RECORD)).unwrap_or_default();
-        // Only what this module writes: a file in a snapshot, never a path out of the repo folder.
-        let lines = record.lines().filter(|l| l.starts_with("snapshots/") && !l.split('/').any(|p| p == ".."));
-        for line in lines.collect::<BTreeSet<_>>() {
-            let link = repo_dir.join(line);
-            let (Ok(meta), Ok(blob)) = (std::fs::metadata(&link), std::fs::canonicalize(&link)) else { continue };
-            let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let file = files.entry(blob).or_insert_with(|| Recorded {
-                repo_dir: repo_dir.clone(),
-                links: Vec::new(),
-                bytes: meta.len(),
-                used,
-            });
-            file.links.push(link);
+/// Deletes `path`; true when it is gone (deleted now, or already).
+fn remove(path: &Path) -> bool {
+    match std::fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::warn!("cannot delete LoRA {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+/// Every marked LoRA file that is still there, by its blob (two commits may link one blob). Marks of files
+/// that are gone (deleted by hand, or by `huggingface-cli delete-cache`) are removed.
+fn marked(cache_root: &Path) -> HashMap<PathBuf, Marked> {
+    // Canonical, as the blobs are: a cache reached through a link still finds its blobs in its folders.
+    let cache_root = std::fs::canonicalize(cache_root).unwrap_or_else(|_| cache_root.to_path_buf());
+    let mut files: HashMap<PathBuf, Marked> = HashMap::new();
+    for repo_dir in entries(&cache_root) {
+        for commit in entries(&repo_dir.join(MARKS)) {
+            for mark in entries(&commit) {
+                let (Some(commit_name), Some(file_name)) = (commit.file_name(), mark.file_name()) else { continue };
+                let link = repo_dir.join("snapshots").join(commit_name).join(file_name);
+                let (Ok(meta), Ok(blob)) = (std::fs::metadata(&link), std::fs::canonicalize(&link)) else {
+                    remove(&mark);
+                    continue;
+                };
+                let file = files.entry(blob).or_insert_with(|| Marked {
+                    repo_dir: repo_dir.clone(),
+                    links: Vec::new(),
+                    marks: Vec::new(),
+                    bytes: meta.len(),
+                });
+                file.links.push(link);
+                file.marks.push(mark);
+            }
         }
     }
     files
 }
 
-/// After deletions in a repo folder: links left pointing at nothing and empty snapshots go (a dangling link
-/// would stop the file being downloaded again), and the whole folder once it holds no content and no
-/// download is under way in it (its blob locks are all free).
+/// After deletions in a repo folder: links left pointing at nothing go (another commit's link to a deleted
+/// blob), and empty snapshot and mark folders.
 fn tidy(repo_dir: &Path) {
-    let snapshots = repo_dir.join("snapshots");
-    for snapshot in entries(&snapshots) {
+    for snapshot in entries(&repo_dir.join("snapshots")) {
         for entry in entries(&snapshot) {
             let dangling = entry.symlink_metadata().is_ok_and(|m| m.is_symlink()) && !entry.exists();
             if dangling {
-                let _ = std::fs::remove_file(&entry);
+                remove(&entry);
             }
         }
         let _ = std::fs::remove_dir(&snapshot); // only when empty
     }
-    if entries(&snapshots).next().is_some() {
-        return;
+    for commit in entries(&repo_dir.join(MARKS)) {
+        let _ = std::fs::remove_dir(&commit);
     }
-    let blobs: Vec<PathBuf> = entries(&repo_dir.join("blobs")).collect();
-    if blobs.iter().any(|b| b.extension().is_none_or(|e| e != "lock")) {
-        return;
-    }
-    // Held while the folder goes: a download that starts now waits, then finds no folder and fails (retried).
-    let mut held = Vec::new();
-    for lock in &blobs {
-        match std::fs::File::open(lock) {
-            Ok(file) if super::transfer::try_lock(&file) => held.push(file),
-            _ => return,
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(repo_dir) {
-        tracing::warn!("cannot delete {}: {e}", repo_dir.display());
-    }
+    let _ = std::fs::remove_dir(repo_dir.join(MARKS));
 }
 
 /// The paths in `dir` (none when it cannot be read).
@@ -179,18 +194,27 @@ mod tests {
     use super::super::tests::{FakeCache, COMMIT};
     use super::*;
 
+    const MINUTE: Duration = Duration::from_secs(60);
+    const FILE: &str = "pytorch_lora_weights.safetensors";
+
     /// A LoRA file of `bytes` bytes in `repo`, recorded as used `ago` before now.
     fn lora(cache: &FakeCache, repo: &str, bytes: usize, ago: Duration) -> PathBuf {
-        cache.add(repo, COMMIT, "pytorch_lora_weights.safetensors", &"x".repeat(bytes));
-        let repo_dir = cache.repo_dir(repo);
-        let pointer = repo_dir.join("snapshots").join(COMMIT).join("pytorch_lora_weights.safetensors");
-        record_use(&repo_dir, &pointer);
-        let file = std::fs::OpenOptions::new().append(true).open(&pointer).unwrap();
-        file.set_modified(SystemTime::now() - ago).unwrap();
+        cache.add(repo, COMMIT, FILE, &"x".repeat(bytes));
+        let pointer = cache.repo_dir(repo).join("snapshots").join(COMMIT).join(FILE);
+        used(&pointer, ago);
         pointer
     }
 
-    const MINUTE: Duration = Duration::from_secs(60);
+    /// Records a use of `pointer` `ago` before now.
+    fn used(pointer: &Path, ago: Duration) {
+        record_use(pointer);
+        let mark = mark_of(pointer).unwrap();
+        std::fs::OpenOptions::new().write(true).open(mark).unwrap().set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    fn blobs(cache: &FakeCache, repo: &str) -> usize {
+        entries(&cache.repo_dir(repo).join("blobs")).count()
+    }
 
     #[test]
     fn the_least_recently_used_loras_go_first_until_the_rest_fit() {
@@ -200,23 +224,24 @@ mod tests {
         let old = lora(&cache, "o/old", 100, 200 * MINUTE);
         let newer = lora(&cache, "o/newer", 100, 100 * MINUTE);
         let newest = lora(&cache, "o/newest", 100, MINUTE);
-        // A model's files in the same cache: never recorded, never deleted.
+        // A model's files in the same cache: never marked, never deleted.
         cache.add("o/model", COMMIT, "unet/diffusion_pytorch_model.safetensors", &"m".repeat(1000));
+        let blob_time = |p: &Path| p.metadata().unwrap().modified().unwrap();
+        let newest_time = blob_time(&newest);
 
         assert_eq!(trim(&root, 400, &newest, IN_USE_GRACE), Trimmed { deleted: vec![], kept_bytes: 400 });
         let trimmed = trim(&root, 250, &newest, IN_USE_GRACE);
-        assert_eq!(
-            trimmed.deleted,
-            [
-                format!("models--o--oldest/snapshots/{COMMIT}/pytorch_lora_weights.safetensors"),
-                format!("models--o--old/snapshots/{COMMIT}/pytorch_lora_weights.safetensors"),
-            ]
-        );
+        let deleted = |repo: &str| format!("models--o--{repo}/snapshots/{COMMIT}/{FILE}");
+        assert_eq!(trimmed.deleted, [deleted("oldest"), deleted("old")]);
         assert_eq!(trimmed.kept_bytes, 200);
         assert!(!oldest.exists() && !old.exists() && newer.exists() && newest.exists());
-        // Nothing was left in those repos: their folders went too, so a download starts clean.
-        assert!(!cache.repo_dir("o/oldest").exists() && !cache.repo_dir("o/old").exists());
+        // Their content went, link and blob (nothing dangles to stop a download again), and so did the marks.
+        assert_eq!((blobs(&cache, "o/oldest"), blobs(&cache, "o/old"), blobs(&cache, "o/newer")), (0, 0, 1));
+        assert!(oldest.symlink_metadata().is_err() && !cache.repo_dir("o/old").join(MARKS).exists());
         assert!(cache.repo_dir("o/model").join("snapshots").join(COMMIT).join("unet").exists());
+        // Marking a use leaves the file's own time alone (a changed time would make it read again).
+        used(&newest, Duration::ZERO);
+        assert_eq!(blob_time(&newest), newest_time);
 
         // The file in use is spared even when it alone is over the bound, and so is a recent one.
         let trimmed = trim(&root, 50, &newer, IN_USE_GRACE);
@@ -227,39 +252,48 @@ mod tests {
     }
 
     #[test]
-    fn a_repo_folder_with_a_download_under_way_is_kept() {
+    fn a_blob_two_commits_link_is_counted_once_and_goes_with_both_links() {
         let cache = FakeCache::new();
         let root = cache.repo_dir("x/x").parent().unwrap().to_path_buf();
-        let (old, older) = (lora(&cache, "o/busy", 100, 200 * MINUTE), lora(&cache, "o/idle", 100, 300 * MINUTE));
-        let lock = |repo: &str| {
-            let file = std::fs::File::create(cache.repo_dir(repo).join("blobs").join("next.lock")).unwrap();
-            assert!(super::super::transfer::try_lock(&file));
-            file
-        };
-        let _held = lock("o/busy");
-        drop(lock("o/idle"));
-        let trimmed = trim(&root, 0, Path::new("/nothing"), IN_USE_GRACE);
-        assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (2, 0));
-        assert!(!old.exists() && !older.exists());
-        assert!(cache.repo_dir("o/busy").join("blobs").join("next.lock").exists(), "held: the folder stays");
-        assert!(!cache.repo_dir("o/idle").exists(), "a free lock is no download");
+        let first = lora(&cache, "o/two", 100, 300 * MINUTE);
+        // The same content at a later commit (hf-hub links both to one blob).
+        let second = cache.repo_dir("o/two").join("snapshots").join("f".repeat(40)).join(FILE);
+        std::fs::create_dir_all(second.parent().unwrap()).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(std::fs::read_link(&first).unwrap(), &second).unwrap();
+        used(&second, 200 * MINUTE);
+        // Another file of the same repo, not a LoRA: kept.
+        cache.add("o/two", COMMIT, "README.md", "read me");
+        let new = lora(&cache, "o/new", 100, MINUTE);
+        assert_eq!(trim(&root, 200, &new, IN_USE_GRACE).kept_bytes, 200, "one blob, counted once");
+        let trimmed = trim(&root, 100, &new, IN_USE_GRACE);
+        assert_eq!(trimmed.deleted.len(), 2, "{trimmed:?}");
+        assert!(first.symlink_metadata().is_err() && second.symlink_metadata().is_err());
+        assert!(!second.parent().unwrap().exists(), "the snapshot left empty goes");
+        assert!(cache.repo_dir("o/two").join("snapshots").join(COMMIT).join("README.md").exists());
+        assert_eq!(blobs(&cache, "o/two"), 1, "README.md's blob");
     }
 
     #[test]
-    fn a_dangling_link_is_removed_with_its_blob_and_the_rest_of_the_repo_is_kept() {
+    fn a_cache_reached_through_a_link_still_has_its_blobs_deleted() {
         let cache = FakeCache::new();
         let root = cache.repo_dir("x/x").parent().unwrap().to_path_buf();
-        let old = lora(&cache, "o/two", 100, 300 * MINUTE);
-        // Another file of the same repo, not a LoRA: kept, and so is the folder.
-        cache.add("o/two", COMMIT, "README.md", "read me");
+        let elsewhere = tempfile::tempdir().unwrap();
+        let linked = elsewhere.path().join("hub");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&root, &linked).unwrap();
+        let old = lora(&cache, "o/old", 100, 300 * MINUTE);
         let new = lora(&cache, "o/new", 100, MINUTE);
-        let trimmed = trim(&root, 100, &new, IN_USE_GRACE);
-        assert_eq!(trimmed.deleted.len(), 1);
-        assert!(old.symlink_metadata().is_err(), "the link is gone, not left dangling");
-        assert!(cache.repo_dir("o/two").join("snapshots").join(COMMIT).join("README.md").exists());
-        // Recording the same file again adds no line.
-        record_use(&cache.repo_dir("o/new"), &new);
-        let record = std::fs::read_to_string(cache.repo_dir("o/new").join(RECORD)).unwrap();
-        assert_eq!(record.lines().count(), 1, "{record}");
+        let trimmed = trim(&linked, 100, &linked.join(new.strip_prefix(&root).unwrap()), IN_USE_GRACE);
+        assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 100));
+        assert!(!old.exists() && blobs(&cache, "o/old") == 0, "the blob went, not only the link");
+    }
+
+    #[test]
+    fn only_snapshot_files_are_marked() {
+        assert!(mark_of(Path::new("/c/models--a--b/snapshots/abc/x.safetensors")).is_some());
+        for odd in ["/c/models--a--b/blobs/abc/x", "/c/models--a--b/snapshots/../x", "x.safetensors"] {
+            assert_eq!(mark_of(Path::new(odd)), None, "{odd}");
+        }
     }
 }

@@ -151,13 +151,19 @@ impl HubClient {
     pub(super) fn repo_info(&self, cache: &CachedRepo) -> Result<RepoInfo, HubError> {
         let url = format!("{}/api/{}", self.endpoint, cache.hf_repo(&cache.revision).api_url());
         let response = self.get(&self.requests, &url).call().map_err(HubError::from_ureq)?;
-        response
+        let info = response
             .into_json::<RepoInfo>()
-            .map_err(|e| HubError::Unreachable(format!("unreadable answer from the Hub: {e}")))
+            .map_err(|e| HubError::Unreachable(format!("unreadable answer from the Hub: {e}")))?;
+        // It becomes a folder name in the cache.
+        if info.sha.len() != 40 || !info.sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(HubError::Unreachable(format!(
+                "the Hub's answer names commit {:?}, not a commit hash",
+                info.sha
+            )));
+        }
+        Ok(info)
     }
 
-    /// Downloads `file` of the repo at `commit` into the cache (unless there already) and returns its path in
-    /// the snapshot folder.
     /// The local path of `file` at `commit`, downloaded into the cache unless it is there; a file over
     /// `max_bytes` (when given) is refused before any of it is fetched.
     pub(super) fn download(
@@ -342,6 +348,11 @@ fn total_size(response: &ureq::Response) -> Option<String> {
 fn link(blob: &Path, pointer: &Path) -> std::io::Result<()> {
     if pointer.exists() {
         return Ok(());
+    }
+    // A link to a blob that is gone (deleted by `hub::lora_cache` in another process while this one
+    // downloaded): replaced, or it would stand in the way of every download of this file.
+    if pointer.symlink_metadata().is_ok() {
+        std::fs::remove_file(pointer)?;
     }
     let depth = pointer.strip_prefix(blob.parent().and_then(Path::parent).expect("<repo>/blobs/<etag>"));
     let ups = depth.map(|d| d.components().count() - 1).unwrap_or(0);

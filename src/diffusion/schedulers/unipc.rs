@@ -340,9 +340,10 @@ impl Scheduler for UniPcScheduler {
             *slot = state.tensor(&format!("model_outputs.{i}")).cloned();
         }
         self.last_sample = state.tensor("last_sample").cloned();
-        self.this_order = state.counter_within("this_order", 1..=self.solver_order)?;
-        self.lower_order_nums = state.counter_within("lower_order_nums", 0..=self.solver_order)?;
+        // As `step` leaves them: the warm-up count never passes the steps taken, nor the order it reached.
         self.next_step = state.counter_within("next_step", 0..=self.timesteps.len())?;
+        self.lower_order_nums = state.counter_within("lower_order_nums", 0..=self.solver_order.min(self.next_step))?;
+        self.this_order = state.counter_within("this_order", 1..=self.lower_order_nums.max(1))?;
         Ok(())
     }
 
