@@ -279,6 +279,21 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let q = c.status(queued.job_id).await.unwrap();
     assert_eq!(q.status.state.name(), "queued");
     assert_eq!(q.queue_position, Some(0), "nothing waits ahead of it (the running job is not waiting)");
+    // Callers asking at once for jobs all along a queue share one walk of it, and each job gets its place.
+    let mut behind = Vec::new();
+    for seed in 0..12 {
+        behind.push(c.submit(&tiny(40, 100 + seed), None).await.unwrap().job_id);
+    }
+    let asked = std::iter::once(queued.job_id).chain(behind.iter().rev().copied()).map(|id| {
+        let c = &c;
+        async move { c.status(id).await.unwrap().queue_position }
+    });
+    let mut places = futures::future::join_all(asked).await;
+    places[1..].reverse();
+    assert_eq!(places, (0..=12).map(Some).collect::<Vec<_>>());
+    for id in behind {
+        assert_eq!(c.cancel(id).await.unwrap().state, "cancelled");
+    }
 
     // Priorities: a high job goes ahead of the queued normal one, a low one behind both.
     let at = |priority| {
@@ -333,7 +348,7 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let list = c.jobs("?state=completed").await.unwrap();
     assert_eq!(list.jobs.iter().filter(|j| j.job_id == first.job_id).count(), 1);
     let all = c.jobs("?limit=2").await.unwrap();
-    assert_eq!(all.total, 6, "the running, queued, high, low, first and theirs");
+    assert_eq!(all.total, 18, "the running, queued, 12 behind it, high, low, first and theirs");
     assert_eq!(all.jobs.len(), 2);
     assert_eq!(all.next_offset, Some(2));
 }

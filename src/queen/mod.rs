@@ -143,6 +143,7 @@ impl Queen {
             expiry,
             webhooks,
             feed_recheck: config.feed_recheck,
+            walks: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));
         let state = AppState {
