@@ -106,6 +106,8 @@ impl Jobs {
 const WALK_FRESH: Duration = Duration::from_secs(1);
 /// The most jobs a walk reads: a job further back has no position.
 const MAX_WALK: usize = 1000;
+/// Walks kept before the idle ones are forgotten.
+const MAX_QUEUES_WALKED: usize = 1024;
 
 /// The waiting jobs of each queue (model and priority), walked once for every caller: each status request of
 /// a queued job used to walk its queue up to it, a thousand reads for a job a thousand back, so clients
@@ -153,7 +155,14 @@ impl QueueWalks {
         priority: Priority,
         seq: u64,
     ) -> Option<u64> {
-        let walk = self.walks.lock().entry((model.to_string(), priority)).or_default().clone();
+        let walk = {
+            let mut walks = self.walks.lock();
+            // Models come and go: forget the walks no one is reading when there are many.
+            if walks.len() >= MAX_QUEUES_WALKED {
+                walks.retain(|_, walk| Arc::strong_count(walk) > 1);
+            }
+            walks.entry((model.to_string(), priority)).or_default().clone()
+        };
         let mut walk = walk.lock().await;
         if walk.started.is_none_or(|at| at.elapsed() >= WALK_FRESH) {
             // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
