@@ -163,8 +163,10 @@ impl QueueWalks {
             }
             walks.entry((model.to_string(), priority)).or_default().clone()
         };
+        // Fresh as of the asking: callers that queued behind a long walk read it rather than each walk again.
+        let asked = Instant::now();
         let mut walk = walk.lock().await;
-        if walk.started.is_none_or(|at| at.elapsed() >= WALK_FRESH) {
+        if walk.started.is_none_or(|at| asked.saturating_duration_since(at) >= WALK_FRESH) {
             // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
             let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
                 stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
