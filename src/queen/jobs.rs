@@ -117,8 +117,8 @@ pub struct Jobs {
     pub webhooks: super::webhooks::Webhooks,
     /// How often a live event feed reads its job's record ([`super::feed::feed`]).
     pub feed_recheck: std::time::Duration,
-    /// The queues as last walked, shared by every status request ([`super::queue::QueueWalks`]).
-    pub walks: std::sync::Arc<super::queue::QueueWalks>,
+    /// The queues as last walked, shared by every status request (`queue_walk::QueueWalks`).
+    pub walks: std::sync::Arc<super::queue_walk::QueueWalks>,
 }
 
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).

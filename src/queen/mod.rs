@@ -8,6 +8,7 @@
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, list, cancel, images, the model catalogue;
 //! - `queue`: where a job stands: its status view with queue position and ETA, queue depths;
+//! - `queue_walk`: the queues walked once for every caller asking where a job stands (`QueueWalks`);
 //! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
 //! - `expiry`: jobs' ttl and its schedule; `sweeper`: deletes expired jobs' objects, stops them;
 //! - `work_queue`: the queens' own work queues (the expiry schedule, webhook deliveries);
@@ -26,6 +27,7 @@ pub mod index;
 pub mod jobs;
 pub mod metrics;
 pub mod queue;
+mod queue_walk;
 pub mod status;
 pub mod sweeper;
 pub mod webhooks;
