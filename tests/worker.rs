@@ -367,6 +367,34 @@ async fn killed_worker_hands_its_job_to_another() {
     );
 }
 
+/// A cancel sent while no worker holds the job (its worker crashed and the job waits for redelivery) is
+/// kept on the bus: the worker that takes the job later, which never heard the request, reports it
+/// `cancelled` without running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_between_deliveries_is_not_run_by_a_worker_started_later() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--ack-wait", "2s", "--step-delay", "150ms", "--checkpoint-every", "1"];
+    let mut first = WorkerProcess::start("w-crash", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(20, 12);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    first.kill();
+    let checkpoint = store.path().join(protocol::resume_key(job.id));
+    assert!(checkpoint.exists(), "the crashed worker left a checkpoint");
+    client.cancel(job.id, Some("cancelled while between deliveries".into())).await.unwrap();
+
+    let _later = WorkerProcess::start("w-later", &nats.url(), &store_url, &[], &flags);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(c)) if c.at_step.is_none()), "{events:?}");
+    assert_eq!(accepted_by(&events), ["w-crash"], "the later worker did not start it: {events:?}");
+    assert!(!store.path().join(format!("jobs/{}", job.id)).exists(), "a cancelled job stores nothing");
+    assert!(!checkpoint.exists(), "its checkpoint is deleted");
+    wait_for_empty_queue(&client).await;
+}
+
 /// The job consumer is the fleet's: a worker started later with a shorter `--ack-wait` gives it its own, and
 /// a worker already running a job with a long one still keeps its job (in-progress acks at least every 5 s),
 /// and says in its log that the settings differ.

@@ -187,6 +187,18 @@ pub async fn ensure_streams(
             ..Default::default()
         },
     ];
+    // Cancel requests, the last per job, kept as long as any trace of a job is: a worker that takes a job
+    // later than the request (after a crash's redelivery, a hand-back, or a restart) finds it there.
+    let cancels = stream::Config {
+        name: subjects.cancels_stream(),
+        subjects: vec![subjects.cancel_wildcard()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: settings.events_max_age.max(settings.dlq_max_age),
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..Default::default()
+    };
     // JetStream's notices of jobs that ran out of deliveries, kept until a worker has dealt with them (a
     // core-NATS advisory nobody hears would leave such a job stuck).
     let advisories = stream::Config {
@@ -197,7 +209,7 @@ pub async fn ensure_streams(
         max_age: settings.dlq_max_age,
         ..Default::default()
     };
-    for config in configs.into_iter().chain([advisories]) {
+    for config in configs.into_iter().chain([cancels, advisories]) {
         let name = config.name.clone();
         js.get_or_create_stream(config).await.with_context(|| format!("cannot create or bind stream {name}"))?;
     }

@@ -55,6 +55,32 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
     run(shared, model, msg, job, delivered).instrument(span).await;
 }
 
+/// Whether a cancel request for the job is stored (`SD_CANCELS`): one this worker never heard, sent while
+/// another worker held the job, or before this one started. Bounded: with NATS slow to answer, the job
+/// runs, and a cancel sent since still reaches it.
+async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let lookup = async {
+        let stream = shared.js.get_stream_no_info(shared.subjects.cancels_stream()).await?;
+        match stream.direct_get_last_for_subject(shared.subjects.cancel(job_id)).await {
+            Ok(_) => anyhow::Ok(true),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(3), lookup).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(%job_id, error = %format!("{e:#}"), "cannot look for a stored cancel; starting the job");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(%job_id, "NATS is slow to say whether the job was cancelled; starting it");
+            false
+        }
+    }
+}
+
 fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, ProtocolError> {
     let job = protocol::decode_job(payload)?;
     job.validate(&shared.config.limits)?;
@@ -91,7 +117,9 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         settle(&shared, &model, target, Outcome::Expired { job_id }, delivered).await;
         return;
     }
-    let Some(stop) = shared.control.start(job_id) else {
+    // Checked before it starts: a cancel published from now on reaches this worker's subscription (`control`).
+    let stop = if stored_cancel(&shared, job_id).await { None } else { shared.control.start(job_id) };
+    let Some(stop) = stop else {
         settle(&shared, &model, target, Outcome::Cancelled { job_id, at_step: None }, delivered).await;
         return;
     };

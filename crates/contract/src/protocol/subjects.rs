@@ -178,6 +178,12 @@ impl Subjects {
         self.stream_name("EVENTS")
     }
 
+    /// `SD_CANCELS`: the cancel requests (`sd.cancel.>`), kept so a worker that takes a job later, one that
+    /// never heard the request, still finds it.
+    pub fn cancels_stream(&self) -> String {
+        self.stream_name("CANCELS")
+    }
+
     /// `SD_ADVISORIES`: JetStream's max-deliveries advisories for the jobs stream.
     pub fn advisories_stream(&self) -> String {
         self.stream_name("ADVISORIES")
