@@ -1,8 +1,7 @@
 //! The queen's job service: what the HTTP handlers ask for, over the bus, the status bucket, the object
-//! store and the fleet's view. Submission (with an idempotency claim released unless the job is queued),
-//! lists, cancellation of queued and running jobs, images, and the model catalogue that decides which models
-//! jobs may name; a job's view with its queue position is in `queue.rs`. Errors are [`JobsError`], classified
-//! for HTTP by `http/error.rs`.
+//! store and the fleet's view: lists, cancellation of queued and running jobs, images, and the model
+//! catalogue that decides which models jobs may name. Submission is in `submit.rs`; a job's view with its
+//! queue position in `queue.rs`. Errors are [`JobsError`], classified for HTTP by `http/error.rs`.
 
 use std::time::Duration;
 
@@ -12,13 +11,10 @@ use uuid::Uuid;
 use super::aggregator::ModelStats;
 use super::fleet::Fleet;
 use super::index::{records, JobIndex, SCAN_LIMIT};
-use super::status::{idempotency_entry, StatusStore, StatusTooLarge};
-use crate::api::{
-    CancelResponse, CancelState, JobCheckError, JobList, JobState, JobStatus, JobSubmission, SubmitResponse,
-    UploadResponse, WebhookInfo,
-};
+use super::status::{StatusStore, StatusTooLarge};
+use crate::api::{CancelResponse, CancelState, JobList, JobState, JobStatus, UploadResponse};
 use crate::bus::BusClient;
-use crate::protocol::{self, Event, ImageSource, JobRequest, Limits, ProtocolError};
+use crate::protocol::{self, Event, Limits, ProtocolError};
 use crate::storage::{Store, StoreError};
 
 /// Why a request of the service failed.
@@ -61,7 +57,7 @@ impl JobsError {
         }
     }
 
-    fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+    pub(super) fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
         JobsError::Invalid(ProtocolError::invalid(field, message))
     }
 }
@@ -121,184 +117,7 @@ pub struct Jobs {
     pub walks: std::sync::Arc<super::queue_walk::QueueWalks>,
 }
 
-/// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
-struct IdempotencyClaim {
-    status: StatusStore,
-    entry: Option<String>,
-}
-
-impl IdempotencyClaim {
-    fn keep(mut self) {
-        self.entry = None;
-    }
-}
-
-impl Drop for IdempotencyClaim {
-    fn drop(&mut self) {
-        if let Some(entry) = self.entry.take() {
-            let status = self.status.clone();
-            tokio::spawn(async move { status.release_idempotency(&entry).await });
-        }
-    }
-}
-
 impl Jobs {
-    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key. Runs to
-    /// its end even when the client goes away mid-way (a dropped request would otherwise release the
-    /// idempotency claim of a job already queued, and a retry would queue it twice).
-    pub async fn submit(
-        &self,
-        caller: &str,
-        sub: JobSubmission,
-        idempotency_key: Option<String>,
-    ) -> JobsResult<SubmitResponse> {
-        let (this, caller) = (self.clone(), caller.to_string());
-        tokio::spawn(async move { this.submit_attached(&caller, sub, idempotency_key).await })
-            .await
-            .map_err(|e| JobsError::Internal(anyhow::anyhow!("the submission task failed: {e}")))?
-    }
-
-    async fn submit_attached(
-        &self,
-        caller: &str,
-        mut sub: JobSubmission,
-        idempotency_key: Option<String>,
-    ) -> JobsResult<SubmitResponse> {
-        let mut webhook = sub.webhook.take();
-        let mut job = JobRequest::try_from(sub)?;
-        job.idempotency_key = idempotency_key;
-        self.expiry.apply_default(&mut job);
-        self.check(&job).await?;
-        if let Some(spec) = &mut webhook {
-            self.webhooks.check(spec).await?;
-        }
-        let queued =
-            |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
-        let mut claim = None;
-        if let Some(key) = &job.idempotency_key {
-            let entry = idempotency_entry(caller, key);
-            let owner = self.status.claim_idempotency(&entry, job.id).await.map_err(JobsError::bus)?;
-            if owner != job.id {
-                return Ok(SubmitResponse::new(owner, false));
-            }
-            claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
-        }
-        // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will
-        // be sent (the headers too, as long as a requeued copy's), instead of failing later.
-        let max_payload = self.bus.nats().max_payload();
-        let size = crate::bus::job_message_size(job.id, protocol::encode(&job).len());
-        if size > max_payload {
-            return Err(JobsError::TooLarge {
-                field: None,
-                message: format!(
-                    "the job is {size} bytes as a bus message (with its inline images and headers), over the bus's \
-                     {max_payload} byte message limit: upload the images (POST /v1/uploads) and send their object keys"
-                ),
-            });
-        }
-        // The record exists before any worker can report on the job.
-        self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
-        let indexed = match self.index.add(job.id).await {
-            Ok(seq) => seq,
-            Err(e) => {
-                self.status.remove(job.id).await;
-                return Err(JobsError::bus(e));
-            }
-        };
-        if let Err(e) = self.expiry.schedule(&job).await {
-            self.status.remove(job.id).await;
-            self.index.remove(indexed).await;
-            return Err(JobsError::bus(e));
-        }
-        self.stats.metrics.transition(None, JobState::Queued);
-        let seq = match self.bus.submit_with_seq(&job).await {
-            Ok(seq) => seq,
-            Err(e) => {
-                self.status.remove(job.id).await;
-                self.index.remove(indexed).await;
-                self.stats.metrics.removed(JobState::Queued);
-                return Err(JobsError::Unavailable(e.context("cannot queue the job")));
-            }
-        };
-        if let Some(claim) = claim {
-            claim.keep();
-        }
-        let record = |s: &mut JobStatus| {
-            s.stream_seq = Some(seq);
-            true
-        };
-        let _ = self.status.update(job.id, || queued(Some(seq)), record).await;
-        tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
-        Ok(SubmitResponse::new(job.id, true))
-    }
-
-    /// The most bytes a job message may have on the bus (NATS's `max_payload`).
-    pub fn max_message_bytes(&self) -> usize {
-        self.bus.nats().max_payload()
-    }
-
-    /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
-    async fn check(&self, job: &JobRequest) -> JobsResult<()> {
-        crate::api::check_job(job, &self.limits).map_err(|e| match e {
-            JobCheckError::TooLarge { field, message } => JobsError::TooLarge { field: Some(field), message },
-            JobCheckError::Invalid(e) => JobsError::Invalid(e),
-        })?;
-        for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
-            if let Some(source) = image {
-                self.check_image(source, field).await?;
-            }
-        }
-        if self.models.require_known && !self.accepts_model(&job.model).await? {
-            let known: Vec<String> = self.catalogue().await;
-            let listed = match known.len() {
-                0 => "none".to_string(),
-                n if n <= 10 => known.join(", "),
-                n => format!("{}, and {} more", known[..10].join(", "), n - 10),
-            };
-            return Err(JobsError::invalid(
-                "model",
-                format!(
-                    "{} is not a model of this fleet: no worker serves it now or did within {}, and it is not in the \
-                     queen's --model-catalogue (known: {listed})",
-                    protocol::quoted(&job.model),
-                    humantime::format_duration(self.models.retention)
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// An input image decodes (inline), or exists and is not too large (an upload).
-    async fn check_image(&self, source: &ImageSource, field: &str) -> JobsResult<()> {
-        match source {
-            ImageSource::Inline(bytes) => {
-                crate::image_input::decode_bounded(Bytes::copy_from_slice(bytes), field)
-                    .await
-                    .map_err(|e| decode_error(field, e))?;
-            }
-            ImageSource::ObjectKey(key) => match self.store.size(key).await {
-                Ok(Some(size)) if size > crate::image_input::MAX_ENCODED_BYTES as u64 => {
-                    return Err(JobsError::invalid(
-                        field,
-                        format!(
-                            "upload {} is {size} bytes, over the {} MiB limit for input images",
-                            protocol::quoted(key),
-                            crate::image_input::MAX_ENCODED_BYTES >> 20
-                        ),
-                    ))
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    return Err(JobsError::invalid(field, format!("upload {} does not exist", protocol::quoted(key))))
-                }
-                // What the store refuses as a key is the client's error; only an unreachable store is ours.
-                Err(e @ StoreError::InvalidKey { .. }) => return Err(JobsError::invalid(field, e)),
-                Err(e) => return Err(e.into()),
-            },
-        }
-        Ok(())
-    }
-
     /// Whether jobs may name `model`: a live worker serves it, one did within the retention window (as this
     /// queen heard, or as its job consumer on the bus shows), or the queen's catalogue lists it. A bus that
     /// cannot answer is unavailable (503), not a reason to refuse the model.
@@ -457,11 +276,11 @@ impl Jobs {
         Ok(CancelResponse { job_id: id, state: CancelState::Cancelling })
     }
 
-    /// Publishes the `cancelled` event of a job taken out of the queue and folds it into its record. The
-    /// job's message is gone, so this event is all that will ever end it: when the bus cannot take it now,
+    /// Publishes the end (`cancelled`, or `failed` when it could not be queued) of a job not in the queue and
+    /// folds it into its record. No worker has the job, so this event is all that will ever end it: when the bus cannot take it now,
     /// it is published in the background (the message id makes any repeat one) rather than leave the job
     /// `queued` for ever.
-    async fn report_dequeued(&self, status: JobStatus, event: Event) {
+    pub(super) async fn report_dequeued(&self, status: JobStatus, event: Event) {
         let id = status.job_id;
         if let Err(e) = self.publish_dequeued(&event, Duration::from_secs(10)).await {
             tracing::warn!(job_id = %id, error = %e, "cannot report the cancel yet; trying on in the background");
@@ -479,10 +298,11 @@ impl Jobs {
         }
     }
 
-    /// Publishes `event`, the `cancelled` of a job the queen took out of the queue, trying for `patience`.
+    /// Publishes `event`, the end of a job not in the queue, trying for `patience`.
     async fn publish_dequeued(&self, event: &Event, patience: Duration) -> Result<(), crate::bus::PublishError> {
         let id = event.job_id();
-        let headers = crate::bus::msg_id_headers(&format!("{id}:0:cancelled"));
+        let kind: &'static str = event.into();
+        let headers = crate::bus::msg_id_headers(&format!("{id}:0:{kind}"));
         let payload = protocol::encode(event).into();
         crate::bus::publish_persistent(self.bus.jetstream(), self.bus.subjects().events(id), headers, payload, patience)
             .await

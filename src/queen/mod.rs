@@ -7,6 +7,7 @@
 //! - this file: [`QueenConfig`] and [`Queen`] (start, serve, shut down);
 //! - `http`: the HTTP API ([`http::app`]), thin handlers over the job service;
 //! - `jobs`: the job service ([`jobs::Jobs`]): submit, list, cancel, images, the model catalogue;
+//! - `submit`: a submission's checks, its idempotency key, queuing it (again, when the bus did not confirm);
 //! - `queue`: where a job stands: its status view with queue position and ETA, queue depths;
 //! - `queue_walk`: the queues walked once for every caller asking where a job stands (`QueueWalks`);
 //! - `feed`: a job's events for Server-Sent Events, resumable; `index`: the jobs in order, for paged lists;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod queue;
 mod queue_walk;
 pub mod status;
+mod submit;
 pub mod sweeper;
 pub mod webhooks;
 pub mod work_queue;

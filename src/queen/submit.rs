@@ -1,0 +1,250 @@
+//! Submitting a job: its checks (rules, input images, the model), the idempotency key's claim, queuing it
+//! on the bus, and recording it. A publish the bus did not confirm may still have been stored, so with a key
+//! it is published again in the background under the same message id ([`Jobs::confirm_queued`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
+use super::status::{idempotency_entry, StatusStore};
+use crate::api::{JobCheckError, JobState, JobStatus, JobSubmission, SubmitResponse, WebhookInfo, WebhookSpec};
+use crate::bus::PublishError;
+use crate::protocol::{self, Event, ImageSource, JobRequest};
+use crate::storage::StoreError;
+
+/// How long after its first try a job whose publish failed is published again: well inside the jobs
+/// stream's duplicate window (`JOBS_DUPLICATE_WINDOW_SECS`), so every copy that reaches it is one job.
+const CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS - 20);
+
+/// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
+struct IdempotencyClaim {
+    status: StatusStore,
+    entry: Option<String>,
+}
+
+impl IdempotencyClaim {
+    fn keep(mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for IdempotencyClaim {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            let status = self.status.clone();
+            tokio::spawn(async move { status.release_idempotency(&entry).await });
+        }
+    }
+}
+
+impl Jobs {
+    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key. Runs to
+    /// its end even when the client goes away mid-way (a dropped request would otherwise release the
+    /// idempotency claim of a job already queued, and a retry would queue it twice).
+    pub async fn submit(
+        &self,
+        caller: &str,
+        sub: JobSubmission,
+        idempotency_key: Option<String>,
+    ) -> JobsResult<SubmitResponse> {
+        let (this, caller) = (self.clone(), caller.to_string());
+        tokio::spawn(async move { this.submit_attached(&caller, sub, idempotency_key).await })
+            .await
+            .map_err(|e| JobsError::Internal(anyhow::anyhow!("the submission task failed: {e}")))?
+    }
+
+    async fn submit_attached(
+        &self,
+        caller: &str,
+        mut sub: JobSubmission,
+        idempotency_key: Option<String>,
+    ) -> JobsResult<SubmitResponse> {
+        let mut webhook = sub.webhook.take();
+        let mut job = JobRequest::try_from(sub)?;
+        job.idempotency_key = idempotency_key;
+        self.expiry.apply_default(&mut job);
+        self.check(&job).await?;
+        if let Some(spec) = &mut webhook {
+            self.webhooks.check(spec).await?;
+        }
+        let queued =
+            |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
+        let mut claim = None;
+        if let Some(key) = &job.idempotency_key {
+            let entry = idempotency_entry(caller, key);
+            let owner = self.status.claim_idempotency(&entry, job.id).await.map_err(JobsError::bus)?;
+            if owner != job.id {
+                return Ok(SubmitResponse::new(owner, false));
+            }
+            claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
+        }
+        // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will
+        // be sent (the headers too, as long as a requeued copy's), instead of failing later.
+        let max_payload = self.bus.nats().max_payload();
+        let size = crate::bus::job_message_size(job.id, protocol::encode(&job).len());
+        if size > max_payload {
+            return Err(JobsError::TooLarge {
+                field: None,
+                message: format!(
+                    "the job is {size} bytes as a bus message (with its inline images and headers), over the bus's \
+                     {max_payload} byte message limit: upload the images (POST /v1/uploads) and send their object keys"
+                ),
+            });
+        }
+        // The record exists before any worker can report on the job.
+        self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
+        let indexed = match self.index.add(job.id).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.status.remove(job.id).await;
+                return Err(JobsError::bus(e));
+            }
+        };
+        if let Err(e) = self.expiry.schedule(&job).await {
+            self.status.remove(job.id).await;
+            self.index.remove(indexed).await;
+            return Err(JobsError::bus(e));
+        }
+        self.stats.metrics.transition(None, JobState::Queued);
+        let first_try = tokio::time::Instant::now();
+        let seq = match self.bus.submit_with_seq(&job).await {
+            Ok(seq) => seq,
+            Err(e) if claim.is_some() && matches!(e.downcast_ref(), Some(PublishError::Unavailable { .. })) => {
+                // The job may be stored though every ack was lost: released, the key would let a retry queue it
+                // twice. Kept, it answers retries with this job, which is queued in the background under the
+                // same message id (so once, however many copies reach the stream) or else ends `failed`.
+                claim.take().expect("checked").keep();
+                let (id, window) = (job.id, CONFIRM_WINDOW);
+                tokio::spawn(self.clone().confirm_queued(job, webhook, first_try + window));
+                return Err(JobsError::Unavailable(e.context(format!(
+                    "cannot queue job {id} now: the queen goes on trying for {} s, and a retry with the same \
+                     Idempotency-Key answers this job",
+                    window.as_secs()
+                ))));
+            }
+            Err(e) => {
+                self.status.remove(job.id).await;
+                self.index.remove(indexed).await;
+                self.stats.metrics.removed(JobState::Queued);
+                return Err(JobsError::Unavailable(e.context("cannot queue the job")));
+            }
+        };
+        if let Some(claim) = claim {
+            claim.keep();
+        }
+        self.record_queued(&job, webhook.as_ref(), seq).await;
+        Ok(SubmitResponse::new(job.id, true))
+    }
+
+    /// Records the stream sequence of a job just queued.
+    async fn record_queued(&self, job: &JobRequest, webhook: Option<&WebhookSpec>, seq: u64) {
+        let queued = || JobStatus { webhook: webhook.map(WebhookInfo::new), ..JobStatus::queued(job, Some(seq)) };
+        let record = |s: &mut JobStatus| {
+            s.stream_seq = Some(seq);
+            true
+        };
+        let _ = self.status.update(job.id, queued, record).await;
+        tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
+    }
+
+    /// Publishes again, until `until`, a job whose publish failed and may yet have been stored; the message
+    /// id makes every copy within the stream's duplicate window one job. Past `until` the job is failed:
+    /// its record would otherwise say `queued` for ever.
+    async fn confirm_queued(self, job: JobRequest, webhook: Option<WebhookSpec>, until: tokio::time::Instant) {
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.bus.submit_with_seq(&job).await {
+                Ok(seq) => return self.record_queued(&job, webhook.as_ref(), seq).await,
+                Err(e) if left.is_zero() => {
+                    tracing::error!(job_id = %job.id, error = %format!("{e:#}"), "gave up queuing the job");
+                    let event = Event::Failed(protocol::Failed {
+                        v: protocol::PROTOCOL_VERSION,
+                        job_id: job.id,
+                        at: protocol::now_millis(),
+                        code: protocol::ErrorCode::Internal,
+                        message: format!(
+                            "the bus did not take the job within {} s of its submission",
+                            CONFIRM_WINDOW.as_secs()
+                        ),
+                        field: None,
+                    });
+                    let status =
+                        JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, None) };
+                    return self.report_dequeued(status, event).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "the job is not queued yet; trying again");
+                    tokio::time::sleep(left.min(Duration::from_secs(2))).await;
+                }
+            }
+        }
+    }
+
+    /// The most bytes a job message may have on the bus (NATS's `max_payload`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.bus.nats().max_payload()
+    }
+
+    /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
+    async fn check(&self, job: &JobRequest) -> JobsResult<()> {
+        crate::api::check_job(job, &self.limits).map_err(|e| match e {
+            JobCheckError::TooLarge { field, message } => JobsError::TooLarge { field: Some(field), message },
+            JobCheckError::Invalid(e) => JobsError::Invalid(e),
+        })?;
+        for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
+            if let Some(source) = image {
+                self.check_image(source, field).await?;
+            }
+        }
+        if self.models.require_known && !self.accepts_model(&job.model).await? {
+            let known: Vec<String> = self.catalogue().await;
+            let listed = match known.len() {
+                0 => "none".to_string(),
+                n if n <= 10 => known.join(", "),
+                n => format!("{}, and {} more", known[..10].join(", "), n - 10),
+            };
+            return Err(JobsError::invalid(
+                "model",
+                format!(
+                    "{} is not a model of this fleet: no worker serves it now or did within {}, and it is not in the \
+                     queen's --model-catalogue (known: {listed})",
+                    protocol::quoted(&job.model),
+                    humantime::format_duration(self.models.retention)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An input image decodes (inline), or exists and is not too large (an upload).
+    async fn check_image(&self, source: &ImageSource, field: &str) -> JobsResult<()> {
+        match source {
+            ImageSource::Inline(bytes) => {
+                crate::image_input::decode_bounded(Bytes::copy_from_slice(bytes), field)
+                    .await
+                    .map_err(|e| decode_error(field, e))?;
+            }
+            ImageSource::ObjectKey(key) => match self.store.size(key).await {
+                Ok(Some(size)) if size > crate::image_input::MAX_ENCODED_BYTES as u64 => {
+                    return Err(JobsError::invalid(
+                        field,
+                        format!(
+                            "upload {} is {size} bytes, over the {} MiB limit for input images",
+                            protocol::quoted(key),
+                            crate::image_input::MAX_ENCODED_BYTES >> 20
+                        ),
+                    ))
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(JobsError::invalid(field, format!("upload {} does not exist", protocol::quoted(key))))
+                }
+                // What the store refuses as a key is the client's error; only an unreachable store is ours.
+                Err(e @ StoreError::InvalidKey { .. }) => return Err(JobsError::invalid(field, e)),
+                Err(e) => return Err(e.into()),
+            },
+        }
+        Ok(())
+    }
+}
