@@ -532,46 +532,6 @@ async fn a_queued_job_cancelled_while_events_are_refused_still_ends_cancelled() 
     assert_eq!(api_error(c.status(job.job_id).await.unwrap_err()).status, 410);
 }
 
-/// A submission with an idempotency key whose job the bus does not take (the jobs stream refuses messages
-/// for longer than the queen waits) answers 503 but keeps the key: the queen goes on publishing the job under
-/// its message id, and a retry with the key answers that job, which runs once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_publish_keeps_its_idempotency_key_and_the_job_is_queued_once() {
-    use async_nats::jetstream::stream::DiscardPolicy;
-    let nats = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store.path().display());
-    let _worker = WorkerProcess::start("w-confirm", &nats.url(), &store_url, &[], &[]);
-    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
-    let c = client(&queen);
-    wait_for_fleet(&c).await;
-
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let subjects = sd_rbee::protocol::Subjects::new("sd").unwrap();
-    let mut jobs = js.get_stream(subjects.jobs_stream()).await.unwrap();
-    // One message of a model nobody serves, so the stream can be capped at "full".
-    js.publish("sd.jobs.nobody", "filler".into()).await.unwrap().await.unwrap();
-    let open = jobs.info().await.unwrap().config.clone();
-    let full = async_nats::jetstream::stream::Config { max_messages: 1, discard: DiscardPolicy::New, ..open.clone() };
-    js.update_stream(&full).await.unwrap();
-
-    let err = api_error(c.submit(&tiny(2, 31), Some("order-7")).await.unwrap_err());
-    assert_eq!(err.status, 503, "{}", err.message);
-    assert!(err.message.contains("same Idempotency-Key"), "{}", err.message);
-    js.update_stream(&open).await.unwrap();
-    jobs.purge().filter("sd.jobs.nobody").await.unwrap();
-
-    let again = c.submit(&tiny(2, 31), Some("order-7")).await.unwrap();
-    assert!(!again.created, "the retry answers the job the refused request made");
-    assert!(err.message.contains(&again.job_id.to_string()), "{}", err.message);
-    let events = follow(&c, again.job_id).await;
-    assert_eq!(names(&events).iter().filter(|n| **n == "started").count(), 1, "{:?}", names(&events));
-    assert_eq!(names(&events).last(), Some(&"completed"));
-    assert!(wait_state(&c, again.job_id, "completed").await.status.stream_seq.is_some(), "its record has its place");
-    assert_eq!(c.jobs("").await.unwrap().total, 1, "one job");
-    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "and no copy of it left in the queue");
-}
-
 /// Every frame of a job's feed until the queen ends the response (within 30 s), and when it did.
 async fn collect_feed(c: QueenClient, id: Uuid) -> (Vec<sd_rbee::api::SseMessage>, Instant) {
     use futures::StreamExt;

@@ -175,4 +175,31 @@ impl BusClient {
         })??;
         Ok(())
     }
+
+    /// [`cancel`](Self::cancel), returning only once `SD_CANCELS` has stored the request: a copy of the job
+    /// that reaches the queue later is then cancelled by the worker that takes it, before it runs.
+    pub async fn store_cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
+        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
+        let payload = protocol::encode(&req).into();
+        bus::publish_persistent(&self.js, self.subjects.cancel(job_id), Default::default(), payload, CANCEL_TIMEOUT)
+            .await
+            .with_context(|| format!("the cancel of job {job_id} was not stored"))?;
+        Ok(())
+    }
+
+    /// Whether a cancel request for the job is stored ([`stored_cancel`]).
+    pub async fn stored_cancel(&self, job_id: Uuid) -> anyhow::Result<bool> {
+        stored_cancel(&self.js, &self.subjects, job_id).await
+    }
+}
+
+/// Whether a cancel request for `job_id` is stored in `SD_CANCELS` (the last one per job is kept).
+pub async fn stored_cancel(js: &jetstream::Context, subjects: &Subjects, job_id: Uuid) -> anyhow::Result<bool> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let stream = js.get_stream_no_info(subjects.cancels_stream()).await?;
+    match stream.direct_get_last_for_subject(subjects.cancel(job_id)).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -4,7 +4,7 @@
 //! the status bucket's own age removes it. This file: the policy and the schedule.
 //!
 //! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job, written
-//! when the job is queued. The queens share one durable consumer on it; a message that is not due is handed
+//! when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]). The queens share one durable consumer on it; a message that is not due is handed
 //! back with a delay of the time left (a NAK with a delay), so each job is looked at about when it expires,
 //! by whichever queen is up, and a restarted queen loses nothing.
 
@@ -26,6 +26,24 @@ pub const SWEEPER_CONSUMER: &str = "queen-sweeper";
 pub(super) struct Due {
     pub job_id: Uuid,
     pub expires_at: u64,
+}
+
+/// One scheduled check that a keyed job is on the queue by `queued_by` (`submit.rs`): the background
+/// publish of a job the bus did not confirm lives only in its queen, and a queen that stops leaves the check
+/// to whichever queen is up. (Its fields are not a [`Due`]'s, so a queen older than it drops it unread rather
+/// than expire the job.)
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct QueuedCheck {
+    pub job_id: Uuid,
+    pub queued_by: u64,
+}
+
+/// A message of the schedule.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Scheduled {
+    Expiry(Due),
+    QueuedCheck(QueuedCheck),
 }
 
 /// The expiry policy and schedule of one fleet.
@@ -62,6 +80,13 @@ impl Expiry {
         let Some(expires_at) = job.expires_at else { return Ok(()) };
         let payload = bytes::Bytes::from(serde_json::to_vec(&Due { job_id: job.id, expires_at })?);
         self.queue.publish(&format!("expiry-{}", job.id), payload).await.context("cannot schedule the job's expiry")
+    }
+
+    /// Schedules the check that `job` is on the queue (or has ended) by `queued_by` (once per job).
+    pub(super) async fn schedule_queued_check(&self, job: &JobRequest, queued_by: u64) -> anyhow::Result<()> {
+        let payload = bytes::Bytes::from(serde_json::to_vec(&QueuedCheck { job_id: job.id, queued_by })?);
+        let id = format!("queued-check-{}", job.id);
+        self.queue.publish(&id, payload).await.context("cannot schedule the check that the job is queued")
     }
 
     /// The queens' shared consumer of the schedule and its messages.

@@ -113,6 +113,9 @@ pub struct Jobs {
     pub webhooks: super::webhooks::Webhooks,
     /// How often a live event feed reads its job's record ([`super::feed::feed`]).
     pub feed_recheck: std::time::Duration,
+    /// How long after its submission a keyed job the bus did not confirm is published again
+    /// ([`super::submit::PUBLISH_CONFIRM_WINDOW`]).
+    pub publish_confirm_window: std::time::Duration,
     /// The queues as last walked, shared by every status request (`queue_walk::QueueWalks`).
     pub walks: std::sync::Arc<super::queue_walk::QueueWalks>,
 }
@@ -281,20 +284,22 @@ impl Jobs {
     /// it is published in the background (the message id makes any repeat one) rather than leave the job
     /// `queued` for ever.
     pub(super) async fn report_dequeued(&self, status: JobStatus, event: Event) {
-        let id = status.job_id;
+        let (id, kind): (_, &'static str) = (status.job_id, (&event).into());
         if let Err(e) = self.publish_dequeued(&event, Duration::from_secs(10)).await {
-            tracing::warn!(job_id = %id, error = %e, "cannot report the cancel yet; trying on in the background");
+            tracing::warn!(job_id = %id, event = kind, error = %e, "cannot publish the job's end yet; trying on in the background");
             let (jobs, event) = (self.clone(), event.clone());
             tokio::spawn(async move {
                 if let Err(e) = jobs.publish_dequeued(&event, Duration::from_secs(6 * 3600)).await {
-                    tracing::error!(job_id = %id, error = %e, "gave up reporting a cancelled job's event");
+                    tracing::error!(job_id = %id, event = kind, error = %e, "gave up publishing the end of a job not in the queue");
                 }
             });
         }
         match self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
             Ok(Some(updated)) => self.stats.metrics.transition(updated.before, updated.status.state),
             Ok(None) => {}
-            Err(e) => tracing::warn!(job_id = %id, error = %e, "cannot record the cancel; its event will"),
+            Err(e) => {
+                tracing::warn!(job_id = %id, event = kind, error = %e, "cannot record the job's end; its event will")
+            }
         }
     }
 

@@ -70,6 +70,9 @@ pub struct QueenConfig {
     pub webhooks: webhooks::WebhookConfig,
     /// How often a live event feed reads its job's record, to end a feed whose terminal event was lost.
     pub feed_recheck: Duration,
+    /// How long after its submission a keyed job whose publish the bus did not confirm is published again
+    /// before it is failed (100 s: inside the jobs stream's duplicate window).
+    pub publish_confirm_window: Duration,
 }
 
 impl QueenConfig {
@@ -86,6 +89,7 @@ impl QueenConfig {
             store: StoreOptions::default(),
             webhooks: webhooks::WebhookConfig::default(),
             feed_recheck: feed::RECHECK,
+            publish_confirm_window: submit::PUBLISH_CONFIRM_WINDOW,
         }
     }
 }
@@ -147,6 +151,7 @@ impl Queen {
             expiry,
             webhooks,
             feed_recheck: config.feed_recheck,
+            publish_confirm_window: config.publish_confirm_window,
             walks: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));

@@ -1,10 +1,13 @@
 //! Submitting a job: its checks (rules, input images, the model), the idempotency key's claim, queuing it
 //! on the bus, and recording it. A publish the bus did not confirm may still have been stored, so with a key
-//! it is published again in the background under the same message id ([`Jobs::confirm_queued`]).
+//! it is published again in the background under the same message id ([`Jobs::confirm_queued`]), and ended
+//! when the bus takes none of it in time ([`Jobs::abandon_unqueued`], also run by whichever queen takes the
+//! job's queued check from the schedule, should this one stop first).
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use uuid::Uuid;
 
 use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
 use super::status::{idempotency_entry, StatusStore};
@@ -15,7 +18,7 @@ use crate::storage::StoreError;
 
 /// How long after its first try a job whose publish failed is published again: well inside the jobs
 /// stream's duplicate window (`JOBS_DUPLICATE_WINDOW_SECS`), so every copy that reaches it is one job.
-const CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS - 20);
+pub const PUBLISH_CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS - 20);
 
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
 struct IdempotencyClaim {
@@ -101,7 +104,15 @@ impl Jobs {
                 return Err(JobsError::bus(e));
             }
         };
-        if let Err(e) = self.expiry.schedule(&job).await {
+        let window = self.publish_confirm_window;
+        // A keyed job may be left to a background publish, which a queen that stops takes with it: the
+        // schedule holds the check that ends it then, a fifth of the window after the last try.
+        let queued_by = protocol::now_millis() + (window + window / 5).as_millis() as u64;
+        let scheduled = match claim {
+            Some(_) => self.expiry.schedule_queued_check(&job, queued_by).await,
+            None => Ok(()),
+        };
+        if let Err(e) = scheduled.and(self.expiry.schedule(&job).await) {
             self.status.remove(job.id).await;
             self.index.remove(indexed).await;
             return Err(JobsError::bus(e));
@@ -115,11 +126,11 @@ impl Jobs {
                 // twice. Kept, it answers retries with this job, which is queued in the background under the
                 // same message id (so once, however many copies reach the stream) or else ends `failed`.
                 claim.take().expect("checked").keep();
-                let (id, window) = (job.id, CONFIRM_WINDOW);
+                let id = job.id;
                 tokio::spawn(self.clone().confirm_queued(job, webhook, first_try + window));
                 return Err(JobsError::Unavailable(e.context(format!(
-                    "cannot queue job {id} now: the queen goes on trying for {} s, and a retry with the same \
-                     Idempotency-Key answers this job",
+                    "cannot queue job {id} now: the queen goes on trying until {} s after the submission, and a \
+                     retry with the same Idempotency-Key answers this job",
                     window.as_secs()
                 ))));
             }
@@ -149,36 +160,56 @@ impl Jobs {
     }
 
     /// Publishes again, until `until`, a job whose publish failed and may yet have been stored; the message
-    /// id makes every copy within the stream's duplicate window one job. Past `until` the job is failed:
-    /// its record would otherwise say `queued` for ever.
+    /// id makes every copy within the stream's duplicate window one job. Past `until` the job is ended
+    /// ([`Self::abandon_unqueued`]): its record would otherwise say `queued` for ever.
     async fn confirm_queued(self, job: JobRequest, webhook: Option<WebhookSpec>, until: tokio::time::Instant) {
         loop {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match self.bus.submit_with_seq(&job).await {
-                Ok(seq) => return self.record_queued(&job, webhook.as_ref(), seq).await,
-                Err(e) if left.is_zero() => {
-                    tracing::error!(job_id = %job.id, error = %format!("{e:#}"), "gave up queuing the job");
-                    let event = Event::Failed(protocol::Failed {
-                        v: protocol::PROTOCOL_VERSION,
-                        job_id: job.id,
-                        at: protocol::now_millis(),
-                        code: protocol::ErrorCode::Internal,
-                        message: format!(
-                            "the bus did not take the job within {} s of its submission",
-                            CONFIRM_WINDOW.as_secs()
-                        ),
-                        field: None,
-                    });
-                    let status =
-                        JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, None) };
-                    return self.report_dequeued(status, event).await;
-                }
-                Err(e) => {
+            if left.is_zero() {
+                break;
+            }
+            // No try outlasts the window: a copy stored after it could be a second job. (One the client
+            // still holds may land later; the stored cancel of the job's end stops it before it runs.)
+            match tokio::time::timeout(left, self.bus.submit_with_seq(&job)).await {
+                Ok(Ok(seq)) => return self.record_queued(&job, webhook.as_ref(), seq).await,
+                Ok(Err(e)) => {
                     tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "the job is not queued yet; trying again");
                     tokio::time::sleep(left.min(Duration::from_secs(2))).await;
                 }
+                Err(_) => {}
             }
         }
+        tracing::error!(job_id = %job.id, "gave up queuing the job");
+        if let Err(e) = self.abandon_unqueued(job.id).await {
+            tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "cannot end the job yet; its queued check will");
+        }
+    }
+
+    /// Ends job `id` if its record still says it was never queued: a cancel is stored first, so a copy that
+    /// reaches the queue after all is cancelled by the worker that takes it, before it runs; then the job
+    /// is reported `failed`, or `cancelled` when its user cancelled it meanwhile. Nothing for a job queued or
+    /// ended.
+    pub(super) async fn abandon_unqueued(&self, id: Uuid) -> anyhow::Result<()> {
+        let Some(status) = self.status.get(id).await? else { return Ok(()) };
+        if status.state != JobState::Queued || status.stream_seq.is_some() {
+            return Ok(());
+        }
+        let cancelled = self.bus.stored_cancel(id).await?;
+        if !cancelled {
+            self.bus.store_cancel(id, Some("the bus did not take the job in time".into())).await?;
+        }
+        let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
+        let event = if cancelled {
+            Event::Cancelled(protocol::Cancelled { v, job_id: id, at, at_step: None })
+        } else {
+            let window = self.publish_confirm_window.as_secs();
+            let message = format!("the bus did not take the job within {window} s of its submission");
+            let code = protocol::ErrorCode::Internal;
+            Event::Failed(protocol::Failed { v, job_id: id, at, code, message, field: None })
+        };
+        tracing::warn!(job_id = %id, cancelled, "a job the bus never took is ended");
+        self.report_dequeued(status, event).await;
+        Ok(())
     }
 
     /// The most bytes a job message may have on the bus (NATS's `max_payload`).

@@ -1,13 +1,14 @@
 //! The expiry sweeper: takes each job of the schedule (`expiry.rs`) when it expires, stops it if it still
-//! runs, deletes its images, manifest and checkpoint, and leaves its status record as a tombstone. The
-//! queens share its consumer, so each expiry is swept once, by whichever queen is up.
+//! runs, deletes its images, manifest and checkpoint, and leaves its status record as a tombstone; and ends
+//! a keyed job the bus never took, at its queued check. The queens share its consumer, so each expiry is
+//! swept once, by whichever queen is up.
 
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use uuid::Uuid;
 
-use super::expiry::Due;
+use super::expiry::{Due, QueuedCheck, Scheduled};
 use super::jobs::Jobs;
 use crate::api::JobStatus;
 use crate::bus;
@@ -47,7 +48,12 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         let due: Due = match serde_json::from_slice(&msg.payload) {
-            Ok(due) => due,
+            Ok(Scheduled::Expiry(due)) => due,
+            Ok(Scheduled::QueuedCheck(check)) => {
+                let ack = check_queued(jobs, &check).await;
+                msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "an unreadable expiry skipped");
                 msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"))?;
@@ -73,6 +79,23 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
             }
         };
         msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+}
+
+/// Ends a keyed job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]); how the
+/// check's message is acknowledged.
+async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
+    let now = protocol::now_millis();
+    if check.queued_by > now {
+        return AckKind::Nak(Some(Duration::from_millis(check.queued_by - now).min(MAX_WAIT)));
+    }
+    match jobs.abandon_unqueued(check.job_id).await {
+        Ok(()) => AckKind::Ack,
+        Err(e) => {
+            let retry = retry_after(Duration::from_millis(now - check.queued_by));
+            tracing::warn!(job_id = %check.job_id, error = %format!("{e:#}"), ?retry, "cannot end a job the bus did not take yet");
+            AckKind::Nak(Some(retry))
+        }
     }
 }
 

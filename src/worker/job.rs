@@ -59,15 +59,7 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
 /// another worker held the job, or before this one started. Bounded: with NATS slow to answer, the job
 /// runs, and a cancel sent since still reaches it.
 async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
-    use async_nats::jetstream::stream::DirectGetErrorKind;
-    let lookup = async {
-        let stream = shared.js.get_stream_no_info(shared.subjects.cancels_stream()).await?;
-        match stream.direct_get_last_for_subject(shared.subjects.cancel(job_id)).await {
-            Ok(_) => anyhow::Ok(true),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    };
+    let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
     match tokio::time::timeout(Duration::from_secs(3), lookup).await {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => {

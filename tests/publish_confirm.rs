@@ -1,0 +1,174 @@
+//! A keyed submission whose publish the bus does not confirm (the jobs stream refuses messages for longer
+//! than the queen waits): the key is kept, the queen publishes the job again in the background under its
+//! message id, and ends it when the bus takes nothing in time, with a cancel stored first so that a copy
+//! arriving later never runs; a queen that stops meanwhile leaves the end to another (the queued check).
+
+use crate::common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use common::queen::{client, follow, names, start_queen, tiny, wait_for_fleet, wait_state};
+use common::servers::{NatsServer, WorkerProcess};
+use futures::StreamExt;
+use sd_rbee::api::{ApiError, QueenClient};
+use sd_rbee::protocol::Subjects;
+use uuid::Uuid;
+
+fn api_error(e: anyhow::Error) -> ApiError {
+    e.downcast::<ApiError>().expect("an API error")
+}
+
+/// The jobs stream, made to refuse every new job (one filler message of a model nobody serves, and a cap
+/// of one message that discards new ones); `reopen` takes the cap and the filler away.
+struct FullQueue {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    open: stream::Config,
+}
+
+impl FullQueue {
+    async fn fill(nats: &NatsServer) -> Self {
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let mut stream = js.get_stream(Subjects::new("sd").unwrap().jobs_stream()).await.unwrap();
+        js.publish("sd.jobs.nobody", "filler".into()).await.unwrap().await.unwrap();
+        let open = stream.info().await.unwrap().config.clone();
+        let full = stream::Config { max_messages: 1, discard: stream::DiscardPolicy::New, ..open.clone() };
+        js.update_stream(&full).await.unwrap();
+        Self { js, stream, open }
+    }
+
+    async fn reopen(&mut self) {
+        self.js.update_stream(&self.open).await.unwrap();
+        self.stream.purge().filter("sd.jobs.nobody").await.unwrap();
+    }
+
+    async fn messages(&mut self) -> u64 {
+        self.stream.info().await.unwrap().state.messages
+    }
+}
+
+/// The id a 503 names ("cannot queue job <id> now: …").
+fn named_job(message: &str) -> Uuid {
+    let id = message.split("cannot queue job ").nth(1).and_then(|rest| rest.split(' ').next());
+    id.and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("no job id in {message:?}"))
+}
+
+/// Waits (up to `patience`) until the job's record is `state`.
+async fn wait_long(c: &QueenClient, id: Uuid, state: &str, patience: Duration) -> sd_rbee::api::StatusView {
+    let start = Instant::now();
+    loop {
+        let s = c.status(id).await.unwrap();
+        if s.status.state.name() == state {
+            return s;
+        }
+        assert!(start.elapsed() < patience, "job {id} is {:?}, not {state}", s.status.state);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_keeps_its_idempotency_key_and_the_job_is_queued_once() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-confirm", &nats.url(), &store_url, &[], &[]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+    let mut queue = FullQueue::fill(&nats).await;
+
+    let err = api_error(c.submit(&tiny(2, 31), Some("order-7")).await.unwrap_err());
+    assert_eq!(err.status, 503, "{}", err.message);
+    assert!(err.message.contains("same Idempotency-Key"), "{}", err.message);
+    queue.reopen().await;
+
+    let again = c.submit(&tiny(2, 31), Some("order-7")).await.unwrap();
+    assert!(!again.created, "the retry answers the job the refused request made");
+    assert_eq!(named_job(&err.message), again.job_id, "{}", err.message);
+    let events = follow(&c, again.job_id).await;
+    assert_eq!(names(&events).iter().filter(|n| **n == "started").count(), 1, "{:?}", names(&events));
+    assert_eq!(names(&events).last(), Some(&"completed"));
+    assert!(wait_state(&c, again.job_id, "completed").await.status.stream_seq.is_some(), "its record has its place");
+    assert_eq!(c.jobs("").await.unwrap().total, 1, "one job");
+    assert_eq!(queue.messages().await, 0, "and no copy of it left in the queue");
+}
+
+/// The bus takes nothing within the window: the job ends `failed`, its key still answers it, and a copy of
+/// it that reaches the queue afterwards (one the NATS client still held) is cancelled by the worker that
+/// takes it, without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_bus_never_takes_ends_failed_and_a_late_copy_of_it_never_runs() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-late", &nats.url(), &store_url, &[], &[]);
+    let window = Duration::from_secs(3);
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.publish_confirm_window = window).await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+    let mut queue = FullQueue::fill(&nats).await;
+
+    let err = api_error(c.submit(&tiny(2, 32), Some("order-8")).await.unwrap_err());
+    assert_eq!(err.status, 503, "{}", err.message);
+    let id = named_job(&err.message);
+    let failed = wait_long(&c, id, "failed", Duration::from_secs(30)).await;
+    let error = failed.status.error.expect("a failed job says why");
+    assert!(error.message.contains("did not take the job"), "{error:?}");
+    let again = c.submit(&tiny(2, 32), Some("order-8")).await.unwrap();
+    assert_eq!((again.job_id, again.created), (id, false), "the key still answers the job");
+
+    // The late copy: the same job, stored now that the queue takes messages again.
+    queue.reopen().await;
+    let subjects = Subjects::new("sd").unwrap();
+    let mut job = sd_rbee::protocol::JobRequest::try_from(tiny(2, 32)).unwrap();
+    job.id = id;
+    let bus = sd_rbee::bus::BusClient::from_parts(async_nats::connect(nats.url()).await.unwrap(), subjects.clone());
+    bus.submit(&job).await.unwrap();
+
+    let events = queue.js.get_stream(subjects.events_stream()).await.unwrap();
+    let follow = jetstream::consumer::pull::OrderedConfig { filter_subject: subjects.events(id), ..Default::default() };
+    let mut messages = events.create_consumer(follow).await.unwrap().messages().await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.last() != Some(&"cancelled") {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next()).await;
+        let message = message.unwrap_or_else(|_| panic!("the late copy was not settled: {kinds:?}")).unwrap().unwrap();
+        let event = sd_rbee::protocol::decode_event(&message.payload).unwrap();
+        kinds.push(<&'static str>::from(&event));
+    }
+    assert_eq!(kinds, ["failed", "cancelled"], "the worker cancels the copy before it starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.messages().await > 0 {
+        assert!(Instant::now() < deadline, "the copy is still queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.status(id).await.unwrap().status.state.name(), "failed", "the record keeps its first end");
+    let results = store.path().join(sd_rbee::protocol::result_prefix(id));
+    assert!(!results.exists(), "nothing stored for the copy");
+}
+
+/// The queen that was publishing the job stops within the window: whichever queen is up ends the job at its
+/// queued check, instead of leaving it `queued` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_unqueued_by_a_queen_that_stopped_is_ended_by_another() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-check", &nats.url(), &store_url, &[], &[]);
+    // Longer than the first publish's own 10 s, so the window is still open when the 503 comes.
+    let window = Duration::from_secs(20);
+    let first = start_queen(&nats.url(), &store_url, &[], |c| c.publish_confirm_window = window).await;
+    let c = client(&first);
+    wait_for_fleet(&c).await;
+    let _queue = FullQueue::fill(&nats).await;
+    let err = api_error(c.submit(&tiny(2, 33), Some("order-9")).await.unwrap_err());
+    let id = named_job(&err.message);
+    drop(first);
+
+    let second = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let c = client(&second);
+    assert_eq!(c.status(id).await.unwrap().status.state.name(), "queued", "not ended by the queen that stopped");
+    let failed = wait_long(&c, id, "failed", Duration::from_secs(90)).await;
+    let error = failed.status.error.expect("a failed job says why");
+    assert!(error.message.contains("did not take the job"), "{error:?}");
+}
