@@ -103,7 +103,8 @@ async fn a_job_the_bus_never_takes_ends_failed_and_a_late_copy_of_it_never_runs(
     let store = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", store.path().display());
     let _worker = WorkerProcess::start("w-late", &nats.url(), &store_url, &[], &[]);
-    let window = Duration::from_secs(3);
+    // Longer than the first publish's own 10 s, so the queen's background tries run before it gives up.
+    let window = Duration::from_secs(15);
     let queen = start_queen(&nats.url(), &store_url, &[], |c| c.publish_confirm_window = window).await;
     let c = client(&queen);
     wait_for_fleet(&c).await;
@@ -112,9 +113,11 @@ async fn a_job_the_bus_never_takes_ends_failed_and_a_late_copy_of_it_never_runs(
     let err = api_error(c.submit(&tiny(2, 32), Some("order-8")).await.unwrap_err());
     assert_eq!(err.status, 503, "{}", err.message);
     let id = named_job(&err.message);
-    let failed = wait_long(&c, id, "failed", Duration::from_secs(30)).await;
-    let error = failed.status.error.expect("a failed job says why");
+    let failed = wait_long(&c, id, "failed", Duration::from_secs(30)).await.status;
+    let error = failed.error.as_ref().expect("a failed job says why");
     assert!(error.message.contains("did not take the job"), "{error:?}");
+    let ended_after = failed.finished_at.unwrap() - failed.created_at;
+    assert!(ended_after < 17_500, "ended by its queen at the window's end (15 s), not at the check: {ended_after} ms");
     let again = c.submit(&tiny(2, 32), Some("order-8")).await.unwrap();
     assert_eq!((again.job_id, again.created), (id, false), "the key still answers the job");
 
@@ -168,7 +171,12 @@ async fn a_job_left_unqueued_by_a_queen_that_stopped_is_ended_by_another() {
     let second = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
     let c = client(&second);
     assert_eq!(c.status(id).await.unwrap().status.state.name(), "queued", "not ended by the queen that stopped");
-    let failed = wait_long(&c, id, "failed", Duration::from_secs(90)).await;
-    let error = failed.status.error.expect("a failed job says why");
+    let failed = wait_long(&c, id, "failed", Duration::from_secs(90)).await.status;
+    let error = failed.error.as_ref().expect("a failed job says why");
     assert!(error.message.contains("did not take the job"), "{error:?}");
+    let ended_after = failed.finished_at.unwrap() - failed.created_at;
+    assert!(
+        ended_after >= 23_900,
+        "ended at its check (a fifth of the window after it), by the queen up: {ended_after} ms"
+    );
 }

@@ -187,19 +187,29 @@ impl BusClient {
         Ok(())
     }
 
-    /// Whether a cancel request for the job is stored ([`stored_cancel`]).
-    pub async fn stored_cancel(&self, job_id: Uuid) -> anyhow::Result<bool> {
+    /// The cancel request stored for the job, if any ([`stored_cancel`]).
+    pub async fn stored_cancel(&self, job_id: Uuid) -> anyhow::Result<Option<CancelRequest>> {
         stored_cancel(&self.js, &self.subjects, job_id).await
     }
 }
 
-/// Whether a cancel request for `job_id` is stored in `SD_CANCELS` (the last one per job is kept).
-pub async fn stored_cancel(js: &jetstream::Context, subjects: &Subjects, job_id: Uuid) -> anyhow::Result<bool> {
+/// The cancel request for `job_id` stored in `SD_CANCELS` (the last one per job is kept), if any; one that
+/// does not decode still counts as a cancel, with no reason.
+pub async fn stored_cancel(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    job_id: Uuid,
+) -> anyhow::Result<Option<CancelRequest>> {
     use async_nats::jetstream::stream::DirectGetErrorKind;
     let stream = js.get_stream_no_info(subjects.cancels_stream()).await?;
     match stream.direct_get_last_for_subject(subjects.cancel(job_id)).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(false),
+        Ok(message) => Ok(Some(protocol::decode_cancel(&message.payload).unwrap_or(CancelRequest {
+            v: PROTOCOL_VERSION,
+            job_id,
+            at: 0,
+            reason: None,
+        }))),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -20,6 +20,9 @@ use crate::storage::StoreError;
 /// stream's duplicate window (`JOBS_DUPLICATE_WINDOW_SECS`), so every copy that reaches it is one job.
 pub const PUBLISH_CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS - 20);
 
+/// The reason of the cancel stored for a job the bus never took.
+const UNQUEUED_CANCEL: &str = "the bus did not take the job in time";
+
 /// An idempotency key's claim on a job id, given up when dropped unless the job was queued ([`Self::keep`]).
 struct IdempotencyClaim {
     status: StatusStore,
@@ -148,15 +151,29 @@ impl Jobs {
         Ok(SubmitResponse::new(job.id, true))
     }
 
-    /// Records the stream sequence of a job just queued.
+    /// Records the stream sequence of a job just queued. Tried for a minute: a keyed job's record without
+    /// its place would be taken, at its queued check, for one the bus never took.
     async fn record_queued(&self, job: &JobRequest, webhook: Option<&WebhookSpec>, seq: u64) {
         let queued = || JobStatus { webhook: webhook.map(WebhookInfo::new), ..JobStatus::queued(job, Some(seq)) };
         let record = |s: &mut JobStatus| {
             s.stream_seq = Some(seq);
             true
         };
-        let _ = self.status.update(job.id, queued, record).await;
-        tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..10 {
+            match self.status.update(job.id, &queued, &record).await {
+                Ok(_) => {
+                    tracing::info!(job_id = %job.id, model = %job.model, seq, "job queued");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job.id, error = %e, "cannot record the job's place in the queue yet")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(15));
+        }
+        tracing::error!(job_id = %job.id, seq, "gave up recording the job's place in the queue");
     }
 
     /// Publishes again, until `until`, a job whose publish failed and may yet have been stored; the message
@@ -180,7 +197,7 @@ impl Jobs {
             }
         }
         tracing::error!(job_id = %job.id, "gave up queuing the job");
-        if let Err(e) = self.abandon_unqueued(job.id).await {
+        if let Err(e) = self.abandon_unqueued(job.id, true).await {
             tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "cannot end the job yet; its queued check will");
         }
     }
@@ -188,16 +205,21 @@ impl Jobs {
     /// Ends job `id` if its record still says it was never queued: a cancel is stored first, so a copy that
     /// reaches the queue after all is cancelled by the worker that takes it, before it runs; then the job
     /// is reported `failed`, or `cancelled` when its user cancelled it meanwhile. Nothing for a job queued or
-    /// ended.
-    pub(super) async fn abandon_unqueued(&self, id: Uuid) -> anyhow::Result<()> {
+    /// ended. Without `require_cancel`, a cancel the bus will not store (no `SD_CANCELS`, or a bus refusing
+    /// it for long) does not keep the job from ending.
+    pub(super) async fn abandon_unqueued(&self, id: Uuid, require_cancel: bool) -> anyhow::Result<()> {
         let Some(status) = self.status.get(id).await? else { return Ok(()) };
         if status.state != JobState::Queued || status.stream_seq.is_some() {
             return Ok(());
         }
-        let cancelled = self.bus.stored_cancel(id).await?;
-        if !cancelled {
-            self.bus.store_cancel(id, Some("the bus did not take the job in time".into())).await?;
-        }
+        let cancelled = match self.store_unqueued_cancel(id).await {
+            Ok(by_user) => by_user,
+            Err(e) if !require_cancel => {
+                tracing::warn!(job_id = %id, error = %format!("{e:#}"), "ending a job the bus never took without a stored cancel: a copy of it that reaches the queue later would run");
+                false
+            }
+            Err(e) => return Err(e),
+        };
         let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
         let event = if cancelled {
             Event::Cancelled(protocol::Cancelled { v, job_id: id, at, at_step: None })
@@ -210,6 +232,15 @@ impl Jobs {
         tracing::warn!(job_id = %id, cancelled, "a job the bus never took is ended");
         self.report_dequeued(status, event).await;
         Ok(())
+    }
+
+    /// Stores the cancel of a job ended unqueued, unless one is stored already; whether that one was its
+    /// user's (the queen's own, from an earlier try at ending it, is not).
+    async fn store_unqueued_cancel(&self, id: Uuid) -> anyhow::Result<bool> {
+        match self.bus.stored_cancel(id).await? {
+            Some(request) => Ok(request.reason.as_deref() != Some(UNQUEUED_CANCEL)),
+            None => self.bus.store_cancel(id, Some(UNQUEUED_CANCEL.into())).await.map(|()| false),
+        }
     }
 
     /// The most bytes a job message may have on the bus (NATS's `max_payload`).

@@ -18,6 +18,9 @@ use crate::protocol;
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// When a job stopped at its expiry is swept again.
 const SECOND_LOOK: Duration = Duration::from_secs(30);
+/// How long past its queued check a job the bus never took waits for its cancel to be stored before it is
+/// ended without one.
+const REQUIRE_CANCEL_FOR: Duration = Duration::from_secs(10 * 60);
 /// The first and the longest pause before a sweep that failed is tried again.
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const LONGEST_RETRY: Duration = Duration::from_secs(30 * 60);
@@ -89,7 +92,9 @@ async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
     if check.queued_by > now {
         return AckKind::Nak(Some(Duration::from_millis(check.queued_by - now).min(MAX_WAIT)));
     }
-    match jobs.abandon_unqueued(check.job_id).await {
+    // A cancel the bus will not store for this long (no SD_CANCELS) no longer keeps the job `queued`.
+    let require_cancel = now - check.queued_by < REQUIRE_CANCEL_FOR.as_millis() as u64;
+    match jobs.abandon_unqueued(check.job_id, require_cancel).await {
         Ok(()) => AckKind::Ack,
         Err(e) => {
             let retry = retry_after(Duration::from_millis(now - check.queued_by));

@@ -61,7 +61,7 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
 async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
     let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
     match tokio::time::timeout(Duration::from_secs(3), lookup).await {
-        Ok(Ok(found)) => found,
+        Ok(Ok(found)) => found.is_some(),
         Ok(Err(e)) => {
             tracing::warn!(%job_id, error = %format!("{e:#}"), "cannot look for a stored cancel; starting the job");
             false
