@@ -48,6 +48,36 @@ impl FullQueue {
     }
 }
 
+/// A nats-server, a file store, one worker, and a queen that publishes a job the bus did not confirm again
+/// for `window` (the default if `None`); once the worker is up, the jobs stream is made to refuse every new
+/// job. (Fields drop in order: the queen before the worker before the server.)
+struct Fleet {
+    queue: FullQueue,
+    c: QueenClient,
+    queen: common::queen::QueenProcess,
+    _worker: WorkerProcess,
+    store_url: String,
+    store: tempfile::TempDir,
+    nats: NatsServer,
+}
+
+async fn full_fleet(worker: &str, window: Option<Duration>) -> Fleet {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start(worker, &nats.url(), &store_url, &[], &[]);
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        if let Some(window) = window {
+            c.publish_confirm_window = window;
+        }
+    })
+    .await;
+    let c = client(&queen);
+    wait_for_fleet(&c).await;
+    let queue = FullQueue::fill(&nats).await;
+    Fleet { queue, c, queen, _worker, store_url, store, nats }
+}
+
 /// The id a 503 names ("cannot queue job <id> now: …").
 fn named_job(message: &str) -> Uuid {
     let id = message.split("cannot queue job ").nth(1).and_then(|rest| rest.split(' ').next());
@@ -69,14 +99,8 @@ async fn wait_long(c: &QueenClient, id: Uuid, state: &str, patience: Duration) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_keeps_its_idempotency_key_and_the_job_is_queued_once() {
-    let nats = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store.path().display());
-    let _worker = WorkerProcess::start("w-confirm", &nats.url(), &store_url, &[], &[]);
-    let queen = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
-    let c = client(&queen);
-    wait_for_fleet(&c).await;
-    let mut queue = FullQueue::fill(&nats).await;
+    let mut f = full_fleet("w-confirm", None).await;
+    let (c, queue) = (&f.c, &mut f.queue);
 
     let err = api_error(c.submit(&tiny(2, 31), Some("order-7")).await.unwrap_err());
     assert_eq!(err.status, 503, "{}", err.message);
@@ -86,10 +110,10 @@ async fn a_refused_publish_keeps_its_idempotency_key_and_the_job_is_queued_once(
     let again = c.submit(&tiny(2, 31), Some("order-7")).await.unwrap();
     assert!(!again.created, "the retry answers the job the refused request made");
     assert_eq!(named_job(&err.message), again.job_id, "{}", err.message);
-    let events = follow(&c, again.job_id).await;
+    let events = follow(c, again.job_id).await;
     assert_eq!(names(&events).iter().filter(|n| **n == "started").count(), 1, "{:?}", names(&events));
     assert_eq!(names(&events).last(), Some(&"completed"));
-    assert!(wait_state(&c, again.job_id, "completed").await.status.stream_seq.is_some(), "its record has its place");
+    assert!(wait_state(c, again.job_id, "completed").await.status.stream_seq.is_some(), "its record has its place");
     assert_eq!(c.jobs("").await.unwrap().total, 1, "one job");
     assert_eq!(queue.messages().await, 0, "and no copy of it left in the queue");
 }
@@ -99,21 +123,14 @@ async fn a_refused_publish_keeps_its_idempotency_key_and_the_job_is_queued_once(
 /// takes it, without running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_the_bus_never_takes_ends_failed_and_a_late_copy_of_it_never_runs() {
-    let nats = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store.path().display());
-    let _worker = WorkerProcess::start("w-late", &nats.url(), &store_url, &[], &[]);
     // Longer than the first publish's own 10 s, so the queen's background tries run before it gives up.
-    let window = Duration::from_secs(15);
-    let queen = start_queen(&nats.url(), &store_url, &[], |c| c.publish_confirm_window = window).await;
-    let c = client(&queen);
-    wait_for_fleet(&c).await;
-    let mut queue = FullQueue::fill(&nats).await;
+    let mut f = full_fleet("w-late", Some(Duration::from_secs(15))).await;
+    let (c, queue, nats, store) = (&f.c, &mut f.queue, &f.nats, &f.store);
 
     let err = api_error(c.submit(&tiny(2, 32), Some("order-8")).await.unwrap_err());
     assert_eq!(err.status, 503, "{}", err.message);
     let id = named_job(&err.message);
-    let failed = wait_long(&c, id, "failed", Duration::from_secs(30)).await.status;
+    let failed = wait_long(c, id, "failed", Duration::from_secs(30)).await.status;
     let error = failed.error.as_ref().expect("a failed job says why");
     assert!(error.message.contains("did not take the job"), "{error:?}");
     let ended_after = failed.finished_at.unwrap() - failed.created_at;
@@ -154,21 +171,13 @@ async fn a_job_the_bus_never_takes_ends_failed_and_a_late_copy_of_it_never_runs(
 /// queued check, instead of leaving it `queued` for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_left_unqueued_by_a_queen_that_stopped_is_ended_by_another() {
-    let nats = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store.path().display());
-    let _worker = WorkerProcess::start("w-check", &nats.url(), &store_url, &[], &[]);
     // Longer than the first publish's own 10 s, so the window is still open when the 503 comes.
-    let window = Duration::from_secs(20);
-    let first = start_queen(&nats.url(), &store_url, &[], |c| c.publish_confirm_window = window).await;
-    let c = client(&first);
-    wait_for_fleet(&c).await;
-    let _queue = FullQueue::fill(&nats).await;
-    let err = api_error(c.submit(&tiny(2, 33), Some("order-9")).await.unwrap_err());
+    let f = full_fleet("w-check", Some(Duration::from_secs(20))).await;
+    let err = api_error(f.c.submit(&tiny(2, 33), Some("order-9")).await.unwrap_err());
     let id = named_job(&err.message);
-    drop(first);
+    drop(f.queen);
 
-    let second = start_queen(&nats.url(), &store_url, &[], |_| {}).await;
+    let second = start_queen(&f.nats.url(), &f.store_url, &[], |_| {}).await;
     let c = client(&second);
     assert_eq!(c.status(id).await.unwrap().status.state.name(), "queued", "not ended by the queen that stopped");
     let failed = wait_long(&c, id, "failed", Duration::from_secs(90)).await.status;
