@@ -28,9 +28,30 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, never handed out before by this process.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up), so the local end of some client
+/// connection cannot take one between this call and the server's bind, and from a counter, so two servers
+/// of one test binary never get the same port (port 0's pick may repeat a port released a moment ago).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 15_000;
+    const COUNT: u32 = 17_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Each test binary starts at its own place, so binaries run side by side rarely meet.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + COUNT)
 }
 
 /// An HTTP request to loopback: (status, body).
@@ -47,19 +68,35 @@ pub fn http_with(
     headers: &[&str],
     body: &[u8],
 ) -> reqwest::Result<(u16, Vec<u8>)> {
+    http_within(Duration::from_secs(10), method, port, path, headers, body)
+}
+
+/// A GET that asks whether a server just started answers: its status, if it does within a second (a
+/// port taken by something that never answers must not hold the wait for the server's exit).
+fn probe(port: u16, path: &str) -> Option<u16> {
+    http_within(Duration::from_secs(1), "GET", port, path, &[], b"").ok().map(|(status, _)| status)
+}
+
+fn http_within(
+    timeout: Duration,
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> reqwest::Result<(u16, Vec<u8>)> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // One client for the whole test binary (made, and never dropped, off the runtime's threads).
                 static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
-                let client = CLIENT.get_or_init(|| {
-                    reqwest::blocking::Client::builder()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .expect("an HTTP client")
-                });
+                let client =
+                    CLIENT.get_or_init(|| reqwest::blocking::Client::builder().build().expect("an HTTP client"));
                 let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-                let mut request = client.request(method, format!("http://127.0.0.1:{port}{path}")).body(body.to_vec());
+                let mut request = client
+                    .request(method, format!("http://127.0.0.1:{port}{path}"))
+                    .timeout(timeout)
+                    .body(body.to_vec());
                 for header in headers {
                     let (name, value) = header.split_once(':').expect("a `Name: value` header");
                     request = request.header(name.trim(), value.trim());
@@ -73,12 +110,56 @@ pub fn http_with(
     })
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+/// Starts `command` with its stderr appended to `log`, and waits until `ready`: `Err(why)`, quoting the end
+/// of the log, if the process exits first (its port taken meanwhile by another process, say).
+fn start_child(
+    what: &str,
+    mut command: Command,
+    log: &Path,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<Child, String> {
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let mut child =
+        command.stdout(Stdio::null()).stderr(stderr).spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
     let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < timeout, "{what} was not ready within {timeout:?}");
+    loop {
+        if ready() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("{what} exited with {status}:\n{}", log_tail(log)));
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} was not ready within {timeout:?}:\n{}", log_tail(log));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The last lines of a server's log.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs `try_start(attempt)` up to `tries` times, until it starts the server; the attempts after the first
+/// pick a new port, or wait for the port of a server just killed to be released.
+fn with_retries(what: &str, tries: u32, mut try_start: impl FnMut(u32) -> Result<(), String>) {
+    let mut last = String::new();
+    for attempt in 0..tries {
+        match try_start(attempt) {
+            Ok(()) => return,
+            Err(why) => {
+                eprintln!("{why}\n(starting {what} again)");
+                last = why;
+            }
+        }
+    }
+    panic!("{what} keeps exiting at start: {last}");
 }
 
 fn kill(child: &mut Option<Child>) {
@@ -94,30 +175,57 @@ pub struct NatsServer {
     pub port: u16,
     pub monitor_port: u16,
     store: tempfile::TempDir,
+    /// The server's stderr, quoted when it does not come up.
+    log: tempfile::NamedTempFile,
 }
 
 impl NatsServer {
+    /// Starts a server on free ports; one that exits at once (a port taken meanwhile) is started on others.
     pub fn start() -> Self {
-        let mut server =
-            Self { child: None, port: free_port(), monitor_port: free_port(), store: tempfile::tempdir().unwrap() };
-        server.spawn();
+        Self::start_from(free_port(), free_port())
+    }
+
+    /// Starts a server on `port` and `monitor_port`, or on free ones if it exits at once.
+    fn start_from(port: u16, monitor_port: u16) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            monitor_port,
+            store: tempfile::tempdir().unwrap(),
+            log: tempfile::NamedTempFile::new().unwrap(),
+        };
+        with_retries("nats-server", 3, |attempt| {
+            if attempt > 0 {
+                (server.port, server.monitor_port) = (free_port(), free_port());
+            }
+            server.try_spawn()
+        });
         server
     }
 
+    /// Starts the server on its ports, again for a few seconds if it exits at once (a port still held by
+    /// the server just killed).
     fn spawn(&mut self) {
-        let child = Command::new(tool("nats-server"))
+        with_retries("nats-server", 5, |attempt| {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            self.try_spawn()
+        });
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let mut command = Command::new(tool("nats-server"));
+        command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string()])
             .arg("-sd")
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start nats-server");
+            .arg(self.store.path());
+        let monitor = self.monitor_port;
+        let child = start_child("nats-server", command, self.log.path(), Duration::from_secs(30), || {
+            probe(monitor, "/healthz?js-enabled-only=true") == Some(200)
+        })?;
         self.child = Some(child);
-        let port = self.monitor_port;
-        wait_for("nats-server", Duration::from_secs(20), || {
-            matches!(http("GET", port, "/healthz?js-enabled-only=true", b""), Ok((200, _)))
-        });
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -172,56 +280,83 @@ pub struct S3Server {
     pub port: u16,
     pub bucket: String,
     backend: S3Backend,
+    /// The server's stderr, quoted when it does not come up.
+    log: tempfile::NamedTempFile,
 }
 
 impl S3Server {
     pub fn start() -> Self {
-        let mut server = Self { child: None, port: free_port(), bucket: "sd-results".into(), backend: S3Backend::Moto };
-        server.spawn();
-        server
+        Self::start_on(S3Backend::Moto, free_port())
     }
 
     /// s3s-fs, which refuses any request not signed with [`S3S_ACCESS_KEY`] / [`S3S_SECRET_KEY`].
     pub fn start_signed() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let mut server =
-            Self { child: None, port: free_port(), bucket: "sd-results".into(), backend: S3Backend::S3sFs { root } };
-        server.spawn();
+        Self::start_on(S3Backend::S3sFs { root: tempfile::tempdir().unwrap() }, free_port())
+    }
+
+    /// Starts a server on `port`; one that exits at once (the port taken meanwhile) is started on a free one.
+    fn start_on(backend: S3Backend, port: u16) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            bucket: "sd-results".into(),
+            backend,
+            log: tempfile::NamedTempFile::new().unwrap(),
+        };
+        let what = server.name();
+        with_retries(what, 3, |attempt| {
+            if attempt > 0 {
+                server.port = free_port();
+            }
+            server.try_spawn()
+        });
         server
     }
 
+    fn name(&self) -> &'static str {
+        match self.backend {
+            S3Backend::Moto => "moto_server",
+            S3Backend::S3sFs { .. } => "s3s-fs",
+        }
+    }
+
+    /// Starts the server on its port, again for a few seconds if it exits at once (the port still held by
+    /// the server just killed).
     fn spawn(&mut self) {
+        with_retries(self.name(), 5, |attempt| {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            self.try_spawn()
+        });
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let port = self.port;
+        let timeout = Duration::from_secs(30);
         match &self.backend {
             S3Backend::Moto => {
-                let child = Command::new(tool("moto_server"))
-                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("cannot start moto_server");
+                let mut command = Command::new(tool("moto_server"));
+                command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+                let child =
+                    start_child("moto_server", command, self.log.path(), timeout, || probe(port, "/") == Some(200))?;
                 self.child = Some(child);
-                wait_for("moto_server", Duration::from_secs(30), || {
-                    matches!(http("GET", port, "/", b""), Ok((200, _)))
-                });
                 let (status, body) = http("PUT", port, &format!("/{}", self.bucket), b"").unwrap();
                 assert_eq!(status, 200, "cannot create the bucket: {}", String::from_utf8_lossy(&body));
             }
             S3Backend::S3sFs { root } => {
                 std::fs::create_dir_all(root.path().join(&self.bucket)).unwrap();
-                let child = Command::new(tool("s3s-fs"))
+                let mut command = Command::new(tool("s3s-fs"));
+                command
                     .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                     .args(["--access-key", S3S_ACCESS_KEY, "--secret-key", S3S_SECRET_KEY])
-                    .arg(root.path())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("cannot start s3s-fs");
-                self.child = Some(child);
+                    .arg(root.path());
                 // An unsigned request is refused, which says the server is up.
-                wait_for("s3s-fs", Duration::from_secs(30), || http("GET", port, "/", b"").is_ok());
+                let child = start_child("s3s-fs", command, self.log.path(), timeout, || probe(port, "/").is_some())?;
+                self.child = Some(child);
             }
         }
+        Ok(())
     }
 
     /// Stops the server (moto's objects are gone with it: it keeps them in memory).
@@ -446,4 +581,22 @@ pub fn memory_mib(pid: u32) -> (u64, u64) {
             .map_or(0, |kib| kib / 1024)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The servers above start on other ports when theirs is taken between [`free_port`] and their bind (the
+/// cause of a CI run's "nats-server was not ready within 20s").
+#[test]
+fn servers_whose_port_is_taken_start_on_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let nats = NatsServer::start_from(port, free_port());
+    assert_ne!(nats.port, port);
+    assert!(matches!(http("GET", nats.monitor_port, "/healthz?js-enabled-only=true", b""), Ok((200, _))));
+    let taken_monitor = NatsServer::start_from(free_port(), port);
+    assert_ne!(taken_monitor.monitor_port, port);
+
+    let s3 = S3Server::start_on(S3Backend::S3sFs { root: tempfile::tempdir().unwrap() }, port);
+    assert_ne!(s3.port, port);
+    s3.put("a", b"b");
+    assert_eq!(s3.get("a").as_deref(), Some(&b"b"[..]));
 }
