@@ -2,6 +2,7 @@
 //! than the queen waits): the key is kept, the queen publishes the job again in the background under its
 //! message id, and ends it when the bus takes nothing in time, with a cancel stored first so that a copy
 //! arriving later never runs; a queen that stops meanwhile leaves the end to another (the queued check).
+//! Likewise a job cancelled while queued whose end the bus did not store before its queen stopped.
 
 use crate::common;
 
@@ -188,4 +189,64 @@ async fn a_job_left_unqueued_by_a_queen_that_stopped_is_ended_by_another() {
         ended_after >= 23_900,
         "ended at its check (a fifth of the window after it), by the queen up: {ended_after} ms"
     );
+}
+
+/// A stream made to refuse every message (a largest message size of one byte) until `reopen`.
+struct Refusing {
+    js: jetstream::Context,
+    open: stream::Config,
+}
+
+impl Refusing {
+    async fn close(js: &jetstream::Context, name: &str) -> Self {
+        let open = js.get_stream(name).await.unwrap().info().await.unwrap().config.clone();
+        js.update_stream(&stream::Config { max_message_size: 1, ..open.clone() }).await.unwrap();
+        Self { js: js.clone(), open }
+    }
+
+    async fn reopen(self) {
+        self.js.update_stream(&self.open).await.unwrap();
+    }
+}
+
+/// A queued job is cancelled while the bus stores neither its end nor its record: its queen deletes it from
+/// the queue and answers `cancelled`, then stops before it could store that end. The job, on no queue, would
+/// stay `queued` for ever; whichever queen is up ends it at its check, 30 s after the cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_queued_whose_end_was_not_stored_is_ended_by_another_queen() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let serve_tiny = |c: &mut sd_rbee::queen::QueenConfig| c.api.model_catalogue = vec!["tiny".into()];
+    let first = start_queen(&nats.url(), &store_url, &[], serve_tiny).await;
+    let c = client(&first);
+    let id = c.submit(&tiny(2, 34), None).await.unwrap().job_id;
+    assert!(c.status(id).await.unwrap().status.stream_seq.is_some(), "queued, with no worker to take it");
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let subjects = Subjects::new("sd").unwrap();
+    let events = Refusing::close(&js, &subjects.events_stream()).await;
+    let records = Refusing::close(&js, &format!("KV_{}", subjects.status_bucket())).await;
+    let cancelled_at = sd_rbee::protocol::now_millis();
+    let answer = c.cancel(id).await.unwrap();
+    assert_eq!(answer.state.name(), "cancelled", "off the queue");
+    drop(first);
+    // Stopped (its NATS connection drained: its own tries at the end are over) before the bus takes it again.
+    let stopped = Instant::now();
+    while c.status(id).await.is_ok() {
+        assert!(stopped.elapsed() < Duration::from_secs(30), "the first queen does not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    events.reopen().await;
+    records.reopen().await;
+
+    let second = start_queen(&nats.url(), &store_url, &[], serve_tiny).await;
+    let c = client(&second);
+    assert_eq!(c.status(id).await.unwrap().status.state.name(), "queued", "no end stored by the queen that stopped");
+    let ended = wait_long(&c, id, "cancelled", Duration::from_secs(90)).await.status;
+    let ended_after = ended.finished_at.unwrap() - cancelled_at;
+    assert!(ended_after >= 29_900, "ended at its check, 30 s after the cancel: {ended_after} ms");
+    let jobs = js.get_stream(subjects.jobs_stream()).await.unwrap().info().await.unwrap().state.messages;
+    assert_eq!(jobs, 0, "and it is on no queue");
 }

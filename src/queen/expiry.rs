@@ -4,7 +4,8 @@
 //! the status bucket's own age removes it. This file: the policy and the schedule.
 //!
 //! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job, written
-//! when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]). The queens share one durable consumer on it; a message that is not due is handed
+//! when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]; for a job cancelled
+//! while queued, one [`DequeuedCheck`]). The queens share one durable consumer on it; a message that is not due is handed
 //! back with a delay of the time left (a NAK with a delay), so each job is looked at about when it expires,
 //! by whichever queen is up, and a restarted queen loses nothing.
 
@@ -38,12 +39,24 @@ pub(super) struct QueuedCheck {
     pub queued_by: u64,
 }
 
+/// One scheduled check that a job taken off the queue by its cancel (`jobs.rs`) has its end stored by
+/// `check_at`: its queen publishes the end right after the deletion, and one that stops in between would
+/// leave the job `queued` for ever, on no queue. (Dropped unread by queens older than it.)
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct DequeuedCheck {
+    pub job_id: Uuid,
+    /// The job's message on the jobs stream, deleted by the cancel.
+    pub dequeued_seq: u64,
+    pub check_at: u64,
+}
+
 /// A message of the schedule.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub(super) enum Scheduled {
     Expiry(Due),
     QueuedCheck(QueuedCheck),
+    DequeuedCheck(DequeuedCheck),
 }
 
 /// The expiry policy and schedule of one fleet.
@@ -89,9 +102,39 @@ impl Expiry {
         self.queue.publish(&id, payload).await.context("cannot schedule the check that the job is queued")
     }
 
+    /// Schedules the check that the job whose message `seq` a cancel is deleting has its end stored by
+    /// `check_at` (once per job).
+    pub(super) async fn schedule_dequeued_check(&self, job_id: Uuid, seq: u64, check_at: u64) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(&DequeuedCheck { job_id, dequeued_seq: seq, check_at })?;
+        let id = format!("dequeued-check-{job_id}");
+        self.queue.publish(&id, payload.into()).await.context("cannot schedule the check that the job's end is stored")
+    }
+
     /// The queens' shared consumer of the schedule and its messages.
     pub(super) async fn messages(&self) -> anyhow::Result<(consumer::PullConsumer, consumer::pull::Stream)> {
         let description = "sd-rbee queens: expired jobs' sweeper";
         self.queue.consume(SWEEPER_CONSUMER, description, Duration::from_secs(60), None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of message of the schedule reads back as itself, never as another kind: the untagged enum
+    /// tells them apart by their fields alone.
+    #[test]
+    fn each_scheduled_message_reads_back_as_its_own_kind() {
+        let job_id = Uuid::new_v4();
+        let read = |value: serde_json::Value| serde_json::from_value::<Scheduled>(value).unwrap();
+        let due = read(serde_json::to_value(Due { job_id, expires_at: 5 }).unwrap());
+        assert!(matches!(due, Scheduled::Expiry(Due { expires_at: 5, .. })), "{due:?}");
+        let queued = read(serde_json::to_value(QueuedCheck { job_id, queued_by: 6 }).unwrap());
+        assert!(matches!(queued, Scheduled::QueuedCheck(QueuedCheck { queued_by: 6, .. })), "{queued:?}");
+        let dequeued = read(serde_json::to_value(DequeuedCheck { job_id, dequeued_seq: 7, check_at: 8 }).unwrap());
+        assert!(
+            matches!(dequeued, Scheduled::DequeuedCheck(DequeuedCheck { dequeued_seq: 7, check_at: 8, .. })),
+            "{dequeued:?}"
+        );
     }
 }

@@ -17,6 +17,16 @@ use crate::bus::BusClient;
 use crate::protocol::{self, Event, Limits, ProtocolError};
 use crate::storage::{Store, StoreError};
 
+/// How long after a queued job's cancel its [`super::expiry::DequeuedCheck`] looks for its end: well past the
+/// queen's own first try at publishing it (10 s).
+pub(super) const DEQUEUED_CHECK_AFTER: Duration = Duration::from_secs(30);
+
+/// A `cancelled` event for a job no worker ran.
+pub(super) fn cancelled(job_id: Uuid) -> Event {
+    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
+    Event::Cancelled(protocol::Cancelled { v, job_id, at, at_step: None })
+}
+
 /// Why a request of the service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -259,24 +269,47 @@ impl Jobs {
         // Tell the workers in any case: one may be taking it right now.
         self.bus.cancel(id, Some("cancelled through the API".into())).await.map_err(JobsError::Unavailable)?;
         if let (JobState::Queued, Some(seq)) = (status.state, status.stream_seq) {
-            let stream = self
-                .bus
-                .jetstream()
-                .get_stream(self.bus.subjects().jobs_stream())
-                .await
-                .map_err(|e| JobsError::Unavailable(e.into()))?;
+            let stream = self.jobs_stream().await.map_err(JobsError::Unavailable)?;
+            // Once its message is deleted, the `cancelled` this queen publishes is all that ends the job: should
+            // the queen stop before it is stored, any queen ends the job at this check.
+            let check_at = protocol::now_millis() + DEQUEUED_CHECK_AFTER.as_millis() as u64;
+            if let Err(e) = self.expiry.schedule_dequeued_check(id, seq, check_at).await {
+                tracing::warn!(job_id = %id, error = %format!("{e:#}"), "cancelling a queued job without a check that its end is stored");
+            }
             if matches!(stream.delete_message(seq).await, Ok(true)) {
-                let event = Event::Cancelled(protocol::Cancelled {
-                    v: protocol::PROTOCOL_VERSION,
-                    job_id: id,
-                    at: protocol::now_millis(),
-                    at_step: None,
-                });
-                self.report_dequeued(status, event).await;
+                self.report_dequeued(status, cancelled(id)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
         }
         Ok(CancelResponse { job_id: id, state: CancelState::Cancelling })
+    }
+
+    /// Ends a job cancelled while queued whose end is still not stored at its [`super::expiry::DequeuedCheck`]
+    /// (its queen stopped after or before deleting its message `seq`): its message goes if it is still
+    /// there, then `cancelled` is published. The aggregator folds it in stream order, so a worker's end
+    /// stored before it (a job taken just as it was cancelled) stands.
+    pub(super) async fn end_dequeued(&self, id: Uuid, seq: u64) -> anyhow::Result<()> {
+        let Some(status) = self.status.get(id).await? else { return Ok(()) };
+        if status.state != JobState::Queued || status.stream_seq != Some(seq) {
+            return Ok(());
+        }
+        let stream = self.jobs_stream().await?;
+        if let Err(e) = stream.delete_message(seq).await {
+            // (Already deleted: the direct get below says so.)
+            tracing::debug!(job_id = %id, error = %e, "the cancelled job's message was not deleted");
+        }
+        match stream.direct_get(seq).await {
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {}
+            Ok(_) => anyhow::bail!("its message {seq} is still on the jobs stream"),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::warn!(job_id = %id, "a job cancelled while queued had no end stored: it is ended now");
+        self.publish_dequeued(&cancelled(id), Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    async fn jobs_stream(&self) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+        Ok(self.bus.jetstream().get_stream(self.bus.subjects().jobs_stream()).await?)
     }
 
     /// Publishes the end (`cancelled`, or `failed` when it could not be queued) of a job not in the queue and

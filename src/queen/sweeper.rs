@@ -1,14 +1,15 @@
 //! The expiry sweeper: takes each job of the schedule (`expiry.rs`) when it expires, stops it if it still
 //! runs, deletes its images, manifest and checkpoint, and leaves its status record as a tombstone; and ends
 //! a keyed job the bus never took, at its queued check. The queens share its consumer, so each expiry is
-//! swept once, by whichever queen is up.
+//! swept once, by whichever queen is up. The same loop ends a job cancelled while queued whose end its queen
+//! did not store.
 
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use uuid::Uuid;
 
-use super::expiry::{Due, QueuedCheck, Scheduled};
+use super::expiry::{DequeuedCheck, Due, QueuedCheck, Scheduled};
 use super::jobs::Jobs;
 use crate::api::JobStatus;
 use crate::bus;
@@ -57,6 +58,11 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
                 msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
                 continue;
             }
+            Ok(Scheduled::DequeuedCheck(check)) => {
+                let ack = check_dequeued(jobs, &check).await;
+                msg.ack_with(ack).await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "an unreadable expiry skipped");
                 msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"))?;
@@ -88,17 +94,38 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
 /// Ends a keyed job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]); how the
 /// check's message is acknowledged.
 async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
+    when_due(check.queued_by, check.job_id, "cannot end a job the bus did not take yet", |overdue| {
+        // A cancel the bus will not store for this long (no SD_CANCELS) no longer keeps the job `queued`.
+        jobs.abandon_unqueued(check.job_id, overdue < REQUIRE_CANCEL_FOR)
+    })
+    .await
+}
+
+/// Ends a job cancelled while queued if its end is still not stored ([`Jobs::end_dequeued`]); how the
+/// check's message is acknowledged.
+async fn check_dequeued(jobs: &Jobs, check: &DequeuedCheck) -> AckKind {
+    when_due(check.check_at, check.job_id, "cannot end a job cancelled while queued yet", |_| {
+        jobs.end_dequeued(check.job_id, check.dequeued_seq)
+    })
+    .await
+}
+
+/// Runs a check of job `job_id` due at `due` (unix ms), given how long it is overdue; how its message is
+/// acknowledged: handed back until it is due, and after a failure, again ever less often.
+async fn when_due<F>(due: u64, job_id: Uuid, failing: &str, check: impl FnOnce(Duration) -> F) -> AckKind
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
     let now = protocol::now_millis();
-    if check.queued_by > now {
-        return AckKind::Nak(Some(Duration::from_millis(check.queued_by - now).min(MAX_WAIT)));
+    if due > now {
+        return AckKind::Nak(Some(Duration::from_millis(due - now).min(MAX_WAIT)));
     }
-    // A cancel the bus will not store for this long (no SD_CANCELS) no longer keeps the job `queued`.
-    let require_cancel = now - check.queued_by < REQUIRE_CANCEL_FOR.as_millis() as u64;
-    match jobs.abandon_unqueued(check.job_id, require_cancel).await {
+    let overdue = Duration::from_millis(now - due);
+    match check(overdue).await {
         Ok(()) => AckKind::Ack,
         Err(e) => {
-            let retry = retry_after(Duration::from_millis(now - check.queued_by));
-            tracing::warn!(job_id = %check.job_id, error = %format!("{e:#}"), ?retry, "cannot end a job the bus did not take yet");
+            let retry = retry_after(overdue);
+            tracing::warn!(%job_id, error = %format!("{e:#}"), ?retry, "{failing}");
             AckKind::Nak(Some(retry))
         }
     }
