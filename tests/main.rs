@@ -29,6 +29,7 @@ mod priorities;
 mod publish_confirm;
 mod queen;
 mod resume;
+mod servers;
 mod single_file;
 mod ui;
 mod up;

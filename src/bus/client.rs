@@ -187,6 +187,17 @@ impl BusClient {
         Ok(())
     }
 
+    /// The job's last event in the events stream, if it has any; one that does not decode counts as none.
+    pub async fn last_event(&self, job_id: Uuid) -> anyhow::Result<Option<Event>> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let stream = self.js.get_stream_no_info(self.subjects.events_stream()).await?;
+        match stream.direct_get_last_for_subject(self.subjects.events(job_id)).await {
+            Ok(message) => Ok(protocol::decode_event(&message.payload).ok()),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The cancel request stored for the job, if any ([`stored_cancel`]).
     pub async fn stored_cancel(&self, job_id: Uuid) -> anyhow::Result<Option<CancelRequest>> {
         stored_cancel(&self.js, &self.subjects, job_id).await

@@ -3,8 +3,8 @@
 //! stops it if it still runs, and leaves its status record as a tombstone (identity, state and times) until
 //! the status bucket's own age removes it. This file: the policy and the schedule.
 //!
-//! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job, written
-//! when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]; for a job cancelled
+//! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job with a
+//! ttl, written when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]; for a job cancelled
 //! while queued, one [`DequeuedCheck`]). The queens share one durable consumer on it; a message that is not due is handed
 //! back with a delay of the time left (a NAK with a delay), so each job is looked at about when it expires,
 //! by whichever queen is up, and a restarted queen loses nothing.
@@ -41,12 +41,15 @@ pub(super) struct QueuedCheck {
 
 /// One scheduled check that a job taken off the queue by its cancel (`jobs.rs`) has its end stored by
 /// `check_at`: its queen publishes the end right after the deletion, and one that stops in between would
-/// leave the job `queued` for ever, on no queue. (Dropped unread by queens older than it.)
+/// leave the job `queued` for ever, on no queue. (Queens older than it drop it unread: during an upgrade,
+/// the ones they take are lost.)
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct DequeuedCheck {
     pub job_id: Uuid,
     /// The job's message on the jobs stream, deleted by the cancel.
     pub dequeued_seq: u64,
+    /// When it was cancelled: the `at` of its `cancelled`, whichever queen publishes it (the same event).
+    pub cancelled_at: u64,
     pub check_at: u64,
 }
 
@@ -102,10 +105,9 @@ impl Expiry {
         self.queue.publish(&id, payload).await.context("cannot schedule the check that the job is queued")
     }
 
-    /// Schedules the check that the job whose message `seq` a cancel is deleting has its end stored by
-    /// `check_at` (once per job).
-    pub(super) async fn schedule_dequeued_check(&self, job_id: Uuid, seq: u64, check_at: u64) -> anyhow::Result<()> {
-        let payload = serde_json::to_vec(&DequeuedCheck { job_id, dequeued_seq: seq, check_at })?;
+    /// Schedules the check that a job whose message a cancel is deleting has its end stored (once per job).
+    pub(super) async fn schedule_dequeued_check(&self, check: &DequeuedCheck) -> anyhow::Result<()> {
+        let (job_id, payload) = (check.job_id, serde_json::to_vec(check)?);
         let id = format!("dequeued-check-{job_id}");
         self.queue.publish(&id, payload.into()).await.context("cannot schedule the check that the job's end is stored")
     }
@@ -131,7 +133,9 @@ mod tests {
         assert!(matches!(due, Scheduled::Expiry(Due { expires_at: 5, .. })), "{due:?}");
         let queued = read(serde_json::to_value(QueuedCheck { job_id, queued_by: 6 }).unwrap());
         assert!(matches!(queued, Scheduled::QueuedCheck(QueuedCheck { queued_by: 6, .. })), "{queued:?}");
-        let dequeued = read(serde_json::to_value(DequeuedCheck { job_id, dequeued_seq: 7, check_at: 8 }).unwrap());
+        let dequeued = read(
+            serde_json::to_value(DequeuedCheck { job_id, dequeued_seq: 7, cancelled_at: 1, check_at: 8 }).unwrap(),
+        );
         assert!(
             matches!(dequeued, Scheduled::DequeuedCheck(DequeuedCheck { dequeued_seq: 7, check_at: 8, .. })),
             "{dequeued:?}"

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::aggregator::ModelStats;
+use super::expiry::DequeuedCheck;
 use super::fleet::Fleet;
 use super::index::{records, JobIndex, SCAN_LIMIT};
 use super::status::{StatusStore, StatusTooLarge};
@@ -17,14 +18,13 @@ use crate::bus::BusClient;
 use crate::protocol::{self, Event, Limits, ProtocolError};
 use crate::storage::{Store, StoreError};
 
-/// How long after a queued job's cancel its [`super::expiry::DequeuedCheck`] looks for its end: well past the
+/// How long after a queued job's cancel its [`DequeuedCheck`] looks for its end: well past the
 /// queen's own first try at publishing it (10 s).
 pub(super) const DEQUEUED_CHECK_AFTER: Duration = Duration::from_secs(30);
 
-/// A `cancelled` event for a job no worker ran.
-pub(super) fn cancelled(job_id: Uuid) -> Event {
-    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
-    Event::Cancelled(protocol::Cancelled { v, job_id, at, at_step: None })
+/// A `cancelled` event, at `at`, for a job no worker ran.
+pub(super) fn cancelled(job_id: Uuid, at: u64) -> Event {
+    Event::Cancelled(protocol::Cancelled { v: protocol::PROTOCOL_VERSION, job_id, at, at_step: None })
 }
 
 /// Why a request of the service failed.
@@ -270,27 +270,35 @@ impl Jobs {
         self.bus.cancel(id, Some("cancelled through the API".into())).await.map_err(JobsError::Unavailable)?;
         if let (JobState::Queued, Some(seq)) = (status.state, status.stream_seq) {
             let stream = self.jobs_stream().await.map_err(JobsError::Unavailable)?;
-            // Once its message is deleted, the `cancelled` this queen publishes is all that ends the job: should
-            // the queen stop before it is stored, any queen ends the job at this check.
-            let check_at = protocol::now_millis() + DEQUEUED_CHECK_AFTER.as_millis() as u64;
-            if let Err(e) = self.expiry.schedule_dequeued_check(id, seq, check_at).await {
+            // Once its message is deleted, no worker will ever take the job, and unless one holds it now, the
+            // `cancelled` this queen publishes is all that ends it: should the queen stop before that is
+            // stored, any queen ends the job at this check.
+            let at = protocol::now_millis();
+            let check_at = at + DEQUEUED_CHECK_AFTER.as_millis() as u64;
+            let check = DequeuedCheck { job_id: id, dequeued_seq: seq, cancelled_at: at, check_at };
+            if let Err(e) = self.expiry.schedule_dequeued_check(&check).await {
                 tracing::warn!(job_id = %id, error = %format!("{e:#}"), "cancelling a queued job without a check that its end is stored");
             }
             if matches!(stream.delete_message(seq).await, Ok(true)) {
-                self.report_dequeued(status, cancelled(id)).await;
+                self.report_dequeued(status, cancelled(id, at)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
         }
         Ok(CancelResponse { job_id: id, state: CancelState::Cancelling })
     }
 
-    /// Ends a job cancelled while queued whose end is still not stored at its [`super::expiry::DequeuedCheck`]
-    /// (its queen stopped after or before deleting its message `seq`): its message goes if it is still
-    /// there, then `cancelled` is published. The aggregator folds it in stream order, so a worker's end
-    /// stored before it (a job taken just as it was cancelled) stands.
-    pub(super) async fn end_dequeued(&self, id: Uuid, seq: u64) -> anyhow::Result<()> {
+    /// Ends a job cancelled while queued whose end is still not stored at its check ([`DequeuedCheck`]; its
+    /// queen stopped after or before deleting its message): its message goes if it is still there, then its
+    /// `cancelled` is published, the same event its queen would have published. Not when the job's last
+    /// event is an end already (a worker that took the job just as it was cancelled finished it, and the
+    /// queens have not folded that yet: several fold in parallel, and the first end folded stays).
+    pub(super) async fn end_dequeued(&self, check: &DequeuedCheck) -> anyhow::Result<()> {
+        let (id, seq) = (check.job_id, check.dequeued_seq);
         let Some(status) = self.status.get(id).await? else { return Ok(()) };
         if status.state != JobState::Queued || status.stream_seq != Some(seq) {
+            return Ok(());
+        }
+        if self.bus.last_event(id).await?.is_some_and(|e| e.is_terminal()) {
             return Ok(());
         }
         let stream = self.jobs_stream().await?;
@@ -304,7 +312,7 @@ impl Jobs {
             Err(e) => return Err(e.into()),
         }
         tracing::warn!(job_id = %id, "a job cancelled while queued had no end stored: it is ended now");
-        self.publish_dequeued(&cancelled(id), Duration::from_secs(10)).await?;
+        self.publish_dequeued(&cancelled(id, check.cancelled_at), Duration::from_secs(10)).await?;
         Ok(())
     }
 

@@ -220,10 +220,10 @@ impl Jobs {
             }
             Err(e) => return Err(e),
         };
+        let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
         let event = if cancelled {
-            super::jobs::cancelled(id)
+            super::jobs::cancelled(id, at)
         } else {
-            let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
             let window = self.publish_confirm_window.as_secs();
             let message = format!("the bus did not take the job within {window} s of its submission");
             let code = protocol::ErrorCode::Internal;

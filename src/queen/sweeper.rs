@@ -104,10 +104,8 @@ async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
 /// Ends a job cancelled while queued if its end is still not stored ([`Jobs::end_dequeued`]); how the
 /// check's message is acknowledged.
 async fn check_dequeued(jobs: &Jobs, check: &DequeuedCheck) -> AckKind {
-    when_due(check.check_at, check.job_id, "cannot end a job cancelled while queued yet", |_| {
-        jobs.end_dequeued(check.job_id, check.dequeued_seq)
-    })
-    .await
+    when_due(check.check_at, check.job_id, "cannot end a job cancelled while queued yet", |_| jobs.end_dequeued(check))
+        .await
 }
 
 /// Runs a check of job `job_id` due at `due` (unix ms), given how long it is overdue; how its message is
