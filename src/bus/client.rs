@@ -189,13 +189,8 @@ impl BusClient {
 
     /// The job's last event in the events stream, if it has any; one that does not decode counts as none.
     pub async fn last_event(&self, job_id: Uuid) -> anyhow::Result<Option<Event>> {
-        use async_nats::jetstream::stream::DirectGetErrorKind;
-        let stream = self.js.get_stream_no_info(self.subjects.events_stream()).await?;
-        match stream.direct_get_last_for_subject(self.subjects.events(job_id)).await {
-            Ok(message) => Ok(protocol::decode_event(&message.payload).ok()),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let last = last_payload(&self.js, self.subjects.events_stream(), self.subjects.events(job_id)).await?;
+        Ok(last.and_then(|payload| protocol::decode_event(&payload).ok()))
     }
 
     /// The cancel request stored for the job, if any ([`stored_cancel`]).
@@ -211,15 +206,21 @@ pub async fn stored_cancel(
     subjects: &Subjects,
     job_id: Uuid,
 ) -> anyhow::Result<Option<CancelRequest>> {
+    let last = last_payload(js, subjects.cancels_stream(), subjects.cancel(job_id)).await?;
+    let unreadable = || CancelRequest { v: PROTOCOL_VERSION, job_id, at: 0, reason: None };
+    Ok(last.map(|payload| protocol::decode_cancel(&payload).unwrap_or_else(|_| unreadable())))
+}
+
+/// The payload of the last message on `subject` in `stream` (a direct get), if there is one.
+async fn last_payload(
+    js: &jetstream::Context,
+    stream: String,
+    subject: String,
+) -> anyhow::Result<Option<bytes::Bytes>> {
     use async_nats::jetstream::stream::DirectGetErrorKind;
-    let stream = js.get_stream_no_info(subjects.cancels_stream()).await?;
-    match stream.direct_get_last_for_subject(subjects.cancel(job_id)).await {
-        Ok(message) => Ok(Some(protocol::decode_cancel(&message.payload).unwrap_or(CancelRequest {
-            v: PROTOCOL_VERSION,
-            job_id,
-            at: 0,
-            reason: None,
-        }))),
+    let stream = js.get_stream_no_info(stream).await?;
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(message) => Ok(Some(message.payload)),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
