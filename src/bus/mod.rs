@@ -170,6 +170,17 @@ pub fn priority_consumer_name(model: &str, priority: Priority) -> String {
     }
 }
 
+/// Whether a consumer lookup failed because there is no such consumer (or stream), which answers the
+/// question, rather than because NATS could not be asked.
+pub fn consumer_missing(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind as Kind;
+    match e.kind() {
+        Kind::NotFound | Kind::InvalidName | Kind::StreamNotFound => true,
+        Kind::JetStream(j) => j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND,
+        _ => false,
+    }
+}
+
 /// The model and priority of a job consumer's name.
 pub fn parse_consumer_name(name: &str) -> Option<(&str, Priority)> {
     let (model, priority) = if let Some(model) = name.strip_prefix("high-workers-") {

@@ -135,7 +135,6 @@ impl Jobs {
     /// queen heard, or as its job consumer on the bus shows), or the queen's catalogue lists it. A bus that
     /// cannot answer is unavailable (503), not a reason to refuse the model.
     pub async fn accepts_model(&self, model: &str) -> JobsResult<bool> {
-        use async_nats::jetstream::context::ConsumerInfoErrorKind as Kind;
         let now = protocol::now_millis();
         if self.models.catalogue.iter().any(|m| m == model)
             || self.fleet.advertised_within(model, now, self.models.retention)
@@ -151,13 +150,8 @@ impl Jobs {
             .map_err(|e| JobsError::Unavailable(anyhow::anyhow!("cannot read the jobs stream: {e}")))?;
         match stream.consumer_info(crate::bus::consumer_name(model)).await {
             Ok(_) => Ok(true),
-            Err(e) => match e.kind() {
-                Kind::NotFound | Kind::InvalidName | Kind::StreamNotFound => Ok(false),
-                Kind::JetStream(j) if j.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {
-                    Ok(false)
-                }
-                _ => Err(JobsError::Unavailable(anyhow::anyhow!("cannot ask the bus about model {model}: {e}"))),
-            },
+            Err(e) if crate::bus::consumer_missing(&e) => Ok(false),
+            Err(e) => Err(JobsError::Unavailable(anyhow::anyhow!("cannot ask the bus about model {model}: {e}"))),
         }
     }
 

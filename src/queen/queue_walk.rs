@@ -71,10 +71,14 @@ impl QueueWalks {
         let asked = Instant::now();
         let mut walk = walk.lock().await;
         if walk.started.is_none_or(|at| asked.saturating_duration_since(at) >= WALK_FRESH) {
-            // Jobs already delivered (running) are not waiting: start after the consumer's last delivery.
-            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-                stream.get_consumer(&crate::bus::priority_consumer_name(model, priority)).await;
-            let next = consumer.map(|c| c.cached_info().delivered.stream_sequence + 1).unwrap_or(1);
+            // Jobs already delivered (running) are not waiting: start after the consumer's last delivery, or
+            // at the start when no worker has made the consumer yet. A consumer NATS cannot tell about leaves
+            // the position unknown: walked from the start, running jobs would count as waiting.
+            let next = match stream.consumer_info(crate::bus::priority_consumer_name(model, priority)).await {
+                Ok(info) => info.delivered.stream_sequence + 1,
+                Err(e) if crate::bus::consumer_missing(&e) => 1,
+                Err(_) => return None,
+            };
             *walk = Walk { started: Some(Instant::now()), seqs: Vec::new(), next };
         }
         while walk.short_of(seq) {
