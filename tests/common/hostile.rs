@@ -1,4 +1,4 @@
-//! Helpers of the hostile-input tests (`tests/hostile.rs`): raw publishes, what the streams hold, images
+//! Helpers of the hostile-input tests (`tests/hostile/`): raw publishes, what the streams hold, images
 //! built to a size (or to be a bomb), and an `sd-rbee queen` child process whose memory can be read.
 
 use std::collections::HashMap;

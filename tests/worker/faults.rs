@@ -1,0 +1,462 @@
+//! The worker when things go wrong while a job runs: a cancel mid-job, a worker killed or sent SIGTERM, a
+//! NATS restart or a lost store, an S3 outage, transient failures up to the dead letter, deadlines and a
+//! hung step. Same servers and fixture as [`super`].
+
+use super::*;
+
+use std::collections::HashSet;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_job_stops_within_one_step() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-cancel", &nats.url(), &store_url, &[], &["--step-delay", "250ms"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    let job = tiny_job(40, 5);
+    client.submit(&job).await.unwrap();
+    let mut seen_step = 0;
+    let mut sent = false;
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    let mut last = None;
+    let mut steps_after_cancel = 0;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), events.next()).await.unwrap() {
+        let e = e.unwrap();
+        if let Event::Progress(p) = &e {
+            if sent {
+                steps_after_cancel += 1;
+            }
+            seen_step = p.step;
+            if p.step == 3 && !sent {
+                client.cancel(job.id, Some("test".into())).await.unwrap();
+                sent = true;
+            }
+        }
+        if e.is_terminal() {
+            last = Some(e);
+            break;
+        }
+    }
+    match last {
+        Some(Event::Cancelled(c)) => {
+            let at = c.at_step.expect("a running job reports where it stopped");
+            assert!((3..=4).contains(&at), "stopped at step {at}, cancel sent after step 3");
+            assert_eq!(at, seen_step);
+            assert!(steps_after_cancel <= 1, "{steps_after_cancel} steps ran after the cancel");
+        }
+        other => panic!("expected cancelled, got {other:?}"),
+    }
+    assert!(!store.path().join(format!("jobs/{}", job.id)).exists(), "a cancelled job stores nothing");
+
+    // A cancel that arrives before the job is delivered also stops it.
+    let early = tiny_job(2, 6);
+    client.cancel(early.id, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.submit(&early).await.unwrap();
+    let events = events_of(&client, early.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(c)) if c.at_step.is_none()), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_hands_its_job_to_another() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let flags = ["--ack-wait", "2s", "--step-delay", "150ms"];
+    let mut workers = [
+        WorkerProcess::start("w-a", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+        WorkerProcess::start("w-b", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+    ];
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(20, 11);
+    client.submit(&job).await.unwrap();
+
+    // Wait until some worker is a few steps in, then SIGKILL it.
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    let mut first = None;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap() {
+        match e.unwrap() {
+            Event::Accepted(a) => first = Some(a.worker_id),
+            Event::Progress(p) if p.step >= 3 => break,
+            _ => {}
+        }
+    }
+    let first = first.expect("a worker accepted the job");
+    let victim = workers.iter().position(|w| w.id == first).unwrap();
+    workers[victim].kill();
+
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let takers = accepted_by(&events);
+    assert_eq!(takers.len(), 2, "{events:?}");
+    assert_eq!(takers[0], first);
+    assert_ne!(takers[1], first, "the other worker took the job over");
+    assert_eq!(completed(&events).len(), 1, "completed once: only the second delivery finished");
+    assert_eq!(
+        s3.list(&format!("jobs/{}/", job.id)),
+        [format!("jobs/{}/0.png", job.id), format!("jobs/{}/completed.msgpack", job.id)],
+        "exactly one set of outputs"
+    );
+}
+
+/// A cancel sent while no worker holds the job (its worker crashed and the job waits for redelivery) is
+/// kept on the bus: the worker that takes the job later, which never heard the request, reports it
+/// `cancelled` without running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_between_deliveries_is_not_run_by_a_worker_started_later() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--ack-wait", "2s", "--step-delay", "150ms", "--checkpoint-every", "1"];
+    let mut first = WorkerProcess::start("w-crash", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(20, 12);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    first.kill();
+    let checkpoint = store.path().join(protocol::resume_key(job.id));
+    assert!(checkpoint.exists(), "the crashed worker left a checkpoint");
+    client.cancel(job.id, Some("cancelled while between deliveries".into())).await.unwrap();
+
+    let _later = WorkerProcess::start("w-later", &nats.url(), &store_url, &[], &flags);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(c)) if c.at_step.is_none()), "{events:?}");
+    assert_eq!(accepted_by(&events), ["w-crash"], "the later worker did not start it: {events:?}");
+    assert!(!store.path().join(format!("jobs/{}", job.id)).exists(), "a cancelled job stores nothing");
+    assert!(!checkpoint.exists(), "its checkpoint is deleted");
+    wait_for_empty_queue(&client).await;
+}
+
+/// The job consumer is the fleet's: a worker started later with a shorter `--ack-wait` gives it its own, and
+/// a worker already running a job with a long one still keeps its job (in-progress acks at least every 5 s),
+/// and says in its log that the settings differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_shorter_ack_wait_does_not_take_over_a_running_job() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let long = ["--ack-wait", "60s", "--step-delay", "400ms"];
+    let first = WorkerProcess::start("w-long", &nats.url(), &store_url, &[], &long);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(40, 12);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 1).await;
+    let second = WorkerProcess::start("w-short", &nats.url(), &store_url, &[], &["--ack-wait", "10s"]);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-long"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    let warned = second.log_text();
+    assert!(warned.contains("the job consumer had other settings") && warned.contains("60s"), "{warned}");
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_running_job_or_hands_it_over() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    // A grace period long enough: the job finishes on the worker that got SIGTERM, which then exits 0.
+    let mut patient = WorkerProcess::start("w-patient", &nats.url(), &store_url, &[], &["--step-delay", "100ms"]);
+    let job = tiny_job(10, 21);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    patient.terminate();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-patient"]);
+    assert_eq!(completed(&events).len(), 1);
+    assert!(patient.wait(Duration::from_secs(30)).success(), "{}", patient.log_text());
+
+    // A short grace period: the job is handed to another worker.
+    let flags = ["--step-delay", "150ms", "--grace", "500ms"];
+    let mut leaving = WorkerProcess::start("w-leaving", &nats.url(), &store_url, &[], &flags);
+    let job = tiny_job(30, 22);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    let _stays = WorkerProcess::start("w-stays", &nats.url(), &store_url, &[], &[]);
+    leaving.terminate();
+    assert!(leaving.wait(Duration::from_secs(30)).success(), "{}", leaving.log_text());
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-leaving", "w-stays"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    assert!(store.path().join(format!("jobs/{}/0.png", job.id)).is_file());
+}
+
+/// With `--max-deliver 1` every delivery is the last: a worker that stops mid-job cannot hand the job back
+/// with a nak (JetStream would give it up), so it queues the job again; another worker completes it, and
+/// nothing is failed or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_last_delivery_queues_the_job_again() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let flags = ["--step-delay", "150ms", "--grace", "300ms", "--max-deliver", "1"];
+    let mut leaving = WorkerProcess::start("w-last-leaving", &nats.url(), &store_url, &[], &flags);
+    let job = tiny_job(30, 23);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    leaving.terminate();
+    assert!(leaving.wait(Duration::from_secs(30)).success(), "{}", leaving.log_text());
+    assert!(leaving.log_text().contains("queued again"), "{}", leaving.log_text());
+
+    let _stays = WorkerProcess::start("w-last-stays", &nats.url(), &store_url, &[], &["--max-deliver", "1"]);
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert_eq!(accepted_by(&events), ["w-last-leaving", "w-last-stays"], "{events:?}");
+    assert_eq!(completed(&events).len(), 1);
+    assert!(!events.iter().any(|e| matches!(e, Event::Failed(_))), "{events:?}");
+    // The second delivery's progress events were all stored: none taken for a duplicate of the first's.
+    let second_run: Vec<u32> = events
+        .iter()
+        .skip_while(|e| !matches!(e, Event::Accepted(a) if a.worker_id == "w-last-stays"))
+        .filter_map(|e| if let Event::Progress(p) = e { Some(p.step) } else { None })
+        .collect();
+    assert_eq!(second_run, (1..=30).collect::<Vec<u32>>());
+    assert!(dead_letters(&client).await.is_empty());
+    wait_for_empty_queue(&client).await;
+}
+
+async fn wait_for_step(client: &BusClient, job_id: Uuid, step: u32) {
+    let events = client.events(job_id).await.unwrap();
+    tokio::pin!(events);
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap() {
+        if matches!(e.unwrap(), Event::Progress(p) if p.step >= step) {
+            return;
+        }
+    }
+    panic!("job {job_id} ended before step {step}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_run_loses_no_job() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-restart", &nats.url(), &store_url, &[], &["--step-delay", "50ms"]);
+    let jobs: Vec<JobRequest> = (0..5).map(|i| tiny_job(6, 100 + i)).collect();
+    {
+        let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+        for job in &jobs {
+            client.submit(job).await.unwrap();
+        }
+        wait_for_step(&client, jobs[0].id, 3).await;
+    }
+    nats.restart();
+
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut ok = HashSet::new();
+    for job in &jobs {
+        let events = events_of(&client, job.id, Duration::from_secs(90)).await;
+        assert!(matches!(events.last(), Some(Event::Completed(_))), "job {}: {events:?}", job.id);
+        assert!(store.path().join(format!("jobs/{}/0.png", job.id)).is_file());
+        ok.insert(job.id);
+    }
+    assert_eq!(ok.len(), jobs.len());
+}
+
+/// An operator deletes the job consumer, then the server comes back with an empty store (its volume lost):
+/// each time the worker binds or creates what it needs again and goes on serving, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_or_a_lost_server_store_is_recreated() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-rebind", &nats.url(), &store_url, &[], &[]);
+    async fn run(client: &BusClient, job: JobRequest, store: &std::path::Path) {
+        client.submit(&job).await.unwrap();
+        let events = events_of(client, job.id, Duration::from_secs(60)).await;
+        assert!(matches!(events.last(), Some(Event::Completed(_))), "job {}: {events:?}", job.id);
+        assert!(store.join(format!("jobs/{}/0.png", job.id)).is_file());
+    }
+
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    run(&client, tiny_job(2, 1), store.path()).await;
+    let jobs = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    jobs.delete_consumer(&sd_rbee::bus::consumer_name("tiny")).await.unwrap();
+    run(&client, tiny_job(2, 2), store.path()).await;
+
+    nats.restart_empty();
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    run(&client, tiny_job(2, 3), store.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_during_upload_completes_once_s3_is_back() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let _worker = WorkerProcess::start("w-s3", &nats.url(), &s3.store_url(), &s3.env(), &["--store-retry", "60s"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    s3.kill();
+    let job = tiny_job(3, 31);
+    client.submit(&job).await.unwrap();
+    // Generation finishes; the upload cannot.
+    wait_for_step(&client, job.id, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(completed(&stored_events(&client, job.id).await).is_empty());
+    s3.restart();
+
+    let events = events_of(&client, job.id, Duration::from_secs(90)).await;
+    let done = completed(&events);
+    assert_eq!(done.len(), 1, "{events:?}");
+    let stored = s3.get(&done[0].images[0].key).expect("stored once S3 was back");
+    assert_eq!(stored.len() as u64, done[0].images[0].bytes);
+}
+
+/// With the store down (and retried for a minute), a cancelled job is still reported within seconds: deleting
+/// its checkpoint does not hold up the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_the_store_is_down_is_reported_at_once() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let flags = ["--store-retry", "60s", "--step-delay", "300ms"];
+    let _worker = WorkerProcess::start("w-s3-cancel", &nats.url(), &s3.store_url(), &s3.env(), &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(40, 32);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    s3.kill();
+    let asked = std::time::Instant::now();
+    client.cancel(job.id, None).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(_))), "{events:?}");
+    assert!(asked.elapsed() < Duration::from_secs(20), "cancelled after {:?}", asked.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_then_dead_letter_after_max_deliver() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let flags = ["--store-retry", "300ms", "--max-deliver", "2", "--retry-backoff", "200ms"];
+    let _worker = WorkerProcess::start("w-flaky", &nats.url(), &s3.store_url(), &s3.env(), &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    s3.kill();
+    let job = tiny_job(2, 41);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Storage, "{failed:?}");
+    assert!(failed.message.contains("after 2 deliveries"), "{}", failed.message);
+    assert_eq!(accepted_by(&events), ["w-flaky", "w-flaky"], "retried once, then given up");
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, protocol::encode(&job));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_workers_all_crashed_is_failed_not_lost() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    // One delivery only: when its worker dies, JetStream gives up on the job and says so in an advisory.
+    let flags = ["--max-deliver", "1", "--ack-wait", "1s", "--step-delay", "200ms"];
+    let mut workers = [
+        WorkerProcess::start("w-x", &nats.url(), &store_url, &[], &flags),
+        WorkerProcess::start("w-y", &nats.url(), &store_url, &[], &flags),
+    ];
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(30, 51);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 1).await;
+    let taker = accepted_by(&stored_events(&client, job.id).await)[0].clone();
+    workers.iter_mut().find(|w| w.id == taker).unwrap().kill();
+
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Internal);
+    assert!(failed.message.contains("delivered 1 times"), "{}", failed.message);
+    assert_eq!(dead_letters(&client).await.len(), 1);
+    wait_for_empty_queue(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "200ms", "--job-timeout", "2s"];
+    let _worker = WorkerProcess::start("w-slow", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+
+    // The job's own deadline, mid-run.
+    let mut job = tiny_job(30, 61);
+    job.deadline = Some(job.created_at + 1000);
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Timeout);
+    assert!(failed.message.contains("deadline"), "{}", failed.message);
+    let ran = events.iter().filter(|e| matches!(e, Event::Progress(_))).count();
+    assert!((1..15).contains(&ran), "{ran} steps ran before the 1 s deadline");
+
+    // The worker's own limit.
+    let job = tiny_job(30, 62);
+    client.submit(&job).await.unwrap();
+    let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
+    assert_eq!(failed.code, ErrorCode::Timeout);
+    assert!(failed.message.contains("time limit"), "{}", failed.message);
+
+    // A job whose deadline passed while it waited in the queue never starts.
+    let mut stale = tiny_job(2, 63);
+    stale.created_at -= 60_000;
+    stale.deadline = Some(stale.created_at + 1000);
+    client.submit(&stale).await.unwrap();
+    let events = events_of(&client, stale.id, Duration::from_secs(30)).await;
+    assert_eq!(failure(&events).code, ErrorCode::Timeout);
+    assert!(accepted_by(&events).is_empty());
+}
+
+/// A step that never returns (a hung device; here a 600 s pause inside the first step, which no cancel flag
+/// interrupts): once the job's time limit stops it and its batch has been silent for `--stall-timeout`, the
+/// job is failed `TIMEOUT` (not left running for ever), and the worker drains and exits with an error so that
+/// its supervisor restarts it, without waiting for the hung thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_step_fails_its_job_and_stops_the_worker() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "600s", "--job-timeout", "2s", "--stall-timeout", "3s"];
+    let mut worker = WorkerProcess::start("w-hung", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(4, 90);
+    client.submit(&job).await.unwrap();
+    let started = std::time::Instant::now();
+    let events = events_of(&client, job.id, Duration::from_secs(40)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Timeout, "{}", failed.message);
+    assert!(started.elapsed() < Duration::from_secs(30), "reported after {:?}", started.elapsed());
+    let exit = tokio::task::block_in_place(|| worker.wait(Duration::from_secs(30)));
+    assert!(!exit.success(), "{exit:?}");
+    assert!(worker.log_text().contains("generation step hung"), "{}", worker.log_text());
+    wait_for_empty_queue(&client).await;
+}
+
+/// The worker's time limit is on running: a job waiting here behind other batches is not timed out for it, and
+/// one that waits a whole limit without starting is handed back and tried again (here by the same worker,
+/// after the retry backoff), not failed. Three jobs that cannot share a batch (their step counts differ), each
+/// running 1.5-2.1 s of a 3 s limit, one after another: the second waits up to 2.1 s, the third at least 3.3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_limit_counts_from_a_jobs_start_and_a_job_that_cannot_start_is_handed_back() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "300ms", "--job-timeout", "3s", "--max-batch", "2"];
+    let _worker = WorkerProcess::start("w-wait", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let jobs: Vec<JobRequest> = [7, 6, 5].into_iter().map(|steps| tiny_job(steps, 80 + u64::from(steps))).collect();
+    for job in &jobs {
+        client.submit(job).await.unwrap();
+    }
+    let mut handed_back = 0;
+    for job in &jobs {
+        let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+        assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+        assert!(!events.iter().any(|e| matches!(e, Event::Failed(_))), "{events:?}");
+        if accepted_by(&events).len() > 1 {
+            handed_back += 1;
+        }
+    }
+    assert!(handed_back >= 1, "the job that waited past the limit was handed back and taken again");
+}
