@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
@@ -53,7 +54,7 @@ fn batch(
         let mut members: Vec<BatchMember> = requests
             .iter()
             .zip(callbacks.iter_mut())
-            .map(|(request, on_step)| BatchMember { request, on_step: on_step.as_mut(), cancel: None })
+            .map(|(request, on_step)| BatchMember { request, on_step: on_step.as_mut(), cancel: None, on_decode: None })
             .collect();
         sd.generate_batch(&mut members)
     };
@@ -145,9 +146,9 @@ fn a_cancelled_member_leaves_and_the_others_go_on() {
         };
         let mut third = |_: &StepInfo| *s2 += 1;
         let mut members = [
-            BatchMember { request: &requests[0], on_step: &mut first, cancel: None },
-            BatchMember { request: &requests[1], on_step: &mut second, cancel: Some(&cancel) },
-            BatchMember { request: &requests[2], on_step: &mut third, cancel: None },
+            BatchMember { request: &requests[0], on_step: &mut first, cancel: None, on_decode: None },
+            BatchMember { request: &requests[1], on_step: &mut second, cancel: Some(&cancel), on_decode: None },
+            BatchMember { request: &requests[2], on_step: &mut third, cancel: None, on_decode: None },
         ];
         sd.generate_batch(&mut members)
     };
@@ -161,6 +162,52 @@ fn a_cancelled_member_leaves_and_the_others_go_on() {
     let third = results.next().unwrap().unwrap();
     assert!(worst_difference(&first, &alone(sd, &requests[0])) <= TOLERANCE);
     assert!(worst_difference(&third, &alone(sd, &requests[2])) <= TOLERANCE);
+}
+
+/// The decode has no steps: each VAE call, and each tile of a tiled one, is a sign of life (the worker's
+/// stall watchdog hears them), and a member cancelled while its image decodes in tiles stops at the next tile.
+#[test]
+fn a_decode_signals_each_tile_and_a_cancel_stops_it_between_tiles() {
+    let sd = sd15();
+    let mut tiled = request("tiles", 7, SchedulerKind::Euler);
+    // 16 × 12 latents in tiles of 8 every 6: 3 × 2 tiles
+    (tiled.width, tiled.height, tiled.vae_tiling) = (128, 96, Some(true));
+    let whole = request("whole", 8, SchedulerKind::Euler);
+    let signals = &[Cell::new(0usize), Cell::new(0usize)];
+    let count = |i: usize| move || signals[i].set(signals[i].get() + 1);
+    let (first, second) = (count(0), count(1));
+    let results = {
+        let (mut a, mut b) = (|_: &StepInfo| {}, |_: &StepInfo| {});
+        let mut members = [
+            BatchMember { request: &tiled, on_step: &mut a, cancel: None, on_decode: Some(&first) },
+            BatchMember { request: &whole, on_step: &mut b, cancel: None, on_decode: Some(&second) },
+        ];
+        sd.generate_batch(&mut members)
+    };
+    assert_eq!(signals.each_ref().map(Cell::get), [7, 1], "six tiles and the call's end; one call");
+    let decoded = results.into_iter().next().unwrap().unwrap();
+    assert!(worst_difference(&decoded, &alone(sd, &tiled)) <= TOLERANCE);
+
+    let cancel = CancelFlag::new();
+    let tiles = Cell::new(0usize);
+    let cancel_at_second = || {
+        tiles.set(tiles.get() + 1);
+        if tiles.get() == 2 {
+            cancel.cancel();
+        }
+    };
+    let mut on_step = |_: &StepInfo| {};
+    let mut members = [BatchMember {
+        request: &tiled,
+        on_step: &mut on_step,
+        cancel: Some(&cancel),
+        on_decode: Some(&cancel_at_second),
+    }];
+    match sd.generate_batch(&mut members).pop().unwrap() {
+        Err(GenerateError::Cancelled { completed: 5, total: 5 }) => {}
+        other => panic!("expected the member cancelled during its decode, got {other:?}"),
+    }
+    assert_eq!(tiles.get(), 2, "the decode stopped after the tile during which it was cancelled");
 }
 
 #[test]

@@ -139,7 +139,12 @@ fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
             let mut members: Vec<BatchMember> = requests
                 .iter()
                 .zip(callbacks.iter_mut())
-                .map(|(request, on_step)| BatchMember { request, on_step: on_step.as_mut(), cancel: None })
+                .map(|(request, on_step)| BatchMember {
+                    request,
+                    on_step: on_step.as_mut(),
+                    cancel: None,
+                    on_decode: None,
+                })
                 .collect();
             let t0 = Instant::now();
             let outputs = loaded.pipeline.generate_batch(&mut members);

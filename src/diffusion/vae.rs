@@ -305,6 +305,9 @@ impl Decoder {
     }
 }
 
+/// Runs after each tile of a tiled decode; an error it returns ends the decode with that error.
+pub type AfterTile<'a> = &'a mut dyn FnMut() -> Result<()>;
+
 /// The VAE. Pixels are `[B, 3, H, W]` in [-1, 1]; latents are `[B, C, H/8, W/8]`, already scaled the way the
 /// UNet sees them.
 #[derive(Debug)]
@@ -393,6 +396,12 @@ impl AutoencoderKL {
     /// left over a quarter tile, in that order. Memory stays that of one tile plus two rows of tiles and the
     /// image, whatever the image size.
     pub fn decode_raw_tiled(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_raw_tiled_with(z, &mut || Ok(()))
+    }
+
+    /// [`Self::decode_raw_tiled`], calling `after_tile` after each tile: a large image takes minutes in
+    /// tiles on a CPU, and a caller wants signs of life, or to stop (an error from it ends the decode).
+    pub fn decode_raw_tiled_with(&self, z: &Tensor, after_tile: AfterTile) -> Result<Tensor> {
         let tile_sample = self.config.tile_size();
         let tile_latent = tile_sample / self.config.scale_factor();
         let step = ((tile_latent as f64 * 0.75) as usize).max(1);
@@ -407,6 +416,7 @@ impl AutoencoderKL {
             for (k, x) in (0..w).step_by(step).enumerate() {
                 let tile = z.narrow(2, y, tile_latent.min(h - y))?.narrow(3, x, tile_latent.min(w - x))?;
                 let mut decoded = self.decode_raw(&tile)?;
+                after_tile()?;
                 if let Some(a) = above.get(k) {
                     decoded = blend_into(a, &decoded, blend, 2)?;
                 }
@@ -432,6 +442,11 @@ impl AutoencoderKL {
     /// statistics, decode, `(x / 2 + 0.5).clamp(0, 1)`), decoding whole or in tiles (`None`: see
     /// [`AutoencoderKLConfig::tiles_by_default`]).
     pub fn decode_to_image(&self, latents: &Tensor, tiled: Option<bool>) -> Result<Tensor> {
+        self.decode_to_image_with(latents, tiled, &mut || Ok(()))
+    }
+
+    /// [`Self::decode_to_image`], calling `after_tile` after each tile when it decodes in tiles.
+    pub fn decode_to_image_with(&self, latents: &Tensor, tiled: Option<bool>, after_tile: AfterTile) -> Result<Tensor> {
         let c = &self.config;
         let z = match (&c.latents_mean, &c.latents_std) {
             (Some(mean), Some(std)) => latents
@@ -441,7 +456,11 @@ impl AutoencoderKL {
             _ => (latents / c.scaling_factor)? + c.shift_factor.unwrap_or(0.0),
         }?;
         let (_, _, h, w) = z.dims4()?;
-        let image = if self.decodes_in_tiles(h, w, tiled) { self.decode_raw_tiled(&z)? } else { self.decode_raw(&z)? };
+        let image = if self.decodes_in_tiles(h, w, tiled) {
+            self.decode_raw_tiled_with(&z, after_tile)?
+        } else {
+            self.decode_raw(&z)?
+        };
         image.affine(0.5, 0.5)?.clamp(0.0, 1.0)
     }
 

@@ -32,9 +32,9 @@ pub struct Ticket {
     pub priority: Priority,
 }
 
-/// When a running batch last finished a step (of any of its members), and the longest it took between two:
-/// a batch silent far longer than its slowest step is stuck in a step that will not return (a hung device),
-/// which no cancel flag can interrupt.
+/// When a running batch last finished a step (of any of its members) or a piece of its decode (a VAE call,
+/// a tile), and the longest it took between two: a batch silent far longer than that is stuck in a call that
+/// will not return (a hung device), which no cancel flag can interrupt.
 #[derive(Debug)]
 pub struct BatchBeat {
     started: Instant,
@@ -47,7 +47,7 @@ impl BatchBeat {
         Self { started: Instant::now(), last_ms: AtomicU64::new(0), longest_gap_ms: AtomicU64::new(0) }
     }
 
-    /// A step finished.
+    /// A step, a VAE call or a tile finished.
     fn beat(&self) {
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_ms.swap(now, Ordering::Relaxed);
@@ -291,6 +291,8 @@ fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
             }));
             requests.push((&ticket.request, &ticket.cancel));
         }
+        // The decode has no steps: its VAE calls and tiles are the batch's signs of life meanwhile.
+        let alive = || beat.beat();
         let mut members: Vec<BatchMember> = requests
             .into_iter()
             .zip(callbacks.iter_mut())
@@ -298,6 +300,7 @@ fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
                 request,
                 on_step: on_step.as_mut(),
                 cancel: Some(cancel),
+                on_decode: Some(&alive),
             })
             .collect();
         if members.len() > 1 {

@@ -33,8 +33,12 @@ pub struct BatchMember<'a> {
     pub request: &'a GenerationRequest,
     /// Runs after every denoising step with this member's latents only.
     pub on_step: &'a mut dyn FnMut(&StepInfo),
-    /// Checked before every step; a cancelled member leaves the batch.
+    /// Checked before every step (and between the tiles of a tiled decode); a cancelled member leaves the batch.
     pub cancel: Option<&'a CancelFlag>,
+    /// Runs after each VAE call that decodes this member's images, and after each tile of a tiled decode:
+    /// the decode has no steps, and can take minutes for large images on a CPU, where a watchdog waiting
+    /// for steps would take the device for hung.
+    pub on_decode: Option<&'a dyn Fn()>,
 }
 
 /// What requests must have in common to share UNet passes: the latent size, the timesteps they still run
@@ -123,7 +127,7 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(&StepInfo),
         cancel: Option<&CancelFlag>,
     ) -> Result<GenerationOutput, GenerateError> {
-        let mut members = [BatchMember { request: req, on_step, cancel }];
+        let mut members = [BatchMember { request: req, on_step, cancel, on_decode: None }];
         self.generate_batch(&mut members).pop().expect("one result per member")
     }
 
@@ -339,7 +343,7 @@ impl StableDiffusion {
                 step_ms: step_ms.clone(),
                 ..Timings::default()
             };
-            finished.push(Finished { request: m.request, run, cancel: m.cancel, timings });
+            finished.push(Finished { request: m.request, run, cancel: m.cancel, on_decode: m.on_decode, timings });
             decoded.push(k);
         }
         for (k, out) in decoded.into_iter().zip(self.finish_runs(finished)) {

@@ -23,6 +23,7 @@ pub(super) struct Finished<'a> {
     pub request: &'a GenerationRequest,
     pub run: Run,
     pub cancel: Option<&'a CancelFlag>,
+    pub on_decode: Option<&'a dyn Fn()>,
     pub timings: Timings,
 }
 
@@ -90,7 +91,15 @@ impl super::StableDiffusion {
                 Err(e) => {
                     let message = format!("{e:#}");
                     for (k, _) in images {
-                        members[k].failed.get_or_insert_with(|| GenerateError::Other(anyhow::anyhow!("{message}")));
+                        let m = &mut members[k];
+                        let failed = if m.finished.cancel.is_some_and(|c| c.is_cancelled()) {
+                            // (stopped between tiles, or failed after the cancel: either way it was cancelled)
+                            let total = m.finished.run.total();
+                            GenerateError::Cancelled { completed: total, total }
+                        } else {
+                            GenerateError::Other(anyhow::anyhow!("{message}"))
+                        };
+                        m.failed.get_or_insert(failed);
                     }
                 }
             }
@@ -133,7 +142,20 @@ impl super::StableDiffusion {
             .map(|&(k, i)| members[k].finished.run.latents.narrow(0, i, 1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let z = Tensor::cat(&latents, 0)?.to_dtype(self.vae_dtype)?;
-        let pixels = self.vae.decode_to_image(&z, Some(tiled))?.to_device(&Device::Cpu)?;
+        let mut in_call: Vec<usize> = images.iter().map(|&(k, _)| k).collect();
+        in_call.dedup();
+        let in_call: Vec<&Finished> = in_call.into_iter().map(|k| &members[k].finished).collect();
+        let signal = || in_call.iter().filter_map(|f| f.on_decode).for_each(|alive| alive());
+        // A tiled call decodes one image: its member alone can stop it between tiles.
+        let mut after_tile = || {
+            signal();
+            match in_call.iter().any(|f| f.cancel.is_some_and(|c| c.is_cancelled())) {
+                true => Err(candle_core::Error::Msg("cancelled between the tiles of its decode".into())),
+                false => Ok(()),
+            }
+        };
+        let pixels = self.vae.decode_to_image_with(&z, Some(tiled), &mut after_tile)?.to_device(&Device::Cpu)?;
+        signal();
         (0..images.len())
             .map(|j| {
                 let image = pixels.get(j)?;
