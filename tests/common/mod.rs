@@ -1,10 +1,19 @@
-//! Shared test harness: fixture paths, reference tensors and the comparison every parity test uses.
+//! Shared test harness: fixture paths, reference tensors and the comparison every parity test uses, the
+//! tiny job the bus tests submit.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use sd_rbee::protocol::{JobKind, JobRequest};
+
+/// A txt2img job for the tiny model (the worker tests' `tiny`) at 64 × 64.
+pub fn tiny_job(steps: u32, seed: u64) -> JobRequest {
+    let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a watercolor fox in the snow");
+    (job.width, job.height, job.steps, job.seed) = (Some(64), Some(64), Some(steps), Some(seed));
+    job
+}
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {

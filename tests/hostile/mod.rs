@@ -4,6 +4,7 @@
 //! crashed the queen; a seeded fuzz of the job subject and the HTTP API is in [`fuzz`].
 
 use crate::common;
+use crate::common::tiny_job;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,15 +24,6 @@ mod fuzz;
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------------------
-
-fn tiny_job(steps: u32, seed: u64) -> JobRequest {
-    let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a lighthouse in fog");
-    job.width = Some(64);
-    job.height = Some(64);
-    job.steps = Some(steps);
-    job.seed = Some(seed);
-    job
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Size limits

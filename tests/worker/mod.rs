@@ -5,6 +5,7 @@
 //! wrong while a job runs (cancel, crashes, SIGTERM, NATS and S3 outages, deadlines) is in [`faults`].
 
 use crate::common;
+use crate::common::tiny_job;
 
 use std::time::Duration;
 
@@ -16,15 +17,6 @@ use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest};
 use uuid::Uuid;
 
 mod faults;
-
-fn tiny_job(steps: u32, seed: u64) -> JobRequest {
-    let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a watercolor fox in the snow");
-    job.width = Some(64);
-    job.height = Some(64);
-    job.steps = Some(steps);
-    job.seed = Some(seed);
-    job
-}
 
 async fn events_of(client: &BusClient, job_id: Uuid, timeout: Duration) -> Vec<Event> {
     let mut seen = Vec::new();
