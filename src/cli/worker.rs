@@ -61,10 +61,10 @@ pub struct WorkerArgs {
     /// After SIGTERM, how long running jobs may finish before they are handed to other workers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
-    /// How long a running batch may go without finishing a step once one of its jobs was told to stop (and at
-    /// least three times its slowest step; the VAE decode after the last step counts as silence too, so keep
-    /// it well above a decode's time): past it the device is taken for hung, the job is reported as stopped,
-    /// and the worker drains and exits with an error so that its supervisor restarts it.
+    /// How long a running batch may go without finishing a step, a VAE call or a tile of a tiled decode once
+    /// one of its jobs was told to stop (and at least three times its longest such wait; a whole-image decode
+    /// is one call, so keep it above a decode's time): past it the device is taken for hung, the job is
+    /// reported as stopped, and the worker drains and exits with an error so that its supervisor restarts it.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub stall_timeout: Duration,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -54,12 +54,12 @@ impl BatchBeat {
         self.longest_gap_ms.fetch_max(now.saturating_sub(last), Ordering::Relaxed);
     }
 
-    /// How long since the last step finished (or the batch started).
+    /// How long since the last step, VAE call or tile finished (or the batch started).
     pub fn silent_for(&self) -> Duration {
         self.started.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 
-    /// The longest time between two steps so far (the first counted from the batch's start).
+    /// The longest time between two such signs of life so far (the first counted from the batch's start).
     pub fn longest_gap(&self) -> Duration {
         Duration::from_millis(self.longest_gap_ms.load(Ordering::Relaxed))
     }

@@ -284,15 +284,15 @@ pub(super) async fn generate_and_store(
                     stop.stop(StopReason::Unstarted);
                 }
             }
-            // Told to stop, its batch has not finished a step for far longer than its slowest: the step
-            // hangs, and the job would never end. Report it; the worker drains and exits to be restarted.
+            // Told to stop, its batch has not finished a step, VAE call or tile for far longer than its
+            // slowest: the call hangs, and the job would never end. Report it; the worker drains and exits to be restarted.
             _ = watch.tick(), if stop.reason().is_some() && beat.is_some() => {
                 let batch: &super::batcher::BatchBeat = beat.as_deref().expect("checked");
                 let patience = shared.config.stall_timeout.max(batch.longest_gap() * 3);
                 if batch.silent_for() >= patience {
                     let reason = stop.reason().expect("checked");
-                    tracing::error!(job_id = %job.id, silent = ?batch.silent_for(), slowest_step = ?batch.longest_gap(),
-                        "a generation step has not returned since the job was told to stop: the device is taken for hung, the worker stops");
+                    tracing::error!(job_id = %job.id, silent = ?batch.silent_for(), longest_gap = ?batch.longest_gap(),
+                        "a generation step or VAE call has not returned since the job was told to stop: the device is taken for hung, the worker stops");
                     shared.stalled.cancel();
                     return Err(Failure::Stopped { reason, at_step: last_step });
                 }

@@ -146,7 +146,8 @@ impl super::StableDiffusion {
         in_call.dedup();
         let in_call: Vec<&Finished> = in_call.into_iter().map(|k| &members[k].finished).collect();
         let signal = || in_call.iter().filter_map(|f| f.on_decode).for_each(|alive| alive());
-        // A tiled call decodes one image: its member alone can stop it between tiles.
+        // A tiled call decodes one image (decode_plan): its member alone can stop it between tiles.
+        debug_assert!(!tiled || images.len() == 1, "a tiled VAE call decodes one image");
         let mut after_tile = || {
             signal();
             match in_call.iter().any(|f| f.cancel.is_some_and(|c| c.is_cancelled())) {
