@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::adapt::{Adaptable, Weighted};
 use super::blas::{self, Dims, Operand, Output, Update};
-use super::cpu_data::with_f32_data;
+use super::cpu_data::{filled, with_f32_data};
 use super::layer_tail::ConvTail;
 use super::token_projection::Dense;
 
@@ -84,7 +84,7 @@ impl CpuConv {
             return Vec::new();
         }
         let (per_in, per_out) = (self.c_in * h * w, self.c_out * h * w);
-        let mut out = vec![0f32; batch * per_out];
+        let mut out = self.biased(batch, h * w);
         if h * w >= FOLD_BELOW_PIXELS {
             for (item, dst) in x.chunks(per_in).zip(out.chunks_mut(per_out)) {
                 self.forward_together(item, 1, h, w, threads, dst);
@@ -106,14 +106,13 @@ impl CpuConv {
         out
     }
 
-    /// `out[c_out, width]` rows, each set to its bias.
-    fn fill_bias(&self, out: &mut [f32], width: usize) {
-        for (row, &bias) in out.chunks_mut(width).zip(&self.bias) {
-            row.fill(bias);
-        }
+    /// `copies` × `[c_out, width]` rows, each set to its bias.
+    fn biased(&self, copies: usize, width: usize) -> Vec<f32> {
+        filled(copies * self.c_out * width, width, |row, out| out.fill(self.bias[row % self.c_out]))
     }
 
-    /// Convolves `batch` items of `x` in one multiply per kernel row into `out` (`[batch, c_out, h, w]`).
+    /// Convolves `batch` items of `x` in one multiply per kernel row into `out` (`[batch, c_out, h, w]`),
+    /// which holds the bias on entry ([`Self::biased`]).
     fn forward_together(&self, x: &[f32], batch: usize, h: usize, w: usize, threads: usize, out: &mut [f32]) {
         let (ci, co, hw) = (self.c_in, self.c_out, h * w);
         if self.kernel == 1 {
@@ -133,12 +132,10 @@ impl CpuConv {
                 &gathered
             };
             if batch == 1 {
-                self.fill_bias(out, n);
                 self.accumulate(&self.rows[0], Operand::rows(src, n), Output::rows(out, n), n, threads);
                 return;
             }
-            let mut wide = vec![0f32; co * n];
-            self.fill_bias(&mut wide, n);
+            let mut wide = self.biased(1, n);
             self.accumulate(&self.rows[0], Operand::rows(src, n), Output::rows(&mut wide, n), n, threads);
             for b in 0..batch {
                 for o in 0..co {
@@ -155,8 +152,7 @@ impl CpuConv {
         // computed and dropped).
         let len = (h + 2) * w;
         let stride = batch * len;
-        let mut shifted = vec![0f32; ci * 3 * stride];
-        for (i, rows) in shifted.chunks_mut(3 * stride).enumerate() {
+        let shifted = filled(ci * 3 * stride, 3 * stride, |i, rows| {
             for (kx, row) in rows.chunks_mut(stride).enumerate() {
                 for (b, item) in row.chunks_mut(len).enumerate() {
                     let channel = &x[(b * ci + i) * hw..(b * ci + i + 1) * hw];
@@ -170,10 +166,8 @@ impl CpuConv {
                     }
                 }
             }
-        }
-        // The output rows, each starting as its bias.
+        });
         if batch == 1 {
-            self.fill_bias(out, hw);
             for (ky, lhs) in self.rows.iter().enumerate() {
                 let src = Operand::rows(&shifted[ky * w..], stride);
                 self.accumulate(lhs, src, Output::rows(out, hw), hw, threads);
@@ -181,8 +175,7 @@ impl CpuConv {
             return;
         }
         let n = (batch - 1) * len + hw;
-        let mut wide = vec![0f32; co * stride];
-        self.fill_bias(&mut wide, stride);
+        let mut wide = self.biased(1, stride);
         for (ky, lhs) in self.rows.iter().enumerate() {
             let src = Operand::rows(&shifted[ky * w..], stride);
             self.accumulate(lhs, src, Output::rows(&mut wide, stride), n, threads);

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Result, Tensor};
 
 use super::blas::{self, Dims, Operand, Output, Update};
-use super::cpu_data::with_f32_data;
+use super::cpu_data::{filled, with_f32_data};
 use super::simd::widest_simd;
 use rayon::prelude::*;
 
@@ -22,8 +22,9 @@ const BLOCK_SCORES: usize = 1 << 18;
 
 /// The most elements of an item's K (or V) read where they lie, all heads together (256 KiB: about a core's
 /// L2 cache). A head's rows there are `H·D` apart, so reading one head touches the cache lines of all of
-/// them: past this the strided reads cost more than the copies they save (the full-size SD 1.5 UNet's
-/// attention at 512 px, 4096 keys of 320: 20 % slower in place than split into heads first).
+/// them: past this the strided reads cost more than copying each head's K and V apart first (the full-size
+/// SD 1.5 UNet's attention at 512 px, 4096 keys of 320: 20 % slower in place). Q and the output stay in
+/// place either way: each block reads its few rows of Q once.
 const MAX_IN_PLACE_KV: usize = 1 << 16;
 
 /// Query rows per block at most (short keys, as cross-attention's 77, would otherwise make huge blocks).
@@ -119,8 +120,9 @@ widest_simd! {
 }
 
 /// One head of a block of query rows: `out[rows, d] = softmax(q[rows, d] · k[lk, d]ᵀ · scale) · v[lk, d]`,
-/// where each matrix's rows are `stride` apart (the heads of a `[L, H·D]` projection sit side by side in
-/// its rows, so a head is read and written where it lies, without being copied out first).
+/// where the rows of `q` and `out` are `stride` apart and those of `k` and `v` `kv_stride` apart (the heads
+/// of a `[L, H·D]` projection sit side by side in its rows, so a head is read and written where it lies;
+/// K and V may have been copied apart into heads of their own, see [`MAX_IN_PLACE_KV`]).
 struct HeadBlock<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -129,10 +131,11 @@ struct HeadBlock<'a> {
     lk: usize,
     d: usize,
     stride: usize,
+    kv_stride: usize,
 }
 
 fn attend_block(h: HeadBlock, out: &mut [f32], scale: f32) {
-    let HeadBlock { q, k, v, rows, lk, d, stride } = h;
+    let HeadBlock { q, k, v, rows, lk, d, stride, kv_stride } = h;
     SCORES.with(|cell| {
         let mut scores = cell.borrow_mut();
         if scores.len() < rows * lk {
@@ -140,12 +143,12 @@ fn attend_block(h: HeadBlock, out: &mut [f32], scale: f32) {
         }
         let s = &mut scores[..rows * lk];
         // One thread each: the blocks themselves run in parallel.
-        let (q, k_t) = (Operand::rows(q, stride), Operand::transposed(k, stride));
+        let (q, k_t) = (Operand::rows(q, stride), Operand::transposed(k, kv_stride));
         blas::matmul(Dims { m: rows, n: lk, k: d }, q, k_t, Output::rows(s, lk), Update::scaled(scale), 1);
         let mut inv_sums = [0f32; MAX_BLOCK_ROWS];
         let inv_sums = &mut inv_sums[..rows];
         exp_rows(s, lk, inv_sums);
-        let (s, v) = (Operand::rows(s, lk), Operand::rows(v, stride));
+        let (s, v) = (Operand::rows(s, lk), Operand::rows(v, kv_stride));
         blas::matmul(Dims { m: rows, n: d, k: lk }, s, v, Output::rows(out, stride), Update::SET, 1);
         for (r, inv) in inv_sums.iter().enumerate() {
             out[r * stride..r * stride + d].iter_mut().for_each(|x| *x *= inv);
@@ -162,8 +165,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Optio
 /// Fused multi-head attention on projections as they come out of their linear layers, `q: [B, Lq, H·D]`,
 /// `k, v: [B, Lk, H·D]`, into `[B, Lq, H·D]` (what the output projection takes): each head is read and
 /// written in place, where splitting into `[B·H, L, D]` and merging back would copy q, k, v and the output
-/// once more each. `None` when the inputs are not f32 CPU tensors of that kind, or when K and V are too
-/// large to read in place ([`MAX_IN_PLACE_KV`]): the caller then splits the heads apart.
+/// once more each (K and V too large to read in place, [`MAX_IN_PLACE_KV`], are copied apart into heads, in
+/// parallel). `None` when the inputs are not f32 CPU tensors of that kind.
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     if !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 {
         return Ok(None);
@@ -174,9 +177,10 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: 
         return Ok(None);
     }
     let d = inner / heads;
-    if d == 0 || lq == 0 || (heads > 1 && lk * inner > MAX_IN_PLACE_KV) {
+    if d == 0 || lq == 0 {
         return Ok(None);
     }
+    let split_kv = heads > 1 && lk * inner > MAX_IN_PLACE_KV;
     let mut rows = (BLOCK_SCORES / lk).clamp(1, lq.min(MAX_BLOCK_ROWS));
     // Blocks run in parallel: a single image without guidance (B = 1) still gives every thread one.
     let threads = candle_core::utils::get_num_threads().max(1);
@@ -184,13 +188,34 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: 
         rows = lq.div_ceil(threads.div_ceil(b)).max(1);
     }
     let scale = scale as f32;
+    // Each item's heads of K (or V) one after the other, `[B, H, Lk, D]`.
+    let heads_apart = |kv: &[f32]| {
+        filled(b * heads * lk * d, lk * d, |item_head, dst| {
+            let (item, at) = (item_head / heads, (item_head % heads) * d);
+            let src = &kv[item * lk * inner + at..];
+            for (j, row) in dst.chunks_exact_mut(d).enumerate() {
+                row.copy_from_slice(&src[j * inner..j * inner + d]);
+            }
+        })
+    };
     let out = with_f32_data(q, |qs| {
         with_f32_data(k, |ks| {
             with_f32_data(v, |vs| {
+                let (k_apart, v_apart);
+                let (ks, vs, kv_stride) = if split_kv {
+                    (k_apart, v_apart) = (heads_apart(ks), heads_apart(vs));
+                    (&k_apart[..], &v_apart[..], d)
+                } else {
+                    (ks, vs, inner)
+                };
+                // Where head `head` of item `item` starts in K and V.
+                let kv_at = |item: usize, head: usize| match split_kv {
+                    true => (item * heads + head) * lk * d,
+                    false => item * lk * inner + head * d,
+                };
                 let mut out = vec![0f32; b * lq * inner];
                 out.par_chunks_mut(lq * inner).enumerate().for_each(|(item, out_item)| {
                     let q_item = &qs[item * lq * inner..(item + 1) * lq * inner];
-                    let (k_item, v_item) = (&ks[item * lk * inner..], &vs[item * lk * inner..]);
                     out_item.par_chunks_mut(rows * inner).enumerate().for_each(|(block, o)| {
                         let q_block = &q_item[block * rows * inner..];
                         let rows = o.len() / inner;
@@ -198,12 +223,13 @@ pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: 
                             let at = head * d;
                             let h = HeadBlock {
                                 q: &q_block[at..],
-                                k: &k_item[at..],
-                                v: &v_item[at..],
+                                k: &ks[kv_at(item, head)..],
+                                v: &vs[kv_at(item, head)..],
                                 rows,
                                 lk,
                                 d,
                                 stride: inner,
+                                kv_stride,
                             };
                             attend_block(h, &mut o[at..], scale);
                         }
@@ -257,8 +283,12 @@ mod tests {
     #[test]
     fn heads_read_in_place_match_heads_split_apart() {
         let dev = Device::Cpu;
-        // Cross-attention's 77 keys, one item (row blocks split for the threads), several items and blocks.
-        for (b, heads, lq, lk, d) in [(1, 8, 64, 77, 4), (3, 5, 33, 33, 8), (2, 2, 2100, 50, 40)] {
+        // Cross-attention's 77 keys, one item (row blocks split for the threads), several items and blocks;
+        // then K and V past the in-place bound (copied apart into heads): one item, and two of uneven blocks.
+        let cases =
+            [(1, 8, 64, 77, 4), (3, 5, 33, 33, 8), (2, 2, 2100, 50, 40), (1, 8, 70, 1100, 8), (2, 4, 300, 700, 40)];
+        for (b, heads, lq, lk, d) in cases {
+            assert_eq!(lk * heads * d > MAX_IN_PLACE_KV, lk >= 700, "the cases cover both sides of the bound");
             let q = Tensor::randn(0f32, 1.0, (b, lq, heads * d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (b, lk, heads * d), &dev).unwrap();
@@ -280,11 +310,5 @@ mod tests {
             let diff = (fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-6, "({b}, {heads}, {lq}, {lk}, {d}): {diff}");
         }
-        // Past the in-place bound the caller splits the heads itself.
-        let (q, kv) = (
-            Tensor::zeros((1, 4, 320), DType::F32, &dev).unwrap(),
-            Tensor::zeros((1, 4096, 320), DType::F32, &dev).unwrap(),
-        );
-        assert!(attention_heads(&q, &kv, &kv, 8, 1.0).unwrap().is_none());
     }
 }

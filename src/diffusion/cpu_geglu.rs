@@ -7,10 +7,9 @@
 use std::f32::consts::FRAC_1_SQRT_2;
 
 use candle_core::{DType, Result, Tensor, D};
-use rayon::prelude::*;
 
 use super::cpu_attention::exp_nonpositive;
-use super::cpu_data::with_f32_data;
+use super::cpu_data::{filled_in_parallel, with_f32_data};
 use super::simd::widest_simd;
 
 /// Rows per parallel task.
@@ -52,11 +51,7 @@ pub fn geglu(projected: &Tensor) -> Result<Option<Tensor>> {
     let half = width / 2;
     let rows = projected.elem_count() / width.max(1);
     let out = with_f32_data(projected, |p| {
-        let mut out = vec![0f32; rows * half];
-        out.par_chunks_mut(TASK_ROWS * half)
-            .zip(p.par_chunks(TASK_ROWS * width))
-            .for_each(|(o, p)| gate_rows(p, o, half));
-        out
+        filled_in_parallel(rows * half, TASK_ROWS * half, |task, o| gate_rows(&p[task * TASK_ROWS * width..], o, half))
     })?;
     let mut shape = projected.dims().to_vec();
     *shape.last_mut().expect("checked above") = half;

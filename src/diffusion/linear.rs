@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use super::adapt::Weighted;
 use super::blas::{self, Dims, Operand, Output, Update};
-use super::cpu_data::with_f32_data;
+use super::cpu_data::{filled, with_f32_data};
 use super::layer_tail::finish_rows;
 use super::token_projection::Dense;
 
@@ -45,10 +45,12 @@ impl LinearKernel {
             return Ok(None); // Candle's path reports the mismatch.
         }
         let rows = dims[..dims.len() - 1].iter().product::<usize>();
-        let mut out = match self.0.bias() {
-            Some(bias) => bias.to_vec1::<f32>()?.repeat(rows),
-            None => vec![0f32; rows * out_dim],
-        };
+        let bias = self.0.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let mut out = filled(rows * out_dim, out_dim, |_, row| {
+            if let Some(bias) = &bias {
+                row.copy_from_slice(bias);
+            }
+        });
         with_f32_data(x, |x| {
             with_f32_data(w, |w| {
                 let (x, w) = (Operand::rows(x, in_dim), Operand::transposed(w, in_dim));
