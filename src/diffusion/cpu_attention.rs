@@ -4,7 +4,8 @@
 //! turns them into probabilities in place with a vectorised exponential, and multiplies by V straight into
 //! the output; blocks run in parallel, each with a reused per-thread score buffer sized to stay in cache.
 //! Compared with the composite version (scale, matmul, softmax, matmul, concatenate) it allocates nothing per
-//! call beyond the output, never materialises the full attention matrix, and spends far less time in `exp`.
+//! call beyond the output (and, for K and V too large to read in place, one copy of each split into heads),
+//! never materialises the full attention matrix, and spends far less time in `exp`.
 
 use std::cell::RefCell;
 

@@ -1,4 +1,5 @@
-//! Borrowing the data of a contiguous f32 CPU tensor, for the hand-written CPU kernels.
+//! The hand-written CPU kernels' data: borrowing a contiguous f32 tensor's elements, and writing a large new
+//! vector on every core ([`filled`]).
 
 use candle_core::{DType, Result, Storage, Tensor};
 
@@ -23,10 +24,10 @@ pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 const PARALLEL_FILL: usize = 1 << 16;
 
 /// A vector of `len` floats, chunk `i` (`chunk` floats; the last may be shorter) written by `fill(i, chunk)`,
-/// the chunks in parallel when the vector is large. A fresh `vec![0.0; len]` is zeroed by one thread
-/// before any kernel runs: at full size that serial pass, and the serial fills that followed it, left the
-/// other core idle about a tenth of a UNet call. Here each chunk is zeroed by the thread that then fills it,
-/// while the chunk is in its cache.
+/// the chunks in parallel when the vector is large. A fresh `vec![0.0; len]` is zeroed (or its pages first
+/// touched) by one thread before any kernel runs: at full size that serial pass, and the serial fills that
+/// followed it, left the other core idle about a tenth of a UNet call. Here each chunk is zeroed by the
+/// thread that then fills it, while the chunk is in its cache.
 pub fn filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     filled_on(len >= PARALLEL_FILL, len, chunk, fill)
 }

@@ -1,7 +1,8 @@
 //! What follows a layer's matrix product: its bias, and for some layers a ResNet's time shift, a residual and
 //! an output scale. Written once here for every device: on CUDA one fused in-place pass over the fresh
-//! product (`cuda_kernels::tails`), elsewhere (or where that pass does not take the shapes) the separate
-//! tensor operations, in the order diffusers does them.
+//! product (`cuda_kernels::tails`); on the CPU in f32 the shift and the residual in one parallel pass over it
+//! ([`add_on_cpu`]); elsewhere (or where those passes do not take the shapes) the separate tensor operations.
+//! Always the additions diffusers makes, in its order.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -74,7 +75,7 @@ pub fn finish_rows(y: Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) 
 }
 
 /// `(y + shift) + residual` for f32 CPU tensors, each term only when given: `residual` of `y`'s shape,
-/// `shift: [B, C]` one value per channel of `y: [B, C, ...]`. One pass on rayon's threads, where Candle's
+/// `shift: [B, C]` one value per channel of `y: [B, C, H, W]`. One pass on rayon's threads, where Candle's
 /// broadcast add runs on one thread and each addition is a pass of its own.
 /// The same additions in the same order, so the same values. `None` when it does not apply (the caller then
 /// uses Candle's operations).
@@ -82,7 +83,7 @@ fn add_on_cpu(y: &Tensor, shift: Option<&Tensor>, residual: Option<&Tensor>) -> 
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if (shift.is_none() && residual.is_none())
         || !f32_cpu(y)
-        || shift.is_some_and(|s| !f32_cpu(s) || y.rank() < 2 || s.dims() != &y.dims()[..2])
+        || shift.is_some_and(|s| !f32_cpu(s) || y.rank() != 4 || s.dims() != &y.dims()[..2])
         || residual.is_some_and(|r| !f32_cpu(r) || r.dims() != y.dims())
     {
         return Ok(None);
@@ -154,5 +155,9 @@ mod tests {
         let y = Tensor::zeros((2, 3, 4, 4), DType::F32, &dev).unwrap();
         let wrong = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
         assert!(add_on_cpu(&y, Some(&wrong), None).unwrap().is_none());
+        // A per-channel shift is a feature map's: other ranks are left to Candle's broadcasting rules.
+        let (rows, shift) =
+            (Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap());
+        assert!(add_on_cpu(&rows, Some(&shift), None).unwrap().is_none());
     }
 }
