@@ -35,6 +35,7 @@ pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;
 pub mod weights;
+pub mod winograd;
 
 pub use lora::LoraWeight;
 pub use pipeline::{
