@@ -29,7 +29,7 @@ const POSITIONS: usize = 16;
 /// Output tiles (2×2 pixels) an image needs for the transforms to pay. Transforming the weights costs the
 /// same whatever the image size, and at the full-size SD 1.5 UNet's 8×8 level (16 tiles an image, 1280
 /// channels) it outweighs the multiplies saved: 1.0–1.3× the direct kernel's time there for a guided image,
-/// against 0.55–0.66× at 16×16 (64 tiles) and above. Counted per image, not per batch, so that an image
+/// against 0.54–0.66× at 16×16 (64 tiles) and above. Counted per image, not per batch, so that an image
 /// takes the same path alone as in a batch (and comes out the same).
 const MIN_TILES: usize = 64;
 
@@ -42,7 +42,12 @@ const MIN_CHANNELS: usize = 32;
 pub fn applies(c_in: usize, c_out: usize, h: usize, w: usize) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let enabled = *ENABLED.get_or_init(|| std::env::var("SD_RBEE_WINOGRAD").map_or(true, |v| v.trim() != "0"));
-    enabled && c_in.min(c_out) >= MIN_CHANNELS && h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
+    enabled && pays(c_in, c_out, h, w)
+}
+
+/// Whether the layer is large enough for the transforms to pay ([`MIN_CHANNELS`], [`MIN_TILES`]).
+pub fn pays(c_in: usize, c_out: usize, h: usize, w: usize) -> bool {
+    c_in.min(c_out) >= MIN_CHANNELS && h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
 }
 
 /// The most floats of transformed input (or of products) one block of tiles holds (16 MiB): the image is
@@ -50,7 +55,8 @@ pub fn applies(c_in: usize, c_out: usize, h: usize, w: usize) -> bool {
 /// otherwise transform 0.5 GB of input at once) and each block's products are read back soon after.
 const BLOCK_FLOATS: usize = 1 << 22;
 
-/// `x` (`[batch, c_in, h, w]`) convolved, `[batch, c_out, h, w]`, on up to `threads` threads.
+/// `x` (`[batch, c_in, h, w]`) convolved, `[batch, c_out, h, w]`: the transforms and the 16 products on
+/// rayon's threads, each product's multiply on `threads / 16` of them (one, on fewer than 17 cores).
 pub fn convolve(layer: &Layer, x: &[f32], batch: usize, h: usize, w: usize, threads: usize) -> Vec<f32> {
     convolve_in_blocks(layer, x, (batch, h, w), threads, BLOCK_FLOATS)
 }
@@ -121,8 +127,10 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
 }
 
-/// The transformed weights, input and products of the last call on this thread, kept for the next: at full
-/// size they are tens of MB each, and fresh ones cost a page fault and a zeroing pass per page every call.
+/// The transformed weights, input and products of the last call on this thread, kept for the next: fresh
+/// ones would cost a page fault and a zeroing pass per page every call. The input and products are at most
+/// [`BLOCK_FLOATS`] each (16 MiB); the weights are 16/9 of the largest layer's (SD 1.5's 2560 → 1280 at
+/// 16×16: 210 MB), held per thread that convolves, until it exits.
 /// Every element a call reads it has written first, so what the last call left needs no clearing.
 #[derive(Default)]
 struct Scratch {
@@ -187,7 +195,7 @@ widest_simd! {
     fn transform_weights(r0: &[f32], r1: &[f32], r2: &[f32], out: &mut [f32]) => transform_weights_generic
 }
 
-/// `Bᵀ d B` for each 4×4 patch `d` of input channel `i` (rows and columns `2t-1 .. 2t+2` around output tile
+/// `Bᵀ d B` for each 4×4 patch `d` of input channel `i` (rows and columns `2t-1 ..= 2t+2` around output tile
 /// t, zero past the edges), `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`, into
 /// `out[ξ][tile]`.
 #[inline(always)]
