@@ -11,8 +11,8 @@
 #    on the device they come from the driver and torch's nvidia/* wheels (run.sh finds them).
 # 3. CUTLASS 3.5 headers for the flash-attention kernels: $CUTLASS_DIR, or the commit candle-flash-attn 0.11.1
 #    pins, from a local git copy ($CUTLASS_GIT) or GitHub.
-# 4. cargo build --release, strip, xz -9e into .gpu/sd-rbee.xz; the kernel census library (kernel_census.c) and
-#    CUPTI beside it.
+# 4. The fused kernels compiled with the real NVRTC (nvrtc_check.py), then cargo build --release, strip, xz -9e
+#    into .gpu/sd-rbee.xz; the kernel census library (kernel_census.c) and CUPTI beside it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CUDA_WORK=${CUDA_WORK:-$ROOT/target/cuda-toolkit}
@@ -71,12 +71,17 @@ export LIBRARY_PATH=$HOME_DIR/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}
 export SD_RBEE_FLASH_ATTN_BUILD_DIR=${SD_RBEE_FLASH_ATTN_BUILD_DIR:-$CUDA_WORK/flash-attn-$CUDA_COMPUTE_CAP}
 mkdir -p "$SD_RBEE_FLASH_ATTN_BUILD_DIR"
 cd "$ROOT"
+# NVRTC compiles the fused kernels when the binary first needs them, and a refusal there only falls back to
+# Candle's operations with a warning: compile them with the real NVRTC here first
+python3 scripts/gpu/nvrtc_check.py "$NV/cu13/lib/libnvrtc.so.13"
+# CARGO_TARGET_DIR keeps this build apart from the CPU one (the features differ, so they would rebuild each other)
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
 CARGO_INCREMENTAL=0 cargo build --release --locked --features "$FEATURES"
 
 KIT=$ROOT/.gpu
 mkdir -p "$KIT/whl"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-strip -o "$KIT/sd-rbee" target/release/sd-rbee
+strip -o "$KIT/sd-rbee" "$TARGET_DIR/release/sd-rbee"
 xz -9e -T0 -f "$KIT/sd-rbee"
 cp scripts/gpu/run.sh scripts/gpu/parity.py scripts/gpu/torch_bench.py scripts/gpu/census_kinds.py "$KIT/"
 # the kernel census (a CUPTI injection library) and CUPTI 13.0 in case the device's Python has none
