@@ -244,12 +244,12 @@ pub fn resize(img: &DynamicImage, width: u32, height: u32, mode: ResizeMode, fil
     if (w, h) == (width, height) {
         return img.clone();
     }
-    let filter = image::imageops::FilterType::Lanczos3;
     match mode {
-        ResizeMode::Stretch => img.resize_exact(width, height, filter),
-        ResizeMode::Fit => cover(img, width, height, filter),
+        ResizeMode::Stretch => resample(img, width, height),
+        ResizeMode::Fit => cover(img, width, height),
         ResizeMode::Pad => {
-            let inner = img.resize(width, height, filter);
+            let (iw, ih) = scaled_size((w, h), (width, height), false);
+            let inner = resample(img, iw, ih);
             let mut canvas = image::RgbaImage::from_pixel(width, height, fill);
             let (x, y) = ((width - inner.width()) / 2, (height - inner.height()) / 2);
             image::imageops::overlay(&mut canvas, &inner.to_rgba8(), x as i64, y as i64);
@@ -258,22 +258,62 @@ pub fn resize(img: &DynamicImage, width: u32, height: u32, mode: ResizeMode, fil
     }
 }
 
-/// Scaled to cover `width`×`height`, centre-cropped to it. `resize_to_fill` scales the whole image before it
-/// crops: an image far longer than the target (8×16384 to 2048², a 369-byte PNG) would become 2048×4194304
+/// Scaled to cover `width`×`height`, centre-cropped to it (as `DynamicImage::resize_to_fill`). Scaling the whole
+/// image first, an image far longer than the target (8×16384 to 2048², a 369-byte PNG) would become 2048×4194304
 /// pixels, 26 GB, on the way. Past 4× the target's area, the image is cropped to the target's shape first
 /// (the pixels along the cut then differ slightly, as the filter no longer sees beyond it).
-fn cover(img: &DynamicImage, width: u32, height: u32, filter: image::imageops::FilterType) -> DynamicImage {
+fn cover(img: &DynamicImage, width: u32, height: u32) -> DynamicImage {
     let (w, h) = (u64::from(img.width()), u64::from(img.height()));
     let (tw, th) = (u64::from(width), u64::from(height));
     // The covering scale is max(tw/w, th/h): the intermediate is w·s × h·s.
     let covering_area = if tw * h >= th * w { tw * tw * h / w.max(1) } else { th * th * w / h.max(1) };
     if covering_area <= 4 * tw * th {
-        return img.resize_to_fill(width, height, filter);
+        let (sw, sh) = scaled_size((img.width(), img.height()), (width, height), true);
+        let scaled = resample(img, sw, sh);
+        return if u64::from(width) * u64::from(sh) > u64::from(sw) * u64::from(height) {
+            scaled.crop_imm(0, (sh - height) / 2, width, height)
+        } else {
+            scaled.crop_imm((sw - width) / 2, 0, width, height)
+        };
     }
     // The largest centred region of the target's shape, in the image's own pixels.
     let (cw, ch) = if tw * h >= th * w { (w, (w * th / tw).max(1)) } else { ((h * tw / th).max(1), h) };
     let cropped = img.crop_imm(((w - cw) / 2) as u32, ((h - ch) / 2) as u32, cw as u32, ch as u32);
-    cropped.resize_exact(width, height, filter)
+    resample(&cropped, width, height)
+}
+
+/// `(w, h)` scaled by one factor to fit inside `target` (or, with `fill`, to cover it), each side rounded and
+/// at least 1: the `image` crate's rule for `resize` and `resize_to_fill`, so that [`resample`] can do their
+/// scaling.
+fn scaled_size((w, h): (u32, u32), (tw, th): (u32, u32), fill: bool) -> (u32, u32) {
+    let (wr, hr) = (f64::from(tw) / f64::from(w.max(1)), f64::from(th) / f64::from(h.max(1)));
+    let ratio = if fill { wr.max(hr) } else { wr.min(hr) };
+    let side = |v: u32| (f64::from(v) * ratio).round().clamp(1.0, f64::from(u32::MAX)) as u32;
+    (side(w), side(h))
+}
+
+/// The most memory one resampling may take beside its input and output. The `image` crate resamples the columns
+/// first, into floats of the source's width by the target's height (16 bytes a pixel): a thin mask stretched to a
+/// tall image (16384×8 to 1024×4096, a few hundred bytes of PNG) would take 1 GiB there, and the CPU time to
+/// fill it, for every job that carried it and on every worker it was retried on.
+const MAX_RESAMPLE_BYTES: u64 = MAX_DECODE_BYTES;
+
+/// How wide the source may be for resampling to `height` rows within [`MAX_RESAMPLE_BYTES`] (never less than
+/// the target's `width`); `None` when `source_width` is within it.
+fn narrowed_width(source_width: u32, width: u32, height: u32) -> Option<u32> {
+    let widest = (MAX_RESAMPLE_BYTES / (16 * u64::from(height.max(1)))).max(u64::from(width));
+    (u64::from(source_width) > widest).then_some(widest as u32)
+}
+
+/// `img` at exactly `width`×`height`, Lanczos-resampled. A source too wide for [`MAX_RESAMPLE_BYTES`] is first
+/// narrowed with a box filter (`thumbnail`, which needs no buffer beyond its output) to the widest that fits:
+/// only sources far wider than their target, on targets of 2048 rows and more, take that step.
+fn resample(img: &DynamicImage, width: u32, height: u32) -> DynamicImage {
+    let filter = image::imageops::FilterType::Lanczos3;
+    match narrowed_width(img.width(), width, height) {
+        Some(narrow) => img.thumbnail_exact(narrow, img.height()).resize_exact(width, height, filter),
+        None => img.resize_exact(width, height, filter),
+    }
 }
 
 /// The size to use when the request gives none: the image's own, rounded down to a multiple of 8.
@@ -293,7 +333,7 @@ pub fn mask_values(img: &DynamicImage, width: u32, height: u32, invert: bool) ->
     let img = if img.dimensions() != (width, height) {
         let (w, h) = img.dimensions();
         warning = Some(format!("the mask is {w}x{h}; resized to {width}x{height}"));
-        img.resize_exact(width, height, image::imageops::FilterType::Lanczos3)
+        resample(img, width, height)
     } else {
         img.clone()
     };
@@ -344,6 +384,44 @@ mod tests {
         assert_eq!(out.dimensions(), (64, 32));
         let centre = out.get_pixel(32, 16).0[0];
         assert!((126..=129).contains(&centre), "{centre}");
+    }
+
+    #[test]
+    fn scaling_follows_the_image_crates_rule() {
+        // `resize` (Pad) and `resize_to_fill` (Fit) of the `image` crate, for shapes that round either way.
+        for (w, h, tw, th) in
+            [(100, 50, 64, 64), (97, 61, 40, 48), (33, 200, 64, 32), (640, 480, 512, 512), (7, 3, 96, 64)]
+        {
+            let img = DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9])));
+            let lanczos = image::imageops::FilterType::Lanczos3;
+            assert_eq!(scaled_size((w, h), (tw, th), false), img.resize(tw, th, lanczos).dimensions(), "{w}x{h}");
+            let fit = resize(&img, tw, th, ResizeMode::Fit, Rgba([0, 0, 0, 0]));
+            assert_eq!(fit.to_rgb8(), img.resize_to_fill(tw, th, lanczos).to_rgb8(), "{w}x{h} to {tw}x{th}");
+        }
+    }
+
+    #[test]
+    fn a_thin_image_stretched_tall_stays_within_the_resampling_bound() {
+        // Columns first, 16384×8 to 1024×4096 would hold 16384×4096 floats of four channels: 1 GiB.
+        let narrow = narrowed_width(16384, 1024, 4096).expect("narrowed");
+        assert!(u64::from(narrow) * 4096 * 16 <= MAX_RESAMPLE_BYTES && narrow >= 1024, "{narrow}");
+        // Ordinary inputs resample as they come: a 6000-pixel photo to 1024², the widest source to 1024 rows.
+        assert_eq!(narrowed_width(6000, 1024, 1024), None);
+        assert_eq!(narrowed_width(MAX_SIDE, 1024, 1024), None);
+        // Never narrower than the target: a 4096² target from an 8192-wide source narrows to 4096 exactly.
+        assert_eq!(narrowed_width(8192, 4096, 4096), Some(4096));
+        let t0 = std::time::Instant::now();
+        let mask = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(16384, 8, image::Luma([255])));
+        let (values, warning) = mask_values(&mask, 1024, 4096, false);
+        assert!(warning.is_some() && values.len() == 1024 * 4096);
+        assert!(values.iter().all(|&v| v > 0.99), "a white mask stays white");
+        let stripes = DynamicImage::ImageRgb8(RgbImage::from_fn(16384, 8, |x, _| image::Rgb([(x / 64) as u8, 0, 0])));
+        let out = resize(&stripes, 1024, 4096, ResizeMode::Stretch, Rgba([0, 0, 0, 0])).to_rgb8();
+        assert_eq!(out.dimensions(), (1024, 4096));
+        // Column 512 of 1024 is the source's 8192: value 128, give or take the filters.
+        let middle = out.get_pixel(512, 2048).0[0];
+        assert!((126..=130).contains(&middle), "{middle}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "took {:?}", t0.elapsed());
     }
 
     #[test]
