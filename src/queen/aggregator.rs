@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
+use futures::FutureExt;
 
 use super::index::JobIndex;
 use super::metrics::Metrics;
@@ -41,7 +42,7 @@ struct Stat {
 
 impl ModelStats {
     pub fn record_completed(&self, model: &str, generation_ms: u64) {
-        let mut map = self.inner.lock().unwrap();
+        let mut map = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = map.entry(model.to_string()).or_default();
         s.job_ms = if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
         // Events come from the bus: sums saturate rather than overflow.
@@ -53,7 +54,7 @@ impl ModelStats {
     /// A progress event of a job of `model`: the time since the previous step's, per step.
     pub fn record_progress(&self, model: &str, job_id: uuid::Uuid, at: u64, step: u32) {
         let previous = {
-            let mut last = self.last_progress.lock().unwrap();
+            let mut last = self.last_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let previous = last.insert(job_id, (at, step));
             if last.len() > TRACKED_JOBS {
                 let quiet_ms = FORGET_QUIET_JOBS.as_millis() as u64;
@@ -70,12 +71,17 @@ impl ModelStats {
 
     /// The job ended: forget its progress.
     pub fn forget(&self, job_id: uuid::Uuid) {
-        self.last_progress.lock().unwrap().remove(&job_id);
+        self.last_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job_id);
     }
 
     /// Typical generation time of one job of `model`, if any completed.
     pub fn job_ms(&self, model: &str) -> Option<f64> {
-        self.inner.lock().unwrap().get(model).filter(|s| s.completed > 0).map(|s| s.job_ms)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(model)
+            .filter(|s| s.completed > 0)
+            .map(|s| s.job_ms)
     }
 }
 
@@ -179,8 +185,18 @@ async fn pull(
                     }
                     anyhow::Ok(())
                 };
-                match applied.await {
+                // A panic on one event (a defect its contents reach) skips that event: left to end this task,
+                // every job's status would stop moving while the API still answered, and the event, redelivered,
+                // would do the same to the next queen.
+                match std::panic::AssertUnwindSafe(applied)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(EventPanicked.into()))
+                {
                     Ok(()) => {}
+                    Err(e) if e.is::<EventPanicked>() => {
+                        tracing::error!(subject = %msg.subject, seq, "event skipped: applying it panicked")
+                    }
                     // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once
                     // when it can never apply, after a few tries otherwise, or it would come back every ack_wait
                     // and hold up every job's status behind it.
@@ -198,6 +214,11 @@ async fn pull(
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
 }
+
+/// Applying an event panicked (the panic itself was reported by the panic hook).
+#[derive(Debug, thiserror::Error)]
+#[error("applying the event panicked")]
+struct EventPanicked;
 
 /// Applies `event` to its job's record. Returns the record to plan the event's webhook delivery against:
 /// as the event left it, or as it is when the event changed nothing but its delivery may still be owed;

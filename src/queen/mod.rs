@@ -186,11 +186,28 @@ impl Queen {
             stopped.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
+        // A background task that panics (following events, heartbeats, expiries, webhooks) would leave a queen
+        // that answers while its job records stop moving: stop instead, so that the orchestrator restarts it.
+        // Tasks may also end on their own (no webhooks configured), which is not a failure.
+        let tasks = &mut self.tasks;
+        let panicked = async move {
+            while let Some(ended) = tasks.join_next().await {
+                if ended.is_err_and(|e| e.is_panic()) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
         tokio::select! {
             served = server => served?,
             () = grace_over => tracing::warn!(
                 "requests still open {}s after the shutdown signal: closing them", SHUTDOWN_GRACE.as_secs()
             ),
+            () = panicked => {
+                self.stop.cancel();
+                self.tasks.abort_all();
+                anyhow::bail!("a background task of the queen panicked (see above): stopping so that it can be restarted");
+            }
         }
         self.tasks.abort_all();
         let _ = self.state.jobs.bus.nats().drain().await;

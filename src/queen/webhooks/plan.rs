@@ -82,11 +82,10 @@ impl Planner {
             WebhookEvent::Started | WebhookEvent::Progress => ApiEvent::from_bus(event).into_iter().next()?,
             _ => ApiEvent::terminal_of(status)?,
         };
-        let at = std::time::UNIX_EPOCH + Duration::from_millis(event.at());
         let body = WebhookBody {
             id: id.clone(),
             kind: kind.type_name(),
-            timestamp: humantime::format_rfc3339_millis(at).to_string(),
+            timestamp: rfc3339_millis(event.at()),
             job_id,
             event: event_view,
         };
@@ -99,6 +98,14 @@ impl Planner {
             queued_at: crate::protocol::now_millis(),
         })
     }
+}
+
+/// `at` (milliseconds since the epoch) in RFC 3339, to the millisecond. A bus event's time is its sender's word:
+/// past the last millisecond RFC 3339 can write (year 9999) `humantime` refuses to format it, and `to_string`
+/// would panic the aggregator on that event each time it came back; such a time is written as that millisecond.
+fn rfc3339_millis(at: u64) -> String {
+    const LAST_WRITABLE: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(at.min(LAST_WRITABLE))).to_string()
 }
 
 /// Whether a start the record did not take (older than a step it already has) is still owed to a webhook: a
@@ -165,6 +172,22 @@ mod tests {
         let mut without = status.clone();
         without.webhook = None;
         assert!(planner.plan(&without, &cancelled, 9).is_none());
+    }
+
+    #[test]
+    fn an_ending_dated_past_year_9999_is_still_delivered() {
+        let mut planner = Planner::new(Duration::from_secs(1));
+        for at in [253_402_300_800_000, u64::MAX] {
+            let mut status = job_with(&[WebhookEvent::Cancelled]);
+            let id = status.job_id;
+            let cancelled = Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id: id, at, at_step: None });
+            status.apply(&cancelled);
+            let delivery = planner.plan(&status, &cancelled, 3).expect("the ending is owed");
+            let body: WebhookBody = serde_json::from_str(&delivery.body).unwrap();
+            assert_eq!(body.timestamp, "9999-12-31T23:59:59.999Z");
+        }
+        assert_eq!(rfc3339_millis(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]
