@@ -1,7 +1,7 @@
 //! The result cache, through real nats-server, store and worker processes: a second identical seeded job is
 //! answered in a small fraction of the first's time with the same bytes and no generation on any worker
 //! (their batch counts say so), on another worker too; any pixel-deciding change, a job without a seed and a
-//! job that opts out all generate.
+//! job that opts out all generate; an entry naming another object of the store is not copied out.
 
 use crate::common;
 
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::queen::{client, follow, start_queen, tiny};
 use common::servers::{NatsServer, WorkerProcess};
 use sd_rbee::api::{JobSubmission, QueenClient, WorkerInfo};
+use sd_rbee::protocol::{self, Event};
 use sd_rbee::vocab::ImageFormat;
 
 /// Runs `job` to its end: (seconds it took, whether it came from the cache, image 0's bytes).
@@ -98,4 +99,18 @@ async fn identical_seeded_jobs_come_from_the_cache_and_any_change_misses() {
     assert!(cached && again == made, "another worker answers from the cache");
     let b = worker(&c, "cache-b", 1).await;
     assert_eq!(generated(&b), 0, "and generates nothing: {:?}", b.heartbeat.batches);
+
+    // An entry that names another object of the store (anyone who can write there, or a bug, could make
+    // one) is not copied out as the job's result: the job generates, and gets its own image.
+    let secret = b"someone else's upload";
+    std::fs::create_dir_all(results.path().join("uploads")).unwrap();
+    std::fs::write(results.path().join("uploads/secret.png"), secret).unwrap();
+    for entry in std::fs::read_dir(results.path().join("cache")).unwrap() {
+        let path = entry.unwrap().path();
+        let Ok(Event::Completed(mut c)) = protocol::decode_event(&std::fs::read(&path).unwrap()) else { continue };
+        c.images.iter_mut().for_each(|i| i.key = "uploads/secret.png".into());
+        std::fs::write(&path, protocol::encode(&Event::Completed(c))).unwrap();
+    }
+    let (_, cached, regenerated) = run(&c, &long).await;
+    assert!(!cached && regenerated == made, "generated again, the same image");
 }

@@ -285,6 +285,83 @@ async fn every_event_arrives_once_signed_across_a_queen_restart_and_failed_deliv
     }
 }
 
+/// Anyone on the bus can publish events. An ending dated past what RFC 3339 can write (year 9999) is delivered
+/// with the last time it can, and the queen goes on following events (formatting it once panicked the
+/// aggregator, on every queen, for as long as the event stayed in the stream). A `completed` event that names
+/// objects other than the job's own results (someone else's upload) keeps only the job's own, and the API
+/// serves nothing else under the job's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_ending_or_a_foreign_object_from_the_bus_is_harmless() {
+    use sd_rbee::protocol::{self, Cancelled, Completed, Event, ImageResult, Timings, PROTOCOL_VERSION};
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let receiver = Receiver::start(Behaviour::FailFirst(0)).await;
+    let queen = start_queen(&nats.url(), &store_url, &[], |c| {
+        webhooks_on_loopback(c);
+        c.api.model_catalogue = vec!["tiny".into()];
+    })
+    .await;
+    let c = client(&queen);
+    let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let publish = |event: Event| {
+        let js = bus.jetstream().clone();
+        let subject = bus.subjects().events(event.job_id());
+        async move { js.publish(subject, protocol::encode(&event).into()).await.unwrap().await.unwrap() }
+    };
+
+    let mut far = tiny(2, 1);
+    far.webhook = Some(WebhookSpec::new(&receiver.url, &[WebhookEvent::Cancelled]));
+    let far = c.submit(&far, None).await.unwrap().job_id;
+    publish(Event::Cancelled(Cancelled { v: PROTOCOL_VERSION, job_id: far, at: u64::MAX, at_step: None })).await;
+
+    let mut done = tiny(2, 2);
+    done.webhook = Some(WebhookSpec::new(&receiver.url, &[WebhookEvent::Completed]));
+    let done = c.submit(&done, None).await.unwrap().job_id;
+    let write = |key: &str, bytes: &[u8]| {
+        let path = store.path().join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    };
+    let own = protocol::result_key(done, 0, "png");
+    write(&own, b"the job's own image");
+    write("uploads/someone-elses.png", b"someone else's upload");
+    let image = |index: u32, key: &str| ImageResult {
+        index,
+        key: key.into(),
+        url: None,
+        width: 64,
+        height: 64,
+        seed: 2,
+        bytes: 19,
+        content_type: "image/png".into(),
+    };
+    publish(Event::Completed(Completed {
+        cached: false,
+        v: PROTOCOL_VERSION,
+        job_id: done,
+        at: protocol::now_millis(),
+        images: vec![image(0, &own), image(1, "uploads/someone-elses.png")],
+        timings: Timings::default(),
+        warnings: vec![],
+    }))
+    .await;
+
+    let seen = receiver
+        .wait_for("both endings delivered", Duration::from_secs(30), |s| {
+            delivered(s, far, "cancelled") && delivered(s, done, "completed")
+        })
+        .await;
+    let ending = seen.iter().find(|r| body(r).job_id == far).unwrap();
+    assert_eq!(body(ending).timestamp, "9999-12-31T23:59:59.999Z");
+    let status = wait_state(&c, done, "completed").await.status;
+    assert_eq!(status.images, vec![image(0, &own)], "only the job's own result");
+    assert!(status.warnings.iter().any(|w| w.contains("left out")), "{:?}", status.warnings);
+    assert_eq!(c.image(done, 0).await.unwrap(), b"the job's own image");
+    let err = c.image(done, 1).await.unwrap_err().downcast::<ApiError>().unwrap();
+    assert_eq!(err.status, 404, "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_addresses_are_refused_and_failing_receivers_end_in_dead_letters() {
     let nats = NatsServer::start();

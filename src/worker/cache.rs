@@ -176,6 +176,11 @@ pub async fn answer(shared: &Shared, key: &str, job: &JobRequest, received_at: u
 async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_at: u64) -> anyhow::Result<Completed> {
     let started = std::time::Instant::now();
     let mut images = Vec::with_capacity(earlier.images.len());
+    // The entry names the earlier job's images: anything else in the store (an upload, a LoRA) must not be
+    // copied out as this job's result.
+    if let Some(other) = earlier.images.iter().find(|i| !protocol::is_result_of(i, earlier.job_id)) {
+        anyhow::bail!("the cached result names {:?}, not one of job {}'s images", other.key, earlier.job_id);
+    }
     for image in &earlier.images {
         let bytes = shared.store.get(&image.key).await?;
         let ext = image.key.rsplit('.').next().unwrap_or("png");

@@ -375,8 +375,8 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     let poison = Uuid::new_v4();
     let image = protocol::ImageResult {
         index: 0,
-        key: "\u{1}".repeat(300_000),
-        url: None,
+        key: protocol::result_key(poison, 0, "png"),
+        url: Some("\u{1}".repeat(300_000)),
         width: 64,
         height: 64,
         seed: 1,

@@ -95,14 +95,22 @@ impl JobStatus {
             }
             Event::Completed(c) => {
                 self.state = JobState::Completed;
-                self.images = c.images.clone();
-                // Anyone on the bus can publish events: what the record keeps of one is bounded.
+                // Anyone on the bus can publish events: what the record keeps of one is bounded, and only this
+                // job's own result keys are kept as its images (the API serves what they name).
+                let job_id = self.job_id;
+                self.images = c.images.iter().filter(|i| crate::protocol::is_result_of(i, job_id)).cloned().collect();
+                let left_out = c.images.len() - self.images.len();
                 self.warnings = c
                     .warnings
                     .iter()
-                    .take(crate::protocol::MAX_WARNINGS)
+                    .take(crate::protocol::MAX_WARNINGS - usize::from(left_out > 0))
                     .map(|w| crate::protocol::truncate(w, crate::protocol::MAX_WARNING_BYTES).to_string())
                     .collect();
+                if left_out > 0 {
+                    self.warnings.push(format!(
+                        "{left_out} image(s) of the completed event left out: not this job's result keys"
+                    ));
+                }
                 self.timings = Some(c.timings);
                 self.cached = c.cached;
                 self.finished_at = Some(c.at);
@@ -197,6 +205,44 @@ mod tests {
         assert!(s.apply(&Event::Completed(done)));
         assert_eq!(s.warnings.len(), crate::protocol::MAX_WARNINGS);
         assert!(s.warnings.iter().all(|w| w.len() <= crate::protocol::MAX_WARNING_BYTES));
+    }
+
+    #[test]
+    fn only_the_jobs_own_result_keys_are_kept_as_its_images() {
+        let id = Uuid::new_v4();
+        let mut s = JobStatus::unknown(id, 5);
+        let image = |index: u32, key: String| crate::protocol::ImageResult {
+            index,
+            key,
+            url: None,
+            width: 8,
+            height: 8,
+            seed: 1,
+            bytes: 10,
+            content_type: "image/png".into(),
+        };
+        let own = image(0, crate::protocol::result_key(id, 0, "png"));
+        let done = Completed {
+            cached: false,
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at: 20,
+            images: vec![
+                own.clone(),
+                image(1, "uploads/someone-elses.png".into()),
+                image(2, crate::protocol::result_key(Uuid::new_v4(), 2, "png")),
+            ],
+            timings: Timings::default(),
+            warnings: vec!["w".into(); crate::protocol::MAX_WARNINGS],
+        };
+        assert!(s.apply(&Event::Completed(done)));
+        assert_eq!(s.images, vec![own]);
+        assert_eq!(s.warnings.len(), crate::protocol::MAX_WARNINGS);
+        assert!(
+            s.warnings.last().unwrap().starts_with("2 image(s) of the completed event left out"),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use uuid::Uuid;
 
 use super::error::{quoted, ProtocolError};
-use super::RESULTS_PREFIX;
+use super::{ImageResult, RESULTS_PREFIX};
+use crate::vocab::ImageFormat;
 
 /// `jobs/<job_id>/`: where a job's results are stored.
 pub fn result_prefix(job_id: Uuid) -> String {
@@ -58,4 +59,18 @@ pub fn parse_result_key(key: &str) -> Result<ResultKey, ProtocolError> {
         return Err(bad());
     }
     Ok(ResultKey { job_id, index, ext: ext.to_string() })
+}
+
+/// Whether `image` is what a worker stores as job `job_id`'s result: under that job's result key for its own
+/// index, with the extension and the content type of one image format. Anyone on the bus can publish events,
+/// and a cached result names an earlier job's images: an image that is not so is never kept, read or served
+/// under a job's name, or any other object of the store (an upload, a LoRA) could be.
+pub fn is_result_of(image: &ImageResult, job_id: Uuid) -> bool {
+    parse_result_key(&image.key).is_ok_and(|key| {
+        key.job_id == job_id
+            && key.index == image.index
+            && [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp]
+                .iter()
+                .any(|f| f.extension() == key.ext && f.content_type() == image.content_type)
+    })
 }

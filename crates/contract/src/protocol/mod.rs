@@ -54,7 +54,7 @@ pub use events::{
 pub use job::{
     ImageSource, JobKind, JobRequest, LoraRef, OutputFormat, MAX_HEARTBEAT_LORAS, MAX_LORAS_PER_JOB, MAX_LORA_SCALE,
 };
-pub use keys::{manifest_key, parse_result_key, result_key, result_prefix, resume_key, ResultKey};
+pub use keys::{is_result_of, manifest_key, parse_result_key, result_key, result_prefix, resume_key, ResultKey};
 pub use subjects::{validate_model_name, validate_subject_token, validate_worker_id, Subjects};
 pub use validate::{validate_lora_name, validate_object_key, Limits};
 

@@ -456,6 +456,36 @@ fn result_keys_round_trip() {
 }
 
 #[test]
+fn only_a_jobs_own_result_keys_are_its_results() {
+    let image = |index: u32, key: String, content_type: &str| ImageResult {
+        index,
+        key,
+        url: None,
+        width: 8,
+        height: 8,
+        seed: 1,
+        bytes: 10,
+        content_type: content_type.into(),
+    };
+    let other = Uuid::parse_str("00000000-0000-4000-8000-000000000001").unwrap();
+    for f in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp] {
+        assert!(is_result_of(&image(2, result_key(id(), 2, f.extension()), f.content_type()), id()), "{f:?}");
+    }
+    for (index, key, content_type) in [
+        (0, result_key(other, 0, "png"), "image/png"),
+        (0, result_key(id(), 1, "png"), "image/png"),
+        (0, result_key(id(), 0, "png"), "image/jpeg"),
+        (0, result_key(id(), 0, "gif"), "image/gif"),
+        (0, result_key(id(), 0, "png"), "text/html"),
+        (0, format!("uploads/{}.png", id()), "image/png"),
+        (0, "loras/style.safetensors".into(), "image/png"),
+        (0, manifest_key(id()), "image/png"),
+    ] {
+        assert!(!is_result_of(&image(index, key.clone(), content_type), id()), "{key} {content_type}");
+    }
+}
+
+#[test]
 fn enum_names_are_the_wire_names() {
     for event in events() {
         let json = serde_json::to_value(&event).unwrap();
