@@ -50,7 +50,10 @@ pub(super) async fn submit(
         }
         None => None,
     };
-    let answer = caller.submit(&state, submission, key).await?;
+    let answer = caller
+        .submit(&state, submission, key)
+        .await
+        .map_err(|e| super::compat::in_their_words(e, crate::api::SUBMISSION_FIELD_NAMES))?;
     if !answer.created {
         return Ok((StatusCode::OK, Json(answer)).into_response());
     }

@@ -109,6 +109,7 @@ pub const FIELD_NAMES: &[(&str, &str)] = &[
     ("init_image", "init_images"),
     ("scheduler", "sampler_name"),
     ("clip_skip", "override_settings.CLIP_stop_at_last_layers"),
+    ("model", "override_settings.sd_model_checkpoint"),
 ];
 
 impl A1111Request {

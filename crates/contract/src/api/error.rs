@@ -105,7 +105,7 @@ pub struct ApiErrorBody {
 pub struct ApiErrorDetail {
     pub code: ApiErrorCode,
     pub message: String,
-    /// The offending field (`width`, `init_image`, `output.quality`, `Last-Event-ID`), when there is one.
+    /// The offending field (`width`, `init_image`, `quality`, `Last-Event-ID`), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
 }

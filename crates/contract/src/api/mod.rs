@@ -36,6 +36,7 @@ pub use error::{ApiError, ApiErrorBody, ApiErrorCode, ApiErrorDetail};
 pub use events::{ApiEvent, EventId};
 pub use submission::{
     decode_base64, ImageInput, JobSubmission, SubmitResponse, UploadResponse, MAX_DECODED_IMAGE_BYTES,
+    SUBMISSION_FIELD_NAMES,
 };
 pub use views::{
     CancelResponse, CancelState, ErrorInfo, JobList, JobState, JobStatus, LimitsView, ModelInfo, ProgressInfo,

@@ -90,7 +90,10 @@ impl OpenAiImageRequest {
             Some("webp") => Some(ImageFormat::Webp),
             Some(other) => return Err(("output_format", format!("{other:?} is not png, jpeg or webp"))),
         };
-        job.quality = self.output_compression;
+        // OpenAI's 0–100 for the lossy formats (0 is the smallest file: quality 1 here); with PNG, or no format
+        // (PNG), there is nothing to compress, and OpenAI's clients may send it all the same.
+        let lossy = matches!(job.output_format, Some(ImageFormat::Jpeg | ImageFormat::Webp));
+        job.quality = self.output_compression.filter(|_| lossy).map(|c| c.max(1));
         job.negative_prompt = self.negative_prompt.clone();
         job.seed = self.seed;
         job.steps = self.steps;
@@ -158,6 +161,18 @@ mod tests {
                 _ => req.output_format = Some(value.into()),
             }
             assert_eq!(req.to_submission("tiny").unwrap_err().0, field);
+        }
+        // The whole 0–100 of output_compression is taken for JPEG and WebP, and it is left out for PNG.
+        for (output_format, compression, quality) in
+            [("jpeg", 0, Some(1)), ("webp", 100, Some(100)), ("png", 80, None), ("png", 0, None)]
+        {
+            let req = OpenAiImageRequest {
+                prompt: "x".into(),
+                output_format: Some(output_format.into()),
+                output_compression: Some(compression),
+                ..Default::default()
+            };
+            assert_eq!(req.to_submission("tiny").unwrap().0.quality, quality, "{output_format} {compression}");
         }
         let auto = OpenAiImageRequest { prompt: "x".into(), size: Some("auto".into()), ..Default::default() };
         assert_eq!(auto.to_submission("tiny").unwrap().0.width, None);

@@ -168,6 +168,16 @@ impl JobSubmission {
 /// The longest `ttl_s`: ten years.
 pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 
+/// The bus job's fields as a submission calls them, for the errors of the job checked after the mapping:
+/// `(the job's, the submission's)`. The rest have the same names on both.
+pub const SUBMISSION_FIELD_NAMES: &[(&str, &str)] = &[
+    ("output.quality", "quality"),
+    ("output.format", "output_format"),
+    ("deadline", "timeout_s"),
+    ("expires_at", "ttl_s"),
+    ("idempotency_key", "Idempotency-Key"),
+];
+
 /// The same job as an HTTP submission: inline images as base64, the deadline as `timeout_s` and the expiry
 /// as `ttl_s` from its creation (rounded up to whole seconds).
 impl From<&JobRequest> for JobSubmission {
@@ -262,6 +272,9 @@ impl JobSubmission {
         job.clip_skip = sub.clip_skip;
         job.cache = sub.cache.unwrap_or(true);
         job.priority = sub.priority.unwrap_or_default();
+        if sub.timeout_s == Some(0) {
+            return Err(ProtocolError::invalid("timeout_s", "is 0: it must be at least 1 second"));
+        }
         job.deadline = sub.timeout_s.map(|s| job.created_at.saturating_add(s.saturating_mul(1000)));
         if let Some(ttl) = sub.ttl_s.filter(|t| !(1..=MAX_TTL_S).contains(t)) {
             return Err(ProtocolError::invalid(
