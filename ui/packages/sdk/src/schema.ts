@@ -424,7 +424,7 @@ export interface components {
         /** @description What went wrong: a code, a message complete on its own, and the offending field when there is one. */
         ApiErrorDetail: {
             code: components["schemas"]["ApiErrorCode"];
-            /** @description The offending field (`width`, `init_image`, `output.quality`, `Last-Event-ID`), when there is one. */
+            /** @description The offending field (`width`, `init_image`, `quality`, `Last-Event-ID`), when there is one. */
             field?: string | null;
             message: string;
         };
