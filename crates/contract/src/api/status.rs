@@ -211,16 +211,7 @@ mod tests {
     fn only_the_jobs_own_result_keys_are_kept_as_its_images() {
         let id = Uuid::new_v4();
         let mut s = JobStatus::unknown(id, 5);
-        let image = |index: u32, key: String| crate::protocol::ImageResult {
-            index,
-            key,
-            url: None,
-            width: 8,
-            height: 8,
-            seed: 1,
-            bytes: 10,
-            content_type: "image/png".into(),
-        };
+        let image = |index: u32, key: String| crate::protocol::ImageResult::stored(index, key, "image/png");
         let own = image(0, crate::protocol::result_key(id, 0, "png"));
         let done = Completed {
             cached: false,

@@ -160,6 +160,14 @@ pub struct ImageResult {
     pub content_type: String,
 }
 
+#[cfg(test)]
+impl ImageResult {
+    /// An 8×8 image stored under `key`, for tests of what is kept of a result.
+    pub(crate) fn stored(index: u32, key: String, content_type: &str) -> Self {
+        Self { index, key, url: None, width: 8, height: 8, seed: 1, bytes: 10, content_type: content_type.into() }
+    }
+}
+
 /// Where the time went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {

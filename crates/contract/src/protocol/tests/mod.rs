@@ -457,16 +457,7 @@ fn result_keys_round_trip() {
 
 #[test]
 fn only_a_jobs_own_result_keys_are_its_results() {
-    let image = |index: u32, key: String, content_type: &str| ImageResult {
-        index,
-        key,
-        url: None,
-        width: 8,
-        height: 8,
-        seed: 1,
-        bytes: 10,
-        content_type: content_type.into(),
-    };
+    let image = ImageResult::stored;
     let other = Uuid::parse_str("00000000-0000-4000-8000-000000000001").unwrap();
     for f in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Webp] {
         assert!(is_result_of(&image(2, result_key(id(), 2, f.extension()), f.content_type()), id()), "{f:?}");
