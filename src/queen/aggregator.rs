@@ -29,8 +29,16 @@ const MAX_EVENT_DELIVERIES: i64 = 5;
 pub struct ModelStats {
     pub metrics: Metrics,
     inner: Arc<Mutex<HashMap<String, Stat>>>,
-    /// Each running job's last progress (at, step), for step times.
-    last_progress: Arc<Mutex<HashMap<uuid::Uuid, (u64, u32)>>>,
+    /// Each running job's last progress, for step times.
+    last_progress: Arc<Mutex<HashMap<uuid::Uuid, LastStep>>>,
+}
+
+/// A job's last progress event: its time and step, and when this queen heard it.
+#[derive(Clone, Copy)]
+struct LastStep {
+    at: u64,
+    step: u32,
+    heard: Instant,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -55,16 +63,14 @@ impl ModelStats {
     pub fn record_progress(&self, model: &str, job_id: uuid::Uuid, at: u64, step: u32) {
         let previous = {
             let mut last = self.last_progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let previous = last.insert(job_id, (at, step));
-            if last.len() > TRACKED_JOBS {
-                let quiet_ms = FORGET_QUIET_JOBS.as_millis() as u64;
-                last.retain(|_, (seen, _)| at.saturating_sub(*seen) < quiet_ms);
-            }
+            let now = Instant::now();
+            let previous = last.insert(job_id, LastStep { at, step, heard: now });
+            forget_quiet_jobs(&mut last, now, |last| last.heard);
             previous
         };
-        if let Some((prev_at, prev_step)) = previous {
-            if step > prev_step && at >= prev_at {
-                self.metrics.steps(model, step - prev_step, at - prev_at);
+        if let Some(prev) = previous {
+            if step > prev.step && at >= prev.at {
+                self.metrics.steps(model, step - prev.step, at - prev.at);
             }
         }
     }
@@ -90,6 +96,23 @@ impl ModelStats {
 const TRACKED_JOBS: usize = 4096;
 const FORGET_QUIET_JOBS: Duration = Duration::from_secs(600);
 
+/// Past [`TRACKED_JOBS`] entries, drops the jobs this queen has not heard of for [`FORGET_QUIET_JOBS`] (by its
+/// own clock: an event's time is its sender's word, and one dated 0 would otherwise never look quiet), and
+/// if that is not enough (a burst of new jobs, or of events made up for them), all but the half heard of
+/// last: the map stays bounded, and each pass over it frees room for many more inserts.
+fn forget_quiet_jobs<V>(jobs: &mut HashMap<uuid::Uuid, V>, now: Instant, heard: impl Fn(&V) -> Instant) {
+    if jobs.len() <= TRACKED_JOBS {
+        return;
+    }
+    jobs.retain(|_, v| now.duration_since(heard(v)) < FORGET_QUIET_JOBS);
+    if jobs.len() > TRACKED_JOBS {
+        let mut times: Vec<Instant> = jobs.values().map(&heard).collect();
+        let keep_from = times.len() - TRACKED_JOBS / 2;
+        let cut = *times.select_nth_unstable(keep_from).1;
+        jobs.retain(|_, v| heard(v) >= cut);
+    }
+}
+
 /// How often a running job's status record takes a progress event. The events themselves all reach SSE
 /// followers; the record (for `GET /v1/jobs/{id}`) need not be rewritten for each step of a fast GPU.
 pub const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_millis(250);
@@ -113,9 +136,7 @@ impl ProgressThrottle {
     fn wrote(&mut self, job_id: uuid::Uuid, model: &str, now: std::time::Instant) {
         self.written.insert(job_id, (now, model.to_string()));
         // Another queen may apply a job's terminal event: forget jobs quiet for a while.
-        if self.written.len() > TRACKED_JOBS {
-            self.written.retain(|_, (at, _)| now.duration_since(*at) < FORGET_QUIET_JOBS);
-        }
+        forget_quiet_jobs(&mut self.written, now, |(at, _)| *at);
     }
 
     fn forget(&mut self, job_id: uuid::Uuid) {
@@ -274,6 +295,30 @@ async fn apply(to: &Aggregation, throttle: &mut ProgressThrottle, event: &Event)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_progress_for_made_up_jobs_stays_bounded() {
+        // Events dated 0 (an event's time is its sender's word) for ever new job ids.
+        let stats = ModelStats::default();
+        for step in 0..3 * TRACKED_JOBS as u32 {
+            stats.record_progress("tiny", uuid::Uuid::new_v4(), 0, step);
+        }
+        let tracked = stats.last_progress.lock().unwrap().len();
+        assert!((TRACKED_JOBS / 2..=TRACKED_JOBS).contains(&tracked), "{tracked} jobs tracked");
+        // A job heard of lately is still tracked through the burst: its next step is timed.
+        let job = uuid::Uuid::new_v4();
+        stats.record_progress("tiny", job, 1_000, 1);
+        for _ in 0..TRACKED_JOBS / 4 {
+            stats.record_progress("tiny", uuid::Uuid::new_v4(), 0, 1);
+        }
+        assert!(stats.last_progress.lock().unwrap().contains_key(&job));
+        let mut throttle = ProgressThrottle::default();
+        let t0 = Instant::now();
+        for k in 0..3 * TRACKED_JOBS as u64 {
+            throttle.wrote(uuid::Uuid::new_v4(), "tiny", t0 + Duration::from_micros(k));
+        }
+        assert!(throttle.written.len() <= TRACKED_JOBS, "{}", throttle.written.len());
+    }
 
     #[test]
     fn progress_is_written_first_last_and_at_most_once_per_interval() {
