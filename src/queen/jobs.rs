@@ -362,9 +362,10 @@ impl Jobs {
             },
             state => return Err(JobsError::NotCompleted { id, state }),
         };
+        // (A record written before results were checked may name other objects of the store.)
         let image = images
             .iter()
-            .find(|i| i.index == n)
+            .find(|i| i.index == n && protocol::is_result_of(i, id))
             .ok_or_else(|| JobsError::NoImage(format!("job {id} has no image {n}")))?;
         match self.store.get(&image.key).await {
             Ok(bytes) => Ok((bytes, image.content_type.clone())),

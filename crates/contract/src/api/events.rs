@@ -129,10 +129,13 @@ impl ApiEvent {
                 out
             }
             Event::Completed(c) => {
+                // Anyone on the bus can publish events: only the job's own result keys are its images (the
+                // status record keeps the same, and the OpenAI and A1111 routes read what these name).
+                let images = c.images.iter().filter(|i| crate::protocol::is_result_of(i, c.job_id)).cloned().collect();
                 vec![ApiEvent::Completed {
                     job_id: c.job_id,
                     at: c.at,
-                    images: c.images.clone(),
+                    images,
                     timings: c.timings,
                     warnings: c.warnings.clone(),
                     cached: c.cached,
@@ -242,6 +245,18 @@ mod tests {
         let cancelled =
             Event::Cancelled(crate::protocol::Cancelled { v: PROTOCOL_VERSION, job_id: id, at: 5, at_step: None });
         assert!(ApiEvent::from_bus(&cancelled)[0].is_terminal());
+        // A completed frame lists only the job's own result keys.
+        let own = crate::protocol::ImageResult::stored(0, crate::protocol::result_key(id, 0, "png"), "image/png");
+        let done = Event::Completed(crate::protocol::Completed {
+            cached: false,
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at: 6,
+            images: vec![own.clone(), crate::protocol::ImageResult::stored(1, "uploads/x.png".into(), "image/png")],
+            timings: Default::default(),
+            warnings: vec![],
+        });
+        assert_eq!(ApiEvent::from_bus(&done)[0].data()["images"], serde_json::json!([own]));
     }
 
     #[test]
