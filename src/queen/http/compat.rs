@@ -31,11 +31,7 @@ pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field:
 /// An error about a native field, named as the client calls it (`n` for `num_images`), the message saying
 /// which of theirs it is about.
 pub(super) fn in_their_words(mut e: AppError, names: &[(&str, &str)]) -> AppError {
-    let theirs = e.field.as_deref().and_then(|f| names.iter().find(|(ours, _)| *ours == f)).map(|(_, t)| *t);
-    if let Some(theirs) = theirs {
-        e.message = format!("`{theirs}`: {}", e.message);
-        e.field = Some(theirs.to_string());
-    }
+    crate::api::in_their_words(&mut e.field, &mut e.message, names);
     e
 }
 

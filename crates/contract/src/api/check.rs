@@ -83,8 +83,10 @@ pub fn check_job(job: &JobRequest, limits: &Limits) -> Result<(), JobCheckError>
 /// created at `created_at`), or the error the queen would answer with.
 pub fn check_submission(body: &[u8], limits: &Limits, id: Uuid, created_at: u64) -> Result<JobRequest, ApiErrorDetail> {
     let submission: JobSubmission = parse_json_body(body)?;
-    let job = submission.into_job(id, created_at).map_err(|e| JobCheckError::Invalid(e).detail())?;
-    check_job(&job, limits).map_err(|e| e.detail())?;
+    // Named as the queen names them: the submission's fields, not the bus job's.
+    let named = |e: JobCheckError| e.detail().in_their_words(super::SUBMISSION_FIELD_NAMES);
+    let job = submission.into_job(id, created_at).map_err(|e| named(JobCheckError::Invalid(e)))?;
+    check_job(&job, limits).map_err(named)?;
     Ok(job)
 }
 
@@ -114,6 +116,14 @@ mod tests {
                 ApiErrorCode::InvalidRequest,
                 Some("init_image"),
             ),
+            // The submission's names, as the queen gives them, not the bus job's (output.quality, deadline).
+            (r#"{"model": "tiny", "prompt": "x", "quality": 80}"#, ApiErrorCode::InvalidRequest, Some("quality")),
+            (
+                r#"{"model": "tiny", "prompt": "x", "output_format": "jpeg", "quality": 101}"#,
+                ApiErrorCode::InvalidRequest,
+                Some("quality"),
+            ),
+            (r#"{"model": "tiny", "prompt": "x", "timeout_s": 0}"#, ApiErrorCode::InvalidRequest, Some("timeout_s")),
             (r#"{"model": "tiny", "prompt": "x""#, ApiErrorCode::MalformedRequest, None),
             (r#"{"prompt": "x"}"#, ApiErrorCode::InvalidRequest, None),
         ];

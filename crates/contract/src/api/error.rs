@@ -110,6 +110,25 @@ pub struct ApiErrorDetail {
     pub field: Option<String>,
 }
 
+impl ApiErrorDetail {
+    /// This error, about a field of the bus job, named as a client calls that field (see [`in_their_words`]).
+    pub fn in_their_words(mut self, names: &[(&str, &str)]) -> Self {
+        in_their_words(&mut self.field, &mut self.message, names);
+        self
+    }
+}
+
+/// Renames `field`, a field of the bus job, to what a client calls it (`names`: `(the job's, theirs)`, as
+/// [`super::SUBMISSION_FIELD_NAMES`]), the message saying which of theirs it is about; a field `names` does not
+/// list is left as it is. The queen and the clients' own checks (the WebAssembly SDK) name fields alike.
+pub fn in_their_words(field: &mut Option<String>, message: &mut String, names: &[(&str, &str)]) {
+    let theirs = field.as_deref().and_then(|f| names.iter().find(|(ours, _)| *ours == f)).map(|(_, t)| *t);
+    if let Some(theirs) = theirs {
+        *message = format!("`{theirs}`: {message}");
+        *field = Some(theirs.to_string());
+    }
+}
+
 /// An error answer as a client sees it: the HTTP status and the error body.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("HTTP {status}: {code}: {message}{}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]

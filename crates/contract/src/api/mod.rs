@@ -32,7 +32,7 @@ mod views;
 mod webhook;
 
 pub use check::{check_job, check_submission, parse_json_body, JobCheckError};
-pub use error::{ApiError, ApiErrorBody, ApiErrorCode, ApiErrorDetail};
+pub use error::{in_their_words, ApiError, ApiErrorBody, ApiErrorCode, ApiErrorDetail};
 pub use events::{ApiEvent, EventId};
 pub use submission::{
     decode_base64, ImageInput, JobSubmission, SubmitResponse, UploadResponse, MAX_DECODED_IMAGE_BYTES,
