@@ -292,10 +292,11 @@ fn scaled_size((w, h): (u32, u32), (tw, th): (u32, u32), fill: bool) -> (u32, u3
     (side(w), side(h))
 }
 
-/// The most memory one resampling may take beside its input and output. The `image` crate resamples the columns
-/// first, into floats of the source's width by the target's height (16 bytes a pixel): a thin mask stretched to a
-/// tall image (16384×8 to 1024×4096, a few hundred bytes of PNG) would take 1 GiB there, and the CPU time to
-/// fill it, for every job that carried it and on every worker it was retried on.
+/// The most memory one resampling takes beside its input and output, unless its own output's size in floats
+/// (16 bytes a pixel) is more. The `image` crate resamples the columns first, into floats of the source's width
+/// by the target's height: a thin mask stretched to a tall image (16384×8 to 1024×4096, a few hundred bytes of
+/// PNG) would take 1 GiB there, and the CPU time to fill it, for every job that carried it and on every worker
+/// it was retried on.
 const MAX_RESAMPLE_BYTES: u64 = MAX_DECODE_BYTES;
 
 /// How wide the source may be for resampling to `height` rows within [`MAX_RESAMPLE_BYTES`] (never less than

@@ -74,8 +74,10 @@ cd "$ROOT"
 # NVRTC compiles the fused kernels when the binary first needs them, and a refusal there only falls back to
 # Candle's operations with a warning: compile them with the real NVRTC here first
 python3 scripts/gpu/nvrtc_check.py "$NV/cu13/lib/libnvrtc.so.13"
-# CARGO_TARGET_DIR keeps this build apart from the CPU one (the features differ, so they would rebuild each other)
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
+# In a target directory of its own (target/cuda-build unless CARGO_TARGET_DIR says otherwise): sharing
+# target/release with the CPU build, the two feature sets would rebuild each other.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cuda-build}
+TARGET_DIR=$CARGO_TARGET_DIR
 CARGO_INCREMENTAL=0 cargo build --release --locked --features "$FEATURES"
 
 KIT=$ROOT/.gpu

@@ -216,7 +216,8 @@ async fn pull(
                 {
                     Ok(()) => {}
                     Err(e) if e.is::<EventPanicked>() => {
-                        tracing::error!(subject = %msg.subject, seq, "event skipped: applying it panicked")
+                        let job_id = event.job_id();
+                        tracing::error!(%job_id, subject = %msg.subject, seq, "event skipped (and any webhook it owed): applying it panicked")
                     }
                     // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once
                     // when it can never apply, after a few tries otherwise, or it would come back every ack_wait
