@@ -145,9 +145,7 @@ pub fn fetch(args: FetchArgs) -> anyhow::Result<bool> {
                     Err(e) => return Err(e.into()),
                 };
                 let images = match crate::protocol::decode_event(&manifest)? {
-                    crate::protocol::Event::Completed(c) => {
-                        c.images.into_iter().filter(|i| crate::protocol::is_result_of(i, args.job_id)).collect()
-                    }
+                    crate::protocol::Event::Completed(c) if c.job_id == args.job_id => c.own_images(),
                     other => anyhow::bail!("{key} holds a {} event, not the job's results", other.type_name()),
                 };
                 (images, Some(store))

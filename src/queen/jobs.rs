@@ -378,9 +378,7 @@ impl Jobs {
     async fn stored_results(&self, id: Uuid) -> JobsResult<Option<Vec<protocol::ImageResult>>> {
         match self.store.get(&protocol::manifest_key(id)).await {
             Ok(bytes) => match protocol::decode_event(&bytes) {
-                Ok(Event::Completed(c)) if c.job_id == id => {
-                    Ok(Some(c.images.into_iter().filter(|i| protocol::is_result_of(i, id)).collect()))
-                }
+                Ok(Event::Completed(c)) if c.job_id == id => Ok(Some(c.own_images())),
                 _ => Ok(None),
             },
             Err(StoreError::NotFound { .. }) => Ok(None),

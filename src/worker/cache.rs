@@ -178,7 +178,7 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
     let mut images = Vec::with_capacity(earlier.images.len());
     // The entry names the earlier job's images: anything else in the store (an upload, a LoRA) must not be
     // copied out as this job's result.
-    if let Some(other) = earlier.images.iter().find(|i| !protocol::is_result_of(i, earlier.job_id)) {
+    if let Some(other) = earlier.foreign_image() {
         anyhow::bail!("the cached result names {:?}, not one of job {}'s images", other.key, earlier.job_id);
     }
     for image in &earlier.images {

@@ -95,7 +95,7 @@ pub(super) async fn carry_out(
 /// The `completed` event an earlier delivery of the job stored beside its images, if there is one (and it names
 /// only the job's own images: anything else is generated again rather than reported).
 pub(super) async fn previous_result(shared: &Shared, job_id: Uuid) -> anyhow::Result<Option<Completed>> {
-    let own = |c: &Completed| c.job_id == job_id && c.images.iter().all(|i| protocol::is_result_of(i, job_id));
+    let own = |c: &Completed| c.job_id == job_id && c.foreign_image().is_none();
     Ok(read_completed(shared, &manifest_key(job_id)).await?.filter(own))
 }
 

@@ -129,13 +129,11 @@ impl ApiEvent {
                 out
             }
             Event::Completed(c) => {
-                // Anyone on the bus can publish events: only the job's own result keys are its images (the
-                // status record keeps the same, and the OpenAI and A1111 routes read what these name).
-                let images = c.images.iter().filter(|i| crate::protocol::is_result_of(i, c.job_id)).cloned().collect();
+                // (The OpenAI and A1111 routes read what these name.)
                 vec![ApiEvent::Completed {
                     job_id: c.job_id,
                     at: c.at,
-                    images,
+                    images: c.own_images(),
                     timings: c.timings,
                     warnings: c.warnings.clone(),
                     cached: c.cached,

@@ -97,8 +97,7 @@ impl JobStatus {
                 self.state = JobState::Completed;
                 // Anyone on the bus can publish events: what the record keeps of one is bounded, and only this
                 // job's own result keys are kept as its images (the API serves what they name).
-                let job_id = self.job_id;
-                self.images = c.images.iter().filter(|i| crate::protocol::is_result_of(i, job_id)).cloned().collect();
+                self.images = c.own_images();
                 let left_out = c.images.len() - self.images.len();
                 self.warnings = c
                     .warnings

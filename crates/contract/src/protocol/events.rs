@@ -204,6 +204,20 @@ pub struct Completed {
     pub cached: bool,
 }
 
+impl Completed {
+    /// The images that are the job's own results ([`super::is_result_of`]): all of them, from a worker. Anyone on
+    /// the bus can publish events, and a manifest or cached result is read back from the store, so whatever lists
+    /// a job's images to be kept, served or copied takes these.
+    pub fn own_images(&self) -> Vec<ImageResult> {
+        self.images.iter().filter(|i| super::is_result_of(i, self.job_id)).cloned().collect()
+    }
+
+    /// The first image that is not one of the job's own results, if any.
+    pub fn foreign_image(&self) -> Option<&ImageResult> {
+        self.images.iter().find(|i| !super::is_result_of(i, self.job_id))
+    }
+}
+
 /// The most warnings a `completed` event carries.
 pub const MAX_WARNINGS: usize = 8;
 
