@@ -63,6 +63,21 @@ impl BatchBeat {
     pub fn longest_gap(&self) -> Duration {
         Duration::from_millis(self.longest_gap_ms.load(Ordering::Relaxed))
     }
+
+    /// Whether the batch, told to stop at `stopped`, is stuck: silent since then (or since its last sign of life
+    /// after it) for longer than `floor` and three times the longest gap it has shown, counting the gap it was in
+    /// when told. A step's length is unknown until one ends, but the one running when told has taken that long
+    /// already: a slow first step (a large image on a CPU) stopped after minutes is not taken for a hung device.
+    pub fn hung(&self, stopped: Instant, floor: Duration) -> bool {
+        self.hung_at(stopped, floor, Instant::now())
+    }
+
+    fn hung_at(&self, stopped: Instant, floor: Duration, now: Instant) -> bool {
+        let last = self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let open_at_stop = stopped.saturating_duration_since(last);
+        let patience = floor.max(self.longest_gap().max(open_at_stop) * 3);
+        now.saturating_duration_since(last.max(stopped)) >= patience
+    }
 }
 
 /// How batches are formed and run.
@@ -327,6 +342,29 @@ mod tests {
         assert!(beat.longest_gap() >= Duration::from_millis(30), "the first step counts from the start");
         beat.beat();
         assert!(beat.longest_gap() >= Duration::from_millis(30), "the longest stays");
+    }
+
+    #[test]
+    fn a_batch_is_hung_only_when_silent_past_its_patience_after_the_stop() {
+        let beat = BatchBeat::new();
+        let at = |ms: u64| beat.started + Duration::from_millis(ms);
+        let floor = Duration::from_secs(10);
+        // Told to stop 9 minutes into its first step: that step gets 27 minutes more, not the 10 of the floor.
+        let stopped = at(9 * 60_000);
+        assert!(!beat.hung_at(stopped, floor, at(9 * 60_000 + 600_000)));
+        assert!(!beat.hung_at(stopped, floor, at(9 * 60_000 + 26 * 60_000)));
+        assert!(beat.hung_at(stopped, floor, at(9 * 60_000 + 27 * 60_000)));
+        // Told early: the floor holds, counted from the stop, not from the batch's start.
+        assert!(!beat.hung_at(at(2_000), floor, at(11_000)));
+        assert!(beat.hung_at(at(2_000), floor, at(12_000)));
+        // Once steps have ended, the longest gap between them sets the patience.
+        beat.last_ms.store(40_000, Ordering::Relaxed);
+        beat.longest_gap_ms.store(20_000, Ordering::Relaxed);
+        assert!(!beat.hung_at(at(45_000), floor, at(104_000)), "silent 59 s of a patience of 60");
+        assert!(beat.hung_at(at(45_000), floor, at(105_000)));
+        // A step that ends after the stop is a sign of life: silence counts from it.
+        beat.last_ms.store(50_000, Ordering::Relaxed);
+        assert!(!beat.hung_at(at(45_000), floor, at(105_000)));
     }
 
     fn w(group: char, images: usize, arrived: Instant) -> Waiting<char> {

@@ -91,9 +91,9 @@ pub struct WorkerConfig {
     /// How long running jobs may finish after a shutdown signal.
     pub grace: Duration,
     /// How long a running batch may go without finishing a step, a VAE call or a decoded tile, once one of
-    /// its jobs was told to stop (and at least three times its longest such wait), before the worker takes its
-    /// device for hung: the job is reported as stopped, and the worker drains and exits with an error so that
-    /// it is restarted.
+    /// its jobs was told to stop (and at least three times its longest such wait, counting the one it was in
+    /// when told), before the worker takes its device for hung: the job is reported as stopped, and the worker
+    /// drains and exits with an error so that it is restarted.
     pub stall_timeout: Duration,
     pub heartbeat_interval: Duration,
     /// A preview JPEG every N steps (and at the last); 0: none.

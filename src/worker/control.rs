@@ -32,14 +32,24 @@ pub enum StopReason {
 pub struct StopHandle {
     flag: CancelFlag,
     reason: Arc<AtomicU8>,
+    /// When the first reason was set (the stall watchdog counts from it).
+    stopped_at: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl StopHandle {
     /// Asks the job to stop; returns false if it was already asked (the first reason stays).
     pub fn stop(&self, reason: StopReason) -> bool {
         let won = self.reason.compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        if won {
+            let _ = self.stopped_at.set(Instant::now());
+        }
         self.flag.cancel();
         won
+    }
+
+    /// When the job was told to stop (`None` before).
+    pub fn stopped_at(&self) -> Option<Instant> {
+        self.stopped_at.get().copied()
     }
 
     pub fn reason(&self) -> Option<StopReason> {

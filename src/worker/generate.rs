@@ -251,7 +251,7 @@ pub(super) async fn generate_and_store(
     tokio::pin!(result);
     tokio::pin!(batch_started);
     let mut running = false;
-    // The watchdog's look, once a second while the job is told to stop (made once: the loop turns every step).
+    // The watchdog's look, once a second while the batch runs (made once: the loop turns every step).
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut beat = None;
     let mut last_step = None;
@@ -286,10 +286,11 @@ pub(super) async fn generate_and_store(
             }
             // Told to stop, its batch has not finished a step, VAE call or tile for far longer than its
             // slowest: the call hangs, and the job would never end. Report it; the worker drains and exits to be restarted.
-            _ = watch.tick(), if stop.reason().is_some() && beat.is_some() => {
+            // (It looks every second while the batch runs: a cancel from elsewhere does not wake this loop.)
+            _ = watch.tick(), if beat.is_some() => {
                 let batch: &super::batcher::BatchBeat = beat.as_deref().expect("checked");
-                let patience = shared.config.stall_timeout.max(batch.longest_gap() * 3);
-                if batch.silent_for() >= patience {
+                let stopped = stop.stopped_at();
+                if stopped.is_some_and(|at| batch.hung(at, shared.config.stall_timeout)) {
                     let reason = stop.reason().expect("checked");
                     tracing::error!(job_id = %job.id, silent = ?batch.silent_for(), longest_gap = ?batch.longest_gap(),
                         "a generation step or VAE call has not returned since the job was told to stop: the device is taken for hung, the worker stops");

@@ -433,6 +433,38 @@ async fn a_hung_step_fails_its_job_and_stops_the_worker() {
     wait_for_empty_queue(&client).await;
 }
 
+/// A slow step is not a hung one: a job cancelled 3 s into a first step that takes 4 s (longer than
+/// `--stall-timeout` already) is reported `cancelled` once that step ends, and the worker goes on serving;
+/// the watchdog gives the step three times the time it had taken when the job was told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_step_stopped_late_is_not_taken_for_a_hung_device() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let flags = ["--step-delay", "4s", "--stall-timeout", "2s"];
+    let worker = WorkerProcess::start("w-slow", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(3, 91);
+    let events = client.events(job.id).await.unwrap();
+    tokio::pin!(events);
+    client.submit(&job).await.unwrap();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap() {
+        if matches!(e.unwrap(), Event::Accepted(_)) {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.cancel(job.id, None).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(_))), "{events:?}");
+    let next = tiny_job(1, 92);
+    client.submit(&next).await.unwrap();
+    let events = events_of(&client, next.id, Duration::from_secs(30)).await;
+    assert_eq!(completed(&events).len(), 1, "{events:?}\n{}", worker.log_text());
+    assert!(!worker.log_text().contains("generation step hung"), "{}", worker.log_text());
+    assert_eq!(accepted_by(&events), ["w-slow"]);
+}
+
 /// The worker's time limit is on running: a job waiting here behind other batches is not timed out for it, and
 /// one that waits a whole limit without starting is handed back and tried again (here by the same worker,
 /// after the retry backoff), not failed. Three jobs that cannot share a batch (their step counts differ), each
