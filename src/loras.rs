@@ -123,7 +123,16 @@ impl LoraLibrary {
         let loaded = match self.load_file(&found.path, name) {
             // Deleted between finding and reading (another process made room): found again on a retry.
             Err(e) if !found.path.exists() => return Err(LoraSourceError::Unavailable(format!("{e}"))),
-            loaded => loaded?,
+            Err(e) => {
+                // Downloaded for this job and no LoRA: it must not stay on the disk for good.
+                let trimmed = crate::hub::lora::refused(opts, &found, self.limits.max_hub_cache_bytes);
+                if !trimmed.deleted.is_empty() {
+                    tracing::info!(deleted = ?trimmed.deleted, kept_bytes = trimmed.kept_bytes,
+                        "deleted Hub files that were no LoRA, or the least recently used LoRAs (--lora-hub-cache)");
+                }
+                return Err(e);
+            }
+            Ok(loaded) => loaded,
         };
         // Parsed: the file is not read again unless it changes, so the cache can make room now.
         if let Some(max) = self.limits.max_hub_cache_bytes {

@@ -83,6 +83,8 @@ pub struct ResolvedLora {
     /// The Hub answered for it (so it can be downloaded again if deleted); false offline, or when the Hub
     /// could not be reached and the cache answered alone.
     pub hub_answered: bool,
+    /// This call put it in the cache (it was not in the snapshot before).
+    pub fetched: bool,
 }
 
 /// The LoRA file, downloading it unless `opts.offline`; a file over `max_bytes` is refused before any of it
@@ -109,7 +111,23 @@ pub fn used(opts: &HubOptions, resolved: &ResolvedLora, max_bytes: u64) -> super
     if !resolved.hub_answered {
         return Default::default();
     }
-    super::lora_cache::trim(&opts.cache_root(), max_bytes, &resolved.path, super::lora_cache::IN_USE_GRACE)
+    super::lora_cache::trim(&opts.cache_root(), max_bytes, Some(&resolved.path), super::lora_cache::IN_USE_GRACE)
+}
+
+/// For a file downloaded for a LoRA that is none (a VAE, a text encoder, anything that does not parse as
+/// one): marks it as used at the epoch, so that it counts under the bound and is the first to go, then trims
+/// the cache to `max_bytes` (when given). Without it, such a file stays for good: only what is marked is ever
+/// deleted, and each job naming another one would leave up to `--max-lora-bytes` behind. A file that was in
+/// the cache before is left alone: it may be a model's.
+pub fn refused(opts: &HubOptions, resolved: &ResolvedLora, max_bytes: Option<u64>) -> super::lora_cache::Trimmed {
+    if !resolved.fetched {
+        return Default::default();
+    }
+    super::lora_cache::record_use_at(&resolved.path, std::time::SystemTime::UNIX_EPOCH);
+    match max_bytes {
+        Some(max) => super::lora_cache::trim(&opts.cache_root(), max, None, super::lora_cache::IN_USE_GRACE),
+        None => Default::default(),
+    }
 }
 
 /// The LoRA file, from the cache or the Hub.
@@ -121,7 +139,7 @@ fn fetch(
     cache: &CachedRepo,
 ) -> std::result::Result<ResolvedLora, HubLoraError> {
     use HubLoraError::{Refused, Unreachable};
-    let from_cache = |path| ResolvedLora { path, hub_answered: false };
+    let from_cache = |path| ResolvedLora { path, hub_answered: false, fetched: false };
     if opts.offline {
         return cached(cache, lora).map(from_cache).map_err(Refused);
     }
@@ -140,6 +158,7 @@ fn fetch(
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let file = choose(lora, &listed).map_err(Refused)?;
+    let in_cache = cache.repo_dir().join("snapshots").join(&info.sha).join(&file).exists();
     let path = client.download(cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
         let failed = |why: String| anyhow!("downloading {file} of LoRA {lora} failed: {why}");
         match e {
@@ -157,7 +176,7 @@ fn fetch(
             tracing::warn!("cannot record {}@{} in the cache: {err}", lora.repo, lora.revision);
         }
     }
-    Ok(ResolvedLora { path, hub_answered: true })
+    Ok(ResolvedLora { path, hub_answered: true, fetched: !in_cache })
 }
 
 /// Which file of the repo is the LoRA.
@@ -292,7 +311,7 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&mark).unwrap().set_modified(hour_ago).unwrap();
         // Found in the cache alone (offline, or the Hub unreachable), nothing goes: it could not come back.
         let found_b = resolve_at(&parse(b).unwrap(), &online, Some(&hub_b.url), MAX).unwrap();
-        let cached_b = ResolvedLora { path: found_b.path.clone(), hub_answered: false };
+        let cached_b = ResolvedLora { path: found_b.path.clone(), hub_answered: false, fetched: false };
         assert_eq!(used(&online, &cached_b, 15).deleted.len(), 0);
         assert!(found_a.path.exists());
         let trimmed = used(&online, &found_b, 15);
@@ -306,6 +325,33 @@ mod tests {
         assert!(again.symlink_metadata().is_ok() && !again.exists());
         let again = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap().path;
         assert_eq!(std::fs::read_to_string(&again).unwrap(), "aaaaaaaaaa");
+    }
+
+    #[test]
+    fn a_file_downloaded_for_a_lora_that_is_none_counts_under_the_bound_and_goes_first() {
+        let (a, junk) = ("owner/lora-a", "owner/not-a-lora");
+        let hub_a = MockHub::start(a, vec![(DIFFUSERS_LORA_FILE, "aaaaaaaaaa".into())], vec![]);
+        let hub_junk = MockHub::start(junk, vec![("vae.safetensors", "jjjjjjjjjjjj".into())], vec![]);
+        let cache = FakeCache::new();
+        let online = HubOptions { offline: false, ..cache.options(false) };
+        let found_a = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
+        assert!(found_a.fetched);
+        used(&online, &found_a, 100);
+        let lora = parse(&format!("{junk}/vae.safetensors")).unwrap();
+        let found = resolve_at(&lora, &online, Some(&hub_junk.url), MAX).unwrap();
+        assert!(found.fetched && found.path.exists());
+        // Within the bound it stays (named again, it is refused without a download) and is counted.
+        assert_eq!(refused(&online, &found, Some(100)).kept_bytes, 22);
+        let again = resolve_at(&lora, &online, Some(&hub_junk.url), MAX).unwrap();
+        assert!(!again.fetched);
+        assert_eq!(refused(&online, &again, Some(100)), Default::default(), "found in the cache: not marked again");
+        // Past the bound it goes first, although it was fetched just now; the LoRA used just now stays.
+        let trimmed = refused(&online, &found, Some(15));
+        assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 10), "{trimmed:?}");
+        assert!(!found.path.exists() && found_a.path.exists());
+        let blobs = std::fs::read_dir(cache.repo_dir(junk).join("blobs")).unwrap().flatten();
+        let kept: Vec<_> = blobs.map(|e| e.path()).filter(|p| p.extension().is_none_or(|e| e != "lock")).collect();
+        assert!(kept.is_empty(), "its blob is gone (its empty lock file may stay): {kept:?}");
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! time is left alone: the LoRA library knows a file by its size and time, and reads it again when they
 //! change). Past the bound, the least recently used marked files are deleted, link and blob, so only what was
 //! used as a LoRA is ever deleted, never a model's files, and every worker sharing the cache (or restarting)
-//! sees the same marks. A file used within [`IN_USE_GRACE`] is never deleted: a job of another process may
-//! have resolved it and not yet read it. Repo folders stay (their `refs/` and blob locks may be in use by a
-//! download of another process); only their content goes.
+//! sees the same marks. A file downloaded for a LoRA that does not parse as one is marked as last used at the
+//! epoch (see `lora::refused`): it counts, and goes first. A file used within [`IN_USE_GRACE`] is never
+//! deleted: a job of another process may have resolved it and not yet read it. Repo folders stay (their
+//! `refs/` and blob locks may be in use by a download of another process); only their content goes.
 //!
 //! Where the cache cannot hold links (no symlinks: hf-hub copies the file into the snapshot), only the copy
 //! is deleted and its blob stays: bounded deletion needs links, as on Linux and macOS.
@@ -26,13 +27,18 @@ pub const IN_USE_GRACE: Duration = Duration::from_secs(10 * 60);
 /// Marks `pointer` (`<repo folder>/snapshots/<commit>/<file>`) as used as a LoRA just now. A failure is
 /// logged: the file is used anyway, only its place in the deletion order is lost.
 pub fn record_use(pointer: &Path) {
+    record_use_at(pointer, SystemTime::now())
+}
+
+/// Marks `pointer` as a LoRA file last used at `when` (the epoch: the first to go, and never in the grace).
+pub fn record_use_at(pointer: &Path, when: SystemTime) {
     let Some(mark) = mark_of(pointer) else {
         tracing::warn!("{} is not a file of a Hugging Face cache snapshot: not recorded", pointer.display());
         return;
     };
     let marked = std::fs::create_dir_all(mark.parent().expect("<commit>/<file>"))
         .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&mark))
-        .and_then(|f| f.set_modified(SystemTime::now()));
+        .and_then(|f| f.set_modified(when));
     if let Err(e) = marked {
         tracing::warn!("cannot record the use of LoRA {} in {}: {e}", pointer.display(), mark.display());
     }
@@ -81,12 +87,12 @@ pub struct Trimmed {
 
 /// Deletes the least recently used LoRA files of the cache at `cache_root` until the marked ones take at
 /// most `max_bytes`, sparing `keep` and anything used within `grace`.
-pub fn trim(cache_root: &Path, max_bytes: u64, keep: &Path, grace: Duration) -> Trimmed {
+pub fn trim(cache_root: &Path, max_bytes: u64, keep: Option<&Path>, grace: Duration) -> Trimmed {
     let mut files = marked(cache_root);
     let mut total: u64 = files.values().map(|f| f.bytes).sum();
     let mut trimmed = Trimmed::default();
     if total > max_bytes {
-        let keep = std::fs::canonicalize(keep).unwrap_or_else(|_| keep.to_path_buf());
+        let keep = keep.map(|keep| std::fs::canonicalize(keep).unwrap_or_else(|_| keep.to_path_buf()));
         let mut order: Vec<(SystemTime, PathBuf)> =
             files.iter().map(|(blob, f)| (f.last_use(), blob.clone())).collect();
         order.sort();
@@ -98,7 +104,7 @@ pub fn trim(cache_root: &Path, max_bytes: u64, keep: &Path, grace: Duration) -> 
             let file = &files[&blob];
             // Asked again now: a use by another process since the listing spares it.
             let recent = SystemTime::now().duration_since(file.last_use()).map(|age| age < grace).unwrap_or(true);
-            if blob == keep || recent {
+            if keep.as_ref() == Some(&blob) || recent {
                 continue;
             }
             let file = files.remove(&blob).expect("listed");
@@ -229,8 +235,8 @@ mod tests {
         let blob_time = |p: &Path| p.metadata().unwrap().modified().unwrap();
         let newest_time = blob_time(&newest);
 
-        assert_eq!(trim(&root, 400, &newest, IN_USE_GRACE), Trimmed { deleted: vec![], kept_bytes: 400 });
-        let trimmed = trim(&root, 250, &newest, IN_USE_GRACE);
+        assert_eq!(trim(&root, 400, Some(&newest), IN_USE_GRACE), Trimmed { deleted: vec![], kept_bytes: 400 });
+        let trimmed = trim(&root, 250, Some(&newest), IN_USE_GRACE);
         let deleted = |repo: &str| format!("models--o--{repo}/snapshots/{COMMIT}/{FILE}");
         assert_eq!(trimmed.deleted, [deleted("oldest"), deleted("old")]);
         assert_eq!(trimmed.kept_bytes, 200);
@@ -244,9 +250,9 @@ mod tests {
         assert_eq!(blob_time(&newest), newest_time);
 
         // The file in use is spared even when it alone is over the bound, and so is a recent one.
-        let trimmed = trim(&root, 50, &newer, IN_USE_GRACE);
+        let trimmed = trim(&root, 50, Some(&newer), IN_USE_GRACE);
         assert_eq!(trimmed, Trimmed { deleted: vec![], kept_bytes: 200 }, "newest is within the grace");
-        let trimmed = trim(&root, 50, &newer, Duration::ZERO);
+        let trimmed = trim(&root, 50, Some(&newer), Duration::ZERO);
         assert_eq!(trimmed.kept_bytes, 100);
         assert!(newer.exists() && !newest.exists());
     }
@@ -265,8 +271,8 @@ mod tests {
         // Another file of the same repo, not a LoRA: kept.
         cache.add("o/two", COMMIT, "README.md", "read me");
         let new = lora(&cache, "o/new", 100, MINUTE);
-        assert_eq!(trim(&root, 200, &new, IN_USE_GRACE).kept_bytes, 200, "one blob, counted once");
-        let trimmed = trim(&root, 100, &new, IN_USE_GRACE);
+        assert_eq!(trim(&root, 200, Some(&new), IN_USE_GRACE).kept_bytes, 200, "one blob, counted once");
+        let trimmed = trim(&root, 100, Some(&new), IN_USE_GRACE);
         assert_eq!(trimmed.deleted.len(), 2, "{trimmed:?}");
         assert!(first.symlink_metadata().is_err() && second.symlink_metadata().is_err());
         assert!(!second.parent().unwrap().exists(), "the snapshot left empty goes");
@@ -284,7 +290,7 @@ mod tests {
         std::os::unix::fs::symlink(&root, &linked).unwrap();
         let old = lora(&cache, "o/old", 100, 300 * MINUTE);
         let new = lora(&cache, "o/new", 100, MINUTE);
-        let trimmed = trim(&linked, 100, &linked.join(new.strip_prefix(&root).unwrap()), IN_USE_GRACE);
+        let trimmed = trim(&linked, 100, Some(&linked.join(new.strip_prefix(&root).unwrap())), IN_USE_GRACE);
         assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 100));
         assert!(!old.exists() && blobs(&cache, "o/old") == 0, "the blob went, not only the link");
     }

@@ -20,6 +20,8 @@ struct Silence {
     after: usize,
     /// Repo info requests get no answer at all.
     info: bool,
+    /// The size a file's answers state is this many bytes short of its true size (a mirror that lies).
+    short_by: usize,
 }
 
 pub(crate) struct MockHub {
@@ -64,6 +66,11 @@ impl MockHub {
     /// Repo info requests get no answer (or answer again).
     pub(crate) fn silence_info(&self, silent: bool) {
         self.silence.lock().unwrap().info = silent;
+    }
+
+    /// Files' answers state sizes `bytes` short of the truth (their bodies stay whole).
+    pub(crate) fn understate_sizes(&self, bytes: usize) {
+        self.silence.lock().unwrap().short_by = bytes;
     }
 
     pub(crate) fn requested(&self, needle: &str) -> usize {
@@ -123,7 +130,7 @@ fn answer(
                     silence.downloads -= 1;
                     cut_after = Some(silence.after.saturating_sub(start).min(slice.len()));
                 }
-                let range = format!("bytes {start}-{end}/{}", bytes.len());
+                let range = format!("bytes {start}-{end}/{}", bytes.len() - silence.short_by);
                 (
                     "206 Partial Content",
                     vec![

@@ -273,7 +273,7 @@ impl HubClient {
                 break Ok(());
             }
             progress.set_position(have);
-            let attempt = self.fetch_from(url, have, &mut out, &progress);
+            let attempt = self.fetch_from(url, have, size, &mut out, &progress);
             let now = out.metadata().map(|m| m.len()).unwrap_or(have);
             let err = match attempt {
                 Ok(()) if now == size => break Ok(()),
@@ -297,11 +297,13 @@ impl HubClient {
         outcome
     }
 
-    /// One attempt: asks for the bytes from `from` on and appends what comes to `out`.
+    /// One attempt: asks for the bytes from `from` on and appends what comes to `out`, never past `size` (a
+    /// server that sends more than it said would otherwise fill the disk, or make every attempt start over).
     fn fetch_from(
         &self,
         url: &str,
         from: u64,
+        size: u64,
         out: &mut File,
         progress: &indicatif::ProgressBar,
     ) -> Result<(), HubError> {
@@ -310,11 +312,14 @@ impl HubClient {
             .set("Range", &format!("bytes={from}-"))
             .call()
             .map_err(HubError::from_ureq)?;
-        if from > 0 && response.status() != 206 {
+        let from = if from > 0 && response.status() != 206 {
             // The range was not honoured: the body is the whole file.
             out.set_len(0).map_err(|e| HubError::Local(e.to_string()))?;
-        }
-        let mut reader = response.into_reader();
+            0
+        } else {
+            from
+        };
+        let mut reader = response.into_reader().take(size.saturating_sub(from));
         let mut buffer = vec![0u8; 1 << 16];
         loop {
             let n = match reader.read(&mut buffer) {
@@ -505,6 +510,18 @@ mod tests {
         }
         let bodies = hub.requested(FILE) - 2; // less the two metadata requests
         assert_eq!(bodies, 2, "one download, resumed once");
+    }
+
+    #[test]
+    fn a_download_longer_than_its_stated_size_stops_at_that_size() {
+        let (_cache, hub, client, repo, content) = setup(300);
+        hub.understate_sizes(10);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(client.download(&repo, COMMIT, FILE, None).map_err(describe)));
+        // (It used to start over for ever: each attempt ran past the size, and a part too long was emptied.)
+        let path = rx.recv_timeout(Duration::from_secs(20)).expect("ends").unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), content[..content.len() - 10]);
+        assert_eq!(hub.requested(FILE), 2, "the metadata request and one download");
     }
 
     use std::sync::Arc;
