@@ -280,6 +280,9 @@ impl Store {
         match self.size(key).await? {
             None => Err(StoreError::NotFound { key: key.into(), store: self.url.clone() }),
             Some(size) if size > max => Err(StoreError::TooLarge { key: key.into(), size, max }),
+            // An empty range is refused as inconsistent (by S3 and the local store alike), which would read as
+            // an outage and be retried: an empty object is empty, for the caller to refuse.
+            Some(0) => Ok(Bytes::new()),
             // A ranged read: an object replaced by a larger one in between is still read only this far.
             Some(size) => self.inner.get_range(&self.path(key), 0..size).await.map_err(|e| self.failed("get", key, e)),
         }
@@ -447,6 +450,9 @@ mod tests {
         let err = store.get_at_most("jobs/a/0.png", 3).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { size: 4, max: 3, .. }), "{err}");
         assert!(matches!(store.get_at_most("jobs/b/0.png", 3).await, Err(StoreError::NotFound { .. })));
+        // An empty object is empty (for the caller to refuse as what it is), not a failing store.
+        store.put("jobs/empty.png", Bytes::new(), "image/png").await.unwrap();
+        assert_eq!(store.get_at_most("jobs/empty.png", 3).await.unwrap().len(), 0);
         let under_a_file = store.size("jobs/a/0.png/x").await;
         assert!(matches!(under_a_file, Ok(None) | Err(StoreError::InvalidKey { .. })), "{under_a_file:?}");
     }
