@@ -447,6 +447,17 @@ impl AutoencoderKL {
 
     /// [`Self::decode_to_image`], calling `after_tile` after each tile when it decodes in tiles.
     pub fn decode_to_image_with(&self, latents: &Tensor, tiled: Option<bool>, after_tile: AfterTile) -> Result<Tensor> {
+        self.decode_to_unclamped_image_with(latents, tiled, after_tile)?.clamp(0.0, 1.0)
+    }
+
+    /// [`Self::decode_to_image_with`] before the clamp to [0, 1]: where a blown-up decode is still seen (a clamp
+    /// turns inf, and on CUDA and MKL NaN too, into 0 or 1).
+    pub fn decode_to_unclamped_image_with(
+        &self,
+        latents: &Tensor,
+        tiled: Option<bool>,
+        after_tile: AfterTile,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let z = match (&c.latents_mean, &c.latents_std) {
             (Some(mean), Some(std)) => latents
@@ -461,7 +472,7 @@ impl AutoencoderKL {
         } else {
             self.decode_raw(&z)?
         };
-        image.affine(0.5, 0.5)?.clamp(0.0, 1.0)
+        image.affine(0.5, 0.5)
     }
 
     /// Image in [0, 1] → pipeline latents (posterior mean, shifted and scaled as the UNet expects).

@@ -155,13 +155,36 @@ impl super::StableDiffusion {
                 false => Ok(()),
             }
         };
-        let pixels = self.vae.decode_to_image_with(&z, Some(tiled), &mut after_tile)?.to_device(&Device::Cpu)?;
+        let pixels = self.vae.decode_to_unclamped_image_with(&z, Some(tiled), &mut after_tile)?;
         signal();
-        (0..images.len())
-            .map(|j| {
-                let image = pixels.get(j)?;
-                Ok(if all_finite(&image)? { Some(image.to_dtype(DType::F32)?) } else { None })
-            })
-            .collect()
+        into_images(&pixels.to_device(&Device::Cpu)?)
+    }
+}
+
+/// Each image of a VAE call's output (`x / 2 + 0.5`, not yet clamped) in [0, 1], as `[3, H, W]` f32, or `None`
+/// where it is not finite. Judged before the clamp: a clamp makes inf (and on CUDA and MKL NaN too) 0 or 1, a
+/// black or white image that would be reported as done.
+fn into_images(pixels: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+    (0..pixels.dim(0)?)
+        .map(|j| {
+            let image = pixels.get(j)?;
+            Ok(if all_finite(&image)? { Some(image.clamp(0.0, 1.0)?.to_dtype(DType::F32)?) } else { None })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_judged_before_the_clamp() {
+        let values = [0.5f32, -0.25, 1.5, 0.0, f32::INFINITY, 0.5, 0.5, 0.5, f32::NAN, 0.5, 0.5, 0.5];
+        let pixels = Tensor::from_slice(&values, (3, 1, 2, 2), &Device::Cpu).unwrap();
+        let images = into_images(&pixels).unwrap();
+        let first = images[0].as_ref().expect("finite").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(first, [0.5, 0.0, 1.0, 0.0], "clamped to [0, 1]");
+        assert!(images[1].is_none(), "an inf is no white pixel");
+        assert!(images[2].is_none(), "a NaN is no black pixel");
     }
 }
