@@ -222,21 +222,18 @@ impl StableDiffusion {
                 )),
             ),
         };
-        let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps, req.timestep_spacing)
-            .map_err(|e| invalid("scheduler", e.to_string()))?;
+        let scheduler =
+            schedulers::build(kind, &self.scheduler_config, req.steps, req.timestep_spacing).map_err(|e| {
+                match e.downcast_ref::<schedulers::StepCountError>() {
+                    Some(_) => invalid("steps", e.to_string()),
+                    None => invalid("scheduler", e.to_string()),
+                }
+            })?;
         Ok((kind, scheduler, warning))
     }
 
-    /// diffusers' get_timesteps: img2img runs the last int(steps · strength) steps.
     fn first_step(&self, req: &GenerationRequest, scheduler: &dyn Scheduler) -> usize {
-        match &req.init {
-            None => 0,
-            Some(init) => {
-                let n = scheduler.timesteps().len();
-                let run = ((req.steps as f64 * init.strength) as usize).min(req.steps);
-                (n.saturating_sub(run) * scheduler.order()).min(n)
-            }
-        }
+        first_step(req.steps, req.init.as_ref().map(|i| i.strength), scheduler)
     }
 
     /// Runs members with one batch key together.
@@ -576,8 +573,41 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// diffusers' get_timesteps: img2img (a `strength`) runs the last int(steps · strength) steps, starting at
+/// index `(steps - run) · order` of the timesteps, counted in steps even where the schedule has one timestep
+/// more (trailing spacing for some step counts, such as 61, ends on an extra one).
+fn first_step(steps: usize, strength: Option<f64>, scheduler: &dyn Scheduler) -> usize {
+    match strength {
+        None => 0,
+        Some(strength) => {
+            let run = ((steps as f64 * strength) as usize).min(steps);
+            ((steps - run) * scheduler.order()).min(scheduler.timesteps().len())
+        }
+    }
+}
+
 fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
     // A sum propagates NaN and inf, which a max may skip.
     let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
     Ok(s.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::schedulers::{SchedulerConfig, TimestepSpacing};
+
+    #[test]
+    fn img2img_starts_where_diffusers_does_even_on_a_schedule_with_an_extra_timestep() {
+        let config = SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear"}"#).unwrap();
+        let euler = |steps| schedulers::build(SchedulerKind::Euler, &config, steps, Some(TimestepSpacing::Trailing));
+        let (extra, plain) = (euler(61).unwrap(), euler(60).unwrap());
+        assert_eq!((extra.timesteps().len(), plain.timesteps().len()), (62, 60), "as numpy's arange gives them");
+        // Strength 1 runs every timestep, as diffusers' t_start = steps - int(steps * strength) = 0 does.
+        assert_eq!(first_step(61, Some(1.0), extra.as_ref()), 0);
+        assert_eq!(first_step(61, Some(0.5), extra.as_ref()), 31);
+        assert_eq!(first_step(60, Some(0.5), plain.as_ref()), 30);
+        assert_eq!(first_step(60, Some(1e-9), plain.as_ref()), 60, "nothing to run (refused before it runs)");
+        assert_eq!(first_step(61, None, extra.as_ref()), 0);
+    }
 }

@@ -49,12 +49,13 @@ impl DdimScheduler {
         if let Some(&bad) = timesteps.iter().find(|&&t| t < 0 || t as usize >= big_n) {
             // diffusers would index alphas_cumprod with it (wrapping around for -1, which "trailing" produces
             // for some step counts such as 61, or failing for 1000 with leading spacing and steps_offset 1).
-            bail!(
-                "scheduler config: timestep_spacing = \"{}\" with steps_offset = {} and {n} steps gives \
-                 timestep {bad}, outside 0..num_train_timesteps ({big_n}); choose another step count",
+            return Err(super::StepCountError(format!(
+                "DDIM with timestep_spacing = \"{}\" and steps_offset = {} gives timestep {bad} for {n} steps, \
+                 outside 0..num_train_timesteps ({big_n}); choose another step count",
                 spacing_name(sched.spacing),
                 sched.steps_offset
-            );
+            ))
+            .into());
         }
         let final_alpha_cumprod =
             if config.set_alpha_to_one.unwrap_or(true) { 1.0 } else { sched.alphas_cumprod[0] as f64 };

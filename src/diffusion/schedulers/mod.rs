@@ -211,6 +211,11 @@ impl SchedulerState {
     }
 }
 
+/// A step count the schedule cannot take: the request's `steps` are at fault, not the model's config.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StepCountError(pub String);
+
 /// Build `kind` the way `Class.from_config(config)` would in diffusers, for `num_inference_steps` steps;
 /// `spacing` (from the CLI) overrides timestep_spacing when given.
 ///
@@ -339,13 +344,17 @@ mod tests {
         for (kind, json, key) in cases {
             let err = build_err(*kind, json, 10);
             assert!(err.contains(key), "{kind} {json}: {err}");
+            let err = build(*kind, &cfg(json), 10, None).err().unwrap();
+            assert!(err.downcast_ref::<StepCountError>().is_none(), "the model's config, not the steps: {err:#}");
         }
         // Keys the class does not take are ignored, as in diffusers (Euler has no thresholding/clip_sample).
         build(Euler, &cfg(r#"{"thresholding": true, "clip_sample": true}"#), 10, None).unwrap();
         // "leading" + steps_offset 1 reaches timestep 1000 at 1000 DDIM steps (an IndexError in diffusers),
         // and "trailing" gives timestep -1 for some step counts.
         assert!(build_err(Ddim, SD15, 1000).contains("timestep 1000"));
-        let err = format!("{:#}", build(Ddim, &cfg(SD15), 61, Some(TimestepSpacing::Trailing)).err().unwrap());
+        let err = build(Ddim, &cfg(SD15), 61, Some(TimestepSpacing::Trailing)).err().unwrap();
+        assert!(err.downcast_ref::<StepCountError>().is_some(), "the step count is at fault: {err:#}");
+        let err = format!("{err:#}");
         assert!(err.contains("timestep -1") && err.contains("trailing"), "{err}");
     }
 
@@ -354,6 +363,10 @@ mod tests {
         for kind in SchedulerKind::ALL {
             let err = build_err(kind, SD15, 0);
             assert!(err.contains("num_inference_steps"), "{kind}: {err}");
+            for steps in [0, 1001] {
+                let err = build(kind, &cfg(SD15), steps, None).err().unwrap();
+                assert!(err.downcast_ref::<StepCountError>().is_some(), "{kind}: {err:#}");
+            }
             let err = build_err(kind, SD15, 1001);
             assert!(err.contains("num_inference_steps") && err.contains("1000"), "{kind}: {err}");
             let max = if kind == SchedulerKind::Ddim { 999 } else { 1000 };

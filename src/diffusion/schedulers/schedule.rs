@@ -35,13 +35,14 @@ impl TrainSchedule {
             bail!("scheduler config: num_train_timesteps = {num_train_timesteps} is too small (need at least 2)");
         }
         if num_inference_steps == 0 {
-            bail!("num_inference_steps must be at least 1 (got 0)");
+            return Err(super::StepCountError("num_inference_steps must be at least 1 (got 0)".into()).into());
         }
         if num_inference_steps > num_train_timesteps {
-            bail!(
+            return Err(super::StepCountError(format!(
                 "num_inference_steps = {num_inference_steps} cannot be larger than the scheduler config's \
                  num_train_timesteps = {num_train_timesteps}"
-            );
+            ))
+            .into());
         }
         let beta_start = config.beta_start.unwrap_or(0.0001);
         let beta_end = config.beta_end.unwrap_or(0.02);
