@@ -87,6 +87,10 @@ pub struct LoraLibrary {
     store: Option<(crate::storage::Store, String)>,
     limits: LoraLimits,
     cache: Mutex<Cache>,
+    /// Held while a file is read and parsed: one at a time, as a parse holds the file's bytes, its tensors and
+    /// an f32 copy for the finite check (several times a large file), and jobs naming large LoRAs at once must
+    /// not multiply that. A job waiting here for the LoRA another is parsing then finds it parsed.
+    parsing: Mutex<()>,
     /// The store's names, listed at most once a minute (heartbeats ask every few seconds).
     listing: Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
@@ -99,7 +103,8 @@ impl LoraLibrary {
                 anyhow::bail!("--lora-dir {}: no such directory", d.display());
             }
         }
-        Ok(Self { dir, hub: None, store: None, limits, cache: Mutex::new(Cache::default()), listing: Mutex::new(None) })
+        let cache = Mutex::new(Cache::default());
+        Ok(Self { dir, hub: None, store: None, limits, cache, parsing: Mutex::new(()), listing: Mutex::new(None) })
     }
 
     /// Also resolves Hugging Face references (`owner/name[/FILE.safetensors][@revision]`).
@@ -252,9 +257,12 @@ impl LoraLibrary {
             Err(e) => return Err(unavailable(e)),
         };
         let (me, shown) = (self.clone(), stem.to_string());
-        let (hash, lora) = tokio::task::spawn_blocking(move || me.parse_cached(&shown, &bytes))
-            .await
-            .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
+        let (hash, lora) = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = me.parsing.lock();
+            me.parse_cached(&shown, &bytes)
+        })
+        .await
+        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
         self.cache.lock().objects.insert(key, (stamp, hash));
         Ok(lora)
     }
@@ -346,15 +354,17 @@ impl LoraLibrary {
         if stamp.len > self.limits.max_file_bytes {
             return Err(invalid(format!("is {} bytes, over the limit of {}", stamp.len, self.limits.max_file_bytes)));
         }
-        {
+        let parsed = || {
             let mut cache = self.cache.lock();
-            if let Some((s, hash)) = cache.files.get(path).cloned() {
-                if s == stamp {
-                    if let Some(lora) = cache.touch(&hash) {
-                        return Ok(lora);
-                    }
-                }
-            }
+            let hash = cache.files.get(path).filter(|(s, _)| *s == stamp).map(|(_, hash)| *hash)?;
+            cache.touch(&hash)
+        };
+        if let Some(lora) = parsed() {
+            return Ok(lora);
+        }
+        let _one_at_a_time = self.parsing.lock();
+        if let Some(lora) = parsed() {
+            return Ok(lora);
         }
         let mut bytes = Vec::with_capacity(stamp.len as usize);
         use std::io::Read;

@@ -34,7 +34,11 @@ pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<
     // The model's files are local: as long as they take. The rest may wait on the store, which must not hold
     // the job up: with the store slow or down, generating beats waiting (the upload retries on its own).
     let model = identity(shared, spec).await.map_err(no_cache).ok()?;
-    let ctx = match tokio::time::timeout(STORE_WAIT, context(shared, model, job)).await {
+    // The LoRAs too, with no time limit: the job needs them anyway (its own resolve then finds them parsed),
+    // and a fetch cut off here would go on in the background (a blocking download and parse), unbounded in
+    // number as jobs come and go.
+    let loras = lora_hashes(shared, job).await.map_err(no_cache).ok()?;
+    let ctx = match tokio::time::timeout(STORE_WAIT, context(shared, model, loras, job)).await {
         Ok(ctx) => ctx.map_err(no_cache).ok()?,
         Err(_) => {
             tracing::warn!(job_id = %job.id, "the store is slow to answer; generating without the result cache");
@@ -48,14 +52,16 @@ pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<
 /// How long the cache may wait on the store before a job generates instead.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-async fn context(shared: &Arc<Shared>, model: String, job: &JobRequest) -> anyhow::Result<CacheContext> {
-    let loras = if job.loras.is_empty() {
-        Vec::new()
-    } else {
-        let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
-        let resolved = shared.loras.resolve(&wanted).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        resolved.iter().map(|l| hex::encode(l.lora.hash)).collect()
-    };
+async fn lora_hashes(shared: &Arc<Shared>, job: &JobRequest) -> anyhow::Result<Vec<String>> {
+    if job.loras.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
+    let resolved = shared.loras.resolve(&wanted).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(resolved.iter().map(|l| hex::encode(l.lora.hash)).collect())
+}
+
+async fn context(shared: &Shared, model: String, loras: Vec<String>, job: &JobRequest) -> anyhow::Result<CacheContext> {
     Ok(CacheContext {
         model,
         loras,
