@@ -72,6 +72,15 @@ pub enum LoraFormat {
     Peft,
 }
 
+/// The most layers a LoRA may adapt. SDXL has about 1,300 layers a LoRA or LoCon can adapt (the UNet's
+/// linear and convolution layers and both text encoders'); a file naming far more is no real LoRA, and each
+/// layer costs memory beyond its tensors.
+pub const MAX_LAYERS: usize = 4096;
+
+/// What a parsed layer holds beyond its tensors' data and names (two tensors' shapes, strides and storage
+/// handles, the layer itself), counted in [`Lora::bytes`] so that thousands of tiny layers count too.
+const LAYER_OVERHEAD_BYTES: usize = 512;
+
 /// A parsed LoRA file.
 #[derive(Debug)]
 pub struct Lora {
@@ -81,7 +90,7 @@ pub struct Lora {
     pub hash: [u8; 32],
     pub format: LoraFormat,
     pub layers: Vec<LoraLayer>,
-    /// Bytes the tensors hold in memory.
+    /// Bytes it holds in memory: its tensors (each in its own dtype), their names and each layer's overhead.
     pub bytes: usize,
 }
 
@@ -116,6 +125,10 @@ impl Lora {
         let metadata = SafeTensors::read_metadata(bytes).map_err(|e| unreadable(e.to_string()))?.1;
         let peft_alphas = PeftAlphas::from_metadata(metadata.metadata().as_ref());
 
+        if file.len() > 3 * MAX_LAYERS {
+            let message = format!("holds {} tensors; a LoRA adapts at most {MAX_LAYERS} layers", file.len());
+            return Err(LoraError::Invalid { name: name.to_string(), message });
+        }
         let mut keys: Vec<String> = file.names().into_iter().map(str::to_string).collect();
         keys.sort();
         if keys.is_empty() {
@@ -160,6 +173,9 @@ impl Lora {
         };
 
         let invalid = |message: String| LoraError::Invalid { name: name.to_string(), message };
+        if parts.len() > MAX_LAYERS {
+            return Err(invalid(format!("adapts {} layers; a LoRA adapts at most {MAX_LAYERS}", parts.len())));
+        }
         let mut layers = Vec::with_capacity(parts.len());
         let mut held = 0usize;
         for ((component, key), p) in parts {
@@ -184,7 +200,11 @@ impl Lora {
                     return Err(invalid(format!("the alpha of `{down_name}` is {a}")));
                 }
             }
-            held += (down.elem_count() + up.elem_count()) * down.dtype().size_in_bytes();
+            held += down.elem_count() * down.dtype().size_in_bytes()
+                + up.elem_count() * up.dtype().size_in_bytes()
+                + LAYER_OVERHEAD_BYTES
+                + key.len()
+                + down_name.len();
             layers.push(LoraLayer { component, key, source: down_name, down, up, alpha });
         }
         Ok(Self { name: name.to_string(), hash, format, layers, bytes: held })

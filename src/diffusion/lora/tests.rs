@@ -34,6 +34,41 @@ fn parse(tensors: &[(String, Vec<usize>)]) -> Result<Lora, LoraError> {
 }
 
 #[test]
+fn memory_counts_each_tensor_in_its_dtype_and_each_layer_and_too_many_layers_are_refused() {
+    let layer = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let map: HashMap<String, Tensor> = [
+        (format!("{layer}.lora_down.weight"), Tensor::ones((4, 32), DType::F16, &Device::Cpu).unwrap()),
+        (format!("{layer}.lora_up.weight"), Tensor::ones((32, 4), DType::F64, &Device::Cpu).unwrap()),
+    ]
+    .into_iter()
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.safetensors");
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let lora = Lora::from_bytes("mixed", &std::fs::read(&path).unwrap()).unwrap();
+    let names = "down_blocks_0_attentions_0_proj_in".len() + format!("{layer}.lora_down.weight").len();
+    assert_eq!(lora.bytes, 128 * 2 + 128 * 8 + LAYER_OVERHEAD_BYTES + names);
+
+    // Thousands of one-element layers: each counts, and past the bound the file is refused.
+    let many = |n: usize| -> Vec<(String, Vec<usize>)> {
+        (0..n)
+            .flat_map(|i| {
+                [
+                    (format!("lora_unet_a{i}.lora_down.weight"), vec![1, 1]),
+                    (format!("lora_unet_a{i}.lora_up.weight"), vec![1, 1]),
+                ]
+            })
+            .collect()
+    };
+    let most = parse(&many(MAX_LAYERS)).unwrap();
+    assert!(most.bytes >= MAX_LAYERS * LAYER_OVERHEAD_BYTES, "{}", most.bytes);
+    let err = parse(&many(MAX_LAYERS + 1)).unwrap_err().to_string();
+    assert!(err.contains("4097 layers") && err.contains("at most 4096"), "{err}");
+    let err = parse(&many(3 * MAX_LAYERS)).unwrap_err().to_string();
+    assert!(err.contains("24576 tensors"), "{err}");
+}
+
+#[test]
 fn kohya_and_peft_keys_name_the_same_layers() {
     let k = parse(&kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")).unwrap();
     assert_eq!(k.format, LoraFormat::Kohya);
