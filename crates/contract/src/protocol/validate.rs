@@ -99,6 +99,16 @@ impl JobRequest {
                 return Err(E::invalid("strength", format!("must be in (0, 1], got {s}")));
             }
         }
+        // Refused now rather than by the worker once the job's model is loaded (when the job gives its steps;
+        // the model's default steps are the worker's to know).
+        if let (Some(s), Some(steps)) = (self.strength_or_default(), self.steps) {
+            if f64::from(steps) * s < 1.0 {
+                return Err(E::invalid(
+                    "strength",
+                    format!("{s} × {steps} steps leaves no step to run; raise the strength or the steps"),
+                ));
+            }
+        }
         if self.mask_blur > limits.max_mask_blur {
             return Err(E::invalid(
                 "mask_blur",

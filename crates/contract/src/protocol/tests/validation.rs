@@ -56,6 +56,8 @@ fn each_validation_rule_names_its_field() {
         ("strength", Box::new(|j| j.strength = Some(0.0))),
         ("strength", Box::new(|j| j.strength = Some(1.01))),
         ("strength", Box::new(|j| j.strength = Some(f64::NAN))),
+        ("strength", Box::new(|j| (j.strength, j.steps) = (Some(0.09), Some(10)))),
+        ("strength", Box::new(|j| (j.strength, j.steps) = (None, Some(1)))),
     ];
     for (want, change) in &img_cases {
         let mut j = img2img();
@@ -75,6 +77,9 @@ fn each_validation_rule_names_its_field() {
     j.init_image = Some(ImageSource::Inline(vec![0; MAX_INLINE_IMAGE_BYTES]));
     (j.width, j.height, j.steps, j.guidance, j.num_images) = (Some(2048), Some(2048), Some(150), Some(0.0), 8);
     j.seed = Some(u64::MAX - 7);
+    j.validate(&l).unwrap();
+    let mut j = img2img();
+    (j.strength, j.steps) = (Some(0.1), Some(10));
     j.validate(&l).unwrap();
     for s in SCHEDULERS {
         let mut j = job();
