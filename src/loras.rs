@@ -75,8 +75,15 @@ struct Cache {
     parsed: HashMap<[u8; 32], (Arc<Lora>, u64)>,
     /// Store key → its stamp (size, version) and content hash when last read.
     objects: HashMap<String, ((u64, String), [u8; 32])>,
+    /// Files and objects that did not parse as a LoRA, with the stamp they had and why: named again, they
+    /// are refused at once, not read, hashed and parsed again (a few seconds a file, while others wait).
+    refused_files: HashMap<PathBuf, (FileStamp, String)>,
+    refused_objects: HashMap<String, ((u64, String), String)>,
     clock: u64,
 }
+
+/// The most refusals remembered (each kind): past it they are forgotten, all at once.
+const MAX_REFUSALS: usize = 1024;
 
 /// The LoRAs a process can use.
 pub struct LoraLibrary {
@@ -91,6 +98,8 @@ pub struct LoraLibrary {
     /// an f32 copy for the finite check (several times a large file), and jobs naming large LoRAs at once must
     /// not multiply that. A job waiting here for the LoRA another is parsing then finds it parsed.
     parsing: Mutex<()>,
+    /// The same for objects of the store, taken before their download.
+    store_reads: tokio::sync::Semaphore,
     /// The store's names, listed at most once a minute (heartbeats ask every few seconds).
     listing: Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
@@ -104,7 +113,16 @@ impl LoraLibrary {
             }
         }
         let cache = Mutex::new(Cache::default());
-        Ok(Self { dir, hub: None, store: None, limits, cache, parsing: Mutex::new(()), listing: Mutex::new(None) })
+        Ok(Self {
+            dir,
+            hub: None,
+            store: None,
+            limits,
+            cache,
+            parsing: Mutex::new(()),
+            store_reads: tokio::sync::Semaphore::new(1),
+            listing: Mutex::new(None),
+        })
     }
 
     /// Also resolves Hugging Face references (`owner/name[/FILE.safetensors][@revision]`).
@@ -239,15 +257,22 @@ impl LoraLibrary {
         let Some(stamp) = store.stamp(&key).await.map_err(unavailable)? else {
             return Err(LoraSourceError::Invalid(format!("LoRA {stem:?} is not in this worker's catalogue")));
         };
-        {
+        let known = || -> Option<Result<Arc<Lora>, LoraSourceError>> {
             let mut cache = self.cache.lock();
-            if let Some((s, hash)) = cache.objects.get(&key).cloned() {
-                if s == stamp {
-                    if let Some(lora) = cache.touch(&hash) {
-                        return Ok(lora);
-                    }
-                }
+            if let Some((_, why)) = cache.refused_objects.get(&key).filter(|(s, _)| *s == stamp) {
+                return Some(Err(LoraSourceError::Invalid(why.clone())));
             }
+            let hash = cache.objects.get(&key).filter(|(s, _)| *s == stamp).map(|(_, hash)| *hash)?;
+            cache.touch(&hash).map(Ok)
+        };
+        if let Some(known) = known() {
+            return known;
+        }
+        // One object read and parsed at a time, from before its bytes are downloaded: jobs waiting here hold
+        // none of theirs.
+        let _one_at_a_time = self.store_reads.acquire().await.expect("never closed");
+        if let Some(known) = known() {
+            return known;
         }
         let bytes = match store.get_at_most(&key, self.limits.max_file_bytes).await {
             Ok(b) => b,
@@ -257,12 +282,23 @@ impl LoraLibrary {
             Err(e) => return Err(unavailable(e)),
         };
         let (me, shown) = (self.clone(), stem.to_string());
-        let (hash, lora) = tokio::task::spawn_blocking(move || {
+        let parsed = tokio::task::spawn_blocking(move || {
             let _one_at_a_time = me.parsing.lock();
             me.parse_cached(&shown, &bytes)
         })
         .await
-        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
+        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))?;
+        let (hash, lora) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let mut cache = self.cache.lock();
+                if cache.refused_objects.len() >= MAX_REFUSALS {
+                    cache.refused_objects.clear();
+                }
+                cache.refused_objects.insert(key, (stamp, e.to_string()));
+                return Err(e);
+            }
+        };
         self.cache.lock().objects.insert(key, (stamp, hash));
         Ok(lora)
     }
@@ -359,12 +395,23 @@ impl LoraLibrary {
             let hash = cache.files.get(path).filter(|(s, _)| *s == stamp).map(|(_, hash)| *hash)?;
             cache.touch(&hash)
         };
+        let refused = || {
+            let cache = self.cache.lock();
+            let (s, why) = cache.refused_files.get(path)?;
+            (*s == stamp).then(|| LoraSourceError::Invalid(why.clone()))
+        };
         if let Some(lora) = parsed() {
             return Ok(lora);
+        }
+        if let Some(e) = refused() {
+            return Err(e);
         }
         let _one_at_a_time = self.parsing.lock();
         if let Some(lora) = parsed() {
             return Ok(lora);
+        }
+        if let Some(e) = refused() {
+            return Err(e);
         }
         let mut bytes = Vec::with_capacity(stamp.len as usize);
         use std::io::Read;
@@ -374,7 +421,17 @@ impl LoraLibrary {
         if bytes.len() as u64 > self.limits.max_file_bytes {
             return Err(invalid(format!("is over the limit of {} bytes", self.limits.max_file_bytes)));
         }
-        let (hash, lora) = self.parse_cached(shown, &bytes)?;
+        let (hash, lora) = match self.parse_cached(shown, &bytes) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let mut cache = self.cache.lock();
+                if cache.refused_files.len() >= MAX_REFUSALS {
+                    cache.refused_files.clear();
+                }
+                cache.refused_files.insert(path.to_path_buf(), (stamp, e.to_string()));
+                return Err(e);
+            }
+        };
         self.cache.lock().files.insert(path.to_path_buf(), (stamp, hash));
         Ok(lora)
     }
@@ -464,6 +521,37 @@ mod tests {
         let err = library.resolve_files(&[(style.clone(), 1.0), (detail.clone(), 1.0)]).unwrap_err().to_string();
         assert!(err.contains("detail.safetensors") && err.contains("--max-lora-bytes-per-job"), "{err}");
         assert!(err.contains(&format!("take {} bytes", 2 * one)), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_no_lora_is_refused_again_without_being_read_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vae.safetensors");
+        let tensors: HashMap<String, candle_core::Tensor> = [(
+            "decoder.conv_in.weight".to_string(),
+            candle_core::Tensor::ones(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        )]
+        .into_iter()
+        .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let library = LoraLibrary::new(None, LoraLimits::default()).unwrap();
+        let first = library.load_file(&path, "vae").unwrap_err().to_string();
+        assert!(first.contains("decoder.conv_in.weight"), "{first}");
+        // Same size and time, other bytes: the refusal is remembered, the file not read again.
+        let (len, modified) =
+            (std::fs::metadata(&path).unwrap().len(), std::fs::metadata(&path).unwrap().modified().unwrap());
+        std::fs::write(&path, vec![b'x'; len as usize]).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+        assert_eq!(library.load_file(&path, "vae").unwrap_err().to_string(), first);
+        // Changed (another time): read again.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(modified + Duration::from_secs(1))
+            .unwrap();
+        let again = library.load_file(&path, "vae").unwrap_err().to_string();
+        assert!(again.contains("not a readable safetensors file"), "{again}");
     }
 
     #[test]

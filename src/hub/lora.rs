@@ -83,7 +83,7 @@ pub struct ResolvedLora {
     /// The Hub answered for it (so it can be downloaded again if deleted); false offline, or when the Hub
     /// could not be reached and the cache answered alone.
     pub hub_answered: bool,
-    /// This call put it in the cache (it was not in the snapshot before).
+    /// This call downloaded its content (the cache had it under no commit).
     pub fetched: bool,
 }
 
@@ -158,8 +158,7 @@ fn fetch(
     };
     let listed: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let file = choose(lora, &listed).map_err(Refused)?;
-    let in_cache = cache.repo_dir().join("snapshots").join(&info.sha).join(&file).exists();
-    let path = client.download(cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
+    let (path, fetched) = client.download_noting(cache, &info.sha, &file, Some(max_bytes)).map_err(|e| {
         let failed = |why: String| anyhow!("downloading {file} of LoRA {lora} failed: {why}");
         match e {
             HubError::Http(f) if !f.is_transient() => {
@@ -176,7 +175,7 @@ fn fetch(
             tracing::warn!("cannot record {}@{} in the cache: {err}", lora.repo, lora.revision);
         }
     }
-    Ok(ResolvedLora { path, hub_answered: true, fetched: !in_cache })
+    Ok(ResolvedLora { path, hub_answered: true, fetched })
 }
 
 /// Which file of the repo is the LoRA.
@@ -337,6 +336,10 @@ mod tests {
         let found_a = resolve_at(&parse(a).unwrap(), &online, Some(&hub_a.url), MAX).unwrap();
         assert!(found_a.fetched);
         used(&online, &found_a, 100);
+        // Used an hour ago, out of the grace: only the order spares it below.
+        let mark = cache.repo_dir(a).join(".sd-rbee-loras").join(COMMIT).join(DIFFUSERS_LORA_FILE);
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::OpenOptions::new().write(true).open(&mark).unwrap().set_modified(hour_ago).unwrap();
         let lora = parse(&format!("{junk}/vae.safetensors")).unwrap();
         let found = resolve_at(&lora, &online, Some(&hub_junk.url), MAX).unwrap();
         assert!(found.fetched && found.path.exists());
@@ -345,7 +348,7 @@ mod tests {
         let again = resolve_at(&lora, &online, Some(&hub_junk.url), MAX).unwrap();
         assert!(!again.fetched);
         assert_eq!(refused(&online, &again, Some(100)), Default::default(), "found in the cache: not marked again");
-        // Past the bound it goes first, although it was fetched just now; the LoRA used just now stays.
+        // Past the bound it goes first, although it was fetched just now; the LoRA used an hour ago stays.
         let trimmed = refused(&online, &found, Some(15));
         assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 10), "{trimmed:?}");
         assert!(!found.path.exists() && found_a.path.exists());

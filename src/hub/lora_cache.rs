@@ -169,7 +169,31 @@ fn marked(cache_root: &Path) -> HashMap<PathBuf, Marked> {
             }
         }
     }
+    // A blob that a file without a mark also points at (a model's, at this commit or another) is not the
+    // LoRA's to delete, nor counted: a job may name any file of any repo as its LoRA.
+    let repos: BTreeSet<PathBuf> = files.values().map(|f| f.repo_dir.clone()).collect();
+    for repo_dir in repos {
+        let mut links = Vec::new();
+        files_under(&repo_dir.join("snapshots"), &mut links);
+        for link in links {
+            let Ok(blob) = std::fs::canonicalize(&link) else { continue };
+            if files.get(&blob).is_some_and(|f| !f.links.contains(&link)) {
+                files.remove(&blob);
+            }
+        }
+    }
     files
+}
+
+/// Every file (or link) under `dir`, at any depth.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in entries(dir) {
+        match entry.symlink_metadata() {
+            Ok(meta) if meta.is_dir() => files_under(&entry, out),
+            Ok(_) => out.push(entry),
+            Err(_) => {}
+        }
+    }
 }
 
 /// After deletions in a repo folder: links left pointing at nothing go (another commit's link to a deleted
@@ -278,6 +302,29 @@ mod tests {
         assert!(!second.parent().unwrap().exists(), "the snapshot left empty goes");
         assert!(cache.repo_dir("o/two").join("snapshots").join(COMMIT).join("README.md").exists());
         assert_eq!(blobs(&cache, "o/two"), 1, "README.md's blob");
+    }
+
+    #[test]
+    fn a_blob_a_models_file_also_links_is_neither_deleted_nor_counted() {
+        let cache = FakeCache::new();
+        let root = cache.repo_dir("x/x").parent().unwrap().to_path_buf();
+        // A job named a model's VAE as its LoRA: marked (at another commit), its blob shared with the model's.
+        cache.add("o/model", COMMIT, "vae/diffusion_pytorch_model.safetensors", &"v".repeat(100));
+        let model_file =
+            cache.repo_dir("o/model").join("snapshots").join(COMMIT).join("vae/diffusion_pytorch_model.safetensors");
+        let named = cache
+            .repo_dir("o/model")
+            .join("snapshots")
+            .join("f".repeat(40))
+            .join("diffusion_pytorch_model.safetensors");
+        std::fs::create_dir_all(named.parent().unwrap()).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(std::fs::canonicalize(&model_file).unwrap(), &named).unwrap();
+        used(&named, 300 * MINUTE);
+        let other = lora(&cache, "o/other", 100, 300 * MINUTE);
+        let trimmed = trim(&root, 0, None, IN_USE_GRACE);
+        assert_eq!((trimmed.deleted.len(), trimmed.kept_bytes), (1, 0), "only the real LoRA: {trimmed:?}");
+        assert!(!other.exists() && model_file.exists() && named.exists());
     }
 
     #[test]

@@ -173,10 +173,22 @@ impl HubClient {
         file: &str,
         max_bytes: Option<u64>,
     ) -> Result<PathBuf, HubError> {
+        self.download_noting(cache, commit, file, max_bytes).map(|(path, _)| path)
+    }
+
+    /// [`Self::download`], and whether this call fetched the file's content (false: the cache had it, at
+    /// this commit or at another that shares its blob).
+    pub(super) fn download_noting(
+        &self,
+        cache: &CachedRepo,
+        commit: &str,
+        file: &str,
+        max_bytes: Option<u64>,
+    ) -> Result<(PathBuf, bool), HubError> {
         let repo_dir = cache.repo_dir();
         let pointer = repo_dir.join("snapshots").join(commit).join(file);
         if pointer.exists() {
-            return Ok(pointer);
+            return Ok((pointer, false));
         }
         let repo = cache.hf_repo(commit);
         let url = format!("{}/{}/resolve/{}/{file}", self.endpoint, repo.url(), repo.url_revision());
@@ -188,6 +200,7 @@ impl HubClient {
         let local = |what: &str, path: &Path, e: std::io::Error| {
             HubError::Local(format!("cannot {what} {} in the Hugging Face cache: {e}", path.display()))
         };
+        let mut fetched = false;
         if !blob.exists() {
             let blobs = blob.parent().expect("blobs/");
             std::fs::create_dir_all(blobs).map_err(|e| local("create", blobs, e))?;
@@ -196,13 +209,14 @@ impl HubClient {
                 let part = blob.with_extension("part");
                 self.fetch(meta.location.as_deref().unwrap_or(&url), &part, meta.size, file)?;
                 std::fs::rename(&part, &blob).map_err(|e| local("complete", &blob, e))?;
+                fetched = true;
             }
             drop(lock);
         }
         let folder = pointer.parent().expect("a file in the snapshot");
         std::fs::create_dir_all(folder).map_err(|e| local("create", folder, e))?;
         link(&blob, &pointer).map_err(|e| local("link", &pointer, e))?;
-        Ok(pointer)
+        Ok((pointer, fetched))
     }
 
     /// The file's etag and size, from a one-byte ranged request (as hf-hub and `huggingface_hub` ask).

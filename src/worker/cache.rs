@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use super::config::ModelSpec;
 use super::effects::{read_completed, store_completed};
 use super::Shared;
+use crate::diffusion::LoraWeight;
 use crate::protocol::{self, CacheContext, Completed, ImageSource, JobRequest, PROTOCOL_VERSION};
 
 /// Each model's identity (a digest of its files), by model name, worked out on first use.
@@ -23,7 +24,7 @@ pub struct Identities(tokio::sync::Mutex<HashMap<String, String>>);
 
 /// The cache key of `job` on this worker (`cache/<sha256>.msgpack`); `None` when it may not use the cache
 /// (no seed, `cache: false`, a model this worker does not serve) or its context cannot be worked out.
-pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<String> {
+pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest, loras: &[LoraWeight]) -> Option<String> {
     if !job.cache || job.seed.is_none() {
         return None;
     }
@@ -34,10 +35,9 @@ pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<
     // The model's files are local: as long as they take. The rest may wait on the store, which must not hold
     // the job up: with the store slow or down, generating beats waiting (the upload retries on its own).
     let model = identity(shared, spec).await.map_err(no_cache).ok()?;
-    // The LoRAs too, with no time limit: the job needs them anyway (its own resolve then finds them parsed),
-    // and a fetch cut off here would go on in the background (a blocking download and parse), unbounded in
-    // number as jobs come and go.
-    let loras = lora_hashes(shared, job).await.map_err(no_cache).ok()?;
+    // The job's LoRAs come resolved (once, for the run too): a fetch cut off by the time limit below would go
+    // on in the background, a blocking download and parse, unbounded in number as jobs come and go.
+    let loras = loras.iter().map(|l| hex::encode(l.lora.hash)).collect();
     let ctx = match tokio::time::timeout(STORE_WAIT, context(shared, model, loras, job)).await {
         Ok(ctx) => ctx.map_err(no_cache).ok()?,
         Err(_) => {
@@ -51,15 +51,6 @@ pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Option<
 
 /// How long the cache may wait on the store before a job generates instead.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-async fn lora_hashes(shared: &Arc<Shared>, job: &JobRequest) -> anyhow::Result<Vec<String>> {
-    if job.loras.is_empty() {
-        return Ok(Vec::new());
-    }
-    let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
-    let resolved = shared.loras.resolve(&wanted).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(resolved.iter().map(|l| hex::encode(l.lora.hash)).collect())
-}
 
 async fn context(shared: &Shared, model: String, loras: Vec<String>, job: &JobRequest) -> anyhow::Result<CacheContext> {
     Ok(CacheContext {

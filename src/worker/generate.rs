@@ -14,7 +14,7 @@ use super::control::{StopHandle, StopReason};
 use super::effects::publish_event;
 use super::policy::{Delivery, Outcome};
 use super::Shared;
-use crate::diffusion::{GenerateError, GenerationOutput, StepInfo};
+use crate::diffusion::{GenerateError, GenerationOutput, LoraWeight, StepInfo};
 use crate::generation::{self, LoadedModel, Params};
 use crate::protocol::{
     self, manifest_key, now_millis, Completed, ErrorCode, Event, ImageResult, ImageSource, JobRequest, Progress,
@@ -102,10 +102,28 @@ struct Encoded {
     height: u32,
 }
 
+/// A job's LoRAs, resolved once: for its result cache key and for its run (a failure is the run's to
+/// report, after its inputs are checked). None for a model this worker does not serve.
+pub(super) async fn resolve_loras(
+    shared: &Arc<Shared>,
+    model: &str,
+    job: &JobRequest,
+) -> Result<Vec<LoraWeight>, Failure> {
+    if job.loras.is_empty() || !shared.catalogue.contains(model) {
+        return Ok(Vec::new());
+    }
+    let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
+    shared.loras.resolve(&wanted).await.map_err(|e| match e {
+        crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
+        e => Failure::invalid("loras", e),
+    })
+}
+
 pub(super) async fn generate_and_store(
     shared: &Arc<Shared>,
     model: &str,
     job: &JobRequest,
+    loras: Result<Vec<LoraWeight>, Failure>,
     stop: &StopHandle,
     delivered: Delivery,
     received_at: u64,
@@ -139,13 +157,7 @@ pub(super) async fn generate_and_store(
         params.strength = None;
     }
     stopped()?;
-    if !job.loras.is_empty() {
-        let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
-        params.loras = shared.loras.resolve(&wanted).await.map_err(|e| match e {
-            crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
-            e => Failure::invalid("loras", e),
-        })?;
-    }
+    params.loras = loras?;
     stopped()?;
     // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
     if !shared.catalogue.is_resident(model) {
@@ -253,6 +265,8 @@ pub(super) async fn generate_and_store(
     let mut running = false;
     // The watchdog's look, once a second while the batch runs (made once: the loop turns every step).
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    // (Not a burst of the ticks missed while the job waited for its batch.)
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat = None;
     let mut last_step = None;
     let result = loop {
@@ -272,6 +286,7 @@ pub(super) async fn generate_and_store(
                 if let Ok(begun) = begun {
                     beat = Some(begun);
                     timer.as_mut().reset(tokio::time::Instant::now() + limit());
+                    watch.reset();
                 }
             }
             _ = &mut timer, if stop.reason().is_none() => {

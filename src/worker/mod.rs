@@ -248,7 +248,9 @@ impl Worker {
         if tokio::time::timeout(shared.config.grace, jobs.wait()).await.is_err() {
             tracing::warn!("grace period over: handing running jobs to other workers");
             shared.control.stop_all(StopReason::Shutdown);
-            // Each job answers its stop within a step, or within the stall timeout when its step hangs.
+            // Each job answers its stop within a step, or when its step hangs, within the stall timeout (or
+            // three times the step's time so far, when that is longer: see `BatchBeat::hung`). One still
+            // running past this is left: its message is delivered to another worker once its ack wait passes.
             let patience = shared.config.stall_timeout + Duration::from_secs(30);
             if tokio::time::timeout(patience, jobs.wait()).await.is_err() {
                 tracing::error!(

@@ -433,7 +433,7 @@ async fn a_hung_step_fails_its_job_and_stops_the_worker() {
     wait_for_empty_queue(&client).await;
 }
 
-/// A slow step is not a hung one: a job cancelled 3 s into a first step that takes 4 s (longer than
+/// A slow step is not a hung one: a job cancelled 4 s into a first step that takes 6 s (twice
 /// `--stall-timeout` already) is reported `cancelled` once that step ends, and the worker goes on serving;
 /// the watchdog gives the step three times the time it had taken when the job was told to stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +441,7 @@ async fn a_slow_first_step_stopped_late_is_not_taken_for_a_hung_device() {
     let nats = NatsServer::start();
     let store = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", store.path().display());
-    let flags = ["--step-delay", "4s", "--stall-timeout", "2s"];
+    let flags = ["--step-delay", "6s", "--stall-timeout", "2s"];
     let worker = WorkerProcess::start("w-slow", &nats.url(), &store_url, &[], &flags);
     let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
     let job = tiny_job(3, 91);
@@ -453,10 +453,16 @@ async fn a_slow_first_step_stopped_late_is_not_taken_for_a_hung_device() {
             break;
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let asked = std::time::Instant::now();
     client.cancel(job.id, None).await.unwrap();
     let events = events_of(&client, job.id, Duration::from_secs(30)).await;
-    assert!(matches!(events.last(), Some(Event::Cancelled(_))), "{events:?}");
+    let Some(Event::Cancelled(cancelled)) = events.last() else { panic!("{events:?}") };
+    // Cancelled at the end of the first step, which the cancel reached more than the stall timeout into
+    // it (its batch began within 2 s of `accepted`): the case the watchdog once took for a hang.
+    assert_eq!(cancelled.at_step, Some(1), "{events:?}");
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(4), "cancelled {took:?} after the request: the batch began too late");
     let next = tiny_job(1, 92);
     client.submit(&next).await.unwrap();
     let events = events_of(&client, next.id, Duration::from_secs(30)).await;
