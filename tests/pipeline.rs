@@ -235,4 +235,26 @@ fn a_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+    // A noise count no run reaches (replaying it would spin for ever), and latents that are not finite, are
+    // refused before anything runs.
+    let req = small_request(6);
+    let mut saved = None;
+    sd15().generate(&req, &mut |info| saved = saved.take().or(Some(info.checkpoint().unwrap())), None).unwrap();
+    let saved = saved.unwrap();
+    let mut spinning = saved.clone();
+    spinning.noise_draws = vec![u64::MAX];
+    let mut blown_up = saved;
+    blown_up.latents = (blown_up.latents * f64::NAN).unwrap();
+    for (damaged, needle) in [(spinning, "draws in, past the"), (blown_up, "not finite")] {
+        let mut req = req.clone();
+        req.resume = Some(std::sync::Arc::new(damaged));
+        let started = std::time::Instant::now();
+        match sd15().generate(&req, &mut |_| {}, None) {
+            Err(GenerateError::InvalidRequest { field: "resume", message }) => {
+                assert!(message.contains(needle), "{message}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    }
 }

@@ -338,6 +338,9 @@ pub(super) async fn generate_and_store(
         }
         Ok(Err(GenerateError::InvalidRequest { field, message })) => return Err(Failure::invalid(field, message)),
         Ok(Err(e @ GenerateError::NonFinite { .. })) => {
+            // The checkpoints this run left may hold the values that blew up: the next delivery (perhaps on
+            // a worker of another dtype) starts over.
+            super::resume::discard(shared, job.id).await;
             return Err(Failure::transient(ErrorCode::Internal, e));
         }
         Ok(Err(e)) => {
@@ -347,6 +350,11 @@ pub(super) async fn generate_and_store(
             } else {
                 ErrorCode::Internal
             };
+            if resumed_steps > 0 && code == ErrorCode::Internal {
+                // It may be the checkpoint's doing: the next delivery starts over rather than fail the same
+                // way on every one (an out-of-memory is the device's, and keeps it).
+                super::resume::discard(shared, job.id).await;
+            }
             return Err(Failure::Transient { code, message: text });
         }
         Err(_) if resumed_steps > 0 => {

@@ -31,12 +31,16 @@ pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DTy
     hex::encode(digest.finalize())
 }
 
+/// The largest checkpoint read: the largest job's (8 images of 2048², their latents and a scheduler's
+/// history of three more) takes about 40 MiB; anything far past that is no checkpoint of ours.
+const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+
 /// The checkpoint an earlier delivery of `job` left, if there is one. Looked for on every delivery (a miss
 /// is one cheap read): a job requeued at a shutdown is a new message whose delivery count starts again.
 /// Bounded: with the store unreachable (it retries for `--store-retry`), starting over beats waiting.
 pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     let key = protocol::resume_key(job.id);
-    match tokio::time::timeout(STORE_PATIENCE, shared.store.get(&key)).await {
+    match tokio::time::timeout(STORE_PATIENCE, shared.store.get_at_most(&key, MAX_CHECKPOINT_BYTES)).await {
         Ok(Ok(bytes)) => Some(bytes),
         Ok(Err(StoreError::NotFound { .. })) => None,
         Ok(Err(e)) => {

@@ -459,10 +459,23 @@ impl StableDiffusion {
         if checkpoint.latents.dims() != run.latents.dims() {
             return Err(bad(format!("latents {:?}, not {:?}", checkpoint.latents.dims(), run.latents.dims())));
         }
-        run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(run.latents.dtype())?;
+        let most = most_noise_draws(&run.latents, run.scheduler.timesteps().len())?;
+        if let Some(&draws) = checkpoint.noise_draws.iter().find(|&&d| d > most) {
+            // (Replaying them would spin for ever on a corrupt or forged count.)
+            return Err(bad(format!("the checkpoint's noise is {draws} draws in, past the {most} a run makes")));
+        }
+        let tensors =
+            std::iter::once(&checkpoint.latents).chain(checkpoint.scheduler_state.tensors.iter().map(|(_, t)| t));
+        for t in tensors {
+            if !all_finite(t)? {
+                return Err(bad("the checkpoint holds values that are not finite".into()));
+            }
+        }
+        let dtype = run.latents.dtype();
+        run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(dtype)?;
         let mut state = checkpoint.scheduler_state.clone();
         for (_, t) in &mut state.tensors {
-            *t = t.to_device(&self.device)?;
+            *t = t.to_device(&self.device)?.to_dtype(dtype)?;
         }
         run.scheduler.restore(&state).map_err(|e| bad(format!("{e:#}")))?;
         run.noise = BatchNoise::resumed(&run.seeds, &checkpoint.noise_draws);
@@ -584,6 +597,14 @@ fn first_step(steps: usize, strength: Option<f64>, scheduler: &dyn Scheduler) ->
             ((steps - run) * scheduler.order()).min(scheduler.timesteps().len())
         }
     }
+}
+
+/// The most words of its noise generator a run with `latents` and `schedule_len` timesteps draws per image:
+/// its initial noise and one draw of noise a step (ancestral schedulers), each at most four words a value,
+/// with room to spare. A checkpoint claiming more is corrupt.
+fn most_noise_draws(latents: &Tensor, schedule_len: usize) -> candle_core::Result<u64> {
+    let per_image = latents.dims().iter().skip(1).product::<usize>() as u64;
+    Ok(per_image.saturating_mul(4).saturating_mul(schedule_len as u64 + 2).saturating_add(1024))
 }
 
 fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
