@@ -175,13 +175,16 @@ pub fn fetch(args: FetchArgs) -> anyhow::Result<bool> {
 
 pub fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
     let client = args.api.client()?;
-    let mut query = format!("?limit={}", args.limit);
+    // Encoded: a model name may hold `+`, `&` or `%`.
+    let mut pairs = form_urlencoded::Serializer::new(String::new());
+    pairs.append_pair("limit", &args.limit.to_string());
     if let Some(s) = &args.state {
-        query.push_str(&format!("&state={s}"));
+        pairs.append_pair("state", s);
     }
     if let Some(m) = &args.model {
-        query.push_str(&format!("&model={m}"));
+        pairs.append_pair("model", m);
     }
+    let query = format!("?{}", pairs.finish());
     runtime()?.block_on(async {
         let list = client.jobs(&query).await?;
         if args.json {

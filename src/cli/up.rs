@@ -172,17 +172,37 @@ fn token(dir: &Path) -> anyhow::Result<String> {
     if let Ok(text) = std::fs::read_to_string(&path) {
         let token = text.trim().to_string();
         if !token.is_empty() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                if std::fs::metadata(&path)?.permissions().mode() & 0o077 != 0 {
+                    eprintln!("{} was readable by others: now by its owner alone", path.display());
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                        .with_context(|| format!("cannot restrict {}", path.display()))?;
+                }
+            }
             return Ok(token);
         }
     }
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-    std::fs::write(&path, format!("{token}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    // Readable by its owner alone from the start (not written, then restricted).
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create(true).truncate(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    std::io::Write::write_all(
+        &mut file.open(&path).with_context(|| format!("cannot write {}", path.display()))?,
+        format!("{token}\n").as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(token)
+}
+
+/// The `file://` URL of `dir`, built as a URL, not by formatting: a `#`, `?` or `%` in the path would
+/// otherwise be read as URL syntax and the results written elsewhere.
+fn store_url(dir: &Path) -> anyhow::Result<String> {
+    let url = url::Url::from_file_path(dir).map_err(|()| anyhow::anyhow!("{} is no absolute path", dir.display()))?;
+    Ok(url.to_string())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -203,7 +223,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data = args.data_dir.canonicalize()?;
     let token = token(&data)?;
-    let store = format!("file://{}", data.join("results").display());
+    let store = store_url(&data.join("results"))?;
 
     // The binary first: installing it takes a while, and the port must still be free when the server starts.
     let nats_bin = nats_server(args.nats_server, &data)?;
@@ -267,4 +287,29 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     eprintln!("stopping nats-server");
     drop(nats);
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_is_the_data_folder_whatever_its_name_holds() {
+        let dir = Path::new("/tmp/a#b?c%2Fd e/results");
+        let url = store_url(dir).unwrap();
+        assert_eq!(url::Url::parse(&url).unwrap().to_file_path().unwrap(), dir, "{url}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_token_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let made = token(dir.path()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("token")), 0o600);
+        std::fs::set_permissions(dir.path().join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(token(dir.path()).unwrap(), made, "kept");
+        assert_eq!(mode(&dir.path().join("token")), 0o600, "and restricted");
+    }
 }
