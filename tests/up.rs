@@ -1,6 +1,6 @@
-//! `sd-rbee up`: the whole fleet from one command runs jobs submitted through the API and onto the bus,
-//! stops cleanly on SIGTERM, a second `up` on the same data directory keeps the first one's token, jobs and
-//! images, and an `up` killed outright takes its services with it.
+//! `sd-rbee up`: the whole fleet from one command runs jobs submitted through the API and onto the bus (both
+//! asking for its token), stops cleanly on SIGTERM, a second `up` on the same data directory keeps the first
+//! one's token, jobs and images, and an `up` killed outright takes its services with it.
 
 use crate::common;
 
@@ -24,8 +24,11 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     let events = follow(&c, job.job_id).await;
     assert_eq!(names(&events).last(), Some(&"completed"), "{:?}", names(&events));
     let image = c.image(job.job_id, 0).await.unwrap();
-    // Straight onto the bus, as another service would publish, with `submit --nats`.
-    let nats = format!("nats://127.0.0.1:{}", first.nats_port);
+    // Straight onto the bus, as another service would publish, with `submit --nats`: with the token, which
+    // the bus asks for too.
+    let refused = async_nats::connect(format!("nats://127.0.0.1:{}", first.nats_port)).await;
+    assert!(refused.is_err(), "the bus let a client in without the token");
+    let nats = format!("nats://{}@127.0.0.1:{}", first.token, first.nats_port);
     let flags = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "3", "--wait", "--json"];
     let mut args = vec!["submit", "--nats", &nats, "-m", "tiny", "-p", "a lighthouse"];
     args.extend(flags);

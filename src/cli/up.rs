@@ -185,17 +185,24 @@ fn token(dir: &Path) -> anyhow::Result<String> {
         }
     }
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-    // Readable by its owner alone from the start (not written, then restricted).
+    write_owner_only(&path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+/// Writes `text` to `path`, readable by its owner alone from the start (not written, then restricted).
+fn write_owner_only(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new();
     file.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
-    std::io::Write::write_all(
-        &mut file.open(&path).with_context(|| format!("cannot write {}", path.display()))?,
-        format!("{token}\n").as_bytes(),
-    )
-    .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(token)
+    let mut opened = file.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        // (An existing file keeps its mode through `open`.)
+        use std::os::unix::fs::PermissionsExt;
+        opened.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::io::Write::write_all(&mut opened, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The `file://` URL of `dir`, built as a URL, not by formatting: a `#`, `?` or `%` in the path would
@@ -219,19 +226,31 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         crate::protocol::validate_model_name(name).map_err(|e| anyhow::anyhow!("--model {}", e.message))?;
         names.push(name.to_string());
     }
-    std::fs::create_dir_all(args.data_dir.join("results"))
+    // The owner's alone (when made here): it holds the images, the uploads and the token.
+    let mut folders = std::fs::DirBuilder::new();
+    folders.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut folders, 0o700);
+    folders
+        .create(args.data_dir.join("results"))
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data = args.data_dir.canonicalize()?;
     let token = token(&data)?;
+    // The bus asks for the same token: without it any local user could publish, cancel or read jobs.
+    let nats_config = data.join("nats.conf");
+    write_owner_only(&nats_config, &format!("authorization {{ token: \"{token}\" }}\n"))?;
     let store = store_url(&data.join("results"))?;
 
     // The binary first: installing it takes a while, and the port must still be free when the server starts.
     let nats_bin = nats_server(args.nats_server, &data)?;
     let port = free_port()?;
-    let nats_url = format!("nats://127.0.0.1:{port}");
+    let nats_url = format!("nats://{token}@127.0.0.1:{port}");
     let mut nats = Service::start(
         "nats-server",
         Command::new(&nats_bin)
+            // The token in a file, not on the command line, where any local user's `ps` would show it.
+            .arg("-c")
+            .arg(&nats_config)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(data.join("jetstream")),
         &data.join("nats.log"),
@@ -252,7 +271,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut workers = Vec::new();
     for i in 1..=args.workers {
         let mut command = Command::new(&exe);
-        command.args(["worker", "--nats", &nats_url, "--store", &store, "--worker-id", &format!("up-{i}")]);
+        // The bus URL, with its token, in the environment (the owner's to read), not in the arguments.
+        command.env("SD_RBEE_NATS_URL", &nats_url);
+        command.args(["worker", "--store", &store, "--worker-id", &format!("up-{i}")]);
         for model in &args.models {
             command.args(["--model", model]);
         }
