@@ -75,7 +75,7 @@ fn the_marked_examples_run_against_a_fleet() {
             .env("PATH", &path)
             .env("SD_RBEE_QUEEN_URL", format!("http://127.0.0.1:{port}"))
             .env("SD_RBEE_API_TOKEN", &fleet.token)
-            .env("SD_RBEE_NATS_URL", format!("nats://127.0.0.1:{}", fleet.nats_port))
+            .env("SD_RBEE_NATS_URL", &fleet.nats_url)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         // Its own process group, so a block that hangs is stopped with everything it started.

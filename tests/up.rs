@@ -28,7 +28,8 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     // the bus asks for too.
     let refused = async_nats::connect(format!("nats://127.0.0.1:{}", first.nats_port)).await;
     assert!(refused.is_err(), "the bus let a client in without the token");
-    let nats = format!("nats://{}@127.0.0.1:{}", first.token, first.nats_port);
+    let nats = first.nats_url.clone();
+    assert_eq!(nats, format!("nats://{}@127.0.0.1:{}", first.token, first.nats_port));
     let flags = ["--width", "64", "--height", "64", "--steps", "2", "--seed", "3", "--wait", "--json"];
     let mut args = vec!["submit", "--nats", &nats, "-m", "tiny", "-p", "a lighthouse"];
     args.extend(flags);

@@ -11,6 +11,8 @@ pub struct Up {
     pub child: Child,
     pub token: String,
     pub nats_port: u16,
+    /// The bus's URL as `up` printed it, with its token.
+    pub nats_url: String,
 }
 
 /// Starts `sd-rbee up` and reads its banner: the token and the NATS port.
@@ -30,7 +32,7 @@ pub fn up(data: &std::path::Path, port: u16) -> Up {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut token, mut nats_port) = (None, None);
+    let (mut token, mut nats_port, mut nats_url) = (None, None, None);
     let mut banner = String::new();
     while token.is_none() || nats_port.is_none() {
         let line = lines.next().unwrap_or_else(|| panic!("up ended before its banner:\n{banner}")).unwrap();
@@ -40,13 +42,14 @@ pub fn up(data: &std::path::Path, port: u16) -> Up {
             token = rest.split_whitespace().next().map(str::to_string);
         }
         if let Some(rest) = line.trim().strip_prefix("nats:") {
+            nats_url = Some(rest.trim().to_string());
             nats_port = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok());
         }
     }
     assert!(banner.starts_with(&format!("sd-rbee is up: http://127.0.0.1:{port}/")), "{banner}");
     // The rest of the banner is not read: keep the pipe drained so the process never blocks on it.
     std::thread::spawn(move || for _ in lines {});
-    Up { child, token: token.unwrap(), nats_port: nats_port.unwrap() }
+    Up { child, token: token.unwrap(), nats_port: nats_port.unwrap(), nats_url: nats_url.unwrap() }
 }
 
 // A test that fails half way leaves nothing running: `up` killed outright takes its services with it.
