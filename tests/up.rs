@@ -14,9 +14,17 @@ use sd_rbee::api::QueenClient;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     let data = tempfile::tempdir().unwrap();
+    // Open to others, as an older `up` left it: restricted below.
+    let open: std::fs::Permissions = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(data.path(), open).unwrap();
     let port = free_port();
     let first = up(data.path(), port);
     let saved = std::fs::read_to_string(data.path().join("token")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the data folder is its owner's alone");
+    }
     assert_eq!(saved.trim(), first.token);
     let base = format!("http://127.0.0.1:{port}");
     let c = QueenClient::new(&base, Some(first.token.clone())).unwrap();

@@ -171,6 +171,13 @@ fn token(dir: &Path) -> anyhow::Result<String> {
     let path = dir.join("token");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let token = text.trim().to_string();
+        // It goes into a URL and the server's configuration as it is.
+        if !token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
+            bail!(
+                "{}: a token of letters, digits, `.`, `_` and `-` only (delete it to make a new one)",
+                path.display()
+            );
+        }
         if !token.is_empty() {
             #[cfg(unix)]
             {
@@ -235,6 +242,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .create(args.data_dir.join("results"))
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data = args.data_dir.canonicalize()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::metadata(&data)?.permissions().mode() & 0o077 != 0 {
+            eprintln!("{} was open to other users: now to its owner alone", data.display());
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot restrict {}", data.display()))?;
+        }
+    }
     let token = token(&data)?;
     // The bus asks for the same token: without it any local user could publish, cancel or read jobs.
     let nats_config = data.join("nats.conf");

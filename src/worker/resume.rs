@@ -31,16 +31,25 @@ pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DTy
     hex::encode(digest.finalize())
 }
 
-/// The largest checkpoint read: the largest job's (8 images of 2048², their latents and a scheduler's
-/// history of three more) takes about 40 MiB; anything far past that is no checkpoint of ours.
-const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// The largest checkpoint a job within `limits` leaves: its latents (4 channels, one value per 8 × 8
+/// pixels) and up to five more of their size (a scheduler's history), at 8 bytes a value, and room for the
+/// header; about 117 MiB with the default limits. Anything past that is no checkpoint of ours.
+fn max_checkpoint_bytes(limits: &protocol::Limits) -> u64 {
+    let values = u64::from(limits.max_images).saturating_mul(4).saturating_mul(limits.max_pixels / 64);
+    values.saturating_mul(8 * 6).saturating_add(16 << 20)
+}
 
 /// The checkpoint an earlier delivery of `job` left, if there is one. Looked for on every delivery (a miss
 /// is one cheap read): a job requeued at a shutdown is a new message whose delivery count starts again.
 /// Bounded: with the store unreachable (it retries for `--store-retry`), starting over beats waiting.
 pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     let key = protocol::resume_key(job.id);
-    match tokio::time::timeout(STORE_PATIENCE, shared.store.get_at_most(&key, MAX_CHECKPOINT_BYTES)).await {
+    match tokio::time::timeout(
+        STORE_PATIENCE,
+        shared.store.get_at_most(&key, max_checkpoint_bytes(&shared.config.limits)),
+    )
+    .await
+    {
         Ok(Ok(bytes)) => Some(bytes),
         Ok(Err(StoreError::NotFound { .. })) => None,
         Ok(Err(e)) => {

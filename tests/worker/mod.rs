@@ -222,15 +222,17 @@ async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving(
     let mut bad_width = tiny_job(2, 1);
     bad_width.width = Some(100);
     publish_raw(bad_width.id, protocol::encode(&bad_width)).await;
-    // 3. A job only the model can reject: img2img whose strength leaves no step to run.
+    // 3. A job only the model can reject: img2img whose strength leaves no step of the model's default steps
+    // (with its steps given, the protocol refuses it first).
     let mut no_steps = tiny_job(2, 1);
+    no_steps.steps = None;
     no_steps.kind = JobKind::Img2Img;
     let mut png = Vec::new();
     image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 30]))
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
     no_steps.init_image = Some(protocol::ImageSource::Inline(png));
-    no_steps.strength = Some(0.1);
+    no_steps.strength = Some(0.001);
     publish_raw(no_steps.id, protocol::encode(&no_steps)).await;
     // 4. A job of a newer protocol version.
     let mut future = tiny_job(2, 1);

@@ -180,6 +180,8 @@ impl StableDiffusion {
         if let Some((name, t)) = state.scheduler_state.tensors.iter().find(|(_, t)| t.dims() != want) {
             return bad(format!("the checkpoint's scheduler {name} is {:?}, not {want:?}", t.dims()));
         }
+        // Here too, not only when the run takes it up: refused here, the job starts over in this delivery.
+        check_checkpoint_values(state, &want, scheduler.timesteps().len())?;
         scheduler.restore(&state.scheduler_state).map_err(|e| invalid("resume", format!("{e:#}")))
     }
 
@@ -459,18 +461,7 @@ impl StableDiffusion {
         if checkpoint.latents.dims() != run.latents.dims() {
             return Err(bad(format!("latents {:?}, not {:?}", checkpoint.latents.dims(), run.latents.dims())));
         }
-        let most = most_noise_draws(&run.latents, run.scheduler.timesteps().len())?;
-        if let Some(&draws) = checkpoint.noise_draws.iter().find(|&&d| d > most) {
-            // (Replaying them would spin for ever on a corrupt or forged count.)
-            return Err(bad(format!("the checkpoint's noise is {draws} draws in, past the {most} a run makes")));
-        }
-        let tensors =
-            std::iter::once(&checkpoint.latents).chain(checkpoint.scheduler_state.tensors.iter().map(|(_, t)| t));
-        for t in tensors {
-            if !all_finite(t)? {
-                return Err(bad("the checkpoint holds values that are not finite".into()));
-            }
-        }
+        check_checkpoint_values(checkpoint, run.latents.dims(), run.scheduler.timesteps().len())?;
         let dtype = run.latents.dtype();
         run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(dtype)?;
         let mut state = checkpoint.scheduler_state.clone();
@@ -599,12 +590,25 @@ fn first_step(steps: usize, strength: Option<f64>, scheduler: &dyn Scheduler) ->
     }
 }
 
-/// The most words of its noise generator a run with `latents` and `schedule_len` timesteps draws per image:
-/// its initial noise and one draw of noise a step (ancestral schedulers), each at most four words a value,
-/// with room to spare. A checkpoint claiming more is corrupt.
-fn most_noise_draws(latents: &Tensor, schedule_len: usize) -> candle_core::Result<u64> {
-    let per_image = latents.dims().iter().skip(1).product::<usize>() as u64;
-    Ok(per_image.saturating_mul(4).saturating_mul(schedule_len as u64 + 2).saturating_add(1024))
+/// A checkpoint's noise counts and values: no count past what a run with latents of `dims` and
+/// `schedule_len` timesteps draws (replaying a corrupt or forged one would spin for ever), and only finite
+/// values.
+fn check_checkpoint_values(state: &ResumeState, dims: &[usize], schedule_len: usize) -> Result<(), GenerateError> {
+    let bad = |message: String| Err(invalid("resume", message));
+    // Per image: its initial noise and one draw a step (ancestral schedulers), each at most two words a
+    // value (`randn_vec`), with room to spare.
+    let per_image = dims.iter().skip(1).product::<usize>() as u64;
+    let most = per_image.saturating_mul(4).saturating_mul(schedule_len as u64 + 2).saturating_add(1024);
+    if let Some(&draws) = state.noise_draws.iter().find(|&&d| d > most) {
+        return bad(format!("the checkpoint's noise is {draws} draws in, past the {most} a run makes"));
+    }
+    let tensors = std::iter::once(&state.latents).chain(state.scheduler_state.tensors.iter().map(|(_, t)| t));
+    for t in tensors {
+        if !all_finite(t)? {
+            return bad("the checkpoint holds values that are not finite".into());
+        }
+    }
+    Ok(())
 }
 
 fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
