@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use super::{
-    invalid, CancelFlag, Conditioning, EncodedPrompts, GenerateError, GeneratedImage, GenerationOutput,
+    all_finite, invalid, CancelFlag, Conditioning, EncodedPrompts, GenerateError, GeneratedImage, GenerationOutput,
     GenerationRequest, ModelFamily, ResumeState, StableDiffusion, StepInfo, Timings,
 };
 use crate::diffusion::rng::BatchNoise;
@@ -181,7 +181,7 @@ impl StableDiffusion {
             return bad(format!("the checkpoint's scheduler {name} is {:?}, not {want:?}", t.dims()));
         }
         // Here too, not only when the run takes it up: refused here, the job starts over in this delivery.
-        check_checkpoint_values(state, &want, scheduler.timesteps().len())?;
+        state.check_values(&want, scheduler.timesteps().len())?;
         scheduler.restore(&state.scheduler_state).map_err(|e| invalid("resume", format!("{e:#}")))
     }
 
@@ -235,7 +235,7 @@ impl StableDiffusion {
     }
 
     fn first_step(&self, req: &GenerationRequest, scheduler: &dyn Scheduler) -> usize {
-        first_step(req.steps, req.init.as_ref().map(|i| i.strength), scheduler)
+        schedulers::first_step(req.steps, req.init.as_ref().map(|i| i.strength), scheduler)
     }
 
     /// Runs members with one batch key together.
@@ -461,7 +461,7 @@ impl StableDiffusion {
         if checkpoint.latents.dims() != run.latents.dims() {
             return Err(bad(format!("latents {:?}, not {:?}", checkpoint.latents.dims(), run.latents.dims())));
         }
-        check_checkpoint_values(checkpoint, run.latents.dims(), run.scheduler.timesteps().len())?;
+        checkpoint.check_values(run.latents.dims(), run.scheduler.timesteps().len())?;
         let dtype = run.latents.dtype();
         run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(dtype)?;
         let mut state = checkpoint.scheduler_state.clone();
@@ -575,64 +575,4 @@ fn latent_mask(binary: &Tensor, f: usize) -> candle_core::Result<Tensor> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// diffusers' get_timesteps: img2img (a `strength`) runs the last int(steps · strength) steps, starting at
-/// index `(steps - run) · order` of the timesteps, counted in steps even where the schedule has one timestep
-/// more (trailing spacing for some step counts, such as 61, ends on an extra one).
-fn first_step(steps: usize, strength: Option<f64>, scheduler: &dyn Scheduler) -> usize {
-    match strength {
-        None => 0,
-        Some(strength) => {
-            let run = ((steps as f64 * strength) as usize).min(steps);
-            ((steps - run) * scheduler.order()).min(scheduler.timesteps().len())
-        }
-    }
-}
-
-/// A checkpoint's noise counts and values: no count past what a run with latents of `dims` and
-/// `schedule_len` timesteps draws (replaying a corrupt or forged one would spin for ever), and only finite
-/// values.
-fn check_checkpoint_values(state: &ResumeState, dims: &[usize], schedule_len: usize) -> Result<(), GenerateError> {
-    let bad = |message: String| Err(invalid("resume", message));
-    // Per image: its initial noise and one draw a step (ancestral schedulers), each at most two words a
-    // value (`randn_vec`), with room to spare.
-    let per_image = dims.iter().skip(1).product::<usize>() as u64;
-    let most = per_image.saturating_mul(4).saturating_mul(schedule_len as u64 + 2).saturating_add(1024);
-    if let Some(&draws) = state.noise_draws.iter().find(|&&d| d > most) {
-        return bad(format!("the checkpoint's noise is {draws} draws in, past the {most} a run makes"));
-    }
-    let tensors = std::iter::once(&state.latents).chain(state.scheduler_state.tensors.iter().map(|(_, t)| t));
-    for t in tensors {
-        if !all_finite(t)? {
-            return bad("the checkpoint holds values that are not finite".into());
-        }
-    }
-    Ok(())
-}
-
-fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
-    // A sum propagates NaN and inf, which a max may skip.
-    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-    Ok(s.is_finite())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::diffusion::schedulers::{SchedulerConfig, TimestepSpacing};
-
-    #[test]
-    fn img2img_starts_where_diffusers_does_even_on_a_schedule_with_an_extra_timestep() {
-        let config = SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear"}"#).unwrap();
-        let euler = |steps| schedulers::build(SchedulerKind::Euler, &config, steps, Some(TimestepSpacing::Trailing));
-        let (extra, plain) = (euler(61).unwrap(), euler(60).unwrap());
-        assert_eq!((extra.timesteps().len(), plain.timesteps().len()), (62, 60), "as numpy's arange gives them");
-        // Strength 1 runs every timestep, as diffusers' t_start = steps - int(steps * strength) = 0 does.
-        assert_eq!(first_step(61, Some(1.0), extra.as_ref()), 0);
-        assert_eq!(first_step(61, Some(0.5), extra.as_ref()), 31);
-        assert_eq!(first_step(60, Some(0.5), plain.as_ref()), 30);
-        assert_eq!(first_step(60, Some(1e-9), plain.as_ref()), 60, "nothing to run (refused before it runs)");
-        assert_eq!(first_step(61, None, extra.as_ref()), 0);
-    }
 }

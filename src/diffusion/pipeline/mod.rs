@@ -161,6 +161,13 @@ fn invalid(field: &'static str, message: impl Into<String>) -> GenerateError {
     GenerateError::InvalidRequest { field, message: message.into() }
 }
 
+/// Whether every value of `t` is finite.
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    // A sum propagates NaN and inf, which a max may skip.
+    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    Ok(s.is_finite())
+}
+
 /// A cancellation flag shared between the generator and whoever may cancel it.
 #[derive(Clone, Debug, Default)]
 pub struct CancelFlag(Arc<AtomicBool>);

@@ -9,6 +9,7 @@ use anyhow::{ensure, Context};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::GenerateError;
 use crate::diffusion::schedulers::{SchedulerKind, SchedulerState};
 
 /// The state after `step` denoising steps (counted from the run's first step, as progress counts them).
@@ -95,6 +96,28 @@ impl ResumeState {
             noise_draws: header.noise_draws,
             label: header.label,
         })
+    }
+}
+
+impl ResumeState {
+    /// Its noise counts and values: no count past what a run with latents of `dims` and `schedule_len`
+    /// timesteps draws (replaying a corrupt or forged one would spin for ever), and only finite values.
+    pub(super) fn check_values(&self, dims: &[usize], schedule_len: usize) -> Result<(), GenerateError> {
+        let bad = |message: String| Err(super::invalid("resume", message));
+        // Per image: its initial noise and one draw a step (ancestral schedulers), each at most two words a
+        // value (`randn_vec`), with room to spare.
+        let per_image = dims.iter().skip(1).product::<usize>() as u64;
+        let most = per_image.saturating_mul(4).saturating_mul(schedule_len as u64 + 2).saturating_add(1024);
+        if let Some(&draws) = self.noise_draws.iter().find(|&&d| d > most) {
+            return bad(format!("the checkpoint's noise is {draws} draws in, past the {most} a run makes"));
+        }
+        let tensors = std::iter::once(&self.latents).chain(self.scheduler_state.tensors.iter().map(|(_, t)| t));
+        for t in tensors {
+            if !super::all_finite(t)? {
+                return bad("the checkpoint holds values that are not finite".into());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -211,6 +211,19 @@ impl SchedulerState {
     }
 }
 
+/// diffusers' get_timesteps: img2img (a `strength`) runs the last int(steps · strength) steps, starting at
+/// index `(steps - run) · order` of the timesteps, counted in steps even where the schedule has one timestep
+/// more (trailing spacing for some step counts, such as 61, ends on an extra one).
+pub fn first_step(steps: usize, strength: Option<f64>, scheduler: &dyn Scheduler) -> usize {
+    match strength {
+        None => 0,
+        Some(strength) => {
+            let run = ((steps as f64 * strength) as usize).min(steps);
+            ((steps - run) * scheduler.order()).min(scheduler.timesteps().len())
+        }
+    }
+}
+
 /// A step count the schedule cannot take: the request's `steps` are at fault, not the model's config.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -356,6 +369,20 @@ mod tests {
         assert!(err.downcast_ref::<StepCountError>().is_some(), "the step count is at fault: {err:#}");
         let err = format!("{err:#}");
         assert!(err.contains("timestep -1") && err.contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn img2img_starts_where_diffusers_does_even_on_a_schedule_with_an_extra_timestep() {
+        let config = SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear"}"#).unwrap();
+        let euler = |steps| build(SchedulerKind::Euler, &config, steps, Some(TimestepSpacing::Trailing));
+        let (extra, plain) = (euler(61).unwrap(), euler(60).unwrap());
+        assert_eq!((extra.timesteps().len(), plain.timesteps().len()), (62, 60), "as numpy's arange gives them");
+        // Strength 1 runs every timestep, as diffusers' t_start = steps - int(steps * strength) = 0 does.
+        assert_eq!(first_step(61, Some(1.0), extra.as_ref()), 0);
+        assert_eq!(first_step(61, Some(0.5), extra.as_ref()), 31);
+        assert_eq!(first_step(60, Some(0.5), plain.as_ref()), 30);
+        assert_eq!(first_step(60, Some(1e-9), plain.as_ref()), 60, "nothing to run (refused before it runs)");
+        assert_eq!(first_step(61, None, extra.as_ref()), 0);
     }
 
     #[test]
