@@ -85,6 +85,19 @@ struct Cache {
 /// The most refusals remembered (each kind): past it they are forgotten, all at once.
 const MAX_REFUSALS: usize = 1024;
 
+/// Remembers why what `key` named, as it was at `stamp`, is no LoRA.
+fn remember<K: std::hash::Hash + Eq, S>(
+    refusals: &mut HashMap<K, (S, String)>,
+    key: K,
+    stamp: S,
+    why: &LoraSourceError,
+) {
+    if refusals.len() >= MAX_REFUSALS {
+        refusals.clear();
+    }
+    refusals.insert(key, (stamp, why.to_string()));
+}
+
 /// The LoRAs a process can use.
 pub struct LoraLibrary {
     dir: Option<PathBuf>,
@@ -291,11 +304,7 @@ impl LoraLibrary {
         let (hash, lora) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {
-                let mut cache = self.cache.lock();
-                if cache.refused_objects.len() >= MAX_REFUSALS {
-                    cache.refused_objects.clear();
-                }
-                cache.refused_objects.insert(key, (stamp, e.to_string()));
+                remember(&mut self.cache.lock().refused_objects, key, stamp, &e);
                 return Err(e);
             }
         };
@@ -424,11 +433,7 @@ impl LoraLibrary {
         let (hash, lora) = match self.parse_cached(shown, &bytes) {
             Ok(parsed) => parsed,
             Err(e) => {
-                let mut cache = self.cache.lock();
-                if cache.refused_files.len() >= MAX_REFUSALS {
-                    cache.refused_files.clear();
-                }
-                cache.refused_files.insert(path.to_path_buf(), (stamp, e.to_string()));
+                remember(&mut self.cache.lock().refused_files, path.to_path_buf(), stamp, &e);
                 return Err(e);
             }
         };

@@ -179,21 +179,29 @@ fn token(dir: &Path) -> anyhow::Result<String> {
             );
         }
         if !token.is_empty() {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                if std::fs::metadata(&path)?.permissions().mode() & 0o077 != 0 {
-                    eprintln!("{} was readable by others: now by its owner alone", path.display());
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                        .with_context(|| format!("cannot restrict {}", path.display()))?;
-                }
-            }
+            restrict_to_owner(&path, 0o600)?;
             return Ok(token);
         }
     }
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     write_owner_only(&path, &format!("{token}\n"))?;
     Ok(token)
+}
+
+/// Gives `path` (made by an older `up`, or by hand) `mode` when others could read it, saying so.
+fn restrict_to_owner(path: &Path, mode: u32) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if std::fs::metadata(path)?.permissions().mode() & 0o077 != 0 {
+            eprintln!("{} was open to other users: now to its owner alone", path.display());
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot restrict {}", path.display()))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
 }
 
 /// Writes `text` to `path`, readable by its owner alone from the start (not written, then restricted).
@@ -242,15 +250,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .create(args.data_dir.join("results"))
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data = args.data_dir.canonicalize()?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if std::fs::metadata(&data)?.permissions().mode() & 0o077 != 0 {
-            eprintln!("{} was open to other users: now to its owner alone", data.display());
-            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("cannot restrict {}", data.display()))?;
-        }
-    }
+    restrict_to_owner(&data, 0o700)?;
     let token = token(&data)?;
     // The bus asks for the same token: without it any local user could publish, cancel or read jobs.
     let nats_config = data.join("nats.conf");

@@ -180,7 +180,8 @@ impl StableDiffusion {
         if let Some((name, t)) = state.scheduler_state.tensors.iter().find(|(_, t)| t.dims() != want) {
             return bad(format!("the checkpoint's scheduler {name} is {:?}, not {want:?}", t.dims()));
         }
-        // Here too, not only when the run takes it up: refused here, the job starts over in this delivery.
+        // Only here: every run's checkpoint passes here before it runs (`generate_batch` keys each member), and
+        // one refused here lets the worker start the job over in the same delivery.
         state.check_values(&want, scheduler.timesteps().len())?;
         scheduler.restore(&state.scheduler_state).map_err(|e| invalid("resume", format!("{e:#}")))
     }
@@ -461,7 +462,7 @@ impl StableDiffusion {
         if checkpoint.latents.dims() != run.latents.dims() {
             return Err(bad(format!("latents {:?}, not {:?}", checkpoint.latents.dims(), run.latents.dims())));
         }
-        checkpoint.check_values(run.latents.dims(), run.scheduler.timesteps().len())?;
+        // (Its noise counts and values were checked with its batch key: `check_resume`.)
         let dtype = run.latents.dtype();
         run.latents = checkpoint.latents.to_device(&self.device)?.to_dtype(dtype)?;
         let mut state = checkpoint.scheduler_state.clone();
