@@ -48,7 +48,7 @@ impl Default for LoraLimits {
     }
 }
 
-/// Why a LoRA could not be provided. The message names the LoRA; the job field is `loras`.
+/// Why a LoRA could not be provided. The message names the LoRA; [`JobLoraError`] adds the job field.
 #[derive(Debug, thiserror::Error)]
 pub enum LoraSourceError {
     #[error("{0}")]
@@ -58,6 +58,14 @@ pub enum LoraSourceError {
     Unavailable(String),
     #[error(transparent)]
     Lora(#[from] crate::diffusion::lora::LoraError),
+}
+
+/// A job's LoRA that cannot be provided, with the job field it is about: `loras[i].name` or
+/// `loras[i].scale` for one LoRA, `loras` for the set (how many, how much memory together).
+#[derive(Debug)]
+pub struct JobLoraError {
+    pub field: String,
+    pub error: LoraSourceError,
 }
 
 /// A LoRA's file identity: when it changes, the file is read again.
@@ -228,38 +236,38 @@ impl LoraLibrary {
     }
 
     /// The LoRAs of a job, `(name, scale)` each: from `--lora-dir`, else from the store.
-    pub async fn resolve(self: &Arc<Self>, loras: &[(String, f64)]) -> Result<Vec<LoraWeight>, LoraSourceError> {
-        self.check_count(loras.len())?;
+    pub async fn resolve(self: &Arc<Self>, loras: &[(String, f64)]) -> Result<Vec<LoraWeight>, JobLoraError> {
+        let set = |error| JobLoraError { field: "loras".to_string(), error };
+        self.check_count(loras.len()).map_err(set)?;
         let mut out = Vec::with_capacity(loras.len());
-        for (name, scale) in loras {
-            check_scale(name, *scale)?;
-            validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
-            if name.contains('/') {
-                let (me, owned) = (self.clone(), name.clone());
-                let lora = tokio::task::spawn_blocking(move || me.fetch_from_hub(&owned))
-                    .await
-                    .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??;
-                out.push(LoraWeight { lora, scale: *scale });
-                self.check_total(&out, name)?;
-                continue;
-            }
-            let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
-            let in_dir = self.dir.as_ref().map(|d| d.join(format!("{stem}.safetensors"))).filter(|p| p.is_file());
-            let lora = match (in_dir, &self.store) {
-                (Some(path), _) => {
-                    let me = self.clone();
-                    tokio::task::spawn_blocking(move || me.load_file(&path, &stem))
-                        .await
-                        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))??
-                }
-                (None, Some(_)) => self.fetch_from_store(&stem).await?,
-                (None, None) => self.by_name(&stem)?,
-            };
-            out.push(LoraWeight { lora, scale: *scale });
+        for (i, (name, scale)) in loras.iter().enumerate() {
+            let at = |part: &'static str| move |error| JobLoraError { field: format!("loras[{i}].{part}"), error };
+            check_scale(name, *scale).map_err(at("scale"))?;
+            out.push(LoraWeight { lora: self.resolve_one(name).await.map_err(at("name"))?, scale: *scale });
             // At once: a job over the budget holds no more than one LoRA past it.
-            self.check_total(&out, name)?;
+            self.check_total(&out, name).map_err(set)?;
         }
         Ok(out)
+    }
+
+    /// One LoRA of a job, by its name: a Hub file (`owner/repo/file`), else the folder's or the store's.
+    async fn resolve_one(self: &Arc<Self>, name: &str) -> Result<Arc<Lora>, LoraSourceError> {
+        validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
+        let join_failed = |e: tokio::task::JoinError| LoraSourceError::Unavailable(e.to_string());
+        if name.contains('/') {
+            let (me, owned) = (self.clone(), name.to_string());
+            return tokio::task::spawn_blocking(move || me.fetch_from_hub(&owned)).await.map_err(join_failed)?;
+        }
+        let stem = name.strip_suffix(".safetensors").unwrap_or(name).to_string();
+        let in_dir = self.dir.as_ref().map(|d| d.join(format!("{stem}.safetensors"))).filter(|p| p.is_file());
+        match (in_dir, &self.store) {
+            (Some(path), _) => {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.load_file(&path, &stem)).await.map_err(join_failed)?
+            }
+            (None, Some(_)) => self.fetch_from_store(&stem).await,
+            (None, None) => self.by_name(&stem),
+        }
     }
 
     /// A LoRA stored as `<prefix><stem>.safetensors`, downloaded again only when the object changed.

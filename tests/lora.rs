@@ -328,11 +328,15 @@ mod bus {
             (publish_raw(job(2, &[("style", f64::NAN)])).await, "loras[0].scale", "NaN"),
             (publish_raw(job(3, &[("style", 1e6)])).await, "loras[0].scale", "1000000"),
             (publish_raw(job(4, &many)).await, "loras", "1000 LoRAs"),
-            (publish_raw(job(5, &[("missing", 1.0)])).await, "loras", "not in this worker's catalogue"),
-            (publish_raw(job(6, &[("pickle", 1.0)])).await, "loras", "not in this worker's catalogue"),
-            (publish_raw(job(7, &[("broken", 1.0)])).await, "loras", "broken"),
+            (
+                publish_raw(job(5, &[("style", 1.0), ("missing", 1.0)])).await,
+                "loras[1].name",
+                "not in this worker's catalogue",
+            ),
+            (publish_raw(job(6, &[("pickle", 1.0)])).await, "loras[0].name", "not in this worker's catalogue"),
+            (publish_raw(job(7, &[("broken", 1.0)])).await, "loras[0].name", "broken"),
             (publish_raw(job(8, &[("xl-style", 1.0)])).await, "loras", "SDXL"),
-            (publish_raw(job(9, &[("owner/style", 1.0)])).await, "loras", "--lora-hub"),
+            (publish_raw(job(9, &[("owner/style", 1.0)])).await, "loras[0].name", "--lora-hub"),
             (publish_raw(job(10, &[("a/b/c/d", 1.0)])).await, "loras[0].name", "not a path"),
         ];
         for (job, field, needle) in &cases {
@@ -394,7 +398,7 @@ mod bus {
         let Event::Failed(f) = last_event(&client, &missing).await else {
             panic!("a missing LoRA did not fail the job")
         };
-        assert_eq!(f.field.as_deref(), Some("loras"));
+        assert_eq!(f.field.as_deref(), Some("loras[0].name"));
         assert!(f.message.contains("nope"), "{}", f.message);
     }
 }

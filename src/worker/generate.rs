@@ -113,9 +113,9 @@ pub(super) async fn resolve_loras(
         return Ok(Vec::new());
     }
     let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
-    shared.loras.resolve(&wanted).await.map_err(|e| match e {
+    shared.loras.resolve(&wanted).await.map_err(|e| match e.error {
         crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
-        e => Failure::invalid("loras", e),
+        error => Failure::invalid(&e.field, error),
     })
 }
 
