@@ -24,6 +24,9 @@ pub const AGGREGATOR_CONSUMER: &str = "queen-aggregator";
 /// Deliveries of one event before the aggregator gives up applying it.
 const MAX_EVENT_DELIVERIES: i64 = 5;
 
+/// The most models [`ModelStats`] keeps figures for.
+const MAX_MODEL_STATS: usize = 1024;
+
 /// Recent per-model figures, for ETAs, and the queen's metrics (this queen's share of the events).
 #[derive(Clone, Default)]
 pub struct ModelStats {
@@ -51,10 +54,14 @@ struct Stat {
 impl ModelStats {
     pub fn record_completed(&self, model: &str, generation_ms: u64) {
         let mut map = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let s = map.entry(model.to_string()).or_default();
-        s.job_ms = if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
-        // Events come from the bus: sums saturate rather than overflow.
-        s.completed = s.completed.saturating_add(1);
+        // Events come from the bus, under any model name: past the bound, a new name gets no ETA figures.
+        if map.len() < MAX_MODEL_STATS || map.contains_key(model) {
+            let s = map.entry(model.to_string()).or_default();
+            s.job_ms =
+                if s.completed == 0 { generation_ms as f64 } else { 0.8 * s.job_ms + 0.2 * generation_ms as f64 };
+            // Sums saturate rather than overflow.
+            s.completed = s.completed.saturating_add(1);
+        }
         drop(map);
         self.metrics.generation(model, generation_ms);
     }

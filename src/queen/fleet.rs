@@ -189,6 +189,9 @@ const MAX_MODELS_PER_WORKER: usize = 64;
 /// The most bytes kept of a heartbeat's free-text fields (host, device, version).
 const MAX_TEXT_BYTES: usize = 256;
 
+/// The most batch sizes a heartbeat's counts are kept for (a batch of more images than this is not counted).
+const MAX_BATCH_SIZES: usize = 64;
+
 /// A heartbeat as the fleet keeps it: from the worker its subject names, claiming valid model names only,
 /// free text cut short. Anything else is refused.
 fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protocol::ProtocolError> {
@@ -219,8 +222,10 @@ fn check_heartbeat(mut hb: Heartbeat, subject: &str) -> Result<Heartbeat, protoc
     hb.loras.sort();
     hb.loras.dedup();
     // Resident models are among the served ones (so the lists stay bounded by the models check).
-    hb.resident.retain(|m| hb.models.binary_search(m).is_ok());
-    hb.resident.dedup();
+    let mut seen = std::collections::HashSet::new();
+    hb.resident.retain(|m| hb.models.binary_search(m).is_ok() && seen.insert(m.clone()));
+    // One count per batch size, each a `/metrics` series: sizes past the bound are not kept.
+    hb.batches.truncate(MAX_BATCH_SIZES);
     for text in [&mut hb.hostname, &mut hb.device, &mut hb.version] {
         protocol::cut(text, MAX_TEXT_BYTES);
     }
@@ -267,6 +272,13 @@ mod tests {
         let mut many = heartbeat("w1");
         many.models = (0..1000).map(|i| format!("m{i}")).collect();
         assert!(check_heartbeat(many, "sd.workers.w1").is_err());
+        // Resident models listed again and again, and counts for a million batch sizes, are kept bounded.
+        let mut repeated = heartbeat("w1");
+        repeated.models = vec!["a".into(), "b".into()];
+        repeated.resident = ["a", "b", "x"].iter().cycle().take(300_000).map(|m| m.to_string()).collect();
+        repeated.batches = vec![1; 1_000_000];
+        let hb = check_heartbeat(repeated, "sd.workers.w1").unwrap();
+        assert_eq!((hb.resident, hb.batches.len()), (vec!["a".to_string(), "b".to_string()], MAX_BATCH_SIZES));
 
         // A flood of ids makes room from lost workers only, never from live ones.
         let fleet = Fleet::new(Duration::from_secs(30));

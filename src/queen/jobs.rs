@@ -221,8 +221,17 @@ impl Jobs {
             let ids: Vec<Uuid> = entries.iter().map(|&(_, id)| id).collect();
             let found = records(ids, |id| self.status.get(id)).await;
             for ((seq, _), record) in entries.iter().zip(found) {
-                // A record gone with its max age (or a job that was never queued) is skipped.
-                let Some(status) = record.map_err(JobsError::bus)? else { continue };
+                // A record gone with its max age (or a job that was never queued) is skipped, and so is one
+                // that does not read back (said in the log): one bad record must not hide every page.
+                let status = match record {
+                    Ok(Some(status)) => status,
+                    Ok(None) => continue,
+                    Err(e) if e.is::<super::status::UnreadableStatus>() => {
+                        tracing::warn!("job list: {e:#}");
+                        continue;
+                    }
+                    Err(e) => return Err(JobsError::bus(e)),
+                };
                 if keep(&status) {
                     matched += 1;
                     if matched > query.offset && jobs.len() < query.limit {

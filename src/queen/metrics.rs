@@ -59,7 +59,17 @@ pub struct Metrics {
     jobs: Family<StateLabel, Gauge>,
     generation: Family<ModelLabel, Histogram, fn() -> Histogram>,
     steps: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    /// The model names labelled so far: anyone on the bus can publish a job's events under any model name,
+    /// and each would add series to every scrape for good, so past [`MAX_MODEL_LABELS`] names the rest
+    /// share [`OTHER_MODELS`].
+    models: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// The most model names the queen's histograms are labelled with.
+pub const MAX_MODEL_LABELS: usize = 256;
+
+/// The label of the models past [`MAX_MODEL_LABELS`] (not a model name: those have no parentheses).
+pub const OTHER_MODELS: &str = "(other)";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -67,6 +77,7 @@ impl Default for Metrics {
             jobs: Family::default(),
             generation: Family::new_with_constructor(seconds_histogram),
             steps: Family::new_with_constructor(seconds_histogram),
+            models: Default::default(),
         }
     }
 }
@@ -88,14 +99,21 @@ impl Metrics {
         self.jobs.get_or_create(&StateLabel { state: state.name() }).dec();
     }
 
+    /// The label for `model`: its name, or [`OTHER_MODELS`] once [`MAX_MODEL_LABELS`] others have one.
+    fn model_label(&self, model: &str) -> ModelLabel {
+        let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = models.contains(model) || (models.len() < MAX_MODEL_LABELS && models.insert(model.to_string()));
+        ModelLabel { model: Escaped(if known { model } else { OTHER_MODELS }.to_string()) }
+    }
+
     /// A completed job's generation time.
     pub fn generation(&self, model: &str, ms: u64) {
-        self.generation.get_or_create(&ModelLabel { model: Escaped(model.to_string()) }).observe(ms as f64 / 1000.0);
+        self.generation.get_or_create(&self.model_label(model)).observe(ms as f64 / 1000.0);
     }
 
     /// `steps` denoising steps took `ms` together.
     pub fn steps(&self, model: &str, steps: u32, ms: u64) {
-        let histogram = self.steps.get_or_create(&ModelLabel { model: Escaped(model.to_string()) });
+        let histogram = self.steps.get_or_create(&self.model_label(model));
         let each = ms as f64 / 1000.0 / f64::from(steps.max(1));
         for _ in 0..steps.min(1000) {
             histogram.observe(each);
@@ -140,5 +158,24 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(text.contains(r#"sd_rbee_generation_seconds_count{model="a\"b\\c"} 1"#), "{text}");
         assert!(text.contains("sd_rbee_jobs{state=\"failed\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn model_names_past_the_bound_share_one_label() {
+        let m = Metrics::default();
+        for i in 0..10 * MAX_MODEL_LABELS {
+            m.generation(&format!("m{i}"), 10);
+            m.steps(&format!("m{i}"), 2, 10);
+        }
+        m.generation("m0", 10);
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let counts: Vec<&str> = text.lines().filter(|l| l.starts_with("sd_rbee_generation_seconds_count")).collect();
+        assert_eq!(counts.len(), MAX_MODEL_LABELS + 1);
+        assert!(counts.contains(&"sd_rbee_generation_seconds_count{model=\"m0\"} 2"), "{counts:?}");
+        let other = format!("sd_rbee_generation_seconds_count{{model=\"{OTHER_MODELS}\"}} {}", 9 * MAX_MODEL_LABELS);
+        assert!(counts.contains(&other.as_str()), "{counts:?}");
     }
 }

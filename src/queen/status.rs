@@ -23,6 +23,15 @@ pub struct StatusTooLarge {
     pub bytes: usize,
 }
 
+/// A stored record that does not read back as a status (written by an older queen from an event a newer
+/// one refuses): the job list skips it rather than fail every page that holds it.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored status of job {job_id} is unreadable: {reason}")]
+pub struct UnreadableStatus {
+    pub job_id: Uuid,
+    pub reason: String,
+}
+
 /// A record [`StatusStore::update`] changed: its state before (`None`: the record was created now) and the
 /// record after.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,7 +106,8 @@ impl StatusStore {
     async fn entry(&self, job_id: Uuid) -> anyhow::Result<Option<(JobStatus, u64)>> {
         match self.kv.entry(job_id.to_string()).await? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let status = serde_json::from_slice(&e.value).context("unreadable job status")?;
+                let status =
+                    serde_json::from_slice(&e.value).map_err(|e| UnreadableStatus { job_id, reason: e.to_string() })?;
                 Ok(Some((status, e.revision)))
             }
             _ => Ok(None),
@@ -127,7 +137,7 @@ impl StatusStore {
                     if !change(&mut status) {
                         return Ok(None);
                     }
-                    match self.kv.update(&key, self.record(&status)?.into(), revision).await {
+                    match self.kv.update(&key, self.record_or_slim(&mut status)?.into(), revision).await {
                         Ok(_) => return Ok(Some(Updated { before, status })),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(e.into()),
@@ -139,7 +149,7 @@ impl StatusStore {
                     if !change(&mut status) {
                         return Ok(None);
                     }
-                    match self.kv.create(&key, self.record(&status)?.into()).await {
+                    match self.kv.create(&key, self.record_or_slim(&mut status)?.into()).await {
                         Ok(_) => return Ok(Some(Updated { before: None, status })),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                         Err(e) => return Err(e.into()),
@@ -153,6 +163,19 @@ impl StatusStore {
     /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
     /// prompts, up to eight images with their URLs, an error), else [`StatusTooLarge`] (never retried: the
     /// same event would make the same record). A page of the job list reads its records, so each stays small.
+    /// [`Self::record`], or, for a job this update ends, the record [slimmed](JobStatus::slim) when the
+    /// whole is too large: the job's end is kept whatever else has to go.
+    fn record_or_slim(&self, status: &mut JobStatus) -> anyhow::Result<Vec<u8>> {
+        match self.record(status) {
+            Err(e) if status.state.is_terminal() && e.is::<StatusTooLarge>() => {
+                tracing::warn!(job_id = %status.job_id, "{e}: kept without its request, image URLs and warnings");
+                status.slim();
+                self.record(status)
+            }
+            result => result,
+        }
+    }
+
     fn record(&self, status: &JobStatus) -> anyhow::Result<Vec<u8>> {
         let bytes = serde_json::to_vec(status)?;
         let max = self.js.client().max_payload().saturating_sub(512);

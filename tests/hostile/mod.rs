@@ -406,6 +406,27 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     };
     publish(Event::Failed(long.clone())).await;
 
+    // A completed event whose URLs pass, but which makes a record too large to store: the job still ends,
+    // its images kept without their URLs.
+    let big = Uuid::new_v4();
+    let images: Vec<protocol::ImageResult> = (0..20)
+        .map(|i| protocol::ImageResult {
+            index: i,
+            key: protocol::result_key(big, i, "png"),
+            url: Some(format!("https://bucket.example/{}", "u".repeat(4000))),
+            width: 64,
+            height: 64,
+            seed: 1,
+            bytes: 1,
+            content_type: "image/png".into(),
+        })
+        .collect();
+    let done = protocol::Completed { cached: false, v, job_id: big, at, images, timings, warnings: vec![] };
+    publish(Event::Completed(done)).await;
+    // A progress percent that is no number (JSON would write it as null, which no record reads back).
+    let nan = Uuid::new_v4();
+    publish(Event::Progress(protocol::Progress { percent: f32::NAN, ..protocol::Progress::new(nan, 3, 4, at) })).await;
+
     // A job submitted after them still has its status followed.
     let body = serde_json::json!({"model": "nobody", "prompt": "p", "width": 64, "height": 64});
     let (status, json, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
@@ -435,6 +456,21 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
         }
         assert!(start.elapsed() < Duration::from_secs(10), "events left unsettled: {info:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The poison and the large one ended, without the URLs; the NaN one reads back, and so do lists.
+    for (id, images) in [(poison, 1), (big, 20)] {
+        let (status, json, _) = queen.request("GET", &format!("/v1/jobs/{id}"), b"");
+        assert_eq!((status, json["state"].as_str()), (200, Some("completed")), "{json}");
+        let kept = json["images"].as_array().unwrap();
+        assert_eq!(kept.len(), images, "{json}");
+        assert!(kept.iter().all(|i| i.get("url").is_none()), "{json}");
+    }
+    let (status, json, _) = queen.request("GET", &format!("/v1/jobs/{nan}"), b"");
+    assert_eq!((status, json["progress"]["percent"].as_f64()), (200, Some(75.0)), "{json}");
+    for list in ["/v1/jobs", "/v1/jobs?state=running"] {
+        let (status, json, _) = queen.request("GET", list, b"");
+        assert_eq!(status, 200, "{list}: {json}");
+        assert!(json["jobs"].as_array().unwrap().iter().any(|j| j["job_id"] == nan.to_string()), "{json}");
     }
     // The long failure is kept, its message cut to the limit.
     let (status, json, _) = queen.request("GET", &format!("/v1/jobs/{}", long.job_id), b"");

@@ -7,6 +7,22 @@ use uuid::Uuid;
 use super::views::{ErrorInfo, JobState, JobStatus, ProgressInfo, RequestSummary};
 use crate::protocol::{Event, JobKind, JobRequest};
 
+/// The most images a [slimmed](JobStatus::slim) record keeps.
+pub const MAX_SLIM_IMAGES: usize = 64;
+
+/// The longest image URL a record keeps (a presigned S3 URL is about 1.5 KB).
+const MAX_IMAGE_URL_BYTES: usize = 4096;
+
+/// An `http(s)` URL of printable ASCII and at most [`MAX_IMAGE_URL_BYTES`]: what a record keeps of the URL
+/// a worker gives an image, which browsers are sent to (a `javascript:` one, or one of control characters
+/// that JSON writes as six bytes each, is left out; the API serves the image by its key).
+fn is_plain_web_url(url: &str) -> bool {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    url.len() <= MAX_IMAGE_URL_BYTES
+        && (lower.starts_with("https://") || lower.starts_with("http://"))
+        && url.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl JobStatus {
     /// A job just submitted.
     pub fn queued(job: &JobRequest, stream_seq: Option<u64>) -> Self {
@@ -43,6 +59,20 @@ impl JobStatus {
         s.kind = None;
         s.request = None;
         s
+    }
+
+    /// What is kept of a record that has grown too large to store (the bus's events and a submission at
+    /// the limits can add up past it): its state, times, error and images, without their URLs (the API
+    /// serves each image by its key), the request, or warnings but one saying so. Keeps a terminal event
+    /// from being lost, which would leave the job running for good.
+    pub fn slim(&mut self) {
+        self.request = None;
+        self.images.truncate(MAX_SLIM_IMAGES);
+        for image in &mut self.images {
+            image.url = None;
+        }
+        self.warnings =
+            vec!["the record grew too large to store: the request, image URLs and warnings are left out".into()];
     }
 
     /// What is left of the record once the job expired: its identity, state and times, without its request,
@@ -88,7 +118,7 @@ impl JobStatus {
                 self.progress = Some(ProgressInfo {
                     step: p.step,
                     total: p.total,
-                    percent: p.percent,
+                    percent: p.checked_percent(),
                     eta_ms: p.eta_ms,
                     phase: p.phase,
                 });
@@ -98,6 +128,11 @@ impl JobStatus {
                 // Anyone on the bus can publish events: what the record keeps of one is bounded, and only this
                 // job's own result keys are kept as its images (the API serves what they name).
                 self.images = c.own_images();
+                for image in &mut self.images {
+                    if image.url.as_deref().is_some_and(|u| !is_plain_web_url(u)) {
+                        image.url = None;
+                    }
+                }
                 let left_out = c.images.len() - self.images.len();
                 self.warnings = c
                     .warnings
@@ -107,7 +142,7 @@ impl JobStatus {
                     .collect();
                 if left_out > 0 {
                     self.warnings.push(format!(
-                        "{left_out} image(s) of the completed event left out: not this job's result keys"
+                        "{left_out} image(s) of the completed event left out: not this job's result keys, or listed twice"
                     ));
                 }
                 self.timings = Some(c.timings);
@@ -226,13 +261,75 @@ mod tests {
             warnings: vec!["w".into(); crate::protocol::MAX_WARNINGS],
         };
         assert!(s.apply(&Event::Completed(done)));
-        assert_eq!(s.images, vec![own]);
+        assert_eq!(s.images, vec![own.clone()]);
         assert_eq!(s.warnings.len(), crate::protocol::MAX_WARNINGS);
         assert!(
             s.warnings.last().unwrap().starts_with("2 image(s) of the completed event left out"),
             "{:?}",
             s.warnings
         );
+
+        // An index listed twice is one image; a URL that is no plain http(s) one is left out.
+        let mut s = JobStatus::unknown(id, 5);
+        let with_url = |url: &str| crate::protocol::ImageResult { url: Some(url.into()), ..own.clone() };
+        let one = image(1, crate::protocol::result_key(id, 1, "png"));
+        for (url, kept) in [
+            ("https://bucket.s3.amazonaws.com/jobs/x/0.png?X-Amz-Signature=ab%20cd", true),
+            ("HTTP://minio:9000/b/0.png", true),
+            ("javascript:alert(1)", false),
+            ("data:image/png;base64,AAAA", false),
+            ("https://host/\u{1}", false),
+            ("https://host/a b", false),
+            (&format!("https://host/{}", "a".repeat(5000)), false),
+        ] {
+            let done = Completed {
+                cached: false,
+                v: PROTOCOL_VERSION,
+                job_id: id,
+                at: 20,
+                images: vec![with_url(url), one.clone(), one.clone(), with_url("https://x/dup")],
+                timings: Timings::default(),
+                warnings: vec![],
+            };
+            let mut s = s.clone();
+            assert!(s.apply(&Event::Completed(done)));
+            assert_eq!(s.images.len(), 2, "{:?}", s.images);
+            assert_eq!(s.images[0].url.is_some(), kept, "{url}");
+            assert_eq!(
+                s.warnings,
+                ["2 image(s) of the completed event left out: not this job's result keys, or listed twice"]
+            );
+        }
+        s.apply(&Event::Completed(Completed {
+            cached: false,
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at: 20,
+            images: vec![with_url("https://bucket/0.png")],
+            timings: Timings::default(),
+            warnings: vec!["w".into()],
+        }));
+        s.slim();
+        assert_eq!((s.state, s.images.len(), s.images[0].url.as_deref()), (JobState::Completed, 1, None));
+        assert_eq!(s.warnings.len(), 1);
+    }
+
+    #[test]
+    fn a_progress_percent_that_is_no_number_is_computed_and_the_record_reads_back() {
+        let id = Uuid::new_v4();
+        for (percent, want) in [(f32::NAN, 30.0), (f32::INFINITY, 30.0), (-5.0, 0.0), (1e9, 100.0), (42.5, 42.5)] {
+            let mut s = JobStatus::unknown(id, 5);
+            assert!(s.apply(&Event::Progress(Progress { percent, ..Progress::new(id, 3, 10, 20) })));
+            assert_eq!(s.progress.as_ref().unwrap().percent, want, "{percent}");
+            let json = serde_json::to_vec(&s).unwrap();
+            assert_eq!(serde_json::from_slice::<JobStatus>(&json).unwrap(), s);
+        }
+        // Decoded from the bus, the event itself carries the computed percent.
+        let event = Event::Progress(Progress { percent: f32::NAN, ..Progress::new(id, 1, 4, 20) });
+        let Event::Progress(p) = crate::protocol::decode_event(&crate::protocol::encode(&event)).unwrap() else {
+            panic!("not a progress event")
+        };
+        assert_eq!(p.percent, 25.0);
     }
 
     #[test]

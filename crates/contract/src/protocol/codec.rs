@@ -74,9 +74,14 @@ pub fn decode_job(bytes: &[u8]) -> Result<JobRequest, ProtocolError> {
     decode_versioned(bytes, "job")
 }
 
-/// Decodes an event.
+/// Decodes an event, with a progress event's percent made one every reader can keep
+/// ([`Progress::checked_percent`](super::Progress::checked_percent)).
 pub fn decode_event(bytes: &[u8]) -> Result<Event, ProtocolError> {
-    decode_versioned(bytes, "event")
+    let mut event = decode_versioned(bytes, "event")?;
+    if let Event::Progress(p) = &mut event {
+        p.percent = p.checked_percent();
+    }
+    Ok(event)
 }
 
 /// Decodes a heartbeat.

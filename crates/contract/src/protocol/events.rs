@@ -106,10 +106,19 @@ pub enum JobPhase {
     Loading,
 }
 
+/// `step` of `total` as a percentage, 0–100.
+fn percent_of(step: u32, total: u32) -> f32 {
+    if total == 0 {
+        0.0
+    } else {
+        (100.0 * f64::from(step) / f64::from(total)).min(100.0) as f32
+    }
+}
+
 impl Progress {
     /// A progress event at `at`, with `percent` computed from `step` and `total`.
     pub fn new(job_id: Uuid, step: u32, total: u32, at: u64) -> Self {
-        let percent = if total == 0 { 0.0 } else { (100.0 * f64::from(step) / f64::from(total)).min(100.0) as f32 };
+        let percent = percent_of(step, total);
         Self {
             v: PROTOCOL_VERSION,
             job_id,
@@ -121,6 +130,16 @@ impl Progress {
             preview_jpeg: None,
             phase: None,
             resumed_from_step: None,
+        }
+    }
+
+    /// The percent a reader can keep: anyone on the bus can publish events, and a NaN or infinite one
+    /// would be written as JSON `null`, which no status record or client reads back. Such a value is
+    /// computed from `step` and `total`; any other is clamped to 0–100.
+    pub fn checked_percent(&self) -> f32 {
+        match self.percent.is_finite() {
+            true => self.percent.clamp(0.0, 100.0),
+            false => percent_of(self.step, self.total),
         }
     }
 }
@@ -208,8 +227,10 @@ impl Completed {
     /// The images that are the job's own results ([`super::is_result_of`]): all of them, from a worker. Anyone on
     /// the bus can publish events, and a manifest or cached result is read back from the store, so whatever lists
     /// a job's images to be kept, served or copied takes these.
+    /// Each index once (the first listed): an event listing one key a thousand times is no thousand images.
     pub fn own_images(&self) -> Vec<ImageResult> {
-        self.images.iter().filter(|i| super::is_result_of(i, self.job_id)).cloned().collect()
+        let mut seen = std::collections::HashSet::new();
+        self.images.iter().filter(|i| super::is_result_of(i, self.job_id) && seen.insert(i.index)).cloned().collect()
     }
 
     /// The first image that is not one of the job's own results, if any.
