@@ -3,7 +3,7 @@ import { QueenProvider, useGenerate } from "@sd-rbee/react";
 import { useCallback, useEffect, useMemo, useRef, useState } from "react";
 
 import { WorkspaceContext, type Picture } from "./workspace";
-import { EMPTY_FORM, type FormState } from "./form";
+import { EMPTY_FORM, type Attempt, type FormState } from "./form";
 import { FleetPage } from "./FleetPage";
 import { GalleryPage } from "./GalleryPage";
 import { GeneratePage } from "./GeneratePage";
@@ -16,17 +16,32 @@ const TITLES: Record<Route["page"], string> = { generate: "Generate", gallery: "
 
 export function App() {
   const [token, setToken] = useState<string | null>(savedToken);
+  const [refused, setRefused] = useState(false);
   const tokenRef = useRef(token);
   tokenRef.current = token;
-  const client = useMemo(() => new QueenClient({ token: () => tokenRef.current }), []);
   const signIn = useCallback((t: string) => {
     saveToken(t);
+    setRefused(false);
     setToken(t);
   }, []);
   const signOut = useCallback(() => {
     saveToken(null);
     setToken(null);
   }, []);
+  // One client per token. Any 401 it gets means the token was revoked (or the queen restarted with others):
+  // sign out there, as every caller catches its errors. Not for an answer to a token already replaced.
+  const client = useMemo(
+    () =>
+      new QueenClient({
+        token,
+        onUnauthorized: () => {
+          if (!token || tokenRef.current !== token) return;
+          setRefused(true);
+          signOut();
+        },
+      }),
+    [token, signOut],
+  );
   const route = useRoute();
   const main = useRef<HTMLElement>(null);
   useEffect(() => {
@@ -34,7 +49,7 @@ export function App() {
     main.current?.focus();
   }, [route]);
 
-  if (!token) return <SignIn client={client} onSignedIn={signIn} />;
+  if (!token) return <SignIn client={client} onSignedIn={signIn} notice={refused ? "The queen refused the saved token: it may have been revoked. Sign in again." : undefined} />;
   return (
     <QueenProvider client={client}>
         <WorkspaceProvider>
@@ -62,22 +77,9 @@ export function App() {
           {route.page === "fleet" && <FleetPage />}
           {route.page === "job" && <JobPage id={route.id} />}
         </main>
-        <Unauthorized onSignOut={signOut} />
         </WorkspaceProvider>
     </QueenProvider>
   );
-}
-
-/** Signs out when any request is refused for its token (it was revoked since signing in). */
-function Unauthorized({ onSignOut }: { onSignOut: () => void }) {
-  useEffect(() => {
-    const onRejection = (e: PromiseRejectionEvent) => {
-      if ((e.reason as { code?: string })?.code === "UNAUTHORIZED") onSignOut();
-    };
-    addEventListener("unhandledrejection", onRejection);
-    return () => removeEventListener("unhandledrejection", onRejection);
-  }, [onSignOut]);
-  return null;
 }
 
 const FORM_KEY = "sd-rbee.form";
@@ -92,11 +94,30 @@ function savedForm(): FormState {
 }
 
 /** The generate page's form (kept in this tab's session storage), picture and job, alive across pages. */
-function WorkspaceProvider({ children }: { children: React.ReactNode }) {
+export function WorkspaceProvider({ children }: { children: React.ReactNode }) {
   const [form, setForm] = useState<FormState>(savedForm);
-  const [init, setInit] = useState<Picture | null>(null);
+  const [init, setInitState] = useState<Picture | null>(null);
+  const initRef = useRef<Picture | null>(null);
+  // A picture's object URL holds its whole file: let go of it once the picture is replaced or removed.
+  const setInit = useCallback((p: Picture | null) => {
+    const old = initRef.current;
+    if (old && old.url !== p?.url) URL.revokeObjectURL(old.url);
+    initRef.current = p;
+    setInitState(p);
+  }, []);
+  useEffect(
+    () => () => {
+      if (initRef.current) URL.revokeObjectURL(initRef.current.url);
+    },
+    [],
+  );
   const job = useGenerate();
   const mask = useRef<{ src: string; data: ImageData } | null>(null);
+  const attempt = useRef<Attempt | null>(null);
+  // A job came back: the next submission is a new one, with a new idempotency key.
+  useEffect(() => {
+    if (job.jobId) attempt.current = null;
+  }, [job.jobId]);
   useEffect(() => {
     try {
       sessionStorage.setItem(FORM_KEY, JSON.stringify(form));
@@ -104,5 +125,5 @@ function WorkspaceProvider({ children }: { children: React.ReactNode }) {
       // storage full or disabled: the form lasts as long as the page
     }
   }, [form]);
-  return <WorkspaceContext.Provider value={{ form, setForm, init, setInit, job, mask }}>{children}</WorkspaceContext.Provider>;
+  return <WorkspaceContext.Provider value={{ form, setForm, init, setInit, job, mask, attempt }}>{children}</WorkspaceContext.Provider>;
 }

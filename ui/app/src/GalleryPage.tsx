@@ -6,7 +6,7 @@ import { JOB_STATES, type JobState, type JobStatus } from "@sd-rbee/sdk";
 import { useState } from "react";
 
 import { ago } from "./format";
-import { imageUrl, ResultImage } from "./images";
+import { presignedUrl, ResultImage } from "./images";
 import { href } from "./route";
 
 const PAGE = 24;
@@ -83,7 +83,7 @@ function Card({ job }: { job: JobStatus }) {
   const prompt = job.request?.prompt ?? "(published on the bus)";
   return (
     <a className="card" href={href({ page: "job", id: job.job_id })} data-testid="job-card" data-state={job.state}>
-      <div className="thumb">{first ? <ResultImage url={imageUrl(job, first)} alt="" loading="lazy" /> : <span className={`badge state-${job.state}`}>{job.state}</span>}</div>
+      <div className="thumb">{first ? <ResultImage jobId={job.job_id} index={first.index} url={presignedUrl(first)} alt="" loading="lazy" /> : <span className={`badge state-${job.state}`}>{job.state}</span>}</div>
       <div className="card-text">
         <span className="prompt">{prompt}</span>
         <span className="muted">

@@ -4,7 +4,7 @@ import { ApiError, type LimitsView, type ModelInfo } from "@sd-rbee/sdk";
 import { cloneElement, useEffect, useMemo, useRef, useState, type FormEvent, type ReactElement } from "react";
 
 import { picture, useWorkspace, type Picture } from "./workspace";
-import { modelDefaults, SIZE_PRESETS, toSubmission, type FieldError, type FormState, type Mode } from "./form";
+import { attemptFor, modelDefaults, SIZE_PRESETS, toSubmission, type FieldError, type FormState, type Mode } from "./form";
 import { LivePanel } from "./LivePanel";
 import { MaskEditor, type MaskHandle } from "./MaskEditor";
 
@@ -18,9 +18,10 @@ export function GeneratePage() {
   const client = useQueen();
   const models = useModels({ refreshMs: 15000 });
   const limits = useLimits();
-  const { form, setForm, init, setInit, job, mask: keptMask } = useWorkspace();
+  const { form, setForm, init, setInit, job, mask: keptMask, attempt } = useWorkspace();
   const [errors, setErrors] = useState<FieldError[]>([]);
   const [uploading, setUploading] = useState(false);
+  const uploads = useRef<AbortController | null>(null);
   const mask = useRef<MaskHandle>(null);
   // The first model by default; each model's defaults show in the empty fields.
   const list = models.data ?? [];
@@ -47,24 +48,34 @@ export function GeneratePage() {
     e.preventDefault();
     setErrors([]);
     const needsInit = form.mode !== "txt2img";
-    let check = toSubmission(form, limits.data, { lastSeed, initImage: needsInit && init ? { object_key: "pending" } : undefined, mask: form.mode === "inpaint" && mask.current && !mask.current.isEmpty() ? { object_key: "pending" } : undefined });
+    const initSize = needsInit && init ? { width: init.width, height: init.height } : undefined;
+    let check = toSubmission(form, limits.data, { lastSeed, initSize, initImage: needsInit && init ? { object_key: "pending" } : undefined, mask: form.mode === "inpaint" && mask.current && !mask.current.isEmpty() ? { object_key: "pending" } : undefined });
     if (check.errors.length) {
       setErrors(check.errors);
       document.getElementById(`f-${check.errors[0]!.field}`)?.focus();
       return;
     }
+    // One idempotency key per attempt: trying the same form again after an answer that never came gets the
+    // job the queen may have queued already, not a second one. A new key once the form, the picture or the
+    // mask changed, or a job came back (the workspace forgets the attempt then).
+    const key = (attempt.current = attemptFor(attempt.current, [form, init, keptMask.current?.data])).key;
+    const controller = new AbortController();
+    uploads.current = controller;
     try {
       setUploading(true);
-      const initKey = needsInit && init ? (await client.upload(init.blob)).object_key : undefined;
-      const maskKey = form.mode === "inpaint" && mask.current ? (await client.upload(await mask.current.toBlob())).object_key : undefined;
-      check = toSubmission(form, limits.data, { lastSeed, initImage: initKey ? { object_key: initKey } : undefined, mask: maskKey ? { object_key: maskKey } : undefined });
+      const initKey = needsInit && init ? (await client.upload(init.blob, { signal: controller.signal })).object_key : undefined;
+      const maskKey = form.mode === "inpaint" && mask.current ? (await client.upload(await mask.current.toBlob(), { signal: controller.signal })).object_key : undefined;
+      check = toSubmission(form, limits.data, { lastSeed, initSize, initImage: initKey ? { object_key: initKey } : undefined, mask: maskKey ? { object_key: maskKey } : undefined });
     } catch (e) {
+      // Cancelled: nothing to say.
+      if (controller.signal.aborted) return;
       setErrors([{ field: e instanceof ApiError && e.field ? e.field : "init_image", message: `Cannot upload the picture: ${(e as Error).message}` }]);
       return;
     } finally {
+      if (uploads.current === controller) uploads.current = null;
       setUploading(false);
     }
-    void job.submit(check.submission!);
+    void job.submit(check.submission!, { idempotencyKey: key });
   };
 
   const choose = async (file: File | undefined | null) => {
@@ -209,6 +220,11 @@ export function GeneratePage() {
           <button type="submit" className="primary" disabled={uploading || job.state === "submitting"}>
             {uploading ? "Uploading…" : running ? "Generate another" : "Generate"}
           </button>
+          {uploading && (
+            <button type="button" className="quiet" onClick={() => uploads.current?.abort()}>
+              Cancel upload
+            </button>
+          )}
         </div>
       </form>
       <LivePanel job={job} onCancel={job.cancel} />

@@ -56,7 +56,8 @@ export function LivePanel({ job, onCancel }: { job: LiveJob; onCancel: () => voi
         </p>
       )}
       {(active || job.percent > 0) && job.state !== "completed" && <ProgressBar job={job} />}
-      {active && job.jobId && (
+      {/* Also while submitting: a submission the queen does not answer can be given up. */}
+      {active && (
         <button type="button" className="danger" onClick={onCancel}>
           Cancel
         </button>

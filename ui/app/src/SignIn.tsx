@@ -2,7 +2,7 @@ import { ApiError, QueenClient } from "@sd-rbee/sdk";
 import { useState, type FormEvent } from "react";
 
 /** Asks for an API token and checks it against the queen before keeping it. */
-export function SignIn({ client, onSignedIn }: { client: QueenClient; onSignedIn: (token: string) => void }) {
+export function SignIn({ client, onSignedIn, notice }: { client: QueenClient; onSignedIn: (token: string) => void; notice?: string }) {
   const [token, setToken] = useState("");
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
@@ -27,6 +27,11 @@ export function SignIn({ client, onSignedIn }: { client: QueenClient; onSignedIn
     <main className="signin">
       <form onSubmit={submit} aria-labelledby="signin-title" noValidate>
         <h1 id="signin-title">sd-rbee</h1>
+        {notice && (
+          <p className="error" role="status">
+            {notice}
+          </p>
+        )}
         <p>Sign in with an API token of this queen. It is kept in this browser until you sign out.</p>
         <label htmlFor="token">API token</label>
         <input

@@ -81,6 +81,8 @@ export interface FieldError {
 
 export interface Inputs {
   initImage?: ImageInput;
+  /** The init picture's size: without a width and height, the job's size is the picture's own. */
+  initSize?: { width: number; height: number };
   mask?: ImageInput;
   /** The seed of the last result (for `reuse`). */
   lastSeed?: number;
@@ -149,6 +151,11 @@ export function toSubmission(form: FormState, limits: LimitsView | undefined, in
   if (form.mode !== "txt2img") {
     if (!inputs.initImage) errors.push({ field: "init_image", message: "choose a picture to start from" });
     else submission.init_image = inputs.initImage;
+    // A side not given is the picture's: the worker would refuse it only once the job is its turn.
+    const size = inputs.initSize;
+    if (size && ((width === undefined && size.width > maxSide) || (height === undefined && size.height > maxSide))) {
+      errors.push({ field: "init_image", message: `the picture is ${size.width} × ${size.height}, over the ${maxSide} pixels a side this queen allows: give a width and height to resize it to, or scale it down` });
+    }
     const strength = decimal("strength", form.strength, 0, 1, errors);
     if (strength !== undefined) submission.strength = strength;
     submission.kind = form.mode;
@@ -162,6 +169,31 @@ export function toSubmission(form: FormState, limits: LimitsView | undefined, in
     submission.paste_back = form.pasteBack;
   }
   return errors.length ? { errors } : { submission, errors };
+}
+
+/** One attempt at a submission: its idempotency key, and what it was made for. */
+export interface Attempt {
+  key: string;
+  of: readonly unknown[];
+}
+
+/** The attempt to submit `of` (the form, the picture, the mask) under: `last` again while each of them is the
+ * same (a retry after an answer that never came, which the queen maps to its first job by the key), else a new
+ * one. */
+export function attemptFor(last: Attempt | null, of: readonly unknown[]): Attempt {
+  if (last && last.of.length === of.length && last.of.every((v, i) => Object.is(v, of[i]))) return last;
+  return { key: newKey(), of };
+}
+
+/** A random (v4) UUID. `crypto.randomUUID` exists only in secure contexts, and a queen may serve the page over
+ * plain http on its network. */
+export function newKey(): string {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6]! & 0x0f) | 0x40;
+  b[8] = (b[8]! & 0x3f) | 0x80;
+  const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
 }
 
 const text = (v: number | null | undefined) => (v === undefined || v === null ? "" : String(v));

@@ -1,30 +1,47 @@
-// Result images: the queen's own image URLs need the bearer token, so they are fetched and shown as blob
-// URLs; presigned object-store URLs are shown as they are.
+// Result images. Their bytes always come through the API (`GET /v1/jobs/{id}/images/{n}`, with the token):
+// the page's CSP lets it connect to its own origin only, and a presigned object-store URL expires after 24 h.
+// A presigned URL is only shown as an <img> (which the CSP allows), falling back to the API when it fails.
 import { useQueen } from "@sd-rbee/react";
-import type { ImageResult, JobStatus } from "@sd-rbee/sdk";
+import type { ImageResult } from "@sd-rbee/sdk";
 import { useEffect, useState, type ImgHTMLAttributes } from "react";
 
-/** Where image `image` of `job` is: its presigned URL, else the API's image endpoint. */
-export function imageUrl(job: Pick<JobStatus, "job_id">, image: ImageResult): string {
-  return image.url ?? `/v1/jobs/${job.job_id}/images/${image.index}`;
+/** The API's route of image `index` of job `jobId` (it needs the token). */
+export function imagePath(jobId: string, index: number): string {
+  return `/v1/jobs/${encodeURIComponent(jobId)}/images/${index}`;
 }
 
-function needsToken(url: string): boolean {
-  return url.startsWith("/v1/");
+/** `url` when an <img> may show it as it is: an absolute http(s) URL (a presigned one); not the API's own
+ * routes (they need the token), nor any other scheme (the URL comes from a worker, unchecked). */
+export function directUrl(url: string | null | undefined): string | undefined {
+  if (!url) return undefined;
+  try {
+    const u = new URL(url);
+    return u.protocol === "https:" || u.protocol === "http:" ? u.href : undefined;
+  } catch {
+    // relative (the API's route) or not a URL
+    return undefined;
+  }
 }
 
-/** The image at `url` as a URL an <img> can show (a blob URL for the API's own, revoked when unused). */
-export function useImageSrc(url: string | undefined): { src?: string; error?: Error } {
+/** Where image `image` of a job may be shown from directly: its presigned URL (of the status's `image_urls`,
+ * else the image's own `url`), if any. */
+export function presignedUrl(image: Pick<ImageResult, "url">, listed?: string): string | undefined {
+  return directUrl(listed) ?? directUrl(image.url);
+}
+
+/** Image `index` of job `jobId`, fetched with the token, as a blob URL an <img> can show (revoked when unused);
+ * nothing while `jobId` is undefined. */
+export function useImageSrc(jobId: string | undefined, index: number): { src?: string; error?: Error } {
   const client = useQueen();
   const [state, setState] = useState<{ src?: string; error?: Error }>({});
   useEffect(() => {
-    if (!url) return setState({});
-    if (!needsToken(url)) return setState({ src: url });
+    if (jobId === undefined) return setState({});
     const controller = new AbortController();
     let made: string | undefined;
+    setState({});
     (async () => {
       try {
-        const blob = await (await client.send("GET", url, { signal: controller.signal })).blob();
+        const blob = await client.image(jobId, index, { signal: controller.signal });
         made = URL.createObjectURL(blob);
         if (!controller.signal.aborted) setState({ src: made });
       } catch (error) {
@@ -36,27 +53,25 @@ export function useImageSrc(url: string | undefined): { src?: string; error?: Er
       controller.abort();
       if (made) URL.revokeObjectURL(made);
     };
-  }, [client, url]);
+  }, [client, jobId, index]);
   return state;
 }
 
-/** The image's bytes, for downloading it or starting from it. */
-export async function fetchImage(client: ReturnType<typeof useQueen>, url: string): Promise<Blob> {
-  if (needsToken(url)) return (await client.send("GET", url)).blob();
-  const r = await fetch(url);
-  if (!r.ok) throw new Error(`cannot fetch the image (HTTP ${r.status})`);
-  return r.blob();
-}
-
-export function ResultImage({ url, alt, ...rest }: { url: string; alt: string } & ImgHTMLAttributes<HTMLImageElement>) {
-  const { src, error } = useImageSrc(url);
+/** Image `index` of job `jobId`: from its presigned `url` when it has one, else (or once that fails to load,
+ * e.g. expired) through the API. */
+export function ResultImage({ jobId, index, url, alt, ...rest }: { jobId: string; index: number; url?: string; alt: string } & ImgHTMLAttributes<HTMLImageElement>) {
+  const direct = directUrl(url);
+  const [failed, setFailed] = useState<string | undefined>(undefined);
+  const viaApi = !direct || failed === direct;
+  const { src, error } = useImageSrc(viaApi ? jobId : undefined, index);
+  if (!viaApi) return <img {...rest} src={direct} alt={alt} onError={() => setFailed(direct)} />;
   if (error) return <span className="img-error">Image unavailable: {error.message}</span>;
   if (!src) return <span className="img-loading" aria-label="Loading image" />;
-  return <img src={src} alt={alt} {...rest} />;
+  return <img {...rest} src={src} alt={alt} />;
 }
 
-/** A link that downloads the image under `name`. */
-export function DownloadLink({ url, name }: { url: string; name: string }) {
+/** A button that downloads image `index` of job `jobId` (through the API) under `name`. */
+export function DownloadLink({ jobId, index, name }: { jobId: string; index: number; name: string }) {
   const client = useQueen();
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
@@ -64,7 +79,7 @@ export function DownloadLink({ url, name }: { url: string; name: string }) {
     setBusy(true);
     setError(null);
     try {
-      const blob = await fetchImage(client, url);
+      const blob = await client.image(jobId, index);
       const a = document.createElement("a");
       a.href = URL.createObjectURL(blob);
       a.download = name;

@@ -8,8 +8,20 @@ export function parseRoute(hash: string): Route {
   const [head, id] = path.split("/");
   if (head === "gallery") return { page: "gallery" };
   if (head === "fleet") return { page: "fleet" };
-  if (head === "jobs" && id) return { page: "job", id: decodeURIComponent(id) };
+  if (head === "jobs" && id) {
+    const decoded = decode(id);
+    if (decoded !== undefined) return { page: "job", id: decoded };
+  }
   return { page: "generate" };
+}
+
+/** `text` URI-decoded, or `undefined` when it is not valid (`%ZZ`): a hand-edited link must not break the page. */
+function decode(text: string): string | undefined {
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return undefined;
+  }
 }
 
 export function href(route: Route): string {

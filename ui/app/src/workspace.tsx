@@ -3,7 +3,7 @@
 import type { Generate } from "@sd-rbee/react";
 import { createContext, useContext } from "react";
 
-import type { FormState } from "./form";
+import type { Attempt, FormState } from "./form";
 
 /** A picture to start from, decoded (its size is the mask's). */
 export interface Picture {
@@ -19,10 +19,13 @@ export interface Workspace {
   form: FormState;
   setForm: (f: FormState | ((old: FormState) => FormState)) => void;
   init: Picture | null;
+  /** Replaces the picture; the one replaced (or removed) has its object URL revoked. */
   setInit: (p: Picture | null) => void;
   job: Generate;
   /** The mask painted over `init`, as it was when the generate page was last left. */
   mask: { current: { src: string; data: ImageData } | null };
+  /** The last attempt at submitting, until a job came back from it (its idempotency key is reused meanwhile). */
+  attempt: { current: Attempt | null };
 }
 
 export const WorkspaceContext = createContext<Workspace | null>(null);
@@ -32,7 +35,6 @@ export function useWorkspace(): Workspace {
   if (!w) throw new Error("no workspace");
   return w;
 }
-
 
 /** A picture the browser can read, with its size. */
 export async function picture(blob: Blob): Promise<Picture> {

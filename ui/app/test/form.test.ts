@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 
 import type { JobStatus, LimitsView } from "@sd-rbee/sdk";
-import { EMPTY_FORM, fromJob, toSubmission, type FormState } from "../src/form";
+import { attemptFor, EMPTY_FORM, fromJob, newKey, toSubmission, type FormState } from "../src/form";
 
 const limits = {
   max_prompt_bytes: 4096,
@@ -47,6 +47,40 @@ describe("toSubmission", () => {
       lastSeed: 99,
     });
     expect(submission).toMatchObject({ kind: "inpaint", init_image: { object_key: "uploads/i.png" }, mask: { object_key: "uploads/m.png" }, strength: 0.7, mask_blur: 6, invert_mask: true, paste_back: false, seed: 99 });
+  });
+});
+
+describe("init picture size", () => {
+  it("refuses a picture over max_side when the job would take its size, not when a size is given", () => {
+    const big = { initImage: { object_key: "k" }, initSize: { width: 3000, height: 1000 } };
+    const refused = toSubmission(form({ mode: "img2img" }), limits, big);
+    expect(refused.errors).toHaveLength(1);
+    expect(refused.errors[0]).toMatchObject({ field: "init_image" });
+    expect(refused.errors[0]!.message).toContain("3000 × 1000");
+    expect(toSubmission(form({ mode: "img2img", width: "1024", height: "512" }), limits, big).errors).toEqual([]);
+    expect(toSubmission(form({ mode: "img2img" }), limits, { ...big, initSize: { width: 2048, height: 1024 } }).errors).toEqual([]);
+  });
+});
+
+describe("attemptFor", () => {
+  it("keeps the idempotency key while the form, picture and mask are the same, and makes a new one otherwise", () => {
+    const f = form({});
+    const first = attemptFor(null, [f, null, undefined]);
+    expect(first.key).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    expect(attemptFor(first, [f, null, undefined])).toBe(first);
+    expect(attemptFor(first, [{ ...f }, null, undefined]).key).not.toBe(first.key);
+    expect(attemptFor(first, [f, { url: "blob:x" }, undefined]).key).not.toBe(first.key);
+    expect(attemptFor(null, [f, null, undefined]).key).not.toBe(first.key);
+  });
+
+  it("makes a UUID without crypto.randomUUID (a page served over plain http)", () => {
+    const randomUUID = crypto.randomUUID;
+    try {
+      Object.defineProperty(crypto, "randomUUID", { value: undefined, configurable: true });
+      expect(newKey()).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    } finally {
+      Object.defineProperty(crypto, "randomUUID", { value: randomUUID, configurable: true });
+    }
   });
 });
 

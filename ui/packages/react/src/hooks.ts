@@ -1,6 +1,6 @@
 // React hooks over @sd-rbee/sdk. Every hook takes its client from <QueenProvider>.
 import { createContext, createElement, useCallback, useContext, useEffect, useRef, useState, type ReactNode } from "react";
-import { isAbort, type JobFilter, type JobList, type JobSubmission, type LimitsView, type ModelInfo, type QueenClient, type StatusView, type WorkerInfo } from "@sd-rbee/sdk";
+import { ApiError, isAbort, type JobFilter, type JobList, type JobSubmission, type LimitsView, type ModelInfo, type QueenClient, type StatusView, type WorkerInfo } from "@sd-rbee/sdk";
 
 import { applyEvent, applyStatus, IDLE, type LiveJob } from "./live.js";
 
@@ -26,7 +26,8 @@ export interface Resource<T> {
   reload: () => void;
 }
 
-/** `load` run when `key` changes (and every `refreshMs` when given), aborted when superseded or unmounted. */
+/** `load` run when `key` changes (and again `refreshMs` after each answer when given), aborted when superseded
+ * or unmounted. */
 export function useResource<T>(load: (client: QueenClient, signal: AbortSignal) => Promise<T>, key: string, refreshMs?: number): Resource<T> {
   const client = useQueen();
   const [state, setState] = useState<{ data?: T; error?: Error; loading: boolean }>({ loading: true });
@@ -35,14 +36,22 @@ export function useResource<T>(load: (client: QueenClient, signal: AbortSignal) 
   loadRef.current = load;
   useEffect(() => {
     const controller = new AbortController();
+    let timer: ReturnType<typeof setTimeout> | undefined;
     setState((s) => ({ ...s, loading: true }));
-    loadRef.current(client, controller.signal).then(
-      (data) => setState({ data, loading: false }),
-      (error: Error) => {
-        if (!isAbort(error)) setState((s) => ({ data: s.data, error, loading: false }));
-      },
-    );
-    const timer = refreshMs ? setTimeout(() => setTick((t) => t + 1), refreshMs) : undefined;
+    loadRef.current(client, controller.signal)
+      .then(
+        (data) => {
+          if (!controller.signal.aborted) setState({ data, loading: false });
+        },
+        (error: Error) => {
+          if (!isAbort(error) && !controller.signal.aborted) setState((s) => ({ data: s.data, error, loading: false }));
+        },
+      )
+      .finally(() => {
+        // The next refresh counts from this answer: a slow queen is neither asked twice at once nor cut off
+        // before it answers.
+        if (refreshMs && !controller.signal.aborted) timer = setTimeout(() => setTick((t) => t + 1), refreshMs);
+      });
     return () => {
       controller.abort();
       if (timer) clearTimeout(timer);
@@ -72,30 +81,63 @@ export function useJobs(filter: JobFilter = {}, options: { refreshMs?: number } 
   return useResource((c, signal) => c.jobs(filter, { signal }), JSON.stringify(filter), options.refreshMs);
 }
 
+/** The longest wait between two status polls after failures. */
+const MAX_POLL_MS = 30_000;
+
+/** Waits `ms`, or less when `signal` aborts. */
+function pause(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
 /** Follows job `id` from `client`, calling `update` with each new live state until the job ends; the status
- * is polled while the job is queued (queue position and ETA). Resolves when the job ended or `signal` aborted. */
+ * is polled while the job is queued (queue position and ETA), as long as the event stream lasts. Resolves when
+ * the job ended, its stream failed, or `signal` aborted. */
 async function follow(client: QueenClient, id: string, start: LiveJob, update: (job: LiveJob) => void, signal: AbortSignal, pollMs: number): Promise<void> {
   let job = start;
   const set = (next: LiveJob) => {
     job = next;
     if (!signal.aborted) update(job);
   };
+  // The poll ends with the stream, however it ends: after that only the final status (or the error) counts.
+  const polling = new AbortController();
+  const stopPolling = () => polling.abort();
+  signal.addEventListener("abort", stopPolling, { once: true });
   const poll = async () => {
-    while (!signal.aborted && (job.state === "queued" || job.state === "submitting")) {
+    let wait = pollMs;
+    while (!polling.signal.aborted && (job.state === "queued" || job.state === "submitting")) {
       try {
-        set(applyStatus(job, await client.job(id, { signal })));
-      } catch {
-        // the event stream reports what matters
+        // Read `job` after the answer: events may have moved it on meanwhile.
+        const status = await client.job(id, { signal: polling.signal });
+        set(applyStatus(job, status));
+        wait = pollMs;
+      } catch (error) {
+        if (polling.signal.aborted) return;
+        // A refused token or a job gone (401, 404, 410) stays so; anything else may pass: ask less often.
+        if (error instanceof ApiError && !error.retryable) return;
+        wait = Math.min(wait * 2, Math.max(MAX_POLL_MS, pollMs));
       }
-      await new Promise((r) => setTimeout(r, pollMs));
+      await pause(wait, polling.signal);
     }
   };
   void poll();
   try {
     for await (const event of client.events(id, { signal, lastEventId: job.lastEventId })) set(applyEvent(job, event));
-    set(applyStatus(job, await client.job(id, { signal })));
+    polling.abort();
+    const status = await client.job(id, { signal });
+    set(applyStatus(job, status));
   } catch (error) {
     if (!isAbort(error)) set({ ...job, error: error as Error });
+  } finally {
+    polling.abort();
+    signal.removeEventListener("abort", stopPolling);
   }
 }
 

@@ -70,7 +70,8 @@ export function applyEvent(job: LiveJob, event: JobEvent): LiveJob {
   }
 }
 
-/** `job` with what a status answer says (queue position and ETA while queued; the whole record at the end). */
+/** `job` with what a status answer says (queue position and ETA while queued; running once started; the whole
+ * record at the end). */
 export function applyStatus(job: LiveJob, status: StatusView): LiveJob {
   const next: LiveJob = { ...job, jobId: status.job_id };
   if (status.state === "queued") {
@@ -86,6 +87,12 @@ export function applyStatus(job: LiveJob, status: StatusView): LiveJob {
       failure: status.error ? { code: status.error.code, message: status.error.message, field: status.error.field ?? undefined } : job.failure,
       cancelledAtStep: status.cancelled_at_step ?? job.cancelledAtStep,
     };
+  }
+  if (status.state === "running") {
+    // The poll can see the start before the `started` event comes; an ended job does not go back.
+    const live = job.state === "idle" || job.state === "submitting" || job.state === "queued" || job.state === "running";
+    if (!live) return { ...next, status };
+    return { ...next, state: "running", status, queuePosition: undefined, workerId: status.worker_id ?? job.workerId, etaMs: status.eta_ms ?? job.etaMs };
   }
   return { ...next, status };
 }

@@ -4,7 +4,7 @@ import { createElement, type ReactNode } from "react";
 import { describe, expect, it } from "vitest";
 
 import { QueenClient } from "@sd-rbee/sdk";
-import { applyEvent, IDLE, QueenProvider, useGenerate, useJob, useJobs, useModels } from "../src/index.js";
+import { applyEvent, applyStatus, IDLE, QueenProvider, useGenerate, useJob, useJobs, useModels, useWorkers } from "../src/index.js";
 import { fakeFetch, json, sse } from "../../sdk/test/fake.js";
 
 const JOB = "0b7e2c3a-1f7e-4a57-9a2b-2f1d3c4b5a69";
@@ -27,6 +27,27 @@ describe("applyEvent", () => {
     expect(job).toMatchObject({ state: "failed", failure: { code: "INVALID_REQUEST", field: "width" } });
   });
 });
+
+describe("applyStatus", () => {
+  it("moves a queued job to running when its status says so, and never an ended one back", () => {
+    const running = status("running", { worker_id: "w1", eta_ms: 800 }) as Parameters<typeof applyStatus>[1];
+    expect(applyStatus({ ...IDLE, state: "queued", jobId: JOB, queuePosition: 3 }, running)).toMatchObject({ state: "running", workerId: "w1", queuePosition: undefined, etaMs: 800 });
+    expect(applyStatus({ ...IDLE, state: "completed", jobId: JOB }, running).state).toBe("completed");
+  });
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** An answer that comes after `ms`, or an AbortError when `signal` aborts first (as fetch does). */
+function later(ms: number, answer: () => Response, signal?: AbortSignal | null): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => resolve(answer()), ms);
+    signal?.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("aborted", "AbortError"));
+    });
+  });
+}
 
 describe("hooks", () => {
   it("useModels loads the models and reports a refused token as an error", async () => {
@@ -105,6 +126,57 @@ describe("hooks", () => {
     await waitFor(() => expect(result.current.state).toBe("cancelled"));
     expect(result.current.cancelledAtStep).toBe(2);
     expect(seen.every((s) => !s.url.endsWith("/events"))).toBe(true);
+  });
+
+  it("useJob stops polling the status once the event stream fails", async () => {
+    let polled = 0;
+    const { fetch } = fakeFetch((req) => {
+      if (req.url.endsWith("/events")) return json(410, { error: { code: "EXPIRED", message: "the job expired" } });
+      polled += 1;
+      return json(200, status("queued", { queue_position: 2 }));
+    });
+    const { result } = renderHook(() => useJob(JOB, { pollMs: 5 }), { wrapper: wrapper(new QueenClient({ fetch })) });
+    await waitFor(() => expect(result.current.error).toMatchObject({ code: "EXPIRED" }));
+    const after = polled;
+    await act(() => sleep(80));
+    expect(polled).toBeLessThanOrEqual(after + 1);
+  });
+
+  it("useJob polls less often while the status fails, and not again once the job is gone", async () => {
+    let polled = 0;
+    let gone = false;
+    let answer = () => json(503, { error: { code: "UNAVAILABLE", message: "NATS is down" } });
+    const { fetch } = fakeFetch((req, signal) => {
+      if (req.url.endsWith("/events")) return sse([{ id: "0", event: "queued", data: { job_id: JOB, at: 1, model: "tiny" } }], true, signal);
+      polled += 1;
+      return polled === 1 ? json(200, status("queued")) : answer();
+    });
+    const { result, unmount } = renderHook(() => useJob(JOB, { pollMs: 10 }), { wrapper: wrapper(new QueenClient({ fetch })) });
+    await waitFor(() => expect(result.current.state).toBe("queued"));
+    await act(() => sleep(250));
+    // 10 ms apart, 25 polls; doubling from 10 ms, 5.
+    expect(polled).toBeLessThan(10);
+    answer = () => ((gone = true), json(404, { error: { code: "NOT_FOUND", message: "no job" } }));
+    await waitFor(() => expect(gone).toBe(true), { timeout: 3000 });
+    const asked = polled;
+    await act(() => sleep(400));
+    expect(polled).toBe(asked);
+    unmount();
+  });
+
+  it("useResource waits for a slow answer before it refreshes, never asking twice at once", async () => {
+    let open = 0;
+    let most = 0;
+    const { fetch } = fakeFetch((_req, signal) => {
+      open += 1;
+      most = Math.max(most, open);
+      return later(60, () => json(200, []), signal).finally(() => (open -= 1));
+    });
+    const { result, unmount } = renderHook(() => useWorkers({ refreshMs: 10 }), { wrapper: wrapper(new QueenClient({ fetch })) });
+    await waitFor(() => expect(result.current.data).toEqual([]), { timeout: 1000 });
+    await act(() => sleep(100));
+    expect(most).toBe(1);
+    unmount();
   });
 
   it("useJobs asks with its filter and asks again when the filter changes", async () => {

@@ -78,6 +78,88 @@ describe("QueenClient", () => {
     expect(error.name).toBe("AbortError");
   });
 
+  it("rejects with the signal's own reason (AbortSignal.timeout(), abort(reason)), not as a ConnectionError", async () => {
+    // As a real fetch does: an abort rejects with `signal.reason`.
+    const fetch = ((_input: RequestInfo | URL, init: RequestInit = {}) =>
+      new Promise((_resolve, reject) => {
+        const signal = init.signal!;
+        if (signal.aborted) return reject(signal.reason);
+        signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+      })) as typeof globalThis.fetch;
+    const client = new QueenClient({ fetch, timeoutMs: 0 });
+    const timedOut = await client.models({ signal: AbortSignal.timeout(10) }).catch((e) => e);
+    expect(timedOut).not.toBeInstanceOf(ConnectionError);
+    expect(timedOut.name).toBe("TimeoutError");
+    const controller = new AbortController();
+    const pending = client.job(JOB, { signal: controller.signal }).catch((e) => e);
+    controller.abort(new Error("page closed"));
+    expect(await pending).toMatchObject({ message: "page closed" });
+    expect(await client.send("GET", "/health", { signal: AbortSignal.abort("gone") }).catch((e) => e)).toBe("gone");
+  });
+
+  it("fails a request the queen does not answer in time with a ConnectionError, the client's limit or the request's", async () => {
+    const fetch = ((_input: RequestInfo | URL, init: RequestInit = {}) =>
+      new Promise((_resolve, reject) => init.signal!.addEventListener("abort", () => reject(init.signal!.reason), { once: true }))) as typeof globalThis.fetch;
+    const client = new QueenClient({ fetch, timeoutMs: 20 });
+    const error = await client.submit({ model: "tiny", prompt: "x", num_images: 1 }).catch((e) => e);
+    expect(error).toBeInstanceOf(ConnectionError);
+    expect(error.message).toContain("did not answer POST /v1/jobs");
+    const t0 = Date.now();
+    expect(await client.models({ timeoutMs: 60 }).catch((e) => e)).toBeInstanceOf(ConnectionError);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(50);
+  });
+
+  it("limits the whole answer, body included", async () => {
+    // Headers at once, then a body that never ends.
+    const { fetch } = fakeFetch((_req, signal) => {
+      const body = new ReadableStream<Uint8Array>({
+        start(c) {
+          c.enqueue(new TextEncoder().encode("["));
+          signal?.addEventListener("abort", () => c.error(signal.reason));
+        },
+      });
+      return new Response(body, { status: 200, headers: { "content-type": "application/json" } });
+    });
+    const error = await new QueenClient({ fetch, timeoutMs: 20 }).workers().catch((e) => e);
+    expect(error).toBeInstanceOf(ConnectionError);
+    expect(error.message).toContain("within");
+  });
+
+  it("tells onUnauthorized of a refused token before throwing it", async () => {
+    const { fetch } = fakeFetch(() => json(401, { error: { code: "UNAUTHORIZED", message: "bad token" } }));
+    const refused: string[] = [];
+    const client = new QueenClient({ token: "old", fetch, onUnauthorized: (e) => refused.push(e.code) });
+    const error = await client.models().catch((e) => e);
+    expect(error).toMatchObject({ status: 401, code: "UNAUTHORIZED" });
+    expect(refused).toEqual(["UNAUTHORIZED"]);
+  });
+
+  it("reads at most 64 KiB of an error body", async () => {
+    let pulled = 0;
+    const chunk = new TextEncoder().encode("x".repeat(16 * 1024));
+    // 4 MiB of a proxy's page, pulled chunk by chunk.
+    const page = new ReadableStream<Uint8Array>(
+      {
+        pull(c) {
+          pulled += 1;
+          if (pulled > 256) c.close();
+          else c.enqueue(chunk);
+        },
+      },
+      { highWaterMark: 0 },
+    );
+    const error = await ApiError.from(new Response(page, { status: 502, statusText: "Bad Gateway" }));
+    expect(error).toMatchObject({ status: 502, code: "OTHER" });
+    expect(error.message.length).toBeLessThanOrEqual(200);
+    expect(pulled).toBeLessThanOrEqual(5);
+  });
+
+  it("is not retryable when the answer says x-should-retry: false", async () => {
+    const { fetch } = fakeFetch(() => json(503, { error: { code: "UNAVAILABLE", message: "the bus did not confirm job x" } }, { "x-should-retry": "false" }));
+    const error = await new QueenClient({ fetch }).submit({ model: "tiny", prompt: "x", num_images: 1 }).catch((e) => e);
+    expect(error).toMatchObject({ code: "UNAVAILABLE", retryable: false });
+  });
+
   it("uploads an image with its type, and fetches images as blobs", async () => {
     const { fetch, seen } = fakeFetch((req) =>
       req.method === "POST" ? json(201, { object_key: "uploads/a.png", bytes: 4, width: 8, height: 8 }) : new Response(new Uint8Array([1, 2, 3]), { headers: { "content-type": "image/png" } }),

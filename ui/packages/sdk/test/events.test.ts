@@ -93,6 +93,41 @@ describe("events", () => {
     expect(seen).toHaveLength(3);
   });
 
+  it("waits at least 250 ms however small a retry: the stream sends", async () => {
+    let call = 0;
+    const { fetch } = fakeFetch(() => {
+      call += 1;
+      if (call === 1) return new Response(`retry: 0\nid: 0\nevent: queued\ndata: ${JSON.stringify(queued.data)}\n\n`, { headers: { "content-type": "text/event-stream" } });
+      return sse([completed]);
+    });
+    const t0 = Date.now();
+    const events = await collect(new QueenClient({ fetch }).events(JOB, { retryDelayMs: 1 }));
+    expect(events.map((e) => e.event)).toEqual(["queued", "completed"]);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(240);
+  });
+
+  it("drops a connection that stays silent and resumes after the last event", async () => {
+    let call = 0;
+    const { fetch, seen } = fakeFetch((_req, signal) => {
+      call += 1;
+      // The first stream stops sending anything (not even keep-alives) but stays open.
+      if (call === 1) return sse([queued, started], true, signal);
+      return sse([progress(1, "6"), completed]);
+    });
+    const reconnects: unknown[] = [];
+    const events = await collect(new QueenClient({ fetch }).events(JOB, { retryDelayMs: 1, idleTimeoutMs: 50, onReconnect: (_n, e) => reconnects.push(e) }));
+    expect(events.map((e) => e.id)).toEqual(["0", "4", "6", "9"]);
+    expect(seen.map((s) => s.headers["last-event-id"])).toEqual([undefined, "4"]);
+    expect(String(reconnects[0])).toContain("silent");
+  });
+
+  it("gives up at once on a frame too large to buffer", async () => {
+    const { fetch, seen } = fakeFetch(() => new Response(`event: preview\ndata: ${"A".repeat(5 * 1024 * 1024)}`, { headers: { "content-type": "text/event-stream" } }));
+    const error = await collect(new QueenClient({ fetch }).events(JOB, { retryDelayMs: 1 })).catch((e) => e);
+    expect(error.name).toBe("ConnectionError");
+    expect(seen).toHaveLength(1);
+  });
+
   it("stops when its signal aborts, also while the stream is open", async () => {
     const controller = new AbortController();
     const { fetch } = fakeFetch((_req, signal) => sse([queued], true, signal));
