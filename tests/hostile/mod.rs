@@ -608,3 +608,24 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_page_on_an_allowed_origin_can_read_retry_after_and_x_should_retry() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let args = ["--cors-origin", "http://ui.example"];
+    let queen = QueenChild::start_with(&nats.url(), store.path().to_str().unwrap(), &[], &args);
+    let url = format!("http://127.0.0.1:{}/v1/jobs/{}", queen.port, Uuid::new_v4());
+    let exposed = |origin: &str| {
+        let response = reqwest::blocking::Client::new().get(&url).header("origin", origin).send().unwrap();
+        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_ascii_lowercase());
+        (header("access-control-allow-origin"), header("access-control-expose-headers"))
+    };
+    let (allowed, exposed_headers) = exposed("http://ui.example");
+    assert_eq!(allowed.as_deref(), Some("http://ui.example"));
+    let exposed_headers = exposed_headers.unwrap_or_default();
+    for name in ["retry-after", "x-should-retry"] {
+        assert!(exposed_headers.split(',').any(|h| h.trim() == name), "{name} not in {exposed_headers:?}");
+    }
+    assert_eq!(exposed("http://elsewhere.example").0, None, "another origin is not allowed");
+}

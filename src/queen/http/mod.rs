@@ -173,7 +173,10 @@ pub fn app(state: AppState) -> Router {
                     header::CONTENT_TYPE,
                     "idempotency-key".parse().unwrap(),
                     "last-event-id".parse().unwrap(),
-                ]),
+                ])
+                // Not safelisted, so a page on another origin cannot read them unless they are exposed: how
+                // long to wait before a retry, and that a retry would submit the job again.
+                .expose_headers([header::RETRY_AFTER, "x-should-retry".parse().unwrap()]),
         );
     }
     router
