@@ -144,6 +144,17 @@ impl Store {
             return Self::local(std::path::Path::new(url_text), url_text, opts);
         }
         let parsed = url::Url::parse(url_text).with_context(|| format!("store URL {url_text:?} is not a URL"))?;
+        // Credentials come from the environment; ones in the URL would be ignored, and
+        // repeated in every storage error the API and the events carry.
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            bail!(
+                "the store URL holds a user name or password, which sd-rbee does not use (and would show in its \
+                 errors): give credentials in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)"
+            );
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            bail!("the store URL {url_text:?} has a query or fragment, which sd-rbee does not use: leave it out");
+        }
         let prefix = parsed.path().trim_matches('/').to_string();
         let retry = retry_config(opts.retry_timeout);
         let (inner, signer): (Arc<dyn ObjectStore>, Option<Arc<dyn Signer>>) = match parsed.scheme() {
@@ -208,7 +219,10 @@ impl Store {
         std::fs::create_dir_all(path).with_context(|| format!("cannot create store folder {}", path.display()))?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
             .with_context(|| format!("cannot open store folder {}", path.display()))?
-            .with_automatic_cleanup(true);
+            .with_automatic_cleanup(true)
+            // A job is acknowledged once its images are stored: on a disk that means synced, as an object
+            // store's answer means (else a power cut after the ack can leave a completed job's file empty).
+            .with_fsync(true);
         let _ = opts;
         Ok(Self {
             inner: Arc::new(fs),
@@ -473,6 +487,11 @@ mod tests {
         assert!(err.contains("\"ftp\""), "{err}");
         let err = Store::open("", &opts).unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
+        // Credentials in the URL are refused, and not repeated in the message.
+        let err = Store::open("s3://AKIA:s3cr3t@bucket/x", &opts).unwrap_err().to_string();
+        assert!(err.contains("user name or password") && !err.contains("s3cr3t"), "{err}");
+        let err = Store::open("s3://bucket/x?secret=1", &opts).unwrap_err().to_string();
+        assert!(err.contains("query"), "{err}");
         let odd = StoreOptions { settings: vec![("AWS_COLOUR".into(), "red".into())], ..Default::default() };
         let err = Store::open("s3://b", &odd).unwrap_err().to_string();
         assert!(err.contains("AWS_COLOUR"), "{err}");

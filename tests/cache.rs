@@ -113,4 +113,21 @@ async fn identical_seeded_jobs_come_from_the_cache_and_any_change_misses() {
     }
     let (_, cached, regenerated) = run(&c, &long).await;
     assert!(!cached && regenerated == made, "generated again, the same image");
+
+    // An image the entry names, cut short on the disk, is a miss too (not copied out as the result).
+    let mut cut = 0;
+    for entry in std::fs::read_dir(results.path().join("cache")).unwrap() {
+        let Ok(Event::Completed(c)) = protocol::decode_event(&std::fs::read(entry.unwrap().path()).unwrap()) else {
+            continue;
+        };
+        for image in &c.images {
+            let file = results.path().join(&image.key);
+            let bytes = std::fs::read(&file).unwrap();
+            std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+            cut += 1;
+        }
+    }
+    assert!(cut > 0, "no cached image to cut");
+    let (_, cached, regenerated) = run(&c, &long).await;
+    assert!(!cached && regenerated == made, "generated again, the whole image");
 }

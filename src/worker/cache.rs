@@ -91,21 +91,32 @@ fn model_identity(spec: &ModelSpec, offline: bool, dtype: candle_core::DType) ->
     if spec.source.starts_with(crate::generation::RANDOM_PREFIX) {
         return Ok(spec.source.clone());
     }
-    let mut hash = Sha256::new();
     let path = Path::new(&spec.source);
     if path.exists() {
-        digest_tree(path, &mut hash)?;
-    } else {
-        let mut hub = crate::hub::HubOptions::from_env();
-        hub.offline |= offline;
-        hub.prefer_fp16 = dtype == candle_core::DType::F16;
-        digest_tree(&crate::hub::resolve(&spec.source, &hub)?.dir, &mut hash)?;
+        return digest_model(path, None, spec);
     }
+    let mut hub = crate::hub::HubOptions::from_env();
+    hub.offline |= offline;
+    hub.prefer_fp16 = dtype == candle_core::DType::F16;
+    let resolved = crate::hub::resolve(&spec.source, &hub)?;
+    digest_model(&resolved.dir, resolved.entry, spec)
+}
+
+/// The digest of a model's files at `dir`, its extra files and options, and the defaults its registry
+/// `entry` gives the jobs that leave them out (the key has a job's fields as given: `turbo` and the repo it
+/// names run such a job with other steps, guidance and scheduler, so they are two models here).
+fn digest_model(dir: &Path, entry: Option<&crate::hub::RegistryEntry>, spec: &ModelSpec) -> anyhow::Result<String> {
+    let mut hash = Sha256::new();
+    digest_tree(dir, &mut hash)?;
     for extra in [&spec.config, &spec.vae].into_iter().flatten() {
         hash.update(b"\0extra\0");
         digest_tree(extra, &mut hash)?;
     }
     hash.update(spec.prediction_type.as_deref().unwrap_or("").as_bytes());
+    if let Some(e) = entry {
+        let defaults = (e.width, e.height, e.steps, e.guidance, e.scheduler, e.timestep_spacing);
+        hash.update(format!("\0registry defaults\0{defaults:?}").as_bytes());
+    }
     Ok(hex::encode(hash.finalize()))
 }
 
@@ -180,6 +191,14 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
     }
     for image in &earlier.images {
         let bytes = shared.store.get(&image.key).await?;
+        // A file cut short (a disk that lost it) is a miss: the job is generated, and the entry replaced.
+        anyhow::ensure!(
+            bytes.len() as u64 == image.bytes,
+            "the cached image {:?} is {} bytes, not the {} it was stored with",
+            image.key,
+            bytes.len(),
+            image.bytes
+        );
         let ext = image.key.rsplit('.').next().unwrap_or("png");
         let key = protocol::result_key(job.id, image.index, ext);
         shared.store.put(&key, bytes, &image.content_type).await?;
@@ -213,5 +232,26 @@ pub async fn keep(shared: &Shared, key: &str, completed: &Completed) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(job_id = %completed.job_id, error = %e, "cannot keep the result in the cache"),
         Err(_) => tracing::warn!(job_id = %completed.job_id, "the store is slow: the result is not kept in the cache"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_name_and_the_repo_it_names_are_two_models_for_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model_index.json"), b"{}").unwrap();
+        let spec: ModelSpec = "fast=stabilityai/sdxl-turbo".parse().unwrap();
+        let registry = |name| crate::hub::registry_entry(name).unwrap();
+        let repo = digest_model(dir.path(), None, &spec).unwrap();
+        let turbo = digest_model(dir.path(), Some(registry("turbo")), &spec).unwrap();
+        assert_eq!(registry("turbo").repo, "stabilityai/sdxl-turbo");
+        assert_ne!(repo, turbo, "the same files, but other defaults for the jobs that leave them out");
+        assert_ne!(turbo, digest_model(dir.path(), Some(registry("xl")), &spec).unwrap());
+        assert_eq!(turbo, digest_model(dir.path(), Some(registry("turbo")), &spec).unwrap(), "and stable");
+        std::fs::write(dir.path().join("model_index.json"), b"{ }").unwrap();
+        assert_ne!(repo, digest_model(dir.path(), None, &spec).unwrap(), "the files count");
     }
 }

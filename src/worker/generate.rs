@@ -173,7 +173,7 @@ pub(super) async fn generate_and_store(
     stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
-    let fingerprint = super::resume::fingerprint(job, model, loaded.pipeline.dtype());
+    let fingerprint = super::resume::fingerprint(job, model, &loaded.display, &params.loras, loaded.pipeline.dtype());
     let resume_from = super::resume::fetch(shared, job).await;
 
     // The job's request is prepared on a blocking thread, then generated in a batch with the jobs it can

@@ -2,7 +2,7 @@
 //! or shut down) continues from its last checkpoint on the next delivery, on any worker with the model,
 //! instead of from step 0. A checkpoint is one object (`checkpoints/<job_id>.safetensors`), written every
 //! `--checkpoint-every` steps or `--checkpoint-interval`, read only by a redelivery, and deleted when the
-//! job ends. It belongs to the exact job message, model and dtype that made it (a fingerprint in it says
+//! job ends. It belongs to the exact job message, model (its name and source), LoRAs and dtype that made it (a fingerprint in it says
 //! which); any other is ignored. On the same device class the resumed job's images equal an uninterrupted
 //! run's bytes; on another, they are as close as two device classes' runs ever are.
 
@@ -20,14 +20,28 @@ use crate::storage::StoreError;
 /// The checkpoint layout; a checkpoint of another (an older worker's, in a rolling upgrade) is ignored.
 const FORMAT: &str = "sd-rbee-resume-1";
 
-/// What a checkpoint must carry to be taken up by `job` on `model` in `dtype`.
-pub(super) fn fingerprint(job: &JobRequest, model: &str, dtype: candle_core::DType) -> String {
+/// What a checkpoint must carry to be taken up by `job` on `model` (loaded from `source`: a worker that
+/// serves the name from other weights must start over) in `dtype`, with `loras` (a LoRA object replaced in
+/// the store between deliveries is another LoRA).
+pub(super) fn fingerprint(
+    job: &JobRequest,
+    model: &str,
+    source: &str,
+    loras: &[crate::diffusion::LoraWeight],
+    dtype: candle_core::DType,
+) -> String {
     let message = serde_json::to_vec(job).unwrap_or_default();
-    let digest = Sha256::new()
+    let mut digest = Sha256::new()
         .chain_update(FORMAT)
         .chain_update(&message)
         .chain_update(model)
+        .chain_update(b"\0")
+        .chain_update(source)
         .chain_update(format!("{dtype:?}"));
+    for lora in loras {
+        digest.update(lora.lora.hash);
+        digest.update(lora.scale.to_le_bytes());
+    }
     hex::encode(digest.finalize())
 }
 
@@ -137,14 +151,28 @@ mod tests {
     }
 
     #[test]
-    fn the_fingerprint_changes_with_the_job_the_model_and_the_dtype() {
+    fn the_fingerprint_changes_with_the_job_the_model_its_source_the_loras_and_the_dtype() {
+        use crate::diffusion::{lora::Lora, LoraWeight};
         let job = JobRequest::new(protocol::JobKind::Txt2Img, "tiny", "a cat");
-        let base = fingerprint(&job, "tiny", candle_core::DType::F32);
+        let f32 = candle_core::DType::F32;
+        let base = fingerprint(&job, "tiny", "models/tiny", &[], f32);
         let mut other = job.clone();
         other.seed = Some(5);
-        assert_ne!(base, fingerprint(&other, "tiny", candle_core::DType::F32));
-        assert_ne!(base, fingerprint(&job, "tiny2", candle_core::DType::F32));
-        assert_ne!(base, fingerprint(&job, "tiny", candle_core::DType::F16));
-        assert_eq!(base, fingerprint(&job.clone(), "tiny", candle_core::DType::F32));
+        assert_ne!(base, fingerprint(&other, "tiny", "models/tiny", &[], f32));
+        assert_ne!(base, fingerprint(&job, "tiny2", "models/tiny", &[], f32));
+        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny-v2", &[], f32));
+        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny", &[], candle_core::DType::F16));
+        assert_eq!(base, fingerprint(&job.clone(), "tiny", "models/tiny", &[], f32));
+        // The same LoRA name with other contents (an object replaced in the store), or at another scale.
+        let lora = |file: &str, scale: f64| {
+            let path = std::path::Path::new("tests/fixtures/tiny-sd15/lora").join(file);
+            let lora = Lora::from_bytes("style", &std::fs::read(path).unwrap()).unwrap();
+            LoraWeight { lora: std::sync::Arc::new(lora), scale }
+        };
+        let style = fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], f32);
+        assert_ne!(base, style);
+        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("detail.safetensors", 1.0)], f32));
+        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 0.5)], f32));
+        assert_eq!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], f32));
     }
 }
