@@ -275,7 +275,13 @@ impl LoraLibrary {
         let (store, prefix) = self.store.as_ref().expect("called with a store");
         let key = format!("{prefix}{stem}.safetensors");
         let unavailable = |e: crate::storage::StoreError| LoraSourceError::Unavailable(format!("LoRA {stem}: {e}"));
-        let Some(stamp) = store.stamp(&key).await.map_err(unavailable)? else {
+        let stamp = match store.stamp(&key).await {
+            Ok(stamp) => stamp,
+            // S3's answer for a missing key to credentials that cannot list the bucket.
+            Err(crate::storage::StoreError::Denied { .. }) => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let Some(stamp) = stamp else {
             return Err(LoraSourceError::Invalid(format!("LoRA {stem:?} is not in this worker's catalogue")));
         };
         let known = || -> Option<Result<Arc<Lora>, LoraSourceError>> {

@@ -87,6 +87,10 @@ pub enum StoreError {
     /// is a file where a folder is needed). Retrying does not help; it is the caller's error.
     #[error("{store} cannot hold the key {}: {reason}", crate::protocol::quoted(key))]
     InvalidKey { key: String, store: String, reason: String },
+    /// The store refused access to the key. S3 answers so for a missing object too when the credentials
+    /// cannot list the bucket: for a key a job names, the job's error, not an outage to retry.
+    #[error("{store} refused to {op} {}: access denied (it may not exist)", crate::protocol::quoted(key))]
+    Denied { op: &'static str, key: String, store: String },
     /// The object is larger than the reader accepts.
     #[error("object {} is {size} bytes, over the limit of {max}", crate::protocol::quoted(key))]
     TooLarge { key: String, size: u64, max: u64 },
@@ -250,6 +254,9 @@ impl Store {
     fn failed(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.into(), store: self.url.clone() },
+            object_store::Error::PermissionDenied { .. } => {
+                StoreError::Denied { op, key: key.into(), store: self.url.clone() }
+            }
             object_store::Error::InvalidPath { source } => {
                 StoreError::InvalidKey { key: key.into(), store: self.url.clone(), reason: source.to_string() }
             }
@@ -495,6 +502,45 @@ mod tests {
         let odd = StoreOptions { settings: vec![("AWS_COLOUR".into(), "red".into())], ..Default::default() };
         let err = Store::open("s3://b", &odd).unwrap_err().to_string();
         assert!(err.contains("AWS_COLOUR"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_object_s3_refuses_to_show_is_denied_not_an_outage() {
+        // S3 as it answers credentials without ListBucket asking for a missing key: 403 AccessDenied.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for stream in listener.incoming().take(16) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let body = "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+                let answer = format!(
+                    "HTTP/1.1 403 Forbidden\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        let settings = [
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE".into()),
+            ("AWS_SECRET_ACCESS_KEY", "secret".into()),
+        ];
+        let settings = settings.map(|(k, v)| (k.to_string(), v)).to_vec();
+        let opts = StoreOptions { settings, retry_timeout: Duration::from_millis(200), ..Default::default() };
+        let store = Store::open("s3://results", &opts).unwrap();
+        let err = store.size("uploads/typo.png").await.unwrap_err();
+        assert!(matches!(err, StoreError::Denied { op: "head", .. }), "{err:?}");
+        let err = store.get_at_most("uploads/typo.png", 1 << 20).await.unwrap_err();
+        assert!(matches!(err, StoreError::Denied { .. }), "{err:?}");
+        assert!(err.to_string().contains("access denied"), "{err}");
     }
 
     #[tokio::test]

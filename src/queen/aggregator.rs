@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer, AckKind};
 use futures::FutureExt;
 
 use super::index::JobIndex;
@@ -216,32 +216,55 @@ async fn pull(
                 // A panic on one event (a defect its contents reach) skips that event: left to end this task,
                 // every job's status would stop moving while the API still answered, and the event, redelivered,
                 // would do the same to the next queen.
-                match std::panic::AssertUnwindSafe(applied)
+                let result = std::panic::AssertUnwindSafe(applied)
                     .catch_unwind()
                     .await
-                    .unwrap_or_else(|_| Err(EventPanicked.into()))
-                {
-                    Ok(()) => {}
-                    Err(e) if e.is::<EventPanicked>() => {
-                        let job_id = event.job_id();
-                        tracing::error!(%job_id, subject = %msg.subject, seq, "event skipped (and any webhook it owed): applying it panicked")
+                    .unwrap_or_else(|_| Err(EventPanicked.into()));
+                if let Err(e) = result {
+                    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+                    match after_failure(&e, delivered, event.is_terminal()) {
+                        Settle::Skip => {
+                            let job_id = event.job_id();
+                            tracing::error!(%job_id, subject = %msg.subject, seq, delivered, error = %format!("{e:#}"), "event skipped (and any webhook it owed)");
+                        }
+                        Settle::Retry(wait) => {
+                            tracing::warn!(subject = %msg.subject, seq, delivered, error = %format!("{e:#}"), "event not applied; tried again in {wait:?}");
+                            msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"))?;
+                            continue;
+                        }
                     }
-                    // A poison event (too much in it, or a record it cannot be applied to) is skipped: at once
-                    // when it can never apply, after a few tries otherwise, or it would come back every ack_wait
-                    // and hold up every job's status behind it.
-                    Err(e) if e.downcast_ref::<super::status::StatusTooLarge>().is_some() => {
-                        tracing::warn!(subject = %msg.subject, error = %e, "event skipped")
-                    }
-                    Err(e) if msg.info().is_ok_and(|i| i.delivered >= MAX_EVENT_DELIVERIES) => {
-                        tracing::error!(subject = %msg.subject, error = %format!("{e:#}"), "event skipped after {MAX_EVENT_DELIVERIES} tries")
-                    }
-                    Err(e) => return Err(e),
                 }
             }
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable event skipped"),
         }
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
     }
+}
+
+/// What becomes of an event that could not be applied.
+#[derive(Debug, PartialEq)]
+enum Settle {
+    /// Acknowledged without being applied.
+    Skip,
+    /// Delivered again after the wait, while the events behind it go on.
+    Retry(Duration),
+}
+
+/// The policy for an event that failed on its `delivered`-th delivery with `error`. One that can never apply
+/// (a panic it reaches, a record it would make too large or cannot read) is skipped at once: it would come
+/// back for ever. Otherwise (the status bucket unreachable, out of quorum, contended) it is tried again
+/// later: a progress event up to [`MAX_EVENT_DELIVERIES`] times (a later one says more), a job's end for as
+/// long as it takes, since a dropped end leaves the job running at the queen for good.
+fn after_failure(error: &anyhow::Error, delivered: i64, terminal: bool) -> Settle {
+    let never = error.is::<EventPanicked>()
+        || error.is::<super::status::StatusTooLarge>()
+        || error.is::<super::status::UnreadableStatus>();
+    if never || (!terminal && delivered >= MAX_EVENT_DELIVERIES) {
+        return Settle::Skip;
+    }
+    // 2 s, 4 s, ... up to a minute between tries.
+    let exponent = u32::try_from(delivered.clamp(1, 6)).unwrap_or(6);
+    Settle::Retry(Duration::from_secs(2u64.pow(exponent)).min(Duration::from_secs(60)))
 }
 
 /// Applying an event panicked (the panic itself was reported by the panic hook).
@@ -303,6 +326,27 @@ async fn apply(to: &Aggregation, throttle: &mut ProgressThrottle, event: &Event)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_that_cannot_apply_is_skipped_and_a_job_end_is_never_dropped_for_an_outage() {
+        let outage = || anyhow::anyhow!("timed out: didn't receive a response");
+        assert_eq!(after_failure(&outage(), 1, false), Settle::Retry(Duration::from_secs(2)));
+        assert_eq!(after_failure(&outage(), MAX_EVENT_DELIVERIES, false), Settle::Skip, "a progress event gives up");
+        for delivered in [1, MAX_EVENT_DELIVERIES, 1000, i64::MAX] {
+            assert!(
+                matches!(after_failure(&outage(), delivered, true), Settle::Retry(w) if w <= Duration::from_secs(60))
+            );
+        }
+        let too_large =
+            anyhow::Error::from(super::super::status::StatusTooLarge { job_id: uuid::Uuid::nil(), bytes: 1 });
+        let unreadable = anyhow::Error::from(super::super::status::UnreadableStatus {
+            job_id: uuid::Uuid::nil(),
+            reason: "x".into(),
+        });
+        for never in [anyhow::Error::from(EventPanicked), too_large, unreadable] {
+            assert_eq!(after_failure(&never, 1, true), Settle::Skip);
+        }
+    }
 
     #[test]
     fn a_flood_of_progress_for_made_up_jobs_stays_bounded() {

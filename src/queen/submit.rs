@@ -303,7 +303,9 @@ impl Jobs {
                     return Err(JobsError::invalid(field, format!("upload {} does not exist", protocol::quoted(key))))
                 }
                 // What the store refuses as a key is the client's error; only an unreachable store is ours.
-                Err(e @ StoreError::InvalidKey { .. }) => return Err(JobsError::invalid(field, e)),
+                Err(e @ (StoreError::InvalidKey { .. } | StoreError::Denied { .. })) => {
+                    return Err(JobsError::invalid(field, e))
+                }
                 Err(e) => return Err(e.into()),
             },
         }

@@ -82,7 +82,10 @@ async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Res
             match shared.store.get_at_most(key, crate::image_input::MAX_ENCODED_BYTES as u64).await {
                 Ok(b) => b,
                 Err(
-                    e @ (StoreError::NotFound { .. } | StoreError::InvalidKey { .. } | StoreError::TooLarge { .. }),
+                    e @ (StoreError::NotFound { .. }
+                    | StoreError::InvalidKey { .. }
+                    | StoreError::TooLarge { .. }
+                    | StoreError::Denied { .. }),
                 ) => return Err(Failure::invalid(field, e)),
                 Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
             }
