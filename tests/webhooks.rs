@@ -457,3 +457,38 @@ async fn private_addresses_are_refused_and_failing_receivers_end_in_dead_letters
     assert_eq!(endless.seen().len(), 1);
     assert!(receiver.seen().is_empty(), "the refused jobs were never queued");
 }
+
+/// A receiver that never answers holds no more than its share of a queen's attempts: another receiver's
+/// delivery goes out at once, not after the slow one's timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_answers_does_not_hold_up_another() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |c| {
+        webhooks_on_loopback(c);
+        c.webhooks.timeout = Duration::from_secs(10);
+        c.api.require_served_model = false;
+    })
+    .await;
+    let c = client(&queen);
+    let hanging = Receiver::start(Behaviour::Hang).await;
+    let healthy = Receiver::start(Behaviour::FailFirst(0)).await;
+    let cancelled_job = |url: &str, seed| {
+        let mut job = tiny(2, seed);
+        job.webhook = Some(WebhookSpec::new(url, &[WebhookEvent::Cancelled]));
+        job
+    };
+    // More deliveries to the hanging receiver than the queen has attempts in flight.
+    for seed in 0..40 {
+        let id = c.submit(&cancelled_job(&hanging.url, seed), None).await.unwrap().job_id;
+        c.cancel(id).await.unwrap();
+    }
+    hanging.wait_for("the first attempts", Duration::from_secs(20), |seen| !seen.is_empty()).await;
+    let id = c.submit(&cancelled_job(&healthy.url, 99), None).await.unwrap().job_id;
+    c.cancel(id).await.unwrap();
+    healthy
+        .wait_for("the other receiver's delivery", Duration::from_secs(5), |seen| delivered(seen, id, "cancelled"))
+        .await;
+    let held = hanging.seen().len();
+    assert!(held <= sd_rbee::queen::webhooks::sender::PER_RECEIVER, "{held} attempts to the hanging receiver at once");
+}

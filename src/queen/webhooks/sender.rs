@@ -23,6 +23,9 @@ use crate::queen::status::{StatusStore, StatusTooLarge};
 
 /// Attempts in flight per queen.
 const CONCURRENCY: usize = 32;
+/// Attempts in flight per queen to one receiver (host and port): a receiver that answers slowly, or never,
+/// holds no more than these of the queen's slots, and the others' deliveries go on.
+pub const PER_RECEIVER: usize = 4;
 /// How much of a failed attempt's answer its error keeps.
 const ERROR_SNIPPET_BYTES: usize = 200;
 /// How long a `progress` delivery is retried at most (the others: `--webhook-retry-for`).
@@ -70,19 +73,63 @@ fn client(webhooks: &Webhooks) -> anyhow::Result<reqwest::Client> {
 async fn send_due(webhooks: &Webhooks, status: &StatusStore, client: &reqwest::Client) -> anyhow::Result<()> {
     let (mut consumer, mut messages) = webhooks.messages(CONCURRENCY).await?;
     let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let receivers = Receivers::default();
     // Attempts in flight end with this loop (a stopping queen's are made again by the next one).
     let mut attempts = tokio::task::JoinSet::new();
     loop {
         let permit = permits.clone().acquire_owned().await?;
         while attempts.try_join_next().is_some() {}
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
-        let (webhooks, status, client) = (webhooks.clone(), status.clone(), client.clone());
+        let (webhooks, status, client, receivers) =
+            (webhooks.clone(), status.clone(), client.clone(), receivers.clone());
         attempts.spawn(async move {
             let _permit = permit;
-            if let Err(e) = attempt(&webhooks, &status, &client, msg).await {
+            if let Err(e) = attempt(&webhooks, &status, &client, &receivers, msg).await {
                 tracing::warn!(error = %format!("{e:#}"), "a webhook attempt could not be settled");
             }
         });
+    }
+}
+
+/// The attempts in flight to each receiver (host and port), for [`PER_RECEIVER`].
+#[derive(Clone, Default)]
+struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One of a receiver's slots, given back when dropped.
+struct ReceiverSlot {
+    receivers: Receivers,
+    receiver: String,
+}
+
+impl Receivers {
+    fn try_take(&self, receiver: &str) -> Option<ReceiverSlot> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(receiver.to_string()).or_default();
+        if *n >= PER_RECEIVER {
+            return None;
+        }
+        *n += 1;
+        Some(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string() })
+    }
+}
+
+impl Drop for ReceiverSlot {
+    fn drop(&mut self) {
+        let mut map = self.receivers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.receiver) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.receiver);
+            }
+        }
+    }
+}
+
+/// The receiver a delivery goes to: its URL's host and port (the URL itself when it does not read).
+fn receiver_of(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!("{}:{}", u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0)),
+        Err(_) => url.to_string(),
     }
 }
 
@@ -91,6 +138,7 @@ async fn attempt(
     webhooks: &Webhooks,
     status: &StatusStore,
     client: &reqwest::Client,
+    receivers: &Receivers,
     msg: jetstream::Message,
 ) -> anyhow::Result<()> {
     let delivery: Delivery = match serde_json::from_slice(&msg.payload) {
@@ -99,6 +147,13 @@ async fn attempt(
             tracing::warn!(error = %e, "an unreadable webhook delivery dropped");
             return msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"));
         }
+    };
+    // A receiver with its share in flight: the delivery waits its turn, put back for about as long as an
+    // attempt can take, instead of holding one of the slots other receivers' deliveries need. (It counts
+    // as an attempt in the dead letter's `attempts`.)
+    let Some(_slot) = receivers.try_take(&receiver_of(&delivery.url)) else {
+        let wait = webhooks.config.timeout.max(Duration::from_secs(1));
+        return msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"));
     };
     let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
     // The ack timer starts again with the attempt (the message may have waited for a free slot).
@@ -263,6 +318,20 @@ mod tests {
             assert!(err.contains(why), "{url}: {err}");
             assert!(!err.contains("token=abc"), "errors leave the URL out: {err}");
         }
+    }
+
+    #[test]
+    fn each_receiver_gets_its_share_of_the_slots() {
+        let receivers = Receivers::default();
+        let slow = receiver_of("https://slow.example/hook?x=1");
+        assert_eq!(slow, receiver_of("https://slow.example:443/other"), "one receiver: host and port");
+        assert_ne!(slow, receiver_of("http://slow.example/hook"));
+        let held: Vec<_> = (0..PER_RECEIVER).map(|_| receivers.try_take(&slow).unwrap()).collect();
+        assert!(receivers.try_take(&slow).is_none(), "the slow receiver's share is taken");
+        assert!(receivers.try_take(&receiver_of("https://other.example/")).is_some(), "another's is not");
+        drop(held);
+        assert!(receivers.try_take(&slow).is_some(), "given back");
+        assert!(receivers.0.lock().unwrap().is_empty(), "receivers without attempts in flight are forgotten");
     }
 
     #[test]
