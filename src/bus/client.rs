@@ -15,6 +15,10 @@ use crate::protocol::{self, CancelRequest, Event, JobRequest, Limits, Subjects, 
 /// How long a cancel may wait for NATS to take it (as long as its requests wait for an answer).
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most event bytes [`BusClient::stored_events`] reads for one job: a real job's events, previews
+/// included, take a few MB (150 steps of ~20 KB previews).
+pub const MAX_STORED_EVENT_BYTES: usize = 16 << 20;
+
 /// A connection to a fleet's bus.
 #[derive(Clone)]
 pub struct BusClient {
@@ -112,11 +116,18 @@ impl BusClient {
         Ok(events)
     }
 
-    /// The job's events stored so far with their sequences in the events stream (does not wait for more).
+    /// The job's events stored so far with their sequences in the events stream (does not wait for more),
+    /// up to its first terminal event, and at most [`MAX_STORED_EVENT_BYTES`] of them: anyone on the bus can
+    /// publish a job's events, and each reader holds what it read.
     pub async fn stored_events(&self, job_id: Uuid) -> anyhow::Result<Vec<(u64, Event)>> {
         let stream =
             self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
-        let messages = bus::stored_messages(&stream, self.subjects.events(job_id), consumer::DeliverPolicy::All)
+        let subject = self.subjects.events(job_id);
+        let terminal = |m: &async_nats::jetstream::Message| {
+            protocol::decode_event(&m.payload).is_ok_and(|e: Event| e.is_terminal())
+        };
+        let all = consumer::DeliverPolicy::All;
+        let messages = bus::stored_messages_until(&stream, subject, all, MAX_STORED_EVENT_BYTES, terminal)
             .await
             .context("cannot read the job's events")?;
         // An event this version cannot read is skipped, as when following live.

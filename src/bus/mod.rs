@@ -6,7 +6,7 @@
 mod client;
 mod streams;
 
-pub use client::{stored_cancel, BusClient};
+pub use client::{stored_cancel, BusClient, MAX_STORED_EVENT_BYTES};
 pub use streams::{ensure_streams, max_deliveries_subject, StreamSettings, ADVISORY_CONSUMER, MAX_STORED_CANCELS};
 
 use std::time::Duration;
@@ -302,6 +302,18 @@ pub async fn stored_messages(
     filter_subject: String,
     deliver_policy: consumer::DeliverPolicy,
 ) -> anyhow::Result<Vec<jetstream::Message>> {
+    stored_messages_until(stream, filter_subject, deliver_policy, usize::MAX, |_| false).await
+}
+
+/// [`stored_messages`], ending early with the first message `last` says ends what is wanted, or once the
+/// messages read hold `max_bytes` of payload (what one reader keeps in memory is bounded).
+pub async fn stored_messages_until(
+    stream: &stream::Stream,
+    filter_subject: String,
+    deliver_policy: consumer::DeliverPolicy,
+    max_bytes: usize,
+    last: impl Fn(&jetstream::Message) -> bool,
+) -> anyhow::Result<Vec<jetstream::Message>> {
     let name = stream.cached_info().config.name.clone();
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig { filter_subject, deliver_policy, ..Default::default() })
@@ -312,6 +324,7 @@ pub async fn stored_messages(
         return Ok(out);
     }
     let mut messages = consumer.messages().await?;
+    let mut bytes = 0usize;
     loop {
         let message = match tokio::time::timeout(STORED_READ_STALL, messages.next()).await {
             Ok(Some(Ok(message))) => message,
@@ -319,9 +332,11 @@ pub async fn stored_messages(
             Ok(None) => anyhow::bail!("cannot read stream {name}: the consumer ended"),
             Err(_) => anyhow::bail!("reading stream {name} stalled (messages expired or removed while read)"),
         };
-        let last = message.info().map(|i| i.pending == 0).unwrap_or(true);
+        let none_after = message.info().map(|i| i.pending == 0).unwrap_or(true);
+        let ends = last(&message);
+        bytes = bytes.saturating_add(message.payload.len());
         out.push(message);
-        if last {
+        if none_after || ends || bytes >= max_bytes {
             return Ok(out);
         }
     }

@@ -629,3 +629,40 @@ fn a_page_on_an_allowed_origin_can_read_retry_after_and_x_should_retry() {
     }
     assert_eq!(exposed("http://elsewhere.example").0, None, "another origin is not allowed");
 }
+
+/// What the queen replays of a finished job is read up to its end, and no more than a bound of any job:
+/// anyone on the bus can publish a job's events, and each reader of the replay holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_stored_events_are_read_to_its_end_and_within_a_bound() {
+    let nats = NatsServer::start();
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let publish = |event: Event| {
+        let js = client.jetstream().clone();
+        let subject = client.subjects().events(event.job_id());
+        async move { js.publish(subject, protocol::encode(&event).into()).await.unwrap().await.unwrap() }
+    };
+    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
+    let heavy = |job_id, step| {
+        Event::Progress(protocol::Progress {
+            preview_jpeg: Some(vec![7; 700_000]),
+            ..protocol::Progress::new(job_id, step, 100, at)
+        })
+    };
+    let ended = Uuid::new_v4();
+    publish(Event::Progress(protocol::Progress::new(ended, 1, 2, at))).await;
+    publish(Event::Cancelled(protocol::Cancelled { v, job_id: ended, at, at_step: Some(1) })).await;
+    for step in 0..10 {
+        publish(heavy(ended, step)).await;
+    }
+    let events = client.stored_events(ended).await.unwrap();
+    assert_eq!(events.len(), 2, "read past the job's end");
+    assert!(events[1].1.is_terminal());
+
+    let flood = Uuid::new_v4();
+    for step in 0..40 {
+        publish(heavy(flood, step)).await;
+    }
+    let events = client.stored_events(flood).await.unwrap();
+    let bound = sd_rbee::bus::MAX_STORED_EVENT_BYTES / 700_000 + 1;
+    assert!((bound - 1..=bound).contains(&events.len()), "{} events read of 40, bound {bound}", events.len());
+}
