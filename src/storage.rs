@@ -32,6 +32,7 @@ const BAD_CREDENTIALS: &[&str] = &[
     "ExpiredToken",
     "AuthorizationHeaderMalformed",
     "AuthenticationFailed",
+    "RequestTimeTooSkewed",
 ];
 const ACCESS_DENIED: &str =
     "access denied; check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)";
@@ -252,9 +253,14 @@ impl Store {
     }
 
     fn failed(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        let bad_credentials = || {
+            let text = source.to_string();
+            BAD_CREDENTIALS.iter().any(|code| text.contains(code))
+        };
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.into(), store: self.url.clone() },
-            object_store::Error::PermissionDenied { .. } => {
+            // Credentials the store does not accept (or a clock it finds skewed) are the worker's outage.
+            object_store::Error::PermissionDenied { .. } if !bad_credentials() => {
                 StoreError::Denied { op, key: key.into(), store: self.url.clone() }
             }
             object_store::Error::InvalidPath { source } => {
@@ -314,7 +320,21 @@ impl Store {
         match self.inner.head(&self.path(key)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.failed("head", key, e)),
+            Err(e) => Err(self.head_failed(key, e).await),
+        }
+    }
+
+    /// Why a HEAD of `key` failed. Its answer has no body to say why access was denied, so a refusal is
+    /// asked again with a one-byte GET, whose answer tells a missing or forbidden object
+    /// ([`StoreError::Denied`]) from credentials the store does not accept.
+    async fn head_failed(&self, key: &str, head: object_store::Error) -> StoreError {
+        if !matches!(head, object_store::Error::PermissionDenied { .. }) {
+            return self.failed("head", key, head);
+        }
+        match self.inner.get_range(&self.path(key), 0..1).await {
+            Err(e) => self.failed("head", key, e),
+            // Readable after all: not the caller's error.
+            Ok(_) => StoreError::Failed { op: "head", key: key.into(), store: self.url.clone(), source: head },
         }
     }
 
@@ -324,7 +344,7 @@ impl Store {
         match self.inner.head(&self.path(key)).await {
             Ok(meta) => Ok(Some((meta.size, meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339())))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.failed("head", key, e)),
+            Err(e) => Err(self.head_failed(key, e).await),
         }
     }
 
@@ -504,9 +524,8 @@ mod tests {
         assert!(err.contains("AWS_COLOUR"), "{err}");
     }
 
-    #[tokio::test]
-    async fn an_object_s3_refuses_to_show_is_denied_not_an_outage() {
-        // S3 as it answers credentials without ListBucket asking for a missing key: 403 AccessDenied.
+    /// An S3 endpoint that answers every request 403 with `code`.
+    fn refusing_s3(code: &'static str) -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || {
@@ -518,7 +537,7 @@ mod tests {
                 while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
                     line.clear();
                 }
-                let body = "<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+                let body = format!("<Error><Code>{code}</Code><Message>refused</Message></Error>");
                 let answer = format!(
                     "HTTP/1.1 403 Forbidden\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -526,6 +545,10 @@ mod tests {
                 let _ = stream.write_all(answer.as_bytes());
             }
         });
+        port
+    }
+
+    fn s3_at(port: u16) -> Store {
         let settings = [
             ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
             ("AWS_ALLOW_HTTP", "true".into()),
@@ -535,12 +558,26 @@ mod tests {
         ];
         let settings = settings.map(|(k, v)| (k.to_string(), v)).to_vec();
         let opts = StoreOptions { settings, retry_timeout: Duration::from_millis(200), ..Default::default() };
-        let store = Store::open("s3://results", &opts).unwrap();
+        Store::open("s3://results", &opts).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_object_s3_refuses_to_show_is_denied_and_bad_credentials_an_outage() {
+        // S3 as it answers credentials without ListBucket asking for a missing key: 403 AccessDenied.
+        let store = s3_at(refusing_s3("AccessDenied"));
         let err = store.size("uploads/typo.png").await.unwrap_err();
         assert!(matches!(err, StoreError::Denied { op: "head", .. }), "{err:?}");
         let err = store.get_at_most("uploads/typo.png", 1 << 20).await.unwrap_err();
         assert!(matches!(err, StoreError::Denied { .. }), "{err:?}");
         assert!(err.to_string().contains("access denied"), "{err}");
+        // Keys the store does not accept, or a skewed clock: the worker's failure, whatever the object.
+        for code in ["SignatureDoesNotMatch", "InvalidAccessKeyId", "RequestTimeTooSkewed"] {
+            let store = s3_at(refusing_s3(code));
+            let err = store.size("uploads/x.png").await.unwrap_err();
+            assert!(matches!(err, StoreError::Failed { .. }), "{code}: {err:?}");
+            let err = store.get("uploads/x.png").await.unwrap_err();
+            assert!(matches!(err, StoreError::Failed { .. }), "{code}: {err:?}");
+        }
     }
 
     #[tokio::test]
