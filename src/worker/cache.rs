@@ -14,65 +14,44 @@ use sha2::{Digest, Sha256};
 
 use super::config::ModelSpec;
 use super::effects::{read_completed, store_completed};
+use super::generate::JobInputs;
 use super::Shared;
-use crate::diffusion::LoraWeight;
-use crate::protocol::{self, CacheContext, Completed, ImageSource, JobRequest, PROTOCOL_VERSION};
+use crate::protocol::{self, CacheContext, Completed, JobRequest, PROTOCOL_VERSION};
 
 /// Each model's identity (a digest of its files), by model name, worked out on first use.
 #[derive(Default)]
 pub struct Identities(tokio::sync::Mutex<HashMap<String, String>>);
 
-/// The cache key of `job` on this worker (`cache/<sha256>.msgpack`); `None` when it may not use the cache
-/// (no seed, `cache: false`, a model this worker does not serve) or its context cannot be worked out.
-pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest, loras: &[LoraWeight]) -> Option<String> {
+/// The cache key of `job` on this worker (`cache/<sha256>.msgpack`), with its LoRAs and input pictures as
+/// the run takes them; `None` when it may not use the cache (no seed, `cache: false`, a model this worker
+/// does not serve) or its model's identity cannot be worked out.
+pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest, inputs: &JobInputs) -> Option<String> {
     if !job.cache || job.seed.is_none() {
         return None;
     }
     let spec = shared.config.models.iter().find(|m| m.name == model)?;
-    let no_cache = |e: anyhow::Error| {
-        tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job");
-    };
-    // The model's files are local: as long as they take. The rest may wait on the store, which must not hold
-    // the job up: with the store slow or down, generating beats waiting (the upload retries on its own).
-    let model = identity(shared, spec).await.map_err(no_cache).ok()?;
-    // The job's LoRAs come resolved (once, for the run too): a fetch cut off by the time limit below would go
-    // on in the background, a blocking download and parse, unbounded in number as jobs come and go.
-    let loras = loras.iter().map(|l| hex::encode(l.lora.hash)).collect();
-    let ctx = match tokio::time::timeout(STORE_WAIT, context(shared, model, loras, job)).await {
-        Ok(ctx) => ctx.map_err(no_cache).ok()?,
-        Err(_) => {
-            tracing::warn!(job_id = %job.id, "the store is slow to answer; generating without the result cache");
-            return None;
-        }
+    // The model's files are local: as long as they take.
+    let model = identity(shared, spec)
+        .await
+        .map_err(|e| tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job"))
+        .ok()?;
+    let digest = |bytes: &Option<bytes::Bytes>| bytes.as_ref().map(|b| hex::encode(Sha256::digest(b)));
+    let ctx = CacheContext {
+        model,
+        // The job's LoRAs come resolved (once, for the run too).
+        loras: inputs.loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
+        init_image: digest(&inputs.init_image),
+        mask: digest(&inputs.mask),
+        device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),
+        dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
     };
     let description = protocol::cache_description(job, &ctx)?;
     Some(protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes()))))
 }
 
-/// How long the cache may wait on the store before a job generates instead.
+/// How long the cache may wait on the store before a job generates instead: with the store slow or down,
+/// generating beats waiting (the upload retries on its own).
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-
-async fn context(shared: &Shared, model: String, loras: Vec<String>, job: &JobRequest) -> anyhow::Result<CacheContext> {
-    Ok(CacheContext {
-        model,
-        loras,
-        init_image: input_digest(shared, job.init_image.as_ref()).await?,
-        mask: input_digest(shared, job.mask.as_ref()).await?,
-        device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),
-        dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
-    })
-}
-
-async fn input_digest(shared: &Shared, source: Option<&ImageSource>) -> anyhow::Result<Option<String>> {
-    Ok(match source {
-        None => None,
-        Some(ImageSource::Inline(bytes)) => Some(hex::encode(Sha256::digest(bytes))),
-        Some(ImageSource::ObjectKey(key)) => {
-            let limit = crate::image_input::MAX_ENCODED_BYTES as u64;
-            Some(hex::encode(Sha256::digest(shared.store.get_at_most(key, limit).await?)))
-        }
-    })
-}
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
 /// once per model (the first seeded job reads the files through).

@@ -73,24 +73,55 @@ struct Step {
     checkpoint: Option<Vec<u8>>,
 }
 
-/// A picture of the job: inline bytes, or an object in the store.
-async fn load_picture(shared: &Shared, source: &ImageSource, field: &str) -> Result<image::DynamicImage, Failure> {
-    let bytes: Bytes = match source {
-        ImageSource::Inline(b) => Bytes::copy_from_slice(b),
+/// What a job takes from outside its message, got once, for its result cache key and its run alike: its
+/// input pictures as encoded bytes (read twice, an object replaced in between would cache one picture's
+/// images under the other's digest) and its LoRAs.
+#[derive(Default)]
+pub(super) struct JobInputs {
+    pub init_image: Option<Bytes>,
+    pub mask: Option<Bytes>,
+    pub loras: Vec<LoraWeight>,
+}
+
+/// Gets the job's inputs: its pictures, then its LoRAs (nothing for a model this worker does not serve:
+/// the run refuses it first). A failure is the run's to report, after the job's own fields are checked.
+pub(super) async fn gather_inputs(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Result<JobInputs, Failure> {
+    if !shared.catalogue.contains(model) {
+        return Ok(JobInputs::default());
+    }
+    let mut inputs = JobInputs::default();
+    if let Some(src) = &job.init_image {
+        inputs.init_image = Some(read_picture(shared, src, "init_image").await?);
+    }
+    if let Some(src) = &job.mask {
+        inputs.mask = Some(read_picture(shared, src, "mask").await?);
+    }
+    inputs.loras = resolve_loras(shared, job).await?;
+    Ok(inputs)
+}
+
+/// A picture of the job, encoded: inline bytes, or an object in the store.
+async fn read_picture(shared: &Shared, source: &ImageSource, field: &str) -> Result<Bytes, Failure> {
+    match source {
+        ImageSource::Inline(b) => Ok(Bytes::copy_from_slice(b)),
         ImageSource::ObjectKey(key) => {
             use crate::storage::StoreError;
             match shared.store.get_at_most(key, crate::image_input::MAX_ENCODED_BYTES as u64).await {
-                Ok(b) => b,
+                Ok(b) => Ok(b),
                 Err(
                     e @ (StoreError::NotFound { .. }
                     | StoreError::InvalidKey { .. }
                     | StoreError::TooLarge { .. }
                     | StoreError::Denied { .. }),
-                ) => return Err(Failure::invalid(field, e)),
-                Err(e) => return Err(Failure::transient(ErrorCode::Storage, e)),
+                ) => Err(Failure::invalid(field, e)),
+                Err(e) => Err(Failure::transient(ErrorCode::Storage, e)),
             }
         }
-    };
+    }
+}
+
+/// Decodes a picture the job gave as `field`.
+async fn decode_picture(bytes: Bytes, field: &str) -> Result<image::DynamicImage, Failure> {
     crate::image_input::decode_bounded(bytes, field).await.map_err(|e| match e.is::<crate::image_input::DecodeBusy>() {
         true => Failure::transient(ErrorCode::Internal, e),
         false => Failure::invalid(field, format!("{e:#}")),
@@ -105,14 +136,9 @@ struct Encoded {
     height: u32,
 }
 
-/// A job's LoRAs, resolved once: for its result cache key and for its run (a failure is the run's to
-/// report, after its inputs are checked). None for a model this worker does not serve.
-pub(super) async fn resolve_loras(
-    shared: &Arc<Shared>,
-    model: &str,
-    job: &JobRequest,
-) -> Result<Vec<LoraWeight>, Failure> {
-    if job.loras.is_empty() || !shared.catalogue.contains(model) {
+/// A job's LoRAs.
+async fn resolve_loras(shared: &Arc<Shared>, job: &JobRequest) -> Result<Vec<LoraWeight>, Failure> {
+    if job.loras.is_empty() {
         return Ok(Vec::new());
     }
     let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
@@ -126,7 +152,7 @@ pub(super) async fn generate_and_store(
     shared: &Arc<Shared>,
     model: &str,
     job: &JobRequest,
-    loras: Result<Vec<LoraWeight>, Failure>,
+    inputs: Result<JobInputs, Failure>,
     stop: &StopHandle,
     delivered: Delivery,
     received_at: u64,
@@ -138,8 +164,9 @@ pub(super) async fn generate_and_store(
     // A job cancelled, out of time or handed back at a shutdown while its inputs are read, its LoRAs fetched
     // or its model loaded goes no further than the step it is in (none of them can be interrupted).
     let stopped = || stop.reason().map_or(Ok(()), |reason| Err(Failure::Stopped { reason, at_step: None }));
-    if let Some(src) = &job.init_image {
-        let picture = load_picture(shared, src, "init_image").await?;
+    let JobInputs { init_image, mask, loras } = inputs?;
+    if let Some(bytes) = init_image {
+        let picture = decode_picture(bytes, "init_image").await?;
         // A job without a size takes its init image's: checked against the limits now, before a model is
         // loaded (or another evicted) and before the image is converted at that size.
         if job.width.is_none() || job.height.is_none() {
@@ -153,14 +180,13 @@ pub(super) async fn generate_and_store(
         }
         params.init_image = Some(picture);
     }
-    if let Some(src) = &job.mask {
-        params.mask = Some(load_picture(shared, src, "mask").await?);
+    if let Some(bytes) = mask {
+        params.mask = Some(decode_picture(bytes, "mask").await?);
     }
     if job.kind == protocol::JobKind::Txt2Img {
         params.strength = None;
     }
-    stopped()?;
-    params.loras = loras?;
+    params.loras = loras;
     stopped()?;
     // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
     if !shared.catalogue.is_resident(model) {
@@ -176,7 +202,8 @@ pub(super) async fn generate_and_store(
     stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
-    let fingerprint = super::resume::fingerprint(job, model, &loaded.display, &params.loras, loaded.pipeline.dtype());
+    let fingerprint =
+        super::resume::fingerprint(job, model, &loaded.weights_stamp, &params.loras, loaded.pipeline.dtype());
     let resume_from = super::resume::fetch(shared, job).await;
 
     // The job's request is prepared on a blocking thread, then generated in a batch with the jobs it can

@@ -125,9 +125,9 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
     publish_event(&shared, &accepted, delivered).await;
 
     // A seeded job an earlier one already made is answered with copies of its images.
-    let loras = super::generate::resolve_loras(&shared, &model, &job).await;
-    let cache_key = match &loras {
-        Ok(loras) => cache::key(&shared, &model, &job, loras).await,
+    let inputs = super::generate::gather_inputs(&shared, &model, &job).await;
+    let cache_key = match &inputs {
+        Ok(inputs) => cache::key(&shared, &model, &job, inputs).await,
         Err(_) => None,
     };
     if let Some(key) = &cache_key {
@@ -139,7 +139,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
             return;
         }
     }
-    let outcome = match generate_and_store(&shared, &model, &job, loras, &stop, delivered, received_at).await {
+    let outcome = match generate_and_store(&shared, &model, &job, inputs, &stop, delivered, received_at).await {
         Ok(completed) => {
             if let Some(key) = &cache_key {
                 cache::keep(&shared, key, &completed).await;

@@ -20,9 +20,10 @@ use crate::storage::StoreError;
 /// The checkpoint layout; a checkpoint of another (an older worker's, in a rolling upgrade) is ignored.
 const FORMAT: &str = "sd-rbee-resume-1";
 
-/// What a checkpoint must carry to be taken up by `job` on `model` (loaded from `source`: a worker that
-/// serves the name from other weights must start over) in `dtype`, with `loras` (a LoRA object replaced in
-/// the store between deliveries is another LoRA).
+/// What a checkpoint must carry to be taken up by `job` on `model` (loaded as `source`, its
+/// [weights stamp](crate::generation::LoadedModel::weights_stamp): a worker that serves the name from other
+/// weights must start over) in `dtype`, with `loras` (a LoRA object replaced in the store between deliveries
+/// is another LoRA).
 pub(super) fn fingerprint(
     job: &JobRequest,
     model: &str,
