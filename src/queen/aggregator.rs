@@ -222,12 +222,16 @@ async fn pull(
                     .unwrap_or_else(|_| Err(EventPanicked.into()));
                 if let Err(e) = result {
                     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-                    match after_failure(&e, delivered, event.is_terminal()) {
+                    match after_failure(&e, delivered, matches!(event, Event::Progress(_))) {
                         Settle::Skip => {
                             let job_id = event.job_id();
                             tracing::error!(%job_id, subject = %msg.subject, seq, delivered, error = %format!("{e:#}"), "event skipped (and any webhook it owed)");
                         }
                         Settle::Retry(wait) => {
+                            // The status bucket may be gone (deleted, or lost with the server's store).
+                            if let Err(e) = to.status.recreate().await {
+                                tracing::debug!(error = %e, "cannot bind the status bucket yet");
+                            }
                             tracing::warn!(subject = %msg.subject, seq, delivered, error = %format!("{e:#}"), "event not applied; tried again in {wait:?}");
                             msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"))?;
                             continue;
@@ -253,13 +257,14 @@ enum Settle {
 /// The policy for an event that failed on its `delivered`-th delivery with `error`. One that can never apply
 /// (a panic it reaches, a record it would make too large or cannot read) is skipped at once: it would come
 /// back for ever. Otherwise (the status bucket unreachable, out of quorum, contended) it is tried again
-/// later: a progress event up to [`MAX_EVENT_DELIVERIES`] times (a later one says more), a job's end for as
-/// long as it takes, since a dropped end leaves the job running at the queen for good.
-fn after_failure(error: &anyhow::Error, delivered: i64, terminal: bool) -> Settle {
+/// later: a `progress` one up to [`MAX_EVENT_DELIVERIES`] times (a later one says more), any other for as
+/// long as it takes (a dropped end leaves the job running at the queen for good; a dropped `accepted`, its
+/// worker unknown).
+fn after_failure(error: &anyhow::Error, delivered: i64, progress: bool) -> Settle {
     let never = error.is::<EventPanicked>()
         || error.is::<super::status::StatusTooLarge>()
         || error.is::<super::status::UnreadableStatus>();
-    if never || (!terminal && delivered >= MAX_EVENT_DELIVERIES) {
+    if never || (progress && delivered >= MAX_EVENT_DELIVERIES) {
         return Settle::Skip;
     }
     // 2 s, 4 s, ... up to a minute between tries.
@@ -328,13 +333,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_event_that_cannot_apply_is_skipped_and_a_job_end_is_never_dropped_for_an_outage() {
+    fn an_event_that_cannot_apply_is_skipped_and_only_progress_is_dropped_for_an_outage() {
         let outage = || anyhow::anyhow!("timed out: didn't receive a response");
-        assert_eq!(after_failure(&outage(), 1, false), Settle::Retry(Duration::from_secs(2)));
-        assert_eq!(after_failure(&outage(), MAX_EVENT_DELIVERIES, false), Settle::Skip, "a progress event gives up");
+        assert_eq!(after_failure(&outage(), 1, true), Settle::Retry(Duration::from_secs(2)));
+        assert_eq!(after_failure(&outage(), MAX_EVENT_DELIVERIES, true), Settle::Skip, "a progress event gives up");
         for delivered in [1, MAX_EVENT_DELIVERIES, 1000, i64::MAX] {
             assert!(
-                matches!(after_failure(&outage(), delivered, true), Settle::Retry(w) if w <= Duration::from_secs(60))
+                matches!(after_failure(&outage(), delivered, false), Settle::Retry(w) if w <= Duration::from_secs(60))
             );
         }
         let too_large =
@@ -344,7 +349,7 @@ mod tests {
             reason: "x".into(),
         });
         for never in [anyhow::Error::from(EventPanicked), too_large, unreadable] {
-            assert_eq!(after_failure(&never, 1, true), Settle::Skip);
+            assert_eq!(after_failure(&never, 1, false), Settle::Skip);
         }
     }
 

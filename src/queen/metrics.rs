@@ -68,8 +68,8 @@ pub struct Metrics {
 /// The most model names the queen's histograms are labelled with.
 pub const MAX_MODEL_LABELS: usize = 256;
 
-/// The label of the models past [`MAX_MODEL_LABELS`] (not a model name: those have no parentheses).
-pub const OTHER_MODELS: &str = "(other)";
+/// The label of the models past [`MAX_MODEL_LABELS`] (no model name: those hold no space).
+pub const OTHER_MODELS: &str = "(other models)";
 
 impl Default for Metrics {
     fn default() -> Self {

@@ -104,10 +104,18 @@ impl StatusStore {
     }
 
     async fn entry(&self, job_id: Uuid) -> anyhow::Result<Option<(JobStatus, u64)>> {
+        match self.stored(job_id).await? {
+            Some((status, revision)) => Ok(Some((status?, revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored record, read or not, and its revision.
+    async fn stored(&self, job_id: Uuid) -> anyhow::Result<Option<(Result<JobStatus, UnreadableStatus>, u64)>> {
         match self.kv.entry(job_id.to_string()).await? {
             Some(e) if e.operation == kv::Operation::Put => {
                 let status =
-                    serde_json::from_slice(&e.value).map_err(|e| UnreadableStatus { job_id, reason: e.to_string() })?;
+                    serde_json::from_slice(&e.value).map_err(|e| UnreadableStatus { job_id, reason: e.to_string() });
                 Ok(Some((status, e.revision)))
             }
             _ => Ok(None),
@@ -131,13 +139,25 @@ impl StatusStore {
     ) -> anyhow::Result<Option<Updated>> {
         for _ in 0..20 {
             let key = job_id.to_string();
-            match self.entry(job_id).await? {
-                Some((mut status, revision)) => {
-                    let before = Some(status.state);
+            match self.stored(job_id).await? {
+                Some((stored, revision)) => {
+                    // A record that does not read back is made again from what the events say: left, it
+                    // would keep the job from ever ending.
+                    let (mut status, before) = match stored {
+                        Ok(status) => {
+                            let before = Some(status.state);
+                            (status, before)
+                        }
+                        Err(e) => {
+                            tracing::warn!("{e}: made again from the job's events");
+                            (missing(), None)
+                        }
+                    };
                     if !change(&mut status) {
                         return Ok(None);
                     }
-                    match self.kv.update(&key, self.record_or_slim(&mut status)?.into(), revision).await {
+                    let ends = before.is_none_or(|b| !b.is_terminal());
+                    match self.kv.update(&key, self.record_or_slim(&mut status, ends)?.into(), revision).await {
                         Ok(_) => return Ok(Some(Updated { before, status })),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(e.into()),
@@ -149,7 +169,7 @@ impl StatusStore {
                     if !change(&mut status) {
                         return Ok(None);
                     }
-                    match self.kv.create(&key, self.record_or_slim(&mut status)?.into()).await {
+                    match self.kv.create(&key, self.record_or_slim(&mut status, true)?.into()).await {
                         Ok(_) => return Ok(Some(Updated { before: None, status })),
                         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
                         Err(e) => return Err(e.into()),
@@ -163,11 +183,12 @@ impl StatusStore {
     /// The stored form of a status: JSON of at most [`MAX_RECORD_BYTES`] (a real job's is a few KB: its
     /// prompts, up to eight images with their URLs, an error), else [`StatusTooLarge`] (never retried: the
     /// same event would make the same record). A page of the job list reads its records, so each stays small.
-    /// [`Self::record`], or, for a job this update ends, the record [slimmed](JobStatus::slim) when the
-    /// whole is too large: the job's end is kept whatever else has to go.
-    fn record_or_slim(&self, status: &mut JobStatus) -> anyhow::Result<Vec<u8>> {
+    /// [`Self::record`], or, when this update ends the job (`ends` and a terminal state), the record
+    /// [slimmed](JobStatus::slim) when the whole is too large: the job's end is kept whatever else has to go.
+    /// (A later update of an ended record, a webhook counter, is refused rather than slim it.)
+    fn record_or_slim(&self, status: &mut JobStatus, ends: bool) -> anyhow::Result<Vec<u8>> {
         match self.record(status) {
-            Err(e) if status.state.is_terminal() && e.is::<StatusTooLarge>() => {
+            Err(e) if ends && status.state.is_terminal() && e.is::<StatusTooLarge>() => {
                 tracing::warn!(job_id = %status.job_id, "{e}: kept without its request, image URLs and warnings");
                 status.slim();
                 self.record(status)

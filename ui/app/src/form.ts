@@ -151,10 +151,19 @@ export function toSubmission(form: FormState, limits: LimitsView | undefined, in
   if (form.mode !== "txt2img") {
     if (!inputs.initImage) errors.push({ field: "init_image", message: "choose a picture to start from" });
     else submission.init_image = inputs.initImage;
-    // A side not given is the picture's: the worker would refuse it only once the job is its turn.
+    // A side not given is the picture's, rounded down to a multiple of 8 as the worker takes it: the worker
+    // would refuse it only once the job is its turn.
     const size = inputs.initSize;
-    if (size && ((width === undefined && size.width > maxSide) || (height === undefined && size.height > maxSide))) {
-      errors.push({ field: "init_image", message: `the picture is ${size.width} × ${size.height}, over the ${maxSide} pixels a side this queen allows: give a width and height to resize it to, or scale it down` });
+    if (size) {
+      const w = width ?? Math.floor(size.width / 8) * 8;
+      const h = height ?? Math.floor(size.height / 8) * 8;
+      const maxPixels = limits?.max_pixels;
+      const overSide = (width === undefined && w > maxSide) || (height === undefined && h > maxSide);
+      const overArea = (width === undefined || height === undefined) && maxPixels !== undefined && w * h > maxPixels;
+      if (overSide || overArea) {
+        const limit = overSide ? `the ${maxSide} pixels a side` : `the ${maxPixels} pixels`;
+        errors.push({ field: "init_image", message: `the picture is ${size.width} × ${size.height}, over ${limit} this queen allows: give a width and height to resize it to, or scale it down` });
+      }
     }
     const strength = decimal("strength", form.strength, 0, 1, errors);
     if (strength !== undefined) submission.strength = strength;

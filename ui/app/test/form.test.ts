@@ -59,6 +59,10 @@ describe("init picture size", () => {
     expect(refused.errors[0]!.message).toContain("3000 × 1000");
     expect(toSubmission(form({ mode: "img2img", width: "1024", height: "512" }), limits, big).errors).toEqual([]);
     expect(toSubmission(form({ mode: "img2img" }), limits, { ...big, initSize: { width: 2048, height: 1024 } }).errors).toEqual([]);
+    // Rounded down to a multiple of 8 as the worker takes it; and the area counts too.
+    expect(toSubmission(form({ mode: "img2img" }), limits, { ...big, initSize: { width: 2055, height: 1024 } }).errors).toEqual([]);
+    const square = toSubmission(form({ mode: "img2img" }), { ...limits, max_pixels: 1024 * 1024 }, { ...big, initSize: { width: 2000, height: 2000 } });
+    expect(square.errors[0]!.message).toContain("over the 1048576 pixels");
   });
 });
 

@@ -10,19 +10,6 @@ use crate::protocol::{Event, JobKind, JobRequest};
 /// The most images a [slimmed](JobStatus::slim) record keeps.
 pub const MAX_SLIM_IMAGES: usize = 64;
 
-/// The longest image URL a record keeps (a presigned S3 URL is about 1.5 KB).
-const MAX_IMAGE_URL_BYTES: usize = 4096;
-
-/// An `http(s)` URL of printable ASCII and at most [`MAX_IMAGE_URL_BYTES`]: what a record keeps of the URL
-/// a worker gives an image, which browsers are sent to (a `javascript:` one, or one of control characters
-/// that JSON writes as six bytes each, is left out; the API serves the image by its key).
-fn is_plain_web_url(url: &str) -> bool {
-    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
-    url.len() <= MAX_IMAGE_URL_BYTES
-        && (lower.starts_with("https://") || lower.starts_with("http://"))
-        && url.bytes().all(|b| b.is_ascii_graphic())
-}
-
 impl JobStatus {
     /// A job just submitted.
     pub fn queued(job: &JobRequest, stream_seq: Option<u64>) -> Self {
@@ -128,11 +115,6 @@ impl JobStatus {
                 // Anyone on the bus can publish events: what the record keeps of one is bounded, and only this
                 // job's own result keys are kept as its images (the API serves what they name).
                 self.images = c.own_images();
-                for image in &mut self.images {
-                    if image.url.as_deref().is_some_and(|u| !is_plain_web_url(u)) {
-                        image.url = None;
-                    }
-                }
                 let left_out = c.images.len() - self.images.len();
                 self.warnings = c
                     .warnings
@@ -280,6 +262,8 @@ mod tests {
             ("data:image/png;base64,AAAA", false),
             ("https://host/\u{1}", false),
             ("https://host/a b", false),
+            ("https://host/a\"onerror=x", false),
+            ("https://host/<script>", false),
             (&format!("https://host/{}", "a".repeat(5000)), false),
         ] {
             let done = Completed {
@@ -324,6 +308,12 @@ mod tests {
             let json = serde_json::to_vec(&s).unwrap();
             assert_eq!(serde_json::from_slice::<JobStatus>(&json).unwrap(), s);
         }
+        // A record an older queen wrote with the NaN as null reads back, at 0.
+        let mut s = JobStatus::unknown(id, 5);
+        s.apply(&Event::Progress(Progress::new(id, 3, 10, 20)));
+        let json = serde_json::to_string(&s).unwrap().replace("\"percent\":30.0", "\"percent\":null");
+        assert!(json.contains("\"percent\":null"), "{json}");
+        assert_eq!(serde_json::from_str::<JobStatus>(&json).unwrap().progress.unwrap().percent, 0.0);
         // Decoded from the bus, the event itself carries the computed percent.
         let event = Event::Progress(Progress { percent: f32::NAN, ..Progress::new(id, 1, 4, 20) });
         let Event::Progress(p) = crate::protocol::decode_event(&crate::protocol::encode(&event)).unwrap() else {

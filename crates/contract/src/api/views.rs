@@ -58,12 +58,19 @@ impl JobState {
 pub struct ProgressInfo {
     pub step: u32,
     pub total: u32,
+    #[serde(deserialize_with = "null_as_zero")]
     pub percent: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
     /// `loading` while the worker loads the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<JobPhase>,
+}
+
+/// A percent stored as `null` reads as 0: the JSON of a NaN one, which queens before 2026-12 wrote from an
+/// event (a record holding one could not be read at all).
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(0.0))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

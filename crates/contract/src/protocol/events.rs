@@ -228,15 +228,34 @@ impl Completed {
     /// the bus can publish events, and a manifest or cached result is read back from the store, so whatever lists
     /// a job's images to be kept, served or copied takes these.
     /// Each index once (the first listed): an event listing one key a thousand times is no thousand images.
+    /// An image's `url` is kept only when it is a [plain web URL](is_plain_web_url): browsers are sent to it.
     pub fn own_images(&self) -> Vec<ImageResult> {
         let mut seen = std::collections::HashSet::new();
-        self.images.iter().filter(|i| super::is_result_of(i, self.job_id) && seen.insert(i.index)).cloned().collect()
+        self.images
+            .iter()
+            .filter(|i| super::is_result_of(i, self.job_id) && seen.insert(i.index))
+            .map(|i| ImageResult { url: i.url.clone().filter(|u| is_plain_web_url(u)), ..i.clone() })
+            .collect()
     }
 
     /// The first image that is not one of the job's own results, if any.
     pub fn foreign_image(&self) -> Option<&ImageResult> {
         self.images.iter().find(|i| !super::is_result_of(i, self.job_id))
     }
+}
+
+/// The longest image URL kept (a presigned S3 URL is about 1.5 KB).
+const MAX_IMAGE_URL_BYTES: usize = 4096;
+
+/// An `http(s)` URL of at most [`MAX_IMAGE_URL_BYTES`] made only of the characters RFC 3986 allows (the rest
+/// percent-encoded, as a presigned URL is): what is kept of the URL a worker gives an image, which browsers
+/// are sent to. Not a `javascript:` or `data:` one, nor control characters or quotes, which JSON writes as
+/// six bytes each (the API serves the image by its key either way).
+pub fn is_plain_web_url(url: &str) -> bool {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    url.len() <= MAX_IMAGE_URL_BYTES
+        && (lower.starts_with("https://") || lower.starts_with("http://"))
+        && url.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b))
 }
 
 /// The most warnings a `completed` event carries.
