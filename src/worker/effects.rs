@@ -120,7 +120,8 @@ pub(super) async fn read_completed(shared: &Shared, key: &str) -> anyhow::Result
                 Ok(None)
             }
         },
-        Err(crate::storage::StoreError::NotFound { .. }) => Ok(None),
+        // Denied: S3's answer for a missing key to credentials that cannot list the bucket.
+        Err(crate::storage::StoreError::NotFound { .. } | crate::storage::StoreError::Denied { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

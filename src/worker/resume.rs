@@ -66,7 +66,8 @@ pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     .await
     {
         Ok(Ok(bytes)) => Some(bytes),
-        Ok(Err(StoreError::NotFound { .. })) => None,
+        // Denied: S3's answer for a missing key to credentials that cannot list the bucket.
+        Ok(Err(StoreError::NotFound { .. } | StoreError::Denied { .. })) => None,
         Ok(Err(e)) => {
             tracing::warn!(job_id = %job.id, error = %e, "cannot read the job's checkpoint; starting from the beginning");
             None
