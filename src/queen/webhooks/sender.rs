@@ -23,9 +23,14 @@ use crate::queen::status::{StatusStore, StatusTooLarge};
 
 /// Attempts in flight per queen.
 const CONCURRENCY: usize = 32;
-/// Attempts in flight per queen to one receiver (host and port): a receiver that answers slowly, or never,
-/// holds no more than these of the queen's slots, and the others' deliveries go on.
-pub const PER_RECEIVER: usize = 4;
+/// Attempts in flight per queen to one receiver (host and port) that answers slowly or not at all (an
+/// attempt took half the timeout or more, lately): it holds no more than these of the queen's slots.
+pub const PER_SLOW_RECEIVER: usize = 4;
+/// The slots no one receiver takes, however well it answers: kept for the others' deliveries (a receiver
+/// that stops answering holds all it has until its attempts time out).
+pub const KEPT_FOR_OTHERS: usize = 4;
+/// How long a receiver is taken for slow after a slow attempt.
+const SLOW_FOR: Duration = Duration::from_secs(120);
 /// How much of a failed attempt's answer its error keeps.
 const ERROR_SNIPPET_BYTES: usize = 200;
 /// How long a `progress` delivery is retried at most (the others: `--webhook-retry-for`).
@@ -91,9 +96,15 @@ async fn send_due(webhooks: &Webhooks, status: &StatusStore, client: &reqwest::C
     }
 }
 
-/// The attempts in flight to each receiver (host and port), for [`PER_RECEIVER`].
+/// The attempts in flight to each receiver (host and port), and until when it is taken for slow.
 #[derive(Clone, Default)]
-struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, ReceiverState>>>);
+
+#[derive(Default)]
+struct ReceiverState {
+    in_flight: usize,
+    slow_until: Option<std::time::Instant>,
+}
 
 /// One of a receiver's slots, given back when dropped.
 struct ReceiverSlot {
@@ -102,33 +113,46 @@ struct ReceiverSlot {
 }
 
 impl Receivers {
-    fn try_take(&self, receiver: &str) -> Option<ReceiverSlot> {
+    /// A slot for an attempt to `receiver`, or `Err(slow)` when it has its share in flight.
+    fn try_take(&self, receiver: &str, now: std::time::Instant) -> Result<ReceiverSlot, bool> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(receiver.to_string()).or_default();
-        if *n >= PER_RECEIVER {
-            return None;
+        let state = map.entry(receiver.to_string()).or_default();
+        let slow = state.slow_until.is_some_and(|until| until > now);
+        let share = if slow { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
+        if state.in_flight >= share {
+            return Err(slow);
         }
-        *n += 1;
-        Some(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string() })
+        state.in_flight += 1;
+        Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string() })
+    }
+
+    /// `receiver` answered slowly or not at all: it gets a slow receiver's share for a while.
+    fn mark_slow(&self, receiver: &str, now: std::time::Instant) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(receiver.to_string()).or_default().slow_until = Some(now + SLOW_FOR);
     }
 }
 
 impl Drop for ReceiverSlot {
     fn drop(&mut self) {
+        let now = std::time::Instant::now();
         let mut map = self.receivers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.receiver) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.receiver);
-            }
+        if let Some(state) = map.get_mut(&self.receiver) {
+            state.in_flight = state.in_flight.saturating_sub(1);
         }
+        // Receivers with nothing in flight and no longer slow are forgotten.
+        map.retain(|_, s| s.in_flight > 0 || s.slow_until.is_some_and(|until| until > now));
     }
 }
 
-/// The receiver a delivery goes to: its URL's host and port (the URL itself when it does not read).
+/// The receiver a delivery goes to: its URL's host (lowercase, without a trailing dot) and port (the URL
+/// itself when it does not read).
 fn receiver_of(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(u) => format!("{}:{}", u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0)),
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("").trim_end_matches('.');
+            format!("{host}:{}", u.port_or_known_default().unwrap_or(0))
+        }
         Err(_) => url.to_string(),
     }
 }
@@ -148,19 +172,35 @@ async fn attempt(
             return msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("term: {e}"));
         }
     };
-    // A receiver with its share in flight: the delivery waits its turn, put back for about as long as an
-    // attempt can take, instead of holding one of the slots other receivers' deliveries need. (It counts
-    // as an attempt in the dead letter's `attempts`.)
-    let Some(_slot) = receivers.try_take(&receiver_of(&delivery.url)) else {
-        let wait = webhooks.config.timeout.max(Duration::from_secs(1));
-        return msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"));
+    let config = &webhooks.config;
+    // A receiver with its share in flight: the delivery waits its turn, put back (for about as long as an
+    // attempt can take when the receiver is slow, a moment otherwise), instead of holding one of the slots
+    // other receivers' deliveries need.
+    let receiver = receiver_of(&delivery.url);
+    let slot = match receivers.try_take(&receiver, std::time::Instant::now()) {
+        Ok(slot) => slot,
+        Err(slow) => {
+            let wait = match slow {
+                true => config.timeout.max(Duration::from_secs(1)),
+                false => Duration::from_millis(500 + rand::random::<u64>() % 500),
+            };
+            return msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"));
+        }
     };
-    let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
+    // The delivery count also counts the times it was put back: held to the attempts its age allows.
+    let queued_for = Duration::from_millis(protocol::now_millis().saturating_sub(delivery.queued_at));
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
+    let attempt = delivered.min(config.attempts_within(queued_for));
     // The ack timer starts again with the attempt (the message may have waited for a free slot).
     msg.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("progress: {e}"))?;
-    let config = &webhooks.config;
     let (job_id, id) = (delivery.job_id, delivery.id.as_str());
-    let ack = match post(client, &config.secrets, &config.policy, &delivery).await {
+    let started = std::time::Instant::now();
+    let posted = post(client, &config.secrets, &config.policy, &delivery).await;
+    drop(slot);
+    if started.elapsed() >= config.timeout / 2 {
+        receivers.mark_slow(&receiver, std::time::Instant::now());
+    }
+    let ack = match posted {
         Ok(()) => {
             tracing::debug!(%job_id, id, attempt, "webhook delivered");
             msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
@@ -323,15 +363,26 @@ mod tests {
     #[test]
     fn each_receiver_gets_its_share_of_the_slots() {
         let receivers = Receivers::default();
-        let slow = receiver_of("https://slow.example/hook?x=1");
+        let now = std::time::Instant::now();
+        let slow = receiver_of("https://Slow.example./hook?x=1");
         assert_eq!(slow, receiver_of("https://slow.example:443/other"), "one receiver: host and port");
         assert_ne!(slow, receiver_of("http://slow.example/hook"));
-        let held: Vec<_> = (0..PER_RECEIVER).map(|_| receivers.try_take(&slow).unwrap()).collect();
-        assert!(receivers.try_take(&slow).is_none(), "the slow receiver's share is taken");
-        assert!(receivers.try_take(&receiver_of("https://other.example/")).is_some(), "another's is not");
+        // A receiver that answers: all slots but those kept for the others.
+        let held: Vec<_> =
+            (0..CONCURRENCY - KEPT_FOR_OTHERS).map(|_| receivers.try_take(&slow, now).unwrap()).collect();
+        assert_eq!(receivers.try_take(&slow, now).err(), Some(false), "its share is taken");
+        assert!(receivers.try_take(&receiver_of("https://other.example/"), now).is_ok(), "another's is not");
         drop(held);
-        assert!(receivers.try_take(&slow).is_some(), "given back");
-        assert!(receivers.0.lock().unwrap().is_empty(), "receivers without attempts in flight are forgotten");
+        // Once slow, a slow receiver's share, for a while.
+        receivers.mark_slow(&slow, now);
+        let held: Vec<_> = (0..PER_SLOW_RECEIVER).map(|_| receivers.try_take(&slow, now).unwrap()).collect();
+        assert_eq!(receivers.try_take(&slow, now).err(), Some(true));
+        assert!(receivers.try_take(&slow, now + SLOW_FOR).is_ok(), "not slow for good");
+        drop(held);
+        assert_eq!(receivers.0.lock().unwrap().len(), 1, "kept while slow");
+        let others = Receivers::default();
+        drop(others.try_take(&slow, now).unwrap());
+        assert!(others.0.lock().unwrap().is_empty(), "receivers with nothing in flight, not slow, are forgotten");
     }
 
     #[test]
