@@ -347,6 +347,7 @@ mod tests {
         let unreadable = anyhow::Error::from(super::super::status::UnreadableStatus {
             job_id: uuid::Uuid::nil(),
             reason: "x".into(),
+            state: None,
         });
         for never in [anyhow::Error::from(EventPanicked), too_large, unreadable] {
             assert_eq!(after_failure(&never, 1, false), Settle::Skip);

@@ -30,6 +30,8 @@ pub struct StatusTooLarge {
 pub struct UnreadableStatus {
     pub job_id: Uuid,
     pub reason: String,
+    /// Its `state`, when that much reads.
+    pub state: Option<JobState>,
 }
 
 /// A record [`StatusStore::update`] changed: its state before (`None`: the record was created now) and the
@@ -114,8 +116,11 @@ impl StatusStore {
     async fn stored(&self, job_id: Uuid) -> anyhow::Result<Option<(Result<JobStatus, UnreadableStatus>, u64)>> {
         match self.kv.entry(job_id.to_string()).await? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let status =
-                    serde_json::from_slice(&e.value).map_err(|e| UnreadableStatus { job_id, reason: e.to_string() });
+                let status = serde_json::from_slice(&e.value).map_err(|error| {
+                    let value = serde_json::from_slice::<serde_json::Value>(&e.value).ok();
+                    let state = value.and_then(|v| serde_json::from_value(v.get("state")?.clone()).ok());
+                    UnreadableStatus { job_id, reason: error.to_string(), state }
+                });
                 Ok(Some((status, e.revision)))
             }
             _ => Ok(None),
@@ -141,20 +146,25 @@ impl StatusStore {
             let key = job_id.to_string();
             match self.stored(job_id).await? {
                 Some((stored, revision)) => {
-                    // A record that does not read back is made again from what the events say: left, it
-                    // would keep the job from ever ending.
-                    let (mut status, before) = match stored {
+                    // A record that does not read back (an older queen's, or a newer one's) is changed only
+                    // to end its job, made again from the event: left, it would keep the job from ever
+                    // ending. An ended one is left as it is, and so is one that nothing would end.
+                    let (mut status, before, unreadable) = match stored {
                         Ok(status) => {
                             let before = Some(status.state);
-                            (status, before)
+                            (status, before, None)
                         }
-                        Err(e) => {
-                            tracing::warn!("{e}: made again from the job's events");
-                            (missing(), None)
-                        }
+                        Err(e) if e.state.is_some_and(JobState::is_terminal) => return Ok(None),
+                        Err(e) => (missing(), e.state, Some(e)),
                     };
                     if !change(&mut status) {
                         return Ok(None);
+                    }
+                    if let Some(e) = unreadable {
+                        if !status.state.is_terminal() {
+                            return Err(e.into());
+                        }
+                        tracing::warn!("{e}: made again from the event that ends the job");
                     }
                     let ends = before.is_none_or(|b| !b.is_terminal());
                     match self.kv.update(&key, self.record_or_slim(&mut status, ends)?.into(), revision).await {

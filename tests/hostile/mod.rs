@@ -1,7 +1,8 @@
 //! Hostile input against real servers (nats-server, moto, file stores) and `sd-rbee` processes: jobs at the
 //! bus's size limit, values that would make reports too big to publish, object keys a store cannot hold,
 //! a 16-bit PNG bomb with the processes' memory measured, a model name that breaks /metrics, a token that
-//! crashed the queen; a seeded fuzz of the job subject and the HTTP API is in [`fuzz`].
+//! crashed the queen; a seeded fuzz of the job subject and the HTTP API is in [`fuzz`], and what the queen
+//! lets others read (a job's stored events, CORS headers) in [`reads`].
 
 use crate::common;
 use crate::common::tiny_job;
@@ -20,6 +21,7 @@ use sd_rbee::protocol::{self, Event, ImageSource, JobKind, JobRequest};
 use uuid::Uuid;
 
 mod fuzz;
+mod reads;
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers
@@ -607,62 +609,4 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: {:?} {stderr}", out.status);
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-}
-
-#[test]
-fn a_page_on_an_allowed_origin_can_read_retry_after_and_x_should_retry() {
-    let nats = NatsServer::start();
-    let store = tempfile::tempdir().unwrap();
-    let args = ["--cors-origin", "http://ui.example"];
-    let queen = QueenChild::start_with(&nats.url(), store.path().to_str().unwrap(), &[], &args);
-    let url = format!("http://127.0.0.1:{}/v1/jobs/{}", queen.port, Uuid::new_v4());
-    let exposed = |origin: &str| {
-        let response = reqwest::blocking::Client::new().get(&url).header("origin", origin).send().unwrap();
-        let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_ascii_lowercase());
-        (header("access-control-allow-origin"), header("access-control-expose-headers"))
-    };
-    let (allowed, exposed_headers) = exposed("http://ui.example");
-    assert_eq!(allowed.as_deref(), Some("http://ui.example"));
-    let exposed_headers = exposed_headers.unwrap_or_default();
-    for name in ["retry-after", "x-should-retry"] {
-        assert!(exposed_headers.split(',').any(|h| h.trim() == name), "{name} not in {exposed_headers:?}");
-    }
-    assert_eq!(exposed("http://elsewhere.example").0, None, "another origin is not allowed");
-}
-
-/// What the queen replays of a finished job is read up to its end, and no more than a bound of any job:
-/// anyone on the bus can publish a job's events, and each reader of the replay holds it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jobs_stored_events_are_read_to_its_end_and_within_a_bound() {
-    let nats = NatsServer::start();
-    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
-    let publish = |event: Event| {
-        let js = client.jetstream().clone();
-        let subject = client.subjects().events(event.job_id());
-        async move { js.publish(subject, protocol::encode(&event).into()).await.unwrap().await.unwrap() }
-    };
-    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
-    let heavy = |job_id, step| {
-        Event::Progress(protocol::Progress {
-            preview_jpeg: Some(vec![7; 700_000]),
-            ..protocol::Progress::new(job_id, step, 100, at)
-        })
-    };
-    let ended = Uuid::new_v4();
-    publish(Event::Progress(protocol::Progress::new(ended, 1, 2, at))).await;
-    publish(Event::Cancelled(protocol::Cancelled { v, job_id: ended, at, at_step: Some(1) })).await;
-    for step in 0..10 {
-        publish(heavy(ended, step)).await;
-    }
-    let events = client.stored_events(ended).await.unwrap();
-    assert_eq!(events.len(), 2, "read past the job's end");
-    assert!(events[1].1.is_terminal());
-
-    let flood = Uuid::new_v4();
-    for step in 0..40 {
-        publish(heavy(flood, step)).await;
-    }
-    let events = client.stored_events(flood).await.unwrap();
-    let bound = sd_rbee::bus::MAX_STORED_EVENT_BYTES / 700_000 + 1;
-    assert!((bound - 1..=bound).contains(&events.len()), "{} events read of 40, bound {bound}", events.len());
 }
