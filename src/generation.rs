@@ -90,17 +90,28 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
     })
 }
 
-/// The files at or under `path` (symbolic links followed, as a Hub snapshot's are), a few folders deep.
-fn collect_files(path: &std::path::Path, depth: usize, out: &mut Vec<PathBuf>) {
-    if !path.is_dir() {
+/// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are; each folder
+/// once), leaving out hidden ones (`.git`, the `.cache` a `--local-dir` download leaves, which differ from
+/// node to node), a few folders deep.
+fn collect_files(
+    path: &std::path::Path,
+    depth: usize,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) {
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    if meta.is_file() {
         out.push(path.to_path_buf());
         return;
     }
-    if depth >= 8 {
+    let fresh = std::fs::canonicalize(path).is_ok_and(|real| seen.insert(real));
+    if !meta.is_dir() || depth >= 8 || !fresh {
         return;
     }
     for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-        collect_files(&entry.path(), depth + 1, out);
+        if !entry.file_name().to_string_lossy().starts_with('.') {
+            collect_files(&entry.path(), depth + 1, seen, out);
+        }
     }
 }
 
@@ -111,7 +122,7 @@ fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
     const EDGE: u64 = 64 << 10;
     fn stamp(root: &std::path::Path, hash: &mut Sha256) {
         let mut files = Vec::new();
-        collect_files(root, 0, &mut files);
+        collect_files(root, 0, &mut Default::default(), &mut files);
         files.sort();
         for file in files {
             let name = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().into_owned();
@@ -426,6 +437,10 @@ mod tests {
             std::fs::write(dir.join("model_index.json"), b"{}").unwrap();
             std::fs::write(dir.join("unet/w.safetensors"), vec![1u8; 300_000]).unwrap();
         }
+        // What differs from node to node, and a link back up, count for nothing.
+        std::fs::create_dir_all(b.path().join(".cache/huggingface")).unwrap();
+        std::fs::write(b.path().join(".cache/huggingface/w.metadata"), b"downloaded at 12:00").unwrap();
+        std::os::unix::fs::symlink(b.path(), b.path().join("unet/loop")).unwrap();
         let opts = ModelOptions::default();
         let stamp = weights_stamp(a.path(), &opts);
         assert_eq!(stamp, weights_stamp(b.path(), &opts), "the same files elsewhere (another node)");

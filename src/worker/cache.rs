@@ -25,7 +25,13 @@ pub struct Identities(tokio::sync::Mutex<HashMap<String, String>>);
 /// The cache key of `job` on this worker (`cache/<sha256>.msgpack`), with its LoRAs and input pictures as
 /// the run takes them; `None` when it may not use the cache (no seed, `cache: false`, a model this worker
 /// does not serve) or its model's identity cannot be worked out.
-pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest, inputs: &JobInputs) -> Option<String> {
+pub async fn key(
+    shared: &Arc<Shared>,
+    model: &str,
+    job: &JobRequest,
+    inputs: &JobInputs,
+    loras: &[crate::diffusion::LoraWeight],
+) -> Option<String> {
     if !job.cache || job.seed.is_none() {
         return None;
     }
@@ -39,7 +45,7 @@ pub async fn key(shared: &Arc<Shared>, model: &str, job: &JobRequest, inputs: &J
     let ctx = CacheContext {
         model,
         // The job's LoRAs come resolved (once, for the run too).
-        loras: inputs.loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
+        loras: loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
         init_image: digest(&inputs.init_image),
         mask: digest(&inputs.mask),
         device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),

@@ -76,27 +76,27 @@ struct Step {
 /// What a job takes from outside its message, got once, for its result cache key and its run alike: its
 /// input pictures as encoded bytes (read twice, an object replaced in between would cache one picture's
 /// images under the other's digest) and its LoRAs.
-#[derive(Default)]
 pub(super) struct JobInputs {
     pub init_image: Option<Bytes>,
     pub mask: Option<Bytes>,
-    pub loras: Vec<LoraWeight>,
+    /// Reported after the pictures are decoded, as a LoRA failure always was.
+    pub loras: Result<Vec<LoraWeight>, Failure>,
 }
 
-/// Gets the job's inputs: its pictures, then its LoRAs (nothing for a model this worker does not serve:
-/// the run refuses it first). A failure is the run's to report, after the job's own fields are checked.
+/// Gets the job's inputs: its pictures, then its LoRAs. Nothing for a job the run refuses before them (a
+/// model this worker does not serve, a field of its own). A failure is the run's to report, in that order.
 pub(super) async fn gather_inputs(shared: &Arc<Shared>, model: &str, job: &JobRequest) -> Result<JobInputs, Failure> {
-    if !shared.catalogue.contains(model) {
-        return Ok(JobInputs::default());
+    let mut inputs = JobInputs { init_image: None, mask: None, loras: Ok(Vec::new()) };
+    if !shared.catalogue.contains(model) || Params::try_from(job).is_err() {
+        return Ok(inputs);
     }
-    let mut inputs = JobInputs::default();
     if let Some(src) = &job.init_image {
         inputs.init_image = Some(read_picture(shared, src, "init_image").await?);
     }
     if let Some(src) = &job.mask {
         inputs.mask = Some(read_picture(shared, src, "mask").await?);
     }
-    inputs.loras = resolve_loras(shared, job).await?;
+    inputs.loras = resolve_loras(shared, job).await;
     Ok(inputs)
 }
 
@@ -186,7 +186,7 @@ pub(super) async fn generate_and_store(
     if job.kind == protocol::JobKind::Txt2Img {
         params.strength = None;
     }
-    params.loras = loras;
+    params.loras = loras?;
     stopped()?;
     // The job is checked and its inputs read before its model is loaded: an invalid job evicts nothing.
     if !shared.catalogue.is_resident(model) {

@@ -127,8 +127,10 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
     // A seeded job an earlier one already made is answered with copies of its images.
     let inputs = super::generate::gather_inputs(&shared, &model, &job).await;
     let cache_key = match &inputs {
-        Ok(inputs) => cache::key(&shared, &model, &job, inputs).await,
-        Err(_) => None,
+        Ok(inputs @ super::generate::JobInputs { loras: Ok(loras), .. }) => {
+            cache::key(&shared, &model, &job, inputs, loras).await
+        }
+        _ => None,
     };
     if let Some(key) = &cache_key {
         if let Some(completed) = cache::answer(&shared, key, &job, received_at).await {
