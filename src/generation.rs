@@ -90,29 +90,26 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
     })
 }
 
-/// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are; each folder
-/// once), leaving out hidden ones (`.git`, the `.cache` a `--local-dir` download leaves, which differ from
-/// node to node), a few folders deep.
-fn collect_files(
-    path: &std::path::Path,
-    depth: usize,
-    seen: &mut std::collections::HashSet<PathBuf>,
-    out: &mut Vec<PathBuf>,
-) {
+/// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are, but not into a
+/// folder being walked), leaving out hidden ones (`.git`, the `.cache` a `--local-dir` download leaves,
+/// which differ from node to node), a few folders deep.
+fn collect_files(path: &std::path::Path, walking: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) {
     let Ok(meta) = std::fs::metadata(path) else { return };
     if meta.is_file() {
         out.push(path.to_path_buf());
         return;
     }
-    let fresh = std::fs::canonicalize(path).is_ok_and(|real| seen.insert(real));
-    if !meta.is_dir() || depth >= 8 || !fresh {
+    let Ok(real) = std::fs::canonicalize(path) else { return };
+    if !meta.is_dir() || walking.len() >= 8 || walking.contains(&real) {
         return;
     }
+    walking.push(real);
     for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
         if !entry.file_name().to_string_lossy().starts_with('.') {
-            collect_files(&entry.path(), depth + 1, seen, out);
+            collect_files(&entry.path(), walking, out);
         }
     }
+    walking.pop();
 }
 
 /// [`LoadedModel::weights_stamp`] of the model at `path` (a folder or a file) loaded with `opts`.
@@ -122,7 +119,7 @@ fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
     const EDGE: u64 = 64 << 10;
     fn stamp(root: &std::path::Path, hash: &mut Sha256) {
         let mut files = Vec::new();
-        collect_files(root, 0, &mut Default::default(), &mut files);
+        collect_files(root, &mut Vec::new(), &mut files);
         files.sort();
         for file in files {
             let name = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().into_owned();

@@ -71,27 +71,9 @@ impl WebhookConfig {
     /// The wait after failed attempt number `attempt` (1-based): `backoff` doubled each time, capped, with
     /// up to 10 % of jitter so receivers that failed together are not retried together.
     pub fn backoff_after(&self, attempt: u32) -> Duration {
-        let wait = self.base_backoff(attempt);
+        let doubled = self.backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let wait = doubled.min(MAX_BACKOFF);
         wait + wait.mul_f64(rand::random::<f64>() * 0.1)
-    }
-
-    fn base_backoff(&self, attempt: u32) -> Duration {
-        self.backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(MAX_BACKOFF)
-    }
-
-    /// The most attempts a delivery queued `elapsed` ago can have had, each after its backoff: what its
-    /// delivery count (which also counts the times it was put back for its receiver's turn) is held to.
-    pub fn attempts_within(&self, elapsed: Duration) -> u32 {
-        let (mut attempts, mut waited) = (1u32, Duration::ZERO);
-        while attempts < 10_000 {
-            let wait = self.base_backoff(attempts);
-            if wait.is_zero() || waited + wait > elapsed {
-                return if wait.is_zero() { u32::MAX } else { attempts };
-            }
-            waited += wait;
-            attempts += 1;
-        }
-        attempts
     }
 }
 

@@ -102,7 +102,8 @@ struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, Receiver
 
 #[derive(Default)]
 struct ReceiverState {
-    in_flight: usize,
+    /// When each attempt in flight started.
+    in_flight: Vec<std::time::Instant>,
     slow_until: Option<std::time::Instant>,
 }
 
@@ -110,20 +111,24 @@ struct ReceiverState {
 struct ReceiverSlot {
     receivers: Receivers,
     receiver: String,
+    started: std::time::Instant,
 }
 
 impl Receivers {
-    /// A slot for an attempt to `receiver`, or `Err(slow)` when it has its share in flight.
-    fn try_take(&self, receiver: &str, now: std::time::Instant) -> Result<ReceiverSlot, bool> {
+    /// A slot for an attempt to `receiver` at `now`, or `Err(slow)` when it has its share in flight. A
+    /// receiver is slow for [`SLOW_FOR`] after an attempt took `patience` or more, and while one has been
+    /// in flight that long (a receiver that never answers is found out before its first attempt ends).
+    fn try_take(&self, receiver: &str, now: std::time::Instant, patience: Duration) -> Result<ReceiverSlot, bool> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = map.entry(receiver.to_string()).or_default();
-        let slow = state.slow_until.is_some_and(|until| until > now);
+        let hung = state.in_flight.iter().any(|&started| now.saturating_duration_since(started) >= patience);
+        let slow = hung || state.slow_until.is_some_and(|until| until > now);
         let share = if slow { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
-        if state.in_flight >= share {
+        if state.in_flight.len() >= share {
             return Err(slow);
         }
-        state.in_flight += 1;
-        Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string() })
+        state.in_flight.push(now);
+        Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string(), started: now })
     }
 
     /// `receiver` answered slowly or not at all: it gets a slow receiver's share for a while.
@@ -138,10 +143,12 @@ impl Drop for ReceiverSlot {
         let now = std::time::Instant::now();
         let mut map = self.receivers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(state) = map.get_mut(&self.receiver) {
-            state.in_flight = state.in_flight.saturating_sub(1);
+            if let Some(i) = state.in_flight.iter().position(|&s| s == self.started) {
+                state.in_flight.swap_remove(i);
+            }
         }
         // Receivers with nothing in flight and no longer slow are forgotten.
-        map.retain(|_, s| s.in_flight > 0 || s.slow_until.is_some_and(|until| until > now));
+        map.retain(|_, s| !s.in_flight.is_empty() || s.slow_until.is_some_and(|until| until > now));
     }
 }
 
@@ -173,12 +180,21 @@ async fn attempt(
         }
     };
     let config = &webhooks.config;
+    let attempt = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
+    let retry_for = match delivery.event {
+        // A step's progress is stale long before a day has passed.
+        WebhookEvent::Progress => config.retry_for.min(PROGRESS_RETRY_FOR),
+        _ => config.retry_for,
+    };
+    let give_up_at = delivery.queued_at.saturating_add(retry_for.as_millis() as u64);
     // A receiver with its share in flight: the delivery waits its turn, put back (for about as long as an
     // attempt can take when the receiver is slow, a moment otherwise), instead of holding one of the slots
-    // other receivers' deliveries need.
+    // other receivers' deliveries need. (Each time counts in a dead letter's `attempts`.) One whose retries
+    // are over gets its last attempt anyway, and its dead letter.
     let receiver = receiver_of(&delivery.url);
-    let slot = match receivers.try_take(&receiver, std::time::Instant::now()) {
-        Ok(slot) => slot,
+    let slot = match receivers.try_take(&receiver, std::time::Instant::now(), config.timeout / 2) {
+        Ok(slot) => Some(slot),
+        Err(_) if protocol::now_millis() >= give_up_at => None,
         Err(slow) => {
             let wait = match slow {
                 true => config.timeout.max(Duration::from_secs(1)),
@@ -187,10 +203,6 @@ async fn attempt(
             return msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"));
         }
     };
-    // The delivery count also counts the times it was put back: held to the attempts its age allows.
-    let queued_for = Duration::from_millis(protocol::now_millis().saturating_sub(delivery.queued_at));
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).clamp(1, u32::MAX as i64) as u32;
-    let attempt = delivered.min(config.attempts_within(queued_for));
     // The ack timer starts again with the attempt (the message may have waited for a free slot).
     msg.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("progress: {e}"))?;
     let (job_id, id) = (delivery.job_id, delivery.id.as_str());
@@ -214,12 +226,6 @@ async fn attempt(
             let error = sanitized(&error);
             let now = protocol::now_millis();
             let wait = config.backoff_after(attempt);
-            // A step's progress is stale long before a day has passed.
-            let retry_for = match delivery.event {
-                WebhookEvent::Progress => config.retry_for.min(PROGRESS_RETRY_FOR),
-                _ => config.retry_for,
-            };
-            let give_up_at = delivery.queued_at.saturating_add(retry_for.as_millis() as u64);
             if now.saturating_add(wait.as_millis() as u64) <= give_up_at {
                 tracing::info!(%job_id, id, attempt, %error, retry_in = ?wait, "webhook attempt failed");
                 AckKind::Nak(Some(wait))
@@ -364,24 +370,29 @@ mod tests {
     fn each_receiver_gets_its_share_of_the_slots() {
         let receivers = Receivers::default();
         let now = std::time::Instant::now();
+        let patience = Duration::from_secs(5);
         let slow = receiver_of("https://Slow.example./hook?x=1");
         assert_eq!(slow, receiver_of("https://slow.example:443/other"), "one receiver: host and port");
         assert_ne!(slow, receiver_of("http://slow.example/hook"));
         // A receiver that answers: all slots but those kept for the others.
         let held: Vec<_> =
-            (0..CONCURRENCY - KEPT_FOR_OTHERS).map(|_| receivers.try_take(&slow, now).unwrap()).collect();
-        assert_eq!(receivers.try_take(&slow, now).err(), Some(false), "its share is taken");
-        assert!(receivers.try_take(&receiver_of("https://other.example/"), now).is_ok(), "another's is not");
+            (0..CONCURRENCY - KEPT_FOR_OTHERS).map(|_| receivers.try_take(&slow, now, patience).unwrap()).collect();
+        assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(false), "its share is taken");
+        assert!(receivers.try_take(&receiver_of("https://other.example/"), now, patience).is_ok(), "another's is not");
+        // Attempts in flight for the patience make it slow at once: a slow receiver's share.
+        let later = now + patience;
+        assert_eq!(receivers.try_take(&slow, later, patience).err(), Some(true));
         drop(held);
-        // Once slow, a slow receiver's share, for a while.
+        assert!(receivers.try_take(&slow, later, patience).is_ok(), "none in flight, none slow");
+        // Once an attempt took long, a slow receiver's share, for a while.
         receivers.mark_slow(&slow, now);
-        let held: Vec<_> = (0..PER_SLOW_RECEIVER).map(|_| receivers.try_take(&slow, now).unwrap()).collect();
-        assert_eq!(receivers.try_take(&slow, now).err(), Some(true));
-        assert!(receivers.try_take(&slow, now + SLOW_FOR).is_ok(), "not slow for good");
+        let held: Vec<_> = (0..PER_SLOW_RECEIVER).map(|_| receivers.try_take(&slow, now, patience).unwrap()).collect();
+        assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(true));
         drop(held);
         assert_eq!(receivers.0.lock().unwrap().len(), 1, "kept while slow");
+        assert!(receivers.try_take(&slow, now + SLOW_FOR, patience).is_ok(), "not slow for good");
         let others = Receivers::default();
-        drop(others.try_take(&slow, now).unwrap());
+        drop(others.try_take(&slow, now, patience).unwrap());
         assert!(others.0.lock().unwrap().is_empty(), "receivers with nothing in flight, not slow, are forgotten");
     }
 
