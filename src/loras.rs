@@ -277,8 +277,7 @@ impl LoraLibrary {
         let unavailable = |e: crate::storage::StoreError| LoraSourceError::Unavailable(format!("LoRA {stem}: {e}"));
         let stamp = match store.stamp(&key).await {
             Ok(stamp) => stamp,
-            // S3's answer for a missing key to credentials that cannot list the bucket.
-            Err(crate::storage::StoreError::Denied { .. }) => None,
+            Err(e) if e.is_missing() => None,
             Err(e) => return Err(unavailable(e)),
         };
         let Some(stamp) = stamp else {

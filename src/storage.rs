@@ -34,6 +34,13 @@ const BAD_CREDENTIALS: &[&str] = &[
     "AuthenticationFailed",
     "RequestTimeTooSkewed",
 ];
+/// Whether an error's text (object_store's, which carries the service's answer) gives one of
+/// [`BAD_CREDENTIALS`] as the service's error code. Only as a code: the text also holds the key, which is
+/// anyone's, and a key named after a code must not read as one.
+fn refuses_credentials(text: &str) -> bool {
+    BAD_CREDENTIALS.iter().any(|c| text.contains(&format!("<Code>{c}</Code>")) || text.contains(&format!("\"{c}\"")))
+}
+
 const ACCESS_DENIED: &str =
     "access denied; check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)";
 
@@ -103,6 +110,14 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+}
+
+impl StoreError {
+    /// The object is not there, or the store will not say ([`StoreError::Denied`]: S3's answer for a missing
+    /// key to credentials that cannot list the bucket).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. } | StoreError::Denied { .. })
+    }
 }
 
 /// An object store and the key prefix inside it.
@@ -253,14 +268,7 @@ impl Store {
     }
 
     fn failed(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
-        // The service's error code, as its answer gives it (the text also holds the key, which is anyone's:
-        // a key named after a code must not read as one).
-        let bad_credentials = || {
-            let text = source.to_string();
-            BAD_CREDENTIALS
-                .iter()
-                .any(|c| text.contains(&format!("<Code>{c}</Code>")) || text.contains(&format!("\"{c}\"")))
-        };
+        let bad_credentials = || refuses_credentials(&source.to_string());
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.into(), store: self.url.clone() },
             // Credentials the store does not accept (or a clock it finds skewed) are the worker's outage.
@@ -388,7 +396,7 @@ impl Store {
             }
             object_store::Error::NotFound { .. } => Ok(()),
             object_store::Error::Unauthenticated { .. } => bail!("{}: {ACCESS_DENIED}: {text}", self.url),
-            object_store::Error::PermissionDenied { .. } if names(BAD_CREDENTIALS) => {
+            object_store::Error::PermissionDenied { .. } if refuses_credentials(&text) => {
                 bail!("{}: {ACCESS_DENIED}: {text}", self.url)
             }
             object_store::Error::PermissionDenied { .. } => {

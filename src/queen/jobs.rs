@@ -378,10 +378,7 @@ impl Jobs {
             .ok_or_else(|| JobsError::NoImage(format!("job {id} has no image {n}")))?;
         match self.store.get(&image.key).await {
             Ok(bytes) => Ok((bytes, image.content_type.clone())),
-            // Denied: S3's answer for a missing key to credentials that cannot list the bucket.
-            Err(e @ (StoreError::NotFound { .. } | StoreError::Denied { .. })) => {
-                Err(JobsError::NoImage(e.to_string()))
-            }
+            Err(e) if e.is_missing() => Err(JobsError::NoImage(e.to_string())),
             Err(e) => Err(e.into()),
         }
     }
@@ -393,7 +390,7 @@ impl Jobs {
                 Ok(Event::Completed(c)) if c.job_id == id => Ok(Some(c.own_images())),
                 _ => Ok(None),
             },
-            Err(StoreError::NotFound { .. } | StoreError::Denied { .. }) => Ok(None),
+            Err(e) if e.is_missing() => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

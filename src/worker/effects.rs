@@ -120,8 +120,7 @@ pub(super) async fn read_completed(shared: &Shared, key: &str) -> anyhow::Result
                 Ok(None)
             }
         },
-        // Denied: S3's answer for a missing key to credentials that cannot list the bucket.
-        Err(crate::storage::StoreError::NotFound { .. } | crate::storage::StoreError::Denied { .. }) => Ok(None),
+        Err(e) if e.is_missing() => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -15,7 +15,6 @@ use uuid::Uuid;
 use super::Shared;
 use crate::diffusion::ResumeState;
 use crate::protocol::{self, JobRequest};
-use crate::storage::StoreError;
 
 /// The checkpoint layout; a checkpoint of another (an older worker's, in a rolling upgrade) is ignored.
 const FORMAT: &str = "sd-rbee-resume-1";
@@ -66,8 +65,7 @@ pub(super) async fn fetch(shared: &Shared, job: &JobRequest) -> Option<Bytes> {
     .await
     {
         Ok(Ok(bytes)) => Some(bytes),
-        // Denied: S3's answer for a missing key to credentials that cannot list the bucket.
-        Ok(Err(StoreError::NotFound { .. } | StoreError::Denied { .. })) => None,
+        Ok(Err(e)) if e.is_missing() => None,
         Ok(Err(e)) => {
             tracing::warn!(job_id = %job.id, error = %e, "cannot read the job's checkpoint; starting from the beginning");
             None
