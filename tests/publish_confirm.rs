@@ -191,6 +191,60 @@ async fn a_job_left_unqueued_by_a_queen_that_stopped_is_ended_by_another() {
     );
 }
 
+/// A queen process killed while the bus has not confirmed an unkeyed job (nothing of it left to publish
+/// again, and no client told of it) left its record `queued` for ever; whichever queen is up ends it at its
+/// queued check, which every job has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unkeyed_job_whose_queen_was_killed_before_the_bus_confirmed_it_is_ended_by_another() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let port = common::servers::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"))
+        .args(["queen", "--nats", &nats.url(), "--store", &store_url, "--listen", &listen])
+        .args(["--accept-unserved-models", "--publish-confirm-window", "20s"])
+        .env("SD_RBEE_API_TOKENS", common::queen::TOKEN)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the queen did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _queue = FullQueue::fill(&nats).await;
+    let c = QueenClient::new(&base, Some(common::queen::TOKEN.into())).unwrap();
+    let submitting = tokio::spawn({
+        let c = c.clone();
+        async move { c.submit(&tiny(2, 35), None).await }
+    });
+    // Its record is written before the publish, which the full queue holds for 10 s.
+    let id = loop {
+        if let Some(job) = c.jobs("").await.unwrap().jobs.first() {
+            break job.job_id;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no record of the submission");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(submitting.await.unwrap().is_err(), "its client was never told of the job");
+
+    let serve_any = |q: &mut sd_rbee::queen::QueenConfig| q.api.require_served_model = false;
+    let second = start_queen(&nats.url(), &store_url, &[], serve_any).await;
+    let c = client(&second);
+    let queued = c.status(id).await.unwrap().status;
+    assert_eq!((queued.state.name(), queued.stream_seq), ("queued", None), "left as the killed queen wrote it");
+    let failed = wait_long(&c, id, "failed", Duration::from_secs(90)).await.status;
+    let error = failed.error.as_ref().expect("a failed job says why");
+    let ended_after = failed.finished_at.unwrap() - failed.created_at;
+    assert!(ended_after >= 23_900, "ended at its check (a fifth of the window after it): {ended_after} ms");
+    let waited = format!("did not take the job within {} s of its submission", ended_after / 1000);
+    assert!(error.message.contains(&waited), "says how long it waited: {error:?}");
+}
+
 /// A stream made to refuse every message (a largest message size of one byte) until `reopen`.
 struct Refusing {
     js: jetstream::Context,

@@ -102,6 +102,10 @@ pub struct QueenArgs {
     /// The least time between two progress deliveries of a job's webhook.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub webhook_progress_interval: Duration,
+    /// How long a job whose publish the bus did not confirm is published again before it is ended (at most
+    /// the default, which keeps every copy inside the jobs stream's duplicate window; for tests).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    pub publish_confirm_window: Option<Duration>,
     #[arg(long)]
     pub log_json: bool,
 }
@@ -209,6 +213,13 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     config.status_max_age = args.keep_status;
     config.default_ttl = args.default_ttl;
     config.webhooks = webhooks;
+    if let Some(window) = args.publish_confirm_window {
+        let most = crate::queen::PUBLISH_CONFIRM_WINDOW;
+        if window.is_zero() || window > most {
+            bail!("--publish-confirm-window must be more than 0 and at most {} s", most.as_secs());
+        }
+        config.publish_confirm_window = window;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let queen = Queen::start(config).await?;

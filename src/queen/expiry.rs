@@ -4,10 +4,10 @@
 //! the status bucket's own age removes it. This file: the policy and the schedule.
 //!
 //! The schedule is a JetStream work queue (`SD_EXPIRY`, subject `sd.expiry`): one message per job with a
-//! ttl, written when the job is queued (and, for a job with an idempotency key, one [`QueuedCheck`]; for a job cancelled
-//! while queued, one [`DequeuedCheck`]). The queens share one durable consumer on it; a message that is not due is handed
-//! back with a delay of the time left (a NAK with a delay), so each job is looked at about when it expires,
-//! by whichever queen is up, and a restarted queen loses nothing.
+//! ttl, written when the job is queued (and, for every job, one [`QueuedCheck`]; for a job cancelled while
+//! queued, one [`DequeuedCheck`]). The queens share one durable consumer on it; a message that is not due is
+//! handed back with a delay of the time left (a NAK with a delay), so each job is looked at about when it
+//! expires, by whichever queen is up, and a restarted queen loses nothing.
 
 use std::time::Duration;
 
@@ -29,10 +29,10 @@ pub(super) struct Due {
     pub expires_at: u64,
 }
 
-/// One scheduled check that a keyed job is on the queue by `queued_by` (`submit.rs`): the background
-/// publish of a job the bus did not confirm lives only in its queen, and a queen that stops leaves the check
-/// to whichever queen is up. (Its fields are not a [`Due`]'s, so a queen older than it drops it unread rather
-/// than expire the job.)
+/// One scheduled check that a job is on the queue by `queued_by` (`submit.rs`): its publish, and the
+/// background publish of a keyed job the bus did not confirm, live only in its queen, and a queen that stops
+/// leaves the check to whichever queen is up. (Its fields are not a [`Due`]'s, so a queen older than it
+/// drops it unread rather than expire the job.)
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct QueuedCheck {
     pub job_id: Uuid,

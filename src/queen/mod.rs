@@ -35,6 +35,8 @@ pub mod sweeper;
 pub mod webhooks;
 pub mod work_queue;
 
+pub use submit::PUBLISH_CONFIRM_WINDOW;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

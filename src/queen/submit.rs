@@ -2,7 +2,8 @@
 //! on the bus, and recording it. A publish the bus did not confirm may still have been stored, so with a key
 //! it is published again in the background under the same message id ([`Jobs::confirm_queued`]), and ended
 //! when the bus takes none of it in time ([`Jobs::abandon_unqueued`], also run by whichever queen takes the
-//! job's queued check from the schedule, should this one stop first).
+//! job's queued check from the schedule, should this one stop first: scheduled for every job, since a queen
+//! killed between the job's record and its publish would otherwise leave it `queued` for ever).
 
 use std::time::Duration;
 
@@ -108,14 +109,13 @@ impl Jobs {
             }
         };
         let window = self.publish_confirm_window;
-        // A keyed job may be left to a background publish, which a queen that stops takes with it: the
-        // schedule holds the check that ends it then, a fifth of the window after the last try.
+        // A queen that stops (or is killed) before the bus confirms the job, or during a keyed job's
+        // background publish, takes the job's only way out of `queued` with it: the schedule holds the check
+        // that ends it then, a fifth of the window after the last try.
         let queued_by = protocol::now_millis() + (window + window / 5).as_millis() as u64;
-        let scheduled = match claim {
-            Some(_) => self.expiry.schedule_queued_check(&job, queued_by).await,
-            None => Ok(()),
-        };
-        if let Err(e) = scheduled.and(self.expiry.schedule(&job).await) {
+        let scheduled =
+            tokio::try_join!(self.expiry.schedule_queued_check(&job, queued_by), self.expiry.schedule(&job));
+        if let Err(e) = scheduled {
             self.status.remove(job.id).await;
             self.index.remove(indexed).await;
             return Err(JobsError::bus(e));
@@ -224,8 +224,9 @@ impl Jobs {
         let event = if cancelled {
             super::jobs::cancelled(id, at)
         } else {
-            let window = self.publish_confirm_window.as_secs();
-            let message = format!("the bus did not take the job within {window} s of its submission");
+            // Counted from the record: the queen ending the job may not be the one that took it.
+            let waited = at.saturating_sub(status.created_at) / 1000;
+            let message = format!("the bus did not take the job within {waited} s of its submission");
             let code = protocol::ErrorCode::Internal;
             Event::Failed(protocol::Failed { v, job_id: id, at, code, message, field: None })
         };

@@ -91,7 +91,7 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
     }
 }
 
-/// Ends a keyed job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]); how the
+/// Ends a job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]); how the
 /// check's message is acknowledged.
 async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
     when_due(check.queued_by, check.job_id, "cannot end a job the bus did not take yet", |overdue| {
