@@ -24,12 +24,13 @@ use crate::queen::status::{StatusStore, StatusTooLarge};
 /// Attempts in flight per queen.
 const CONCURRENCY: usize = 32;
 /// Attempts in flight per queen to one receiver (host and port) that answers slowly or not at all (an
-/// attempt took half the timeout or more, lately): it holds no more than these of the queen's slots.
+/// attempt took half the timeout or more, lately), or that has not answered lately: it holds no more than
+/// these of the queen's slots.
 pub const PER_SLOW_RECEIVER: usize = 4;
 /// The slots no one receiver takes, however well it answers: kept for the others' deliveries (a receiver
 /// that stops answering holds all it has until its attempts time out).
-pub const KEPT_FOR_OTHERS: usize = 4;
-/// How long a receiver is taken for slow after a slow attempt.
+const KEPT_FOR_OTHERS: usize = 4;
+/// How long a receiver is taken for slow after a slow attempt, and for one that answers in time after it did.
 const SLOW_FOR: Duration = Duration::from_secs(120);
 /// How much of a failed attempt's answer its error keeps.
 const ERROR_SNIPPET_BYTES: usize = 200;
@@ -96,7 +97,8 @@ async fn send_due(webhooks: &Webhooks, status: &StatusStore, client: &reqwest::C
     }
 }
 
-/// The attempts in flight to each receiver (host and port), and until when it is taken for slow.
+/// The attempts in flight to each receiver (host and port), and until when it is taken for slow, or for one
+/// that answers in time.
 #[derive(Clone, Default)]
 struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, ReceiverState>>>);
 
@@ -105,6 +107,14 @@ struct ReceiverState {
     /// When each attempt in flight started.
     in_flight: Vec<std::time::Instant>,
     slow_until: Option<std::time::Instant>,
+    answered_until: Option<std::time::Instant>,
+}
+
+impl ReceiverState {
+    fn remembered(&self, now: std::time::Instant) -> bool {
+        let until = |t: Option<std::time::Instant>| t.is_some_and(|t| t > now);
+        !self.in_flight.is_empty() || until(self.slow_until) || until(self.answered_until)
+    }
 }
 
 /// One of a receiver's slots, given back when dropped.
@@ -117,13 +127,17 @@ struct ReceiverSlot {
 impl Receivers {
     /// A slot for an attempt to `receiver` at `now`, or `Err(slow)` when it has its share in flight. A
     /// receiver is slow for [`SLOW_FOR`] after an attempt took `patience` or more, and while one has been
-    /// in flight that long (a receiver that never answers is found out before its first attempt ends).
+    /// in flight that long (a receiver that never answers is found out before its first attempt ends). It
+    /// has the full share only for [`SLOW_FOR`] after an attempt took less: until its first answer, a
+    /// receiver not heard from lately gets a slow one's, so one that hangs from the start never holds more
+    /// (two would otherwise take every slot for a whole timeout).
     fn try_take(&self, receiver: &str, now: std::time::Instant, patience: Duration) -> Result<ReceiverSlot, bool> {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let state = map.entry(receiver.to_string()).or_default();
         let hung = state.in_flight.iter().any(|&started| now.saturating_duration_since(started) >= patience);
         let slow = hung || state.slow_until.is_some_and(|until| until > now);
-        let share = if slow { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
+        let answers = state.answered_until.is_some_and(|until| until > now);
+        let share = if slow || !answers { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
         if state.in_flight.len() >= share {
             return Err(slow);
         }
@@ -131,10 +145,15 @@ impl Receivers {
         Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string(), started: now })
     }
 
-    /// `receiver` answered slowly or not at all: it gets a slow receiver's share for a while.
-    fn mark_slow(&self, receiver: &str, now: std::time::Instant) {
+    /// An attempt to `receiver` ended at `now`, after `took`: one that took `patience` or more (answered
+    /// slowly or not at all) gives it a slow receiver's share for a while, one quicker the full share.
+    fn attempted(&self, receiver: &str, now: std::time::Instant, took: Duration, patience: Duration) {
         let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(receiver.to_string()).or_default().slow_until = Some(now + SLOW_FOR);
+        let state = map.entry(receiver.to_string()).or_default();
+        match took >= patience {
+            true => state.slow_until = Some(now + SLOW_FOR),
+            false => state.answered_until = Some(now + SLOW_FOR),
+        }
     }
 }
 
@@ -147,8 +166,8 @@ impl Drop for ReceiverSlot {
                 state.in_flight.swap_remove(i);
             }
         }
-        // Receivers with nothing in flight and no longer slow are forgotten.
-        map.retain(|_, s| !s.in_flight.is_empty() || s.slow_until.is_some_and(|until| until > now));
+        // Receivers with nothing in flight and not heard from lately are forgotten.
+        map.retain(|_, s| s.remembered(now));
     }
 }
 
@@ -209,9 +228,7 @@ async fn attempt(
     let started = std::time::Instant::now();
     let posted = post(client, &config.secrets, &config.policy, &delivery).await;
     drop(slot);
-    if started.elapsed() >= config.timeout / 2 {
-        receivers.mark_slow(&receiver, std::time::Instant::now());
-    }
+    receivers.attempted(&receiver, std::time::Instant::now(), started.elapsed(), config.timeout / 2);
     let ack = match posted {
         Ok(()) => {
             tracing::debug!(%job_id, id, attempt, "webhook delivered");
@@ -374,9 +391,16 @@ mod tests {
         let slow = receiver_of("https://Slow.example./hook?x=1");
         assert_eq!(slow, receiver_of("https://slow.example:443/other"), "one receiver: host and port");
         assert_ne!(slow, receiver_of("http://slow.example/hook"));
+        let take = |receiver: &str, at, n| -> Vec<_> {
+            (0..n).map(|_| receivers.try_take(receiver, at, patience).expect("within its share")).collect()
+        };
+        // Not heard from yet: a slow receiver's share, until it answers in time.
+        let held = take(&slow, now, PER_SLOW_RECEIVER);
+        assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(false), "its first share is taken");
+        drop(held);
+        receivers.attempted(&slow, now, patience / 10, patience);
         // A receiver that answers: all slots but those kept for the others.
-        let held: Vec<_> =
-            (0..CONCURRENCY - KEPT_FOR_OTHERS).map(|_| receivers.try_take(&slow, now, patience).unwrap()).collect();
+        let held = take(&slow, now, CONCURRENCY - KEPT_FOR_OTHERS);
         assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(false), "its share is taken");
         assert!(receivers.try_take(&receiver_of("https://other.example/"), now, patience).is_ok(), "another's is not");
         // Attempts in flight for the patience make it slow at once: a slow receiver's share.
@@ -385,15 +409,19 @@ mod tests {
         drop(held);
         assert!(receivers.try_take(&slow, later, patience).is_ok(), "none in flight, none slow");
         // Once an attempt took long, a slow receiver's share, for a while.
-        receivers.mark_slow(&slow, now);
-        let held: Vec<_> = (0..PER_SLOW_RECEIVER).map(|_| receivers.try_take(&slow, now, patience).unwrap()).collect();
+        receivers.attempted(&slow, now, patience, patience);
+        let held = take(&slow, now, PER_SLOW_RECEIVER);
         assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(true));
         drop(held);
         assert_eq!(receivers.0.lock().unwrap().len(), 1, "kept while slow");
-        assert!(receivers.try_take(&slow, now + SLOW_FOR, patience).is_ok(), "not slow for good");
+        // Not slow for good; nor taken to answer, after a while: the first share again.
+        let after = now + SLOW_FOR;
+        let held = take(&slow, after, PER_SLOW_RECEIVER);
+        assert_eq!(receivers.try_take(&slow, after, patience).err(), Some(false));
+        drop(held);
         let others = Receivers::default();
         drop(others.try_take(&slow, now, patience).unwrap());
-        assert!(others.0.lock().unwrap().is_empty(), "receivers with nothing in flight, not slow, are forgotten");
+        assert!(others.0.lock().unwrap().is_empty(), "receivers with nothing in flight, not heard from, are forgotten");
     }
 
     #[test]
