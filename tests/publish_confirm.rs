@@ -245,6 +245,50 @@ async fn an_unkeyed_job_whose_queen_was_killed_before_the_bus_confirmed_it_is_en
     assert!(error.message.contains(&waited), "says how long it waited: {error:?}");
 }
 
+/// A job the bus took whose record never got its place in the queue (the status bucket was out while its
+/// queen tried to write it): its queued check finds it on its queue and records the place, instead of
+/// ending a job that is about to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_whose_place_was_not_recorded_is_found_on_its_queue_and_runs() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen = start_queen(&nats.url(), &store_url, &[], |q| {
+        q.api.require_served_model = false;
+        q.publish_confirm_window = Duration::from_secs(5);
+    })
+    .await;
+    let c = client(&queen);
+    // Jobs ahead of it on the same queue, which the check reads past.
+    for seed in 40..42 {
+        c.submit(&tiny(2, seed), None).await.unwrap();
+    }
+    let id = c.submit(&tiny(2, 42), None).await.unwrap().job_id;
+    let seq = c.status(id).await.unwrap().status.stream_seq.expect("queued, with its place");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value(Subjects::new("sd").unwrap().status_bucket()).await.unwrap();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&kv.get(id.to_string()).await.unwrap().unwrap()).unwrap();
+    record.as_object_mut().unwrap().remove("stream_seq").expect("the record has its place");
+    kv.put(id.to_string(), serde_json::to_vec(&record).unwrap().into()).await.unwrap();
+    assert_eq!(c.status(id).await.unwrap().status.stream_seq, None, "its place lost");
+
+    // Its check is due 6 s after the submission.
+    let start = Instant::now();
+    loop {
+        let status = c.status(id).await.unwrap().status;
+        assert_eq!(status.state.name(), "queued", "not ended: {:?}", status.error);
+        if status.stream_seq.is_some() {
+            assert_eq!(status.stream_seq, Some(seq), "its place found again");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "its place was never found again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _worker = WorkerProcess::start("w-placed", &nats.url(), &store_url, &[], &[]);
+    assert_eq!(names(&follow(&c, id).await).last(), Some(&"completed"), "and it runs");
+}
+
 /// A stream made to refuse every message (a largest message size of one byte) until `reopen`.
 struct Refusing {
     js: jetstream::Context,

@@ -204,6 +204,30 @@ impl BusClient {
         Ok(last.and_then(|payload| protocol::decode_event(&payload).ok()))
     }
 
+    /// The stream sequence of job `job_id`'s message among the waiting jobs on `subject` (its queue), if it
+    /// is there: read in order, each by a direct get; an error when NATS cannot say, or the queue is too long
+    /// to read within `budget`. (A job a worker has taken is still there until it is settled.)
+    pub async fn find_queued(&self, subject: &str, job_id: Uuid, budget: Duration) -> anyhow::Result<Option<u64>> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let stream = self.js.get_stream_no_info(self.subjects.jobs_stream()).await?;
+        let walk = async {
+            let mut next = 1;
+            loop {
+                match stream.direct_get_next_for_subject(subject, Some(next)).await {
+                    Ok(msg) if bus::job_id_of(&msg.payload, Some(&msg.headers)) == Some(job_id) => {
+                        return Ok(Some(msg.sequence))
+                    }
+                    Ok(msg) => next = msg.sequence + 1,
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(anyhow::Error::from(e).context("cannot read the queue")),
+                }
+            }
+        };
+        tokio::time::timeout(budget, walk)
+            .await
+            .with_context(|| format!("the queue {subject} is too long to look through in {} s", budget.as_secs()))?
+    }
+
     /// The cancel request stored for the job, if any ([`stored_cancel`]).
     pub async fn stored_cancel(&self, job_id: Uuid) -> anyhow::Result<Option<CancelRequest>> {
         stored_cancel(&self.js, &self.subjects, job_id).await

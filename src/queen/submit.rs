@@ -21,6 +21,10 @@ use crate::storage::StoreError;
 /// stream's duplicate window (`JOBS_DUPLICATE_WINDOW_SECS`), so every copy that reaches it is one job.
 pub const PUBLISH_CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_DUPLICATE_WINDOW_SECS - 20);
 
+/// The longest a job's queue is looked through for it before it is ended as one the bus never took (then
+/// it is tried again later).
+const FIND_QUEUED_BUDGET: Duration = Duration::from_secs(20);
+
 /// The reason of the cancel stored for a job the bus never took.
 const UNQUEUED_CANCEL: &str = "the bus did not take the job in time";
 
@@ -202,14 +206,30 @@ impl Jobs {
         }
     }
 
-    /// Ends job `id` if its record still says it was never queued: a cancel is stored first, so a copy that
-    /// reaches the queue after all is cancelled by the worker that takes it, before it runs; then the job
-    /// is reported `failed`, or `cancelled` when its user cancelled it meanwhile. Nothing for a job queued or
-    /// ended. Without `require_cancel`, a cancel the bus will not store (no `SD_CANCELS`, or a bus refusing
+    /// Ends job `id` if its record still says it was never queued and the bus has neither it on its queue
+    /// nor an event of it: a cancel is stored first, so a copy that reaches the queue after all is cancelled
+    /// by the worker that takes it, before it runs; then the job is reported `failed`, or `cancelled` when
+    /// its user cancelled it meanwhile. Nothing for a job queued or ended. Without `require_cancel`, a cancel the bus will not store (no `SD_CANCELS`, or a bus refusing
     /// it for long) does not keep the job from ending.
     pub(super) async fn abandon_unqueued(&self, id: Uuid, require_cancel: bool) -> anyhow::Result<()> {
         let Some(status) = self.status.get(id).await? else { return Ok(()) };
         if status.state != JobState::Queued || status.stream_seq.is_some() {
+            return Ok(());
+        }
+        // The record may only lack its place: the bus took the job, and its queen could not say so (the
+        // status bucket was out) or stopped first. Such a job is left to run: found on its queue, its place
+        // is recorded; taken off it already, it has events (a worker publishes before it settles the message,
+        // so they are looked for after the queue).
+        let subject = self.bus.subjects().jobs_at(&status.model, status.priority)?;
+        if let Some(seq) = self.bus.find_queued(&subject, id, FIND_QUEUED_BUDGET).await? {
+            tracing::warn!(job_id = %id, seq, "a job whose place in the queue was not recorded is found there");
+            let place = |s: &mut JobStatus| {
+                let unplaced = s.state == JobState::Queued && s.stream_seq.is_none();
+                unplaced && s.stream_seq.replace(seq).is_none()
+            };
+            return self.status.update(id, || status.clone(), place).await.map(drop);
+        }
+        if self.bus.last_event(id).await?.is_some() {
             return Ok(());
         }
         let cancelled = match self.store_unqueued_cancel(id).await {
