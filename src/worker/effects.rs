@@ -43,7 +43,18 @@ impl Target<'_> {
             }
             Target::Stored { stream, seq, .. } => {
                 if !matches!(settle, Settle::Nak(_)) {
-                    let _ = stream.delete_message(*seq).await;
+                    if let Err(e) = stream.delete_message(*seq).await {
+                        // Deleted already (by another worker's try) is done; left on the work queue with its
+                        // deliveries spent, it would stay there for good: the advisory is tried again.
+                        use jetstream::stream::RawMessageErrorKind;
+                        match stream.get_raw_message(*seq).await {
+                            Err(gone) if gone.kind() == RawMessageErrorKind::NoMessageFound => {}
+                            _ => {
+                                tracing::warn!(stream_seq = seq, error = %e, "cannot delete an undeliverable job yet");
+                                return false;
+                            }
+                        }
+                    }
                 }
             }
         }

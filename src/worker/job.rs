@@ -191,11 +191,15 @@ fn log(outcome: &Outcome, delivered: Delivery) {
     }
 }
 
+/// How many tries of a max-deliveries advisory (5 s apart) wait for a store that cannot say whether the job
+/// finished before it is failed anyway.
+const STORE_PATIENCE_TRIES: i64 = 60;
+
 /// A job JetStream stopped delivering after `max_deliver` deliveries that never settled (workers that
 /// crashed or hung on it): report it `failed`, dead-letter it and remove it from the work queue, so it is
 /// not silently stuck. Every worker of the model hears the advisory; the message ids make their reports one.
-/// Returns false when it should be tried again later.
-pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64) -> bool {
+/// Returns false when it should be tried again later; `tries` counts this advisory's tries so far.
+pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64, tries: i64) -> bool {
     let delivered = Delivery { seq, n: deliveries };
     let stream = match shared.js.get_stream(shared.subjects.jobs_stream()).await {
         Ok(s) => s,
@@ -217,13 +221,24 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
     };
     let job_id = crate::bus::job_id_of(&raw.payload, Some(&raw.headers));
     let target = Target::Stored { stream: &stream, seq, payload: raw.payload };
-    // The job may have finished after all, with only its report or ack lost: report it again.
+    // The job may have finished after all, with only its report or ack lost: report it again. Failing it
+    // is final, so a store that cannot say (down, or slow with its retries) is asked again for a while.
     if let Some(id) = job_id {
-        if let Ok(Ok(Some(mut completed))) =
-            tokio::time::timeout(Duration::from_secs(3), previous_result(shared, id)).await
-        {
-            completed.at = now_millis();
-            return settle(shared, model, target, Outcome::Completed { completed, fresh: false }, delivered).await;
+        match tokio::time::timeout(Duration::from_secs(10), previous_result(shared, id)).await {
+            Ok(Ok(Some(mut completed))) => {
+                completed.at = now_millis();
+                let outcome = Outcome::Completed { completed, fresh: false };
+                return settle(shared, model, target, outcome, delivered).await;
+            }
+            Ok(Ok(None)) => {}
+            unknown if tries < STORE_PATIENCE_TRIES => {
+                let why = unknown.map_or_else(|_| "timed out".to_string(), |r| format!("{:#}", r.unwrap_err()));
+                tracing::warn!(job_id = %id, error = why, "cannot tell from the store whether an undeliverable job finished; asking again");
+                return false;
+            }
+            _ => {
+                tracing::error!(job_id = %id, "the store never said whether the undeliverable job finished: failing it")
+            }
         }
     }
     settle(shared, model, target, Outcome::Undeliverable { job_id, deliveries }, delivered).await

@@ -394,10 +394,11 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
             let mut messages = consumer.messages().await?;
             loop {
                 let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(30)).await?;
+                let tries = msg.info().map_or(1, |i| i.delivered);
                 let handled = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
                     Ok(a) => match bus::parse_consumer_name(&a.consumer) {
                         Some((model, _)) => {
-                            job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries).await
+                            job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries, tries).await
                         }
                         None => true,
                     },
@@ -405,7 +406,6 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                 };
                 // Tried every 5 s or more for at least an hour: an error that lasts that long is not the
                 // server's passing trouble, and retrying it for ever would only repeat its warning.
-                let tries = msg.info().map_or(1, |i| i.delivered);
                 let kind = if handled {
                     jetstream::AckKind::Ack
                 } else if tries >= MAX_ADVISORY_TRIES {

@@ -371,6 +371,61 @@ async fn a_job_whose_workers_all_crashed_is_failed_not_lost() {
     wait_for_empty_queue(&client).await;
 }
 
+/// The job's last delivery stored its images and manifest, then its worker died before reporting them; the
+/// store is down when the advisory comes. Failing the job is final, so the store is asked again until it
+/// answers, and the job is reported `completed`, not `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_job_waits_for_the_store_to_say_whether_it_finished() {
+    let nats = NatsServer::start();
+    let mut s3 = S3Server::start();
+    let flags = ["--max-deliver", "1", "--ack-wait", "1s", "--step-delay", "200ms", "--store-retry", "1s"];
+    let mut workers = [
+        WorkerProcess::start("w-sx", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+        WorkerProcess::start("w-sy", &nats.url(), &s3.store_url(), &s3.env(), &flags),
+    ];
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(30, 52);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 1).await;
+    let taker = accepted_by(&stored_events(&client, job.id).await)[0].clone();
+    s3.kill();
+    workers.iter_mut().find(|w| w.id == taker).unwrap().kill();
+    // The advisory comes about a second later; the store cannot say for longer than one try waits.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let so_far = stored_events(&client, job.id).await;
+    assert!(!so_far.iter().any(|e| matches!(e, Event::Failed(_))), "not failed while the store cannot say: {so_far:?}");
+    // What the dead worker stored before it died (written here, as the store restarts empty).
+    s3.restart();
+    let key = protocol::result_key(job.id, 0, "png");
+    s3.put(&key, b"an image");
+    let image = protocol::ImageResult {
+        index: 0,
+        key,
+        url: None,
+        width: 64,
+        height: 64,
+        seed: 1,
+        bytes: 8,
+        content_type: "image/png".into(),
+    };
+    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
+    let manifest = protocol::Completed {
+        v,
+        job_id: job.id,
+        at,
+        images: vec![image],
+        timings: Default::default(),
+        warnings: vec![],
+        cached: false,
+    };
+    s3.put(&protocol::manifest_key(job.id), &protocol::encode(&Event::Completed(manifest)));
+
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Completed(_))), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, Event::Failed(_))), "{events:?}");
+    wait_for_empty_queue(&client).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
     let nats = NatsServer::start();
