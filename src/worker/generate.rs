@@ -407,9 +407,13 @@ pub(super) async fn generate_and_store(
     let run_here = last_step.map(|n| n.saturating_sub(resumed_steps)).filter(|&n| n > 0);
     let step_ms = run_here.map(|n| generation_ms as f64 / f64::from(n));
 
-    // A job that expired meanwhile stores nothing: the queens' sweeper may already have swept it.
+    // A job that expired meanwhile stores nothing: the queens' sweeper may already have swept it. Nor does
+    // one stopped since its last step (cancelled while its images were decoded or encoded).
     if job.expires_at.is_some_and(|e| now_millis() >= e) {
         return Err(Failure::Stopped { reason: StopReason::Timeout, at_step: last_step });
+    }
+    if let Some(reason) = stop.reason() {
+        return Err(Failure::Stopped { reason, at_step: last_step });
     }
     // Upload every image, then the manifest that marks the job done.
     let upload_started = Instant::now();
@@ -457,6 +461,10 @@ pub(super) async fn generate_and_store(
             .collect(),
         cached: false,
     };
+    // The manifest marks the job done: not for one stopped while its images were uploaded.
+    if let Some(reason) = stop.reason() {
+        return Err(Failure::Stopped { reason, at_step: last_step });
+    }
     super::effects::store_completed(shared, &manifest_key(job.id), &completed)
         .await
         .map_err(|e| Failure::transient(ErrorCode::Storage, e))?;

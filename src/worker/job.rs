@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::cache;
 use super::effects::{self, previous_result, publish_event, Target};
-use super::generate::generate_and_store;
+use super::generate::{generate_and_store, Failure};
 use super::policy::{self, Delivery, Outcome, RetryPolicy, Settle};
 use super::Shared;
 use crate::protocol::{self, now_millis, Accepted, Event, JobRequest, ProtocolError, PROTOCOL_VERSION};
@@ -29,14 +29,22 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
     let delivered = Delivery::of(&msg);
     // In-progress acks, well inside ack_wait, for as long as the delivery is handled; at least every 5 s, so
     // a worker started with a shorter --ack-wait (whose consumer settings win) does not take the job over.
+    // Each time, the stored cancels are read too: a cancel is also published once on core NATS, which a
+    // worker whose connection was down or moving between servers then never hears.
     let _keepalive = {
-        let msg = msg.clone();
+        let (msg, shared) = (msg.clone(), shared.clone());
+        let job_id = crate::bus::job_id_of(&msg.payload, msg.headers.as_ref());
         let every = (shared.config.consumer.ack_wait / 3).min(Duration::from_secs(5));
         AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     tracing::warn!(error = %e, "in-progress ack failed");
+                }
+                if let Some(job_id) = job_id {
+                    if stored_cancel_quietly(&shared, job_id).await && shared.control.cancel(job_id) {
+                        tracing::info!(%job_id, "a stored cancel request stops the job");
+                    }
                 }
             }
         }))
@@ -71,6 +79,13 @@ async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
             false
         }
     }
+}
+
+/// Whether a cancel request for the job is stored, as far as NATS says within a few seconds (the keepalive's
+/// look: a failure is left for the next one).
+async fn stored_cancel_quietly(shared: &Shared, job_id: uuid::Uuid) -> bool {
+    let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
+    matches!(tokio::time::timeout(Duration::from_secs(3), lookup).await, Ok(Ok(Some(_))))
 }
 
 fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, ProtocolError> {
@@ -132,6 +147,14 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         }
         _ => None,
     };
+    // Reading the inputs and hashing the model's files for the key may take long: a cancel, the deadline or
+    // the end of a shutdown's grace meanwhile is heeded before anything is stored.
+    if let Some(reason) = stop.reason() {
+        let outcome = Failure::Stopped { reason, at_step: None }.into_outcome(&job);
+        settle(&shared, &model, target, outcome, delivered).await;
+        shared.control.finish(job_id, &stop);
+        return;
+    }
     if let Some(key) = &cache_key {
         if let Some(completed) = cache::answer(&shared, key, &job, received_at).await {
             tracing::info!(key, "answered from the result cache");

@@ -325,6 +325,39 @@ async fn a_job_cancelled_while_the_store_is_down_is_reported_at_once() {
     assert!(asked.elapsed() < Duration::from_secs(20), "cancelled after {:?}", asked.elapsed());
 }
 
+/// A worker that never hears a cancel's core message (its connection was down, or moving between servers)
+/// still stops the running job: it reads the stored cancels while the job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_whose_cancel_message_was_missed_is_stopped_by_the_stored_cancel() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-missed", &nats.url(), &store_url, &[], &["--step-delay", "300ms"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let job = tiny_job(60, 53);
+    client.submit(&job).await.unwrap();
+    wait_for_step(&client, job.id, 2).await;
+    // Stored only: published where no worker listens, and kept by SD_CANCELS under the cancel's subject.
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let subjects = protocol::Subjects::new("sd").unwrap();
+    let mut config = js.get_stream(subjects.cancels_stream()).await.unwrap().info().await.unwrap().config.clone();
+    config.subjects.push("missed.cancel.*".into());
+    config.subject_transform = Some(jetstream::stream::SubjectTransform {
+        source: "missed.cancel.*".into(),
+        destination: "sd.cancel.{{wildcard(1)}}".into(),
+    });
+    js.update_stream(&config).await.unwrap();
+    let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
+    let request = protocol::CancelRequest { v, job_id: job.id, at, reason: None };
+    js.publish(format!("missed.cancel.{}", job.id), protocol::encode(&request).into()).await.unwrap().await.unwrap();
+    assert!(client.stored_cancel(job.id).await.unwrap().is_some(), "the cancel is stored");
+
+    let sent = std::time::Instant::now();
+    let events = events_of(&client, job.id, Duration::from_secs(30)).await;
+    assert!(matches!(events.last(), Some(Event::Cancelled(_))), "{events:?}");
+    assert!(sent.elapsed() < Duration::from_secs(10), "stopped {:?} after the cancel was stored", sent.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_retry_then_dead_letter_after_max_deliver() {
     let nats = NatsServer::start();
