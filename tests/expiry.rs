@@ -62,10 +62,14 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
     let expires = c.status(lasting).await.unwrap().status.expires_at.expect("the default ttl");
     assert!(expires.abs_diff(now_millis() + default_ttl.as_millis() as u64) < 5000);
 
-    // A job still running when its ttl passes is stopped.
+    // A job still running when its ttl passes is stopped, and one still queued behind it leaves the queue:
+    // both end timed out, not cancelled (no one cancelled them).
     let mut long = tiny(40, 7);
     long.ttl_s = Some(3);
     let running = c.submit(&long, None).await.unwrap().job_id;
+    let mut waiting = tiny(3, 8);
+    waiting.ttl_s = Some(3);
+    let queued = c.submit(&waiting, None).await.unwrap().job_id;
 
     sleep_until(expires_at + 100).await;
     let err = api_error(c.status(id).await.unwrap_err());
@@ -86,14 +90,12 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
 
     assert_eq!(api_error(c.status(running).await.unwrap_err()).status, 410);
     let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
-    let stored = bus.stored_events(running).await.unwrap();
-    let last = stored.last().map(|(_, e)| e);
-    let stopped = match last {
-        Some(Event::Failed(f)) => f.code == ErrorCode::Timeout,
-        Some(Event::Cancelled(_)) => true,
-        _ => false,
-    };
-    assert!(stopped, "the job running at its expiry was stopped: {last:?}");
+    for (job, what) in [(running, "running"), (queued, "queued")] {
+        let stored = bus.stored_events(job).await.unwrap();
+        let last = stored.last().map(|(_, e)| e);
+        let timed_out = matches!(last, Some(Event::Failed(f)) if f.code == ErrorCode::Timeout);
+        assert!(timed_out, "the job {what} at its expiry ended timed out: {stored:?}");
+    }
     assert!(s3.list(&format!("jobs/{running}/")).is_empty(), "the job stopped at its expiry stored nothing");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(s3.list(&format!("jobs/{running}/")).is_empty(), "nor later");

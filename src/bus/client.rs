@@ -174,7 +174,25 @@ impl BusClient {
 
     /// Asks whoever runs the job to stop.
     pub async fn cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
-        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
+        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason, expired: false };
+        self.send_cancel(req).await
+    }
+
+    /// [`cancel`](Self::cancel) for a job whose ttl passed: its worker stops it as timed out.
+    pub async fn cancel_expired(&self, job_id: Uuid) -> anyhow::Result<()> {
+        let reason = Some("the job expired".into());
+        self.send_cancel(CancelRequest {
+            v: PROTOCOL_VERSION,
+            job_id,
+            at: protocol::now_millis(),
+            reason,
+            expired: true,
+        })
+        .await
+    }
+
+    async fn send_cancel(&self, req: CancelRequest) -> anyhow::Result<()> {
+        let job_id = req.job_id;
         let send = async {
             self.client.publish(self.subjects.cancel(job_id), protocol::encode(&req).into()).await?;
             self.client.flush().await?;
@@ -190,7 +208,7 @@ impl BusClient {
     /// [`cancel`](Self::cancel), returning only once `SD_CANCELS` has stored the request: a copy of the job
     /// that reaches the queue later is then cancelled by the worker that takes it, before it runs.
     pub async fn store_cancel(&self, job_id: Uuid, reason: Option<String>) -> anyhow::Result<()> {
-        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason };
+        let req = CancelRequest { v: PROTOCOL_VERSION, job_id, at: protocol::now_millis(), reason, expired: false };
         let payload = protocol::encode(&req).into();
         bus::publish_persistent(&self.js, self.subjects.cancel(job_id), Default::default(), payload, CANCEL_TIMEOUT)
             .await
@@ -242,7 +260,7 @@ pub async fn stored_cancel(
     job_id: Uuid,
 ) -> anyhow::Result<Option<CancelRequest>> {
     let last = last_payload(js, subjects.cancels_stream(), subjects.cancel(job_id)).await?;
-    let unreadable = || CancelRequest { v: PROTOCOL_VERSION, job_id, at: 0, reason: None };
+    let unreadable = || CancelRequest { v: PROTOCOL_VERSION, job_id, at: 0, reason: None, expired: false };
     Ok(last.map(|payload| protocol::decode_cancel(&payload).unwrap_or_else(|_| unreadable())))
 }
 

@@ -51,6 +51,9 @@ pub(super) struct DequeuedCheck {
     /// When it was cancelled: the `at` of its `cancelled`, whichever queen publishes it (the same event).
     pub cancelled_at: u64,
     pub check_at: u64,
+    /// Taken off the queue as its ttl passed: it ends `failed` (`TIMEOUT`), not `cancelled`.
+    #[serde(default)]
+    pub expired: bool,
 }
 
 /// A message of the schedule.
@@ -134,7 +137,14 @@ mod tests {
         let queued = read(serde_json::to_value(QueuedCheck { job_id, queued_by: 6 }).unwrap());
         assert!(matches!(queued, Scheduled::QueuedCheck(QueuedCheck { queued_by: 6, .. })), "{queued:?}");
         let dequeued = read(
-            serde_json::to_value(DequeuedCheck { job_id, dequeued_seq: 7, cancelled_at: 1, check_at: 8 }).unwrap(),
+            serde_json::to_value(DequeuedCheck {
+                job_id,
+                dequeued_seq: 7,
+                cancelled_at: 1,
+                check_at: 8,
+                expired: false,
+            })
+            .unwrap(),
         );
         assert!(
             matches!(dequeued, Scheduled::DequeuedCheck(DequeuedCheck { dequeued_seq: 7, check_at: 8, .. })),

@@ -27,6 +27,23 @@ pub(super) fn cancelled(job_id: Uuid, at: u64) -> Event {
     Event::Cancelled(protocol::Cancelled { v: protocol::PROTOCOL_VERSION, job_id, at, at_step: None })
 }
 
+/// Why the queen stops a job: its user cancelled it, or its ttl passed (the sweeper).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StopCause {
+    Cancel,
+    Expiry,
+}
+
+/// The end of a job the queen took off the queue: `cancelled`, or `failed` (`TIMEOUT`) when its ttl passed.
+fn dequeued_end(job_id: Uuid, at: u64, expired: bool) -> Event {
+    if !expired {
+        return cancelled(job_id, at);
+    }
+    let message = "the job expired (its ttl passed) while it was queued".into();
+    let (v, code) = (protocol::PROTOCOL_VERSION, protocol::ErrorCode::Timeout);
+    Event::Failed(protocol::Failed { v, job_id, at, code, message, field: None })
+}
+
 /// Why a request of the service failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -260,17 +277,23 @@ impl Jobs {
     /// Cancels a job: a queued one is removed from the queue and reported `cancelled` at once; a running
     /// one is asked to stop (its worker reports `cancelled` within a step).
     pub async fn cancel(&self, id: Uuid) -> JobsResult<CancelResponse> {
-        self.cancel_record(self.get(id).await?).await
+        self.cancel_record(self.get(id).await?, StopCause::Cancel).await
     }
 
-    /// Cancels the job `status` is the record of.
-    pub(super) async fn cancel_record(&self, status: JobStatus) -> JobsResult<CancelResponse> {
+    /// Stops the job `status` is the record of: cancels it, or, for `StopCause::Expiry`, ends it as timed
+    /// out (a running one by its worker).
+    pub(super) async fn cancel_record(&self, status: JobStatus, cause: StopCause) -> JobsResult<CancelResponse> {
         let id = status.job_id;
         if status.state.is_terminal() {
             return Err(JobsError::AlreadyFinished { id, state: status.state });
         }
         // Tell the workers in any case: one may be taking it right now.
-        self.bus.cancel(id, Some("cancelled through the API".into())).await.map_err(JobsError::Unavailable)?;
+        let told = match cause {
+            StopCause::Cancel => self.bus.cancel(id, Some("cancelled through the API".into())).await,
+            StopCause::Expiry => self.bus.cancel_expired(id).await,
+        };
+        told.map_err(JobsError::Unavailable)?;
+        let expired = cause == StopCause::Expiry;
         if let (JobState::Queued, Some(seq)) = (status.state, status.stream_seq) {
             let stream = self.jobs_stream().await.map_err(JobsError::Unavailable)?;
             // Once its message is deleted, no worker will ever take the job, and unless one holds it now, the
@@ -278,12 +301,12 @@ impl Jobs {
             // stored, any queen ends the job at this check.
             let at = protocol::now_millis();
             let check_at = at + DEQUEUED_CHECK_AFTER.as_millis() as u64;
-            let check = DequeuedCheck { job_id: id, dequeued_seq: seq, cancelled_at: at, check_at };
+            let check = DequeuedCheck { job_id: id, dequeued_seq: seq, cancelled_at: at, check_at, expired };
             if let Err(e) = self.expiry.schedule_dequeued_check(&check).await {
                 tracing::warn!(job_id = %id, error = %format!("{e:#}"), "cancelling a queued job without a check that its end is stored");
             }
             if matches!(stream.delete_message(seq).await, Ok(true)) {
-                self.report_dequeued(status, cancelled(id, at)).await;
+                self.report_dequeued(status, dequeued_end(id, at, expired)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
         }
@@ -315,7 +338,7 @@ impl Jobs {
             Err(e) => return Err(e.into()),
         }
         tracing::warn!(job_id = %id, "a job cancelled while queued had no end stored: it is ended now");
-        self.publish_dequeued(&cancelled(id, check.cancelled_at), Duration::from_secs(10)).await?;
+        self.publish_dequeued(&dequeued_end(id, check.cancelled_at, check.expired), Duration::from_secs(10)).await?;
         Ok(())
     }
 

@@ -135,7 +135,7 @@ async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<boo
     let record = jobs.status.get(job_id).await?;
     if let Some(status) = record.as_ref().filter(|s| !s.state.is_terminal()) {
         // Its worker stops it at its expiry too; a queued one leaves the queue.
-        if let Err(e) = jobs.cancel_record(status.clone()).await {
+        if let Err(e) = jobs.cancel_record(status.clone(), super::jobs::StopCause::Expiry).await {
             tracing::warn!(%job_id, error = %e, "cannot stop an expired job");
         }
     }

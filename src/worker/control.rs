@@ -127,13 +127,14 @@ impl Control {
         }
     }
 
-    /// A cancel request: stops the job if it runs here, and remembers it for a while in case the job is
-    /// delivered (again) later. Returns whether a running job was stopped.
-    pub fn cancel(&self, job_id: Uuid) -> bool {
+    /// A cancel request: stops the job if it runs here (for `reason`: cancelled, or timed out when its
+    /// ttl passed), and remembers it for a while in case the job is delivered (again) later. Returns
+    /// whether a running job was stopped.
+    pub fn cancel(&self, job_id: Uuid, reason: StopReason) -> bool {
         let mut jobs = self.jobs.lock().unwrap();
         let handles = jobs.running.get(&job_id);
         for handle in handles.into_iter().flatten() {
-            handle.stop(StopReason::Cancelled);
+            handle.stop(reason);
         }
         let running = handles.is_some();
         if jobs.early_cancels.contains_key(&job_id) {
@@ -191,7 +192,7 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let handle = control.start(a).unwrap();
         assert_eq!(control.state(), WorkerState::Busy { job_id: a });
-        assert!(control.cancel(a));
+        assert!(control.cancel(a, StopReason::Cancelled));
         assert!(handle.flag().is_cancelled());
         assert_eq!(handle.reason(), Some(StopReason::Cancelled));
         // A later reason does not replace the first.
@@ -208,7 +209,7 @@ mod tests {
         control.finish(b, &first);
         assert_eq!((control.running(), control.state()), (1, WorkerState::Busy { job_id: b }));
         let third = control.start(b).unwrap();
-        assert!(control.cancel(b));
+        assert!(control.cancel(b, StopReason::Cancelled));
         assert!(second.flag().is_cancelled() && third.flag().is_cancelled());
         assert!(!first.flag().is_cancelled(), "the ended delivery is not stopped");
         control.finish(b, &second);
@@ -216,19 +217,19 @@ mod tests {
         assert_eq!((control.running(), control.state()), (0, WorkerState::Idle));
         let b = Uuid::new_v4();
 
-        assert!(!control.cancel(b));
+        assert!(!control.cancel(b, StopReason::Cancelled));
         assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");
         assert!(control.start(b).is_none(), "nor on a later delivery");
 
         // A flood of cancels for jobs never seen stays bounded, the newest remembered.
         let first = Uuid::new_v4();
-        control.cancel(first);
+        control.cancel(first, StopReason::Cancelled);
         let flood: Vec<Uuid> = (0..MAX_EARLY_CANCELS + 5).map(|_| Uuid::new_v4()).collect();
         for id in &flood {
-            control.cancel(*id);
+            control.cancel(*id, StopReason::Cancelled);
         }
         for id in &flood[flood.len() - 10..] {
-            control.cancel(*id);
+            control.cancel(*id, StopReason::Cancelled);
         }
         let jobs = control.jobs.lock().unwrap();
         assert_eq!(jobs.early_cancels.len(), MAX_EARLY_CANCELS);

@@ -11,6 +11,7 @@ use async_nats::jetstream::{self, AckKind};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::cache;
+use super::control::StopReason;
 use super::effects::{self, previous_result, publish_event, Target};
 use super::generate::{generate_and_store, Failure};
 use super::policy::{self, Delivery, Outcome, RetryPolicy, Settle};
@@ -41,8 +42,10 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     tracing::warn!(error = %e, "in-progress ack failed");
                 }
-                if let Some(job_id) = job_id {
-                    if stored_cancel_quietly(&shared, job_id).await && shared.control.cancel(job_id) {
+                let Some(job_id) = job_id else { continue };
+                if let Some(request) = stored_cancel_quietly(&shared, job_id).await {
+                    let reason = if request.expired { StopReason::Timeout } else { StopReason::Cancelled };
+                    if shared.control.cancel(job_id, reason) {
                         tracing::info!(%job_id, "a stored cancel request stops the job");
                     }
                 }
@@ -81,11 +84,11 @@ async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
     }
 }
 
-/// Whether a cancel request for the job is stored, as far as NATS says within a few seconds (the keepalive's
-/// look: a failure is left for the next one).
-async fn stored_cancel_quietly(shared: &Shared, job_id: uuid::Uuid) -> bool {
+/// The cancel request stored for the job, as far as NATS says within a few seconds (the keepalive's look: a
+/// failure is left for the next one).
+async fn stored_cancel_quietly(shared: &Shared, job_id: uuid::Uuid) -> Option<protocol::CancelRequest> {
     let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
-    matches!(tokio::time::timeout(Duration::from_secs(3), lookup).await, Ok(Ok(Some(_))))
+    tokio::time::timeout(Duration::from_secs(3), lookup).await.ok()?.ok()?
 }
 
 fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, ProtocolError> {

@@ -357,7 +357,8 @@ async fn cancel_listener(shared: Arc<Shared>, stop: CancellationToken) {
         };
         match protocol::decode_cancel(&msg.payload) {
             Ok(req) => {
-                let running = shared.control.cancel(req.job_id);
+                let reason = if req.expired { StopReason::Timeout } else { StopReason::Cancelled };
+                let running = shared.control.cancel(req.job_id, reason);
                 tracing::info!(job_id = %req.job_id, running, "cancel request");
             }
             Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "unreadable cancel request"),

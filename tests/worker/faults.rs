@@ -348,7 +348,7 @@ async fn a_running_job_whose_cancel_message_was_missed_is_stopped_by_the_stored_
     });
     js.update_stream(&config).await.unwrap();
     let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
-    let request = protocol::CancelRequest { v, job_id: job.id, at, reason: None };
+    let request = protocol::CancelRequest { v, job_id: job.id, at, reason: None, expired: false };
     js.publish(format!("missed.cancel.{}", job.id), protocol::encode(&request).into()).await.unwrap().await.unwrap();
     assert!(client.stored_cancel(job.id).await.unwrap().is_some(), "the cancel is stored");
 

@@ -355,4 +355,8 @@ pub struct CancelRequest {
     pub at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Sent by the queens' sweeper: the job's ttl passed, and it is stopped as timed out (`TIMEOUT`), not
+    /// cancelled.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub expired: bool,
 }

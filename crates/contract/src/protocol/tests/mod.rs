@@ -287,8 +287,8 @@ fn heartbeat_and_cancel_round_trip() {
     }
     let busy = serde_json::to_value(WorkerState::Busy { job_id: id() }).unwrap();
     assert_eq!(busy["status"], "busy");
-    for reason in [None, Some("user asked".to_string())] {
-        let c = CancelRequest { v: 1, job_id: id(), at: 5, reason };
+    for (reason, expired) in [(None, false), (Some("user asked".to_string()), false), (None, true)] {
+        let c = CancelRequest { v: 1, job_id: id(), at: 5, reason, expired };
         assert_eq!(decode_cancel(&encode(&c)).unwrap(), c);
     }
 }
