@@ -2,7 +2,8 @@
 //! than the queen waits): the key is kept, the queen publishes the job again in the background under its
 //! message id, and ends it when the bus takes nothing in time, with a cancel stored first so that a copy
 //! arriving later never runs; a queen that stops meanwhile leaves the end to another (the queued check).
-//! Likewise a job cancelled while queued whose end the bus did not store before its queen stopped.
+//! Likewise a job cancelled while queued whose end the bus did not store before its queen stopped, a job the
+//! bus took whose record lost its place, and a key claimed by a submission not recorded (yet, or ever).
 
 use crate::common;
 
@@ -351,4 +352,61 @@ async fn a_job_cancelled_while_queued_whose_end_was_not_stored_is_ended_by_anoth
     );
     let jobs = js.get_stream(subjects.jobs_stream()).await.unwrap().info().await.unwrap().state.messages;
     assert_eq!(jobs, 0, "and it is on no queue");
+}
+
+/// An idempotency key is claimed just before its job's record is written: a retry that finds the claim but
+/// no record waits for the record, or for the claim to be released (its submission was refused) and then
+/// queues the job itself, instead of answering with a job id that never exists; after a few seconds of
+/// neither it answers 503. A claim left without a record for long (its queen stopped) is taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_answers_a_job_its_key_names_but_that_was_never_recorded() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let queen = start_queen(&nats.url(), &store_url, &[], |q| q.api.require_served_model = false).await;
+    let c = client(&queen);
+    let first = c.submit(&tiny(2, 60), Some("order-60")).await.unwrap().job_id;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let bucket = Subjects::new("sd").unwrap().status_bucket();
+    let kv = js.get_key_value(&bucket).await.unwrap();
+    let mut keys = kv.keys().await.unwrap();
+    let mut entry = None;
+    while let Some(key) = keys.next().await {
+        let key = key.unwrap();
+        if key.starts_with("idem-") {
+            entry = Some(key);
+        }
+    }
+    let entry = entry.expect("the key's entry");
+    // Held by a submission whose record is not written yet.
+    let pending = Uuid::new_v4();
+    kv.put(&entry, pending.to_string().into()).await.unwrap();
+    let asked = Instant::now();
+    let err = api_error(c.submit(&tiny(2, 60), Some("order-60")).await.unwrap_err());
+    assert_eq!(err.status, 503, "{}", err.message);
+    assert!(err.message.contains("still being submitted"), "{}", err.message);
+    assert!(asked.elapsed() >= Duration::from_secs(4), "it waited for the record: {:?}", asked.elapsed());
+
+    // That submission is refused meanwhile, and its claim released: the retry queues the job.
+    let retry = tokio::spawn({
+        let c = c.clone();
+        async move { c.submit(&tiny(2, 60), Some("order-60")).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    kv.delete(&entry).await.unwrap();
+    let queued = retry.await.unwrap().unwrap();
+    assert!(queued.created && queued.job_id != first && queued.job_id != pending, "{queued:?}");
+    assert_eq!(c.status(queued.job_id).await.unwrap().status.state.name(), "queued");
+    let again = c.submit(&tiny(2, 60), Some("order-60")).await.unwrap();
+    assert_eq!((again.job_id, again.created), (queued.job_id, false), "the key answers that job from now on");
+
+    // A claim without a record is taken over only once it is stale, and only from the job it names.
+    use sd_rbee::queen::status::StatusStore;
+    let status = StatusStore::open(&js, &bucket, Duration::from_secs(3600)).await.unwrap();
+    kv.put(&entry, pending.to_string().into()).await.unwrap();
+    let taker = Uuid::new_v4();
+    assert!(!status.take_over_idempotency(&entry, pending, taker, Duration::from_secs(3600)).await.unwrap());
+    assert!(!status.take_over_idempotency(&entry, first, taker, Duration::ZERO).await.unwrap(), "not the holder");
+    assert!(status.take_over_idempotency(&entry, pending, taker, Duration::ZERO).await.unwrap());
+    assert_eq!(status.idempotency_owner(&entry).await.unwrap(), Some(taker));
 }

@@ -11,6 +11,7 @@ use async_nats::jetstream::{self, kv};
 use uuid::Uuid;
 
 use crate::api::{JobState, JobStatus};
+use crate::protocol;
 
 /// The most bytes of one job's status record.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -216,13 +217,42 @@ impl StatusStore {
         Ok(bytes)
     }
 
-    /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to.
-    pub async fn claim_idempotency(&self, entry: &str, job_id: Uuid) -> anyhow::Result<Uuid> {
+    /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to
+    /// (`None`: it did, and was released meanwhile).
+    pub async fn claim_idempotency(&self, entry: &str, job_id: Uuid) -> anyhow::Result<Option<Uuid>> {
         if self.create_key(entry, job_id.to_string().into()).await? {
-            return Ok(job_id);
+            return Ok(Some(job_id));
         }
-        let existing = self.kv.get(entry).await?.context("idempotency entry vanished")?;
-        Uuid::parse_str(std::str::from_utf8(&existing)?).context("unreadable idempotency entry")
+        self.idempotency_owner(entry).await
+    }
+
+    /// The job an idempotency entry maps to, if any.
+    pub async fn idempotency_owner(&self, entry: &str) -> anyhow::Result<Option<Uuid>> {
+        let Some(owner) = self.kv.get(entry).await? else { return Ok(None) };
+        Ok(Some(Uuid::parse_str(std::str::from_utf8(&owner)?).context("unreadable idempotency entry")?))
+    }
+
+    /// Maps an idempotency entry to `job_id` instead of `stale`, if it has mapped to `stale` for `older_than`
+    /// or longer; whether it now maps to `job_id`.
+    pub async fn take_over_idempotency(
+        &self,
+        entry: &str,
+        stale: Uuid,
+        job_id: Uuid,
+        older_than: Duration,
+    ) -> anyhow::Result<bool> {
+        let Some(held) = self.kv.entry(entry).await? else { return Ok(false) };
+        let age_ms = protocol::now_millis() as i128 - held.created.unix_timestamp_nanos() / 1_000_000;
+        let holder = std::str::from_utf8(&held.value).ok().and_then(|v| Uuid::parse_str(v).ok());
+        if held.operation != kv::Operation::Put || holder != Some(stale) || age_ms < older_than.as_millis() as i128 {
+            return Ok(false);
+        }
+        Ok(self.kv.update(entry, job_id.to_string().into(), held.revision).await.is_ok())
+    }
+
+    /// Whether job `job_id` has a record (one that does not read counts).
+    pub async fn exists(&self, job_id: Uuid) -> anyhow::Result<bool> {
+        Ok(self.stored(job_id).await?.is_some())
     }
 
     /// Forgets a job (one that could not be queued).

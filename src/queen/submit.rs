@@ -25,6 +25,12 @@ pub const PUBLISH_CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_
 /// it is tried again later).
 const FIND_QUEUED_BUDGET: Duration = Duration::from_secs(20);
 
+/// The longest a request waits for the submission that holds its idempotency key to be recorded or released.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// How long an idempotency key stays held by a job that has no record before another request takes it over:
+/// far longer than writing the record takes (its queen stopped in between).
+const STALE_CLAIM: Duration = Duration::from_secs(120);
+
 /// The reason of the cancel stored for a job the bus never took.
 const UNQUEUED_CANCEL: &str = "the bus did not take the job in time";
 
@@ -81,15 +87,6 @@ impl Jobs {
         }
         let queued =
             |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
-        let mut claim = None;
-        if let Some(key) = &job.idempotency_key {
-            let entry = idempotency_entry(caller, key);
-            let owner = self.status.claim_idempotency(&entry, job.id).await.map_err(JobsError::bus)?;
-            if owner != job.id {
-                return Ok(SubmitResponse::new(owner, false));
-            }
-            claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
-        }
         // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will
         // be sent (the headers too, as long as a requeued copy's), instead of failing later.
         let max_payload = self.bus.nats().max_payload();
@@ -102,6 +99,14 @@ impl Jobs {
                      {max_payload} byte message limit: upload the images (POST /v1/uploads) and send their object keys"
                 ),
             });
+        }
+        let mut claim = None;
+        if let Some(key) = &job.idempotency_key {
+            let entry = idempotency_entry(caller, key);
+            if let Some(owner) = self.claim_key(&entry, job.id).await? {
+                return Ok(SubmitResponse::new(owner, false));
+            }
+            claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
         }
         // The record exists before any worker can report on the job.
         self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
@@ -153,6 +158,36 @@ impl Jobs {
         }
         self.record_queued(&job, webhook.as_ref(), seq).await;
         Ok(SubmitResponse::new(job.id, true))
+    }
+
+    /// Claims idempotency entry `entry` for job `id` (`None`), or finds the job that holds it. The holder's
+    /// record is written just after its claim, and a claim whose submission is refused is released: a
+    /// request that finds a claim without a record waits for one or the other (a job id that never exists,
+    /// answered now, would answer 404 for ever), up to [`CLAIM_WAIT`], then answers 503. A claim without a
+    /// record for [`STALE_CLAIM`] (its queen stopped in between) is taken over.
+    async fn claim_key(&self, entry: &str, id: Uuid) -> JobsResult<Option<Uuid>> {
+        let waited = tokio::time::Instant::now();
+        loop {
+            match self.status.claim_idempotency(entry, id).await.map_err(JobsError::bus)? {
+                Some(owner) if owner == id => return Ok(None),
+                Some(owner) if self.status.exists(owner).await.map_err(JobsError::bus)? => return Ok(Some(owner)),
+                Some(owner) => {
+                    let took = self.status.take_over_idempotency(entry, owner, id, STALE_CLAIM).await;
+                    if took.map_err(JobsError::bus)? {
+                        tracing::warn!(job_id = %id, stale = %owner, "an idempotency key held by a job that was never recorded is taken over");
+                        return Ok(None);
+                    }
+                }
+                // Released since: claimed again after the pause.
+                None => {}
+            }
+            if waited.elapsed() >= CLAIM_WAIT {
+                return Err(JobsError::Unavailable(anyhow::anyhow!(
+                    "a request with the same Idempotency-Key is still being submitted; retry in a moment"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Records the stream sequence of a job just queued. Tried for a minute: a keyed job's record without
