@@ -27,6 +27,10 @@ const CONCURRENCY: usize = 32;
 /// attempt took half the timeout or more, lately), or that has not answered lately: it holds no more than
 /// these of the queen's slots.
 pub const PER_SLOW_RECEIVER: usize = 4;
+/// Attempts in flight per queen to all the receivers that are slow or not heard from lately, together: the
+/// others are kept for receivers that answer (many that hang, such as one dead server's subdomains, would
+/// otherwise hold every slot, four each).
+const SUSPECT_SLOTS: usize = CONCURRENCY / 2;
 /// The slots no one receiver takes, however well it answers: kept for the others' deliveries (a receiver
 /// that stops answering holds all it has until its attempts time out).
 const KEPT_FOR_OTHERS: usize = 4;
@@ -100,7 +104,14 @@ async fn send_due(webhooks: &Webhooks, status: &StatusStore, client: &reqwest::C
 /// The attempts in flight to each receiver (host and port), and until when it is taken for slow, or for one
 /// that answers in time.
 #[derive(Clone, Default)]
-struct Receivers(Arc<std::sync::Mutex<std::collections::HashMap<String, ReceiverState>>>);
+struct Receivers(Arc<std::sync::Mutex<ReceiversState>>);
+
+#[derive(Default)]
+struct ReceiversState {
+    by_receiver: std::collections::HashMap<String, ReceiverState>,
+    /// Attempts in flight that were taken for suspect receivers (slow, or not heard from lately).
+    suspect_in_flight: usize,
+}
 
 #[derive(Default)]
 struct ReceiverState {
@@ -122,6 +133,7 @@ struct ReceiverSlot {
     receivers: Receivers,
     receiver: String,
     started: std::time::Instant,
+    suspect: bool,
 }
 
 impl Receivers {
@@ -130,26 +142,29 @@ impl Receivers {
     /// in flight that long (a receiver that never answers is found out before its first attempt ends). It
     /// has the full share only for [`SLOW_FOR`] after an attempt took less: until its first answer, a
     /// receiver not heard from lately gets a slow one's, so one that hangs from the start never holds more
-    /// (two would otherwise take every slot for a whole timeout).
+    /// (two would otherwise take every slot for a whole timeout). All such receivers together hold at most
+    /// [`SUSPECT_SLOTS`].
     fn try_take(&self, receiver: &str, now: std::time::Instant, patience: Duration) -> Result<ReceiverSlot, bool> {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let state = map.entry(receiver.to_string()).or_default();
+        let mut all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let suspects = all.suspect_in_flight;
+        let state = all.by_receiver.entry(receiver.to_string()).or_default();
         let hung = state.in_flight.iter().any(|&started| now.saturating_duration_since(started) >= patience);
         let slow = hung || state.slow_until.is_some_and(|until| until > now);
-        let answers = state.answered_until.is_some_and(|until| until > now);
-        let share = if slow || !answers { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
-        if state.in_flight.len() >= share {
+        let suspect = slow || state.answered_until.is_none_or(|until| until <= now);
+        let share = if suspect { PER_SLOW_RECEIVER } else { CONCURRENCY - KEPT_FOR_OTHERS };
+        if state.in_flight.len() >= share || (suspect && suspects >= SUSPECT_SLOTS) {
             return Err(slow);
         }
         state.in_flight.push(now);
-        Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string(), started: now })
+        all.suspect_in_flight += usize::from(suspect);
+        Ok(ReceiverSlot { receivers: self.clone(), receiver: receiver.to_string(), started: now, suspect })
     }
 
     /// An attempt to `receiver` ended at `now`, after `took`: one that took `patience` or more (answered
     /// slowly or not at all) gives it a slow receiver's share for a while, one quicker the full share.
     fn attempted(&self, receiver: &str, now: std::time::Instant, took: Duration, patience: Duration) {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let state = map.entry(receiver.to_string()).or_default();
+        let mut all = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = all.by_receiver.entry(receiver.to_string()).or_default();
         match took >= patience {
             true => state.slow_until = Some(now + SLOW_FOR),
             false => state.answered_until = Some(now + SLOW_FOR),
@@ -160,14 +175,15 @@ impl Receivers {
 impl Drop for ReceiverSlot {
     fn drop(&mut self) {
         let now = std::time::Instant::now();
-        let mut map = self.receivers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(state) = map.get_mut(&self.receiver) {
+        let mut all = self.receivers.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.suspect_in_flight -= usize::from(self.suspect);
+        if let Some(state) = all.by_receiver.get_mut(&self.receiver) {
             if let Some(i) = state.in_flight.iter().position(|&s| s == self.started) {
                 state.in_flight.swap_remove(i);
             }
         }
         // Receivers with nothing in flight and not heard from lately are forgotten.
-        map.retain(|_, s| s.remembered(now));
+        all.by_receiver.retain(|_, s| s.remembered(now));
     }
 }
 
@@ -413,7 +429,7 @@ mod tests {
         let held = take(&slow, now, PER_SLOW_RECEIVER);
         assert_eq!(receivers.try_take(&slow, now, patience).err(), Some(true));
         drop(held);
-        assert_eq!(receivers.0.lock().unwrap().len(), 1, "kept while slow");
+        assert_eq!(receivers.0.lock().unwrap().by_receiver.len(), 1, "kept while slow");
         // Not slow for good; nor taken to answer, after a while: the first share again.
         let after = now + SLOW_FOR;
         let held = take(&slow, after, PER_SLOW_RECEIVER);
@@ -421,7 +437,35 @@ mod tests {
         drop(held);
         let others = Receivers::default();
         drop(others.try_take(&slow, now, patience).unwrap());
-        assert!(others.0.lock().unwrap().is_empty(), "receivers with nothing in flight, not heard from, are forgotten");
+        assert!(others.0.lock().unwrap().by_receiver.is_empty(), "with nothing in flight, not heard from: forgotten");
+    }
+
+    #[test]
+    fn receivers_that_are_slow_or_unheard_share_half_the_slots() {
+        let receivers = Receivers::default();
+        let now = std::time::Instant::now();
+        let patience = Duration::from_secs(5);
+        let answering = receiver_of("https://answers.example/");
+        receivers.attempted(&answering, now, patience / 10, patience);
+        // Subdomains of one server that hangs: each a new receiver, four slots each, half the slots together.
+        let hanging: Vec<_> = (0..SUSPECT_SLOTS / PER_SLOW_RECEIVER)
+            .flat_map(|n| {
+                let receiver = receiver_of(&format!("https://s{n}.hangs.example/"));
+                (0..PER_SLOW_RECEIVER)
+                    .map(|_| receivers.try_take(&receiver, now, patience).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(hanging.len(), SUSPECT_SLOTS);
+        let another = receiver_of("https://more.hangs.example/");
+        assert_eq!(receivers.try_take(&another, now, patience).err(), Some(false), "the suspects' slots are taken");
+        let held: Vec<_> = (0..CONCURRENCY - SUSPECT_SLOTS)
+            .map(|_| receivers.try_take(&answering, now, patience).expect("a receiver that answers is not held up"))
+            .collect();
+        drop(hanging);
+        assert!(receivers.try_take(&another, now, patience).is_ok(), "given back as they end");
+        drop(held);
+        assert_eq!(receivers.0.lock().unwrap().suspect_in_flight, 0);
     }
 
     #[test]
