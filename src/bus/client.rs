@@ -222,6 +222,12 @@ impl BusClient {
         Ok(last.and_then(|payload| protocol::decode_event(&payload).ok()))
     }
 
+    /// Whether the job has any event in the events stream (one that does not decode, a newer worker's,
+    /// counts).
+    pub async fn has_events(&self, job_id: Uuid) -> anyhow::Result<bool> {
+        Ok(last_payload(&self.js, self.subjects.events_stream(), self.subjects.events(job_id)).await?.is_some())
+    }
+
     /// The stream sequence of job `job_id`'s message among the waiting jobs on `subject` (its queue), if it
     /// is there: read in order, each by a direct get; an error when NATS cannot say, or the queue is too long
     /// to read within `budget`. (A job a worker has taken is still there until it is settled.)

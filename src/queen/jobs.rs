@@ -35,7 +35,7 @@ pub(super) enum StopCause {
 }
 
 /// The end of a job the queen took off the queue: `cancelled`, or `failed` (`TIMEOUT`) when its ttl passed.
-fn dequeued_end(job_id: Uuid, at: u64, expired: bool) -> Event {
+pub(super) fn dequeued_end(job_id: Uuid, at: u64, expired: bool) -> Event {
     if !expired {
         return cancelled(job_id, at);
     }

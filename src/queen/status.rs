@@ -250,9 +250,15 @@ impl StatusStore {
         Ok(self.kv.update(entry, job_id.to_string().into(), held.revision).await.is_ok())
     }
 
-    /// Whether job `job_id` has a record (one that does not read counts).
-    pub async fn exists(&self, job_id: Uuid) -> anyhow::Result<bool> {
-        Ok(self.stored(job_id).await?.is_some())
+    /// Whether job `job_id` has a record that is settled: one a submission may still remove (queued without
+    /// its place, written within `settling`) is not; one that does not read is.
+    pub async fn settled(&self, job_id: Uuid, settling: Duration) -> anyhow::Result<Option<bool>> {
+        Ok(self.stored(job_id).await?.map(|(status, _)| match status {
+            Ok(s) if s.state == JobState::Queued && s.stream_seq.is_none() => {
+                protocol::now_millis().saturating_sub(s.created_at) >= settling.as_millis() as u64
+            }
+            _ => true,
+        }))
     }
 
     /// Forgets a job (one that could not be queued).

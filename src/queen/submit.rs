@@ -25,8 +25,20 @@ pub const PUBLISH_CONFIRM_WINDOW: Duration = Duration::from_secs(protocol::JOBS_
 /// it is tried again later).
 const FIND_QUEUED_BUDGET: Duration = Duration::from_secs(20);
 
+/// Whose cancel is stored for a job ended unqueued: the queen's own, its user's, or the sweeper's (its ttl
+/// passed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoredCancel {
+    Ours,
+    Users,
+    Expired,
+}
+
 /// The longest a request waits for the submission that holds its idempotency key to be recorded or released.
 const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// How long after its record a submission may still remove it (its first publish failing): a bit longer than
+/// that publish is tried.
+const SETTLING: Duration = Duration::from_secs(15);
 /// How long an idempotency key stays held by a job that has no record before another request takes it over:
 /// far longer than writing the record takes (its queen stopped in between).
 const STALE_CLAIM: Duration = Duration::from_secs(120);
@@ -161,23 +173,28 @@ impl Jobs {
     }
 
     /// Claims idempotency entry `entry` for job `id` (`None`), or finds the job that holds it. The holder's
-    /// record is written just after its claim, and a claim whose submission is refused is released: a
-    /// request that finds a claim without a record waits for one or the other (a job id that never exists,
-    /// answered now, would answer 404 for ever), up to [`CLAIM_WAIT`], then answers 503. A claim without a
-    /// record for [`STALE_CLAIM`] (its queen stopped in between) is taken over.
+    /// record is written just after its claim, and removed with the claim released when the bus refuses the
+    /// job: a request that finds a claim without a record, or with one not settled yet (queued without its
+    /// place, written less than [`SETTLING`] ago), waits for the record to settle or the claim to go (a job
+    /// id that never exists, answered now, would answer 404 for ever), up to [`CLAIM_WAIT`], then answers
+    /// 503. A claim without a record for [`STALE_CLAIM`] (its queen stopped in between) is taken over.
     async fn claim_key(&self, entry: &str, id: Uuid) -> JobsResult<Option<Uuid>> {
         let waited = tokio::time::Instant::now();
         loop {
             match self.status.claim_idempotency(entry, id).await.map_err(JobsError::bus)? {
                 Some(owner) if owner == id => return Ok(None),
-                Some(owner) if self.status.exists(owner).await.map_err(JobsError::bus)? => return Ok(Some(owner)),
-                Some(owner) => {
-                    let took = self.status.take_over_idempotency(entry, owner, id, STALE_CLAIM).await;
-                    if took.map_err(JobsError::bus)? {
-                        tracing::warn!(job_id = %id, stale = %owner, "an idempotency key held by a job that was never recorded is taken over");
-                        return Ok(None);
+                Some(owner) => match self.status.settled(owner, SETTLING).await.map_err(JobsError::bus)? {
+                    Some(true) => return Ok(Some(owner)),
+                    // Its first publish may still fail, and the record go with it.
+                    Some(false) => {}
+                    None => {
+                        let took = self.status.take_over_idempotency(entry, owner, id, STALE_CLAIM).await;
+                        if took.map_err(JobsError::bus)? {
+                            tracing::warn!(job_id = %id, stale = %owner, "an idempotency key held by a job that was never recorded is taken over");
+                            return Ok(None);
+                        }
                     }
-                }
+                },
                 // Released since: claimed again after the pause.
                 None => {}
             }
@@ -190,8 +207,8 @@ impl Jobs {
         }
     }
 
-    /// Records the stream sequence of a job just queued. Tried for a minute: a keyed job's record without
-    /// its place would be taken, at its queued check, for one the bus never took.
+    /// Records the stream sequence of a job just queued. Tried for a minute (and then found on the queue by
+    /// the job's queued check).
     async fn record_queued(&self, job: &JobRequest, webhook: Option<&WebhookSpec>, seq: u64) {
         let queued = || JobStatus { webhook: webhook.map(WebhookInfo::new), ..JobStatus::queued(job, Some(seq)) };
         let record = |s: &mut JobStatus| {
@@ -264,20 +281,21 @@ impl Jobs {
             };
             return self.status.update(id, || status.clone(), place).await.map(drop);
         }
-        if self.bus.last_event(id).await?.is_some() {
+        if self.bus.has_events(id).await? {
             return Ok(());
         }
-        let cancelled = match self.store_unqueued_cancel(id).await {
-            Ok(by_user) => by_user,
+        let stored = match self.store_unqueued_cancel(id).await {
+            Ok(stored) => stored,
             Err(e) if !require_cancel => {
                 tracing::warn!(job_id = %id, error = %format!("{e:#}"), "ending a job the bus never took without a stored cancel: a copy of it that reaches the queue later would run");
-                false
+                StoredCancel::Ours
             }
             Err(e) => return Err(e),
         };
         let (v, at) = (protocol::PROTOCOL_VERSION, protocol::now_millis());
-        let event = if cancelled {
-            super::jobs::cancelled(id, at)
+        let cancelled = stored == StoredCancel::Users;
+        let event = if stored != StoredCancel::Ours {
+            super::jobs::dequeued_end(id, at, stored == StoredCancel::Expired)
         } else {
             // Counted from the record: the queen ending the job may not be the one that took it.
             let waited = at.saturating_sub(status.created_at) / 1000;
@@ -290,13 +308,15 @@ impl Jobs {
         Ok(())
     }
 
-    /// Stores the cancel of a job ended unqueued, unless one is stored already; whether that one was its
-    /// user's (the queen's own, from an earlier try at ending it, is not).
-    async fn store_unqueued_cancel(&self, id: Uuid) -> anyhow::Result<bool> {
-        match self.bus.stored_cancel(id).await? {
-            Some(request) => Ok(request.reason.as_deref() != Some(UNQUEUED_CANCEL)),
-            None => self.bus.store_cancel(id, Some(UNQUEUED_CANCEL.into())).await.map(|()| false),
-        }
+    /// Stores the cancel of a job ended unqueued, unless one is stored already; whose that one is.
+    async fn store_unqueued_cancel(&self, id: Uuid) -> anyhow::Result<StoredCancel> {
+        Ok(match self.bus.stored_cancel(id).await? {
+            Some(request) if request.expired => StoredCancel::Expired,
+            // The queen's own, from an earlier try at ending the job.
+            Some(request) if request.reason.as_deref() == Some(UNQUEUED_CANCEL) => StoredCancel::Ours,
+            Some(_) => StoredCancel::Users,
+            None => self.bus.store_cancel(id, Some(UNQUEUED_CANCEL.into())).await.map(|()| StoredCancel::Ours)?,
+        })
     }
 
     /// The most bytes a job message may have on the bus (NATS's `max_payload`).

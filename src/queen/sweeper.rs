@@ -1,6 +1,6 @@
 //! The expiry sweeper: takes each job of the schedule (`expiry.rs`) when it expires, stops it if it still
 //! runs, deletes its images, manifest and checkpoint, and leaves its status record as a tombstone; and ends
-//! a keyed job the bus never took, at its queued check. The queens share its consumer, so each expiry is
+//! a job the bus never took, at its queued check. The queens share its consumer, so each expiry is
 //! swept once, by whichever queen is up. The same loop ends a job cancelled while queued whose end its queen
 //! did not store.
 
