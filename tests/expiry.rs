@@ -25,7 +25,11 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
     let nats = NatsServer::start();
     let s3 = S3Server::start_signed();
     let default_ttl = Duration::from_secs(3600);
-    let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |c| c.default_ttl = Some(default_ttl)).await;
+    let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |c| {
+        c.default_ttl = Some(default_ttl);
+        c.api.require_served_model = false;
+    })
+    .await;
     let _worker = WorkerProcess::start("w-ttl", &nats.url(), &s3.store_url(), &s3.env(), &["--step-delay", "250ms"]);
     let c = client(&queen);
 
@@ -62,12 +66,13 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
     let expires = c.status(lasting).await.unwrap().status.expires_at.expect("the default ttl");
     assert!(expires.abs_diff(now_millis() + default_ttl.as_millis() as u64) < 5000);
 
-    // A job still running when its ttl passes is stopped, and one still queued behind it leaves the queue:
-    // both end timed out, not cancelled (no one cancelled them).
+    // A job still running when its ttl passes is stopped, and one still queued (for a model no worker
+    // serves) leaves the queue: both end timed out, not cancelled (no one cancelled them).
     let mut long = tiny(40, 7);
     long.ttl_s = Some(3);
     let running = c.submit(&long, None).await.unwrap().job_id;
     let mut waiting = tiny(3, 8);
+    waiting.model = "unserved".into();
     waiting.ttl_s = Some(3);
     let queued = c.submit(&waiting, None).await.unwrap().job_id;
 

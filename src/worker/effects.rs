@@ -43,17 +43,10 @@ impl Target<'_> {
             }
             Target::Stored { stream, seq, .. } => {
                 if !matches!(settle, Settle::Nak(_)) {
+                    // Not tried again: the job is reported, and another try would report it (and dead-letter
+                    // it) again. Left on the work queue, its deliveries spent, it is only counted there.
                     if let Err(e) = stream.delete_message(*seq).await {
-                        // Deleted already (by another worker's try) is done; left on the work queue with its
-                        // deliveries spent, it would stay there for good: the advisory is tried again.
-                        use jetstream::stream::RawMessageErrorKind;
-                        match stream.get_raw_message(*seq).await {
-                            Err(gone) if gone.kind() == RawMessageErrorKind::NoMessageFound => {}
-                            _ => {
-                                tracing::warn!(stream_seq = seq, error = %e, "cannot delete an undeliverable job yet");
-                                return false;
-                            }
-                        }
+                        tracing::warn!(stream_seq = seq, error = %e, "cannot delete an undeliverable job's message");
                     }
                 }
             }

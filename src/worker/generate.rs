@@ -461,8 +461,15 @@ pub(super) async fn generate_and_store(
             .collect(),
         cached: false,
     };
-    // The manifest marks the job done: not for one stopped while its images were uploaded.
-    if let Some(reason) = stop.reason() {
+    // The manifest marks the job done: not for one cancelled or out of time while its images were uploaded,
+    // whose images go again (nothing else would delete them). One whose shutdown grace ended meanwhile is
+    // done all the same: handed back, it would be generated again.
+    if let Some(reason @ (StopReason::Cancelled | StopReason::Timeout)) = stop.reason() {
+        for image in &completed.images {
+            if let Err(e) = shared.store.delete(&image.key).await {
+                tracing::warn!(job_id = %job.id, key = image.key, error = %e, "cannot delete an image of a stopped job");
+            }
+        }
         return Err(Failure::Stopped { reason, at_step: last_step });
     }
     super::effects::store_completed(shared, &manifest_key(job.id), &completed)

@@ -37,14 +37,17 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
         let job_id = crate::bus::job_id_of(&msg.payload, msg.headers.as_ref());
         let every = (shared.config.consumer.ack_wait / 3).min(Duration::from_secs(5));
         AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut heeded = false;
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     tracing::warn!(error = %e, "in-progress ack failed");
                 }
-                let Some(job_id) = job_id else { continue };
-                if let Some(request) = stored_cancel_quietly(&shared, job_id).await {
+                let Some(job_id) = job_id.filter(|_| !heeded) else { continue };
+                // No longer than the pause: the next in-progress ack is not held up.
+                if let Some(request) = stored_cancel_quietly(&shared, job_id, every).await {
                     let reason = if request.expired { StopReason::Timeout } else { StopReason::Cancelled };
+                    heeded = true;
                     if shared.control.cancel(job_id, reason) {
                         tracing::info!(%job_id, "a stored cancel request stops the job");
                     }
@@ -84,11 +87,15 @@ async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
     }
 }
 
-/// The cancel request stored for the job, as far as NATS says within a few seconds (the keepalive's look: a
+/// The cancel request stored for the job, as far as NATS says within `patience` (the keepalive's look: a
 /// failure is left for the next one).
-async fn stored_cancel_quietly(shared: &Shared, job_id: uuid::Uuid) -> Option<protocol::CancelRequest> {
+async fn stored_cancel_quietly(
+    shared: &Shared,
+    job_id: uuid::Uuid,
+    patience: Duration,
+) -> Option<protocol::CancelRequest> {
     let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
-    tokio::time::timeout(Duration::from_secs(3), lookup).await.ok()?.ok()?
+    tokio::time::timeout(patience, lookup).await.ok()?.ok()?
 }
 
 fn decode(shared: &Shared, model: &str, payload: &[u8]) -> Result<JobRequest, ProtocolError> {
@@ -217,8 +224,8 @@ fn log(outcome: &Outcome, delivered: Delivery) {
     }
 }
 
-/// How many tries of a max-deliveries advisory (5 s apart) wait for a store that cannot say whether the job
-/// finished before it is failed anyway.
+/// How many tries of a max-deliveries advisory (5 s apart, each waiting up to 10 s for the store: 5 to 15
+/// minutes) wait for a store that cannot say whether the job finished before it is failed anyway.
 const STORE_PATIENCE_TRIES: i64 = 60;
 
 /// A job JetStream stopped delivering after `max_deliver` deliveries that never settled (workers that

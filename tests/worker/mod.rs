@@ -16,6 +16,7 @@ use sd_rbee::bus::BusClient;
 use sd_rbee::protocol::{self, ErrorCode, Event, JobKind, JobRequest};
 use uuid::Uuid;
 
+mod cancels;
 mod faults;
 
 async fn events_of(client: &BusClient, job_id: Uuid, timeout: Duration) -> Vec<Event> {
