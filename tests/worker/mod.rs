@@ -240,8 +240,33 @@ async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving(
     future.v = 99;
     publish_raw(future.id, protocol::encode(&future)).await;
 
-    let cases =
-        [(garbage_id, None), (bad_width.id, Some("width")), (no_steps.id, Some("strength")), (future.id, Some("v"))];
+    // 5. A job whose id is 16 raw bytes (as the protocol also reads it), with a bad width and no
+    // Nats-Msg-Id: its failure is still reported under its id.
+    let mut raw_id = tiny_job(2, 1);
+    raw_id.width = Some(7);
+    let mut value = serde_json::to_value(&raw_id).unwrap();
+    value.as_object_mut().unwrap().remove("id");
+    let mut raw_id_bytes = rmp_serde::to_vec_named(&value).unwrap();
+    assert!((0x80..0x8f).contains(&raw_id_bytes[0]), "a fixmap with room for one more entry");
+    raw_id_bytes[0] += 1;
+    raw_id_bytes.extend(rmp_serde::to_vec("id").unwrap());
+    raw_id_bytes.extend([0xc4, 16]);
+    raw_id_bytes.extend(raw_id.id.as_bytes());
+    js.publish(subject.clone(), raw_id_bytes.into()).await.unwrap().await.unwrap();
+    // 6. A field of the wrong type deep in the job: named.
+    let quality = tiny_job(2, 1);
+    let mut value = serde_json::to_value(&quality).unwrap();
+    value["output"] = serde_json::json!({"format": "jpeg", "quality": 300});
+    publish_raw(quality.id, rmp_serde::to_vec_named(&value).unwrap()).await;
+
+    let cases = [
+        (garbage_id, None),
+        (bad_width.id, Some("width")),
+        (no_steps.id, Some("strength")),
+        (future.id, Some("v")),
+        (raw_id.id, Some("width")),
+        (quality.id, Some("output.quality")),
+    ];
     for (id, field) in cases {
         let events = events_of(&client, id, Duration::from_secs(30)).await;
         match events.last() {
@@ -255,12 +280,13 @@ async fn invalid_jobs_are_failed_and_dead_lettered_and_the_worker_keeps_serving(
 
     // Each was copied, bytes unchanged, to the dead-letter stream with its reason.
     let letters = dead_letters(&client).await;
-    assert_eq!(letters.len(), 4, "{:?}", letters.iter().map(|l| &l.0).collect::<Vec<_>>());
+    assert_eq!(letters.len(), 6, "{:?}", letters.iter().map(|l| &l.0).collect::<Vec<_>>());
     assert_eq!(letters[0].1, b"\x00\x01 definitely not msgpack");
     assert!(letters[1].0.contains("width"), "{}", letters[1].0);
     assert_eq!(letters[1].1, protocol::encode(&bad_width));
     assert!(letters[2].0.contains("strength"), "{}", letters[2].0);
     assert!(letters[3].0.contains("version 99"), "{}", letters[3].0);
+    assert!(letters[5].0.contains("`output.quality`"), "{}", letters[5].0);
 
     // None of it is left in the work queue, and the worker still serves.
     let good = tiny_job(2, 3);

@@ -24,13 +24,33 @@ fn is_map_marker(b: u8) -> bool {
     (0x80..=0x8f).contains(&b) || b == 0xde || b == 0xdf
 }
 
+/// Why a message did not decode: the decoder's words, and the field they are about (`output.quality`,
+/// `loras[0].scale`) when it is one.
+struct Undecodable {
+    field: Option<String>,
+    message: String,
+}
+
 /// Decodes one whole MessagePack value; bytes after it are an error.
-fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Undecodable> {
     let mut de = rmp_serde::Deserializer::new(Cursor::new(bytes));
-    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // `.` is the whole message, `?` a place the decoder could not name.
+        let path = Some(e.path().to_string()).filter(|p| p != "." && p != "?");
+        let message = e.into_inner().to_string();
+        // A missing field is reported at the map that lacks it: name the field itself.
+        let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
+        let field = match (path, missing) {
+            (Some(path), Some(name)) => Some(format!("{path}.{name}")),
+            (None, Some(name)) => Some(name.to_string()),
+            (path, None) => path,
+        };
+        Undecodable { field, message }
+    })?;
     let used = de.position() as usize;
     if used != bytes.len() {
-        return Err(format!("{} unexpected bytes after the message", bytes.len() - used));
+        let message = format!("{} unexpected bytes after the message", bytes.len() - used);
+        return Err(Undecodable { field: None, message });
     }
     Ok(value)
 }
@@ -65,7 +85,14 @@ fn decode_versioned<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
         }
         Some(_) => {}
     }
-    decode_exact(bytes).map_err(|e| ProtocolError::malformed(format!("cannot decode {what}: {e}")))
+    decode_exact(bytes).map_err(|e| match e.field {
+        Some(field) => {
+            let mut error = ProtocolError::malformed(format!("cannot decode {what}: `{field}`: {}", e.message));
+            error.field = Some(super::error::truncate(&field, super::error::MAX_FIELD_NAME_BYTES).to_string());
+            error
+        }
+        None => ProtocolError::malformed(format!("cannot decode {what}: {}", e.message)),
+    })
 }
 
 /// Decodes a job: checks the version first (a newer or unknown one is `INVALID_REQUEST` naming it), then
@@ -99,12 +126,15 @@ pub fn decode_cancel(bytes: &[u8]) -> Result<CancelRequest, ProtocolError> {
 pub fn peek_job_id(bytes: &[u8]) -> Option<Uuid> {
     #[derive(Deserialize)]
     struct IdOnly {
-        #[serde(default)]
-        id: Option<String>,
+        // As the job reads it: a string, or 16 raw bytes.
+        #[serde(default, deserialize_with = "some_uuid")]
+        id: Option<Uuid>,
+    }
+    fn some_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+        super::serde_util::uuid_str::deserialize(d).map(Some)
     }
     if !bytes.first().is_some_and(|&b| is_map_marker(b)) {
         return None;
     }
-    let peek: IdOnly = rmp_serde::from_slice(bytes).ok()?;
-    Uuid::parse_str(&peek.id?).ok()
+    rmp_serde::from_slice::<IdOnly>(bytes).ok()?.id
 }

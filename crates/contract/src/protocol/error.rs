@@ -74,7 +74,7 @@ impl ProtocolError {
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
 /// The most bytes of a field name in an error (field names come from decoders too).
-const MAX_FIELD_NAME_BYTES: usize = 128;
+pub(super) const MAX_FIELD_NAME_BYTES: usize = 128;
 
 /// The most characters of a value quoted back in an error ([`quoted`]).
 pub const MAX_ECHO_CHARS: usize = 48;

@@ -364,6 +364,50 @@ fn newer_version_is_rejected_naming_it() {
 }
 
 #[test]
+fn a_field_that_does_not_decode_is_named() {
+    type Change = fn(&mut serde_json::Value);
+    let base = serde_json::to_value(job()).unwrap();
+    let encode_with = |change: Change| {
+        let mut v = base.clone();
+        change(&mut v);
+        rmp_serde::to_vec_named(&v).unwrap()
+    };
+    let cases: [(Change, &str); 6] = [
+        (|v| v["output"] = serde_json::json!({"format": "jpeg", "quality": 300}), "output.quality"),
+        (|v| v["width"] = serde_json::json!(-8), "width"),
+        (|v| v["steps"] = serde_json::json!("20"), "steps"),
+        (|v| v["scheduler"] = serde_json::json!(5), "scheduler"),
+        (|v| v["loras"] = serde_json::json!([{"name": "a", "scale": "x"}]), "loras[0].scale"),
+        (|v| drop(v.as_object_mut().unwrap().remove("prompt")), "prompt"),
+    ];
+    for (change, field) in cases {
+        let err = decode_job(&encode_with(change)).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some(field), "{err}");
+        assert!(err.message.starts_with(&format!("cannot decode job: `{field}`")), "{err}");
+    }
+}
+
+#[test]
+fn a_job_id_sent_as_16_raw_bytes_is_read_by_the_peek_too() {
+    let j = job();
+    let mut v = serde_json::to_value(&j).unwrap();
+    v.as_object_mut().unwrap().remove("id");
+    let mut bytes = rmp_serde::to_vec_named(&v).unwrap();
+    // The map gains one entry: `id` as bin 8 of 16 bytes.
+    assert!(is_fixmap(bytes[0]) && bytes[0] < 0x8f);
+    bytes[0] += 1;
+    bytes.extend(encode("id"));
+    bytes.extend([0xc4, 16]);
+    bytes.extend(j.id.as_bytes());
+    assert_eq!(decode_job(&bytes).unwrap().id, j.id);
+    assert_eq!(peek_job_id(&bytes), Some(j.id));
+}
+
+fn is_fixmap(b: u8) -> bool {
+    (0x80..=0x8f).contains(&b)
+}
+
+#[test]
 fn garbage_and_truncated_messages_are_errors() {
     let bytes = encode(&full_job());
     let inputs: Vec<Vec<u8>> = vec![
