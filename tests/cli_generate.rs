@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::Device;
-use common::{assert_close, expected, fixture, png_diff, read_png, reference};
+use common::{assert_close, copy_dir, expected, fixture, png_diff, read_png, reference};
 
 fn sd_rbee(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sd-rbee")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("sd-rbee runs")
@@ -321,23 +321,6 @@ fn models_lists_the_registry() {
     let text = String::from_utf8_lossy(&o.stdout);
     for name in ["v1-5", "v1-5-inpaint", "v2-1", "v2-inpaint", "xl", "xl-inpaint", "turbo", "sd-turbo"] {
         assert!(text.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name} missing:\n{text}");
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-            let mut perm = std::fs::metadata(&target).unwrap().permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perm.set_readonly(false);
-            std::fs::set_permissions(&target, perm).unwrap();
-        }
     }
 }
 

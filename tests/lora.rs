@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, expected, fixture, reference, NEGATIVE, PROMPT};
+use common::{assert_close, copy_dir, expected, fixture, reference, NEGATIVE, PROMPT};
 use sd_rbee::diffusion::lora::Lora;
 use sd_rbee::diffusion::{GenerationRequest, LoadOptions, LoraWeight, SchedulerKind, StableDiffusion};
 
@@ -41,19 +41,6 @@ fn generate_args(model_dir: &Path, loras: &[String], out: &Path, tensor: &Path) 
 
 fn lora_references(lora_dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(lora_dir.join("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// The models and LoRAs with diffusers references: the shared fixtures' own (kohya, SD 1.x names and SDXL SGM

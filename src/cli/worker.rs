@@ -128,6 +128,9 @@ pub struct WorkerArgs {
     /// Pause after every denoising step (simulates a slow device; for tests and demos).
     #[arg(long, default_value = "0s", value_parser = parse_duration, hide = true)]
     pub step_delay: Duration,
+    /// How long a publish to JetStream (an event, a dead letter) is retried before it is left for a later try.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, hide = true)]
+    pub publish_patience: Duration,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -154,6 +157,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.store.retry_timeout = args.store_retry;
     config.store.presign_endpoint = args.presign_endpoint;
     config.step_delay = args.step_delay;
+    config.publish_patience = args.publish_patience;
     config.lora_dir = args.lora_dir;
     config.lora_store_prefix = args.lora_store_prefix;
     config.lora_hub = args.lora_hub;

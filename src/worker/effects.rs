@@ -67,6 +67,7 @@ pub(super) async fn carry_out(
     if let Some(reason) = &plan.dead_letter {
         let copied = dead_letter_payload(shared, model, target.payload(), plan.job_id, reason, delivered).await;
         if let Err(DeadLetterError::Unavailable) = copied {
+            restore_streams(shared).await;
             return target.settle(plan.fallback).await;
         }
     }
@@ -85,6 +86,7 @@ pub(super) async fn carry_out(
         let stored = publish_event(shared, event, delivered).await;
         if !stored {
             // Nobody was told: the message comes back and the redelivery reports again.
+            restore_streams(shared).await;
             return false;
         }
     }
@@ -94,6 +96,19 @@ pub(super) async fn carry_out(
         None => 0,
     };
     target.settle(plan.settle).await
+}
+
+/// After a publish that JetStream did not store for the whole publish patience: makes the streams again
+/// where one is gone (deleted under the fleet, or a NATS that lost its store), so that the next try of the
+/// message can be stored; nothing else makes them again while the job consumers still work. With NATS away
+/// this fails, quietly: it is away for everything else too.
+async fn restore_streams(shared: &Shared) {
+    let ensure = crate::bus::ensure_streams(&shared.js, &shared.subjects, &shared.config.streams);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), ensure).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %format!("{e:#}"), "cannot make the streams again"),
+        Err(_) => tracing::debug!("NATS is slow to make the streams again"),
+    }
 }
 
 /// The `completed` event an earlier delivery of the job stored beside its images, if there is one (and it names

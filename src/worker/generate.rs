@@ -46,7 +46,9 @@ impl Failure {
             Failure::Invalid(error) => Outcome::Invalid { job_id: Some(job_id), error },
             Failure::Stopped { reason: StopReason::Cancelled, at_step } => Outcome::Cancelled { job_id, at_step },
             Failure::Stopped { reason: StopReason::Timeout, at_step } => {
-                Outcome::TimedOut { job_id, at_step, deadline: job.stop_at().is_some() }
+                // The timer was the sooner of the two.
+                let deadline = job.stop_at().is_some_and(|d| d <= now_millis() + 1000);
+                Outcome::TimedOut { job_id, at_step, deadline }
             }
             Failure::Stopped { reason: StopReason::Shutdown, at_step } => Outcome::Shutdown { job_id, at_step },
             // Retried (after the backoff, by any worker) like a transient failure, and failed only when no
@@ -198,7 +200,7 @@ pub(super) async fn generate_and_store(
         .catalogue
         .checkout(model)
         .await
-        .map_err(|e| Failure::transient(ErrorCode::Internal, format!("cannot load the model: {e:#}")))?;
+        .map_err(|e| Failure::transient(ErrorCode::ModelUnavailable, format!("cannot load the model: {e:#}")))?;
     stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
@@ -367,11 +369,17 @@ pub(super) async fn generate_and_store(
             ));
         }
         Ok(Err(GenerateError::InvalidRequest { field, message })) => return Err(Failure::invalid(field, message)),
-        Ok(Err(e @ GenerateError::NonFinite { .. })) => {
-            // The checkpoints this run left may hold the values that blew up: the next delivery (perhaps on
-            // a worker of another dtype) starts over.
+        Ok(Err(GenerateError::NonFinite { stage })) => {
+            // The checkpoints this run left may hold the values that blew up.
             super::resume::discard(shared, job.id).await;
-            return Err(Failure::transient(ErrorCode::Internal, e));
+            // Its model, dtype and device class are what blow up, and they are the same at every delivery:
+            // retried, the job would only run again as often as deliveries allow (for ever without a limit).
+            // It fails now, dead-lettered (from where it can be sent to workers of another dtype).
+            let dtype = format!("{:?}", shared.config.dtype).to_lowercase();
+            let message = format!(
+                "the model produced NaN or infinite values in the {stage}, running in {dtype} on this worker's device: it would do so at every delivery to such a worker"
+            );
+            return Err(Failure::Invalid(ProtocolError { code: ErrorCode::Internal, field: None, message }));
         }
         Ok(Err(e)) => {
             let text = format!("{e:#}");

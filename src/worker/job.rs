@@ -69,20 +69,20 @@ pub async fn handle(shared: Arc<Shared>, model: String, msg: jetstream::Message)
     run(shared, model, msg, job, delivered).instrument(span).await;
 }
 
-/// Whether a cancel request for the job is stored (`SD_CANCELS`): one this worker never heard, sent while
+/// The cancel request stored for the job (`SD_CANCELS`), if any: one this worker never heard, sent while
 /// another worker held the job, or before this one started. Bounded: with NATS slow to answer, the job
 /// runs, and a cancel sent since still reaches it.
-async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> bool {
+async fn stored_cancel(shared: &Shared, job_id: uuid::Uuid) -> Option<protocol::CancelRequest> {
     let lookup = crate::bus::stored_cancel(&shared.js, &shared.subjects, job_id);
     match tokio::time::timeout(Duration::from_secs(3), lookup).await {
-        Ok(Ok(found)) => found.is_some(),
+        Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::warn!(%job_id, error = %format!("{e:#}"), "cannot look for a stored cancel; starting the job");
-            false
+            None
         }
         Err(_) => {
             tracing::warn!(%job_id, "NATS is slow to say whether the job was cancelled; starting it");
-            false
+            None
         }
     }
 }
@@ -135,7 +135,13 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         return;
     }
     // Checked before it starts: a cancel published from now on reaches this worker's subscription (`control`).
-    let stop = if stored_cancel(&shared, job_id).await { None } else { shared.control.start(job_id) };
+    let stored = stored_cancel(&shared, job_id).await;
+    // The sweeper's cancel (its ttl passed, by the queen's clock) ends it as expired, not cancelled.
+    if stored.as_ref().is_some_and(|request| request.expired) {
+        settle(&shared, &model, target, Outcome::Expired { job_id }, delivered).await;
+        return;
+    }
+    let stop = if stored.is_some() { None } else { shared.control.start(job_id) };
     let Some(stop) = stop else {
         settle(&shared, &model, target, Outcome::Cancelled { job_id, at_step: None }, delivered).await;
         return;

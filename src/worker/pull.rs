@@ -125,7 +125,11 @@ pub async fn pull(
             }
             // Idle: watch for new jobs, then look once more, for one published before the watch took hold.
             if arrivals.is_none() {
-                arrivals = watch(&shared, &model).await;
+                // Not past a stop: with NATS away, the watch waits for it to come back.
+                arrivals = tokio::select! {
+                    watched = watch(&shared, &model) => watched,
+                    _ = stop.cancelled() => return,
+                };
                 if arrivals.is_some() {
                     recheck = 1;
                     continue;
@@ -188,7 +192,8 @@ async fn watch(shared: &Shared, model: &str) -> Option<Arrivals> {
             }
         }
     }
-    shared.client.flush().await.ok()?;
+    // Bounded: the flush waits for NATS, which may be away.
+    tokio::time::timeout(IDLE_POLL * 5, shared.client.flush()).await.ok()?.ok()?;
     Some(all)
 }
 

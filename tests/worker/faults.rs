@@ -201,6 +201,63 @@ async fn a_deleted_consumer_or_a_lost_server_store_is_recreated() {
     run(&client, tiny_job(2, 3), store.path()).await;
 }
 
+/// A dead-letter stream deleted under the fleet is made again: the job it could not take is failed and
+/// dead-lettered at its next try, not handed back until its deliveries run out with nobody told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_dead_letter_stream_is_made_again() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-dlq", &nats.url(), &store_url, &[], &["--publish-patience", "1s"]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    client.jetstream().delete_stream(client.subjects().dlq_stream()).await.unwrap();
+    // A width the protocol refuses, published past the client's checks.
+    let mut bad = tiny_job(2, 5);
+    bad.width = Some(100);
+    let subject = client.subjects().jobs("tiny").unwrap();
+    let headers = sd_rbee::bus::msg_id_headers(&bad.id.to_string());
+    let payload = protocol::encode(&bad);
+    client.jetstream().publish_with_headers(subject, headers, payload.clone().into()).await.unwrap().await.unwrap();
+    let events = events_of(&client, bad.id, Duration::from_secs(30)).await;
+    assert_eq!(failure(&events).field.as_deref(), Some("width"), "{events:?}");
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, payload);
+}
+
+/// A job whose model gives NaN fails at once, dead-lettered: the run is the same at every delivery, so
+/// retrying it (for ever, with no delivery limit) would only keep the device from other jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_model_gives_nan_fails_at_once() {
+    let models = tempfile::tempdir().unwrap();
+    let poisoned = models.path().join("poisoned");
+    common::copy_dir(&common::fixture("tiny-sd15"), &poisoned);
+    let vae = poisoned.join("vae/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&vae, &candle_core::Device::Cpu).unwrap();
+    let bias = tensors["decoder.conv_out.bias"].clone();
+    tensors.insert("decoder.conv_out.bias".into(), (bias.ones_like().unwrap() * f64::NAN).unwrap());
+    candle_core::safetensors::save(&tensors, &vae).unwrap();
+
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let model = format!("poisoned={}", poisoned.display());
+    let flags = ["--model", &model, "--max-deliver", "0"];
+    let _worker = WorkerProcess::start("w-nan", &nats.url(), &store_url, &[], &flags);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let mut job = tiny_job(2, 7);
+    job.model = "poisoned".into();
+    client.submit(&job).await.unwrap();
+    let events = events_of(&client, job.id, Duration::from_secs(60)).await;
+    let failed = failure(&events);
+    assert_eq!(failed.code, ErrorCode::Internal, "{failed:?}");
+    assert!(failed.message.contains("NaN") && failed.message.contains("in f32"), "{}", failed.message);
+    assert_eq!(accepted_by(&events), ["w-nan"], "one delivery");
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1, protocol::encode(&job));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_during_upload_completes_once_s3_is_back() {
     let nats = NatsServer::start();
@@ -345,12 +402,16 @@ async fn deadlines_and_the_worker_time_limit_fail_jobs_with_timeout() {
     let ran = events.iter().filter(|e| matches!(e, Event::Progress(_))).count();
     assert!((1..15).contains(&ran), "{ran} steps ran before the 1 s deadline");
 
-    // The worker's own limit.
+    // The worker's own limit, also for a job whose deadline is far off.
     let job = tiny_job(30, 62);
-    client.submit(&job).await.unwrap();
-    let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
-    assert_eq!(failed.code, ErrorCode::Timeout);
-    assert!(failed.message.contains("time limit"), "{}", failed.message);
+    let mut far = tiny_job(30, 64);
+    far.deadline = Some(far.created_at + 3_600_000);
+    for job in [job, far] {
+        client.submit(&job).await.unwrap();
+        let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
+        assert_eq!(failed.code, ErrorCode::Timeout);
+        assert!(failed.message.contains("time limit"), "{}", failed.message);
+    }
 
     // A job whose deadline passed while it waited in the queue never starts.
     let mut stale = tiny_job(2, 63);
