@@ -161,6 +161,12 @@ async fn last_event_id_resumes_without_losing_or_repeating_an_event() {
         (err.status, err.code, err.field.as_deref()),
         (400, ApiErrorCode::MalformedRequest, Some("Last-Event-ID"))
     );
+    // ... and the query parameter when it was that.
+    let url = format!("{}/v1/jobs/{}/events?last_event_id=yesterday", queen.base, job.job_id);
+    let answer = reqwest::Client::new().get(url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(answer.status(), 400);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "last_event_id", "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

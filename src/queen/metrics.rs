@@ -100,7 +100,7 @@ impl Metrics {
     }
 
     /// The label for `model`: its name, or [`OTHER_MODELS`] once [`MAX_MODEL_LABELS`] others have one.
-    fn model_label(&self, model: &str) -> ModelLabel {
+    pub(crate) fn model_label(&self, model: &str) -> ModelLabel {
         let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let known = models.contains(model) || (models.len() < MAX_MODEL_LABELS && models.insert(model.to_string()));
         ModelLabel { model: Escaped(if known { model } else { OTHER_MODELS }.to_string()) }

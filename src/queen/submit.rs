@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
 use super::status::{idempotency_entry, StatusStore};
+use super::webhooks::WebhookCheckError;
 use crate::api::{JobCheckError, JobState, JobStatus, JobSubmission, SubmitResponse, WebhookInfo, WebhookSpec};
 use crate::bus::PublishError;
 use crate::protocol::{self, Event, ImageSource, JobRequest};
@@ -95,7 +96,10 @@ impl Jobs {
         self.expiry.apply_default(&mut job);
         self.check(&job).await?;
         if let Some(spec) = &mut webhook {
-            self.webhooks.check(spec).await?;
+            self.webhooks.check(spec).await.map_err(|e| match e {
+                WebhookCheckError::Invalid(e) => JobsError::from(e),
+                WebhookCheckError::NotKnownYet(e) => JobsError::Unavailable(anyhow::anyhow!("cannot check {e}")),
+            })?;
         }
         let queued =
             |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
@@ -120,6 +124,15 @@ impl Jobs {
             }
             claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
         }
+        let window = self.publish_confirm_window;
+        // A queen that stops (or is killed) before the bus confirms the job, or during a keyed job's
+        // background publish, takes the job's only way out of `queued` with it: the schedule holds the check
+        // that ends it then, a fifth of the window after the last try. Scheduled before the record is
+        // written, so that no record is ever left without it (a check that finds no record does nothing).
+        let queued_by = protocol::now_millis() + (window + window / 5).as_millis() as u64;
+        let scheduled =
+            tokio::try_join!(self.expiry.schedule_queued_check(&job, queued_by), self.expiry.schedule(&job));
+        scheduled.map_err(JobsError::bus)?;
         // The record exists before any worker can report on the job.
         self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
         let indexed = match self.index.add(job.id).await {
@@ -129,18 +142,6 @@ impl Jobs {
                 return Err(JobsError::bus(e));
             }
         };
-        let window = self.publish_confirm_window;
-        // A queen that stops (or is killed) before the bus confirms the job, or during a keyed job's
-        // background publish, takes the job's only way out of `queued` with it: the schedule holds the check
-        // that ends it then, a fifth of the window after the last try.
-        let queued_by = protocol::now_millis() + (window + window / 5).as_millis() as u64;
-        let scheduled =
-            tokio::try_join!(self.expiry.schedule_queued_check(&job, queued_by), self.expiry.schedule(&job));
-        if let Err(e) = scheduled {
-            self.status.remove(job.id).await;
-            self.index.remove(indexed).await;
-            return Err(JobsError::bus(e));
-        }
         self.stats.metrics.transition(None, JobState::Queued);
         let first_try = tokio::time::Instant::now();
         let seq = match self.bus.submit_with_seq(&job).await {

@@ -74,5 +74,5 @@ pub(super) async fn submit_and_wait(
         .jobs
         .finished(job_id, state.config.compat_wait, &state.shutdown)
         .await
-        .map_err(|e| AppError::from(e).after_submission(job_id))
+        .map_err(|e| in_their_words(AppError::from(e), names).after_submission(job_id))
 }

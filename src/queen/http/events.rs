@@ -37,16 +37,17 @@ pub(super) async fn events(
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    // The header (a reconnecting EventSource's) wins over the query; an error names the one given.
     let given = match headers.get("last-event-id") {
-        Some(v) => {
-            Some(v.to_str().map_err(|_| AppError::malformed("Last-Event-ID", "is not visible ASCII"))?.to_string())
-        }
-        None => query.last_event_id,
+        Some(v) => Some((
+            "Last-Event-ID",
+            v.to_str().map_err(|_| AppError::malformed("Last-Event-ID", "is not visible ASCII"))?.to_string(),
+        )),
+        None => query.last_event_id.map(|text| ("last_event_id", text)),
     };
     let after = given
-        .map(|text| text.trim().parse::<EventId>())
-        .transpose()
-        .map_err(|e| AppError::malformed("Last-Event-ID", e))?;
+        .map(|(field, text)| text.trim().parse::<EventId>().map_err(|e| AppError::malformed(field, e)))
+        .transpose()?;
     let slot = caller.open_stream(&state)?;
     let status = state.jobs.get(id).await?;
     let feed =

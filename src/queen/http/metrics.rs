@@ -38,21 +38,22 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     jobs.stats.metrics.register(&mut registry);
 
     let depth = Family::<ModelLabel, Gauge>::default();
+    // A model whose queue is empty has no subject in the stream: its depth is 0, not missing (an alert on
+    // a missing series never fires). First, so that the catalogue's models are named within the bound.
+    for model in jobs.catalogue().await {
+        let _ = depth.get_or_create(&jobs.stats.metrics.model_label(&model));
+    }
     let subjects = jobs.bus.subjects();
     if let Ok(stream) = jobs.bus.jetstream().get_stream(subjects.jobs_stream()).await {
         if let Ok(mut info) = stream.info_with_subjects(subjects.jobs_wildcard()).await {
             while let Some(Ok((subject, count))) = info.next().await {
-                // A model's priorities are three subjects: their counts add up.
+                // A model's priorities are three subjects: their counts add up. Past the bound on model
+                // labels, models share one (queues of models no worker serves stay on the bus).
                 if let Some(model) = subjects.model_of_jobs_subject(&subject) {
-                    depth.get_or_create(&ModelLabel { model: Escaped(model.to_string()) }).inc_by(count as i64);
+                    depth.get_or_create(&jobs.stats.metrics.model_label(model)).inc_by(count as i64);
                 }
             }
         }
-    }
-    // A model whose queue is empty has no subject in the stream: its depth is 0, not missing (an alert on
-    // a missing series never fires).
-    for model in jobs.catalogue().await {
-        let _ = depth.get_or_create(&ModelLabel { model: Escaped(model) });
     }
     registry.register("sd_rbee_queue_depth", "Jobs in the work queue (waiting or running), by model", depth);
 

@@ -28,6 +28,19 @@ use crate::api::{WebhookSecret, WebhookSpec};
 use crate::protocol::{ProtocolError, Subjects};
 pub use plan::{Delivery, Planner};
 pub use policy::AddressPolicy;
+use policy::HostError;
+
+/// Why a submission's webhook is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookCheckError {
+    /// The request's fault (422).
+    #[error(transparent)]
+    Invalid(#[from] ProtocolError),
+    /// Its host was not looked up in time: every lookup place is taken, or the resolver is slow (503; a
+    /// later try may pass).
+    #[error("{0}")]
+    NotKnownYet(String),
+}
 
 /// The queens' shared consumer of the deliveries.
 pub const SENDER_CONSUMER: &str = "queen-webhooks";
@@ -94,18 +107,22 @@ impl Webhooks {
     }
 
     /// Checks a submission's webhook: this queen sends webhooks, the URL is an http(s) URL, and every
-    /// address its host resolves to is allowed. Errors name the field.
-    pub async fn check(&self, spec: &mut WebhookSpec) -> Result<(), ProtocolError> {
+    /// address its host resolves to is allowed. Errors name the field; a host not looked up in time is
+    /// [`WebhookCheckError::NotKnownYet`] (a later try may pass).
+    pub async fn check(&self, spec: &mut WebhookSpec) -> Result<(), WebhookCheckError> {
         if self.config.secrets.is_empty() {
-            return Err(ProtocolError::invalid(
+            return Err(WebhookCheckError::Invalid(ProtocolError::invalid(
                 "webhook",
                 "this queen sends no webhooks: it has no --webhook-secret (SD_RBEE_WEBHOOK_SECRET)",
-            ));
+            )));
         }
         let url = spec.normalize()?;
         let host = url.host().ok_or_else(|| ProtocolError::invalid("webhook.url", "has no host"))?;
         let port = url.port_or_known_default().unwrap_or(443);
-        self.config.policy.check_host(&host, port).await.map_err(|e| ProtocolError::invalid("webhook.url", e))
+        self.config.policy.check_host(&host, port).await.map_err(|e| match e {
+            HostError::Refused(e) => WebhookCheckError::Invalid(ProtocolError::invalid("webhook.url", e)),
+            HostError::NotKnownYet(e) => WebhookCheckError::NotKnownYet(format!("`webhook.url`: {e}")),
+        })
     }
 
     /// Queues a delivery (once per idempotency key within the stream's duplicate window).

@@ -57,17 +57,27 @@ impl AddressPolicy {
 
     /// Every address `host` resolves to (an address literal: itself) is allowed. The error is a sentence for
     /// the submitter.
-    pub async fn check_host(&self, host: &url::Host<&str>, port: u16) -> Result<(), String> {
+    pub async fn check_host(&self, host: &url::Host<&str>, port: u16) -> Result<(), HostError> {
         let addrs = match host {
             url::Host::Ipv4(ip) => vec![IpAddr::V4(*ip)],
             url::Host::Ipv6(ip) => vec![IpAddr::V6(*ip)],
             url::Host::Domain(name) => resolve(name, port, &CHECK_LOOKUPS).await?,
         };
         for ip in addrs {
-            self.check(ip)?;
+            self.check(ip).map_err(HostError::Refused)?;
         }
         Ok(())
     }
+}
+
+/// Why a host is not taken: refused (an address it resolves to, or it resolves to none), or not known yet
+/// (every lookup place is taken, or the resolver is slow), which is no fault of the request's.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NotKnownYet(String),
 }
 
 /// How many host lookups may run at once, for submissions' checks and for deliveries apart (so that hosts
@@ -80,7 +90,7 @@ static CHECK_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 static DELIVERY_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
 /// `name`'s addresses, looked up in one of `places` ([`CHECK_LOOKUPS`] or [`DELIVERY_LOOKUPS`]).
-async fn resolve(name: &str, port: u16, places: &'static tokio::sync::Semaphore) -> Result<Vec<IpAddr>, String> {
+async fn resolve(name: &str, port: u16, places: &'static tokio::sync::Semaphore) -> Result<Vec<IpAddr>, HostError> {
     resolve_within(name, port, places, RESOLVE_TIMEOUT).await
 }
 
@@ -90,14 +100,14 @@ async fn resolve_within(
     port: u16,
     places: &'static tokio::sync::Semaphore,
     patience: Duration,
-) -> Result<Vec<IpAddr>, String> {
+) -> Result<Vec<IpAddr>, HostError> {
     let deadline = tokio::time::Instant::now() + patience;
     let place = tokio::time::timeout_at(deadline, places.acquire())
         .await
         .map_err(|_| {
-            format!("{name} was not looked up: {MAX_LOOKUPS} lookups of webhook hosts are waiting for the system resolver; try again shortly")
+            HostError::NotKnownYet(format!("{name} was not looked up: {MAX_LOOKUPS} lookups of webhook hosts are waiting for the system resolver; try again shortly"))
         })?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| HostError::NotKnownYet(e.to_string()))?;
     let host = name.to_string();
     // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
     let running = tokio::spawn(async move {
@@ -107,11 +117,16 @@ async fn resolve_within(
     });
     let ips = tokio::time::timeout_at(deadline, running)
         .await
-        .map_err(|_| format!("{name} did not resolve within {}", humantime::format_duration(patience)))?
-        .map_err(|e| format!("{name} does not resolve: {e}"))?
-        .map_err(|e| format!("{name} does not resolve: {e}"))?;
+        .map_err(|_| {
+            HostError::NotKnownYet(format!(
+                "{name} did not resolve within {}; try again shortly",
+                humantime::format_duration(patience)
+            ))
+        })?
+        .map_err(|e| HostError::NotKnownYet(format!("{name} was not looked up: {e}")))?
+        .map_err(|e| HostError::Refused(format!("{name} does not resolve: {e}")))?;
     if ips.is_empty() {
-        return Err(format!("{name} resolves to no address"));
+        return Err(HostError::Refused(format!("{name} resolves to no address")));
     }
     Ok(ips)
 }
@@ -279,11 +294,11 @@ mod tests {
         let policy = AddressPolicy::default();
         let url = url::Url::parse("http://localhost:9/hook").unwrap();
         let err = policy.check_host(&url.host().unwrap(), 9).await.unwrap_err();
-        assert!(err.contains("loopback"), "{err}");
+        assert!(matches!(&err, HostError::Refused(e) if e.contains("loopback")), "{err}");
         let literal = url::Url::parse("http://[::ffff:192.168.0.1]/").unwrap();
         assert!(check_literal(&policy, &literal).unwrap_err().contains("private"));
         let err = policy.check_host(&url::Host::Domain("no-such-host.invalid"), 80).await.unwrap_err();
-        assert!(err.contains("does not resolve"), "{err}");
+        assert!(matches!(&err, HostError::Refused(e) if e.contains("does not resolve")), "{err}");
     }
     #[tokio::test]
     async fn lookups_wait_for_a_place_and_give_up_in_time() {
@@ -292,7 +307,10 @@ mod tests {
         let busy = places.acquire().await.unwrap();
         let started = std::time::Instant::now();
         let err = resolve_within("localhost", 80, places, patience).await.unwrap_err();
-        assert!(err.starts_with("localhost was not looked up: 16 lookups"), "{err}");
+        assert!(
+            matches!(&err, HostError::NotKnownYet(e) if e.starts_with("localhost was not looked up: 16 lookups")),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         drop(busy);
         let ips = resolve_within("localhost", 80, places, Duration::from_secs(5)).await.unwrap();
