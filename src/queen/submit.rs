@@ -129,6 +129,8 @@ impl Jobs {
         // background publish, takes the job's only way out of `queued` with it: the schedule holds the check
         // that ends it then, a fifth of the window after the last try. Scheduled before the record is
         // written, so that no record is ever left without it (a check that finds no record does nothing).
+        // Both counted from here: the background publish's last try keeps its fifth of the window before it.
+        let first_try = tokio::time::Instant::now();
         let queued_by = protocol::now_millis() + (window + window / 5).as_millis() as u64;
         let scheduled =
             tokio::try_join!(self.expiry.schedule_queued_check(&job, queued_by), self.expiry.schedule(&job));
@@ -143,7 +145,6 @@ impl Jobs {
             }
         };
         self.stats.metrics.transition(None, JobState::Queued);
-        let first_try = tokio::time::Instant::now();
         let seq = match self.bus.submit_with_seq(&job).await {
             Ok(seq) => seq,
             Err(e) if claim.is_some() && matches!(e.downcast_ref(), Some(PublishError::Unavailable { .. })) => {

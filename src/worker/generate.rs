@@ -196,11 +196,12 @@ pub(super) async fn generate_and_store(
         loading.phase = Some(protocol::JobPhase::Loading);
         publish_event(shared, &Event::Progress(loading), delivered).await;
     }
-    let checkout = shared
-        .catalogue
-        .checkout(model)
-        .await
-        .map_err(|e| Failure::transient(ErrorCode::ModelUnavailable, format!("cannot load the model: {e:#}")))?;
+    let checkout = shared.catalogue.checkout(model).await.map_err(|e| {
+        let text = format!("cannot load the model: {e:#}");
+        // Its memory is the device's (other models in use), not the model's.
+        let oom = text.to_ascii_lowercase().contains("out of memory");
+        Failure::transient(if oom { ErrorCode::OutOfMemory } else { ErrorCode::ModelUnavailable }, text)
+    })?;
     stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
@@ -372,9 +373,14 @@ pub(super) async fn generate_and_store(
         Ok(Err(GenerateError::NonFinite { stage })) => {
             // The checkpoints this run left may hold the values that blew up.
             super::resume::discard(shared, job.id).await;
+            if resumed_steps > 0 {
+                // It may be the checkpoint's doing: the next delivery starts over.
+                let message = format!("the {stage} gave NaN or infinite values after continuing from a checkpoint");
+                return Err(Failure::transient(ErrorCode::Internal, message));
+            }
             // Its model, dtype and device class are what blow up, and they are the same at every delivery:
             // retried, the job would only run again as often as deliveries allow (for ever without a limit).
-            // It fails now, dead-lettered (from where it can be sent to workers of another dtype).
+            // It fails now, dead-lettered.
             let dtype = format!("{:?}", shared.config.dtype).to_lowercase();
             let message = format!(
                 "the model produced NaN or infinite values in the {stage}, running in {dtype} on this worker's device: it would do so at every delivery to such a worker"

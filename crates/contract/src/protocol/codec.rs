@@ -87,8 +87,10 @@ fn decode_versioned<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, 
     }
     decode_exact(bytes).map_err(|e| match e.field {
         Some(field) => {
+            // A field may be a key the sender made up, of any length.
+            let field = super::error::truncate(&field, super::error::MAX_FIELD_NAME_BYTES);
             let mut error = ProtocolError::malformed(format!("cannot decode {what}: `{field}`: {}", e.message));
-            error.field = Some(super::error::truncate(&field, super::error::MAX_FIELD_NAME_BYTES).to_string());
+            error.field = Some(field.to_string());
             error
         }
         None => ProtocolError::malformed(format!("cannot decode {what}: {}", e.message)),
