@@ -294,6 +294,19 @@ fn a_config_the_code_cannot_express_is_named() {
     let out = dir.path().join("x.png");
     let o = sd_rbee(&["generate", "--model", copy.to_str().unwrap(), "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert_fails_cleanly(&o, "`time_embedding_type`");
+
+    // Zero groups: an error naming the key, not a division by zero.
+    for part in ["unet", "vae"] {
+        let copy = dir.path().join(format!("zero-groups-{part}"));
+        copy_dir(&fixture("tiny-sd15"), &copy);
+        let cfg_path = copy.join(part).join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["norm_num_groups"] = 0.into();
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let model = copy.to_str().unwrap();
+        let o = sd_rbee(&["generate", "--model", model, "--prompt", "x", "--out", out.to_str().unwrap()]);
+        assert_fails_cleanly(&o, &format!("{part} config: `norm_num_groups` must be at least 1"));
+    }
 }
 
 #[test]

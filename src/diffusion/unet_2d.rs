@@ -265,6 +265,9 @@ impl UNet2DConditionConfig {
             unsupported("resnet_time_scale_shift", &self.resnet_time_scale_shift)?;
         }
         let groups = self.norm_num_groups.context("unet config: `norm_num_groups` = null is not supported")?;
+        if groups == 0 {
+            bail!("unet config: `norm_num_groups` must be at least 1, not 0");
+        }
         let e = self.expanded()?;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c % groups != 0 {

@@ -103,6 +103,9 @@ impl AutoencoderKLConfig {
                 bail!("vae config: `up_block_types` entry {t:?} is not supported");
             }
         }
+        if self.norm_num_groups == 0 {
+            bail!("vae config: `norm_num_groups` must be at least 1, not 0");
+        }
         if let Some(c) = self.block_out_channels.iter().find(|c| *c % self.norm_num_groups != 0) {
             bail!("vae config: {c} channels is not a multiple of `norm_num_groups` {}", self.norm_num_groups);
         }
