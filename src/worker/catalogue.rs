@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::DType;
@@ -29,6 +29,10 @@ struct State {
     clock: u64,
 }
 
+/// How long a model whose load failed is answered with that failure without loading it again: each
+/// delivery of its jobs would otherwise evict the idle resident models for a load that fails the same way.
+const FAILED_LOAD_KEPT: Duration = Duration::from_secs(60);
+
 /// What a job got from the catalogue: the model, and how long it waited for it to load (`None`: resident).
 pub struct Checkout {
     pub model: Arc<LoadedModel>,
@@ -45,6 +49,8 @@ pub struct Catalogue {
     loading: tokio::sync::Mutex<()>,
     /// Names of the resident models, readable without waiting for a load (heartbeats, pulling).
     resident_names: parking_lot::RwLock<Vec<String>>,
+    /// Models whose last load failed: when, and why.
+    failed_loads: parking_lot::Mutex<BTreeMap<String, (Instant, String)>>,
 }
 
 impl Catalogue {
@@ -56,6 +62,7 @@ impl Catalogue {
             state: Default::default(),
             loading: Default::default(),
             resident_names: Default::default(),
+            failed_loads: Default::default(),
         }
     }
 
@@ -90,6 +97,31 @@ impl Catalogue {
             // Loaded by another job meanwhile: this one waited for it all the same.
             return Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) });
         }
+        if let Some((at, error)) = self.failed_loads.lock().get(name).filter(|(at, _)| at.elapsed() < FAILED_LOAD_KEPT)
+        {
+            let (ago, kept) = (at.elapsed().as_secs(), FAILED_LOAD_KEPT.as_secs());
+            anyhow::bail!("{error} (its load failed {ago} s ago; it is tried again {kept} s after that)");
+        }
+        let (loaded, bytes) = match self.load(name, spec).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.failed_loads.lock().insert(name.to_string(), (Instant::now(), format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        self.failed_loads.lock().remove(name);
+        let model = Arc::new(loaded);
+        tracing::info!(model = name, from = %model.display, load_ms = model.load_ms, bytes, "model loaded");
+        let mut state = self.state.lock();
+        state.clock += 1;
+        let last_used = state.clock;
+        state.resident.insert(name.to_string(), Resident { model: model.clone(), bytes, last_used });
+        *self.resident_names.write() = state.resident.keys().cloned().collect();
+        Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) })
+    }
+
+    /// Loads `spec`'s weights, first evicting idle models to make room for them; with their size.
+    async fn load(&self, name: &str, spec: &ModelSpec) -> anyhow::Result<(LoadedModel, u64)> {
         let source = spec.source.clone();
         let options = ModelOptions {
             config: spec.config.clone(),
@@ -107,14 +139,7 @@ impl Catalogue {
         let loaded = tokio::task::spawn_blocking(move || crate::generation::load_model(&source, &options))
             .await?
             .with_context(|| format!("model {name}"))?;
-        let model = Arc::new(loaded);
-        tracing::info!(model = name, from = %model.display, load_ms = model.load_ms, bytes, "model loaded");
-        let mut state = self.state.lock();
-        state.clock += 1;
-        let last_used = state.clock;
-        state.resident.insert(name.to_string(), Resident { model: model.clone(), bytes, last_used });
-        *self.resident_names.write() = state.resident.keys().cloned().collect();
-        Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) })
+        Ok((loaded, bytes))
     }
 
     /// The resident model `name`, marked as just used.
@@ -269,6 +294,44 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model whose load fails is not loaded again (evicting the others for it) at each of its jobs.
+    #[tokio::test]
+    async fn a_model_that_fails_to_load_evicts_nothing_the_next_time() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let good = fixtures.join("tiny-sd15");
+        let scratch = tempfile::tempdir().unwrap();
+        let bad = scratch.path().join("bad");
+        for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            std::fs::create_dir_all(bad.join(part)).unwrap();
+            for f in std::fs::read_dir(good.join(part)).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), bad.join(part).join(f.file_name())).unwrap();
+            }
+        }
+        std::fs::copy(good.join("model_index.json"), bad.join("model_index.json")).unwrap();
+        let config = bad.join("unet/config.json");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        value["norm_num_groups"] = 0.into();
+        std::fs::write(&config, value.to_string()).unwrap();
+
+        let spec = |name: &str, path: &Path| -> ModelSpec { format!("{name}={}", path.display()).parse().unwrap() };
+        let size = estimate_bytes(good.to_str().unwrap(), DType::F32).unwrap();
+        // Room for one of the two.
+        let catalogue = Catalogue::new(&[spec("good", &good), spec("bad", &bad)], ModelOptions::default(), Some(size));
+        drop(catalogue.checkout("good").await.unwrap());
+        let first = catalogue.checkout("bad").await.err().unwrap();
+        assert!(format!("{first:#}").contains("norm_num_groups"), "{first:#}");
+        assert!(!catalogue.is_resident("good"), "evicted for the load");
+        drop(catalogue.checkout("good").await.unwrap());
+        let again = catalogue.checkout("bad").await.err().unwrap();
+        assert!(
+            format!("{again:#}").contains("norm_num_groups") && format!("{again:#}").contains("s ago"),
+            "{again:#}"
+        );
+        assert!(catalogue.is_resident("good"), "not evicted for a load that failed just now");
+    }
 
     #[test]
     fn random_models_are_sized_without_files() {
