@@ -53,9 +53,12 @@ impl Default for LoraLimits {
 pub enum LoraSourceError {
     #[error("{0}")]
     Invalid(String),
-    /// The store holding it cannot be reached now: worth retrying.
+    /// The object store holding it cannot be reached now: worth retrying.
     #[error("{0}")]
     Unavailable(String),
+    /// The Hub cannot be reached now, or reading it failed in a way a retry may not see again.
+    #[error("{0}")]
+    NotReadNow(String),
     #[error(transparent)]
     Lora(#[from] crate::diffusion::lora::LoraError),
 }
@@ -162,11 +165,11 @@ impl LoraLibrary {
         let lora = crate::hub::lora::parse(name).map_err(|e| LoraSourceError::Invalid(format!("LoRA {e}")))?;
         let found = crate::hub::lora::resolve(&lora, opts, self.limits.max_file_bytes).map_err(|e| match e {
             crate::hub::lora::HubLoraError::Refused(e) => LoraSourceError::Invalid(format!("{e:#}")),
-            crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::Unavailable(format!("{e:#}")),
+            crate::hub::lora::HubLoraError::Unreachable(e) => LoraSourceError::NotReadNow(format!("{e:#}")),
         })?;
         let loaded = match self.load_file(&found.path, name) {
             // Deleted between finding and reading (another process made room): found again on a retry.
-            Err(e) if !found.path.exists() => return Err(LoraSourceError::Unavailable(format!("{e}"))),
+            Err(e) if !found.path.exists() => return Err(LoraSourceError::NotReadNow(format!("{e}"))),
             Err(e) => {
                 // Downloaded for this job and no LoRA: it must not stay on the disk for good.
                 let trimmed = crate::hub::lora::refused(opts, &found, self.limits.max_hub_cache_bytes);
@@ -253,7 +256,7 @@ impl LoraLibrary {
     /// One LoRA of a job, by its name: a Hub file (`owner/repo/file`), else the folder's or the store's.
     async fn resolve_one(self: &Arc<Self>, name: &str) -> Result<Arc<Lora>, LoraSourceError> {
         validate_lora_name(name).map_err(LoraSourceError::Invalid)?;
-        let join_failed = |e: tokio::task::JoinError| LoraSourceError::Unavailable(e.to_string());
+        let join_failed = |e: tokio::task::JoinError| LoraSourceError::NotReadNow(e.to_string());
         if name.contains('/') {
             let (me, owned) = (self.clone(), name.to_string());
             return tokio::task::spawn_blocking(move || me.fetch_from_hub(&owned)).await.map_err(join_failed)?;
@@ -313,7 +316,7 @@ impl LoraLibrary {
             me.parse_cached(&shown, &bytes)
         })
         .await
-        .map_err(|e| LoraSourceError::Unavailable(e.to_string()))?;
+        .map_err(|e| LoraSourceError::NotReadNow(e.to_string()))?;
         let (hash, lora) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => {

@@ -240,6 +240,13 @@ mod bus {
         let whole = std::fs::read(super::lora_file("tiny-sd15", "style")).unwrap();
         std::fs::write(cat.join("broken.safetensors"), &whole[..whole.len() / 2]).unwrap();
         std::fs::write(cat.join("pickle.ckpt"), b"not listed: not a .safetensors file").unwrap();
+        // Finite but huge: the weights it makes overflow the activations into NaN and infinities.
+        let style = super::lora_file("tiny-sd15", "style");
+        let mut huge = candle_core::safetensors::load(&style, &candle_core::Device::Cpu).unwrap();
+        for t in huge.values_mut().filter(|t| t.rank() >= 2) {
+            *t = (t.to_dtype(candle_core::DType::F32).unwrap() * 1e15).unwrap();
+        }
+        candle_core::safetensors::save(&huge, cat.join("blowup.safetensors")).unwrap();
 
         let dir_arg = cat.display().to_string();
         let _worker = WorkerProcess::start("w-lora", &nats.url(), &store_url, &[], &["--lora-dir", &dir_arg]);
@@ -249,7 +256,7 @@ mod bus {
         let mut beats = client.nats().subscribe(client.subjects().heartbeat("w-lora").unwrap()).await.unwrap();
         let beat = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut beats)).await.unwrap();
         let beat = protocol::decode_heartbeat(&beat.unwrap().payload).unwrap();
-        assert_eq!(beat.loras, ["broken", "detail", "style", "xl-style"]);
+        assert_eq!(beat.loras, ["blowup", "broken", "detail", "style", "xl-style"]);
         let queen = QueenChild::start(&nats.url(), &store_url, &[]);
         let start = std::time::Instant::now();
         let models = loop {
@@ -262,7 +269,7 @@ mod bus {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(models[0]["name"], "tiny");
-        assert_eq!(models[0]["loras"], serde_json::json!(["broken", "detail", "style", "xl-style"]));
+        assert_eq!(models[0]["loras"], serde_json::json!(["blowup", "broken", "detail", "style", "xl-style"]));
         let body = serde_json::json!({"model": "tiny", "prompt": "x", "loras": [{"name": "a\\b"}]});
         let (status, answer, _) = queen.request("POST", "/v1/jobs", body.to_string().as_bytes());
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some("loras[0].name")), "{answer}");
@@ -325,6 +332,7 @@ mod bus {
             (publish_raw(job(8, &[("xl-style", 1.0)])).await, "loras", "SDXL"),
             (publish_raw(job(9, &[("owner/style", 1.0)])).await, "loras[0].name", "--lora-hub"),
             (publish_raw(job(10, &[("a/b/c/d", 1.0)])).await, "loras[0].name", "not a path"),
+            (publish_raw(job(11, &[("blowup", 1.0)])).await, "loras", "(blowup × 1) made the model produce NaN"),
         ];
         for (job, field, needle) in &cases {
             let Event::Failed(f) = last_event(&client, job).await else {

@@ -146,6 +146,7 @@ async fn resolve_loras(shared: &Arc<Shared>, job: &JobRequest) -> Result<Vec<Lor
     let wanted: Vec<(String, f64)> = job.loras.iter().map(|l| (l.name.clone(), l.scale)).collect();
     shared.loras.resolve(&wanted).await.map_err(|e| match e.error {
         crate::loras::LoraSourceError::Unavailable(m) => Failure::transient(ErrorCode::Storage, m),
+        crate::loras::LoraSourceError::NotReadNow(m) => Failure::transient(ErrorCode::Internal, m),
         error => Failure::invalid(&e.field, error),
     })
 }
@@ -382,6 +383,15 @@ pub(super) async fn generate_and_store(
             // retried, the job would only run again as often as deliveries allow (for ever without a limit).
             // It fails now, dead-lettered.
             let dtype = format!("{:?}", shared.config.dtype).to_lowercase();
+            if !job.loras.is_empty() {
+                // Most likely its LoRAs' doing (a scale too large for the weights): the job's to change.
+                let named: Vec<String> = job.loras.iter().map(|l| format!("{} × {}", l.name, l.scale)).collect();
+                let message = format!(
+                    "({}) made the model produce NaN or infinite values in the {stage}, running in {dtype}: try smaller scales",
+                    named.join(", ")
+                );
+                return Err(Failure::invalid("loras", message));
+            }
             let message = format!(
                 "the model produced NaN or infinite values in the {stage}, running in {dtype} on this worker's device: it would do so at every delivery to such a worker"
             );
