@@ -48,7 +48,8 @@ pub struct WorkerArgs {
     /// least every 5 s). Give every worker of a fleet the same: they share the job consumers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
-    /// Deliveries of a job before it is dead-lettered.
+    /// Deliveries of a job before it is dead-lettered (0 or less: no limit, and a job whose failures are
+    /// transient, a store down for good, is retried for ever).
     #[arg(long, default_value_t = 3)]
     pub max_deliver: i64,
     /// Nak delays after transient failures, by delivery, comma-separated (the last repeats).

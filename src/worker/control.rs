@@ -80,7 +80,8 @@ struct Jobs {
     /// Usually one handle a job; two when JetStream delivered a job again (its acks lost) while its first
     /// delivery still ran here: a cancel must reach both, and the first to end must not forget the other.
     running: HashMap<Uuid, Vec<StopHandle>>,
-    early_cancels: HashMap<Uuid, Instant>,
+    /// When each arrived, and why (a cancel, or the job's ttl passed).
+    early_cancels: HashMap<Uuid, (Instant, StopReason)>,
     /// The same requests in arrival order, to forget the oldest first in O(1); an entry asked again since
     /// is skipped when it comes up.
     early_order: VecDeque<(Uuid, Instant)>,
@@ -101,19 +102,21 @@ pub struct Control {
 }
 
 impl Control {
-    /// Registers a job that starts running. `None` if a cancel request for it arrived earlier (on every
-    /// delivery of it while the request is remembered).
-    pub fn start(&self, job_id: Uuid) -> Option<StopHandle> {
+    /// Registers a job that starts running. The reason of a cancel request for it that arrived earlier
+    /// instead (on every delivery of it while the request is remembered).
+    pub fn start(&self, job_id: Uuid) -> Result<StopHandle, StopReason> {
         let mut jobs = self.jobs.lock().unwrap();
-        if jobs.early_cancels.get(&job_id).is_some_and(|at| at.elapsed() < EARLY_CANCEL_TTL) {
-            return None;
+        if let Some(&(at, reason)) = jobs.early_cancels.get(&job_id) {
+            if at.elapsed() < EARLY_CANCEL_TTL {
+                return Err(reason);
+            }
         }
         let handle = StopHandle::default();
         if let Some(reason) = jobs.stopping {
             handle.stop(reason);
         }
         jobs.running.entry(job_id).or_default().push(handle.clone());
-        Some(handle)
+        Ok(handle)
     }
 
     /// The delivery of `job_id` that `start` gave `handle` ended (in any way).
@@ -150,11 +153,11 @@ impl Control {
                 break;
             }
             jobs.early_order.pop_front();
-            if jobs.early_cancels.get(&id) == Some(&at) {
+            if jobs.early_cancels.get(&id).map(|e| e.0) == Some(at) {
                 jobs.early_cancels.remove(&id);
             }
         }
-        jobs.early_cancels.insert(job_id, now);
+        jobs.early_cancels.insert(job_id, (now, reason));
         jobs.early_order.push_back((job_id, now));
         running
     }
@@ -200,7 +203,7 @@ mod tests {
         assert_eq!(handle.reason(), Some(StopReason::Cancelled));
         control.finish(a, &handle);
         assert_eq!(control.state(), WorkerState::Idle);
-        assert!(control.start(a).is_none(), "a cancelled job delivered again (its report lost) does not start");
+        assert!(control.start(a).is_err(), "a cancelled job delivered again (its report lost) does not start");
 
         // A second delivery of a job still running here: a cancel reaches both, and the first to end leaves
         // the other registered.
@@ -218,8 +221,11 @@ mod tests {
         let b = Uuid::new_v4();
 
         assert!(!control.cancel(b, StopReason::Cancelled));
-        assert!(control.start(b).is_none(), "a job cancelled before it arrived does not start");
-        assert!(control.start(b).is_none(), "nor on a later delivery");
+        assert!(control.start(b).is_err(), "a job cancelled before it arrived does not start");
+        assert_eq!(control.start(b).err(), Some(StopReason::Cancelled), "nor on a later delivery");
+        let expired = Uuid::new_v4();
+        control.cancel(expired, StopReason::Timeout);
+        assert_eq!(control.start(expired).err(), Some(StopReason::Timeout), "the sweeper's cancel keeps its reason");
 
         // A flood of cancels for jobs never seen stays bounded, the newest remembered.
         let first = Uuid::new_v4();
@@ -235,7 +241,7 @@ mod tests {
         assert_eq!(jobs.early_cancels.len(), MAX_EARLY_CANCELS);
         assert!(jobs.early_order.len() <= MAX_EARLY_CANCELS + 1, "repeats are not queued twice");
         drop(jobs);
-        assert!(control.start(first).is_some(), "the oldest request was forgotten");
-        assert!(control.start(*flood.last().unwrap()).is_none());
+        assert!(control.start(first).is_ok(), "the oldest request was forgotten");
+        assert!(control.start(*flood.last().unwrap()).is_err());
     }
 }

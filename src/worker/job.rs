@@ -135,16 +135,22 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         return;
     }
     // Checked before it starts: a cancel published from now on reaches this worker's subscription (`control`).
-    let stored = stored_cancel(&shared, job_id).await;
-    // The sweeper's cancel (its ttl passed, by the queen's clock) ends it as expired, not cancelled.
-    if stored.as_ref().is_some_and(|request| request.expired) {
-        settle(&shared, &model, target, Outcome::Expired { job_id }, delivered).await;
-        return;
-    }
-    let stop = if stored.is_some() { None } else { shared.control.start(job_id) };
-    let Some(stop) = stop else {
-        settle(&shared, &model, target, Outcome::Cancelled { job_id, at_step: None }, delivered).await;
-        return;
+    let stop = match stored_cancel(&shared, job_id).await {
+        Some(request) if request.expired => Err(StopReason::Timeout),
+        Some(_) => Err(StopReason::Cancelled),
+        None => shared.control.start(job_id),
+    };
+    let stop = match stop {
+        Ok(stop) => stop,
+        Err(reason) => {
+            // The sweeper's cancel (its ttl passed, by the queen's clock) ends it as expired, not cancelled.
+            let outcome = match reason {
+                StopReason::Timeout => Outcome::Expired { job_id },
+                _ => Outcome::Cancelled { job_id, at_step: None },
+            };
+            settle(&shared, &model, target, outcome, delivered).await;
+            return;
+        }
     };
     let accepted = Event::Accepted(Accepted {
         v: PROTOCOL_VERSION,
