@@ -23,7 +23,8 @@
 //! - [`worker`]: pulls jobs, batches the ones that can share UNet passes, generates, uploads, reports; its
 //!   ack/retry policy is a pure function;
 //! - [`queen`]: the control plane: HTTP handlers over a job service, status, fleet, metrics, the embedded web UI;
-//! - [`shutdown`]: SIGINT/SIGTERM for both; [`cli`]: the `sd-rbee` command line (`main.rs` only calls it).
+//! - [`shutdown`]: SIGINT/SIGTERM for both; [`http_server`]: their HTTP serving, with a timeout on request heads;
+//! - [`cli`]: the `sd-rbee` command line (`main.rs` only calls it).
 
 pub mod api;
 pub use sd_rbee_contract::{protocol, vocab};
@@ -32,6 +33,7 @@ pub mod cli;
 pub mod device;
 pub mod diffusion;
 pub mod generation;
+pub mod http_server;
 pub mod hub;
 pub mod image_input;
 pub mod loras;

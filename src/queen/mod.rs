@@ -180,8 +180,7 @@ impl Queen {
             tracing::info!("shutting down: finishing requests in flight, ending event streams");
             stop.cancel();
         };
-        let server =
-            std::future::IntoFuture::into_future(axum::serve(self.listener, app).with_graceful_shutdown(signal));
+        let server = crate::http_server::serve(self.listener, app, signal);
         // A request stuck on a backend that went away must not hold the process past its orchestrator's patience.
         let stopped = self.stop.clone();
         let grace_over = async move {
@@ -201,7 +200,7 @@ impl Queen {
             std::future::pending::<()>().await
         };
         tokio::select! {
-            served = server => served?,
+            () = server => {}
             () = grace_over => tracing::warn!(
                 "requests still open {}s after the shutdown signal: closing them", SHUTDOWN_GRACE.as_secs()
             ),

@@ -87,10 +87,6 @@ pub async fn serve(addr: SocketAddr, health: Health) -> anyhow::Result<SocketAdd
         .await
         .with_context(|| format!("--health-listen: cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app(health)).await {
-            tracing::error!(error = %e, "the health probes' server stopped");
-        }
-    });
+    tokio::spawn(crate::http_server::serve(listener, app(health), std::future::pending()));
     Ok(bound)
 }
