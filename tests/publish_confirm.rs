@@ -210,11 +210,8 @@ async fn an_unkeyed_job_whose_queen_was_killed_before_the_bus_confirmed_it_is_en
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    common::queen::wait_ready(&base).await;
     let start = Instant::now();
-    while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(start.elapsed() < Duration::from_secs(20), "the queen did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let _queue = FullQueue::fill(&nats).await;
     let c = QueenClient::new(&base, Some(common::queen::TOKEN.into())).unwrap();
     let submitting = tokio::spawn({

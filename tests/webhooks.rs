@@ -139,11 +139,7 @@ impl QueenChild {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
-            assert!(start.elapsed() < Duration::from_secs(20), "the queen did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::queen::wait_ready(&base).await;
         Self { base, child }
     }
 }

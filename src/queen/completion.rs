@@ -44,7 +44,12 @@ impl Jobs {
                 ApiEvent::Completed { images, .. } => {
                     let mut out = Vec::with_capacity(images.len());
                     for image in images {
-                        let bytes = self.store.get(&image.key).await?;
+                        let bytes = match self.store.get(&image.key).await {
+                            Ok(bytes) => bytes,
+                            // Swept since (its ttl passed as it completed): gone, as `GET …/images/{n}` says.
+                            Err(e) if e.is_missing() => return Err(JobsError::NoImage(e.to_string())),
+                            Err(e) => return Err(e.into()),
+                        };
                         out.push((image, bytes));
                     }
                     return Ok(Finished { job_id, images: out });

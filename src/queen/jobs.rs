@@ -190,12 +190,16 @@ impl Jobs {
     /// An input image checked (`field` names it in errors, `what` in their messages) and stored under
     /// `uploads/`, as `POST /v1/uploads` does; a job then names it by key.
     pub async fn store_input(&self, body: Bytes, field: &str, what: &str) -> JobsResult<UploadResponse> {
-        let img = crate::image_input::decode_bounded(body.clone(), what).await.map_err(|e| decode_error(field, e))?;
+        // Only its size is kept: the decoded pixels go with the decode's slot, not held while the store is slow.
+        let size = |img: image::DynamicImage| Ok((img.width(), img.height()));
+        let (width, height) = crate::image_input::decode_bounded_then(body.clone(), what, size)
+            .await
+            .map_err(|e| decode_error(field, e))?;
         let format = image::guess_format(&body).map_err(|e| JobsError::invalid(field, e))?;
         let ext = format.extensions_str().first().copied().unwrap_or("img");
         let key = format!("uploads/{}.{ext}", Uuid::new_v4());
         self.store.put(&key, body.clone(), format.to_mime_type()).await?;
-        Ok(UploadResponse { object_key: key, bytes: body.len(), width: img.width(), height: img.height() })
+        Ok(UploadResponse { object_key: key, bytes: body.len(), width, height })
     }
 
     pub async fn get(&self, id: Uuid) -> JobsResult<JobStatus> {

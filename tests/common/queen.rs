@@ -37,6 +37,15 @@ pub async fn start_queen(
     QueenProcess { base, _stop: tx }
 }
 
+/// Waits (up to 20 s) until the queen process at `base` answers `/ready`.
+pub async fn wait_ready(base: &str) {
+    let start = Instant::now();
+    while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the queen at {base} did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn client(q: &QueenProcess) -> QueenClient {
     QueenClient::new(&q.base, Some(TOKEN.into())).unwrap()
 }

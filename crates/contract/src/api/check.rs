@@ -15,7 +15,7 @@ use crate::protocol::{self, ImageSource, JobRequest, Limits, ProtocolError};
 /// into the wrong shape `INVALID_REQUEST`, each naming the field (`loras[0].scale`).
 pub fn parse_json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErrorDetail> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let code = if inner.is_syntax() || inner.is_eof() {
@@ -29,7 +29,14 @@ pub fn parse_json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErrorDe
         // `.` is the whole body; `?` a place the parser could not name (a syntax error).
         let field = (path != "." && path != "?").then(|| protocol::truncate(&path, 128).to_string());
         ApiErrorDetail { code, message, field }
-    })
+    })?;
+    // Anything but whitespace after the value is not one JSON body (a second object, a stray byte).
+    de.end().map_err(|e| ApiErrorDetail {
+        code: ApiErrorCode::MalformedRequest,
+        message: format!("invalid JSON body: {e}"),
+        field: None,
+    })?;
+    Ok(value)
 }
 
 /// Why a job fails the checks of [`check_job`].
@@ -101,6 +108,7 @@ mod tests {
     #[test]
     fn a_submission_is_refused_as_the_queen_refuses_it() {
         let job = check(r#"{"model": "tiny", "prompt": "a kite", "width": 64, "height": 64}"#).unwrap();
+        assert!(check("{\"model\": \"tiny\", \"prompt\": \"x\"}\n\t ").is_ok(), "trailing whitespace is fine");
         assert_eq!((job.width, job.id), (Some(64), Uuid::from_u128(1)));
         let cases = [
             (r#"{"model": "tiny", "prompt": "x", "width": 63}"#, ApiErrorCode::InvalidRequest, Some("width")),
@@ -125,6 +133,9 @@ mod tests {
             ),
             (r#"{"model": "tiny", "prompt": "x", "timeout_s": 0}"#, ApiErrorCode::InvalidRequest, Some("timeout_s")),
             (r#"{"model": "tiny", "prompt": "x""#, ApiErrorCode::MalformedRequest, None),
+            // One JSON value, nothing after it (whitespace aside).
+            (r#"{"model": "tiny", "prompt": "x"}garbage"#, ApiErrorCode::MalformedRequest, None),
+            (r#"{"model": "tiny", "prompt": "x"} {"model": "tiny"}"#, ApiErrorCode::MalformedRequest, None),
             (r#"{"prompt": "x"}"#, ApiErrorCode::InvalidRequest, None),
         ];
         for (body, code, field) in cases {
