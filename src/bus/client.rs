@@ -101,10 +101,10 @@ impl BusClient {
             .context("cannot follow the job's events")?;
         let messages = consumer.messages().await.context("cannot follow the job's events")?;
         let events = messages
-            .map(|m| {
+            .map(move |m| {
                 let m = m.map_err(|e| anyhow::anyhow!("event stream: {e}"))?;
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                Ok((seq, protocol::decode_event(&m.payload)?))
+                Ok((seq, protocol::decode_event_of(job_id, &m.payload)?))
             })
             .scan(false, |done, e: anyhow::Result<(u64, Event)>| {
                 if *done {
@@ -124,18 +124,18 @@ impl BusClient {
             self.js.get_stream(self.subjects.events_stream()).await.context("cannot bind the events stream")?;
         let subject = self.subjects.events(job_id);
         let terminal = |m: &async_nats::jetstream::Message| {
-            protocol::decode_event(&m.payload).is_ok_and(|e: Event| e.is_terminal())
+            protocol::decode_event_of(job_id, &m.payload).is_ok_and(|e: Event| e.is_terminal())
         };
         let all = consumer::DeliverPolicy::All;
         let messages = bus::stored_messages_until(&stream, subject, all, MAX_STORED_EVENT_BYTES, terminal)
             .await
             .context("cannot read the job's events")?;
-        // An event this version cannot read is skipped, as when following live.
+        // An event this version cannot read (or another job's) is skipped, as when following live.
         let out = messages
             .iter()
             .filter_map(|m| {
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                protocol::decode_event(&m.payload).ok().map(|e| (seq, e))
+                protocol::decode_event_of(job_id, &m.payload).ok().map(|e| (seq, e))
             })
             .collect();
         Ok(out)
@@ -219,7 +219,7 @@ impl BusClient {
     /// The job's last event in the events stream, if it has any; one that does not decode counts as none.
     pub async fn last_event(&self, job_id: Uuid) -> anyhow::Result<Option<Event>> {
         let last = last_payload(&self.js, self.subjects.events_stream(), self.subjects.events(job_id)).await?;
-        Ok(last.and_then(|payload| protocol::decode_event(&payload).ok()))
+        Ok(last.and_then(|payload| protocol::decode_event_of(job_id, &payload).ok()))
     }
 
     /// Whether the job has any event in the events stream (one that does not decode, a newer worker's,

@@ -293,10 +293,7 @@ pub async fn next_message(
     }
 }
 
-/// The messages of `stream` that `filter_subject` and `deliver_policy` select, as stored now (does not wait
-/// for more), through an ordered consumer. It reads until a message says none is pending after it, so
-/// messages added or replaced while it reads (a KV update moves a key to the stream's end) are included
-/// rather than counted in place of others; a read that stalls for `STORED_READ_STALL` is an error.
+/// [`stored_messages_until`] with no end but the last stored message, and no bound (for tests and tools).
 pub async fn stored_messages(
     stream: &stream::Stream,
     filter_subject: String,
@@ -305,8 +302,12 @@ pub async fn stored_messages(
     stored_messages_until(stream, filter_subject, deliver_policy, usize::MAX, |_| false).await
 }
 
-/// [`stored_messages`], ending early with the first message `last` says ends what is wanted, or once the
-/// messages read hold `max_bytes` of payload (what one reader keeps in memory is bounded).
+/// The messages of `stream` that `filter_subject` and `deliver_policy` select, as stored now (does not wait
+/// for more), through an ordered consumer, ending early with the first message `last` says ends what is
+/// wanted, or once the messages read take `max_bytes` ([`held_bytes`]: what one reader keeps in memory is
+/// bounded, however many tiny messages anyone published). It reads until a message says none is pending
+/// after it, so messages added or replaced while it reads (a KV update moves a key to the stream's end) are
+/// included rather than counted in place of others; a read that stalls for `STORED_READ_STALL` is an error.
 pub async fn stored_messages_until(
     stream: &stream::Stream,
     filter_subject: String,
@@ -319,7 +320,8 @@ pub async fn stored_messages_until(
         .create_consumer(consumer::pull::OrderedConfig { filter_subject, deliver_policy, ..Default::default() })
         .await
         .with_context(|| format!("cannot read stream {name}"))?;
-    let mut out = Vec::with_capacity(consumer.cached_info().num_pending as usize);
+    // The count is anyone's to choose: room is made as messages come, not for all of them at once.
+    let mut out = Vec::with_capacity(consumer.cached_info().num_pending.min(64) as usize);
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);
     }
@@ -334,7 +336,7 @@ pub async fn stored_messages_until(
         };
         let none_after = message.info().map(|i| i.pending == 0).unwrap_or(true);
         let ends = last(&message);
-        bytes = bytes.saturating_add(message.payload.len());
+        bytes = bytes.saturating_add(held_bytes(&message));
         out.push(message);
         if none_after || ends || bytes >= max_bytes {
             return Ok(out);
@@ -342,7 +344,15 @@ pub async fn stored_messages_until(
     }
 }
 
-/// How long [`stored_messages`] waits for the next message it was told of.
+/// What a read message takes in memory, about: its payload, headers and subjects, and the structures that
+/// hold them.
+fn held_bytes(message: &jetstream::Message) -> usize {
+    const PER_MESSAGE: usize = 256;
+    let reply = message.reply.as_ref().map_or(0, |r| r.len());
+    PER_MESSAGE + message.length.max(message.payload.len()) + message.subject.len() + reply
+}
+
+/// How long [`stored_messages_until`] waits for the next message it was told of.
 pub const STORED_READ_STALL: Duration = Duration::from_secs(5);
 
 /// Headers with `Nats-Msg-Id`.

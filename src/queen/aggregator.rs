@@ -202,7 +202,13 @@ async fn pull(
     loop {
         let msg = bus::next_message(&mut consumer, &mut messages, Duration::from_secs(5)).await?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        match protocol::decode_event(&msg.payload) {
+        // An event about another job than its subject names is not applied: readers of one job's events
+        // (its feed, a compat reply) skip it too, and would tell a different story than its record.
+        let decoded = match subjects.job_of_events_subject(&msg.subject) {
+            Some(job_id) => protocol::decode_event_of(job_id, &msg.payload),
+            None => Err(protocol::ProtocolError::malformed(format!("{:?} names no job", msg.subject.as_str()))),
+        };
+        match decoded {
             Ok(event) => {
                 // The delivery is queued before the event is acknowledged: a queen that stops in between applies
                 // the event again, and the queue takes its delivery once.

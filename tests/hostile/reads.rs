@@ -65,6 +65,54 @@ async fn a_jobs_stored_events_are_read_to_its_end_and_within_a_bound() {
     let events = client.stored_events(flood).await.unwrap();
     let bound = sd_rbee::bus::MAX_STORED_EVENT_BYTES / 700_000 + 1;
     assert!((bound - 1..=bound).contains(&events.len()), "{} events read of 40, bound {bound}", events.len());
+
+    // Tiny events count for what a reader holds of each, not for their few payload bytes.
+    let tiny = Uuid::new_v4();
+    let (js, subject) = (client.jetstream().clone(), client.subjects().events(tiny));
+    let payload = bytes::Bytes::from(protocol::encode(&Event::Progress(protocol::Progress::new(tiny, 1, 2, at))));
+    let count = sd_rbee::bus::MAX_STORED_EVENT_BYTES / 256 + 5_000;
+    for _ in 0..count / 1000 {
+        let mut acks = Vec::with_capacity(1000);
+        for _ in 0..1000 {
+            acks.push(js.publish(subject.clone(), payload.clone()).await.unwrap());
+        }
+        futures::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await.unwrap();
+    }
+    let events = client.stored_events(tiny).await.unwrap();
+    assert!(
+        events.len() <= sd_rbee::bus::MAX_STORED_EVENT_BYTES / 256,
+        "{} tiny events of {count} read, more than a reader may hold",
+        events.len()
+    );
+}
+
+/// An event about another job than the subject it is on is not this job's: the feed, a compat reply and the
+/// check of a dequeued job would otherwise end job A with job B's outcome (B's images as A's result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_about_another_job_is_not_told_as_this_jobs() {
+    let nats = NatsServer::start();
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let (a, b, at) = (Uuid::new_v4(), Uuid::new_v4(), protocol::now_millis());
+    let on_a = |event: Event| {
+        let js = client.jetstream().clone();
+        let subject = client.subjects().events(a);
+        async move { js.publish(subject, protocol::encode(&event).into()).await.unwrap().await.unwrap() }
+    };
+    on_a(Event::Progress(protocol::Progress::new(a, 1, 2, at))).await;
+    let v = protocol::PROTOCOL_VERSION;
+    on_a(Event::Cancelled(protocol::Cancelled { v, job_id: b, at, at_step: None })).await;
+
+    let stored = client.stored_events(a).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].1.job_id(), a);
+    assert_eq!(client.last_event(a).await.unwrap(), None, "B's end is not A's last event");
+    assert!(client.has_events(a).await.unwrap());
+    let live = client.events_after(a, None).await.unwrap();
+    futures::pin_mut!(live);
+    use futures::StreamExt;
+    assert_eq!(live.next().await.unwrap().unwrap().1.job_id(), a);
+    let foreign = live.next().await.unwrap().unwrap_err();
+    assert!(format!("{foreign:#}").contains(&format!("job {b}")), "{foreign:#}");
 }
 
 /// A record that does not read back (a NaN an older queen wrote as null, or a newer queen's field) is

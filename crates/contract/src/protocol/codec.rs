@@ -113,6 +113,20 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, ProtocolError> {
     Ok(event)
 }
 
+/// Decodes an event stored or published on job `job_id`'s subject: one about another job is refused, as
+/// anyone on the bus can publish on any job's subject, and readers of one job's events (its feed, a compat
+/// reply's images, the queen's check of a dequeued job) would take it for this job's.
+pub fn decode_event_of(job_id: Uuid, bytes: &[u8]) -> Result<Event, ProtocolError> {
+    let event = decode_event(bytes)?;
+    if event.job_id() != job_id {
+        return Err(ProtocolError::malformed(format!(
+            "an event of job {} on the subject of job {job_id}",
+            event.job_id()
+        )));
+    }
+    Ok(event)
+}
+
 /// Decodes a heartbeat.
 pub fn decode_heartbeat(bytes: &[u8]) -> Result<Heartbeat, ProtocolError> {
     decode_versioned(bytes, "heartbeat")

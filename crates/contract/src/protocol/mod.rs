@@ -45,7 +45,7 @@ pub use crate::vocab::{
     ImageFormat, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, SCHEDULERS, TIMESTEP_SPACINGS,
 };
 pub use cache::{cache_description, cache_key, CacheContext};
-pub use codec::{decode_cancel, decode_event, decode_heartbeat, decode_job, encode, peek_job_id};
+pub use codec::{decode_cancel, decode_event, decode_event_of, decode_heartbeat, decode_job, encode, peek_job_id};
 pub use error::{cut, quoted, truncate, ErrorCode, ProtocolError, MAX_ECHO_CHARS, MAX_ERROR_MESSAGE_BYTES};
 pub use events::{
     Accepted, CancelRequest, Cancelled, Completed, Event, Failed, Heartbeat, ImageResult, JobPhase, Progress, Timings,

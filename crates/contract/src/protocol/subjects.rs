@@ -125,6 +125,13 @@ impl Subjects {
         format!("{}.events.{job_id}", self.prefix)
     }
 
+    /// The job of an events subject, `None` if it is not one.
+    pub fn job_of_events_subject(&self, subject: &str) -> Option<Uuid> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".events.")?;
+        // Only the hyphenated form [`events`](Self::events) writes names the job (parse takes others too).
+        Uuid::try_parse(rest).ok().filter(|id| id.hyphenated().to_string() == rest)
+    }
+
     /// `sd.events.>`: the events stream's subjects.
     pub fn events_wildcard(&self) -> String {
         format!("{}.events.>", self.prefix)

@@ -150,6 +150,11 @@ fn subjects_and_streams() {
     }
     assert_eq!(s.jobs_at("xl", Priority::Normal).unwrap(), s.jobs("xl").unwrap());
     assert_eq!(s.model_of_jobs_subject("sd.events.xl"), None);
+    assert_eq!(s.job_of_events_subject(&s.events(id())), Some(id()));
+    let simple = id().simple().to_string();
+    for other in [format!("sd.events.{simple}"), format!("sd.events.{}.x", id()), format!("sd.cancel.{}", id())] {
+        assert_eq!(s.job_of_events_subject(&other), None, "{other}");
+    }
 
     let p = Subjects::new("acme.img-gen").unwrap();
     assert_eq!(p.jobs("v1-5").unwrap(), "acme.img-gen.jobs.v1-5");
