@@ -20,8 +20,12 @@ struct Silence {
     after: usize,
     /// Repo info requests get no answer at all.
     info: bool,
+    /// Repo info requests are answered with this error status (an overloaded Hub's `503 …`).
+    info_status: Option<&'static str>,
     /// The size a file's answers state is this many bytes short of its true size (a mirror that lies).
     short_by: usize,
+    /// A download asked to resume past byte 0 is answered from byte 0 (a proxy that mangles ranges).
+    restart_ranges: bool,
 }
 
 pub(crate) struct MockHub {
@@ -68,6 +72,16 @@ impl MockHub {
         self.silence.lock().unwrap().info = silent;
     }
 
+    /// Repo info requests are answered with `status` (`"503 Service Unavailable"`), or again normally.
+    pub(crate) fn fail_info(&self, status: Option<&'static str>) {
+        self.silence.lock().unwrap().info_status = status;
+    }
+
+    /// Downloads asked to resume are answered from the file's first byte, saying so in `Content-Range`.
+    pub(crate) fn restart_ranges(&self) {
+        self.silence.lock().unwrap().restart_ranges = true;
+    }
+
     /// Files' answers state sizes `bytes` short of the truth (their bodies stay whole).
     pub(crate) fn understate_sizes(&self, bytes: usize) {
         self.silence.lock().unwrap().short_by = bytes;
@@ -112,6 +126,11 @@ fn answer(
         if silence.lock().unwrap().info {
             return hang();
         }
+        if let Some(status) = silence.lock().unwrap().info_status {
+            let response = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+            let _ = stream.write_all(response.as_bytes());
+            return;
+        }
         let mut names: Vec<&str> = files.keys().map(String::as_str).collect();
         names.extend(listed_only.iter().copied());
         let siblings: Vec<Value> = names.iter().map(|n| serde_json::json!({"rfilename": n})).collect();
@@ -121,7 +140,10 @@ fn answer(
         match files.get(file) {
             Some(content) => {
                 let bytes = content.as_bytes();
-                let (start, end) = range.unwrap_or((0, None));
+                let (mut start, end) = range.unwrap_or((0, None));
+                if silence.lock().unwrap().restart_ranges {
+                    start = 0;
+                }
                 let end = end.unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
                 let slice = &bytes[start..=end];
                 let is_download = range != Some((0, Some(0)));

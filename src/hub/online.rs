@@ -20,19 +20,21 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
 
     let info = match client.repo_info(cache) {
         Ok(info) => info,
-        Err(HubError::Http(failure)) => {
+        // An overloaded or failing Hub (5xx, 429) says nothing of the repo: the cache stands in as for one
+        // that cannot be reached, so that a Hub outage does not stop workers whose models are all cached.
+        Err(HubError::Http(failure)) if !failure.is_transient() => {
             bail!("{}", failure.explain(repo, revision, None))
         }
+        Err(HubError::Http(failure)) => {
+            let why = format!(
+                "the Hugging Face Hub is failing for {repo} (revision {revision}): {}",
+                failure.explain(repo, revision, None)
+            );
+            return use_cache(cache, opts, &why);
+        }
         Err(HubError::Unreachable(err) | HubError::Local(err) | HubError::TooLarge(err)) => {
-            // Like huggingface_hub: when the Hub cannot be reached, use the cache if it has
-            // everything.
-            let dir = cache.resolve_unreachable(opts.prefer_fp16).map_err(|missing| {
-                anyhow!(
-                    "cannot reach the Hugging Face Hub for {repo} (revision {revision}): {err}; and the cache cannot stand in: {missing}. Check the network (HTTPS_PROXY, HF_ENDPOINT), or pass a local folder"
-                )
-            })?;
-            tracing::warn!("cannot reach the Hugging Face Hub ({err}); using the cached copy of {repo}");
-            return Ok(dir);
+            let why = format!("cannot reach the Hugging Face Hub for {repo} (revision {revision}): {err}");
+            return use_cache(cache, opts, &why);
         }
     };
 
@@ -84,5 +86,16 @@ pub(super) fn resolve_online(cache: &CachedRepo, opts: &HubOptions, endpoint: Op
             tracing::warn!("cannot record {repo}@{revision} -> {commit} in the cache: {err}");
         }
     }
+    Ok(dir)
+}
+
+/// Like huggingface_hub: when the Hub cannot answer (`why`), the cache stands in if it has everything.
+fn use_cache(cache: &CachedRepo, opts: &HubOptions, why: &str) -> Result<PathBuf> {
+    let dir = cache.resolve_unreachable(opts.prefer_fp16).map_err(|missing| {
+        anyhow!(
+            "{why}; and the cache cannot stand in: {missing}. Check the network (HTTPS_PROXY, HF_ENDPOINT), or pass a local folder"
+        )
+    })?;
+    tracing::warn!("{why}; using the cached copy of {}", cache.repo);
     Ok(dir)
 }

@@ -19,14 +19,15 @@ pub(super) enum ComponentKind {
 }
 
 impl ComponentKind {
-    /// Components a Candle SD pipeline uses; others (safety_checker, feature_extractor,
-    /// image_encoder) are not fetched.
+    /// Components a Candle SD pipeline uses, by the names the loader reads; others (safety_checker,
+    /// feature_extractor, image_encoder, SD3's third text encoder) are not fetched. (A name becomes a folder
+    /// in the cache: no other name is one.)
     pub(super) fn of(name: &str) -> Option<Self> {
         match name {
             "scheduler" => Some(Self::Scheduler),
             "unet" | "vae" => Some(Self::DiffusersModel),
-            n if n.starts_with("tokenizer") => Some(Self::Tokenizer),
-            n if n.starts_with("text_encoder") => Some(Self::TextEncoder),
+            "tokenizer" | "tokenizer_2" => Some(Self::Tokenizer),
+            "text_encoder" | "text_encoder_2" => Some(Self::TextEncoder),
             _ => None,
         }
     }

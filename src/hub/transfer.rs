@@ -118,23 +118,31 @@ impl HubClient {
             .map(str::to_string)
             .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.trim().is_empty()))
             .unwrap_or_else(|| "https://huggingface.co".to_string());
-        let agent = |read: Duration, redirects: u32| -> Agent {
-            AgentBuilder::new()
+        let agent = |read: Duration, redirects: u32, whole: Option<Duration>| -> Agent {
+            let mut agent = AgentBuilder::new()
                 .try_proxy_from_env(true)
                 .timeout_connect(opts.etag_timeout)
                 .timeout_read(read)
                 .timeout_write(read)
                 .redirects(redirects)
                 .redirect_auth_headers(RedirectAuthHeaders::SameHost)
-                .user_agent(&format!("sd-rbee/{}", env!("CARGO_PKG_VERSION")))
-                .build()
+                .user_agent(&format!("sd-rbee/{}", env!("CARGO_PKG_VERSION")));
+            // A server that sends a byte now and then never trips the read timeout: a small answer must also
+            // come whole in time (a download only makes progress, and resumes).
+            if let Some(whole) = whole {
+                agent = agent.timeout(whole);
+            }
+            agent.build()
         };
+        // (ureq reads with what is left of the whole as its read timeout: a silent Hub is still given up on
+        // after the etag timeout.)
+        let answer = Some(opts.etag_timeout);
         Self {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token: opts.token.clone(),
-            requests: agent(opts.etag_timeout, 5),
-            metadata: agent(opts.etag_timeout, 0),
-            downloads: agent(opts.download_timeout, 5),
+            requests: agent(opts.etag_timeout, 5, answer),
+            metadata: agent(opts.etag_timeout, 0, answer),
+            downloads: agent(opts.download_timeout, 5, None),
             download_timeout: opts.download_timeout,
         }
     }
@@ -142,7 +150,7 @@ impl HubClient {
     fn get(&self, agent: &Agent, url: &str) -> ureq::Request {
         let request = agent.get(url);
         match &self.token {
-            Some(token) if url.starts_with(&self.endpoint) => request.set("Authorization", &format!("Bearer {token}")),
+            Some(token) if same_origin(url, &self.endpoint) => request.set("Authorization", &format!("Bearer {token}")),
             _ => request,
         }
     }
@@ -151,8 +159,14 @@ impl HubClient {
     pub(super) fn repo_info(&self, cache: &CachedRepo) -> Result<RepoInfo, HubError> {
         let url = format!("{}/api/{}", self.endpoint, cache.hf_repo(&cache.revision).api_url());
         let response = self.get(&self.requests, &url).call().map_err(HubError::from_ureq)?;
-        let info = response
-            .into_json::<RepoInfo>()
+        // Read up to a bound (a listing of tens of thousands of files is a few MiB): the answer is held whole.
+        let mut body = Vec::new();
+        let read = response.into_reader().take(MAX_REPO_INFO_BYTES + 1).read_to_end(&mut body);
+        read.map_err(|e| HubError::Unreachable(format!("reading the Hub's answer failed: {e}")))?;
+        if body.len() as u64 > MAX_REPO_INFO_BYTES {
+            return Err(HubError::TooLarge(format!("the Hub's file list is over {MAX_REPO_INFO_BYTES} bytes")));
+        }
+        let info = serde_json::from_slice::<RepoInfo>(&body)
             .map_err(|e| HubError::Unreachable(format!("unreadable answer from the Hub: {e}")))?;
         // It becomes a folder name in the cache.
         if info.sha.len() != 40 || !info.sha.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -209,6 +223,10 @@ impl HubClient {
                 let part = blob.with_extension("part");
                 self.fetch(meta.location.as_deref().unwrap_or(&url), &part, meta.size, file)?;
                 std::fs::rename(&part, &blob).map_err(|e| local("complete", &blob, e))?;
+                // The name is what says the blob is whole: the rename is made to last too.
+                if let Err(e) = File::open(blobs).and_then(|dir| dir.sync_all()) {
+                    tracing::debug!(error = %e, "cannot sync {}", blobs.display());
+                }
                 fetched = true;
             }
             drop(lock);
@@ -243,7 +261,8 @@ impl HubClient {
         let missing = |name: &str| HubError::Unreachable(format!("the Hub's answer for {url} has no {name} header"));
         let etag = header("x-linked-etag").or_else(|| header("etag")).ok_or_else(|| missing("ETag"))?;
         let etag = etag.trim_start_matches("W/").replace('"', "");
-        if etag.is_empty() || etag.contains(['/', '\\']) || etag.starts_with('.') {
+        // It names a blob file, beside which `.part` and `.lock` files are kept: letters, digits, `-`, `_` only.
+        if etag.is_empty() || !etag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(HubError::Unreachable(format!("the Hub gave {url} an unusable ETag {etag:?}")));
         }
         let size = match header("x-linked-size") {
@@ -278,19 +297,20 @@ impl HubClient {
         let mut fruitless = 0;
         let outcome = loop {
             let have = out.metadata().map(|m| m.len()).unwrap_or(0);
+
             if have > size {
                 // Not a prefix of this file: start again.
                 out.set_len(0).map_err(|e| HubError::Local(format!("cannot write {}: {e}", part.display())))?;
                 continue;
             }
             if have == size {
-                break Ok(());
+                break synced(&out, part);
             }
             progress.set_position(have);
             let attempt = self.fetch_from(url, have, size, &mut out, &progress);
             let now = out.metadata().map(|m| m.len()).unwrap_or(have);
             let err = match attempt {
-                Ok(()) if now == size => break Ok(()),
+                Ok(()) if now == size => break synced(&out, part),
                 Ok(()) => format!("the connection ended after {now} of {size} bytes"),
                 Err(HubError::Http(failure)) if !failure.is_transient() => break Err(HubError::Http(failure)),
                 Err(e @ (HubError::Local(_) | HubError::TooLarge(_))) => break Err(e),
@@ -326,10 +346,18 @@ impl HubClient {
             .set("Range", &format!("bytes={from}-"))
             .call()
             .map_err(HubError::from_ureq)?;
-        let from = if from > 0 && response.status() != 206 {
+        let resumed_at = response.header("content-range").and_then(range_start);
+        let from = if from > 0 && (response.status() != 206 || resumed_at == Some(0)) {
             // The range was not honoured: the body is the whole file.
             out.set_len(0).map_err(|e| HubError::Local(e.to_string()))?;
             0
+        } else if from > 0 && resumed_at != Some(from) {
+            // Bytes from elsewhere in the file, appended here, would make a file of the right size and wrong
+            // content: start again from the beginning.
+            out.set_len(0).map_err(|e| HubError::Local(e.to_string()))?;
+            return Err(HubError::Unreachable(format!(
+                "asked for bytes from {from}, the answer starts at {resumed_at:?}"
+            )));
         } else {
             from
         };
@@ -352,6 +380,20 @@ impl HubClient {
     fn patience(&self) -> Duration {
         (self.download_timeout + Duration::from_secs(1)) * (STALLED_ATTEMPTS + 1)
     }
+}
+
+/// Makes the whole of `part` last on the disk before the blob is named after it: a crash must not leave a
+/// short file under that name, which is taken for whole.
+fn synced(out: &File, part: &Path) -> Result<(), HubError> {
+    out.sync_all().map_err(|e| HubError::Local(format!("cannot write {}: {e}", part.display())))
+}
+
+/// The most of a repo's file list read from the Hub.
+const MAX_REPO_INFO_BYTES: u64 = 32 << 20;
+
+/// Where a ranged answer starts: `START` of `Content-Range: bytes START-END/SIZE`.
+fn range_start(range: &str) -> Option<u64> {
+    range.trim().strip_prefix("bytes ")?.split_once('-')?.0.trim().parse().ok()
 }
 
 /// The file's whole size from a ranged answer: `Content-Range: bytes 0-0/<size>`, else (range ignored) its
@@ -448,102 +490,15 @@ impl Drop for BlobLock {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::hub::tests::{FakeCache, MockHub, COMMIT};
-
-    const REPO: &str = "owner/silent";
-    const FILE: &str = "unet/diffusion_pytorch_model.safetensors";
-
-    fn setup(timeout_ms: u64) -> (FakeCache, MockHub, HubClient, CachedRepo, String) {
-        let content: String = (0..100_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-        let hub = MockHub::start(REPO, vec![(FILE, content.clone())], vec![]);
-        let cache = FakeCache::new();
-        let opts = HubOptions {
-            offline: false,
-            download_timeout: Duration::from_millis(timeout_ms),
-            etag_timeout: Duration::from_secs(5),
-            ..cache.options(false)
-        };
-        let client = HubClient::new(&opts, Some(&hub.url));
-        let repo = CachedRepo::new(opts.cache_root(), REPO, "main");
-        (cache, hub, client, repo, content)
-    }
-
-    #[test]
-    fn a_download_that_goes_silent_resumes_where_it_stopped() {
-        let (_cache, hub, client, repo, content) = setup(300);
-        hub.silence_downloads(1, 40_000);
-        let started = Instant::now();
-        let path = client.download(&repo, COMMIT, FILE, None).unwrap_or_else(|e| panic!("{}", describe(e)));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
-        assert_eq!(path, repo.repo_dir().join("snapshots").join(COMMIT).join(FILE));
-        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
-        assert_eq!(hub.requested("from=40000"), 1, "resumed at the first missing byte");
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    }
-
-    #[test]
-    fn a_download_that_stays_silent_fails_in_bounded_time_keeping_its_bytes_and_the_lock() {
-        let (_cache, hub, client, repo, content) = setup(200);
-        hub.silence_downloads(usize::MAX, 1000);
-        let started = Instant::now();
-        let err = describe(client.download(&repo, COMMIT, FILE, None).unwrap_err());
-        let took = started.elapsed();
-        // Each attempt: 200 ms without data, then a 200 ms pause.
-        assert!(took < Duration::from_secs(6), "{took:?}");
-        assert!(err.contains("received nothing") && err.contains("1000 of 100000 bytes"), "{err}");
-        assert_eq!(hub.requested("from=1000"), STALLED_ATTEMPTS as usize - 1, "{err}");
-        let blobs = repo.repo_dir().join("blobs");
-        let part = std::fs::read_dir(&blobs).unwrap().flatten().find(|e| e.path().extension().unwrap() == "part");
-        assert_eq!(std::fs::metadata(part.unwrap().path()).unwrap().len(), 1000);
-
-        // The Hub answers again: the next try takes up the kept bytes (the lock was released).
-        hub.silence_downloads(0, 0);
-        let path = client.download(&repo, COMMIT, FILE, None).unwrap_or_else(|e| panic!("{}", describe(e)));
-        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
-        assert_eq!(hub.requested("from=1000"), STALLED_ATTEMPTS as usize);
-    }
-
-    #[test]
-    fn two_downloads_of_one_file_share_it() {
-        let (_cache, hub, client, repo, content) = setup(300);
-        // The first download goes silent once, so the second surely finds it under way.
-        hub.silence_downloads(1, 10_000);
-        let client = Arc::new(client);
-        let repo = Arc::new(repo);
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let (client, repo) = (client.clone(), repo.clone());
-                std::thread::spawn(move || client.download(&repo, COMMIT, FILE, None).map_err(describe))
-            })
-            .collect();
-        for t in threads {
-            assert_eq!(std::fs::read_to_string(t.join().unwrap().unwrap()).unwrap(), content);
-        }
-        let bodies = hub.requested(FILE) - 2; // less the two metadata requests
-        assert_eq!(bodies, 2, "one download, resumed once");
-    }
-
-    #[test]
-    fn a_download_longer_than_its_stated_size_stops_at_that_size() {
-        let (_cache, hub, client, repo, content) = setup(300);
-        hub.understate_sizes(10);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(client.download(&repo, COMMIT, FILE, None).map_err(describe)));
-        // (It used to start over for ever: each attempt ran past the size, and a part too long was emptied.)
-        let path = rx.recv_timeout(Duration::from_secs(20)).expect("ends").unwrap();
-        assert_eq!(std::fs::read_to_string(path).unwrap(), content[..content.len() - 10]);
-        assert_eq!(hub.requested(FILE), 2, "the metadata request and one download");
-    }
-
-    use std::sync::Arc;
-
-    fn describe(e: HubError) -> String {
-        match e {
-            HubError::Http(f) => format!("HTTP {}", f.status),
-            HubError::Unreachable(e) | HubError::Local(e) | HubError::TooLarge(e) => e,
-        }
+/// Whether `url` is on the same scheme, host and port as `endpoint` (a text prefix is not: the token would
+/// go to `https://huggingface.co.example.net/` and `https://huggingface.co@example.net/`).
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    match (url::Url::parse(url), url::Url::parse(endpoint)) {
+        (Ok(url), Ok(endpoint)) => url.origin().is_tuple() && url.origin() == endpoint.origin(),
+        _ => false,
     }
 }
+
+#[cfg(test)]
+#[path = "tests/transfer.rs"]
+mod tests;

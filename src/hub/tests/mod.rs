@@ -441,6 +441,9 @@ fn pipeline_selection_skips_unused_and_null_components() {
     assert_eq!(ComponentKind::of("safety_checker"), None);
     assert_eq!(ComponentKind::of("tokenizer_2"), Some(ComponentKind::Tokenizer));
     assert_eq!(ComponentKind::of("text_encoder_2"), Some(ComponentKind::TextEncoder));
+    for unused in ["text_encoder_3", "tokenizer_3", "text_encoder/../../x", "tokenizer/../x"] {
+        assert_eq!(ComponentKind::of(unused), None, "{unused}");
+    }
     assert_eq!(
         component_files("unet", ComponentKind::DiffusersModel),
         vec![

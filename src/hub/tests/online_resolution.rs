@@ -135,3 +135,23 @@ fn a_hub_that_does_not_answer_is_unreachable_within_the_etag_timeout() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
 }
+
+#[test]
+fn an_overloaded_hub_lets_the_cache_stand_in() {
+    let repo = "owner/cached";
+    let hub = MockHub::start(repo, vec![("model_index.json", SD15_INDEX.into())], vec![]);
+    hub.fail_info(Some("503 Service Unavailable"));
+    let cache = FakeCache::new();
+    let lookup = CachedRepo::new(cache.root.path().to_path_buf(), repo, "main");
+    let err = resolve_online(&lookup, &online(&cache, true), Some(&hub.url)).unwrap_err().to_string();
+    assert!(err.contains("HTTP 503") && err.contains("not in the Hugging Face cache"), "{err}");
+    fill(&cache, repo, COMMIT, &sd15_repo_files(true, true));
+    cache.set_ref(repo, "main", COMMIT);
+    let dir = resolve_online(&lookup, &online(&cache, true), Some(&hub.url)).unwrap();
+    assert_eq!(dir, cache.repo_dir(repo).join("snapshots").join(COMMIT));
+
+    // A refusal that says something of the repo is not papered over by the cache.
+    hub.fail_info(Some("404 Not Found"));
+    let err = resolve_online(&lookup, &online(&cache, true), Some(&hub.url)).unwrap_err().to_string();
+    assert!(err.contains("was not found"), "{err}");
+}
