@@ -21,6 +21,8 @@ pub struct JobBar {
     bar: indicatif::ProgressBar,
     terminal: bool,
     note: Option<String>,
+    /// Each event as a JSON line on stdout, and nothing on stderr ([`JobBar::json`]).
+    json: bool,
 }
 
 impl Default for JobBar {
@@ -32,14 +34,26 @@ impl Default for JobBar {
         }
         bar.enable_steady_tick(Duration::from_millis(120));
         bar.set_message("queued");
-        Self { bar, terminal, note: None }
+        Self { bar, terminal, note: None, json: false }
     }
 }
 
 impl JobBar {
+    /// Each event as a JSON line on stdout (`watch --json`: `{"event", "id", "data"}`), and nothing else.
+    pub fn json() -> Self {
+        Self { bar: indicatif::ProgressBar::hidden(), terminal: false, note: None, json: true }
+    }
+
+    /// An event as the queen sent it.
+    fn message(&self, m: &crate::api::SseMessage) {
+        if self.json {
+            println!("{}", serde_json::json!({"event": m.event, "id": m.id, "data": m.data}));
+        }
+    }
+
     /// What a queued job waits for; said once per change.
     pub fn waiting(&mut self, note: String) {
-        if self.note.as_ref() == Some(&note) {
+        if self.note.as_ref() == Some(&note) || self.json {
             return;
         }
         if self.terminal {
@@ -143,7 +157,7 @@ pub async fn on_bus(
 
 /// Follows a job submitted through the queen to its terminal event; while it is queued, asks the queen for
 /// its queue position and whether a live worker serves its model. A stream that breaks (the queen restarts)
-/// is taken up again after the last event seen (`Last-Event-ID`), a few times.
+/// is taken up again after the last event seen (`Last-Event-ID`), a few times in a row.
 pub async fn on_queen(
     client: &QueenClient,
     job_id: Uuid,
@@ -160,7 +174,8 @@ pub async fn on_queen(
                 reconnects += 1;
                 // The token's streams are all in use (one may be this follower's own, not yet freed): as
                 // the queen's Retry-After says.
-                let pause = if is_busy(&e) { 5 } else { 1 };
+                // Else 1, 2, 4, 8, 8 s: a queen restarted (a rolling update) may take a while to listen again.
+                let pause = if is_busy(&e) { 5 } else { 1u64 << (reconnects - 1).min(3) };
                 tokio::time::sleep(Duration::from_secs(pause)).await;
                 tracing::debug!(error = %e, "reconnecting to the job's events");
                 continue;
@@ -173,6 +188,9 @@ pub async fn on_queen(
                 message = events.next() => match message {
                     Some(Ok(message)) => {
                         last_id = Some(message.id.clone());
+                        // The budget is for one outage: a long job may see the queen restarted many times.
+                        reconnects = 0;
+                        bar.message(&message);
                         // An event this build does not know (a newer queen) is skipped.
                         let Some(event) = message.typed()? else { continue };
                         match &event {

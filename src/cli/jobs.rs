@@ -95,17 +95,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn watch(args: WatchArgs) -> anyhow::Result<bool> {
     let client = args.api.client()?;
     runtime()?.block_on(async {
-        if args.json {
-            let last = client
-                .follow(args.job_id, |m| {
-                    println!("{}", serde_json::json!({"event": m.event, "id": m.id, "data": m.data}))
-                })
-                .await?;
-            return Ok(last.event == "completed");
-        }
-        let mut bar = super::follow::JobBar::default();
+        // Both take the stream up again after the last event seen when it breaks (a queen restarted).
+        let mut bar = if args.json { super::follow::JobBar::json() } else { super::follow::JobBar::default() };
         let last = super::follow::on_queen(&client, args.job_id, std::time::Duration::MAX, &mut bar).await;
         bar.finish();
+        if args.json {
+            return Ok(matches!(last?, ApiEvent::Completed { .. }));
+        }
         match last? {
             ApiEvent::Completed { .. } => println!("job {} completed", args.job_id),
             ApiEvent::Failed { code, message, .. } => {

@@ -80,9 +80,10 @@ pub struct SubmitArgs {
     /// The job is worthless after this long (it fails with TIMEOUT).
     #[arg(long, value_parser = parse_duration)]
     pub deadline: Option<Duration>,
-    /// Which of the model's queues the job waits in: workers take high before normal before low.
-    #[arg(long, value_enum, default_value_t = Priority::Normal)]
-    pub priority: Priority,
+    /// Which of the model's queues the job waits in: workers take high before normal before low (default:
+    /// normal, or the queen's default for your token).
+    #[arg(long, value_enum)]
+    pub priority: Option<Priority>,
     /// Your key for this request; the queen maps a retried request to the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -142,7 +143,10 @@ fn run_via(base: &str, job: &JobRequest, args: &SubmitArgs) -> anyhow::Result<bo
     let client = crate::api::QueenClient::new(base, super::jobs::api_token(args.token.clone()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let accepted = client.submit(&JobSubmission::from(job), args.idempotency_key.as_deref()).await?;
+        let mut submission = JobSubmission::from(job);
+        // Asked for, even `normal`: it is then not the token's default priority.
+        submission.priority = args.priority;
+        let accepted = client.submit(&submission, args.idempotency_key.as_deref()).await?;
         let id = accepted.job_id;
         if !args.wait {
             if args.json {
@@ -236,7 +240,7 @@ fn job_of(args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     job.resize_mode = args.resize;
     job.output.format = args.format;
     job.output.quality = args.quality;
-    job.priority = args.priority;
+    job.priority = args.priority.unwrap_or(Priority::Normal);
     job.deadline = args.deadline.map(|d| job.created_at + d.as_millis() as u64);
     job.idempotency_key = args.idempotency_key.clone();
     job.loras = args.loras.clone();

@@ -354,6 +354,61 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     assert_eq!(all.total, 18, "the running, queued, 12 behind it, high, low, first and theirs");
     assert_eq!(all.jobs.len(), 2);
     assert_eq!(all.next_offset, Some(2));
+
+    // `submit --priority normal` asks for normal, not for the token's default.
+    let args = ["submit", "--queen", &queen.base, "--token", OTHER_TOKEN, "-m", "tiny", "-p", "a kite", "--json"];
+    for (flags, expected) in [(&["--priority", "normal"][..], Priority::Normal), (&[][..], Priority::Low)] {
+        let out = cli(&[&args[..], flags].concat(), &[]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let accepted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let id: Uuid = accepted["job_id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(c.status(id).await.unwrap().status.priority, expected, "{flags:?}");
+    }
+}
+
+/// `watch --json` takes the stream up again after the last event it printed when its queen goes away (a
+/// rolling update: another queen on the same address), printing each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_resumes_on_another_queen_without_repeating_an_event() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-watch", &nats.url(), &store_url, &[], &["--step-delay", "300ms"]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::servers::free_port()).parse().unwrap();
+    let first = start_queen(&nats.url(), &store_url, &[], |c| c.listen = addr).await;
+    let c = client(&first);
+    wait_for_fleet(&c).await;
+    let job = c.submit(&tiny(16, 4), None).await.unwrap();
+    let base = first.base.clone();
+    let watch =
+        tokio::spawn(async move { cli(&["watch", &job.job_id.to_string(), "--queen", &base, "--json"], &[]).await });
+    let start = Instant::now();
+    while c.status(job.job_id).await.unwrap().status.progress.is_none_or(|p| p.step < 3) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the job did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(first);
+    while std::net::TcpListener::bind(addr).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first queen still listens");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = start_queen(&nats.url(), &store_url, &[], |c| c.listen = addr).await;
+    let out = tokio::time::timeout(Duration::from_secs(60), watch).await.expect("watch ends").unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    let unique: std::collections::HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an event printed twice: {ids:?}");
+    assert_eq!(lines.iter().filter(|l| l["event"] == "completed").count(), 1, "{lines:?}");
+    assert_eq!(lines.last().unwrap()["event"], "completed");
+    // Nothing lost either: the same events as the whole story told again now that the job has ended.
+    let again = cli(&["watch", &job.job_id.to_string(), "--queen", &second.base, "--json"], &[]).await;
+    let told: Vec<String> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, told, "the followed story differs from the stored one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
