@@ -313,6 +313,16 @@ impl Store {
         result.bytes().await.map_err(|e| self.failed("get", key, e))
     }
 
+    /// The object at `key` as a stream of its bytes, with its size: what serves it does not hold it whole.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<(u64, futures::stream::BoxStream<'static, std::io::Result<Bytes>>), StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        let result = self.inner.get(&self.path(key)).await.map_err(|e| self.failed("get", key, e))?;
+        Ok((result.meta.size, result.into_stream().map_err(std::io::Error::other).boxed()))
+    }
+
     /// Reads the object at `key` if it is at most `max` bytes; a larger one is [`StoreError::TooLarge`]
     /// without being read (an input image key may name any object in the bucket).
     pub async fn get_at_most(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
@@ -360,22 +370,24 @@ impl Store {
         }
     }
 
-    /// The keys under `prefix` (which ends with `/`), relative to it, sorted, at most `max`.
+    /// The keys under `prefix` (which ends with `/`), relative to it, sorted, at most `max` (the first
+    /// `max` in order; however many there are, no more than `max` are held at once).
     pub async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, StoreError> {
         use futures::TryStreamExt;
         let base = self.path(prefix.trim_end_matches('/'));
-        let mut keys: Vec<String> = self
-            .inner
-            .list(Some(&base))
-            .map_ok(|meta| {
-                meta.location.as_ref().strip_prefix(base.as_ref()).unwrap_or("").trim_start_matches('/').to_string()
-            })
-            .try_collect()
-            .await
-            .map_err(|e| self.failed("list", prefix, e))?;
-        keys.sort();
-        keys.truncate(max);
-        Ok(keys)
+        let mut listing = self.inner.list(Some(&base));
+        // The `max` smallest keys so far, the largest on top.
+        let mut first = std::collections::BinaryHeap::with_capacity(max.min(1024) + 1);
+        while let Some(meta) = listing.try_next().await.map_err(|e| self.failed("list", prefix, e))? {
+            let key = meta.location.as_ref().strip_prefix(base.as_ref()).unwrap_or("").trim_start_matches('/');
+            if first.len() < max {
+                first.push(key.to_string());
+            } else if first.peek().is_some_and(|largest: &String| key < largest.as_str()) {
+                first.pop();
+                first.push(key.to_string());
+            }
+        }
+        Ok(first.into_sorted_vec())
     }
 
     /// Reads an object that need not exist, so that a wrong key, a missing bucket or an unreachable endpoint

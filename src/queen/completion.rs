@@ -14,6 +14,10 @@ use super::feed::feed;
 use super::jobs::{Jobs, JobsError, JobsResult};
 use crate::api::{ApiEvent, JobState};
 use crate::protocol::{ErrorCode, ImageResult, ProtocolError};
+use crate::storage::StoreError;
+
+/// The most bytes of images one reply holds (its JSON takes a third more, in base64).
+const MAX_REPLY_IMAGE_BYTES: u64 = 512 << 20;
 
 /// A job that completed, with its images' bytes.
 pub struct Finished {
@@ -43,13 +47,20 @@ impl Jobs {
             match event {
                 ApiEvent::Completed { images, .. } => {
                     let mut out = Vec::with_capacity(images.len());
+                    // A reply holds its images: what one holds is bounded, whatever a worker stored.
+                    let mut room = MAX_REPLY_IMAGE_BYTES;
                     for image in images {
-                        let bytes = match self.store.get(&image.key).await {
+                        let bytes = match self.store.get_at_most(&image.key, room).await {
                             Ok(bytes) => bytes,
                             // Swept since (its ttl passed as it completed): gone, as `GET …/images/{n}` says.
                             Err(e) if e.is_missing() => return Err(JobsError::NoImage(e.to_string())),
+                            Err(e @ StoreError::TooLarge { .. }) => {
+                                let why = format!("job {job_id}'s images are more than a reply holds: {e}");
+                                return Err(JobsError::Internal(anyhow::anyhow!(why)));
+                            }
                             Err(e) => return Err(e.into()),
                         };
+                        room -= bytes.len() as u64;
                         out.push((image, bytes));
                     }
                     return Ok(Finished { job_id, images: out });

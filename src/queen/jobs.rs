@@ -385,8 +385,8 @@ impl Jobs {
             .map(drop)
     }
 
-    /// Image `n` of a completed job and its content type.
-    pub async fn image(&self, id: Uuid, n: u32) -> JobsResult<(Bytes, String)> {
+    /// Image `n` of a completed job: its bytes as read from the store, its size and its content type.
+    pub async fn image(&self, id: Uuid, n: u32) -> JobsResult<StoredImage> {
         let status = self.get(id).await?;
         let images = match status.state {
             JobState::Completed => status.images,
@@ -403,8 +403,8 @@ impl Jobs {
             .iter()
             .find(|i| i.index == n && protocol::is_result_of(i, id))
             .ok_or_else(|| JobsError::NoImage(format!("job {id} has no image {n}")))?;
-        match self.store.get(&image.key).await {
-            Ok(bytes) => Ok((bytes, image.content_type.clone())),
+        match self.store.get_stream(&image.key).await {
+            Ok((size, bytes)) => Ok(StoredImage { bytes, size, content_type: image.content_type.clone() }),
             Err(e) if e.is_missing() => Err(JobsError::NoImage(e.to_string())),
             Err(e) => Err(e.into()),
         }
@@ -412,15 +412,24 @@ impl Jobs {
 
     /// The images listed by the job's result manifest in the store, if a worker stored one.
     async fn stored_results(&self, id: Uuid) -> JobsResult<Option<Vec<protocol::ImageResult>>> {
-        match self.store.get(&protocol::manifest_key(id)).await {
+        // A `completed` event: what the bus carries, so this is room enough (anything larger is not one).
+        const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+        match self.store.get_at_most(&protocol::manifest_key(id), MAX_MANIFEST_BYTES).await {
             Ok(bytes) => match protocol::decode_event(&bytes) {
                 Ok(Event::Completed(c)) if c.job_id == id => Ok(Some(c.own_images())),
                 _ => Ok(None),
             },
-            Err(e) if e.is_missing() => Ok(None),
+            Err(e) if e.is_missing() || matches!(e, StoreError::TooLarge { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// An image of a job, streamed from the store ([`Jobs::image`]).
+pub struct StoredImage {
+    pub bytes: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
+    pub size: u64,
+    pub content_type: String,
 }
 
 /// An image that does not decode is the client's error (422); decoders all busy is the queen's (503).

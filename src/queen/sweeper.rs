@@ -34,6 +34,20 @@ fn retry_after(overdue: Duration) -> Duration {
     (overdue / 2).clamp(FIRST_RETRY, LONGEST_RETRY)
 }
 
+/// The most of a job's objects deleted by one sweep (each sweep lists them, and holds their names).
+const SWEPT_AT_ONCE: usize = 10_000;
+
+/// How long after its expiry a job that does not end is still looked at: its worker, told to stop at each
+/// look, is gone (or it never had one: a made-up `accepted` event), and each look costs a store listing.
+const LOOK_FOR: Duration = Duration::from_secs(3600);
+
+/// When an expired job is swept again, given whether it had ended at this sweep and how long ago it
+/// expired; `None` when it is not. A job that had not ended was stopped: a worker finishing its upload just
+/// now may still write objects, so it is looked at again once it has ended, for [`LOOK_FOR`] at most.
+fn look_again(ended: bool, overdue: Duration) -> Option<Duration> {
+    (!ended && overdue < LOOK_FOR).then(|| retry_after(overdue).max(SECOND_LOOK))
+}
+
 /// Sweeps expired jobs until the process ends; binds the schedule again and goes on after errors.
 pub async fn run(jobs: Jobs) {
     loop {
@@ -76,10 +90,14 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
         } else {
             let overdue = Duration::from_millis(now - due.expires_at);
             match sweep(jobs, due.job_id, due.expires_at).await {
-                Ok(true) => AckKind::Ack,
-                // A job that had not ended was stopped: a worker finishing its upload just now may still write
-                // objects, so look again once it has ended.
-                Ok(false) => AckKind::Nak(Some(retry_after(overdue).max(SECOND_LOOK))),
+                Ok(ended) => match look_again(ended, overdue) {
+                    Some(wait) => AckKind::Nak(Some(wait)),
+                    None if ended => AckKind::Ack,
+                    None => {
+                        tracing::warn!(job_id = %due.job_id, ?overdue, "an expired job never ended (its worker is gone, or was never there): its record stays a tombstone");
+                        AckKind::Ack
+                    }
+                },
                 Err(e) => {
                     let retry = retry_after(overdue);
                     tracing::warn!(job_id = %due.job_id, error = %format!("{e:#}"), ?retry, "cannot sweep an expired job yet");
@@ -140,14 +158,19 @@ async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<boo
         }
     }
     let prefix = protocol::result_prefix(job_id);
-    for name in jobs.store.list(&prefix, 10_000).await? {
+    let names = jobs.store.list(&prefix, SWEPT_AT_ONCE).await?;
+    for name in &names {
         jobs.store.delete(&format!("{prefix}{name}")).await?;
     }
+    // (Anything with the store's keys can write there.) The rest is swept at the next try.
+    anyhow::ensure!(names.len() < SWEPT_AT_ONCE, "{SWEPT_AT_ONCE} objects of {prefix} deleted; more may remain");
     jobs.store.delete(&protocol::resume_key(job_id)).await?;
+    // Written once: a record rewritten at each look would never age out of the bucket.
     let tombstone = |s: &mut JobStatus| {
+        let before = s.clone();
         s.expire();
         s.expires_at = Some(s.expires_at.map_or(expires_at, |e| e.min(expires_at)));
-        true
+        *s != before
     };
     if record.is_some() {
         jobs.status.update(job_id, || JobStatus::unknown(job_id, expires_at), tombstone).await?;
@@ -159,6 +182,16 @@ async fn sweep(jobs: &Jobs, job_id: Uuid, expires_at: u64) -> anyhow::Result<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_that_never_ends_is_looked_at_for_an_hour_after_its_expiry() {
+        let s = Duration::from_secs;
+        assert_eq!(look_again(true, s(5)), None, "an ended job is swept once");
+        assert_eq!(look_again(false, s(5)), Some(SECOND_LOOK));
+        assert_eq!(look_again(false, s(1200)), Some(s(600)));
+        assert_eq!(look_again(false, s(3598)), Some(s(1799)));
+        assert_eq!(look_again(false, s(3600)), None, "its worker is gone: no more looks");
+    }
 
     #[test]
     fn a_failing_sweep_is_retried_ever_less_often_but_never_given_up() {

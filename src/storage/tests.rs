@@ -35,6 +35,21 @@ async fn local_store_round_trip_and_missing_keys() {
 }
 
 #[tokio::test]
+async fn a_listing_gives_the_first_keys_in_order_however_many_there_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("file://{}", dir.path().display()), &StoreOptions::default()).unwrap();
+    // Written out of order (the local store lists in the file system's order).
+    for i in [7, 3, 11, 0, 5, 9, 1, 10, 2, 8, 4, 6] {
+        store.put(&format!("jobs/a/{i:02}.png"), Bytes::from_static(b"x"), "image/png").await.unwrap();
+    }
+    store.put("jobs/b/00.png", Bytes::from_static(b"x"), "image/png").await.unwrap();
+    let first: Vec<String> = (0..5).map(|i| format!("{i:02}.png")).collect();
+    assert_eq!(store.list("jobs/a/", 5).await.unwrap(), first);
+    assert_eq!(store.list("jobs/a/", 100).await.unwrap().len(), 12);
+    assert_eq!(store.list("jobs/a/", 0).await.unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn plain_paths_are_local_folders() {
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("results");

@@ -124,8 +124,10 @@ pub(super) async fn image(
     State(state): State<AppState>,
     ApiPath((id, n)): ApiPath<(Uuid, u32)>,
 ) -> ApiResult<Response> {
-    let (bytes, content_type) = state.jobs.image(id, n).await?;
+    let image = state.jobs.image(id, n).await?;
     let content_type =
-        HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+        HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    // Streamed: many downloads of large images at once do not hold them all in memory.
+    let headers = [(header::CONTENT_TYPE, content_type), (header::CONTENT_LENGTH, HeaderValue::from(image.size))];
+    Ok((headers, axum::body::Body::from_stream(image.bytes)).into_response())
 }
