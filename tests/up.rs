@@ -49,11 +49,13 @@ async fn up_runs_a_job_stops_on_sigterm_and_a_second_up_finds_it() {
     assert_eq!(wait_state(&c, bus_job, "completed").await.status.model, "tiny", "the queen follows bus jobs");
     let wrong = QueenClient::new(&base, Some("not-the-token-0123456789".into())).unwrap();
     assert!(wrong.jobs("").await.is_err(), "the queen asks for the token");
+    let first_nats_port = first.nats_port;
     stop(first, Duration::from_secs(60));
     assert!(data.path().join("worker-1.log").is_file() && data.path().join("jetstream").is_dir());
 
     let second = up(data.path(), port);
     assert_eq!(second.token, first_token(&saved), "the token is kept");
+    assert_eq!(second.nats_port, first_nats_port, "and the bus's port, while it is free: an exported URL still works");
     let c = QueenClient::new(&base, Some(second.token.clone())).unwrap();
     let list = c.jobs("").await.unwrap();
     for id in [job.job_id, bus_job] {

@@ -173,6 +173,19 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The bus's port: the one the last run on this data folder used (kept in `nats.port`) while it is free, so
+/// that a bus URL exported from an earlier run still works; else a free one.
+fn nats_port(data: &Path) -> anyhow::Result<u16> {
+    let kept = data.join("nats.port");
+    let earlier = std::fs::read_to_string(&kept).ok().and_then(|text| text.trim().parse::<u16>().ok());
+    let port = match earlier.filter(|&port| port != 0 && TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+        Some(port) => port,
+        None => free_port()?,
+    };
+    std::fs::write(&kept, format!("{port}\n")).with_context(|| format!("cannot write {}", kept.display()))?;
+    Ok(port)
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
@@ -208,7 +221,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
     // The binary first: installing it takes a while, and the port must still be free when the server starts.
     let nats_bin = nats_server(args.nats_server, &data)?;
-    let port = free_port()?;
+    let port = nats_port(&data)?;
     let nats_url = format!("nats://{token}@127.0.0.1:{port}");
     let mut nats = Service::start(
         "nats-server",
