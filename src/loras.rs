@@ -90,6 +90,9 @@ struct Cache {
     /// are refused at once, not read, hashed and parsed again (a few seconds a file, while others wait).
     refused_files: HashMap<PathBuf, (FileStamp, String)>,
     refused_objects: HashMap<String, ((u64, String), String)>,
+    /// Every parsed LoRA still alive, in the cache or in a job's hands, with its size: what they take
+    /// together is bounded ([`LoraLibrary::wait_for_room`]).
+    live: HashMap<[u8; 32], (std::sync::Weak<Lora>, usize)>,
     clock: u64,
 }
 
@@ -126,6 +129,8 @@ pub struct LoraLibrary {
     store_reads: tokio::sync::Semaphore,
     /// The store's names, listed at most once a minute (heartbeats ask every few seconds).
     listing: Mutex<Option<(std::time::Instant, Vec<String>)>>,
+    /// How long a LoRA waits for the others alive to leave it room before its job is retried later.
+    room_patience: std::time::Duration,
 }
 
 impl LoraLibrary {
@@ -146,6 +151,7 @@ impl LoraLibrary {
             parsing: Mutex::new(()),
             store_reads: tokio::sync::Semaphore::new(1),
             listing: Mutex::new(None),
+            room_patience: std::time::Duration::from_secs(60),
         })
     }
 
@@ -463,9 +469,40 @@ impl LoraLibrary {
         if let Some(lora) = self.cache.lock().touch(&hash) {
             return Ok((hash, lora));
         }
+        self.wait_for_room(shown, bytes.len())?;
         let lora = Arc::new(Lora::parse(shown, bytes, hash)?);
         self.cache.lock().insert(lora.clone(), self.limits.max_cached_bytes);
         Ok((hash, lora))
+    }
+
+    /// Waits until the parsed LoRAs alive (the cache's, and those the jobs in hand hold, which the cache's
+    /// own bound does not count) leave room for `need` more bytes within the cache's size and one job's
+    /// ([`LoraLimits::max_cached_bytes`] + [`LoraLimits::max_job_bytes`]); the cache gives up the LoRAs
+    /// only it holds first. Jobs naming many large LoRAs at once would otherwise hold them all. Past
+    /// `room_patience` the job is retried later ([`LoraSourceError::NotReadNow`]).
+    fn wait_for_room(&self, shown: &str, need: usize) -> Result<(), LoraSourceError> {
+        let max = self.limits.max_cached_bytes.saturating_add(self.limits.max_job_bytes as usize);
+        let start = std::time::Instant::now();
+        loop {
+            let held = {
+                let mut cache = self.cache.lock();
+                let mut held = cache.held_bytes();
+                while held.saturating_add(need) > max && cache.drop_an_unused() {
+                    held = cache.held_bytes();
+                }
+                held
+            };
+            if held == 0 || held.saturating_add(need) <= max {
+                return Ok(());
+            }
+            if start.elapsed() >= self.room_patience {
+                return Err(LoraSourceError::NotReadNow(format!(
+                    "LoRA {shown} ({need} bytes) waited {} s for the {held} bytes of LoRAs the jobs in hand hold                      to leave it room within {max} bytes (the LoRA cache's 4 GiB and --max-lora-bytes-per-job)",
+                    self.room_patience.as_secs()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -479,7 +516,22 @@ impl Cache {
         })
     }
 
+    /// The bytes of the parsed LoRAs alive (forgetting those that are not).
+    fn held_bytes(&mut self) -> usize {
+        self.live.retain(|_, (lora, _)| lora.strong_count() > 0);
+        self.live.values().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Drops the least recently used LoRA that only the cache holds; whether there was one.
+    fn drop_an_unused(&mut self) -> bool {
+        let unused = self.parsed.iter().filter(|(_, (l, _))| Arc::strong_count(l) == 1).min_by_key(|(_, (_, u))| *u);
+        let Some(hash) = unused.map(|(h, _)| *h) else { return false };
+        self.parsed.remove(&hash);
+        true
+    }
+
     fn insert(&mut self, lora: Arc<Lora>, max_bytes: usize) {
+        self.live.insert(lora.hash, (Arc::downgrade(&lora), lora.bytes));
         self.clock += 1;
         self.parsed.insert(lora.hash, (lora, self.clock));
         // Evict the least recently used until the rest fits (the newest always stays).
@@ -520,73 +572,4 @@ pub fn parse_lora_arg(spec: &str) -> Result<(PathBuf, f64), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pickles_are_refused_as_checkpoints_are() {
-        let library = LoraLibrary::new(None, LoraLimits::default()).unwrap();
-        let err = library.load_file(Path::new("style.ckpt"), "style.ckpt").unwrap_err().to_string();
-        assert!(err.contains("style.ckpt") && err.contains("arbitrary code") && err.contains(".safetensors"), "{err}");
-    }
-
-    #[test]
-    fn a_job_whose_loras_take_more_memory_than_its_budget_is_refused() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd15/lora");
-        let (style, detail) = (dir.join("style.safetensors"), dir.join("detail.safetensors"));
-        let one = LoraLibrary::new(None, LoraLimits::default()).unwrap().load_file(&style, "style").unwrap().bytes;
-        let limits = LoraLimits { max_job_bytes: one as u64 + 1, ..LoraLimits::default() };
-        let library = LoraLibrary::new(None, limits).unwrap();
-        // The same file twice is held once.
-        assert_eq!(library.resolve_files(&[(style.clone(), 1.0), (style.clone(), 0.5)]).unwrap().len(), 2);
-        let err = library.resolve_files(&[(style.clone(), 1.0), (detail.clone(), 1.0)]).unwrap_err().to_string();
-        assert!(err.contains("detail.safetensors") && err.contains("--max-lora-bytes-per-job"), "{err}");
-        assert!(err.contains(&format!("take {} bytes", 2 * one)), "{err}");
-    }
-
-    #[test]
-    fn a_file_that_is_no_lora_is_refused_again_without_being_read_until_it_changes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vae.safetensors");
-        let tensors: HashMap<String, candle_core::Tensor> = [(
-            "decoder.conv_in.weight".to_string(),
-            candle_core::Tensor::ones(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
-        )]
-        .into_iter()
-        .collect();
-        candle_core::safetensors::save(&tensors, &path).unwrap();
-        let library = LoraLibrary::new(None, LoraLimits::default()).unwrap();
-        let first = library.load_file(&path, "vae").unwrap_err().to_string();
-        assert!(first.contains("decoder.conv_in.weight"), "{first}");
-        // Same size and time, other bytes: the refusal is remembered, the file not read again.
-        let (len, modified) =
-            (std::fs::metadata(&path).unwrap().len(), std::fs::metadata(&path).unwrap().modified().unwrap());
-        std::fs::write(&path, vec![b'x'; len as usize]).unwrap();
-        std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
-        assert_eq!(library.load_file(&path, "vae").unwrap_err().to_string(), first);
-        // Changed (another time): read again.
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(modified + Duration::from_secs(1))
-            .unwrap();
-        let again = library.load_file(&path, "vae").unwrap_err().to_string();
-        assert!(again.contains("not a readable safetensors file"), "{again}");
-    }
-
-    #[test]
-    fn lora_args_and_names() {
-        assert_eq!(parse_lora_arg("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
-        assert_eq!(parse_lora_arg("a.safetensors:-0.5").unwrap(), (PathBuf::from("a.safetensors"), -0.5));
-        assert_eq!(parse_lora_arg("dir:x/a.safetensors").unwrap(), (PathBuf::from("dir:x/a.safetensors"), 1.0));
-        assert!(parse_lora_arg(":0.5").is_err());
-        for good in ["style", "my-lora_v1.2", "style.safetensors", "owner/repo", "owner/repo/x.safetensors@v2"] {
-            assert!(validate_lora_name(good).is_ok(), "{good}");
-        }
-        let bad_hub = ["a/b/c", "a/b/c/d.safetensors", "a//b", "a/.b", "a/b@", "style@v1", "a/b/../c.safetensors"];
-        for bad in ["", "../x", "a\\b", ".hidden", "a..b", "x y", &"a".repeat(129)].into_iter().chain(bad_hub) {
-            assert!(validate_lora_name(bad).is_err(), "{bad}");
-        }
-    }
-}
+mod tests;

@@ -77,6 +77,9 @@ pub enum LoraFormat {
 /// layer costs memory beyond its tensors.
 pub const MAX_LAYERS: usize = 4096;
 
+/// The largest safetensors header a LoRA may have: 3 × [`MAX_LAYERS`] tensors' entries take about 2 MiB.
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+
 /// What a parsed layer holds beyond its tensors' data and names (two tensors' shapes, strides and storage
 /// handles, the layer itself), counted in [`Lora::bytes`] so that thousands of tiny layers count too.
 const LAYER_OVERHEAD_BYTES: usize = 512;
@@ -121,9 +124,16 @@ impl Lora {
     /// As [`Lora::from_bytes`], with the SHA-256 of `bytes` already known.
     pub fn parse(name: &str, bytes: &[u8], hash: [u8; 32]) -> Result<Self, LoraError> {
         let unreadable = |reason: String| LoraError::Unreadable { name: name.to_string(), reason };
+        // The header is parsed whole (twice): one of a few MiB holds the most tensors a LoRA may have, and a
+        // kohya file's training notes.
+        let header = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        if let Some(header) = header.filter(|&h| h > MAX_HEADER_BYTES) {
+            return Err(unreadable(format!("its header is {header} bytes, over the {MAX_HEADER_BYTES} a LoRA needs")));
+        }
         let file = SafeTensors::deserialize(bytes).map_err(|e| unreadable(e.to_string()))?;
         let metadata = SafeTensors::read_metadata(bytes).map_err(|e| unreadable(e.to_string()))?.1;
-        let peft_alphas = PeftAlphas::from_metadata(metadata.metadata().as_ref());
+        let peft_alphas = PeftAlphas::from_metadata(metadata.metadata().as_ref())
+            .map_err(|message| LoraError::Invalid { name: name.to_string(), message })?;
 
         if file.len() > 3 * MAX_LAYERS {
             let message = format!("holds {} tensors; a LoRA adapts at most {MAX_LAYERS} layers", file.len());
@@ -348,22 +358,37 @@ struct PeftAlphas(BTreeMap<Component, PeftConfig>);
 #[derive(Default)]
 struct PeftConfig {
     alpha: Option<f64>,
-    /// `(module name suffix in `_` form, alpha)`.
-    pattern: Vec<(String, f64)>,
+    /// `(module name in `_` form, the same as a suffix: `_` before it, alpha)`.
+    pattern: Vec<(String, String, f64)>,
     /// rsLoRA: the factor is alpha / √rank instead of alpha / rank.
     rslora: bool,
 }
 
 impl PeftAlphas {
-    fn from_metadata(metadata: Option<&std::collections::HashMap<String, String>>) -> Self {
+    /// The alphas of `metadata`; an error when its `alpha_pattern` names more modules than a LoRA adapts
+    /// (each layer is looked up in it).
+    fn from_metadata(metadata: Option<&std::collections::HashMap<String, String>>) -> Result<Self, String> {
         let mut out = Self::default();
-        let Some(json) = metadata.and_then(|m| m.get("lora_adapter_metadata")) else { return out };
-        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else { return out };
+        let Some(json) = metadata.and_then(|m| m.get("lora_adapter_metadata")) else { return Ok(out) };
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(json) else {
+            return Ok(out);
+        };
         for component in [Component::Unet, Component::TextEncoder, Component::TextEncoder2] {
             let get = |key: &str| map.get(&format!("{component}.{key}"));
-            let pattern = get("alpha_pattern")
-                .and_then(serde_json::Value::as_object)
-                .map(|p| p.iter().filter_map(|(k, v)| Some((k.replace('.', "_"), v.as_f64()?))).collect())
+            let patterns = get("alpha_pattern").and_then(serde_json::Value::as_object);
+            if let Some(count) = patterns.map(serde_json::Map::len).filter(|&n| n > MAX_LAYERS) {
+                return Err(format!(
+                    "its {component}.alpha_pattern names {count} modules; a LoRA adapts at most {MAX_LAYERS}"
+                ));
+            }
+            let pattern = patterns
+                .map(|p| {
+                    let entry = |(k, v): (&String, &serde_json::Value)| {
+                        let module = k.replace('.', "_");
+                        Some((format!("_{module}"), module, v.as_f64()?))
+                    };
+                    p.iter().filter_map(entry).collect()
+                })
                 .unwrap_or_default();
             out.0.insert(
                 component,
@@ -374,13 +399,13 @@ impl PeftAlphas {
                 },
             );
         }
-        out
+        Ok(out)
     }
 
     /// The alpha that gives `layer` (of `rank`) its factor as `alpha / rank`.
     fn alpha_for(&self, component: Component, layer: &str, rank: usize) -> Option<f64> {
         let c = self.0.get(&component)?;
-        let alpha = c.pattern.iter().find(|(p, _)| layer == p || layer.ends_with(&format!("_{p}"))).map(|(_, a)| *a);
+        let alpha = c.pattern.iter().find(|(suffix, p, _)| layer == p || layer.ends_with(suffix.as_str())).map(|e| e.2);
         let alpha = alpha.or(c.alpha)?;
         Some(if c.rslora { alpha * (rank as f64).sqrt() } else { alpha })
     }

@@ -270,11 +270,31 @@ fn peft_metadata_alphas_and_rslora() {
         r#"{"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_q": 2}, "text_encoder.lora_alpha": 4, "text_encoder.use_rslora": true}"#
             .to_string(),
     );
-    let a = PeftAlphas::from_metadata(Some(&meta));
+    let a = PeftAlphas::from_metadata(Some(&meta)).unwrap();
     assert_eq!(a.alpha_for(Component::Unet, "mid_block_attentions_0_transformer_blocks_0_attn1_to_q", 4), Some(2.0));
     assert_eq!(a.alpha_for(Component::Unet, "mid_block_attentions_0_transformer_blocks_0_attn1_to_k", 4), Some(8.0));
+    assert_eq!(a.alpha_for(Component::Unet, "attn1_to_q", 4), Some(2.0), "the module itself");
+    assert_eq!(a.alpha_for(Component::Unet, "xattn1_to_q", 4), Some(8.0), "a suffix only after `_`");
     assert_eq!(a.alpha_for(Component::TextEncoder, "encoder_layers_0_mlp_fc1", 16), Some(16.0), "4/√16 = 16/16");
     assert_eq!(a.alpha_for(Component::TextEncoder2, "x", 4), None);
+
+    // Each layer is looked up in the pattern: one longer than a LoRA has layers is refused before any is.
+    let pattern: serde_json::Map<String, serde_json::Value> =
+        (0..=MAX_LAYERS).map(|i| (format!("m{i}"), serde_json::json!(1.0))).collect();
+    let json = serde_json::json!({"unet.alpha_pattern": pattern}).to_string();
+    meta.insert("lora_adapter_metadata".to_string(), json);
+    let err = PeftAlphas::from_metadata(Some(&meta)).err().unwrap();
+    assert!(err.contains("unet.alpha_pattern names 4097 modules"), "{err}");
+}
+
+/// A header larger than any LoRA needs is refused before it is parsed (parsing it whole takes its size
+/// in memory, and time).
+#[test]
+fn a_header_larger_than_a_lora_needs_is_refused_unparsed() {
+    let mut bytes = (MAX_HEADER_BYTES + 1).to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    let err = Lora::from_bytes("big.safetensors", &bytes).err().unwrap();
+    assert!(err.to_string().contains("its header is 16777217 bytes"), "{err}");
 }
 
 /// An f16 layer gets `W + scale · alpha/rank · up·down` computed in f32 and rounded once to f16 (not f16
