@@ -46,6 +46,8 @@ pub struct ModelOptions {
     pub vae: Option<PathBuf>,
     /// `epsilon`, `v_prediction` or `sample` instead of the model's.
     pub prediction_type: Option<String>,
+    /// Hub models resolved once for the process (a worker's), so every load is of the same commit.
+    pub pins: Option<std::sync::Arc<crate::hub::Pins>>,
 }
 
 /// Resolves `spec` (a local folder, a single-file `.safetensors` checkpoint, a Hub repo id or a short name)
@@ -78,7 +80,7 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
     let mut hub_opts = crate::hub::HubOptions::from_env();
     hub_opts.offline |= opts.offline;
     hub_opts.prefer_fp16 = dtype == DType::F16;
-    let resolved = crate::hub::resolve(spec, &hub_opts)?;
+    let resolved = crate::hub::resolve_with(spec, &hub_opts, opts.pins.as_deref())?;
     let pipeline = StableDiffusion::load(&resolved.dir, &load_opts)
         .with_context(|| format!("cannot load model {}", resolved.display))?;
     Ok(LoadedModel {

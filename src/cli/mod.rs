@@ -231,6 +231,8 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         config: args.config.clone(),
         vae: args.vae.clone(),
         prediction_type: args.prediction_type.map(|p| p.to_string()),
+        // One load: nothing to keep consistent with.
+        pins: None,
     };
     crate::generation::load_model(&args.model, &opts)
 }

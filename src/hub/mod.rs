@@ -19,7 +19,7 @@
 //! - `registry`: the built-in short names and their generation defaults ([`RegistryEntry`]).
 //! - `model_ref`: parsing a `--model` value ([`ModelRef`]) and validating repo ids and revisions.
 //! - `options`: [`HubOptions`] from the environment (offline, cache folder, token).
-//! - `resolve`: resolving a model to a pipeline folder ([`resolve()`]).
+//! - `resolve`: resolving a model to a pipeline folder ([`resolve()`]), once per process with [`Pins`].
 //! - `pipeline`: which files of each pipeline component are fetched (pure over a `fetch(file)` closure).
 //! - `cache`: one repo revision in the hf-hub cache (lookups, missing-file errors, offline resolution).
 //! - `transfer`: the Hub's HTTP with every wait bounded: the repo info request, resumable downloads into the
@@ -47,4 +47,4 @@ mod transfer;
 pub use model_ref::{parse_model_ref, ModelRef};
 pub use options::HubOptions;
 pub use registry::{registry, registry_entry, RegistryEntry};
-pub use resolve::{resolve, ResolvedModel};
+pub use resolve::{resolve, resolve_with, Pins, ResolvedModel};

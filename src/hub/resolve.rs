@@ -49,6 +49,36 @@ pub fn resolve(model: &str, opts: &HubOptions) -> Result<ResolvedModel> {
     }
 }
 
+/// Models resolved once per process ([`Pins::resolve`]): a worker loads a model again after evicting it,
+/// sizes it before, and describes it to its result cache, and all of these must be the same commit's weights
+/// even if the repo's branch moves meanwhile (that is picked up at the next start). It also asks the Hub
+/// once per model, not at each of those.
+#[derive(Debug, Default)]
+pub struct Pins(parking_lot::Mutex<std::collections::HashMap<(String, bool), ResolvedModel>>);
+
+impl Pins {
+    /// [`resolve()`] the first time `model` is asked for (with `opts`' weight variant); what it gave after,
+    /// while its folder is still there.
+    pub fn resolve(&self, model: &str, opts: &HubOptions) -> Result<ResolvedModel> {
+        let key = (model.to_string(), opts.prefer_fp16);
+        let pinned = self.0.lock().get(&key).cloned();
+        if let Some(pinned) = pinned.filter(|p| p.dir.join("model_index.json").is_file()) {
+            return Ok(pinned);
+        }
+        let resolved = resolve(model, opts)?;
+        self.0.lock().insert(key, resolved.clone());
+        Ok(resolved)
+    }
+}
+
+/// [`Pins::resolve`] with `pins`, else [`resolve()`].
+pub fn resolve_with(model: &str, opts: &HubOptions, pins: Option<&Pins>) -> Result<ResolvedModel> {
+    match pins {
+        Some(pins) => pins.resolve(model, opts),
+        None => resolve(model, opts),
+    }
+}
+
 /// The snapshot folder of `repo` at `revision`, with every file the pipeline needs in it.
 fn resolve_repo(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
     let cache = CachedRepo::new(opts.cache_root(), repo, revision);

@@ -28,6 +28,8 @@ pub(super) struct HttpFailure {
     pub(super) status: u16,
     pub(super) error_code: Option<String>,
     pub(super) message: Option<String>,
+    /// The request carried the token (HF_TOKEN): a refusal is then the token's, not a want of one.
+    pub(super) token_sent: bool,
 }
 
 impl HttpFailure {
@@ -36,6 +38,7 @@ impl HttpFailure {
             status: response.status(),
             error_code: response.header("x-error-code").map(str::to_string),
             message: response.header("x-error-message").map(str::to_string),
+            token_sent: false,
         }
     }
 
@@ -44,6 +47,9 @@ impl HttpFailure {
         let code = self.error_code.as_deref().unwrap_or("");
         let detail = self.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default();
         match (self.status, code) {
+            (_, "RepositoryNotFound") | (401, _) if self.token_sent => format!(
+                "repository {repo} was not found on the Hugging Face Hub, or the token in HF_TOKEN cannot read it (it is private or gated, or the token is not valid){detail}"
+            ),
             (_, "RepositoryNotFound") | (401, _) => format!(
                 "repository {repo} was not found on the Hugging Face Hub, or it is private or gated and needs a token (set HF_TOKEN){detail}"
             ),
@@ -147,6 +153,15 @@ impl HubClient {
         }
     }
 
+    /// `err`, from a request to `url`, knowing whether that request carried the token.
+    fn failed(&self, url: &str, err: ureq::Error) -> HubError {
+        let mut err = HubError::from_ureq(err);
+        if let HubError::Http(failure) = &mut err {
+            failure.token_sent = self.token.is_some() && same_origin(url, &self.endpoint);
+        }
+        err
+    }
+
     fn get(&self, agent: &Agent, url: &str) -> ureq::Request {
         let request = agent.get(url);
         match &self.token {
@@ -158,7 +173,7 @@ impl HubClient {
     /// The repo's commit and file list at the revision (`GET /api/models/<repo>/revision/<rev>`).
     pub(super) fn repo_info(&self, cache: &CachedRepo) -> Result<RepoInfo, HubError> {
         let url = format!("{}/api/{}", self.endpoint, cache.hf_repo(&cache.revision).api_url());
-        let response = self.get(&self.requests, &url).call().map_err(HubError::from_ureq)?;
+        let response = self.get(&self.requests, &url).call().map_err(|e| self.failed(&url, e))?;
         // Read up to a bound (a listing of tens of thousands of files is a few MiB): the answer is held whole.
         let mut body = Vec::new();
         let read = response.into_reader().take(MAX_REPO_INFO_BYTES + 1).read_to_end(&mut body);
@@ -240,7 +255,7 @@ impl HubClient {
     /// The file's etag and size, from a one-byte ranged request (as hf-hub and `huggingface_hub` ask).
     fn file_meta(&self, url: &str) -> Result<FileMeta, HubError> {
         let ranged =
-            |u: &str| self.get(&self.metadata, u).set("Range", "bytes=0-0").call().map_err(HubError::from_ureq);
+            |u: &str| self.get(&self.metadata, u).set("Range", "bytes=0-0").call().map_err(|e| self.failed(u, e));
         let mut response = ranged(url)?;
         // The Hub redirects a renamed repo within itself (a relative location): follow those; a redirect to
         // another host (the CDN) is where the bytes are.
@@ -270,7 +285,7 @@ impl HubClient {
             None if location.is_some() => {
                 let target = location.as_deref().expect("checked");
                 let at_cdn = self.get(&self.requests, target).set("Range", "bytes=0-0").call();
-                let at_cdn = at_cdn.map_err(HubError::from_ureq)?;
+                let at_cdn = at_cdn.map_err(|e| self.failed(target, e))?;
                 total_size(&at_cdn)
             }
             None => total_size(&response),
@@ -345,7 +360,7 @@ impl HubClient {
             .get(&self.downloads, url)
             .set("Range", &format!("bytes={from}-"))
             .call()
-            .map_err(HubError::from_ureq)?;
+            .map_err(|e| self.failed(url, e))?;
         let resumed_at = response.header("content-range").and_then(range_start);
         let from = if from > 0 && (response.status() != 206 || resumed_at == Some(0)) {
             // The range was not honoured: the body is the whole file.

@@ -67,12 +67,18 @@ async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<Stri
         return Ok(id.clone());
     }
     let (spec_owned, offline, dtype) = (spec.clone(), shared.config.offline, shared.config.dtype);
-    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, offline, dtype)).await??;
+    let pins = shared.model_pins.clone();
+    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, offline, dtype, &pins)).await??;
     known.insert(spec.name.clone(), id.clone());
     Ok(id)
 }
 
-fn model_identity(spec: &ModelSpec, offline: bool, dtype: candle_core::DType) -> anyhow::Result<String> {
+fn model_identity(
+    spec: &ModelSpec,
+    offline: bool,
+    dtype: candle_core::DType,
+    pins: &crate::hub::Pins,
+) -> anyhow::Result<String> {
     if spec.source.starts_with(crate::generation::RANDOM_PREFIX) {
         return Ok(spec.source.clone());
     }
@@ -83,7 +89,8 @@ fn model_identity(spec: &ModelSpec, offline: bool, dtype: candle_core::DType) ->
     let mut hub = crate::hub::HubOptions::from_env();
     hub.offline |= offline;
     hub.prefer_fp16 = dtype == candle_core::DType::F16;
-    let resolved = crate::hub::resolve(&spec.source, &hub)?;
+    // The commit this worker loads (a branch that moved since is not what it generates with).
+    let resolved = pins.resolve(&spec.source, &hub)?;
     digest_model(&resolved.dir, resolved.entry, spec)
 }
 

@@ -218,7 +218,7 @@ fn model_bytes(source: &str, options: &ModelOptions) -> anyhow::Result<u64> {
     let mut hub = crate::hub::HubOptions::from_env();
     hub.offline |= options.offline;
     hub.prefer_fp16 = dtype == DType::F16;
-    let resolved = crate::hub::resolve(source, &hub)?;
+    let resolved = crate::hub::resolve_with(source, &hub, options.pins.as_deref())?;
     estimate_bytes(&resolved.dir.display().to_string(), dtype)
 }
 

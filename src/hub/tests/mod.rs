@@ -481,8 +481,12 @@ fn pipeline_selection_skips_unused_and_null_components() {
 
 #[test]
 fn hub_failures_read_clearly() {
-    let failure =
-        |status, code: Option<&str>| HttpFailure { status, error_code: code.map(str::to_string), message: None };
+    let failure = |status, code: Option<&str>| HttpFailure {
+        status,
+        error_code: code.map(str::to_string),
+        message: None,
+        token_sent: false,
+    };
     let r = "owner/name";
     assert!(failure(401, Some("RepositoryNotFound")).explain(r, "main", None).contains("HF_TOKEN"));
     assert!(failure(403, Some("GatedRepo")).explain(r, "main", None).contains("gated"));

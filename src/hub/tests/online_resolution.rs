@@ -92,7 +92,11 @@ fn online_errors_name_the_repo_and_fall_back_to_the_cache_when_unreachable() {
 
     let lookup = CachedRepo::new(cache.root.path().to_path_buf(), "owner/absent", "main");
     let err = resolve_online(&lookup, &online(&cache, true), Some(&hub.url)).unwrap_err().to_string();
-    assert!(err.contains("owner/absent") && err.contains("HF_TOKEN"), "{err}");
+    assert!(err.contains("owner/absent") && err.contains("needs a token (set HF_TOKEN)"), "{err}");
+    // With a token, the refusal is that token's: it is not asked for again.
+    let with_token = HubOptions { token: Some("hf_not_valid".into()), ..online(&cache, true) };
+    let err = resolve_online(&lookup, &with_token, Some(&hub.url)).unwrap_err().to_string();
+    assert!(err.contains("owner/absent") && err.contains("the token in HF_TOKEN cannot read it"), "{err}");
 
     // The repo exists but is not a complete pipeline.
     let lookup = CachedRepo::new(cache.root.path().to_path_buf(), "owner/exists", "main");
@@ -154,4 +158,26 @@ fn an_overloaded_hub_lets_the_cache_stand_in() {
     hub.fail_info(Some("404 Not Found"));
     let err = resolve_online(&lookup, &online(&cache, true), Some(&hub.url)).unwrap_err().to_string();
     assert!(err.contains("was not found"), "{err}");
+}
+
+/// A worker resolves each Hub model once: loaded again after an eviction, sized, or described to the result
+/// cache, it is the same commit's, though the branch moved meanwhile.
+#[test]
+fn a_pinned_model_stays_at_the_commit_it_first_resolved_to() {
+    let cache = FakeCache::new();
+    let repo = "owner/moving";
+    let later = "b".repeat(40);
+    fill(&cache, repo, COMMIT, &sd15_repo_files(true, true));
+    fill(&cache, repo, &later, &sd15_repo_files(true, true));
+    cache.set_ref(repo, "main", COMMIT);
+    let opts = cache.options(true);
+    let pins = crate::hub::Pins::default();
+    let first = pins.resolve(repo, &opts).unwrap();
+    assert!(first.dir.ends_with(COMMIT), "{first:?}");
+    cache.set_ref(repo, "main", &later);
+    assert_eq!(pins.resolve(repo, &opts).unwrap(), first, "pinned");
+    assert!(crate::hub::resolve(repo, &opts).unwrap().dir.ends_with(&later), "the branch did move");
+    // A pinned folder that is gone (the cache cleared) is resolved again.
+    std::fs::remove_dir_all(&first.dir).unwrap();
+    assert!(pins.resolve(repo, &opts).unwrap().dir.ends_with(&later));
 }
