@@ -306,10 +306,16 @@ impl Jobs {
             let at = protocol::now_millis();
             let check_at = at + DEQUEUED_CHECK_AFTER.as_millis() as u64;
             let check = DequeuedCheck { job_id: id, dequeued_seq: seq, cancelled_at: at, check_at, expired };
-            if let Err(e) = self.expiry.schedule_dequeued_check(&check).await {
-                tracing::warn!(job_id = %id, error = %format!("{e:#}"), "cancelling a queued job without a check that its end is stored");
-            }
+            // Without the check, a queen stopped before the end is stored would leave the job queued for ever.
+            self.expiry.schedule_dequeued_check(&check).await.map_err(JobsError::Unavailable)?;
             if matches!(stream.delete_message(seq).await, Ok(true)) {
+                // A worker may have finished the job and not yet settled its message (a result-cache answer
+                // is that quick), with its record behind: the end it published stays the job's.
+                if let Ok(Some(end)) = self.bus.last_event(id).await {
+                    if let Some(state) = ended_state(&end) {
+                        return Err(JobsError::AlreadyFinished { id, state });
+                    }
+                }
                 self.report_dequeued(status, dequeued_end(id, at, expired)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
             }
@@ -353,10 +359,12 @@ impl Jobs {
     /// Publishes the end (`cancelled`, or `failed` when it could not be queued) of a job not in the queue and
     /// folds it into its record. No worker has the job, so this event is all that will ever end it: when the bus cannot take it now,
     /// it is published in the background (the message id makes any repeat one) rather than leave the job
-    /// `queued` for ever.
-    pub(super) async fn report_dequeued(&self, status: JobStatus, event: Event) {
+    /// `queued` for ever. Returns whether the end is stored now (as an event, or in the record): if not, it
+    /// lasts only as long as this queen's background try.
+    pub(super) async fn report_dequeued(&self, status: JobStatus, event: Event) -> bool {
         let (id, kind): (_, &'static str) = (status.job_id, (&event).into());
-        if let Err(e) = self.publish_dequeued(&event, Duration::from_secs(10)).await {
+        let published = self.publish_dequeued(&event, Duration::from_secs(10)).await;
+        if let Err(e) = &published {
             tracing::warn!(job_id = %id, event = kind, error = %e, "cannot publish the job's end yet; trying on in the background");
             let (jobs, event) = (self.clone(), event.clone());
             tokio::spawn(async move {
@@ -365,13 +373,18 @@ impl Jobs {
                 }
             });
         }
-        match self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
-            Ok(Some(updated)) => self.stats.metrics.transition(updated.before, updated.status.state),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(job_id = %id, event = kind, error = %e, "cannot record the job's end; its event will")
+        let recorded = match self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
+            Ok(Some(updated)) => {
+                self.stats.metrics.transition(updated.before, updated.status.state);
+                true
             }
-        }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %id, event = kind, error = %e, "cannot record the job's end; its event will");
+                false
+            }
+        };
+        published.is_ok() || recorded
     }
 
     /// Publishes `event`, the end of a job not in the queue, trying for `patience`.
@@ -422,6 +435,16 @@ impl Jobs {
             Err(e) if e.is_missing() || matches!(e, StoreError::TooLarge { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The state a job's terminal event ends it in; `None` for any other event.
+fn ended_state(event: &Event) -> Option<JobState> {
+    match event {
+        Event::Completed(_) => Some(JobState::Completed),
+        Event::Failed(_) => Some(JobState::Failed),
+        Event::Cancelled(_) => Some(JobState::Cancelled),
+        _ => None,
     }
 }
 

@@ -161,9 +161,17 @@ impl Jobs {
                 ))));
             }
             Err(e) => {
-                self.status.remove(job.id).await;
-                self.index.remove(indexed).await;
-                self.stats.metrics.removed(JobState::Queued);
+                // The bus may have stored the job though every ack was lost, and the client, told 503, submits
+                // it again: a stored cancel stops that copy before it runs. Without one, the record stays for the
+                // job's queued check to end it (it cancels any copy that reaches the queue).
+                let maybe_stored = matches!(e.downcast_ref(), Some(PublishError::Unavailable { .. }));
+                let cancelled =
+                    !maybe_stored || self.bus.store_cancel(job.id, Some(UNQUEUED_CANCEL.into())).await.is_ok();
+                if cancelled {
+                    self.status.remove(job.id).await;
+                    self.index.remove(indexed).await;
+                    self.stats.metrics.removed(JobState::Queued);
+                }
                 return Err(JobsError::Unavailable(e.context("cannot queue the job")));
             }
         };
@@ -306,7 +314,8 @@ impl Jobs {
             Event::Failed(protocol::Failed { v, job_id: id, at, code, message, field: None })
         };
         tracing::warn!(job_id = %id, cancelled, "a job the bus never took is ended");
-        self.report_dequeued(status, event).await;
+        // Its check tries again while the end is stored nowhere (this queen may stop before its background try).
+        anyhow::ensure!(self.report_dequeued(status, event).await, "the end of job {id} is not stored yet");
         Ok(())
     }
 

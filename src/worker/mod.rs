@@ -371,7 +371,7 @@ async fn cancel_listener(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// The most times one max-deliveries advisory is tried.
+/// Tries (every 5 s) after which a max-deliveries advisory that keeps failing is tried every 5 minutes.
 const MAX_ADVISORY_TRIES: i64 = 720;
 
 /// JetStream's advisories for jobs that reached `max_deliver` without settling, from the stream that keeps
@@ -410,13 +410,18 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                     },
                     Err(_) => true,
                 };
-                // Tried every 5 s or more for at least an hour: an error that lasts that long is not the
-                // server's passing trouble, and retrying it for ever would only repeat its warning.
+                // The advisory is all that ends its job: never given up, but after an hour of failing (not the
+                // server's passing trouble) tried every 5 minutes, said once.
                 let kind = if handled {
                     jetstream::AckKind::Ack
                 } else if tries >= MAX_ADVISORY_TRIES {
-                    tracing::error!(tries, "giving up on a max-deliveries advisory that could not be handled");
-                    jetstream::AckKind::Term
+                    if tries == MAX_ADVISORY_TRIES {
+                        tracing::error!(
+                            tries,
+                            "a max-deliveries advisory fails for an hour; trying it every 5 minutes"
+                        );
+                    }
+                    jetstream::AckKind::Nak(Some(Duration::from_secs(300)))
                 } else {
                     jetstream::AckKind::Nak(Some(Duration::from_secs(5)))
                 };
