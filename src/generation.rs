@@ -50,6 +50,18 @@ pub struct ModelOptions {
     pub pins: Option<std::sync::Arc<crate::hub::Pins>>,
 }
 
+/// The pipeline folder of `spec`, a Hub repo id or a short name (or a diffusers folder), as `opts` has it
+/// resolved: its weight variant (fp16 for f16), offline or not, once for the process with its pins.
+pub fn resolve_hub(spec: &str, opts: &ModelOptions) -> anyhow::Result<crate::hub::ResolvedModel> {
+    let mut hub = crate::hub::HubOptions::from_env();
+    hub.offline |= opts.offline;
+    hub.prefer_fp16 = opts.dtype == Some(DType::F16);
+    match &opts.pins {
+        Some(pins) => pins.resolve(spec, &hub),
+        None => crate::hub::resolve(spec, &hub),
+    }
+}
+
 /// Resolves `spec` (a local folder, a single-file `.safetensors` checkpoint, a Hub repo id or a short name)
 /// and loads it as `opts` says.
 pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel> {
@@ -77,10 +89,7 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
         let weights_stamp = weights_stamp(path, opts);
         return Ok(LoadedModel { pipeline, entry: None, display: spec.to_string(), weights_stamp, load_ms });
     }
-    let mut hub_opts = crate::hub::HubOptions::from_env();
-    hub_opts.offline |= opts.offline;
-    hub_opts.prefer_fp16 = dtype == DType::F16;
-    let resolved = crate::hub::resolve_with(spec, &hub_opts, opts.pins.as_deref())?;
+    let resolved = resolve_hub(spec, opts)?;
     let pipeline = StableDiffusion::load(&resolved.dir, &load_opts)
         .with_context(|| format!("cannot load model {}", resolved.display))?;
     Ok(LoadedModel {

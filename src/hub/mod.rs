@@ -47,4 +47,4 @@ mod transfer;
 pub use model_ref::{parse_model_ref, ModelRef};
 pub use options::HubOptions;
 pub use registry::{registry, registry_entry, RegistryEntry};
-pub use resolve::{resolve, resolve_with, Pins, ResolvedModel};
+pub use resolve::{resolve, Pins, ResolvedModel};

@@ -71,14 +71,6 @@ impl Pins {
     }
 }
 
-/// [`Pins::resolve`] with `pins`, else [`resolve()`].
-pub fn resolve_with(model: &str, opts: &HubOptions, pins: Option<&Pins>) -> Result<ResolvedModel> {
-    match pins {
-        Some(pins) => pins.resolve(model, opts),
-        None => resolve(model, opts),
-    }
-}
-
 /// The snapshot folder of `repo` at `revision`, with every file the pipeline needs in it.
 fn resolve_repo(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
     let cache = CachedRepo::new(opts.cache_root(), repo, revision);

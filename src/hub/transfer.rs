@@ -157,15 +157,20 @@ impl HubClient {
     fn failed(&self, url: &str, err: ureq::Error) -> HubError {
         let mut err = HubError::from_ureq(err);
         if let HubError::Http(failure) = &mut err {
-            failure.token_sent = self.token.is_some() && same_origin(url, &self.endpoint);
+            failure.token_sent = self.sends_token(url);
         }
         err
+    }
+
+    /// Whether a request to `url` carries the token: there is one, and `url` is on the Hub's own origin.
+    fn sends_token(&self, url: &str) -> bool {
+        self.token.is_some() && same_origin(url, &self.endpoint)
     }
 
     fn get(&self, agent: &Agent, url: &str) -> ureq::Request {
         let request = agent.get(url);
         match &self.token {
-            Some(token) if same_origin(url, &self.endpoint) => request.set("Authorization", &format!("Bearer {token}")),
+            Some(token) if self.sends_token(url) => request.set("Authorization", &format!("Bearer {token}")),
             _ => request,
         }
     }

@@ -311,10 +311,9 @@ impl Jobs {
             if matches!(stream.delete_message(seq).await, Ok(true)) {
                 // A worker may have finished the job and not yet settled its message (a result-cache answer
                 // is that quick), with its record behind: the end it published stays the job's.
-                if let Ok(Some(end)) = self.bus.last_event(id).await {
-                    if let Some(state) = ended_state(&end) {
-                        return Err(JobsError::AlreadyFinished { id, state });
-                    }
+                if let Some(state) = self.bus.last_event(id).await.ok().flatten().as_ref().and_then(JobState::ended_by)
+                {
+                    return Err(JobsError::AlreadyFinished { id, state });
                 }
                 self.report_dequeued(status, dequeued_end(id, at, expired)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });
@@ -435,16 +434,6 @@ impl Jobs {
             Err(e) if e.is_missing() || matches!(e, StoreError::TooLarge { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
-    }
-}
-
-/// The state a job's terminal event ends it in; `None` for any other event.
-fn ended_state(event: &Event) -> Option<JobState> {
-    match event {
-        Event::Completed(_) => Some(JobState::Completed),
-        Event::Failed(_) => Some(JobState::Failed),
-        Event::Cancelled(_) => Some(JobState::Cancelled),
-        _ => None,
     }
 }
 

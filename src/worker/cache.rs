@@ -66,19 +66,14 @@ async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<Stri
     if let Some(id) = known.get(&spec.name) {
         return Ok(id.clone());
     }
-    let (spec_owned, offline, dtype) = (spec.clone(), shared.config.offline, shared.config.dtype);
-    let pins = shared.model_pins.clone();
-    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, offline, dtype, &pins)).await??;
+    let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
+    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
     known.insert(spec.name.clone(), id.clone());
     Ok(id)
 }
 
-fn model_identity(
-    spec: &ModelSpec,
-    offline: bool,
-    dtype: candle_core::DType,
-    pins: &crate::hub::Pins,
-) -> anyhow::Result<String> {
+/// `options`: the catalogue's, so a Hub model is the commit the worker loads (its pins).
+fn model_identity(spec: &ModelSpec, options: &crate::generation::ModelOptions) -> anyhow::Result<String> {
     if spec.source.starts_with(crate::generation::RANDOM_PREFIX) {
         return Ok(spec.source.clone());
     }
@@ -86,11 +81,8 @@ fn model_identity(
     if path.exists() {
         return digest_model(path, None, spec);
     }
-    let mut hub = crate::hub::HubOptions::from_env();
-    hub.offline |= offline;
-    hub.prefer_fp16 = dtype == candle_core::DType::F16;
     // The commit this worker loads (a branch that moved since is not what it generates with).
-    let resolved = pins.resolve(&spec.source, &hub)?;
+    let resolved = crate::generation::resolve_hub(&spec.source, options)?;
     digest_model(&resolved.dir, resolved.entry, spec)
 }
 

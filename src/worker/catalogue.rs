@@ -66,6 +66,11 @@ impl Catalogue {
         }
     }
 
+    /// How its models are loaded (device, dtype, the Hub models' pins).
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
     /// Every model this worker can serve.
     pub fn names(&self) -> Vec<String> {
         self.specs.keys().cloned().collect()
@@ -215,10 +220,7 @@ fn model_bytes(source: &str, options: &ModelOptions) -> anyhow::Result<u64> {
     if Path::new(source).exists() {
         return estimate_bytes(source, dtype);
     }
-    let mut hub = crate::hub::HubOptions::from_env();
-    hub.offline |= options.offline;
-    hub.prefer_fp16 = dtype == DType::F16;
-    let resolved = crate::hub::resolve_with(source, &hub, options.pins.as_deref())?;
+    let resolved = crate::generation::resolve_hub(source, options)?;
     estimate_bytes(&resolved.dir.display().to_string(), dtype)
 }
 

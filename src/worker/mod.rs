@@ -60,8 +60,6 @@ pub struct Shared {
     pub batcher: Batcher,
     /// The models' identities for the result cache, worked out once each.
     pub model_identities: cache::Identities,
-    /// The Hub models as resolved once for this worker: what it loads, sizes and describes to the cache.
-    pub model_pins: Arc<crate::hub::Pins>,
     pub started: Instant,
     /// Cancelled when a batch is stuck in a step ([`WorkerConfig::stall_timeout`]): the worker drains and exits.
     pub stalled: CancellationToken,
@@ -147,12 +145,12 @@ impl Worker {
         }
         let loras = Arc::new(loras);
 
-        let model_pins = Arc::new(crate::hub::Pins::default());
         let options = crate::generation::ModelOptions {
             device: config.device,
             dtype: Some(config.dtype),
             offline: config.offline,
-            pins: Some(model_pins.clone()),
+            // Hub models resolved once: what the worker loads, sizes and describes to its result cache.
+            pins: Some(Default::default()),
             ..Default::default()
         };
         let budget = config.max_resident_bytes.or_else(|| default_budget(config.device));
@@ -201,7 +199,6 @@ impl Worker {
             control,
             batcher,
             model_identities: Default::default(),
-            model_pins,
             started: Instant::now(),
             stalled: CancellationToken::new(),
         });

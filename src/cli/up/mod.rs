@@ -301,16 +301,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 hurried.store(true, Ordering::Relaxed);
             });
         };
-        let watch = async {
-            let why = supervise(&mut nats, &mut workers, &start_worker, &stopping).await;
-            eprintln!("{why}: stopping");
-            died = Some(why);
-            let _ = child_died.send(());
-            std::future::pending::<()>().await
-        };
+        let serve = queen.serve(stop);
+        tokio::pin!(serve);
         tokio::select! {
-            served = queen.serve(stop) => served,
-            () = watch => unreachable!("the watch pends once it has said why"),
+            served = &mut serve => served,
+            why = supervise(&mut nats, &mut workers, &start_worker, &stopping) => {
+                eprintln!("{why}: stopping");
+                died = Some(why);
+                let _ = child_died.send(());
+                serve.await
+            }
         }
     });
     // Workers first (they may still report to NATS), all at once, then the server.

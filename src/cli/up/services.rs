@@ -11,11 +11,11 @@ use anyhow::Context as _;
 
 /// A worker that exits sooner than this after its start failed to start (a bad flag, a model it cannot
 /// find): starting it again would fail the same way, so `up` stops instead of looping.
-pub(super) const STARTUP: Duration = Duration::from_secs(10);
+const STARTUP: Duration = Duration::from_secs(10);
 
 /// A child process, stopped with SIGTERM (then SIGKILL after `grace`) when dropped.
 pub(super) struct Service {
-    pub(super) name: String,
+    name: String,
     child: Child,
     grace: Duration,
     log: PathBuf,

@@ -120,13 +120,7 @@ pub fn owes_start(status: &JobStatus, accepted: &Accepted) -> bool {
 /// Whether `status` shows the terminal `event` applied: a redelivered event whose status update landed
 /// before its delivery was queued (the update then changes nothing, but the delivery is still owed).
 pub fn shows_terminal(status: &JobStatus, event: &Event) -> bool {
-    let state = match event {
-        Event::Completed(_) => JobState::Completed,
-        Event::Failed(_) => JobState::Failed,
-        Event::Cancelled(_) => JobState::Cancelled,
-        Event::Accepted(_) | Event::Progress(_) => return false,
-    };
-    status.state == state && status.finished_at == Some(event.at())
+    JobState::ended_by(event) == Some(status.state) && status.finished_at == Some(event.at())
 }
 
 #[cfg(test)]

@@ -38,6 +38,17 @@ impl JobState {
         matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
     }
 
+    /// The state a terminal `event` ends its job in; `None` for any other event.
+    pub fn ended_by(event: &crate::protocol::Event) -> Option<JobState> {
+        use crate::protocol::Event;
+        match event {
+            Event::Completed(_) => Some(JobState::Completed),
+            Event::Failed(_) => Some(JobState::Failed),
+            Event::Cancelled(_) => Some(JobState::Cancelled),
+            Event::Accepted(_) | Event::Progress(_) => None,
+        }
+    }
+
     /// The wire name, e.g. `queued`.
     pub fn name(self) -> &'static str {
         self.into()
