@@ -101,6 +101,18 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
     })
 }
 
+/// [`LoadedModel::weights_stamp`] of `spec` as it would load now with `opts`, without loading it.
+pub fn weights_stamp_of(spec: &str, opts: &ModelOptions) -> anyhow::Result<String> {
+    if spec.starts_with(RANDOM_PREFIX) {
+        return Ok(spec.to_string());
+    }
+    let path = std::path::Path::new(spec);
+    if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
+        return Ok(weights_stamp(path, opts));
+    }
+    Ok(weights_stamp(&resolve_hub(spec, opts)?.dir, opts))
+}
+
 /// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are, but not into a
 /// folder being walked), leaving out hidden ones (`.git`, the `.cache` a `--local-dir` download leaves,
 /// which differ from node to node), a few folders deep.
@@ -313,10 +325,13 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
     let native = sd.unet().config().sample_size_px(sd.vae_scale_factor());
     let mut req = GenerationRequest::new(params.prompt);
     req.negative_prompt = params.negative_prompt;
-    // An init image sets the size when none is asked for: its own, rounded down to a multiple of 8.
+    // An init image sets the size when none is asked for: its own, rounded down to a multiple of 8 (a tiny
+    // one is refused only then: resized to a size the job gives, it serves).
     let own = match &params.init_image {
-        Some(img) => Some(image_input::default_size(img).map_err(|e| invalid("init_image", format!("{e:#}")))?),
-        None => None,
+        Some(img) if params.width.is_none() || params.height.is_none() => {
+            Some(image_input::default_size(img).map_err(|e| invalid("init_image", format!("{e:#}")))?)
+        }
+        _ => None,
     };
     req.width = params.width.or(own.map(|s| s.0 as usize)).or(entry.map(|e| e.width as usize)).unwrap_or(native);
     req.height = params.height.or(own.map(|s| s.1 as usize)).or(entry.map(|e| e.height as usize)).unwrap_or(native);
@@ -360,7 +375,7 @@ pub fn prepare(sd: &StableDiffusion, entry: Option<&RegistryEntry>, params: Para
         let pixels = rgb8_to_tensor(&sized.to_rgb8(), cpu)?;
         let mask = match &params.mask {
             Some(m) => {
-                let (values, warning) = image_input::mask_values(m, w, h, params.invert_mask);
+                let (values, warning) = image_input::mask_values(m, w, h, params.resize, params.invert_mask);
                 warnings.extend(warning);
                 let soft = image_input::blur_mask(&values, w, h, params.mask_blur);
                 soft_mask = Some(Tensor::from_vec(soft, (1, 1, h as usize, w as usize), cpu)?);
@@ -398,7 +413,12 @@ pub fn encode_image(rgb: &RgbImage, format: ImageFormat, quality: u8) -> anyhow:
         ImageFormat::Png => rgb.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?,
         ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(rgb)?,
         ImageFormat::Webp => {
-            out = webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height()).encode(quality as f32).to_vec()
+            // `encode` unwraps libwebp's error (over 16383 pixels a side, out of memory): a panic, not an error.
+            let encoder = webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height());
+            out = encoder
+                .encode_simple(false, quality as f32)
+                .map_err(|e| anyhow::anyhow!("WebP encoding failed: {e:?}"))?
+                .to_vec()
         }
     }
     Ok(out)
@@ -458,5 +478,13 @@ mod tests {
         assert_ne!(stamp, weights_stamp(b.path(), &opts), "other weights of the same size");
         let v = ModelOptions { prediction_type: Some("v_prediction".into()), ..Default::default() };
         assert_ne!(stamp, weights_stamp(a.path(), &v), "another prediction type");
+    }
+
+    #[test]
+    fn an_image_webp_cannot_hold_is_an_error_not_a_panic() {
+        let wide = RgbImage::new(16_384, 8);
+        let err = encode_image(&wide, ImageFormat::Webp, 90).unwrap_err();
+        assert!(err.to_string().contains("WebP"), "{err:#}");
+        assert!(!encode_image(&RgbImage::new(64, 8), ImageFormat::Webp, 90).unwrap().is_empty());
     }
 }

@@ -328,13 +328,22 @@ pub fn default_size(img: &DynamicImage) -> Result<(u32, u32)> {
 }
 
 /// A mask as `[H·W]` values in [0, 1] (white = repaint), at `width`×`height`; `invert` swaps the regions.
-/// A mask of another size is resized (with a warning returned) and a colour mask is read as luminance.
-pub fn mask_values(img: &DynamicImage, width: u32, height: u32, invert: bool) -> (Vec<f32>, Option<String>) {
+/// A mask of another size is brought to size as its init image is, by `mode` (so the two stay aligned when
+/// the picture is cropped or padded), with a warning returned; padding is the region kept, and a colour mask
+/// is read as luminance.
+pub fn mask_values(
+    img: &DynamicImage,
+    width: u32,
+    height: u32,
+    mode: ResizeMode,
+    invert: bool,
+) -> (Vec<f32>, Option<String>) {
     let mut warning = None;
     let img = if img.dimensions() != (width, height) {
         let (w, h) = img.dimensions();
         warning = Some(format!("the mask is {w}x{h}; resized to {width}x{height}"));
-        resample(img, width, height)
+        let keep = if invert { Rgba([255, 255, 255, 255]) } else { Rgba([0, 0, 0, 255]) };
+        resize(&DynamicImage::ImageLuma8(img.to_luma8()), width, height, mode, keep)
     } else {
         img.clone()
     };
@@ -413,7 +422,7 @@ mod tests {
         assert_eq!(narrowed_width(8192, 4096, 4096), Some(4096));
         let t0 = std::time::Instant::now();
         let mask = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(16384, 8, image::Luma([255])));
-        let (values, warning) = mask_values(&mask, 1024, 4096, false);
+        let (values, warning) = mask_values(&mask, 1024, 4096, ResizeMode::Stretch, false);
         assert!(warning.is_some() && values.len() == 1024 * 4096);
         assert!(values.iter().all(|&v| v > 0.99), "a white mask stays white");
         let stripes = DynamicImage::ImageRgb8(RgbImage::from_fn(16384, 8, |x, _| image::Rgb([(x / 64) as u8, 0, 0])));
@@ -586,9 +595,32 @@ mod tests {
     #[test]
     fn masks_are_resized_with_a_warning_and_can_be_inverted() {
         let mask = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(8, 8, image::Luma([255])));
-        let (v, w) = mask_values(&mask, 8, 8, false);
+        let (v, w) = mask_values(&mask, 8, 8, ResizeMode::Fit, false);
         assert!(w.is_none() && v.iter().all(|&x| x == 1.0));
-        let (v, w) = mask_values(&mask, 16, 8, true);
+        let (v, w) = mask_values(&mask, 16, 8, ResizeMode::Fit, true);
         assert!(w.unwrap().contains("resized") && v.len() == 128 && v.iter().all(|&x| x < 0.01));
+    }
+
+    #[test]
+    fn a_mask_is_brought_to_size_as_its_picture_is() {
+        // A picture and its mask, both 96×64, marking the same square: after each resize mode the mask must
+        // cover what the picture's square became (a stretched mask drifted off a cropped or padded picture).
+        let square = |x: u32, y: u32| (20..44).contains(&x) && (8..32).contains(&y);
+        let picture = DynamicImage::ImageLuma8(image::GrayImage::from_fn(96, 64, |x, y| {
+            image::Luma([if square(x, y) { 255 } else { 0 }])
+        }));
+        for mode in [ResizeMode::Fit, ResizeMode::Stretch, ResizeMode::Pad] {
+            let sized = resize(&picture, 64, 64, mode, Rgba([0, 0, 0, 255])).to_luma8();
+            let (values, warning) = mask_values(&picture, 64, 64, mode, false);
+            assert!(warning.is_some());
+            let differ =
+                sized.as_raw().iter().zip(&values).filter(|(&p, &m)| (p as f32 / 255.0 - m).abs() > 0.1).count();
+            assert_eq!(differ, 0, "{mode:?}: {differ} pixels of the mask do not cover the picture's square");
+            // Padding is kept, inverted or not.
+            if mode == ResizeMode::Pad {
+                let (inverted, _) = mask_values(&picture, 64, 64, mode, true);
+                assert!(values[0] < 0.01 && inverted[0] < 0.01, "{} {}", values[0], inverted[0]);
+            }
+        }
     }
 }

@@ -42,9 +42,15 @@ pub(crate) fn lambda(alpha: f64, sigma: f64) -> f64 {
 
 /// The integer timesteps DPM-Solver and UniPC derive from `timestep_spacing` (spread over `n + 1` points
 /// for linspace/leading and the last one dropped). `last_timestep` is `num_train_timesteps` unless DPM's
-/// `lambda_min_clipped` cuts it.
-pub(crate) fn multistep_timesteps(sched: &TrainSchedule, n: usize, last_timestep: usize) -> Vec<f64> {
-    match sched.spacing {
+/// `lambda_min_clipped` cuts it. Step counts near the training steps' give repeated timesteps (leading's
+/// integer ratio reaches 0, the others round two points to one): a zero step, whose solver update divides by
+/// zero (diffusers' too, which answers NaN images), so they are refused as a step count.
+pub(crate) fn multistep_timesteps(
+    sched: &TrainSchedule,
+    n: usize,
+    last_timestep: usize,
+) -> std::result::Result<Vec<f64>, super::StepCountError> {
+    let timesteps: Vec<f64> = match sched.spacing {
         TimestepSpacing::Linspace => {
             let mut t: Vec<f64> =
                 np_linspace(0.0, last_timestep as f64 - 1.0, n + 1).into_iter().map(np_round).collect();
@@ -60,7 +66,15 @@ pub(crate) fn multistep_timesteps(sched: &TrainSchedule, n: usize, last_timestep
             let ratio = sched.num_train_timesteps as f64 / n as f64;
             np_arange(last_timestep as f64, 0.0, -ratio).into_iter().map(|t| np_round(t) - 1.0).collect()
         }
+    };
+    if timesteps.windows(2).any(|w| w[0] <= w[1]) {
+        return Err(super::StepCountError(format!(
+            "num_inference_steps = {n} with {} timestep spacing repeats timesteps (of {last_timestep}); \
+             use fewer steps",
+            sched.spacing.name()
+        )));
     }
+    Ok(timesteps)
 }
 
 /// x0 from the model output, as `convert_model_output` computes it for the data-prediction solvers.
@@ -129,7 +143,8 @@ impl DpmSolverScheduler {
 
         let train_f32 = train_sigmas(&ac);
         let train: Vec<f64> = train_f32.iter().map(|&s| s as f64).collect();
-        let mut timesteps = multistep_timesteps(&sched, n, last_timestep);
+        // Karras sigmas set their own timesteps.
+        let mut timesteps = if karras { Vec::new() } else { multistep_timesteps(&sched, n, last_timestep)? };
         let sigmas: Vec<f64> = if karras {
             let sigma_min = config.sigma_min.unwrap_or(train[0]);
             let sigma_max = config.sigma_max.unwrap_or(train[big_n - 1]);

@@ -396,9 +396,22 @@ mod tests {
             }
             let err = build_err(kind, SD15, 1001);
             assert!(err.contains("num_inference_steps") && err.contains("1000"), "{kind}: {err}");
-            let max = if kind == SchedulerKind::Ddim { 999 } else { 1000 };
+            // DDIM's leading steps reach past the last timestep at 1000; DPM-Solver's and UniPC's (spread over
+            // n + 1 points) repeat timesteps at 1000 (leading's ratio is 0, linspace rounds two to one).
+            let multistep = matches!(kind, SchedulerKind::DpmPp2m | SchedulerKind::UniPc);
+            let max = if kind == SchedulerKind::Ddim || multistep { 999 } else { 1000 };
             let s = build(kind, &cfg(SD15), max, None).unwrap();
             assert!(!s.timesteps().is_empty());
+            // (Karras sigmas are distinct though their rounded timesteps may repeat, as in diffusers.)
+            if kind != SchedulerKind::DpmPp2mKarras {
+                assert!(s.timesteps().windows(2).all(|w| w[0] > w[1]), "{kind}: timesteps repeat");
+            }
+            if multistep {
+                let err = build(kind, &cfg(SD15), 1000, None).err().expect("1000 leading steps repeat timesteps");
+                assert!(err.downcast_ref::<StepCountError>().is_some(), "{kind}: {err:#}");
+                let err = build(kind, &cfg(SD15), 1000, Some(TimestepSpacing::Linspace)).err().expect("repeats");
+                assert!(err.to_string().contains("repeats timesteps"), "{kind}: {err:#}");
+            }
         }
     }
 

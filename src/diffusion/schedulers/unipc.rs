@@ -75,9 +75,11 @@ impl UniPcScheduler {
         let big_n = sched.num_train_timesteps;
         let train_f32 = train_sigmas(&ac);
         let train: Vec<f64> = train_f32.iter().map(|&s| s as f64).collect();
-        let mut timesteps = multistep_timesteps(&sched, n, big_n);
+        let karras = config.use_karras_sigmas.unwrap_or(false);
+        // Karras sigmas set their own timesteps.
+        let mut timesteps = if karras { Vec::new() } else { multistep_timesteps(&sched, n, big_n)? };
         let final_type = config.final_sigmas_type.as_deref();
-        let (sigmas, last) = if config.use_karras_sigmas.unwrap_or(false) {
+        let (sigmas, last) = if karras {
             let sigma_min = config.sigma_min.unwrap_or(train[0]);
             let sigma_max = config.sigma_max.unwrap_or(train[big_n - 1]);
             let sigmas = karras_sigmas(sigma_min, sigma_max, n);
