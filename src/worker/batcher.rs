@@ -5,7 +5,7 @@
 //! its batch is full. Batches run on blocking threads, at most `concurrency` at once.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,11 +40,33 @@ pub struct BatchBeat {
     started: Instant,
     last_ms: AtomicU64,
     longest_gap_ms: AtomicU64,
+    /// Whether a step, VAE call or tile has finished yet.
+    alive: AtomicBool,
+    /// How many times a reference batch's work its first step is (at least 1): see [`first_step_scale`].
+    first_step_scale: f64,
+}
+
+/// The work of a first step, which stands in for its unknown length until one ends, as a multiple of a
+/// reference batch (one 1024² image with guidance: two UNet rows): rows times pixels squared (attention's
+/// cost at the top levels), never below 1. The stall timeout is the reference's patience; a 2048² batch of
+/// eight guided images on a CPU may take hours for its first step, and a stop early in it is no hang.
+pub fn first_step_scale(requests: &[&GenerationRequest]) -> f64 {
+    const REFERENCE_ROWS: f64 = 2.0;
+    const REFERENCE_PIXELS: f64 = 1024.0 * 1024.0;
+    let rows: f64 = requests.iter().map(|r| (r.num_images * if r.guidance_scale > 1.0 { 2 } else { 1 }) as f64).sum();
+    let pixels = requests.iter().map(|r| (r.width * r.height) as f64).fold(0.0, f64::max);
+    ((rows / REFERENCE_ROWS) * (pixels / REFERENCE_PIXELS).powi(2)).max(1.0)
 }
 
 impl BatchBeat {
-    fn new() -> Self {
-        Self { started: Instant::now(), last_ms: AtomicU64::new(0), longest_gap_ms: AtomicU64::new(0) }
+    fn new(first_step_scale: f64) -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            longest_gap_ms: AtomicU64::new(0),
+            alive: AtomicBool::new(false),
+            first_step_scale: first_step_scale.max(1.0),
+        }
     }
 
     /// A step, a VAE call or a tile finished.
@@ -52,6 +74,7 @@ impl BatchBeat {
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_ms.swap(now, Ordering::Relaxed);
         self.longest_gap_ms.fetch_max(now.saturating_sub(last), Ordering::Relaxed);
+        self.alive.store(true, Ordering::Relaxed);
     }
 
     /// How long since the last step, VAE call or tile finished (or the batch started).
@@ -75,6 +98,8 @@ impl BatchBeat {
     fn hung_at(&self, stopped: Instant, floor: Duration, now: Instant) -> bool {
         let last = self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         let open_at_stop = stopped.saturating_duration_since(last);
+        // Before any sign of life, the floor grows with the first step's work.
+        let floor = if !self.alive.load(Ordering::Relaxed) { floor.mul_f64(self.first_step_scale) } else { floor };
         let patience = floor.max(self.longest_gap().max(open_at_stop) * 3);
         now.saturating_duration_since(last.max(stopped)) >= patience
     }
@@ -279,53 +304,84 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
     }
 }
 
-/// Runs one batch on this (blocking) thread and hands every ticket its result.
+/// Runs one batch on this (blocking) thread and hands every ticket its result. Members a shared call failed
+/// for (a batch too large for the device's memory, as like as not) run again one by one, rather than all fail
+/// their delivery together, come back together, be batched together and fail again.
 fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
-    let beat = Arc::new(BatchBeat::new());
+    let beat = Arc::new(BatchBeat::new(first_step_scale(&batch.iter().map(|t| &t.request).collect::<Vec<_>>())));
     for ticket in batch.iter_mut() {
         if let Some(started) = ticket.started.take() {
             let _ = started.send(beat.clone());
         }
     }
-    let model = batch[0].model.clone();
-    let slept = Cell::new(0usize);
-    let results = {
-        let mut callbacks: Vec<StepCallback> = Vec::with_capacity(batch.len());
-        let mut requests = Vec::with_capacity(batch.len());
-        for ticket in batch.iter_mut() {
-            let on_step = &mut ticket.on_step;
-            let (slept, beat) = (&slept, &beat);
-            callbacks.push(Box::new(move |info: &StepInfo| {
-                // One pause per step of the batch, not one per member.
-                if !step_delay.is_zero() && info.step > slept.get() {
-                    slept.set(info.step);
-                    std::thread::sleep(step_delay);
-                }
-                beat.beat();
-                on_step(info)
-            }));
-            requests.push((&ticket.request, &ticket.cancel));
-        }
-        // The decode has no steps: its VAE calls and tiles are the batch's signs of life meanwhile.
-        let alive = || beat.beat();
-        let mut members: Vec<BatchMember> = requests
-            .into_iter()
-            .zip(callbacks.iter_mut())
-            .map(|((request, cancel), on_step)| BatchMember {
-                request,
-                on_step: on_step.as_mut(),
-                cancel: Some(cancel),
-                on_decode: Some(&alive),
-            })
-            .collect();
-        if members.len() > 1 {
-            tracing::debug!(size = members.len(), "running a batch");
-        }
-        model.pipeline.generate_batch(&mut members)
-    };
+    let mut results = run_members(&mut batch.iter_mut().collect::<Vec<_>>(), &beat, step_delay);
+    // (A member cancelled meanwhile ends at once, before its first step.)
+    run_alone_after_a_shared_failure(&mut batch, &mut results, |ticket| {
+        run_members(&mut [ticket], &beat, step_delay).pop().expect("one result per member")
+    });
     for (ticket, result) in batch.into_iter().zip(results) {
         let _ = ticket.done.send(result);
     }
+}
+
+/// In a batch of several, runs each member whose result is a shared call's failure again alone, its result
+/// replacing that failure.
+fn run_alone_after_a_shared_failure<T, O>(
+    members: &mut [T],
+    results: &mut [Result<O, GenerateError>],
+    mut alone: impl FnMut(&mut T) -> Result<O, GenerateError>,
+) {
+    if members.len() < 2 {
+        return;
+    }
+    for (member, result) in members.iter_mut().zip(results.iter_mut()) {
+        if let Err(GenerateError::Batch(e)) = result {
+            tracing::warn!(error = %format!("{e:#}"), "a batch's shared call failed; its members run alone");
+            *result = alone(member);
+        }
+    }
+}
+
+/// Generates `tickets` as one batch, a result for each.
+fn run_members(
+    tickets: &mut [&mut Ticket],
+    beat: &BatchBeat,
+    step_delay: Duration,
+) -> Vec<Result<GenerationOutput, GenerateError>> {
+    let model = tickets[0].model.clone();
+    let slept = Cell::new(0usize);
+    let mut callbacks: Vec<StepCallback> = Vec::with_capacity(tickets.len());
+    let mut requests = Vec::with_capacity(tickets.len());
+    for ticket in tickets.iter_mut() {
+        let on_step = &mut ticket.on_step;
+        let slept = &slept;
+        callbacks.push(Box::new(move |info: &StepInfo| {
+            // One pause per step of the batch, not one per member.
+            if !step_delay.is_zero() && info.step > slept.get() {
+                slept.set(info.step);
+                std::thread::sleep(step_delay);
+            }
+            beat.beat();
+            on_step(info)
+        }));
+        requests.push((&ticket.request, &ticket.cancel));
+    }
+    // The decode has no steps: its VAE calls and tiles are the batch's signs of life meanwhile.
+    let alive = || beat.beat();
+    let mut members: Vec<BatchMember> = requests
+        .into_iter()
+        .zip(callbacks.iter_mut())
+        .map(|((request, cancel), on_step)| BatchMember {
+            request,
+            on_step: on_step.as_mut(),
+            cancel: Some(cancel),
+            on_decode: Some(&alive),
+        })
+        .collect();
+    if members.len() > 1 {
+        tracing::debug!(size = members.len(), "running a batch");
+    }
+    model.pipeline.generate_batch(&mut members)
 }
 
 #[cfg(test)]
@@ -334,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_batch_beat_tells_its_silence_and_its_slowest_step() {
-        let beat = BatchBeat::new();
+        let beat = BatchBeat::new(1.0);
         std::thread::sleep(Duration::from_millis(30));
         assert!(beat.silent_for() >= Duration::from_millis(30));
         beat.beat();
@@ -346,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_hung_only_when_silent_past_its_patience_after_the_stop() {
-        let beat = BatchBeat::new();
+        let beat = BatchBeat::new(1.0);
         let at = |ms: u64| beat.started + Duration::from_millis(ms);
         let floor = Duration::from_secs(10);
         // Told to stop 9 minutes into its first step: that step gets 27 minutes more, not the 10 of the floor.
@@ -365,6 +421,53 @@ mod tests {
         // A step that ends after the stop is a sign of life: silence counts from it.
         beat.last_ms.store(50_000, Ordering::Relaxed);
         assert!(!beat.hung_at(at(45_000), floor, at(105_000)));
+    }
+
+    #[test]
+    fn a_large_first_step_stopped_early_is_given_time_in_proportion() {
+        let request = |side: usize, num_images: usize| {
+            let mut r = GenerationRequest::new("x");
+            (r.width, r.height, r.num_images, r.guidance_scale) = (side, side, num_images, 7.5);
+            r
+        };
+        let (small, huge) = (request(512, 1), request(2048, 8));
+        assert_eq!(first_step_scale(&[&small]), 1.0, "never below the reference's patience");
+        assert_eq!(first_step_scale(&[&huge]), 128.0, "8 times the rows, 16 times the attention");
+        assert_eq!(first_step_scale(&[&huge, &huge]), 256.0, "a batch's rows add up");
+        // Told to stop 5 s into a 2048² first step: 10 minutes of silence are no hang, 128 times that is.
+        let beat = BatchBeat::new(first_step_scale(&[&huge]));
+        let at = |ms: u64| beat.started + Duration::from_millis(ms);
+        let floor = Duration::from_secs(600);
+        assert!(!beat.hung_at(at(5_000), floor, at(5_000 + 601_000)));
+        assert!(beat.hung_at(at(5_000), floor, at(5_000 + 128 * 600_000)));
+        // Once a step has ended, steps are known: the floor is the floor again.
+        beat.beat();
+        let last = beat.last_ms.load(Ordering::Relaxed);
+        assert!(beat.hung_at(at(last), floor, at(last + 600_000)));
+    }
+
+    #[test]
+    fn members_of_a_batch_whose_shared_call_failed_run_alone() {
+        let shared = || Err(GenerateError::Batch(anyhow::anyhow!("CUDA out of memory")));
+        let own = || Err(GenerateError::InvalidRequest { field: "width", message: "bad".into() });
+        let mut members = [1, 2, 3];
+        let mut results: Vec<Result<i32, GenerateError>> = vec![shared(), own(), shared()];
+        let mut ran = Vec::new();
+        run_alone_after_a_shared_failure(&mut members, &mut results, |m| {
+            ran.push(*m);
+            if *m == 3 {
+                shared()
+            } else {
+                Ok(*m * 10)
+            }
+        });
+        assert_eq!(ran, [1, 3], "only the members the shared call failed for, once each");
+        assert!(matches!(results[0], Ok(10)));
+        assert!(matches!(results[1], Err(GenerateError::InvalidRequest { .. })), "its own error stays");
+        assert!(matches!(results[2], Err(GenerateError::Batch(_))), "failing alone too, it fails");
+        // A lone member has nothing to gain from running again.
+        let mut results: Vec<Result<i32, GenerateError>> = vec![shared()];
+        run_alone_after_a_shared_failure(&mut [1], &mut results, |_| panic!("not run again"));
     }
 
     fn w(group: char, images: usize, arrived: Instant) -> Waiting<char> {

@@ -18,9 +18,9 @@ use super::generate::JobInputs;
 use super::Shared;
 use crate::protocol::{self, CacheContext, Completed, JobRequest, PROTOCOL_VERSION};
 
-/// Each model's identity (a digest of its files), by model name, worked out on first use.
+/// Each model's identity (a digest of its files), by model name, with the weights stamp of those files.
 #[derive(Default)]
-pub struct Identities(tokio::sync::Mutex<HashMap<String, String>>);
+pub struct Identities(tokio::sync::Mutex<HashMap<String, (String, String)>>);
 
 /// The cache key of `job` on this worker (`cache/<sha256>.msgpack`), with its LoRAs and input pictures as
 /// the run takes them; `None` when it may not use the cache (no seed, `cache: false`, a model this worker
@@ -60,15 +60,25 @@ pub async fn key(
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
-/// once per model (the first seeded job reads the files through).
+/// once (the first seeded job reads the files through), and again when a load since read other files than
+/// it digested (their weights stamps differ: a local model replaced in place, loaded again after an
+/// eviction), so that the new weights' images are not filed as the old ones'.
 async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
     let mut known = shared.model_identities.0.lock().await;
-    if let Some(id) = known.get(&spec.name) {
-        return Ok(id.clone());
+    let loaded = shared.catalogue.loaded_stamp(&spec.name);
+    if let Some((stamp, id)) = known.get(&spec.name) {
+        if loaded.as_ref().is_none_or(|l| l == stamp) {
+            return Ok(id.clone());
+        }
     }
-    let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
-    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
-    known.insert(spec.name.clone(), id.clone());
+    let (spec_owned, options, load_options) =
+        (spec.clone(), shared.catalogue.options().clone(), shared.catalogue.options_for(spec));
+    let (stamp, id) = tokio::task::spawn_blocking(move || {
+        let stamp = crate::generation::weights_stamp_of(&spec_owned.source, &load_options)?;
+        anyhow::Ok((stamp, model_identity(&spec_owned, &options)?))
+    })
+    .await??;
+    known.insert(spec.name.clone(), (stamp, id.clone()));
     Ok(id)
 }
 

@@ -51,6 +51,8 @@ pub struct Catalogue {
     resident_names: parking_lot::RwLock<Vec<String>>,
     /// Models whose last load failed: when, and why.
     failed_loads: parking_lot::Mutex<BTreeMap<String, (Instant, String)>>,
+    /// The weights stamp of each model's last load.
+    loaded_stamps: parking_lot::Mutex<BTreeMap<String, String>>,
 }
 
 impl Catalogue {
@@ -63,6 +65,23 @@ impl Catalogue {
             loading: Default::default(),
             resident_names: Default::default(),
             failed_loads: Default::default(),
+            loaded_stamps: Default::default(),
+        }
+    }
+
+    /// The weights stamp of `name`'s last load (`None` before one): each load reads its files again, which
+    /// may have been replaced since.
+    pub fn loaded_stamp(&self, name: &str) -> Option<String> {
+        self.loaded_stamps.lock().get(name).cloned()
+    }
+
+    /// The options `spec` loads with: the catalogue's, with the spec's own files and prediction type.
+    pub fn options_for(&self, spec: &ModelSpec) -> ModelOptions {
+        ModelOptions {
+            config: spec.config.clone(),
+            vae: spec.vae.clone(),
+            prediction_type: spec.prediction_type.clone(),
+            ..self.options.clone()
         }
     }
 
@@ -121,6 +140,7 @@ impl Catalogue {
         state.clock += 1;
         let last_used = state.clock;
         state.resident.insert(name.to_string(), Resident { model: model.clone(), bytes, last_used });
+        self.loaded_stamps.lock().insert(name.to_string(), model.weights_stamp.clone());
         *self.resident_names.write() = state.resident.keys().cloned().collect();
         Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) })
     }
@@ -128,12 +148,7 @@ impl Catalogue {
     /// Loads `spec`'s weights, first evicting idle models to make room for them; with their size.
     async fn load(&self, name: &str, spec: &ModelSpec) -> anyhow::Result<(LoadedModel, u64)> {
         let source = spec.source.clone();
-        let options = ModelOptions {
-            config: spec.config.clone(),
-            vae: spec.vae.clone(),
-            prediction_type: spec.prediction_type.clone(),
-            ..self.options.clone()
-        };
+        let options = self.options_for(spec);
         let bytes = {
             let (source, options) = (source.clone(), options.clone());
             tokio::task::spawn_blocking(move || model_bytes(&source, &options)).await??

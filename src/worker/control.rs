@@ -3,7 +3,7 @@
 //! that heartbeats report.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct StopHandle {
     reason: Arc<AtomicU8>,
     /// When the first reason was set (the stall watchdog counts from it).
     stopped_at: Arc<std::sync::OnceLock<Instant>>,
+    /// Whether its generation has begun (its batch started).
+    generating: Arc<AtomicBool>,
 }
 
 impl StopHandle {
@@ -62,6 +64,11 @@ impl StopHandle {
         }
     }
 
+    /// Its batch started: from now on a shutdown lets it finish within the grace period.
+    pub fn started_generating(&self) {
+        self.generating.store(true, Ordering::SeqCst);
+    }
+
     /// The flag the generator checks between steps.
     pub fn flag(&self) -> &CancelFlag {
         &self.flag
@@ -87,6 +94,8 @@ struct Jobs {
     early_order: VecDeque<(Uuid, Instant)>,
     /// Set when the grace period ends: a job starting now is stopped at once.
     stopping: Option<StopReason>,
+    /// Set when a shutdown begins: a job starting now is handed back at once.
+    handing_back: bool,
 }
 
 /// The worker's running jobs and its counters.
@@ -114,6 +123,8 @@ impl Control {
         let handle = StopHandle::default();
         if let Some(reason) = jobs.stopping {
             handle.stop(reason);
+        } else if jobs.handing_back {
+            handle.stop(StopReason::Shutdown);
         }
         jobs.running.entry(job_id).or_default().push(handle.clone());
         Ok(handle)
@@ -162,6 +173,19 @@ impl Control {
         running
     }
 
+    /// A shutdown begins: the jobs in hand whose generation has not begun (reading inputs, loading their
+    /// model, waiting for a batch) are handed back now, to run on another worker at once rather than here
+    /// within the grace period, or be stopped at its end having spent a delivery.
+    pub fn hand_back_unstarted(&self) {
+        let mut jobs = self.jobs.lock().unwrap();
+        jobs.handing_back = true;
+        for handle in jobs.running.values().flatten() {
+            if !handle.generating.load(Ordering::SeqCst) {
+                handle.stop(StopReason::Shutdown);
+            }
+        }
+    }
+
     /// Stops every running job for `reason` (shutdown).
     pub fn stop_all(&self, reason: StopReason) {
         let mut jobs = self.jobs.lock().unwrap();
@@ -188,6 +212,20 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shutdown_hands_back_the_jobs_not_yet_generating() {
+        let control = Control::default();
+        let (waiting, generating) = (Uuid::new_v4(), Uuid::new_v4());
+        let waits = control.start(waiting).unwrap();
+        let runs = control.start(generating).unwrap();
+        runs.started_generating();
+        control.hand_back_unstarted();
+        assert_eq!(waits.reason(), Some(StopReason::Shutdown));
+        assert_eq!(runs.reason(), None, "a generation under way has the grace period to finish");
+        let late = control.start(Uuid::new_v4()).unwrap();
+        assert_eq!(late.reason(), Some(StopReason::Shutdown), "one starting after is handed back too");
+    }
 
     #[test]
     fn cancel_stops_running_jobs_and_remembers_early_ones() {

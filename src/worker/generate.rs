@@ -317,6 +317,7 @@ pub(super) async fn generate_and_store(
             res = &mut result => break res,
             begun = &mut batch_started, if !running => {
                 running = true;
+                stop.started_generating();
                 if let Ok(begun) = begun {
                     beat = Some(begun);
                     timer.as_mut().reset(tokio::time::Instant::now() + limit());

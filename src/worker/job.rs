@@ -236,6 +236,48 @@ fn log(outcome: &Outcome, delivered: Delivery) {
     }
 }
 
+/// A message of the jobs stream read by its sequence.
+struct StoredJob {
+    subject: String,
+    time: async_nats::datetime::DateTime,
+    headers: Option<async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+}
+
+/// Message `seq` of `stream` without its headers, through JetStream's API directly (the client's own read
+/// fails on headers it cannot parse); `None` if there is none.
+async fn stored_without_headers(js: &jetstream::Context, stream: &str, seq: u64) -> anyhow::Result<Option<StoredJob>> {
+    use anyhow::Context as _;
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        message: Option<Stored>,
+        error: Option<serde_json::Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        subject: String,
+        #[serde(default)]
+        data: String,
+        time: String,
+    }
+    let answer: Answer = js
+        .request(format!("STREAM.MSG.GET.{stream}"), &serde_json::json!({ "seq": seq }))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(stored) = answer.message else {
+        let error = answer.error.unwrap_or_default();
+        // 10037: no message found.
+        return match error.get("err_code").and_then(|c| c.as_u64()) {
+            Some(10037) => Ok(None),
+            _ => Err(anyhow::anyhow!("JetStream answered {error}")),
+        };
+    };
+    let payload = base64::engine::general_purpose::STANDARD.decode(&stored.data).context("the message's data")?;
+    let time = async_nats::datetime::parse_rfc3339(&stored.time).map_err(|e| anyhow::anyhow!("its time: {e}"))?;
+    Ok(Some(StoredJob { subject: stored.subject, time, headers: None, payload: payload.into() }))
+}
+
 /// How many tries of a max-deliveries advisory (5 s apart, each waiting up to 10 s for the store: 5 to 15
 /// minutes) wait for a store that cannot say whether the job finished before it is failed anyway.
 const STORE_PATIENCE_TRIES: i64 = 60;
@@ -244,7 +286,16 @@ const STORE_PATIENCE_TRIES: i64 = 60;
 /// crashed or hung on it): report it `failed`, dead-letter it and remove it from the work queue, so it is
 /// not silently stuck. Every worker of the model hears the advisory; the message ids make their reports one.
 /// Returns false when it should be tried again later; `tries` counts this advisory's tries so far.
-pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliveries: i64, tries: i64) -> bool {
+///
+/// `advised_at` is the advisory's time: a message stored after it at that sequence (the stream was recreated,
+/// its sequences counting again) is another job, and so is one on another model's subject.
+pub async fn give_up_undeliverable(
+    shared: &Shared,
+    model: &str,
+    (seq, advised_at): (u64, Option<async_nats::datetime::DateTime>),
+    deliveries: i64,
+    tries: i64,
+) -> bool {
     let delivered = Delivery { seq, n: deliveries };
     let stream = match shared.js.get_stream(shared.subjects.jobs_stream()).await {
         Ok(s) => s,
@@ -254,17 +305,33 @@ pub async fn give_up_undeliverable(shared: &Shared, model: &str, seq: u64, deliv
         }
     };
     let raw = match stream.get_raw_message(seq).await {
-        Ok(m) => m,
+        Ok(m) => {
+            StoredJob { subject: m.subject.to_string(), time: m.time, headers: Some(m.headers), payload: m.payload }
+        }
         // Already dealt with (by another worker, or an earlier try).
         Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return true,
-        // The server could not say (restarting, electing a leader, overloaded): the job may still sit in
-        // the queue with its deliveries spent, so this advisory is its only way out. Try again later.
-        Err(e) => {
-            tracing::warn!(stream_seq = seq, error = %e, "cannot read an undeliverable job yet");
-            return false;
-        }
+        // The server could not say (restarting, electing a leader, overloaded), or its headers do not parse
+        // (a publisher's bytes the client refuses: the reason its deliveries never settled); the job may still
+        // sit in the queue with its deliveries spent, so this advisory is its only way out.
+        Err(e) => match stored_without_headers(&shared.js, &shared.subjects.jobs_stream(), seq).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return true,
+            Err(again) => {
+                tracing::warn!(stream_seq = seq, error = %e, again = %again, "cannot read an undeliverable job yet");
+                return false;
+            }
+        },
     };
-    let job_id = crate::bus::job_id_of(&raw.payload, Some(&raw.headers));
+    if advised_at.is_some_and(|at| raw.time > at) || shared.subjects.model_of_jobs_subject(&raw.subject) != Some(model)
+    {
+        tracing::warn!(
+            stream_seq = seq,
+            subject = raw.subject,
+            "a max-deliveries advisory names a message stored since, or another model's: left alone"
+        );
+        return true;
+    }
+    let job_id = crate::bus::job_id_of(&raw.payload, raw.headers.as_ref());
     let target = Target::Stored { stream: &stream, seq, payload: raw.payload };
     // The job may have finished after all, with only its report or ack lost: report it again. Failing it
     // is final, so a store that cannot say (down, or slow with its retries) is asked again for a while.

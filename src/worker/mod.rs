@@ -246,6 +246,7 @@ impl Worker {
         tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
         stop.cancel();
         while pullers.join_next().await.is_some() {}
+        shared.control.hand_back_unstarted();
         jobs.close();
         if tokio::time::timeout(shared.config.grace, jobs.wait()).await.is_err() {
             tracing::warn!("grace period over: handing running jobs to other workers");
@@ -379,6 +380,8 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
         consumer: String,
         stream_seq: u64,
         deliveries: i64,
+        #[serde(default)]
+        timestamp: Option<String>,
     }
     loop {
         let result: anyhow::Result<()> = async {
@@ -401,7 +404,9 @@ async fn undeliverable_listener(shared: Arc<Shared>) {
                 let handled = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
                     Ok(a) => match bus::parse_consumer_name(&a.consumer) {
                         Some((model, _)) => {
-                            job::give_up_undeliverable(&shared, model, a.stream_seq, a.deliveries, tries).await
+                            let at = a.timestamp.as_deref().and_then(|t| async_nats::datetime::parse_rfc3339(t).ok());
+                            let message = (a.stream_seq, at);
+                            job::give_up_undeliverable(&shared, model, message, a.deliveries, tries).await
                         }
                         None => true,
                     },

@@ -72,9 +72,17 @@ pub async fn pull(
         if stop.is_cancelled() {
             return;
         }
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = stop.cancelled() => return,
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Waiting for a slot (the worker's other models hold them): notices' payloads, whole jobs, would
+                // pile up unread in the subscriptions meanwhile.
+                arrivals = None;
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                    _ = stop.cancelled() => return,
+                }
+            }
         };
         // A model that is not resident lets queued jobs of resident ones go first (for at most 30 s), so a
         // mixed queue does not load and evict models job by job.
@@ -82,6 +90,7 @@ pub async fn pull(
             let since = *deferred_since.get_or_insert_with(Instant::now);
             if since.elapsed() < Duration::from_secs(30) {
                 drop(permit);
+                arrivals = None;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }

@@ -327,6 +327,45 @@ async fn a_job_whose_workers_all_crashed_is_failed_not_lost() {
     wait_for_empty_queue(&client).await;
 }
 
+/// A max-deliveries advisory names its message by stream sequence only: one from before the message now at
+/// that sequence was stored (the stream was recreated since, counting again), or naming another model's
+/// consumer, is about another job, and must not fail and remove this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_or_foreign_max_deliveries_advisory_leaves_a_healthy_job_alone() {
+    let nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store.path().display());
+    let _worker = WorkerProcess::start("w-advised", &nats.url(), &store_url, &[], &[]);
+    let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
+    // A job of a model no worker serves: it waits in the queue.
+    let mut job = tiny_job(2, 71);
+    job.model = "elsewhere".into();
+    let seq = client.submit_with_seq(&job).await.unwrap();
+    let advise = |consumer: &str, at: std::time::SystemTime| {
+        let subject =
+            format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{consumer}", client.subjects().jobs_stream());
+        let body = serde_json::json!({
+            "type": "io.nats.jetstream.advisory.v1.max_deliver", "id": Uuid::new_v4().to_string(),
+            "timestamp": humantime::format_rfc3339_nanos(at).to_string(), "stream": client.subjects().jobs_stream(),
+            "consumer": consumer, "stream_seq": seq, "deliveries": 3
+        });
+        let js = client.jetstream().clone();
+        async move { js.publish(subject, body.to_string().into()).await.unwrap().await.unwrap() }
+    };
+    let now = std::time::SystemTime::now();
+    advise("workers-elsewhere", now - Duration::from_secs(3600)).await;
+    advise("workers-tiny", now).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(stored_events(&client, job.id).await.is_empty(), "an advisory about another job failed this one");
+    let stream = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
+    assert!(stream.get_raw_message(seq).await.is_ok(), "an advisory about another job removed this one");
+
+    // The advisory about it ends it.
+    advise("workers-elsewhere", std::time::SystemTime::now()).await;
+    let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
+    assert!(failed.message.contains("delivered 3 times"), "{}", failed.message);
+}
+
 /// The job's last delivery stored its images and manifest, then its worker died before reporting them; the
 /// store is down when the advisory comes. Failing the job is final, so the store is asked again until it
 /// answers, and the job is reported `completed`, not `failed`.

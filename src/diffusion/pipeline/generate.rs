@@ -559,7 +559,7 @@ fn fail_all(
     let message = format!("{error:#}");
     for (run, result) in runs.iter_mut().zip(results.iter_mut()) {
         if run.take().is_some() {
-            *result = Some(Err(GenerateError::Other(anyhow::anyhow!("{message}"))));
+            *result = Some(Err(GenerateError::Batch(anyhow::anyhow!("{message}"))));
         }
     }
 }

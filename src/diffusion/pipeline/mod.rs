@@ -155,6 +155,10 @@ pub enum GenerateError {
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+    /// A call shared by a batch's members failed for all of them (out of memory for the batch, as like as not):
+    /// each may succeed alone.
+    #[error("{0:#}")]
+    Batch(anyhow::Error),
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> GenerateError {
