@@ -181,7 +181,8 @@ async fn every_event_arrives_once_signed_across_a_queen_restart_and_failed_deliv
     let steps = 30;
     let mut job = tiny(steps, 1);
     let asked = [WebhookEvent::Started, WebhookEvent::Progress, WebhookEvent::Completed];
-    job.webhook = Some(WebhookSpec::new(&receiver.url, &asked));
+    // A receiver's token in the query reaches the receiver, never a reader of the job's status.
+    job.webhook = Some(WebhookSpec::new(format!("{}?token=S3CRET", receiver.url), &asked));
     let id = c.submit(&job, None).await.unwrap().job_id;
     let mut other = tiny(120, 2);
     other.webhook = Some(WebhookSpec::new(&receiver.url, &[WebhookEvent::Cancelled]));
@@ -193,6 +194,8 @@ async fn every_event_arrives_once_signed_across_a_queen_restart_and_failed_deliv
     let failed = c.submit(&late, None).await.unwrap().job_id;
     let view = c.status(id).await.unwrap();
     assert_eq!(view.status.webhook.as_ref().map(|w| w.url.as_str()), Some(receiver.url.as_str()));
+    let listed = c.jobs("").await.unwrap().jobs;
+    assert!(listed.iter().all(|j| !j.webhook.as_ref().unwrap().url.contains("S3CRET")), "{listed:?}");
 
     receiver.wait_for("3 failed deliveries", Duration::from_secs(30), |s| s.len() >= 3).await;
     drop(first);

@@ -79,8 +79,8 @@ pub struct QueenArgs {
     #[arg(long, env = "SD_RBEE_MAX_STREAMS_PER_CALLER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_caller: u32,
     /// What webhook deliveries are signed with: `whsec_` and base64 (the Standard Webhooks form), or text of
-    /// at least 16 bytes. Comma-separate several while rotating: each signs every delivery. Without one, jobs
-    /// that ask for a webhook are refused.
+    /// at least 16 bytes (without a comma). Comma-separate several while rotating: each signs every delivery.
+    /// Without one, jobs that ask for a webhook are refused.
     #[arg(long, env = "SD_RBEE_WEBHOOK_SECRET", hide_env_values = true, value_delimiter = ',', value_name = "SECRET")]
     pub webhook_secret: Vec<String>,
     /// Address ranges webhooks may go to although they are private, loopback, link-local or otherwise not

@@ -12,7 +12,7 @@ impl Jobs {
     pub async fn view(&self, status: JobStatus) -> StatusView {
         let now = protocol::now_millis();
         let mut v = StatusView {
-            status,
+            status: status.shown(),
             queue_position: None,
             eta_ms: None,
             waiting_for_worker: false,

@@ -81,11 +81,14 @@ impl Default for WebhookConfig {
 }
 
 impl WebhookConfig {
-    /// The wait after failed attempt number `attempt` (1-based): `backoff` doubled each time, capped, with
-    /// up to 10 % of jitter so receivers that failed together are not retried together.
-    pub fn backoff_after(&self, attempt: u32) -> Duration {
+    /// The wait after failed attempt number `attempt` (1-based) of a delivery queued `waited` ago: `backoff`
+    /// doubled each time, capped, and never longer than the delivery has waited (at least `backoff`), with up
+    /// to 10 % of jitter so receivers that failed together are not retried together. (`attempt` is the queue's
+    /// delivery count, which also counts each time the delivery was put back for a busy receiver: after 25 of
+    /// those, one failure would otherwise wait the 10-minute cap, and a progress delivery be given up.)
+    pub fn backoff_after(&self, attempt: u32, waited: Duration) -> Duration {
         let doubled = self.backoff.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-        let wait = doubled.min(MAX_BACKOFF);
+        let wait = doubled.min(MAX_BACKOFF).min(waited.max(self.backoff));
         wait + wait.mul_f64(rand::random::<f64>() * 0.1)
     }
 }
@@ -149,10 +152,16 @@ mod tests {
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {
         let config = WebhookConfig { backoff: Duration::from_secs(1), ..Default::default() };
+        let long_ago = Duration::from_secs(3600);
         for (attempt, base) in [(1, 1), (2, 2), (3, 4), (10, 512), (11, 600), (40, 600)] {
-            let wait = config.backoff_after(attempt);
+            let wait = config.backoff_after(attempt, long_ago);
             let base = Duration::from_secs(base);
             assert!(wait >= base && wait <= base.mul_f64(1.1), "attempt {attempt}: {wait:?}");
         }
+        // Put back 25 times for a busy receiver in its first 20 s, then failed once: not the cap.
+        let wait = config.backoff_after(26, Duration::from_secs(20));
+        assert!(wait >= Duration::from_secs(20) && wait <= Duration::from_secs(22), "{wait:?}");
+        let wait = config.backoff_after(1, Duration::ZERO);
+        assert!(wait >= Duration::from_secs(1), "never under the backoff: {wait:?}");
     }
 }

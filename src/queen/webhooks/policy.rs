@@ -89,6 +89,44 @@ const MAX_LOOKUPS: usize = 16;
 static CHECK_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 static DELIVERY_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
+/// How many of those lookups one site (a name's last two labels: `a.hooks.example` and `b.hooks.example` are
+/// `hooks.example`'s) may hold at once: names under a domain whose servers stopped answering, submitted by
+/// the hundred, would otherwise hold every place for the resolver's timeout, and no other receiver's name
+/// be looked up meanwhile.
+const LOOKUPS_PER_SITE: usize = 2;
+
+/// The sites with lookups running, and how many each.
+static SITES_LOOKING_UP: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// One of a site's [`LOOKUPS_PER_SITE`] places, given back on drop.
+struct SitePlace(String);
+
+impl SitePlace {
+    fn take(name: &str) -> Option<Self> {
+        let labels: Vec<&str> = name.trim_end_matches('.').rsplit('.').take(2).collect();
+        let site = labels.into_iter().rev().collect::<Vec<_>>().join(".").to_ascii_lowercase();
+        let mut sites = SITES_LOOKING_UP.lock().unwrap_or_else(|p| p.into_inner());
+        match sites.iter_mut().find(|(s, _)| *s == site) {
+            Some((_, n)) if *n >= LOOKUPS_PER_SITE => return None,
+            Some((_, n)) => *n += 1,
+            None => sites.push((site.clone(), 1)),
+        }
+        Some(Self(site))
+    }
+}
+
+impl Drop for SitePlace {
+    fn drop(&mut self) {
+        let mut sites = SITES_LOOKING_UP.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = sites.iter().position(|(s, _)| *s == self.0) {
+            sites[i].1 -= 1;
+            if sites[i].1 == 0 {
+                sites.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// `name`'s addresses, looked up in one of `places` ([`CHECK_LOOKUPS`] or [`DELIVERY_LOOKUPS`]).
 async fn resolve(name: &str, port: u16, places: &'static tokio::sync::Semaphore) -> Result<Vec<IpAddr>, HostError> {
     resolve_within(name, port, places, RESOLVE_TIMEOUT).await
@@ -102,6 +140,11 @@ async fn resolve_within(
     patience: Duration,
 ) -> Result<Vec<IpAddr>, HostError> {
     let deadline = tokio::time::Instant::now() + patience;
+    let site = SitePlace::take(name).ok_or_else(|| {
+        HostError::NotKnownYet(format!(
+            "{name} was not looked up: {LOOKUPS_PER_SITE} lookups of names of its domain are waiting for the system resolver; try again shortly"
+        ))
+    })?;
     let place = tokio::time::timeout_at(deadline, places.acquire())
         .await
         .map_err(|_| {
@@ -112,7 +155,7 @@ async fn resolve_within(
     // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
     let running = tokio::spawn(async move {
         let found = tokio::net::lookup_host((host.as_str(), port)).await;
-        drop(place);
+        drop((place, site));
         found.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
     });
     let ips = tokio::time::timeout_at(deadline, running)
@@ -140,9 +183,10 @@ fn canonical(ip: IpAddr) -> IpAddr {
             }
             let s = v6.segments();
             let embedded = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from(((hi as u32) << 16) | lo as u32));
-            // 64:ff9b::/96 (NAT64), 64:ff9b:1::/48 (local-use NAT64, the IPv4 address last as with /96
-            // prefixes) and 2002::/16 (6to4) reach the IPv4 address inside.
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..3] == [0x64, 0xff9b, 1] {
+            // 64:ff9b::/96 (NAT64) and 2002::/16 (6to4) reach the IPv4 address inside. (Local-use NAT64,
+            // 64:ff9b:1::/48, may carry it at any of several places by the operator's prefix length: refused
+            // as a special-purpose range instead.)
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 return embedded(s[6], s[7]);
             }
             if s[0] == 0x2002 {
@@ -183,6 +227,7 @@ fn special_purpose(ip: IpAddr) -> Option<&'static str> {
                 x if x & 0xffc0 == 0xfe80 => "link-local",
                 x if x & 0xffc0 == 0xfec0 => "site-local",
                 0x2001 if s[1] == 0 => "Teredo",
+                0x0064 if s[1..3] == [0xff9b, 1] => "local-use NAT64",
                 0x2001 if s[1] == 0xdb8 => "documentation",
                 0x0100 if s[1..4] == [0, 0, 0] => "discard-only",
                 // IPv4-compatible (::a.b.c.d) and other addresses under ::/8.
@@ -256,7 +301,9 @@ mod tests {
             ("::ffff:127.0.0.1", "loopback"),
             ("::ffff:10.0.0.1", "private"),
             ("64:ff9b::a9fe:a9fe", "link-local"),
-            ("64:ff9b:1::a9fe:a9fe", "link-local"),
+            ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"),
+            // A /48 prefix puts the IPv4 address elsewhere: 8.8.8.8 where a /96 reads it is 10.0.0.1 here.
+            ("64:ff9b:1:0a00:0:100:808:808", "local-use NAT64"),
             ("2002:c0a8:0101::1", "private"),
             ("::127.0.0.1", "reserved"),
             ("2001::1", "Teredo"),
@@ -316,5 +363,17 @@ mod tests {
         let ips = resolve_within("localhost", 80, places, Duration::from_secs(5)).await.unwrap();
         assert!(ips.iter().all(|ip| ip.is_loopback()), "{ips:?}");
         assert_eq!(places.available_permits(), 1, "the lookup gave its place back");
+    }
+
+    #[test]
+    fn a_site_holds_a_few_lookups_at_most() {
+        let (a, b) = (SitePlace::take("a.slow.example").unwrap(), SitePlace::take("B.Slow.Example.").unwrap());
+        assert!(SitePlace::take("c.slow.example").is_none(), "a third name of the site waits");
+        assert!(SitePlace::take("slow.example").is_none(), "the site itself too");
+        let other = SitePlace::take("hooks.elsewhere.example").expect("another site has its own");
+        drop(a);
+        let c = SitePlace::take("c.slow.example").expect("a place given back");
+        drop((b, c, other));
+        assert!(SITES_LOOKING_UP.lock().unwrap().iter().all(|(s, _)| !s.ends_with("example")), "forgotten");
     }
 }

@@ -199,6 +199,9 @@ fn receiver_of(url: &str) -> String {
     }
 }
 
+/// How often an attempt in progress tells the queue so.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// One attempt at a delivery, and what becomes of it.
 async fn attempt(
     webhooks: &Webhooks,
@@ -224,12 +227,37 @@ async fn attempt(
     let give_up_at = delivery.queued_at.saturating_add(retry_for.as_millis() as u64);
     // A receiver with its share in flight: the delivery waits its turn, put back (for about as long as an
     // attempt can take when the receiver is slow, a moment otherwise), instead of holding one of the slots
-    // other receivers' deliveries need. (Each time counts in a dead letter's `attempts`.) One whose retries
-    // are over gets its last attempt anyway, and its dead letter.
+    // other receivers' deliveries need. (Each time counts in a dead letter's `attempts`.)
     let receiver = receiver_of(&delivery.url);
-    let slot = match receivers.try_take(&receiver, std::time::Instant::now(), config.timeout / 2) {
-        Ok(slot) => Some(slot),
-        Err(_) if protocol::now_millis() >= give_up_at => None,
+    let (job_id, id) = (delivery.job_id, delivery.id.as_str());
+    let posted = match receivers.try_take(&receiver, std::time::Instant::now(), config.timeout / 2) {
+        Ok(slot) => {
+            // The ack timer starts again with the attempt (the message may have waited for a free slot).
+            msg.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("progress: {e}"))?;
+            let started = std::time::Instant::now();
+            // And again while it lasts: the queue's ack wait was set by the queen that created it, perhaps
+            // with a shorter --webhook-timeout, and a delivery redelivered mid-attempt is POSTed twice at once.
+            let posting = post(client, &config.secrets, &config.policy, &delivery);
+            tokio::pin!(posting);
+            let mut still = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+            let posted = loop {
+                tokio::select! {
+                    posted = &mut posting => break posted,
+                    _ = still.tick() => {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+            };
+            drop(slot);
+            receivers.attempted(&receiver, std::time::Instant::now(), started.elapsed(), config.timeout / 2);
+            posted
+        }
+        // Its retries are over while its receiver keeps every slot it may have busy: dead-lettered unsent. (A
+        // last attempt outside the receiver's share would let one receiver's backlog take every sender slot.)
+        Err(_) if protocol::now_millis() >= give_up_at => {
+            Err("not sent: the receiver's earlier deliveries held its share of attempts until the retries ran out"
+                .into())
+        }
         Err(slow) => {
             let wait = match slow {
                 true => config.timeout.max(Duration::from_secs(1)),
@@ -238,13 +266,6 @@ async fn attempt(
             return msg.ack_with(AckKind::Nak(Some(wait))).await.map_err(|e| anyhow::anyhow!("nak: {e}"));
         }
     };
-    // The ack timer starts again with the attempt (the message may have waited for a free slot).
-    msg.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("progress: {e}"))?;
-    let (job_id, id) = (delivery.job_id, delivery.id.as_str());
-    let started = std::time::Instant::now();
-    let posted = post(client, &config.secrets, &config.policy, &delivery).await;
-    drop(slot);
-    receivers.attempted(&receiver, std::time::Instant::now(), started.elapsed(), config.timeout / 2);
     let ack = match posted {
         Ok(()) => {
             tracing::debug!(%job_id, id, attempt, "webhook delivered");
@@ -258,7 +279,8 @@ async fn attempt(
         Err(error) => {
             let error = sanitized(&error);
             let now = protocol::now_millis();
-            let wait = config.backoff_after(attempt);
+            let waited = Duration::from_millis(now.saturating_sub(delivery.queued_at));
+            let wait = config.backoff_after(attempt, waited);
             if now.saturating_add(wait.as_millis() as u64) <= give_up_at {
                 tracing::info!(%job_id, id, attempt, %error, retry_in = ?wait, "webhook attempt failed");
                 AckKind::Nak(Some(wait))

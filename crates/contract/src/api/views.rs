@@ -220,6 +220,14 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
+    /// The record as the API shows it: its webhook's URL without credentials or query ([`WebhookInfo::shown`]).
+    ///
+    /// [`WebhookInfo::shown`]: super::WebhookInfo::shown
+    pub fn shown(mut self) -> Self {
+        self.webhook = self.webhook.map(super::WebhookInfo::shown);
+        self
+    }
+
     /// Whether the job's ttl has passed at `now`.
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|e| e <= now)

@@ -156,6 +156,13 @@ impl WebhookInfo {
         }
     }
 
+    /// The webhook as a job's status shows it to any reader of the API: its URL without credentials, query or
+    /// fragment (a receiver's token often travels there), since any token may read any job's status.
+    pub fn shown(mut self) -> Self {
+        self.url = shown_url(&self.url);
+        self
+    }
+
     pub fn wants(&self, event: WebhookEvent) -> bool {
         self.events.contains(&event)
     }
@@ -226,7 +233,8 @@ impl std::str::FromStr for WebhookSecret {
         let key = match text.strip_prefix("whsec_") {
             Some(b64) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| format!("a whsec_ secret must be base64 after its prefix: {e}"))?,
+                // Not the decoder's words: they quote the offending byte and where it is.
+                .map_err(|_| "a whsec_ secret must be standard base64 after its prefix".to_string())?,
             None => text.as_bytes().to_vec(),
         };
         if key.len() < MIN_SECRET_BYTES {
@@ -286,6 +294,20 @@ impl WebhookSecret {
     }
 }
 
+/// `url` without its userinfo, query and fragment; what does not parse (no record the queen wrote) is hidden.
+pub fn shown_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(hidden)".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +329,9 @@ mod tests {
         assert!(secret.verify(id, "1614265330", &header, body, at + 301, 300).is_err(), "too old");
         assert!("short".parse::<WebhookSecret>().unwrap_err().contains("at least 16"));
         assert!("whsec_!!".parse::<WebhookSecret>().is_err());
+        // The error says nothing of the secret: not which byte is wrong, nor where.
+        let err = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZ!".parse::<WebhookSecret>().unwrap_err();
+        assert!(!err.contains("33") && !err.contains("23") && !err.contains("symbol"), "{err}");
         assert_eq!(format!("{secret:?}"), "WebhookSecret(..)", "never printed");
     }
 
@@ -369,5 +394,15 @@ mod tests {
         }
         assert_eq!(info.dead_letters.len(), MAX_DEAD_LETTERS);
         assert_eq!(info.dead_letters[0].id, "d1", "the oldest dropped");
+    }
+
+    #[test]
+    fn a_shown_webhook_url_keeps_no_credentials_nor_query() {
+        assert_eq!(
+            shown_url("https://user:pa55@hooks.example:8443/in/x?token=S3CRET#frag"),
+            "https://hooks.example:8443/in/x"
+        );
+        assert_eq!(shown_url("https://hooks.example/a"), "https://hooks.example/a");
+        assert_eq!(shown_url("not a url"), "(hidden)");
     }
 }
