@@ -227,6 +227,43 @@ async fn a_compatible_request_stops_waiting_and_names_its_job() {
     .await;
     assert_eq!((status, body["error"]["code"].as_str()), (504, Some("WAIT_TIMEOUT")), "{body}");
 
+    // A job that fails on its worker for another reason than the request is no bug of the queen's (500):
+    // 502 JOB_FAILED, quoting the job's code and message.
+    let before: Vec<_> = c.jobs("").await.unwrap().jobs.iter().map(|j| j.job_id).collect();
+    let waiting = {
+        let (base, auth) = (queen.base.clone(), format!("Bearer {TOKEN}"));
+        tokio::spawn(async move {
+            let body = json!({"prompt": "x", "steps": 2, "width": 64, "height": 64});
+            post(&base, "/sdapi/v1/txt2img", body, ("authorization", &auth)).await
+        })
+    };
+    let start = Instant::now();
+    let failing = loop {
+        assert!(start.elapsed() < Duration::from_secs(10), "the request's job never appeared");
+        if let Some(job) = c.jobs("").await.unwrap().jobs.into_iter().find(|j| !before.contains(&j.job_id)) {
+            break job.job_id;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let bus = sd_rbee::bus::BusClient::connect(&nats.url(), "sd").await.unwrap();
+    let failed = sd_rbee::protocol::Event::Failed(sd_rbee::protocol::Failed {
+        v: sd_rbee::protocol::PROTOCOL_VERSION,
+        job_id: failing,
+        at: sd_rbee::protocol::now_millis(),
+        code: sd_rbee::protocol::ErrorCode::OutOfMemory,
+        message: "CUDA out of memory".into(),
+        field: None,
+    });
+    let subject = bus.subjects().events(failing);
+    bus.jetstream().publish(subject, sd_rbee::protocol::encode(&failed).into()).await.unwrap().await.unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("answered").unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("JOB_FAILED")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&failing.to_string()) && message.contains("OUT_OF_MEMORY") && message.contains("CUDA"),
+        "{message}"
+    );
+
     let mut config = sd_rbee::queen::QueenConfig::new(nats.url(), &store, "127.0.0.1:0".parse().unwrap());
     config.api.tokens = vec![TOKEN.into()];
     config.api.model_catalogue = vec!["tiny".into()];
@@ -256,7 +293,7 @@ async fn a_compatible_request_stops_waiting_and_names_its_job() {
     assert!(body["error"]["message"].as_str().unwrap().contains("shutting down"), "{body}");
     tokio::time::timeout(Duration::from_secs(10), served).await.expect("the queen stops").unwrap().unwrap();
     assert!(shutdown.elapsed() < Duration::from_secs(10));
-    assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "both A1111 jobs are kept");
+    assert_eq!(c.jobs("").await.unwrap().jobs.len(), 4, "the A1111 jobs are kept");
 }
 
 /// OpenAI's client with its default retries: an edit of an ordinary photo (over a megabyte of base64), then
@@ -370,6 +407,8 @@ async fn compatible_requests_take_large_images_and_are_not_retried_once_submitte
         assert_eq!((status, answer["error"]["field"].as_str()), (422, Some(field)), "{body}: {answer}");
     }
     assert_eq!(c.jobs("").await.unwrap().jobs.len(), 3, "nothing refused was submitted");
+    let uploads = std::fs::read_dir(results.path().join("uploads")).unwrap().count();
+    assert_eq!(uploads, 2, "a refused request's large input is not left in the store");
 
     // An edit's form without a prompt: the form is at fault, and the message says what it lacks.
     let mut form = b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();

@@ -398,12 +398,12 @@ async fn a_retry_never_answers_a_job_its_key_names_but_that_was_never_recorded()
     assert_eq!((again.job_id, again.created), (queued.job_id, false), "the key answers that job from now on");
 
     // A claim without a record is taken over only once it is stale, and only from the job it names.
-    use sd_rbee::queen::status::StatusStore;
+    use sd_rbee::queen::status::{KeyClaim, StatusStore};
     let status = StatusStore::open(&js, &bucket, Duration::from_secs(3600)).await.unwrap();
     kv.put(&entry, pending.to_string().into()).await.unwrap();
-    let taker = Uuid::new_v4();
-    assert!(!status.take_over_idempotency(&entry, pending, taker, Duration::from_secs(3600)).await.unwrap());
-    assert!(!status.take_over_idempotency(&entry, first, taker, Duration::ZERO).await.unwrap(), "not the holder");
-    assert!(status.take_over_idempotency(&entry, pending, taker, Duration::ZERO).await.unwrap());
+    let taker = KeyClaim::new(Uuid::new_v4(), "f".into());
+    assert!(!status.take_over_idempotency(&entry, pending, &taker, Duration::from_secs(3600)).await.unwrap());
+    assert!(!status.take_over_idempotency(&entry, first, &taker, Duration::ZERO).await.unwrap(), "not the holder");
+    assert!(status.take_over_idempotency(&entry, pending, &taker, Duration::ZERO).await.unwrap());
     assert_eq!(status.idempotency_owner(&entry).await.unwrap(), Some(taker));
 }

@@ -69,7 +69,7 @@ impl Jobs {
                     return Err(JobsError::Invalid(ProtocolError { code: ErrorCode::InvalidRequest, field, message }));
                 }
                 ApiEvent::Failed { code, message, .. } => {
-                    return Err(JobsError::Internal(anyhow::anyhow!("job {job_id} failed ({code:?}): {message}")));
+                    return Err(JobsError::JobFailed { id: job_id, code, message });
                 }
                 ApiEvent::Cancelled { .. } => {
                     return Err(JobsError::AlreadyFinished { id: job_id, state: JobState::Cancelled })

@@ -63,6 +63,9 @@ pub enum JobsError {
     AlreadyFinished { id: Uuid, state: JobState },
     #[error("job {id} is {}", state.name())]
     NotCompleted { id: Uuid, state: JobState },
+    /// A request that waits for its job's end saw it fail on its worker (502), not for what it asked.
+    #[error("job {id} failed on its worker ({code}): {message}")]
+    JobFailed { id: Uuid, code: crate::protocol::ErrorCode, message: String },
     /// A request that waits for its job's end stopped waiting (504); the job goes on.
     #[error("job {id} has not ended: {why}; it goes on: follow it at GET /v1/jobs/{id}")]
     WaitTimeout { id: Uuid, why: String },
@@ -256,7 +259,7 @@ impl Jobs {
                 if keep(&status) {
                     matched += 1;
                     if matched > query.offset && jobs.len() < query.limit {
-                        jobs.push(status);
+                        jobs.push(status.shown());
                         last_shown = Some(*seq);
                     }
                 }

@@ -136,7 +136,11 @@ impl Queen {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let stop = tokio_util::sync::CancellationToken::new();
-        let api = config.api;
+        let mut api = config.api;
+        // An inline image travels inside its job's message: none over the bus's limit can be sent, and saying
+        // so in the limits (and refusing it by them, naming the field) spares decoding it first.
+        let max_payload = client.server_info().max_payload;
+        api.limits.max_inline_image_bytes = api.limits.max_inline_image_bytes.min(max_payload);
         let jobs = jobs::Jobs {
             bus: BusClient::from_parts(client, subjects).with_limits(api.limits.clone()),
             status,

@@ -59,6 +59,56 @@ pub fn idempotency_entry(caller: &str, key: &str) -> String {
     format!("idem-{}", hex::encode(&digest[..16]))
 }
 
+/// What an idempotency entry holds: the job that claimed the key and a fingerprint of its request, so that
+/// the key sent again with another request is told apart from a retry. (`<job id> <fingerprint>`; entries
+/// written before fingerprints hold the id alone, and match any request.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyClaim {
+    pub job_id: Uuid,
+    pub fingerprint: Option<String>,
+}
+
+impl KeyClaim {
+    /// `job_id`'s claim for a request of fingerprint `fingerprint` (see [`request_fingerprint`]).
+    pub fn new(job_id: Uuid, fingerprint: String) -> Self {
+        Self { job_id, fingerprint: Some(fingerprint) }
+    }
+
+    fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
+        let text = std::str::from_utf8(bytes)?;
+        let (id, fingerprint) = match text.split_once(' ') {
+            Some((id, fingerprint)) => (id, Some(fingerprint.to_string())),
+            None => (text, None),
+        };
+        Ok(Self { job_id: Uuid::parse_str(id)?, fingerprint })
+    }
+
+    /// Whether a request of `other`'s fingerprint may be answered with this claim's job.
+    pub fn same_request(&self, other: &KeyClaim) -> bool {
+        match (&self.fingerprint, &other.fingerprint) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.fingerprint {
+            Some(fingerprint) => write!(f, "{} {fingerprint}", self.job_id),
+            None => write!(f, "{}", self.job_id),
+        }
+    }
+}
+
+/// A digest of a submission as the client sent it (the body read, before any default is applied): the same
+/// request retried gives the same one.
+pub fn request_fingerprint(submission: &impl serde::Serialize) -> String {
+    use sha2::Digest;
+    let body = serde_json::to_vec(submission).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&body)[..16])
+}
+
 impl StatusStore {
     /// Creates or binds the bucket `name`; entries live for `max_age`.
     pub async fn open(js: &jetstream::Context, name: &str, max_age: Duration) -> anyhow::Result<Self> {
@@ -217,19 +267,19 @@ impl StatusStore {
         Ok(bytes)
     }
 
-    /// Maps an idempotency entry to `job_id` unless it already maps to a job: returns the job it maps to
-    /// (`None`: it did, and was released meanwhile).
-    pub async fn claim_idempotency(&self, entry: &str, job_id: Uuid) -> anyhow::Result<Option<Uuid>> {
-        if self.create_key(entry, job_id.to_string().into()).await? {
-            return Ok(Some(job_id));
+    /// Maps an idempotency entry to `claim` (a job and the fingerprint of its request) unless it already maps
+    /// to a job: returns the claim it holds (`None`: it did, and was released meanwhile).
+    pub async fn claim_idempotency(&self, entry: &str, claim: &KeyClaim) -> anyhow::Result<Option<KeyClaim>> {
+        if self.create_key(entry, claim.to_string().into()).await? {
+            return Ok(Some(claim.clone()));
         }
         self.idempotency_owner(entry).await
     }
 
-    /// The job an idempotency entry maps to, if any.
-    pub async fn idempotency_owner(&self, entry: &str) -> anyhow::Result<Option<Uuid>> {
+    /// The claim an idempotency entry holds, if any.
+    pub async fn idempotency_owner(&self, entry: &str) -> anyhow::Result<Option<KeyClaim>> {
         let Some(owner) = self.kv.get(entry).await? else { return Ok(None) };
-        Ok(Some(Uuid::parse_str(std::str::from_utf8(&owner)?).context("unreadable idempotency entry")?))
+        Ok(Some(KeyClaim::parse(&owner).context("unreadable idempotency entry")?))
     }
 
     /// Maps an idempotency entry to `job_id` instead of `stale`, if it has mapped to `stale` for `older_than`
@@ -238,16 +288,16 @@ impl StatusStore {
         &self,
         entry: &str,
         stale: Uuid,
-        job_id: Uuid,
+        claim: &KeyClaim,
         older_than: Duration,
     ) -> anyhow::Result<bool> {
         let Some(held) = self.kv.entry(entry).await? else { return Ok(false) };
         let age_ms = protocol::now_millis() as i128 - held.created.unix_timestamp_nanos() / 1_000_000;
-        let holder = std::str::from_utf8(&held.value).ok().and_then(|v| Uuid::parse_str(v).ok());
+        let holder = KeyClaim::parse(&held.value).ok().map(|c| c.job_id);
         if held.operation != kv::Operation::Put || holder != Some(stale) || age_ms < older_than.as_millis() as i128 {
             return Ok(false);
         }
-        Ok(self.kv.update(entry, job_id.to_string().into(), held.revision).await.is_ok())
+        Ok(self.kv.update(entry, claim.to_string().into(), held.revision).await.is_ok())
     }
 
     /// Whether job `job_id` has a record that is settled: one a submission may still remove (queued without
@@ -274,6 +324,21 @@ impl StatusStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_claim_tells_a_retry_from_another_request() {
+        let id = Uuid::new_v4();
+        let claim = KeyClaim::new(id, "abc".into());
+        assert_eq!(KeyClaim::parse(claim.to_string().as_bytes()).unwrap(), claim);
+        let old = KeyClaim::parse(id.to_string().as_bytes()).unwrap();
+        assert_eq!((old.job_id, old.fingerprint.as_deref()), (id, None), "an entry written before fingerprints");
+        assert!(claim.same_request(&KeyClaim::new(Uuid::new_v4(), "abc".into())));
+        assert!(!claim.same_request(&KeyClaim::new(Uuid::new_v4(), "abd".into())));
+        assert!(old.same_request(&claim), "an old entry matches any request");
+        let body = |prompt: &str| serde_json::json!({"model": "tiny", "prompt": prompt});
+        assert_eq!(request_fingerprint(&body("a")), request_fingerprint(&body("a")));
+        assert_ne!(request_fingerprint(&body("a")), request_fingerprint(&body("b")));
+    }
 
     #[test]
     fn idempotency_entries_depend_on_the_caller_and_are_kv_keys() {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
-use super::status::{idempotency_entry, StatusStore};
+use super::status::{idempotency_entry, KeyClaim, StatusStore};
 use super::webhooks::WebhookCheckError;
 use crate::api::{JobCheckError, JobState, JobStatus, JobSubmission, SubmitResponse, WebhookInfo, WebhookSpec};
 use crate::bus::PublishError;
@@ -90,21 +90,14 @@ impl Jobs {
         mut sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
+        let fingerprint = idempotency_key.is_some().then(|| super::status::request_fingerprint(&sub));
         let mut webhook = sub.webhook.take();
         let mut job = JobRequest::try_from(sub)?;
         job.idempotency_key = idempotency_key;
         self.expiry.apply_default(&mut job);
-        self.check(&job).await?;
-        if let Some(spec) = &mut webhook {
-            self.webhooks.check(spec).await.map_err(|e| match e {
-                WebhookCheckError::Invalid(e) => JobsError::from(e),
-                WebhookCheckError::NotKnownYet(e) => JobsError::Unavailable(anyhow::anyhow!("cannot check {e}")),
-            })?;
-        }
-        let queued =
-            |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
-        // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will
-        // be sent (the headers too, as long as a requeued copy's), instead of failing later.
+        // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will be
+        // sent (the headers too, as long as a requeued copy's), instead of failing later; and before its inline
+        // images are decoded (the queen's two decoders are shared by every caller).
         let max_payload = self.bus.nats().max_payload();
         let size = crate::bus::job_message_size(job.id, protocol::encode(&job).len());
         if size > max_payload {
@@ -116,11 +109,31 @@ impl Jobs {
                 ),
             });
         }
+        self.check(&job).await?;
+        if let Some(spec) = &mut webhook {
+            self.webhooks.check(spec).await.map_err(|e| match e {
+                WebhookCheckError::Invalid(e) => JobsError::from(e),
+                WebhookCheckError::NotKnownYet(e) => JobsError::Unavailable(anyhow::anyhow!("cannot check {e}")),
+            })?;
+        }
+        let queued =
+            |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
         let mut claim = None;
         if let Some(key) = &job.idempotency_key {
             let entry = idempotency_entry(caller, key);
-            if let Some(owner) = self.claim_key(&entry, job.id).await? {
-                return Ok(SubmitResponse::new(owner, false));
+            let ours = KeyClaim::new(job.id, fingerprint.unwrap_or_default());
+            if let Some(owner) = self.claim_key(&entry, &ours).await? {
+                if !owner.same_request(&ours) {
+                    return Err(JobsError::invalid(
+                        "Idempotency-Key",
+                        format!(
+                            "was sent before with another request (job {}): a retry sends the same body; a new job \
+                             needs a new key",
+                            owner.job_id
+                        ),
+                    ));
+                }
+                return Ok(SubmitResponse::new(owner.job_id, false));
             }
             claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
         }
@@ -188,19 +201,20 @@ impl Jobs {
     /// place, written less than [`SETTLING`] ago), waits for the record to settle or the claim to go (a job
     /// id that never exists, answered now, would answer 404 for ever), up to [`CLAIM_WAIT`], then answers
     /// 503. A claim without a record for [`STALE_CLAIM`] (its queen stopped in between) is taken over.
-    async fn claim_key(&self, entry: &str, id: Uuid) -> JobsResult<Option<Uuid>> {
-        let waited = tokio::time::Instant::now();
+    async fn claim_key(&self, entry: &str, claim: &KeyClaim) -> JobsResult<Option<KeyClaim>> {
+        let (waited, id) = (tokio::time::Instant::now(), claim.job_id);
         loop {
-            match self.status.claim_idempotency(entry, id).await.map_err(JobsError::bus)? {
-                Some(owner) if owner == id => return Ok(None),
-                Some(owner) => match self.status.settled(owner, SETTLING).await.map_err(JobsError::bus)? {
-                    Some(true) => return Ok(Some(owner)),
+            match self.status.claim_idempotency(entry, claim).await.map_err(JobsError::bus)? {
+                Some(owner) if owner.job_id == id => return Ok(None),
+                Some(held) => match self.status.settled(held.job_id, SETTLING).await.map_err(JobsError::bus)? {
+                    Some(true) => return Ok(Some(held)),
                     // Its first publish may still fail, and the record go with it.
                     Some(false) => {}
                     None => {
-                        let took = self.status.take_over_idempotency(entry, owner, id, STALE_CLAIM).await;
+                        let stale = held.job_id;
+                        let took = self.status.take_over_idempotency(entry, stale, claim, STALE_CLAIM).await;
                         if took.map_err(JobsError::bus)? {
-                            tracing::warn!(job_id = %id, stale = %owner, "an idempotency key held by a job that was never recorded is taken over");
+                            tracing::warn!(job_id = %id, %stale, "an idempotency key held by a job that was never recorded is taken over");
                             return Ok(None);
                         }
                     }
@@ -347,11 +361,9 @@ impl Jobs {
             }
         }
         if self.models.require_known && !self.accepts_model(&job.model).await? {
-            let known: Vec<String> = self.catalogue().await;
-            let listed = match known.len() {
-                0 => "none".to_string(),
-                n if n <= 10 => known.join(", "),
-                n => format!("{}, and {} more", known[..10].join(", "), n - 10),
+            let listed = match self.catalogue().await {
+                known if known.is_empty() => "none".to_string(),
+                known => first_ten(&known),
             };
             return Err(JobsError::invalid(
                 "model",
@@ -397,5 +409,13 @@ impl Jobs {
             },
         }
         Ok(())
+    }
+}
+
+/// `names`, the first ten of them at most (a catalogue may hold thousands), for a message.
+pub(crate) fn first_ten(names: &[String]) -> String {
+    match names.len() {
+        n if n <= 10 => names.join(", "),
+        n => format!("{}, and {} more", names[..10].join(", "), n - 10),
     }
 }

@@ -207,7 +207,7 @@ async fn every_validation_error_names_its_field() {
         (with("mask", b64(&png).into()), 422, "INVALID_REQUEST", Some("mask")),
         (with("unknown_knob", 1.into()), 422, "INVALID_REQUEST", Some("unknown_knob")),
         (with("width", "wide".into()), 422, "INVALID_REQUEST", Some("width")),
-        (serde_json::json!({"prompt": "no model"}), 422, "INVALID_REQUEST", None),
+        (serde_json::json!({"prompt": "no model"}), 422, "INVALID_REQUEST", Some("model")),
     ];
     for (body, status, code, field) in cases {
         let got = post(body.clone()).await;
@@ -237,6 +237,18 @@ async fn every_validation_error_names_its_field() {
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
+    // The media type is JSON's whatever its case, and only JSON's.
+    for (content_type, status) in [("Application/JSON; charset=utf-8", 422), ("application/jsonp", 415)] {
+        let r = http
+            .post(format!("{}/v1/jobs", queen.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", content_type)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{content_type}");
+    }
     let huge = with("prompt", "y".repeat(300 * 1024).into());
     let r = http.post(format!("{}/v1/jobs", queen.base)).bearer_auth(TOKEN).json(&huge).send().await.unwrap();
     assert_eq!(r.status(), 413);
@@ -337,6 +349,10 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     let again = c.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
     assert!(first.created && !again.created);
     assert_eq!(first.job_id, again.job_id);
+    // The key sent with another request is a client's mistake, not a retry: 422, naming the key's job.
+    let err = api_error(c.submit(&tiny(2, 4), Some("order-42")).await.unwrap_err());
+    assert_eq!((err.status, err.field.as_deref()), (422, Some("Idempotency-Key")), "{}", err.message);
+    assert!(err.message.contains(&first.job_id.to_string()), "{}", err.message);
     let other = QueenClient::new(&queen.base, Some(OTHER_TOKEN.into())).unwrap();
     let theirs = other.submit(&tiny(2, 3), Some("order-42")).await.unwrap();
     assert_ne!(theirs.job_id, first.job_id);

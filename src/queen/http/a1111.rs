@@ -23,7 +23,9 @@ use crate::queen::jobs::JobsError;
 #[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "compatible", operation_id = "a1111_txt2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody),
+        (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 502, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn txt2img(
     State(state): State<AppState>,
@@ -37,7 +39,9 @@ pub(super) async fn txt2img(
 #[utoipa::path(post, path = "/sdapi/v1/img2img", tag = "compatible", operation_id = "a1111_img2img", request_body = A1111Request,
     responses((status = 200, body = A1111Response), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody),
+        (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 502, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn img2img(
     State(state): State<AppState>,
@@ -59,6 +63,7 @@ async fn generate(
     let model = choose_model(state, request.checkpoint(), "override_settings.sd_model_checkpoint").await?;
     let mut job =
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
+    let slot = caller.open_stream(state)?;
     // A1111's clients send images inline only: those too large for a job message go by the store.
     if let Some(ImageInput::Base64(text)) = job.init_image.take() {
         job.init_image = Some(carried_base64(state, text, "init_images").await?);
@@ -66,7 +71,7 @@ async fn generate(
     if let Some(ImageInput::Base64(text)) = job.mask.take() {
         job.mask = Some(carried_base64(state, text, "mask").await?);
     }
-    let finished = submit_and_wait(state, caller, job, a1111::FIELD_NAMES, |id| {
+    let finished = submit_and_wait(state, caller, slot, job, a1111::FIELD_NAMES, |id| {
         state.a1111_jobs.lock().insert(caller.id.clone(), id);
     })
     .await?;

@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::ApiResult;
+use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::openai::OPENAI_MODEL_NAMES;
 use crate::api::{ImageInput, JobSubmission};
@@ -23,7 +24,8 @@ pub(super) async fn choose_model(state: &AppState, asked: Option<String>, field:
         [only] => Ok(only.clone()),
         [] => Err(AppError::invalid(field, "no model is served yet; name one")),
         several => {
-            Err(AppError::invalid(field, format!("name one of {} (no --compat-model default)", several.join(", "))))
+            let several = crate::queen::submit::first_ten(several);
+            Err(AppError::invalid(field, format!("name one of {several} (no --compat-model default)")))
         }
     }
 }
@@ -56,19 +58,38 @@ pub(super) async fn carried_base64(state: &AppState, text: String, field: &str) 
     carried(state, bytes, field).await
 }
 
-/// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding one of the
-/// caller's streams meanwhile. `submitted` hears the job's id first. A job refused names its field as the
-/// client calls it (`names`: native to theirs). Once the job is submitted, every error names the job and
-/// tells clients not to retry on their own: a retry would be a second job.
+/// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding `slot`, one of the
+/// caller's streams (taken before its images were carried: a caller at its cap stores nothing), meanwhile.
+/// `submitted` hears the job's id first. A job refused names its field as the client calls it (`names`:
+/// native to theirs), and its images stored by [`carried`] are deleted. Once the job is submitted, every
+/// error names the job and tells clients not to retry on their own: a retry would be a second job.
 pub(super) async fn submit_and_wait(
     state: &AppState,
     caller: &Caller,
+    slot: Option<StreamSlot>,
     job: JobSubmission,
     names: &[(&str, &str)],
     submitted: impl FnOnce(Uuid),
 ) -> ApiResult<Finished> {
-    let _slot = caller.open_stream(state)?;
-    let job_id = caller.submit(state, job, None).await.map_err(|e| in_their_words(e, names))?.job_id;
+    let _slot = slot;
+    let stored: Vec<String> = [&job.init_image, &job.mask]
+        .into_iter()
+        .filter_map(|input| match input {
+            Some(ImageInput::Upload { object_key }) => Some(object_key.clone()),
+            _ => None,
+        })
+        .collect();
+    let job_id = match caller.submit(state, job, None).await {
+        Ok(submitted) => submitted.job_id,
+        Err(e) => {
+            for key in stored {
+                if let Err(gone) = state.jobs.store.delete(&key).await {
+                    tracing::warn!(key, error = %gone, "cannot delete the input of a refused request");
+                }
+            }
+            return Err(in_their_words(e, names));
+        }
+    };
     submitted(job_id);
     state
         .jobs

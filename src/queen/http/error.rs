@@ -76,6 +76,7 @@ impl From<JobsError> for AppError {
             JobsError::NotCompleted { .. } => Self::new(ApiErrorCode::NotCompleted, message),
             JobsError::Unavailable(_) => Self::new(ApiErrorCode::Unavailable, message),
             JobsError::WaitTimeout { .. } => Self::new(ApiErrorCode::WaitTimeout, message),
+            JobsError::JobFailed { .. } => Self::new(ApiErrorCode::JobFailed, message),
             JobsError::Internal(_) => Self::new(ApiErrorCode::Internal, message),
         }
     }
@@ -84,7 +85,8 @@ impl From<JobsError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if self.code == ApiErrorCode::WaitTimeout {
+        // Neither is the queen's failure: a job that goes on, or one that failed on its worker (logged there).
+        if matches!(self.code, ApiErrorCode::WaitTimeout | ApiErrorCode::JobFailed) {
             tracing::info!(code = %self.code, "{}", self.message);
         } else if status.is_server_error() {
             tracing::error!(code = %self.code, "{}", self.message);

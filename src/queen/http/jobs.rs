@@ -23,7 +23,8 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|t| t.starts_with("application/json"));
+        // A media type's name is case-insensitive; its parameters (`; charset=utf-8`) are not looked at.
+        .is_none_or(|t| t.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
     if !json_type {
         return Err(AppError::new(ApiErrorCode::UnsupportedMediaType, "send application/json"));
     }

@@ -11,6 +11,7 @@ use super::auth::Caller;
 use super::compat::{carried, choose_model, submit_and_wait};
 use super::error::ApiResult;
 use super::jobs::parse_body;
+use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::openai::{self, OpenAiImage, OpenAiImageRequest, OpenAiImagesResponse, ResponseFormat};
 use crate::api::{ApiErrorBody, ImageInput};
@@ -20,7 +21,9 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 #[utoipa::path(post, path = "/v1/images/generations", tag = "compatible", operation_id = "openai_generations", request_body = OpenAiImageRequest,
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody),
+        (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 502, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn generations(
     State(state): State<AppState>,
@@ -29,7 +32,8 @@ pub(super) async fn generations(
     body: Bytes,
 ) -> ApiResult<Json<OpenAiImagesResponse>> {
     let request: OpenAiImageRequest = parse_body(&headers, &body)?;
-    answer(&state, &caller, &headers, request, None, None).await
+    let slot = caller.open_stream(&state)?;
+    answer(&state, &caller, slot, &headers, request, None, None).await
 }
 
 /// `multipart/form-data`: `image` (or `image[]`, the first), `mask` (transparent = redraw, OpenAI's
@@ -38,7 +42,9 @@ pub(super) async fn generations(
     request_body(content = String, content_type = "multipart/form-data"),
     responses((status = 200, body = OpenAiImagesResponse), (status = 401, body = ApiErrorBody),
         (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody),
-        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody)),
+        (status = 429, body = ApiErrorBody), (status = 504, body = ApiErrorBody),
+        (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
+        (status = 415, body = ApiErrorBody), (status = 502, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn edits(
     State(state): State<AppState>,
@@ -47,7 +53,7 @@ pub(super) async fn edits(
     mut form: Multipart,
 ) -> ApiResult<Json<OpenAiImagesResponse>> {
     let (mut image, mut mask, mut fields) = (None, None, serde_json::Map::new());
-    while let Some(part) = form.next_field().await.map_err(|e| AppError::invalid("multipart", e.body_text()))? {
+    while let Some(part) = form.next_field().await.map_err(|e| AppError::malformed("multipart", e.body_text()))? {
         let name = part.name().unwrap_or_default().to_string();
         let bytes = part.bytes().await.map_err(|e| AppError::invalid(&name, e.body_text()))?;
         match name.as_str() {
@@ -63,6 +69,7 @@ pub(super) async fn edits(
         }
     }
     let image = image.ok_or_else(|| AppError::invalid("image", "an edit needs an image"))?;
+    let slot = caller.open_stream(&state)?;
     let request: OpenAiImageRequest =
         serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
             // `.` is the form as a whole (a missing field): the message names what is missing.
@@ -76,7 +83,7 @@ pub(super) async fn edits(
         None => None,
     };
     let init = carried(&state, image.to_vec(), "image").await?;
-    answer(&state, &caller, &headers, request, Some(init), mask).await
+    answer(&state, &caller, slot, &headers, request, Some(init), mask).await
 }
 
 /// OpenAI's text fields: text whatever they read as (a prompt of `1984`).
@@ -139,6 +146,7 @@ async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> ApiResult<Option<Vec
 async fn answer(
     state: &AppState,
     caller: &Caller,
+    slot: Option<StreamSlot>,
     headers: &HeaderMap,
     request: OpenAiImageRequest,
     init: Option<ImageInput>,
@@ -149,7 +157,7 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
-    let finished = submit_and_wait(state, caller, job, openai::FIELD_NAMES, |_| {}).await?;
+    let finished = submit_and_wait(state, caller, slot, job, openai::FIELD_NAMES, |_| {}).await?;
     let job_id = finished.job_id;
     let origin = origin(headers);
     let data = finished

@@ -26,8 +26,16 @@ pub fn parse_json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiErrorDe
         // serde_json quotes what it could not read: keep the message short whatever the body held.
         let mut message = format!("invalid JSON body: {inner}");
         protocol::cut(&mut message, protocol::MAX_ERROR_MESSAGE_BYTES);
-        // `.` is the whole body; `?` a place the parser could not name (a syntax error).
-        let field = (path != "." && path != "?").then(|| protocol::truncate(&path, 128).to_string());
+        // `.` is the whole body; `?` a place the parser could not name (a syntax error). A field left out is
+        // named by the message only, at the path of the object that lacks it.
+        let missing = message.strip_prefix("invalid JSON body: missing field `").and_then(|m| m.split('`').next());
+        let field = match (path.as_str(), missing) {
+            ("." | "?", None) => None,
+            (".", Some(missing)) => Some(missing.to_string()),
+            (path, Some(missing)) => Some(format!("{path}.{missing}")),
+            (path, None) => Some(path.to_string()),
+        };
+        let field = field.map(|f| protocol::truncate(&f, 128).to_string());
         ApiErrorDetail { code, message, field }
     })?;
     // Anything but whitespace after the value is not one JSON body (a second object, a stray byte).
@@ -136,7 +144,13 @@ mod tests {
             // One JSON value, nothing after it (whitespace aside).
             (r#"{"model": "tiny", "prompt": "x"}garbage"#, ApiErrorCode::MalformedRequest, None),
             (r#"{"model": "tiny", "prompt": "x"} {"model": "tiny"}"#, ApiErrorCode::MalformedRequest, None),
-            (r#"{"prompt": "x"}"#, ApiErrorCode::InvalidRequest, None),
+            // A field left out is named.
+            (r#"{"prompt": "x"}"#, ApiErrorCode::InvalidRequest, Some("model")),
+            (
+                r#"{"model": "tiny", "prompt": "x", "webhook": {"events": ["completed"]}}"#,
+                ApiErrorCode::InvalidRequest,
+                Some("webhook.url"),
+            ),
         ];
         for (body, code, field) in cases {
             let e = check(body).unwrap_err();

@@ -45,6 +45,10 @@ pub enum ApiErrorCode {
     InvalidRequest,
     /// 500: a bug in the queen.
     Internal,
+    /// 502: an OpenAI or AUTOMATIC1111 request's job failed on its worker for another reason than the request
+    /// (the job's error code, `TIMEOUT`, `OUT_OF_MEMORY`, `MODEL_UNAVAILABLE`, `STORAGE` or `INTERNAL`, and its
+    /// message are quoted; one the worker found invalid is `INVALID_REQUEST`). Sent with `x-should-retry: false`.
+    JobFailed,
     /// 503: NATS or the object store cannot be reached now; retry after `Retry-After`.
     Unavailable,
     /// 504: an OpenAI or AUTOMATIC1111 request stopped waiting for its job (the queen's wait passed, or it is
@@ -73,6 +77,7 @@ impl ApiErrorCode {
             Self::UnsupportedMediaType => 415,
             Self::InvalidRequest => 422,
             Self::Internal | Self::Other => 500,
+            Self::JobFailed => 502,
             Self::Unavailable => 503,
             Self::WaitTimeout => 504,
             Self::TooManyStreams => 429,
@@ -154,7 +159,7 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 14, "only the two 409s share a status");
+        assert_eq!(statuses.len(), 15, "only the two 409s share a status");
         let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }
