@@ -62,6 +62,38 @@ pub fn resolve_hub(spec: &str, opts: &ModelOptions) -> anyhow::Result<crate::hub
     }
 }
 
+/// Where a model's weights come from: made up from a seed, one checkpoint file, or a diffusers folder (local,
+/// or a Hub snapshot).
+enum Weights {
+    Random,
+    File(PathBuf),
+    Folder(crate::hub::ResolvedModel),
+}
+
+impl Weights {
+    /// `spec` (`random:…`, a single-file `.safetensors` or pickle checkpoint, a local folder, a Hub repo id or
+    /// a short name) resolved as `opts` says.
+    fn of(spec: &str, opts: &ModelOptions) -> anyhow::Result<Self> {
+        if spec.starts_with(RANDOM_PREFIX) {
+            return Ok(Weights::Random);
+        }
+        let path = std::path::Path::new(spec);
+        if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
+            return Ok(Weights::File(path.to_path_buf()));
+        }
+        Ok(Weights::Folder(resolve_hub(spec, opts)?))
+    }
+
+    /// Their [`LoadedModel::weights_stamp`].
+    fn stamp(&self, spec: &str, opts: &ModelOptions) -> String {
+        match self {
+            Weights::Random => spec.to_string(),
+            Weights::File(path) => weights_stamp(path, opts),
+            Weights::Folder(resolved) => weights_stamp(&resolved.dir, opts),
+        }
+    }
+}
+
 /// Resolves `spec` (a local folder, a single-file `.safetensors` checkpoint, a Hub repo id or a short name)
 /// and loads it as `opts` says.
 pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel> {
@@ -75,42 +107,30 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
         vae: opts.vae.clone(),
         prediction_type: opts.prediction_type.clone(),
     };
-    if let Some(rest) = spec.strip_prefix(RANDOM_PREFIX) {
-        let (arch, seed) = parse_random(rest)?;
-        let pipeline = StableDiffusion::random(arch, seed, &load_opts)?;
-        let load_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let weights_stamp = spec.to_string();
-        return Ok(LoadedModel { pipeline, entry: None, display: spec.to_string(), weights_stamp, load_ms });
-    }
-    let path = std::path::Path::new(spec);
-    if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
-        let pipeline = StableDiffusion::load(path, &load_opts).with_context(|| format!("cannot load model {spec}"))?;
-        let load_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let weights_stamp = weights_stamp(path, opts);
-        return Ok(LoadedModel { pipeline, entry: None, display: spec.to_string(), weights_stamp, load_ms });
-    }
-    let resolved = resolve_hub(spec, opts)?;
-    let pipeline = StableDiffusion::load(&resolved.dir, &load_opts)
-        .with_context(|| format!("cannot load model {}", resolved.display))?;
-    Ok(LoadedModel {
-        pipeline,
-        entry: resolved.entry,
-        display: resolved.display,
-        weights_stamp: weights_stamp(&resolved.dir, opts),
-        load_ms: start.elapsed().as_secs_f64() * 1000.0,
-    })
+    let weights = Weights::of(spec, opts)?;
+    let weights_stamp = weights.stamp(spec, opts);
+    let (pipeline, entry, display) = match weights {
+        Weights::Random => {
+            let (arch, seed) = parse_random(spec.strip_prefix(RANDOM_PREFIX).unwrap_or_default())?;
+            (StableDiffusion::random(arch, seed, &load_opts)?, None, spec.to_string())
+        }
+        Weights::File(path) => {
+            let pipeline =
+                StableDiffusion::load(&path, &load_opts).with_context(|| format!("cannot load model {spec}"))?;
+            (pipeline, None, spec.to_string())
+        }
+        Weights::Folder(resolved) => {
+            let pipeline = StableDiffusion::load(&resolved.dir, &load_opts)
+                .with_context(|| format!("cannot load model {}", resolved.display))?;
+            (pipeline, resolved.entry, resolved.display)
+        }
+    };
+    Ok(LoadedModel { pipeline, entry, display, weights_stamp, load_ms: start.elapsed().as_secs_f64() * 1000.0 })
 }
 
 /// [`LoadedModel::weights_stamp`] of `spec` as it would load now with `opts`, without loading it.
 pub fn weights_stamp_of(spec: &str, opts: &ModelOptions) -> anyhow::Result<String> {
-    if spec.starts_with(RANDOM_PREFIX) {
-        return Ok(spec.to_string());
-    }
-    let path = std::path::Path::new(spec);
-    if path.is_file() || crate::diffusion::checkpoint::is_pickle(path) {
-        return Ok(weights_stamp(path, opts));
-    }
-    Ok(weights_stamp(&resolve_hub(spec, opts)?.dir, opts))
+    Ok(Weights::of(spec, opts)?.stamp(spec, opts))
 }
 
 /// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are, but not into a

@@ -193,7 +193,8 @@ async fn every_event_arrives_once_signed_across_a_queen_restart_and_failed_deliv
     late.webhook = Some(WebhookSpec::new(&receiver.url, &[WebhookEvent::Completed, WebhookEvent::Failed]));
     let failed = c.submit(&late, None).await.unwrap().job_id;
     let view = c.status(id).await.unwrap();
-    assert_eq!(view.status.webhook.as_ref().map(|w| w.url.as_str()), Some(receiver.url.as_str()));
+    let origin = receiver.url.trim_end_matches("/hook");
+    assert_eq!(view.status.webhook.as_ref().map(|w| w.url.clone()), Some(format!("{origin}/…")));
     let listed = c.jobs("").await.unwrap().jobs;
     assert!(listed.iter().all(|j| !j.webhook.as_ref().unwrap().url.contains("S3CRET")), "{listed:?}");
 

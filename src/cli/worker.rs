@@ -65,7 +65,7 @@ pub struct WorkerArgs {
     /// How long a running batch may go without finishing a step, a VAE call or a tile of a tiled decode once
     /// one of its jobs was told to stop (and at least three times its longest such wait, counting the one it was
     /// in when told; a whole-image decode is one call, so keep it above a decode's time; before a batch's first step
-    /// ends it is scaled by the batch's work over one guided 1024² image's, rows × pixels²): past it the device is taken for hung, the job is
+    /// ends it is scaled by the batch's work over one guided 1024² image's, rows × pixels², up to six times): past it the device is taken for hung, the job is
     /// reported as stopped, and the worker drains and exits with an error so that its supervisor restarts it.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub stall_timeout: Duration,

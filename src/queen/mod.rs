@@ -137,8 +137,8 @@ impl Queen {
         let addr = listener.local_addr()?;
         let stop = tokio_util::sync::CancellationToken::new();
         let mut api = config.api;
-        // An inline image travels inside its job's message: none over the bus's limit can be sent, and saying
-        // so in the limits (and refusing it by them, naming the field) spares decoding it first.
+        // An inline image travels inside its job's message: none over the bus's limit can be sent, and the
+        // limits say so (`GET /v1/limits`, which the web UI reads to upload larger ones first).
         let max_payload = client.server_info().max_payload;
         api.limits.max_inline_image_bytes = api.limits.max_inline_image_bytes.min(max_payload);
         let jobs = jobs::Jobs {

@@ -59,9 +59,10 @@ pub fn idempotency_entry(caller: &str, key: &str) -> String {
     format!("idem-{}", hex::encode(&digest[..16]))
 }
 
-/// What an idempotency entry holds: the job that claimed the key and a fingerprint of its request, so that
-/// the key sent again with another request is told apart from a retry. (`<job id> <fingerprint>`; entries
-/// written before fingerprints hold the id alone, and match any request.)
+/// An idempotency key's claim: the job that claimed it and a fingerprint of its request, so that the key
+/// sent again with another request is told apart from a retry. The entry holds the job id; the fingerprint
+/// is kept beside it (`<entry>-body`: `<job id> <fingerprint>`); a claim without one (written by an earlier
+/// version) matches any request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyClaim {
     pub job_id: Uuid,
@@ -74,15 +75,6 @@ impl KeyClaim {
         Self { job_id, fingerprint: Some(fingerprint) }
     }
 
-    fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
-        let text = std::str::from_utf8(bytes)?;
-        let (id, fingerprint) = match text.split_once(' ') {
-            Some((id, fingerprint)) => (id, Some(fingerprint.to_string())),
-            None => (text, None),
-        };
-        Ok(Self { job_id: Uuid::parse_str(id)?, fingerprint })
-    }
-
     /// Whether a request of `other`'s fingerprint may be answered with this claim's job.
     pub fn same_request(&self, other: &KeyClaim) -> bool {
         match (&self.fingerprint, &other.fingerprint) {
@@ -92,13 +84,9 @@ impl KeyClaim {
     }
 }
 
-impl std::fmt::Display for KeyClaim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.fingerprint {
-            Some(fingerprint) => write!(f, "{} {fingerprint}", self.job_id),
-            None => write!(f, "{}", self.job_id),
-        }
-    }
+/// Where an idempotency entry's request fingerprint is kept.
+fn fingerprint_key(entry: &str) -> String {
+    format!("{entry}-body")
 }
 
 /// A digest of a submission as the client sent it (the body read, before any default is applied): the same
@@ -270,7 +258,8 @@ impl StatusStore {
     /// Maps an idempotency entry to `claim` (a job and the fingerprint of its request) unless it already maps
     /// to a job: returns the claim it holds (`None`: it did, and was released meanwhile).
     pub async fn claim_idempotency(&self, entry: &str, claim: &KeyClaim) -> anyhow::Result<Option<KeyClaim>> {
-        if self.create_key(entry, claim.to_string().into()).await? {
+        if self.create_key(entry, claim.job_id.to_string().into()).await? {
+            self.keep_fingerprint(entry, claim).await;
             return Ok(Some(claim.clone()));
         }
         self.idempotency_owner(entry).await
@@ -279,11 +268,28 @@ impl StatusStore {
     /// The claim an idempotency entry holds, if any.
     pub async fn idempotency_owner(&self, entry: &str) -> anyhow::Result<Option<KeyClaim>> {
         let Some(owner) = self.kv.get(entry).await? else { return Ok(None) };
-        Ok(Some(KeyClaim::parse(&owner).context("unreadable idempotency entry")?))
+        let job_id = Uuid::parse_str(std::str::from_utf8(&owner)?).context("unreadable idempotency entry")?;
+        // The fingerprint kept for this job (an older claim's, or none, matches any request).
+        let kept = self.kv.get(fingerprint_key(entry)).await.ok().flatten();
+        let fingerprint = kept.and_then(|kept| {
+            let (id, fingerprint) = std::str::from_utf8(&kept).ok()?.split_once(' ')?;
+            (Uuid::parse_str(id).ok()? == job_id).then(|| fingerprint.to_string())
+        });
+        Ok(Some(KeyClaim { job_id, fingerprint }))
     }
 
-    /// Maps an idempotency entry to `job_id` instead of `stale`, if it has mapped to `stale` for `older_than`
-    /// or longer; whether it now maps to `job_id`.
+    /// Keeps `claim`'s fingerprint beside its entry, apart from it: queens that read the entry as a job id
+    /// alone (of an earlier version, during a rolling update) still read it.
+    async fn keep_fingerprint(&self, entry: &str, claim: &KeyClaim) {
+        let Some(fingerprint) = &claim.fingerprint else { return };
+        let value = format!("{} {fingerprint}", claim.job_id);
+        if let Err(e) = self.kv.put(fingerprint_key(entry), value.into()).await {
+            tracing::warn!(job_id = %claim.job_id, error = %e, "cannot keep an idempotency key's request fingerprint: the key will answer any body");
+        }
+    }
+
+    /// Maps an idempotency entry to `claim` instead of `stale`, if it has mapped to `stale` for `older_than`
+    /// or longer; whether it now maps to `claim`.
     pub async fn take_over_idempotency(
         &self,
         entry: &str,
@@ -293,11 +299,15 @@ impl StatusStore {
     ) -> anyhow::Result<bool> {
         let Some(held) = self.kv.entry(entry).await? else { return Ok(false) };
         let age_ms = protocol::now_millis() as i128 - held.created.unix_timestamp_nanos() / 1_000_000;
-        let holder = KeyClaim::parse(&held.value).ok().map(|c| c.job_id);
+        let holder = std::str::from_utf8(&held.value).ok().and_then(|v| Uuid::parse_str(v).ok());
         if held.operation != kv::Operation::Put || holder != Some(stale) || age_ms < older_than.as_millis() as i128 {
             return Ok(false);
         }
-        Ok(self.kv.update(entry, claim.to_string().into(), held.revision).await.is_ok())
+        if self.kv.update(entry, claim.job_id.to_string().into(), held.revision).await.is_err() {
+            return Ok(false);
+        }
+        self.keep_fingerprint(entry, claim).await;
+        Ok(true)
     }
 
     /// Whether job `job_id` has a record that is settled: one a submission may still remove (queued without
@@ -318,6 +328,7 @@ impl StatusStore {
 
     pub async fn release_idempotency(&self, entry: &str) {
         let _ = self.kv.delete(entry).await;
+        let _ = self.kv.delete(fingerprint_key(entry)).await;
     }
 }
 
@@ -329,9 +340,7 @@ mod tests {
     fn a_key_claim_tells_a_retry_from_another_request() {
         let id = Uuid::new_v4();
         let claim = KeyClaim::new(id, "abc".into());
-        assert_eq!(KeyClaim::parse(claim.to_string().as_bytes()).unwrap(), claim);
-        let old = KeyClaim::parse(id.to_string().as_bytes()).unwrap();
-        assert_eq!((old.job_id, old.fingerprint.as_deref()), (id, None), "an entry written before fingerprints");
+        let old = KeyClaim { job_id: id, fingerprint: None };
         assert!(claim.same_request(&KeyClaim::new(Uuid::new_v4(), "abc".into())));
         assert!(!claim.same_request(&KeyClaim::new(Uuid::new_v4(), "abd".into())));
         assert!(old.same_request(&claim), "an old entry matches any request");

@@ -95,6 +95,7 @@ impl Jobs {
         let mut job = JobRequest::try_from(sub)?;
         job.idempotency_key = idempotency_key;
         self.expiry.apply_default(&mut job);
+        self.check_rules(&job)?;
         // NATS refuses messages over its max_payload (1 MiB by default): say so at once, counting what will be
         // sent (the headers too, as long as a requeued copy's), instead of failing later; and before its inline
         // images are decoded (the queen's two decoders are shared by every caller).
@@ -350,11 +351,16 @@ impl Jobs {
     }
 
     /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
-    async fn check(&self, job: &JobRequest) -> JobsResult<()> {
+    /// The job's rules, which need nothing but the job (an inline image over the limit named).
+    fn check_rules(&self, job: &JobRequest) -> JobsResult<()> {
         crate::api::check_job(job, &self.limits).map_err(|e| match e {
             JobCheckError::TooLarge { field, message } => JobsError::TooLarge { field: Some(field), message },
             JobCheckError::Invalid(e) => JobsError::Invalid(e),
-        })?;
+        })
+    }
+
+    /// What the job's rules cannot tell: its images decode (or exist), its model is the fleet's.
+    async fn check(&self, job: &JobRequest) -> JobsResult<()> {
         for (field, image) in [("init_image", &job.init_image), ("mask", &job.mask)] {
             if let Some(source) = image {
                 self.check_image(source, field).await?;

@@ -26,8 +26,9 @@ pub struct Ticket {
     pub cancel: CancelFlag,
     pub on_step: Box<dyn FnMut(&StepInfo) + Send>,
     pub done: oneshot::Sender<Result<GenerationOutput, GenerateError>>,
-    /// Told when the ticket's batch starts (the job's time limit counts from then), with the batch's beat.
-    pub started: Option<oneshot::Sender<Arc<BatchBeat>>>,
+    /// Told when the ticket's batch starts (the job's time limit counts from then), with the batch's beat; and
+    /// again, with its own, when it runs again alone after its batch failed.
+    pub started: Option<mpsc::UnboundedSender<Arc<BatchBeat>>>,
     /// The job's priority: the highest waiting leads the next batch.
     pub priority: Priority,
 }
@@ -48,15 +49,20 @@ pub struct BatchBeat {
 
 /// The work of a first step, which stands in for its unknown length until one ends, as a multiple of a
 /// reference batch (one 1024² image with guidance: two UNet rows): rows times pixels squared (attention's
-/// cost at the top levels), never below 1. The stall timeout is the reference's patience; a 2048² batch of
-/// eight guided images on a CPU may take hours for its first step, and a stop early in it is no hang.
+/// cost at the top levels), from 1 to [`MAX_FIRST_STEP_SCALE`]. The stall timeout is the reference's
+/// patience; a 2048² batch of eight guided images on a CPU may take an hour for its first step, and a stop
+/// early in it is no hang. (Past the cap, a device busy that long on a stopped job's step is better restarted
+/// than waited for, hung or not; and a hung one is found within the hour.)
 pub fn first_step_scale(requests: &[&GenerationRequest]) -> f64 {
     const REFERENCE_ROWS: f64 = 2.0;
     const REFERENCE_PIXELS: f64 = 1024.0 * 1024.0;
     let rows: f64 = requests.iter().map(|r| (r.num_images * if r.guidance_scale > 1.0 { 2 } else { 1 }) as f64).sum();
     let pixels = requests.iter().map(|r| (r.width * r.height) as f64).fold(0.0, f64::max);
-    ((rows / REFERENCE_ROWS) * (pixels / REFERENCE_PIXELS).powi(2)).max(1.0)
+    ((rows / REFERENCE_ROWS) * (pixels / REFERENCE_PIXELS).powi(2)).clamp(1.0, MAX_FIRST_STEP_SCALE)
 }
+
+/// The most [`first_step_scale`] grows the stall timeout: an hour at its default of 10 minutes.
+pub const MAX_FIRST_STEP_SCALE: f64 = 6.0;
 
 impl BatchBeat {
     fn new(first_step_scale: f64) -> Self {
@@ -308,16 +314,10 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
 /// for (a batch too large for the device's memory, as like as not) run again one by one, rather than all fail
 /// their delivery together, come back together, be batched together and fail again.
 fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
-    let beat = Arc::new(BatchBeat::new(first_step_scale(&batch.iter().map(|t| &t.request).collect::<Vec<_>>())));
-    for ticket in batch.iter_mut() {
-        if let Some(started) = ticket.started.take() {
-            let _ = started.send(beat.clone());
-        }
-    }
-    let mut results = run_members(&mut batch.iter_mut().collect::<Vec<_>>(), &beat, step_delay);
+    let mut results = run_members(&mut batch.iter_mut().collect::<Vec<_>>(), step_delay);
     // (A member cancelled meanwhile ends at once, before its first step.)
     run_alone_after_a_shared_failure(&mut batch, &mut results, |ticket| {
-        run_members(&mut [ticket], &beat, step_delay).pop().expect("one result per member")
+        run_members(&mut [ticket], step_delay).pop().expect("one result per member")
     });
     for (ticket, result) in batch.into_iter().zip(results) {
         let _ = ticket.done.send(result);
@@ -342,12 +342,16 @@ fn run_alone_after_a_shared_failure<T, O>(
     }
 }
 
-/// Generates `tickets` as one batch, a result for each.
-fn run_members(
-    tickets: &mut [&mut Ticket],
-    beat: &BatchBeat,
-    step_delay: Duration,
-) -> Vec<Result<GenerationOutput, GenerateError>> {
+/// Generates `tickets` as one batch, a result for each, telling each ticket it started (its time limit and
+/// the watchdog count from then).
+fn run_members(tickets: &mut [&mut Ticket], step_delay: Duration) -> Vec<Result<GenerationOutput, GenerateError>> {
+    let beat = Arc::new(BatchBeat::new(first_step_scale(&tickets.iter().map(|t| &t.request).collect::<Vec<_>>())));
+    for ticket in tickets.iter() {
+        if let Some(started) = &ticket.started {
+            let _ = started.send(beat.clone());
+        }
+    }
+    let beat = &beat;
     let model = tickets[0].model.clone();
     let slept = Cell::new(0usize);
     let mut callbacks: Vec<StepCallback> = Vec::with_capacity(tickets.len());
@@ -432,14 +436,17 @@ mod tests {
         };
         let (small, huge) = (request(512, 1), request(2048, 8));
         assert_eq!(first_step_scale(&[&small]), 1.0, "never below the reference's patience");
-        assert_eq!(first_step_scale(&[&huge]), 128.0, "8 times the rows, 16 times the attention");
-        assert_eq!(first_step_scale(&[&huge, &huge]), 256.0, "a batch's rows add up");
-        // Told to stop 5 s into a 2048² first step: 10 minutes of silence are no hang, 128 times that is.
+        assert_eq!(first_step_scale(&[&request(1024, 4)]), 4.0, "4 times the rows");
+        let twice_the_pixels = first_step_scale(&[&request(1448, 1)]);
+        assert!((twice_the_pixels - 4.0).abs() < 0.01, "twice the pixels, 4 times the work: {twice_the_pixels}");
+        assert_eq!(first_step_scale(&[&huge]), MAX_FIRST_STEP_SCALE, "8 × 16 times, capped");
+        // Told to stop 5 s into a 2048² first step: 10 minutes of silence are no hang, the cap's hour is.
         let beat = BatchBeat::new(first_step_scale(&[&huge]));
         let at = |ms: u64| beat.started + Duration::from_millis(ms);
         let floor = Duration::from_secs(600);
         assert!(!beat.hung_at(at(5_000), floor, at(5_000 + 601_000)));
-        assert!(beat.hung_at(at(5_000), floor, at(5_000 + 128 * 600_000)));
+        assert!(!beat.hung_at(at(5_000), floor, at(5_000 + 59 * 60_000)));
+        assert!(beat.hung_at(at(5_000), floor, at(5_000 + 60 * 60_000)));
         // Once a step has ended, steps are known: the floor is the floor again.
         beat.beat();
         let last = beat.last_ms.load(Ordering::Relaxed);

@@ -60,25 +60,26 @@ pub async fn key(
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
-/// once (the first seeded job reads the files through), and again when a load since read other files than
-/// it digested (their weights stamps differ: a local model replaced in place, loaded again after an
-/// eviction), so that the new weights' images are not filed as the old ones'.
+/// once for the files as they are (the first seeded job reads them through; their weights stamp, a few
+/// hundred KB read at each lookup, tells when they change). None while the files on disk are not those its
+/// last load read (a local model replaced in place, until it loads again): the images it makes then are
+/// neither the old identity's nor the new one's.
 async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
     let mut known = shared.model_identities.0.lock().await;
-    let loaded = shared.catalogue.loaded_stamp(&spec.name);
+    let (source, load_options) = (spec.source.clone(), shared.catalogue.options_for(spec));
+    let on_disk =
+        tokio::task::spawn_blocking(move || crate::generation::weights_stamp_of(&source, &load_options)).await??;
+    if shared.catalogue.loaded_stamp(&spec.name).is_some_and(|loaded| loaded != on_disk) {
+        anyhow::bail!("the model's files changed since it was loaded: no result cache until it is loaded again");
+    }
     if let Some((stamp, id)) = known.get(&spec.name) {
-        if loaded.as_ref().is_none_or(|l| l == stamp) {
+        if *stamp == on_disk {
             return Ok(id.clone());
         }
     }
-    let (spec_owned, options, load_options) =
-        (spec.clone(), shared.catalogue.options().clone(), shared.catalogue.options_for(spec));
-    let (stamp, id) = tokio::task::spawn_blocking(move || {
-        let stamp = crate::generation::weights_stamp_of(&spec_owned.source, &load_options)?;
-        anyhow::Ok((stamp, model_identity(&spec_owned, &options)?))
-    })
-    .await??;
-    known.insert(spec.name.clone(), (stamp, id.clone()));
+    let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
+    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
+    known.insert(spec.name.clone(), (on_disk, id.clone()));
     Ok(id)
 }
 

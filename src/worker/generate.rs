@@ -274,7 +274,7 @@ pub(super) async fn generate_and_store(
         });
     };
     let (done, result) = tokio::sync::oneshot::channel();
-    let (started_tx, batch_started) = tokio::sync::oneshot::channel();
+    let (started_tx, mut batch_started) = tokio::sync::mpsc::unbounded_channel();
     shared.batcher.submit(Ticket {
         model: loaded.clone(),
         request: prepared.request.clone(),
@@ -295,8 +295,7 @@ pub(super) async fn generate_and_store(
     let timer = tokio::time::sleep(limit());
     tokio::pin!(timer);
     tokio::pin!(result);
-    tokio::pin!(batch_started);
-    let mut running = false;
+    let (mut running, mut closed) = (false, false);
     // The watchdog's look, once a second while the batch runs (made once: the loop turns every step).
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     // (Not a burst of the ticks missed while the job waited for its batch.)
@@ -315,13 +314,18 @@ pub(super) async fn generate_and_store(
                 publish_progress(shared, job.id, &step, delivered).await;
             }
             res = &mut result => break res,
-            begun = &mut batch_started, if !running => {
+            // Its batch started (or, after the batch failed, its run alone): the time limit counts from now.
+            begun = batch_started.recv(), if !closed => {
                 running = true;
                 stop.started_generating();
-                if let Ok(begun) = begun {
-                    beat = Some(begun);
-                    timer.as_mut().reset(tokio::time::Instant::now() + limit());
-                    watch.reset();
+                match begun {
+                    Some(begun) => {
+                        beat = Some(begun);
+                        timer.as_mut().reset(tokio::time::Instant::now() + limit());
+                        watch.reset();
+                    }
+                    // The ticket went without a run (the worker stopping): its result says so.
+                    None => closed = true,
                 }
             }
             _ = &mut timer, if stop.reason().is_none() => {

@@ -154,16 +154,19 @@ pub async fn pull(
         // Busy: no notices (nor their payloads) while jobs are in hand.
         arrivals = None;
         recheck = 0;
-        if stop.is_cancelled() {
-            let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-            return;
-        }
+        // A job pulled as the worker stops is handled all the same: handed back by the shutdown's policy (a
+        // copy queued on its last delivery) rather than nakked, which spent its delivery and, on its last,
+        // failed it as never settled.
+        let stopping = stop.is_cancelled();
         picks += 1;
         let (shared, model) = (shared.clone(), model.clone());
         jobs.spawn(async move {
             job::handle(shared, model, msg).await;
             drop(permit);
         });
+        if stopping {
+            return;
+        }
     }
 }
 
@@ -173,14 +176,23 @@ pub async fn pull(
 async fn next_job(queue: &mut PullConsumer, stop: &CancellationToken) -> anyhow::Result<Option<jetstream::Message>> {
     let mut batch = queue.fetch().max_messages(1).messages().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     tokio::select! {
-        // A job that arrives as the worker stops is still handed to the caller, which naks it.
+        // A job that arrives as the worker stops is still handed to the caller, which hands it back.
         biased;
-        m = tokio::time::timeout(PULL_ANSWER, batch.next()) => match m {
-            Ok(Some(Ok(msg))) => Ok(Some(msg)),
-            Ok(Some(Err(e))) => Err(anyhow::anyhow!("{e}")),
-            Ok(None) | Err(_) => Ok(None),
-        },
-        _ = stop.cancelled() => Ok(None),
+        m = tokio::time::timeout(PULL_ANSWER, batch.next()) => answered(m),
+        // The pull was sent: its answer, a job perhaps, comes all the same (at once: it does not wait). Not
+        // read, that job would sit unacknowledged for the ack wait, a delivery spent.
+        _ = stop.cancelled() => answered(tokio::time::timeout(PULL_ANSWER, batch.next()).await),
+    }
+}
+
+/// A no-wait pull's answer: a job, none (empty, or no answer in time), or an error.
+fn answered<E: std::fmt::Display>(
+    m: Result<Option<Result<jetstream::Message, E>>, tokio::time::error::Elapsed>,
+) -> anyhow::Result<Option<jetstream::Message>> {
+    match m {
+        Ok(Some(Ok(msg))) => Ok(Some(msg)),
+        Ok(Some(Err(e))) => Err(anyhow::anyhow!("{e}")),
+        Ok(None) | Err(_) => Ok(None),
     }
 }
 

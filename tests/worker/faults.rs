@@ -337,11 +337,16 @@ async fn a_stale_or_foreign_max_deliveries_advisory_leaves_a_healthy_job_alone()
     let store_url = format!("file://{}", store.path().display());
     let _worker = WorkerProcess::start("w-advised", &nats.url(), &store_url, &[], &[]);
     let client = BusClient::connect(&nats.url(), "sd").await.unwrap();
-    // A job of a model no worker serves: it waits in the queue.
-    let mut job = tiny_job(2, 71);
-    job.model = "elsewhere".into();
+    // Jobs of models no worker serves: they wait in the queue.
+    let queued = |model: &str, seed| {
+        let mut job = tiny_job(2, seed);
+        job.model = model.into();
+        job
+    };
+    let (job, sentinel) = (queued("elsewhere", 71), queued("sentinel", 72));
     let seq = client.submit_with_seq(&job).await.unwrap();
-    let advise = |consumer: &str, at: std::time::SystemTime| {
+    let sentinel_seq = client.submit_with_seq(&sentinel).await.unwrap();
+    let advise = |consumer: &str, seq: u64, at: std::time::SystemTime| {
         let subject =
             format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{consumer}", client.subjects().jobs_stream());
         let body = serde_json::json!({
@@ -353,15 +358,17 @@ async fn a_stale_or_foreign_max_deliveries_advisory_leaves_a_healthy_job_alone()
         async move { js.publish(subject, body.to_string().into()).await.unwrap().await.unwrap() }
     };
     let now = std::time::SystemTime::now();
-    advise("workers-elsewhere", now - Duration::from_secs(3600)).await;
-    advise("workers-tiny", now).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    advise("workers-elsewhere", seq, now - Duration::from_secs(3600)).await;
+    advise("workers-tiny", seq, now).await;
+    // The advisories are taken in order: once the sentinel's has failed it, the two before were dealt with.
+    advise("workers-sentinel", sentinel_seq, now).await;
+    failure(&events_of(&client, sentinel.id, Duration::from_secs(30)).await);
     assert!(stored_events(&client, job.id).await.is_empty(), "an advisory about another job failed this one");
     let stream = client.jetstream().get_stream(client.subjects().jobs_stream()).await.unwrap();
     assert!(stream.get_raw_message(seq).await.is_ok(), "an advisory about another job removed this one");
 
     // The advisory about it ends it.
-    advise("workers-elsewhere", std::time::SystemTime::now()).await;
+    advise("workers-elsewhere", seq, std::time::SystemTime::now()).await;
     let failed = failure(&events_of(&client, job.id, Duration::from_secs(30)).await).clone();
     assert!(failed.message.contains("delivered 3 times"), "{}", failed.message);
 }

@@ -550,16 +550,19 @@ impl StableDiffusion {
     }
 }
 
-/// Ends every live member with `error` (a shared UNet call failed for all of them).
+/// Ends every live member with `error` (a shared UNet call failed for all of them: a [`GenerateError::Batch`]
+/// when it was several members', each of which may pass alone).
 fn fail_all(
     runs: &mut [Option<Run>],
     results: &mut [Option<Result<GenerationOutput, GenerateError>>],
     error: &dyn std::fmt::Display,
 ) {
     let message = format!("{error:#}");
+    let several = runs.iter().flatten().count() > 1;
     for (run, result) in runs.iter_mut().zip(results.iter_mut()) {
         if run.take().is_some() {
-            *result = Some(Err(GenerateError::Batch(anyhow::anyhow!("{message}"))));
+            let error = anyhow::anyhow!("{message}");
+            *result = Some(Err(if several { GenerateError::Batch(error) } else { GenerateError::Other(error) }));
         }
     }
 }

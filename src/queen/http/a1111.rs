@@ -10,7 +10,7 @@ use base64::Engine as _;
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::compat::{carried_base64, choose_model, submit_and_wait};
+use super::compat::{carried_base64, choose_model, submit_and_wait, StoredInputs};
 use super::error::ApiResult;
 use super::jobs::parse_body;
 use super::AppState;
@@ -65,13 +65,14 @@ async fn generate(
         request.to_submission(&model, img2img).map_err(|(field, message)| super::AppError::invalid(field, message))?;
     let slot = caller.open_stream(state)?;
     // A1111's clients send images inline only: those too large for a job message go by the store.
+    let mut stored = StoredInputs::default();
     if let Some(ImageInput::Base64(text)) = job.init_image.take() {
-        job.init_image = Some(carried_base64(state, text, "init_images").await?);
+        job.init_image = Some(carried_base64(state, text, "init_images", &mut stored).await?);
     }
     if let Some(ImageInput::Base64(text)) = job.mask.take() {
-        job.mask = Some(carried_base64(state, text, "mask").await?);
+        job.mask = Some(carried_base64(state, text, "mask", &mut stored).await?);
     }
-    let finished = submit_and_wait(state, caller, slot, job, a1111::FIELD_NAMES, |id| {
+    let finished = submit_and_wait(state, caller, (slot, stored), job, a1111::FIELD_NAMES, |id| {
         state.a1111_jobs.lock().insert(caller.id.clone(), id);
     })
     .await?;

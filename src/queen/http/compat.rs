@@ -37,59 +37,94 @@ pub(super) fn in_their_words(mut e: AppError, names: &[(&str, &str)]) -> AppErro
     e
 }
 
-/// An input image as the job carries it: inline while small, else stored under `uploads/` and named by key.
-/// These clients cannot upload first as the native API asks, and a job message must fit the bus's limit
-/// (1 MiB by default): an image and a mask of a quarter of it each, in base64, leave room for the rest.
-pub(super) async fn carried(state: &AppState, bytes: Vec<u8>, field: &str) -> ApiResult<ImageInput> {
+/// The inputs a compatible request stored under `uploads/` for its job: deleted when the request ends
+/// before the job is submitted (refused, or failed on the way), so that nothing is left that no job names.
+#[derive(Default)]
+pub(super) struct StoredInputs {
+    store: Option<crate::storage::Store>,
+    keys: Vec<String>,
+}
+
+impl StoredInputs {
+    /// Deletes them now (the request's answer waits for it).
+    async fn discard(mut self) {
+        if let Some(store) = self.store.take() {
+            for key in std::mem::take(&mut self.keys) {
+                if let Err(e) = store.delete(&key).await {
+                    tracing::warn!(key, error = %e, "cannot delete the input of a request that was not submitted");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for StoredInputs {
+    /// (A request that ends on the way, an error returned with `?`: deleted in the background.)
+    fn drop(&mut self) {
+        if self.store.is_some() && !self.keys.is_empty() {
+            let held = StoredInputs { store: self.store.take(), keys: std::mem::take(&mut self.keys) };
+            tokio::spawn(held.discard());
+        }
+    }
+}
+
+/// An input image as the job carries it: inline while small, else stored under `uploads/` (listed in
+/// `stored`) and named by key. These clients cannot upload first as the native API asks, and a job message
+/// must fit the bus's limit (1 MiB by default): an image and a mask of a quarter of it each, in base64, leave
+/// room for the rest.
+pub(super) async fn carried(
+    state: &AppState,
+    bytes: Vec<u8>,
+    field: &str,
+    stored: &mut StoredInputs,
+) -> ApiResult<ImageInput> {
     use base64::Engine as _;
     if bytes.len() <= state.jobs.max_message_bytes() / 4 {
         return Ok(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(&bytes)));
     }
-    let stored = state.jobs.store_input(bytes.into(), field, field).await?;
-    Ok(ImageInput::Upload { object_key: stored.object_key })
+    let upload = state.jobs.store_input(bytes.into(), field, field).await?;
+    stored.store.get_or_insert_with(|| state.jobs.store.clone());
+    stored.keys.push(upload.object_key.clone());
+    Ok(ImageInput::Upload { object_key: upload.object_key })
 }
 
 /// [`carried`] for an image the request gave in base64 (a `data:` URL or plain).
-pub(super) async fn carried_base64(state: &AppState, text: String, field: &str) -> ApiResult<ImageInput> {
+pub(super) async fn carried_base64(
+    state: &AppState,
+    text: String,
+    field: &str,
+    stored: &mut StoredInputs,
+) -> ApiResult<ImageInput> {
     if text.len() <= state.jobs.max_message_bytes() / 3 {
         return Ok(ImageInput::Base64(text));
     }
     let bytes = crate::api::decode_base64(&text, field).map_err(|e| AppError::invalid(field, e))?;
-    carried(state, bytes, field).await
+    carried(state, bytes, field, stored).await
 }
 
 /// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding `slot`, one of the
 /// caller's streams (taken before its images were carried: a caller at its cap stores nothing), meanwhile.
 /// `submitted` hears the job's id first. A job refused names its field as the client calls it (`names`:
-/// native to theirs), and its images stored by [`carried`] are deleted. Once the job is submitted, every
-/// error names the job and tells clients not to retry on their own: a retry would be a second job.
+/// native to theirs), and its `stored` inputs are deleted. Once the job is submitted, every error names the
+/// job and tells clients not to retry on their own: a retry would be a second job.
 pub(super) async fn submit_and_wait(
     state: &AppState,
     caller: &Caller,
-    slot: Option<StreamSlot>,
+    (slot, mut stored): (Option<StreamSlot>, StoredInputs),
     job: JobSubmission,
     names: &[(&str, &str)],
     submitted: impl FnOnce(Uuid),
 ) -> ApiResult<Finished> {
     let _slot = slot;
-    let stored: Vec<String> = [&job.init_image, &job.mask]
-        .into_iter()
-        .filter_map(|input| match input {
-            Some(ImageInput::Upload { object_key }) => Some(object_key.clone()),
-            _ => None,
-        })
-        .collect();
     let job_id = match caller.submit(state, job, None).await {
         Ok(submitted) => submitted.job_id,
         Err(e) => {
-            for key in stored {
-                if let Err(gone) = state.jobs.store.delete(&key).await {
-                    tracing::warn!(key, error = %gone, "cannot delete the input of a refused request");
-                }
-            }
+            stored.discard().await;
             return Err(in_their_words(e, names));
         }
     };
+    // The job names them now: they are its.
+    stored.keys.clear();
     submitted(job_id);
     state
         .jobs

@@ -8,7 +8,7 @@ use axum::{Extension, Json};
 use base64::Engine as _;
 
 use super::auth::Caller;
-use super::compat::{carried, choose_model, submit_and_wait};
+use super::compat::{carried, choose_model, submit_and_wait, StoredInputs};
 use super::error::ApiResult;
 use super::jobs::parse_body;
 use super::streams::StreamSlot;
@@ -33,7 +33,7 @@ pub(super) async fn generations(
 ) -> ApiResult<Json<OpenAiImagesResponse>> {
     let request: OpenAiImageRequest = parse_body(&headers, &body)?;
     let slot = caller.open_stream(&state)?;
-    answer(&state, &caller, slot, &headers, request, None, None).await
+    answer(&state, &caller, (slot, StoredInputs::default()), &headers, request, None, None).await
 }
 
 /// `multipart/form-data`: `image` (or `image[]`, the first), `mask` (transparent = redraw, OpenAI's
@@ -53,9 +53,9 @@ pub(super) async fn edits(
     mut form: Multipart,
 ) -> ApiResult<Json<OpenAiImagesResponse>> {
     let (mut image, mut mask, mut fields) = (None, None, serde_json::Map::new());
-    while let Some(part) = form.next_field().await.map_err(|e| AppError::malformed("multipart", e.body_text()))? {
+    while let Some(part) = form.next_field().await.map_err(|e| multipart_error("multipart", e))? {
         let name = part.name().unwrap_or_default().to_string();
-        let bytes = part.bytes().await.map_err(|e| AppError::invalid(&name, e.body_text()))?;
+        let bytes = part.bytes().await.map_err(|e| multipart_error(&name, e))?;
         match name.as_str() {
             "image" | "image[]" => {
                 image.get_or_insert(bytes);
@@ -78,12 +78,22 @@ pub(super) async fn edits(
             crate::protocol::cut(&mut message, crate::protocol::MAX_ERROR_MESSAGE_BYTES);
             AppError::invalid(if path == "." { "multipart" } else { &path }, message)
         })?;
+    let mut stored = StoredInputs::default();
     let mask = match redraw_mask(&image, mask).await? {
-        Some(mask) => Some(carried(&state, mask, "mask").await?),
+        Some(mask) => Some(carried(&state, mask, "mask", &mut stored).await?),
         None => None,
     };
-    let init = carried(&state, image.to_vec(), "image").await?;
-    answer(&state, &caller, slot, &headers, request, Some(init), mask).await
+    let init = carried(&state, image.to_vec(), "image", &mut stored).await?;
+    answer(&state, &caller, (slot, stored), &headers, request, Some(init), mask).await
+}
+
+/// A form that cannot be read: over the body limit (413), or not multipart as its header says (400).
+fn multipart_error(field: &str, e: axum::extract::multipart::MultipartError) -> AppError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        AppError::new(crate::api::ApiErrorCode::PayloadTooLarge, e.body_text()).field(field)
+    } else {
+        AppError::malformed(field, e.body_text())
+    }
 }
 
 /// OpenAI's text fields: text whatever they read as (a prompt of `1984`).
@@ -146,7 +156,7 @@ async fn redraw_mask(image: &Bytes, mask: Option<Bytes>) -> ApiResult<Option<Vec
 async fn answer(
     state: &AppState,
     caller: &Caller,
-    slot: Option<StreamSlot>,
+    held: (Option<StreamSlot>, StoredInputs),
     headers: &HeaderMap,
     request: OpenAiImageRequest,
     init: Option<ImageInput>,
@@ -157,7 +167,7 @@ async fn answer(
         request.to_submission(&model).map_err(|(field, message)| AppError::invalid(field, message))?;
     (job.init_image, job.mask) = (init, mask);
     let output_format = job.output_format.unwrap_or_default();
-    let finished = submit_and_wait(state, caller, slot, job, openai::FIELD_NAMES, |_| {}).await?;
+    let finished = submit_and_wait(state, caller, held, job, openai::FIELD_NAMES, |_| {}).await?;
     let job_id = finished.job_id;
     let origin = origin(headers);
     let data = finished

@@ -89,44 +89,6 @@ const MAX_LOOKUPS: usize = 16;
 static CHECK_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 static DELIVERY_LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
 
-/// How many of those lookups one site (a name's last two labels: `a.hooks.example` and `b.hooks.example` are
-/// `hooks.example`'s) may hold at once: names under a domain whose servers stopped answering, submitted by
-/// the hundred, would otherwise hold every place for the resolver's timeout, and no other receiver's name
-/// be looked up meanwhile.
-const LOOKUPS_PER_SITE: usize = 2;
-
-/// The sites with lookups running, and how many each.
-static SITES_LOOKING_UP: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
-
-/// One of a site's [`LOOKUPS_PER_SITE`] places, given back on drop.
-struct SitePlace(String);
-
-impl SitePlace {
-    fn take(name: &str) -> Option<Self> {
-        let labels: Vec<&str> = name.trim_end_matches('.').rsplit('.').take(2).collect();
-        let site = labels.into_iter().rev().collect::<Vec<_>>().join(".").to_ascii_lowercase();
-        let mut sites = SITES_LOOKING_UP.lock().unwrap_or_else(|p| p.into_inner());
-        match sites.iter_mut().find(|(s, _)| *s == site) {
-            Some((_, n)) if *n >= LOOKUPS_PER_SITE => return None,
-            Some((_, n)) => *n += 1,
-            None => sites.push((site.clone(), 1)),
-        }
-        Some(Self(site))
-    }
-}
-
-impl Drop for SitePlace {
-    fn drop(&mut self) {
-        let mut sites = SITES_LOOKING_UP.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = sites.iter().position(|(s, _)| *s == self.0) {
-            sites[i].1 -= 1;
-            if sites[i].1 == 0 {
-                sites.swap_remove(i);
-            }
-        }
-    }
-}
-
 /// `name`'s addresses, looked up in one of `places` ([`CHECK_LOOKUPS`] or [`DELIVERY_LOOKUPS`]).
 async fn resolve(name: &str, port: u16, places: &'static tokio::sync::Semaphore) -> Result<Vec<IpAddr>, HostError> {
     resolve_within(name, port, places, RESOLVE_TIMEOUT).await
@@ -140,11 +102,6 @@ async fn resolve_within(
     patience: Duration,
 ) -> Result<Vec<IpAddr>, HostError> {
     let deadline = tokio::time::Instant::now() + patience;
-    let site = SitePlace::take(name).ok_or_else(|| {
-        HostError::NotKnownYet(format!(
-            "{name} was not looked up: {LOOKUPS_PER_SITE} lookups of names of its domain are waiting for the system resolver; try again shortly"
-        ))
-    })?;
     let place = tokio::time::timeout_at(deadline, places.acquire())
         .await
         .map_err(|_| {
@@ -155,7 +112,7 @@ async fn resolve_within(
     // The lookup keeps its place until the resolver answers, also after this caller stopped waiting.
     let running = tokio::spawn(async move {
         let found = tokio::net::lookup_host((host.as_str(), port)).await;
-        drop((place, site));
+        drop(place);
         found.map(|addrs| addrs.map(|a| a.ip()).collect::<Vec<_>>())
     });
     let ips = tokio::time::timeout_at(deadline, running)
@@ -363,17 +320,5 @@ mod tests {
         let ips = resolve_within("localhost", 80, places, Duration::from_secs(5)).await.unwrap();
         assert!(ips.iter().all(|ip| ip.is_loopback()), "{ips:?}");
         assert_eq!(places.available_permits(), 1, "the lookup gave its place back");
-    }
-
-    #[test]
-    fn a_site_holds_a_few_lookups_at_most() {
-        let (a, b) = (SitePlace::take("a.slow.example").unwrap(), SitePlace::take("B.Slow.Example.").unwrap());
-        assert!(SitePlace::take("c.slow.example").is_none(), "a third name of the site waits");
-        assert!(SitePlace::take("slow.example").is_none(), "the site itself too");
-        let other = SitePlace::take("hooks.elsewhere.example").expect("another site has its own");
-        drop(a);
-        let c = SitePlace::take("c.slow.example").expect("a place given back");
-        drop((b, c, other));
-        assert!(SITES_LOOKING_UP.lock().unwrap().iter().all(|(s, _)| !s.ends_with("example")), "forgotten");
     }
 }

@@ -220,7 +220,7 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// The record as the API shows it: its webhook's URL without credentials or query ([`WebhookInfo::shown`]).
+    /// The record as the API shows it: its webhook's URL as its origin alone ([`WebhookInfo::shown`]).
     ///
     /// [`WebhookInfo::shown`]: super::WebhookInfo::shown
     pub fn shown(mut self) -> Self {

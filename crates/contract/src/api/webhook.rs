@@ -156,8 +156,9 @@ impl WebhookInfo {
         }
     }
 
-    /// The webhook as a job's status shows it to any reader of the API: its URL without credentials, query or
-    /// fragment (a receiver's token often travels there), since any token may read any job's status.
+    /// The webhook as a job's status shows it to any reader of the API: its URL's scheme, host and port alone
+    /// ([`shown_url`]: a receiver's token travels in the path, query or userinfo), since any token may read any
+    /// job's status.
     pub fn shown(mut self) -> Self {
         self.url = shown_url(&self.url);
         self
@@ -294,15 +295,15 @@ impl WebhookSecret {
     }
 }
 
-/// `url` without its userinfo, query and fragment; what does not parse (no record the queen wrote) is hidden.
+/// `url` as its scheme, host and port alone, `/…` standing for any path, query or fragment (Slack's and
+/// Discord's webhook URLs carry their token in the path; others in the query or the userinfo, which goes
+/// too); what does not parse (no record the queen wrote) is hidden.
 pub fn shown_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string()
+        Ok(u) => {
+            let origin = u.origin().ascii_serialization();
+            let more = u.path() != "/" || u.query().is_some() || u.fragment().is_some();
+            format!("{origin}/{}", if more { "…" } else { "" })
         }
         Err(_) => "(hidden)".to_string(),
     }
@@ -397,12 +398,14 @@ mod tests {
     }
 
     #[test]
-    fn a_shown_webhook_url_keeps_no_credentials_nor_query() {
+    fn a_shown_webhook_url_is_its_origin_alone() {
         assert_eq!(
             shown_url("https://user:pa55@hooks.example:8443/in/x?token=S3CRET#frag"),
-            "https://hooks.example:8443/in/x"
+            "https://hooks.example:8443/…"
         );
-        assert_eq!(shown_url("https://hooks.example/a"), "https://hooks.example/a");
+        assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/S3CRET"), "https://hooks.slack.com/…");
+        assert_eq!(shown_url("https://hooks.example"), "https://hooks.example/");
+        assert_eq!(shown_url("http://[::1]:80/"), "http://[::1]/");
         assert_eq!(shown_url("not a url"), "(hidden)");
     }
 }

@@ -90,12 +90,16 @@ impl super::StableDiffusion {
                 }
                 Err(e) => {
                     let message = format!("{e:#}");
+                    // A call that decoded several members' images failed for each of them: each may pass alone.
+                    let several = images.iter().any(|&(k, _)| k != images[0].0);
                     for (k, _) in images {
                         let m = &mut members[k];
                         let failed = if m.finished.cancel.is_some_and(|c| c.is_cancelled()) {
                             // (stopped between tiles, or failed after the cancel: either way it was cancelled)
                             let total = m.finished.run.total();
                             GenerateError::Cancelled { completed: total, total }
+                        } else if several {
+                            GenerateError::Batch(anyhow::anyhow!("{message}"))
                         } else {
                             GenerateError::Other(anyhow::anyhow!("{message}"))
                         };
