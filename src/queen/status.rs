@@ -270,7 +270,7 @@ impl StatusStore {
         let Some(owner) = self.kv.get(entry).await? else { return Ok(None) };
         let job_id = Uuid::parse_str(std::str::from_utf8(&owner)?).context("unreadable idempotency entry")?;
         // The fingerprint kept for this job (an older claim's, or none, matches any request).
-        let kept = self.kv.get(fingerprint_key(entry)).await.ok().flatten();
+        let kept = self.kv.get(fingerprint_key(entry)).await?;
         let fingerprint = kept.and_then(|kept| {
             let (id, fingerprint) = std::str::from_utf8(&kept).ok()?.split_once(' ')?;
             (Uuid::parse_str(id).ok()? == job_id).then(|| fingerprint.to_string())
@@ -327,8 +327,9 @@ impl StatusStore {
     }
 
     pub async fn release_idempotency(&self, entry: &str) {
-        let _ = self.kv.delete(entry).await;
+        // The fingerprint first: once the entry is gone, a retry may claim it and keep its own.
         let _ = self.kv.delete(fingerprint_key(entry)).await;
+        let _ = self.kv.delete(entry).await;
     }
 }
 

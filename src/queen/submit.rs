@@ -350,7 +350,6 @@ impl Jobs {
         self.bus.nats().max_payload()
     }
 
-    /// The job's rules, its images, and a model jobs may name. Inline images over the limit are 413.
     /// The job's rules, which need nothing but the job (an inline image over the limit named).
     fn check_rules(&self, job: &JobRequest) -> JobsResult<()> {
         crate::api::check_job(job, &self.limits).map_err(|e| match e {

@@ -314,10 +314,11 @@ async fn batch_loop(settings: BatchSettings, counts: Arc<BatchCounts>, mut rx: m
 /// for (a batch too large for the device's memory, as like as not) run again one by one, rather than all fail
 /// their delivery together, come back together, be batched together and fail again.
 fn run_batch(mut batch: Vec<Ticket>, step_delay: Duration) {
-    let mut results = run_members(&mut batch.iter_mut().collect::<Vec<_>>(), step_delay);
-    // (A member cancelled meanwhile ends at once, before its first step.)
+    let (mut results, beat) = run_members(&mut batch.iter_mut().collect::<Vec<_>>(), None, step_delay);
+    // (A member cancelled meanwhile ends at once, before its first step.) Each run alone beats the failed
+    // batch's beat too: the members still waiting their turn watch it, and would take the silence for a hang.
     run_alone_after_a_shared_failure(&mut batch, &mut results, |ticket| {
-        run_members(&mut [ticket], step_delay).pop().expect("one result per member")
+        run_members(&mut [ticket], Some(&beat), step_delay).0.pop().expect("one result per member")
     });
     for (ticket, result) in batch.into_iter().zip(results) {
         let _ = ticket.done.send(result);
@@ -343,15 +344,24 @@ fn run_alone_after_a_shared_failure<T, O>(
 }
 
 /// Generates `tickets` as one batch, a result for each, telling each ticket it started (its time limit and
-/// the watchdog count from then).
-fn run_members(tickets: &mut [&mut Ticket], step_delay: Duration) -> Vec<Result<GenerationOutput, GenerateError>> {
-    let beat = Arc::new(BatchBeat::new(first_step_scale(&tickets.iter().map(|t| &t.request).collect::<Vec<_>>())));
+/// the watchdog count from then, on the beat returned); its signs of life beat `also` too.
+fn run_members(
+    tickets: &mut [&mut Ticket],
+    also: Option<&BatchBeat>,
+    step_delay: Duration,
+) -> (Vec<Result<GenerationOutput, GenerateError>>, Arc<BatchBeat>) {
+    let started = Arc::new(BatchBeat::new(first_step_scale(&tickets.iter().map(|t| &t.request).collect::<Vec<_>>())));
     for ticket in tickets.iter() {
-        if let Some(started) = &ticket.started {
-            let _ = started.send(beat.clone());
+        if let Some(to) = &ticket.started {
+            let _ = to.send(started.clone());
         }
     }
-    let beat = &beat;
+    let beat = &|| {
+        started.beat();
+        if let Some(also) = also {
+            also.beat();
+        }
+    };
     let model = tickets[0].model.clone();
     let slept = Cell::new(0usize);
     let mut callbacks: Vec<StepCallback> = Vec::with_capacity(tickets.len());
@@ -365,13 +375,13 @@ fn run_members(tickets: &mut [&mut Ticket], step_delay: Duration) -> Vec<Result<
                 slept.set(info.step);
                 std::thread::sleep(step_delay);
             }
-            beat.beat();
+            beat();
             on_step(info)
         }));
         requests.push((&ticket.request, &ticket.cancel));
     }
     // The decode has no steps: its VAE calls and tiles are the batch's signs of life meanwhile.
-    let alive = || beat.beat();
+    let alive = || beat();
     let mut members: Vec<BatchMember> = requests
         .into_iter()
         .zip(callbacks.iter_mut())
@@ -385,7 +395,8 @@ fn run_members(tickets: &mut [&mut Ticket], step_delay: Duration) -> Vec<Result<
     if members.len() > 1 {
         tracing::debug!(size = members.len(), "running a batch");
     }
-    model.pipeline.generate_batch(&mut members)
+    let results = model.pipeline.generate_batch(&mut members);
+    (results, started.clone())
 }
 
 #[cfg(test)]

@@ -152,6 +152,13 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
             return;
         }
     };
+    // Handed back as it arrives (the worker is stopping): no `accepted`, no inputs read.
+    if let Some(StopReason::Shutdown) = stop.reason() {
+        let outcome = Failure::Stopped { reason: StopReason::Shutdown, at_step: None }.into_outcome(&job);
+        settle(&shared, &model, target, outcome, delivered).await;
+        shared.control.finish(job_id, &stop);
+        return;
+    }
     let accepted = Event::Accepted(Accepted {
         v: PROTOCOL_VERSION,
         job_id,

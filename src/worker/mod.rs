@@ -245,8 +245,8 @@ impl Worker {
         }
         tracing::info!(running = shared.control.running(), "shutting down: no new jobs");
         stop.cancel();
-        while pullers.join_next().await.is_some() {}
         shared.control.hand_back_unstarted();
+        while pullers.join_next().await.is_some() {}
         jobs.close();
         if tokio::time::timeout(shared.config.grace, jobs.wait()).await.is_err() {
             tracing::warn!("grace period over: handing running jobs to other workers");

@@ -38,32 +38,43 @@ pub(super) fn in_their_words(mut e: AppError, names: &[(&str, &str)]) -> AppErro
 }
 
 /// The inputs a compatible request stored under `uploads/` for its job: deleted when the request ends
-/// before the job is submitted (refused, or failed on the way), so that nothing is left that no job names.
+/// before the job goes to be submitted (refused, or failed on the way), so that nothing is left that no job
+/// names.
 #[derive(Default)]
-pub(super) struct StoredInputs {
-    store: Option<crate::storage::Store>,
+pub(super) struct StoredInputs(Option<Stored>);
+
+/// Stored inputs, to delete.
+struct Stored {
+    store: crate::storage::Store,
     keys: Vec<String>,
 }
 
-impl StoredInputs {
-    /// Deletes them now (the request's answer waits for it).
-    async fn discard(mut self) {
-        if let Some(store) = self.store.take() {
-            for key in std::mem::take(&mut self.keys) {
-                if let Err(e) = store.delete(&key).await {
-                    tracing::warn!(key, error = %e, "cannot delete the input of a request that was not submitted");
-                }
+impl Stored {
+    async fn delete(self) {
+        for key in self.keys {
+            if let Err(e) = self.store.delete(&key).await {
+                tracing::warn!(key, error = %e, "cannot delete the input of a request that was not submitted");
             }
         }
+    }
+}
+
+impl StoredInputs {
+    fn add(&mut self, store: &crate::storage::Store, key: String) {
+        self.0.get_or_insert_with(|| Stored { store: store.clone(), keys: Vec::new() }).keys.push(key);
+    }
+
+    /// Them, no longer deleted on drop: a submission under way may queue the job that names them.
+    fn disarm(&mut self) -> Option<Stored> {
+        self.0.take()
     }
 }
 
 impl Drop for StoredInputs {
     /// (A request that ends on the way, an error returned with `?`: deleted in the background.)
     fn drop(&mut self) {
-        if self.store.is_some() && !self.keys.is_empty() {
-            let held = StoredInputs { store: self.store.take(), keys: std::mem::take(&mut self.keys) };
-            tokio::spawn(held.discard());
+        if let Some(stored) = self.0.take() {
+            tokio::spawn(stored.delete());
         }
     }
 }
@@ -83,8 +94,7 @@ pub(super) async fn carried(
         return Ok(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(&bytes)));
     }
     let upload = state.jobs.store_input(bytes.into(), field, field).await?;
-    stored.store.get_or_insert_with(|| state.jobs.store.clone());
-    stored.keys.push(upload.object_key.clone());
+    stored.add(&state.jobs.store, upload.object_key.clone());
     Ok(ImageInput::Upload { object_key: upload.object_key })
 }
 
@@ -116,15 +126,18 @@ pub(super) async fn submit_and_wait(
     submitted: impl FnOnce(Uuid),
 ) -> ApiResult<Finished> {
     let _slot = slot;
+    // From here the job may be queued even if this request goes (the submission runs apart): its inputs are
+    // deleted only when it is refused.
+    let inputs = stored.disarm();
     let job_id = match caller.submit(state, job, None).await {
         Ok(submitted) => submitted.job_id,
         Err(e) => {
-            stored.discard().await;
+            if let Some(inputs) = inputs {
+                inputs.delete().await;
+            }
             return Err(in_their_words(e, names));
         }
     };
-    // The job names them now: they are its.
-    stored.keys.clear();
     submitted(job_id);
     state
         .jobs
