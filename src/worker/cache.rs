@@ -65,13 +65,14 @@ const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// last load read (a local model replaced in place, until it loads again): the images it makes then are
 /// neither the old identity's nor the new one's.
 async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
-    let mut known = shared.model_identities.0.lock().await;
+    // Read before the lock, which only the full digest needs: seeded jobs' lookups do not queue behind it.
     let (source, load_options) = (spec.source.clone(), shared.catalogue.options_for(spec));
     let on_disk =
         tokio::task::spawn_blocking(move || crate::generation::weights_stamp_of(&source, &load_options)).await??;
     if shared.catalogue.loaded_stamp(&spec.name).is_some_and(|loaded| loaded != on_disk) {
         anyhow::bail!("the model's files changed since it was loaded: no result cache until it is loaded again");
     }
+    let mut known = shared.model_identities.0.lock().await;
     if let Some((stamp, id)) = known.get(&spec.name) {
         if *stamp == on_disk {
             return Ok(id.clone());
