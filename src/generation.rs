@@ -30,6 +30,9 @@ pub struct LoadedModel {
     /// every node that has the same files wherever they are; other weights at the same path (a model updated
     /// in place, a fine-tune of the same shapes) give another. Cheap: a few hundred KB read.
     pub weights_stamp: String,
+    /// The weights stamp with each file's modification time and inode: local to this node, it tells files
+    /// replaced in place whose edges are the same (a LoRA merged into some tensors of the same shapes).
+    pub files_signature: String,
     pub load_ms: f64,
 }
 
@@ -84,12 +87,12 @@ impl Weights {
         Ok(Weights::Folder(resolve_hub(spec, opts)?))
     }
 
-    /// Their [`LoadedModel::weights_stamp`].
-    fn stamp(&self, spec: &str, opts: &ModelOptions) -> String {
+    /// Their [`LoadedModel::weights_stamp`], or with `local` their [`LoadedModel::files_signature`].
+    fn stamp(&self, spec: &str, opts: &ModelOptions, local: bool) -> String {
         match self {
             Weights::Random => spec.to_string(),
-            Weights::File(path) => weights_stamp(path, opts),
-            Weights::Folder(resolved) => weights_stamp(&resolved.dir, opts),
+            Weights::File(path) => weights_stamp(path, opts, local),
+            Weights::Folder(resolved) => weights_stamp(&resolved.dir, opts, local),
         }
     }
 }
@@ -108,7 +111,7 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
         prediction_type: opts.prediction_type.clone(),
     };
     let weights = Weights::of(spec, opts)?;
-    let weights_stamp = weights.stamp(spec, opts);
+    let (weights_stamp, files_signature) = (weights.stamp(spec, opts, false), weights.stamp(spec, opts, true));
     let (pipeline, entry, display) = match weights {
         Weights::Random => {
             let (arch, seed) = parse_random(spec.strip_prefix(RANDOM_PREFIX).unwrap_or_default())?;
@@ -125,12 +128,13 @@ pub fn load_model(spec: &str, opts: &ModelOptions) -> anyhow::Result<LoadedModel
             (pipeline, resolved.entry, resolved.display)
         }
     };
-    Ok(LoadedModel { pipeline, entry, display, weights_stamp, load_ms: start.elapsed().as_secs_f64() * 1000.0 })
+    let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+    Ok(LoadedModel { pipeline, entry, display, weights_stamp, files_signature, load_ms })
 }
 
-/// [`LoadedModel::weights_stamp`] of `spec` as it would load now with `opts`, without loading it.
-pub fn weights_stamp_of(spec: &str, opts: &ModelOptions) -> anyhow::Result<String> {
-    Ok(Weights::of(spec, opts)?.stamp(spec, opts))
+/// [`LoadedModel::files_signature`] of `spec` as it would load now with `opts`, without loading it.
+pub fn files_signature_of(spec: &str, opts: &ModelOptions) -> anyhow::Result<String> {
+    Ok(Weights::of(spec, opts)?.stamp(spec, opts, true))
 }
 
 /// The regular files at or under `path` (symbolic links followed, as a Hub snapshot's are, but not into a
@@ -155,12 +159,13 @@ fn collect_files(path: &std::path::Path, walking: &mut Vec<PathBuf>, out: &mut V
     walking.pop();
 }
 
-/// [`LoadedModel::weights_stamp`] of the model at `path` (a folder or a file) loaded with `opts`.
-fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
+/// [`LoadedModel::weights_stamp`] of the model at `path` (a folder or a file) loaded with `opts`; with
+/// `local`, its [`LoadedModel::files_signature`].
+fn weights_stamp(path: &std::path::Path, opts: &ModelOptions, local: bool) -> String {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
     const EDGE: u64 = 64 << 10;
-    fn stamp(root: &std::path::Path, hash: &mut Sha256) {
+    let stamp = |root: &std::path::Path, hash: &mut Sha256| {
         let mut files = Vec::new();
         collect_files(root, &mut Vec::new(), &mut files);
         files.sort();
@@ -176,8 +181,11 @@ fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
             });
             hash.update(format!("\0{name}\0{:?}\0", len.ok()).as_bytes());
             hash.update(Sha256::digest(&edges));
+            if local {
+                hash.update(format!("{:?}\0", local_identity(&file)).as_bytes());
+            }
         }
-    }
+    };
     let mut hash = Sha256::new();
     stamp(path, &mut hash);
     for (what, extra) in [("config", &opts.config), ("vae", &opts.vae)] {
@@ -188,6 +196,19 @@ fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
     }
     hash.update(format!("\0prediction_type\0{:?}", opts.prediction_type).as_bytes());
     hex::encode(hash.finalize())
+}
+
+/// A file's modification time and (on Unix) device and inode: what a copy, a move or a write over it changes.
+fn local_identity(file: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    let meta = std::fs::metadata(file).ok()?;
+    #[cfg(unix)]
+    let (dev, ino) = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino())
+    };
+    #[cfg(not(unix))]
+    let (dev, ino) = (0, 0);
+    Some((meta.modified().ok()?, dev, ino))
 }
 
 /// `random:ARCH[:SEED]` names a real architecture with seeded random weights (benchmarks without downloads).
@@ -490,14 +511,34 @@ mod tests {
         std::fs::write(b.path().join(".cache/huggingface/w.metadata"), b"downloaded at 12:00").unwrap();
         std::os::unix::fs::symlink(b.path(), b.path().join("unet/loop")).unwrap();
         let opts = ModelOptions::default();
-        let stamp = weights_stamp(a.path(), &opts);
-        assert_eq!(stamp, weights_stamp(b.path(), &opts), "the same files elsewhere (another node)");
+        let stamp = weights_stamp(a.path(), &opts, false);
+        assert_eq!(stamp, weights_stamp(b.path(), &opts, false), "the same files elsewhere (another node)");
         let mut weights = vec![1u8; 300_000];
         weights[299_999] = 2;
         std::fs::write(b.path().join("unet/w.safetensors"), &weights).unwrap();
-        assert_ne!(stamp, weights_stamp(b.path(), &opts), "other weights of the same size");
+        assert_ne!(stamp, weights_stamp(b.path(), &opts, false), "other weights of the same size");
         let v = ModelOptions { prediction_type: Some("v_prediction".into()), ..Default::default() };
-        assert_ne!(stamp, weights_stamp(a.path(), &v), "another prediction type");
+        assert_ne!(stamp, weights_stamp(a.path(), &v, false), "another prediction type");
+    }
+
+    #[test]
+    fn the_files_signature_tells_weights_replaced_in_place_whose_edges_are_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        std::fs::write(&file, vec![1u8; 400_000]).unwrap();
+        let opts = ModelOptions::default();
+        let (stamp, signature) = (weights_stamp(&file, &opts, false), weights_stamp(&file, &opts, true));
+        // A merge that changed only tensors in the middle, written over the file (another inode, a later
+        // modification time: set apart from the first by more than any file system's resolution).
+        let mut merged = vec![1u8; 400_000];
+        merged[200_000] = 2;
+        let replacement = dir.path().join("merged.tmp");
+        std::fs::write(&replacement, &merged).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&replacement).unwrap().set_modified(later).unwrap();
+        std::fs::rename(&replacement, &file).unwrap();
+        assert_eq!(weights_stamp(&file, &opts, false), stamp, "the edges, all the stamp reads, are the same");
+        assert_ne!(weights_stamp(&file, &opts, true), signature);
     }
 
     #[test]

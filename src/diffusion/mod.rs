@@ -22,6 +22,7 @@ pub mod layer_norm;
 pub mod layer_tail;
 pub mod linear;
 pub mod lora;
+pub mod numerics;
 pub mod pipeline;
 pub mod profile;
 pub mod random_weights;

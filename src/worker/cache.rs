@@ -18,41 +18,51 @@ use super::generate::JobInputs;
 use super::Shared;
 use crate::protocol::{self, CacheContext, Completed, JobRequest, PROTOCOL_VERSION};
 
-/// Each model's identity (a digest of its files), by model name, with the weights stamp of those files.
+/// Each model's identity (a digest of its files), by model name, with the files signature of those files.
 #[derive(Default)]
 pub struct Identities(tokio::sync::Mutex<HashMap<String, (String, String)>>);
 
-/// The cache key of `job` on this worker (`cache/<sha256>.msgpack`), with its LoRAs and input pictures as
-/// the run takes them; `None` when it may not use the cache (no seed, `cache: false`, a model this worker
-/// does not serve) or its model's identity cannot be worked out.
+/// Where a job's result is kept in the cache, and the files its model's identity was worked out from.
+pub struct CacheKey {
+    /// `cache/<sha256>.msgpack`.
+    pub key: String,
+    model: String,
+    files_signature: String,
+}
+
+/// The cache key of `job` on this worker, with its LoRAs and input pictures as the run takes them; `None`
+/// when it may not use the cache (no seed, `cache: false`, a model this worker does not serve) or its
+/// model's identity cannot be worked out.
 pub async fn key(
     shared: &Arc<Shared>,
     model: &str,
     job: &JobRequest,
     inputs: &JobInputs,
     loras: &[crate::diffusion::LoraWeight],
-) -> Option<String> {
+) -> Option<CacheKey> {
     if !job.cache || job.seed.is_none() {
         return None;
     }
     let spec = shared.config.models.iter().find(|m| m.name == model)?;
     // The model's files are local: as long as they take.
-    let model = identity(shared, spec)
+    let (identity, files_signature) = identity(shared, spec)
         .await
         .map_err(|e| tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job"))
         .ok()?;
     let digest = |bytes: &Option<bytes::Bytes>| bytes.as_ref().map(|b| hex::encode(Sha256::digest(b)));
     let ctx = CacheContext {
-        model,
+        model: identity,
         // The job's LoRAs come resolved (once, for the run too).
         loras: loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
         init_image: digest(&inputs.init_image),
         mask: digest(&inputs.mask),
         device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),
         dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
+        numerics: crate::diffusion::numerics::signature(),
     };
     let description = protocol::cache_description(job, &ctx)?;
-    Some(protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes()))))
+    let key = protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes())));
+    Some(CacheKey { key, model: spec.name.clone(), files_signature })
 }
 
 /// How long the cache may wait on the store before a job generates instead: with the store slow or down,
@@ -60,28 +70,28 @@ pub async fn key(
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
-/// once for the files as they are (the first seeded job reads them through; their weights stamp, a few
-/// hundred KB read at each lookup, tells when they change). None while the files on disk are not those its
-/// last load read (a local model replaced in place, until it loads again): the images it makes then are
-/// neither the old identity's nor the new one's.
-async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
+/// once for the files as they are (the first seeded job reads them through; their files signature, a few
+/// hundred KB read at each lookup, tells when they change), with that signature. An error while the files on
+/// disk are not those its last load read (a local model replaced in place, until it loads again): the
+/// images it makes then are neither the old identity's nor the new one's.
+async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<(String, String)> {
     // Read before the lock, which only the full digest needs: seeded jobs' lookups do not queue behind it.
     let (source, load_options) = (spec.source.clone(), shared.catalogue.options_for(spec));
     let on_disk =
-        tokio::task::spawn_blocking(move || crate::generation::weights_stamp_of(&source, &load_options)).await??;
-    if shared.catalogue.loaded_stamp(&spec.name).is_some_and(|loaded| loaded != on_disk) {
+        tokio::task::spawn_blocking(move || crate::generation::files_signature_of(&source, &load_options)).await??;
+    if shared.catalogue.loaded_signature(&spec.name).is_some_and(|loaded| loaded != on_disk) {
         anyhow::bail!("the model's files changed since it was loaded: no result cache until it is loaded again");
     }
     let mut known = shared.model_identities.0.lock().await;
-    if let Some((stamp, id)) = known.get(&spec.name) {
-        if *stamp == on_disk {
-            return Ok(id.clone());
+    if let Some((signature, id)) = known.get(&spec.name) {
+        if *signature == on_disk {
+            return Ok((id.clone(), on_disk));
         }
     }
     let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
     let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
-    known.insert(spec.name.clone(), (on_disk, id.clone()));
-    Ok(id)
+    known.insert(spec.name.clone(), (on_disk.clone(), id.clone()));
+    Ok((id, on_disk))
 }
 
 /// `options`: the catalogue's, so a Hub model is the commit the worker loads (its pins).
@@ -222,9 +232,15 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
 }
 
 /// Keeps `completed` (a job that generated) as the cache entry at `key`.
-pub async fn keep(shared: &Shared, key: &str, completed: &Completed) {
+pub async fn keep(shared: &Shared, key: &CacheKey, completed: &Completed) {
+    // The model may have loaded (again) after the key was made: from other files, its images are not the
+    // identity's.
+    if shared.catalogue.loaded_signature(&key.model).as_ref() != Some(&key.files_signature) {
+        tracing::info!(job_id = %completed.job_id, "the model's files changed as the job ran: not kept in the cache");
+        return;
+    }
     let entry = Completed { cached: false, ..completed.clone() };
-    match tokio::time::timeout(STORE_WAIT, store_completed(shared, key, &entry)).await {
+    match tokio::time::timeout(STORE_WAIT, store_completed(shared, &key.key, &entry)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(job_id = %completed.job_id, error = %e, "cannot keep the result in the cache"),
         Err(_) => tracing::warn!(job_id = %completed.job_id, "the store is slow: the result is not kept in the cache"),

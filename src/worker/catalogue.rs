@@ -51,8 +51,8 @@ pub struct Catalogue {
     resident_names: parking_lot::RwLock<Vec<String>>,
     /// Models whose last load failed: when, and why.
     failed_loads: parking_lot::Mutex<BTreeMap<String, (Instant, String)>>,
-    /// The weights stamp of each model's last load.
-    loaded_stamps: parking_lot::Mutex<BTreeMap<String, String>>,
+    /// The files signature of each model's last load.
+    loaded_signatures: parking_lot::Mutex<BTreeMap<String, String>>,
 }
 
 impl Catalogue {
@@ -65,14 +65,14 @@ impl Catalogue {
             loading: Default::default(),
             resident_names: Default::default(),
             failed_loads: Default::default(),
-            loaded_stamps: Default::default(),
+            loaded_signatures: Default::default(),
         }
     }
 
-    /// The weights stamp of `name`'s last load (`None` before one): each load reads its files again, which
-    /// may have been replaced since.
-    pub fn loaded_stamp(&self, name: &str) -> Option<String> {
-        self.loaded_stamps.lock().get(name).cloned()
+    /// The [files signature](crate::generation::LoadedModel::files_signature) of `name`'s last load (`None`
+    /// before one): each load reads its files again, which may have been replaced since.
+    pub fn loaded_signature(&self, name: &str) -> Option<String> {
+        self.loaded_signatures.lock().get(name).cloned()
     }
 
     /// The options `spec` loads with: the catalogue's, with the spec's own files and prediction type.
@@ -140,7 +140,7 @@ impl Catalogue {
         state.clock += 1;
         let last_used = state.clock;
         state.resident.insert(name.to_string(), Resident { model: model.clone(), bytes, last_used });
-        self.loaded_stamps.lock().insert(name.to_string(), model.weights_stamp.clone());
+        self.loaded_signatures.lock().insert(name.to_string(), model.files_signature.clone());
         *self.resident_names.write() = state.resident.keys().cloned().collect();
         Ok(Checkout { model, load_ms: Some(start.elapsed().as_secs_f64() * 1000.0) })
     }

@@ -185,8 +185,8 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         return;
     }
     if let Some(key) = &cache_key {
-        if let Some(completed) = cache::answer(&shared, key, &job, received_at).await {
-            tracing::info!(key, "answered from the result cache");
+        if let Some(completed) = cache::answer(&shared, &key.key, &job, received_at).await {
+            tracing::info!(key = key.key, "answered from the result cache");
             shared.control.cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             settle(&shared, &model, target, Outcome::Completed { completed, fresh: true }, delivered).await;
             shared.control.finish(job_id, &stop);

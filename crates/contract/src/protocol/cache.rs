@@ -21,6 +21,9 @@ pub struct CacheContext {
     /// The device class (`cpu`, `cuda`, `metal`) and dtype: other kernels round differently.
     pub device: String,
     pub dtype: String,
+    /// The worker's numerics: its build and the switches that pick kernels which round differently (TF32,
+    /// Winograd, a vendor BLAS...). Workers of other builds or settings share the store, not their pixels.
+    pub numerics: String,
 }
 
 /// The canonical text of everything that decides `job`'s pixels (JSON with sorted keys); `None` when the job
@@ -32,11 +35,12 @@ pub fn cache_description(job: &JobRequest, ctx: &CacheContext) -> Option<String>
     let seed = job.seed?;
     let loras: Vec<_> = ctx.loras.iter().zip(&job.loras).map(|(digest, l)| json!([digest, l.scale])).collect();
     let description = json!({
-        "v": 1,
+        "v": 2,
         "kind": job.kind,
         "model": ctx.model,
         "device": ctx.device,
         "dtype": ctx.dtype,
+        "numerics": ctx.numerics,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "width": job.width,
@@ -79,6 +83,7 @@ mod tests {
             mask: None,
             device: "cpu".into(),
             dtype: "f32".into(),
+            numerics: "sd-rbee 0.1.0 r2".into(),
         }
     }
 
@@ -113,6 +118,7 @@ mod tests {
             ("init image", Box::new(|_, c| c.init_image = Some("i".into()))),
             ("device", Box::new(|_, c| c.device = "cuda".into())),
             ("dtype", Box::new(|_, c| c.dtype = "f16".into())),
+            ("numerics", Box::new(|_, c| c.numerics.push_str("; SD_RBEE_TF32=1"))),
         ];
         for (what, change) in changes {
             let (mut j, mut c) = (job.clone(), context());
