@@ -71,6 +71,7 @@ impl Fleet {
     /// [`check_heartbeat`] lets through.
     pub fn record(&self, hb: Heartbeat, now: u64) {
         let mut workers = self.workers.lock().unwrap();
+        forget_departed(&mut workers, now);
         if !workers.contains_key(&hb.worker_id) && workers.len() >= MAX_WORKERS {
             // Room is made from lost workers only: a flood of new ids cannot push out live ones.
             let lost_after = self.lost_after_ms;
@@ -96,12 +97,11 @@ impl Fleet {
         workers.insert(hb.worker_id.clone(), (hb, now));
     }
 
-    /// Every worker heard of, lost ones included, sorted by id.
+    /// Every worker heard of, lost ones included (until forgotten: see [`LOST_KEPT`]), sorted by id.
     pub fn workers(&self, now: u64) -> Vec<WorkerInfo> {
-        let mut out: Vec<WorkerInfo> = self
-            .workers
-            .lock()
-            .unwrap()
+        let mut workers = self.workers.lock().unwrap();
+        forget_departed(&mut workers, now);
+        let mut out: Vec<WorkerInfo> = workers
             .values()
             .map(|(hb, seen)| WorkerInfo {
                 heartbeat: hb.clone(),
@@ -162,11 +162,15 @@ impl Fleet {
             .collect()
     }
 
-    /// Follows heartbeats until the subscription ends.
+    /// Follows heartbeats until the subscription ends (the client drained at shutdown).
     pub async fn listen(self, client: async_nats::Client, subjects: Subjects) {
-        let mut sub = match client.subscribe(subjects.heartbeats_wildcard()).await {
-            Ok(s) => s,
-            Err(e) => return tracing::error!(error = %e, "cannot subscribe to heartbeats"),
+        // Not heard, every worker would read as lost and every model as unserved: keep trying.
+        let mut sub = loop {
+            match client.subscribe(subjects.heartbeats_wildcard()).await {
+                Ok(s) => break s,
+                Err(e) => tracing::error!(error = %e, "cannot subscribe to heartbeats; trying again in 5 s"),
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
         };
         while let Some(msg) = sub.next().await {
             match protocol::decode_heartbeat(&msg.payload).and_then(|hb| check_heartbeat(hb, &msg.subject)) {
@@ -175,6 +179,21 @@ impl Fleet {
             }
         }
     }
+}
+
+/// How long a worker silent without saying goodbye is shown `lost` before it is forgotten: long enough for
+/// the alert on lost workers to fire and its jobs to be redelivered, short enough that it clears (each start
+/// of a worker without `--worker-id` is a new id, and a crash loop would otherwise add one for good).
+pub const LOST_KEPT: Duration = Duration::from_secs(3600);
+
+/// How long a worker that said goodbye is shown `stopped` before it is forgotten.
+pub const STOPPED_KEPT: Duration = Duration::from_secs(600);
+
+/// Forgets the workers lost for longer than [`LOST_KEPT`] and those stopped for longer than [`STOPPED_KEPT`]
+/// (silence counted from the last heartbeat either way).
+fn forget_departed(workers: &mut HashMap<String, (Heartbeat, u64)>, now: u64) {
+    let kept = |hb: &Heartbeat| if hb.stopping { STOPPED_KEPT } else { LOST_KEPT }.as_millis() as u64;
+    workers.retain(|_, (hb, seen)| now.saturating_sub(*seen) <= kept(hb));
 }
 
 /// The most workers a queen keeps track of.
@@ -292,5 +311,21 @@ mod tests {
         assert!(workers.iter().all(|w| w.heartbeat.worker_id != "gone"), "the lost worker made room");
         assert!(workers.iter().any(|w| w.heartbeat.worker_id == "real"), "a live worker stays");
         assert_eq!(fleet.serving("tiny", 2_000_000), MAX_WORKERS);
+    }
+
+    #[test]
+    fn departed_workers_are_forgotten_after_a_while() {
+        let fleet = Fleet::new(Duration::from_secs(30));
+        let t0 = 10_000_000;
+        fleet.record(heartbeat("crashed"), t0);
+        fleet.record(Heartbeat { stopping: true, ..heartbeat("stopped") }, t0);
+        let ids = |now| fleet.workers(now).into_iter().map(|w| w.heartbeat.worker_id).collect::<Vec<_>>();
+        let lost_at = t0 + 60_000;
+        assert_eq!(ids(lost_at), ["crashed", "stopped"]);
+        assert!(fleet.workers(lost_at)[0].lost && fleet.is_lost("crashed", lost_at));
+        let later = t0 + STOPPED_KEPT.as_millis() as u64 + 1;
+        assert_eq!(ids(later), ["crashed"], "the goodbye was said");
+        let much_later = t0 + LOST_KEPT.as_millis() as u64 + 1;
+        assert!(ids(much_later).is_empty(), "a crashed worker does not count as lost for ever");
     }
 }

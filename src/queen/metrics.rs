@@ -55,7 +55,7 @@ fn seconds_histogram() -> Histogram {
 /// What the queen counts; cheap to clone (the counters are shared).
 #[derive(Clone)]
 pub struct Metrics {
-    /// Jobs by state, moved on every transition this queen applies (a sum over queens).
+    /// Jobs that entered each state by the transitions this queen applied (a sum over queens); never lowered.
     jobs: Family<StateLabel, Gauge>,
     generation: Family<ModelLabel, Histogram, fn() -> Histogram>,
     steps: Family<ModelLabel, Histogram, fn() -> Histogram>,
@@ -83,20 +83,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A job moved from `before` (`None`: first heard of now) to `after`.
+    /// A job moved from `before` (`None`: first heard of now) to `after`. Counted into `after` only: a count
+    /// of jobs in each state would be the net of what every queen applied since the fleet began, which no
+    /// queen started later (or restarted) can know; entries add up over queens, and `increase()` reads them
+    /// across restarts.
     pub fn transition(&self, before: Option<JobState>, after: JobState) {
-        if before == Some(after) {
-            return;
+        if before != Some(after) {
+            self.jobs.get_or_create(&StateLabel { state: after.name() }).inc();
         }
-        if let Some(before) = before {
-            self.jobs.get_or_create(&StateLabel { state: before.name() }).dec();
-        }
-        self.jobs.get_or_create(&StateLabel { state: after.name() }).inc();
-    }
-
-    /// A job in `state` was forgotten (one that could not be queued after all).
-    pub fn removed(&self, state: JobState) {
-        self.jobs.get_or_create(&StateLabel { state: state.name() }).dec();
     }
 
     /// The label for `model`: its name, or [`OTHER_MODELS`] once [`MAX_MODEL_LABELS`] others have one.
@@ -131,7 +125,8 @@ impl Metrics {
         for &state in JobState::ALL {
             let _ = self.jobs.get_or_create(&StateLabel { state: state.name() });
         }
-        let jobs_help = "Jobs by state, as the transitions this queen applied move them (a sum over queens)";
+        let jobs_help = "Jobs that entered each state by the events this queen applied since it started (a sum over \
+                         queens; only ever grows)";
         registry.register("sd_rbee_jobs", jobs_help, self.jobs.clone());
         registry.register("sd_rbee_generation_seconds", "Generation time of completed jobs", self.generation.clone());
         registry.register("sd_rbee_step_seconds", "Denoising step time", self.steps.clone());
@@ -150,7 +145,8 @@ mod tests {
         m.transition(Some(JobState::Running), JobState::Completed);
         m.transition(None, JobState::Running);
         m.transition(Some(JobState::Running), JobState::Running);
-        assert_eq!([JobState::Queued, JobState::Running, JobState::Completed].map(|s| m.jobs_in(s)), [0, 1, 1]);
+        // Entries, never taken back: a queen that applied only the end of a job counts that end.
+        assert_eq!([JobState::Queued, JobState::Running, JobState::Completed].map(|s| m.jobs_in(s)), [1, 2, 1]);
         m.generation(r#"a"b\c"#, 1500);
         let mut registry = Registry::default();
         m.register(&mut registry);

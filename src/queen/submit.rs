@@ -158,7 +158,6 @@ impl Jobs {
                 return Err(JobsError::bus(e));
             }
         };
-        self.stats.metrics.transition(None, JobState::Queued);
         let seq = match self.bus.submit_with_seq(&job).await {
             Ok(seq) => seq,
             Err(e) if claim.is_some() && matches!(e.downcast_ref(), Some(PublishError::Unavailable { .. })) => {
@@ -184,7 +183,6 @@ impl Jobs {
                 if cancelled {
                     self.status.remove(job.id).await;
                     self.index.remove(indexed).await;
-                    self.stats.metrics.removed(JobState::Queued);
                 }
                 return Err(JobsError::Unavailable(e.context("cannot queue the job")));
             }
@@ -235,6 +233,7 @@ impl Jobs {
     /// Records the stream sequence of a job just queued. Tried for a minute (and then found on the queue by
     /// the job's queued check).
     async fn record_queued(&self, job: &JobRequest, webhook: Option<&WebhookSpec>, seq: u64) {
+        self.stats.metrics.transition(None, JobState::Queued);
         let queued = || JobStatus { webhook: webhook.map(WebhookInfo::new), ..JobStatus::queued(job, Some(seq)) };
         let record = |s: &mut JobStatus| {
             s.stream_seq = Some(seq);

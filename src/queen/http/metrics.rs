@@ -1,6 +1,6 @@
 //! `GET /metrics`: the queen's kept metrics (jobs by state, generation and step times) and what it reads at
-//! scrape time from memory and one stream-info request (queue depth by model, workers by liveness, each
-//! worker's own counters), encoded by `prometheus-client`. No scrape reads the status bucket.
+//! scrape time from memory and one stream-info request (queue depth by model, workers by liveness and by
+//! model, each worker's own counters), encoded by `prometheus-client`. No scrape reads the status bucket.
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use super::error::ApiResult;
 use super::{AppError, AppState};
+use crate::api::{ApiErrorBody, ApiErrorCode};
 use crate::protocol;
 use crate::queen::metrics::{Escaped, ModelLabel, StateLabel};
 
@@ -30,7 +31,8 @@ struct WorkerBatchLabels {
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus / OpenMetrics text format", content_type = "application/openmetrics-text")),
+    responses((status = 200, description = "Prometheus / OpenMetrics text format", content_type = "application/openmetrics-text"),
+        (status = 503, description = "NATS cannot be reached: the queue depth cannot be read", body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let jobs = &state.jobs;
@@ -43,21 +45,37 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     for model in jobs.catalogue().await {
         let _ = depth.get_or_create(&jobs.stats.metrics.model_label(&model));
     }
+    // A depth that cannot be read fails the scrape (Prometheus' `up` says so): zeros in its place would end
+    // the backlog alerts, and scale a fleet driven by them to nothing, while jobs wait.
+    let unreadable = |e: &dyn std::fmt::Display| {
+        AppError::new(ApiErrorCode::Unavailable, format!("cannot read the queue depth from NATS: {e}"))
+    };
     let subjects = jobs.bus.subjects();
-    if let Ok(stream) = jobs.bus.jetstream().get_stream(subjects.jobs_stream()).await {
-        if let Ok(mut info) = stream.info_with_subjects(subjects.jobs_wildcard()).await {
-            while let Some(Ok((subject, count))) = info.next().await {
-                // A model's priorities are three subjects: their counts add up. Past the bound on model
-                // labels, models share one (queues of models no worker serves stay on the bus).
-                if let Some(model) = subjects.model_of_jobs_subject(&subject) {
-                    depth.get_or_create(&jobs.stats.metrics.model_label(model)).inc_by(count as i64);
-                }
-            }
+    let stream = jobs.bus.jetstream().get_stream(subjects.jobs_stream()).await.map_err(|e| unreadable(&e))?;
+    let mut info = stream.info_with_subjects(subjects.jobs_wildcard()).await.map_err(|e| unreadable(&e))?;
+    while let Some(page) = info.next().await {
+        let (subject, count) = page.map_err(|e| unreadable(&e))?;
+        // A model's priorities are three subjects: their counts add up. Past the bound on model labels,
+        // models share one (queues of models no worker serves stay on the bus).
+        if let Some(model) = subjects.model_of_jobs_subject(&subject) {
+            depth.get_or_create(&jobs.stats.metrics.model_label(model)).inc_by(count as i64);
         }
     }
     registry.register("sd_rbee_queue_depth", "Jobs in the work queue (waiting or running), by model", depth);
 
-    let workers = jobs.fleet.workers(protocol::now_millis());
+    let now = protocol::now_millis();
+    // Workers by model, 0 for the catalogue's: "jobs and no worker" is a per-model question (a fleet busy
+    // with one model leaves another's queue unserved).
+    let serving = Family::<ModelLabel, Gauge>::default();
+    for model in jobs.catalogue().await {
+        let _ = serving.get_or_create(&jobs.stats.metrics.model_label(&model));
+    }
+    for model in jobs.fleet.models(now) {
+        serving.get_or_create(&jobs.stats.metrics.model_label(&model.name)).inc_by(model.workers as i64);
+    }
+    registry.register("sd_rbee_model_workers", "Live workers serving each model", serving);
+
+    let workers = jobs.fleet.workers(now);
     let liveness = Family::<StateLabel, Gauge>::default();
     for state in ["busy", "idle", "lost", "stopped"] {
         let _ = liveness.get_or_create(&StateLabel { state });
