@@ -106,3 +106,28 @@ async fn an_expired_job_answers_410_and_its_objects_are_swept() {
     assert!(s3.list(&format!("jobs/{running}/")).is_empty(), "nor later");
     assert_eq!(c.status(lasting).await.unwrap().status.state.name(), "completed", "the others stay");
 }
+
+/// The status bucket keeps records `--keep-status` from their last write; a job waiting on the queue longer
+/// than that (for a model no worker serves yet) keeps its record, renewed while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_longer_than_the_status_bucket_keeps_records_keeps_its_record() {
+    let nats = NatsServer::start();
+    let s3 = S3Server::start();
+    let keep = Duration::from_secs(4);
+    let queen = start_queen(&nats.url(), &s3.store_url(), &s3.env(), |c| {
+        c.status_max_age = keep;
+        c.publish_confirm_window = Duration::from_secs(1);
+        c.api.require_served_model = false;
+    })
+    .await;
+    let c = client(&queen);
+    let mut job = tiny(2, 1);
+    job.model = "nobody-serves-it-yet".into();
+    let id = c.submit(&job, None).await.unwrap().job_id;
+    let written = now_millis();
+    tokio::time::sleep(keep * 3).await;
+    let view =
+        c.status(id).await.unwrap_or_else(|e| panic!("the record is gone after {} ms: {e:#}", now_millis() - written));
+    assert_eq!(view.status.state.name(), "queued");
+    assert_eq!(view.status.request.as_ref().map(|r| r.prompt.as_str()), Some(job.prompt.as_str()), "all of it");
+}

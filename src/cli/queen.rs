@@ -55,7 +55,7 @@ pub struct QueenArgs {
     /// A worker silent this long is shown as lost.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub worker_lost_after: Duration,
-    /// How long job status is kept.
+    /// How long job status is kept after its last change (a job waiting on the queue keeps its own).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub keep_status: Duration,
     /// The ttl of jobs that give no `ttl_s`: after it a job's status answers 410 Gone and its images are

@@ -51,7 +51,8 @@ impl JobIndex {
                 subjects: vec![self.subject.clone()],
                 max_age: self.max_age,
                 storage: stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
+                // No longer than the entries live (the server refuses it): a `--keep-status` under two minutes.
+                duplicate_window: Duration::from_secs(120).min(self.max_age),
                 ..Default::default()
             })
             .await

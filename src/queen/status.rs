@@ -151,6 +151,40 @@ impl StatusStore {
         }
     }
 
+    /// How often a queued job's record is renewed ([`Self::keep_queued`]): a third of the bucket's age, so a
+    /// record looked at no less often than this is never older than two thirds of it.
+    pub fn keep_every(&self) -> Duration {
+        (self.max_age / 3).max(Duration::from_secs(1))
+    }
+
+    /// When job `job_id` is still queued, when it was created, its record written again as it is when its
+    /// last write is older than `every`: entries live the bucket's age from their last write, and a job
+    /// waiting on the queue longer than that (for a model no worker serves yet) would lose its record while
+    /// it waits: its status, its webhook, its request. `None` once it has left the queue, or without a
+    /// readable record.
+    pub async fn keep_queued(&self, job_id: Uuid, every: Duration) -> anyhow::Result<Option<u64>> {
+        let key = job_id.to_string();
+        for _ in 0..20 {
+            let Some(entry) = self.kv.entry(&key).await?.filter(|e| e.operation == kv::Operation::Put) else {
+                return Ok(None);
+            };
+            let Ok(status) = serde_json::from_slice::<JobStatus>(&entry.value) else { return Ok(None) };
+            if status.state != JobState::Queued {
+                return Ok(None);
+            }
+            let written_ms = u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            if protocol::now_millis().saturating_sub(written_ms) < every.as_millis() as u64 {
+                return Ok(Some(status.created_at));
+            }
+            match self.kv.update(&key, entry.value.clone(), entry.revision).await {
+                Ok(_) => return Ok(Some(status.created_at)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("job {job_id}: too many concurrent status updates")
+    }
+
     /// The stored record, read or not, and its revision.
     async fn stored(&self, job_id: Uuid) -> anyhow::Result<Option<(Result<JobStatus, UnreadableStatus>, u64)>> {
         match self.kv.entry(job_id.to_string()).await? {

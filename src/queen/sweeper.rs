@@ -109,14 +109,32 @@ async fn sweep_due(jobs: &Jobs) -> anyhow::Result<()> {
     }
 }
 
-/// Ends a job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]); how the
-/// check's message is acknowledged.
+/// Ends a job that is still not on the queue at its check ([`Jobs::abandon_unqueued`]), then keeps the
+/// record of one that waits there ([`StatusStore::keep_queued`](super::status::StatusStore::keep_queued));
+/// how the check's message is acknowledged.
 async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
-    when_due(check.queued_by, check.job_id, "cannot end a job the bus did not take yet", |overdue| {
+    let checked = when_due(check.queued_by, check.job_id, "cannot end a job the bus did not take yet", |overdue| {
         // A cancel the bus will not store for this long (no SD_CANCELS) no longer keeps the job `queued`.
         jobs.abandon_unqueued(check.job_id, overdue < REQUIRE_CANCEL_FOR)
     })
-    .await
+    .await;
+    if !matches!(checked, AckKind::Ack) {
+        return checked;
+    }
+    let every = jobs.status.keep_every();
+    match jobs.status.keep_queued(check.job_id, every).await {
+        Ok(None) => AckKind::Ack,
+        // Looked at again after as long as it has waited: a few looks for a short wait, a handful a week for
+        // a long one, never further apart than the record's renewal needs.
+        Ok(Some(created_at)) => {
+            let waited = Duration::from_millis(protocol::now_millis().saturating_sub(created_at));
+            AckKind::Nak(Some(waited.max(SECOND_LOOK).min(every)))
+        }
+        Err(e) => {
+            tracing::warn!(job_id = %check.job_id, error = %format!("{e:#}"), "cannot renew a queued job's record yet");
+            AckKind::Nak(Some(SECOND_LOOK))
+        }
+    }
 }
 
 /// Ends a job cancelled while queued if its end is still not stored ([`Jobs::end_dequeued`]); how the
