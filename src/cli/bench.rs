@@ -295,7 +295,7 @@ fn vae(b: VaeBench) -> anyhow::Result<()> {
     let folder = crate::diffusion::checkpoint::configs::ConfigFolder::write(arch)?;
     let config = AutoencoderKLConfig::from_file(&folder.path().join("vae").join("config.json"))?;
     let f = config.scale_factor();
-    anyhow::ensure!(b.size % f == 0 && b.size > 0, "--size must be a positive multiple of {f}");
+    anyhow::ensure!(b.size.is_multiple_of(f) && b.size > 0, "--size must be a positive multiple of {f}");
     let vb = crate::diffusion::random_weights::random_var_builder(seed, b.dtype, &device);
     let model = AutoencoderKL::new(vb, config)?;
     let before = peak_rss_bytes().unwrap_or(0) as f64 / 1e9;

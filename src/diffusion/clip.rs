@@ -91,7 +91,7 @@ impl ClipTextConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         Activation::parse(&self.hidden_act)?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "text encoder config: `hidden_size` {} is not divisible by `num_attention_heads` {}",
                 self.hidden_size,

@@ -92,7 +92,7 @@ impl candle_core::CustomOp1 for CpuGroupNorm {
         };
         let x = &data[start..end];
         let dims = layout.dims();
-        if dims.len() < 2 || dims[1] != self.weight.len() || dims[1] % self.groups != 0 {
+        if dims.len() < 2 || dims[1] != self.weight.len() || !dims[1].is_multiple_of(self.groups) {
             candle_core::bail!("group-norm: input {dims:?} does not fit {} channels", self.weight.len());
         }
         let hw: usize = dims[2..].iter().product();

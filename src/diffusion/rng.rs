@@ -84,7 +84,7 @@ impl TorchRng {
         for block in data.chunks_exact_mut(16) {
             Self::box_muller_16(block);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut data[n - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform();

@@ -252,7 +252,8 @@ pub(super) async fn generate_and_store(
     let resumed_steps = prepared.request.resume.as_ref().map_or(0, |s| s.step as u32);
     let mut schedule = super::resume::Schedule::new(shared.config.checkpoint_every, shared.config.checkpoint_interval);
     let on_step = move |info: &StepInfo| {
-        let preview = (preview_every > 0 && (info.step as u32 % preview_every == 0 || info.step == info.total))
+        let preview = (preview_every > 0
+            && ((info.step as u32).is_multiple_of(preview_every) || info.step == info.total))
             .then(|| {
                 info.preview(0).ok().and_then(|p| generation::encode_image(&p, protocol::ImageFormat::Jpeg, 70).ok())
             })

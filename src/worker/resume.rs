@@ -124,7 +124,7 @@ impl Schedule {
 
     /// Whether to checkpoint after `step` of `total` (never after the last: the job is about to end).
     pub(super) fn due(&mut self, step: usize, total: usize) -> bool {
-        let by_steps = self.every > 0 && step % self.every as usize == 0;
+        let by_steps = self.every > 0 && step.is_multiple_of(self.every as usize);
         let by_time = !self.interval.is_zero() && self.last.elapsed() >= self.interval;
         let due = step < total && (by_steps || by_time);
         if due {

@@ -28,6 +28,7 @@ pub(super) struct EventsQuery {
         ("last_event_id" = Option<String>, Query, description = "the same, for clients that cannot set headers")),
     responses((status = 200, description = "Server-Sent Events: queued, started, progress, preview, completed, failed, cancelled",
         content_type = "text/event-stream"), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 410, description = "the job's ttl passed", body = ApiErrorBody),
         (status = 429, description = "the token holds --max-streams-per-caller streams already", body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn events(

@@ -73,7 +73,8 @@ pub(super) async fn upload(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
-    responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody),
+        (status = 410, description = "the job's ttl passed", body = ApiErrorBody)), security(("bearer" = [])))]
 pub(super) async fn status(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<StatusView>> {
     let status = state.jobs.get(id).await?;
     Ok(Json(state.jobs.view(status).await))
