@@ -9,7 +9,7 @@ apt_install() {
     if [ "$(id -u)" != 0 ]; then
         as_root=(sudo -n)
     fi
-    if command -v apt-get >/dev/null && { [ ${#as_root[@]} = 0 ] || sudo -n true 2>/dev/null; }; then
+    if command -v apt-get >/dev/null && { [ ${#as_root[@]} = 0 ] || sudo -n apt-get --version >/dev/null 2>&1; }; then
         echo "== installing Debian's $package ($why)"
         # The package lists of a fresh machine may be missing or stale: update once, then retry.
         "${as_root[@]}" apt-get install -y -q "$package" >/dev/null 2>&1 \

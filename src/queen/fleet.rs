@@ -114,14 +114,14 @@ impl Fleet {
         out
     }
 
-    /// Whether `worker_id` is lost (heard of, then silent too long). An unknown worker is not lost: this
-    /// queen may have started after its last heartbeat.
+    /// Whether `worker_id` is lost (heard of, then silent too long). An unknown worker is lost once this
+    /// queen has listened long enough to have heard it (it was forgotten, or went before the queen started);
+    /// before that, it may yet be heard.
     pub fn is_lost(&self, worker_id: &str, now: u64) -> bool {
-        self.workers
-            .lock()
-            .unwrap()
-            .get(worker_id)
-            .is_some_and(|(hb, seen)| hb.stopping || now.saturating_sub(*seen) > self.lost_after_ms)
+        match self.workers.lock().unwrap().get(worker_id) {
+            Some((hb, seen)) => hb.stopping || now.saturating_sub(*seen) > self.lost_after_ms,
+            None => self.has_heard_everyone(),
+        }
     }
 
     /// Live workers serving `model`.
@@ -164,13 +164,10 @@ impl Fleet {
 
     /// Follows heartbeats until the subscription ends (the client drained at shutdown).
     pub async fn listen(self, client: async_nats::Client, subjects: Subjects) {
-        // Not heard, every worker would read as lost and every model as unserved: keep trying.
-        let mut sub = loop {
-            match client.subscribe(subjects.heartbeats_wildcard()).await {
-                Ok(s) => break s,
-                Err(e) => tracing::error!(error = %e, "cannot subscribe to heartbeats; trying again in 5 s"),
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
+        // Fails only for a closed client (or a subject that cannot be), which no retry mends.
+        let mut sub = match client.subscribe(subjects.heartbeats_wildcard()).await {
+            Ok(s) => s,
+            Err(e) => return tracing::error!(error = %e, "cannot subscribe to heartbeats"),
         };
         while let Some(msg) = sub.next().await {
             match protocol::decode_heartbeat(&msg.payload).and_then(|hb| check_heartbeat(hb, &msg.subject)) {
@@ -323,9 +320,12 @@ mod tests {
         let lost_at = t0 + 60_000;
         assert_eq!(ids(lost_at), ["crashed", "stopped"]);
         assert!(fleet.workers(lost_at)[0].lost && fleet.is_lost("crashed", lost_at));
+        assert!(!Fleet::new(Duration::from_secs(30)).is_lost("crashed", lost_at), "a queen just started may hear it");
         let later = t0 + STOPPED_KEPT.as_millis() as u64 + 1;
         assert_eq!(ids(later), ["crashed"], "the goodbye was said");
         let much_later = t0 + LOST_KEPT.as_millis() as u64 + 1;
         assert!(ids(much_later).is_empty(), "a crashed worker does not count as lost for ever");
+        let listened = Fleet { listening_since: std::time::Instant::now() - Duration::from_secs(31), ..fleet };
+        assert!(listened.is_lost("crashed", much_later), "but its jobs still wait for redelivery");
     }
 }

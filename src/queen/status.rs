@@ -48,7 +48,10 @@ pub struct Updated {
 pub struct StatusStore {
     js: jetstream::Context,
     kv: kv::Store,
+    /// The age the bucket is created with.
     max_age: Duration,
+    /// The age of its entries as the bucket was when bound (0: kept for ever).
+    bucket_age: Duration,
 }
 
 /// The KV key of an idempotency key (hashed with the caller's identity, so keys of different callers
@@ -114,7 +117,12 @@ impl StatusStore {
                 .await
                 .with_context(|| format!("cannot create the KV bucket {name}"))?,
         };
-        Ok(Self { js: js.clone(), kv, max_age })
+        // The bucket keeps the age it was created with, whatever this queen was given.
+        let bucket_age = match kv.status().await {
+            Ok(status) => status.max_age(),
+            Err(_) => max_age,
+        };
+        Ok(Self { js: js.clone(), kv, max_age, bucket_age })
     }
 
     /// Creates the bucket again if it is gone (this handle, and its clones, then work with the new one).
@@ -152,9 +160,10 @@ impl StatusStore {
     }
 
     /// How often a queued job's record is renewed ([`Self::keep_queued`]): a third of the bucket's age, so a
-    /// record looked at no less often than this is never older than two thirds of it.
-    pub fn keep_every(&self) -> Duration {
-        (self.max_age / 3).max(Duration::from_secs(1))
+    /// record looked at no less often than this is never older than two thirds of it. `None` for a bucket
+    /// that keeps its entries for ever.
+    pub fn keep_every(&self) -> Option<Duration> {
+        (!self.bucket_age.is_zero()).then(|| (self.bucket_age / 3).max(Duration::from_secs(1)))
     }
 
     /// When job `job_id` is still queued, when it was created, its record written again as it is when its

@@ -121,7 +121,7 @@ async fn check_queued(jobs: &Jobs, check: &QueuedCheck) -> AckKind {
     if !matches!(checked, AckKind::Ack) {
         return checked;
     }
-    let every = jobs.status.keep_every();
+    let Some(every) = jobs.status.keep_every() else { return AckKind::Ack };
     match jobs.status.keep_queued(check.job_id, every).await {
         Ok(None) => AckKind::Ack,
         // Looked at again after as long as it has waited: a few looks for a short wait, a handful a week for

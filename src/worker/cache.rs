@@ -18,16 +18,26 @@ use super::generate::JobInputs;
 use super::Shared;
 use crate::protocol::{self, CacheContext, Completed, JobRequest, PROTOCOL_VERSION};
 
-/// Each model's identity (a digest of its files), by model name, with the files signature of those files.
+/// Models' identities (a digest of their files), by model name and the files signature of those files: the
+/// last few of each model, so files touched or moved without a change of content keep their identity.
 #[derive(Default)]
-pub struct Identities(tokio::sync::Mutex<HashMap<String, (String, String)>>);
+pub struct Identities(tokio::sync::Mutex<HashMap<String, Vec<(String, String)>>>);
 
-/// Where a job's result is kept in the cache, and the files its model's identity was worked out from.
+/// The most signatures remembered per model.
+const SIGNATURES_KEPT: usize = 4;
+
+impl Identities {
+    fn find(known: &HashMap<String, Vec<(String, String)>>, model: &str, signature: &str) -> Option<String> {
+        known.get(model)?.iter().find(|(s, _)| s == signature).map(|(_, id)| id.clone())
+    }
+}
+
+/// Where a job's result is kept in the cache, and the identity of its model's files it names.
 pub struct CacheKey {
     /// `cache/<sha256>.msgpack`.
     pub key: String,
     model: String,
-    files_signature: String,
+    identity: String,
 }
 
 /// The cache key of `job` on this worker, with its LoRAs and input pictures as the run takes them; `None`
@@ -45,24 +55,25 @@ pub async fn key(
     }
     let spec = shared.config.models.iter().find(|m| m.name == model)?;
     // The model's files are local: as long as they take.
-    let (identity, files_signature) = identity(shared, spec)
+    let identity = identity(shared, spec)
         .await
         .map_err(|e| tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job"))
         .ok()?;
+    let device_class = shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string();
     let digest = |bytes: &Option<bytes::Bytes>| bytes.as_ref().map(|b| hex::encode(Sha256::digest(b)));
     let ctx = CacheContext {
-        model: identity,
+        model: identity.clone(),
         // The job's LoRAs come resolved (once, for the run too).
         loras: loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
         init_image: digest(&inputs.init_image),
         mask: digest(&inputs.mask),
-        device: shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string(),
+        device: device_class.to_string(),
         dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
-        numerics: crate::diffusion::numerics::signature(),
+        numerics: crate::diffusion::numerics::signature(&device_class),
     };
     let description = protocol::cache_description(job, &ctx)?;
     let key = protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes())));
-    Some(CacheKey { key, model: spec.name.clone(), files_signature })
+    Some(CacheKey { key, model: spec.name.clone(), identity })
 }
 
 /// How long the cache may wait on the store before a job generates instead: with the store slow or down,
@@ -71,27 +82,35 @@ const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
 /// once for the files as they are (the first seeded job reads them through; their files signature, a few
-/// hundred KB read at each lookup, tells when they change), with that signature. An error while the files on
-/// disk are not those its last load read (a local model replaced in place, until it loads again): the
-/// images it makes then are neither the old identity's nor the new one's.
-async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<(String, String)> {
+/// hundred KB read at each lookup, tells when they may have changed). An error while the files on disk are
+/// not those its last load read (a local model replaced in place, until it loads again): the images it
+/// makes then are neither the old identity's nor the new one's.
+async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {
     // Read before the lock, which only the full digest needs: seeded jobs' lookups do not queue behind it.
     let (source, load_options) = (spec.source.clone(), shared.catalogue.options_for(spec));
     let on_disk =
         tokio::task::spawn_blocking(move || crate::generation::files_signature_of(&source, &load_options)).await??;
-    if shared.catalogue.loaded_signature(&spec.name).is_some_and(|loaded| loaded != on_disk) {
-        anyhow::bail!("the model's files changed since it was loaded: no result cache until it is loaded again");
-    }
     let mut known = shared.model_identities.0.lock().await;
-    if let Some((signature, id)) = known.get(&spec.name) {
-        if *signature == on_disk {
-            return Ok((id.clone(), on_disk));
+    let id = match Identities::find(&known, &spec.name, &on_disk) {
+        Some(id) => id,
+        None => {
+            let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
+            let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
+            let signatures = known.entry(spec.name.clone()).or_default();
+            if signatures.len() >= SIGNATURES_KEPT {
+                signatures.remove(0);
+            }
+            signatures.push((on_disk.clone(), id.clone()));
+            id
+        }
+    };
+    // Files touched, copied or moved since the load: the same content is the same model.
+    if let Some(loaded) = shared.catalogue.loaded_signature(&spec.name).filter(|loaded| *loaded != on_disk) {
+        if Identities::find(&known, &spec.name, &loaded).as_ref() != Some(&id) {
+            anyhow::bail!("the model's files changed since it was loaded: no result cache until it is loaded again");
         }
     }
-    let (spec_owned, options) = (spec.clone(), shared.catalogue.options().clone());
-    let id = tokio::task::spawn_blocking(move || model_identity(&spec_owned, &options)).await??;
-    known.insert(spec.name.clone(), (on_disk.clone(), id.clone()));
-    Ok((id, on_disk))
+    Ok(id)
 }
 
 /// `options`: the catalogue's, so a Hub model is the commit the worker loads (its pins).
@@ -235,7 +254,11 @@ async fn copy(shared: &Shared, earlier: &Completed, job: &JobRequest, received_a
 pub async fn keep(shared: &Shared, key: &CacheKey, completed: &Completed) {
     // The model may have loaded (again) after the key was made: from other files, its images are not the
     // identity's.
-    if shared.catalogue.loaded_signature(&key.model).as_ref() != Some(&key.files_signature) {
+    let loaded = shared.catalogue.loaded_signature(&key.model);
+    let known = shared.model_identities.0.lock().await;
+    let loaded_identity = loaded.and_then(|signature| Identities::find(&known, &key.model, &signature));
+    drop(known);
+    if loaded_identity.as_ref() != Some(&key.identity) {
         tracing::info!(job_id = %completed.job_id, "the model's files changed as the job ran: not kept in the cache");
         return;
     }

@@ -21,14 +21,16 @@ const FORMAT: &str = "sd-rbee-resume-1";
 
 /// What a checkpoint must carry to be taken up by `job` on `model` (loaded as `source`, its
 /// [weights stamp](crate::generation::LoadedModel::weights_stamp): a worker that serves the name from other
-/// weights must start over) in `dtype`, with `loras` (a LoRA object replaced in the store between deliveries
-/// is another LoRA).
+/// weights must start over) in `dtype` with `numerics` (the [device's](crate::diffusion::numerics): a job
+/// begun with other kernels is not finished with these, so its images are one worker's numbers, as the
+/// result cache keeps them), with `loras` (a LoRA object replaced in the store between deliveries is
+/// another LoRA).
 pub(super) fn fingerprint(
     job: &JobRequest,
     model: &str,
     source: &str,
     loras: &[crate::diffusion::LoraWeight],
-    dtype: candle_core::DType,
+    (dtype, numerics): (candle_core::DType, &str),
 ) -> String {
     let message = serde_json::to_vec(job).unwrap_or_default();
     let mut digest = Sha256::new()
@@ -37,7 +39,7 @@ pub(super) fn fingerprint(
         .chain_update(model)
         .chain_update(b"\0")
         .chain_update(source)
-        .chain_update(format!("{dtype:?}"));
+        .chain_update(format!("{dtype:?}\0{numerics}"));
     for lora in loras {
         digest.update(lora.lora.hash);
         digest.update(lora.scale.to_le_bytes());
@@ -155,24 +157,25 @@ mod tests {
         use crate::diffusion::{lora::Lora, LoraWeight};
         let job = JobRequest::new(protocol::JobKind::Txt2Img, "tiny", "a cat");
         let f32 = candle_core::DType::F32;
-        let base = fingerprint(&job, "tiny", "models/tiny", &[], f32);
+        let base = fingerprint(&job, "tiny", "models/tiny", &[], (f32, ""));
         let mut other = job.clone();
         other.seed = Some(5);
-        assert_ne!(base, fingerprint(&other, "tiny", "models/tiny", &[], f32));
-        assert_ne!(base, fingerprint(&job, "tiny2", "models/tiny", &[], f32));
-        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny-v2", &[], f32));
-        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny", &[], candle_core::DType::F16));
-        assert_eq!(base, fingerprint(&job.clone(), "tiny", "models/tiny", &[], f32));
+        assert_ne!(base, fingerprint(&other, "tiny", "models/tiny", &[], (f32, "")));
+        assert_ne!(base, fingerprint(&job, "tiny2", "models/tiny", &[], (f32, "")));
+        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny-v2", &[], (f32, "")));
+        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny", &[], (candle_core::DType::F16, "")));
+        assert_ne!(base, fingerprint(&job, "tiny", "models/tiny", &[], (f32, "r2 cpu: winograd false")));
+        assert_eq!(base, fingerprint(&job.clone(), "tiny", "models/tiny", &[], (f32, "")));
         // The same LoRA name with other contents (an object replaced in the store), or at another scale.
         let lora = |file: &str, scale: f64| {
             let path = std::path::Path::new("tests/fixtures/tiny-sd15/lora").join(file);
             let lora = Lora::from_bytes("style", &std::fs::read(path).unwrap()).unwrap();
             LoraWeight { lora: std::sync::Arc::new(lora), scale }
         };
-        let style = fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], f32);
+        let style = fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], (f32, ""));
         assert_ne!(base, style);
-        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("detail.safetensors", 1.0)], f32));
-        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 0.5)], f32));
-        assert_eq!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], f32));
+        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("detail.safetensors", 1.0)], (f32, "")));
+        assert_ne!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 0.5)], (f32, "")));
+        assert_eq!(style, fingerprint(&job, "tiny", "models/tiny", &[lora("style.safetensors", 1.0)], (f32, "")));
     }
 }

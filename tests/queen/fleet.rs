@@ -280,3 +280,21 @@ async fn load_test_hundreds_of_jobs_complete_exactly_once() {
         jobs as f64 / all_done.as_secs_f64()
     );
 }
+
+/// A scrape that cannot read the queue depth fails (Prometheus' `up` says so) rather than report an empty
+/// queue, which would end the backlog alerts while jobs wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_without_nats_fail_the_scrape_rather_than_read_an_empty_queue() {
+    let mut nats = NatsServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let queen = start_queen(&nats.url(), &format!("file://{}", store.path().display()), &[], |_| {}).await;
+    let scrape = || reqwest::Client::new().get(format!("{}/metrics", queen.base)).bearer_auth(TOKEN).send();
+    let up = scrape().await.unwrap();
+    assert_eq!(up.status(), 200);
+    assert!(up.text().await.unwrap().contains("sd_rbee_workers"));
+    nats.kill();
+    let down = tokio::time::timeout(Duration::from_secs(60), scrape()).await.expect("an answer").unwrap();
+    assert_eq!(down.status(), 503);
+    let body: serde_json::Value = down.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "UNAVAILABLE", "{body}");
+}

@@ -72,6 +72,8 @@ async fn submit_follow_fetch_and_replay() {
     let text = metrics.text().await.unwrap();
     assert!(text.contains("sd_rbee_jobs{state=\"completed\"} 1"), "{text}");
     assert!(text.contains("sd_rbee_workers{state=\"lost\"} 0"), "{text}");
+    assert!(text.contains("sd_rbee_model_workers{model=\"tiny\"} 1"), "{text}");
+    assert!(text.contains("sd_rbee_jobs{state=\"queued\"} 1"), "entries into a state, never taken back: {text}");
 
     // Followed live, the response itself ends after the terminal event (as curl sees it), not only the
     // client's reading of it.

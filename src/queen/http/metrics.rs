@@ -40,10 +40,15 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     jobs.stats.metrics.register(&mut registry);
 
     let depth = Family::<ModelLabel, Gauge>::default();
+    // Workers by model: "jobs and no worker" is a per-model question (a fleet busy with one model leaves
+    // another's queue unserved).
+    let serving = Family::<ModelLabel, Gauge>::default();
     // A model whose queue is empty has no subject in the stream: its depth is 0, not missing (an alert on
-    // a missing series never fires). First, so that the catalogue's models are named within the bound.
+    // a missing series never fires), and so is the count of its workers. First, so that the catalogue's
+    // models are named within the bound.
     for model in jobs.catalogue().await {
-        let _ = depth.get_or_create(&jobs.stats.metrics.model_label(&model));
+        let label = jobs.stats.metrics.model_label(&model);
+        let _ = (depth.get_or_create(&label), serving.get_or_create(&label));
     }
     // A depth that cannot be read fails the scrape (Prometheus' `up` says so): zeros in its place would end
     // the backlog alerts, and scale a fleet driven by them to nothing, while jobs wait.
@@ -58,18 +63,15 @@ pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
         // A model's priorities are three subjects: their counts add up. Past the bound on model labels,
         // models share one (queues of models no worker serves stay on the bus).
         if let Some(model) = subjects.model_of_jobs_subject(&subject) {
-            depth.get_or_create(&jobs.stats.metrics.model_label(model)).inc_by(count as i64);
+            let label = jobs.stats.metrics.model_label(model);
+            depth.get_or_create(&label).inc_by(count as i64);
+            // A queued model no worker ever advertised to this queen has its 0 too.
+            let _ = serving.get_or_create(&label);
         }
     }
     registry.register("sd_rbee_queue_depth", "Jobs in the work queue (waiting or running), by model", depth);
 
     let now = protocol::now_millis();
-    // Workers by model, 0 for the catalogue's: "jobs and no worker" is a per-model question (a fleet busy
-    // with one model leaves another's queue unserved).
-    let serving = Family::<ModelLabel, Gauge>::default();
-    for model in jobs.catalogue().await {
-        let _ = serving.get_or_create(&jobs.stats.metrics.model_label(&model));
-    }
     for model in jobs.fleet.models(now) {
         serving.get_or_create(&jobs.stats.metrics.model_label(&model.name)).inc_by(model.workers as i64);
     }
