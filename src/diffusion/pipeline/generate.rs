@@ -163,7 +163,9 @@ impl StableDiffusion {
         if state.step == 0 || state.step >= total {
             return bad(format!("the checkpoint is after step {} of {total}", state.step));
         }
-        let kind = req.scheduler.or_else(|| self.default_scheduler()).unwrap_or(SchedulerKind::DpmPp2m);
+        let model_default =
+            || schedulers::model_default(&self.scheduler_config).map_or(SchedulerKind::DpmPp2m, |d| d.0);
+        let kind = req.scheduler.unwrap_or_else(model_default);
         if state.scheduler != kind {
             return bad(format!("the checkpoint ran {}, this run {kind}", state.scheduler));
         }
@@ -215,15 +217,9 @@ impl StableDiffusion {
 
     /// The scheduler a request runs with (and a warning when the model's own is not implemented).
     fn scheduler_for(&self, req: &GenerationRequest) -> Result<ChosenScheduler, GenerateError> {
-        let (kind, warning) = match req.scheduler.or_else(|| self.default_scheduler()) {
+        let (kind, warning) = match req.scheduler {
             Some(k) => (k, None),
-            None => (
-                SchedulerKind::DpmPp2m,
-                Some(format!(
-                    "the model's scheduler {:?} is not implemented; using dpmpp_2m",
-                    self.scheduler_config.class_name.as_deref().unwrap_or("(none)")
-                )),
-            ),
+            None => schedulers::model_default(&self.scheduler_config).map_err(|e| invalid("scheduler", e))?,
         };
         let scheduler =
             schedulers::build(kind, &self.scheduler_config, req.steps, req.timestep_spacing).map_err(|e| {

@@ -325,9 +325,12 @@ impl StableDiffusion {
         &self.scheduler_config
     }
 
-    /// The scheduler the model ships with, when it is one we implement.
+    /// The scheduler the model ships with, as configured, when it is one we implement.
     pub fn default_scheduler(&self) -> Option<SchedulerKind> {
-        self.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name)
+        match crate::diffusion::schedulers::model_default(&self.scheduler_config) {
+            Ok((kind, None)) => Some(kind),
+            _ => None,
+        }
     }
 
     /// Whether the UNet is an inpainting UNet (latents, mask and masked-image latents in, 9 channels for SD).

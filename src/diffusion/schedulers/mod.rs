@@ -78,6 +78,41 @@ impl SchedulerKind {
     }
 }
 
+/// The scheduler a job that names none runs with, as the model's `scheduler_config.json` sets it up: one
+/// of ours when it is the model's own class as configured (a DPM-Solver config's `use_karras_sigmas` picks
+/// `dpmpp_2m_karras`), else `dpmpp_2m` standing in with a warning for the noise-prediction schedulers we do not
+/// implement (PNDM, LMS, DDPM, Heun, DPM-Solver of another order or solver type), which sample the same
+/// model differently. An error for a formulation no scheduler of ours can stand in for (EDM, flow
+/// matching, consistency distillation): a job must name one knowingly.
+pub fn model_default(config: &SchedulerConfig) -> std::result::Result<(SchedulerKind, Option<String>), String> {
+    let class = config.class_name.as_deref().unwrap_or("(none)");
+    let stand_in = |why: String| Ok((SchedulerKind::DpmPp2m, Some(format!("{why}; using dpmpp_2m"))));
+    const OTHER_FORMULATIONS: [&str; 4] = ["EDM", "FlowMatch", "LCM", "TCD"];
+    if OTHER_FORMULATIONS.iter().any(|prefix| class.starts_with(prefix)) {
+        return Err(format!(
+            "the model's scheduler {class} is not implemented, and none of ours samples its model as it does (its \
+             images would be others entirely): name a scheduler to run it anyway"
+        ));
+    }
+    match SchedulerKind::from_class_name(class) {
+        Some(SchedulerKind::DpmPp2m) => {
+            let order = config.solver_order.filter(|&o| o != 2);
+            let solver = config.solver_type.as_deref().filter(|&t| t != "midpoint");
+            if order.is_some() || solver.is_some() {
+                return stand_in(format!(
+                    "the model's {class} with solver_order {} and solver_type {} is not implemented",
+                    order.unwrap_or(2),
+                    solver.unwrap_or("midpoint")
+                ));
+            }
+            let karras = config.use_karras_sigmas.unwrap_or(false);
+            Ok((if karras { SchedulerKind::DpmPp2mKarras } else { SchedulerKind::DpmPp2m }, None))
+        }
+        Some(kind) => Ok((kind, None)),
+        None => stand_in(format!("the model's scheduler {class:?} is not implemented")),
+    }
+}
+
 impl fmt::Display for SchedulerKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -287,6 +322,26 @@ mod tests {
         let err = "sideways".parse::<TimestepSpacing>().unwrap_err();
         assert!(err.contains("sideways"), "{err}");
         assert_eq!(SchedulerKind::from_class_name("PNDMScheduler"), None);
+    }
+
+    #[test]
+    fn a_models_own_scheduler_runs_as_configured_or_stands_in_or_is_refused() {
+        let default = |json: &str| model_default(&cfg(json));
+        let dpm = r#"{"_class_name": "DPMSolverMultistepScheduler""#;
+        assert_eq!(default(&format!("{dpm}}}")), Ok((SchedulerKind::DpmPp2m, None)));
+        let karras = default(&format!(r#"{dpm}, "use_karras_sigmas": true}}"#));
+        assert_eq!(karras, Ok((SchedulerKind::DpmPp2mKarras, None)), "the model's Karras sigmas");
+        for other in [r#""solver_order": 3"#, r#""solver_type": "heun""#] {
+            let (kind, warning) = default(&format!("{dpm}, {other}}}")).unwrap();
+            assert_eq!(kind, SchedulerKind::DpmPp2m);
+            assert!(warning.is_some_and(|w| w.contains("is not implemented")), "{other}");
+        }
+        assert_eq!(default(r#"{"_class_name": "EulerDiscreteScheduler"}"#), Ok((SchedulerKind::Euler, None)));
+        assert!(default(r#"{"_class_name": "PNDMScheduler"}"#).unwrap().1.is_some());
+        for class in ["EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "LCMScheduler", "TCDScheduler"] {
+            let err = default(&format!(r#"{{"_class_name": "{class}"}}"#)).unwrap_err();
+            assert!(err.contains(class) && err.contains("name a scheduler"), "{err}");
+        }
     }
 
     #[test]
