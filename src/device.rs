@@ -46,6 +46,15 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The kind of device, whatever its ordinal: `cpu`, `cuda` or `metal` (what its numbers depend on).
+    pub fn class(self) -> &'static str {
+        match self {
+            DeviceSpec::Cpu => "cpu",
+            DeviceSpec::Cuda(_) => "cuda",
+            DeviceSpec::Metal(_) => "metal",
+        }
+    }
+
     /// Opens the device, explaining a missing cargo feature.
     pub fn open(self) -> anyhow::Result<Device> {
         match self {

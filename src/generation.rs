@@ -15,6 +15,8 @@ use crate::diffusion::{
     StableDiffusion, TimestepSpacing,
 };
 use crate::hub::RegistryEntry;
+use sha2::{Digest, Sha256};
+
 use crate::image_input::{self, ResizeMode};
 use crate::protocol::ImageFormat;
 use crate::vocab::{DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, DEFAULT_MASK_BLUR, DEFAULT_NUM_IMAGES};
@@ -30,8 +32,9 @@ pub struct LoadedModel {
     /// every node that has the same files wherever they are; other weights at the same path (a model updated
     /// in place, a fine-tune of the same shapes) give another. Cheap: a few hundred KB read.
     pub weights_stamp: String,
-    /// The weights stamp with each file's modification time and inode: local to this node, it tells files
-    /// replaced in place whose edges are the same (a LoRA merged into some tensors of the same shapes).
+    /// Each file's size, modification time and inode: local to this node and read without reading a file,
+    /// it tells files replaced in place whose edges are the same (a LoRA merged into some tensors of the same
+    /// shapes).
     pub files_signature: String,
     pub load_ms: f64,
 }
@@ -89,10 +92,11 @@ impl Weights {
 
     /// Their [`LoadedModel::weights_stamp`], or with `local` their [`LoadedModel::files_signature`].
     fn stamp(&self, spec: &str, opts: &ModelOptions, local: bool) -> String {
+        let of = if local { files_signature } else { weights_stamp };
         match self {
             Weights::Random => spec.to_string(),
-            Weights::File(path) => weights_stamp(path, opts, local),
-            Weights::Folder(resolved) => weights_stamp(&resolved.dir, opts, local),
+            Weights::File(path) => of(path, opts),
+            Weights::Folder(resolved) => of(&resolved.dir, opts),
         }
     }
 }
@@ -159,56 +163,70 @@ fn collect_files(path: &std::path::Path, walking: &mut Vec<PathBuf>, out: &mut V
     walking.pop();
 }
 
-/// [`LoadedModel::weights_stamp`] of the model at `path` (a folder or a file) loaded with `opts`; with
-/// `local`, its [`LoadedModel::files_signature`].
-fn weights_stamp(path: &std::path::Path, opts: &ModelOptions, local: bool) -> String {
-    use sha2::{Digest, Sha256};
-    use std::io::{Read, Seek, SeekFrom};
-    const EDGE: u64 = 64 << 10;
-    let stamp = |root: &std::path::Path, hash: &mut Sha256| {
+/// A digest of the model at `path` (a folder or a file) loaded with `opts`: each of its files (and of a config
+/// or VAE given beside it) by its name below its root and by what `each_file` hashes of it, then the
+/// prediction type.
+fn model_digest(
+    path: &std::path::Path,
+    opts: &ModelOptions,
+    each_file: impl Fn(&std::path::Path, &mut Sha256),
+) -> String {
+    let digest = |root: &std::path::Path, hash: &mut Sha256| {
         let mut files = Vec::new();
         collect_files(root, &mut Vec::new(), &mut files);
         files.sort();
         for file in files {
             let name = file.strip_prefix(root).unwrap_or(&file).to_string_lossy().into_owned();
-            let mut edges = Vec::new();
-            let len = std::fs::File::open(&file).and_then(|mut f| {
-                let len = f.metadata()?.len();
-                f.by_ref().take(EDGE).read_to_end(&mut edges)?;
-                f.seek(SeekFrom::Start(len.saturating_sub(EDGE)))?;
-                f.take(EDGE).read_to_end(&mut edges)?;
-                Ok(len)
-            });
-            hash.update(format!("\0{name}\0{:?}\0", len.ok()).as_bytes());
-            hash.update(Sha256::digest(&edges));
-            if local {
-                hash.update(format!("{:?}\0", local_identity(&file)).as_bytes());
-            }
+            hash.update(format!("\0{name}\0").as_bytes());
+            each_file(&file, hash);
         }
     };
     let mut hash = Sha256::new();
-    stamp(path, &mut hash);
+    digest(path, &mut hash);
     for (what, extra) in [("config", &opts.config), ("vae", &opts.vae)] {
         if let Some(extra) = extra {
             hash.update(format!("\0{what}\0").as_bytes());
-            stamp(extra, &mut hash);
+            digest(extra, &mut hash);
         }
     }
     hash.update(format!("\0prediction_type\0{:?}", opts.prediction_type).as_bytes());
     hex::encode(hash.finalize())
 }
 
-/// A file's modification time and (on Unix) device and inode: what a copy, a move or a write over it changes.
-fn local_identity(file: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
-    let meta = std::fs::metadata(file).ok()?;
-    #[cfg(unix)]
-    let (dev, ino) = {
-        use std::os::unix::fs::MetadataExt;
-        (meta.dev(), meta.ino())
-    };
-    #[cfg(not(unix))]
-    let (dev, ino) = (0, 0);
-    Some((meta.modified().ok()?, dev, ino))
+/// [`LoadedModel::weights_stamp`] of the model at `path` loaded with `opts`: each file's size and edges.
+fn weights_stamp(path: &std::path::Path, opts: &ModelOptions) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const EDGE: u64 = 64 << 10;
+    model_digest(path, opts, |file, hash| {
+        let mut edges = Vec::new();
+        let len = std::fs::File::open(file).and_then(|mut f| {
+            let len = f.metadata()?.len();
+            f.by_ref().take(EDGE).read_to_end(&mut edges)?;
+            f.seek(SeekFrom::Start(len.saturating_sub(EDGE)))?;
+            f.take(EDGE).read_to_end(&mut edges)?;
+            Ok(len)
+        });
+        hash.update(format!("{:?}\0", len.ok()).as_bytes());
+        hash.update(Sha256::digest(&edges));
+    })
+}
+
+/// [`LoadedModel::files_signature`] of the model at `path` loaded with `opts`: each file's size, modification
+/// time and (on Unix) device and inode, which a copy, a move or a write over it changes. No file is read.
+fn files_signature(path: &std::path::Path, opts: &ModelOptions) -> String {
+    model_digest(path, opts, |file, hash| {
+        let identity = std::fs::metadata(file).ok().map(|meta| {
+            #[cfg(unix)]
+            let place = {
+                use std::os::unix::fs::MetadataExt;
+                (meta.dev(), meta.ino())
+            };
+            #[cfg(not(unix))]
+            let place = (0u64, 0u64);
+            (meta.len(), meta.modified().ok(), place)
+        });
+        hash.update(format!("{identity:?}").as_bytes());
+    })
 }
 
 /// `random:ARCH[:SEED]` names a real architecture with seeded random weights (benchmarks without downloads).
@@ -511,14 +529,14 @@ mod tests {
         std::fs::write(b.path().join(".cache/huggingface/w.metadata"), b"downloaded at 12:00").unwrap();
         std::os::unix::fs::symlink(b.path(), b.path().join("unet/loop")).unwrap();
         let opts = ModelOptions::default();
-        let stamp = weights_stamp(a.path(), &opts, false);
-        assert_eq!(stamp, weights_stamp(b.path(), &opts, false), "the same files elsewhere (another node)");
+        let stamp = weights_stamp(a.path(), &opts);
+        assert_eq!(stamp, weights_stamp(b.path(), &opts), "the same files elsewhere (another node)");
         let mut weights = vec![1u8; 300_000];
         weights[299_999] = 2;
         std::fs::write(b.path().join("unet/w.safetensors"), &weights).unwrap();
-        assert_ne!(stamp, weights_stamp(b.path(), &opts, false), "other weights of the same size");
+        assert_ne!(stamp, weights_stamp(b.path(), &opts), "other weights of the same size");
         let v = ModelOptions { prediction_type: Some("v_prediction".into()), ..Default::default() };
-        assert_ne!(stamp, weights_stamp(a.path(), &v, false), "another prediction type");
+        assert_ne!(stamp, weights_stamp(a.path(), &v), "another prediction type");
     }
 
     #[test]
@@ -527,7 +545,7 @@ mod tests {
         let file = dir.path().join("model.safetensors");
         std::fs::write(&file, vec![1u8; 400_000]).unwrap();
         let opts = ModelOptions::default();
-        let (stamp, signature) = (weights_stamp(&file, &opts, false), weights_stamp(&file, &opts, true));
+        let (stamp, signature) = (weights_stamp(&file, &opts), files_signature(&file, &opts));
         // A merge that changed only tensors in the middle, written over the file (another inode, a later
         // modification time: set apart from the first by more than any file system's resolution).
         let mut merged = vec![1u8; 400_000];
@@ -537,8 +555,8 @@ mod tests {
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
         std::fs::File::options().write(true).open(&replacement).unwrap().set_modified(later).unwrap();
         std::fs::rename(&replacement, &file).unwrap();
-        assert_eq!(weights_stamp(&file, &opts, false), stamp, "the edges, all the stamp reads, are the same");
-        assert_ne!(weights_stamp(&file, &opts, true), signature);
+        assert_eq!(weights_stamp(&file, &opts), stamp, "the edges, all the stamp reads, are the same");
+        assert_ne!(files_signature(&file, &opts), signature);
     }
 
     #[test]

@@ -59,7 +59,6 @@ pub async fn key(
         .await
         .map_err(|e| tracing::warn!(job_id = %job.id, error = %format!("{e:#}"), "no result cache for this job"))
         .ok()?;
-    let device_class = shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string();
     let digest = |bytes: &Option<bytes::Bytes>| bytes.as_ref().map(|b| hex::encode(Sha256::digest(b)));
     let ctx = CacheContext {
         model: identity.clone(),
@@ -67,9 +66,9 @@ pub async fn key(
         loras: loras.iter().map(|l| hex::encode(l.lora.hash)).collect(),
         init_image: digest(&inputs.init_image),
         mask: digest(&inputs.mask),
-        device: device_class.to_string(),
+        device: shared.config.device.class().to_string(),
         dtype: format!("{:?}", shared.config.dtype).to_lowercase(),
-        numerics: crate::diffusion::numerics::signature(&device_class),
+        numerics: crate::diffusion::numerics::signature(shared.config.device.class()),
     };
     let description = protocol::cache_description(job, &ctx)?;
     let key = protocol::cache_key(&hex::encode(Sha256::digest(description.as_bytes())));
@@ -81,8 +80,8 @@ pub async fn key(
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The model's identity: a digest of every file it is made of (and of its single-file options), worked out
-/// once for the files as they are (the first seeded job reads them through; their files signature, a few
-/// hundred KB read at each lookup, tells when they may have changed). An error while the files on disk are
+/// once for the files as they are (the first seeded job reads them through; their files signature, from
+/// their metadata at each lookup, tells when they may have changed). An error while the files on disk are
 /// not those its last load read (a local model replaced in place, until it loads again): the images it
 /// makes then are neither the old identity's nor the new one's.
 async fn identity(shared: &Arc<Shared>, spec: &ModelSpec) -> anyhow::Result<String> {

@@ -206,8 +206,7 @@ pub(super) async fn generate_and_store(
     stopped()?;
     let loaded: Arc<LoadedModel> = checkout.model;
     let load_ms = checkout.load_ms.unwrap_or(0.0) as u64;
-    let device_class = shared.config.device.to_string().split(':').next().unwrap_or("cpu").to_string();
-    let numerics = (loaded.pipeline.dtype(), crate::diffusion::numerics::signature(&device_class));
+    let numerics = (loaded.pipeline.dtype(), crate::diffusion::numerics::signature(shared.config.device.class()));
     let fingerprint =
         super::resume::fingerprint(job, model, &loaded.weights_stamp, &params.loras, (numerics.0, &numerics.1));
     let resume_from = super::resume::fetch(shared, job).await;
