@@ -1,4 +1,4 @@
-//! The integration tests, in one binary: one link instead of twenty-three, and the shared helpers (`common`)
+//! The integration tests, in one binary: one link instead of twenty-four, and the shared helpers (`common`)
 //! compiled once. Each module is one area, run against the fixture models and, where it says so, real
 //! servers (nats-server, moto, s3s-fs) and `sd-rbee` child processes that the tests start themselves.
 //! Two suites stay binaries of their own: `batching_bus.rs` measures images per second and must not share
@@ -31,6 +31,7 @@ mod queen;
 mod resume;
 mod servers;
 mod single_file;
+mod tenants;
 mod ui;
 mod up;
 mod vae_tiling;

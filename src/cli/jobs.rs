@@ -74,6 +74,9 @@ pub struct JobsArgs {
     pub state: Option<String>,
     #[arg(long)]
     pub model: Option<String>,
+    /// Only this tenant's jobs (with an operator's token; a tenant's token lists its own).
+    #[arg(long)]
+    pub tenant: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
     #[arg(long)]
@@ -180,6 +183,9 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
     if let Some(m) = &args.model {
         pairs.append_pair("model", m);
     }
+    if let Some(t) = &args.tenant {
+        pairs.append_pair("tenant", t);
+    }
     let query = format!("?{}", pairs.finish());
     runtime()?.block_on(async {
         let list = client.jobs(&query).await?;
@@ -188,8 +194,9 @@ pub fn jobs(args: JobsArgs) -> anyhow::Result<bool> {
         } else {
             for j in &list.jobs {
                 let progress = j.progress.as_ref().map(|p| format!(" {}/{}", p.step, p.total)).unwrap_or_default();
+                let tenant = j.tenant.as_deref().map(|t| format!(" tenant={t}")).unwrap_or_default();
                 println!(
-                    "{} {:<9} {}{progress} {}",
+                    "{} {:<9} {}{progress} {}{tenant}",
                     j.job_id,
                     j.state.name(),
                     j.model,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 
 use super::parse_duration;
-use crate::queen::http::PriorityPolicy;
+use crate::queen::http::TokenPolicy;
 use crate::queen::webhooks::{AddressPolicy, WebhookConfig};
 use crate::queen::{Queen, QueenConfig};
 
@@ -25,8 +25,10 @@ pub struct QueenArgs {
     #[arg(long, env = "SD_RBEE_PREFIX", default_value = "sd")]
     pub prefix: String,
     /// A file of bearer tokens, one per line (blank lines and # comments ignored), each optionally followed by
-    /// `default_priority=high|normal|low` (for its jobs that name none) and `max_priority=...` (the highest
-    /// its jobs may ask for). Also SD_RBEE_API_TOKENS (comma-separated, no options); both may be given.
+    /// `default_priority=high|normal|low` (for its jobs that name none), `max_priority=...` (the highest
+    /// its jobs may ask for) and `tenant=NAME` (it sees and acts on that tenant's jobs alone; a token without
+    /// a tenant is an operator's and sees every job). Also SD_RBEE_API_TOKENS (comma-separated, no options,
+    /// operators' tokens); both may be given.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve without authentication (only for a trusted network).
@@ -137,32 +139,26 @@ fn webhook_config(args: &QueenArgs) -> anyhow::Result<WebhookConfig> {
 /// The shortest API token accepted, in bytes.
 const MIN_TOKEN_BYTES: usize = 16;
 
-/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`, with the priority policy a file line gives
-/// after its token (`TOKEN [default_priority=P] [max_priority=P]`); the others get the default policy.
-pub fn load_tokens(
-    file: Option<&std::path::Path>,
-    env: Option<String>,
-) -> anyhow::Result<Vec<(String, PriorityPolicy)>> {
+/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`, with the policy a file line gives after its
+/// token (`TOKEN [default_priority=P] [max_priority=P] [tenant=NAME]`); the others get the default policy
+/// (an operator's token).
+pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<(String, TokenPolicy)>> {
     // Each token with where it came from (errors name the place, never any of the secret) and its policy.
-    let mut tokens: Vec<(String, String, PriorityPolicy)> = Vec::new();
+    let mut tokens: Vec<(String, String, TokenPolicy)> = Vec::new();
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
         for (i, line) in text.lines().enumerate() {
             let mut words = line.split_whitespace();
             let Some(t) = words.next().filter(|t| !t.starts_with('#')) else { continue };
             let at = format!("line {} of --token-file {}", i + 1, path.display());
-            let policy = PriorityPolicy::parse(words).map_err(|e| anyhow::anyhow!("the API token at {at}: {e}"))?;
+            let policy = TokenPolicy::parse(words).map_err(|e| anyhow::anyhow!("the API token at {at}: {e}"))?;
             tokens.push((t.to_string(), at, policy));
         }
     }
     if let Some(list) = env {
         for (i, t) in list.split(',').map(str::trim).enumerate() {
             if !t.is_empty() {
-                tokens.push((
-                    t.to_string(),
-                    format!("entry {} of SD_RBEE_API_TOKENS", i + 1),
-                    PriorityPolicy::default(),
-                ));
+                tokens.push((t.to_string(), format!("entry {} of SD_RBEE_API_TOKENS", i + 1), TokenPolicy::default()));
             }
         }
     }
@@ -183,8 +179,8 @@ pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     let mut config = QueenConfig::new(args.nats, args.store, args.listen);
     config.prefix = args.prefix;
     for (token, policy) in load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())? {
-        if policy != PriorityPolicy::default() {
-            config.api.token_priorities.insert(token.clone(), policy);
+        if policy != TokenPolicy::default() {
+            config.api.token_policies.insert(token.clone(), policy);
         }
         config.api.tokens.push(token);
     }

@@ -302,7 +302,7 @@ async fn apply(to: &Aggregation, throttle: &mut ProgressThrottle, event: &Event)
         stats.metrics.transition(*before, status.state);
         // A job first heard of through its events (published on the bus without a queen) joins the index.
         if before.is_none() {
-            if let Err(e) = index.add(job_id).await {
+            if let Err(e) = index.add(job_id, status.tenant.as_deref()).await {
                 tracing::warn!(%job_id, error = %e, "cannot add the job to the index; it is not listed");
             }
         }

@@ -41,7 +41,7 @@ impl Jobs {
     }
 
     async fn ended(&self, job_id: Uuid) -> JobsResult<Finished> {
-        let status = self.get(job_id).await?;
+        let status = self.get(job_id, &super::tenancy::Scope::All).await?;
         let mut events = feed(&self.bus, &self.status, &status, None, self.feed_recheck).await?;
         while let Some((_, event)) = events.next().await {
             match event {

@@ -1,7 +1,7 @@
 //! The jobs in the order the queens first heard of them: a JetStream stream (`SD_INDEX`, subject
-//! `sd.index`) with one small message per job (its id), kept as long as the status records. `GET /v1/jobs`
-//! walks it from the newest end and reads only the records of the page it serves (and, for a filtered
-//! list, of the entries it looks through), never the whole status bucket.
+//! `sd.index`) with one small message per job (its id, and its tenant in a header), kept as long as the
+//! status records. `GET /v1/jobs` walks it from the newest end and reads only the records of the page it
+//! serves (and, for a filtered list, of the entries it looks through), never the whole status bucket.
 
 use std::time::Duration;
 
@@ -11,6 +11,18 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::protocol::Subjects;
+
+/// The header of an entry that names its job's tenant (a tenant's list passes over the others' entries
+/// without reading their records).
+const TENANT_HEADER: &str = "Sd-Tenant";
+
+/// One job's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub seq: u64,
+    pub id: Uuid,
+    pub tenant: Option<String>,
+}
 
 /// How many index entries one list request looks through at most (for its page and, filtered, its total),
 /// counting the sequences of removed entries it passes.
@@ -59,9 +71,12 @@ impl JobIndex {
             .with_context(|| format!("cannot create the job index stream {}", self.stream))
     }
 
-    /// Adds a job (once: the job id is the message id). Returns its sequence.
-    pub async fn add(&self, job_id: Uuid) -> anyhow::Result<u64> {
-        let headers = crate::bus::msg_id_headers(&format!("index-{job_id}"));
+    /// Adds a job of `tenant` (once: the job id is the message id). Returns its sequence.
+    pub async fn add(&self, job_id: Uuid, tenant: Option<&str>) -> anyhow::Result<u64> {
+        let mut headers = crate::bus::msg_id_headers(&format!("index-{job_id}"));
+        if let Some(tenant) = tenant {
+            headers.insert(TENANT_HEADER, tenant);
+        }
         let payload = bytes::Bytes::from(job_id.to_string());
         let ack = crate::bus::publish_rebinding(&self.js, &self.subject, headers, payload, || self.bind()).await;
         Ok(ack.context("cannot add the job to the index")?.sequence)
@@ -86,9 +101,9 @@ impl JobIndex {
 }
 
 impl Walk<'_> {
-    /// The next (older) job id with its sequence, `None` at the oldest entry or once the budget is spent.
-    /// Entries removed in between are skipped, each spending the budget as a read does.
-    pub async fn next(&mut self) -> anyhow::Result<Option<(u64, Uuid)>> {
+    /// The next (older) entry, `None` at the oldest entry or once the budget is spent. Entries removed in
+    /// between are skipped, each spending the budget as a read does.
+    pub async fn next(&mut self) -> anyhow::Result<Option<IndexEntry>> {
         while self.next >= self.first && self.next > 0 && self.budget > 0 {
             let seq = self.next;
             self.next -= 1;
@@ -96,8 +111,9 @@ impl Walk<'_> {
             match self.stream.get_raw_message(seq).await {
                 Ok(message) => {
                     let id = std::str::from_utf8(&message.payload).ok().and_then(|t| Uuid::parse_str(t).ok());
+                    let tenant = message.headers.get(TENANT_HEADER).map(|v| v.as_str().to_string());
                     match id {
-                        Some(id) => return Ok(Some((seq, id))),
+                        Some(id) => return Ok(Some(IndexEntry { seq, id, tenant })),
                         None => tracing::debug!(seq, index = %self.index.stream, "unreadable index entry skipped"),
                     }
                 }

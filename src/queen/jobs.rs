@@ -13,6 +13,7 @@ use super::expiry::DequeuedCheck;
 use super::fleet::Fleet;
 use super::index::{records, JobIndex, SCAN_LIMIT};
 use super::status::{StatusStore, StatusTooLarge};
+use super::tenancy::Scope;
 use crate::api::{CancelResponse, CancelState, JobList, JobState, JobStatus, UploadResponse};
 use crate::bus::BusClient;
 use crate::protocol::{self, Event, Limits, ProtocolError};
@@ -53,6 +54,9 @@ pub enum JobsError {
     /// Something is over its size limit (413).
     #[error("{message}")]
     TooLarge { field: Option<String>, message: String },
+    /// The token's tenant may not do this (403), naming the field when one is at fault.
+    #[error("{message}")]
+    Forbidden { field: Option<String>, message: String },
     #[error("no job {0}")]
     NotFound(Uuid),
     #[error("job {0} expired (its ttl_s passed): its status and images are gone")]
@@ -122,6 +126,8 @@ impl Default for ModelPolicy {
 pub struct ListQuery {
     pub state: Option<JobState>,
     pub model: Option<String>,
+    /// Only this tenant's jobs (a tenant's token lists no others).
+    pub tenant: Option<String>,
     pub limit: usize,
     pub offset: usize,
     /// Take up a walk where an earlier page's `next_cursor` left it.
@@ -186,13 +192,13 @@ impl Jobs {
     }
 
     /// `POST /v1/uploads`: an image to use as `init_image` or `mask` by key.
-    pub async fn upload(&self, body: Bytes) -> JobsResult<UploadResponse> {
-        self.store_input(body, "body", "upload").await
+    pub async fn upload(&self, body: Bytes, scope: &Scope) -> JobsResult<UploadResponse> {
+        self.store_input(body, "body", "upload", scope).await
     }
 
     /// An input image checked (`field` names it in errors, `what` in their messages) and stored under
-    /// `uploads/`, as `POST /v1/uploads` does; a job then names it by key.
-    pub async fn store_input(&self, body: Bytes, field: &str, what: &str) -> JobsResult<UploadResponse> {
+    /// `uploads/` (a tenant's under `uploads/<tenant>/`), as `POST /v1/uploads` does; a job then names it by key.
+    pub async fn store_input(&self, body: Bytes, field: &str, what: &str, scope: &Scope) -> JobsResult<UploadResponse> {
         // Only its size is kept: the decoded pixels go with the decode's slot, not held while the store is slow.
         let size = |img: image::DynamicImage| Ok((img.width(), img.height()));
         let (width, height) = crate::image_input::decode_bounded_then(body.clone(), what, size)
@@ -200,13 +206,15 @@ impl Jobs {
             .map_err(|e| decode_error(field, e))?;
         let format = image::guess_format(&body).map_err(|e| JobsError::invalid(field, e))?;
         let ext = format.extensions_str().first().copied().unwrap_or("img");
-        let key = format!("uploads/{}.{ext}", Uuid::new_v4());
+        let key = format!("{}{}.{ext}", protocol::uploads_prefix(scope.tenant()), Uuid::new_v4());
         self.store.put(&key, body.clone(), format.to_mime_type()).await?;
         Ok(UploadResponse { object_key: key, bytes: body.len(), width, height })
     }
 
-    pub async fn get(&self, id: Uuid) -> JobsResult<JobStatus> {
-        let status = self.status.get(id).await.map_err(JobsError::bus)?.ok_or(JobsError::NotFound(id))?;
+    /// Job `id`'s record, when the job is within `scope` (another tenant's is not found, expired or not).
+    pub async fn get(&self, id: Uuid, scope: &Scope) -> JobsResult<JobStatus> {
+        let status = self.status.get(id).await.map_err(JobsError::bus)?;
+        let status = status.filter(|s| scope.sees(s)).ok_or(JobsError::NotFound(id))?;
         if status.is_expired(protocol::now_millis()) {
             return Err(JobsError::Expired(id));
         }
@@ -216,11 +224,12 @@ impl Jobs {
     /// One page of jobs, newest first: the index walked from its newest end (or from `cursor`), reading
     /// only the records it passes, never the whole status bucket.
     pub async fn list(&self, query: &ListQuery) -> JobsResult<JobList> {
-        let filtered = query.state.is_some() || query.model.is_some();
+        let filtered = query.state.is_some() || query.model.is_some() || query.tenant.is_some();
         let now = protocol::now_millis();
         let keep = |s: &JobStatus| {
             query.state.is_none_or(|w| s.state == w)
                 && query.model.as_deref().is_none_or(|m| s.model == m)
+                && query.tenant.as_ref().is_none_or(|t| s.tenant.as_ref() == Some(t))
                 && !s.is_expired(now)
         };
         // One request looks through at most SCAN_LIMIT index entries: a page that cannot fill within them
@@ -238,7 +247,9 @@ impl Jobs {
             let mut entries = Vec::with_capacity(32);
             while entries.len() < 32 {
                 match walk.next().await.map_err(JobsError::bus)? {
-                    Some(entry) => entries.push(entry),
+                    // Another tenant's entry is passed over without reading its record.
+                    Some(entry) if query.tenant.is_some() && entry.tenant != query.tenant => {}
+                    Some(entry) => entries.push((entry.seq, entry.id)),
                     None => break,
                 }
             }
@@ -283,8 +294,8 @@ impl Jobs {
 
     /// Cancels a job: a queued one is removed from the queue and reported `cancelled` at once; a running
     /// one is asked to stop (its worker reports `cancelled` within a step).
-    pub async fn cancel(&self, id: Uuid) -> JobsResult<CancelResponse> {
-        self.cancel_record(self.get(id).await?, StopCause::Cancel).await
+    pub async fn cancel(&self, id: Uuid, scope: &Scope) -> JobsResult<CancelResponse> {
+        self.cancel_record(self.get(id, scope).await?, StopCause::Cancel).await
     }
 
     /// Stops the job `status` is the record of: cancels it, or, for `StopCause::Expiry`, ends it as timed
@@ -401,8 +412,8 @@ impl Jobs {
     }
 
     /// Image `n` of a completed job: its bytes as read from the store, its size and its content type.
-    pub async fn image(&self, id: Uuid, n: u32) -> JobsResult<StoredImage> {
-        let status = self.get(id).await?;
+    pub async fn image(&self, id: Uuid, n: u32, scope: &Scope) -> JobsResult<StoredImage> {
+        let status = self.get(id, scope).await?;
         let images = match status.state {
             JobState::Completed => status.images,
             // The events stream (so SSE too) says `completed` before this record has folded the event in;

@@ -16,7 +16,8 @@
 //! - `webhooks`: signed webhooks: the durable delivery queue, the address policy, the sender;
 //! - `completion`: waiting for a job's images, for the APIs that answer with them (OpenAI's, A1111's);
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
-//! - `metrics`: the counts `/metrics` serves, kept as things happen.
+//! - `metrics`: the counts `/metrics` serves, kept as things happen;
+//! - `tenancy`: whose jobs a request sees ([`tenancy::Scope`]), from its token's tenant.
 
 pub mod aggregator;
 pub mod completion;
@@ -32,6 +33,7 @@ mod queue_walk;
 pub mod status;
 mod submit;
 pub mod sweeper;
+pub mod tenancy;
 pub mod webhooks;
 pub mod work_queue;
 

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
 use super::status::{idempotency_entry, KeyClaim, StatusStore};
+use super::tenancy::Scope;
 use super::webhooks::WebhookCheckError;
 use crate::api::{JobCheckError, JobState, JobStatus, JobSubmission, SubmitResponse, WebhookInfo, WebhookSpec};
 use crate::bus::PublishError;
@@ -69,17 +70,19 @@ impl Drop for IdempotencyClaim {
 }
 
 impl Jobs {
-    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key. Runs to
+    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key, `scope`
+    /// gives the job its tenant and limits the inputs it may name ([`Scope::claim`]). Runs to
     /// its end even when the client goes away mid-way (a dropped request would otherwise release the
     /// idempotency claim of a job already queued, and a retry would queue it twice).
     pub async fn submit(
         &self,
         caller: &str,
+        scope: &Scope,
         sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
-        let (this, caller) = (self.clone(), caller.to_string());
-        tokio::spawn(async move { this.submit_attached(&caller, sub, idempotency_key).await })
+        let (this, caller, scope) = (self.clone(), caller.to_string(), scope.clone());
+        tokio::spawn(async move { this.submit_attached(&caller, &scope, sub, idempotency_key).await })
             .await
             .map_err(|e| JobsError::Internal(anyhow::anyhow!("the submission task failed: {e}")))?
     }
@@ -87,12 +90,14 @@ impl Jobs {
     async fn submit_attached(
         &self,
         caller: &str,
+        scope: &Scope,
         mut sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
         let fingerprint = idempotency_key.is_some().then(|| super::status::request_fingerprint(&sub));
         let mut webhook = sub.webhook.take();
         let mut job = JobRequest::try_from(sub)?;
+        scope.claim(&mut job)?;
         job.idempotency_key = idempotency_key;
         self.expiry.apply_default(&mut job);
         self.check_rules(&job)?;
@@ -151,7 +156,7 @@ impl Jobs {
         scheduled.map_err(JobsError::bus)?;
         // The record exists before any worker can report on the job.
         self.status.create(&queued(None)).await.map_err(JobsError::bus)?;
-        let indexed = match self.index.add(job.id).await {
+        let indexed = match self.index.add(job.id, job.tenant.as_deref()).await {
             Ok(seq) => seq,
             Err(e) => {
                 self.status.remove(job.id).await;

@@ -165,6 +165,7 @@ async fn run(shared: Arc<Shared>, model: String, msg: jetstream::Message, job: J
         at: now_millis(),
         worker_id: shared.worker_id.clone(),
         model: model.clone(),
+        tenant: job.tenant.clone(),
     });
     publish_event(&shared, &accepted, delivered).await;
 

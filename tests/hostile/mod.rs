@@ -436,7 +436,15 @@ async fn a_poison_event_does_not_stop_the_status_updates() {
     let job_id: Uuid = json["job_id"].as_str().unwrap().parse().unwrap();
     let worker_id = "w-poison".to_string();
     let model = String::new();
-    publish(Event::Accepted(protocol::Accepted { v, job_id, at: protocol::now_millis(), worker_id, model })).await;
+    publish(Event::Accepted(protocol::Accepted {
+        v,
+        job_id,
+        at: protocol::now_millis(),
+        worker_id,
+        model,
+        tenant: None,
+    }))
+    .await;
     let start = Instant::now();
     loop {
         let (_, json, _) = queen.request("GET", &format!("/v1/jobs/{job_id}"), b"");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::queen::{cli, client, follow, names, start_queen, tiny, wait_for_fleet, wait_state, OTHER_TOKEN, TOKEN};
 use common::servers::{NatsServer, S3Server, WorkerProcess};
 use sd_rbee::api::{ApiError, QueenClient};
-use sd_rbee::queen::http::PriorityPolicy;
+use sd_rbee::queen::http::{PriorityPolicy, TokenPolicy};
 use sd_rbee::vocab::Priority;
 use uuid::Uuid;
 
@@ -279,7 +279,7 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     // The other token is a batch client's: low unless it asks, never high.
     let batch = PriorityPolicy { default: Priority::Low, max: Priority::Normal };
     let queen = start_queen(&nats.url(), &store_url, &[], |c| {
-        c.api.token_priorities.insert(OTHER_TOKEN.into(), batch);
+        c.api.token_policies.insert(OTHER_TOKEN.into(), TokenPolicy { priority: batch, tenant: None });
     })
     .await;
     let c = client(&queen);

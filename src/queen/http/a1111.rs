@@ -67,10 +67,10 @@ async fn generate(
     // A1111's clients send images inline only: those too large for a job message go by the store.
     let mut stored = StoredInputs::default();
     if let Some(ImageInput::Base64(text)) = job.init_image.take() {
-        job.init_image = Some(carried_base64(state, text, "init_images", &mut stored).await?);
+        job.init_image = Some(carried_base64(state, caller, text, "init_images", &mut stored).await?);
     }
     if let Some(ImageInput::Base64(text)) = job.mask.take() {
-        job.mask = Some(carried_base64(state, text, "mask", &mut stored).await?);
+        job.mask = Some(carried_base64(state, caller, text, "mask", &mut stored).await?);
     }
     let finished = submit_and_wait(state, caller, (slot, stored), job, a1111::FIELD_NAMES, |id| {
         state.a1111_jobs.lock().insert(caller.id.clone(), id);
@@ -109,7 +109,7 @@ pub(super) async fn progress(
     let newest: Option<Uuid> = state.a1111_jobs.lock().get(&caller.id).copied();
     let Some(job_id) = newest else { return Ok(Json(A1111Progress::default())) };
     // A job past its ttl or forgotten is as idle as one that ended: A1111's progress answers 200 regardless.
-    let status = match state.jobs.get(job_id).await {
+    let status = match state.jobs.get(job_id, &caller.scope).await {
         Ok(status) if !status.state.is_terminal() => status,
         Ok(_) | Err(JobsError::NotFound(_) | JobsError::Expired(_)) => return Ok(Json(A1111Progress::default())),
         Err(e) => return Err(e.into()),

@@ -1,6 +1,6 @@
 //! Bearer-token authentication: every token compared, by digest, in constant time. The caller's identity
-//! (a digest of its token) scopes its idempotency keys; its token's [`PriorityPolicy`] decides the priority
-//! of the jobs it submits.
+//! (a digest of its token) scopes its idempotency keys; its token's [`TokenPolicy`] decides the priority
+//! of the jobs it submits and the tenant it acts for ([`crate::queen::tenancy`]).
 
 use axum::extract::State;
 use axum::http::header;
@@ -10,6 +10,7 @@ use super::error::ApiResult;
 use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
+use crate::queen::tenancy::Scope;
 use crate::vocab::Priority;
 
 /// The priorities a token's jobs get: `default` for a job that names none, and none above `max`.
@@ -41,43 +42,67 @@ impl PriorityPolicy {
         Ok(priority)
     }
 
-    /// `default_priority=P` and `max_priority=P` options (as a `--token-file` line carries them after the
-    /// token); the default may not be above the maximum.
+    /// Made from the `default_priority` and `max_priority` options, if given; the default may not be above
+    /// the maximum.
+    fn from_options(default: Option<Priority>, max: Option<Priority>) -> Result<Self, String> {
+        let max = max.unwrap_or(Self::default().max);
+        // Without a default, a token limited to low gets low, not an error on every job.
+        let default = default.unwrap_or(Self::default().default.max(max));
+        if default < max {
+            return Err(format!("default_priority={} is above max_priority={}", default.as_str(), max.as_str()));
+        }
+        Ok(Self { default, max })
+    }
+}
+
+/// What a token may do: the priorities of its jobs, and the tenant it acts for (`None`: an operator's token,
+/// which sees every job).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenPolicy {
+    pub priority: PriorityPolicy,
+    pub tenant: Option<String>,
+}
+
+impl TokenPolicy {
+    /// `default_priority=P`, `max_priority=P` and `tenant=NAME` options, as a `--token-file` line carries them
+    /// after its token.
     pub fn parse<'a>(options: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
-        let mut policy = Self::default();
-        let mut default = None;
+        let (mut default, mut max, mut tenant) = (None, None, None);
         for option in options {
-            let parse = |v: &str| {
+            let priority = |v: &str| {
                 Priority::ALL
                     .into_iter()
                     .find(|p| p.as_str() == v)
                     .ok_or_else(|| format!("{v:?} is not a priority (high, normal, low)"))
             };
-            match option.split_once('=') {
-                Some(("default_priority", v)) => default = Some(parse(v)?),
-                Some(("max_priority", v)) => policy.max = parse(v)?,
-                _ => return Err(format!("{option:?} is not an option (default_priority=P, max_priority=P)")),
+            let slot = match option.split_once('=') {
+                Some(("default_priority", v)) => default.replace(priority(v)?).map(drop),
+                Some(("max_priority", v)) => max.replace(priority(v)?).map(drop),
+                Some(("tenant", v)) => {
+                    crate::protocol::validate_tenant("tenant", v).map_err(|e| e.message)?;
+                    tenant.replace(v.to_string()).map(drop)
+                }
+                _ => {
+                    return Err(format!(
+                        "{option:?} is not an option (default_priority=P, max_priority=P, tenant=NAME)"
+                    ))
+                }
+            };
+            if slot.is_some() {
+                return Err(format!("{option:?}: the option is given twice"));
             }
         }
-        // Without a default, a token limited to low gets low, not an error on every job.
-        policy.default = default.unwrap_or(policy.default.max(policy.max));
-        if policy.default < policy.max {
-            return Err(format!(
-                "default_priority={} is above max_priority={}",
-                policy.default.as_str(),
-                policy.max.as_str()
-            ));
-        }
-        Ok(policy)
+        Ok(Self { priority: PriorityPolicy::from_options(default, max)?, tenant })
     }
 }
 
-/// Who sent the request: a digest of its token ("anonymous" without authentication), and what its token may
-/// ask for.
+/// Who sent the request: a digest of its token ("anonymous" without authentication), what its token may
+/// ask for, and whose jobs it sees.
 #[derive(Clone)]
 pub(super) struct Caller {
     pub id: String,
     pub priority: PriorityPolicy,
+    pub scope: Scope,
 }
 
 impl Caller {
@@ -90,7 +115,18 @@ impl Caller {
         idempotency_key: Option<String>,
     ) -> ApiResult<SubmitResponse> {
         sub.priority = Some(self.priority.apply(sub.priority).map_err(|e| AppError::invalid("priority", e))?);
-        Ok(state.jobs.submit(&self.id, sub, idempotency_key).await?)
+        Ok(state.jobs.submit(&self.id, &self.scope, sub, idempotency_key).await?)
+    }
+
+    /// Refuses a tenant's token what only operators may see (`what`: the fleet's workers, the metrics).
+    pub fn operator_only(&self, what: &str) -> ApiResult<()> {
+        match &self.scope {
+            Scope::All => Ok(()),
+            Scope::Tenant(t) => Err(AppError::new(
+                ApiErrorCode::Forbidden,
+                format!("{what} are for operators' tokens; this token is tenant {t}'s"),
+            )),
+        }
     }
 
     /// A place for one more open stream of this caller ([`super::streams`]), held until the slot is dropped.
@@ -139,7 +175,8 @@ pub(super) async fn authenticate(
 ) -> Response {
     use subtle::ConstantTimeEq;
     if state.config.tokens.is_empty() {
-        req.extensions_mut().insert(Caller { id: "anonymous".into(), priority: PriorityPolicy::default() });
+        let anonymous = Caller { id: "anonymous".into(), priority: PriorityPolicy::default(), scope: Scope::All };
+        req.extensions_mut().insert(anonymous);
         return next.run(req).await;
     }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -158,35 +195,43 @@ pub(super) async fn authenticate(
         return AppError::new(ApiErrorCode::Unauthorized, "invalid bearer token").into_response();
     }
     // A valid token now: its policy, if it has one.
-    let priority = state.config.token_priorities.get(presented).copied().unwrap_or_default();
-    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority });
+    let policy = state.config.token_policies.get(presented).cloned().unwrap_or_default();
+    let scope = policy.tenant.map_or(Scope::All, Scope::Tenant);
+    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority: policy.priority, scope });
     next.run(req).await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{presented_token, PriorityPolicy};
+    use super::{presented_token, PriorityPolicy, TokenPolicy};
     use crate::vocab::Priority::{High, Low, Normal};
 
     #[test]
-    fn a_token_policy_sets_the_default_and_caps_the_priority() {
+    fn a_token_policy_sets_the_default_and_caps_the_priority_and_names_the_tenant() {
+        let priority = |options: &[&str]| TokenPolicy::parse(options.iter().copied()).map(|p| p.priority);
         let any = PriorityPolicy::default();
         assert_eq!((any.apply(None), any.apply(Some(High))), (Ok(Normal), Ok(High)));
-        let limited = PriorityPolicy::parse(["max_priority=normal"]).unwrap();
+        let limited = priority(&["max_priority=normal"]).unwrap();
         assert_eq!(limited, PriorityPolicy { default: Normal, max: Normal });
         assert_eq!(limited.apply(Some(Low)), Ok(Low));
         let err = limited.apply(Some(High)).unwrap_err();
         assert!(err.contains("high") && err.contains("at most normal"), "{err}");
         // A token held to low gets low by default rather than an error on every job.
-        assert_eq!(PriorityPolicy::parse(["max_priority=low"]).unwrap().apply(None), Ok(Low));
-        let batch = PriorityPolicy::parse(["default_priority=low"]).unwrap();
+        assert_eq!(priority(&["max_priority=low"]).unwrap().apply(None), Ok(Low));
+        let batch = priority(&["default_priority=low"]).unwrap();
         assert_eq!((batch.apply(None), batch.apply(Some(High))), (Ok(Low), Ok(High)));
+        assert_eq!(TokenPolicy::parse([]).unwrap(), TokenPolicy::default());
+        let tenant = TokenPolicy::parse(["tenant=acme", "max_priority=normal"]).unwrap();
+        assert_eq!((tenant.tenant.as_deref(), tenant.priority.max), (Some("acme"), Normal));
         for (bad, says) in [
             (vec!["default_priority=high", "max_priority=normal"], "above max_priority"),
             (vec!["max_priority=urgent"], "not a priority"),
             (vec!["priority=low"], "not an option"),
+            (vec!["tenant=a/b"], "not a tenant name"),
+            (vec!["tenant="], "not a tenant name"),
+            (vec!["tenant=a", "tenant=b"], "given twice"),
         ] {
-            let err = PriorityPolicy::parse(bad.clone()).unwrap_err();
+            let err = TokenPolicy::parse(bad.clone()).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
     }

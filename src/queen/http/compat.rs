@@ -79,12 +79,13 @@ impl Drop for StoredInputs {
     }
 }
 
-/// An input image as the job carries it: inline while small, else stored under `uploads/` (listed in
+/// An input image as the job carries it: inline while small, else stored with the caller's uploads (listed in
 /// `stored`) and named by key. These clients cannot upload first as the native API asks, and a job message
 /// must fit the bus's limit (1 MiB by default): an image and a mask of a quarter of it each, in base64, leave
 /// room for the rest.
 pub(super) async fn carried(
     state: &AppState,
+    caller: &Caller,
     bytes: Vec<u8>,
     field: &str,
     stored: &mut StoredInputs,
@@ -93,7 +94,7 @@ pub(super) async fn carried(
     if bytes.len() <= state.jobs.max_message_bytes() / 4 {
         return Ok(ImageInput::Base64(base64::engine::general_purpose::STANDARD.encode(&bytes)));
     }
-    let upload = state.jobs.store_input(bytes.into(), field, field).await?;
+    let upload = state.jobs.store_input(bytes.into(), field, field, &caller.scope).await?;
     stored.add(&state.jobs.store, upload.object_key.clone());
     Ok(ImageInput::Upload { object_key: upload.object_key })
 }
@@ -101,6 +102,7 @@ pub(super) async fn carried(
 /// [`carried`] for an image the request gave in base64 (a `data:` URL or plain).
 pub(super) async fn carried_base64(
     state: &AppState,
+    caller: &Caller,
     text: String,
     field: &str,
     stored: &mut StoredInputs,
@@ -109,7 +111,7 @@ pub(super) async fn carried_base64(
         return Ok(ImageInput::Base64(text));
     }
     let bytes = crate::api::decode_base64(&text, field).map_err(|e| AppError::invalid(field, e))?;
-    carried(state, bytes, field, stored).await
+    carried(state, caller, bytes, field, stored).await
 }
 
 /// Submits `job` as `caller` and waits for its images (`--compat-wait` at most), holding `slot`, one of the

@@ -70,6 +70,7 @@ impl From<JobsError> for AppError {
         match e {
             JobsError::Invalid(e) => e.into(),
             JobsError::TooLarge { field, .. } => Self { field, ..Self::new(ApiErrorCode::PayloadTooLarge, message) },
+            JobsError::Forbidden { field, .. } => Self { field, ..Self::new(ApiErrorCode::Forbidden, message) },
             JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
             JobsError::Expired(_) => Self::new(ApiErrorCode::Expired, message),
             JobsError::AlreadyFinished { .. } => Self::new(ApiErrorCode::AlreadyFinished, message),

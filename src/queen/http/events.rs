@@ -50,7 +50,7 @@ pub(super) async fn events(
         .map(|(field, text)| text.trim().parse::<EventId>().map_err(|e| AppError::malformed(field, e)))
         .transpose()?;
     let slot = caller.open_stream(&state)?;
-    let status = state.jobs.get(id).await?;
+    let status = state.jobs.get(id, &caller.scope).await?;
     let feed =
         crate::queen::feed::feed(&state.jobs.bus, &state.jobs.status, &status, after, state.jobs.feed_recheck).await?;
     let frames = feed

@@ -5,10 +5,12 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 
+use super::auth::Caller;
+use super::error::ApiResult;
 use super::AppState;
-use crate::api::{LimitsView, ModelInfo, WorkerInfo};
+use crate::api::{ApiErrorBody, LimitsView, ModelInfo, WorkerInfo};
 use crate::protocol;
 
 /// The models jobs may name: those live workers serve (with their LoRAs and the registry's defaults), then
@@ -49,10 +51,16 @@ pub(super) async fn models(State(state): State<AppState>) -> Json<Vec<ModelInfo>
     Json(out)
 }
 
-#[utoipa::path(get, path = "/v1/workers", tag = "fleet", responses((status = 200, body = Vec<WorkerInfo>)),
+/// The fleet's workers, with the jobs they run: for operators' tokens (a tenant's is refused, 403).
+#[utoipa::path(get, path = "/v1/workers", tag = "fleet",
+    responses((status = 200, body = Vec<WorkerInfo>), (status = 403, description = "a tenant's token", body = ApiErrorBody)),
     security(("bearer" = [])))]
-pub(super) async fn workers(State(state): State<AppState>) -> Json<Vec<WorkerInfo>> {
-    Json(state.jobs.fleet.workers(protocol::now_millis()))
+pub(super) async fn workers(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<WorkerInfo>>> {
+    caller.operator_only("the fleet's workers")?;
+    Ok(Json(state.jobs.fleet.workers(protocol::now_millis())))
 }
 
 /// What a job may ask for here (sizes, steps, images, LoRAs, body sizes) and the choices its fields take.

@@ -67,16 +67,21 @@ pub(super) async fn submit(
     responses((status = 201, body = UploadResponse), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 pub(super) async fn upload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<UploadResponse>)> {
-    Ok((StatusCode::CREATED, Json(state.jobs.upload(body).await?)))
+    Ok((StatusCode::CREATED, Json(state.jobs.upload(body, &caller.scope).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = StatusView), (status = 404, body = ApiErrorBody),
         (status = 410, description = "the job's ttl passed", body = ApiErrorBody)), security(("bearer" = [])))]
-pub(super) async fn status(State(state): State<AppState>, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<StatusView>> {
-    let status = state.jobs.get(id).await?;
+pub(super) async fn status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<StatusView>> {
+    let status = state.jobs.get(id, &caller.scope).await?;
     Ok(Json(state.jobs.view(status).await))
 }
 
@@ -87,19 +92,37 @@ pub(super) struct ListParams {
     limit: Option<usize>,
     offset: Option<usize>,
     cursor: Option<u64>,
+    tenant: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     params(("state" = Option<String>, Query), ("model" = Option<String>, Query), ("limit" = Option<usize>, Query),
-        ("offset" = Option<usize>, Query), ("cursor" = Option<u64>, Query, description = "a page's next_cursor")),
-    responses((status = 200, body = JobList), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
-pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListParams>) -> ApiResult<Json<JobList>> {
+        ("offset" = Option<usize>, Query), ("cursor" = Option<u64>, Query, description = "a page's next_cursor"),
+        ("tenant" = Option<String>, Query, description = "only this tenant's jobs (a tenant's token lists only its own)")),
+    responses((status = 200, body = JobList), (status = 403, body = ApiErrorBody), (status = 422, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(q): ApiQuery<ListParams>,
+) -> ApiResult<Json<JobList>> {
     let wanted = q.state.as_deref().map(JobState::parse).transpose().map_err(|e| AppError::invalid("state", e))?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(AppError::invalid("limit", "must be 1 to 500"));
     }
-    let query = ListQuery { state: wanted, model: q.model, limit, offset: q.offset.unwrap_or(0), cursor: q.cursor };
+    let tenant = match (caller.scope.tenant(), q.tenant) {
+        (None, asked) => asked,
+        (Some(own), Some(asked)) if asked != own => {
+            return Err(AppError {
+                field: Some("tenant".into()),
+                ..AppError::new(ApiErrorCode::Forbidden, format!("this token lists only tenant {own}'s jobs"))
+            })
+        }
+        (Some(own), _) => Some(own.to_string()),
+    };
+    let offset = q.offset.unwrap_or(0);
+    let query = ListQuery { state: wanted, model: q.model, tenant, limit, offset, cursor: q.cursor };
     Ok(Json(state.jobs.list(&query).await?))
 }
 
@@ -109,9 +132,10 @@ pub(super) async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<Li
         (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<(StatusCode, Json<CancelResponse>)> {
-    let answer = state.jobs.cancel(id).await?;
+    let answer = state.jobs.cancel(id, &caller.scope).await?;
     let status = match answer.state {
         CancelState::Cancelled => StatusCode::OK,
         CancelState::Cancelling => StatusCode::ACCEPTED,
@@ -124,9 +148,10 @@ pub(super) async fn cancel(
         (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
 pub(super) async fn image(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath((id, n)): ApiPath<(Uuid, u32)>,
 ) -> ApiResult<Response> {
-    let image = state.jobs.image(id, n).await?;
+    let image = state.jobs.image(id, n, &caller.scope).await?;
     let content_type =
         HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
     // Streamed: many downloads of large images at once do not hold them all in memory.

@@ -5,12 +5,14 @@
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::auth::Caller;
 use super::error::ApiResult;
 use super::{AppError, AppState};
 use crate::api::{ApiErrorBody, ApiErrorCode};
@@ -32,9 +34,14 @@ struct WorkerBatchLabels {
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus / OpenMetrics text format", content_type = "application/openmetrics-text"),
+        (status = 403, description = "a tenant's token: metrics are for operators'", body = ApiErrorBody),
         (status = 503, description = "NATS cannot be reached: the queue depth cannot be read", body = ApiErrorBody)),
     security(("bearer" = [])))]
-pub(super) async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+pub(super) async fn metrics(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    caller.operator_only("the fleet's metrics")?;
     let jobs = &state.jobs;
     let mut registry = Registry::default();
     jobs.stats.metrics.register(&mut registry);

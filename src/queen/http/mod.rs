@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - this file: [`AppState`], [`ApiConfig`], the router and its layers;
-//! - `auth`: bearer tokens, compared in constant time;
+//! - `auth`: bearer tokens, compared in constant time, and what each may do;
 //! - `error`: [`AppError`] and the extractors that answer with the API's error body;
 //! - `jobs`: submit, upload, status, list, cancel, images;
 //! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::jobs::Jobs;
 use crate::api::ApiErrorCode;
 use crate::protocol::{self, Limits};
-pub use auth::PriorityPolicy;
+pub use auth::{PriorityPolicy, TokenPolicy};
 pub use error::AppError;
 pub use openapi::ApiDoc;
 
@@ -64,8 +64,9 @@ pub struct AppState {
 pub struct ApiConfig {
     /// Bearer tokens; empty: no authentication (only with `--no-auth`).
     pub tokens: Vec<String>,
-    /// The priorities jobs of some tokens get (by token); the others: normal unless asked, any may be asked.
-    pub token_priorities: std::collections::HashMap<String, PriorityPolicy>,
+    /// The policies of some tokens (by token): their jobs' priorities, their tenant. The others: normal
+    /// unless asked, any priority may be asked, and an operator's view of every job.
+    pub token_policies: std::collections::HashMap<String, TokenPolicy>,
     pub limits: Limits,
     /// Largest request body (JSON with inline images, or an upload).
     pub max_body_bytes: usize,
@@ -94,7 +95,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             tokens: Vec::new(),
-            token_priorities: Default::default(),
+            token_policies: Default::default(),
             limits: Limits::default(),
             max_body_bytes: 16 * 1024 * 1024,
             body_timeout: Duration::from_secs(60),

@@ -80,10 +80,10 @@ pub(super) async fn edits(
         })?;
     let mut stored = StoredInputs::default();
     let mask = match redraw_mask(&image, mask).await? {
-        Some(mask) => Some(carried(&state, mask, "mask", &mut stored).await?),
+        Some(mask) => Some(carried(&state, &caller, mask, "mask", &mut stored).await?),
         None => None,
     };
-    let init = carried(&state, image.to_vec(), "image", &mut stored).await?;
+    let init = carried(&state, &caller, image.to_vec(), "image", &mut stored).await?;
     answer(&state, &caller, (slot, stored), &headers, request, Some(init), mask).await
 }
 

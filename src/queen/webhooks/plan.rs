@@ -146,6 +146,7 @@ mod tests {
             at: 1_700_000_000_123,
             worker_id: "w1".into(),
             model: "tiny".into(),
+            tenant: None,
         });
         let started = planner.plan(&status, &accepted, 7).expect("started was asked for");
         assert_eq!(started.id, format!("{id}.started.7"));
@@ -223,6 +224,7 @@ mod tests {
             at,
             worker_id: worker.into(),
             model: "tiny".into(),
+            tenant: None,
         };
         assert!(owes_start(&status, &start(10, "w1")));
         assert!(!owes_start(&status, &start(10, "not a.token")), "a worker id no subject can carry");

@@ -1,8 +1,12 @@
 // The fleet: each model with its workers and queue, each worker with its device, models and state.
 import { useModels, useWorkers } from "@sd-rbee/react";
-import type { WorkerInfo } from "@sd-rbee/sdk";
+import { ApiError, type WorkerInfo } from "@sd-rbee/sdk";
 
 import { ago, duration } from "./format";
+
+function isForbidden(error: Error): boolean {
+  return error instanceof ApiError && error.code === "FORBIDDEN";
+}
 
 function liveness(w: WorkerInfo): string {
   if (w.stopped) return "stopped";
@@ -45,7 +49,12 @@ export function FleetPage() {
       </section>
       <section className="panel" aria-labelledby="workers-title">
         <h2 id="workers-title">Workers</h2>
-        {workers.error && <p className="error">Cannot list the workers: {workers.error.message}</p>}
+        {workers.error &&
+          (isForbidden(workers.error) ? (
+            <p className="muted">The workers are shown to operators' tokens; this token is a tenant's.</p>
+          ) : (
+            <p className="error">Cannot list the workers: {workers.error.message}</p>
+          ))}
         {workers.data && workers.data.length === 0 && <p className="muted">No worker has been heard from yet.</p>}
         <div className="table-wrap">
           <table>

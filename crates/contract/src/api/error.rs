@@ -25,7 +25,10 @@ pub enum ApiErrorCode {
     MalformedRequest,
     /// 401: no bearer token, or not one of the queen's.
     Unauthorized,
-    /// 404: no such job, image or endpoint.
+    /// 403: the token's tenant may not do this (the fleet's workers and metrics are for operators' tokens,
+    /// a tenant's jobs name only its own uploads, and it lists only its own jobs).
+    Forbidden,
+    /// 404: no such job, image or endpoint (another tenant's job is not found either).
     NotFound,
     /// 405: the endpoint does not take this method.
     MethodNotAllowed,
@@ -68,6 +71,7 @@ impl ApiErrorCode {
         match self {
             Self::MalformedRequest => 400,
             Self::Unauthorized => 401,
+            Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::RequestTimeout => 408,
@@ -159,7 +163,7 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 15, "only the two 409s share a status");
+        assert_eq!(statuses.len(), 16, "only the two 409s share a status");
         let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }

@@ -37,6 +37,7 @@ impl JobStatus {
             request: Some(RequestSummary::of(job)),
             stream_seq,
             last_event_at: 0,
+            tenant: job.tenant.clone(),
         }
     }
 
@@ -93,6 +94,11 @@ impl JobStatus {
                 // A job published without the queen learns its model from the worker that took it.
                 if self.model.is_empty() && crate::protocol::validate_model_name(&a.model).is_ok() {
                     self.model = a.model.clone();
+                    // And its tenant, so that the tenant that submitted it still sees it.
+                    if self.tenant.is_none() {
+                        let valid = |t: &&String| crate::protocol::validate_tenant("tenant", t).is_ok();
+                        self.tenant = a.tenant.as_ref().filter(valid).cloned();
+                    }
                 }
                 self.state = JobState::Running;
                 self.worker_id = Some(a.worker_id.clone());
@@ -165,7 +171,45 @@ mod tests {
     use crate::protocol::{Accepted, Cancelled, Completed, ErrorCode, Failed, Progress, Timings, PROTOCOL_VERSION};
 
     fn accepted(id: Uuid, at: u64, w: &str) -> Event {
-        Event::Accepted(Accepted { v: PROTOCOL_VERSION, job_id: id, at, worker_id: w.into(), model: "tiny".into() })
+        Event::Accepted(Accepted {
+            v: PROTOCOL_VERSION,
+            job_id: id,
+            at,
+            worker_id: w.into(),
+            model: "tiny".into(),
+            tenant: None,
+        })
+    }
+
+    #[test]
+    fn a_jobs_tenant_comes_from_its_submission_or_for_a_record_made_from_events_from_its_start() {
+        let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "x");
+        job.tenant = Some("acme".into());
+        let started = |tenant: &str| {
+            Event::Accepted(Accepted {
+                v: PROTOCOL_VERSION,
+                job_id: job.id,
+                at: job.created_at + 10,
+                worker_id: "w1".into(),
+                model: "tiny".into(),
+                tenant: Some(tenant.into()),
+            })
+        };
+        let mut submitted = JobStatus::queued(&job, Some(1));
+        assert_eq!(submitted.tenant.as_deref(), Some("acme"));
+        // A worker's event does not move a job to another tenant.
+        assert!(submitted.apply(&started("other")));
+        assert_eq!(submitted.tenant.as_deref(), Some("acme"));
+        let mut operators = JobStatus::queued(&JobRequest { tenant: None, ..job.clone() }, Some(1));
+        assert!(operators.apply(&started("acme")));
+        assert_eq!(operators.tenant, None, "an operator's job stays an operator's");
+        // A record first made from an event (its submission's record lost) learns the tenant with the model.
+        let mut rebuilt = JobStatus::unknown(job.id, job.created_at);
+        assert!(rebuilt.apply(&started("acme")));
+        assert_eq!((rebuilt.model.as_str(), rebuilt.tenant.as_deref()), ("tiny", Some("acme")));
+        let mut invalid = JobStatus::unknown(job.id, job.created_at);
+        assert!(invalid.apply(&started("../x")));
+        assert_eq!(invalid.tenant, None, "not a tenant name: kept for operators only");
     }
 
     #[test]

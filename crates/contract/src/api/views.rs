@@ -217,6 +217,10 @@ pub struct JobStatus {
     /// The job's webhook and its deliveries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<super::WebhookInfo>,
+    /// The tenant of the token that submitted it: only that tenant's tokens and operators' (tokens without
+    /// a tenant) see the job. Left out for an operator's job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl JobStatus {

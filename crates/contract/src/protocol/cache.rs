@@ -34,7 +34,7 @@ pub fn cache_description(job: &JobRequest, ctx: &CacheContext) -> Option<String>
     }
     let seed = job.seed?;
     let loras: Vec<_> = ctx.loras.iter().zip(&job.loras).map(|(digest, l)| json!([digest, l.scale])).collect();
-    let description = json!({
+    let mut description = json!({
         "v": 2,
         "kind": job.kind,
         "model": ctx.model,
@@ -62,6 +62,11 @@ pub fn cache_description(job: &JobRequest, ctx: &CacheContext) -> Option<String>
         "loras": loras,
         "clip_skip": job.clip_skip,
     });
+    // Each tenant has its own entries: a hit would tell one tenant that another asked for the same image.
+    // (Only when there is one, so that the keys of jobs without a tenant stay what they were.)
+    if let Some(tenant) = &job.tenant {
+        description["tenant"] = json!(tenant);
+    }
     Some(description.to_string())
 }
 
@@ -119,7 +124,10 @@ mod tests {
             ("device", Box::new(|_, c| c.device = "cuda".into())),
             ("dtype", Box::new(|_, c| c.dtype = "f16".into())),
             ("numerics", Box::new(|_, c| c.numerics.push_str("; SD_RBEE_TF32=1"))),
+            ("tenant", Box::new(|j, _| j.tenant = Some("acme".into()))),
         ];
+        // A job without a tenant keeps the key it had before tenants.
+        assert!(!base.contains("tenant"), "{base}");
         for (what, change) in changes {
             let (mut j, mut c) = (job.clone(), context());
             change(&mut j, &mut c);

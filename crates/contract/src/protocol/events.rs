@@ -70,6 +70,9 @@ pub struct Accepted {
     /// The job's model (so a job published on the bus without the queen is listed with it).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// The job's tenant (so a record made from events alone stays its tenant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A denoising step finished.

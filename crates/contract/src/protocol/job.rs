@@ -169,6 +169,11 @@ pub struct JobRequest {
     /// Which of the model's queues the job waits in (its subject: [`Subjects::jobs_at`](super::Subjects::jobs_at)).
     #[serde(default, skip_serializing_if = "is_default", deserialize_with = "strict::by_name")]
     pub priority: Priority,
+    /// The tenant whose API token submitted the job ([`validate_tenant`](super::validate_tenant)): only its
+    /// tokens (and operators') see the job, and its results are cached apart from other tenants'. Set by the
+    /// queen from the token, never from a request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A LoRA a job applies: a catalogue name (never a path or URL) and its scale.
@@ -246,6 +251,7 @@ impl JobRequest {
             created_at,
             cache: true,
             priority: Priority::Normal,
+            tenant: None,
         }
     }
 

@@ -56,7 +56,9 @@ pub use job::{
 };
 pub use keys::{is_result_of, manifest_key, parse_result_key, result_key, result_prefix, resume_key, ResultKey};
 pub use subjects::{validate_model_name, validate_subject_token, validate_worker_id, Subjects};
-pub use validate::{validate_lora_name, validate_object_key, Limits};
+pub use validate::{
+    uploads_prefix, validate_lora_name, validate_object_key, validate_tenant, Limits, MAX_TENANT_BYTES,
+};
 
 /// How an init image (and mask) of another size is brought to the job's width × height (`fit`, `stretch`,
 /// `pad`; the CLI's `--resize` uses the same type).

@@ -136,6 +136,9 @@ impl JobRequest {
                 ));
             }
         }
+        if let Some(t) = &self.tenant {
+            validate_tenant("tenant", t)?;
+        }
         if let Some(skip) = self.clip_skip {
             if skip == 0 || skip > 24 {
                 return Err(E::invalid(
@@ -280,6 +283,35 @@ pub fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> 
             Err(ProtocolError::invalid(field, format!("has an invalid object key {}: it has {what}", quoted(key))))
         }
         None => Ok(()),
+    }
+}
+
+/// The longest tenant name, in bytes.
+pub const MAX_TENANT_BYTES: usize = 64;
+
+/// A tenant name (a `--token-file` line's `tenant=NAME`): 1 to [`MAX_TENANT_BYTES`] bytes of ASCII letters,
+/// digits, `_`, `-` and `.`, not starting with `.`; it is a segment of its uploads' object keys
+/// (`uploads/<tenant>/`).
+pub fn validate_tenant(field: &str, name: &str) -> Result<(), ProtocolError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.len() > MAX_TENANT_BYTES || name.starts_with('.') || !name.chars().all(allowed) {
+        return Err(ProtocolError::invalid(
+            field,
+            format!(
+                "{} is not a tenant name: 1 to {MAX_TENANT_BYTES} letters, digits, '_', '-' or '.', not starting with '.'",
+                quoted(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `uploads/<tenant>/` for a tenant's uploads, `uploads/` for an operator's: where `POST /v1/uploads` stores
+/// an image, and (for a tenant) the only keys its jobs may name as input images.
+pub fn uploads_prefix(tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("uploads/{t}/"),
+        None => "uploads/".to_string(),
     }
 }
 

@@ -50,6 +50,8 @@ export interface JobFilter {
   offset?: number;
   /** A page's `next_cursor`. */
   cursor?: number;
+  /** Only this tenant's jobs (an operator's token; a tenant's token lists only its own jobs). */
+  tenant?: string;
 }
 
 /** The queen's HTTP API. Every method throws [`ApiError`] for an error answer and [`ConnectionError`] when the
@@ -179,7 +181,8 @@ export class QueenClient {
     return this.json("GET", "/v1/models", {}, options);
   }
 
-  /** `GET /v1/workers`: every worker the queen has heard of. */
+  /** `GET /v1/workers`: every worker the queen has heard of (an operator's token; a tenant's is answered
+   * `403 FORBIDDEN`). */
   workers(options: RequestOptions = {}): Promise<WorkerInfo[]> {
     return this.json("GET", "/v1/workers", {}, options);
   }

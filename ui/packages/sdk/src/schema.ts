@@ -295,6 +295,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
+        /** The fleet's workers, with the jobs they run: for operators' tokens (a tenant's is refused, 403). */
         get: operations["workers"];
         put?: never;
         post?: never;
@@ -420,7 +421,7 @@ export interface components {
          *     ([`ApiErrorCode::status`]). A code this build does not know (a newer queen) reads as `Other`.
          * @enum {string}
          */
-        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "JOB_FAILED" | "UNAVAILABLE" | "WAIT_TIMEOUT" | "TOO_MANY_STREAMS" | "OTHER";
+        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "FORBIDDEN" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "JOB_FAILED" | "UNAVAILABLE" | "WAIT_TIMEOUT" | "TOO_MANY_STREAMS" | "OTHER";
         /** @description What went wrong: a code, a message complete on its own, and the offending field when there is one. */
         ApiErrorDetail: {
             code: components["schemas"]["ApiErrorCode"];
@@ -712,6 +713,11 @@ export interface components {
              * @description The job's sequence in the jobs stream (for its queue position and for removing it when cancelled).
              */
             stream_seq?: number | null;
+            /**
+             * @description The tenant of the token that submitted it: only that tenant's tokens and operators' (tokens without
+             *     a tenant) see the job. Left out for an operator's job.
+             */
+            tenant?: string | null;
             timings?: null | components["schemas"]["Timings"];
             /** Format: int64 */
             updated_at: number;
@@ -1225,6 +1231,15 @@ export interface operations {
             };
             /** @description no token, or not one of the queen's */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description a tenant's token: metrics are for operators' */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1770,6 +1785,8 @@ export interface operations {
                 offset?: number;
                 /** @description a page's next_cursor */
                 cursor?: number;
+                /** @description only this tenant's jobs (a tenant's token lists only its own) */
+                tenant?: string;
             };
             header?: never;
             path?: never;
@@ -1787,6 +1804,14 @@ export interface operations {
             };
             /** @description no token, or not one of the queen's */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2225,6 +2250,15 @@ export interface operations {
             };
             /** @description no token, or not one of the queen's */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description a tenant's token */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -150,7 +150,14 @@ fn events() -> Vec<Event> {
     progress.eta_ms = Some(1500);
     progress.preview_jpeg = Some(vec![0xff, 0xd8, 0xff, 0xd9]);
     vec![
-        Event::Accepted(Accepted { v: 1, job_id: id(), at: 10, worker_id: "gpu-7".into(), model: "xl".into() }),
+        Event::Accepted(Accepted {
+            v: 1,
+            job_id: id(),
+            at: 10,
+            worker_id: "gpu-7".into(),
+            model: "xl".into(),
+            tenant: None,
+        }),
         Event::Progress(progress),
         Event::Progress(Progress::new(id(), 1, 20, 12)),
         Event::Completed(Completed {

@@ -12,6 +12,7 @@ fn each_validation_rule_names_its_field() {
         ("model", Box::new(|j| j.model = "sd.turbo".into())),
         ("model", Box::new(|j| j.model = String::new())),
         ("prompt", Box::new(|j| j.prompt = "   ".into())),
+        ("tenant", Box::new(|j| j.tenant = Some("a/b".into()))),
         ("prompt", Box::new(|j| j.prompt = "x".repeat(4097))),
         ("negative_prompt", Box::new(|j| j.negative_prompt = Some("x".repeat(4097)))),
         ("width", Box::new(|j| j.width = Some(0))),
@@ -184,4 +185,18 @@ fn subject_tokens_are_validated() {
         assert!(err.message.starts_with("`worker_id` "), "{err}");
     }
     assert!(s.jobs("a.b").unwrap_err().message.contains("'.'"));
+}
+
+#[test]
+fn tenant_names_are_one_object_key_segment() {
+    for ok in ["acme", "team-2", "a.b_c", &"t".repeat(MAX_TENANT_BYTES)] {
+        validate_tenant("tenant", ok).unwrap();
+        assert_eq!(uploads_prefix(Some(ok)), format!("uploads/{ok}/"));
+    }
+    for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ü", "a\nb", &"t".repeat(MAX_TENANT_BYTES + 1)] {
+        let err = validate_tenant("tenant", bad).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("tenant"), "{bad:?}");
+        assert!(err.message.contains("not a tenant name"), "{err}");
+    }
+    assert_eq!(uploads_prefix(None), "uploads/");
 }

@@ -1,0 +1,126 @@
+//! Tenants, through real nats-server, store and worker processes: a tenant's token sees, follows, fetches,
+//! lists and cancels its own jobs alone (another tenant's answer 404 as if there were none), names only its
+//! own uploads as input images, is refused the fleet's workers and metrics, and shares no result-cache entry
+//! with another tenant; an operator's token sees every job and can list one tenant's.
+
+use crate::common;
+
+use common::queen::{client, follow, start_queen, tiny, wait_for_fleet, wait_state, TOKEN};
+use common::servers::{NatsServer, WorkerProcess};
+use sd_rbee::api::{ApiError, ImageInput, JobSubmission, QueenClient};
+use sd_rbee::protocol::JobKind;
+use sd_rbee::queen::http::TokenPolicy;
+use uuid::Uuid;
+
+const ACME: &str = "acme-token-0123456789abcdef";
+const GLOBEX: &str = "globex-token-0123456789abcdef";
+
+fn api_error<T: std::fmt::Debug>(r: anyhow::Result<T>) -> ApiError {
+    r.expect_err("an error").downcast::<ApiError>().expect("an API error")
+}
+
+fn tenant(name: &str) -> TokenPolicy {
+    TokenPolicy { tenant: Some(name.into()), ..Default::default() }
+}
+
+/// `job` run to its end as `c`: its id, and whether it came from the result cache.
+async fn run(c: &QueenClient, job: &JobSubmission) -> (Uuid, bool) {
+    let id = c.submit(job, None).await.unwrap().job_id;
+    let last = follow(c, id).await.pop().unwrap();
+    assert_eq!(last.event, "completed", "{last:?}");
+    (id, last.data["cached"].as_bool().unwrap_or(false))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_token_sees_and_acts_on_its_own_jobs_alone() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    let _worker = WorkerProcess::start("w-ten", &nats.url(), &store, &[], &["--step-delay", "100ms"]);
+    let queen = start_queen(&nats.url(), &store, &[], |c| {
+        c.api.tokens.extend([ACME.to_string(), GLOBEX.to_string()]);
+        c.api.token_policies.insert(ACME.into(), tenant("acme"));
+        c.api.token_policies.insert(GLOBEX.into(), tenant("globex"));
+    })
+    .await;
+    let operator = client(&queen);
+    let acme = QueenClient::new(&queen.base, Some(ACME.into())).unwrap();
+    let globex = QueenClient::new(&queen.base, Some(GLOBEX.into())).unwrap();
+    wait_for_fleet(&operator).await;
+
+    // Acme's job: its own to follow, fetch and list; globex's token finds nothing there.
+    let (ours, cached) = run(&acme, &tiny(3, 21)).await;
+    assert!(!cached);
+    let status = acme.status(ours).await.unwrap();
+    assert_eq!(status.status.tenant.as_deref(), Some("acme"));
+    assert!(!acme.image(ours, 0).await.unwrap().is_empty());
+    for refused in [
+        api_error(globex.status(ours).await),
+        api_error(globex.image(ours, 0).await),
+        api_error(globex.cancel(ours).await),
+        api_error(globex.follow(ours, |_| {}).await),
+    ] {
+        assert_eq!((refused.status, refused.code.as_str()), (404, "NOT_FOUND"), "{refused}");
+    }
+
+    // The same seeded request from another tenant is generated again, not answered from acme's entry;
+    // acme's own second one is.
+    let (theirs, cached) = run(&globex, &tiny(3, 21)).await;
+    assert!(!cached, "a cache hit would tell globex that acme asked for this image");
+    let (_, cached) = run(&acme, &tiny(3, 21)).await;
+    assert!(cached, "a tenant's own repeat comes from the cache");
+
+    // Lists: each tenant its own; an operator every job, or one tenant's.
+    let listed = |list: sd_rbee::api::JobList| list.jobs.iter().map(|j| j.job_id).collect::<Vec<_>>();
+    let acmes = acme.jobs("").await.unwrap();
+    assert_eq!((acmes.jobs.len(), acmes.total), (2, 2), "{acmes:?}");
+    assert!(acmes.jobs.iter().all(|j| j.tenant.as_deref() == Some("acme")) && listed(acmes.clone()).contains(&ours));
+    assert_eq!(listed(globex.jobs("").await.unwrap()), [theirs]);
+    let refused = api_error(acme.jobs("?tenant=globex").await);
+    assert_eq!((refused.status, refused.code.as_str(), refused.field.as_deref()), (403, "FORBIDDEN", Some("tenant")));
+    assert_eq!(listed(acme.jobs("?tenant=acme").await.unwrap()), listed(acmes));
+    assert_eq!(operator.jobs("").await.unwrap().total, 3);
+    assert_eq!(listed(operator.jobs("?tenant=globex").await.unwrap()), [theirs]);
+    assert_eq!(operator.status(theirs).await.unwrap().status.tenant.as_deref(), Some("globex"));
+
+    // Uploads: a tenant's under its own prefix, the only keys its jobs may name.
+    let mut png = Vec::new();
+    image::RgbImage::new(64, 64).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let acme_upload = acme.upload(png.clone(), "image/png").await.unwrap().object_key;
+    let globex_upload = globex.upload(png.clone(), "image/png").await.unwrap().object_key;
+    assert!(acme_upload.starts_with("uploads/acme/"), "{acme_upload}");
+    let img2img = |key: &str| {
+        let mut job = tiny(4, 5);
+        job.kind = Some(JobKind::Img2Img);
+        job.init_image = Some(ImageInput::Upload { object_key: key.into() });
+        job
+    };
+    let results_key = format!("jobs/{theirs}/0.png");
+    for key in [globex_upload.as_str(), results_key.as_str()] {
+        let refused = api_error(acme.submit(&img2img(key), None).await);
+        assert_eq!(
+            (refused.status, refused.code.as_str(), refused.field.as_deref()),
+            (403, "FORBIDDEN", Some("init_image")),
+            "{key}: {refused}"
+        );
+    }
+    let own = acme.submit(&img2img(&acme_upload), None).await.unwrap().job_id;
+    wait_state(&acme, own, "completed").await;
+
+    // A job of acme's that has not ended: globex cannot cancel it, acme can.
+    let open = acme.submit(&tiny(40, 6), None).await.unwrap().job_id;
+    assert_eq!(api_error(globex.cancel(open).await).status, 404);
+    acme.cancel(open).await.unwrap();
+    wait_state(&operator, open, "cancelled").await;
+
+    // The fleet's workers and metrics are the operator's.
+    let refused = api_error(acme.workers().await);
+    assert_eq!((refused.status, refused.code.as_str()), (403, "FORBIDDEN"), "{refused}");
+    let http = reqwest::Client::new();
+    let metrics = |token: &'static str| http.get(format!("{}/metrics", queen.base)).bearer_auth(token).send();
+    assert_eq!(metrics(ACME).await.unwrap().status(), 403);
+    assert_eq!(metrics(TOKEN).await.unwrap().status(), 200);
+    assert!(!operator.workers().await.unwrap().is_empty());
+    // What a tenant needs to submit stays open to it.
+    assert!(acme.models().await.unwrap().iter().any(|m| m.name == "tiny"));
+}
