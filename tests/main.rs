@@ -31,7 +31,7 @@ mod queen;
 mod resume;
 mod servers;
 mod single_file;
-mod tenants;
+mod tokens;
 mod ui;
 mod up;
 mod vae_tiling;

@@ -81,6 +81,12 @@ pub enum JobsError {
     Internal(anyhow::Error),
 }
 
+impl From<super::tenancy::Forbidden> for JobsError {
+    fn from(e: super::tenancy::Forbidden) -> Self {
+        JobsError::Forbidden { field: e.field, message: e.message }
+    }
+}
+
 impl JobsError {
     /// An error from the bus or the status bucket: unavailable, unless it is about what was read.
     pub fn bus(e: anyhow::Error) -> Self {
@@ -247,8 +253,10 @@ impl Jobs {
             let mut entries = Vec::with_capacity(32);
             while entries.len() < 32 {
                 match walk.next().await.map_err(JobsError::bus)? {
-                    // Another tenant's entry is passed over without reading its record.
-                    Some(entry) if query.tenant.is_some() && entry.tenant != query.tenant => {}
+                    // Another tenant's entry is passed over without reading its record. (One without a
+                    // tenant is read: a record made from events may have learned its tenant since.)
+                    Some(entry) if query.tenant.is_some() && entry.tenant.is_some() && entry.tenant != query.tenant => {
+                    }
                     Some(entry) => entries.push((entry.seq, entry.id)),
                     None => break,
                 }

@@ -169,6 +169,7 @@ impl Queen {
             shutdown: stop.clone(),
             a1111_jobs: Default::default(),
             streams: Default::default(),
+            submit_rates: Default::default(),
         };
         Ok(Self { addr, state, listener, tasks, stop })
     }

@@ -54,11 +54,16 @@ pub struct StatusStore {
     bucket_age: Duration,
 }
 
-/// The KV key of an idempotency key (hashed with the caller's identity, so keys of different callers
-/// never meet).
-pub fn idempotency_entry(caller: &str, key: &str) -> String {
+/// The KV key of an idempotency key (hashed with the caller's identity and its tenant, so keys of different
+/// callers never meet, nor those of a token moved to another tenant).
+pub fn idempotency_entry(caller: &str, tenant: Option<&str>, key: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{caller}\n{key}").as_bytes());
+    // An operator's entries stay what they were before tenants.
+    let scoped = match tenant {
+        Some(tenant) => format!("{caller}\n{tenant}\n{key}"),
+        None => format!("{caller}\n{key}"),
+    };
+    let digest = sha2::Sha256::digest(scoped.as_bytes());
     format!("idem-{}", hex::encode(&digest[..16]))
 }
 
@@ -394,10 +399,13 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_entries_depend_on_the_caller_and_are_kv_keys() {
-        let a = idempotency_entry("token-a", "order-1");
-        assert_eq!(a, idempotency_entry("token-a", "order-1"));
-        assert_ne!(a, idempotency_entry("token-b", "order-1"));
+    fn idempotency_entries_depend_on_the_caller_and_its_tenant_and_are_kv_keys() {
+        let a = idempotency_entry("token-a", None, "order-1");
+        assert_eq!(a, idempotency_entry("token-a", None, "order-1"));
+        assert_ne!(a, idempotency_entry("token-b", None, "order-1"));
+        // A token moved to a tenant (or another) does not find its earlier jobs by key.
+        assert_ne!(a, idempotency_entry("token-a", Some("acme"), "order-1"));
+        assert_ne!(idempotency_entry("token-a", Some("acme"), "k"), idempotency_entry("token-a", Some("globex"), "k"));
         assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
     }
 }

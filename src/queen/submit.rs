@@ -126,7 +126,7 @@ impl Jobs {
             |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
         let mut claim = None;
         if let Some(key) = &job.idempotency_key {
-            let entry = idempotency_entry(caller, key);
+            let entry = idempotency_entry(caller, scope.tenant(), key);
             let ours = KeyClaim::new(job.id, fingerprint.unwrap_or_default());
             if let Some(owner) = self.claim_key(&entry, &ours).await? {
                 if !owner.same_request(&ours) {

@@ -7,7 +7,13 @@
 use crate::api::JobStatus;
 use crate::protocol::{self, ImageSource, JobRequest};
 
-use super::jobs::JobsError;
+/// What a tenant may not do (`403 FORBIDDEN`), naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Forbidden {
+    pub field: Option<String>,
+    pub message: String,
+}
 
 /// Whose jobs a request may see and act on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,14 +45,14 @@ impl Scope {
     /// Marks `job` as submitted within the scope, after checking that its input images are the scope's own:
     /// a tenant's job names only its own uploads by key (any other object, another tenant's upload or
     /// results, would come back to it through img2img).
-    pub fn claim(&self, job: &mut JobRequest) -> Result<(), JobsError> {
+    pub fn claim(&self, job: &mut JobRequest) -> Result<(), Forbidden> {
         job.tenant = self.tenant().map(str::to_string);
         let Scope::Tenant(tenant) = self else { return Ok(()) };
         let own = protocol::uploads_prefix(Some(tenant));
         for (field, source) in [("init_image", &job.init_image), ("mask", &job.mask)] {
             if let Some(ImageSource::ObjectKey(key)) = source {
                 if !key.starts_with(&own) {
-                    return Err(JobsError::Forbidden {
+                    return Err(Forbidden {
                         field: Some(field.into()),
                         message: format!(
                             "names the object {}, not one of this token's uploads (keys under {own}); upload the \
@@ -98,7 +104,7 @@ mod tests {
                 job.init_image = source
             }
             match acme.claim(&mut job) {
-                Err(JobsError::Forbidden { field: Some(f), message }) => {
+                Err(Forbidden { field: Some(f), message }) => {
                     assert_eq!(f, field, "{key}");
                     assert!(message.contains(key) && message.contains("uploads/acme/"), "{message}");
                 }

@@ -279,7 +279,7 @@ async fn cancel_running_and_queued_jobs_and_idempotency_keys() {
     // The other token is a batch client's: low unless it asks, never high.
     let batch = PriorityPolicy { default: Priority::Low, max: Priority::Normal };
     let queen = start_queen(&nats.url(), &store_url, &[], |c| {
-        c.api.token_policies.insert(OTHER_TOKEN.into(), TokenPolicy { priority: batch, tenant: None });
+        c.api.token_policies.insert(OTHER_TOKEN.into(), TokenPolicy { priority: batch, ..Default::default() });
     })
     .await;
     let c = client(&queen);

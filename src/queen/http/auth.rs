@@ -7,6 +7,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiResult;
+use super::rate::SubmitRate;
 use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
@@ -55,19 +56,20 @@ impl PriorityPolicy {
     }
 }
 
-/// What a token may do: the priorities of its jobs, and the tenant it acts for (`None`: an operator's token,
-/// which sees every job).
+/// What a token may do: the priorities of its jobs, the tenant it acts for (`None`: an operator's token,
+/// which sees every job), and how fast it may submit jobs (`None`: as fast as it likes).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TokenPolicy {
     pub priority: PriorityPolicy,
     pub tenant: Option<String>,
+    pub submit_rate: Option<SubmitRate>,
 }
 
 impl TokenPolicy {
-    /// `default_priority=P`, `max_priority=P` and `tenant=NAME` options, as a `--token-file` line carries them
-    /// after its token.
+    /// `default_priority=P`, `max_priority=P`, `tenant=NAME` and `submit_rate=N/s|N/min|N/h` options, as a
+    /// `--token-file` line carries them after its token.
     pub fn parse<'a>(options: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
-        let (mut default, mut max, mut tenant) = (None, None, None);
+        let (mut default, mut max, mut tenant, mut submit_rate) = (None, None, None, None);
         for option in options {
             let priority = |v: &str| {
                 Priority::ALL
@@ -82,9 +84,11 @@ impl TokenPolicy {
                     crate::protocol::validate_tenant("tenant", v).map_err(|e| e.message)?;
                     tenant.replace(v.to_string()).map(drop)
                 }
+                Some(("submit_rate", v)) => submit_rate.replace(SubmitRate::parse(v)?).map(drop),
                 _ => {
                     return Err(format!(
-                        "{option:?} is not an option (default_priority=P, max_priority=P, tenant=NAME)"
+                        "{option:?} is not an option (default_priority=P, max_priority=P, tenant=NAME, \
+                         submit_rate=N/s|N/min|N/h)"
                     ))
                 }
             };
@@ -92,7 +96,7 @@ impl TokenPolicy {
                 return Err(format!("{option:?}: the option is given twice"));
             }
         }
-        Ok(Self { priority: PriorityPolicy::from_options(default, max)?, tenant })
+        Ok(Self { priority: PriorityPolicy::from_options(default, max)?, tenant, submit_rate })
     }
 }
 
@@ -103,6 +107,7 @@ pub(super) struct Caller {
     pub id: String,
     pub priority: PriorityPolicy,
     pub scope: Scope,
+    pub submit_rate: Option<SubmitRate>,
 }
 
 impl Caller {
@@ -115,6 +120,13 @@ impl Caller {
         idempotency_key: Option<String>,
     ) -> ApiResult<SubmitResponse> {
         sub.priority = Some(self.priority.apply(sub.priority).map_err(|e| AppError::invalid("priority", e))?);
+        if let Some(rate) = self.submit_rate {
+            state.submit_rates.take(&self.id, rate).map_err(|wait| {
+                let after = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+                let message = format!("this token's submit_rate is {rate} jobs: the next one in {after} s");
+                AppError { retry_after: Some(after), ..AppError::new(ApiErrorCode::RateLimited, message) }
+            })?;
+        }
         Ok(state.jobs.submit(&self.id, &self.scope, sub, idempotency_key).await?)
     }
 
@@ -175,7 +187,8 @@ pub(super) async fn authenticate(
 ) -> Response {
     use subtle::ConstantTimeEq;
     if state.config.tokens.is_empty() {
-        let anonymous = Caller { id: "anonymous".into(), priority: PriorityPolicy::default(), scope: Scope::All };
+        let (priority, scope, submit_rate) = (PriorityPolicy::default(), Scope::All, None);
+        let anonymous = Caller { id: "anonymous".into(), priority, scope, submit_rate };
         req.extensions_mut().insert(anonymous);
         return next.run(req).await;
     }
@@ -196,8 +209,9 @@ pub(super) async fn authenticate(
     }
     // A valid token now: its policy, if it has one.
     let policy = state.config.token_policies.get(presented).cloned().unwrap_or_default();
-    let scope = policy.tenant.map_or(Scope::All, Scope::Tenant);
-    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority: policy.priority, scope });
+    let (priority, scope, submit_rate) =
+        (policy.priority, policy.tenant.map_or(Scope::All, Scope::Tenant), policy.submit_rate);
+    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority, scope, submit_rate });
     next.run(req).await
 }
 
@@ -223,6 +237,8 @@ mod tests {
         assert_eq!(TokenPolicy::parse([]).unwrap(), TokenPolicy::default());
         let tenant = TokenPolicy::parse(["tenant=acme", "max_priority=normal"]).unwrap();
         assert_eq!((tenant.tenant.as_deref(), tenant.priority.max), (Some("acme"), Normal));
+        let limited = TokenPolicy::parse(["submit_rate=30/min"]).unwrap();
+        assert_eq!(limited.submit_rate.map(|r| r.jobs.get()), Some(30));
         for (bad, says) in [
             (vec!["default_priority=high", "max_priority=normal"], "above max_priority"),
             (vec!["max_priority=urgent"], "not a priority"),
@@ -230,6 +246,7 @@ mod tests {
             (vec!["tenant=a/b"], "not a tenant name"),
             (vec!["tenant="], "not a tenant name"),
             (vec!["tenant=a", "tenant=b"], "given twice"),
+            (vec!["submit_rate=3/day"], "not a rate"),
         ] {
             let err = TokenPolicy::parse(bad.clone()).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");

@@ -24,11 +24,13 @@ pub struct AppError {
     /// Sent with `x-should-retry: false`: the request's job was submitted, and a client that retries on
     /// its own (OpenAI's retry 409, 429 and 5xx) would submit it again.
     pub no_retry: bool,
+    /// `Retry-After`, in seconds, when the error says how long to wait (a token over its submission rate).
+    pub retry_after: Option<u64>,
 }
 
 impl AppError {
     pub fn new(code: ApiErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, no_retry: false }
+        Self { code, message: message.into(), field: None, no_retry: false, retry_after: None }
     }
     /// The error of a request that has submitted job `id` (a compatible endpoint waiting for its images):
     /// never to be retried automatically, and naming the job, which goes on or has ended.
@@ -102,6 +104,9 @@ impl IntoResponse for AppError {
         }
         if self.code == ApiErrorCode::TooManyStreams {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.code == ApiErrorCode::WaitTimeout || self.no_retry {
             // OpenAI's clients retry a 5xx unless told not to; a retry would submit the job a second time.

@@ -35,8 +35,11 @@ pub(super) fn parse_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, bo
     params(("Idempotency-Key" = Option<String>, Header, description = "maps a retried request to the same job")),
     responses((status = 202, description = "queued", body = SubmitResponse),
         (status = 200, description = "an earlier job with this idempotency key", body = SubmitResponse),
-        (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody), (status = 413, body = ApiErrorBody),
-        (status = 415, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 503, body = ApiErrorBody)),
+        (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody),
+        (status = 403, description = "a tenant's token naming an object outside its uploads", body = ApiErrorBody),
+        (status = 413, body = ApiErrorBody), (status = 415, body = ApiErrorBody), (status = 422, body = ApiErrorBody),
+        (status = 429, description = "the token is over its submit_rate (Retry-After)", body = ApiErrorBody),
+        (status = 503, body = ApiErrorBody)),
     security(("bearer" = [])))]
 pub(super) async fn submit(
     State(state): State<AppState>,
@@ -110,6 +113,9 @@ pub(super) async fn list(
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(AppError::invalid("limit", "must be 1 to 500"));
+    }
+    if let Some(asked) = &q.tenant {
+        crate::protocol::validate_tenant("tenant", asked)?;
     }
     let tenant = match (caller.scope.tenant(), q.tenant) {
         (None, asked) => asked,

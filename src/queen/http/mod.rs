@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - this file: [`AppState`], [`ApiConfig`], the router and its layers;
-//! - `auth`: bearer tokens, compared in constant time, and what each may do;
+//! - `auth`: bearer tokens, compared in constant time, and what each may do; `rate`: their submission rates;
 //! - `error`: [`AppError`] and the extractors that answer with the API's error body;
 //! - `jobs`: submit, upload, status, list, cancel, images;
 //! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
@@ -26,6 +26,7 @@ mod jobs;
 mod metrics;
 mod openai;
 mod openapi;
+mod rate;
 mod streams;
 mod ui;
 
@@ -45,6 +46,7 @@ use crate::protocol::{self, Limits};
 pub use auth::{PriorityPolicy, TokenPolicy};
 pub use error::AppError;
 pub use openapi::ApiDoc;
+pub use rate::SubmitRate;
 
 /// What the handlers need; cheap to clone.
 #[derive(Clone)]
@@ -57,6 +59,8 @@ pub struct AppState {
     pub a1111_jobs: Arc<parking_lot::Mutex<std::collections::HashMap<String, uuid::Uuid>>>,
     /// The event streams each caller holds open.
     pub streams: streams::OpenStreams,
+    /// The submission limiters of tokens with a `submit_rate`.
+    pub submit_rates: rate::SubmitRates,
 }
 
 /// The API's policy.

@@ -60,6 +60,8 @@ pub enum ApiErrorCode {
     /// 429: the token already holds the most event streams (and OpenAI or AUTOMATIC1111 requests waiting for
     /// their jobs) the queen allows one token at once; retry once one of them has closed.
     TooManyStreams,
+    /// 429: the token submitted more jobs than its `submit_rate` allows; retry after `Retry-After`.
+    RateLimited,
     /// A code this build does not know.
     #[serde(other)]
     Other,
@@ -84,7 +86,7 @@ impl ApiErrorCode {
             Self::JobFailed => 502,
             Self::Unavailable => 503,
             Self::WaitTimeout => 504,
-            Self::TooManyStreams => 429,
+            Self::TooManyStreams | Self::RateLimited => 429,
         }
     }
 
@@ -163,8 +165,8 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{code:?}");
         }
         let statuses: std::collections::HashSet<u16> = known.map(|c| c.status()).collect();
-        assert_eq!(statuses.len(), 16, "only the two 409s share a status");
-        let newer: ApiErrorCode = serde_json::from_str("\"RATE_LIMITED\"").unwrap();
+        assert_eq!(statuses.len(), 16, "only the two 409s and the two 429s share a status");
+        let newer: ApiErrorCode = serde_json::from_str("\"QUOTA_EXCEEDED\"").unwrap();
         assert_eq!(newer, ApiErrorCode::Other);
     }
 }

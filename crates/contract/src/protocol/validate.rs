@@ -289,16 +289,16 @@ pub fn validate_object_key(field: &str, key: &str) -> Result<(), ProtocolError> 
 /// The longest tenant name, in bytes.
 pub const MAX_TENANT_BYTES: usize = 64;
 
-/// A tenant name (a `--token-file` line's `tenant=NAME`): 1 to [`MAX_TENANT_BYTES`] bytes of ASCII letters,
-/// digits, `_`, `-` and `.`, not starting with `.`; it is a segment of its uploads' object keys
-/// (`uploads/<tenant>/`).
+/// A tenant name (a `--token-file` line's `tenant=NAME`): 1 to [`MAX_TENANT_BYTES`] bytes of lowercase ASCII
+/// letters, digits, `_`, `-` and `.`, not starting with `.`; it is a segment of its uploads' object keys
+/// (`uploads/<tenant>/`), so lowercase: on a case-insensitive file store `Acme` and `acme` would share one.
 pub fn validate_tenant(field: &str, name: &str) -> Result<(), ProtocolError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.');
     if name.is_empty() || name.len() > MAX_TENANT_BYTES || name.starts_with('.') || !name.chars().all(allowed) {
         return Err(ProtocolError::invalid(
             field,
             format!(
-                "{} is not a tenant name: 1 to {MAX_TENANT_BYTES} letters, digits, '_', '-' or '.', not starting with '.'",
+                "{} is not a tenant name: 1 to {MAX_TENANT_BYTES} lowercase letters, digits, '_', '-' or '.', not starting with '.'",
                 quoted(name)
             ),
         ));

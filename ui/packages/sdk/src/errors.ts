@@ -21,7 +21,8 @@ export class ApiError extends Error {
   }
 
   /** Whether sending the same request again later may succeed (the queen or what it needs was unavailable, a
-   * proxy in front failed, or the token's event streams were all in use). Not `WAIT_TIMEOUT`, nor an answer
+   * proxy in front failed, the token's event streams were all in use, or it was over its `submit_rate`: wait
+   * `retryAfterMs`). Not `WAIT_TIMEOUT`, nor an answer
    * sent with `x-should-retry: false`: its job goes on, and a retry would submit it again.
    *
    * It says nothing of whether a retry is safe: a 502, 503 or 504 to a `POST /v1/jobs` may come after the
@@ -29,7 +30,7 @@ export class ApiError extends Error {
    * first job); reads (`GET`) and `DELETE` may be retried as they are. */
   get retryable(): boolean {
     if (this.code === "WAIT_TIMEOUT" || this.shouldNotRetry) return false;
-    if (this.code === "TOO_MANY_STREAMS") return true;
+    if (this.code === "TOO_MANY_STREAMS" || this.code === "RATE_LIMITED") return true;
     return this.code === "UNAVAILABLE" || this.status === 502 || this.status === 503 || this.status === 504;
   }
 

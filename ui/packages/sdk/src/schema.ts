@@ -421,7 +421,7 @@ export interface components {
          *     ([`ApiErrorCode::status`]). A code this build does not know (a newer queen) reads as `Other`.
          * @enum {string}
          */
-        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "FORBIDDEN" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "JOB_FAILED" | "UNAVAILABLE" | "WAIT_TIMEOUT" | "TOO_MANY_STREAMS" | "OTHER";
+        ApiErrorCode: "MALFORMED_REQUEST" | "UNAUTHORIZED" | "FORBIDDEN" | "NOT_FOUND" | "METHOD_NOT_ALLOWED" | "REQUEST_TIMEOUT" | "ALREADY_FINISHED" | "NOT_COMPLETED" | "EXPIRED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_MEDIA_TYPE" | "INVALID_REQUEST" | "INTERNAL" | "JOB_FAILED" | "UNAVAILABLE" | "WAIT_TIMEOUT" | "TOO_MANY_STREAMS" | "RATE_LIMITED" | "OTHER";
         /** @description What went wrong: a code, a message complete on its own, and the offending field when there is one. */
         ApiErrorDetail: {
             code: components["schemas"]["ApiErrorCode"];
@@ -1879,6 +1879,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
+            /** @description a tenant's token naming an object outside its uploads */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1896,6 +1905,15 @@ export interface operations {
                 };
             };
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description the token is over its submit_rate (Retry-After) */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -160,6 +160,12 @@ describe("QueenClient", () => {
     expect(error).toMatchObject({ code: "UNAVAILABLE", retryable: false });
   });
 
+  it("says a submission over the token's rate may be sent again after Retry-After", async () => {
+    const { fetch } = fakeFetch(() => json(429, { error: { code: "RATE_LIMITED", message: "this token's submit_rate is 30/min jobs: the next one in 2 s" } }, { "retry-after": "2" }));
+    const error = await new QueenClient({ fetch }).submit({ model: "tiny", prompt: "x", num_images: 1 }).catch((e) => e);
+    expect(error).toMatchObject({ status: 429, code: "RATE_LIMITED", retryable: true, retryAfterMs: 2000 });
+  });
+
   it("uploads an image with its type, and fetches images as blobs", async () => {
     const { fetch, seen } = fakeFetch((req) =>
       req.method === "POST" ? json(201, { object_key: "uploads/a.png", bytes: 4, width: 8, height: 8 }) : new Response(new Uint8Array([1, 2, 3]), { headers: { "content-type": "image/png" } }),

@@ -193,7 +193,7 @@ fn tenant_names_are_one_object_key_segment() {
         validate_tenant("tenant", ok).unwrap();
         assert_eq!(uploads_prefix(Some(ok)), format!("uploads/{ok}/"));
     }
-    for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ü", "a\nb", &"t".repeat(MAX_TENANT_BYTES + 1)] {
+    for bad in ["", ".", "..", ".hidden", "Acme", "a/b", "a b", "ü", "a\nb", &"t".repeat(MAX_TENANT_BYTES + 1)] {
         let err = validate_tenant("tenant", bad).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("tenant"), "{bad:?}");
         assert!(err.message.contains("not a tenant name"), "{err}");

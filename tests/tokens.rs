@@ -1,7 +1,8 @@
-//! Tenants, through real nats-server, store and worker processes: a tenant's token sees, follows, fetches,
-//! lists and cancels its own jobs alone (another tenant's answer 404 as if there were none), names only its
-//! own uploads as input images, is refused the fleet's workers and metrics, and shares no result-cache entry
-//! with another tenant; an operator's token sees every job and can list one tenant's.
+//! What a token may do, through real nats-server, store and worker processes. Tenants: a tenant's token
+//! sees, follows, fetches, lists and cancels its own jobs alone (another tenant's answer 404 as if there were
+//! none), names only its own uploads as input images, is refused the fleet's workers and metrics, and shares
+//! no result-cache entry with another tenant; an operator's token sees every job and can list one tenant's.
+//! Submission rates: a token over its `submit_rate` is answered 429 through every way in, other tokens not.
 
 use crate::common;
 
@@ -9,7 +10,7 @@ use common::queen::{client, follow, start_queen, tiny, wait_for_fleet, wait_stat
 use common::servers::{NatsServer, WorkerProcess};
 use sd_rbee::api::{ApiError, ImageInput, JobSubmission, QueenClient};
 use sd_rbee::protocol::JobKind;
-use sd_rbee::queen::http::TokenPolicy;
+use sd_rbee::queen::http::{SubmitRate, TokenPolicy};
 use uuid::Uuid;
 
 const ACME: &str = "acme-token-0123456789abcdef";
@@ -123,4 +124,45 @@ async fn a_tenants_token_sees_and_acts_on_its_own_jobs_alone() {
     assert!(!operator.workers().await.unwrap().is_empty());
     // What a tenant needs to submit stays open to it.
     assert!(acme.models().await.unwrap().iter().any(|m| m.name == "tiny"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_over_its_submit_rate_waits_through_every_way_in() {
+    let nats = NatsServer::start();
+    let results = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", results.path().display());
+    // No worker: the jobs wait in the queue.
+    let queen = start_queen(&nats.url(), &store, &[], |c| {
+        c.api.model_catalogue = vec!["tiny".into()];
+        c.api.tokens.push(ACME.into());
+        let submit_rate = Some(SubmitRate::parse("2/min").unwrap());
+        c.api.token_policies.insert(ACME.into(), TokenPolicy { submit_rate, ..Default::default() });
+    })
+    .await;
+    let limited = QueenClient::new(&queen.base, Some(ACME.into())).unwrap();
+    for seed in 0..2 {
+        limited.submit(&tiny(2, seed), None).await.unwrap();
+    }
+    let refused = api_error(limited.submit(&tiny(2, 3), None).await);
+    assert_eq!((refused.status, refused.code.as_str()), (429, "RATE_LIMITED"), "{refused}");
+    assert!(refused.message.contains("2/min"), "{refused}");
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{}{path}", queen.base)).bearer_auth(ACME).json(&body).send()
+    };
+    // The same through the compatible endpoints, with how long to wait (a job's share of the minute).
+    for (path, body) in [
+        ("/v1/jobs", serde_json::to_value(tiny(2, 4)).unwrap()),
+        ("/v1/images/generations", serde_json::json!({"prompt": "a kite", "size": "256x256"})),
+        ("/sdapi/v1/txt2img", serde_json::json!({"prompt": "a kite", "steps": 2, "width": 64, "height": 64})),
+    ] {
+        let r = post(path, body).await.unwrap();
+        assert_eq!(r.status(), 429, "{path}");
+        let wait: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=30).contains(&wait), "{path}: Retry-After {wait}");
+        assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "RATE_LIMITED", "{path}");
+    }
+    // Nothing refused was queued; another token is not held back.
+    assert_eq!(client(&queen).jobs("").await.unwrap().total, 2);
+    client(&queen).submit(&tiny(2, 5), None).await.unwrap();
 }
