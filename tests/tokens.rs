@@ -10,7 +10,8 @@ use common::queen::{client, follow, start_queen, tiny, wait_for_fleet, wait_stat
 use common::servers::{NatsServer, WorkerProcess};
 use sd_rbee::api::{ApiError, ImageInput, JobSubmission, QueenClient};
 use sd_rbee::protocol::JobKind;
-use sd_rbee::queen::http::{SubmitRate, TokenPolicy};
+use sd_rbee::queen::http::TokenPolicy;
+use sd_rbee::queen::rate::SubmitRate;
 use uuid::Uuid;
 
 const ACME: &str = "acme-token-0123456789abcdef";
@@ -120,7 +121,28 @@ async fn a_tenants_token_sees_and_acts_on_its_own_jobs_alone() {
     let http = reqwest::Client::new();
     let metrics = |token: &'static str| http.get(format!("{}/metrics", queen.base)).bearer_auth(token).send();
     assert_eq!(metrics(ACME).await.unwrap().status(), 403);
-    assert_eq!(metrics(TOKEN).await.unwrap().status(), 200);
+    // What each tenant's jobs used, for accounting: acme's three completed jobs (one from the cache) and
+    // its cancelled one, globex's one.
+    let usage = [
+        r#"sd_rbee_tenant_jobs{tenant="acme",state="completed"} 3"#,
+        r#"sd_rbee_tenant_jobs{tenant="acme",state="cancelled"} 1"#,
+        r#"sd_rbee_tenant_jobs{tenant="globex",state="completed"} 1"#,
+        r#"sd_rbee_tenant_images{tenant="acme"} 3"#,
+    ];
+    let start = std::time::Instant::now();
+    loop {
+        let text = metrics(TOKEN).await.unwrap().text().await.unwrap();
+        let missing: Vec<_> = usage.iter().filter(|l| !text.lines().any(|t| t == **l)).collect();
+        if missing.is_empty() {
+            let generation =
+                text.lines().find(|l| l.starts_with(r#"sd_rbee_tenant_generation_milliseconds{tenant="acme"}"#));
+            let ms: u64 = generation.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            assert!(ms > 0, "{text}");
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "{missing:?} in {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(!operator.workers().await.unwrap().is_empty());
     // What a tenant needs to submit stays open to it.
     assert!(acme.models().await.unwrap().iter().any(|m| m.name == "tiny"));
@@ -140,12 +162,18 @@ async fn a_token_over_its_submit_rate_waits_through_every_way_in() {
     })
     .await;
     let limited = QueenClient::new(&queen.base, Some(ACME.into())).unwrap();
-    for seed in 0..2 {
-        limited.submit(&tiny(2, seed), None).await.unwrap();
-    }
+    let first = limited.submit(&tiny(2, 0), Some("order-1")).await.unwrap();
+    // A refused submission takes no place.
+    let mut invalid = tiny(2, 1);
+    invalid.steps = Some(100_000);
+    assert_eq!(api_error(limited.submit(&invalid, None).await).status, 422);
+    limited.submit(&tiny(2, 1), None).await.unwrap();
     let refused = api_error(limited.submit(&tiny(2, 3), None).await);
     assert_eq!((refused.status, refused.code.as_str()), (429, "RATE_LIMITED"), "{refused}");
     assert!(refused.message.contains("2/min"), "{refused}");
+    // A retry that its key maps to the job it queued takes none either: answered, over the rate.
+    let again = limited.submit(&tiny(2, 0), Some("order-1")).await.unwrap();
+    assert_eq!((again.job_id, again.created), (first.job_id, false));
     let http = reqwest::Client::new();
     let post = |path: &str, body: serde_json::Value| {
         http.post(format!("{}{path}", queen.base)).bearer_auth(ACME).json(&body).send()

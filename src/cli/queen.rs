@@ -28,7 +28,8 @@ pub struct QueenArgs {
     /// `default_priority=high|normal|low` (for its jobs that name none), `max_priority=...` (the highest
     /// its jobs may ask for), `tenant=NAME` (it sees and acts on that tenant's jobs alone; a token without
     /// a tenant is an operator's and sees every job) and `submit_rate=N/s|N/min|N/h` (jobs it may submit).
-    /// Also SD_RBEE_API_TOKENS (comma-separated, no options, operators' tokens); both may be given.
+    /// Also SD_RBEE_API_TOKENS (comma-separated, no options, operators' tokens); both may be given, a token
+    /// in both only with the same options.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve without authentication (only for a trusted network).
@@ -140,7 +141,7 @@ fn webhook_config(args: &QueenArgs) -> anyhow::Result<WebhookConfig> {
 const MIN_TOKEN_BYTES: usize = 16;
 
 /// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`, with the policy a file line gives after its
-/// token (`TOKEN [default_priority=P] [max_priority=P] [tenant=NAME] [submit_rate=N/min]`); the others get
+/// token (`TOKEN [default_priority=P] [max_priority=P] [tenant=NAME] [submit_rate=N/s|N/min|N/h]`); the others get
 /// the default policy (an operator's token, not limited).
 pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<(String, TokenPolicy)>> {
     // Each token with where it came from (errors name the place, never any of the secret) and its policy.
@@ -171,10 +172,13 @@ pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyho
             "the API token at {at} has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
         );
     }
-    // Once each: with two lines for one token, one line's policy (its tenant) would silently give way.
-    for (i, (token, at, _)) in tokens.iter().enumerate() {
-        if let Some((_, first, _)) = tokens[..i].iter().find(|(t, _, _)| t == token) {
-            bail!("the API token at {at} is also at {first}; give each token once, with all its options on one line");
+    // A token given twice with different options: one of them (a tenant) would silently give way.
+    for (i, (token, at, policy)) in tokens.iter().enumerate() {
+        if let Some((_, first, _)) = tokens[..i].iter().find(|(t, _, p)| t == token && p != policy) {
+            bail!(
+                "the API token at {at} is also at {first}, with other options; give each token once, with all its \
+                 options on one line"
+            );
         }
     }
     Ok(tokens.into_iter().map(|(t, _, policy)| (t, policy)).collect())

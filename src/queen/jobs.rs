@@ -54,6 +54,9 @@ pub enum JobsError {
     /// Something is over its size limit (413).
     #[error("{message}")]
     TooLarge { field: Option<String>, message: String },
+    /// The token submitted more jobs than its rate allows (429): the next one after `wait`.
+    #[error("this token's submit_rate is {rate}: the next job in {} s", whole_seconds(*.wait))]
+    RateLimited { rate: super::rate::SubmitRate, wait: Duration },
     /// The token's tenant may not do this (403), naming the field when one is at fault.
     #[error("{message}")]
     Forbidden { field: Option<String>, message: String },
@@ -79,6 +82,11 @@ pub enum JobsError {
     /// A bug, or data the queen cannot read (500).
     #[error("{0:#}")]
     Internal(anyhow::Error),
+}
+
+/// `wait` in whole seconds, rounded up, at least 1 (what `Retry-After` can say).
+pub fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 impl From<super::tenancy::Forbidden> for JobsError {
@@ -160,6 +168,8 @@ pub struct Jobs {
     pub publish_confirm_window: std::time::Duration,
     /// The queues as last walked, shared by every status request (`queue_walk::QueueWalks`).
     pub walks: std::sync::Arc<super::queue_walk::QueueWalks>,
+    /// The submission limiters of tokens with a `submit_rate`.
+    pub submit_rates: super::rate::SubmitRates,
 }
 
 impl Jobs {
@@ -253,10 +263,8 @@ impl Jobs {
             let mut entries = Vec::with_capacity(32);
             while entries.len() < 32 {
                 match walk.next().await.map_err(JobsError::bus)? {
-                    // Another tenant's entry is passed over without reading its record. (One without a
-                    // tenant is read: a record made from events may have learned its tenant since.)
-                    Some(entry) if query.tenant.is_some() && entry.tenant.is_some() && entry.tenant != query.tenant => {
-                    }
+                    // Another tenant's entry (or an operator's) is passed over without reading its record.
+                    Some(entry) if query.tenant.is_some() && entry.tenant != query.tenant => {}
                     Some(entry) => entries.push((entry.seq, entry.id)),
                     None => break,
                 }
@@ -332,10 +340,14 @@ impl Jobs {
             self.expiry.schedule_dequeued_check(&check).await.map_err(JobsError::Unavailable)?;
             if matches!(stream.delete_message(seq).await, Ok(true)) {
                 // A worker may have finished the job and not yet settled its message (a result-cache answer
-                // is that quick), with its record behind: the end it published stays the job's.
-                if let Some(state) = self.bus.last_event(id).await.ok().flatten().as_ref().and_then(JobState::ended_by)
-                {
-                    return Err(JobsError::AlreadyFinished { id, state });
+                // is that quick), with its record behind: the end it published stays the job's. One that took
+                // the job as it was cancelled ended it `cancelled` on this request's word: cancelled, as asked.
+                match self.bus.last_event(id).await.ok().flatten().as_ref().and_then(JobState::ended_by) {
+                    Some(JobState::Cancelled) if cause == StopCause::Cancel => {
+                        return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled })
+                    }
+                    Some(state) => return Err(JobsError::AlreadyFinished { id, state }),
+                    None => {}
                 }
                 self.report_dequeued(status, dequeued_end(id, at, expired)).await;
                 return Ok(CancelResponse { job_id: id, state: CancelState::Cancelled });

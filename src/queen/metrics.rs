@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::api::JobState;
+use crate::api::{JobState, JobStatus};
 
 /// A label value from the outside world (a model name, a worker id), escaped as the text format asks
 /// (`\\`, `\"`, `\n`): the encoder writes values as they are, and one stray quote would make the whole
@@ -43,6 +43,17 @@ pub struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    pub tenant: Escaped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantStateLabel {
+    pub tenant: Escaped,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabel {
     pub worker: Escaped,
 }
@@ -62,7 +73,26 @@ pub struct Metrics {
     /// The model names labelled so far: anyone on the bus can publish a job's events under any model name,
     /// and each would add series to every scrape for good, so past [`MAX_MODEL_LABELS`] names the rest
     /// share [`OTHER_MODELS`].
-    models: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    models: Labels,
+    /// Per tenant, what its jobs used (for accounting): jobs ended in each state, images delivered, and
+    /// the generation time of its completed jobs. Tenants are bounded the same way.
+    tenant_jobs: Family<TenantStateLabel, Gauge>,
+    tenant_images: Family<TenantLabel, Gauge>,
+    tenant_generation_ms: Family<TenantLabel, Gauge>,
+    tenants: Labels,
+}
+
+/// Label values given out so far, at most [`MAX_MODEL_LABELS`]; past that, one stands for the rest.
+#[derive(Clone, Default)]
+struct Labels(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Labels {
+    /// `value`, or `other` once [`MAX_MODEL_LABELS`] others have a label.
+    fn label(&self, value: &str, other: &str) -> Escaped {
+        let mut given = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = given.contains(value) || (given.len() < MAX_MODEL_LABELS && given.insert(value.to_string()));
+        Escaped(if known { value } else { other }.to_string())
+    }
 }
 
 /// The most model names the queen's histograms are labelled with.
@@ -71,6 +101,9 @@ pub const MAX_MODEL_LABELS: usize = 256;
 /// The label of the models past [`MAX_MODEL_LABELS`] (no model name: those hold no space).
 pub const OTHER_MODELS: &str = "(other models)";
 
+/// The label of the tenants past [`MAX_MODEL_LABELS`] (no tenant name holds parentheses).
+pub const OTHER_TENANTS: &str = "(other tenants)";
+
 impl Default for Metrics {
     fn default() -> Self {
         Self {
@@ -78,6 +111,10 @@ impl Default for Metrics {
             generation: Family::new_with_constructor(seconds_histogram),
             steps: Family::new_with_constructor(seconds_histogram),
             models: Default::default(),
+            tenant_jobs: Family::default(),
+            tenant_images: Family::default(),
+            tenant_generation_ms: Family::default(),
+            tenants: Default::default(),
         }
     }
 }
@@ -95,9 +132,22 @@ impl Metrics {
 
     /// The label for `model`: its name, or [`OTHER_MODELS`] once [`MAX_MODEL_LABELS`] others have one.
     pub(crate) fn model_label(&self, model: &str) -> ModelLabel {
-        let mut models = self.models.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let known = models.contains(model) || (models.len() < MAX_MODEL_LABELS && models.insert(model.to_string()));
-        ModelLabel { model: Escaped(if known { model } else { OTHER_MODELS }.to_string()) }
+        ModelLabel { model: self.models.label(model, OTHER_MODELS) }
+    }
+
+    /// A job of a tenant ended (`status`, just moved into its terminal state): counted to its tenant, with
+    /// its images and generation time when it completed. An operator's job (no tenant) is not.
+    pub fn tenant_end(&self, status: &JobStatus) {
+        let Some(tenant) = &status.tenant else { return };
+        let tenant = self.tenants.label(tenant, OTHER_TENANTS);
+        let state = status.state.name();
+        self.tenant_jobs.get_or_create(&TenantStateLabel { tenant: tenant.clone(), state }).inc();
+        if status.state == JobState::Completed {
+            let label = TenantLabel { tenant };
+            self.tenant_images.get_or_create(&label).inc_by(status.images.len() as i64);
+            let ms = status.timings.map_or(0, |t| t.generation_ms);
+            self.tenant_generation_ms.get_or_create(&label).inc_by(i64::try_from(ms).unwrap_or(i64::MAX));
+        }
     }
 
     /// A completed job's generation time.
@@ -130,6 +180,13 @@ impl Metrics {
         registry.register("sd_rbee_jobs", jobs_help, self.jobs.clone());
         registry.register("sd_rbee_generation_seconds", "Generation time of completed jobs", self.generation.clone());
         registry.register("sd_rbee_step_seconds", "Denoising step time", self.steps.clone());
+        let help = "Jobs of each tenant that ended in each state, by the events this queen applied since it \
+                    started (a sum over queens; only ever grows)";
+        registry.register("sd_rbee_tenant_jobs", help, self.tenant_jobs.clone());
+        let help = "Images of each tenant's completed jobs (from the result cache too), as sd_rbee_tenant_jobs";
+        registry.register("sd_rbee_tenant_images", help, self.tenant_images.clone());
+        let help = "Generation time of each tenant's completed jobs, in milliseconds, as sd_rbee_tenant_jobs";
+        registry.register("sd_rbee_tenant_generation_milliseconds", help, self.tenant_generation_ms.clone());
     }
 }
 
@@ -173,5 +230,63 @@ mod tests {
         assert!(counts.contains(&"sd_rbee_generation_seconds_count{model=\"m0\"} 2"), "{counts:?}");
         let other = format!("sd_rbee_generation_seconds_count{{model=\"{OTHER_MODELS}\"}} {}", 9 * MAX_MODEL_LABELS);
         assert!(counts.contains(&other.as_str()), "{counts:?}");
+    }
+}
+
+#[cfg(test)]
+mod tenant_tests {
+    use super::*;
+    use crate::protocol::{ImageResult, JobKind, JobRequest, Timings};
+
+    fn ended(tenant: Option<&str>, state: JobState, images: usize, generation_ms: u64) -> JobStatus {
+        let mut job = JobRequest::new(JobKind::Txt2Img, "tiny", "a kite");
+        job.tenant = tenant.map(str::to_string);
+        let mut status = JobStatus::queued(&job, None);
+        status.state = state;
+        status.images = (0..images as u32)
+            .map(|i| ImageResult {
+                index: i,
+                key: format!("jobs/{}/{i}.png", job.id),
+                url: None,
+                seed: 1,
+                width: 64,
+                height: 64,
+                content_type: "image/png".into(),
+                bytes: 1,
+            })
+            .collect();
+        status.timings = Some(Timings { generation_ms, ..Default::default() });
+        status
+    }
+
+    #[test]
+    fn each_tenants_jobs_images_and_generation_time_add_up() {
+        let m = Metrics::default();
+        m.tenant_end(&ended(Some("acme"), JobState::Completed, 2, 1500));
+        m.tenant_end(&ended(Some("acme"), JobState::Completed, 1, 500));
+        m.tenant_end(&ended(Some("acme"), JobState::Failed, 0, 0));
+        m.tenant_end(&ended(Some("globex"), JobState::Cancelled, 0, 0));
+        m.tenant_end(&ended(None, JobState::Completed, 4, 9000));
+        for i in 0..2 * MAX_MODEL_LABELS {
+            m.tenant_end(&ended(Some(&format!("t{i}")), JobState::Failed, 0, 0));
+        }
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"sd_rbee_tenant_jobs{tenant="acme",state="completed"} 2"#,
+            r#"sd_rbee_tenant_jobs{tenant="acme",state="failed"} 1"#,
+            r#"sd_rbee_tenant_jobs{tenant="globex",state="cancelled"} 1"#,
+            r#"sd_rbee_tenant_images{tenant="acme"} 3"#,
+            r#"sd_rbee_tenant_generation_milliseconds{tenant="acme"} 2000"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        // An operator's job is no tenant's; tenants past the bound share one label.
+        assert!(!text.contains("tenant=\"\""), "{text}");
+        let other = format!(r#"sd_rbee_tenant_jobs{{tenant="{OTHER_TENANTS}",state="failed"}} "#);
+        assert!(text.lines().any(|l| l.starts_with(&other)), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("sd_rbee_tenant_jobs{")).count(), MAX_MODEL_LABELS + 2);
     }
 }

@@ -17,7 +17,8 @@
 //! - `completion`: waiting for a job's images, for the APIs that answer with them (OpenAI's, A1111's);
 //! - `status`: the status bucket; `aggregator`: folds worker events into it; `fleet`: the heartbeats;
 //! - `metrics`: the counts `/metrics` serves, kept as things happen;
-//! - `tenancy`: whose jobs a request sees ([`tenancy::Scope`]), from its token's tenant.
+//! - `tenancy`: whose jobs a request sees ([`tenancy::Scope`]), from its token's tenant; `rate`: how fast
+//!   a token may submit.
 
 pub mod aggregator;
 pub mod completion;
@@ -30,6 +31,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod queue;
 mod queue_walk;
+pub mod rate;
 pub mod status;
 mod submit;
 pub mod sweeper;
@@ -37,7 +39,7 @@ pub mod tenancy;
 pub mod webhooks;
 pub mod work_queue;
 
-pub use submit::PUBLISH_CONFIRM_WINDOW;
+pub use submit::{Submitter, PUBLISH_CONFIRM_WINDOW};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -161,6 +163,7 @@ impl Queen {
             feed_recheck: config.feed_recheck,
             publish_confirm_window: config.publish_confirm_window,
             walks: Default::default(),
+            submit_rates: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));
         let state = AppState {
@@ -169,7 +172,6 @@ impl Queen {
             shutdown: stop.clone(),
             a1111_jobs: Default::default(),
             streams: Default::default(),
-            submit_rates: Default::default(),
         };
         Ok(Self { addr, state, listener, tasks, stop })
     }

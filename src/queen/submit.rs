@@ -11,6 +11,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::jobs::{decode_error, Jobs, JobsError, JobsResult};
+use super::rate::SubmitRate;
 use super::status::{idempotency_entry, KeyClaim, StatusStore};
 use super::tenancy::Scope;
 use super::webhooks::WebhookCheckError;
@@ -69,35 +70,43 @@ impl Drop for IdempotencyClaim {
     }
 }
 
+/// Who submits a job: the caller's identity (it scopes idempotency keys and keys the submission rate),
+/// whose jobs it sees (its tenant), and how fast it may submit.
+#[derive(Clone, Debug)]
+pub struct Submitter {
+    pub id: String,
+    pub scope: Scope,
+    pub rate: Option<SubmitRate>,
+}
+
 impl Jobs {
-    /// Checks a submission, queues it, and records its status; `caller` scopes its idempotency key, `scope`
-    /// gives the job its tenant and limits the inputs it may name ([`Scope::claim`]). Runs to
+    /// Checks a submission, queues it, and records its status; `who` scopes its idempotency key, gives the
+    /// job its tenant and limits the inputs it may name ([`Scope::claim`]), and takes its rate once the job
+    /// is a new one that passed every check. Runs to
     /// its end even when the client goes away mid-way (a dropped request would otherwise release the
     /// idempotency claim of a job already queued, and a retry would queue it twice).
     pub async fn submit(
         &self,
-        caller: &str,
-        scope: &Scope,
+        who: &Submitter,
         sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
-        let (this, caller, scope) = (self.clone(), caller.to_string(), scope.clone());
-        tokio::spawn(async move { this.submit_attached(&caller, &scope, sub, idempotency_key).await })
+        let (this, who) = (self.clone(), who.clone());
+        tokio::spawn(async move { this.submit_attached(&who, sub, idempotency_key).await })
             .await
             .map_err(|e| JobsError::Internal(anyhow::anyhow!("the submission task failed: {e}")))?
     }
 
     async fn submit_attached(
         &self,
-        caller: &str,
-        scope: &Scope,
+        who: &Submitter,
         mut sub: JobSubmission,
         idempotency_key: Option<String>,
     ) -> JobsResult<SubmitResponse> {
         let fingerprint = idempotency_key.is_some().then(|| super::status::request_fingerprint(&sub));
         let mut webhook = sub.webhook.take();
         let mut job = JobRequest::try_from(sub)?;
-        scope.claim(&mut job)?;
+        who.scope.claim(&mut job)?;
         job.idempotency_key = idempotency_key;
         self.expiry.apply_default(&mut job);
         self.check_rules(&job)?;
@@ -126,7 +135,7 @@ impl Jobs {
             |seq| JobStatus { webhook: webhook.as_ref().map(WebhookInfo::new), ..JobStatus::queued(&job, seq) };
         let mut claim = None;
         if let Some(key) = &job.idempotency_key {
-            let entry = idempotency_entry(caller, scope.tenant(), key);
+            let entry = idempotency_entry(&who.id, who.scope.tenant(), key);
             let ours = KeyClaim::new(job.id, fingerprint.unwrap_or_default());
             if let Some(owner) = self.claim_key(&entry, &ours).await? {
                 if !owner.same_request(&ours) {
@@ -142,6 +151,10 @@ impl Jobs {
                 return Ok(SubmitResponse::new(owner.job_id, false));
             }
             claim = Some(IdempotencyClaim { status: self.status.clone(), entry: Some(entry) });
+        }
+        // A new job now, that passed every check: it takes the token's rate (refused, the key is released).
+        if let Some(rate) = who.rate {
+            self.submit_rates.take(&who.id, rate).map_err(|wait| JobsError::RateLimited { rate, wait })?;
         }
         let window = self.publish_confirm_window;
         // A queen that stops (or is killed) before the bus confirms the job, or during a keyed job's

@@ -600,8 +600,8 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         assert!(stderr.contains(expected) && stderr.contains("line 2 of --token-file"), "{line}: {stderr}");
         assert!(!stderr.contains("s3cret"), "{line}: {stderr}");
     }
-    // A token given twice (a tenant's on one line, an operator's on another) is refused: one of the two
-    // policies would have been dropped, silently.
+    // A token given twice with other options (a tenant's on one line, an operator's on another) is refused:
+    // one of the two policies would have been dropped, silently.
     for (lines, env, expected) in [
         ("s3cret-token-0123456789 tenant=acme\n\ns3cret-token-0123456789\n", None, "line 3 of --token-file"),
         (

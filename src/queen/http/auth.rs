@@ -7,11 +7,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiResult;
-use super::rate::SubmitRate;
 use super::streams::StreamSlot;
 use super::{AppError, AppState};
 use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
+use crate::queen::rate::SubmitRate;
 use crate::queen::tenancy::Scope;
+use crate::queen::Submitter;
 use crate::vocab::Priority;
 
 /// The priorities a token's jobs get: `default` for a job that names none, and none above `max`.
@@ -120,14 +121,8 @@ impl Caller {
         idempotency_key: Option<String>,
     ) -> ApiResult<SubmitResponse> {
         sub.priority = Some(self.priority.apply(sub.priority).map_err(|e| AppError::invalid("priority", e))?);
-        if let Some(rate) = self.submit_rate {
-            state.submit_rates.take(&self.id, rate).map_err(|wait| {
-                let after = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-                let message = format!("this token's submit_rate is {rate} jobs: the next one in {after} s");
-                AppError { retry_after: Some(after), ..AppError::new(ApiErrorCode::RateLimited, message) }
-            })?;
-        }
-        Ok(state.jobs.submit(&self.id, &self.scope, sub, idempotency_key).await?)
+        let who = Submitter { id: self.id.clone(), scope: self.scope.clone(), rate: self.submit_rate };
+        Ok(state.jobs.submit(&who, sub, idempotency_key).await?)
     }
 
     /// Refuses a tenant's token what only operators may see (`what`: the fleet's workers, the metrics).

@@ -72,6 +72,10 @@ impl From<JobsError> for AppError {
         match e {
             JobsError::Invalid(e) => e.into(),
             JobsError::TooLarge { field, .. } => Self { field, ..Self::new(ApiErrorCode::PayloadTooLarge, message) },
+            JobsError::RateLimited { wait, .. } => Self {
+                retry_after: Some(crate::queen::jobs::whole_seconds(wait)),
+                ..Self::new(ApiErrorCode::RateLimited, message)
+            },
             JobsError::Forbidden { field, .. } => Self { field, ..Self::new(ApiErrorCode::Forbidden, message) },
             JobsError::NotFound(_) | JobsError::NoImage(_) => Self::new(ApiErrorCode::NotFound, message),
             JobsError::Expired(_) => Self::new(ApiErrorCode::Expired, message),

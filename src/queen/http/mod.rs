@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - this file: [`AppState`], [`ApiConfig`], the router and its layers;
-//! - `auth`: bearer tokens, compared in constant time, and what each may do; `rate`: their submission rates;
+//! - `auth`: bearer tokens, compared in constant time, and what each may do;
 //! - `error`: [`AppError`] and the extractors that answer with the API's error body;
 //! - `jobs`: submit, upload, status, list, cancel, images;
 //! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
@@ -26,7 +26,6 @@ mod jobs;
 mod metrics;
 mod openai;
 mod openapi;
-mod rate;
 mod streams;
 mod ui;
 
@@ -46,7 +45,6 @@ use crate::protocol::{self, Limits};
 pub use auth::{PriorityPolicy, TokenPolicy};
 pub use error::AppError;
 pub use openapi::ApiDoc;
-pub use rate::SubmitRate;
 
 /// What the handlers need; cheap to clone.
 #[derive(Clone)]
@@ -59,8 +57,6 @@ pub struct AppState {
     pub a1111_jobs: Arc<parking_lot::Mutex<std::collections::HashMap<String, uuid::Uuid>>>,
     /// The event streams each caller holds open.
     pub streams: streams::OpenStreams,
-    /// The submission limiters of tokens with a `submit_rate`.
-    pub submit_rates: rate::SubmitRates,
 }
 
 /// The API's policy.

@@ -1,7 +1,8 @@
 //! Per-token submission rates (`submit_rate=N/s|N/min|N/h` on a `--token-file` line): how many jobs a token
-//! may submit, refilled evenly over the period with a burst of N, through every way in (the native API,
-//! OpenAI's, AUTOMATIC1111's). Past it, `429 RATE_LIMITED` with `Retry-After`. Each queen keeps its own
-//! count: behind a load balancer of K queens a token may submit up to K times its rate.
+//! may queue, refilled evenly over the period with a burst of N, through every way in (the native API,
+//! OpenAI's, AUTOMATIC1111's). Taken once a submission has passed every check and is a new job (a retry
+//! that an idempotency key maps to its job takes none); past it, `429 RATE_LIMITED` with `Retry-After`. Each
+//! queen keeps its own count: behind a load balancer of K queens a token may submit up to K times its rate.
 //!
 //! `governor`'s GCRA limiter keeps one small state per token, made at the token's first submission.
 
