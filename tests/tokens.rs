@@ -144,8 +144,11 @@ async fn a_tenants_token_sees_and_acts_on_its_own_jobs_alone() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(!operator.workers().await.unwrap().is_empty());
-    // What a tenant needs to submit stays open to it.
+    // What a tenant needs to submit stays open to it, and it can ask what its token may do.
     assert!(acme.models().await.unwrap().iter().any(|m| m.name == "tiny"));
+    let me = acme.me().await.unwrap();
+    assert_eq!((me.tenant.as_deref(), me.submit_rate, me.authenticated), (Some("acme"), None, true));
+    assert_eq!(operator.me().await.unwrap().tenant, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,6 +193,8 @@ async fn a_token_over_its_submit_rate_waits_through_every_way_in() {
         assert!((1..=30).contains(&wait), "{path}: Retry-After {wait}");
         assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "RATE_LIMITED", "{path}");
     }
+    let me = limited.me().await.unwrap();
+    assert_eq!((me.tenant, me.submit_rate.as_deref()), (None, Some("2/min")));
     // Nothing refused was queued; another token is not held back.
     assert_eq!(client(&queen).jobs("").await.unwrap().total, 2);
     client(&queen).submit(&tiny(2, 5), None).await.unwrap();

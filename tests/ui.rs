@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use common::queen::{client, start_queen, wait_for_fleet, TOKEN};
 use common::servers::{NatsServer, WorkerProcess};
+use sd_rbee::queen::http::TokenPolicy;
+
+/// A token of tenant `acme`: the UI shows it its tenant, and none of the operator's jobs or workers.
+const TENANT_TOKEN: &str = "acme-token-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_signs_in_generates_edits_cancels_and_browses_in_a_browser() {
@@ -34,7 +38,12 @@ async fn a_person_signs_in_generates_edits_cancels_and_browses_in_a_browser() {
     // Slow steps, so a long job can be cancelled while it runs and the progress bar is seen moving.
     let _worker =
         WorkerProcess::start("ui-w1", &nats.url(), &store, &[], &["--step-delay", "60ms", "--lora-dir", &lora_dir]);
-    let queen = start_queen(&nats.url(), &store, &[], |_| {}).await;
+    let queen = start_queen(&nats.url(), &store, &[], |c| {
+        c.api.tokens.push(TENANT_TOKEN.into());
+        let acme = TokenPolicy { tenant: Some("acme".into()), ..Default::default() };
+        c.api.token_policies.insert(TENANT_TOKEN.into(), acme);
+    })
+    .await;
     wait_for_fleet(&client(&queen)).await;
 
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-e2e");
@@ -45,6 +54,7 @@ async fn a_person_signs_in_generates_edits_cancels_and_browses_in_a_browser() {
         .current_dir(ui)
         .env("QUEEN_URL", &queen.base)
         .env("TOKEN", TOKEN)
+        .env("TENANT_TOKEN", TENANT_TOKEN)
         .env("CHROMIUM", &chromium)
         .env("OUT_DIR", &out)
         .kill_on_drop(true)

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     ApiError, ApiErrorBody, ApiErrorCode, ApiEvent, CancelResponse, JobList, JobSubmission, LimitsView, ModelInfo,
-    StatusView, SubmitResponse, UploadResponse, WorkerInfo,
+    StatusView, SubmitResponse, TokenInfo, UploadResponse, WorkerInfo,
 };
 
 /// One Server-Sent Event from the queen as it came: its name, id and JSON data. [`SseMessage::event`]
@@ -145,6 +145,11 @@ impl QueenClient {
     /// `GET /v1/limits`: what a job may ask for, and the values of the choice fields.
     pub async fn limits(&self) -> anyhow::Result<LimitsView> {
         self.json(reqwest::Method::GET, "/v1/limits").await
+    }
+
+    /// `GET /v1/me`: what this client's token may do (its tenant, priorities and submission rate).
+    pub async fn me(&self) -> anyhow::Result<TokenInfo> {
+        self.json(reqwest::Method::GET, "/v1/me").await
     }
 
     /// `POST /v1/uploads`: an input image (PNG, JPEG or WebP bytes), to name by its `object_key` as a job's

@@ -18,6 +18,8 @@ const queen = new URL(process.env.QUEEN_URL ?? "http://127.0.0.1:8080");
 const token = process.env.TOKEN;
 const out = process.env.OUT_DIR ?? "target/ui-e2e";
 assert.ok(token, "set TOKEN");
+// A tenant's token (tenant acme), optional: its step checks what such a token is shown.
+const tenantToken = process.env.TENANT_TOKEN;
 mkdirSync(out, { recursive: true });
 
 // The browser talks to the queen through this TCP relay, so a step can cut its connections for real.
@@ -393,6 +395,20 @@ try {
     await page.getByTestId("worker-row").filter({ hasText: "ui-w1" }).waitFor();
     await page.getByRole("rowheader", { name: "tiny" }).waitFor();
     await shot("fleet");
+  });
+
+  await step("a tenant's token sees its tenant, none of the operator's jobs, and no workers", async () => {
+    if (!tenantToken) return;
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.getByLabel("API token").fill(tenantToken);
+    await page.getByRole("button", { name: "Sign in" }).click();
+    await page.getByTestId("tenant").filter({ hasText: "acme" }).waitFor();
+    await page.getByRole("link", { name: "Gallery" }).click();
+    await page.getByText("No jobs yet.").waitFor();
+    await page.getByRole("link", { name: "Fleet" }).click();
+    await page.getByText("this token is tenant acme's").waitFor();
+    assert.equal(await page.getByTestId("worker-row").count(), 0);
+    await shot("fleet-tenant");
   });
 
   await step("a phone-sized screen needs no sideways scrolling", async () => {

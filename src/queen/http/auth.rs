@@ -5,11 +5,12 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 
 use super::error::ApiResult;
 use super::streams::StreamSlot;
 use super::{AppError, AppState};
-use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse};
+use crate::api::{ApiErrorCode, JobSubmission, SubmitResponse, TokenInfo};
 use crate::queen::rate::SubmitRate;
 use crate::queen::tenancy::Scope;
 use crate::queen::Submitter;
@@ -152,6 +153,18 @@ impl Caller {
             )
         })
     }
+}
+
+/// `GET /v1/me`: what the presented token may do.
+#[utoipa::path(get, path = "/v1/me", tag = "fleet", responses((status = 200, body = TokenInfo)), security(("bearer" = [])))]
+pub(super) async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Json<TokenInfo> {
+    Json(TokenInfo {
+        tenant: caller.scope.tenant().map(str::to_string),
+        default_priority: caller.priority.default,
+        max_priority: caller.priority.max,
+        submit_rate: caller.submit_rate.map(|r| r.to_string()),
+        authenticated: !state.config.tokens.is_empty(),
+    })
 }
 
 fn digest(text: &[u8]) -> [u8; 32] {

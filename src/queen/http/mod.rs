@@ -134,6 +134,7 @@ pub fn app(state: AppState) -> Router {
         .route("/models", get(fleet::models))
         .route("/workers", get(fleet::workers))
         .route("/limits", get(fleet::limits))
+        .route("/me", get(auth::me))
         .route_layer(bounded())
         .route("/jobs/{id}/events", get(events::events))
         .route("/images/generations", post(openai::generations))

@@ -3,21 +3,22 @@
 
 use axum::Json;
 
-use super::{a1111, events, fleet, jobs, metrics, openai};
+use super::{a1111, auth, events, fleet, jobs, metrics, openai};
 use crate::api::{
     ApiErrorBody, ApiErrorCode, ApiErrorDetail, ApiEvent, CancelResponse, CancelState, ImageInput, JobList,
-    JobSubmission, LimitsView, ModelInfo, RequestSummary, StatusView, SubmitResponse, UploadResponse, WorkerInfo,
+    JobSubmission, LimitsView, ModelInfo, RequestSummary, StatusView, SubmitResponse, TokenInfo, UploadResponse,
+    WorkerInfo,
 };
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "sd-rbee queen", description = "Stable Diffusion jobs on a worker fleet"),
     paths(jobs::submit, jobs::upload, jobs::status, jobs::list, jobs::cancel, jobs::image, events::events,
-        fleet::models, fleet::workers, fleet::limits, fleet::health, fleet::ready, metrics::metrics,
+        fleet::models, fleet::workers, fleet::limits, auth::me, fleet::health, fleet::ready, metrics::metrics,
         openai::generations, openai::edits, a1111::txt2img, a1111::img2img, a1111::models, a1111::samplers,
         a1111::progress),
     components(schemas(ApiErrorBody, ApiErrorDetail, ApiErrorCode, ApiEvent, JobSubmission, ImageInput,
-        SubmitResponse, StatusView, JobList, CancelResponse, CancelState, UploadResponse, ModelInfo, WorkerInfo, LimitsView,
+        SubmitResponse, StatusView, JobList, CancelResponse, CancelState, UploadResponse, ModelInfo, WorkerInfo, LimitsView, TokenInfo,
         RequestSummary, crate::api::openai::OpenAiImageRequest, crate::api::openai::OpenAiImagesResponse,
         crate::api::openai::OpenAiImage, crate::api::a1111::A1111Request, crate::api::a1111::A1111Response,
         crate::api::a1111::A1111Model, crate::api::a1111::A1111Sampler, crate::api::a1111::A1111Progress,

@@ -1,5 +1,5 @@
 import { QueenClient } from "@sd-rbee/sdk";
-import { QueenProvider, useGenerate } from "@sd-rbee/react";
+import { QueenProvider, useGenerate, useMe } from "@sd-rbee/react";
 import { useCallback, useEffect, useMemo, useRef, useState } from "react";
 
 import { WorkspaceContext, type Picture } from "./workspace";
@@ -13,6 +13,17 @@ import { savedToken, saveToken } from "./session";
 import { SignIn } from "./SignIn";
 
 const TITLES: Record<Route["page"], string> = { generate: "Generate", gallery: "Gallery", fleet: "Fleet", job: "Job" };
+
+/** The tenant the signed-in token acts for (nothing for an operator's token). */
+function TenantBadge() {
+  const me = useMe();
+  if (!me.data?.tenant) return null;
+  return (
+    <span className="badge" data-testid="tenant" title="This token sees its tenant's jobs alone">
+      tenant {me.data.tenant}
+    </span>
+  );
+}
 
 export function App() {
   const [token, setToken] = useState<string | null>(savedToken);
@@ -67,6 +78,7 @@ export function App() {
               </a>
             ))}
           </nav>
+          <TenantBadge />
           <button type="button" className="quiet" onClick={signOut}>
             Sign out
           </button>

@@ -40,7 +40,7 @@ pub use submission::{
 };
 pub use views::{
     CancelResponse, CancelState, ErrorInfo, JobList, JobState, JobStatus, LimitsView, ModelInfo, ProgressInfo,
-    RequestSummary, StatusView, WorkerInfo,
+    RequestSummary, StatusView, TokenInfo, WorkerInfo,
 };
 pub use webhook::{
     WebhookBody, WebhookDeadLetter, WebhookEvent, WebhookInfo, WebhookSecret, WebhookSpec, MAX_DEAD_LETTERS,

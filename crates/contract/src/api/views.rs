@@ -313,6 +313,23 @@ pub struct CancelResponse {
     pub state: CancelState,
 }
 
+/// `GET /v1/me`: what the token the request presented may do (its `--token-file` line's options).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    /// The tenant it acts for: it sees that tenant's jobs alone. Absent for an operator's token (every job,
+    /// the fleet's workers and metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The priority its jobs get when they name none, and the highest they may ask for.
+    pub default_priority: vocab::Priority,
+    pub max_priority: vocab::Priority,
+    /// How many jobs it may queue (`N/s`, `N/min` or `N/h`); absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_rate: Option<String>,
+    /// False when the queen checks no token (`--no-auth`).
+    pub authenticated: bool,
+}
+
 /// `GET /v1/limits`: what a job may ask for from this queen, and the values its choice fields take, so a
 /// client can check a form before submitting it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

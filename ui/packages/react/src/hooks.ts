@@ -1,6 +1,6 @@
 // React hooks over @sd-rbee/sdk. Every hook takes its client from <QueenProvider>.
 import { createContext, createElement, useCallback, useContext, useEffect, useRef, useState, type ReactNode } from "react";
-import { ApiError, isAbort, type JobFilter, type JobList, type JobSubmission, type LimitsView, type ModelInfo, type QueenClient, type StatusView, type WorkerInfo } from "@sd-rbee/sdk";
+import { ApiError, isAbort, type JobFilter, type JobList, type JobSubmission, type LimitsView, type ModelInfo, type QueenClient, type StatusView, type TokenInfo, type WorkerInfo } from "@sd-rbee/sdk";
 
 import { applyEvent, applyStatus, IDLE, type LiveJob } from "./live.js";
 
@@ -69,6 +69,11 @@ export function useModels(options: { refreshMs?: number } = {}): Resource<ModelI
 /** `GET /v1/limits`. */
 export function useLimits(): Resource<LimitsView> {
   return useResource((c, signal) => c.limits({ signal }), "limits");
+}
+
+/** `GET /v1/me`: what the client's token may do (its tenant, priorities, submission rate). */
+export function useMe(): Resource<TokenInfo> {
+  return useResource((c, signal) => c.me({ signal }), "me");
 }
 
 /** `GET /v1/workers`, refreshed every `refreshMs` (5 s by default). */

@@ -12,6 +12,7 @@ import type {
   ModelInfo,
   StatusView,
   SubmitResponse,
+  TokenInfo,
   UploadResponse,
   WorkerInfo,
 } from "./types.js";
@@ -185,6 +186,12 @@ export class QueenClient {
    * `403 FORBIDDEN`). */
   workers(options: RequestOptions = {}): Promise<WorkerInfo[]> {
     return this.json("GET", "/v1/workers", {}, options);
+  }
+
+  /** `GET /v1/me`: what this client's token may do: its tenant (absent for an operator's token), priorities
+   * and submission rate. */
+  me(options: RequestOptions = {}): Promise<TokenInfo> {
+    return this.json("GET", "/v1/me", {}, options);
   }
 
   /** `GET /v1/limits`: what a job may ask for here, and the values of its choice fields. */

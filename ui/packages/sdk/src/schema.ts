@@ -250,6 +250,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/me": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** `GET /v1/me`: what the presented token may do. */
+        get: operations["me"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/models": {
         parameters: {
             query?: never;
@@ -1082,6 +1099,21 @@ export interface components {
             total_ms: number;
             /** Format: int64 */
             upload_ms: number;
+        };
+        /** @description `GET /v1/me`: what the token the request presented may do (its `--token-file` line's options). */
+        TokenInfo: {
+            /** @description False when the queen checks no token (`--no-auth`). */
+            authenticated: boolean;
+            /** @description The priority its jobs get when they name none, and the highest they may ask for. */
+            default_priority: components["schemas"]["Priority"];
+            max_priority: components["schemas"]["Priority"];
+            /** @description How many jobs it may queue (`N/s`, `N/min` or `N/h`); absent: no limit. */
+            submit_rate?: string | null;
+            /**
+             * @description The tenant it acts for: it sees that tenant's jobs alone. Absent for an operator's token (every job,
+             *     the fleet's workers and metrics).
+             */
+            tenant?: string | null;
         };
         /** @description `201 Created` to `POST /v1/uploads`. */
         UploadResponse: {
@@ -2168,6 +2200,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["LimitsView"];
+                };
+            };
+            /** @description no token, or not one of the queen's */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    me: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TokenInfo"];
                 };
             };
             /** @description no token, or not one of the queen's */

@@ -17,6 +17,7 @@ export type CancelResponse = S["CancelResponse"];
 export type ModelInfo = S["ModelInfo"];
 export type WorkerInfo = S["WorkerInfo"];
 export type LimitsView = S["LimitsView"];
+export type TokenInfo = S["TokenInfo"];
 export type LoraRef = S["LoraRef"];
 export type ApiErrorCode = S["ApiErrorCode"];
 export type ApiEvent = S["ApiEvent"];
