@@ -3,6 +3,8 @@
 //! none), names only its own uploads as input images, is refused the fleet's workers and metrics, and shares
 //! no result-cache entry with another tenant; an operator's token sees every job and can list one tenant's.
 //! Submission rates: a token over its `submit_rate` is answered 429 through every way in, other tokens not.
+//! The token file is read again when it changes: tokens are added and revoked without a restart, and a file
+//! that does not read keeps the tokens in force.
 
 use crate::common;
 
@@ -10,7 +12,7 @@ use common::queen::{client, follow, start_queen, tiny, wait_for_fleet, wait_stat
 use common::servers::{NatsServer, WorkerProcess};
 use sd_rbee::api::{ApiError, ImageInput, JobSubmission, QueenClient};
 use sd_rbee::protocol::JobKind;
-use sd_rbee::queen::http::TokenPolicy;
+use sd_rbee::queen::http::{load_tokens, TokenPolicy, TokenSource, Tokens};
 use sd_rbee::queen::rate::SubmitRate;
 use uuid::Uuid;
 
@@ -198,4 +200,39 @@ async fn a_token_over_its_submit_rate_waits_through_every_way_in() {
     // Nothing refused was queued; another token is not held back.
     assert_eq!(client(&queen).jobs("").await.unwrap().total, 2);
     client(&queen).submit(&tiny(2, 5), None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_added_and_revoked_by_editing_the_token_file() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().display());
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("{ACME} tenant=acme\n")).unwrap();
+    let queen = start_queen(&nats.url(), &store, &[], |c| {
+        let tokens = Tokens::from_loaded(load_tokens(Some(&file), None).unwrap());
+        (c.api.tokens, c.api.token_policies) = (tokens.tokens, tokens.policies);
+        c.api.token_source = Some(TokenSource { file: Some(file.clone()), env: None });
+    })
+    .await;
+    let acme = QueenClient::new(&queen.base, Some(ACME.into())).unwrap();
+    let globex = QueenClient::new(&queen.base, Some(GLOBEX.into())).unwrap();
+    assert_eq!(acme.me().await.unwrap().tenant.as_deref(), Some("acme"));
+    assert_eq!(api_error(globex.me().await).status, 401);
+
+    // Acme's token revoked, globex's added as an operator's: in force within seconds, no restart.
+    std::fs::write(&file, format!("# acme revoked\n{GLOBEX}\n")).unwrap();
+    let start = std::time::Instant::now();
+    while globex.me().await.is_err() || acme.me().await.is_ok() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(15), "the token file was not read again");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(api_error(acme.me().await).status, 401);
+    assert_eq!(globex.me().await.unwrap().tenant, None);
+
+    // A file that does not read (a short token) changes nothing: globex's token stays in force.
+    std::fs::write(&file, "short\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    globex.me().await.expect("the tokens in force are kept");
+    assert_eq!(api_error(acme.me().await).status, 401);
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 
 use super::parse_duration;
-use crate::queen::http::TokenPolicy;
+use crate::queen::http::{load_tokens, TokenSource, Tokens};
 use crate::queen::webhooks::{AddressPolicy, WebhookConfig};
 use crate::queen::{Queen, QueenConfig};
 
@@ -137,63 +137,15 @@ fn webhook_config(args: &QueenArgs) -> anyhow::Result<WebhookConfig> {
     })
 }
 
-/// The shortest API token accepted, in bytes.
-const MIN_TOKEN_BYTES: usize = 16;
-
-/// The API tokens from `--token-file` and `SD_RBEE_API_TOKENS`, with the policy a file line gives after its
-/// token (`TOKEN [default_priority=P] [max_priority=P] [tenant=NAME] [submit_rate=N/s|N/min|N/h]`); the others get
-/// the default policy (an operator's token, not limited).
-pub fn load_tokens(file: Option<&std::path::Path>, env: Option<String>) -> anyhow::Result<Vec<(String, TokenPolicy)>> {
-    // Each token with where it came from (errors name the place, never any of the secret) and its policy.
-    let mut tokens: Vec<(String, String, TokenPolicy)> = Vec::new();
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            let mut words = line.split_whitespace();
-            let Some(t) = words.next().filter(|t| !t.starts_with('#')) else { continue };
-            let at = format!("line {} of --token-file {}", i + 1, path.display());
-            let policy = TokenPolicy::parse(words).map_err(|e| anyhow::anyhow!("the API token at {at}: {e}"))?;
-            tokens.push((t.to_string(), at, policy));
-        }
-    }
-    if let Some(list) = env {
-        for (i, t) in list.split(',').map(str::trim).enumerate() {
-            if !t.is_empty() {
-                tokens.push((t.to_string(), format!("entry {} of SD_RBEE_API_TOKENS", i + 1), TokenPolicy::default()));
-            }
-        }
-    }
-    // Counted in bytes (what an attacker guesses).
-    if let Some((short, at, _)) = tokens.iter().find(|(t, _, _)| t.len() < MIN_TOKEN_BYTES) {
-        bail!("the API token at {at} is {} bytes; use at least {MIN_TOKEN_BYTES}", short.len());
-    }
-    if let Some((_, at, _)) = tokens.iter().find(|(t, _, _)| t.chars().any(|c| !c.is_ascii_graphic())) {
-        bail!(
-            "the API token at {at} has characters an Authorization header cannot carry; use visible ASCII (letters, digits, punctuation)"
-        );
-    }
-    // A token given twice with different options: one of them (a tenant) would silently give way.
-    for (i, (token, at, policy)) in tokens.iter().enumerate() {
-        if let Some((_, first, _)) = tokens[..i].iter().find(|(t, _, p)| t == token && p != policy) {
-            bail!(
-                "the API token at {at} is also at {first}, with other options; give each token once, with all its \
-                 options on one line"
-            );
-        }
-    }
-    Ok(tokens.into_iter().map(|(t, _, policy)| (t, policy)).collect())
-}
-
 pub fn run(args: QueenArgs) -> anyhow::Result<()> {
     let webhooks = webhook_config(&args)?;
     let mut config = QueenConfig::new(args.nats, args.store, args.listen);
     config.prefix = args.prefix;
-    for (token, policy) in load_tokens(args.token_file.as_deref(), std::env::var("SD_RBEE_API_TOKENS").ok())? {
-        if policy != TokenPolicy::default() {
-            config.api.token_policies.insert(token.clone(), policy);
-        }
-        config.api.tokens.push(token);
-    }
+    let env_tokens = std::env::var("SD_RBEE_API_TOKENS").ok();
+    let tokens = Tokens::from_loaded(load_tokens(args.token_file.as_deref(), env_tokens.as_deref())?);
+    (config.api.tokens, config.api.token_policies) = (tokens.tokens, tokens.policies);
+    // Read again when the file changes (or on SIGHUP): tokens are added and revoked without a restart.
+    config.api.token_source = Some(TokenSource { file: args.token_file.clone(), env: env_tokens });
     if config.api.tokens.is_empty() && !args.no_auth {
         bail!("no API tokens: give --token-file FILE or SD_RBEE_API_TOKENS, or --no-auth for a trusted network");
     }

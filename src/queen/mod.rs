@@ -166,12 +166,20 @@ impl Queen {
             submit_rates: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));
+        let tokens = http::TokenTable::new(http::Tokens {
+            tokens: std::mem::take(&mut api.tokens),
+            policies: std::mem::take(&mut api.token_policies),
+        });
+        if let Some(source) = api.token_source.clone() {
+            tasks.spawn(http::tokens_watch(tokens.clone(), source, stop.clone()));
+        }
         let state = AppState {
             jobs,
             config: Arc::new(api),
             shutdown: stop.clone(),
             a1111_jobs: Default::default(),
             streams: Default::default(),
+            tokens,
         };
         Ok(Self { addr, state, listener, tasks, stop })
     }

@@ -15,7 +15,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 
 /// How many jobs a token may submit per period (as a burst, refilled evenly).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SubmitRate {
     pub jobs: NonZeroU32,
     pub per: Duration,
@@ -59,9 +59,12 @@ impl std::fmt::Display for SubmitRate {
     }
 }
 
-/// The submission limiters of the tokens that have a rate, by caller.
+/// The submission limiters of the tokens that have a rate, by caller and rate (a token given another rate
+/// when the token file is read again starts afresh at it).
 #[derive(Clone, Default)]
-pub struct SubmitRates(Arc<Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>>);
+pub struct SubmitRates(Arc<Mutex<Limiters>>);
+
+type Limiters = HashMap<(String, SubmitRate), Arc<DefaultDirectRateLimiter>>;
 
 impl SubmitRates {
     /// Takes one submission of `caller` at `rate`, or says how long until the next one is allowed.
@@ -69,7 +72,7 @@ impl SubmitRates {
         let limiter = self
             .0
             .lock()
-            .entry(caller.to_string())
+            .entry((caller.to_string(), rate))
             .or_insert_with(|| Arc::new(RateLimiter::direct(rate.quota())))
             .clone();
         limiter.check().map_err(|not_until| not_until.wait_time_from(governor::clock::Clock::now(limiter.clock())))

@@ -139,7 +139,7 @@ impl Caller {
 
     /// A place for one more open stream of this caller ([`super::streams`]), held until the slot is dropped.
     pub fn open_stream(&self, state: &AppState) -> ApiResult<Option<StreamSlot>> {
-        if state.config.tokens.is_empty() {
+        if state.tokens.current().tokens.is_empty() {
             return Ok(None);
         }
         let max = state.config.max_streams_per_caller;
@@ -163,7 +163,7 @@ pub(super) async fn me(State(state): State<AppState>, Extension(caller): Extensi
         default_priority: caller.priority.default,
         max_priority: caller.priority.max,
         submit_rate: caller.submit_rate.map(|r| r.to_string()),
-        authenticated: !state.config.tokens.is_empty(),
+        authenticated: !state.tokens.current().tokens.is_empty(),
     })
 }
 
@@ -194,7 +194,9 @@ pub(super) async fn authenticate(
     next: axum::middleware::Next,
 ) -> Response {
     use subtle::ConstantTimeEq;
-    if state.config.tokens.is_empty() {
+    // The table in force for this request (a reload in between does not split it).
+    let table = state.tokens.current();
+    if table.tokens.is_empty() {
         let (priority, scope, submit_rate) = (PriorityPolicy::default(), Scope::All, None);
         let anonymous = Caller { id: "anonymous".into(), priority, scope, submit_rate };
         req.extensions_mut().insert(anonymous);
@@ -209,14 +211,14 @@ pub(super) async fn authenticate(
     // Compare digests, every token, in constant time: neither the match nor the lengths leak.
     let wanted = digest(presented.as_bytes());
     let mut matched = subtle::Choice::from(0);
-    for token in &state.config.tokens {
+    for token in &table.tokens {
         matched |= digest(token.as_bytes()).ct_eq(&wanted);
     }
     if !bool::from(matched) {
         return AppError::new(ApiErrorCode::Unauthorized, "invalid bearer token").into_response();
     }
     // A valid token now: its policy, if it has one.
-    let policy = state.config.token_policies.get(presented).cloned().unwrap_or_default();
+    let policy = table.policies.get(presented).cloned().unwrap_or_default();
     let (priority, scope, submit_rate) =
         (policy.priority, policy.tenant.map_or(Scope::All, Scope::Tenant), policy.submit_rate);
     req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority, scope, submit_rate });

@@ -5,7 +5,8 @@
 //! # Layout
 //!
 //! - this file: [`AppState`], [`ApiConfig`], the router and its layers;
-//! - `auth`: bearer tokens, compared in constant time, and what each may do;
+//! - `auth`: bearer tokens, compared in constant time, and what each may do; `tokens`: where they come
+//!   from, read again when the token file changes;
 //! - `error`: [`AppError`] and the extractors that answer with the API's error body;
 //! - `jobs`: submit, upload, status, list, cancel, images;
 //! - `events`: the Server-Sent Events of a job, resumable with `Last-Event-ID`;
@@ -27,6 +28,7 @@ mod metrics;
 mod openai;
 mod openapi;
 mod streams;
+mod tokens;
 mod ui;
 
 use std::sync::Arc;
@@ -45,6 +47,7 @@ use crate::protocol::{self, Limits};
 pub use auth::{PriorityPolicy, TokenPolicy};
 pub use error::AppError;
 pub use openapi::ApiDoc;
+pub use tokens::{load_tokens, watch as tokens_watch, TokenSource, TokenTable, Tokens};
 
 /// What the handlers need; cheap to clone.
 #[derive(Clone)]
@@ -57,6 +60,8 @@ pub struct AppState {
     pub a1111_jobs: Arc<parking_lot::Mutex<std::collections::HashMap<String, uuid::Uuid>>>,
     /// The event streams each caller holds open.
     pub streams: streams::OpenStreams,
+    /// The tokens in force: `config`'s at the start, then the token file's as it changes.
+    pub tokens: TokenTable,
 }
 
 /// The API's policy.
@@ -67,6 +72,8 @@ pub struct ApiConfig {
     /// The policies of some tokens (by token): their jobs' priorities, their tenant. The others: normal
     /// unless asked, any priority may be asked, and an operator's view of every job.
     pub token_policies: std::collections::HashMap<String, TokenPolicy>,
+    /// Where `tokens` came from, to read them again when the token file changes (`None`: never).
+    pub token_source: Option<TokenSource>,
     pub limits: Limits,
     /// Largest request body (JSON with inline images, or an upload).
     pub max_body_bytes: usize,
@@ -96,6 +103,7 @@ impl Default for ApiConfig {
         Self {
             tokens: Vec::new(),
             token_policies: Default::default(),
+            token_source: None,
             limits: Limits::default(),
             max_body_bytes: 16 * 1024 * 1024,
             body_timeout: Duration::from_secs(60),
