@@ -299,10 +299,7 @@ async fn apply(to: &Aggregation, throttle: &mut ProgressThrottle, event: &Event)
     }
     let applied = store.update(job_id, || JobStatus::unknown(job_id, at), |s| s.apply(event)).await?;
     if let Some(Updated { before, status }) = &applied {
-        stats.metrics.transition(*before, status.state);
-        if status.state.is_terminal() && *before != Some(status.state) {
-            stats.metrics.tenant_end(status);
-        }
+        stats.metrics.moved(*before, status);
         // A job first heard of through its events (published on the bus without a queen) joins the index.
         if before.is_none() {
             if let Err(e) = index.add(job_id, status.tenant.as_deref()).await {

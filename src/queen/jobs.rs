@@ -408,7 +408,7 @@ impl Jobs {
         }
         let recorded = match self.status.update(id, || status.clone(), |s| s.apply(&event)).await {
             Ok(Some(updated)) => {
-                self.stats.metrics.transition(updated.before, updated.status.state);
+                self.stats.metrics.moved(updated.before, &updated.status);
                 true
             }
             Ok(None) => true,

@@ -135,6 +135,15 @@ impl Metrics {
         ModelLabel { model: self.models.label(model, OTHER_MODELS) }
     }
 
+    /// A job's record moved from `before` to `status` (whoever wrote it: the aggregator, or a queen that
+    /// took the job off the queue): [`Self::transition`], and, when it ended there, [`Self::tenant_end`].
+    pub fn moved(&self, before: Option<JobState>, status: &JobStatus) {
+        self.transition(before, status.state);
+        if status.state.is_terminal() && before != Some(status.state) {
+            self.tenant_end(status);
+        }
+    }
+
     /// A job of a tenant ended (`status`, just moved into its terminal state): counted to its tenant, with
     /// its images and generation time when it completed. An operator's job (no tenant) is not.
     pub fn tenant_end(&self, status: &JobStatus) {
@@ -263,7 +272,9 @@ mod tenant_tests {
     fn each_tenants_jobs_images_and_generation_time_add_up() {
         let m = Metrics::default();
         m.tenant_end(&ended(Some("acme"), JobState::Completed, 2, 1500));
-        m.tenant_end(&ended(Some("acme"), JobState::Completed, 1, 500));
+        // Moved into its end once, by whoever wrote the record; a record already ended is not counted again.
+        m.moved(Some(JobState::Running), &ended(Some("acme"), JobState::Completed, 1, 500));
+        m.moved(Some(JobState::Completed), &ended(Some("acme"), JobState::Completed, 1, 500));
         m.tenant_end(&ended(Some("acme"), JobState::Failed, 0, 0));
         m.tenant_end(&ended(Some("globex"), JobState::Cancelled, 0, 0));
         m.tenant_end(&ended(None, JobState::Completed, 4, 9000));

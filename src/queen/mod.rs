@@ -166,12 +166,12 @@ impl Queen {
             submit_rates: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));
-        let tokens = http::TokenTable::new(http::Tokens {
-            tokens: std::mem::take(&mut api.tokens),
-            policies: std::mem::take(&mut api.token_policies),
-        });
+        let tokens =
+            http::TokenTable::new(http::Tokens { tokens: api.tokens.clone(), policies: api.token_policies.clone() });
         if let Some(source) = api.token_source.clone() {
-            tasks.spawn(http::tokens_watch(tokens.clone(), source, stop.clone()));
+            // Listened to from here on: a SIGHUP just after the start reads the file rather than stopping.
+            let hangups = http::token_hangups(&source);
+            tasks.spawn(http::tokens_watch(tokens.clone(), source, hangups, stop.clone()));
         }
         let state = AppState {
             jobs,

@@ -110,6 +110,8 @@ pub(super) struct Caller {
     pub priority: PriorityPolicy,
     pub scope: Scope,
     pub submit_rate: Option<SubmitRate>,
+    /// Whether the queen checked a token (it checks none while it has none: `--no-auth`).
+    pub authenticated: bool,
 }
 
 impl Caller {
@@ -139,7 +141,7 @@ impl Caller {
 
     /// A place for one more open stream of this caller ([`super::streams`]), held until the slot is dropped.
     pub fn open_stream(&self, state: &AppState) -> ApiResult<Option<StreamSlot>> {
-        if state.tokens.current().tokens.is_empty() {
+        if !self.authenticated {
             return Ok(None);
         }
         let max = state.config.max_streams_per_caller;
@@ -157,13 +159,13 @@ impl Caller {
 
 /// `GET /v1/me`: what the presented token may do.
 #[utoipa::path(get, path = "/v1/me", tag = "fleet", responses((status = 200, body = TokenInfo)), security(("bearer" = [])))]
-pub(super) async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Json<TokenInfo> {
+pub(super) async fn me(Extension(caller): Extension<Caller>) -> Json<TokenInfo> {
     Json(TokenInfo {
         tenant: caller.scope.tenant().map(str::to_string),
         default_priority: caller.priority.default,
         max_priority: caller.priority.max,
         submit_rate: caller.submit_rate.map(|r| r.to_string()),
-        authenticated: !state.tokens.current().tokens.is_empty(),
+        authenticated: caller.authenticated,
     })
 }
 
@@ -198,7 +200,7 @@ pub(super) async fn authenticate(
     let table = state.tokens.current();
     if table.tokens.is_empty() {
         let (priority, scope, submit_rate) = (PriorityPolicy::default(), Scope::All, None);
-        let anonymous = Caller { id: "anonymous".into(), priority, scope, submit_rate };
+        let anonymous = Caller { id: "anonymous".into(), priority, scope, submit_rate, authenticated: false };
         req.extensions_mut().insert(anonymous);
         return next.run(req).await;
     }
@@ -221,7 +223,8 @@ pub(super) async fn authenticate(
     let policy = table.policies.get(presented).cloned().unwrap_or_default();
     let (priority, scope, submit_rate) =
         (policy.priority, policy.tenant.map_or(Scope::All, Scope::Tenant), policy.submit_rate);
-    req.extensions_mut().insert(Caller { id: hex::encode(&wanted[..12]), priority, scope, submit_rate });
+    let id = hex::encode(&wanted[..12]);
+    req.extensions_mut().insert(Caller { id, priority, scope, submit_rate, authenticated: true });
     next.run(req).await
 }
 

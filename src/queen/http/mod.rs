@@ -47,7 +47,7 @@ use crate::protocol::{self, Limits};
 pub use auth::{PriorityPolicy, TokenPolicy};
 pub use error::AppError;
 pub use openapi::ApiDoc;
-pub use tokens::{load_tokens, watch as tokens_watch, TokenSource, TokenTable, Tokens};
+pub use tokens::{hangups as token_hangups, load_tokens, watch as tokens_watch, TokenSource, TokenTable, Tokens};
 
 /// What the handlers need; cheap to clone.
 #[derive(Clone)]
@@ -67,7 +67,8 @@ pub struct AppState {
 /// The API's policy.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
-    /// Bearer tokens; empty: no authentication (only with `--no-auth`).
+    /// Bearer tokens at the start (those in force are [`AppState::tokens`]); empty: no authentication (only
+    /// with `--no-auth`).
     pub tokens: Vec<String>,
     /// The policies of some tokens (by token): their jobs' priorities, their tenant. The others: normal
     /// unless asked, any priority may be asked, and an operator's view of every job.

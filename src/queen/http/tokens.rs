@@ -1,7 +1,8 @@
 //! The API tokens: loaded from `--token-file` and `SD_RBEE_API_TOKENS` ([`load_tokens`]), held in a
 //! [`TokenTable`] the authentication reads, and read again when the file changes or the queen gets SIGHUP
-//! ([`watch`]), so a token is added or revoked without a restart. A file that no longer reads (or names no
-//! token) leaves the table as it was, said in the log: a typo never locks everyone out nor lets everyone in.
+//! ([`watch`]), so a token is added or revoked without a restart. A file that no longer reads (or leaves no
+//! token at all) leaves the table as it was, said in the log: a typo never locks everyone out nor lets
+//! everyone in.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,10 +71,18 @@ impl TokenTable {
 /// token (`TOKEN [default_priority=P] [max_priority=P] [tenant=NAME] [submit_rate=N/s|N/min|N/h]`); the
 /// others get the default policy (an operator's token, not limited).
 pub fn load_tokens(file: Option<&Path>, env: Option<&str>) -> anyhow::Result<Vec<(String, TokenPolicy)>> {
+    let text = match file {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?),
+        None => None,
+    };
+    parse_tokens(file.zip(text.as_deref()), env)
+}
+
+/// [`load_tokens`] of the token file's `text` as read from its path.
+fn parse_tokens(file: Option<(&Path, &str)>, env: Option<&str>) -> anyhow::Result<Vec<(String, TokenPolicy)>> {
     // Each token with where it came from (errors name the place, never any of the secret) and its policy.
     let mut tokens: Vec<(String, String, TokenPolicy)> = Vec::new();
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+    if let Some((path, text)) = file {
         for (i, line) in text.lines().enumerate() {
             let mut words = line.split_whitespace();
             let Some(t) = words.next().filter(|t| !t.starts_with('#')) else { continue };
@@ -110,65 +119,111 @@ pub fn load_tokens(file: Option<&Path>, env: Option<&str>) -> anyhow::Result<Vec
     Ok(tokens.into_iter().map(|(t, _, policy)| (t, policy)).collect())
 }
 
-/// What tells a changed file: its length, modification time and inode (a file replaced by a rename, as
-/// Kubernetes updates a mounted Secret, has another).
-fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+/// The token file's metadata, to tell a read that a writer cut short (it changed while being read).
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
     let meta = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let ino = 0;
-    Some((meta.len(), meta.modified().ok()?, ino))
+    Some((meta.len(), meta.modified().ok()?))
 }
 
-/// Reads the tokens again into `table`, when `source` has a file; a file that does not read, or leaves no
-/// token, changes nothing. Returns whether the table was replaced.
-pub fn reload(table: &TokenTable, source: &TokenSource) -> bool {
-    let Some(file) = &source.file else { return false };
-    match load_tokens(Some(file), source.env.as_deref()) {
-        Ok(loaded) if loaded.is_empty() => {
-            tracing::error!(file = %file.display(), "the token file names no token now: the tokens in force are kept");
-            false
+/// The token file as last read, by the digest of its bytes: read again every few seconds (it is small),
+/// applied when they change.
+struct Watched {
+    source: TokenSource,
+    read: Option<[u8; 32]>,
+}
+
+impl Watched {
+    /// Reads the file, and applies it to `table` when its bytes changed since the last read. A file that
+    /// does not read, or leaves no token at all (counting `SD_RBEE_API_TOKENS`), changes nothing, said in
+    /// the log once per version of the file; so does one that changed while it was read (tried again at the
+    /// next look). Returns whether the table was replaced.
+    fn look(&mut self, table: &TokenTable) -> bool {
+        let Some(file) = self.source.file.clone() else { return false };
+        let before = stamp(&file);
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                // Gone for a moment (a Secret being replaced) or for good: the tokens in force stay.
+                if self.read.take().is_some() {
+                    tracing::error!(file = %file.display(), error = %e, "the token file does not read now: the tokens in force are kept");
+                }
+                return false;
+            }
+        };
+        if stamp(&file) != before || before.is_none_or(|(len, _)| len != text.len() as u64) {
+            return false;
         }
-        Ok(loaded) => {
-            let tokens = Tokens::from_loaded(loaded);
-            tracing::info!(file = %file.display(), tokens = tokens.tokens.len(), "API tokens read again");
-            table.replace(tokens);
-            true
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()).into();
+        if self.read.replace(digest) == Some(digest) {
+            return false;
         }
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "the token file does not read now: the tokens in force are kept");
-            false
+        match parse_tokens(Some((&file, &text)), self.source.env.as_deref()) {
+            Ok(loaded) if loaded.is_empty() => {
+                tracing::error!(file = %file.display(), "the token file leaves no token now: the tokens in force are kept");
+                false
+            }
+            Ok(loaded) => {
+                let tokens = Tokens::from_loaded(loaded);
+                tracing::info!(file = %file.display(), tokens = tokens.tokens.len(), "API tokens read again");
+                table.replace(tokens);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the token file does not read now: the tokens in force are kept");
+                false
+            }
         }
     }
 }
 
-/// Reads the token file again whenever it changes (looked at every few seconds) or the process gets SIGHUP,
-/// until `stop`.
-pub async fn watch(table: TokenTable, source: TokenSource, stop: tokio_util::sync::CancellationToken) {
-    let Some(file) = source.file.clone() else { return };
-    let mut seen = stamp(&file);
+/// SIGHUP, for [`watch`]: listened to from the queen's start when it has a token file to read again (then
+/// SIGHUP reads it and no longer stops the process; without a file it keeps its default, and stops it).
+pub fn hangups(source: &TokenSource) -> Hangups {
+    source.file.as_ref()?;
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    None
+}
+
+/// SIGHUP's stream, where there is one.
+#[cfg(unix)]
+pub type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+pub type Hangups = Option<std::convert::Infallible>;
+
+/// Reads the token file again whenever its bytes change (read every few seconds) or the process gets
+/// SIGHUP (`hangups`), until `stop`. The first look is at once: the file may have changed while the queen
+/// started.
+pub async fn watch(
+    table: TokenTable,
+    source: TokenSource,
+    mut hangups: Hangups,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if source.file.is_none() {
+        return;
+    }
+    let mut watched = Watched { source, read: None };
     loop {
-        #[cfg(unix)]
+        watched.look(&table);
         let hup = async {
-            match &mut hangup {
+            match &mut hangups {
+                #[cfg(unix)]
                 Some(signal) => signal.recv().await,
+                #[cfg(not(unix))]
+                Some(never) => match *never {},
                 None => std::future::pending().await,
             }
         };
-        #[cfg(not(unix))]
-        let hup = std::future::pending::<Option<()>>();
-        let asked = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(WATCH_EVERY) => false,
-            _ = hup => true,
-        };
-        let now = stamp(&file);
-        if asked || now != seen {
-            seen = now;
-            reload(&table, &source);
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = hup => {
+                tracing::info!("SIGHUP: reading the token file again");
+                // Read again even when its bytes are the same (an operator asked).
+                watched.read = None;
+            }
         }
     }
 }
@@ -178,7 +233,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_reload_takes_a_changed_file_and_keeps_the_tokens_when_it_does_not_read() {
+    fn a_changed_file_is_applied_and_one_that_does_not_read_keeps_the_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tokens");
         std::fs::write(&file, "first-token-0123456789 tenant=acme\n").unwrap();
@@ -186,22 +241,33 @@ mod tests {
         let table = TokenTable::new(Tokens::from_loaded(load_tokens(Some(&file), source.env.as_deref()).unwrap()));
         assert_eq!(table.current().tokens, ["first-token-0123456789", "env-token-0123456789"]);
         assert_eq!(table.current().policies["first-token-0123456789"].tenant.as_deref(), Some("acme"));
+        let mut watched = Watched { source, read: None };
+        assert!(watched.look(&table), "the first look applies the file");
+        assert!(!watched.look(&table), "the same bytes are not applied again");
 
+        // Rotated for a token of the same length, within the same second: the bytes tell.
+        std::fs::write(&file, "other-token-0123456789 tenant=acme\n").unwrap();
+        assert!(watched.look(&table));
+        assert_eq!(table.current().tokens, ["other-token-0123456789", "env-token-0123456789"]);
         std::fs::write(&file, "second-token-0123456789\n").unwrap();
-        assert!(reload(&table, &source));
+        assert!(watched.look(&table));
         assert_eq!(table.current().tokens, ["second-token-0123456789", "env-token-0123456789"]);
         assert!(table.current().policies.is_empty());
         for broken in ["short\n", "second-token-0123456789 tenant=Acme\n"] {
             std::fs::write(&file, broken).unwrap();
-            assert!(!reload(&table, &source), "{broken}");
+            assert!(!watched.look(&table), "{broken}");
             assert_eq!(table.current().tokens[0], "second-token-0123456789", "kept");
         }
         std::fs::remove_file(&file).unwrap();
-        assert!(!reload(&table, &source));
-        // A file emptied leaves the tokens in force (with no environment tokens, none would be left).
+        assert!(!watched.look(&table));
+        // A file emptied revokes its tokens when others are left (the environment's)...
         std::fs::write(&file, "# nobody\n").unwrap();
-        let no_env = TokenSource { file: Some(file), env: None };
-        assert!(!reload(&table, &no_env));
-        assert_eq!(table.current().tokens.len(), 2);
+        assert!(watched.look(&table));
+        assert_eq!(table.current().tokens, ["env-token-0123456789"]);
+        // ...and leaves the tokens in force when none would be.
+        let mut alone = Watched { source: TokenSource { file: Some(file.clone()), env: None }, read: None };
+        std::fs::write(&file, "# still nobody\n").unwrap();
+        assert!(!alone.look(&table));
+        assert_eq!(table.current().tokens.len(), 1);
     }
 }

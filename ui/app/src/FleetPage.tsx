@@ -47,13 +47,17 @@ export function FleetPage() {
           </table>
         </div>
       </section>
-      {me.data?.tenant !== undefined ? (
+      {me.data?.tenant != null ? (
         <section className="panel" aria-labelledby="workers-title">
           <h2 id="workers-title">Workers</h2>
           <p className="muted">The workers are shown to operators' tokens; this token is tenant {me.data.tenant}'s.</p>
         </section>
       ) : (
-        (me.data || me.error) && <WorkersPanel />
+        me.data || me.error ? (
+          <WorkersPanel />
+        ) : (
+          <p className="muted">Loading…</p>
+        )
       )}
     </div>
   );

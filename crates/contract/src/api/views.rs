@@ -326,7 +326,7 @@ pub struct TokenInfo {
     /// How many jobs it may queue (`N/s`, `N/min` or `N/h`); absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submit_rate: Option<String>,
-    /// False when the queen checks no token (`--no-auth`).
+    /// False when the queen checks no token (`--no-auth` without any token).
     pub authenticated: bool,
 }
 

@@ -1102,7 +1102,7 @@ export interface components {
         };
         /** @description `GET /v1/me`: what the token the request presented may do (its `--token-file` line's options). */
         TokenInfo: {
-            /** @description False when the queen checks no token (`--no-auth`). */
+            /** @description False when the queen checks no token (`--no-auth` without any token). */
             authenticated: boolean;
             /** @description The priority its jobs get when they name none, and the highest they may ask for. */
             default_priority: components["schemas"]["Priority"];
