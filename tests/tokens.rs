@@ -4,7 +4,7 @@
 //! no result-cache entry with another tenant; an operator's token sees every job and can list one tenant's.
 //! Submission rates: a token over its `submit_rate` is answered 429 through every way in, other tokens not.
 //! The token file is read again when it changes: tokens are added and revoked without a restart, and a file
-//! that does not read keeps the tokens in force.
+//! that does not read keeps the tokens in force; a token given twice with other options stops the queen.
 
 use crate::common;
 
@@ -235,4 +235,34 @@ async fn tokens_are_added_and_revoked_by_editing_the_token_file() {
     tokio::time::sleep(std::time::Duration::from_secs(7)).await;
     globex.me().await.expect("the tokens in force are kept");
     assert_eq!(api_error(acme.me().await).status, 401);
+}
+
+/// A token given twice with other options (a tenant's on one line, an operator's on another) stops the queen
+/// from starting, naming both places and none of the secret: one of the two policies would have been dropped,
+/// silently.
+#[test]
+fn a_token_given_twice_with_other_options_stops_the_queen() {
+    let dir = tempfile::tempdir().unwrap();
+    for (lines, env, expected) in [
+        ("s3cret-token-0123456789 tenant=acme\n\ns3cret-token-0123456789\n", None, "line 3 of --token-file"),
+        (
+            "s3cret-token-0123456789 tenant=acme\n",
+            Some("s3cret-token-0123456789"),
+            "entry 1 of SD_RBEE_API_TOKENS is also at line 1 of --token-file",
+        ),
+    ] {
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, lines).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sd-rbee"));
+        command.args(["queen", "--nats", "nats://127.0.0.1:1", "--store", "memory://", "--token-file"]).arg(&file);
+        command.env_remove("SD_RBEE_API_TOKENS");
+        if let Some(tokens) = env {
+            command.env("SD_RBEE_API_TOKENS", tokens);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected) && stderr.contains("give each token once"), "{stderr}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
 }

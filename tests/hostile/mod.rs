@@ -600,30 +600,6 @@ fn a_non_ascii_or_short_token_is_a_clear_error_not_a_panic() {
         assert!(stderr.contains(expected) && stderr.contains("line 2 of --token-file"), "{line}: {stderr}");
         assert!(!stderr.contains("s3cret"), "{line}: {stderr}");
     }
-    // A token given twice with other options (a tenant's on one line, an operator's on another) is refused:
-    // one of the two policies would have been dropped, silently.
-    for (lines, env, expected) in [
-        ("s3cret-token-0123456789 tenant=acme\n\ns3cret-token-0123456789\n", None, "line 3 of --token-file"),
-        (
-            "s3cret-token-0123456789 tenant=acme\n",
-            Some("s3cret-token-0123456789"),
-            "entry 1 of SD_RBEE_API_TOKENS is also at line 1 of --token-file",
-        ),
-    ] {
-        let file = dir.path().join("tokens");
-        std::fs::write(&file, lines).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sd-rbee"));
-        command.args(["queen", "--nats", "nats://127.0.0.1:1", "--store", "memory://", "--token-file"]).arg(&file);
-        command.env_remove("SD_RBEE_API_TOKENS");
-        if let Some(tokens) = env {
-            command.env("SD_RBEE_API_TOKENS", tokens);
-        }
-        let out = command.output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains(expected) && stderr.contains("give each token once"), "{stderr}");
-        assert!(!stderr.contains("s3cret"), "{stderr}");
-    }
     // Other configuration that used to panic or spin.
     for args in [
         &["worker", "--model", "tiny=x", "--heartbeat-interval", "0s"][..],
