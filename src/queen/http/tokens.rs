@@ -130,13 +130,15 @@ fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
 struct Watched {
     source: TokenSource,
     read: Option<[u8; 32]>,
+    /// The file did not read at the last look (said in the log once, not at every look).
+    unreadable: bool,
 }
 
 impl Watched {
     /// Reads the file, and applies it to `table` when its bytes changed since the last read. A file that
     /// does not read, or leaves no token at all (counting `SD_RBEE_API_TOKENS`), changes nothing, said in
-    /// the log once per version of the file; so does one that changed while it was read (tried again at the
-    /// next look). Returns whether the table was replaced.
+    /// the log once (until it changes, or reads again); so does one that changed while it was read (tried
+    /// again at the next look). Returns whether the table was replaced.
     fn look(&mut self, table: &TokenTable) -> bool {
         let Some(file) = self.source.file.clone() else { return false };
         let before = stamp(&file);
@@ -144,12 +146,14 @@ impl Watched {
             Ok(text) => text,
             Err(e) => {
                 // Gone for a moment (a Secret being replaced) or for good: the tokens in force stay.
-                if self.read.take().is_some() {
+                if !std::mem::replace(&mut self.unreadable, true) {
                     tracing::error!(file = %file.display(), error = %e, "the token file does not read now: the tokens in force are kept");
                 }
+                self.read = None;
                 return false;
             }
         };
+        self.unreadable = false;
         if stamp(&file) != before || before.is_none_or(|(len, _)| len != text.len() as u64) {
             return false;
         }
@@ -204,7 +208,7 @@ pub async fn watch(
     if source.file.is_none() {
         return;
     }
-    let mut watched = Watched { source, read: None };
+    let mut watched = Watched { source, read: None, unreadable: false };
     loop {
         watched.look(&table);
         let hup = async {
@@ -241,7 +245,7 @@ mod tests {
         let table = TokenTable::new(Tokens::from_loaded(load_tokens(Some(&file), source.env.as_deref()).unwrap()));
         assert_eq!(table.current().tokens, ["first-token-0123456789", "env-token-0123456789"]);
         assert_eq!(table.current().policies["first-token-0123456789"].tenant.as_deref(), Some("acme"));
-        let mut watched = Watched { source, read: None };
+        let mut watched = Watched { source, read: None, unreadable: false };
         assert!(watched.look(&table), "the first look applies the file");
         assert!(!watched.look(&table), "the same bytes are not applied again");
 
@@ -265,7 +269,8 @@ mod tests {
         assert!(watched.look(&table));
         assert_eq!(table.current().tokens, ["env-token-0123456789"]);
         // ...and leaves the tokens in force when none would be.
-        let mut alone = Watched { source: TokenSource { file: Some(file.clone()), env: None }, read: None };
+        let source = TokenSource { file: Some(file.clone()), env: None };
+        let mut alone = Watched { source, read: None, unreadable: false };
         std::fs::write(&file, "# still nobody\n").unwrap();
         assert!(!alone.look(&table));
         assert_eq!(table.current().tokens.len(), 1);
