@@ -146,7 +146,7 @@ impl Metrics {
 
     /// A job of a tenant ended (`status`, just moved into its terminal state): counted to its tenant, with
     /// its images and generation time when it completed. An operator's job (no tenant) is not.
-    pub fn tenant_end(&self, status: &JobStatus) {
+    fn tenant_end(&self, status: &JobStatus) {
         let Some(tenant) = &status.tenant else { return };
         let tenant = self.tenants.label(tenant, OTHER_TENANTS);
         let state = status.state.name();

@@ -166,8 +166,7 @@ impl Queen {
             submit_rates: Default::default(),
         };
         tasks.spawn(sweeper::run(jobs.clone()));
-        let tokens =
-            http::TokenTable::new(http::Tokens { tokens: api.tokens.clone(), policies: api.token_policies.clone() });
+        let tokens = http::TokenTable::new(http::Tokens::new(api.tokens.clone(), api.token_policies.clone()));
         if let Some(source) = api.token_source.clone() {
             // Listened to from here on: a SIGHUP just after the start reads the file rather than stopping.
             let hangups = http::token_hangups(&source);

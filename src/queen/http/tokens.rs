@@ -33,20 +33,44 @@ pub struct TokenSource {
 pub struct Tokens {
     pub tokens: Vec<String>,
     pub policies: HashMap<String, TokenPolicy>,
+    /// The tokens' digests, made once per table rather than at every request.
+    digests: Vec<[u8; 32]>,
 }
 
 impl Tokens {
+    pub fn new(tokens: Vec<String>, policies: HashMap<String, TokenPolicy>) -> Self {
+        let digests = tokens.iter().map(|t| digest(t.as_bytes())).collect();
+        Self { tokens, policies, digests }
+    }
+
     /// The table of `loaded` tokens ([`load_tokens`]).
     pub fn from_loaded(loaded: Vec<(String, TokenPolicy)>) -> Self {
-        let mut table = Self::default();
+        let mut policies = HashMap::new();
+        let mut tokens = Vec::with_capacity(loaded.len());
         for (token, policy) in loaded {
             if policy != TokenPolicy::default() {
-                table.policies.insert(token.clone(), policy);
+                policies.insert(token.clone(), policy);
             }
-            table.tokens.push(token);
+            tokens.push(token);
         }
-        table
+        Self::new(tokens, policies)
     }
+
+    /// Whether a token's digest is `wanted`: every digest compared, in constant time, so neither the match
+    /// nor the tokens' lengths leak.
+    pub fn holds(&self, wanted: &[u8; 32]) -> bool {
+        use subtle::ConstantTimeEq;
+        let mut matched = subtle::Choice::from(0);
+        for d in &self.digests {
+            matched |= d.ct_eq(wanted);
+        }
+        matched.into()
+    }
+}
+
+/// SHA-256 of `text`.
+pub fn digest(text: &[u8]) -> [u8; 32] {
+    <sha2::Sha256 as sha2::Digest>::digest(text).into()
 }
 
 /// The tokens in force, shared by every request; replaced whole on a reload.
@@ -157,7 +181,7 @@ impl Watched {
         if stamp(&file) != before || before.is_none_or(|(len, _)| len != text.len() as u64) {
             return false;
         }
-        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()).into();
+        let digest = digest(text.as_bytes());
         if self.read.replace(digest) == Some(digest) {
             return false;
         }
